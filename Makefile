@@ -1,0 +1,57 @@
+# shoal — see README.md. Strict shell: a failing step fails the target.
+SHELL := bash
+.SHELLFLAGS := -eu -o pipefail -c
+.DEFAULT_GOAL := build
+
+# go-nvml's cgo header marks some NVML calls deprecated; silence that noise.
+export CGO_CFLAGS ?= -Wno-deprecated-declarations
+GO ?= go
+GOBIN := $(shell $(GO) env GOPATH)/bin
+PROTOC_GEN_GO_VERSION := v1.36.12
+PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
+PROTOS := agent replica coordinator
+
+.PHONY: build test test-unit test-integration lint generate check-generated bench demo clean tools
+
+build:
+	$(GO) build -o bin/shoal ./cmd/shoal
+	$(GO) build -o bin/shoal-sim ./cmd/shoal-sim
+
+## test: vet, then every test (unit, integration, end-to-end) with the race detector.
+test:
+	$(GO) vet ./...
+	$(GO) test -race -count=1 -timeout 20m ./...
+
+test-unit:
+	$(GO) test -race -count=1 -short ./...
+
+test-integration:
+	$(GO) test -race -count=1 -timeout 20m ./test/e2e/...
+
+lint:
+	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$')); if [ -n "$$out" ]; then echo "gofmt:"; echo "$$out"; exit 1; fi
+	$(GO) vet ./...
+
+tools:
+	$(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)
+	$(GO) install google.golang.org/grpc/cmd/protoc-gen-go-grpc@$(PROTOC_GEN_GO_GRPC_VERSION)
+
+generate: tools
+	@command -v protoc >/dev/null || { echo "protoc missing: apt-get install -y protobuf-compiler"; exit 1; }
+	for p in $(PROTOS); do \
+	  PATH="$(GOBIN):$$PATH" protoc -I proto --go_out=proto --go_opt=paths=source_relative \
+	    --go-grpc_out=proto --go-grpc_opt=paths=source_relative proto/$$p/v1/$$p.proto; \
+	done
+
+check-generated: generate
+	git diff --exit-code -- proto/ || { echo "generated code is stale: run make generate and commit"; exit 1; }
+
+bench:
+	$(GO) test -run '^$$' -bench . -benchmem ./bench/...
+
+## demo: a local cluster (coordinator + 5 agents on 127.0.0.x, simulated H200s) serving OpenAI requests.
+demo: build
+	./bin/shoal dev
+
+clean:
+	rm -rf bin

@@ -1,0 +1,211 @@
+package agent
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"path/filepath"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/shoalhq/shoal/engine/process"
+	"github.com/shoalhq/shoal/gossip"
+	"github.com/shoalhq/shoal/gpu"
+	agentv1 "github.com/shoalhq/shoal/proto/agent/v1"
+	"google.golang.org/grpc"
+)
+
+// Agent is the daemon on one GPU host.
+type Agent struct {
+	cfg  Config
+	log  *slog.Logger
+	ins  gpu.Inspector
+	inv  *gpu.Inventory
+	mem  *gossip.Membership
+	rt   *process.Runtime
+	reg  *prometheus.Registry
+	wake chan struct{}
+	cmds chan func()
+
+	replica *replicaServer
+
+	mu     sync.Mutex
+	state  State  // guarded by mu
+	run    *run   // guarded by mu
+	claim  uint64 // guarded by mu; term this node claims as head, 0 if none
+	follow string // guarded by mu; head followed
+	fterm  uint64 // guarded by mu; term followed
+	es     string // guarded by mu; engine state advertised
+	msg    string // guarded by mu; last failure, for Status
+	// failedTerm is the term whose engine failed here; a worker does not
+	// restart at that term, it waits for the head's next claim.
+	failedTerm   uint64 // guarded by mu
+	backoff      time.Duration
+	backoffUntil time.Time
+	readySince   time.Time
+
+	engineState *prometheus.GaugeVec
+}
+
+// New builds an agent from a validated config. It starts nothing.
+func New(cfg Config, ins gpu.Inspector) (*Agent, error) {
+	cfg.Defaults()
+	if err := cfg.Validate(); err != nil {
+		return nil, fmt.Errorf("agent config: %w", err)
+	}
+	reg := prometheus.NewRegistry()
+	a := &Agent{cfg: cfg, log: cfg.Logger.With("component", "agent", "node", cfg.NodeID), ins: ins,
+		rt: process.New(filepath.Join(cfg.StateDir, "logs")), reg: reg,
+		wake: make(chan struct{}, 1), cmds: make(chan func()), backoff: cfg.RestartBackoff}
+	a.engineState = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "shoal_agent_engine_state",
+		Help: "1 for the engine state this agent advertises."}, []string{"state"})
+	reg.MustRegister(a.engineState, prometheus.NewGoCollector())
+	return a, nil
+}
+
+func (a *Agent) grpcAddr() string {
+	return net.JoinHostPort(a.cfg.Address, strconv.Itoa(a.cfg.GRPCPort))
+}
+func (a *Agent) replicaAddr() string {
+	return net.JoinHostPort(a.cfg.Address, strconv.Itoa(a.cfg.ReplicaPort))
+}
+
+func (a *Agent) poke() {
+	select {
+	case a.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Run fingerprints, joins the cluster, serves the Agent API and supervises
+// engines until ctx ends.
+func (a *Agent) Run(ctx context.Context) error {
+	st, err := LoadState(a.cfg.StateDir)
+	if err != nil {
+		return err
+	}
+	if st.NodeID != "" && st.NodeID != a.cfg.NodeID {
+		return fmt.Errorf("state dir %s belongs to node %q, not %q; use that node id or another state_dir", a.cfg.StateDir, st.NodeID, a.cfg.NodeID)
+	}
+	st.NodeID = a.cfg.NodeID
+	// Engines a previous run of the agent left: without re-adoption (not built
+	// yet) they would hold GPUs forever, so they are stopped.
+	for _, e := range st.Engines {
+		process.KillGroup(e.Pid, e.StartTicks)
+	}
+	st.Engines = nil
+	if err := st.Save(a.cfg.StateDir); err != nil {
+		return err
+	}
+	a.state = st
+
+	// Fingerprint first: the node joins with its real inventory.
+	inv, err := a.ins.Inspect(ctx)
+	if err != nil {
+		a.log.Error("gpu inspection failed; advertising 0 GPUs", "err", err)
+		inv = &gpu.Inventory{}
+	}
+	a.inv = inv
+	a.log.Info("gpus found", "count", len(inv.Devices), "model", inv.Model(), "driver", inv.DriverVersion)
+
+	lis, err := net.Listen("tcp", a.grpcAddr())
+	if err != nil {
+		return fmt.Errorf("agent api: %w", err)
+	}
+	srv := grpc.NewServer()
+	agentv1.RegisterAgentServer(srv, &agentServer{a: a})
+	a.replica = newReplicaServer(a.replicaAddr(), a.log)
+
+	a.mem = gossip.New(gossip.Config{Cluster: a.cfg.Cluster, BindAddr: a.cfg.Address, BindPort: a.cfg.GossipPort,
+		Join: a.cfg.Join, Profile: a.cfg.GossipProfile, Logger: a.cfg.Logger}, a.tag())
+	if err := a.mem.Start(); err != nil {
+		lis.Close()
+		return err
+	}
+	var wg sync.WaitGroup
+	gctx, stopGossip := context.WithCancel(context.WithoutCancel(ctx))
+	wg.Add(2)
+	go func() { defer wg.Done(); _ = a.mem.Run(gctx) }()
+	go func() { defer wg.Done(); _ = srv.Serve(lis) }()
+	var metricsSrv *http.Server
+	if a.cfg.MetricsAddr != "" {
+		metricsSrv = &http.Server{Addr: a.cfg.MetricsAddr, Handler: promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{}), ReadHeaderTimeout: 5 * time.Second}
+		go func() {
+			if err := metricsSrv.ListenAndServe(); err != nil && !errors.Is(err, http.ErrServerClosed) {
+				a.log.Error("metrics server", "err", err)
+			}
+		}()
+	}
+	a.log.Info("agent running", "grpc", a.grpcAddr(), "gossip", a.mem.Addr(), "cluster", a.cfg.Cluster)
+
+	a.loop(ctx)
+
+	// Shutdown, bounded: engines (when configured), servers, gossip.
+	if a.cfg.StopEnginesOnExit {
+		a.stopRun("agent exiting")
+	}
+	a.replica.stop()
+	stopped := make(chan struct{})
+	go func() { srv.GracefulStop(); close(stopped) }()
+	select {
+	case <-stopped:
+	case <-time.After(3 * time.Second):
+		srv.Stop()
+	}
+	if metricsSrv != nil {
+		_ = metricsSrv.Close()
+	}
+	stopGossip()
+	wg.Wait()
+	return nil
+}
+
+// tag is the gossip tag for the current state. Called with mu held or before Run's loop.
+func (a *Agent) tag() gossip.Tag {
+	t := gossip.Tag{Kind: gossip.KindAgent, ID: a.cfg.NodeID, GRPC: a.grpcAddr(), Healthy: a.inv != nil && a.inv.Healthy(),
+		GPUModel: a.inv.Model(), GPUs: len(a.inv.Devices)}
+	if as := a.state.Assignment; as != nil {
+		t.Deployment, t.Group, t.Epoch, t.Rank, t.Size = as.Deployment, as.Group, as.Epoch, as.Rank, len(as.Members)
+		t.HeadTerm, t.Follow, t.FollowTerm, t.Engine = a.claim, a.follow, a.fterm, a.es
+		if a.claim > 0 {
+			t.Replica = a.replicaAddr()
+		}
+	}
+	return t
+}
+
+func (a *Agent) publish() {
+	a.mu.Lock()
+	t := a.tag()
+	es := a.es
+	a.mu.Unlock()
+	a.engineState.Reset()
+	a.engineState.WithLabelValues(es).Set(1)
+	if err := a.mem.SetTag(t); err != nil {
+		a.log.Error("publish gossip tag", "err", err)
+	}
+}
+
+func (a *Agent) recordEngine(h *process.Handle) {
+	ticks, _ := process.StartTicks(h.Pid())
+	a.mu.Lock()
+	a.state.Engines = append(a.state.Engines, EngineRecord{Name: h.Name(), Pid: h.Pid(), StartTicks: ticks})
+	st := a.state
+	a.mu.Unlock()
+	if err := st.Save(a.cfg.StateDir); err != nil {
+		a.log.Error("persist engine pid", "err", err)
+	}
+}
+
+func (a *Agent) saveState() error {
+	a.mu.Lock()
+	st := a.state
+	a.mu.Unlock()
+	return st.Save(a.cfg.StateDir)
+}

@@ -1,0 +1,121 @@
+package agent
+
+import (
+	"errors"
+	"fmt"
+	"log/slog"
+	"net"
+	"os"
+	"time"
+
+	"gopkg.in/yaml.v3"
+)
+
+// Config is the agent's configuration: a YAML file, overridden by flags.
+type Config struct {
+	NodeID  string   `yaml:"node_id"`
+	Cluster string   `yaml:"cluster"`
+	Address string   `yaml:"address"` // this host's IP: gossip, gRPC and engines bind here
+	Join    []string `yaml:"join"`
+	// Ports on Address.
+	GossipPort  int `yaml:"gossip_port"`
+	GRPCPort    int `yaml:"grpc_port"`
+	ReplicaPort int `yaml:"replica_port"`
+	// MetricsAddr serves Prometheus /metrics ("" disables).
+	MetricsAddr   string `yaml:"metrics_addr"`
+	GossipProfile string `yaml:"gossip_profile"`
+	StateDir      string `yaml:"state_dir"`
+	GPUBackend    string `yaml:"gpu_backend"`
+	RayBin        string `yaml:"ray_bin"`
+	VLLMBin       string `yaml:"vllm_bin"`
+	// EngineHost is the address vLLM binds; "" means Address.
+	EngineHost string `yaml:"engine_host"`
+	// EngineEnv is added to every engine process (NCCL_SOCKET_IFNAME, …).
+	EngineEnv map[string]string `yaml:"engine_env"`
+	// StopGrace is how long an engine gets between SIGTERM and SIGKILL.
+	StopGrace time.Duration `yaml:"stop_grace"`
+	// RestartBackoff is the first wait before a failed group is restarted; it
+	// doubles up to 5 minutes and resets once the group has served.
+	RestartBackoff time.Duration `yaml:"restart_backoff"`
+	// StopEnginesOnExit stops engines when the agent exits. Until the agent
+	// re-adopts engines after a restart, leaving them running would orphan them.
+	StopEnginesOnExit bool `yaml:"stop_engines_on_exit"`
+
+	Logger *slog.Logger `yaml:"-"`
+}
+
+// Defaults fills unset fields.
+func (c *Config) Defaults() {
+	if c.NodeID == "" {
+		c.NodeID, _ = os.Hostname()
+	}
+	if c.Cluster == "" {
+		c.Cluster = "shoal"
+	}
+	if c.GossipPort == 0 {
+		c.GossipPort = 7946
+	}
+	if c.GRPCPort == 0 {
+		c.GRPCPort = 7947
+	}
+	if c.ReplicaPort == 0 {
+		c.ReplicaPort = 7948
+	}
+	if c.StateDir == "" {
+		c.StateDir = "/var/lib/shoal"
+	}
+	if c.RayBin == "" {
+		c.RayBin = "ray"
+	}
+	if c.VLLMBin == "" {
+		c.VLLMBin = "vllm"
+	}
+	if c.StopGrace == 0 {
+		c.StopGrace = 30 * time.Second
+	}
+	if c.RestartBackoff == 0 {
+		c.RestartBackoff = 5 * time.Second
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+}
+
+// Validate checks the config and names the field at fault.
+func (c *Config) Validate() error {
+	var errs []error
+	if c.NodeID == "" || len(c.NodeID) > 63 {
+		errs = append(errs, fmt.Errorf("node_id: must be 1-63 characters, got %q", c.NodeID))
+	}
+	if ip := net.ParseIP(c.Address); ip == nil || ip.IsUnspecified() {
+		errs = append(errs, fmt.Errorf("address: %q must be this host's IP address (engines bind and advertise it; 0.0.0.0 is not one)", c.Address))
+	}
+	for name, p := range map[string]int{"gossip_port": c.GossipPort, "grpc_port": c.GRPCPort, "replica_port": c.ReplicaPort} {
+		if p < 1 || p > 65535 {
+			errs = append(errs, fmt.Errorf("%s: %d is not a TCP port", name, p))
+		}
+	}
+	if c.GRPCPort == c.ReplicaPort {
+		errs = append(errs, fmt.Errorf("replica_port: must differ from grpc_port (%d)", c.GRPCPort))
+	}
+	if c.StopGrace < 0 || c.RestartBackoff < 0 {
+		errs = append(errs, errors.New("stop_grace, restart_backoff: must not be negative"))
+	}
+	return errors.Join(errs...)
+}
+
+// LoadConfigFile reads a YAML config file; unknown keys are errors.
+func LoadConfigFile(path string) (Config, error) {
+	var c Config
+	f, err := os.Open(path)
+	if err != nil {
+		return c, fmt.Errorf("agent config: %w", err)
+	}
+	defer f.Close()
+	dec := yaml.NewDecoder(f)
+	dec.KnownFields(true)
+	if err := dec.Decode(&c); err != nil {
+		return c, fmt.Errorf("agent config %s: %w", path, err)
+	}
+	return c, nil
+}

@@ -1,0 +1,375 @@
+package agent
+
+import (
+	"bytes"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"log/slog"
+	"net/http"
+	"os"
+	"os/exec"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/shoalhq/shoal/engine"
+	"github.com/shoalhq/shoal/engine/process"
+	"github.com/shoalhq/shoal/gossip"
+	agentv1 "github.com/shoalhq/shoal/proto/agent/v1"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+)
+
+// run is one start of the engine for one (group, epoch, term) in one role. Its
+// goroutine starts processes and advances phases; the supervisor loop alone
+// stops it. Processes start under mu after a ctx check, and stop takes mu after
+// cancelling ctx, so nothing starts after a stop.
+type run struct {
+	group string
+	epoch uint64
+	term  uint64
+	head  string
+	role  engine.Role
+	plan  *engine.Plan
+	spec  *specRef
+	log   *slog.Logger
+	wake  func()
+
+	ctx    context.Context
+	cancel context.CancelFunc
+	done   chan struct{}
+
+	mu      sync.Mutex
+	procs   []*process.Handle // guarded by mu
+	phase   string            // guarded by mu
+	failed  string            // guarded by mu; why the run failed
+	metrics metricsState      // guarded by mu
+}
+
+type specRef struct {
+	served  string
+	timeout time.Duration
+}
+
+type metricsState struct {
+	last     engine.Metrics
+	lastAt   time.Time
+	tokPerS  float64
+	ttftAvg  float64
+	hitRate  float64
+	have     bool
+	healthOK bool
+}
+
+func (r *run) setPhase(p string) {
+	r.mu.Lock()
+	r.phase = p
+	r.mu.Unlock()
+	r.wake()
+}
+
+func (r *run) fail(why string) {
+	r.mu.Lock()
+	if r.failed == "" {
+		r.failed = why
+	}
+	r.mu.Unlock()
+	r.wake()
+}
+
+func (r *run) state() (phase, failed string) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.phase, r.failed
+}
+
+// start runs c unless the run was stopped, and fails the run when it exits.
+func (r *run) start(rt *process.Runtime, c engine.Command, rec func(*process.Handle)) (*process.Handle, error) {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if r.ctx.Err() != nil {
+		return nil, r.ctx.Err()
+	}
+	h, err := rt.Start(r.ctx, c)
+	if err != nil {
+		return nil, err
+	}
+	r.procs = append(r.procs, h)
+	rec(h)
+	r.log.Info("engine process started", "name", c.Name, "pid", h.Pid(), "argv", strings.Join(c.Argv(), " "), "log", h.LogPath())
+	go func() {
+		<-h.Done()
+		if r.ctx.Err() == nil {
+			r.fail(fmt.Sprintf("%s exited (%v); see %s", c.Name, h.Err(), h.LogPath()))
+		}
+	}()
+	return h, nil
+}
+
+// stop ends the run's processes: newest first (vllm before ray), each SIGTERM,
+// grace, SIGKILL to its group; then `ray stop --force` for anything Ray left.
+func (r *run) stop(grace time.Duration, rayBin string, env []string) {
+	r.cancel()
+	r.mu.Lock()
+	procs := r.procs
+	r.procs = nil
+	r.mu.Unlock()
+	ctx, cancel := context.WithTimeout(context.WithoutCancel(r.ctx), grace+10*time.Second)
+	defer cancel()
+	for i := len(procs) - 1; i >= 0; i-- {
+		if err := procs[i].Stop(ctx, grace); err != nil {
+			r.log.Warn("engine process did not stop", "name", procs[i].Name(), "err", err)
+		}
+	}
+	if len(procs) > 0 {
+		cmd := exec.CommandContext(ctx, rayBin, "stop", "--force")
+		cmd.Args[0] = "ray"
+		cmd.Env = append(os.Environ(), env...)
+		if out, err := cmd.CombinedOutput(); err != nil {
+			r.log.Debug("ray stop --force", "err", err, "out", string(out))
+		}
+	}
+	<-r.done
+}
+
+// headSequence: ray head → wait for N×G GPUs → vllm serve → ready → metrics.
+func (a *Agent) headSequence(r *run) {
+	defer close(r.done)
+	if _, err := r.start(a.rt, r.plan.Ray, a.recordEngine); err != nil {
+		r.fail("start ray head: " + err.Error())
+		return
+	}
+	r.setPhase(gossip.EngineRay)
+	deadline := time.Now().Add(r.spec.timeout)
+	lastLog := time.Time{}
+	for {
+		st, err := a.rayStatus(r.ctx, r.plan)
+		if err == nil && st.TotalGPUs >= float64(r.plan.ExpectedGPUs) {
+			r.log.Info("ray cluster complete", "gpus", st.TotalGPUs, "nodes", st.ActiveNodes)
+			break
+		}
+		if time.Since(lastLog) > 10*time.Second {
+			r.log.Info("waiting for ray workers", "want_gpus", r.plan.ExpectedGPUs, "have_gpus", st.TotalGPUs, "err", err)
+			lastLog = time.Now()
+		}
+		if time.Now().After(deadline) {
+			r.fail(fmt.Sprintf("ray reported %v of %d GPUs within %v", st.TotalGPUs, r.plan.ExpectedGPUs, r.spec.timeout))
+			return
+		}
+		if !sleepCtx(r.ctx, 200*time.Millisecond) {
+			return
+		}
+	}
+	if _, err := r.start(a.rt, *r.plan.Serve, a.recordEngine); err != nil {
+		r.fail("start vllm: " + err.Error())
+		return
+	}
+	r.setPhase(gossip.EngineLoading)
+	base := "http://" + r.plan.Endpoint
+	for {
+		err := probeReady(r.ctx, base, r.spec.served)
+		if err == nil {
+			break
+		}
+		if time.Now().After(deadline) {
+			r.fail(fmt.Sprintf("engine not ready within %v: %v", r.spec.timeout, err))
+			return
+		}
+		if !sleepCtx(r.ctx, 250*time.Millisecond) {
+			return
+		}
+	}
+	r.log.Info("replica ready", "endpoint", r.plan.Endpoint)
+	r.setPhase(gossip.EngineReady)
+	bad := 0
+	for sleepCtx(r.ctx, time.Second) {
+		if err := r.scrape(base); err != nil {
+			bad++
+			r.log.Warn("engine check failed", "err", err, "consecutive", bad)
+			if bad >= 3 {
+				r.fail("engine unhealthy: " + err.Error())
+				return
+			}
+			continue
+		}
+		bad = 0
+		r.wake() // publish fresh metrics
+	}
+}
+
+// workerSequence: ray worker, joined to the head; its exit fails the run.
+func (a *Agent) workerSequence(r *run) {
+	defer close(r.done)
+	if _, err := r.start(a.rt, r.plan.Ray, a.recordEngine); err != nil {
+		r.fail("start ray worker: " + err.Error())
+		return
+	}
+	r.setPhase(gossip.EngineRay)
+	<-r.ctx.Done()
+}
+
+// watchMembers polls every member's Agent API while this node is head. A
+// member whose agent stops answering, or whose engine failed, fails the run at
+// once, well before gossip's failure detector declares the host dead.
+func (a *Agent) watchMembers(r *run, members []Member) {
+	for _, m := range members {
+		if m.NodeID == a.cfg.NodeID {
+			continue
+		}
+		go func(m Member) {
+			conn, err := grpc.NewClient(m.GRPC, grpc.WithTransportCredentials(insecure.NewCredentials()))
+			if err != nil {
+				r.fail(fmt.Sprintf("member %s: %v", m.NodeID, err))
+				return
+			}
+			defer conn.Close()
+			c := agentv1.NewAgentClient(conn)
+			misses := 0
+			for sleepCtx(r.ctx, 300*time.Millisecond) {
+				ctx, cancel := context.WithTimeout(r.ctx, time.Second)
+				st, err := c.Status(ctx, &agentv1.StatusRequest{})
+				cancel()
+				if r.ctx.Err() != nil {
+					return
+				}
+				switch {
+				case err != nil:
+					misses++
+					if misses >= 2 {
+						r.fail(fmt.Sprintf("member %s unreachable: %v", m.NodeID, err))
+						return
+					}
+				case st.GetAssignment().GetGroupId() != r.group || st.GetAssignment().GetEpoch() != r.epoch:
+					r.fail(fmt.Sprintf("member %s left the group", m.NodeID))
+					return
+				case st.GetEngineState() == gossip.EngineFailed && st.GetTerm() == r.term:
+					r.fail(fmt.Sprintf("member %s engine failed: %s", m.NodeID, st.GetMessage()))
+					return
+				default:
+					misses = 0
+				}
+			}
+		}(m)
+	}
+}
+
+func (a *Agent) rayStatus(ctx context.Context, p *engine.Plan) (engine.RayStatus, error) {
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	cmd := exec.CommandContext(ctx, a.cfg.RayBin, "status")
+	cmd.Args[0] = "ray"
+	cmd.Env = append(os.Environ(), "RAY_ADDRESS="+p.RayAddress)
+	out, err := cmd.CombinedOutput()
+	if err != nil {
+		return engine.RayStatus{}, fmt.Errorf("ray status: %v: %s", err, bytes.TrimSpace(out))
+	}
+	return engine.ParseRayStatus(string(out))
+}
+
+var probeClient = &http.Client{Timeout: 5 * time.Second}
+
+// probeReady: /health 200, /v1/models lists the served name, and a one-token
+// canary completion succeeds.
+func probeReady(ctx context.Context, base, served string) error {
+	if err := get(ctx, base+"/health", nil); err != nil {
+		return err
+	}
+	var models struct {
+		Data []struct {
+			ID string `json:"id"`
+		} `json:"data"`
+	}
+	if err := get(ctx, base+"/v1/models", &models); err != nil {
+		return err
+	}
+	found := false
+	for _, m := range models.Data {
+		found = found || m.ID == served
+	}
+	if !found {
+		return fmt.Errorf("/v1/models does not list %q", served)
+	}
+	body, _ := json.Marshal(map[string]any{"model": served, "prompt": "ping", "max_tokens": 1})
+	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(cctx, http.MethodPost, base+"/v1/completions", bytes.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := probeClient.Do(req)
+	if err != nil {
+		return fmt.Errorf("canary: %w", err)
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 4096))
+	if resp.StatusCode != 200 {
+		return fmt.Errorf("canary: %d %s", resp.StatusCode, bytes.TrimSpace(b))
+	}
+	return nil
+}
+
+func get(ctx context.Context, url string, into any) error {
+	ctx, cancel := context.WithTimeout(ctx, 3*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, url, nil)
+	resp, err := probeClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	if resp.StatusCode != 200 {
+		return fmt.Errorf("GET %s: %d", url, resp.StatusCode)
+	}
+	if into == nil {
+		return nil
+	}
+	return json.NewDecoder(resp.Body).Decode(into)
+}
+
+// scrape checks /health and reads /metrics into the run's metrics state.
+func (r *run) scrape(base string) error {
+	if err := get(r.ctx, base+"/health", nil); err != nil {
+		return err
+	}
+	ctx, cancel := context.WithTimeout(r.ctx, 3*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodGet, base+"/metrics", nil)
+	resp, err := probeClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	m, err := engine.ParseVLLMMetrics(resp.Body)
+	if err != nil {
+		return err
+	}
+	now := time.Now()
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	ms := &r.metrics
+	if ms.have {
+		dt := now.Sub(ms.lastAt).Seconds()
+		if dt > 0 {
+			ms.tokPerS = max(0, m.GenerationTokens-ms.last.GenerationTokens) / dt
+		}
+		if dn := m.TTFTCount - ms.last.TTFTCount; dn > 0 {
+			ms.ttftAvg = (m.TTFTSum - ms.last.TTFTSum) / dn
+		}
+		if dq := m.PrefixQueries - ms.last.PrefixQueries; dq > 0 {
+			ms.hitRate = (m.PrefixHits - ms.last.PrefixHits) / dq
+		}
+	}
+	ms.last, ms.lastAt, ms.have, ms.healthOK = m, now, true, true
+	return nil
+}
+
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	select {
+	case <-ctx.Done():
+		return false
+	case <-t.C:
+		return true
+	}
+}

@@ -1,0 +1,381 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/shoalhq/shoal/engine"
+	"github.com/shoalhq/shoal/gossip"
+)
+
+// tickInterval bounds how stale the loop's view of gossip and engines can be
+// when no event arrives.
+const tickInterval = 200 * time.Millisecond
+
+// maxBackoff caps the wait before a failed group is restarted.
+const maxBackoff = 5 * time.Minute
+
+// loop is the only goroutine that changes the assignment, claims, follows and
+// runs. Everything else asks it through cmds or pokes it through wake.
+func (a *Agent) loop(ctx context.Context) {
+	t := time.NewTicker(tickInterval)
+	defer t.Stop()
+	a.publish()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case f := <-a.cmds:
+			f()
+		case <-a.mem.Changes():
+		case <-a.wake:
+		case <-t.C:
+		}
+		a.reconcile()
+	}
+}
+
+// do runs f on the loop goroutine and waits for it.
+func (a *Agent) do(ctx context.Context, f func() error) error {
+	errc := make(chan error, 1)
+	select {
+	case a.cmds <- func() { errc <- f() }:
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+	select {
+	case err := <-errc:
+		return err
+	case <-ctx.Done():
+		return ctx.Err()
+	}
+}
+
+func (a *Agent) view(as *Assignment) GroupView {
+	v := GroupView{Self: a.cfg.NodeID, Group: as.Group, Epoch: as.Epoch, Members: map[string]int{}, Tags: a.mem.Members()}
+	for _, m := range as.Members {
+		v.Members[m.NodeID] = m.Rank
+	}
+	// Our own newest tag, whether or not gossip has echoed it back yet.
+	v.Tags[a.cfg.NodeID] = a.mem.Local()
+	return v
+}
+
+func (a *Agent) reconcile() {
+	a.mu.Lock()
+	as := a.state.Assignment
+	r := a.run
+	a.mu.Unlock()
+	if as == nil {
+		if r != nil {
+			a.stopRun("released")
+		}
+		a.publish()
+		return
+	}
+	v := a.view(as)
+	d := Decide(v)
+	self := a.cfg.NodeID
+	a.mu.Lock()
+	claim := a.claim
+	a.mu.Unlock()
+
+	if claim > 0 {
+		a.reconcileHead(as, v, d, claim)
+	} else {
+		a.reconcileMember(as, v, d)
+	}
+	_ = self
+	a.publish()
+}
+
+// reconcileHead: this node claims head at claim.
+func (a *Agent) reconcileHead(as *Assignment, v GroupView, d Decision, claim uint64) {
+	self := a.cfg.NodeID
+	a.mu.Lock()
+	r := a.run
+	a.mu.Unlock()
+	if d.Candidate != self || !d.Complete {
+		why := "group incomplete"
+		if d.Complete {
+			why = "another member is head: " + d.Candidate
+		}
+		a.failOrStop(r, why)
+		a.retract()
+		return
+	}
+	if r == nil {
+		a.mu.Lock()
+		failed := a.es == gossip.EngineFailed
+		a.mu.Unlock()
+		if failed {
+			// Give the claim up; a new term starts after the backoff.
+			a.retract()
+			return
+		}
+		if !AllFollow(v, self, claim) {
+			a.setES(gossip.EngineWaiting)
+			return
+		}
+		a.startRun(as, engine.RoleHead, self, claim, v)
+		return
+	}
+	phase, failed := r.state()
+	if failed == "" {
+		if id, ok := MemberFailed(v, claim); ok {
+			failed = "member " + id + " reports its engine failed"
+		} else if !AllFollow(v, self, claim) {
+			failed = "a member stopped following this head"
+		}
+	}
+	if failed != "" {
+		a.failRun(failed)
+		return
+	}
+	a.setES(phase)
+	if phase == gossip.EngineReady {
+		a.mu.Lock()
+		if a.readySince.IsZero() {
+			a.readySince = time.Now()
+		} else if time.Since(a.readySince) > time.Minute {
+			a.backoff = a.cfg.RestartBackoff
+		}
+		a.mu.Unlock()
+	}
+	a.replica.update(a.snapshot(as, r, phase))
+}
+
+// reconcileMember: this node does not claim head.
+func (a *Agent) reconcileMember(as *Assignment, v GroupView, d Decision) {
+	self := a.cfg.NodeID
+	a.mu.Lock()
+	r, follow, fterm, until := a.run, a.follow, a.fterm, a.backoffUntil
+	a.mu.Unlock()
+	if d.Candidate == self && d.Complete {
+		if time.Now().Before(until) {
+			return
+		}
+		a.failOrStop(r, "becoming head")
+		a.mu.Lock()
+		term := max(d.MaxTerm, a.state.LastTerm) + 1
+		a.claim, a.follow, a.fterm, a.es, a.failedTerm = term, self, term, gossip.EngineWaiting, 0
+		a.state.LastTerm = term
+		a.readySince = time.Time{}
+		a.mu.Unlock()
+		if err := a.saveState(); err != nil {
+			a.log.Error("persist term", "err", err)
+		}
+		a.replica.start()
+		a.replica.update(a.snapshot(as, nil, gossip.EngineWaiting))
+		a.log.Info("claimed head", "group", as.Group, "epoch", as.Epoch, "term", term)
+		return
+	}
+	var head gossip.Tag
+	ok := false
+	if d.Candidate != "" && d.Candidate != self && d.Complete {
+		head, ok = v.Tags[d.Candidate]
+		ok = ok && head.HeadTerm > 0
+	}
+	if !ok {
+		if follow != "" || r != nil {
+			a.failOrStop(r, "no head")
+			a.mu.Lock()
+			a.follow, a.fterm = "", 0
+			if a.es != gossip.EngineFailed {
+				a.es = gossip.EngineIdle
+			}
+			a.mu.Unlock()
+		}
+		return
+	}
+	if follow != head.ID || fterm != head.HeadTerm {
+		a.failOrStop(r, "following a new head")
+		a.mu.Lock()
+		a.follow, a.fterm, a.es = head.ID, head.HeadTerm, gossip.EngineIdle
+		a.mu.Unlock()
+		a.log.Info("following head", "head", head.ID, "term", head.HeadTerm)
+		return
+	}
+	if r == nil {
+		a.mu.Lock()
+		failedHere := a.failedTerm == fterm
+		a.mu.Unlock()
+		up := head.Engine == gossip.EngineRay || head.Engine == gossip.EngineLoading || head.Engine == gossip.EngineReady
+		if up && !failedHere {
+			a.startRun(as, engine.RoleWorker, head.ID, fterm, v)
+		}
+		return
+	}
+	phase, failed := r.state()
+	if failed != "" {
+		a.failRun(failed)
+		a.mu.Lock()
+		a.failedTerm = fterm
+		a.mu.Unlock()
+		return
+	}
+	if head.Engine == gossip.EngineFailed || head.Engine == gossip.EngineWaiting || head.Engine == gossip.EngineIdle {
+		a.stopRun("head engine " + orIdle(head.Engine))
+		a.setES(gossip.EngineIdle)
+		return
+	}
+	a.setES(phase)
+}
+
+func orIdle(s string) string {
+	if s == "" {
+		return "idle"
+	}
+	return s
+}
+
+func (a *Agent) setES(es string) {
+	a.mu.Lock()
+	a.es = es
+	a.mu.Unlock()
+}
+
+// retract gives up a head claim and closes the Replica API.
+func (a *Agent) retract() {
+	a.mu.Lock()
+	had := a.claim
+	a.claim = 0
+	if a.follow == a.cfg.NodeID {
+		a.follow, a.fterm = "", 0
+	}
+	if a.es != gossip.EngineFailed {
+		a.es = gossip.EngineIdle
+	}
+	a.mu.Unlock()
+	a.replica.stop()
+	if had > 0 {
+		a.log.Info("gave up head claim", "term", had)
+	}
+}
+
+func (a *Agent) startRun(as *Assignment, role engine.Role, head string, term uint64, v GroupView) {
+	headIP := v.Tags[head].IP()
+	plan, err := engine.RayVLLM(engine.PlanInput{Spec: as.Spec, Role: role, NodeIP: a.cfg.Address, HeadIP: headIP,
+		BindHost: a.cfg.EngineHost, Env: a.cfg.EngineEnv, Bin: engine.Binaries{Ray: a.cfg.RayBin, VLLM: a.cfg.VLLMBin}})
+	if err != nil {
+		a.log.Error("cannot plan engine", "err", err)
+		a.mu.Lock()
+		a.es, a.msg = gossip.EngineFailed, err.Error()
+		a.mu.Unlock()
+		return
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	r := &run{group: as.Group, epoch: as.Epoch, term: term, head: head, role: role, plan: plan,
+		spec: &specRef{served: as.Spec.Engine.ServedModelName, timeout: time.Duration(as.Spec.Engine.StartupTimeoutSeconds) * time.Second},
+		log:  a.log.With("group", as.Group, "epoch", as.Epoch, "term", term, "role", string(role)), wake: a.poke,
+		ctx: ctx, cancel: cancel, done: make(chan struct{})}
+	a.mu.Lock()
+	a.run = r
+	a.es = gossip.EngineRay
+	a.mu.Unlock()
+	r.log.Info("starting engine")
+	if role == engine.RoleHead {
+		go a.headSequence(r)
+		a.watchMembers(r, as.Members)
+	} else {
+		go a.workerSequence(r)
+	}
+}
+
+// stopRun stops the current run, if any, without marking a failure.
+func (a *Agent) stopRun(why string) {
+	a.mu.Lock()
+	r := a.run
+	a.run = nil
+	a.state.Engines = nil
+	a.mu.Unlock()
+	if r == nil {
+		return
+	}
+	r.log.Info("stopping engine", "reason", why)
+	a.replica.setServing(false, why)
+	r.stop(a.cfg.StopGrace, a.cfg.RayBin, r.plan.Ray.Env)
+	if err := a.saveState(); err != nil {
+		a.log.Error("persist state", "err", err)
+	}
+}
+
+// failRun stops the run, advertises the failure and backs off before the
+// next attempt.
+func (a *Agent) failRun(why string) {
+	a.log.Warn("replica failed; stopping the group's engines", "reason", why)
+	a.replica.setServing(false, why)
+	a.mu.Lock()
+	a.es, a.msg = gossip.EngineFailed, why
+	wait := a.backoff
+	a.backoffUntil = time.Now().Add(wait)
+	a.backoff = min(a.backoff*2, maxBackoff)
+	a.readySince = time.Time{}
+	a.mu.Unlock()
+	a.publish() // tell the group before the (slow) stop
+	a.stopRun(why)
+	a.log.Info("restart backoff", "wait", wait)
+}
+
+// failOrStop ends a run that must end because the group changed: a failure if
+// it was running, a plain stop otherwise.
+func (a *Agent) failOrStop(r *run, why string) {
+	if r == nil {
+		return
+	}
+	a.failRun(why)
+}
+
+// applyAssignment runs on the loop goroutine.
+func (a *Agent) applyAssignment(as *Assignment) error {
+	a.mu.Lock()
+	cur := a.state.Assignment
+	a.mu.Unlock()
+	if cur != nil {
+		switch {
+		case cur.Group == as.Group && cur.Epoch == as.Epoch:
+			return nil // idempotent
+		case cur.Group == as.Group && as.Epoch < cur.Epoch:
+			return fmt.Errorf("%w: group %s epoch %d is older than the current epoch %d", errStale, as.Group, as.Epoch, cur.Epoch)
+		case cur.Group != as.Group:
+			return fmt.Errorf("%w: node is in group %s (epoch %d); release it first", errBusy, cur.Group, cur.Epoch)
+		}
+	}
+	// A new epoch replaces the old one only after the old engines stopped:
+	// a replacement never starts before the GPUs are released.
+	a.stopRun("new assignment")
+	a.retract()
+	a.mu.Lock()
+	a.state.Assignment = as
+	a.follow, a.fterm, a.es, a.msg, a.failedTerm = "", 0, gossip.EngineIdle, "", 0
+	a.backoff, a.backoffUntil = a.cfg.RestartBackoff, time.Time{}
+	a.mu.Unlock()
+	if err := a.saveState(); err != nil {
+		return err
+	}
+	a.log.Info("assigned", "deployment", as.Deployment, "group", as.Group, "epoch", as.Epoch, "rank", as.Rank, "members", len(as.Members))
+	a.publish()
+	return nil
+}
+
+func (a *Agent) release(group string, epoch uint64) error {
+	a.mu.Lock()
+	cur := a.state.Assignment
+	a.mu.Unlock()
+	if cur == nil || cur.Group != group || (epoch != 0 && cur.Epoch != epoch) {
+		return nil
+	}
+	a.stopRun("released")
+	a.retract()
+	a.mu.Lock()
+	a.state.Assignment = nil
+	a.follow, a.fterm, a.es, a.msg = "", 0, gossip.EngineIdle, ""
+	a.mu.Unlock()
+	if err := a.saveState(); err != nil {
+		return err
+	}
+	a.log.Info("released", "group", group, "epoch", cur.Epoch)
+	a.publish()
+	return nil
+}

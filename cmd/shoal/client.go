@@ -1,0 +1,290 @@
+package main
+
+import (
+	"context"
+	"errors"
+	"fmt"
+	"io"
+	"os"
+	"strings"
+	"text/tabwriter"
+	"time"
+
+	coordv1 "github.com/shoalhq/shoal/proto/coordinator/v1"
+	"github.com/shoalhq/shoal/spec"
+	"github.com/urfave/cli/v2"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+	"google.golang.org/protobuf/encoding/protojson"
+	"google.golang.org/protobuf/proto"
+)
+
+var coordinatorFlag = &cli.StringFlag{Name: "coordinator", Value: "127.0.0.1:7950", EnvVars: []string{"SHOAL_COORDINATOR"},
+	Usage: "coordinator API address"}
+
+// withClient dials the coordinator and maps gRPC errors to plain messages.
+func withClient(c *cli.Context, f func(context.Context, coordv1.CoordinatorClient) error) error {
+	addr := c.String("coordinator")
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return fmt.Errorf("coordinator address %q: %w", addr, err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(c.Context, 15*time.Second)
+	defer cancel()
+	err = f(ctx, coordv1.NewCoordinatorClient(conn))
+	if st, ok := status.FromError(err); ok && err != nil {
+		switch st.Code() {
+		case codes.Unavailable:
+			return fmt.Errorf("cannot reach the coordinator at %s: is `shoal coordinator` running? (set --coordinator or SHOAL_COORDINATOR)", addr)
+		case codes.DeadlineExceeded:
+			return fmt.Errorf("the coordinator at %s did not answer in time", addr)
+		default:
+			return errors.New(st.Message())
+		}
+	}
+	return err
+}
+
+func applyCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "apply",
+		Usage:     "create or update a deployment from a YAML spec",
+		ArgsUsage: "-f FILE",
+		Flags:     []cli.Flag{coordinatorFlag, &cli.StringFlag{Name: "filename", Aliases: []string{"f"}, Required: true, Usage: "spec file, or - for stdin"}},
+		Action: func(c *cli.Context) error {
+			var data []byte
+			var err error
+			if f := c.String("filename"); f == "-" {
+				data, err = io.ReadAll(os.Stdin)
+			} else {
+				data, err = os.ReadFile(f)
+			}
+			if err != nil {
+				return err
+			}
+			// Validate locally first: the same rules, with no round trip.
+			if _, err := spec.Parse(data); err != nil {
+				return err
+			}
+			return withClient(c, func(ctx context.Context, cl coordv1.CoordinatorClient) error {
+				resp, err := cl.Apply(ctx, &coordv1.ApplyRequest{SpecYaml: data})
+				if err != nil {
+					return err
+				}
+				verb := "configured"
+				if resp.Created {
+					verb = "created"
+				}
+				fmt.Fprintf(c.App.Writer, "deployment/%s %s\n", resp.Name, verb)
+				for _, w := range resp.Warnings {
+					fmt.Fprintf(c.App.ErrWriter, "warning: %s\n", w)
+				}
+				return nil
+			})
+		},
+	}
+}
+
+var outputFlag = &cli.StringFlag{Name: "output", Aliases: []string{"o"}, Value: "table", Usage: "table or json"}
+
+func printJSON(w io.Writer, m proto.Message) error {
+	b, err := protojson.MarshalOptions{Multiline: true, EmitUnpopulated: true}.Marshal(m)
+	if err != nil {
+		return err
+	}
+	_, err = fmt.Fprintln(w, string(b))
+	return err
+}
+
+func table(w io.Writer, header string, rows [][]string) {
+	tw := tabwriter.NewWriter(w, 0, 4, 3, ' ', 0)
+	fmt.Fprintln(tw, header)
+	for _, r := range rows {
+		fmt.Fprintln(tw, strings.Join(r, "\t"))
+	}
+	tw.Flush()
+}
+
+func age(unix int64) string {
+	if unix == 0 {
+		return "-"
+	}
+	d := time.Since(time.Unix(unix, 0)).Round(time.Second)
+	switch {
+	case d < time.Minute:
+		return fmt.Sprintf("%ds", int(d.Seconds()))
+	case d < time.Hour:
+		return fmt.Sprintf("%dm", int(d.Minutes()))
+	case d < 48*time.Hour:
+		return fmt.Sprintf("%dh", int(d.Hours()))
+	}
+	return fmt.Sprintf("%dd", int(d.Hours()/24))
+}
+
+func dash(s string) string {
+	if s == "" {
+		return "-"
+	}
+	return s
+}
+
+func getCommand() *cli.Command {
+	sub := func(name string, aliases []string, usage string, run func(c *cli.Context, ctx context.Context, cl coordv1.CoordinatorClient, json bool) error) *cli.Command {
+		return &cli.Command{Name: name, Aliases: aliases, Usage: usage, Flags: []cli.Flag{coordinatorFlag, outputFlag},
+			Action: func(c *cli.Context) error {
+				o := c.String("output")
+				if o != "json" && o != "table" {
+					return fmt.Errorf("--output %q: use table or json", o)
+				}
+				return withClient(c, func(ctx context.Context, cl coordv1.CoordinatorClient) error { return run(c, ctx, cl, o == "json") })
+			}}
+	}
+	return &cli.Command{
+		Name:      "get",
+		Usage:     "list nodes, deployments or replicas",
+		ArgsUsage: "nodes|deployments|replicas [-o json]",
+		Action: func(c *cli.Context) error {
+			return fmt.Errorf("get what? one of: nodes, deployments, replicas (got %q)", c.Args().First())
+		},
+		Subcommands: []*cli.Command{
+			sub("nodes", []string{"node", "no"}, "list the agents in the cluster", func(c *cli.Context, ctx context.Context, cl coordv1.CoordinatorClient, json bool) error {
+				resp, err := cl.ListNodes(ctx, &coordv1.ListNodesRequest{})
+				if err != nil {
+					return err
+				}
+				if json {
+					return printJSON(c.App.Writer, resp)
+				}
+				var rows [][]string
+				for _, n := range resp.Nodes {
+					rows = append(rows, []string{n.NodeId, n.Address, fmt.Sprintf("%d×%s", n.GpuCount, dash(n.GpuModel)), n.State,
+						dash(n.GroupId), epoch(n.Epoch), dash(n.Role), dash(n.EngineState)})
+				}
+				table(c.App.Writer, "NODE\tADDRESS\tGPUS\tSTATE\tREPLICA\tEPOCH\tROLE\tENGINE", rows)
+				return nil
+			}),
+			sub("deployments", []string{"deployment", "deploy"}, "list deployments", func(c *cli.Context, ctx context.Context, cl coordv1.CoordinatorClient, json bool) error {
+				resp, err := cl.ListDeployments(ctx, &coordv1.ListDeploymentsRequest{})
+				if err != nil {
+					return err
+				}
+				if json {
+					return printJSON(c.App.Writer, resp)
+				}
+				var rows [][]string
+				for _, d := range resp.Deployments {
+					rows = append(rows, []string{d.Name, d.Model, d.Engine, fmt.Sprintf("%d/%d", d.ReadyReplicas, d.DesiredReplicas),
+						fmt.Sprint(d.NodesPerReplica), age(d.CreatedUnix)})
+				}
+				table(c.App.Writer, "NAME\tMODEL\tENGINE\tREADY\tNODES/REPLICA\tAGE", rows)
+				return nil
+			}),
+			sub("replicas", []string{"replica"}, "list replica groups [of one deployment]", func(c *cli.Context, ctx context.Context, cl coordv1.CoordinatorClient, json bool) error {
+				resp, err := cl.ListReplicas(ctx, &coordv1.ListReplicasRequest{Deployment: c.Args().First()})
+				if err != nil {
+					return err
+				}
+				if json {
+					return printJSON(c.App.Writer, resp)
+				}
+				table(c.App.Writer, "REPLICA\tDEPLOYMENT\tEPOCH\tSTATE\tHEAD\tENDPOINT\tMEMBERS\tRUNNING\tWAITING\tKV", replicaRows(resp.Replicas))
+				return nil
+			}),
+		},
+	}
+}
+
+func epoch(e uint64) string {
+	if e == 0 {
+		return "-"
+	}
+	return fmt.Sprint(e)
+}
+
+func replicaRows(rs []*coordv1.ReplicaInfo) [][]string {
+	var rows [][]string
+	for _, r := range rs {
+		rows = append(rows, []string{r.GroupId, r.Deployment, epoch(r.Epoch), r.State, dash(r.Head), dash(r.Endpoint),
+			strings.Join(r.Members, ","), fmt.Sprintf("%.0f", r.NumRequestsRunning), fmt.Sprintf("%.0f", r.NumRequestsWaiting),
+			fmt.Sprintf("%.0f%%", 100*r.KvCacheUsage)})
+	}
+	return rows
+}
+
+func describeCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "describe",
+		Usage:     "show a deployment in detail: fields, replicas, events",
+		ArgsUsage: "deployment NAME",
+		Flags:     []cli.Flag{coordinatorFlag},
+		Action: func(c *cli.Context) error {
+			if c.Args().First() != "deployment" || c.Args().Get(1) == "" {
+				return errors.New("usage: shoal describe deployment NAME")
+			}
+			return withClient(c, func(ctx context.Context, cl coordv1.CoordinatorClient) error {
+				d, err := cl.DescribeDeployment(ctx, &coordv1.DescribeDeploymentRequest{Name: c.Args().Get(1)})
+				if err != nil {
+					return err
+				}
+				w := c.App.Writer
+				s := d.Summary
+				fmt.Fprintf(w, "Name:      %s\nModel:     %s\nEngine:    %s\nReplicas:  %d ready / %d desired, %d node(s) each\nAge:       %s\n\nSpec:\n",
+					s.Name, s.Model, s.Engine, s.ReadyReplicas, s.DesiredReplicas, s.NodesPerReplica, age(s.CreatedUnix))
+				tw := tabwriter.NewWriter(w, 0, 4, 2, ' ', 0)
+				for _, f := range d.Fields {
+					note := ""
+					if !f.Implemented {
+						note = "(accepted, not implemented yet)"
+					}
+					fmt.Fprintf(tw, "  %s\t%s\t%s\n", f.Path, f.Value, note)
+				}
+				tw.Flush()
+				fmt.Fprintln(w, "\nReplicas:")
+				if len(d.Replicas) == 0 {
+					fmt.Fprintln(w, "  (none)")
+				} else {
+					table(w, "  REPLICA\tDEPLOYMENT\tEPOCH\tSTATE\tHEAD\tENDPOINT\tMEMBERS\tRUNNING\tWAITING\tKV", indent(replicaRows(d.Replicas)))
+				}
+				fmt.Fprintln(w, "\nEvents:")
+				if len(d.Events) == 0 {
+					fmt.Fprintln(w, "  (none)")
+				}
+				for _, e := range d.Events {
+					fmt.Fprintln(w, "  "+e)
+				}
+				return nil
+			})
+		},
+	}
+}
+
+func indent(rows [][]string) [][]string {
+	for _, r := range rows {
+		r[0] = "  " + r[0]
+	}
+	return rows
+}
+
+func deleteCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "delete",
+		Usage:     "delete a deployment (its replicas are stopped and their nodes released)",
+		ArgsUsage: "deployment NAME",
+		Flags:     []cli.Flag{coordinatorFlag},
+		Action: func(c *cli.Context) error {
+			if c.Args().First() != "deployment" || c.Args().Get(1) == "" {
+				return errors.New("usage: shoal delete deployment NAME")
+			}
+			return withClient(c, func(ctx context.Context, cl coordv1.CoordinatorClient) error {
+				if _, err := cl.DeleteDeployment(ctx, &coordv1.DeleteDeploymentRequest{Name: c.Args().Get(1)}); err != nil {
+					return err
+				}
+				fmt.Fprintf(c.App.Writer, "deployment/%s deleted\n", c.Args().Get(1))
+				return nil
+			})
+		},
+	}
+}

@@ -1,0 +1,118 @@
+package main
+
+import (
+	"fmt"
+
+	"github.com/shoalhq/shoal/agent"
+	"github.com/shoalhq/shoal/coordinator"
+	"github.com/shoalhq/shoal/gpu"
+	"github.com/urfave/cli/v2"
+)
+
+func agentCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "agent",
+		Usage: "run the agent on a GPU host (normally under systemd)",
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "config", EnvVars: []string{"SHOAL_AGENT_CONFIG"}, Usage: "YAML config file; flags override it"},
+			&cli.StringFlag{Name: "node-id", EnvVars: []string{"SHOAL_NODE_ID"}, Usage: "node id (default: hostname)"},
+			&cli.StringFlag{Name: "cluster", EnvVars: []string{"SHOAL_CLUSTER"}, Usage: "cluster name (default shoal)"},
+			&cli.StringFlag{Name: "address", EnvVars: []string{"SHOAL_ADDRESS"}, Usage: "this host's IP: gossip, gRPC and engines bind it"},
+			&cli.StringSliceFlag{Name: "join", EnvVars: []string{"SHOAL_JOIN"}, Usage: "gossip address of a node to join (repeatable)"},
+			&cli.IntFlag{Name: "gossip-port", EnvVars: []string{"SHOAL_GOSSIP_PORT"}},
+			&cli.IntFlag{Name: "grpc-port", EnvVars: []string{"SHOAL_GRPC_PORT"}},
+			&cli.IntFlag{Name: "replica-port", EnvVars: []string{"SHOAL_REPLICA_PORT"}},
+			&cli.StringFlag{Name: "metrics-addr", EnvVars: []string{"SHOAL_METRICS_ADDR"}, Usage: "Prometheus /metrics address"},
+			&cli.StringFlag{Name: "gossip-profile", EnvVars: []string{"SHOAL_GOSSIP_PROFILE"}, Usage: "lan (default), local or fast"},
+			&cli.StringFlag{Name: "state-dir", EnvVars: []string{"SHOAL_STATE_DIR"}},
+			&cli.StringFlag{Name: "gpu-backend", EnvVars: []string{"SHOAL_GPU_BACKEND"}, Usage: "nvml (default), none, or mock:h200x8"},
+			&cli.StringFlag{Name: "ray-bin", EnvVars: []string{"SHOAL_RAY_BIN"}},
+			&cli.StringFlag{Name: "vllm-bin", EnvVars: []string{"SHOAL_VLLM_BIN"}},
+			&cli.StringFlag{Name: "engine-host", EnvVars: []string{"SHOAL_ENGINE_HOST"}, Usage: "address vLLM binds (default: --address)"},
+			&cli.DurationFlag{Name: "stop-grace", EnvVars: []string{"SHOAL_STOP_GRACE"}},
+			&cli.DurationFlag{Name: "restart-backoff", EnvVars: []string{"SHOAL_RESTART_BACKOFF"}},
+			&cli.BoolFlag{Name: "stop-engines-on-exit", Value: true, EnvVars: []string{"SHOAL_STOP_ENGINES_ON_EXIT"}},
+		},
+		Action: func(c *cli.Context) error {
+			var cfg agent.Config
+			if p := c.String("config"); p != "" {
+				var err error
+				if cfg, err = agent.LoadConfigFile(p); err != nil {
+					return err
+				}
+			}
+			setStr := func(dst *string, name string) {
+				if c.IsSet(name) {
+					*dst = c.String(name)
+				}
+			}
+			setInt := func(dst *int, name string) {
+				if c.IsSet(name) {
+					*dst = c.Int(name)
+				}
+			}
+			setStr(&cfg.NodeID, "node-id")
+			setStr(&cfg.Cluster, "cluster")
+			setStr(&cfg.Address, "address")
+			if c.IsSet("join") {
+				cfg.Join = c.StringSlice("join")
+			}
+			setInt(&cfg.GossipPort, "gossip-port")
+			setInt(&cfg.GRPCPort, "grpc-port")
+			setInt(&cfg.ReplicaPort, "replica-port")
+			setStr(&cfg.MetricsAddr, "metrics-addr")
+			setStr(&cfg.GossipProfile, "gossip-profile")
+			setStr(&cfg.StateDir, "state-dir")
+			setStr(&cfg.GPUBackend, "gpu-backend")
+			setStr(&cfg.RayBin, "ray-bin")
+			setStr(&cfg.VLLMBin, "vllm-bin")
+			setStr(&cfg.EngineHost, "engine-host")
+			if c.IsSet("stop-grace") {
+				cfg.StopGrace = c.Duration("stop-grace")
+			}
+			if c.IsSet("restart-backoff") {
+				cfg.RestartBackoff = c.Duration("restart-backoff")
+			}
+			if c.IsSet("stop-engines-on-exit") || !c.IsSet("config") {
+				cfg.StopEnginesOnExit = c.Bool("stop-engines-on-exit")
+			}
+			cfg.Logger = logger(c)
+			ins, err := gpu.New(cfg.GPUBackend)
+			if err != nil {
+				return err
+			}
+			a, err := agent.New(cfg, ins)
+			if err != nil {
+				return err
+			}
+			return a.Run(c.Context)
+		},
+	}
+}
+
+func coordinatorCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "coordinator",
+		Usage: "run the coordinator: store, placement, reconciler, API and router",
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "node-id", Value: "coordinator", EnvVars: []string{"SHOAL_NODE_ID"}},
+			&cli.StringFlag{Name: "cluster", Value: "shoal", EnvVars: []string{"SHOAL_CLUSTER"}},
+			&cli.StringFlag{Name: "address", Value: "127.0.0.1", EnvVars: []string{"SHOAL_ADDRESS"}, Usage: "IP to gossip on"},
+			&cli.IntFlag{Name: "gossip-port", Value: 7946, EnvVars: []string{"SHOAL_GOSSIP_PORT"}},
+			&cli.StringSliceFlag{Name: "join", EnvVars: []string{"SHOAL_JOIN"}},
+			&cli.StringFlag{Name: "gossip-profile", EnvVars: []string{"SHOAL_GOSSIP_PROFILE"}},
+			&cli.StringFlag{Name: "api", Value: "127.0.0.1:7950", EnvVars: []string{"SHOAL_API_ADDR"}, Usage: "gRPC API address for the CLI"},
+			&cli.StringFlag{Name: "router", Value: "127.0.0.1:8080", EnvVars: []string{"SHOAL_ROUTER_ADDR"}, Usage: "OpenAI HTTP address (\"\" disables)"},
+			&cli.StringFlag{Name: "data-dir", Value: "/var/lib/shoal-coordinator", EnvVars: []string{"SHOAL_DATA_DIR"}},
+		},
+		Action: func(c *cli.Context) error {
+			if c.NArg() > 0 {
+				return fmt.Errorf("unexpected arguments %v", c.Args().Slice())
+			}
+			co := coordinator.New(coordinator.Config{NodeID: c.String("node-id"), Cluster: c.String("cluster"), Address: c.String("address"),
+				GossipPort: c.Int("gossip-port"), Join: c.StringSlice("join"), GossipProfile: c.String("gossip-profile"),
+				APIAddr: c.String("api"), RouterAddr: c.String("router"), DataDir: c.String("data-dir"), Logger: logger(c)})
+			return co.Run(c.Context)
+		},
+	}
+}

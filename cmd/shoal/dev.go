@@ -1,0 +1,145 @@
+package main
+
+import (
+	"bytes"
+	"context"
+	"fmt"
+	"io"
+	"net/http"
+	"os"
+	"path/filepath"
+	"time"
+
+	"github.com/shoalhq/shoal/internal/devcluster"
+	coordv1 "github.com/shoalhq/shoal/proto/coordinator/v1"
+	"github.com/urfave/cli/v2"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
+)
+
+func devCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "dev",
+		Usage: "run a whole cluster on this machine: a coordinator and agents on 127.0.0.x, serving the simulator",
+		Flags: []cli.Flag{
+			&cli.IntFlag{Name: "agents", Value: 5, EnvVars: []string{"SHOAL_DEV_AGENTS"}, Usage: "agents to start (the demo uses 4, the rest are spares)"},
+			&cli.StringFlag{Name: "dir", EnvVars: []string{"SHOAL_DEV_DIR"}, Usage: "working directory (default: a new temp dir)"},
+			&cli.StringFlag{Name: "sim", EnvVars: []string{"SHOAL_SIM_BIN"}, Usage: "shoal-sim binary (default: next to shoal)"},
+			&cli.StringFlag{Name: "router", Value: "127.0.0.1:8080", EnvVars: []string{"SHOAL_ROUTER_ADDR"}},
+			&cli.StringFlag{Name: "api", Value: "127.0.0.1:7950", EnvVars: []string{"SHOAL_API_ADDR"}},
+			&cli.Float64Flag{Name: "load-seconds", Value: 3, EnvVars: []string{"SHOAL_SIM_LOAD_SECONDS"}, Usage: "simulated weight-load time"},
+			&cli.BoolFlag{Name: "no-deploy", Usage: "start the cluster without applying the demo deployment"},
+		},
+		Action: runDev,
+	}
+}
+
+func runDev(c *cli.Context) error {
+	self, err := os.Executable()
+	if err != nil {
+		return err
+	}
+	sim := c.String("sim")
+	if sim == "" {
+		sim = filepath.Join(filepath.Dir(self), "shoal-sim")
+	}
+	dir := c.String("dir")
+	if dir == "" {
+		if dir, err = os.MkdirTemp("", "shoal-dev-"); err != nil {
+			return err
+		}
+	}
+	out := c.App.Writer
+	fmt.Fprintf(out, "shoal dev: cluster files in %s\n", dir)
+	cl, err := devcluster.Start(devcluster.Config{Dir: dir, ShoalBin: self, SimBin: sim, Agents: c.Int("agents"),
+		APIAddr: c.String("api"), RouterAddr: c.String("router"), Log: out,
+		SimEnv: []string{fmt.Sprintf("SHOAL_SIM_LOAD_SECONDS=%g", c.Float64("load-seconds"))}})
+	if err != nil {
+		return err
+	}
+	defer func() {
+		fmt.Fprintln(out, "shoal dev: stopping agents, engines and coordinator…")
+		cl.Stop()
+		fmt.Fprintln(out, "shoal dev: stopped")
+	}()
+	if c.Bool("no-deploy") {
+		fmt.Fprintf(out, "ready: coordinator API %s (no deployment applied); Ctrl-C to stop\n", c.String("api"))
+		<-c.Context.Done()
+		return nil
+	}
+	if err := devApply(c.Context, c.String("api"), out); err != nil {
+		return err
+	}
+	router := "http://" + c.String("router")
+	start := time.Now()
+	last := time.Time{}
+	for {
+		if err := completion(c.Context, router); err == nil {
+			break
+		} else if time.Since(last) > 5*time.Second {
+			fmt.Fprintf(out, "waiting for a replica to serve (%ds): %v\n", int(time.Since(start).Seconds()), err)
+			last = time.Now()
+		}
+		select {
+		case <-c.Context.Done():
+			return nil
+		case <-time.After(500 * time.Millisecond):
+		}
+		if time.Since(start) > 3*time.Minute {
+			return fmt.Errorf("no replica served within 3 minutes; see the logs in %s/logs", dir)
+		}
+	}
+	fmt.Fprintf(out, `
+ready: %s (first completion after %.1fs)
+
+Try it:
+  curl -s %s/v1/chat/completions -H 'Content-Type: application/json' \
+    -d '{"model":"demo","messages":[{"role":"user","content":"Hello!"}],"max_tokens":32}'
+  ./bin/shoal get replicas      ./bin/shoal get nodes      ./bin/shoal describe deployment demo
+
+Ctrl-C stops everything.
+`, router, time.Since(start).Seconds(), router)
+	<-c.Context.Done()
+	return nil
+}
+
+func devApply(ctx context.Context, api string, out io.Writer) error {
+	conn, err := grpc.NewClient(api, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return err
+	}
+	defer conn.Close()
+	cl := coordv1.NewCoordinatorClient(conn)
+	deadline := time.Now().Add(30 * time.Second)
+	for {
+		actx, cancel := context.WithTimeout(ctx, 3*time.Second)
+		_, err := cl.Apply(actx, &coordv1.ApplyRequest{SpecYaml: []byte(devcluster.DemoSpec)})
+		cancel()
+		if err == nil {
+			fmt.Fprintln(out, "applied deployment demo: 2 replicas × 2 nodes × 8 GPUs (TP8×PP2 over Ray, simulated)")
+			return nil
+		}
+		if time.Now().After(deadline) || ctx.Err() != nil {
+			return fmt.Errorf("apply demo deployment: %w", err)
+		}
+		time.Sleep(200 * time.Millisecond)
+	}
+}
+
+func completion(ctx context.Context, base string) error {
+	body := []byte(`{"model":"demo","messages":[{"role":"user","content":"ping"}],"max_tokens":1}`)
+	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+	defer cancel()
+	req, _ := http.NewRequestWithContext(ctx, http.MethodPost, base+"/v1/chat/completions", bytes.NewReader(body))
+	req.Header.Set("Content-Type", "application/json")
+	resp, err := http.DefaultClient.Do(req)
+	if err != nil {
+		return err
+	}
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
+	if resp.StatusCode != 200 {
+		return fmt.Errorf("router answered %d: %s", resp.StatusCode, bytes.TrimSpace(b))
+	}
+	return nil
+}

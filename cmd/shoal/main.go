@@ -1,0 +1,45 @@
+// Command shoal runs multi-node LLM inference on bare-metal GPU hosts: the
+// agent (every GPU host), the coordinator (control plane and router), the CLI
+// verbs against it, and `shoal dev`, a whole cluster on one machine.
+package main
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"os"
+	"os/signal"
+	"syscall"
+
+	"github.com/urfave/cli/v2"
+)
+
+// version is set at build time (-ldflags "-X main.version=…").
+var version = "dev"
+
+func main() {
+	app := &cli.App{
+		Name:    "shoal",
+		Usage:   "multi-node LLM inference on bare-metal GPU hosts",
+		Version: version,
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "log-level", Value: "info", EnvVars: []string{"SHOAL_LOG_LEVEL"}, Usage: "debug, info, warn or error"},
+		},
+		Commands: []*cli.Command{agentCommand(), coordinatorCommand(), applyCommand(), getCommand(), describeCommand(),
+			deleteCommand(), devCommand()},
+	}
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := app.RunContext(ctx, os.Args); err != nil {
+		fmt.Fprintln(os.Stderr, "error:", err)
+		os.Exit(1)
+	}
+}
+
+func logger(c *cli.Context) *slog.Logger {
+	var lvl slog.Level
+	if err := lvl.UnmarshalText([]byte(c.String("log-level"))); err != nil {
+		lvl = slog.LevelInfo
+	}
+	return slog.New(slog.NewTextHandler(os.Stderr, &slog.HandlerOptions{Level: lvl}))
+}

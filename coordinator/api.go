@@ -1,0 +1,180 @@
+package coordinator
+
+import (
+	"context"
+	"errors"
+	"sort"
+
+	coordv1 "github.com/shoalhq/shoal/proto/coordinator/v1"
+	"github.com/shoalhq/shoal/spec"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// apiError is the one mapping from coordinator errors to gRPC codes.
+func apiError(err error) error {
+	switch {
+	case err == nil:
+		return nil
+	case errors.Is(err, spec.ErrInvalid):
+		return status.Error(codes.InvalidArgument, err.Error())
+	case errors.Is(err, ErrNotFound):
+		return status.Error(codes.NotFound, err.Error())
+	default:
+		return status.Error(codes.Internal, err.Error())
+	}
+}
+
+type apiServer struct {
+	coordv1.UnimplementedCoordinatorServer
+	c *Coordinator
+}
+
+func (s *apiServer) Apply(_ context.Context, req *coordv1.ApplyRequest) (*coordv1.ApplyResponse, error) {
+	d, err := spec.Parse(req.SpecYaml)
+	if err != nil {
+		return nil, apiError(err)
+	}
+	created, err := s.c.store.PutDeployment(d, string(req.SpecYaml))
+	if err != nil {
+		return nil, apiError(err)
+	}
+	verb := "updated"
+	if created {
+		verb = "created"
+	}
+	s.c.events.add(d.Name, "", "deployment %s (%d replica(s) of %d node(s) × %d GPUs)", verb, d.DesiredReplicas(), d.Resources.Nodes, d.Resources.GPUsPerNode)
+	var warnings []string
+	for _, f := range d.Fields() {
+		if !f.Implemented {
+			warnings = append(warnings, f.Path+" is stored but not acted on yet")
+		}
+	}
+	s.c.poke()
+	return &coordv1.ApplyResponse{Name: d.Name, Created: created, Warnings: warnings}, nil
+}
+
+func (s *apiServer) summary(rec *DeploymentRecord, groups []*Group) *coordv1.DeploymentSummary {
+	d := rec.Spec
+	sum := &coordv1.DeploymentSummary{Name: d.Name, Model: d.Engine.ServedModelName, Engine: d.Engine.Kind,
+		NodesPerReplica: int32(d.Resources.Nodes), DesiredReplicas: int32(d.DesiredReplicas()), CreatedUnix: rec.Created.Unix()}
+	views := s.c.heads.views()
+	for _, g := range groups {
+		if g.Deployment == d.Name && views[g.ID].Routable && views[g.ID].Key.Epoch == g.Epoch {
+			sum.ReadyReplicas++
+		}
+	}
+	return sum
+}
+
+func (s *apiServer) ListDeployments(context.Context, *coordv1.ListDeploymentsRequest) (*coordv1.ListDeploymentsResponse, error) {
+	deps, err := s.c.store.Deployments()
+	if err != nil {
+		return nil, apiError(err)
+	}
+	groups, err := s.c.store.Groups()
+	if err != nil {
+		return nil, apiError(err)
+	}
+	resp := &coordv1.ListDeploymentsResponse{}
+	for _, d := range deps {
+		resp.Deployments = append(resp.Deployments, s.summary(d, groups))
+	}
+	return resp, nil
+}
+
+func (s *apiServer) DescribeDeployment(_ context.Context, req *coordv1.DescribeDeploymentRequest) (*coordv1.DescribeDeploymentResponse, error) {
+	rec, err := s.c.store.Deployment(req.Name)
+	if err != nil {
+		return nil, apiError(err)
+	}
+	groups, err := s.c.store.Groups()
+	if err != nil {
+		return nil, apiError(err)
+	}
+	resp := &coordv1.DescribeDeploymentResponse{Summary: s.summary(rec, groups), SpecYaml: rec.SpecYAML, Events: s.c.events.list(rec.Name)}
+	for _, f := range rec.Spec.Fields() {
+		resp.Fields = append(resp.Fields, &coordv1.Field{Path: f.Path, Value: f.Value, Implemented: f.Implemented})
+	}
+	resp.Replicas = s.replicas(rec.Name, groups)
+	return resp, nil
+}
+
+func (s *apiServer) DeleteDeployment(_ context.Context, req *coordv1.DeleteDeploymentRequest) (*coordv1.DeleteDeploymentResponse, error) {
+	if err := s.c.store.DeleteDeployment(req.Name); err != nil {
+		return nil, apiError(err)
+	}
+	s.c.events.add(req.Name, "", "deployment deleted")
+	s.c.poke()
+	return &coordv1.DeleteDeploymentResponse{}, nil
+}
+
+func (s *apiServer) ListNodes(context.Context, *coordv1.ListNodesRequest) (*coordv1.ListNodesResponse, error) {
+	resp := &coordv1.ListNodesResponse{}
+	for _, t := range s.c.agents() {
+		n := &coordv1.NodeInfo{NodeId: t.ID, Address: t.IP(), GpuModel: t.GPUModel, GpuCount: int32(t.GPUs), Healthy: t.Healthy,
+			GroupId: t.Group, Epoch: t.Epoch, Rank: int32(t.Rank), EngineState: t.Engine}
+		switch {
+		case t.Group == "":
+			n.State = "idle"
+		default:
+			n.State = "assigned"
+		}
+		switch {
+		case t.HeadTerm > 0:
+			n.Role = "head"
+		case t.Follow != "":
+			n.Role = "worker"
+		}
+		if !t.Healthy {
+			n.State = "unhealthy"
+		}
+		resp.Nodes = append(resp.Nodes, n)
+	}
+	sort.Slice(resp.Nodes, func(i, j int) bool { return resp.Nodes[i].NodeId < resp.Nodes[j].NodeId })
+	return resp, nil
+}
+
+func (s *apiServer) replicas(dep string, groups []*Group) []*coordv1.ReplicaInfo {
+	views := s.c.heads.views()
+	nodes := s.c.agents()
+	var out []*coordv1.ReplicaInfo
+	for _, g := range groups {
+		if dep != "" && g.Deployment != dep {
+			continue
+		}
+		ri := &coordv1.ReplicaInfo{GroupId: g.ID, Deployment: g.Deployment, Epoch: g.Epoch, State: "starting"}
+		missing := false
+		for _, m := range g.Members {
+			ri.Members = append(ri.Members, m.NodeID)
+			if t, ok := nodes[m.NodeID]; !ok || !t.Healthy {
+				missing = true
+			}
+		}
+		v, ok := views[g.ID]
+		switch {
+		case missing:
+			ri.State = "degraded"
+		case ok && v.Key.Epoch == g.Epoch && v.Routable:
+			ri.State = "ready"
+		case ok && v.Key.Epoch == g.Epoch && v.Metrics != nil && v.Metrics.Reason != "":
+			ri.State = v.Metrics.Reason
+		}
+		if ok && v.Key.Epoch == g.Epoch {
+			ri.Head, ri.Term = v.Key.Node, v.Key.Term
+			if m := v.Metrics; m != nil {
+				ri.Endpoint, ri.NumRequestsRunning, ri.NumRequestsWaiting, ri.KvCacheUsage = m.Endpoint, m.NumRequestsRunning, m.NumRequestsWaiting, m.KvCacheUsage
+			}
+		}
+		out = append(out, ri)
+	}
+	return out
+}
+
+func (s *apiServer) ListReplicas(_ context.Context, req *coordv1.ListReplicasRequest) (*coordv1.ListReplicasResponse, error) {
+	groups, err := s.c.store.Groups()
+	if err != nil {
+		return nil, apiError(err)
+	}
+	return &coordv1.ListReplicasResponse{Replicas: s.replicas(req.Deployment, groups)}, nil
+}

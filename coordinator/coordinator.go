@@ -1,0 +1,184 @@
+package coordinator
+
+import (
+	"context"
+	"fmt"
+	"log/slog"
+	"net"
+	"net/http"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/shoalhq/shoal/coordinator/router"
+	"github.com/shoalhq/shoal/gossip"
+	coordv1 "github.com/shoalhq/shoal/proto/coordinator/v1"
+	"google.golang.org/grpc"
+)
+
+// Config is the coordinator's configuration.
+type Config struct {
+	NodeID        string
+	Cluster       string
+	Address       string // gossip bind IP
+	GossipPort    int
+	Join          []string
+	GossipProfile string
+	APIAddr       string // gRPC API for the CLI
+	RouterAddr    string // OpenAI HTTP ("" disables the built-in router)
+	DataDir       string
+	// ReconcileInterval bounds how long a change waits when no event arrives.
+	ReconcileInterval time.Duration
+	Logger            *slog.Logger
+}
+
+// Defaults fills unset fields.
+func (c *Config) Defaults() {
+	if c.NodeID == "" {
+		c.NodeID = "coordinator"
+	}
+	if c.Cluster == "" {
+		c.Cluster = "shoal"
+	}
+	if c.Address == "" {
+		c.Address = "127.0.0.1"
+	}
+	if c.GossipPort == 0 {
+		c.GossipPort = 7946
+	}
+	if c.APIAddr == "" {
+		c.APIAddr = "127.0.0.1:7950"
+	}
+	if c.DataDir == "" {
+		c.DataDir = "/var/lib/shoal-coordinator"
+	}
+	if c.ReconcileInterval == 0 {
+		c.ReconcileInterval = time.Second
+	}
+	if c.Logger == nil {
+		c.Logger = slog.Default()
+	}
+}
+
+// Coordinator is the control plane.
+type Coordinator struct {
+	cfg    Config
+	log    *slog.Logger
+	store  *Store
+	mem    *gossip.Membership
+	events *events
+	table  *router.Table
+	heads  *heads
+	wake   chan struct{}
+
+	mu       sync.Mutex
+	inflight map[string]bool // guarded by mu; nodes with an Assign/Release under way
+	models   []string        // guarded by mu; served model names of all deployments
+}
+
+// New builds a coordinator. It starts nothing.
+func New(cfg Config) *Coordinator {
+	cfg.Defaults()
+	c := &Coordinator{cfg: cfg, log: cfg.Logger.With("component", "coordinator"), events: newEvents(),
+		table: router.NewTable(), wake: make(chan struct{}, 1), inflight: map[string]bool{}}
+	c.heads = newHeads(c.log, c.rebuildTable)
+	return c
+}
+
+// Table is the router's endpoint table, kept current by the coordinator.
+func (c *Coordinator) Table() *router.Table { return c.table }
+
+func (c *Coordinator) poke() {
+	select {
+	case c.wake <- struct{}{}:
+	default:
+	}
+}
+
+// Run serves until ctx ends.
+func (c *Coordinator) Run(ctx context.Context) error {
+	if err := mkdir(c.cfg.DataDir); err != nil {
+		return err
+	}
+	st, err := OpenStore(c.cfg.DataDir + "/coordinator.db")
+	if err != nil {
+		return err
+	}
+	defer st.Close()
+	c.store = st
+	c.mem = gossip.New(gossip.Config{Cluster: c.cfg.Cluster, BindAddr: c.cfg.Address, BindPort: c.cfg.GossipPort,
+		Join: c.cfg.Join, Profile: c.cfg.GossipProfile, Logger: c.cfg.Logger},
+		gossip.Tag{Kind: gossip.KindCoordinator, ID: c.cfg.NodeID, GRPC: c.cfg.APIAddr, Healthy: true})
+	if err := c.mem.Start(); err != nil {
+		return err
+	}
+	lis, err := net.Listen("tcp", c.cfg.APIAddr)
+	if err != nil {
+		return fmt.Errorf("coordinator api: %w", err)
+	}
+	srv := grpc.NewServer()
+	coordv1.RegisterCoordinatorServer(srv, &apiServer{c: c})
+	var httpSrv *http.Server
+	if c.cfg.RouterAddr != "" {
+		rl, err := net.Listen("tcp", c.cfg.RouterAddr)
+		if err != nil {
+			lis.Close()
+			return fmt.Errorf("router: %w", err)
+		}
+		httpSrv = &http.Server{Handler: router.New(c.table, c.cfg.Logger).Handler(), ReadHeaderTimeout: 10 * time.Second}
+		go func() { _ = httpSrv.Serve(rl) }()
+	}
+	var wg sync.WaitGroup
+	gctx, stopGossip := context.WithCancel(context.WithoutCancel(ctx))
+	wg.Add(2)
+	go func() { defer wg.Done(); _ = c.mem.Run(gctx) }()
+	go func() { defer wg.Done(); _ = srv.Serve(lis) }()
+	c.log.Info("coordinator running", "api", c.cfg.APIAddr, "router", c.cfg.RouterAddr, "gossip", c.mem.Addr())
+
+	t := time.NewTicker(c.cfg.ReconcileInterval)
+	defer t.Stop()
+	for ctx.Err() == nil {
+		if err := c.reconcile(ctx); err != nil {
+			c.log.Error("reconcile", "err", err)
+		}
+		select {
+		case <-ctx.Done():
+		case <-t.C:
+		case <-c.wake:
+		case <-c.mem.Changes():
+		}
+	}
+	c.heads.stopAll()
+	if httpSrv != nil {
+		sctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
+		_ = httpSrv.Shutdown(sctx)
+		cancel()
+	}
+	done := make(chan struct{})
+	go func() { srv.GracefulStop(); close(done) }()
+	select {
+	case <-done:
+	case <-time.After(3 * time.Second):
+		srv.Stop()
+	}
+	stopGossip()
+	wg.Wait()
+	return nil
+}
+
+// agents returns the live agents' tags.
+func (c *Coordinator) agents() map[string]gossip.Tag {
+	out := map[string]gossip.Tag{}
+	for id, t := range c.mem.Members() {
+		if t.Kind == gossip.KindAgent {
+			out[id] = t
+		}
+	}
+	return out
+}
+
+func portOf(addr string) int {
+	_, p, _ := net.SplitHostPort(addr)
+	n, _ := strconv.Atoi(p)
+	return n
+}

@@ -1,0 +1,159 @@
+package router
+
+import (
+	"encoding/json"
+	"io"
+	"log/slog"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+func backend(t *testing.T, name string, delay time.Duration) *httptest.Server {
+	s := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		time.Sleep(delay)
+		w.Header().Set("Content-Type", "text/event-stream")
+		fl := w.(http.Flusher)
+		for i := 0; i < 3; i++ {
+			_, _ = io.WriteString(w, "data: "+name+"\n\n")
+			fl.Flush()
+		}
+		_, _ = io.WriteString(w, "data: [DONE]\n\n")
+	}))
+	t.Cleanup(s.Close)
+	return s
+}
+
+func addr(s *httptest.Server) string { return strings.TrimPrefix(s.URL, "http://") }
+
+func newRouter(eps ...*Endpoint) (*Router, *Table) {
+	tb := NewTable()
+	tb.Set(NewSnapshot([]string{"m", "cold"}, eps))
+	return New(tb, slog.New(slog.NewTextHandler(io.Discard, nil))), tb
+}
+
+func do(t *testing.T, h http.Handler, body string, hdr map[string]string) *httptest.ResponseRecorder {
+	req := httptest.NewRequest("POST", "/v1/chat/completions", strings.NewReader(body))
+	for k, v := range hdr {
+		req.Header.Set(k, v)
+	}
+	rec := httptest.NewRecorder()
+	h.ServeHTTP(rec, req)
+	return rec
+}
+
+func errBody(t *testing.T, rec *httptest.ResponseRecorder) map[string]any {
+	var v map[string]map[string]any
+	require.NoError(t, json.Unmarshal(rec.Body.Bytes(), &v), rec.Body.String())
+	return v["error"]
+}
+
+func TestRouterErrors(t *testing.T) {
+	r, _ := newRouter()
+	h := r.Handler()
+	rec := do(t, h, `{"model":`, nil)
+	require.Equal(t, 400, rec.Code)
+	require.Contains(t, errBody(t, rec)["message"], "parse the JSON")
+
+	rec = do(t, h, `{"messages":[]}`, nil)
+	require.Equal(t, 400, rec.Code)
+	require.Equal(t, "model", errBody(t, rec)["param"])
+
+	rec = do(t, h, `{"model":"nope"}`, nil)
+	require.Equal(t, 404, rec.Code)
+	require.Equal(t, "model_not_found", errBody(t, rec)["code"])
+
+	rec = do(t, h, `{"model":"cold"}`, nil)
+	require.Equal(t, 503, rec.Code)
+	require.Equal(t, "5", rec.Header().Get("Retry-After"))
+
+	rec = do(t, h, `{"model":"m"}`, map[string]string{"routing-strategy": "psychic"})
+	require.Equal(t, 400, rec.Code)
+	require.Contains(t, errBody(t, rec)["message"], "least-request")
+}
+
+func TestRouterStreamsAndRetries(t *testing.T) {
+	b := backend(t, "b1", 0)
+	// A dead address first: the router must try it, fail to connect, and use b1.
+	r, _ := newRouter(&Endpoint{Model: "m", Addr: "127.0.0.1:1", Group: "dead"}, &Endpoint{Model: "m", Addr: addr(b), Group: "g1"})
+	h := r.Handler()
+	for i := 0; i < 5; i++ {
+		rec := do(t, h, `{"model":"m","stream":true}`, map[string]string{"routing-strategy": "random"})
+		require.Equal(t, 200, rec.Code)
+		require.Equal(t, "g1", rec.Header().Get("X-Shoal-Replica"))
+		require.Equal(t, "data: b1\n\ndata: b1\n\ndata: b1\n\ndata: [DONE]\n\n", rec.Body.String())
+	}
+}
+
+func TestRouterRetries5xx(t *testing.T) {
+	bad := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.WriteHeader(500)
+		_, _ = io.WriteString(w, `{"error":{"message":"EngineCore encountered an issue","code":500}}`)
+	}))
+	defer bad.Close()
+	good := backend(t, "ok", 0)
+	r, _ := newRouter(&Endpoint{Model: "m", Addr: addr(bad), Group: "bad"}, &Endpoint{Model: "m", Addr: addr(good), Group: "good"})
+	for i := 0; i < 10; i++ {
+		rec := do(t, r.Handler(), `{"model":"m"}`, map[string]string{"routing-strategy": "random"})
+		require.Equal(t, 200, rec.Code)
+		require.Equal(t, "good", rec.Header().Get("X-Shoal-Replica"))
+	}
+	// With only the failing replica, its 500 reaches the client as it was.
+	r, _ = newRouter(&Endpoint{Model: "m", Addr: addr(bad), Group: "bad"})
+	r.Retries = 0
+	rec := do(t, r.Handler(), `{"model":"m"}`, nil)
+	require.Equal(t, 500, rec.Code)
+	require.Contains(t, rec.Body.String(), "EngineCore")
+}
+
+func TestLeastRequestSpreads(t *testing.T) {
+	slow1 := backend(t, "s1", 300*time.Millisecond)
+	slow2 := backend(t, "s2", 300*time.Millisecond)
+	r, _ := newRouter(&Endpoint{Model: "m", Addr: addr(slow1)}, &Endpoint{Model: "m", Addr: addr(slow2)})
+	h := r.Handler()
+	var mu sync.Mutex
+	count := map[string]int{}
+	var wg sync.WaitGroup
+	for i := 0; i < 6; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			rec := do(t, h, `{"model":"m"}`, map[string]string{"routing-strategy": "least-request"})
+			mu.Lock()
+			count[strings.SplitN(rec.Body.String(), "\n", 2)[0]]++
+			mu.Unlock()
+		}()
+		time.Sleep(20 * time.Millisecond) // each request is open when the next is routed
+	}
+	wg.Wait()
+	require.Equal(t, map[string]int{"data: s1": 3, "data: s2": 3}, count)
+}
+
+func TestModelsListsReadyOnly(t *testing.T) {
+	r, _ := newRouter(&Endpoint{Model: "m", Addr: "127.0.0.1:9"})
+	rec := httptest.NewRecorder()
+	r.Handler().ServeHTTP(rec, httptest.NewRequest("GET", "/v1/models", nil))
+	require.Equal(t, 200, rec.Code)
+	require.Contains(t, rec.Body.String(), `"id":"m"`)
+	require.NotContains(t, rec.Body.String(), "cold")
+}
+
+func FuzzRouterBody(f *testing.F) {
+	f.Add([]byte(`{"model":"m","messages":[{"role":"user","content":"hi"}]}`))
+	f.Add([]byte(`{"model":null}`))
+	f.Add([]byte(`[]`))
+	r, _ := newRouter()
+	h := r.Handler()
+	f.Fuzz(func(t *testing.T, b []byte) {
+		rec := httptest.NewRecorder()
+		h.ServeHTTP(rec, httptest.NewRequest("POST", "/v1/completions", strings.NewReader(string(b))))
+		if rec.Code != 400 && rec.Code != 404 && rec.Code != 503 {
+			t.Fatalf("status %d for %q", rec.Code, b)
+		}
+	})
+}

@@ -1,0 +1,76 @@
+package router
+
+import (
+	"sort"
+	"sync/atomic"
+)
+
+// Endpoint is one SERVING replica head.
+type Endpoint struct {
+	Model      string
+	Deployment string
+	Group      string
+	Epoch      uint64
+	Term       uint64
+	NodeID     string
+	Addr       string // host:port of the engine's OpenAI server
+	Running    float64
+	Waiting    float64
+	KVCache    float64
+}
+
+// Snapshot is an immutable view of the routable endpoints.
+type Snapshot struct {
+	byModel map[string][]*Endpoint
+	known   map[string]bool
+}
+
+// NewSnapshot builds a snapshot. models lists every served model name that
+// exists (ready or not), so an unknown model can be told from an unready one.
+func NewSnapshot(models []string, eps []*Endpoint) *Snapshot {
+	s := &Snapshot{byModel: map[string][]*Endpoint{}, known: map[string]bool{}}
+	for _, m := range models {
+		s.known[m] = true
+	}
+	for _, e := range eps {
+		s.byModel[e.Model] = append(s.byModel[e.Model], e)
+		s.known[e.Model] = true
+	}
+	for _, l := range s.byModel {
+		sort.Slice(l, func(i, j int) bool { return l[i].Addr < l[j].Addr })
+	}
+	return s
+}
+
+// Endpoints returns the model's endpoints and whether the model exists.
+func (s *Snapshot) Endpoints(model string) ([]*Endpoint, bool) {
+	return s.byModel[model], s.known[model]
+}
+
+// Ready lists the models with at least one endpoint, sorted.
+func (s *Snapshot) Ready() []string {
+	var out []string
+	for m, l := range s.byModel {
+		if len(l) > 0 {
+			out = append(out, m)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// Table holds the current snapshot.
+type Table struct{ p atomic.Pointer[Snapshot] }
+
+// NewTable returns an empty table.
+func NewTable() *Table {
+	t := &Table{}
+	t.p.Store(NewSnapshot(nil, nil))
+	return t
+}
+
+// Set replaces the snapshot.
+func (t *Table) Set(s *Snapshot) { t.p.Store(s) }
+
+// Load returns the current snapshot.
+func (t *Table) Load() *Snapshot { return t.p.Load() }

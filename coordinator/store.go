@@ -1,0 +1,175 @@
+package coordinator
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"sort"
+	"time"
+
+	"github.com/shoalhq/shoal/spec"
+	bolt "go.etcd.io/bbolt"
+)
+
+var (
+	bucketDeployments = []byte("deployments")
+	bucketGroups      = []byte("groups")
+)
+
+// ErrNotFound is returned for a deployment or group that does not exist.
+var ErrNotFound = errors.New("not found")
+
+// DeploymentRecord is a stored deployment.
+type DeploymentRecord struct {
+	Name     string           `json:"name"`
+	SpecYAML string           `json:"spec_yaml"`
+	Spec     *spec.Deployment `json:"spec"`
+	Created  time.Time        `json:"created"`
+	Updated  time.Time        `json:"updated"`
+}
+
+// GroupMember is one node of a stored group.
+type GroupMember struct {
+	NodeID string `json:"node_id"`
+	Rank   int    `json:"rank"`
+	GRPC   string `json:"grpc"`
+}
+
+// Group is a replica group: N nodes serving one replica of a deployment.
+type Group struct {
+	ID         string        `json:"id"`
+	Deployment string        `json:"deployment"`
+	Epoch      uint64        `json:"epoch"`
+	Members    []GroupMember `json:"members"`
+	Created    time.Time     `json:"created"`
+}
+
+// Store persists deployments and groups in a bbolt file.
+type Store struct{ db *bolt.DB }
+
+// OpenStore opens (creating) the store file.
+func OpenStore(path string) (*Store, error) {
+	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
+	if err != nil {
+		if errors.Is(err, bolt.ErrTimeout) {
+			return nil, fmt.Errorf("open store %s: another coordinator holds it", path)
+		}
+		return nil, fmt.Errorf("open store %s: %w", path, err)
+	}
+	err = db.Update(func(tx *bolt.Tx) error {
+		for _, b := range [][]byte{bucketDeployments, bucketGroups} {
+			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+	if err != nil {
+		db.Close()
+		return nil, err
+	}
+	return &Store{db: db}, nil
+}
+
+// Close closes the file.
+func (s *Store) Close() error { return s.db.Close() }
+
+// PutDeployment creates or updates a deployment; created reports which.
+func (s *Store) PutDeployment(d *spec.Deployment, yaml string) (created bool, err error) {
+	err = s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketDeployments)
+		now := time.Now().UTC()
+		rec := DeploymentRecord{Name: d.Name, SpecYAML: yaml, Spec: d, Created: now, Updated: now}
+		if old := b.Get([]byte(d.Name)); old != nil {
+			var prev DeploymentRecord
+			if json.Unmarshal(old, &prev) == nil {
+				rec.Created = prev.Created
+			}
+		} else {
+			created = true
+		}
+		v, err := json.Marshal(rec)
+		if err != nil {
+			return err
+		}
+		return b.Put([]byte(d.Name), v)
+	})
+	return created, err
+}
+
+// Deployment returns one deployment.
+func (s *Store) Deployment(name string) (*DeploymentRecord, error) {
+	var rec *DeploymentRecord
+	err := s.db.View(func(tx *bolt.Tx) error {
+		v := tx.Bucket(bucketDeployments).Get([]byte(name))
+		if v == nil {
+			return fmt.Errorf("deployment %q: %w", name, ErrNotFound)
+		}
+		rec = &DeploymentRecord{}
+		return json.Unmarshal(v, rec)
+	})
+	return rec, err
+}
+
+// Deployments lists all deployments by name.
+func (s *Store) Deployments() ([]*DeploymentRecord, error) {
+	var out []*DeploymentRecord
+	err := s.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketDeployments).ForEach(func(_, v []byte) error {
+			rec := &DeploymentRecord{}
+			if err := json.Unmarshal(v, rec); err != nil {
+				return err
+			}
+			out = append(out, rec)
+			return nil
+		})
+	})
+	return out, err
+}
+
+// DeleteDeployment removes a deployment; its groups are released by the reconciler.
+func (s *Store) DeleteDeployment(name string) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketDeployments)
+		if b.Get([]byte(name)) == nil {
+			return fmt.Errorf("deployment %q: %w", name, ErrNotFound)
+		}
+		return b.Delete([]byte(name))
+	})
+}
+
+// PutGroup stores a group.
+func (s *Store) PutGroup(g *Group) error {
+	v, err := json.Marshal(g)
+	if err != nil {
+		return err
+	}
+	return s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketGroups).Put([]byte(g.ID), v) })
+}
+
+// DeleteGroup removes a group.
+func (s *Store) DeleteGroup(id string) error {
+	return s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketGroups).Delete([]byte(id)) })
+}
+
+// Groups lists all groups, oldest first.
+func (s *Store) Groups() ([]*Group, error) {
+	var out []*Group
+	err := s.db.View(func(tx *bolt.Tx) error {
+		return tx.Bucket(bucketGroups).ForEach(func(_, v []byte) error {
+			g := &Group{}
+			if err := json.Unmarshal(v, g); err != nil {
+				return err
+			}
+			out = append(out, g)
+			return nil
+		})
+	})
+	sort.Slice(out, func(i, j int) bool {
+		if !out[i].Created.Equal(out[j].Created) {
+			return out[i].Created.Before(out[j].Created)
+		}
+		return out[i].ID < out[j].ID
+	})
+	return out, err
+}

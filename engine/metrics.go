@@ -1,0 +1,88 @@
+package engine
+
+import (
+	"fmt"
+	"io"
+
+	dto "github.com/prometheus/client_model/go"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+)
+
+// Metrics is the part of an engine's /metrics the coordinator routes and
+// scales on. Counters are cumulative; rates come from two snapshots.
+type Metrics struct {
+	Running          float64
+	Waiting          float64
+	KVCacheUsage     float64 // 0-1
+	PrefixQueries    float64
+	PrefixHits       float64
+	GenerationTokens float64
+	PromptTokens     float64
+	TTFTSum          float64
+	TTFTCount        float64
+	Preemptions      float64
+}
+
+// metricNames maps each field to the names vLLM has used for it: V1 first,
+// then the V0-era names (removed in 0.12) so older engines keep working.
+var metricNames = []struct {
+	names []string
+	set   func(*Metrics, float64)
+}{
+	{[]string{"vllm:num_requests_running"}, func(m *Metrics, v float64) { m.Running += v }},
+	{[]string{"vllm:num_requests_waiting"}, func(m *Metrics, v float64) { m.Waiting += v }},
+	{[]string{"vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"}, func(m *Metrics, v float64) { m.KVCacheUsage = max(m.KVCacheUsage, v) }},
+	{[]string{"vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total"}, func(m *Metrics, v float64) { m.PrefixQueries += v }},
+	{[]string{"vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total"}, func(m *Metrics, v float64) { m.PrefixHits += v }},
+	{[]string{"vllm:generation_tokens_total"}, func(m *Metrics, v float64) { m.GenerationTokens += v }},
+	{[]string{"vllm:prompt_tokens_total"}, func(m *Metrics, v float64) { m.PromptTokens += v }},
+	{[]string{"vllm:num_preemptions_total"}, func(m *Metrics, v float64) { m.Preemptions += v }},
+}
+
+// ParseVLLMMetrics reads Prometheus text exposition from a vLLM server.
+func ParseVLLMMetrics(r io.Reader) (Metrics, error) {
+	var m Metrics
+	p := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := p.TextToMetricFamilies(r)
+	if err != nil {
+		return m, fmt.Errorf("parse engine metrics: %w", err)
+	}
+	for _, mn := range metricNames {
+		for _, name := range mn.names {
+			f, ok := fams[name]
+			if !ok {
+				continue
+			}
+			for _, s := range f.GetMetric() {
+				mn.set(&m, value(s))
+			}
+			break
+		}
+	}
+	if f, ok := fams["vllm:time_to_first_token_seconds"]; ok {
+		for _, s := range f.GetMetric() {
+			if h := s.GetHistogram(); h != nil {
+				m.TTFTSum += h.GetSampleSum()
+				m.TTFTCount += float64(h.GetSampleCount())
+			}
+		}
+	}
+	if m.KVCacheUsage > 1 {
+		// Some mocks (AIBrix's vllm-mock) report 0-100; real vLLM is 0-1.
+		m.KVCacheUsage /= 100
+	}
+	return m, nil
+}
+
+func value(s *dto.Metric) float64 {
+	switch {
+	case s.Gauge != nil:
+		return s.GetGauge().GetValue()
+	case s.Counter != nil:
+		return s.GetCounter().GetValue()
+	case s.Untyped != nil:
+		return s.GetUntyped().GetValue()
+	}
+	return 0
+}

@@ -1,0 +1,209 @@
+package engine
+
+import (
+	"fmt"
+	"net"
+	"sort"
+	"strconv"
+	"strings"
+
+	"github.com/shoalhq/shoal/spec"
+)
+
+// Role is a node's part in a replica group.
+type Role string
+
+// Roles.
+const (
+	RoleHead   Role = "head"
+	RoleWorker Role = "worker"
+)
+
+// Command is one process to run.
+type Command struct {
+	// Name identifies the process in logs and state ("ray", "vllm").
+	Name string
+	// Path is the executable; Args excludes it (Argv prepends the argv[0] a
+	// shell user would type).
+	Path string
+	Args []string
+	// Env is KEY=VALUE, sorted, added to the agent's own environment.
+	Env []string
+}
+
+// Argv is the command line as a user would type it: the program's base name, then Args.
+func (c Command) Argv() []string {
+	return append([]string{c.Name}, c.Args...)
+}
+
+// String renders the command line with its environment, for logs and describe.
+func (c Command) String() string {
+	return strings.Join(c.Env, " ") + " " + strings.Join(c.Argv(), " ")
+}
+
+// Binaries are the executables the plan names. In dev and tests both point at
+// shoal-sim (busybox style); on a GPU host they are the real ray and vllm.
+type Binaries struct {
+	Ray  string
+	VLLM string
+}
+
+// PlanInput is what a plan depends on.
+type PlanInput struct {
+	Spec     *spec.Deployment
+	Role     Role
+	NodeIP   string
+	HeadIP   string
+	BindHost string
+	// Env is added to every process (e.g. NCCL/GLOO variables from the agent's config).
+	Env map[string]string
+	Bin Binaries
+}
+
+// Plan is what one node runs for its role.
+type Plan struct {
+	Role Role
+	// Ray is `ray start … --block`, on every node.
+	Ray Command
+	// Serve is `vllm serve …`, on the head only, after the GPU gate.
+	Serve *Command
+	// RayAddress is HEAD_IP:PORT.
+	RayAddress string
+	// ExpectedGPUs is N×G: the gate waits until Ray reports this many.
+	ExpectedGPUs int
+	// Endpoint is host:port of the OpenAI server (head only).
+	Endpoint string
+}
+
+// RayVLLM builds the ray-vllm plan (reference/vllm-contract.md §A1).
+func RayVLLM(in PlanInput) (*Plan, error) {
+	s := in.Spec
+	if s == nil {
+		return nil, fmt.Errorf("plan: no spec")
+	}
+	if net.ParseIP(in.NodeIP) == nil {
+		return nil, fmt.Errorf("plan: node ip %q is not an IP address", in.NodeIP)
+	}
+	if net.ParseIP(in.HeadIP) == nil {
+		return nil, fmt.Errorf("plan: head ip %q is not an IP address", in.HeadIP)
+	}
+	gpus := strconv.Itoa(s.Resources.GPUsPerNode)
+	rayAddr := net.JoinHostPort(in.HeadIP, strconv.Itoa(s.Engine.RayPort))
+	env := map[string]string{}
+	for k, v := range in.Env {
+		env[k] = v
+	}
+	for k, v := range s.Engine.Env {
+		env[k] = v
+	}
+	// vLLM's get_ip() must equal Ray's node IP on every node (vllm#7815), and
+	// VLLM_HOST_IP is not carried from the driver to the workers, so every
+	// node's `ray start` gets its own.
+	env["VLLM_HOST_IP"] = in.NodeIP
+	env["RAY_NODE_IP_ADDRESS"] = in.NodeIP
+	env["RAY_OVERRIDE_NODE_IP_ADDRESS"] = in.NodeIP
+	p := &Plan{Role: in.Role, RayAddress: rayAddr, ExpectedGPUs: s.Resources.Nodes * s.Resources.GPUsPerNode}
+	switch in.Role {
+	case RoleHead:
+		if in.NodeIP != in.HeadIP {
+			return nil, fmt.Errorf("plan: head %s planned with head ip %s", in.NodeIP, in.HeadIP)
+		}
+		p.Ray = Command{Name: "ray", Path: in.Bin.Ray, Env: envList(env), Args: []string{
+			"start", "--head", "--node-ip-address=" + in.NodeIP, "--port=" + strconv.Itoa(s.Engine.RayPort),
+			"--num-gpus=" + gpus, "--disable-usage-stats", "--block"}}
+		host := in.BindHost
+		if host == "" {
+			host = in.NodeIP
+		}
+		args := []string{"serve", ModelArg(s),
+			"--served-model-name", s.Engine.ServedModelName,
+			"--host", host, "--port", strconv.Itoa(s.Engine.Port),
+			"--tensor-parallel-size", strconv.Itoa(s.Engine.TensorParallelSize),
+			"--pipeline-parallel-size", strconv.Itoa(s.Engine.PipelineParallelSize),
+			"--distributed-executor-backend", "ray"}
+		args = append(args, s.Engine.Args...)
+		serveEnv := map[string]string{"RAY_ADDRESS": rayAddr}
+		for k, v := range env {
+			serveEnv[k] = v
+		}
+		p.Serve = &Command{Name: "vllm", Path: in.Bin.VLLM, Env: envList(serveEnv), Args: args}
+		p.Endpoint = net.JoinHostPort(in.NodeIP, strconv.Itoa(s.Engine.Port))
+	case RoleWorker:
+		p.Ray = Command{Name: "ray", Path: in.Bin.Ray, Env: envList(env), Args: []string{
+			"start", "--address=" + rayAddr, "--node-ip-address=" + in.NodeIP,
+			"--num-gpus=" + gpus, "--disable-usage-stats", "--block"}}
+	default:
+		return nil, fmt.Errorf("plan: unknown role %q", in.Role)
+	}
+	return p, nil
+}
+
+// ModelArg is the model argument vLLM gets: the local path when there is one,
+// the Hugging Face id for hf:// sources.
+func ModelArg(s *spec.Deployment) string {
+	if s.Model.Path != "" {
+		return s.Model.Path
+	}
+	if rest, ok := strings.CutPrefix(s.Model.Source, "hf://"); ok {
+		id, _, _ := strings.Cut(rest, "@")
+		return id
+	}
+	return s.Model.Source
+}
+
+func envList(m map[string]string) []string {
+	out := make([]string, 0, len(m))
+	for k, v := range m {
+		out = append(out, k+"="+v)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// RayStatus is what `ray status` reported.
+type RayStatus struct {
+	ActiveNodes int
+	UsedGPUs    float64
+	TotalGPUs   float64
+}
+
+// ParseRayStatus reads the node count and the GPU line ("0.0/16.0 GPU") of
+// `ray status` output. Older Ray says "Healthy:" where newer says "Active:".
+func ParseRayStatus(out string) (RayStatus, error) {
+	var st RayStatus
+	section := ""
+	foundGPU := false
+	for _, line := range strings.Split(out, "\n") {
+		t := strings.TrimSpace(line)
+		switch t {
+		case "Active:", "Healthy:":
+			section = "active"
+			continue
+		case "Pending:", "Recent failures:", "Usage:", "Demands:", "Resources", "Node status":
+			section = ""
+			continue
+		}
+		if section == "active" && t != "" && !strings.HasPrefix(t, "(") && !strings.HasPrefix(t, "---") {
+			n, _, ok := strings.Cut(t, " ")
+			if c, err := strconv.Atoi(n); ok && err == nil {
+				st.ActiveNodes += c
+			}
+		}
+		if f := strings.Fields(t); len(f) == 2 && f[1] == "GPU" {
+			used, total, ok := strings.Cut(f[0], "/")
+			if !ok {
+				continue
+			}
+			u, err1 := strconv.ParseFloat(used, 64)
+			tt, err2 := strconv.ParseFloat(total, 64)
+			if err1 != nil || err2 != nil {
+				return st, fmt.Errorf("ray status: bad GPU line %q", t)
+			}
+			st.UsedGPUs, st.TotalGPUs, foundGPU = u, tt, true
+		}
+	}
+	if !foundGPU && st.ActiveNodes == 0 {
+		return st, fmt.Errorf("ray status: no node or GPU lines in output")
+	}
+	return st, nil
+}

@@ -1,0 +1,114 @@
+package engine
+
+import (
+	"testing"
+
+	"github.com/shoalhq/shoal/spec"
+	"github.com/stretchr/testify/require"
+)
+
+func seedSpec(t *testing.T) *spec.Deployment {
+	t.Helper()
+	d, err := spec.Parse([]byte(`
+apiVersion: shoal/v1
+kind: Deployment
+name: deepseek-r1
+model:
+  source: s3://models/deepseek-r1
+  path: /models/deepseek-r1
+engine:
+  kind: ray-vllm
+  servedModelName: deepseek-r1-671b
+  tensorParallelSize: 8
+  pipelineParallelSize: 2
+  args: ["--trust-remote-code"]
+  env: {NCCL_SOCKET_IFNAME: eth0}
+resources: {nodes: 2, gpusPerNode: 8, gpuModel: H200}
+replicas: {min: 1, max: 4}
+`))
+	require.NoError(t, err)
+	return d
+}
+
+func TestRayVLLMHead(t *testing.T) {
+	p, err := RayVLLM(PlanInput{Spec: seedSpec(t), Role: RoleHead, NodeIP: "10.0.0.1", HeadIP: "10.0.0.1",
+		BindHost: "0.0.0.0", Bin: Binaries{Ray: "/usr/bin/ray", VLLM: "/usr/bin/vllm"}, Env: map[string]string{"GLOO_SOCKET_IFNAME": "eth0"}})
+	require.NoError(t, err)
+	require.Equal(t, []string{"ray", "start", "--head", "--node-ip-address=10.0.0.1", "--port=6379", "--num-gpus=8",
+		"--disable-usage-stats", "--block"}, p.Ray.Argv())
+	require.Equal(t, "/usr/bin/ray", p.Ray.Path)
+	require.Equal(t, []string{"GLOO_SOCKET_IFNAME=eth0", "NCCL_SOCKET_IFNAME=eth0", "RAY_NODE_IP_ADDRESS=10.0.0.1",
+		"RAY_OVERRIDE_NODE_IP_ADDRESS=10.0.0.1", "VLLM_HOST_IP=10.0.0.1"}, p.Ray.Env)
+	require.NotNil(t, p.Serve)
+	require.Equal(t, []string{"vllm", "serve", "/models/deepseek-r1", "--served-model-name", "deepseek-r1-671b",
+		"--host", "0.0.0.0", "--port", "8000", "--tensor-parallel-size", "8", "--pipeline-parallel-size", "2",
+		"--distributed-executor-backend", "ray", "--trust-remote-code"}, p.Serve.Argv())
+	require.Contains(t, p.Serve.Env, "RAY_ADDRESS=10.0.0.1:6379")
+	require.Contains(t, p.Serve.Env, "VLLM_HOST_IP=10.0.0.1")
+	require.Equal(t, 16, p.ExpectedGPUs)
+	require.Equal(t, "10.0.0.1:8000", p.Endpoint)
+}
+
+func TestRayVLLMWorker(t *testing.T) {
+	p, err := RayVLLM(PlanInput{Spec: seedSpec(t), Role: RoleWorker, NodeIP: "10.0.0.2", HeadIP: "10.0.0.1",
+		Bin: Binaries{Ray: "ray", VLLM: "vllm"}})
+	require.NoError(t, err)
+	require.Equal(t, []string{"ray", "start", "--address=10.0.0.1:6379", "--node-ip-address=10.0.0.2", "--num-gpus=8",
+		"--disable-usage-stats", "--block"}, p.Ray.Argv())
+	require.Contains(t, p.Ray.Env, "VLLM_HOST_IP=10.0.0.2")
+	require.Contains(t, p.Ray.Env, "RAY_NODE_IP_ADDRESS=10.0.0.2")
+	require.Nil(t, p.Serve)
+}
+
+func TestRayVLLMBadInput(t *testing.T) {
+	s := seedSpec(t)
+	for name, in := range map[string]PlanInput{
+		"no spec":       {Role: RoleHead, NodeIP: "10.0.0.1", HeadIP: "10.0.0.1"},
+		"bad ip":        {Spec: s, Role: RoleHead, NodeIP: "host-a", HeadIP: "10.0.0.1"},
+		"head mismatch": {Spec: s, Role: RoleHead, NodeIP: "10.0.0.2", HeadIP: "10.0.0.1"},
+		"bad role":      {Spec: s, Role: "boss", NodeIP: "10.0.0.1", HeadIP: "10.0.0.1"},
+	} {
+		_, err := RayVLLM(in)
+		require.Error(t, err, name)
+	}
+}
+
+func TestModelArg(t *testing.T) {
+	s := &spec.Deployment{Model: spec.Model{Source: "hf://deepseek-ai/DeepSeek-R1@main"}}
+	require.Equal(t, "deepseek-ai/DeepSeek-R1", ModelArg(s))
+	s.Model.Path = "/m"
+	require.Equal(t, "/m", ModelArg(s))
+}
+
+const rayStatusOut = `======== Autoscaler status: 2025-01-01 00:00:00.000000 ========
+Node status
+---------------------------------------------------------------
+Active:
+ 1 node_4f1c
+ 1 node_9a2b
+Pending:
+ (no pending nodes)
+Recent failures:
+ (no failures)
+
+Resources
+---------------------------------------------------------------
+Usage:
+ 0.0/64.0 CPU
+ 0.0/16.0 GPU
+ 0B/1.00TiB memory
+
+Demands:
+ (no resource demands)
+`
+
+func TestParseRayStatus(t *testing.T) {
+	st, err := ParseRayStatus(rayStatusOut)
+	require.NoError(t, err)
+	require.Equal(t, RayStatus{ActiveNodes: 2, UsedGPUs: 0, TotalGPUs: 16}, st)
+
+	_, err = ParseRayStatus("ConnectionError: could not find any running Ray instance")
+	require.Error(t, err)
+	_, err = ParseRayStatus("Usage:\n x/16.0 GPU\n")
+	require.Error(t, err)
+}

@@ -1,0 +1,359 @@
+package sim
+
+import (
+	"context"
+	"errors"
+	"hash/fnv"
+	"sync"
+	"time"
+)
+
+// Params shape the engine's step time and capacity.
+//
+// Step time = Base + PrefillPerToken·prefill_tokens + DecodePerSeq·decode_seqs
+// + PerContextToken·Σcontext, so inter-token latency grows with batch size and
+// context as it does on a GPU. The defaults follow the llm-d inference-sim H100
+// profiles cited in reference/vllm-contract.md §C1 (TTFT ≈ 80 ms + 0.5 ms/token
+// for 70B TP8, ITL ≈ 25 ms); issue 3 calibrates named presets.
+type Params struct {
+	Base            time.Duration
+	PrefillPerToken time.Duration
+	DecodePerSeq    time.Duration
+	PerContextToken time.Duration
+	MaxNumSeqs      int
+	MaxBatchTokens  int
+	NumGPUBlocks    int
+	BlockSize       int
+	MaxModelLen     int
+}
+
+// DefaultParams is a 70B-class model on 8 H100/H200.
+func DefaultParams() Params {
+	return Params{
+		Base:            20 * time.Millisecond,
+		PrefillPerToken: 250 * time.Microsecond,
+		DecodePerSeq:    150 * time.Microsecond,
+		PerContextToken: 20 * time.Nanosecond,
+		MaxNumSeqs:      256,
+		MaxBatchTokens:  8192,
+		NumGPUBlocks:    8192,
+		BlockSize:       16,
+		MaxModelLen:     32768,
+	}
+}
+
+// ErrEngineDead is returned for requests the engine can no longer serve.
+var ErrEngineDead = errors.New("EngineCore encountered an issue. See stack trace (above) for the root cause.")
+
+// token is one generated token, or the end of a request.
+type token struct {
+	text   string
+	finish string // "", "stop", "length", "abort"
+	err    error
+}
+
+type request struct {
+	id         string
+	prompt     int
+	maxTokens  int
+	natural    int // where EOS would fall
+	ignoreEOS  bool
+	seed       uint64
+	arrival    time.Time
+	firstAt    time.Time
+	prefilled  int
+	generated  int
+	blocks     int
+	out        chan token
+	ctx        context.Context
+	preempted  bool
+	cachedHits int
+	origPrompt int // prompt tokens as sent (prompt grows on preemption)
+	emitted    int // tokens sent to the client, across preemptions
+}
+
+// Engine is the continuous-batching scheduler. One goroutine (Run) steps it.
+type Engine struct {
+	p       Params
+	clock   Clock
+	m       *metrics
+	wake    chan struct{}
+	mu      sync.Mutex
+	waiting []*request // guarded by mu; FCFS, preempted requests at the front
+	running []*request // guarded by mu
+	used    int        // guarded by mu; blocks in use
+	dead    error      // guarded by mu
+	stalled bool       // guarded by mu; fault: steps produce nothing
+	onDeath func()
+	lastStep time.Time // guarded by mu
+	slow    float64    // guarded by mu; straggler factor ≥ 1
+}
+
+func newEngine(p Params, c Clock, m *metrics) *Engine {
+	return &Engine{p: p, clock: c, m: m, wake: make(chan struct{}, 1), slow: 1}
+}
+
+// submit queues a request; tokens arrive on r.out.
+func (e *Engine) submit(r *request) error {
+	e.mu.Lock()
+	if e.dead != nil {
+		e.mu.Unlock()
+		return e.dead
+	}
+	e.waiting = append(e.waiting, r)
+	e.mu.Unlock()
+	e.m.setQueues(e)
+	select {
+	case e.wake <- struct{}{}:
+	default:
+	}
+	return nil
+}
+
+// kill makes the engine dead: every request fails and new ones are refused.
+func (e *Engine) kill(err error) {
+	e.mu.Lock()
+	if e.dead != nil {
+		e.mu.Unlock()
+		return
+	}
+	e.dead = err
+	all := append(append([]*request{}, e.running...), e.waiting...)
+	e.running, e.waiting, e.used = nil, nil, 0
+	cb := e.onDeath
+	e.mu.Unlock()
+	for _, r := range all {
+		r.out <- token{err: err}
+	}
+	if cb != nil {
+		cb()
+	}
+}
+
+func (e *Engine) deadErr() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.dead
+}
+
+func (e *Engine) blocksFor(tokens int) int { return (tokens + e.p.BlockSize - 1) / e.p.BlockSize }
+
+// Run steps the engine until ctx ends.
+func (e *Engine) Run(ctx context.Context) {
+	for {
+		e.mu.Lock()
+		idle := len(e.running) == 0 && len(e.waiting) == 0
+		e.mu.Unlock()
+		if idle {
+			select {
+			case <-ctx.Done():
+				return
+			case <-e.wake:
+			}
+			continue
+		}
+		if ctx.Err() != nil {
+			return
+		}
+		e.step()
+	}
+}
+
+// step runs one scheduler iteration: admit, prefill within the token budget,
+// decode one token per running request, sleep the modelled step time, emit.
+func (e *Engine) step() {
+	type emit struct {
+		r   *request
+		tok token
+	}
+	var emits []emit
+	e.mu.Lock()
+	if e.dead != nil {
+		e.mu.Unlock()
+		return
+	}
+	// Drop requests whose client went away.
+	kept := e.running[:0]
+	for _, r := range e.running {
+		if r.ctx.Err() != nil {
+			e.used -= r.blocks
+			e.m.finished("abort")
+			continue
+		}
+		kept = append(kept, r)
+	}
+	e.running = kept
+	// Admit FCFS while there is a sequence slot and KV room for the prompt.
+	for len(e.waiting) > 0 && len(e.running) < e.p.MaxNumSeqs {
+		r := e.waiting[0]
+		if r.ctx.Err() != nil {
+			e.waiting = e.waiting[1:]
+			continue
+		}
+		need := e.blocksFor(r.prompt + 1)
+		if e.used+need > e.p.NumGPUBlocks {
+			break
+		}
+		e.waiting = e.waiting[1:]
+		r.blocks = need
+		e.used += need
+		e.running = append(e.running, r)
+	}
+	budget := e.p.MaxBatchTokens
+	prefillTokens, decodeSeqs, ctxTokens := 0, 0, 0
+	var decoders []*request
+	for _, r := range e.running {
+		if r.prefilled < r.prompt {
+			chunk := min(budget, r.prompt-r.prefilled)
+			if chunk <= 0 {
+				continue
+			}
+			r.prefilled += chunk
+			budget -= chunk
+			prefillTokens += chunk
+			if r.prefilled == r.prompt {
+				decoders = append(decoders, r) // the first token comes out of this step
+			}
+			continue
+		}
+		decoders = append(decoders, r)
+	}
+	// Decoding may need a new block; preempt the newest request when none is free.
+	var stepping []*request
+	for _, r := range decoders {
+		if r.preempted {
+			continue
+		}
+		need := e.blocksFor(r.prompt+r.generated+1) - r.blocks
+		for need > 0 && e.used+need > e.p.NumGPUBlocks {
+			victim := e.running[len(e.running)-1]
+			e.preempt(victim)
+			if victim == r {
+				break
+			}
+		}
+		if r.preempted {
+			continue
+		}
+		if need > 0 {
+			r.blocks += need
+			e.used += need
+		}
+		stepping = append(stepping, r)
+		decodeSeqs++
+		ctxTokens += r.prompt + r.generated
+	}
+	stalled, slow := e.stalled, e.slow
+	e.m.setKV(float64(e.used) / float64(e.p.NumGPUBlocks))
+	e.mu.Unlock()
+
+	d := e.p.Base + time.Duration(prefillTokens)*e.p.PrefillPerToken +
+		time.Duration(decodeSeqs)*e.p.DecodePerSeq + time.Duration(ctxTokens)*e.p.PerContextToken
+	e.clock.Sleep(time.Duration(float64(d) * slow))
+	if stalled {
+		return // the #53157 hang: steps run, nothing comes out
+	}
+	now := time.Now()
+	e.mu.Lock()
+	for _, r := range stepping {
+		if r.preempted {
+			continue
+		}
+		r.generated++
+		r.emitted++
+		if r.emitted == 1 {
+			r.firstAt = now
+		}
+		t := token{text: word(r.seed, r.generated)}
+		switch {
+		case r.generated >= r.maxTokens:
+			t.finish = "length"
+		case !r.ignoreEOS && r.generated >= r.natural:
+			t.finish = "stop"
+		}
+		emits = append(emits, emit{r, t})
+	}
+	// Retire finished requests.
+	kept = e.running[:0]
+	for _, r := range e.running {
+		if r.preempted {
+			r.preempted = false
+			continue
+		}
+		if r.generated >= r.maxTokens || (!r.ignoreEOS && r.generated >= r.natural) {
+			e.used -= r.blocks
+			continue
+		}
+		kept = append(kept, r)
+	}
+	e.running = kept
+	e.lastStep = now
+	e.m.setKV(float64(e.used) / float64(e.p.NumGPUBlocks))
+	e.mu.Unlock()
+	e.m.step(prefillTokens, len(emits))
+	for _, em := range emits {
+		if em.r.emitted == 1 {
+			e.m.ttft(now.Sub(em.r.arrival), e.clock)
+		}
+		if em.tok.finish != "" {
+			e.m.finished(em.tok.finish)
+			e.m.e2e(now.Sub(em.r.arrival), e.clock)
+		}
+		em.r.out <- em.tok
+	}
+	e.m.setQueues(e)
+}
+
+// preempt frees a running request's blocks and puts it back at the front of
+// the queue to be recomputed, as vLLM V1's recompute preemption does.
+// Called with mu held.
+func (e *Engine) preempt(r *request) {
+	for i, x := range e.running {
+		if x == r {
+			e.running = append(e.running[:i], e.running[i+1:]...)
+			break
+		}
+	}
+	e.used -= r.blocks
+	r.blocks = 0
+	r.prefilled = 0
+	// Tokens already streamed stay streamed; recompute covers prompt + output.
+	r.prompt += r.generated
+	r.maxTokens -= r.generated
+	r.natural -= r.generated
+	r.generated = 0
+	r.preempted = true
+	e.waiting = append([]*request{r}, e.waiting...)
+	e.m.preempted()
+}
+
+func (e *Engine) queueLens() (running, waiting int) {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return len(e.running), len(e.waiting)
+}
+
+var words = []string{" the", " model", " answer", " is", " a", " token", " stream", " of", " simulated", " text",
+	" from", " shoal", " and", " it", " keeps", " going", " until", " done", ".", ","}
+
+// word is the n-th token's text for a request: deterministic from the seed.
+func word(seed uint64, n int) string {
+	x := seed + uint64(n)*0x9E3779B97F4A7C15
+	x ^= x >> 31
+	return words[x%uint64(len(words))]
+}
+
+// countTokens is the tokenizer stand-in: about 4 characters per token.
+func countTokens(s string) int {
+	n := (len(s) + 3) / 4
+	if n == 0 {
+		n = 1
+	}
+	return n
+}
+
+func hashString(s string) uint64 {
+	h := fnv.New64a()
+	_, _ = h.Write([]byte(s))
+	return h.Sum64()
+}

@@ -1,0 +1,111 @@
+package sim
+
+import (
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+)
+
+// Bucket boundaries from vLLM's loggers.py (reference/vllm-contract.md §B1).
+var (
+	ttftBuckets = []float64{0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80, 160, 640, 2560}
+	e2eBuckets  = []float64{0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120, 240, 480, 960, 1920, 7680}
+)
+
+// metrics holds the engine's vLLM-named series on its own registry.
+type metrics struct {
+	reg         *prometheus.Registry
+	running     prometheus.Gauge
+	waiting     prometheus.Gauge
+	kv          prometheus.Gauge
+	prompt      prometheus.Counter
+	generation  prometheus.Counter
+	preemptions prometheus.Counter
+	success     *prometheus.CounterVec
+	ttftH       prometheus.Observer
+	e2eH        prometheus.Observer
+	prefixQ     prometheus.Counter
+	prefixH     prometheus.Counter
+	eng         *Engine
+}
+
+// newMetrics registers vLLM V1 names, or the V0-era ones when v0 is set, so the
+// coordinator's handling of both can be tested.
+func newMetrics(model string, numBlocks, blockSize int, v0 bool) *metrics {
+	labels := prometheus.Labels{"model_name": model, "engine": "0"}
+	if v0 {
+		labels = prometheus.Labels{"model_name": model}
+	}
+	kvName, pq, ph := "vllm:kv_cache_usage_perc", "vllm:prefix_cache_queries", "vllm:prefix_cache_hits"
+	if v0 {
+		kvName, pq, ph = "vllm:gpu_cache_usage_perc", "vllm:gpu_prefix_cache_queries", "vllm:gpu_prefix_cache_hits"
+	}
+	g := func(name, help string) prometheus.Gauge {
+		return prometheus.NewGauge(prometheus.GaugeOpts{Name: name, Help: help, ConstLabels: labels})
+	}
+	c := func(name, help string) prometheus.Counter {
+		return prometheus.NewCounter(prometheus.CounterOpts{Name: name + "_total", Help: help, ConstLabels: labels})
+	}
+	m := &metrics{
+		reg:         prometheus.NewRegistry(),
+		running:     g("vllm:num_requests_running", "Number of requests in model execution batches."),
+		waiting:     g("vllm:num_requests_waiting", "Number of requests waiting to be processed."),
+		kv:          g(kvName, "KV-cache usage. 1 means 100 percent usage."),
+		prompt:      c("vllm:prompt_tokens", "Number of prefill tokens processed."),
+		generation:  c("vllm:generation_tokens", "Number of generation tokens processed."),
+		preemptions: c("vllm:num_preemptions", "Cumulative number of preemption from the engine."),
+		prefixQ:     c(pq, "Prefix cache queries, in terms of number of queried tokens."),
+		prefixH:     c(ph, "Prefix cache hits, in terms of number of cached tokens."),
+		success: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "vllm:request_success_total",
+			Help: "Count of successfully processed requests.", ConstLabels: labels}, []string{"finished_reason"}),
+	}
+	ttft := prometheus.NewHistogram(prometheus.HistogramOpts{Name: "vllm:time_to_first_token_seconds",
+		Help: "Histogram of time to first token in seconds.", ConstLabels: labels, Buckets: ttftBuckets})
+	e2e := prometheus.NewHistogram(prometheus.HistogramOpts{Name: "vllm:e2e_request_latency_seconds",
+		Help: "Histogram of e2e request latency in seconds.", ConstLabels: labels, Buckets: e2eBuckets})
+	m.ttftH, m.e2eH = ttft, e2e
+	info := prometheus.NewGauge(prometheus.GaugeOpts{Name: "vllm:cache_config_info", Help: "Information of the LLMEngine CacheConfig",
+		ConstLabels: prometheus.Labels{"block_size": itoa(blockSize), "num_gpu_blocks": itoa(numBlocks), "enable_prefix_caching": "True", "gpu_memory_utilization": "0.9"}})
+	info.Set(1)
+	m.reg.MustRegister(m.running, m.waiting, m.kv, m.prompt, m.generation, m.preemptions, m.prefixQ, m.prefixH, m.success, ttft, e2e, info)
+	return m
+}
+
+func (m *metrics) setQueues(e *Engine) {
+	r, w := e.queueLens()
+	m.running.Set(float64(r))
+	m.waiting.Set(float64(w))
+}
+
+func (m *metrics) setKV(v float64) {
+	if v < 0 {
+		v = 0
+	}
+	if v > 1 {
+		v = 1
+	}
+	m.kv.Set(v)
+}
+
+func (m *metrics) step(prefill, generated int) {
+	m.prompt.Add(float64(prefill))
+	m.generation.Add(float64(generated))
+}
+
+func (m *metrics) preempted()             { m.preemptions.Inc() }
+func (m *metrics) finished(reason string) { m.success.WithLabelValues(reason).Inc() }
+
+// Latencies are reported in virtual seconds: what the modelled GPU would show.
+func (m *metrics) ttft(d time.Duration, c Clock) { m.ttftH.Observe(virtual(d, c).Seconds()) }
+func (m *metrics) e2e(d time.Duration, c Clock)  { m.e2eH.Observe(virtual(d, c).Seconds()) }
+
+func virtual(d time.Duration, c Clock) time.Duration {
+	if c.Scale <= 0 {
+		return d
+	}
+	return time.Duration(float64(d) * c.Scale)
+}
+
+func itoa(n int) string {
+	return fmtInt(n)
+}

@@ -1,0 +1,355 @@
+package sim
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"net/http"
+	"os"
+	"os/signal"
+	"strconv"
+	"sync"
+	"syscall"
+	"time"
+)
+
+// PGWaitTimeout is vLLM's placement-group wait (ray_utils.py PG_WAIT_TIMEOUT).
+const PGWaitTimeout = 1800 * time.Second
+
+// serveConfig is what `vllm serve` was asked for.
+type serveConfig struct {
+	model, served, host string
+	port, tp, pp        int
+	backend             string
+	nnodes, nodeRank    int
+	headless            bool
+	maxModelLen         int
+	maxNumSeqs          int
+	shutdownTimeout     int
+	v0Metrics           bool
+}
+
+var vllmValued = []string{"--served-model-name", "--host", "--port", "--tensor-parallel-size", "--pipeline-parallel-size",
+	"--distributed-executor-backend", "--max-model-len", "--max-num-seqs", "--max-num-batched-tokens",
+	"--gpu-memory-utilization", "--uvicorn-log-level", "--shutdown-timeout", "--nnodes", "--node-rank",
+	"--master-addr", "--master-port", "--dtype", "--kv-cache-dtype", "--quantization", "--seed",
+	"--block-size", "--swap-space", "--download-dir", "--tokenizer", "--revision", "--api-key",
+	"--show-hidden-metrics-for-version", "--data-parallel-size", "--max-log-len", "--generation-config", "--load-format"}
+
+var vllmBools = []string{"--trust-remote-code", "--enforce-eager", "--headless", "--enable-prefix-caching",
+	"--no-enable-prefix-caching", "--enable-chunked-prefill", "--disable-log-requests", "--disable-log-stats",
+	"--enable-server-load-tracking", "--enable-force-include-usage"}
+
+// VLLM runs the `vllm` personality.
+func VLLM(ctx context.Context, args []string, stdout, stderr io.Writer) int {
+	if len(args) == 0 || args[0] != "serve" {
+		if len(args) > 0 && (args[0] == "--version" || args[0] == "-v") {
+			fmt.Fprintln(stdout, simVersion)
+			return 0
+		}
+		fmt.Fprintln(stderr, "usage: vllm [-h] [-v] {chat,complete,serve,bench,collect-env,run-batch} ...")
+		return 2
+	}
+	cfg, err := parseServe(args[1:])
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return 2
+	}
+	return serve(ctx, cfg, stdout, stderr)
+}
+
+const simVersion = "0.11.0"
+
+func parseServe(args []string) (serveConfig, error) {
+	fs := newFlagSet("vllm serve", vllmValued, vllmBools, map[string]string{"-tp": "--tensor-parallel-size", "-pp": "--pipeline-parallel-size"})
+	if err := fs.parse(args); err != nil {
+		return serveConfig{}, err
+	}
+	if len(fs.pos) != 1 {
+		return serveConfig{}, fmt.Errorf("vllm serve: error: expected exactly one model_tag argument, got %d", len(fs.pos))
+	}
+	c := serveConfig{model: fs.pos[0], served: fs.str("--served-model-name", fs.pos[0]), host: fs.str("--host", "0.0.0.0"),
+		backend: fs.str("--distributed-executor-backend", ""), headless: fs.boolean("--headless"),
+		v0Metrics: fs.str("--show-hidden-metrics-for-version", "") == "0.10" || os.Getenv("SHOAL_SIM_V0_METRICS") == "1"}
+	var err error
+	for _, x := range []struct {
+		p    *int
+		name string
+		def  int
+	}{{&c.port, "--port", 8000}, {&c.tp, "--tensor-parallel-size", 1}, {&c.pp, "--pipeline-parallel-size", 1},
+		{&c.nnodes, "--nnodes", 1}, {&c.nodeRank, "--node-rank", 0}, {&c.maxModelLen, "--max-model-len", 32768},
+		{&c.maxNumSeqs, "--max-num-seqs", 256}, {&c.shutdownTimeout, "--shutdown-timeout", 0}} {
+		if *x.p, err = fs.integer(x.name, x.def); err != nil {
+			return c, err
+		}
+	}
+	switch c.backend {
+	case "", "ray", "mp", "uni", "external_launcher":
+	default:
+		return c, fmt.Errorf("vllm serve: error: argument --distributed-executor-backend: invalid choice: '%s' (choose from 'ray', 'mp', 'uni', 'external_launcher')", c.backend)
+	}
+	return c, nil
+}
+
+func logf(w io.Writer, format string, args ...any) {
+	fmt.Fprintf(w, "INFO %s [shoal-sim] "+format+"\n", append([]any{time.Now().Format("01-02 15:04:05")}, args...)...)
+}
+
+func serve(ctx context.Context, c serveConfig, stdout, stderr io.Writer) int {
+	clock := ClockFromEnv()
+	world := c.tp * c.pp
+	local := envInt("SHOAL_SIM_GPUS", 8)
+	if world > local && c.backend != "ray" && c.nnodes <= 1 {
+		fmt.Fprintf(stderr, "ValueError: World size (%d) is larger than the number of available GPUs (%d) in this node. "+
+			"If this is intentional and you are using:\n- ray, set '--distributed-executor-backend ray'.\n"+
+			"- multiprocessing, set '--nnodes' appropriately.\n", world, local)
+		return 1
+	}
+	if c.nnodes > 1 && c.backend == "ray" {
+		fmt.Fprintln(stderr, "ValueError: nnodes > 1 can only be used with the multiprocessing ('mp') distributed executor backend.")
+		return 1
+	}
+	ctx, stop := signal.NotifyContext(ctx, syscall.SIGINT)
+	defer stop()
+	term := make(chan os.Signal, 1)
+	signal.Notify(term, syscall.SIGTERM)
+	defer signal.Stop(term)
+
+	logf(stdout, "vLLM API server version %s", simVersion)
+	logf(stdout, "non-default args: model=%q served_model_name=%q tensor_parallel_size=%d pipeline_parallel_size=%d distributed_executor_backend=%q",
+		c.model, c.served, c.tp, c.pp, c.backend)
+	var lost <-chan string
+	if c.backend == "ray" || world > 1 && c.nnodes <= 1 {
+		addr := os.Getenv("RAY_ADDRESS")
+		if addr == "" {
+			// ray.init(address=None) with no cluster starts a lone local one.
+			logf(stdout, "No existing Ray cluster found; started a local Ray instance with %d GPUs.", local)
+			if world > local {
+				return waitPGForever(ctx, world, clock, stdout, stderr)
+			}
+		} else {
+			l, code := joinCluster(ctx, addr, world, clock, stdout, stderr, term)
+			if l == nil {
+				return code
+			}
+			lost = l
+		}
+	}
+	loadFor := time.Duration(envFloat("SHOAL_SIM_LOAD_SECONDS", 5) * float64(time.Second))
+	logf(stdout, "Loading model weights from %s (%d ranks)…", c.model, world)
+	select {
+	case <-time.After(clock.Real(loadFor)):
+	case <-ctx.Done():
+		return 1
+	case <-term:
+		return 0
+	case why := <-lost:
+		fmt.Fprintf(stderr, "ERROR ray worker died during loading: %s\nRuntimeError: Engine core initialization failed.\n", why)
+		return 1
+	}
+	p := DefaultParams()
+	p.MaxNumSeqs, p.MaxModelLen = c.maxNumSeqs, c.maxModelLen
+	logf(stdout, "GPU KV cache size: %d tokens", p.NumGPUBlocks*p.BlockSize)
+	logf(stdout, "Maximum concurrency for %d tokens per request: %.2fx", p.MaxModelLen, float64(p.NumGPUBlocks*p.BlockSize)/float64(p.MaxModelLen))
+	m := newMetrics(c.served, p.NumGPUBlocks, p.BlockSize, c.v0Metrics)
+	eng := newEngine(p, clock, m)
+	m.eng = eng
+	s := &Server{cfg: c, eng: eng, m: m, created: time.Now().Unix(), faults: &faults{}}
+	// The socket is bound only now: vLLM does not accept connections until ready.
+	ln, err := net.Listen("tcp", net.JoinHostPort(c.host, strconv.Itoa(c.port)))
+	if err != nil {
+		fmt.Fprintf(stderr, "OSError: [Errno 98] error while attempting to bind on address ('%s', %d): address already in use (%v)\n", c.host, c.port, err)
+		return 1
+	}
+	engCtx, cancelEng := context.WithCancel(context.Background())
+	defer cancelEng()
+	go eng.Run(engCtx)
+	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = srv.Serve(ln) }()
+	logf(stdout, "Starting vLLM API server 0 on http://%s:%d", c.host, c.port)
+	logf(stdout, "Application startup complete.")
+
+	died := make(chan struct{})
+	var once sync.Once
+	eng.onDeath = func() { once.Do(func() { close(died) }) }
+	var workerLost string
+	for {
+		select {
+		case <-ctx.Done():
+			return shutdown(srv, eng, 0, stdout)
+		case <-term:
+			logf(stdout, "Received SIGTERM; shutting down (shutdown timeout %ds).", c.shutdownTimeout)
+			return shutdown(srv, eng, time.Duration(c.shutdownTimeout)*time.Second, stdout)
+		case why := <-lost:
+			if why == "gcs" {
+				// The head's GCS is gone: the Ray driver dies with it.
+				fmt.Fprintln(stderr, "ERROR Ray GCS connection lost; EngineCore exiting.")
+				eng.kill(ErrEngineDead)
+				lost = nil
+				continue
+			}
+			// A worker node died. V1's check_health() assumes Ray workers are
+			// healthy (vllm#16259): /health stays 200 until a step runs.
+			workerLost = why
+			s.faults.setWorkerDead(true)
+			fmt.Fprintf(stderr, "WARNING (raylet) node %s died; the engine has not noticed yet\n", why)
+			lost = nil
+		case <-died:
+			// The API server's watchdog polls every 5 s and then exits.
+			fmt.Fprintf(stderr, "ERROR AsyncLLM output_handler failed. EngineDeadError%s\n", map[bool]string{true: " (ray worker " + workerLost + " died)", false: ""}[workerLost != ""])
+			time.Sleep(clock.Real(5 * time.Second))
+			_ = srv.Close()
+			return 1
+		}
+	}
+}
+
+func shutdown(srv *http.Server, eng *Engine, drain time.Duration, w io.Writer) int {
+	if drain > 0 {
+		srv.SetKeepAlivesEnabled(false)
+		deadline := time.Now().Add(drain)
+		for time.Now().Before(deadline) {
+			r, q := eng.queueLens()
+			if r == 0 && q == 0 {
+				break
+			}
+			time.Sleep(50 * time.Millisecond)
+		}
+	}
+	eng.kill(fmt.Errorf("aborted: server shutting down"))
+	ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+	defer cancel()
+	_ = srv.Shutdown(ctx)
+	logf(w, "Shutting down FastAPI HTTP server.")
+	return 0
+}
+
+// joinCluster waits until the Ray cluster at addr holds world GPUs and this
+// host's VLLM_HOST_IP is one of its nodes, logging like _wait_until_pg_ready.
+// It returns a channel that yields "gcs" when the head goes away, or a node IP
+// when a worker leaves.
+func joinCluster(ctx context.Context, addr string, world int, clock Clock, stdout, stderr io.Writer, term <-chan os.Signal) (<-chan string, int) {
+	c, err := net.DialTimeout("tcp", addr, 5*time.Second)
+	if err != nil {
+		fmt.Fprintf(stderr, "ConnectionError: ray.init: could not connect to the Ray cluster at %s: %v\n", addr, err)
+		return nil, 1
+	}
+	if err := json.NewEncoder(c).Encode(gcsMsg{Op: "watch"}); err != nil {
+		c.Close()
+		fmt.Fprintf(stderr, "ConnectionError: ray.init: %v\n", err)
+		return nil, 1
+	}
+	updates := make(chan []rayNode, 16)
+	go func() {
+		defer close(updates)
+		dec := json.NewDecoder(bufio.NewReader(c))
+		for {
+			var m gcsMsg
+			if dec.Decode(&m) != nil {
+				return
+			}
+			updates <- m.Nodes
+		}
+	}()
+	hostIP := os.Getenv("VLLM_HOST_IP")
+	start := time.Now()
+	interval := 10 * time.Second
+	nextLog := start.Add(clock.Real(interval))
+	warned := false
+	var nodes []rayNode
+	tick := time.NewTicker(50 * time.Millisecond)
+	defer tick.Stop()
+	for {
+		total := 0.0
+		ipOK := hostIP == ""
+		for _, n := range nodes {
+			total += n.GPUs
+			if n.IP == hostIP {
+				ipOK = true
+			}
+		}
+		if int(total) >= world && ipOK && nodes != nil {
+			break
+		}
+		if nodes != nil && int(total) < world && !warned {
+			logf(stdout, "WARNING The number of required GPUs exceeds the total number of available GPUs in the placement group.")
+			warned = true
+		}
+		select {
+		case l, ok := <-updates:
+			if !ok {
+				c.Close()
+				fmt.Fprintf(stderr, "ConnectionError: lost the Ray GCS at %s while waiting for the placement group\n", addr)
+				return nil, 1
+			}
+			nodes = l
+		case <-tick.C:
+			now := time.Now()
+			if int(total) >= world && !ipOK {
+				// vllm#7815: bundle 0 asks for node:<VLLM_HOST_IP>, which no node has.
+				// Real vLLM waits here; so does the simulator, with the message users see.
+				if now.After(nextLog) {
+					logf(stdout, "Waiting for creating a placement group of specs for %d seconds. specs=[{'GPU': 1.0, 'node:%s': 0.001}, ...]. Check `ray status` and `ray list nodes` to see if you have enough resources, and make sure the IP addresses used by ray cluster are the same as VLLM_HOST_IP environment variable specified in each node if you are running on a multi-node.",
+						int(clock.Scale*now.Sub(start).Seconds()), hostIP)
+					interval *= 2
+					nextLog = now.Add(clock.Real(interval))
+				}
+				continue
+			}
+			if now.After(nextLog) {
+				logf(stdout, "Waiting for creating a placement group of specs for %d seconds. specs=[{'GPU': 1.0}] * %d. Check `ray status` and `ray list nodes` to see if you have enough resources.",
+					int(clock.Scale*now.Sub(start).Seconds()), world)
+				interval *= 2
+				nextLog = now.Add(clock.Real(interval))
+			}
+			if now.Sub(start) > clock.Real(PGWaitTimeout) {
+				c.Close()
+				fmt.Fprintf(stderr, "ValueError: Cannot provide a placement group requiring %d GPUs (placement_group_specs=[{'GPU': 1.0}] * %d) within %d seconds. See `ray status` and `ray list nodes` to make sure the cluster has enough resources.\n",
+					world, world, int(PGWaitTimeout.Seconds()))
+				return nil, 1
+			}
+		case <-ctx.Done():
+			c.Close()
+			return nil, 1
+		case <-term:
+			c.Close()
+			return nil, 0
+		}
+	}
+	logf(stdout, "Placement group of %d GPUs is ready across %d nodes.", world, len(nodes))
+	lost := make(chan string, 4)
+	members := map[string]string{}
+	for _, n := range nodes {
+		members[n.ID] = n.IP
+	}
+	go func() {
+		defer c.Close()
+		for l := range updates {
+			now := map[string]bool{}
+			for _, n := range l {
+				now[n.ID] = true
+			}
+			for id, ip := range members {
+				if !now[id] {
+					lost <- ip
+					delete(members, id)
+				}
+			}
+		}
+		lost <- "gcs"
+	}()
+	return lost, 0
+}
+
+func waitPGForever(ctx context.Context, world int, clock Clock, stdout, stderr io.Writer) int {
+	select {
+	case <-time.After(clock.Real(PGWaitTimeout)):
+		fmt.Fprintf(stderr, "ValueError: Cannot provide a placement group requiring %d GPUs within %d seconds.\n", world, int(PGWaitTimeout.Seconds()))
+		return 1
+	case <-ctx.Done():
+		return 1
+	}
+}

@@ -1,0 +1,305 @@
+package gossip
+
+import (
+	"bytes"
+	"context"
+	"errors"
+	"fmt"
+	"log"
+	"log/slog"
+	"net"
+	"strconv"
+	"sync"
+	"time"
+
+	"github.com/hashicorp/memberlist"
+)
+
+// Config says how a node joins the gossip cluster.
+type Config struct {
+	// Cluster is the cluster name: peers with another name are rejected, both
+	// at the packet level (memberlist's label) and by tag.
+	Cluster  string
+	BindAddr string
+	BindPort int
+	// Join lists host:port of nodes to join; empty starts a new cluster.
+	Join []string
+	// Profile picks memberlist timers: "lan" (default), "local", or "fast"
+	// (sub-second failure detection, for tests and single-machine dev clusters).
+	Profile string
+	Logger  *slog.Logger
+}
+
+// Membership is this node's view of the cluster.
+type Membership struct {
+	cfg     Config
+	log     *slog.Logger
+	ml      *memberlist.Memberlist
+	changes chan struct{}
+
+	mu      sync.Mutex
+	local   Tag            // guarded by mu
+	warn    time.Time      // guarded by mu; last rejected-peer warning (rate limit)
+	crashed bool           // guarded by mu; stopped without leaving
+	members map[string]Tag // guarded by mu; live peers by node id, from events
+}
+
+// Crash stops gossip without telling anyone, as a dying host would. Fault tests
+// use it; Run then returns without leaving.
+func (m *Membership) Crash() {
+	m.mu.Lock()
+	m.crashed = true
+	m.mu.Unlock()
+	_ = m.ml.Shutdown()
+}
+
+// New prepares a membership that will advertise tag. It starts nothing.
+func New(cfg Config, tag Tag) *Membership {
+	if cfg.Logger == nil {
+		cfg.Logger = slog.Default()
+	}
+	tag.Cluster = cfg.Cluster
+	return &Membership{cfg: cfg, log: cfg.Logger.With("component", "gossip"), local: tag,
+		changes: make(chan struct{}, 1), members: map[string]Tag{}}
+}
+
+func profile(name string) (*memberlist.Config, error) {
+	switch name {
+	case "", "lan":
+		return memberlist.DefaultLANConfig(), nil
+	case "local":
+		return memberlist.DefaultLocalConfig(), nil
+	case "fast":
+		c := memberlist.DefaultLocalConfig()
+		// Failure detection in about 1-2 s on one machine: probe every 300 ms,
+		// and a suspect is declared dead after about 2 probe intervals.
+		c.ProbeInterval = 300 * time.Millisecond
+		c.ProbeTimeout = 150 * time.Millisecond
+		c.SuspicionMult = 2
+		c.SuspicionMaxTimeoutMult = 2
+		c.GossipInterval = 50 * time.Millisecond
+		c.PushPullInterval = 2 * time.Second
+		c.GossipToTheDeadTime = 2 * time.Second
+		c.TCPTimeout = 2 * time.Second
+		return c, nil
+	default:
+		return nil, fmt.Errorf("unknown gossip profile %q: one of lan, local, fast", name)
+	}
+}
+
+// Start binds the gossip sockets. Call Run afterwards to join and to leave.
+func (m *Membership) Start() error {
+	c, err := profile(m.cfg.Profile)
+	if err != nil {
+		return err
+	}
+	m.mu.Lock()
+	c.Name = m.local.ID
+	m.mu.Unlock()
+	c.BindAddr = m.cfg.BindAddr
+	c.BindPort = m.cfg.BindPort
+	c.AdvertiseAddr = m.cfg.BindAddr
+	c.AdvertisePort = m.cfg.BindPort
+	c.Label = "shoal/" + m.cfg.Cluster
+	c.Delegate = (*delegate)(m)
+	c.Events = (*events)(m)
+	c.Alive = (*alive)(m)
+	c.Merge = (*merge)(m)
+	c.Logger = log.New(&logWriter{m.log}, "", 0)
+	ml, err := memberlist.Create(c)
+	if err != nil {
+		return fmt.Errorf("start gossip on %s:%d: %w", m.cfg.BindAddr, m.cfg.BindPort, err)
+	}
+	m.ml = ml
+	return nil
+}
+
+// Addr is the gossip address others join.
+func (m *Membership) Addr() string {
+	n := m.ml.LocalNode()
+	return net.JoinHostPort(n.Addr.String(), strconv.Itoa(int(n.Port)))
+}
+
+// Run joins the seed nodes (retrying until one answers) and leaves the cluster
+// when ctx ends.
+func (m *Membership) Run(ctx context.Context) error {
+	if m.ml == nil {
+		return errors.New("gossip: Run before Start")
+	}
+	if len(m.cfg.Join) > 0 {
+		backoff := 200 * time.Millisecond
+		for {
+			n, err := m.ml.Join(m.cfg.Join)
+			if n > 0 {
+				m.log.Info("joined cluster", "cluster", m.cfg.Cluster, "contacted", n, "members", m.ml.NumMembers())
+				break
+			}
+			m.log.Warn("cannot join cluster yet; retrying", "seeds", m.cfg.Join, "err", err, "retry_in", backoff)
+			select {
+			case <-ctx.Done():
+				return m.shutdown()
+			case <-time.After(backoff):
+			}
+			backoff = min(backoff*2, 5*time.Second)
+		}
+	}
+	<-ctx.Done()
+	return m.shutdown()
+}
+
+func (m *Membership) shutdown() error {
+	m.mu.Lock()
+	crashed := m.crashed
+	m.crashed = true
+	m.mu.Unlock()
+	if crashed {
+		return nil
+	}
+	if err := m.ml.Leave(time.Second); err != nil {
+		m.log.Debug("leave", "err", err)
+	}
+	return m.ml.Shutdown()
+}
+
+// Changes receives a value (coalesced) whenever membership or a tag changes.
+func (m *Membership) Changes() <-chan struct{} { return m.changes }
+
+func (m *Membership) notify() {
+	select {
+	case m.changes <- struct{}{}:
+	default: // a change is already pending; the owner will re-read everything
+	}
+}
+
+// Local returns the tag this node advertises.
+func (m *Membership) Local() Tag {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return m.local
+}
+
+// SetTag publishes a new local tag. It fails if the tag would not fit.
+func (m *Membership) SetTag(t Tag) error {
+	t.Cluster = m.cfg.Cluster
+	if _, err := t.Encode(); err != nil {
+		return err
+	}
+	m.mu.Lock()
+	same := m.local == t
+	m.local = t
+	if _, ok := m.members[t.ID]; ok || m.ml != nil {
+		m.members[t.ID] = t
+	}
+	m.mu.Unlock()
+	if same || m.ml == nil {
+		return nil
+	}
+	m.notify()
+	return m.ml.UpdateNode(2 * time.Second)
+}
+
+// Members returns the decoded tags of the live members (alive or suspect),
+// self included. Members with undecodable tags are left out.
+func (m *Membership) Members() map[string]Tag {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	out := make(map[string]Tag, len(m.members))
+	for k, v := range m.members {
+		out[k] = v
+	}
+	return out
+}
+
+// record keeps our own copy of a member's tag: memberlist mutates the Node
+// it hands to callbacks, so it must not be read later without its lock.
+// Called from memberlist callbacks: decoding only, no I/O, no waiting.
+func (m *Membership) record(n *memberlist.Node, present bool) {
+	m.mu.Lock()
+	if present {
+		if t, err := DecodeTag(n.Meta); err == nil && t.Cluster == m.cfg.Cluster {
+			m.members[n.Name] = t
+		} else {
+			delete(m.members, n.Name)
+		}
+	} else {
+		delete(m.members, n.Name)
+	}
+	m.mu.Unlock()
+	m.notify()
+}
+
+// check rejects peers of another cluster or with a bad tag.
+func (m *Membership) check(n *memberlist.Node) error {
+	t, err := DecodeTag(n.Meta)
+	if err == nil && t.Cluster != m.cfg.Cluster {
+		err = fmt.Errorf("peer %s is in cluster %q, not %q", n.Name, t.Cluster, m.cfg.Cluster)
+	}
+	if err == nil && t.ID != n.Name {
+		err = fmt.Errorf("peer %s advertises id %q", n.Name, t.ID)
+	}
+	if err != nil {
+		m.mu.Lock()
+		loud := time.Since(m.warn) > 10*time.Second
+		if loud {
+			m.warn = time.Now()
+		}
+		m.mu.Unlock()
+		if loud {
+			m.log.Warn("rejected gossip peer", "peer", n.Name, "addr", n.Address(), "err", err)
+		}
+	}
+	return err
+}
+
+type delegate Membership
+
+func (d *delegate) NodeMeta(limit int) []byte {
+	m := (*Membership)(d)
+	b, err := m.Local().Encode()
+	if err != nil || len(b) > limit {
+		m.log.Error("local tag does not fit; advertising none", "err", err)
+		return nil
+	}
+	return b
+}
+func (d *delegate) NotifyMsg([]byte)                {}
+func (d *delegate) GetBroadcasts(int, int) [][]byte { return nil }
+func (d *delegate) LocalState(bool) []byte          { return nil }
+func (d *delegate) MergeRemoteState([]byte, bool)   {}
+
+type events Membership
+
+func (e *events) NotifyJoin(n *memberlist.Node)   { (*Membership)(e).record(n, true) }
+func (e *events) NotifyLeave(n *memberlist.Node)  { (*Membership)(e).record(n, false) }
+func (e *events) NotifyUpdate(n *memberlist.Node) { (*Membership)(e).record(n, true) }
+
+type alive Membership
+
+func (a *alive) NotifyAlive(n *memberlist.Node) error { return (*Membership)(a).check(n) }
+
+type merge Membership
+
+func (mg *merge) NotifyMerge(peers []*memberlist.Node) error {
+	for _, n := range peers {
+		if err := (*Membership)(mg).check(n); err != nil {
+			return err
+		}
+	}
+	return nil
+}
+
+// logWriter routes memberlist's "[LEVEL] memberlist: …" lines to slog.
+type logWriter struct{ log *slog.Logger }
+
+func (w *logWriter) Write(p []byte) (int, error) {
+	line := string(bytes.TrimSpace(p))
+	lvl := slog.LevelDebug
+	switch {
+	case bytes.HasPrefix(p, []byte("[ERR")):
+		lvl = slog.LevelWarn
+	case bytes.HasPrefix(p, []byte("[WARN")):
+		lvl = slog.LevelInfo
+	}
+	w.log.Log(context.Background(), lvl, line)
+	return len(p), nil
+}

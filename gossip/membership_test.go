@@ -1,0 +1,82 @@
+package gossip
+
+import (
+	"context"
+	"fmt"
+	"net"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+func freePort(t *testing.T, ip string) int {
+	t.Helper()
+	l, err := net.Listen("tcp", ip+":0")
+	require.NoError(t, err)
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
+func startNode(t *testing.T, cluster, id, ip string, join []string) (*Membership, context.CancelFunc) {
+	t.Helper()
+	port := freePort(t, ip)
+	m := New(Config{Cluster: cluster, BindAddr: ip, BindPort: port, Join: join, Profile: "fast"},
+		Tag{Kind: KindAgent, ID: id, GRPC: fmt.Sprintf("%s:%d", ip, port+1), Healthy: true})
+	require.NoError(t, m.Start())
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { _ = m.Run(ctx); close(done) }()
+	return m, func() { cancel(); <-done }
+}
+
+func TestMembershipTagsAndFailure(t *testing.T) {
+	a, stopA := startNode(t, "c1", "a", "127.0.0.11", nil)
+	defer stopA()
+	b, stopB := startNode(t, "c1", "b", "127.0.0.12", []string{a.Addr()})
+	c, stopC := startNode(t, "c1", "c", "127.0.0.13", []string{a.Addr()})
+	defer stopC()
+	require.Eventually(t, func() bool { return len(a.Members()) == 3 && len(c.Members()) == 3 }, 5*time.Second, 20*time.Millisecond)
+
+	tag := b.Local()
+	tag.Group, tag.Epoch = "g1", 4
+	require.NoError(t, b.SetTag(tag))
+	require.Eventually(t, func() bool { return a.Members()["b"].Group == "g1" && a.Members()["b"].Epoch == 4 }, 5*time.Second, 20*time.Millisecond)
+
+	// b stops abruptly (no Leave): the others drop it by failure detection.
+	b.Crash()
+	stopB()
+	start := time.Now()
+	require.Eventually(t, func() bool { _, ok := a.Members()["b"]; return !ok }, 10*time.Second, 20*time.Millisecond)
+	t.Logf("failure detected in %v", time.Since(start))
+	select {
+	case <-a.Changes():
+	default:
+		t.Fatal("no change notification")
+	}
+}
+
+func TestOtherClusterRejected(t *testing.T) {
+	a, stopA := startNode(t, "c1", "a", "127.0.0.14", nil)
+	defer stopA()
+	port := freePort(t, "127.0.0.15")
+	x := New(Config{Cluster: "c2", BindAddr: "127.0.0.15", BindPort: port, Profile: "fast"},
+		Tag{Kind: KindAgent, ID: "x", GRPC: "127.0.0.15:1"})
+	require.NoError(t, x.Start())
+	defer x.ml.Shutdown()
+	n, err := x.ml.Join([]string{a.Addr()})
+	require.Error(t, err)
+	require.Zero(t, n)
+	time.Sleep(300 * time.Millisecond)
+	require.Len(t, a.Members(), 1)
+}
+
+func TestSetTagTooBig(t *testing.T) {
+	m := New(Config{Cluster: "c"}, Tag{Kind: KindAgent, ID: "a", GRPC: "127.0.0.1:1"})
+	big := m.Local()
+	for i := 0; i < 60; i++ {
+		big.Deployment += "0123456789"
+	}
+	require.Error(t, m.SetTag(big))
+	require.Empty(t, m.Local().Deployment, "rejected tag is not kept")
+}

@@ -1,0 +1,110 @@
+package gossip
+
+import (
+	"encoding/json"
+	"errors"
+	"fmt"
+	"net"
+)
+
+// MetaMaxSize is memberlist's limit on node metadata (memberlist.MetaMaxSize).
+const MetaMaxSize = 512
+
+// TagVersion is the codec version; a peer with another version is rejected.
+const TagVersion = 1
+
+// Node kinds in gossip.
+const (
+	KindAgent       = "a"
+	KindCoordinator = "c"
+	KindRouter      = "r"
+)
+
+// Engine states advertised in tags.
+const (
+	EngineIdle    = ""
+	EngineWaiting = "waiting" // head: claimed, waiting for all members to follow
+	EngineRay     = "ray"     // ray running (head: workers may join)
+	EngineLoading = "loading" // head: vllm serve started, not ready yet
+	EngineReady   = "ready"   // head: /health, /v1/models and the canary passed
+	EngineFailed  = "failed"
+)
+
+// Tag is the compact state every node gossips. Short JSON keys keep it well
+// under MetaMaxSize; richer inventory goes over the Agent gRPC API.
+type Tag struct {
+	V          int    `json:"v"`
+	Cluster    string `json:"c"`
+	Kind       string `json:"t"`
+	ID         string `json:"id"`
+	GRPC       string `json:"a"`
+	Replica    string `json:"r,omitempty"`
+	GPUModel   string `json:"gm,omitempty"`
+	GPUs       int    `json:"gn,omitempty"`
+	Healthy    bool   `json:"h,omitempty"`
+	Deployment string `json:"d,omitempty"`
+	Group      string `json:"g,omitempty"`
+	Epoch      uint64 `json:"e,omitempty"`
+	Rank       int    `json:"k,omitempty"`
+	Size       int    `json:"n,omitempty"`
+	HeadTerm   uint64 `json:"ht,omitempty"`
+	Follow     string `json:"f,omitempty"`
+	FollowTerm uint64 `json:"ft,omitempty"`
+	Engine     string `json:"es,omitempty"`
+	Weights    bool   `json:"w,omitempty"`
+}
+
+// ErrBadTag is wrapped by every decode failure.
+var ErrBadTag = errors.New("bad gossip tag")
+
+// Encode returns the tag's wire form, or an error if it would not fit.
+func (t Tag) Encode() ([]byte, error) {
+	t.V = TagVersion
+	b, err := json.Marshal(t)
+	if err != nil {
+		return nil, err
+	}
+	if len(b) > MetaMaxSize {
+		return nil, fmt.Errorf("gossip tag is %d bytes, over memberlist's %d-byte limit; shorten node id, group or cluster name", len(b), MetaMaxSize)
+	}
+	return b, nil
+}
+
+// DecodeTag parses and checks a peer's tag.
+func DecodeTag(b []byte) (Tag, error) {
+	var t Tag
+	if len(b) == 0 {
+		return t, fmt.Errorf("%w: empty", ErrBadTag)
+	}
+	if len(b) > MetaMaxSize {
+		return t, fmt.Errorf("%w: %d bytes", ErrBadTag, len(b))
+	}
+	if err := json.Unmarshal(b, &t); err != nil {
+		return t, fmt.Errorf("%w: %v", ErrBadTag, err)
+	}
+	switch {
+	case t.V != TagVersion:
+		return t, fmt.Errorf("%w: version %d, want %d", ErrBadTag, t.V, TagVersion)
+	case t.ID == "":
+		return t, fmt.Errorf("%w: no node id", ErrBadTag)
+	case t.Kind != KindAgent && t.Kind != KindCoordinator && t.Kind != KindRouter:
+		return t, fmt.Errorf("%w: unknown kind %q", ErrBadTag, t.Kind)
+	case t.GPUs < 0 || t.Rank < 0 || t.Size < 0:
+		return t, fmt.Errorf("%w: negative count", ErrBadTag)
+	}
+	if _, _, err := net.SplitHostPort(t.GRPC); err != nil {
+		return t, fmt.Errorf("%w: grpc address %q: %v", ErrBadTag, t.GRPC, err)
+	}
+	if t.Replica != "" {
+		if _, _, err := net.SplitHostPort(t.Replica); err != nil {
+			return t, fmt.Errorf("%w: replica address %q: %v", ErrBadTag, t.Replica, err)
+		}
+	}
+	return t, nil
+}
+
+// IP is the host part of the agent's gRPC address: the node IP engines use.
+func (t Tag) IP() string {
+	h, _, _ := net.SplitHostPort(t.GRPC)
+	return h
+}

@@ -1,0 +1,284 @@
+// Package devcluster starts a whole shoal cluster on one machine as separate
+// processes: a coordinator on 127.0.0.1 and agents on their own loopback
+// addresses (127.0.0.2, .3, …), each with mock H200 GPUs and the simulator
+// standing in for ray and vllm. `shoal dev` and the end-to-end tests use it,
+// so the tests exercise exactly what a user runs.
+package devcluster
+
+import (
+	"encoding/json"
+	"fmt"
+	"io"
+	"net"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strconv"
+	"syscall"
+	"time"
+)
+
+// Config describes the cluster.
+type Config struct {
+	Dir      string // everything the cluster writes goes here
+	ShoalBin string
+	SimBin   string
+	Agents   int
+	// IPPrefix and FirstIP place agent i on IPPrefix+(FirstIP+i).
+	IPPrefix   string
+	FirstIP    int
+	CoordIP    string
+	GossipPort int
+	APIAddr    string
+	RouterAddr string
+	// SimEnv configures the simulator (SHOAL_SIM_* variables).
+	SimEnv  []string
+	Profile string
+	Log     io.Writer
+}
+
+// Defaults fills the single-machine defaults `shoal dev` uses.
+func (c *Config) Defaults() {
+	if c.Agents == 0 {
+		c.Agents = 5
+	}
+	if c.IPPrefix == "" {
+		c.IPPrefix = "127.0.0."
+	}
+	if c.FirstIP == 0 {
+		c.FirstIP = 2
+	}
+	if c.CoordIP == "" {
+		c.CoordIP = "127.0.0.1"
+	}
+	if c.GossipPort == 0 {
+		c.GossipPort = 7946
+	}
+	if c.APIAddr == "" {
+		c.APIAddr = "127.0.0.1:7950"
+	}
+	if c.RouterAddr == "" {
+		c.RouterAddr = "127.0.0.1:8080"
+	}
+	if c.Profile == "" {
+		c.Profile = "fast"
+	}
+	if c.Log == nil {
+		c.Log = io.Discard
+	}
+}
+
+// Cluster is a running dev cluster.
+type Cluster struct {
+	cfg    Config
+	coord  *proc
+	agents map[string]*proc
+	order  []string
+}
+
+// proc is a started child; done closes when it has exited.
+type proc struct {
+	cmd  *exec.Cmd
+	done chan struct{}
+}
+
+// NodeID is agent i's id.
+func NodeID(i int) string { return fmt.Sprintf("node-%d", i+1) }
+
+// AgentIP is agent i's address.
+func (c *Cluster) AgentIP(i int) string { return c.cfg.IPPrefix + strconv.Itoa(c.cfg.FirstIP+i) }
+
+// Start launches the coordinator and the agents. On error it stops what it started.
+func Start(cfg Config) (*Cluster, error) {
+	cfg.Defaults()
+	for _, b := range []string{cfg.ShoalBin, cfg.SimBin} {
+		if _, err := os.Stat(b); err != nil {
+			return nil, fmt.Errorf("%s not found: build it first (make build)", b)
+		}
+	}
+	if err := checkFree(cfg.APIAddr, cfg.RouterAddr, net.JoinHostPort(cfg.CoordIP, strconv.Itoa(cfg.GossipPort))); err != nil {
+		return nil, err
+	}
+	binDir := filepath.Join(cfg.Dir, "bin")
+	if err := os.MkdirAll(binDir, 0o755); err != nil {
+		return nil, err
+	}
+	for _, name := range []string{"ray", "vllm"} {
+		link := filepath.Join(binDir, name)
+		_ = os.Remove(link)
+		if err := os.Symlink(cfg.SimBin, link); err != nil {
+			return nil, err
+		}
+	}
+	c := &Cluster{cfg: cfg, agents: map[string]*proc{}}
+	var err error
+	c.coord, err = c.spawn("coordinator", nil, "coordinator", "--address", cfg.CoordIP, "--gossip-port", strconv.Itoa(cfg.GossipPort),
+		"--api", cfg.APIAddr, "--router", cfg.RouterAddr, "--data-dir", filepath.Join(cfg.Dir, "coordinator"), "--gossip-profile", cfg.Profile)
+	if err != nil {
+		return nil, err
+	}
+	for i := 0; i < cfg.Agents; i++ {
+		if err := c.StartAgent(i); err != nil {
+			c.Stop()
+			return nil, err
+		}
+	}
+	return c, nil
+}
+
+func checkFree(addrs ...string) error {
+	for _, a := range addrs {
+		l, err := net.Listen("tcp", a)
+		if err != nil {
+			return fmt.Errorf("%s is in use (another shoal dev or coordinator running?): %w", a, err)
+		}
+		l.Close()
+	}
+	return nil
+}
+
+// StartAgent (re)starts agent i.
+func (c *Cluster) StartAgent(i int) error {
+	id := NodeID(i)
+	env := append([]string{"SHOAL_SIM_STATE_DIR=" + filepath.Join(c.cfg.Dir, "sim")}, c.cfg.SimEnv...)
+	cmd, err := c.spawn(id, env, "agent", "--node-id", id, "--address", c.AgentIP(i),
+		"--join", net.JoinHostPort(c.cfg.CoordIP, strconv.Itoa(c.cfg.GossipPort)), "--state-dir", filepath.Join(c.cfg.Dir, id),
+		"--gpu-backend", "mock:h200x8", "--ray-bin", filepath.Join(c.cfg.Dir, "bin", "ray"), "--vllm-bin", filepath.Join(c.cfg.Dir, "bin", "vllm"),
+		"--gossip-profile", c.cfg.Profile, "--stop-grace", "2s", "--restart-backoff", "500ms", "--stop-engines-on-exit")
+	if err != nil {
+		return err
+	}
+	if _, ok := c.agents[id]; !ok {
+		c.order = append(c.order, id)
+	}
+	c.agents[id] = cmd
+	return nil
+}
+
+// spawn starts `shoal ARGS…` in its own process group, logging to Dir/logs/NAME.log.
+func (c *Cluster) spawn(name string, env []string, args ...string) (*proc, error) {
+	logDir := filepath.Join(c.cfg.Dir, "logs")
+	if err := os.MkdirAll(logDir, 0o755); err != nil {
+		return nil, err
+	}
+	lf, err := os.OpenFile(filepath.Join(logDir, name+".log"), os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
+	if err != nil {
+		return nil, err
+	}
+	cmd := exec.Command(c.cfg.ShoalBin, args...)
+	cmd.Env = append(os.Environ(), env...)
+	cmd.Stdout, cmd.Stderr = lf, lf
+	// Own process group: a terminal Ctrl-C reaches only `shoal dev`, which then
+	// stops everything in order. Pdeathsig: if dev itself dies, so do they.
+	cmd.SysProcAttr = &syscall.SysProcAttr{Setpgid: true, Pdeathsig: syscall.SIGTERM}
+	if err := cmd.Start(); err != nil {
+		lf.Close()
+		return nil, fmt.Errorf("start %s: %w", name, err)
+	}
+	p := &proc{cmd: cmd, done: make(chan struct{})}
+	go func() { _ = cmd.Wait(); lf.Close(); close(p.done) }()
+	fmt.Fprintf(c.cfg.Log, "started %-11s pid %d, log %s\n", name, cmd.Process.Pid, filepath.Join(logDir, name+".log"))
+	return p, nil
+}
+
+// enginePids reads the engine process groups an agent recorded.
+func (c *Cluster) enginePids(id string) []int {
+	b, err := os.ReadFile(filepath.Join(c.cfg.Dir, id, "state.json"))
+	if err != nil {
+		return nil
+	}
+	var st struct {
+		Engines []struct {
+			Pid int `json:"pid"`
+		} `json:"engines"`
+	}
+	if json.Unmarshal(b, &st) != nil {
+		return nil
+	}
+	var out []int
+	for _, e := range st.Engines {
+		out = append(out, e.Pid)
+	}
+	return out
+}
+
+// Kill SIGKILLs an agent and its engine processes, as a host dying would.
+func (c *Cluster) Kill(id string) error {
+	p, ok := c.agents[id]
+	if !ok {
+		return fmt.Errorf("no agent %s", id)
+	}
+	pids := c.enginePids(id)
+	_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
+	for _, p := range pids {
+		_ = syscall.Kill(-p, syscall.SIGKILL)
+	}
+	return nil
+}
+
+// Stop ends the agents (which stop their engines), then the coordinator, then
+// anything left. Bounded: about 20 s at most.
+func (c *Cluster) Stop() {
+	var all []*proc
+	for _, id := range c.order {
+		all = append(all, c.agents[id])
+	}
+	signalAll(all, syscall.SIGTERM)
+	waitAll(all, 12*time.Second)
+	for _, id := range c.order {
+		for _, p := range c.enginePids(id) {
+			_ = syscall.Kill(-p, syscall.SIGKILL)
+		}
+	}
+	signalAll(all, syscall.SIGKILL)
+	if c.coord != nil {
+		signalAll([]*proc{c.coord}, syscall.SIGTERM)
+		waitAll([]*proc{c.coord}, 5*time.Second)
+		signalAll([]*proc{c.coord}, syscall.SIGKILL)
+	}
+	waitAll(append(all, c.coord), 3*time.Second)
+}
+
+func signalAll(ps []*proc, sig syscall.Signal) {
+	for _, p := range ps {
+		if p != nil {
+			_ = syscall.Kill(-p.cmd.Process.Pid, sig)
+		}
+	}
+}
+
+func waitAll(ps []*proc, d time.Duration) {
+	t := time.NewTimer(d)
+	defer t.Stop()
+	for _, p := range ps {
+		if p == nil {
+			continue
+		}
+		select {
+		case <-p.done:
+		case <-t.C:
+			return
+		}
+	}
+}
+
+// DemoSpec is the deployment `shoal dev` applies: 2 replicas of 2 nodes × 8
+// GPUs, TP8×PP2 over Ray, like the seed's DeepSeek-R1 deployment.
+const DemoSpec = `apiVersion: shoal/v1
+kind: Deployment
+name: demo
+model:
+  source: /models/demo
+engine:
+  kind: ray-vllm
+  servedModelName: demo
+  tensorParallelSize: 8
+  pipelineParallelSize: 2
+  startupTimeoutSeconds: 120
+resources:
+  nodes: 2
+  gpusPerNode: 8
+  gpuModel: H200
+replicas:
+  count: 2
+`

@@ -1,0 +1,399 @@
+package spec
+
+import (
+	"bytes"
+	"encoding/json"
+	"errors"
+	"fmt"
+	"io"
+	"regexp"
+	"sort"
+	"strings"
+
+	"gopkg.in/yaml.v3"
+)
+
+// APIVersion is the only spec version this build understands.
+const APIVersion = "shoal/v1"
+
+// Engine kinds.
+const (
+	EngineRayVLLM = "ray-vllm"
+	EngineVLLM    = "vllm"
+	EngineSGLang  = "sglang"
+	EngineCommand = "command"
+)
+
+// Deployment is one model served by R replicas of N nodes each.
+type Deployment struct {
+	APIVersion  string            `yaml:"apiVersion" json:"apiVersion"`
+	Kind        string            `yaml:"kind" json:"kind"`
+	Name        string            `yaml:"name" json:"name"`
+	Model       Model             `yaml:"model" json:"model"`
+	Engine      Engine            `yaml:"engine" json:"engine"`
+	Resources   Resources         `yaml:"resources" json:"resources"`
+	Replicas    Replicas          `yaml:"replicas" json:"replicas"`
+	Autoscaling *Autoscaling      `yaml:"autoscaling,omitempty" json:"autoscaling,omitempty"`
+	Labels      map[string]string `yaml:"labels,omitempty" json:"labels,omitempty"`
+}
+
+// Model says where the weights come from and where they live on each host.
+type Model struct {
+	// Source is hf://org/name[@rev], s3://bucket/prefix, gs://bucket/prefix or a path.
+	Source   string   `yaml:"source" json:"source"`
+	Suffixes []string `yaml:"suffixes,omitempty" json:"suffixes,omitempty"`
+	// Path is where the engine reads the weights on every host; defaults to Source
+	// when Source is a plain path.
+	Path string `yaml:"path,omitempty" json:"path,omitempty"`
+}
+
+// Engine is how the engine is launched on the group's nodes.
+type Engine struct {
+	Kind                 string            `yaml:"kind" json:"kind"`
+	Runtime              string            `yaml:"runtime,omitempty" json:"runtime,omitempty"`
+	Image                string            `yaml:"image,omitempty" json:"image,omitempty"`
+	ServedModelName      string            `yaml:"servedModelName,omitempty" json:"servedModelName,omitempty"`
+	TensorParallelSize   int               `yaml:"tensorParallelSize,omitempty" json:"tensorParallelSize,omitempty"`
+	PipelineParallelSize int               `yaml:"pipelineParallelSize,omitempty" json:"pipelineParallelSize,omitempty"`
+	Port                 int               `yaml:"port,omitempty" json:"port,omitempty"`
+	RayPort              int               `yaml:"rayPort,omitempty" json:"rayPort,omitempty"`
+	Args                 []string          `yaml:"args,omitempty" json:"args,omitempty"`
+	Env                  map[string]string `yaml:"env,omitempty" json:"env,omitempty"`
+	// StartupTimeoutSeconds bounds download + load before the group is restarted.
+	StartupTimeoutSeconds int `yaml:"startupTimeoutSeconds,omitempty" json:"startupTimeoutSeconds,omitempty"`
+}
+
+// Resources is what each node of a replica must have.
+type Resources struct {
+	Nodes       int    `yaml:"nodes" json:"nodes"`
+	GPUsPerNode int    `yaml:"gpusPerNode" json:"gpusPerNode"`
+	GPUModel    string `yaml:"gpuModel,omitempty" json:"gpuModel,omitempty"`
+	RDMA        bool   `yaml:"rdma,omitempty" json:"rdma,omitempty"`
+}
+
+// Replicas is a fixed count, or a min/max range for the autoscaler.
+type Replicas struct {
+	Count int `yaml:"count,omitempty" json:"count,omitempty"`
+	Min   int `yaml:"min,omitempty" json:"min,omitempty"`
+	Max   int `yaml:"max,omitempty" json:"max,omitempty"`
+}
+
+// Autoscaling is the policy that moves the replica count between min and max.
+type Autoscaling struct {
+	Policy string  `yaml:"policy" json:"policy"`
+	Metric string  `yaml:"metric" json:"metric"`
+	Target float64 `yaml:"target" json:"target"`
+}
+
+// Error is a validation error about one field.
+type Error struct {
+	Field string
+	Msg   string
+}
+
+func (e *Error) Error() string { return e.Field + ": " + e.Msg }
+
+// ErrInvalid is wrapped by every error Parse and Validate return.
+var ErrInvalid = errors.New("invalid deployment spec")
+
+var nameRE = regexp.MustCompile(`^[a-z0-9]([-a-z0-9]*[a-z0-9])?$`)
+
+// MaxNameLen keeps group ids (name-xxxxxx) small enough for gossip tags.
+const MaxNameLen = 40
+
+// Parse decodes one YAML document strictly (unknown fields are errors), applies
+// defaults and validates.
+func Parse(data []byte) (*Deployment, error) {
+	if len(bytes.TrimSpace(data)) == 0 {
+		return nil, fmt.Errorf("%w: the file is empty; see deploy/deepseek-r1.yaml for an example", ErrInvalid)
+	}
+	dec := yaml.NewDecoder(bytes.NewReader(data))
+	dec.KnownFields(true)
+	var d Deployment
+	if err := dec.Decode(&d); err != nil {
+		return nil, fmt.Errorf("%w: %s", ErrInvalid, yamlMessage(err))
+	}
+	var extra yaml.Node
+	if err := dec.Decode(&extra); !errors.Is(err, io.EOF) {
+		return nil, fmt.Errorf("%w: the file holds more than one YAML document; apply one deployment per file", ErrInvalid)
+	}
+	d.Default()
+	if err := d.Validate(); err != nil {
+		return nil, err
+	}
+	return &d, nil
+}
+
+// yamlMessage rewrites yaml.v3's Go-type wording into the spec's field names.
+func yamlMessage(err error) string {
+	msg := err.Error()
+	msg = strings.TrimPrefix(msg, "yaml: unmarshal errors:\n")
+	msg = strings.TrimSpace(msg)
+	re := regexp.MustCompile(`field (\S+) not found in type spec\.(\w+)`)
+	msg = re.ReplaceAllString(msg, "unknown field \"$1\" in $2")
+	return msg
+}
+
+// Default fills the fields a user may leave out.
+func (d *Deployment) Default() {
+	if d.Kind == "" {
+		d.Kind = "Deployment"
+	}
+	e := &d.Engine
+	if e.Kind == "" {
+		e.Kind = EngineRayVLLM
+	}
+	if e.Runtime == "" {
+		e.Runtime = "process"
+	}
+	if e.ServedModelName == "" {
+		e.ServedModelName = d.Name
+	}
+	if e.TensorParallelSize == 0 {
+		e.TensorParallelSize = d.Resources.GPUsPerNode
+	}
+	if e.PipelineParallelSize == 0 && d.Resources.Nodes > 0 && e.TensorParallelSize > 0 {
+		e.PipelineParallelSize = d.Resources.Nodes * d.Resources.GPUsPerNode / e.TensorParallelSize
+		if e.PipelineParallelSize == 0 {
+			e.PipelineParallelSize = 1
+		}
+	}
+	if e.Port == 0 {
+		e.Port = 8000
+	}
+	if e.RayPort == 0 {
+		e.RayPort = 6379
+	}
+	if e.StartupTimeoutSeconds == 0 {
+		// AIBrix's DeepSeek-R1 sample tolerates about 28 minutes for download + load.
+		e.StartupTimeoutSeconds = 1800
+	}
+	if d.Model.Path == "" && isPath(d.Model.Source) {
+		d.Model.Path = d.Model.Source
+	}
+	if d.Replicas.Count == 0 && d.Replicas.Min == 0 && d.Replicas.Max == 0 {
+		d.Replicas.Count = 1
+	}
+}
+
+func isPath(s string) bool { return strings.HasPrefix(s, "/") || strings.HasPrefix(s, "./") }
+
+// Validate checks every field and returns all problems at once.
+func (d *Deployment) Validate() error {
+	var errs []error
+	bad := func(field, format string, args ...any) {
+		errs = append(errs, &Error{Field: field, Msg: fmt.Sprintf(format, args...)})
+	}
+	if d.APIVersion != APIVersion {
+		bad("apiVersion", "must be %q, got %q", APIVersion, d.APIVersion)
+	}
+	if d.Kind != "Deployment" {
+		bad("kind", "must be \"Deployment\", got %q", d.Kind)
+	}
+	switch {
+	case d.Name == "":
+		bad("name", "is required")
+	case len(d.Name) > MaxNameLen || !nameRE.MatchString(d.Name):
+		bad("name", "%q must be lower-case letters, digits and '-', at most %d characters", d.Name, MaxNameLen)
+	}
+	if d.Model.Source == "" {
+		bad("model.source", "is required (hf://org/name, s3://bucket/prefix, gs://bucket/prefix or /path)")
+	} else if err := checkSource(d.Model.Source); err != nil {
+		bad("model.source", "%v", err)
+	}
+	e := d.Engine
+	switch e.Kind {
+	case EngineRayVLLM:
+	case EngineVLLM, EngineSGLang, EngineCommand:
+		bad("engine.kind", "%q is not implemented yet; use %q", e.Kind, EngineRayVLLM)
+	default:
+		bad("engine.kind", "unknown engine %q; one of %s, %s, %s, %s", e.Kind, EngineRayVLLM, EngineVLLM, EngineSGLang, EngineCommand)
+	}
+	switch e.Runtime {
+	case "process":
+	case "containerd":
+		bad("engine.runtime", "\"containerd\" is not implemented yet; use \"process\"")
+	default:
+		bad("engine.runtime", "unknown runtime %q; one of process, containerd", e.Runtime)
+	}
+	if !nameRE.MatchString(strings.ToLower(strings.ReplaceAll(strings.ReplaceAll(e.ServedModelName, "/", "-"), ".", "-"))) {
+		bad("engine.servedModelName", "%q has characters other than letters, digits, '-', '.', '/'", e.ServedModelName)
+	}
+	r := d.Resources
+	if r.Nodes < 1 || r.Nodes > 64 {
+		bad("resources.nodes", "must be between 1 and 64, got %d", r.Nodes)
+	}
+	if r.GPUsPerNode < 1 || r.GPUsPerNode > 64 {
+		bad("resources.gpusPerNode", "must be between 1 and 64, got %d", r.GPUsPerNode)
+	}
+	if e.TensorParallelSize < 1 {
+		bad("engine.tensorParallelSize", "must be at least 1, got %d", e.TensorParallelSize)
+	}
+	if e.PipelineParallelSize < 1 {
+		bad("engine.pipelineParallelSize", "must be at least 1, got %d", e.PipelineParallelSize)
+	}
+	if e.TensorParallelSize >= 1 && e.PipelineParallelSize >= 1 && r.Nodes >= 1 && r.GPUsPerNode >= 1 &&
+		e.TensorParallelSize*e.PipelineParallelSize != r.Nodes*r.GPUsPerNode {
+		bad("engine.tensorParallelSize", "tensorParallelSize × pipelineParallelSize (%d × %d) must equal resources.nodes × resources.gpusPerNode (%d × %d)",
+			e.TensorParallelSize, e.PipelineParallelSize, r.Nodes, r.GPUsPerNode)
+	}
+	checkPort := func(field string, p int) {
+		if p < 1 || p > 65535 {
+			bad(field, "must be a TCP port 1-65535, got %d", p)
+		}
+	}
+	checkPort("engine.port", e.Port)
+	checkPort("engine.rayPort", e.RayPort)
+	if e.Port == e.RayPort {
+		bad("engine.port", "must differ from engine.rayPort (%d)", e.RayPort)
+	}
+	for i, a := range e.Args {
+		for _, owned := range ownedFlags {
+			if a == owned || strings.HasPrefix(a, owned+"=") {
+				bad(fmt.Sprintf("engine.args[%d]", i), "%s is set by shoal from the spec; set it through the matching spec field instead", owned)
+			}
+		}
+	}
+	for k := range e.Env {
+		if k == "" || strings.ContainsAny(k, "= \x00") {
+			bad("engine.env", "invalid variable name %q", k)
+		}
+	}
+	if e.StartupTimeoutSeconds < 0 {
+		bad("engine.startupTimeoutSeconds", "must not be negative")
+	}
+	rp := d.Replicas
+	switch {
+	case rp.Count < 0 || rp.Min < 0 || rp.Max < 0:
+		bad("replicas", "counts must not be negative")
+	case rp.Count > 0 && (rp.Min > 0 || rp.Max > 0):
+		bad("replicas.count", "set either count or min/max, not both")
+	case rp.Count == 0 && rp.Max < rp.Min:
+		bad("replicas.max", "must be at least replicas.min (%d), got %d", rp.Min, rp.Max)
+	case rp.Count == 0 && rp.Max == 0:
+		bad("replicas.max", "is required with replicas.min")
+	}
+	if a := d.Autoscaling; a != nil {
+		switch a.Policy {
+		case "kpa", "apa", "hpa":
+		default:
+			bad("autoscaling.policy", "unknown policy %q; one of kpa, apa, hpa", a.Policy)
+		}
+		switch a.Metric {
+		case "kv_cache_usage_perc", "num_requests_waiting", "num_requests_running", "gpu_cache_usage_perc":
+		default:
+			bad("autoscaling.metric", "unknown metric %q; one of kv_cache_usage_perc, num_requests_waiting, num_requests_running", a.Metric)
+		}
+		if a.Target <= 0 {
+			bad("autoscaling.target", "must be greater than 0")
+		}
+		if a.Metric == "kv_cache_usage_perc" && a.Target > 1 {
+			bad("autoscaling.target", "kv_cache_usage_perc is a 0-1 fraction, got %v", a.Target)
+		}
+	}
+	if len(errs) == 0 {
+		return nil
+	}
+	return fmt.Errorf("%w: %w", ErrInvalid, errors.Join(errs...))
+}
+
+// ownedFlags are vLLM flags the launch plan sets from spec fields.
+var ownedFlags = []string{"--served-model-name", "--host", "--port", "--tensor-parallel-size", "-tp",
+	"--pipeline-parallel-size", "-pp", "--distributed-executor-backend"}
+
+func checkSource(s string) error {
+	switch {
+	case strings.HasPrefix(s, "hf://"), strings.HasPrefix(s, "s3://"), strings.HasPrefix(s, "gs://"):
+		rest := s[5:]
+		if rest == "" || strings.HasPrefix(rest, "/") {
+			return fmt.Errorf("%q has no bucket or repository after the scheme", s)
+		}
+	case isPath(s):
+	default:
+		return fmt.Errorf("%q is not hf://, s3://, gs:// or an absolute path", s)
+	}
+	return nil
+}
+
+// DesiredReplicas is the count the reconciler keeps when no autoscaler decides.
+func (d *Deployment) DesiredReplicas() int {
+	if d.Replicas.Count > 0 {
+		return d.Replicas.Count
+	}
+	return d.Replicas.Min
+}
+
+// JSON encodes the spec for the wire (Assign carries it to agents).
+func (d *Deployment) JSON() []byte {
+	b, _ := json.Marshal(d)
+	return b
+}
+
+// FromJSON decodes a spec sent by the coordinator and validates it.
+func FromJSON(b []byte) (*Deployment, error) {
+	var d Deployment
+	if err := json.Unmarshal(b, &d); err != nil {
+		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
+	}
+	d.Default()
+	if err := d.Validate(); err != nil {
+		return nil, err
+	}
+	return &d, nil
+}
+
+// Field is one spec field as `shoal describe` shows it.
+type Field struct {
+	Path        string
+	Value       string
+	Implemented bool
+}
+
+// Fields lists the set fields, each marked with whether this build acts on it.
+func (d *Deployment) Fields() []Field {
+	var out []Field
+	add := func(path string, v any, impl bool) {
+		s := fmt.Sprint(v)
+		if s == "" || s == "0" || s == "[]" || s == "map[]" || s == "false" {
+			return
+		}
+		out = append(out, Field{Path: path, Value: s, Implemented: impl})
+	}
+	add("model.source", d.Model.Source, isPath(d.Model.Source))
+	add("model.suffixes", strings.Join(d.Model.Suffixes, ","), false)
+	add("model.path", d.Model.Path, true)
+	add("engine.kind", d.Engine.Kind, true)
+	add("engine.runtime", d.Engine.Runtime, true)
+	add("engine.image", d.Engine.Image, false)
+	add("engine.servedModelName", d.Engine.ServedModelName, true)
+	add("engine.tensorParallelSize", d.Engine.TensorParallelSize, true)
+	add("engine.pipelineParallelSize", d.Engine.PipelineParallelSize, true)
+	add("engine.port", d.Engine.Port, true)
+	add("engine.rayPort", d.Engine.RayPort, true)
+	add("engine.args", strings.Join(d.Engine.Args, " "), true)
+	keys := make([]string, 0, len(d.Engine.Env))
+	for k := range d.Engine.Env {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		add("engine.env."+k, d.Engine.Env[k], true)
+	}
+	add("engine.startupTimeoutSeconds", d.Engine.StartupTimeoutSeconds, true)
+	add("resources.nodes", d.Resources.Nodes, true)
+	add("resources.gpusPerNode", d.Resources.GPUsPerNode, true)
+	add("resources.gpuModel", d.Resources.GPUModel, true)
+	add("resources.rdma", d.Resources.RDMA, false)
+	add("replicas.count", d.Replicas.Count, true)
+	add("replicas.min", d.Replicas.Min, true)
+	add("replicas.max", d.Replicas.Max, false)
+	if a := d.Autoscaling; a != nil {
+		add("autoscaling.policy", a.Policy, false)
+		add("autoscaling.metric", a.Metric, false)
+		add("autoscaling.target", a.Target, false)
+	}
+	for k, v := range d.Labels {
+		add("labels."+k, v, false)
+	}
+	return out
+}

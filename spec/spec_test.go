@@ -1,0 +1,136 @@
+package spec
+
+import (
+	"os"
+	"strings"
+	"testing"
+
+	"github.com/stretchr/testify/require"
+)
+
+const base = `apiVersion: shoal/v1
+kind: Deployment
+name: m
+model: {source: /models/m}
+engine: {kind: ray-vllm, tensorParallelSize: 8, pipelineParallelSize: 2}
+resources: {nodes: 2, gpusPerNode: 8}
+replicas: {count: 2}
+`
+
+func TestSeedSpec(t *testing.T) {
+	b, err := os.ReadFile("../deploy/deepseek-r1.yaml")
+	require.NoError(t, err)
+	d, err := Parse(b)
+	require.NoError(t, err)
+	require.Equal(t, "deepseek-r1-671b", d.Engine.ServedModelName)
+	require.Equal(t, 8, d.Engine.TensorParallelSize)
+	require.Equal(t, 2, d.Engine.PipelineParallelSize)
+	require.Equal(t, 1, d.DesiredReplicas(), "min replicas until the autoscaler exists")
+	require.Equal(t, []string{"json", "safetensors", "py"}, d.Model.Suffixes)
+	var unimpl []string
+	for _, f := range d.Fields() {
+		if !f.Implemented {
+			unimpl = append(unimpl, f.Path)
+		}
+	}
+	require.Contains(t, unimpl, "autoscaling.policy")
+	require.Contains(t, unimpl, "model.source", "s3 download is not built yet and must say so")
+	require.Contains(t, unimpl, "replicas.max")
+}
+
+func TestDefaults(t *testing.T) {
+	d, err := Parse([]byte(`apiVersion: shoal/v1
+name: small
+model: {source: "hf://org/m@abc"}
+resources: {nodes: 2, gpusPerNode: 4}
+`))
+	require.NoError(t, err)
+	require.Equal(t, "Deployment", d.Kind)
+	require.Equal(t, EngineRayVLLM, d.Engine.Kind)
+	require.Equal(t, "small", d.Engine.ServedModelName)
+	require.Equal(t, 4, d.Engine.TensorParallelSize)
+	require.Equal(t, 2, d.Engine.PipelineParallelSize)
+	require.Equal(t, 8000, d.Engine.Port)
+	require.Equal(t, 1, d.DesiredReplicas())
+}
+
+func TestInvalid(t *testing.T) {
+	cases := []struct {
+		name, edit, field string
+	}{
+		{"unknown field", "name: m\ncolour: blue\n", `unknown field "colour"`},
+		{"nested unknown", "engine: {kind: ray-vllm, tensorParallelSize: 8, pipelineParallelSize: 2, tp: 3}\n", `unknown field "tp"`},
+		{"bad version", "apiVersion: v2\n", "apiVersion"},
+		{"bad name", "name: Big_Model\n", "name:"},
+		{"no source", "model: {path: /x}\n", "model.source"},
+		{"bad source", "model: {source: ftp://x}\n", "model.source"},
+		{"empty bucket", "model: {source: s3://}\n", "model.source"},
+		{"bad engine", "engine: {kind: tgi}\n", "engine.kind"},
+		{"tp×pp mismatch", "engine: {kind: ray-vllm, tensorParallelSize: 8, pipelineParallelSize: 1}\n", "engine.tensorParallelSize"},
+		{"owned flag", "engine: {kind: ray-vllm, tensorParallelSize: 8, pipelineParallelSize: 2, args: [--port=9]}\n", "engine.args[0]"},
+		{"bad port", "engine: {kind: ray-vllm, tensorParallelSize: 8, pipelineParallelSize: 2, port: 70000}\n", "engine.port"},
+		{"zero nodes", "resources: {nodes: 0, gpusPerNode: 8}\n", "resources.nodes"},
+		{"count and min", "replicas: {count: 2, min: 1, max: 3}\n", "replicas.count"},
+		{"max < min", "replicas: {min: 3, max: 1}\n", "replicas.max"},
+		{"kv target > 1", "autoscaling: {policy: kpa, metric: kv_cache_usage_perc, target: 50}\n", "autoscaling.target"},
+		{"bad policy", "autoscaling: {policy: magic, metric: kv_cache_usage_perc, target: 0.5}\n", "autoscaling.policy"},
+		{"wrong type", "resources: {nodes: two, gpusPerNode: 8}\n", "cannot unmarshal"},
+		{"containerd not yet", "engine: {kind: ray-vllm, runtime: containerd, tensorParallelSize: 8, pipelineParallelSize: 2}\n", "engine.runtime"},
+	}
+	for _, c := range cases {
+		t.Run(c.name, func(t *testing.T) {
+			_, err := Parse([]byte(override(base, c.edit)))
+			require.ErrorIs(t, err, ErrInvalid)
+			require.Contains(t, err.Error(), c.field)
+		})
+	}
+	_, err := Parse(nil)
+	require.ErrorContains(t, err, "empty")
+	_, err = Parse([]byte(base + "---\n" + base))
+	require.ErrorContains(t, err, "more than one")
+}
+
+// override replaces top-level keys of doc with those in edit (or appends).
+func override(doc, edit string) string {
+	lines := strings.Split(strings.TrimSpace(doc), "\n")
+	for _, e := range strings.Split(strings.TrimSpace(edit), "\n") {
+		key, _, _ := strings.Cut(e, ":")
+		replaced := false
+		for i, l := range lines {
+			if strings.HasPrefix(l, key+":") {
+				lines[i], replaced = e, true
+				break
+			}
+		}
+		if !replaced {
+			lines = append(lines, e)
+		}
+	}
+	return strings.Join(lines, "\n") + "\n"
+}
+
+func TestJSONRoundTrip(t *testing.T) {
+	d, err := Parse([]byte(base))
+	require.NoError(t, err)
+	d2, err := FromJSON(d.JSON())
+	require.NoError(t, err)
+	require.Equal(t, d, d2)
+	_, err = FromJSON([]byte("{"))
+	require.ErrorIs(t, err, ErrInvalid)
+}
+
+func FuzzParse(f *testing.F) {
+	f.Add([]byte(base))
+	f.Add([]byte("name: [\n"))
+	f.Add([]byte("&a [*a, *a]"))
+	f.Fuzz(func(t *testing.T, b []byte) {
+		d, err := Parse(b)
+		if err != nil {
+			return
+		}
+		// Whatever parses must validate again after a wire round trip.
+		if _, err := FromJSON(d.JSON()); err != nil {
+			t.Fatalf("accepted spec fails after JSON round trip: %v", err)
+		}
+	})
+}

@@ -74,19 +74,19 @@ type request struct {
 
 // Engine is the continuous-batching scheduler. One goroutine (Run) steps it.
 type Engine struct {
-	p       Params
-	clock   Clock
-	m       *metrics
-	wake    chan struct{}
-	mu      sync.Mutex
-	waiting []*request // guarded by mu; FCFS, preempted requests at the front
-	running []*request // guarded by mu
-	used    int        // guarded by mu; blocks in use
-	dead    error      // guarded by mu
-	stalled bool       // guarded by mu; fault: steps produce nothing
-	onDeath func()
+	p        Params
+	clock    Clock
+	m        *metrics
+	wake     chan struct{}
+	mu       sync.Mutex
+	waiting  []*request // guarded by mu; FCFS, preempted requests at the front
+	running  []*request // guarded by mu
+	used     int        // guarded by mu; blocks in use
+	dead     error      // guarded by mu
+	stalled  bool       // guarded by mu; fault: steps produce nothing
+	onDeath  func()
 	lastStep time.Time // guarded by mu
-	slow    float64    // guarded by mu; straggler factor ≥ 1
+	slow     float64   // guarded by mu; straggler factor ≥ 1
 }
 
 func newEngine(p Params, c Clock, m *metrics) *Engine {

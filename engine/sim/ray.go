@@ -328,7 +328,9 @@ func writePidFile(ip string) {
 	_ = os.WriteFile(filepath.Join(d, strconv.Itoa(os.Getpid())+".pid"), nil, 0o644)
 }
 
-func removePidFile(ip string) { _ = os.Remove(filepath.Join(stateDir(ip), strconv.Itoa(os.Getpid())+".pid")) }
+func removePidFile(ip string) {
+	_ = os.Remove(filepath.Join(stateDir(ip), strconv.Itoa(os.Getpid())+".pid"))
+}
 
 // rayStop stops the Ray processes of this node. Real `ray stop` stops every Ray
 // process on the machine; the simulator scopes it to the node IP in

@@ -3,6 +3,7 @@ package sim
 import (
 	"context"
 	"errors"
+	"fmt"
 	"hash/fnv"
 	"sync"
 	"time"
@@ -95,6 +96,9 @@ func newEngine(p Params, c Clock, m *metrics) *Engine {
 
 // submit queues a request; tokens arrive on r.out.
 func (e *Engine) submit(r *request) error {
+	if e.blocksFor(r.prompt+r.maxTokens) > e.p.NumGPUBlocks {
+		return fmt.Errorf("request needs %d tokens of KV cache, more than the %d the engine has", r.prompt+r.maxTokens, e.p.NumGPUBlocks*e.p.BlockSize)
+	}
 	e.mu.Lock()
 	if e.dead != nil {
 		e.mu.Unlock()
@@ -196,6 +200,7 @@ func (e *Engine) step() {
 		}
 		e.waiting = e.waiting[1:]
 		r.blocks = need
+		r.preempted = false
 		e.used += need
 		e.running = append(e.running, r)
 	}
@@ -276,10 +281,6 @@ func (e *Engine) step() {
 	// Retire finished requests.
 	kept = e.running[:0]
 	for _, r := range e.running {
-		if r.preempted {
-			r.preempted = false
-			continue
-		}
 		if r.generated >= r.maxTokens || (!r.ignoreEOS && r.generated >= r.natural) {
 			e.used -= r.blocks
 			continue

@@ -152,12 +152,14 @@ func serve(ctx context.Context, c serveConfig, stdout, stderr io.Writer) int {
 	}
 	p := DefaultParams()
 	p.MaxNumSeqs, p.MaxModelLen = c.maxNumSeqs, c.maxModelLen
+	if kv := p.NumGPUBlocks * p.BlockSize; c.maxModelLen > kv {
+		fmt.Fprintf(stderr, "ValueError: The model's max seq len (%d) is larger than the maximum number of tokens that can be stored in KV cache (%d). Try increasing `gpu_memory_utilization` or decreasing `max_model_len` when initializing the engine.\n", c.maxModelLen, kv)
+		return 1
+	}
 	logf(stdout, "GPU KV cache size: %d tokens", p.NumGPUBlocks*p.BlockSize)
 	logf(stdout, "Maximum concurrency for %d tokens per request: %.2fx", p.MaxModelLen, float64(p.NumGPUBlocks*p.BlockSize)/float64(p.MaxModelLen))
-	m := newMetrics(c.served, p.NumGPUBlocks, p.BlockSize, c.v0Metrics)
-	eng := newEngine(p, clock, m)
-	m.eng = eng
-	s := &Server{cfg: c, eng: eng, m: m, created: time.Now().Unix(), faults: &faults{}}
+	s := newServer(c, p, clock)
+	eng := s.eng
 	// The socket is bound only now: vLLM does not accept connections until ready.
 	ln, err := net.Listen("tcp", net.JoinHostPort(c.host, strconv.Itoa(c.port)))
 	if err != nil {
@@ -352,4 +354,12 @@ func waitPGForever(ctx context.Context, world int, clock Clock, stdout, stderr i
 	case <-ctx.Done():
 		return 1
 	}
+}
+
+// newServer builds the engine and its HTTP surface; the caller runs s.eng.
+func newServer(c serveConfig, p Params, clock Clock) *Server {
+	m := newMetrics(c.served, p.NumGPUBlocks, p.BlockSize, c.v0Metrics)
+	eng := newEngine(p, clock, m)
+	m.eng = eng
+	return &Server{cfg: c, eng: eng, m: m, created: time.Now().Unix(), faults: &faults{}}
 }

@@ -1,0 +1,338 @@
+package sim
+
+import (
+	"bufio"
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"net/http/httptest"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/openai/openai-go/v3"
+	"github.com/openai/openai-go/v3/option"
+	"github.com/prometheus/common/expfmt"
+	"github.com/prometheus/common/model"
+	"github.com/stretchr/testify/require"
+)
+
+func testServer(t *testing.T, p Params, scale float64) (*Server, string) {
+	t.Helper()
+	cfg := serveConfig{model: "/models/m", served: "m", maxModelLen: p.MaxModelLen}
+	s := newServer(cfg, p, Clock{Scale: scale})
+	ctx, cancel := context.WithCancel(context.Background())
+	go s.eng.Run(ctx)
+	hs := httptest.NewServer(s.Handler())
+	t.Cleanup(func() { hs.Close(); cancel() })
+	return s, hs.URL
+}
+
+func post(t *testing.T, url, body string) (*http.Response, string) {
+	t.Helper()
+	resp, err := http.Post(url, "application/json", strings.NewReader(body))
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	return resp, string(b)
+}
+
+// TestSSEFormat checks the stream against vLLM's: data-only events, the role
+// chunk first, one chunk per token, finish_reason on the last content chunk,
+// the usage chunk with empty choices, then [DONE].
+func TestSSEFormat(t *testing.T) {
+	_, url := testServer(t, DefaultParams(), 50)
+	resp, body := post(t, url+"/v1/chat/completions",
+		`{"model":"m","messages":[{"role":"user","content":"hello there"}],"max_tokens":4,"stream":true,"stream_options":{"include_usage":true}}`)
+	require.Equal(t, 200, resp.StatusCode)
+	require.Equal(t, "text/event-stream; charset=utf-8", resp.Header.Get("Content-Type"))
+	events := strings.Split(strings.TrimSuffix(body, "\n\n"), "\n\n")
+	require.Len(t, events, 1+4+1+1, body)
+	require.Equal(t, "data: [DONE]", events[len(events)-1])
+	var ids = map[string]bool{}
+	for i, ev := range events[:len(events)-1] {
+		require.True(t, strings.HasPrefix(ev, "data: {"), ev)
+		var c map[string]any
+		require.NoError(t, json.Unmarshal([]byte(strings.TrimPrefix(ev, "data: ")), &c))
+		require.Equal(t, "chat.completion.chunk", c["object"])
+		ids[c["id"].(string)] = true
+		choices := c["choices"].([]any)
+		switch {
+		case i == 0:
+			delta := choices[0].(map[string]any)["delta"].(map[string]any)
+			require.Equal(t, "assistant", delta["role"])
+			require.Equal(t, "", delta["content"])
+		case i <= 4:
+			ch := choices[0].(map[string]any)
+			require.NotEmpty(t, ch["delta"].(map[string]any)["content"])
+			if i == 4 {
+				require.Equal(t, "length", ch["finish_reason"])
+			} else {
+				require.Nil(t, ch["finish_reason"])
+			}
+		default:
+			require.Empty(t, choices)
+			u := c["usage"].(map[string]any)
+			require.Equal(t, 4.0, u["completion_tokens"])
+			require.Equal(t, u["prompt_tokens"].(float64)+4, u["total_tokens"])
+		}
+	}
+	require.Len(t, ids, 1, "one id for every chunk")
+}
+
+func TestErrorBodies(t *testing.T) {
+	_, url := testServer(t, DefaultParams(), 50)
+	for _, c := range []struct {
+		body, typ, msg string
+		code           int
+	}{
+		{`{"model":"x","prompt":"a"}`, "NotFoundError", "The model `x` does not exist.", 404},
+		{`{"model":`, "BadRequestError", "Invalid JSON body", 400},
+		{`{"model":"m","prompt":"a","max_tokens":0}`, "BadRequestError", "max_tokens must be at least 1", 400},
+		{`{"model":"m","prompt":"a","max_tokens":100000}`, "BadRequestError", "maximum context length is 32768", 400},
+	} {
+		resp, body := post(t, url+"/v1/completions", c.body)
+		require.Equal(t, c.code, resp.StatusCode, body)
+		var e struct {
+			Error map[string]any `json:"error"`
+		}
+		require.NoError(t, json.Unmarshal([]byte(body), &e), body)
+		require.Equal(t, c.typ, e.Error["type"])
+		require.Contains(t, e.Error["message"], c.msg)
+		require.Equal(t, float64(c.code), e.Error["code"], "code is the integer HTTP status")
+		_, hasParam := e.Error["param"]
+		require.True(t, hasParam)
+	}
+}
+
+func scrape(t *testing.T, url string) map[string]float64 {
+	t.Helper()
+	resp, err := http.Get(url + "/metrics")
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	parser := expfmt.NewTextParser(model.UTF8Validation)
+	fams, err := parser.TextToMetricFamilies(resp.Body)
+	require.NoError(t, err)
+	out := map[string]float64{}
+	for name, f := range fams {
+		for _, m := range f.GetMetric() {
+			labels := map[string]string{}
+			for _, l := range m.GetLabel() {
+				labels[l.GetName()] = l.GetValue()
+			}
+			if name != "vllm:cache_config_info" {
+				require.Equal(t, "m", labels["model_name"], name)
+				require.Equal(t, "0", labels["engine"], name)
+			}
+			switch {
+			case m.Gauge != nil:
+				out[name] = m.GetGauge().GetValue()
+			case m.Counter != nil:
+				out[name] += m.GetCounter().GetValue()
+			case m.Histogram != nil:
+				out[name+"_count"] = float64(m.GetHistogram().GetSampleCount())
+			}
+		}
+	}
+	return out
+}
+
+func TestMetricsExposition(t *testing.T) {
+	_, url := testServer(t, DefaultParams(), 50)
+	resp, _ := post(t, url+"/v1/completions", `{"model":"m","prompt":"hello world","max_tokens":3}`)
+	require.Equal(t, 200, resp.StatusCode)
+	m := scrape(t, url)
+	for _, name := range []string{"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
+		"vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total", "vllm:num_preemptions_total",
+		"vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:time_to_first_token_seconds_count",
+		"vllm:e2e_request_latency_seconds_count", "vllm:cache_config_info"} {
+		_, ok := m[name]
+		require.True(t, ok, "missing %s", name)
+	}
+	require.Equal(t, 3.0, m["vllm:generation_tokens_total"])
+	require.Equal(t, 1.0, m["vllm:time_to_first_token_seconds_count"])
+	require.Equal(t, 1.0, m["vllm:request_success_total"])
+}
+
+// ttft measures the time to the first content chunk of a streamed completion.
+func ttft(t *testing.T, url, prompt string) time.Duration {
+	body, _ := json.Marshal(map[string]any{"model": "m", "prompt": prompt, "max_tokens": 2, "stream": true})
+	start := time.Now()
+	resp, err := http.Post(url+"/v1/completions", "application/json", strings.NewReader(string(body)))
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	r := bufio.NewReader(resp.Body)
+	for {
+		line, err := r.ReadString('\n')
+		require.NoError(t, err)
+		if strings.HasPrefix(line, "data: {") {
+			return time.Since(start)
+		}
+	}
+}
+
+func TestTTFTGrowsWithPromptAndQueue(t *testing.T) {
+	_, url := testServer(t, DefaultParams(), 4) // virtual time runs 4× faster than real
+	short := ttft(t, url, strings.Repeat("a", 40))    // 10 tokens: ≈ 20 ms base
+	long := ttft(t, url, strings.Repeat("b", 4*4000)) // 4000 tokens: + ≈ 1 s of prefill
+	require.Greater(t, long, short+150*time.Millisecond, "short %v long %v", short, long)
+
+	// Queue depth: with 4 long prefills ahead, a short prompt waits for them.
+	done := make(chan struct{})
+	for i := 0; i < 4; i++ {
+		go func(i int) {
+			_ = ttft(t, url, strings.Repeat(fmt.Sprint(i), 4*4000))
+			done <- struct{}{}
+		}(i)
+	}
+	time.Sleep(20 * time.Millisecond)
+	queued := ttft(t, url, strings.Repeat("c", 40))
+	t.Logf("ttft short %v long %v queued %v", short, long, queued)
+	for i := 0; i < 4; i++ {
+		<-done
+	}
+	require.Greater(t, queued, short+300*time.Millisecond, "short %v queued %v", short, queued)
+}
+
+func TestPreemptionUnderKVPressure(t *testing.T) {
+	p := DefaultParams()
+	p.NumGPUBlocks = 40 // 640 tokens of KV
+	p.MaxModelLen = 512
+	p.Base = time.Millisecond
+	p.PrefillPerToken, p.DecodePerSeq, p.PerContextToken = 0, 0, 0
+	s, url := testServer(t, p, 1)
+	maxKV := 0.0
+	stop := make(chan struct{})
+	go func() {
+		for {
+			select {
+			case <-stop:
+				return
+			default:
+			}
+			m := scrape(t, url)
+			maxKV = max(maxKV, m["vllm:kv_cache_usage_perc"])
+			require.LessOrEqual(t, m["vllm:kv_cache_usage_perc"], 1.0)
+			require.GreaterOrEqual(t, m["vllm:kv_cache_usage_perc"], 0.0)
+			time.Sleep(5 * time.Millisecond)
+		}
+	}()
+	errs := make(chan error, 4)
+	for i := 0; i < 4; i++ {
+		go func(i int) {
+			// 50 prompt tokens + 150 output tokens each: 4 × 200 > 640.
+			body := fmt.Sprintf(`{"model":"m","prompt":"%s","max_tokens":150,"ignore_eos":true}`, strings.Repeat(fmt.Sprint(i), 200))
+			resp, err := http.Post(url+"/v1/completions", "application/json", strings.NewReader(body))
+			if err == nil {
+				b, _ := io.ReadAll(resp.Body)
+				resp.Body.Close()
+				if resp.StatusCode != 200 || !strings.Contains(string(b), `"completion_tokens":150`) {
+					err = fmt.Errorf("%d %s", resp.StatusCode, b)
+				}
+			}
+			errs <- err
+		}(i)
+	}
+	for i := 0; i < 4; i++ {
+		require.NoError(t, <-errs)
+	}
+	close(stop)
+	m := scrape(t, url)
+	require.Greater(t, m["vllm:num_preemptions_total"], 0.0, "KV pressure must preempt")
+	require.Equal(t, 600.0, m["vllm:generation_tokens_total"], "every token delivered once despite preemption")
+	require.Greater(t, maxKV, 0.5)
+	r, w := s.eng.queueLens()
+	require.Zero(t, r+w)
+}
+
+func TestFaults(t *testing.T) {
+	s, url := testServer(t, DefaultParams(), 50)
+	fault := func(body string) {
+		resp, b := post(t, url+"/shoal-sim/faults", body)
+		require.Equal(t, 200, resp.StatusCode, b)
+	}
+	// Errors at a rate.
+	fault(`{"mode":"errors","rate":1,"code":429}`)
+	resp, _ := post(t, url+"/v1/completions", `{"model":"m","prompt":"a","max_tokens":1}`)
+	require.Equal(t, 429, resp.StatusCode)
+	fault(`{"mode":"clear"}`)
+
+	// Hang: everything answers, no tokens come (vllm#53157).
+	fault(`{"mode":"hang"}`)
+	hr, err := http.Get(url + "/health")
+	require.NoError(t, err)
+	hr.Body.Close()
+	require.Equal(t, 200, hr.StatusCode)
+	ctx, cancel := context.WithTimeout(context.Background(), 300*time.Millisecond)
+	req, _ := http.NewRequestWithContext(ctx, "POST", url+"/v1/completions", strings.NewReader(`{"model":"m","prompt":"a","max_tokens":1}`))
+	_, err = http.DefaultClient.Do(req)
+	cancel()
+	require.Error(t, err, "no tokens while hung")
+	fault(`{"mode":"clear"}`)
+
+	// A Ray worker died: /health stays 200 (vllm#16259) until a request runs,
+	// then the engine is dead: 500, and /health 503.
+	fault(`{"mode":"worker-dead"}`)
+	hr, _ = http.Get(url + "/health")
+	hr.Body.Close()
+	require.Equal(t, 200, hr.StatusCode)
+	resp, _ = post(t, url+"/v1/completions", `{"model":"m","prompt":"a","max_tokens":1}`)
+	require.Equal(t, 500, resp.StatusCode)
+	require.Eventually(t, func() bool {
+		hr, err := http.Get(url + "/health")
+		if err != nil {
+			return false
+		}
+		hr.Body.Close()
+		return hr.StatusCode == 503
+	}, 2*time.Second, 10*time.Millisecond)
+	require.ErrorIs(t, s.eng.deadErr(), s.eng.deadErr())
+
+	resp, _ = post(t, url+"/shoal-sim/faults", `{"mode":"teleport"}`)
+	require.Equal(t, 400, resp.StatusCode)
+}
+
+func TestOpenAIClientAgainstSim(t *testing.T) {
+	_, url := testServer(t, DefaultParams(), 50)
+	c := openai.NewClient(option.WithBaseURL(url+"/v1/"), option.WithAPIKey("x"), option.WithMaxRetries(0))
+	ctx := context.Background()
+	params := openai.ChatCompletionNewParams{Model: "m", MaxTokens: openai.Int(5),
+		Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("hi")}}
+	r, err := c.Chat.Completions.New(ctx, params)
+	require.NoError(t, err)
+	require.Equal(t, int64(5), r.Usage.CompletionTokens)
+	params.StreamOptions = openai.ChatCompletionStreamOptionsParam{IncludeUsage: openai.Bool(true)}
+	st := c.Chat.Completions.NewStreaming(ctx, params)
+	acc := openai.ChatCompletionAccumulator{}
+	for st.Next() {
+		acc.AddChunk(st.Current())
+	}
+	require.NoError(t, st.Err())
+	require.Equal(t, int64(5), acc.Usage.CompletionTokens)
+	require.Equal(t, "length", acc.Choices[0].FinishReason)
+	models, err := c.Models.List(ctx)
+	require.NoError(t, err)
+	require.Equal(t, "m", models.Data[0].ID)
+	_, err = c.Completions.New(ctx, openai.CompletionNewParams{Model: "nope", Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("x")}})
+	var apiErr *openai.Error
+	require.ErrorAs(t, err, &apiErr)
+	require.Equal(t, 404, apiErr.StatusCode)
+}
+
+func TestServeFlagErrors(t *testing.T) {
+	var out, errb strings.Builder
+	t.Setenv("SHOAL_SIM_GPUS", "8")
+	code := VLLM(context.Background(), []string{"serve", "/m", "--tensor-parallel-size", "8", "--pipeline-parallel-size", "2"}, &out, &errb)
+	require.Equal(t, 1, code)
+	require.Contains(t, errb.String(), "World size (16) is larger than the number of available GPUs (8) in this node")
+	errb.Reset()
+	code = VLLM(context.Background(), []string{"serve", "/m", "--bogus-flag", "3"}, &out, &errb)
+	require.Equal(t, 2, code)
+	require.Contains(t, errb.String(), "unrecognized arguments: --bogus-flag 3")
+	errb.Reset()
+	code = VLLM(context.Background(), []string{"serve", "/m", "--port", "http"}, &out, &errb)
+	require.Equal(t, 2, code)
+	require.Contains(t, errb.String(), "invalid int value: 'http'")
+}

@@ -216,6 +216,23 @@ func (c *Cluster) Kill(id string) error {
 	return nil
 }
 
+// Restart stops agent i gracefully (SIGTERM: it stops its engines and leaves
+// the cluster) and starts it again with the same state directory.
+func (c *Cluster) Restart(i int) error {
+	p, ok := c.agents[NodeID(i)]
+	if !ok {
+		return fmt.Errorf("no agent %s", NodeID(i))
+	}
+	signalAll([]*proc{p}, syscall.SIGTERM)
+	waitAll([]*proc{p}, 15*time.Second)
+	select {
+	case <-p.done:
+	default:
+		return fmt.Errorf("agent %s did not stop within 15 s", NodeID(i))
+	}
+	return c.StartAgent(i)
+}
+
 // Stop ends the agents (which stop their engines), then the coordinator, then
 // anything left. Bounded: about 20 s at most.
 func (c *Cluster) Stop() {

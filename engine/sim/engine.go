@@ -64,13 +64,14 @@ type request struct {
 	firstAt    time.Time
 	prefilled  int
 	generated  int
-	blocks     int
 	out        chan token
 	ctx        context.Context
 	preempted  bool
-	cachedHits int
-	origPrompt int // prompt tokens as sent (prompt grows on preemption)
-	emitted    int // tokens sent to the client, across preemptions
+	cachedHits int      // prompt tokens served from the prefix cache at admission
+	hashes     []uint64 // chained hashes of the prompt's full blocks
+	blockIDs   []int    // KV blocks held, in order
+	origPrompt int      // prompt tokens as sent (prompt grows on preemption)
+	emitted    int      // tokens sent to the client, across preemptions
 }
 
 // Engine is the continuous-batching scheduler. One goroutine (Run) steps it.
@@ -82,7 +83,7 @@ type Engine struct {
 	mu       sync.Mutex
 	waiting  []*request // guarded by mu; FCFS, preempted requests at the front
 	running  []*request // guarded by mu
-	used     int        // guarded by mu; blocks in use
+	kv       *blocks    // guarded by mu
 	dead     error      // guarded by mu
 	stalled  bool       // guarded by mu; fault: steps produce nothing
 	onDeath  func()
@@ -91,7 +92,7 @@ type Engine struct {
 }
 
 func newEngine(p Params, c Clock, m *metrics) *Engine {
-	return &Engine{p: p, clock: c, m: m, wake: make(chan struct{}, 1), slow: 1}
+	return &Engine{p: p, clock: c, m: m, wake: make(chan struct{}, 1), slow: 1, kv: newBlocks(p.NumGPUBlocks)}
 }
 
 // submit queues a request; tokens arrive on r.out.
@@ -123,7 +124,10 @@ func (e *Engine) kill(err error) {
 	}
 	e.dead = err
 	all := append(append([]*request{}, e.running...), e.waiting...)
-	e.running, e.waiting, e.used = nil, nil, 0
+	for _, r := range e.running {
+		e.freeBlocks(r)
+	}
+	e.running, e.waiting = nil, nil
 	cb := e.onDeath
 	e.mu.Unlock()
 	for _, r := range all {
@@ -180,7 +184,7 @@ func (e *Engine) step() {
 	kept := e.running[:0]
 	for _, r := range e.running {
 		if r.ctx.Err() != nil {
-			e.used -= r.blocks
+			e.freeBlocks(r)
 			e.m.finished("abort")
 			continue
 		}
@@ -194,14 +198,36 @@ func (e *Engine) step() {
 			e.waiting = e.waiting[1:]
 			continue
 		}
-		need := e.blocksFor(r.prompt + 1)
-		if e.used+need > e.p.NumGPUBlocks {
+		// Prefix cache: reuse the longest cached prefix; vLLM always computes
+		// at least the last prompt token.
+		hits := e.kv.lookup(r.hashes)
+		if limit := (r.prompt - 1) / e.p.BlockSize; len(hits) > limit {
+			hits = hits[:limit]
+		}
+		need := e.blocksFor(r.prompt+1) - len(hits)
+		evictableHits := 0
+		for _, id := range hits {
+			if e.kv.refs[id] == 0 {
+				evictableHits++ // counted in available(), but about to be taken
+			}
+		}
+		if need > e.kv.available()-evictableHits {
 			break
 		}
 		e.waiting = e.waiting[1:]
-		r.blocks = need
+		for _, id := range hits {
+			e.kv.acquire(id)
+		}
+		r.blockIDs = append([]int(nil), hits...)
+		for i := 0; i < need; i++ {
+			r.blockIDs = append(r.blockIDs, e.kv.alloc())
+		}
+		r.prefilled = len(hits) * e.p.BlockSize
+		if !r.preempted {
+			r.cachedHits = r.prefilled
+			e.m.prefix(r.prompt, r.prefilled)
+		}
 		r.preempted = false
-		e.used += need
 		e.running = append(e.running, r)
 	}
 	budget := e.p.MaxBatchTokens
@@ -217,6 +243,12 @@ func (e *Engine) step() {
 			budget -= chunk
 			prefillTokens += chunk
 			if r.prefilled == r.prompt {
+				// The prompt's full blocks now hold computed KV: cache them.
+				for i, h := range r.hashes {
+					if i < len(r.blockIDs) {
+						e.kv.register(r.blockIDs[i], h)
+					}
+				}
 				decoders = append(decoders, r) // the first token comes out of this step
 			}
 			continue
@@ -229,8 +261,8 @@ func (e *Engine) step() {
 		if r.preempted {
 			continue
 		}
-		need := e.blocksFor(r.prompt+r.generated+1) - r.blocks
-		for need > 0 && e.used+need > e.p.NumGPUBlocks {
+		need := e.blocksFor(r.prompt+r.generated+1) - len(r.blockIDs)
+		for need > 0 && e.kv.available() < need {
 			victim := e.running[len(e.running)-1]
 			e.preempt(victim)
 			if victim == r {
@@ -240,16 +272,15 @@ func (e *Engine) step() {
 		if r.preempted {
 			continue
 		}
-		if need > 0 {
-			r.blocks += need
-			e.used += need
+		for i := 0; i < need; i++ {
+			r.blockIDs = append(r.blockIDs, e.kv.alloc())
 		}
 		stepping = append(stepping, r)
 		decodeSeqs++
 		ctxTokens += r.prompt + r.generated
 	}
 	stalled, slow := e.stalled, e.slow
-	e.m.setKV(float64(e.used) / float64(e.p.NumGPUBlocks))
+	e.m.setKV(e.kv.usage())
 	e.mu.Unlock()
 
 	d := e.p.Base + time.Duration(prefillTokens)*e.p.PrefillPerToken +
@@ -282,14 +313,14 @@ func (e *Engine) step() {
 	kept = e.running[:0]
 	for _, r := range e.running {
 		if r.generated >= r.maxTokens || (!r.ignoreEOS && r.generated >= r.natural) {
-			e.used -= r.blocks
+			e.freeBlocks(r)
 			continue
 		}
 		kept = append(kept, r)
 	}
 	e.running = kept
 	e.lastStep = now
-	e.m.setKV(float64(e.used) / float64(e.p.NumGPUBlocks))
+	e.m.setKV(e.kv.usage())
 	e.mu.Unlock()
 	e.m.step(prefillTokens, len(emits))
 	for _, em := range emits {
@@ -315,8 +346,7 @@ func (e *Engine) preempt(r *request) {
 			break
 		}
 	}
-	e.used -= r.blocks
-	r.blocks = 0
+	e.freeBlocks(r)
 	r.prefilled = 0
 	// Tokens already streamed stay streamed; recompute covers prompt + output.
 	r.prompt += r.generated
@@ -326,6 +356,15 @@ func (e *Engine) preempt(r *request) {
 	r.preempted = true
 	e.waiting = append([]*request{r}, e.waiting...)
 	e.m.preempted()
+}
+
+// freeBlocks drops a request's references; cached blocks stay for reuse.
+// Called with mu held.
+func (e *Engine) freeBlocks(r *request) {
+	for _, id := range r.blockIDs {
+		e.kv.release(id)
+	}
+	r.blockIDs = nil
 }
 
 func (e *Engine) queueLens() (running, waiting int) {

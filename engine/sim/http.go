@@ -263,7 +263,8 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, chat bool) {
 	id := s.seq.Add(1)
 	er := &request{id: strconv.FormatUint(id, 10), prompt: promptTokens, origPrompt: promptTokens, maxTokens: maxTokens,
 		natural: 16 + int(seed%240), ignoreEOS: req.IgnoreEOS, seed: seed, arrival: arrival,
-		out: make(chan token, maxTokens+2), ctx: r.Context()}
+		hashes: blockHashes(prompt, s.eng.p.BlockSize),
+		out:    make(chan token, maxTokens+2), ctx: r.Context()}
 	if err := s.eng.submit(er); err != nil {
 		writeError(w, 500, "InternalServerError", err.Error(), nil)
 		return

@@ -92,6 +92,12 @@ func (m *metrics) step(prefill, generated int) {
 	m.generation.Add(float64(generated))
 }
 
+// prefix counts prefix-cache queries and hits, in tokens (V1 semantics).
+func (m *metrics) prefix(queried, hit int) {
+	m.prefixQ.Add(float64(queried))
+	m.prefixH.Add(float64(hit))
+}
+
 func (m *metrics) preempted()             { m.preemptions.Inc() }
 func (m *metrics) finished(reason string) { m.success.WithLabelValues(reason).Inc() }
 

@@ -174,7 +174,7 @@ func ttft(t *testing.T, url, prompt string) time.Duration {
 }
 
 func TestTTFTGrowsWithPromptAndQueue(t *testing.T) {
-	_, url := testServer(t, DefaultParams(), 4) // virtual time runs 4× faster than real
+	_, url := testServer(t, DefaultParams(), 4)       // virtual time runs 4× faster than real
 	short := ttft(t, url, strings.Repeat("a", 40))    // 10 tokens: ≈ 20 ms base
 	long := ttft(t, url, strings.Repeat("b", 4*4000)) // 4000 tokens: + ≈ 1 s of prefill
 	require.Greater(t, long, short+150*time.Millisecond, "short %v long %v", short, long)
@@ -335,4 +335,21 @@ func TestServeFlagErrors(t *testing.T) {
 	code = VLLM(context.Background(), []string{"serve", "/m", "--port", "http"}, &out, &errb)
 	require.Equal(t, 2, code)
 	require.Contains(t, errb.String(), "invalid int value: 'http'")
+}
+
+func TestPrefixCacheLowersTTFT(t *testing.T) {
+	_, url := testServer(t, DefaultParams(), 4)
+	system := strings.Repeat("You are a helpful assistant that answers briefly. ", 350) // ≈ 4400 tokens
+	cold := ttft(t, url, system+"What is the capital of France?")
+	warm := ttft(t, url, system+"What is the tallest mountain?")
+	t.Logf("ttft cold %v warm %v", cold, warm)
+	require.Less(t, warm, cold/3, "a cached prefix skips most of the prefill")
+	m := scrape(t, url)
+	q, h := m["vllm:prefix_cache_queries_total"], m["vllm:prefix_cache_hits_total"]
+	require.Greater(t, h, 4000.0, "hits are counted in tokens")
+	require.Greater(t, q, 2*4000.0)
+	require.Less(t, h, q)
+	// Another prompt shares nothing.
+	other := ttft(t, url, strings.Repeat("Unrelated text. ", 1100))
+	require.Greater(t, other, cold/2)
 }

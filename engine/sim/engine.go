@@ -18,6 +18,8 @@ import (
 // for 70B TP8, ITL ≈ 25 ms); issue 3 calibrates named presets.
 type Params struct {
 	Base            time.Duration
+	PrefillOverhead time.Duration // added to a step that prefills anything
+	LoadTime        time.Duration // weight loading before the server listens
 	PrefillPerToken time.Duration
 	DecodePerSeq    time.Duration
 	PerContextToken time.Duration
@@ -72,6 +74,8 @@ type request struct {
 	blockIDs   []int    // KV blocks held, in order
 	origPrompt int      // prompt tokens as sent (prompt grows on preemption)
 	emitted    int      // tokens sent to the client, across preemptions
+	// Virtual timestamps (engine time, exact): arrival, first and last token.
+	vArrival, vFirst, vLast time.Duration
 }
 
 // Engine is the continuous-batching scheduler. One goroutine (Run) steps it.
@@ -87,8 +91,9 @@ type Engine struct {
 	dead     error      // guarded by mu
 	stalled  bool       // guarded by mu; fault: steps produce nothing
 	onDeath  func()
-	lastStep time.Time // guarded by mu
-	slow     float64   // guarded by mu; straggler factor ≥ 1
+	lastStep time.Time     // guarded by mu
+	vnow     time.Duration // guarded by mu; virtual time: the sum of step times
+	slow     float64       // guarded by mu; straggler factor ≥ 1
 }
 
 func newEngine(p Params, c Clock, m *metrics) *Engine {
@@ -105,6 +110,7 @@ func (e *Engine) submit(r *request) error {
 		e.mu.Unlock()
 		return e.dead
 	}
+	r.vArrival = e.vnow
 	e.waiting = append(e.waiting, r)
 	e.mu.Unlock()
 	e.m.setQueues(e)
@@ -285,12 +291,17 @@ func (e *Engine) step() {
 
 	d := e.p.Base + time.Duration(prefillTokens)*e.p.PrefillPerToken +
 		time.Duration(decodeSeqs)*e.p.DecodePerSeq + time.Duration(ctxTokens)*e.p.PerContextToken
-	e.clock.Sleep(time.Duration(float64(d) * slow))
+	if prefillTokens > 0 {
+		d += e.p.PrefillOverhead
+	}
+	d = time.Duration(float64(d) * slow)
+	e.clock.Sleep(d)
 	if stalled {
 		return // the #53157 hang: steps run, nothing comes out
 	}
 	now := time.Now()
 	e.mu.Lock()
+	e.vnow += d
 	for _, r := range stepping {
 		if r.preempted {
 			continue
@@ -298,8 +309,9 @@ func (e *Engine) step() {
 		r.generated++
 		r.emitted++
 		if r.emitted == 1 {
-			r.firstAt = now
+			r.firstAt, r.vFirst = now, e.vnow
 		}
+		r.vLast = e.vnow
 		t := token{text: word(r.seed, r.generated)}
 		switch {
 		case r.generated >= r.maxTokens:

@@ -3,6 +3,8 @@ package sim
 import (
 	"time"
 
+	dto "github.com/prometheus/client_model/go"
+
 	"github.com/prometheus/client_golang/prometheus"
 )
 
@@ -114,4 +116,12 @@ func virtual(d time.Duration, c Clock) time.Duration {
 
 func itoa(n int) string {
 	return fmtInt(n)
+}
+
+func counterValue(c interface{ Write(*dto.Metric) error }) float64 {
+	var d dto.Metric
+	if c.Write(&d) != nil || d.Counter == nil {
+		return 0
+	}
+	return d.Counter.GetValue()
 }

@@ -138,7 +138,16 @@ func serve(ctx context.Context, c serveConfig, stdout, stderr io.Writer) int {
 			lost = l
 		}
 	}
-	loadFor := time.Duration(envFloat("SHOAL_SIM_LOAD_SECONDS", 5) * float64(time.Second))
+	preset, err := presetFor(c.served + " " + c.model)
+	if err != nil {
+		fmt.Fprintln(stderr, err)
+		return 2
+	}
+	loadFor := preset.Params.LoadTime
+	if os.Getenv("SHOAL_SIM_LOAD_SECONDS") != "" {
+		loadFor = time.Duration(envFloat("SHOAL_SIM_LOAD_SECONDS", 5) * float64(time.Second))
+	}
+	logf(stdout, "Simulating %s (%s)", preset.Name, preset.Source)
 	logf(stdout, "Loading model weights from %s (%d ranks)…", c.model, world)
 	select {
 	case <-time.After(clock.Real(loadFor)):
@@ -150,7 +159,7 @@ func serve(ctx context.Context, c serveConfig, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "ERROR ray worker died during loading: %s\nRuntimeError: Engine core initialization failed.\n", why)
 		return 1
 	}
-	p := DefaultParams()
+	p := preset.Params
 	p.MaxNumSeqs, p.MaxModelLen = c.maxNumSeqs, c.maxModelLen
 	if kv := p.NumGPUBlocks * p.BlockSize; c.maxModelLen > kv {
 		fmt.Fprintf(stderr, "ValueError: The model's max seq len (%d) is larger than the maximum number of tokens that can be stored in KV cache (%d). Try increasing `gpu_memory_utilization` or decreasing `max_model_len` when initializing the engine.\n", c.maxModelLen, kv)

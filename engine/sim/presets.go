@@ -1,0 +1,113 @@
+package sim
+
+import (
+	"fmt"
+	"os"
+	"sort"
+	"strings"
+	"time"
+)
+
+// Preset is a named engine calibration with the published figures it was
+// fitted to, so the bench can print simulated against published.
+type Preset struct {
+	Name   string
+	Params Params
+	// Published per-token profile: TTFT(n) = PrefillOverhead + n·PrefillPerToken
+	// for a lone request, ITL at one running request, and ITL × LoadFactor
+	// at MaxSeqsPublished running requests. Zero when nothing was published.
+	PubPrefillOverhead time.Duration
+	PubPrefillPerToken time.Duration
+	PubITL             time.Duration
+	PubLoadFactor      float64
+	PubMaxSeqs         int
+	Source             string
+}
+
+// fit derives step-time parameters that reproduce a published profile:
+// a lone decode step takes ITL, a full batch of maxSeqs takes ITL·factor, and
+// a prefill step adds the published overhead and per-token cost.
+func fit(itl, overhead, perToken time.Duration, factor float64, maxSeqs int) (base, perSeq, prefillOverhead time.Duration) {
+	perSeq = time.Duration(float64(itl) * (factor - 1) / float64(maxSeqs-1))
+	base = itl - perSeq
+	prefillOverhead = overhead - itl
+	return
+}
+
+// Presets, by name.
+var Presets = map[string]Preset{}
+
+func init() {
+	// Llama-3.1-8B on one H100. Source: llm-d-inference-sim
+	// manifests/latency-profiles/8b-h100-balanced-per-token.yaml (ITL 12 ms,
+	// prefill 30 ms + 250 µs/token, time factor 2.0 at 16 running requests).
+	// KV: 32 layers × 8 KV heads × 128 dims × 2 (K,V) × 2 bytes = 128 KiB per
+	// token; (80 GB × 0.9 − 16 GB weights) / 128 KiB ≈ 430k tokens ≈ 26,800 blocks.
+	// Load: Run:ai Model Streamer, ~15 GB Llama-3-8B from GP3 SSD in 14.3 s
+	// (reference/figures.md §5).
+	b, s, o := fit(12*time.Millisecond, 30*time.Millisecond, 250*time.Microsecond, 2.0, 16)
+	Presets["llama-8b-h100-tp1"] = Preset{Name: "llama-8b-h100-tp1", Params: Params{Base: b, DecodePerSeq: s, PrefillOverhead: o,
+		PrefillPerToken: 250 * time.Microsecond, PerContextToken: time.Nanosecond, MaxNumSeqs: 256, MaxBatchTokens: 8192,
+		NumGPUBlocks: 26800, BlockSize: 16, MaxModelLen: 131072, LoadTime: 14300 * time.Millisecond},
+		PubPrefillOverhead: 30 * time.Millisecond, PubPrefillPerToken: 250 * time.Microsecond, PubITL: 12 * time.Millisecond,
+		PubLoadFactor: 2.0, PubMaxSeqs: 16, Source: "llm-d-inference-sim latency-profiles/8b-h100-balanced-per-token.yaml"}
+
+	// Llama-3.1-70B on 8 H100 (TP8). Source: llm-d-inference-sim
+	// manifests/latency-profiles/70b-h100-tp8-throughput-per-token.yaml (ITL
+	// 25 ms, prefill 80 ms + 500 µs/token, time factor 3.0 at 64 running).
+	// KV: 80 layers × 8 × 128 × 2 × 2 bytes = 320 KiB per token;
+	// (8 × 80 GB × 0.9 − 140 GB) / 320 KiB ≈ 1.33M tokens ≈ 83,000 blocks.
+	// Load: not published in the profile; 140 GB at the ~12.7 GB/s vLLM
+	// reached for DeepSeek-R1 on 8×H200 (vllm#14965) ≈ 11 s.
+	b, s, o = fit(25*time.Millisecond, 80*time.Millisecond, 500*time.Microsecond, 3.0, 64)
+	Presets["llama-70b-h100-tp8"] = Preset{Name: "llama-70b-h100-tp8", Params: Params{Base: b, DecodePerSeq: s, PrefillOverhead: o,
+		PrefillPerToken: 500 * time.Microsecond, PerContextToken: 2 * time.Nanosecond, MaxNumSeqs: 256, MaxBatchTokens: 8192,
+		NumGPUBlocks: 83000, BlockSize: 16, MaxModelLen: 131072, LoadTime: 11 * time.Second},
+		PubPrefillOverhead: 80 * time.Millisecond, PubPrefillPerToken: 500 * time.Microsecond, PubITL: 25 * time.Millisecond,
+		PubLoadFactor: 3.0, PubMaxSeqs: 64, Source: "llm-d-inference-sim latency-profiles/70b-h100-tp8-throughput-per-token.yaml"}
+
+	// DeepSeek-R1 671B on 2 × 8 H200, TP8 × PP2 over Ray: the seed deployment.
+	// No per-token profile is published for it, so the step parameters are
+	// DERIVED, not measured: the 70B TP8 profile scaled by active parameters
+	// (37B of 671B are active per token, so ≈ 0.55×), plus a pipeline bubble
+	// for PP2 (+20 % per step). Only the load time is published: ~55 s for
+	// 163 shards on 8×H200 (vllm#14965, similar on 2 nodes in #13074).
+	// KV (MLA): 61 layers × 576 × 2 bytes ≈ 69 KiB per token; conservative
+	// 2M tokens ≈ 125,000 blocks after activations.
+	b, s, o = fit(time.Duration(25*0.55*1.2*float64(time.Millisecond)), time.Duration(80*0.55*1.2*float64(time.Millisecond)),
+		time.Duration(500*0.55*float64(time.Microsecond)), 3.0, 64)
+	Presets["deepseek-r1-h200-tp8pp2"] = Preset{Name: "deepseek-r1-h200-tp8pp2", Params: Params{Base: b, DecodePerSeq: s, PrefillOverhead: o,
+		PrefillPerToken: time.Duration(500 * 0.55 * float64(time.Microsecond)), PerContextToken: 2 * time.Nanosecond, MaxNumSeqs: 256,
+		MaxBatchTokens: 8192, NumGPUBlocks: 125000, BlockSize: 16, MaxModelLen: 131072, LoadTime: 55 * time.Second},
+		Source: "derived from the 70B TP8 profile (no published profile); load time from vllm#14965"}
+}
+
+// PresetNames lists the presets, sorted.
+func PresetNames() []string {
+	var out []string
+	for n := range Presets {
+		out = append(out, n)
+	}
+	sort.Strings(out)
+	return out
+}
+
+// presetFor picks the preset from SHOAL_SIM_PRESET, else from the model name.
+func presetFor(model string) (Preset, error) {
+	if name := os.Getenv("SHOAL_SIM_PRESET"); name != "" {
+		p, ok := Presets[name]
+		if !ok {
+			return Preset{}, fmt.Errorf("SHOAL_SIM_PRESET=%q: one of %s", name, strings.Join(PresetNames(), ", "))
+		}
+		return p, nil
+	}
+	m := strings.ToLower(model)
+	switch {
+	case strings.Contains(m, "deepseek"):
+		return Presets["deepseek-r1-h200-tp8pp2"], nil
+	case strings.Contains(m, "8b"):
+		return Presets["llama-8b-h100-tp1"], nil
+	default:
+		return Presets["llama-70b-h100-tp8"], nil
+	}
+}

@@ -75,7 +75,7 @@ type request struct {
 	origPrompt int      // prompt tokens as sent (prompt grows on preemption)
 	emitted    int      // tokens sent to the client, across preemptions
 	// Virtual timestamps (engine time, exact): arrival, first and last token.
-	vArrival, vFirst, vLast time.Duration
+	vArrival, vAdmit, vFirst, vLast time.Duration
 }
 
 // Engine is the continuous-batching scheduler. One goroutine (Run) steps it.
@@ -230,6 +230,7 @@ func (e *Engine) step() {
 		}
 		r.prefilled = len(hits) * e.p.BlockSize
 		if !r.preempted {
+			r.vAdmit = e.vnow
 			r.cachedHits = r.prefilled
 			e.m.prefix(r.prompt, r.prefilled)
 		}
@@ -310,6 +311,8 @@ func (e *Engine) step() {
 		r.emitted++
 		if r.emitted == 1 {
 			r.firstAt, r.vFirst = now, e.vnow
+		} else {
+			e.m.itl.Observe((e.vnow - r.vLast).Seconds())
 		}
 		r.vLast = e.vnow
 		t := token{text: word(r.seed, r.generated)}
@@ -340,6 +343,7 @@ func (e *Engine) step() {
 			e.m.ttft(now.Sub(em.r.arrival), e.clock)
 		}
 		if em.tok.finish != "" {
+			e.m.request(em.r)
 			e.m.finished(em.tok.finish)
 			e.m.e2e(now.Sub(em.r.arrival), e.clock)
 		}

@@ -289,20 +289,19 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, chat bool) {
 			return
 		}
 	}
-	usage := map[string]any{"prompt_tokens": er.origPrompt, "completion_tokens": er.emitted, "total_tokens": er.origPrompt + er.emitted}
-	resp := map[string]any{"id": rid, "created": arrival.Unix(), "model": req.Model, "usage": usage}
+	resp := completion{ID: rid, Object: "text_completion", Created: arrival.Unix(), Model: req.Model,
+		Usage: usage{PromptTokens: er.origPrompt, TotalTokens: er.origPrompt + er.emitted, CompletionTokens: er.emitted}}
+	out := text.String()
 	if chat {
-		resp["object"] = "chat.completion"
-		resp["choices"] = []any{map[string]any{"index": 0, "message": map[string]any{"role": "assistant", "content": text.String(),
-			"refusal": nil, "tool_calls": []any{}, "reasoning_content": nil}, "logprobs": nil, "finish_reason": finish, "stop_reason": nil}}
+		resp.Object = "chat.completion"
+		resp.Choices = []choice{{Message: &message{Role: "assistant", Content: out, ToolCalls: []string{}}, FinishReason: finish}}
 	} else {
-		resp["object"] = "text_completion"
-		resp["choices"] = []any{map[string]any{"index": 0, "text": text.String(), "logprobs": nil, "finish_reason": finish, "stop_reason": nil}}
+		resp.Choices = []choice{{Text: &out, FinishReason: finish}}
 	}
 	writeJSON(w, 200, resp)
 }
 
-func (s *Server) stream(w http.ResponseWriter, ctx context.Context, er *request, rid string, chat, usage bool) {
+func (s *Server) stream(w http.ResponseWriter, ctx context.Context, er *request, rid string, chat, usageOn bool) {
 	fl, _ := w.(http.Flusher)
 	w.Header().Set("Content-Type", "text/event-stream; charset=utf-8")
 	w.WriteHeader(200)
@@ -315,10 +314,13 @@ func (s *Server) stream(w http.ResponseWriter, ctx context.Context, er *request,
 		}
 	}
 	obj := "text_completion"
+	head := func(choices any) chunk {
+		return chunk{ID: rid, Object: obj, Created: created, Model: s.cfg.served, Choices: choices}
+	}
 	if chat {
 		obj = "chat.completion.chunk"
-		send(map[string]any{"id": rid, "object": obj, "created": created, "model": s.cfg.served,
-			"choices": []any{map[string]any{"index": 0, "delta": map[string]any{"role": "assistant", "content": ""}, "logprobs": nil, "finish_reason": nil}}})
+		empty := ""
+		send(head([]chunkChoice{{Delta: &delta{Role: "assistant", Content: &empty}}}))
 	}
 	for {
 		select {
@@ -328,32 +330,28 @@ func (s *Server) stream(w http.ResponseWriter, ctx context.Context, er *request,
 				fmt.Fprint(w, "data: [DONE]\n\n")
 				return
 			}
-			var fin any
-			if t.finish != "" {
-				fin = t.finish
-			}
-			choice := map[string]any{"index": 0, "logprobs": nil, "finish_reason": fin}
+			text := t.text
+			var d *delta
+			var tx *string
 			if chat {
-				choice["delta"] = map[string]any{"content": t.text}
+				d = &delta{Content: &text}
 			} else {
-				choice["text"] = t.text
+				tx = &text
 			}
-			if t.finish != "" {
-				choice["stop_reason"] = nil
+			if t.finish == "" {
+				send(head([]chunkChoice{{Delta: d, Text: tx}}))
+				continue
 			}
-			send(map[string]any{"id": rid, "object": obj, "created": created, "model": s.cfg.served, "choices": []any{choice}})
-			if t.finish != "" {
-				if usage {
-					send(map[string]any{"id": rid, "object": obj, "created": created, "model": s.cfg.served, "choices": []any{},
-						"usage": map[string]any{"prompt_tokens": er.origPrompt, "completion_tokens": er.emitted,
-							"total_tokens": er.origPrompt + er.emitted}})
-				}
-				fmt.Fprint(w, "data: [DONE]\n\n")
-				if fl != nil {
-					fl.Flush()
-				}
-				return
+			send(head([]finalChoice{{Delta: d, Text: tx, FinishReason: t.finish}}))
+			if usageOn {
+				send(chunk{ID: rid, Object: obj, Created: created, Model: s.cfg.served, Choices: []struct{}{},
+					Usage: &usage{PromptTokens: er.origPrompt, TotalTokens: er.origPrompt + er.emitted, CompletionTokens: er.emitted}})
 			}
+			fmt.Fprint(w, "data: [DONE]\n\n")
+			if fl != nil {
+				fl.Flush()
+			}
+			return
 		case <-ctx.Done():
 			return
 		}

@@ -12,7 +12,21 @@ import (
 var (
 	ttftBuckets = []float64{0.001, 0.005, 0.01, 0.02, 0.04, 0.06, 0.08, 0.1, 0.25, 0.5, 0.75, 1, 2.5, 5, 7.5, 10, 20, 40, 80, 160, 640, 2560}
 	e2eBuckets  = []float64{0.3, 0.5, 0.8, 1, 1.5, 2, 2.5, 5, 10, 15, 20, 30, 40, 50, 60, 120, 240, 480, 960, 1920, 7680}
+	itlBuckets  = []float64{0.01, 0.025, 0.05, 0.075, 0.1, 0.15, 0.2, 0.3, 0.4, 0.5, 0.75, 1.0, 2.5, 5.0, 7.5, 10.0, 20.0, 40.0, 80.0}
 )
+
+// buckets125 is vLLM's 1-2-5 series up to limit (build_1_2_5_buckets).
+func buckets125(limit int) []float64 {
+	var out []float64
+	for m := 1; ; m *= 10 {
+		for _, k := range []int{1, 2, 5} {
+			if k*m > limit {
+				return out
+			}
+			out = append(out, float64(k*m))
+		}
+	}
+}
 
 // metrics holds the engine's vLLM-named series on its own registry.
 type metrics struct {
@@ -28,12 +42,20 @@ type metrics struct {
 	e2eH        prometheus.Observer
 	prefixQ     prometheus.Counter
 	prefixH     prometheus.Counter
+	itl         prometheus.Observer
+	queueT      prometheus.Observer
+	prefillT    prometheus.Observer
+	decodeT     prometheus.Observer
+	inferenceT  prometheus.Observer
+	promptN     prometheus.Observer
+	genN        prometheus.Observer
+	iterN       prometheus.Observer
 	eng         *Engine
 }
 
 // newMetrics registers vLLM V1 names, or the V0-era ones when v0 is set, so the
 // coordinator's handling of both can be tested.
-func newMetrics(model string, numBlocks, blockSize int, v0 bool) *metrics {
+func newMetrics(model string, numBlocks, blockSize, maxModelLen, maxBatchTokens int, v0 bool) *metrics {
 	labels := prometheus.Labels{"model_name": model, "engine": "0"}
 	if v0 {
 		labels = prometheus.Labels{"model_name": model}
@@ -66,6 +88,23 @@ func newMetrics(model string, numBlocks, blockSize int, v0 bool) *metrics {
 	e2e := prometheus.NewHistogram(prometheus.HistogramOpts{Name: "vllm:e2e_request_latency_seconds",
 		Help: "Histogram of e2e request latency in seconds.", ConstLabels: labels, Buckets: e2eBuckets})
 	m.ttftH, m.e2eH = ttft, e2e
+	h := func(name, help string, buckets []float64) prometheus.Histogram {
+		x := prometheus.NewHistogram(prometheus.HistogramOpts{Name: name, Help: help, ConstLabels: labels, Buckets: buckets})
+		m.reg.MustRegister(x)
+		return x
+	}
+	itlName := "vllm:inter_token_latency_seconds"
+	if v0 {
+		itlName = "vllm:time_per_output_token_seconds"
+	}
+	m.itl = h(itlName, "Histogram of inter-token latency in seconds.", itlBuckets)
+	m.queueT = h("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", e2eBuckets)
+	m.prefillT = h("vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.", e2eBuckets)
+	m.decodeT = h("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.", e2eBuckets)
+	m.inferenceT = h("vllm:request_inference_time_seconds", "Histogram of time spent in RUNNING phase for request.", e2eBuckets)
+	m.promptN = h("vllm:request_prompt_tokens", "Number of prefill tokens processed.", buckets125(maxModelLen))
+	m.genN = h("vllm:request_generation_tokens", "Number of generation tokens processed.", buckets125(maxModelLen))
+	m.iterN = h("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.", buckets125(maxBatchTokens))
 	info := prometheus.NewGauge(prometheus.GaugeOpts{Name: "vllm:cache_config_info", Help: "Information of the LLMEngine CacheConfig",
 		ConstLabels: prometheus.Labels{"block_size": itoa(blockSize), "num_gpu_blocks": itoa(numBlocks), "enable_prefix_caching": "True", "gpu_memory_utilization": "0.9"}})
 	info.Set(1)
@@ -92,6 +131,20 @@ func (m *metrics) setKV(v float64) {
 func (m *metrics) step(prefill, generated int) {
 	m.prompt.Add(float64(prefill))
 	m.generation.Add(float64(generated))
+	if prefill+generated > 0 {
+		m.iterN.Observe(float64(prefill + generated))
+	}
+}
+
+// request observes a finished request's phases, in engine time
+// (docs/design/metrics.md: queued → scheduled → first token → last token).
+func (m *metrics) request(r *request) {
+	m.queueT.Observe((r.vAdmit - r.vArrival).Seconds())
+	m.prefillT.Observe((r.vFirst - r.vAdmit).Seconds())
+	m.decodeT.Observe((r.vLast - r.vFirst).Seconds())
+	m.inferenceT.Observe((r.vLast - r.vAdmit).Seconds())
+	m.promptN.Observe(float64(r.origPrompt))
+	m.genN.Observe(float64(r.emitted))
 }
 
 // prefix counts prefix-cache queries and hits, in tokens (V1 semantics).

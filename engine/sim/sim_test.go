@@ -8,6 +8,7 @@ import (
 	"io"
 	"net/http"
 	"net/http/httptest"
+	"regexp"
 	"strings"
 	"testing"
 	"time"
@@ -147,13 +148,18 @@ func TestMetricsExposition(t *testing.T) {
 	for _, name := range []string{"vllm:num_requests_running", "vllm:num_requests_waiting", "vllm:kv_cache_usage_perc",
 		"vllm:prompt_tokens_total", "vllm:generation_tokens_total", "vllm:request_success_total", "vllm:num_preemptions_total",
 		"vllm:prefix_cache_queries_total", "vllm:prefix_cache_hits_total", "vllm:time_to_first_token_seconds_count",
-		"vllm:e2e_request_latency_seconds_count", "vllm:cache_config_info"} {
+		"vllm:e2e_request_latency_seconds_count", "vllm:cache_config_info", "vllm:inter_token_latency_seconds_count",
+		"vllm:request_queue_time_seconds_count", "vllm:request_prefill_time_seconds_count", "vllm:request_decode_time_seconds_count",
+		"vllm:request_inference_time_seconds_count", "vllm:request_prompt_tokens_count", "vllm:request_generation_tokens_count",
+		"vllm:iteration_tokens_total_count"} {
 		_, ok := m[name]
 		require.True(t, ok, "missing %s", name)
 	}
 	require.Equal(t, 3.0, m["vllm:generation_tokens_total"])
 	require.Equal(t, 1.0, m["vllm:time_to_first_token_seconds_count"])
 	require.Equal(t, 1.0, m["vllm:request_success_total"])
+	require.Equal(t, 2.0, m["vllm:inter_token_latency_seconds_count"], "3 tokens, 2 gaps")
+	require.Equal(t, 1.0, m["vllm:request_decode_time_seconds_count"])
 }
 
 // ttft measures the time to the first content chunk of a streamed completion.
@@ -352,4 +358,25 @@ func TestPrefixCacheLowersTTFT(t *testing.T) {
 	// Another prompt shares nothing.
 	other := ttft(t, url, strings.Repeat("Unrelated text. ", 1100))
 	require.Greater(t, other, cold/2)
+}
+
+// TestSSEBytes pins the exact bytes of a stream (id and created normalised).
+func TestSSEBytes(t *testing.T) {
+	_, url := testServer(t, DefaultParams(), 50)
+	_, body := post(t, url+"/v1/chat/completions",
+		`{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":2,"stream":true,"stream_options":{"include_usage":true},"seed":1}`)
+	body = regexp.MustCompile(`"id":"chatcmpl-[0-9a-f]{32}","object":"chat.completion.chunk","created":\d+`).
+		ReplaceAllString(body, `"id":"ID","object":"chat.completion.chunk","created":0`)
+	want := `data: {"id":"ID","object":"chat.completion.chunk","created":0,"model":"m","choices":[{"index":0,"delta":{"role":"assistant","content":""},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"ID","object":"chat.completion.chunk","created":0,"model":"m","choices":[{"index":0,"delta":{"content":" a"},"logprobs":null,"finish_reason":null}]}
+
+data: {"id":"ID","object":"chat.completion.chunk","created":0,"model":"m","choices":[{"index":0,"delta":{"content":" from"},"logprobs":null,"finish_reason":"length","stop_reason":null}]}
+
+data: {"id":"ID","object":"chat.completion.chunk","created":0,"model":"m","choices":[],"usage":{"prompt_tokens":3,"total_tokens":5,"completion_tokens":2}}
+
+data: [DONE]
+
+`
+	require.Equal(t, want, body)
 }

@@ -21,7 +21,7 @@ type Result struct {
 // promptTokens of distinct text (no prefix sharing) and ignores EOS until
 // outputTokens. Timings are exact virtual times, so results are repeatable.
 func Simulate(p Params, promptTokens, outputTokens, concurrency, total int) Result {
-	m := newMetrics("sim", p.NumGPUBlocks, p.BlockSize, false)
+	m := newMetrics("sim", p.NumGPUBlocks, p.BlockSize, p.MaxModelLen, p.MaxBatchTokens, false)
 	e := newEngine(p, Clock{Scale: math.Inf(1)}, m)
 	ctx := context.Background()
 	next := 0

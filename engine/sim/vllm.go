@@ -367,7 +367,7 @@ func waitPGForever(ctx context.Context, world int, clock Clock, stdout, stderr i
 
 // newServer builds the engine and its HTTP surface; the caller runs s.eng.
 func newServer(c serveConfig, p Params, clock Clock) *Server {
-	m := newMetrics(c.served, p.NumGPUBlocks, p.BlockSize, c.v0Metrics)
+	m := newMetrics(c.served, p.NumGPUBlocks, p.BlockSize, p.MaxModelLen, p.MaxBatchTokens, c.v0Metrics)
 	eng := newEngine(p, clock, m)
 	m.eng = eng
 	return &Server{cfg: c, eng: eng, m: m, created: time.Now().Unix(), faults: &faults{}}

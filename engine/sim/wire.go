@@ -1,0 +1,68 @@
+package sim
+
+// Response bodies as vLLM serializes them: pydantic models dumped in field
+// declaration order (exclude_unset for stream chunks), so the bytes match.
+
+type usage struct {
+	PromptTokens     int `json:"prompt_tokens"`
+	TotalTokens      int `json:"total_tokens"`
+	CompletionTokens int `json:"completion_tokens"`
+}
+
+type delta struct {
+	Role    string  `json:"role,omitempty"`
+	Content *string `json:"content,omitempty"`
+}
+
+type chunkChoice struct {
+	Index        int       `json:"index"`
+	Delta        *delta    `json:"delta,omitempty"` // chat
+	Text         *string   `json:"text,omitempty"`  // completions
+	Logprobs     *struct{} `json:"logprobs"`
+	FinishReason *string   `json:"finish_reason"`
+}
+
+// finalChoice is the last content chunk's choice: it adds "stop_reason": null.
+type finalChoice struct {
+	Index        int       `json:"index"`
+	Delta        *delta    `json:"delta,omitempty"`
+	Text         *string   `json:"text,omitempty"`
+	Logprobs     *struct{} `json:"logprobs"`
+	FinishReason string    `json:"finish_reason"`
+	StopReason   *struct{} `json:"stop_reason"`
+}
+
+type chunk struct {
+	ID      string `json:"id"`
+	Object  string `json:"object"`
+	Created int64  `json:"created"`
+	Model   string `json:"model"`
+	Choices any    `json:"choices"`
+	Usage   *usage `json:"usage,omitempty"`
+}
+
+type message struct {
+	Role             string   `json:"role"`
+	Content          string   `json:"content"`
+	Refusal          *string  `json:"refusal"`
+	ToolCalls        []string `json:"tool_calls"`
+	ReasoningContent *string  `json:"reasoning_content"`
+}
+
+type choice struct {
+	Index        int       `json:"index"`
+	Message      *message  `json:"message,omitempty"`
+	Text         *string   `json:"text,omitempty"`
+	Logprobs     *struct{} `json:"logprobs"`
+	FinishReason string    `json:"finish_reason"`
+	StopReason   *string   `json:"stop_reason"`
+}
+
+type completion struct {
+	ID      string   `json:"id"`
+	Object  string   `json:"object"`
+	Created int64    `json:"created"`
+	Model   string   `json:"model"`
+	Choices []choice `json:"choices"`
+	Usage   usage    `json:"usage"`
+}

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	"strings"
 	"sync"
 	"time"
 )
@@ -52,6 +53,7 @@ var ErrEngineDead = errors.New("EngineCore encountered an issue. See stack trace
 type token struct {
 	text   string
 	finish string // "", "stop", "length", "abort"
+	stop   string // the stop string that ended the request, if any
 	err    error
 }
 
@@ -76,6 +78,9 @@ type request struct {
 	emitted    int      // tokens sent to the client, across preemptions
 	// Virtual timestamps (engine time, exact): arrival, first and last token.
 	vArrival, vAdmit, vFirst, vLast time.Duration
+	stops                           []string        // stop strings: output ends before the first match
+	outText                         strings.Builder // output so far, to find stop strings across tokens
+	stopped                         bool
 }
 
 // Engine is the continuous-batching scheduler. One goroutine (Run) steps it.
@@ -315,8 +320,21 @@ func (e *Engine) step() {
 			e.m.itl.Observe((e.vnow - r.vLast).Seconds())
 		}
 		r.vLast = e.vnow
-		t := token{text: word(r.seed, r.generated)}
+		t := token{text: word(r.seed, r.emitted)}
+		if len(r.stops) > 0 {
+			before := r.outText.Len()
+			r.outText.WriteString(t.text)
+			out := r.outText.String()
+			for _, st := range r.stops {
+				if i := strings.Index(out, st); i >= 0 {
+					// The stop string is not part of the output (vLLM's default).
+					t.text, t.finish, t.stop, r.stopped = out[before:max(before, i)], "stop", st, true
+					break
+				}
+			}
+		}
 		switch {
+		case t.finish != "":
 		case r.generated >= r.maxTokens:
 			t.finish = "length"
 		case !r.ignoreEOS && r.generated >= r.natural:
@@ -327,7 +345,7 @@ func (e *Engine) step() {
 	// Retire finished requests.
 	kept = e.running[:0]
 	for _, r := range e.running {
-		if r.generated >= r.maxTokens || (!r.ignoreEOS && r.generated >= r.natural) {
+		if r.stopped || r.generated >= r.maxTokens || (!r.ignoreEOS && r.generated >= r.natural) {
 			e.freeBlocks(r)
 			continue
 		}

@@ -4,6 +4,7 @@ import (
 	"context"
 	"encoding/json"
 	"fmt"
+	"math"
 	"math/rand/v2"
 	"net/http"
 	"strconv"
@@ -53,6 +54,7 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("POST /v1/chat/completions", s.chat)
 	mux.HandleFunc("POST /v1/completions", s.completions)
 	mux.HandleFunc("GET /v1/models", s.models)
+	mux.HandleFunc("POST /v1/embeddings", s.embeddings)
 	mux.HandleFunc("GET /health", s.health)
 	mux.HandleFunc("GET /version", func(w http.ResponseWriter, _ *http.Request) {
 		writeJSON(w, 200, map[string]string{"version": simVersion})
@@ -147,6 +149,7 @@ type genRequest struct {
 		IncludeUsage bool `json:"include_usage"`
 	} `json:"stream_options"`
 	IgnoreEOS bool            `json:"ignore_eos"`
+	Input     json.RawMessage `json:"input"`
 	Stop      json.RawMessage `json:"stop"`
 	Seed      *int64          `json:"seed"`
 	N         *int            `json:"n"`
@@ -256,6 +259,24 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, chat bool) {
 		writeError(w, 500, "InternalServerError", ErrEngineDead.Error(), nil)
 		return
 	}
+	var stops []string
+	if len(req.Stop) > 0 && string(req.Stop) != "null" {
+		var one string
+		if json.Unmarshal(req.Stop, &one) == nil {
+			stops = []string{one}
+		} else if err := json.Unmarshal(req.Stop, &stops); err != nil {
+			param := "stop"
+			writeError(w, 400, "BadRequestError", "stop must be a string or a list of strings", &param)
+			return
+		}
+		for _, st := range stops {
+			if st == "" {
+				param := "stop"
+				writeError(w, 400, "BadRequestError", "stop strings must not be empty", &param)
+				return
+			}
+		}
+	}
 	seed := hashString(prompt)
 	if req.Seed != nil {
 		seed = uint64(*req.Seed)
@@ -263,8 +284,8 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, chat bool) {
 	id := s.seq.Add(1)
 	er := &request{id: strconv.FormatUint(id, 10), prompt: promptTokens, origPrompt: promptTokens, maxTokens: maxTokens,
 		natural: 16 + int(seed%240), ignoreEOS: req.IgnoreEOS, seed: seed, arrival: arrival,
-		hashes: blockHashes(prompt, s.eng.p.BlockSize),
-		out:    make(chan token, maxTokens+2), ctx: r.Context()}
+		hashes: blockHashes(prompt, s.eng.p.BlockSize), stops: stops,
+		out: make(chan token, maxTokens+2), ctx: r.Context()}
 	if err := s.eng.submit(er); err != nil {
 		writeError(w, 500, "InternalServerError", err.Error(), nil)
 		return
@@ -276,6 +297,7 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, chat bool) {
 	}
 	var text strings.Builder
 	finish := ""
+	var stopReason *string
 	for finish == "" {
 		select {
 		case t := <-er.out:
@@ -285,6 +307,9 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, chat bool) {
 			}
 			text.WriteString(t.text)
 			finish = t.finish
+			if t.stop != "" {
+				stopReason = &t.stop
+			}
 		case <-r.Context().Done():
 			return
 		}
@@ -294,9 +319,9 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, chat bool) {
 	out := text.String()
 	if chat {
 		resp.Object = "chat.completion"
-		resp.Choices = []choice{{Message: &message{Role: "assistant", Content: out, ToolCalls: []string{}}, FinishReason: finish}}
+		resp.Choices = []choice{{Message: &message{Role: "assistant", Content: out, ToolCalls: []string{}}, FinishReason: finish, StopReason: stopReason}}
 	} else {
-		resp.Choices = []choice{{Text: &out, FinishReason: finish}}
+		resp.Choices = []choice{{Text: &out, FinishReason: finish, StopReason: stopReason}}
 	}
 	writeJSON(w, 200, resp)
 }
@@ -342,7 +367,11 @@ func (s *Server) stream(w http.ResponseWriter, ctx context.Context, er *request,
 				send(head([]chunkChoice{{Delta: d, Text: tx}}))
 				continue
 			}
-			send(head([]finalChoice{{Delta: d, Text: tx, FinishReason: t.finish}}))
+			var sr *string
+			if t.stop != "" {
+				sr = &t.stop
+			}
+			send(head([]finalChoice{{Delta: d, Text: tx, FinishReason: t.finish, StopReason: sr}}))
 			if usageOn {
 				send(chunk{ID: rid, Object: obj, Created: created, Model: s.cfg.served, Choices: []struct{}{},
 					Usage: &usage{PromptTokens: er.origPrompt, TotalTokens: er.origPrompt + er.emitted, CompletionTokens: er.emitted}})
@@ -392,4 +421,61 @@ func writeJSON(w http.ResponseWriter, code int, v any) {
 // writeError writes vLLM's nested error body (v0.10.1+): code is the HTTP status.
 func writeError(w http.ResponseWriter, code int, typ, msg string, param *string) {
 	writeJSON(w, code, map[string]any{"error": map[string]any{"message": msg, "type": typ, "param": param, "code": code}})
+}
+
+// EmbeddingDim is the length of the simulated embedding vectors.
+const EmbeddingDim = 1024
+
+func (s *Server) embeddings(w http.ResponseWriter, r *http.Request) {
+	var req genRequest
+	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 32<<20)).Decode(&req); err != nil {
+		writeError(w, 400, "BadRequestError", "Invalid JSON body: "+err.Error(), nil)
+		return
+	}
+	if req.Model != s.cfg.served && req.Model != s.cfg.model {
+		param := "model"
+		writeError(w, 404, "NotFoundError", fmt.Sprintf("The model `%s` does not exist.", req.Model), &param)
+		return
+	}
+	var inputs []string
+	var one string
+	if json.Unmarshal(req.Input, &one) == nil {
+		inputs = []string{one}
+	} else if err := json.Unmarshal(req.Input, &inputs); err != nil || len(inputs) == 0 {
+		param := "input"
+		writeError(w, 400, "BadRequestError", "input must be a string or a non-empty list of strings", &param)
+		return
+	}
+	if s.eng.deadErr() != nil {
+		writeError(w, 500, "InternalServerError", ErrEngineDead.Error(), nil)
+		return
+	}
+	resp := embeddings{ID: fmt.Sprintf("embd-%032x", s.seq.Add(1)), Object: "list", Created: time.Now().Unix(), Model: req.Model}
+	n := 0
+	for i, in := range inputs {
+		n += countTokens(in)
+		resp.Data = append(resp.Data, embedding{Index: i, Object: "embedding", Embedding: embed(in)})
+	}
+	resp.Usage = usage{PromptTokens: n, TotalTokens: n}
+	writeJSON(w, 200, resp)
+}
+
+// embed is a deterministic unit vector: equal texts embed equally.
+func embed(text string) []float32 {
+	v := make([]float32, EmbeddingDim)
+	x := hashString(text) | 1
+	var norm float64
+	for i := range v {
+		x ^= x << 13
+		x ^= x >> 7
+		x ^= x << 17
+		f := float64(int64(x%2001)-1000) / 1000
+		v[i] = float32(f)
+		norm += f * f
+	}
+	scale := float32(1 / math.Sqrt(norm))
+	for i := range v {
+		v[i] *= scale
+	}
+	return v
 }

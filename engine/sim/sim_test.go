@@ -6,10 +6,13 @@ import (
 	"encoding/json"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"regexp"
 	"strings"
+	"syscall"
 	"testing"
 	"time"
 
@@ -379,4 +382,102 @@ data: [DONE]
 
 `
 	require.Equal(t, want, body)
+}
+
+func TestStopStringsAndEmbeddings(t *testing.T) {
+	_, url := testServer(t, DefaultParams(), 50)
+	// seed 1 generates " a from …": stop at "from".
+	resp, body := post(t, url+"/v1/completions", `{"model":"m","prompt":"x","max_tokens":20,"seed":1,"stop":["from"]}`)
+	require.Equal(t, 200, resp.StatusCode, body)
+	var c struct {
+		Choices []struct {
+			Text         string  `json:"text"`
+			FinishReason string  `json:"finish_reason"`
+			StopReason   *string `json:"stop_reason"`
+		} `json:"choices"`
+		Usage struct {
+			CompletionTokens int `json:"completion_tokens"`
+		} `json:"usage"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(body), &c))
+	require.Equal(t, "stop", c.Choices[0].FinishReason)
+	require.Equal(t, "from", *c.Choices[0].StopReason)
+	require.Equal(t, " a ", c.Choices[0].Text, "output ends before the stop string")
+	require.Equal(t, 2, c.Usage.CompletionTokens)
+	resp, _ = post(t, url+"/v1/completions", `{"model":"m","prompt":"x","stop":[""]}`)
+	require.Equal(t, 400, resp.StatusCode)
+	resp, _ = post(t, url+"/v1/completions", `{"model":"m","prompt":"x","stop":7}`)
+	require.Equal(t, 400, resp.StatusCode)
+
+	resp, body = post(t, url+"/v1/embeddings", `{"model":"m","input":["hello","hello","other"]}`)
+	require.Equal(t, 200, resp.StatusCode, body)
+	var e struct {
+		Object string `json:"object"`
+		Data   []struct {
+			Index     int       `json:"index"`
+			Embedding []float64 `json:"embedding"`
+		} `json:"data"`
+	}
+	require.NoError(t, json.Unmarshal([]byte(body), &e))
+	require.Equal(t, "list", e.Object)
+	require.Len(t, e.Data, 3)
+	require.Len(t, e.Data[0].Embedding, EmbeddingDim)
+	require.Equal(t, e.Data[0].Embedding, e.Data[1].Embedding)
+	require.NotEqual(t, e.Data[0].Embedding, e.Data[2].Embedding)
+	var norm float64
+	for _, x := range e.Data[0].Embedding {
+		norm += x * x
+	}
+	require.InDelta(t, 1.0, norm, 1e-3)
+	resp, _ = post(t, url+"/v1/embeddings", `{"model":"m","input":[]}`)
+	require.Equal(t, 400, resp.StatusCode)
+}
+
+// TestNeverReadyAndDrain runs `vllm serve` in-process: the NCCL startup hang
+// never opens the port; a normal server drains in-flight requests on SIGTERM
+// within --shutdown-timeout.
+func TestNeverReadyAndDrain(t *testing.T) {
+	t.Setenv("SHOAL_SIM_LOAD_SECONDS", "0.1")
+	t.Setenv("SHOAL_SIM_FAULT", "nccl-hang")
+	ip := "127.0.9.5"
+	port := freePort(t, ip)
+	args := []string{"serve", "/m", "--served-model-name", "m", "--host", ip, "--port", fmt.Sprint(port)}
+	ctx, cancel := context.WithCancel(context.Background())
+	var out syncBuf
+	done := make(chan int, 1)
+	go func() { done <- VLLM(ctx, args, &out, &out) }()
+	time.Sleep(500 * time.Millisecond)
+	_, err := net.DialTimeout("tcp", fmt.Sprintf("%s:%d", ip, port), 200*time.Millisecond)
+	require.Error(t, err, "a startup hang never listens")
+	require.Contains(t, out.String(), "ncclCommInitRank")
+	cancel()
+	<-done
+
+	t.Setenv("SHOAL_SIM_FAULT", "")
+	done = make(chan int, 1)
+	go func() { done <- VLLM(context.Background(), append(args, "--shutdown-timeout", "5"), &out, &out) }()
+	base := fmt.Sprintf("http://%s:%d", ip, port)
+	require.Eventually(t, func() bool {
+		r, err := http.Get(base + "/health")
+		if err == nil {
+			r.Body.Close()
+		}
+		return err == nil && r.StatusCode == 200
+	}, 5*time.Second, 20*time.Millisecond)
+	// An in-flight request of 40 tokens × ~25 ms ≈ 1 s, then SIGTERM: it completes.
+	got := make(chan int, 1)
+	go func() {
+		r, err := http.Post(base+"/v1/completions", "application/json", strings.NewReader(`{"model":"m","prompt":"x","max_tokens":40,"ignore_eos":true}`))
+		if err != nil {
+			got <- 0
+			return
+		}
+		r.Body.Close()
+		got <- r.StatusCode
+	}()
+	time.Sleep(200 * time.Millisecond)
+	require.NoError(t, syscall.Kill(os.Getpid(), syscall.SIGTERM)) // serve has a handler registered
+	require.Equal(t, 200, <-got, "the in-flight request is drained, not aborted")
+	require.Equal(t, 0, <-done)
+	require.Contains(t, out.String(), "Received SIGTERM")
 }

@@ -148,6 +148,17 @@ func serve(ctx context.Context, c serveConfig, stdout, stderr io.Writer) int {
 		loadFor = time.Duration(envFloat("SHOAL_SIM_LOAD_SECONDS", 5) * float64(time.Second))
 	}
 	logf(stdout, "Simulating %s (%s)", preset.Name, preset.Source)
+	if os.Getenv("SHOAL_SIM_FAULT") == "nccl-hang" {
+		// A startup hang in NCCL init (vllm#13136): nothing more is logged,
+		// the port never opens, only a signal ends it.
+		logf(stdout, "NCCL INFO Bootstrap : Using eth0; NCCL INFO cudaDriverVersion 12040; ncclCommInitRank …")
+		select {
+		case <-ctx.Done():
+			return 1
+		case <-term:
+			return 0
+		}
+	}
 	logf(stdout, "Loading model weights from %s (%d ranks)…", c.model, world)
 	select {
 	case <-time.After(clock.Real(loadFor)):

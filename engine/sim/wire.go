@@ -29,7 +29,7 @@ type finalChoice struct {
 	Text         *string   `json:"text,omitempty"`
 	Logprobs     *struct{} `json:"logprobs"`
 	FinishReason string    `json:"finish_reason"`
-	StopReason   *struct{} `json:"stop_reason"`
+	StopReason   *string   `json:"stop_reason"`
 }
 
 type chunk struct {
@@ -65,4 +65,19 @@ type completion struct {
 	Model   string   `json:"model"`
 	Choices []choice `json:"choices"`
 	Usage   usage    `json:"usage"`
+}
+
+type embedding struct {
+	Index     int       `json:"index"`
+	Object    string    `json:"object"`
+	Embedding []float32 `json:"embedding"`
+}
+
+type embeddings struct {
+	ID      string      `json:"id"`
+	Object  string      `json:"object"`
+	Created int64       `json:"created"`
+	Model   string      `json:"model"`
+	Data    []embedding `json:"data"`
+	Usage   usage       `json:"usage"`
 }

@@ -30,17 +30,18 @@ var metricNames = []struct {
 	names []string
 	set   func(*Metrics, float64)
 }{
-	{[]string{"vllm:num_requests_running"}, func(m *Metrics, v float64) { m.Running += v }},
-	{[]string{"vllm:num_requests_waiting"}, func(m *Metrics, v float64) { m.Waiting += v }},
-	{[]string{"vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc"}, func(m *Metrics, v float64) { m.KVCacheUsage = max(m.KVCacheUsage, v) }},
+	{[]string{"vllm:num_requests_running", "sglang:num_running_reqs"}, func(m *Metrics, v float64) { m.Running += v }},
+	{[]string{"vllm:num_requests_waiting", "sglang:num_queue_reqs"}, func(m *Metrics, v float64) { m.Waiting += v }},
+	{[]string{"vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage"}, func(m *Metrics, v float64) { m.KVCacheUsage = max(m.KVCacheUsage, v) }},
 	{[]string{"vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total"}, func(m *Metrics, v float64) { m.PrefixQueries += v }},
 	{[]string{"vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total"}, func(m *Metrics, v float64) { m.PrefixHits += v }},
-	{[]string{"vllm:generation_tokens_total"}, func(m *Metrics, v float64) { m.GenerationTokens += v }},
-	{[]string{"vllm:prompt_tokens_total"}, func(m *Metrics, v float64) { m.PromptTokens += v }},
+	{[]string{"vllm:generation_tokens_total", "sglang:generation_tokens_total"}, func(m *Metrics, v float64) { m.GenerationTokens += v }},
+	{[]string{"vllm:prompt_tokens_total", "sglang:prompt_tokens_total"}, func(m *Metrics, v float64) { m.PromptTokens += v }},
 	{[]string{"vllm:num_preemptions_total"}, func(m *Metrics, v float64) { m.Preemptions += v }},
 }
 
-// ParseVLLMMetrics reads Prometheus text exposition from a vLLM server.
+// ParseVLLMMetrics reads Prometheus text exposition from a vLLM server (or
+// SGLang's, whose names differ: reference/vllm-contract.md §A3).
 func ParseVLLMMetrics(r io.Reader) (Metrics, error) {
 	var m Metrics
 	p := expfmt.NewTextParser(model.UTF8Validation)
@@ -60,7 +61,11 @@ func ParseVLLMMetrics(r io.Reader) (Metrics, error) {
 			break
 		}
 	}
-	if f, ok := fams["vllm:time_to_first_token_seconds"]; ok {
+	f, ok := fams["vllm:time_to_first_token_seconds"]
+	if !ok {
+		f, ok = fams["sglang:time_to_first_token_seconds"]
+	}
+	if ok {
 		for _, s := range f.GetMetric() {
 			if h := s.GetHistogram(); h != nil {
 				m.TTFTSum += h.GetSampleSum()

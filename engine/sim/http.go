@@ -64,7 +64,9 @@ func (s *Server) Handler() http.Handler {
 		writeJSON(w, 200, map[string]int{"server_load": r + q})
 	})
 	mux.HandleFunc("POST /tokenize", s.tokenize)
-	mux.Handle("GET /metrics", promhttp.HandlerFor(s.m.reg, promhttp.HandlerOpts{}))
+	if s.cfg.flavor != "sglang" || s.cfg.enableMetrics {
+		mux.Handle("GET /metrics", promhttp.HandlerFor(s.m.reg, promhttp.HandlerOpts{}))
+	}
 	mux.HandleFunc("POST /shoal-sim/faults", s.setFault)
 	mux.HandleFunc("/", func(w http.ResponseWriter, r *http.Request) {
 		writeJSON(w, 404, map[string]string{"detail": "Not Found"})
@@ -82,12 +84,19 @@ func (s *Server) health(w http.ResponseWriter, _ *http.Request) {
 
 func (s *Server) models(w http.ResponseWriter, _ *http.Request) {
 	writeJSON(w, 200, map[string]any{"object": "list", "data": []any{map[string]any{
-		"id": s.cfg.served, "object": "model", "created": s.created, "owned_by": "vllm", "root": s.cfg.model,
+		"id": s.cfg.served, "object": "model", "created": s.created, "owned_by": s.owner(), "root": s.cfg.model,
 		"parent": nil, "max_model_len": s.cfg.maxModelLen,
 		"permission": []any{map[string]any{"id": "modelperm-" + strconv.FormatInt(s.created, 16), "object": "model_permission",
 			"created": s.created, "allow_create_engine": false, "allow_sampling": true, "allow_logprobs": true,
 			"allow_search_indices": false, "allow_view": true, "allow_fine_tuning": false, "organization": "*", "group": nil, "is_blocking": false}},
 	}}})
+}
+
+func (s *Server) owner() string {
+	if s.cfg.flavor == "sglang" {
+		return "sglang"
+	}
+	return "vllm"
 }
 
 func (s *Server) setFault(w http.ResponseWriter, r *http.Request) {

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 	"path/filepath"
+	"strings"
 )
 
 // Main dispatches on the name the binary was invoked as (busybox style):
@@ -15,6 +16,14 @@ func Main(ctx context.Context, argv []string, stdout, stderr io.Writer) int {
 	}
 	name := filepath.Base(argv[0])
 	args := argv[1:]
+	if strings.HasPrefix(name, "python") {
+		// python3 -m sglang.launch_server …: the only module the simulator plays.
+		if len(args) >= 2 && args[0] == "-m" && args[1] == "sglang.launch_server" {
+			return SGLang(ctx, args[2:], stdout, stderr)
+		}
+		fmt.Fprintln(stderr, "shoal-sim stands in for python3 only as: python3 -m sglang.launch_server …")
+		return 2
+	}
 	if name != "ray" && name != "vllm" {
 		if len(args) == 0 {
 			fmt.Fprintln(stderr, "usage: shoal-sim ray|vllm ARGS… (or invoke through a link named ray or vllm)")
@@ -27,8 +36,10 @@ func Main(ctx context.Context, argv []string, stdout, stderr io.Writer) int {
 		return Ray(ctx, args, stdout, stderr)
 	case "vllm":
 		return VLLM(ctx, args, stdout, stderr)
+	case "sglang":
+		return SGLang(ctx, args, stdout, stderr)
 	default:
-		fmt.Fprintf(stderr, "shoal-sim: unknown personality %q: want ray or vllm (sglang: not yet)\n", name)
+		fmt.Fprintf(stderr, "shoal-sim: unknown personality %q: want ray, vllm or sglang\n", name)
 		return 2
 	}
 }

@@ -50,54 +50,74 @@ type metrics struct {
 	promptN     prometheus.Observer
 	genN        prometheus.Observer
 	iterN       prometheus.Observer
+	hitRate     prometheus.Gauge // SGLang only: a gauge where vLLM has counters
+	hits, qs    float64
 	eng         *Engine
 }
 
 // newMetrics registers vLLM V1 names, or the V0-era ones when v0 is set, so the
 // coordinator's handling of both can be tested.
 func newMetrics(model string, numBlocks, blockSize, maxModelLen, maxBatchTokens int, v0 bool) *metrics {
+	return newMetricsFlavor(model, numBlocks, blockSize, maxModelLen, maxBatchTokens, v0, "")
+}
+
+// newMetricsFlavor registers the series under vLLM's names, or SGLang's when
+// flavor is "sglang" (series SGLang lacks go to a registry nobody scrapes).
+func newMetricsFlavor(model string, numBlocks, blockSize, maxModelLen, maxBatchTokens int, v0 bool, flavor string) *metrics {
 	labels := prometheus.Labels{"model_name": model, "engine": "0"}
-	if v0 {
+	if v0 || flavor == "sglang" {
 		labels = prometheus.Labels{"model_name": model}
 	}
-	kvName, pq, ph := "vllm:kv_cache_usage_perc", "vllm:prefix_cache_queries", "vllm:prefix_cache_hits"
-	if v0 {
-		kvName, pq, ph = "vllm:gpu_cache_usage_perc", "vllm:gpu_prefix_cache_queries", "vllm:gpu_prefix_cache_hits"
+	m := &metrics{reg: prometheus.NewRegistry()}
+	hidden := prometheus.NewRegistry()
+	// name translates a vLLM V1 name for this flavor; ok=false hides it.
+	name := func(v1 string) (string, *prometheus.Registry) {
+		switch {
+		case flavor == "sglang":
+			if n, ok := sglangNames[v1]; ok {
+				return n, m.reg
+			}
+			return v1, hidden
+		case v0:
+			if n, ok := v0Names[v1]; ok {
+				return n, m.reg
+			}
+		}
+		return v1, m.reg
 	}
-	g := func(name, help string) prometheus.Gauge {
-		return prometheus.NewGauge(prometheus.GaugeOpts{Name: name, Help: help, ConstLabels: labels})
-	}
-	c := func(name, help string) prometheus.Counter {
-		return prometheus.NewCounter(prometheus.CounterOpts{Name: name + "_total", Help: help, ConstLabels: labels})
-	}
-	m := &metrics{
-		reg:         prometheus.NewRegistry(),
-		running:     g("vllm:num_requests_running", "Number of requests in model execution batches."),
-		waiting:     g("vllm:num_requests_waiting", "Number of requests waiting to be processed."),
-		kv:          g(kvName, "KV-cache usage. 1 means 100 percent usage."),
-		prompt:      c("vllm:prompt_tokens", "Number of prefill tokens processed."),
-		generation:  c("vllm:generation_tokens", "Number of generation tokens processed."),
-		preemptions: c("vllm:num_preemptions", "Cumulative number of preemption from the engine."),
-		prefixQ:     c(pq, "Prefix cache queries, in terms of number of queried tokens."),
-		prefixH:     c(ph, "Prefix cache hits, in terms of number of cached tokens."),
-		success: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "vllm:request_success_total",
-			Help: "Count of successfully processed requests.", ConstLabels: labels}, []string{"finished_reason"}),
-	}
-	ttft := prometheus.NewHistogram(prometheus.HistogramOpts{Name: "vllm:time_to_first_token_seconds",
-		Help: "Histogram of time to first token in seconds.", ConstLabels: labels, Buckets: ttftBuckets})
-	e2e := prometheus.NewHistogram(prometheus.HistogramOpts{Name: "vllm:e2e_request_latency_seconds",
-		Help: "Histogram of e2e request latency in seconds.", ConstLabels: labels, Buckets: e2eBuckets})
-	m.ttftH, m.e2eH = ttft, e2e
-	h := func(name, help string, buckets []float64) prometheus.Histogram {
-		x := prometheus.NewHistogram(prometheus.HistogramOpts{Name: name, Help: help, ConstLabels: labels, Buckets: buckets})
-		m.reg.MustRegister(x)
+	g := func(v1, help string) prometheus.Gauge {
+		n, reg := name(v1)
+		x := prometheus.NewGauge(prometheus.GaugeOpts{Name: n, Help: help, ConstLabels: labels})
+		reg.MustRegister(x)
 		return x
 	}
-	itlName := "vllm:inter_token_latency_seconds"
-	if v0 {
-		itlName = "vllm:time_per_output_token_seconds"
+	c := func(v1, help string) prometheus.Counter {
+		n, reg := name(v1)
+		x := prometheus.NewCounter(prometheus.CounterOpts{Name: n + "_total", Help: help, ConstLabels: labels})
+		reg.MustRegister(x)
+		return x
 	}
-	m.itl = h(itlName, "Histogram of inter-token latency in seconds.", itlBuckets)
+	h := func(v1, help string, buckets []float64) prometheus.Histogram {
+		n, reg := name(v1)
+		x := prometheus.NewHistogram(prometheus.HistogramOpts{Name: n, Help: help, ConstLabels: labels, Buckets: buckets})
+		reg.MustRegister(x)
+		return x
+	}
+	m.running = g("vllm:num_requests_running", "Number of requests in model execution batches.")
+	m.waiting = g("vllm:num_requests_waiting", "Number of requests waiting to be processed.")
+	m.kv = g("vllm:kv_cache_usage_perc", "KV-cache usage. 1 means 100 percent usage.")
+	m.prompt = c("vllm:prompt_tokens", "Number of prefill tokens processed.")
+	m.generation = c("vllm:generation_tokens", "Number of generation tokens processed.")
+	m.preemptions = c("vllm:num_preemptions", "Cumulative number of preemption from the engine.")
+	m.prefixQ = c("vllm:prefix_cache_queries", "Prefix cache queries, in terms of number of queried tokens.")
+	m.prefixH = c("vllm:prefix_cache_hits", "Prefix cache hits, in terms of number of cached tokens.")
+	sn, sreg := name("vllm:request_success_total")
+	m.success = prometheus.NewCounterVec(prometheus.CounterOpts{Name: sn, Help: "Count of successfully processed requests.",
+		ConstLabels: labels}, []string{"finished_reason"})
+	sreg.MustRegister(m.success)
+	m.ttftH = h("vllm:time_to_first_token_seconds", "Histogram of time to first token in seconds.", ttftBuckets)
+	m.e2eH = h("vllm:e2e_request_latency_seconds", "Histogram of e2e request latency in seconds.", e2eBuckets)
+	m.itl = h("vllm:inter_token_latency_seconds", "Histogram of inter-token latency in seconds.", itlBuckets)
 	m.queueT = h("vllm:request_queue_time_seconds", "Histogram of time spent in WAITING phase for request.", e2eBuckets)
 	m.prefillT = h("vllm:request_prefill_time_seconds", "Histogram of time spent in PREFILL phase for request.", e2eBuckets)
 	m.decodeT = h("vllm:request_decode_time_seconds", "Histogram of time spent in DECODE phase for request.", e2eBuckets)
@@ -105,11 +125,24 @@ func newMetrics(model string, numBlocks, blockSize, maxModelLen, maxBatchTokens 
 	m.promptN = h("vllm:request_prompt_tokens", "Number of prefill tokens processed.", buckets125(maxModelLen))
 	m.genN = h("vllm:request_generation_tokens", "Number of generation tokens processed.", buckets125(maxModelLen))
 	m.iterN = h("vllm:iteration_tokens_total", "Histogram of number of tokens per engine_step.", buckets125(maxBatchTokens))
-	info := prometheus.NewGauge(prometheus.GaugeOpts{Name: "vllm:cache_config_info", Help: "Information of the LLMEngine CacheConfig",
+	in, ireg := name("vllm:cache_config_info")
+	info := prometheus.NewGauge(prometheus.GaugeOpts{Name: in, Help: "Information of the LLMEngine CacheConfig",
 		ConstLabels: prometheus.Labels{"block_size": itoa(blockSize), "num_gpu_blocks": itoa(numBlocks), "enable_prefix_caching": "True", "gpu_memory_utilization": "0.9"}})
 	info.Set(1)
-	m.reg.MustRegister(m.running, m.waiting, m.kv, m.prompt, m.generation, m.preemptions, m.prefixQ, m.prefixH, m.success, ttft, e2e, info)
+	ireg.MustRegister(info)
+	if flavor == "sglang" {
+		m.hitRate = prometheus.NewGauge(prometheus.GaugeOpts{Name: "sglang:cache_hit_rate", Help: "The prefix cache hit rate.", ConstLabels: labels})
+		m.reg.MustRegister(m.hitRate)
+	}
 	return m
+}
+
+// v0Names are the pre-0.12 names (--show-hidden-metrics-for-version=0.10).
+var v0Names = map[string]string{
+	"vllm:kv_cache_usage_perc":         "vllm:gpu_cache_usage_perc",
+	"vllm:prefix_cache_queries":        "vllm:gpu_prefix_cache_queries",
+	"vllm:prefix_cache_hits":           "vllm:gpu_prefix_cache_hits",
+	"vllm:inter_token_latency_seconds": "vllm:time_per_output_token_seconds",
 }
 
 func (m *metrics) setQueues(e *Engine) {
@@ -151,6 +184,13 @@ func (m *metrics) request(r *request) {
 func (m *metrics) prefix(queried, hit int) {
 	m.prefixQ.Add(float64(queried))
 	m.prefixH.Add(float64(hit))
+	if m.hitRate != nil {
+		m.qs += float64(queried)
+		m.hits += float64(hit)
+		if m.qs > 0 {
+			m.hitRate.Set(m.hits / m.qs)
+		}
+	}
 }
 
 func (m *metrics) preempted()             { m.preemptions.Inc() }

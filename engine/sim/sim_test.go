@@ -481,3 +481,37 @@ func TestNeverReadyAndDrain(t *testing.T) {
 	require.Equal(t, 0, <-done)
 	require.Contains(t, out.String(), "Received SIGTERM")
 }
+
+func TestStragglerDieAndV0Names(t *testing.T) {
+	s, url := testServer(t, DefaultParams(), 4)
+	base := ttft(t, url, strings.Repeat("a", 400))
+	resp, _ := post(t, url+"/shoal-sim/faults", `{"mode":"slow","factor":5}`)
+	require.Equal(t, 200, resp.StatusCode)
+	slow := ttft(t, url, strings.Repeat("b", 400))
+	require.Greater(t, slow, 3*base, "a straggler's steps are slower: base %v slow %v", base, slow)
+	resp, _ = post(t, url+"/shoal-sim/faults", `{"mode":"slow","factor":0.5}`)
+	require.Equal(t, 400, resp.StatusCode)
+
+	resp, _ = post(t, url+"/shoal-sim/faults", `{"mode":"die"}`)
+	require.Equal(t, 200, resp.StatusCode)
+	require.Eventually(t, func() bool { return s.eng.deadErr() != nil }, time.Second, 5*time.Millisecond)
+	hr, err := http.Get(url + "/health")
+	require.NoError(t, err)
+	hr.Body.Close()
+	require.Equal(t, 503, hr.StatusCode, "engine death: /health 503")
+	resp, _ = post(t, url+"/v1/completions", `{"model":"m","prompt":"a","max_tokens":1}`)
+	require.Equal(t, 500, resp.StatusCode)
+
+	// V0-era names, as --show-hidden-metrics-for-version=0.10 shows them.
+	cfg := serveConfig{model: "/m", served: "m", maxModelLen: 32768, v0Metrics: true}
+	v0 := newServer(cfg, DefaultParams(), Clock{Scale: 50})
+	hs := httptest.NewServer(v0.Handler())
+	defer hs.Close()
+	r, err := http.Get(hs.URL + "/metrics")
+	require.NoError(t, err)
+	b, _ := io.ReadAll(r.Body)
+	r.Body.Close()
+	require.Contains(t, string(b), "vllm:gpu_cache_usage_perc{model_name=\"m\"}")
+	require.Contains(t, string(b), "vllm:time_per_output_token_seconds")
+	require.NotContains(t, string(b), "vllm:kv_cache_usage_perc")
+}

@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/signal"
 	"strconv"
+	"strings"
 	"sync"
 	"syscall"
 	"time"
@@ -26,10 +27,15 @@ type serveConfig struct {
 	backend             string
 	nnodes, nodeRank    int
 	headless            bool
+	masterAddr          string
+	masterPort          int
+	argsSig             string
 	maxModelLen         int
 	maxNumSeqs          int
 	shutdownTimeout     int
 	v0Metrics           bool
+	flavor              string // "" (vLLM) or "sglang"
+	enableMetrics       bool   // SGLang serves /metrics only with --enable-metrics
 }
 
 var vllmValued = []string{"--served-model-name", "--host", "--port", "--tensor-parallel-size", "--pipeline-parallel-size",
@@ -81,11 +87,13 @@ func parseServe(args []string) (serveConfig, error) {
 		def  int
 	}{{&c.port, "--port", 8000}, {&c.tp, "--tensor-parallel-size", 1}, {&c.pp, "--pipeline-parallel-size", 1},
 		{&c.nnodes, "--nnodes", 1}, {&c.nodeRank, "--node-rank", 0}, {&c.maxModelLen, "--max-model-len", 32768},
-		{&c.maxNumSeqs, "--max-num-seqs", 256}, {&c.shutdownTimeout, "--shutdown-timeout", 0}} {
+		{&c.maxNumSeqs, "--max-num-seqs", 256}, {&c.shutdownTimeout, "--shutdown-timeout", 0}, {&c.masterPort, "--master-port", 29501}} {
 		if *x.p, err = fs.integer(x.name, x.def); err != nil {
 			return c, err
 		}
 	}
+	c.masterAddr = fs.str("--master-addr", "127.0.0.1")
+	c.argsSig = argsSignature(args, vllmBools, "--node-rank", "--headless", "--host", "--port", "--api-key", "--uvicorn-log-level")
 	switch c.backend {
 	case "", "ray", "mp", "uni", "external_launcher":
 	default:
@@ -112,6 +120,23 @@ func serve(ctx context.Context, c serveConfig, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, "ValueError: nnodes > 1 can only be used with the multiprocessing ('mp') distributed executor backend.")
 		return 1
 	}
+	if c.nnodes > 1 {
+		if c.flavor == "sglang" {
+			local *= c.nnodes // --tp is the whole group's size
+		}
+		if world%c.nnodes != 0 || world/c.nnodes > local {
+			fmt.Fprintf(stderr, "ValueError: world size %d over %d nodes needs %d GPUs per node; this node has %d.\n", world, c.nnodes, (world+c.nnodes-1)/c.nnodes, local)
+			return 1
+		}
+		if c.nodeRank < 0 || c.nodeRank >= c.nnodes {
+			fmt.Fprintf(stderr, "ValueError: node_rank %d must be in [0, %d).\n", c.nodeRank, c.nnodes)
+			return 1
+		}
+		if c.nodeRank > 0 && !c.headless && c.flavor == "" {
+			fmt.Fprintln(stderr, "ValueError: node_rank > 0 runs no API server; add --headless.")
+			return 1
+		}
+	}
 	ctx, stop := signal.NotifyContext(ctx, syscall.SIGINT)
 	defer stop()
 	term := make(chan os.Signal, 1)
@@ -122,7 +147,28 @@ func serve(ctx context.Context, c serveConfig, stdout, stderr io.Writer) int {
 	logf(stdout, "non-default args: model=%q served_model_name=%q tensor_parallel_size=%d pipeline_parallel_size=%d distributed_executor_backend=%q",
 		c.model, c.served, c.tp, c.pp, c.backend)
 	var lost <-chan string
-	if c.backend == "ray" || world > 1 && c.nnodes <= 1 {
+	master := net.JoinHostPort(c.masterAddr, strconv.Itoa(c.masterPort))
+	if c.headless {
+		return serveHeadless(ctx, c, master, stdout, stderr, term)
+	}
+	if c.nnodes > 1 {
+		logf(stdout, "Waiting for %d nodes at %s (torch.distributed TCP store)…", c.nnodes, master)
+		l, agree, err := rendezvousMaster(ctx, master, c.nnodes, c.argsSig, stdout)
+		if err != nil {
+			fmt.Fprintln(stderr, err)
+			return 1
+		}
+		if !agree {
+			// Mismatched arguments deadlock in NCCL until a watchdog fires.
+			select {
+			case <-ctx.Done():
+				return 1
+			case <-term:
+				return 0
+			}
+		}
+		lost = l
+	} else if c.backend == "ray" {
 		addr := os.Getenv("RAY_ADDRESS")
 		if addr == "" {
 			// ray.init(address=None) with no cluster starts a lone local one.
@@ -378,8 +424,52 @@ func waitPGForever(ctx context.Context, world int, clock Clock, stdout, stderr i
 
 // newServer builds the engine and its HTTP surface; the caller runs s.eng.
 func newServer(c serveConfig, p Params, clock Clock) *Server {
-	m := newMetrics(c.served, p.NumGPUBlocks, p.BlockSize, p.MaxModelLen, p.MaxBatchTokens, c.v0Metrics)
+	m := newMetricsFlavor(c.served, p.NumGPUBlocks, p.BlockSize, p.MaxModelLen, p.MaxBatchTokens, c.v0Metrics, c.flavor)
 	eng := newEngine(p, clock, m)
 	m.eng = eng
 	return &Server{cfg: c, eng: eng, m: m, created: time.Now().Unix(), faults: &faults{}}
+}
+
+// serveHeadless is a node_rank > 0 of native multi-node: no API server, its
+// GPUs take part in the head's collectives. As in vLLM (vllm#32136), it does
+// not exit when the head goes away: whoever supervises it must notice.
+func serveHeadless(ctx context.Context, c serveConfig, master string, stdout, stderr io.Writer, term <-chan os.Signal) int {
+	logf(stdout, "Headless node rank %d: joining %s", c.nodeRank, master)
+	conn, err := rendezvousJoin(ctx, master, c.nodeRank, c.argsSig)
+	if err != nil {
+		return 1
+	}
+	defer conn.Close()
+	logf(stdout, "Headless node rank %d joined; no API server on this node", c.nodeRank)
+	select {
+	case <-ctx.Done():
+		return 1
+	case <-term:
+		logf(stdout, "Received SIGTERM; shutting down headless rank %d", c.nodeRank)
+		return 0
+	}
+}
+
+// argsSignature digests the arguments every rank must share, leaving out the
+// per-rank and API-server ones (each with its value, when it takes one).
+func argsSignature(args, bools []string, perRank ...string) string {
+	skip, isBool := map[string]bool{}, map[string]bool{}
+	for _, f := range perRank {
+		skip[f] = true
+	}
+	for _, f := range bools {
+		isBool[f] = true
+	}
+	var kept []string
+	for i := 0; i < len(args); i++ {
+		name, _, hasVal := strings.Cut(args[i], "=")
+		if skip[name] {
+			if !hasVal && !isBool[name] && i+1 < len(args) {
+				i++
+			}
+			continue
+		}
+		kept = append(kept, args[i])
+	}
+	return fmt.Sprintf("%x", hashString(strings.Join(kept, "\x00")))
 }

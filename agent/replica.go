@@ -155,6 +155,7 @@ func (a *Agent) snapshot(as *Assignment, r *run, phase string) *replicav1.Metric
 	if ms.have {
 		m.NumRequestsRunning, m.NumRequestsWaiting, m.KvCacheUsage = ms.last.Running, ms.last.Waiting, ms.last.KVCacheUsage
 		m.GenerationTokensPerSecond, m.TtftSecondsAvg, m.PrefixCacheHitRate = ms.tokPerS, ms.ttftAvg, ms.hitRate
+		m.MetricsValid = true
 	}
 	return m
 }

@@ -26,6 +26,7 @@ type Config struct {
 	GossipProfile string
 	APIAddr       string // gRPC API for the CLI
 	RouterAddr    string // OpenAI HTTP ("" disables the built-in router)
+	Router        router.Config
 	DataDir       string
 	// ReconcileInterval bounds how long a change waits when no event arrives.
 	ReconcileInterval time.Duration
@@ -125,7 +126,7 @@ func (c *Coordinator) Run(ctx context.Context) error {
 			lis.Close()
 			return fmt.Errorf("router: %w", err)
 		}
-		httpSrv = &http.Server{Handler: router.New(c.table, c.cfg.Logger).Handler(), ReadHeaderTimeout: 10 * time.Second}
+		httpSrv = &http.Server{Handler: router.New(c.table, c.cfg.Logger, c.cfg.Router).Handler(), ReadHeaderTimeout: 10 * time.Second}
 		go func() { _ = httpSrv.Serve(rl) }()
 	}
 	var wg sync.WaitGroup

@@ -195,7 +195,8 @@ func (c *Coordinator) rebuildTable() {
 		m := v.Metrics
 		eps = append(eps, &router.Endpoint{Model: m.ServedModelName, Deployment: v.Info.Deployment, Group: v.Key.Group,
 			Epoch: v.Key.Epoch, Term: v.Key.Term, NodeID: v.Key.Node, Addr: m.Endpoint,
-			Running: m.NumRequestsRunning, Waiting: m.NumRequestsWaiting, KVCache: m.KvCacheUsage})
+			Running: m.NumRequestsRunning, Waiting: m.NumRequestsWaiting, KVCache: m.KvCacheUsage,
+			TTFT: m.TtftSecondsAvg, TokPerSec: m.GenerationTokensPerSecond, HasMetrics: m.MetricsValid})
 	}
 	sort.Slice(eps, func(i, j int) bool { return eps[i].Group < eps[j].Group })
 	c.mu.Lock()

@@ -3,6 +3,9 @@ package router
 import (
 	"bytes"
 	"context"
+	"crypto/rand"
+	"crypto/subtle"
+	"encoding/hex"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -10,38 +13,98 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
-	"sync/atomic"
 	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	"github.com/prometheus/client_golang/prometheus/promhttp"
 )
 
-// maxBody bounds a request body (long prompts fit; runaway uploads do not).
-const maxBody = 64 << 20
+// Config tunes the router. The zero value works.
+type Config struct {
+	// APIKeys maps a Bearer key to the models it may use ("*" for all).
+	// Empty: no authentication.
+	APIKeys map[string][]string
+	// Retries is how many other replicas are tried when a backend cannot be
+	// reached or answers 5xx before anything reached the client.
+	Retries int
+	// EjectFor keeps a failing backend out of picks for a while.
+	EjectFor time.Duration
+	// IdleTimeout ends a response when the backend sends nothing for this long
+	// (a hung engine); TotalTimeout bounds a whole request (0: none, so long
+	// reasoning streams are never cut).
+	IdleTimeout  time.Duration
+	TotalTimeout time.Duration
+	// PrefixBytes of the prompt feed the prefix-cache strategies.
+	PrefixBytes int
+	// MaxBody bounds a request body.
+	MaxBody int64
+	// Registry receives the router's metrics (nil: a private one).
+	Registry *prometheus.Registry
+}
+
+func (c *Config) defaults() {
+	if c.Retries == 0 {
+		c.Retries = 2
+	}
+	if c.Retries < 0 {
+		c.Retries = 0
+	}
+	if c.EjectFor == 0 {
+		c.EjectFor = 5 * time.Second
+	}
+	if c.IdleTimeout == 0 {
+		c.IdleTimeout = 10 * time.Minute
+	}
+	if c.PrefixBytes == 0 {
+		c.PrefixBytes = 1024
+	}
+	if c.MaxBody == 0 {
+		c.MaxBody = 64 << 20
+	}
+	if c.Registry == nil {
+		c.Registry = prometheus.NewRegistry()
+	}
+}
 
 // Router is the OpenAI-compatible HTTP front.
 type Router struct {
-	table    *Table
-	log      *slog.Logger
-	client   *http.Client
-	inflight *inflight
-	// Retries is how many other replicas are tried when a backend cannot be
-	// reached or answers 5xx before anything reached the client (safe: the
-	// client has seen nothing, and a failed engine generated nothing usable).
-	Retries int
-	picked  atomic.Int64
+	cfg    Config
+	table  *Table
+	log    *slog.Logger
+	client *http.Client
+	picker *picker
+
+	requests *prometheus.CounterVec
+	fallback *prometheus.CounterVec
+	retries  *prometheus.CounterVec
+	ttfb     *prometheus.HistogramVec
 }
 
 // New returns a router over table.
-func New(table *Table, log *slog.Logger) *Router {
+func New(table *Table, log *slog.Logger, cfg Config) *Router {
+	cfg.defaults()
 	tr := &http.Transport{
-		DialContext:           (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
-		MaxIdleConnsPerHost:   256,
-		IdleConnTimeout:       90 * time.Second,
-		ResponseHeaderTimeout: 0, // a long prefill may take minutes before headers
+		DialContext:         (&net.Dialer{Timeout: 2 * time.Second, KeepAlive: 30 * time.Second}).DialContext,
+		MaxIdleConns:        4096,
+		MaxIdleConnsPerHost: 1024,
+		IdleConnTimeout:     90 * time.Second,
+		// No ResponseHeaderTimeout: a long prefill may take minutes before headers.
 	}
-	return &Router{table: table, log: log.With("component", "router"), client: &http.Client{Transport: tr},
-		inflight: &inflight{m: map[string]*atomic.Int64{}}, Retries: 2}
+	r := &Router{cfg: cfg, table: table, log: log.With("component", "router"), client: &http.Client{Transport: tr}, picker: newPicker(),
+		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "shoal_router_requests_total",
+			Help: "Requests by model, strategy applied and status code."}, []string{"model", "strategy", "code"}),
+		fallback: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "shoal_router_strategy_fallback_total",
+			Help: "Picks where the asked strategy lacked its signal and least-request decided."}, []string{"strategy"}),
+		retries: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "shoal_router_retries_total",
+			Help: "Requests retried on another replica, by reason."}, []string{"reason"}),
+		ttfb: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "shoal_router_upstream_first_byte_seconds",
+			Help: "Time from routing to the engine's response headers.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 20)}, []string{"model"}),
+	}
+	cfg.Registry.MustRegister(r.requests, r.fallback, r.retries, r.ttfb)
+	return r
 }
 
 // Handler routes the OpenAI endpoints.
@@ -51,9 +114,11 @@ func (r *Router) Handler() http.Handler {
 	mux.HandleFunc("POST /v1/completions", r.proxy)
 	mux.HandleFunc("POST /v1/embeddings", r.proxy)
 	mux.HandleFunc("GET /v1/models", r.models)
+	mux.HandleFunc("GET /health", func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(200) })
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(200) })
+	mux.Handle("GET /metrics", promhttp.HandlerFor(r.cfg.Registry, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/", func(w http.ResponseWriter, req *http.Request) {
-		writeError(w, 404, "invalid_request_error", "", "", fmt.Sprintf("Unknown request URL: %s %s. Supported: POST /v1/chat/completions, POST /v1/completions, GET /v1/models.", req.Method, req.URL.Path))
+		writeError(w, 404, "invalid_request_error", "", "", fmt.Sprintf("Unknown request URL: %s %s. Supported: POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, GET /v1/models.", req.Method, req.URL.Path))
 	})
 	return mux
 }
@@ -72,25 +137,112 @@ func writeError(w http.ResponseWriter, status int, typ, param, code, msg string)
 	_ = json.NewEncoder(w).Encode(map[string]any{"error": body})
 }
 
-func (r *Router) models(w http.ResponseWriter, _ *http.Request) {
-	snap := r.table.Load()
+// allowed returns the models a request's key may use (nil: any), or ok=false.
+func (r *Router) allowed(req *http.Request) ([]string, bool) {
+	if len(r.cfg.APIKeys) == 0 {
+		return nil, true
+	}
+	tok, found := strings.CutPrefix(req.Header.Get("Authorization"), "Bearer ")
+	if !found || tok == "" {
+		return nil, false
+	}
+	for k, models := range r.cfg.APIKeys {
+		if subtle.ConstantTimeCompare([]byte(k), []byte(tok)) == 1 {
+			if slices.Contains(models, "*") {
+				return nil, true
+			}
+			return models, true
+		}
+	}
+	return nil, false
+}
+
+func (r *Router) models(w http.ResponseWriter, req *http.Request) {
+	allow, ok := r.allowed(req)
+	if !ok {
+		writeError(w, 401, "invalid_request_error", "", "invalid_api_key", "Incorrect API key provided. Pass it as `Authorization: Bearer KEY`.")
+		return
+	}
 	data := []any{}
-	for _, m := range snap.Ready() {
-		data = append(data, map[string]any{"id": m, "object": "model", "created": 0, "owned_by": "shoal"})
+	for _, m := range r.table.Load().Ready() {
+		if allow == nil || slices.Contains(allow, m) {
+			data = append(data, map[string]any{"id": m, "object": "model", "created": 0, "owned_by": "shoal"})
+		}
 	}
 	w.Header().Set("Content-Type", "application/json")
 	_ = json.NewEncoder(w).Encode(map[string]any{"object": "list", "data": data})
 }
 
+// request is the part of a body the router reads.
+type request struct {
+	Model    *string `json:"model"`
+	Prompt   any     `json:"prompt"`
+	Input    any     `json:"input"`
+	Messages []struct {
+		Content any `json:"content"`
+	} `json:"messages"`
+}
+
+// promptText flattens the prompt (or messages, or input) for prefix hashing.
+func (b *request) promptText(limit int) string {
+	var sb strings.Builder
+	add := func(v any) {
+		switch x := v.(type) {
+		case string:
+			sb.WriteString(x)
+		case []any:
+			for _, p := range x {
+				switch y := p.(type) {
+				case string:
+					sb.WriteString(y)
+				case map[string]any:
+					if t, ok := y["text"].(string); ok {
+						sb.WriteString(t)
+					}
+				}
+			}
+		}
+	}
+	add(b.Prompt)
+	add(b.Input)
+	for _, m := range b.Messages {
+		if sb.Len() >= limit {
+			break
+		}
+		add(m.Content)
+		sb.WriteByte('\n')
+	}
+	return sb.String()
+}
+
+func requestID() string {
+	var b [12]byte
+	_, _ = rand.Read(b[:])
+	return hex.EncodeToString(b[:])
+}
+
 func (r *Router) proxy(w http.ResponseWriter, req *http.Request) {
-	body, err := io.ReadAll(http.MaxBytesReader(w, req.Body, maxBody))
-	if err != nil {
-		writeError(w, 413, "invalid_request_error", "", "", fmt.Sprintf("request body over %d MiB or unreadable: %v", maxBody>>20, err))
+	rid := req.Header.Get("X-Request-Id")
+	if rid == "" {
+		rid = requestID()
+	}
+	w.Header().Set("X-Request-Id", rid)
+	allow, ok := r.allowed(req)
+	if !ok {
+		writeError(w, 401, "invalid_request_error", "", "invalid_api_key", "Incorrect API key provided. Pass it as `Authorization: Bearer KEY`.")
 		return
 	}
-	var head struct {
-		Model *string `json:"model"`
+	body, err := io.ReadAll(http.MaxBytesReader(w, req.Body, r.cfg.MaxBody))
+	if err != nil {
+		var tooBig *http.MaxBytesError
+		if errors.As(err, &tooBig) {
+			writeError(w, 413, "invalid_request_error", "", "", fmt.Sprintf("request body over the %d MiB limit", r.cfg.MaxBody>>20))
+			return
+		}
+		writeError(w, 400, "invalid_request_error", "", "", "could not read the request body: "+err.Error())
+		return
 	}
+	var head request
 	if err := json.Unmarshal(body, &head); err != nil {
 		writeError(w, 400, "invalid_request_error", "", "", "We could not parse the JSON body of your request: "+err.Error())
 		return
@@ -109,23 +261,49 @@ func (r *Router) proxy(w http.ResponseWriter, req *http.Request) {
 		return
 	}
 	eps, known := r.table.Load().Endpoints(model)
-	if !known {
-		writeError(w, 404, "invalid_request_error", "model", "model_not_found", fmt.Sprintf("The model `%s` does not exist.", model))
+	if !known || (allow != nil && !slices.Contains(allow, model)) {
+		writeError(w, 404, "invalid_request_error", "model", "model_not_found", fmt.Sprintf("The model `%s` does not exist or you do not have access to it.", model))
 		return
 	}
+	h := hint{model: model, session: req.Header.Get("x-session-id")}
+	if strategy == StrategyPrefixCache || strategy == StrategyPrefixAIBrix {
+		h.prefix = prefixHashes(head.promptText(r.cfg.PrefixBytes), r.cfg.PrefixBytes)
+	}
+	ctx := req.Context()
+	if r.cfg.TotalTimeout > 0 {
+		var cancel context.CancelFunc
+		ctx, cancel = context.WithTimeout(ctx, r.cfg.TotalTimeout)
+		defer cancel()
+	}
 	tried := map[string]bool{}
-	for attempt := 0; attempt <= r.Retries; attempt++ {
-		ep := r.pick(strategy, eps, tried)
+	for attempt := 0; attempt <= r.cfg.Retries; attempt++ {
+		ep, used, release := r.picker.pick(strategy, eps, h, tried)
 		if ep == nil {
 			break
 		}
+		if used != strategy && strategy != StrategyPrefixAIBrix {
+			r.fallback.WithLabelValues(strategy).Inc()
+		}
 		tried[ep.Addr] = true
-		done, err := r.forward(w, req, ep, body, attempt < r.Retries)
+		w.Header().Set("X-Shoal-Strategy", used)
+		if h.session != "" {
+			w.Header().Set("x-session-id", h.session)
+		}
+		code, done, err := r.forward(ctx, w, req, ep, body, attempt < r.cfg.Retries)
+		release()
 		if done {
+			r.requests.WithLabelValues(model, used, strconv.Itoa(code)).Inc()
 			return
 		}
-		r.log.Warn("backend failed; trying another replica", "model", model, "backend", ep.Addr, "err", err)
+		reason := "connect"
+		if code >= 500 {
+			reason = "5xx"
+		}
+		r.retries.WithLabelValues(reason).Inc()
+		r.picker.eject(ep.Addr, r.cfg.EjectFor)
+		r.log.Warn("backend failed; trying another replica", "model", model, "backend", ep.Addr, "err", err, "request_id", rid)
 	}
+	r.requests.WithLabelValues(model, strategy, "503").Inc()
 	w.Header().Set("Retry-After", "5")
 	writeError(w, 503, "server_error", "", "no_ready_replica", fmt.Sprintf("No replica of `%s` is ready to serve; retry later (see `shoal get replicas`).", model))
 }
@@ -133,31 +311,35 @@ func (r *Router) proxy(w http.ResponseWriter, req *http.Request) {
 // forward sends the request to ep and streams the answer back unbuffered. It
 // returns done=false only when nothing was written and another replica may be
 // tried: the connection failed, or (when canRetry) the engine answered 5xx.
-func (r *Router) forward(w http.ResponseWriter, req *http.Request, ep *Endpoint, body []byte, canRetry bool) (bool, error) {
-	c := r.inflight.counter(ep.Addr)
-	c.Add(1)
-	defer c.Add(-1)
-	r.picked.Add(1)
-	out, err := http.NewRequestWithContext(req.Context(), req.Method, "http://"+ep.Addr+req.URL.Path, bytes.NewReader(body))
+func (r *Router) forward(ctx context.Context, w http.ResponseWriter, req *http.Request, ep *Endpoint, body []byte, canRetry bool) (int, bool, error) {
+	ctx, cancel := context.WithCancel(ctx)
+	defer cancel()
+	start := time.Now()
+	out, err := http.NewRequestWithContext(ctx, req.Method, "http://"+ep.Addr+req.URL.Path, bytes.NewReader(body))
 	if err != nil {
-		return false, err
+		return 0, false, err
 	}
-	for _, h := range []string{"Content-Type", "Accept", "Authorization", "X-Request-Id", "OpenAI-Organization"} {
-		if v := req.Header.Get(h); v != "" {
-			out.Header.Set(h, v)
+	for _, hd := range []string{"Content-Type", "Accept", "Authorization", "X-Request-Id", "OpenAI-Organization"} {
+		if v := req.Header.Get(hd); v != "" {
+			out.Header.Set(hd, v)
 		}
 	}
+	out.Header.Set("X-Request-Id", w.Header().Get("X-Request-Id"))
+	// A hung engine sends nothing: the idle timer cancels the upstream request.
+	idle := time.AfterFunc(r.cfg.IdleTimeout, cancel)
+	defer idle.Stop()
 	resp, err := r.client.Do(out)
 	if err != nil {
 		if req.Context().Err() != nil {
-			return true, err // the client went away
+			return 499, true, err // the client went away
 		}
-		return false, err
+		return 0, false, err
 	}
 	defer resp.Body.Close()
+	r.ttfb.WithLabelValues(ep.Model).Observe(time.Since(start).Seconds())
 	if canRetry && resp.StatusCode >= 500 {
 		b, _ := io.ReadAll(io.LimitReader(resp.Body, 512))
-		return false, fmt.Errorf("engine answered %d: %s", resp.StatusCode, bytes.TrimSpace(b))
+		return resp.StatusCode, false, fmt.Errorf("engine answered %d: %s", resp.StatusCode, bytes.TrimSpace(b))
 	}
 	for k, vs := range resp.Header {
 		if strings.EqualFold(k, "Content-Length") || strings.EqualFold(k, "Connection") {
@@ -169,24 +351,26 @@ func (r *Router) forward(w http.ResponseWriter, req *http.Request, ep *Endpoint,
 	}
 	w.Header().Set("X-Shoal-Replica", ep.Group)
 	w.Header().Set("X-Shoal-Epoch", strconv.FormatUint(ep.Epoch, 10))
+	w.Header().Set("X-Shoal-Head", ep.NodeID)
 	w.WriteHeader(resp.StatusCode)
 	fl, _ := w.(http.Flusher)
 	buf := make([]byte, 32<<10)
 	for {
 		n, rerr := resp.Body.Read(buf)
 		if n > 0 {
+			idle.Reset(r.cfg.IdleTimeout)
 			if _, werr := w.Write(buf[:n]); werr != nil {
-				return true, werr
+				return resp.StatusCode, true, werr // client gone: ctx cancel stops the engine request
 			}
 			if fl != nil {
-				fl.Flush() // SSE chunks reach the client as the engine emits them
+				fl.Flush() // SSE events reach the client as the engine emits them
 			}
 		}
 		if rerr != nil {
 			if !errors.Is(rerr, io.EOF) && !errors.Is(rerr, context.Canceled) {
 				r.log.Warn("backend stream broke", "backend", ep.Addr, "err", rerr)
 			}
-			return true, nil
+			return resp.StatusCode, true, nil
 		}
 	}
 }

@@ -34,7 +34,7 @@ func addr(s *httptest.Server) string { return strings.TrimPrefix(s.URL, "http://
 func newRouter(eps ...*Endpoint) (*Router, *Table) {
 	tb := NewTable()
 	tb.Set(NewSnapshot([]string{"m", "cold"}, eps))
-	return New(tb, slog.New(slog.NewTextHandler(io.Discard, nil))), tb
+	return New(tb, slog.New(slog.NewTextHandler(io.Discard, nil)), Config{}), tb
 }
 
 func do(t *testing.T, h http.Handler, body string, hdr map[string]string) *httptest.ResponseRecorder {
@@ -104,8 +104,9 @@ func TestRouterRetries5xx(t *testing.T) {
 		require.Equal(t, "good", rec.Header().Get("X-Shoal-Replica"))
 	}
 	// With only the failing replica, its 500 reaches the client as it was.
-	r, _ = newRouter(&Endpoint{Model: "m", Addr: addr(bad), Group: "bad"})
-	r.Retries = 0
+	tb := NewTable()
+	tb.Set(NewSnapshot([]string{"m"}, []*Endpoint{{Model: "m", Addr: addr(bad), Group: "bad"}}))
+	r = New(tb, slog.New(slog.NewTextHandler(io.Discard, nil)), Config{Retries: -1})
 	rec := do(t, r.Handler(), `{"model":"m"}`, nil)
 	require.Equal(t, 500, rec.Code)
 	require.Contains(t, rec.Body.String(), "EngineCore")

@@ -16,7 +16,11 @@ type Endpoint struct {
 	Addr       string // host:port of the engine's OpenAI server
 	Running    float64
 	Waiting    float64
-	KVCache    float64
+	KVCache    float64 // 0-1
+	TTFT       float64 // seconds, recent average; 0 when unknown
+	TokPerSec  float64 // generation tokens/s, recent
+	// HasMetrics is false until the head has reported engine metrics.
+	HasMetrics bool
 }
 
 // Snapshot is an immutable view of the routable endpoints.

@@ -1,0 +1,190 @@
+package router
+
+import (
+	"fmt"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+func eps(n int, mod func(i int, e *Endpoint)) []*Endpoint {
+	var out []*Endpoint
+	for i := 0; i < n; i++ {
+		e := &Endpoint{Model: "m", Addr: fmt.Sprintf("10.0.0.%d:8000", i+1), HasMetrics: true}
+		if mod != nil {
+			mod(i, e)
+		}
+		out = append(out, e)
+	}
+	return out
+}
+
+func TestRoundRobinAndRandom(t *testing.T) {
+	p := newPicker()
+	es := eps(3, nil)
+	var got []string
+	for i := 0; i < 6; i++ {
+		e, used, rel := p.pick(StrategyRoundRobin, es, hint{model: "m"}, nil)
+		rel()
+		require.Equal(t, StrategyRoundRobin, used)
+		got = append(got, e.Addr)
+	}
+	require.Equal(t, got[:3], got[3:])
+	require.Len(t, map[string]bool{got[0]: true, got[1]: true, got[2]: true}, 3)
+	seen := map[string]bool{}
+	for i := 0; i < 200; i++ {
+		e, _, rel := p.pick(StrategyRandom, es, hint{}, nil)
+		rel()
+		seen[e.Addr] = true
+	}
+	require.Len(t, seen, 3)
+}
+
+// TestLeastRequestNoPileUp: a burst of concurrent picks (none finished yet)
+// spreads evenly because a pick and its increment are one step (AIBrix #2422).
+func TestLeastRequestNoPileUp(t *testing.T) {
+	p := newPicker()
+	es := eps(4, nil)
+	var mu sync.Mutex
+	count := map[string]int{}
+	var wg sync.WaitGroup
+	for i := 0; i < 100; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			e, _, _ := p.pick(StrategyLeastRequest, es, hint{}, nil) // never released: all in flight
+			mu.Lock()
+			count[e.Addr]++
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	for _, e := range es {
+		require.Equal(t, 25, count[e.Addr])
+	}
+	// The head's reported queue counts too (other routers' load).
+	p2 := newPicker()
+	es2 := eps(2, func(i int, e *Endpoint) {
+		if i == 0 {
+			e.Waiting = 10
+		}
+	})
+	e, _, rel := p2.pick(StrategyLeastRequest, es2, hint{}, nil)
+	rel()
+	require.Equal(t, es2[1].Addr, e.Addr)
+}
+
+func TestMetricStrategiesAndFallback(t *testing.T) {
+	p := newPicker()
+	es := eps(3, func(i int, e *Endpoint) {
+		e.KVCache = []float64{0.9, 0.2, 0.5}[i]
+		e.TTFT = []float64{0.1, 0.5, 0.05}[i]
+		e.TokPerSec = []float64{300, 100, 200}[i]
+	})
+	for s, want := range map[string]int{StrategyLeastKV: 1, StrategyLeastLatency: 2, StrategyThroughput: 1} {
+		e, used, rel := p.pick(s, es, hint{}, nil)
+		rel()
+		require.Equal(t, es[want].Addr, e.Addr, s)
+		require.Equal(t, s, used)
+	}
+	// No metrics anywhere: least-request decides, and the caller is told.
+	bare := eps(2, func(i int, e *Endpoint) { e.HasMetrics = false })
+	for _, s := range []string{StrategyLeastKV, StrategyLeastLatency, StrategyThroughput} {
+		_, used, rel := p.pick(s, bare, hint{}, nil)
+		rel()
+		require.Equal(t, StrategyLeastRequest, used, s)
+	}
+}
+
+func TestPrefixCacheStickyAndBounded(t *testing.T) {
+	p := newPicker()
+	es := eps(4, nil)
+	sys := hint{prefix: prefixHashes(strings.Repeat("You are a helpful assistant. ", 40), 1024)}
+	first, _, rel := p.pick(StrategyPrefixCache, es, sys, nil)
+	rel()
+	for i := 0; i < 5; i++ {
+		e, used, rel := p.pick(StrategyPrefixCache, es, sys, nil)
+		rel()
+		require.Equal(t, first.Addr, e.Addr, "same prefix, same replica")
+		require.Equal(t, StrategyPrefixCache, used)
+	}
+	// A hot prefix with everything in flight: the load bound spreads it.
+	count := map[string]int{}
+	for i := 0; i < 40; i++ {
+		e, _, _ := p.pick(StrategyPrefixCache, es, sys, nil)
+		count[e.Addr]++
+	}
+	for addr, n := range count {
+		// The bound: at most 1.25 × the mean load + 2 on any replica.
+		require.LessOrEqual(t, n, 15, "a hot prefix must not overload %s: %v", addr, count)
+	}
+	require.GreaterOrEqual(t, len(count), 3, "the hot prefix spread: %v", count)
+}
+
+func TestPrefixAIBrixRule(t *testing.T) {
+	p := newPicker()
+	es := eps(3, nil)
+	h := hint{prefix: prefixHashes(strings.Repeat("x", 1024), 1024)}
+	first, used, rel := p.pick(StrategyPrefixAIBrix, es, h, nil)
+	rel()
+	require.Equal(t, StrategyPrefixAIBrix, used)
+	e, _, rel := p.pick(StrategyPrefixAIBrix, es, h, nil)
+	rel()
+	require.Equal(t, first.Addr, e.Addr)
+	// Imbalance over 16 running: least-request instead.
+	for i := 0; i < 17; i++ {
+		p.mu.Lock()
+		p.counter(first.Addr).Add(1)
+		p.mu.Unlock()
+	}
+	e, used, rel = p.pick(StrategyPrefixAIBrix, es, h, nil)
+	rel()
+	require.NotEqual(t, first.Addr, e.Addr)
+	require.Equal(t, StrategyLeastRequest, used)
+}
+
+func TestSessionAndEjection(t *testing.T) {
+	p := newPicker()
+	es := eps(3, nil)
+	h := hint{session: "user-42"}
+	first, _, rel := p.pick(StrategySession, es, h, nil)
+	rel()
+	for i := 0; i < 5; i++ {
+		e, _, rel := p.pick(StrategySession, es, h, nil)
+		rel()
+		require.Equal(t, first.Addr, e.Addr)
+	}
+	now := time.Unix(1000, 0)
+	p.now = func() time.Time { return now }
+	p.eject(first.Addr, 5*time.Second)
+	e, _, rel := p.pick(StrategySession, es, h, nil)
+	rel()
+	require.NotEqual(t, first.Addr, e.Addr, "an ejected replica is skipped")
+	now = now.Add(6 * time.Second)
+	e2, _, rel := p.pick(StrategySession, es, h, nil)
+	rel()
+	require.Equal(t, e.Addr, e2.Addr, "the session stays where it moved")
+	// Everything ejected: still serve.
+	for _, x := range es {
+		p.eject(x.Addr, time.Hour)
+	}
+	e, _, rel = p.pick(StrategyRandom, es, hint{}, nil)
+	rel()
+	require.NotNil(t, e)
+}
+
+func TestLRU(t *testing.T) {
+	c := newLRU(2)
+	c.put("a", "1")
+	c.put("b", "2")
+	_, _ = c.get("a")
+	c.put("c", "3")
+	_, ok := c.get("b")
+	require.False(t, ok, "least recently used is evicted")
+	v, ok := c.get("a")
+	require.True(t, ok)
+	require.Equal(t, "1", v)
+}

@@ -58,7 +58,7 @@ func (s *apiServer) summary(rec *DeploymentRecord, groups []*Group) *coordv1.Dep
 	d := rec.Spec
 	sum := &coordv1.DeploymentSummary{Name: d.Name, Model: d.Engine.ServedModelName, Engine: d.Engine.Kind,
 		NodesPerReplica: int32(d.Resources.Nodes), DesiredReplicas: int32(d.DesiredReplicas()), CreatedUnix: rec.Created.Unix()}
-	views := s.c.heads.views()
+	views := s.c.heads.Views()
 	for _, g := range groups {
 		if g.Deployment == d.Name && views[g.ID].Routable && views[g.ID].Key.Epoch == g.Epoch {
 			sum.ReadyReplicas++
@@ -136,7 +136,7 @@ func (s *apiServer) ListNodes(context.Context, *coordv1.ListNodesRequest) (*coor
 }
 
 func (s *apiServer) replicas(dep string, groups []*Group) []*coordv1.ReplicaInfo {
-	views := s.c.heads.views()
+	views := s.c.heads.Views()
 	nodes := s.c.agents()
 	var out []*coordv1.ReplicaInfo
 	for _, g := range groups {

@@ -69,7 +69,7 @@ type Coordinator struct {
 	mem    *gossip.Membership
 	events *events
 	table  *router.Table
-	heads  *heads
+	heads  *router.Watcher
 	wake   chan struct{}
 
 	mu       sync.Mutex
@@ -82,7 +82,7 @@ func New(cfg Config) *Coordinator {
 	cfg.Defaults()
 	c := &Coordinator{cfg: cfg, log: cfg.Logger.With("component", "coordinator"), events: newEvents(),
 		table: router.NewTable(), wake: make(chan struct{}, 1), inflight: map[string]bool{}}
-	c.heads = newHeads(c.log, c.rebuildTable)
+	c.heads = router.NewWatcher(c.log, c.rebuildTable)
 	return c
 }
 
@@ -149,7 +149,7 @@ func (c *Coordinator) Run(ctx context.Context) error {
 		case <-c.mem.Changes():
 		}
 	}
-	c.heads.stopAll()
+	c.heads.StopAll()
 	if httpSrv != nil {
 		sctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
 		_ = httpSrv.Shutdown(sctx)
@@ -182,4 +182,12 @@ func portOf(addr string) int {
 	_, p, _ := net.SplitHostPort(addr)
 	n, _ := strconv.Atoi(p)
 	return n
+}
+
+// rebuildTable publishes a new router snapshot from the heads' states.
+func (c *Coordinator) rebuildTable() {
+	c.mu.Lock()
+	models := c.models
+	c.mu.Unlock()
+	c.table.Set(c.heads.Snapshot(models))
 }

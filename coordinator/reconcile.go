@@ -2,6 +2,7 @@ package coordinator
 
 import (
 	"context"
+	"github.com/shoalhq/shoal/coordinator/router"
 	"sort"
 	"strings"
 	"time"
@@ -65,7 +66,7 @@ func (c *Coordinator) reconcile(ctx context.Context) error {
 		if len(have) > want {
 			// Scale in: drop the groups that serve least (not ready first, newest first).
 			sort.SliceStable(have, func(i, j int) bool {
-				ri, rj := c.heads.serving(have[i].ID), c.heads.serving(have[j].ID)
+				ri, rj := c.heads.Serving(have[i].ID), c.heads.Serving(have[j].ID)
 				if ri != rj {
 					return !ri
 				}
@@ -96,7 +97,7 @@ func (c *Coordinator) reconcile(ctx context.Context) error {
 			c.release(ctx, t)
 		}
 	}
-	c.heads.sync(c.wantedHeads(perDep, nodes))
+	c.heads.Sync(c.wantedHeads(perDep, nodes))
 	c.rebuildTable()
 	return nil
 }
@@ -274,8 +275,8 @@ func (c *Coordinator) release(ctx context.Context, t gossip.Tag) {
 
 // wantedHeads lists the heads to watch: a member claiming head for the stored
 // group at its current epoch.
-func (c *Coordinator) wantedHeads(perDep map[string][]*Group, nodes map[string]gossip.Tag) map[headKey]headInfo {
-	out := map[headKey]headInfo{}
+func (c *Coordinator) wantedHeads(perDep map[string][]*Group, nodes map[string]gossip.Tag) map[router.HeadKey]router.HeadInfo {
+	out := map[router.HeadKey]router.HeadInfo{}
 	for dep, gs := range perDep {
 		for _, g := range gs {
 			complete := true
@@ -290,8 +291,8 @@ func (c *Coordinator) wantedHeads(perDep map[string][]*Group, nodes map[string]g
 				if !ok || t.HeadTerm == 0 || t.Replica == "" || t.Group != g.ID || t.Epoch != g.Epoch {
 					continue
 				}
-				k := headKey{Node: t.ID, Group: g.ID, Epoch: g.Epoch, Term: t.HeadTerm}
-				out[k] = headInfo{Deployment: dep, Addr: t.Replica, Complete: complete}
+				k := router.HeadKey{Node: t.ID, Group: g.ID, Epoch: g.Epoch, Term: t.HeadTerm}
+				out[k] = router.HeadInfo{Deployment: dep, Addr: t.Replica, Complete: complete}
 			}
 		}
 	}

@@ -5,6 +5,7 @@ import (
 
 	"github.com/shoalhq/shoal/agent"
 	"github.com/shoalhq/shoal/coordinator"
+	"github.com/shoalhq/shoal/coordinator/router"
 	"github.com/shoalhq/shoal/gpu"
 	"github.com/urfave/cli/v2"
 )
@@ -104,15 +105,61 @@ func coordinatorCommand() *cli.Command {
 			&cli.StringFlag{Name: "api", Value: "127.0.0.1:7950", EnvVars: []string{"SHOAL_API_ADDR"}, Usage: "gRPC API address for the CLI"},
 			&cli.StringFlag{Name: "router", Value: "127.0.0.1:8080", EnvVars: []string{"SHOAL_ROUTER_ADDR"}, Usage: "OpenAI HTTP address (\"\" disables)"},
 			&cli.StringFlag{Name: "data-dir", Value: "/var/lib/shoal-coordinator", EnvVars: []string{"SHOAL_DATA_DIR"}},
+			apiKeysFlag,
 		},
 		Action: func(c *cli.Context) error {
 			if c.NArg() > 0 {
 				return fmt.Errorf("unexpected arguments %v", c.Args().Slice())
 			}
+			rc, err := routerConfig(c)
+			if err != nil {
+				return err
+			}
 			co := coordinator.New(coordinator.Config{NodeID: c.String("node-id"), Cluster: c.String("cluster"), Address: c.String("address"),
 				GossipPort: c.Int("gossip-port"), Join: c.StringSlice("join"), GossipProfile: c.String("gossip-profile"),
-				APIAddr: c.String("api"), RouterAddr: c.String("router"), DataDir: c.String("data-dir"), Logger: logger(c)})
+				APIAddr: c.String("api"), RouterAddr: c.String("router"), DataDir: c.String("data-dir"), Router: rc, Logger: logger(c)})
 			return co.Run(c.Context)
+		},
+	}
+}
+
+var apiKeysFlag = &cli.StringFlag{Name: "api-keys-file", EnvVars: []string{"SHOAL_API_KEYS_FILE"},
+	Usage: "YAML file of `KEY: [model, …]`; when set, OpenAI requests need `Authorization: Bearer KEY`"}
+
+func routerConfig(c *cli.Context) (router.Config, error) {
+	var rc router.Config
+	if p := c.String("api-keys-file"); p != "" {
+		keys, err := router.LoadAPIKeys(p)
+		if err != nil {
+			return rc, err
+		}
+		rc.APIKeys = keys
+	}
+	return rc, nil
+}
+
+func routerCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "router",
+		Usage: "run an OpenAI router alone: joins the gossip, watches the heads, keeps routing while the coordinator is down",
+		Flags: []cli.Flag{
+			&cli.StringFlag{Name: "node-id", Value: "router", EnvVars: []string{"SHOAL_NODE_ID"}},
+			&cli.StringFlag{Name: "cluster", Value: "shoal", EnvVars: []string{"SHOAL_CLUSTER"}},
+			&cli.StringFlag{Name: "address", Value: "127.0.0.1", EnvVars: []string{"SHOAL_ADDRESS"}, Usage: "IP to gossip on"},
+			&cli.IntFlag{Name: "gossip-port", Value: 7946, EnvVars: []string{"SHOAL_GOSSIP_PORT"}},
+			&cli.StringSliceFlag{Name: "join", EnvVars: []string{"SHOAL_JOIN"}, Usage: "gossip address of any cluster node (required)"},
+			&cli.StringFlag{Name: "gossip-profile", EnvVars: []string{"SHOAL_GOSSIP_PROFILE"}},
+			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:8080", EnvVars: []string{"SHOAL_ROUTER_ADDR"}, Usage: "OpenAI HTTP address"},
+			apiKeysFlag,
+		},
+		Action: func(c *cli.Context) error {
+			rc, err := routerConfig(c)
+			if err != nil {
+				return err
+			}
+			return router.RunStandalone(c.Context, router.StandaloneConfig{NodeID: c.String("node-id"), Cluster: c.String("cluster"),
+				Address: c.String("address"), GossipPort: c.Int("gossip-port"), Join: c.StringSlice("join"),
+				GossipProfile: c.String("gossip-profile"), Listen: c.String("listen"), Router: rc, Logger: logger(c)})
 		},
 	}
 }

@@ -25,7 +25,7 @@ func main() {
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "log-level", Value: "info", EnvVars: []string{"SHOAL_LOG_LEVEL"}, Usage: "debug, info, warn or error"},
 		},
-		Commands: []*cli.Command{agentCommand(), coordinatorCommand(), applyCommand(), getCommand(), describeCommand(),
+		Commands: []*cli.Command{agentCommand(), coordinatorCommand(), routerCommand(), applyCommand(), getCommand(), describeCommand(),
 			deleteCommand(), devCommand()},
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)

@@ -233,6 +233,12 @@ func (c *Cluster) Restart(i int) error {
 	return c.StartAgent(i)
 }
 
+// KillCoordinator SIGKILLs the coordinator, as a control-host failure would.
+func (c *Cluster) KillCoordinator() {
+	signalAll([]*proc{c.coord}, syscall.SIGKILL)
+	waitAll([]*proc{c.coord}, 5*time.Second)
+}
+
 // Stop ends the agents (which stop their engines), then the coordinator, then
 // anything left. Bounded: about 20 s at most.
 func (c *Cluster) Stop() {

@@ -61,6 +61,7 @@ type env struct {
 	api    string
 	router string
 	dir    string
+	gossip string // the coordinator's gossip address
 }
 
 // startCluster starts a coordinator and n agents on 127.0.<subnet>.x.
@@ -72,6 +73,7 @@ func startCluster(t *testing.T, subnet, n int) *env {
 	_, p, _ := net.SplitHostPort(port)
 	var gp int
 	fmt.Sscan(p, &gp)
+	e.gossip = port
 	c, err := devcluster.Start(devcluster.Config{Dir: dir, ShoalBin: filepath.Join(binDir, "shoal"), SimBin: filepath.Join(binDir, "shoal-sim"),
 		Agents: n, IPPrefix: fmt.Sprintf("127.0.%d.", subnet), FirstIP: 2, CoordIP: ip, GossipPort: gp, APIAddr: e.api, RouterAddr: e.router,
 		SimEnv: []string{"SHOAL_SIM_LOAD_SECONDS=1"}})

@@ -1,4 +1,4 @@
-package coordinator
+package router
 
 import (
 	"context"
@@ -7,22 +7,22 @@ import (
 	"sync"
 	"time"
 
-	"github.com/shoalhq/shoal/coordinator/router"
+	"github.com/shoalhq/shoal/gossip"
 	replicav1 "github.com/shoalhq/shoal/proto/replica/v1"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 )
 
-// headKey names one head claim: the router only sends to the newest
+// HeadKey names one head claim: the router only sends to the newest
 // (group, epoch, term) it has seen.
-type headKey struct {
+type HeadKey struct {
 	Node  string
 	Group string
 	Epoch uint64
 	Term  uint64
 }
 
-type headInfo struct {
+type HeadInfo struct {
 	Deployment string
 	Addr       string
 	// Complete is false while a member is missing from gossip: the replica
@@ -31,27 +31,29 @@ type headInfo struct {
 }
 
 type headState struct {
-	info      headInfo
+	info      HeadInfo
 	cancel    context.CancelFunc
 	latest    *replicav1.Metrics
 	connected bool
 }
 
-// heads keeps one Replica API Watch stream per head claim.
-type heads struct {
+// Watcher keeps one Replica API Watch stream per head claim and turns what
+// the heads report into router snapshots. It runs off the hot path.
+type Watcher struct {
 	log      *slog.Logger
 	onChange func()
 
 	mu sync.Mutex
-	m  map[headKey]*headState // guarded by mu
+	m  map[HeadKey]*headState // guarded by mu
 }
 
-func newHeads(log *slog.Logger, onChange func()) *heads {
-	return &heads{log: log.With("component", "heads"), onChange: onChange, m: map[headKey]*headState{}}
+// NewWatcher returns a watcher; onChange runs after every state change.
+func NewWatcher(log *slog.Logger, onChange func()) *Watcher {
+	return &Watcher{log: log.With("component", "heads"), onChange: onChange, m: map[HeadKey]*headState{}}
 }
 
-// sync starts watchers for new heads and stops those no longer wanted.
-func (h *heads) sync(want map[headKey]headInfo) {
+// Sync starts watchers for new heads and stops those no longer wanted.
+func (h *Watcher) Sync(want map[HeadKey]HeadInfo) {
 	h.mu.Lock()
 	changed := false
 	for k, st := range h.m {
@@ -82,10 +84,11 @@ func (h *heads) sync(want map[headKey]headInfo) {
 	}
 }
 
-func (h *heads) stopAll() { h.sync(nil) }
+// StopAll ends every stream.
+func (h *Watcher) StopAll() { h.Sync(nil) }
 
 // watch follows one head's Replica stream, reconnecting until cancelled.
-func (h *heads) watch(ctx context.Context, k headKey, addr string) {
+func (h *Watcher) watch(ctx context.Context, k HeadKey, addr string) {
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
 		h.log.Error("replica api address", "addr", addr, "err", err)
@@ -121,7 +124,7 @@ func (h *heads) watch(ctx context.Context, k headKey, addr string) {
 	}
 }
 
-func (h *heads) set(k headKey, m *replicav1.Metrics, connected bool) {
+func (h *Watcher) set(k HeadKey, m *replicav1.Metrics, connected bool) {
 	h.mu.Lock()
 	st, ok := h.m[k]
 	if ok {
@@ -142,21 +145,21 @@ func (st *headState) routable() bool {
 }
 
 // newest returns, per group, the newest head state (highest epoch, then term).
-func (h *heads) newest() map[string]struct {
-	k  headKey
+func (h *Watcher) newest() map[string]struct {
+	k  HeadKey
 	st headState
 } {
 	h.mu.Lock()
 	defer h.mu.Unlock()
 	out := map[string]struct {
-		k  headKey
+		k  HeadKey
 		st headState
 	}{}
 	for k, st := range h.m {
 		cur, ok := out[k.Group]
 		if !ok || k.Epoch > cur.k.Epoch || (k.Epoch == cur.k.Epoch && k.Term > cur.k.Term) {
 			out[k.Group] = struct {
-				k  headKey
+				k  HeadKey
 				st headState
 			}{k, *st}
 		}
@@ -164,43 +167,69 @@ func (h *heads) newest() map[string]struct {
 	return out
 }
 
-func (h *heads) serving(group string) bool {
+// Serving says whether a group's newest head is routable.
+func (h *Watcher) Serving(group string) bool {
 	n, ok := h.newest()[group]
 	return ok && n.st.routable()
 }
 
-// replicaView is one group's head state, for status.
-type replicaView struct {
-	Key      headKey
-	Info     headInfo
+// ReplicaView is one group's newest head state, for status.
+type ReplicaView struct {
+	Key      HeadKey
+	Info     HeadInfo
 	Metrics  *replicav1.Metrics
 	Routable bool
 }
 
-func (h *heads) views() map[string]replicaView {
-	out := map[string]replicaView{}
+// Views returns each group's newest head state.
+func (h *Watcher) Views() map[string]ReplicaView {
+	out := map[string]ReplicaView{}
 	for g, n := range h.newest() {
-		out[g] = replicaView{Key: n.k, Info: n.st.info, Metrics: n.st.latest, Routable: n.st.routable()}
+		out[g] = ReplicaView{Key: n.k, Info: n.st.info, Metrics: n.st.latest, Routable: n.st.routable()}
 	}
 	return out
 }
 
-// rebuildTable publishes a new router snapshot from the heads' states.
-func (c *Coordinator) rebuildTable() {
-	var eps []*router.Endpoint
-	for _, v := range c.heads.views() {
+// Snapshot builds a router snapshot from the routable heads. models lists
+// the served names that exist (for 404 versus 503).
+func (h *Watcher) Snapshot(models []string) *Snapshot {
+	var eps []*Endpoint
+	for _, v := range h.Views() {
 		if !v.Routable {
 			continue
 		}
 		m := v.Metrics
-		eps = append(eps, &router.Endpoint{Model: m.ServedModelName, Deployment: v.Info.Deployment, Group: v.Key.Group,
+		eps = append(eps, &Endpoint{Model: m.ServedModelName, Deployment: v.Info.Deployment, Group: v.Key.Group,
 			Epoch: v.Key.Epoch, Term: v.Key.Term, NodeID: v.Key.Node, Addr: m.Endpoint,
 			Running: m.NumRequestsRunning, Waiting: m.NumRequestsWaiting, KVCache: m.KvCacheUsage,
 			TTFT: m.TtftSecondsAvg, TokPerSec: m.GenerationTokensPerSecond, HasMetrics: m.MetricsValid})
 	}
 	sort.Slice(eps, func(i, j int) bool { return eps[i].Group < eps[j].Group })
-	c.mu.Lock()
-	models := c.models
-	c.mu.Unlock()
-	c.table.Set(router.NewSnapshot(models, eps))
+	return NewSnapshot(models, eps)
+}
+
+// WantedFromGossip derives the heads to watch from gossip alone, for a router
+// running without the coordinator's store: a member claiming head, with the
+// group complete when every one of its Size members is live and healthy on
+// the same group and epoch.
+func WantedFromGossip(tags map[string]gossip.Tag) map[HeadKey]HeadInfo {
+	type gk struct {
+		group string
+		epoch uint64
+	}
+	members := map[gk]int{}
+	for _, t := range tags {
+		if t.Kind == gossip.KindAgent && t.Group != "" && t.Healthy {
+			members[gk{t.Group, t.Epoch}]++
+		}
+	}
+	out := map[HeadKey]HeadInfo{}
+	for _, t := range tags {
+		if t.Kind != gossip.KindAgent || t.HeadTerm == 0 || t.Replica == "" {
+			continue
+		}
+		k := HeadKey{Node: t.ID, Group: t.Group, Epoch: t.Epoch, Term: t.HeadTerm}
+		out[k] = HeadInfo{Deployment: t.Deployment, Addr: t.Replica, Complete: t.Size > 0 && members[gk{t.Group, t.Epoch}] >= t.Size}
+	}
+	return out
 }

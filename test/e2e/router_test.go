@@ -1,0 +1,82 @@
+package e2e
+
+import (
+	"context"
+	"errors"
+	"net/http"
+	"os"
+	"os/exec"
+	"path/filepath"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/openai/openai-go/v3"
+	"github.com/openai/openai-go/v3/option"
+	"github.com/stretchr/testify/require"
+)
+
+// TestStandaloneRouterOutlivesCoordinator: `shoal router` joins the gossip,
+// finds the head itself, enforces API keys, serves chat and embeddings to the
+// official client, and keeps routing after the coordinator is SIGKILLed.
+func TestStandaloneRouterOutlivesCoordinator(t *testing.T) {
+	e := startCluster(t, 10, 2)
+	specFile := filepath.Join(e.dir, "one.yaml")
+	require.NoError(t, os.WriteFile(specFile, []byte(strings.Replace(spec2x2, "count: 2", "count: 1", 1)), 0o644))
+	require.Eventually(t, func() bool { _, err := e.shoal("apply", "-f", specFile); return err == nil }, 20*time.Second, 200*time.Millisecond)
+
+	keys := filepath.Join(e.dir, "keys.yaml")
+	require.NoError(t, os.WriteFile(keys, []byte("sk-demo-0001: [demo]\nsk-other-0002: [other]\n"), 0o600))
+	listen, gport := freeAddr(t, "127.0.10.1"), freeAddr(t, "127.0.10.1")
+	_, gp, _ := strings.Cut(gport, ":")
+	cmd := exec.Command(filepath.Join(binDir, "shoal"), "router", "--address", "127.0.10.1", "--gossip-port", gp,
+		"--join", e.gossip, "--listen", listen, "--gossip-profile", "fast", "--api-keys-file", keys, "--node-id", "router-1")
+	logf, err := os.Create(filepath.Join(e.dir, "logs", "router.log"))
+	require.NoError(t, err)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	require.NoError(t, cmd.Start())
+	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait(); logf.Close() })
+
+	client := openai.NewClient(option.WithBaseURL("http://"+listen+"/v1/"), option.WithAPIKey("sk-demo-0001"), option.WithMaxRetries(0))
+	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
+	defer cancel()
+	params := openai.ChatCompletionNewParams{Model: "demo", MaxTokens: openai.Int(4),
+		Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("hi")}}
+	require.Eventually(t, func() bool { _, err := client.Chat.Completions.New(ctx, params); return err == nil }, 60*time.Second, 200*time.Millisecond)
+
+	emb, err := client.Embeddings.New(ctx, openai.EmbeddingNewParams{Model: "demo",
+		Input: openai.EmbeddingNewParamsInputUnion{OfArrayOfStrings: []string{"a", "b"}}})
+	require.NoError(t, err)
+	require.Len(t, emb.Data, 2)
+	require.NotEmpty(t, emb.Data[0].Embedding)
+
+	var apiErr *openai.Error
+	bad := openai.NewClient(option.WithBaseURL("http://"+listen+"/v1/"), option.WithAPIKey("sk-wrong-9999"), option.WithMaxRetries(0))
+	_, err = bad.Chat.Completions.New(ctx, params)
+	require.True(t, errors.As(err, &apiErr))
+	require.Equal(t, 401, apiErr.StatusCode)
+	other := openai.NewClient(option.WithBaseURL("http://"+listen+"/v1/"), option.WithAPIKey("sk-other-0002"), option.WithMaxRetries(0))
+	_, err = other.Chat.Completions.New(ctx, params)
+	require.True(t, errors.As(err, &apiErr))
+	require.Equal(t, 404, apiErr.StatusCode, "a key without access to the model")
+	_, err = client.Chat.Completions.New(ctx, openai.ChatCompletionNewParams{Model: "nope", Messages: params.Messages})
+	require.True(t, errors.As(err, &apiErr))
+	require.Equal(t, 404, apiErr.StatusCode)
+
+	// The coordinator dies; the standalone router and the replica keep serving.
+	e.c.KillCoordinator()
+	deadline := time.Now().Add(4 * time.Second)
+	n := 0
+	for time.Now().Before(deadline) {
+		r, err := client.Chat.Completions.New(ctx, params)
+		require.NoError(t, err, "routing must not depend on the coordinator")
+		require.Len(t, r.Choices, 1)
+		n++
+		time.Sleep(50 * time.Millisecond)
+	}
+	require.GreaterOrEqual(t, n, 10, "requests kept succeeding for 4 s after the coordinator died")
+	resp, err := http.Get("http://" + listen + "/metrics")
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	require.Equal(t, 200, resp.StatusCode)
+}

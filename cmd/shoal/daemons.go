@@ -150,12 +150,17 @@ func routerCommand() *cli.Command {
 			&cli.StringSliceFlag{Name: "join", EnvVars: []string{"SHOAL_JOIN"}, Usage: "gossip address of any cluster node (required)"},
 			&cli.StringFlag{Name: "gossip-profile", EnvVars: []string{"SHOAL_GOSSIP_PROFILE"}},
 			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:8080", EnvVars: []string{"SHOAL_ROUTER_ADDR"}, Usage: "OpenAI HTTP address"},
+			&cli.StringSliceFlag{Name: "backend", EnvVars: []string{"SHOAL_ROUTER_BACKENDS"},
+				Usage: "static MODEL=HOST:PORT backend (repeatable), e.g. an existing vLLM server; no gossip needed"},
 			apiKeysFlag,
 		},
 		Action: func(c *cli.Context) error {
 			rc, err := routerConfig(c)
 			if err != nil {
 				return err
+			}
+			if bs := c.StringSlice("backend"); len(bs) > 0 {
+				return router.RunStatic(c.Context, c.String("listen"), bs, rc, logger(c))
 			}
 			return router.RunStandalone(c.Context, router.StandaloneConfig{NodeID: c.String("node-id"), Cluster: c.String("cluster"),
 				Address: c.String("address"), GossipPort: c.Int("gossip-port"), Join: c.StringSlice("join"),

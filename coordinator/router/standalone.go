@@ -8,6 +8,7 @@ import (
 	"net"
 	"net/http"
 	"os"
+	"strings"
 	"sync"
 	"time"
 
@@ -113,4 +114,30 @@ func LoadAPIKeys(path string) (map[string][]string, error) {
 		}
 	}
 	return keys, nil
+}
+
+// RunStatic serves a fixed set of backends given as MODEL=HOST:PORT: a router
+// in front of engines shoal did not start (or for benchmarks).
+func RunStatic(ctx context.Context, listen string, backends []string, cfg Config, log *slog.Logger) error {
+	var eps []*Endpoint
+	for i, b := range backends {
+		model, addr, ok := strings.Cut(b, "=")
+		if _, _, err := net.SplitHostPort(addr); !ok || model == "" || err != nil {
+			return fmt.Errorf("--backend %q: want MODEL=HOST:PORT", b)
+		}
+		eps = append(eps, &Endpoint{Model: model, Addr: addr, Group: fmt.Sprintf("static-%d", i)})
+	}
+	table := NewTable()
+	table.Set(NewSnapshot(nil, eps))
+	ln, err := net.Listen("tcp", listen)
+	if err != nil {
+		return fmt.Errorf("router listen: %w", err)
+	}
+	srv := &http.Server{Handler: New(table, log, cfg).Handler(), ReadHeaderTimeout: 10 * time.Second}
+	go func() { _ = srv.Serve(ln) }()
+	log.Info("router running", "listen", ln.Addr().String(), "backends", len(eps))
+	<-ctx.Done()
+	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
+	defer cancel()
+	return srv.Shutdown(sctx)
 }

@@ -82,6 +82,13 @@ func init() {
 		Source: "derived from the 70B TP8 profile (no published profile); load time from vllm#14965"}
 }
 
+func init() {
+	// No GPU time at all: for measuring what sits in front of the engine
+	// (routers, proxies) without the engine being the bottleneck.
+	Presets["instant"] = Preset{Name: "instant", Params: Params{MaxNumSeqs: 1024, MaxBatchTokens: 1 << 20,
+		NumGPUBlocks: 1 << 20, BlockSize: 16, MaxModelLen: 262144}, Source: "none: zero step time, for proxy benchmarks"}
+}
+
 // PresetNames lists the presets, sorted.
 func PresetNames() []string {
 	var out []string

@@ -473,3 +473,23 @@ func argsSignature(args, bools []string, perRank ...string) string {
 	}
 	return fmt.Sprintf("%x", hashString(strings.Join(kept, "\x00")))
 }
+
+// NewServer builds a simulated vLLM engine and HTTP surface for in-process
+// use (benchmarks): served is the model name, timeScale the clock's speed-up.
+// Call Run to step the engine.
+func NewServer(served string, p Params, timeScale float64) *Server {
+	return newServer(serveConfig{model: served, served: served, maxModelLen: p.MaxModelLen}, p, Clock{Scale: timeScale})
+}
+
+// Run steps the engine until ctx ends.
+func (s *Server) Run(ctx context.Context) { s.eng.Run(ctx) }
+
+// Stats is what a head's Replica API would report: running and waiting
+// requests and KV-cache use (0-1).
+func (s *Server) Stats() (running, waiting int, kv float64) {
+	running, waiting = s.eng.queueLens()
+	s.eng.mu.Lock()
+	kv = s.eng.kv.usage()
+	s.eng.mu.Unlock()
+	return running, waiting, kv
+}

@@ -7,6 +7,8 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"net/http"
+	_ "net/http/pprof" // served only when SHOAL_PPROF_ADDR is set
 	"os"
 	"os/signal"
 	"syscall"
@@ -18,6 +20,10 @@ import (
 var version = "dev"
 
 func main() {
+	// Opt-in profiling for operators chasing a hot spot: SHOAL_PPROF_ADDR=127.0.0.1:6060.
+	if addr := os.Getenv("SHOAL_PPROF_ADDR"); addr != "" {
+		go func() { _ = http.ListenAndServe(addr, nil) }()
+	}
 	app := &cli.App{
 		Name:    "shoal",
 		Usage:   "multi-node LLM inference on bare-metal GPU hosts",

@@ -18,31 +18,33 @@ import (
 	"github.com/shoalhq/shoal/gossip"
 	"github.com/shoalhq/shoal/gpu"
 	agentv1 "github.com/shoalhq/shoal/proto/agent/v1"
+	"github.com/shoalhq/shoal/rdma"
 	"google.golang.org/grpc"
 )
 
 // Agent is the daemon on one GPU host.
 type Agent struct {
-	cfg  Config
-	log  *slog.Logger
-	ins  gpu.Inspector
-	inv  *gpu.Inventory
-	mem  *gossip.Membership
-	rt   *process.Runtime
-	reg  *prometheus.Registry
-	wake chan struct{}
-	cmds chan func()
+	cfg     Config
+	log     *slog.Logger
+	ins     gpu.Inspector
+	scanner *rdma.Scanner
+	mem     *gossip.Membership
+	rt      *process.Runtime
+	reg     *prometheus.Registry
+	wake    chan struct{}
+	cmds    chan func()
 
 	replica *replicaServer
 
 	mu     sync.Mutex
-	state  State  // guarded by mu
-	run    *run   // guarded by mu
-	claim  uint64 // guarded by mu; term this node claims as head, 0 if none
-	follow string // guarded by mu; head followed
-	fterm  uint64 // guarded by mu; term followed
-	es     string // guarded by mu; engine state advertised
-	msg    string // guarded by mu; last failure, for Status
+	hw     *HostInventory // guarded by mu
+	state  State          // guarded by mu
+	run    *run           // guarded by mu
+	claim  uint64         // guarded by mu; term this node claims as head, 0 if none
+	follow string         // guarded by mu; head followed
+	fterm  uint64         // guarded by mu; term followed
+	es     string         // guarded by mu; engine state advertised
+	msg    string         // guarded by mu; last failure, for Status
 	// failedTerm is the term whose engine failed here; a worker does not
 	// restart at that term, it waits for the head's next claim.
 	failedTerm   uint64 // guarded by mu
@@ -54,13 +56,16 @@ type Agent struct {
 }
 
 // New builds an agent from a validated config. It starts nothing.
-func New(cfg Config, ins gpu.Inspector) (*Agent, error) {
+func New(cfg Config, ins gpu.Inspector, sc *rdma.Scanner) (*Agent, error) {
 	cfg.Defaults()
 	if err := cfg.Validate(); err != nil {
 		return nil, fmt.Errorf("agent config: %w", err)
 	}
 	reg := prometheus.NewRegistry()
-	a := &Agent{cfg: cfg, log: cfg.Logger.With("component", "agent", "node", cfg.NodeID), ins: ins,
+	if sc == nil {
+		sc = rdma.NewScanner()
+	}
+	a := &Agent{cfg: cfg, log: cfg.Logger.With("component", "agent", "node", cfg.NodeID), ins: ins, scanner: sc,
 		rt: process.New(filepath.Join(cfg.StateDir, "logs")), reg: reg,
 		wake: make(chan struct{}, 1), cmds: make(chan func()), backoff: cfg.RestartBackoff}
 	a.engineState = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "shoal_agent_engine_state",
@@ -106,13 +111,19 @@ func (a *Agent) Run(ctx context.Context) error {
 	a.state = st
 
 	// Fingerprint first: the node joins with its real inventory.
-	inv, err := a.ins.Inspect(ctx)
+	hw, err := InspectHost(ctx, a.ins, a.scanner, a.cfg.Address, a.cfg.EngineEnv)
 	if err != nil {
-		a.log.Error("gpu inspection failed; advertising 0 GPUs", "err", err)
-		inv = &gpu.Inventory{}
+		a.log.Error("hardware inspection failed; advertising 0 GPUs", "err", err)
+		hw = &HostInventory{GPU: &gpu.Inventory{}, RDMASum: "none", NCCLEnv: rdma.NCCLEnv(nil, "", a.cfg.EngineEnv)}
 	}
-	a.inv = inv
-	a.log.Info("gpus found", "count", len(inv.Devices), "model", inv.Model(), "driver", inv.DriverVersion)
+	a.hw = hw
+	a.log.Info("hardware found", "gpus", len(hw.GPU.Devices), "model", hw.GPU.Model(), "driver", hw.GPU.DriverVersion,
+		"healthy", hw.GPU.Healthy(), "rdma", hw.RDMASum, "interface", hw.Interface)
+	for _, c := range hw.Preflight {
+		if !c.OK {
+			a.log.Warn("preflight", "check", c.Name, "detail", c.Detail)
+		}
+	}
 
 	lis, err := net.Listen("tcp", a.grpcAddr())
 	if err != nil {
@@ -143,8 +154,13 @@ func (a *Agent) Run(ctx context.Context) error {
 		}()
 	}
 	a.log.Info("agent running", "grpc", a.grpcAddr(), "gossip", a.mem.Addr(), "cluster", a.cfg.Cluster)
+	hctx, stopHealth := context.WithCancel(ctx)
+	wg.Add(2)
+	go func() { defer wg.Done(); a.watchGPUs(hctx) }()
+	go func() { defer wg.Done(); a.reinspect(hctx) }()
 
 	a.loop(ctx)
+	stopHealth()
 
 	// Shutdown, bounded: engines (when configured), servers, gossip.
 	if a.cfg.StopEnginesOnExit {
@@ -168,8 +184,11 @@ func (a *Agent) Run(ctx context.Context) error {
 
 // tag is the gossip tag for the current state. Called with mu held or before Run's loop.
 func (a *Agent) tag() gossip.Tag {
-	t := gossip.Tag{Kind: gossip.KindAgent, ID: a.cfg.NodeID, GRPC: a.grpcAddr(), Healthy: a.inv != nil && a.inv.Healthy(),
-		GPUModel: a.inv.Model(), GPUs: len(a.inv.Devices)}
+	t := gossip.Tag{Kind: gossip.KindAgent, ID: a.cfg.NodeID, GRPC: a.grpcAddr()}
+	if a.hw != nil {
+		t.Healthy, t.GPUModel, t.GPUs = a.hw.GPU.Healthy(), a.hw.GPU.Model(), len(a.hw.GPU.Devices)
+		t.RDMA, t.GPUMemGiB = a.hw.RDMASum != "none", a.hw.minMemGiB()
+	}
 	if as := a.state.Assignment; as != nil {
 		t.Deployment, t.Group, t.Epoch, t.Rank, t.Size = as.Deployment, as.Group, as.Epoch, as.Rank, len(as.Members)
 		t.HeadTerm, t.Follow, t.FollowTerm, t.Engine = a.claim, a.follow, a.fterm, a.es

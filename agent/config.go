@@ -40,6 +40,8 @@ type Config struct {
 	// StopEnginesOnExit stops engines when the agent exits. Until the agent
 	// re-adopts engines after a restart, leaving them running would orphan them.
 	StopEnginesOnExit bool `yaml:"stop_engines_on_exit"`
+	// InspectInterval re-reads the hardware (remapped rows, NVLinks, lost GPUs).
+	InspectInterval time.Duration `yaml:"inspect_interval"`
 
 	Logger *slog.Logger `yaml:"-"`
 }
@@ -75,6 +77,9 @@ func (c *Config) Defaults() {
 	}
 	if c.RestartBackoff == 0 {
 		c.RestartBackoff = 5 * time.Second
+	}
+	if c.InspectInterval == 0 {
+		c.InspectInterval = 30 * time.Second
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()

@@ -2,6 +2,7 @@ package agent
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 
@@ -80,7 +81,10 @@ func assignmentFromProto(self string, inv *gpu.Inventory, p *agentv1.Assignment)
 }
 
 func (s *agentServer) Assign(ctx context.Context, req *agentv1.AssignRequest) (*agentv1.AssignResponse, error) {
-	as, err := assignmentFromProto(s.a.cfg.NodeID, s.a.inv, req.GetAssignment())
+	s.a.mu.Lock()
+	inv := s.a.hw.GPU
+	s.a.mu.Unlock()
+	as, err := assignmentFromProto(s.a.cfg.NodeID, inv, req.GetAssignment())
 	if err != nil {
 		return nil, grpcError(err)
 	}
@@ -98,12 +102,13 @@ func (s *agentServer) Release(ctx context.Context, req *agentv1.ReleaseRequest) 
 
 func (s *agentServer) Status(context.Context, *agentv1.StatusRequest) (*agentv1.StatusResponse, error) {
 	a := s.a
-	resp := &agentv1.StatusResponse{NodeId: a.cfg.NodeID, Address: a.cfg.Address, DriverVersion: a.inv.DriverVersion}
-	for _, d := range a.inv.Devices {
-		resp.Gpus = append(resp.Gpus, &agentv1.GPU{Index: int32(d.Index), Uuid: d.UUID, Name: d.Name, MemoryMib: d.MemoryMiB, Healthy: d.Healthy})
-	}
 	a.mu.Lock()
 	defer a.mu.Unlock()
+	resp := &agentv1.StatusResponse{NodeId: a.cfg.NodeID, Address: a.cfg.Address, DriverVersion: a.hw.GPU.DriverVersion}
+	for _, d := range a.hw.GPU.Devices {
+		resp.Gpus = append(resp.Gpus, &agentv1.GPU{Index: int32(d.Index), Uuid: d.UUID, Name: d.Name, MemoryMib: d.MemoryMiB, Healthy: d.Healthy})
+	}
+	resp.InventoryJson, _ = json.Marshal(a.hw)
 	if as := a.state.Assignment; as != nil {
 		pa := &agentv1.Assignment{Deployment: as.Deployment, GroupId: as.Group, Epoch: as.Epoch, Rank: int32(as.Rank), SpecJson: as.Spec.JSON()}
 		for _, m := range as.Members {

@@ -256,8 +256,11 @@ func (a *Agent) retract() {
 
 func (a *Agent) startRun(as *Assignment, role engine.Role, head string, term uint64, v GroupView) {
 	headIP := v.Tags[head].IP()
+	a.mu.Lock()
+	env := a.hw.NCCLEnv // derived from RDMA, the agent's engine_env applied; the spec's env wins in the plan
+	a.mu.Unlock()
 	plan, err := engine.RayVLLM(engine.PlanInput{Spec: as.Spec, Role: role, NodeIP: a.cfg.Address, HeadIP: headIP,
-		BindHost: a.cfg.EngineHost, Env: a.cfg.EngineEnv, Bin: engine.Binaries{Ray: a.cfg.RayBin, VLLM: a.cfg.VLLMBin}})
+		BindHost: a.cfg.EngineHost, Env: env, Bin: engine.Binaries{Ray: a.cfg.RayBin, VLLM: a.cfg.VLLMBin}})
 	if err != nil {
 		a.log.Error("cannot plan engine", "err", err)
 		a.mu.Lock()

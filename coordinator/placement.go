@@ -10,7 +10,8 @@ import (
 // Fits reports whether a node can hold one member of a replica with res.
 func Fits(t gossip.Tag, res spec.Resources) bool {
 	return t.Kind == gossip.KindAgent && t.Healthy && t.GPUs >= res.GPUsPerNode &&
-		(res.GPUModel == "" || res.GPUModel == t.GPUModel)
+		(res.GPUModel == "" || res.GPUModel == t.GPUModel) &&
+		(!res.RDMA || t.RDMA) && t.GPUMemGiB >= res.MinGPUMemoryGiB
 }
 
 // Idle reports whether a node is free to be placed: in no stored group and

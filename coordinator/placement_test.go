@@ -9,7 +9,7 @@ import (
 )
 
 func node(id string, gpus int, mod func(*gossip.Tag)) gossip.Tag {
-	t := gossip.Tag{Kind: gossip.KindAgent, ID: id, GPUs: gpus, GPUModel: "H200", Healthy: true}
+	t := gossip.Tag{Kind: gossip.KindAgent, ID: id, GPUs: gpus, GPUModel: "H200", Healthy: true, GPUMemGiB: 141}
 	if mod != nil {
 		mod(&t)
 	}
@@ -36,4 +36,10 @@ func TestPlace(t *testing.T) {
 	require.Nil(t, Place(nodes, map[string]bool{"h": true}, res, 4), "only a, f, g fit")
 	res.GPUModel = ""
 	require.Len(t, Place(nodes, nil, res, 5), 5, "any model: a, d, f, g, h")
+	res.RDMA = true
+	require.Nil(t, Place(nodes, nil, res, 1), "no node has RDMA")
+	nodes["a"] = node("a", 8, func(t *gossip.Tag) { t.RDMA = true })
+	require.Equal(t, "a", Place(nodes, nil, res, 1)[0].ID)
+	res.RDMA, res.MinGPUMemoryGiB = false, 192
+	require.Nil(t, Place(nodes, nil, res, 1), "H200 has 141 GiB")
 }

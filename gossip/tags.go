@@ -52,6 +52,10 @@ type Tag struct {
 	FollowTerm uint64 `json:"ft,omitempty"`
 	Engine     string `json:"es,omitempty"`
 	Weights    bool   `json:"w,omitempty"`
+	// RDMA is true when the node has an active RDMA port.
+	RDMA bool `json:"rd,omitempty"`
+	// GPUMemGiB is the smallest GPU's memory, for placement.
+	GPUMemGiB int `json:"gm2,omitempty"`
 }
 
 // ErrBadTag is wrapped by every decode failure.

@@ -21,7 +21,7 @@ const MockFaultsEnv = "SHOAL_MOCK_GPU_FAULTS"
 func New(backend string) (Inspector, error) {
 	switch {
 	case backend == "" || backend == "nvml":
-		return &fallback{primary: NewNVML(nvml.New())}, nil
+		return &fallback{primary: NewNVML(nvml.New())}, nil // satisfies Watcher too
 	case backend == "none":
 		return Null{}, nil
 	case strings.HasPrefix(backend, "mock:h200x"):

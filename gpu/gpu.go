@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"strconv"
 	"strings"
+	"sync/atomic"
 
 	"github.com/NVIDIA/go-nvml/pkg/nvml"
 )
@@ -96,7 +97,8 @@ func (Null) Inspect(context.Context) (*Inventory, error) { return &Inventory{}, 
 
 // NVML reads devices through an nvml.Interface.
 type NVML struct {
-	lib nvml.Interface
+	lib        nvml.Interface
+	registered atomic.Int32
 }
 
 // NewNVML wraps lib (nvml.New() for the real library, a fake in tests).
@@ -274,7 +276,15 @@ func busID(b []int8) string {
 }
 
 // fallback reports zero GPUs when the driver is missing.
-type fallback struct{ primary Inspector }
+type fallback struct{ primary *NVML }
+
+// Watch watches the real library's events (an error when there is no driver).
+func (f *fallback) Watch(ctx context.Context, out chan<- Event) error {
+	return f.primary.Watch(ctx, out)
+}
+
+// Registered reports the running watch's registrations.
+func (f *fallback) Registered() int { return f.primary.Registered() }
 
 func (f *fallback) Inspect(ctx context.Context) (*Inventory, error) {
 	inv, err := f.primary.Inspect(ctx)

@@ -75,6 +75,7 @@ func (n *NVML) Watch(ctx context.Context, out chan<- Event) error {
 	if registered == 0 && count > 0 {
 		return fmt.Errorf("nvml: no device accepts event registration")
 	}
+	n.registered.Store(int32(registered))
 	for ctx.Err() == nil {
 		data, ret := set.Wait(500)
 		if ret == nvml.ERROR_TIMEOUT || ret != nvml.SUCCESS {
@@ -94,6 +95,9 @@ func (n *NVML) Watch(ctx context.Context, out chan<- Event) error {
 	}
 	return nil
 }
+
+// Registered is how many devices the running Watch registered events on.
+func (n *NVML) Registered() int { return int(n.registered.Load()) }
 
 // Watcher is implemented by inspectors that can report health events.
 type Watcher interface {

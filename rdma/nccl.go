@@ -128,10 +128,11 @@ func hasActive(h HCA) bool {
 // pciPath resolves /sys/bus/pci/devices/ADDR to its place in the device tree,
 // as path elements from the root complex (pciDDDD:BB) down; nil if unknown.
 func pciPath(sysRoot, addr string) []string {
+	addr = normalizePCI(addr)
 	if addr == "" {
 		return nil
 	}
-	p, err := filepath.EvalSymlinks(filepath.Join(sysRoot, "bus", "pci", "devices", strings.ToLower(addr)))
+	p, err := filepath.EvalSymlinks(filepath.Join(sysRoot, "bus", "pci", "devices", addr))
 	if err != nil {
 		return nil
 	}
@@ -142,6 +143,16 @@ func pciPath(sysRoot, addr string) []string {
 		}
 	}
 	return nil
+}
+
+// normalizePCI turns NVML's 8-digit PCI domain (00000000:00:06.0, as seen on
+// a real H200) into sysfs's 4-digit form (0000:00:06.0).
+func normalizePCI(addr string) string {
+	addr = strings.ToLower(addr)
+	if dom, rest, ok := strings.Cut(addr, ":"); ok && len(dom) == 8 && strings.HasPrefix(dom, "0000") {
+		return dom[4:] + ":" + rest
+	}
+	return addr
 }
 
 // sharedBridges counts the bridges two devices share below their root complex.

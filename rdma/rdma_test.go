@@ -88,6 +88,10 @@ func TestGPUAffinity(t *testing.T) {
 		require.Equal(t, fmt.Sprintf("mlx5_%d", i), a.HCA)
 		require.Equal(t, "PCIe switch", a.Relation)
 	}
+	// NVML's 8-digit domain form resolves the same.
+	aff = GPUAffinity("testdata/ib8/sys", []string{"00000000:D3:00.0"}, []int{0}, hcas)
+	require.Equal(t, "mlx5_3", aff[0].HCA)
+	require.Equal(t, "PCIe switch", aff[0].Relation)
 	// Unknown PCI paths: the NUMA node decides.
 	aff = GPUAffinity("testdata/ib8/sys", []string{"0000:ee:00.0"}, []int{1}, hcas)
 	require.Equal(t, "NUMA node", aff[0].Relation)

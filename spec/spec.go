@@ -68,7 +68,9 @@ type Resources struct {
 	Nodes       int    `yaml:"nodes" json:"nodes"`
 	GPUsPerNode int    `yaml:"gpusPerNode" json:"gpusPerNode"`
 	GPUModel    string `yaml:"gpuModel,omitempty" json:"gpuModel,omitempty"`
-	RDMA        bool   `yaml:"rdma,omitempty" json:"rdma,omitempty"`
+	// MinGPUMemoryGiB places only on nodes whose GPUs have at least this much memory.
+	MinGPUMemoryGiB int  `yaml:"minGPUMemoryGiB,omitempty" json:"minGPUMemoryGiB,omitempty"`
+	RDMA            bool `yaml:"rdma,omitempty" json:"rdma,omitempty"`
 }
 
 // Replicas is a fixed count, or a min/max range for the autoscaler.
@@ -222,6 +224,9 @@ func (d *Deployment) Validate() error {
 	r := d.Resources
 	if r.Nodes < 1 || r.Nodes > 64 {
 		bad("resources.nodes", "must be between 1 and 64, got %d", r.Nodes)
+	}
+	if r.MinGPUMemoryGiB < 0 {
+		bad("resources.minGPUMemoryGiB", "must not be negative")
 	}
 	if r.GPUsPerNode < 1 || r.GPUsPerNode > 64 {
 		bad("resources.gpusPerNode", "must be between 1 and 64, got %d", r.GPUsPerNode)
@@ -383,7 +388,8 @@ func (d *Deployment) Fields() []Field {
 	add("resources.nodes", d.Resources.Nodes, true)
 	add("resources.gpusPerNode", d.Resources.GPUsPerNode, true)
 	add("resources.gpuModel", d.Resources.GPUModel, true)
-	add("resources.rdma", d.Resources.RDMA, false)
+	add("resources.minGPUMemoryGiB", d.Resources.MinGPUMemoryGiB, true)
+	add("resources.rdma", d.Resources.RDMA, true)
 	add("replicas.count", d.Replicas.Count, true)
 	add("replicas.min", d.Replicas.Min, true)
 	add("replicas.max", d.Replicas.Max, false)

@@ -12,8 +12,9 @@ import (
 
 func agentCommand() *cli.Command {
 	return &cli.Command{
-		Name:  "agent",
-		Usage: "run the agent on a GPU host (normally under systemd)",
+		Name:        "agent",
+		Usage:       "run the agent on a GPU host (normally under systemd)",
+		Subcommands: []*cli.Command{inspectCommand()},
 		Flags: []cli.Flag{
 			&cli.StringFlag{Name: "config", EnvVars: []string{"SHOAL_AGENT_CONFIG"}, Usage: "YAML config file; flags override it"},
 			&cli.StringFlag{Name: "node-id", EnvVars: []string{"SHOAL_NODE_ID"}, Usage: "node id (default: hostname)"},
@@ -82,7 +83,7 @@ func agentCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
-			a, err := agent.New(cfg, ins)
+			a, err := agent.New(cfg, ins, nil)
 			if err != nil {
 				return err
 			}

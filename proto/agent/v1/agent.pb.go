@@ -460,10 +460,13 @@ type StatusResponse struct {
 	// role is "head", "worker" or "" when idle.
 	Role string `protobuf:"bytes,6,opt,name=role,proto3" json:"role,omitempty"`
 	// engine_state is one of idle, waiting, starting, running, ready, failed, stopping.
-	EngineState   string `protobuf:"bytes,7,opt,name=engine_state,json=engineState,proto3" json:"engine_state,omitempty"`
-	HeadNodeId    string `protobuf:"bytes,8,opt,name=head_node_id,json=headNodeId,proto3" json:"head_node_id,omitempty"`
-	Term          uint64 `protobuf:"varint,9,opt,name=term,proto3" json:"term,omitempty"`
-	Message       string `protobuf:"bytes,10,opt,name=message,proto3" json:"message,omitempty"`
+	EngineState string `protobuf:"bytes,7,opt,name=engine_state,json=engineState,proto3" json:"engine_state,omitempty"`
+	HeadNodeId  string `protobuf:"bytes,8,opt,name=head_node_id,json=headNodeId,proto3" json:"head_node_id,omitempty"`
+	Term        uint64 `protobuf:"varint,9,opt,name=term,proto3" json:"term,omitempty"`
+	Message     string `protobuf:"bytes,10,opt,name=message,proto3" json:"message,omitempty"`
+	// inventory_json is the full host inventory (agent.HostInventory as JSON):
+	// every GPU with health reasons, RDMA adapters, preflight, NCCL settings.
+	InventoryJson []byte `protobuf:"bytes,11,opt,name=inventory_json,json=inventoryJson,proto3" json:"inventory_json,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -568,6 +571,13 @@ func (x *StatusResponse) GetMessage() string {
 	return ""
 }
 
+func (x *StatusResponse) GetInventoryJson() []byte {
+	if x != nil {
+		return x.InventoryJson
+	}
+	return nil
+}
+
 var File_agent_v1_agent_proto protoreflect.FileDescriptor
 
 const file_agent_v1_agent_proto_rawDesc = "" +
@@ -603,7 +613,7 @@ const file_agent_v1_agent_proto_rawDesc = "" +
 	"\x04name\x18\x03 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
 	"memory_mib\x18\x04 \x01(\x04R\tmemoryMib\x12\x18\n" +
-	"\ahealthy\x18\x05 \x01(\bR\ahealthy\"\xd6\x02\n" +
+	"\ahealthy\x18\x05 \x01(\bR\ahealthy\"\xfd\x02\n" +
 	"\x0eStatusResponse\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x12%\n" +
@@ -618,7 +628,8 @@ const file_agent_v1_agent_proto_rawDesc = "" +
 	"headNodeId\x12\x12\n" +
 	"\x04term\x18\t \x01(\x04R\x04term\x12\x18\n" +
 	"\amessage\x18\n" +
-	" \x01(\tR\amessage2\xe5\x01\n" +
+	" \x01(\tR\amessage\x12%\n" +
+	"\x0einventory_json\x18\v \x01(\fR\rinventoryJson2\xe5\x01\n" +
 	"\x05Agent\x12G\n" +
 	"\x06Assign\x12\x1d.shoal.agent.v1.AssignRequest\x1a\x1e.shoal.agent.v1.AssignResponse\x12J\n" +
 	"\aRelease\x12\x1e.shoal.agent.v1.ReleaseRequest\x1a\x1f.shoal.agent.v1.ReleaseResponse\x12G\n" +

@@ -1,0 +1,166 @@
+package agent
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/shoalhq/shoal/gpu"
+	"github.com/shoalhq/shoal/rdma"
+)
+
+// HostInventory is what the agent knows about its host's hardware: the Agent
+// API's Status carries it whole, the gossip tag a summary.
+type HostInventory struct {
+	GPU       *gpu.Inventory    `json:"gpu"`
+	RDMA      []rdma.HCA        `json:"rdma"`
+	RDMASum   string            `json:"rdma_summary"`
+	Interface string            `json:"interface,omitempty"`
+	NCCLEnv   map[string]string `json:"nccl_env"`
+	Affinity  []rdma.Affinity   `json:"gpu_hca_affinity,omitempty"`
+	Preflight []rdma.Check      `json:"preflight"`
+	// Events are the critical GPU events seen since the agent started; they
+	// keep their GPU unhealthy until the agent restarts (after a GPU reset).
+	Events []gpu.Event `json:"gpu_events,omitempty"`
+}
+
+// InspectHost reads GPUs and RDMA adapters and derives NCCL settings for a
+// node whose engines use address. override (the agent's engine_env) wins.
+func InspectHost(ctx context.Context, ins gpu.Inspector, sc *rdma.Scanner, address string, override map[string]string) (*HostInventory, error) {
+	inv, err := ins.Inspect(ctx)
+	if err != nil {
+		return nil, fmt.Errorf("gpu inventory: %w", err)
+	}
+	hcas, err := sc.Scan(ctx)
+	if err != nil {
+		return nil, err
+	}
+	h := &HostInventory{GPU: inv, RDMA: hcas, RDMASum: rdma.Summary(hcas), Preflight: rdma.Preflight(len(hcas) > 0)}
+	if address != "" {
+		if name, err := rdma.IfaceFor(address, rdma.HostInterfaces); err == nil {
+			h.Interface = name
+		}
+	}
+	h.NCCLEnv = rdma.NCCLEnv(hcas, h.Interface, override)
+	var pci []string
+	var numa []int
+	for _, d := range inv.Devices {
+		pci, numa = append(pci, d.PCIBusID), append(numa, d.NUMANode)
+	}
+	h.Affinity = rdma.GPUAffinity(sc.SysRoot, pci, numa, hcas)
+	return h, nil
+}
+
+// markEvents applies the sticky critical events to a fresh GPU inventory.
+func (h *HostInventory) markEvents() {
+	for _, ev := range h.Events {
+		if ev.Index < 0 || ev.Index >= len(h.GPU.Devices) {
+			continue
+		}
+		d := &h.GPU.Devices[ev.Index]
+		d.Healthy = false
+		found := false
+		for _, r := range d.Reasons {
+			found = found || r == ev.Reason
+		}
+		if !found {
+			d.Reasons = append(d.Reasons, ev.Reason)
+		}
+	}
+}
+
+// minMemGiB is the smallest GPU memory, for placement.
+func (h *HostInventory) minMemGiB() int {
+	m := 0
+	for i, d := range h.GPU.Devices {
+		g := int(d.MemoryMiB / 1024)
+		if i == 0 || g < m {
+			m = g
+		}
+	}
+	return m
+}
+
+// watchGPUs forwards critical GPU events to the supervisor loop.
+func (a *Agent) watchGPUs(ctx context.Context) {
+	w, ok := a.ins.(gpu.Watcher)
+	if !ok {
+		return
+	}
+	events := make(chan gpu.Event, 16)
+	go func() {
+		if err := w.Watch(ctx, events); err != nil {
+			a.log.Warn("gpu event watch unavailable; relying on periodic checks", "err", err)
+		}
+	}()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case ev := <-events:
+			if !ev.Critical {
+				a.log.Info("gpu event (not a hardware fault)", "gpu", ev.Index, "reason", ev.Reason)
+				continue
+			}
+			a.log.Error("gpu fault", "gpu", ev.Index, "uuid", ev.UUID, "reason", ev.Reason)
+			_ = a.do(ctx, func() error {
+				a.mu.Lock()
+				a.hw.Events = append(a.hw.Events, ev)
+				a.hw.markEvents()
+				a.mu.Unlock()
+				a.onHealthChange()
+				return nil
+			})
+		}
+	}
+}
+
+// reinspect re-reads the hardware periodically: remapping failures, pending
+// retirements, NVLinks down and lost GPUs show up here.
+func (a *Agent) reinspect(ctx context.Context) {
+	if a.cfg.InspectInterval <= 0 {
+		return
+	}
+	t := time.NewTicker(a.cfg.InspectInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		hw, err := InspectHost(ctx, a.ins, a.scanner, a.cfg.Address, a.cfg.EngineEnv)
+		if err != nil {
+			a.log.Warn("periodic hardware check failed", "err", err)
+			continue
+		}
+		_ = a.do(ctx, func() error {
+			a.mu.Lock()
+			hw.Events = a.hw.Events
+			hw.markEvents()
+			a.hw = hw
+			a.mu.Unlock()
+			a.onHealthChange()
+			return nil
+		})
+	}
+}
+
+// onHealthChange runs on the loop goroutine after the inventory changed: an
+// unhealthy node stops its engines at once (the group re-forms without it).
+func (a *Agent) onHealthChange() {
+	a.mu.Lock()
+	healthy := a.hw.GPU.Healthy()
+	var reasons []string
+	for _, d := range a.hw.GPU.Devices {
+		for _, r := range d.Reasons {
+			reasons = append(reasons, fmt.Sprintf("GPU %d: %s", d.Index, r))
+		}
+	}
+	running := a.run != nil
+	a.mu.Unlock()
+	if !healthy && running {
+		a.failRun(fmt.Sprintf("node unhealthy: %v", reasons))
+	}
+	a.publish()
+}

@@ -187,7 +187,10 @@ func (a *Agent) tag() gossip.Tag {
 	t := gossip.Tag{Kind: gossip.KindAgent, ID: a.cfg.NodeID, GRPC: a.grpcAddr()}
 	if a.hw != nil {
 		t.Healthy, t.GPUModel, t.GPUs = a.hw.GPU.Healthy(), a.hw.GPU.Model(), len(a.hw.GPU.Devices)
-		t.RDMA, t.GPUMemGiB = a.hw.RDMASum != "none", a.hw.minMemGiB()
+		t.GPUMemGiB = a.hw.minMemGiB()
+		if a.hw.RDMASum != "none" {
+			t.RDMA = a.hw.RDMASum
+		}
 	}
 	if as := a.state.Assignment; as != nil {
 		t.Deployment, t.Group, t.Epoch, t.Rank, t.Size = as.Deployment, as.Group, as.Epoch, as.Rank, len(as.Members)

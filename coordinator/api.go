@@ -3,7 +3,11 @@ package coordinator
 import (
 	"context"
 	"errors"
+	"fmt"
 	"sort"
+
+	"github.com/shoalhq/shoal/gossip"
+	agentv1 "github.com/shoalhq/shoal/proto/agent/v1"
 
 	coordv1 "github.com/shoalhq/shoal/proto/coordinator/v1"
 	"github.com/shoalhq/shoal/spec"
@@ -112,8 +116,16 @@ func (s *apiServer) DeleteDeployment(_ context.Context, req *coordv1.DeleteDeplo
 func (s *apiServer) ListNodes(context.Context, *coordv1.ListNodesRequest) (*coordv1.ListNodesResponse, error) {
 	resp := &coordv1.ListNodesResponse{}
 	for _, t := range s.c.agents() {
+		resp.Nodes = append(resp.Nodes, nodeInfo(t))
+	}
+	sort.Slice(resp.Nodes, func(i, j int) bool { return resp.Nodes[i].NodeId < resp.Nodes[j].NodeId })
+	return resp, nil
+}
+
+func nodeInfo(t gossip.Tag) *coordv1.NodeInfo {
+	{
 		n := &coordv1.NodeInfo{NodeId: t.ID, Address: t.IP(), GpuModel: t.GPUModel, GpuCount: int32(t.GPUs), Healthy: t.Healthy,
-			GroupId: t.Group, Epoch: t.Epoch, Rank: int32(t.Rank), EngineState: t.Engine}
+			GroupId: t.Group, Epoch: t.Epoch, Rank: int32(t.Rank), EngineState: t.Engine, Rdma: t.RDMA, GpuMemoryGib: int32(t.GPUMemGiB)}
 		switch {
 		case t.Group == "":
 			n.State = "idle"
@@ -129,9 +141,27 @@ func (s *apiServer) ListNodes(context.Context, *coordv1.ListNodesRequest) (*coor
 		if !t.Healthy {
 			n.State = "unhealthy"
 		}
-		resp.Nodes = append(resp.Nodes, n)
+		return n
 	}
-	sort.Slice(resp.Nodes, func(i, j int) bool { return resp.Nodes[i].NodeId < resp.Nodes[j].NodeId })
+}
+
+// DescribeNode asks the node's agent for its full inventory.
+func (s *apiServer) DescribeNode(ctx context.Context, req *coordv1.DescribeNodeRequest) (*coordv1.DescribeNodeResponse, error) {
+	t, ok := s.c.agents()[req.NodeId]
+	if !ok {
+		return nil, apiError(fmt.Errorf("node %q: %w (see `shoal get nodes`)", req.NodeId, ErrNotFound))
+	}
+	resp := &coordv1.DescribeNodeResponse{Node: nodeInfo(t)}
+	err := s.c.agentCall(ctx, t.GRPC, func(ctx context.Context, cl agentv1.AgentClient) error {
+		st, err := cl.Status(ctx, &agentv1.StatusRequest{})
+		if err == nil {
+			resp.InventoryJson = st.InventoryJson
+		}
+		return err
+	})
+	if err != nil {
+		return nil, status.Errorf(codes.Unavailable, "node %s: its agent did not answer: %v", req.NodeId, err)
+	}
 	return resp, nil
 }
 

@@ -11,7 +11,7 @@ import (
 func Fits(t gossip.Tag, res spec.Resources) bool {
 	return t.Kind == gossip.KindAgent && t.Healthy && t.GPUs >= res.GPUsPerNode &&
 		(res.GPUModel == "" || res.GPUModel == t.GPUModel) &&
-		(!res.RDMA || t.RDMA) && t.GPUMemGiB >= res.MinGPUMemoryGiB
+		(!res.RDMA || t.RDMA != "") && t.GPUMemGiB >= res.MinGPUMemoryGiB
 }
 
 // Idle reports whether a node is free to be placed: in no stored group and

@@ -38,7 +38,7 @@ func TestPlace(t *testing.T) {
 	require.Len(t, Place(nodes, nil, res, 5), 5, "any model: a, d, f, g, h")
 	res.RDMA = true
 	require.Nil(t, Place(nodes, nil, res, 1), "no node has RDMA")
-	nodes["a"] = node("a", 8, func(t *gossip.Tag) { t.RDMA = true })
+	nodes["a"] = node("a", 8, func(t *gossip.Tag) { t.RDMA = "8×400G IB" })
 	require.Equal(t, "a", Place(nodes, nil, res, 1)[0].ID)
 	res.RDMA, res.MinGPUMemoryGiB = false, 192
 	require.Nil(t, Place(nodes, nil, res, 1), "H200 has 141 GiB")

@@ -52,8 +52,8 @@ type Tag struct {
 	FollowTerm uint64 `json:"ft,omitempty"`
 	Engine     string `json:"es,omitempty"`
 	Weights    bool   `json:"w,omitempty"`
-	// RDMA is true when the node has an active RDMA port.
-	RDMA bool `json:"rd,omitempty"`
+	// RDMA summarises the active RDMA ports ("8×400G IB"); empty when none.
+	RDMA string `json:"rd,omitempty"`
 	// GPUMemGiB is the smallest GPU's memory, for placement.
 	GPUMemGiB int `json:"gm2,omitempty"`
 }

@@ -11,7 +11,8 @@ func fullTag() Tag {
 	return Tag{Cluster: "prod-cluster-eu-west", Kind: KindAgent, ID: strings.Repeat("n", 63), GRPC: "[fd00:1234:5678::abcd]:7946",
 		Replica: "[fd00:1234:5678::abcd]:7947", GPUModel: "H200", GPUs: 8, Healthy: true, Deployment: strings.Repeat("d", 40),
 		Group: strings.Repeat("d", 40) + "-abcdef", Epoch: 1 << 40, Rank: 63, Size: 64, HeadTerm: 1 << 40,
-		Follow: strings.Repeat("n", 63), FollowTerm: 1 << 40, Engine: EngineLoading, Weights: true}
+		Follow: strings.Repeat("n", 63), FollowTerm: 1 << 40, Engine: EngineLoading, Weights: true,
+		RDMA: "16×400G RoCE", GPUMemGiB: 192}
 }
 
 func TestTagRoundTripAndBound(t *testing.T) {

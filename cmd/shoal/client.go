@@ -2,6 +2,7 @@ package main
 
 import (
 	"context"
+	"encoding/json"
 	"errors"
 	"fmt"
 	"io"
@@ -10,6 +11,7 @@ import (
 	"text/tabwriter"
 	"time"
 
+	"github.com/shoalhq/shoal/agent"
 	coordv1 "github.com/shoalhq/shoal/proto/coordinator/v1"
 	"github.com/shoalhq/shoal/spec"
 	"github.com/urfave/cli/v2"
@@ -160,10 +162,11 @@ func getCommand() *cli.Command {
 				}
 				var rows [][]string
 				for _, n := range resp.Nodes {
-					rows = append(rows, []string{n.NodeId, n.Address, fmt.Sprintf("%d×%s", n.GpuCount, dash(n.GpuModel)), n.State,
-						dash(n.GroupId), epoch(n.Epoch), dash(n.Role), dash(n.EngineState)})
+					rdma := dash(n.Rdma)
+					rows = append(rows, []string{n.NodeId, n.Address, fmt.Sprintf("%d×%s %dG", n.GpuCount, dash(n.GpuModel), n.GpuMemoryGib), rdma,
+						n.State, dash(n.GroupId), epoch(n.Epoch), dash(n.Role), dash(n.EngineState)})
 				}
-				table(c.App.Writer, "NODE\tADDRESS\tGPUS\tSTATE\tREPLICA\tEPOCH\tROLE\tENGINE", rows)
+				table(c.App.Writer, "NODE\tADDRESS\tGPUS\tRDMA\tSTATE\tREPLICA\tEPOCH\tROLE\tENGINE", rows)
 				return nil
 			}),
 			sub("deployments", []string{"deployment", "deploy"}, "list deployments", func(c *cli.Context, ctx context.Context, cl coordv1.CoordinatorClient, json bool) error {
@@ -217,12 +220,15 @@ func replicaRows(rs []*coordv1.ReplicaInfo) [][]string {
 func describeCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "describe",
-		Usage:     "show a deployment in detail: fields, replicas, events",
-		ArgsUsage: "deployment NAME",
+		Usage:     "show a deployment (fields, replicas, events) or a node (GPUs, RDMA, health reasons) in detail",
+		ArgsUsage: "deployment NAME | node NAME",
 		Flags:     []cli.Flag{coordinatorFlag},
 		Action: func(c *cli.Context) error {
+			if c.Args().First() == "node" && c.Args().Get(1) != "" {
+				return describeNode(c, c.Args().Get(1))
+			}
 			if c.Args().First() != "deployment" || c.Args().Get(1) == "" {
-				return errors.New("usage: shoal describe deployment NAME")
+				return errors.New("usage: shoal describe deployment NAME | shoal describe node NAME")
 			}
 			return withClient(c, func(ctx context.Context, cl coordv1.CoordinatorClient) error {
 				d, err := cl.DescribeDeployment(ctx, &coordv1.DescribeDeploymentRequest{Name: c.Args().Get(1)})
@@ -287,4 +293,26 @@ func deleteCommand() *cli.Command {
 			})
 		},
 	}
+}
+
+func describeNode(c *cli.Context, id string) error {
+	return withClient(c, func(ctx context.Context, cl coordv1.CoordinatorClient) error {
+		resp, err := cl.DescribeNode(ctx, &coordv1.DescribeNodeRequest{NodeId: id})
+		if err != nil {
+			return err
+		}
+		n := resp.Node
+		w := c.App.Writer
+		fmt.Fprintf(w, "Node:      %s (%s)\nState:     %s\nReplica:   %s epoch %s, role %s, engine %s\n\n",
+			n.NodeId, n.Address, n.State, dash(n.GroupId), epoch(n.Epoch), dash(n.Role), dash(n.EngineState))
+		var hw agent.HostInventory
+		if err := json.Unmarshal(resp.InventoryJson, &hw); err != nil || hw.GPU == nil {
+			return fmt.Errorf("node %s sent no readable inventory (an older agent?)", id)
+		}
+		printInventory(w, &hw, verdict(&hw))
+		for _, ev := range hw.Events {
+			fmt.Fprintf(w, "GPU event: GPU %d (%s): %s\n", ev.Index, ev.UUID, ev.Reason)
+		}
+		return nil
+	})
 }

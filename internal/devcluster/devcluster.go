@@ -140,7 +140,8 @@ func checkFree(addrs ...string) error {
 // StartAgent (re)starts agent i.
 func (c *Cluster) StartAgent(i int) error {
 	id := NodeID(i)
-	env := append([]string{"SHOAL_SIM_STATE_DIR=" + filepath.Join(c.cfg.Dir, "sim")}, c.cfg.SimEnv...)
+	env := append([]string{"SHOAL_SIM_STATE_DIR=" + filepath.Join(c.cfg.Dir, "sim"),
+		"SHOAL_MOCK_GPU_FAULTS=" + c.FaultsFile(i)}, c.cfg.SimEnv...)
 	cmd, err := c.spawn(id, env, "agent", "--node-id", id, "--address", c.AgentIP(i),
 		"--join", net.JoinHostPort(c.cfg.CoordIP, strconv.Itoa(c.cfg.GossipPort)), "--state-dir", filepath.Join(c.cfg.Dir, id),
 		"--gpu-backend", "mock:h200x8", "--ray-bin", filepath.Join(c.cfg.Dir, "bin", "ray"), "--vllm-bin", filepath.Join(c.cfg.Dir, "bin", "vllm"),
@@ -201,6 +202,10 @@ func (c *Cluster) enginePids(id string) []int {
 	}
 	return out
 }
+
+// FaultsFile is where a test appends GPU faults for agent i's mock GPUs
+// ("xid GPU CODE", "ecc GPU").
+func (c *Cluster) FaultsFile(i int) string { return filepath.Join(c.cfg.Dir, NodeID(i)+"-gpu-faults") }
 
 // Kill SIGKILLs an agent and its engine processes, as a host dying would.
 func (c *Cluster) Kill(id string) error {

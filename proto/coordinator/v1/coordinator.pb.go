@@ -23,6 +23,103 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type DescribeNodeRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DescribeNodeRequest) Reset() {
+	*x = DescribeNodeRequest{}
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DescribeNodeRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DescribeNodeRequest) ProtoMessage() {}
+
+func (x *DescribeNodeRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DescribeNodeRequest.ProtoReflect.Descriptor instead.
+func (*DescribeNodeRequest) Descriptor() ([]byte, []int) {
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *DescribeNodeRequest) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+type DescribeNodeResponse struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Node  *NodeInfo              `protobuf:"bytes,1,opt,name=node,proto3" json:"node,omitempty"`
+	// inventory_json is the agent's full host inventory, as its Status returns it.
+	InventoryJson []byte `protobuf:"bytes,2,opt,name=inventory_json,json=inventoryJson,proto3" json:"inventory_json,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DescribeNodeResponse) Reset() {
+	*x = DescribeNodeResponse{}
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DescribeNodeResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DescribeNodeResponse) ProtoMessage() {}
+
+func (x *DescribeNodeResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DescribeNodeResponse.ProtoReflect.Descriptor instead.
+func (*DescribeNodeResponse) Descriptor() ([]byte, []int) {
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *DescribeNodeResponse) GetNode() *NodeInfo {
+	if x != nil {
+		return x.Node
+	}
+	return nil
+}
+
+func (x *DescribeNodeResponse) GetInventoryJson() []byte {
+	if x != nil {
+		return x.InventoryJson
+	}
+	return nil
+}
+
 type ApplyRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	SpecYaml      []byte                 `protobuf:"bytes,1,opt,name=spec_yaml,json=specYaml,proto3" json:"spec_yaml,omitempty"`
@@ -32,7 +129,7 @@ type ApplyRequest struct {
 
 func (x *ApplyRequest) Reset() {
 	*x = ApplyRequest{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[0]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -44,7 +141,7 @@ func (x *ApplyRequest) String() string {
 func (*ApplyRequest) ProtoMessage() {}
 
 func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[0]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -57,7 +154,7 @@ func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyRequest) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{0}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *ApplyRequest) GetSpecYaml() []byte {
@@ -79,7 +176,7 @@ type ApplyResponse struct {
 
 func (x *ApplyResponse) Reset() {
 	*x = ApplyResponse{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[1]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -91,7 +188,7 @@ func (x *ApplyResponse) String() string {
 func (*ApplyResponse) ProtoMessage() {}
 
 func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[1]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -104,7 +201,7 @@ func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyResponse) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{1}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *ApplyResponse) GetName() string {
@@ -143,7 +240,7 @@ type DeploymentSummary struct {
 
 func (x *DeploymentSummary) Reset() {
 	*x = DeploymentSummary{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[2]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -155,7 +252,7 @@ func (x *DeploymentSummary) String() string {
 func (*DeploymentSummary) ProtoMessage() {}
 
 func (x *DeploymentSummary) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[2]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -168,7 +265,7 @@ func (x *DeploymentSummary) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeploymentSummary.ProtoReflect.Descriptor instead.
 func (*DeploymentSummary) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{2}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *DeploymentSummary) GetName() string {
@@ -228,7 +325,7 @@ type ListDeploymentsRequest struct {
 
 func (x *ListDeploymentsRequest) Reset() {
 	*x = ListDeploymentsRequest{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[3]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -240,7 +337,7 @@ func (x *ListDeploymentsRequest) String() string {
 func (*ListDeploymentsRequest) ProtoMessage() {}
 
 func (x *ListDeploymentsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[3]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -253,7 +350,7 @@ func (x *ListDeploymentsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDeploymentsRequest.ProtoReflect.Descriptor instead.
 func (*ListDeploymentsRequest) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{3}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{5}
 }
 
 type ListDeploymentsResponse struct {
@@ -265,7 +362,7 @@ type ListDeploymentsResponse struct {
 
 func (x *ListDeploymentsResponse) Reset() {
 	*x = ListDeploymentsResponse{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[4]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -277,7 +374,7 @@ func (x *ListDeploymentsResponse) String() string {
 func (*ListDeploymentsResponse) ProtoMessage() {}
 
 func (x *ListDeploymentsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[4]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -290,7 +387,7 @@ func (x *ListDeploymentsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDeploymentsResponse.ProtoReflect.Descriptor instead.
 func (*ListDeploymentsResponse) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{4}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ListDeploymentsResponse) GetDeployments() []*DeploymentSummary {
@@ -312,7 +409,7 @@ type Field struct {
 
 func (x *Field) Reset() {
 	*x = Field{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[5]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -324,7 +421,7 @@ func (x *Field) String() string {
 func (*Field) ProtoMessage() {}
 
 func (x *Field) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[5]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -337,7 +434,7 @@ func (x *Field) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Field.ProtoReflect.Descriptor instead.
 func (*Field) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{5}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Field) GetPath() string {
@@ -370,7 +467,7 @@ type DescribeDeploymentRequest struct {
 
 func (x *DescribeDeploymentRequest) Reset() {
 	*x = DescribeDeploymentRequest{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[6]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -382,7 +479,7 @@ func (x *DescribeDeploymentRequest) String() string {
 func (*DescribeDeploymentRequest) ProtoMessage() {}
 
 func (x *DescribeDeploymentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[6]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -395,7 +492,7 @@ func (x *DescribeDeploymentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DescribeDeploymentRequest.ProtoReflect.Descriptor instead.
 func (*DescribeDeploymentRequest) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{6}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *DescribeDeploymentRequest) GetName() string {
@@ -418,7 +515,7 @@ type DescribeDeploymentResponse struct {
 
 func (x *DescribeDeploymentResponse) Reset() {
 	*x = DescribeDeploymentResponse{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[7]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -430,7 +527,7 @@ func (x *DescribeDeploymentResponse) String() string {
 func (*DescribeDeploymentResponse) ProtoMessage() {}
 
 func (x *DescribeDeploymentResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[7]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -443,7 +540,7 @@ func (x *DescribeDeploymentResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DescribeDeploymentResponse.ProtoReflect.Descriptor instead.
 func (*DescribeDeploymentResponse) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{7}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *DescribeDeploymentResponse) GetSummary() *DeploymentSummary {
@@ -490,7 +587,7 @@ type DeleteDeploymentRequest struct {
 
 func (x *DeleteDeploymentRequest) Reset() {
 	*x = DeleteDeploymentRequest{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[8]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -502,7 +599,7 @@ func (x *DeleteDeploymentRequest) String() string {
 func (*DeleteDeploymentRequest) ProtoMessage() {}
 
 func (x *DeleteDeploymentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[8]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -515,7 +612,7 @@ func (x *DeleteDeploymentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteDeploymentRequest.ProtoReflect.Descriptor instead.
 func (*DeleteDeploymentRequest) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{8}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *DeleteDeploymentRequest) GetName() string {
@@ -533,7 +630,7 @@ type DeleteDeploymentResponse struct {
 
 func (x *DeleteDeploymentResponse) Reset() {
 	*x = DeleteDeploymentResponse{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[9]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -545,7 +642,7 @@ func (x *DeleteDeploymentResponse) String() string {
 func (*DeleteDeploymentResponse) ProtoMessage() {}
 
 func (x *DeleteDeploymentResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[9]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -558,7 +655,7 @@ func (x *DeleteDeploymentResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteDeploymentResponse.ProtoReflect.Descriptor instead.
 func (*DeleteDeploymentResponse) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{9}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{11}
 }
 
 type NodeInfo struct {
@@ -574,13 +671,15 @@ type NodeInfo struct {
 	Rank          int32                  `protobuf:"varint,9,opt,name=rank,proto3" json:"rank,omitempty"`
 	Role          string                 `protobuf:"bytes,10,opt,name=role,proto3" json:"role,omitempty"`
 	EngineState   string                 `protobuf:"bytes,11,opt,name=engine_state,json=engineState,proto3" json:"engine_state,omitempty"`
+	Rdma          string                 `protobuf:"bytes,12,opt,name=rdma,proto3" json:"rdma,omitempty"`
+	GpuMemoryGib  int32                  `protobuf:"varint,13,opt,name=gpu_memory_gib,json=gpuMemoryGib,proto3" json:"gpu_memory_gib,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *NodeInfo) Reset() {
 	*x = NodeInfo{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[10]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -592,7 +691,7 @@ func (x *NodeInfo) String() string {
 func (*NodeInfo) ProtoMessage() {}
 
 func (x *NodeInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[10]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -605,7 +704,7 @@ func (x *NodeInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeInfo.ProtoReflect.Descriptor instead.
 func (*NodeInfo) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{10}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *NodeInfo) GetNodeId() string {
@@ -685,6 +784,20 @@ func (x *NodeInfo) GetEngineState() string {
 	return ""
 }
 
+func (x *NodeInfo) GetRdma() string {
+	if x != nil {
+		return x.Rdma
+	}
+	return ""
+}
+
+func (x *NodeInfo) GetGpuMemoryGib() int32 {
+	if x != nil {
+		return x.GpuMemoryGib
+	}
+	return 0
+}
+
 type ListNodesRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -693,7 +806,7 @@ type ListNodesRequest struct {
 
 func (x *ListNodesRequest) Reset() {
 	*x = ListNodesRequest{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[11]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -705,7 +818,7 @@ func (x *ListNodesRequest) String() string {
 func (*ListNodesRequest) ProtoMessage() {}
 
 func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[11]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -718,7 +831,7 @@ func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
 func (*ListNodesRequest) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{11}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{13}
 }
 
 type ListNodesResponse struct {
@@ -730,7 +843,7 @@ type ListNodesResponse struct {
 
 func (x *ListNodesResponse) Reset() {
 	*x = ListNodesResponse{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[12]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -742,7 +855,7 @@ func (x *ListNodesResponse) String() string {
 func (*ListNodesResponse) ProtoMessage() {}
 
 func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[12]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -755,7 +868,7 @@ func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
 func (*ListNodesResponse) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{12}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *ListNodesResponse) GetNodes() []*NodeInfo {
@@ -784,7 +897,7 @@ type ReplicaInfo struct {
 
 func (x *ReplicaInfo) Reset() {
 	*x = ReplicaInfo{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[13]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -796,7 +909,7 @@ func (x *ReplicaInfo) String() string {
 func (*ReplicaInfo) ProtoMessage() {}
 
 func (x *ReplicaInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[13]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -809,7 +922,7 @@ func (x *ReplicaInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicaInfo.ProtoReflect.Descriptor instead.
 func (*ReplicaInfo) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{13}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *ReplicaInfo) GetGroupId() string {
@@ -898,7 +1011,7 @@ type ListReplicasRequest struct {
 
 func (x *ListReplicasRequest) Reset() {
 	*x = ListReplicasRequest{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[14]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -910,7 +1023,7 @@ func (x *ListReplicasRequest) String() string {
 func (*ListReplicasRequest) ProtoMessage() {}
 
 func (x *ListReplicasRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[14]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -923,7 +1036,7 @@ func (x *ListReplicasRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListReplicasRequest.ProtoReflect.Descriptor instead.
 func (*ListReplicasRequest) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{14}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *ListReplicasRequest) GetDeployment() string {
@@ -942,7 +1055,7 @@ type ListReplicasResponse struct {
 
 func (x *ListReplicasResponse) Reset() {
 	*x = ListReplicasResponse{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[15]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -954,7 +1067,7 @@ func (x *ListReplicasResponse) String() string {
 func (*ListReplicasResponse) ProtoMessage() {}
 
 func (x *ListReplicasResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[15]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -967,7 +1080,7 @@ func (x *ListReplicasResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListReplicasResponse.ProtoReflect.Descriptor instead.
 func (*ListReplicasResponse) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{15}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ListReplicasResponse) GetReplicas() []*ReplicaInfo {
@@ -981,7 +1094,12 @@ var File_coordinator_v1_coordinator_proto protoreflect.FileDescriptor
 
 const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"\n" +
-	" coordinator/v1/coordinator.proto\x12\x14shoal.coordinator.v1\"+\n" +
+	" coordinator/v1/coordinator.proto\x12\x14shoal.coordinator.v1\".\n" +
+	"\x13DescribeNodeRequest\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\"q\n" +
+	"\x14DescribeNodeResponse\x122\n" +
+	"\x04node\x18\x01 \x01(\v2\x1e.shoal.coordinator.v1.NodeInfoR\x04node\x12%\n" +
+	"\x0einventory_json\x18\x02 \x01(\fR\rinventoryJson\"+\n" +
 	"\fApplyRequest\x12\x1b\n" +
 	"\tspec_yaml\x18\x01 \x01(\fR\bspecYaml\"Y\n" +
 	"\rApplyResponse\x12\x12\n" +
@@ -1013,7 +1131,7 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"\x06events\x18\x05 \x03(\tR\x06events\"-\n" +
 	"\x17DeleteDeploymentRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\x1a\n" +
-	"\x18DeleteDeploymentResponse\"\xa3\x02\n" +
+	"\x18DeleteDeploymentResponse\"\xdd\x02\n" +
 	"\bNodeInfo\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x1b\n" +
@@ -1026,7 +1144,9 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"\x04rank\x18\t \x01(\x05R\x04rank\x12\x12\n" +
 	"\x04role\x18\n" +
 	" \x01(\tR\x04role\x12!\n" +
-	"\fengine_state\x18\v \x01(\tR\vengineState\"\x12\n" +
+	"\fengine_state\x18\v \x01(\tR\vengineState\x12\x12\n" +
+	"\x04rdma\x18\f \x01(\tR\x04rdma\x12$\n" +
+	"\x0egpu_memory_gib\x18\r \x01(\x05R\fgpuMemoryGib\"\x12\n" +
 	"\x10ListNodesRequest\"I\n" +
 	"\x11ListNodesResponse\x124\n" +
 	"\x05nodes\x18\x01 \x03(\v2\x1e.shoal.coordinator.v1.NodeInfoR\x05nodes\"\xdc\x02\n" +
@@ -1050,14 +1170,15 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"deployment\x18\x01 \x01(\tR\n" +
 	"deployment\"U\n" +
 	"\x14ListReplicasResponse\x12=\n" +
-	"\breplicas\x18\x01 \x03(\v2!.shoal.coordinator.v1.ReplicaInfoR\breplicas2\x80\x05\n" +
+	"\breplicas\x18\x01 \x03(\v2!.shoal.coordinator.v1.ReplicaInfoR\breplicas2\xe7\x05\n" +
 	"\vCoordinator\x12P\n" +
 	"\x05Apply\x12\".shoal.coordinator.v1.ApplyRequest\x1a#.shoal.coordinator.v1.ApplyResponse\x12n\n" +
 	"\x0fListDeployments\x12,.shoal.coordinator.v1.ListDeploymentsRequest\x1a-.shoal.coordinator.v1.ListDeploymentsResponse\x12w\n" +
 	"\x12DescribeDeployment\x12/.shoal.coordinator.v1.DescribeDeploymentRequest\x1a0.shoal.coordinator.v1.DescribeDeploymentResponse\x12q\n" +
 	"\x10DeleteDeployment\x12-.shoal.coordinator.v1.DeleteDeploymentRequest\x1a..shoal.coordinator.v1.DeleteDeploymentResponse\x12\\\n" +
 	"\tListNodes\x12&.shoal.coordinator.v1.ListNodesRequest\x1a'.shoal.coordinator.v1.ListNodesResponse\x12e\n" +
-	"\fListReplicas\x12).shoal.coordinator.v1.ListReplicasRequest\x1a*.shoal.coordinator.v1.ListReplicasResponseB=Z;github.com/shoalhq/shoal/proto/coordinator/v1;coordinatorv1b\x06proto3"
+	"\fListReplicas\x12).shoal.coordinator.v1.ListReplicasRequest\x1a*.shoal.coordinator.v1.ListReplicasResponse\x12e\n" +
+	"\fDescribeNode\x12).shoal.coordinator.v1.DescribeNodeRequest\x1a*.shoal.coordinator.v1.DescribeNodeResponseB=Z;github.com/shoalhq/shoal/proto/coordinator/v1;coordinatorv1b\x06proto3"
 
 var (
 	file_coordinator_v1_coordinator_proto_rawDescOnce sync.Once
@@ -1071,49 +1192,54 @@ func file_coordinator_v1_coordinator_proto_rawDescGZIP() []byte {
 	return file_coordinator_v1_coordinator_proto_rawDescData
 }
 
-var file_coordinator_v1_coordinator_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
+var file_coordinator_v1_coordinator_proto_msgTypes = make([]protoimpl.MessageInfo, 18)
 var file_coordinator_v1_coordinator_proto_goTypes = []any{
-	(*ApplyRequest)(nil),               // 0: shoal.coordinator.v1.ApplyRequest
-	(*ApplyResponse)(nil),              // 1: shoal.coordinator.v1.ApplyResponse
-	(*DeploymentSummary)(nil),          // 2: shoal.coordinator.v1.DeploymentSummary
-	(*ListDeploymentsRequest)(nil),     // 3: shoal.coordinator.v1.ListDeploymentsRequest
-	(*ListDeploymentsResponse)(nil),    // 4: shoal.coordinator.v1.ListDeploymentsResponse
-	(*Field)(nil),                      // 5: shoal.coordinator.v1.Field
-	(*DescribeDeploymentRequest)(nil),  // 6: shoal.coordinator.v1.DescribeDeploymentRequest
-	(*DescribeDeploymentResponse)(nil), // 7: shoal.coordinator.v1.DescribeDeploymentResponse
-	(*DeleteDeploymentRequest)(nil),    // 8: shoal.coordinator.v1.DeleteDeploymentRequest
-	(*DeleteDeploymentResponse)(nil),   // 9: shoal.coordinator.v1.DeleteDeploymentResponse
-	(*NodeInfo)(nil),                   // 10: shoal.coordinator.v1.NodeInfo
-	(*ListNodesRequest)(nil),           // 11: shoal.coordinator.v1.ListNodesRequest
-	(*ListNodesResponse)(nil),          // 12: shoal.coordinator.v1.ListNodesResponse
-	(*ReplicaInfo)(nil),                // 13: shoal.coordinator.v1.ReplicaInfo
-	(*ListReplicasRequest)(nil),        // 14: shoal.coordinator.v1.ListReplicasRequest
-	(*ListReplicasResponse)(nil),       // 15: shoal.coordinator.v1.ListReplicasResponse
+	(*DescribeNodeRequest)(nil),        // 0: shoal.coordinator.v1.DescribeNodeRequest
+	(*DescribeNodeResponse)(nil),       // 1: shoal.coordinator.v1.DescribeNodeResponse
+	(*ApplyRequest)(nil),               // 2: shoal.coordinator.v1.ApplyRequest
+	(*ApplyResponse)(nil),              // 3: shoal.coordinator.v1.ApplyResponse
+	(*DeploymentSummary)(nil),          // 4: shoal.coordinator.v1.DeploymentSummary
+	(*ListDeploymentsRequest)(nil),     // 5: shoal.coordinator.v1.ListDeploymentsRequest
+	(*ListDeploymentsResponse)(nil),    // 6: shoal.coordinator.v1.ListDeploymentsResponse
+	(*Field)(nil),                      // 7: shoal.coordinator.v1.Field
+	(*DescribeDeploymentRequest)(nil),  // 8: shoal.coordinator.v1.DescribeDeploymentRequest
+	(*DescribeDeploymentResponse)(nil), // 9: shoal.coordinator.v1.DescribeDeploymentResponse
+	(*DeleteDeploymentRequest)(nil),    // 10: shoal.coordinator.v1.DeleteDeploymentRequest
+	(*DeleteDeploymentResponse)(nil),   // 11: shoal.coordinator.v1.DeleteDeploymentResponse
+	(*NodeInfo)(nil),                   // 12: shoal.coordinator.v1.NodeInfo
+	(*ListNodesRequest)(nil),           // 13: shoal.coordinator.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),          // 14: shoal.coordinator.v1.ListNodesResponse
+	(*ReplicaInfo)(nil),                // 15: shoal.coordinator.v1.ReplicaInfo
+	(*ListReplicasRequest)(nil),        // 16: shoal.coordinator.v1.ListReplicasRequest
+	(*ListReplicasResponse)(nil),       // 17: shoal.coordinator.v1.ListReplicasResponse
 }
 var file_coordinator_v1_coordinator_proto_depIdxs = []int32{
-	2,  // 0: shoal.coordinator.v1.ListDeploymentsResponse.deployments:type_name -> shoal.coordinator.v1.DeploymentSummary
-	2,  // 1: shoal.coordinator.v1.DescribeDeploymentResponse.summary:type_name -> shoal.coordinator.v1.DeploymentSummary
-	5,  // 2: shoal.coordinator.v1.DescribeDeploymentResponse.fields:type_name -> shoal.coordinator.v1.Field
-	13, // 3: shoal.coordinator.v1.DescribeDeploymentResponse.replicas:type_name -> shoal.coordinator.v1.ReplicaInfo
-	10, // 4: shoal.coordinator.v1.ListNodesResponse.nodes:type_name -> shoal.coordinator.v1.NodeInfo
-	13, // 5: shoal.coordinator.v1.ListReplicasResponse.replicas:type_name -> shoal.coordinator.v1.ReplicaInfo
-	0,  // 6: shoal.coordinator.v1.Coordinator.Apply:input_type -> shoal.coordinator.v1.ApplyRequest
-	3,  // 7: shoal.coordinator.v1.Coordinator.ListDeployments:input_type -> shoal.coordinator.v1.ListDeploymentsRequest
-	6,  // 8: shoal.coordinator.v1.Coordinator.DescribeDeployment:input_type -> shoal.coordinator.v1.DescribeDeploymentRequest
-	8,  // 9: shoal.coordinator.v1.Coordinator.DeleteDeployment:input_type -> shoal.coordinator.v1.DeleteDeploymentRequest
-	11, // 10: shoal.coordinator.v1.Coordinator.ListNodes:input_type -> shoal.coordinator.v1.ListNodesRequest
-	14, // 11: shoal.coordinator.v1.Coordinator.ListReplicas:input_type -> shoal.coordinator.v1.ListReplicasRequest
-	1,  // 12: shoal.coordinator.v1.Coordinator.Apply:output_type -> shoal.coordinator.v1.ApplyResponse
-	4,  // 13: shoal.coordinator.v1.Coordinator.ListDeployments:output_type -> shoal.coordinator.v1.ListDeploymentsResponse
-	7,  // 14: shoal.coordinator.v1.Coordinator.DescribeDeployment:output_type -> shoal.coordinator.v1.DescribeDeploymentResponse
-	9,  // 15: shoal.coordinator.v1.Coordinator.DeleteDeployment:output_type -> shoal.coordinator.v1.DeleteDeploymentResponse
-	12, // 16: shoal.coordinator.v1.Coordinator.ListNodes:output_type -> shoal.coordinator.v1.ListNodesResponse
-	15, // 17: shoal.coordinator.v1.Coordinator.ListReplicas:output_type -> shoal.coordinator.v1.ListReplicasResponse
-	12, // [12:18] is the sub-list for method output_type
-	6,  // [6:12] is the sub-list for method input_type
-	6,  // [6:6] is the sub-list for extension type_name
-	6,  // [6:6] is the sub-list for extension extendee
-	0,  // [0:6] is the sub-list for field type_name
+	12, // 0: shoal.coordinator.v1.DescribeNodeResponse.node:type_name -> shoal.coordinator.v1.NodeInfo
+	4,  // 1: shoal.coordinator.v1.ListDeploymentsResponse.deployments:type_name -> shoal.coordinator.v1.DeploymentSummary
+	4,  // 2: shoal.coordinator.v1.DescribeDeploymentResponse.summary:type_name -> shoal.coordinator.v1.DeploymentSummary
+	7,  // 3: shoal.coordinator.v1.DescribeDeploymentResponse.fields:type_name -> shoal.coordinator.v1.Field
+	15, // 4: shoal.coordinator.v1.DescribeDeploymentResponse.replicas:type_name -> shoal.coordinator.v1.ReplicaInfo
+	12, // 5: shoal.coordinator.v1.ListNodesResponse.nodes:type_name -> shoal.coordinator.v1.NodeInfo
+	15, // 6: shoal.coordinator.v1.ListReplicasResponse.replicas:type_name -> shoal.coordinator.v1.ReplicaInfo
+	2,  // 7: shoal.coordinator.v1.Coordinator.Apply:input_type -> shoal.coordinator.v1.ApplyRequest
+	5,  // 8: shoal.coordinator.v1.Coordinator.ListDeployments:input_type -> shoal.coordinator.v1.ListDeploymentsRequest
+	8,  // 9: shoal.coordinator.v1.Coordinator.DescribeDeployment:input_type -> shoal.coordinator.v1.DescribeDeploymentRequest
+	10, // 10: shoal.coordinator.v1.Coordinator.DeleteDeployment:input_type -> shoal.coordinator.v1.DeleteDeploymentRequest
+	13, // 11: shoal.coordinator.v1.Coordinator.ListNodes:input_type -> shoal.coordinator.v1.ListNodesRequest
+	16, // 12: shoal.coordinator.v1.Coordinator.ListReplicas:input_type -> shoal.coordinator.v1.ListReplicasRequest
+	0,  // 13: shoal.coordinator.v1.Coordinator.DescribeNode:input_type -> shoal.coordinator.v1.DescribeNodeRequest
+	3,  // 14: shoal.coordinator.v1.Coordinator.Apply:output_type -> shoal.coordinator.v1.ApplyResponse
+	6,  // 15: shoal.coordinator.v1.Coordinator.ListDeployments:output_type -> shoal.coordinator.v1.ListDeploymentsResponse
+	9,  // 16: shoal.coordinator.v1.Coordinator.DescribeDeployment:output_type -> shoal.coordinator.v1.DescribeDeploymentResponse
+	11, // 17: shoal.coordinator.v1.Coordinator.DeleteDeployment:output_type -> shoal.coordinator.v1.DeleteDeploymentResponse
+	14, // 18: shoal.coordinator.v1.Coordinator.ListNodes:output_type -> shoal.coordinator.v1.ListNodesResponse
+	17, // 19: shoal.coordinator.v1.Coordinator.ListReplicas:output_type -> shoal.coordinator.v1.ListReplicasResponse
+	1,  // 20: shoal.coordinator.v1.Coordinator.DescribeNode:output_type -> shoal.coordinator.v1.DescribeNodeResponse
+	14, // [14:21] is the sub-list for method output_type
+	7,  // [7:14] is the sub-list for method input_type
+	7,  // [7:7] is the sub-list for extension type_name
+	7,  // [7:7] is the sub-list for extension extendee
+	0,  // [0:7] is the sub-list for field type_name
 }
 
 func init() { file_coordinator_v1_coordinator_proto_init() }
@@ -1127,7 +1253,7 @@ func file_coordinator_v1_coordinator_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_coordinator_v1_coordinator_proto_rawDesc), len(file_coordinator_v1_coordinator_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   16,
+			NumMessages:   18,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -27,6 +27,7 @@ const (
 	Coordinator_DeleteDeployment_FullMethodName   = "/shoal.coordinator.v1.Coordinator/DeleteDeployment"
 	Coordinator_ListNodes_FullMethodName          = "/shoal.coordinator.v1.Coordinator/ListNodes"
 	Coordinator_ListReplicas_FullMethodName       = "/shoal.coordinator.v1.Coordinator/ListReplicas"
+	Coordinator_DescribeNode_FullMethodName       = "/shoal.coordinator.v1.Coordinator/DescribeNode"
 )
 
 // CoordinatorClient is the client API for Coordinator service.
@@ -39,6 +40,7 @@ type CoordinatorClient interface {
 	DeleteDeployment(ctx context.Context, in *DeleteDeploymentRequest, opts ...grpc.CallOption) (*DeleteDeploymentResponse, error)
 	ListNodes(ctx context.Context, in *ListNodesRequest, opts ...grpc.CallOption) (*ListNodesResponse, error)
 	ListReplicas(ctx context.Context, in *ListReplicasRequest, opts ...grpc.CallOption) (*ListReplicasResponse, error)
+	DescribeNode(ctx context.Context, in *DescribeNodeRequest, opts ...grpc.CallOption) (*DescribeNodeResponse, error)
 }
 
 type coordinatorClient struct {
@@ -109,6 +111,16 @@ func (c *coordinatorClient) ListReplicas(ctx context.Context, in *ListReplicasRe
 	return out, nil
 }
 
+func (c *coordinatorClient) DescribeNode(ctx context.Context, in *DescribeNodeRequest, opts ...grpc.CallOption) (*DescribeNodeResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DescribeNodeResponse)
+	err := c.cc.Invoke(ctx, Coordinator_DescribeNode_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // CoordinatorServer is the server API for Coordinator service.
 // All implementations must embed UnimplementedCoordinatorServer
 // for forward compatibility.
@@ -119,6 +131,7 @@ type CoordinatorServer interface {
 	DeleteDeployment(context.Context, *DeleteDeploymentRequest) (*DeleteDeploymentResponse, error)
 	ListNodes(context.Context, *ListNodesRequest) (*ListNodesResponse, error)
 	ListReplicas(context.Context, *ListReplicasRequest) (*ListReplicasResponse, error)
+	DescribeNode(context.Context, *DescribeNodeRequest) (*DescribeNodeResponse, error)
 	mustEmbedUnimplementedCoordinatorServer()
 }
 
@@ -146,6 +159,9 @@ func (UnimplementedCoordinatorServer) ListNodes(context.Context, *ListNodesReque
 }
 func (UnimplementedCoordinatorServer) ListReplicas(context.Context, *ListReplicasRequest) (*ListReplicasResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ListReplicas not implemented")
+}
+func (UnimplementedCoordinatorServer) DescribeNode(context.Context, *DescribeNodeRequest) (*DescribeNodeResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method DescribeNode not implemented")
 }
 func (UnimplementedCoordinatorServer) mustEmbedUnimplementedCoordinatorServer() {}
 func (UnimplementedCoordinatorServer) testEmbeddedByValue()                     {}
@@ -276,6 +292,24 @@ func _Coordinator_ListReplicas_Handler(srv interface{}, ctx context.Context, dec
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Coordinator_DescribeNode_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DescribeNodeRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CoordinatorServer).DescribeNode(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Coordinator_DescribeNode_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CoordinatorServer).DescribeNode(ctx, req.(*DescribeNodeRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Coordinator_ServiceDesc is the grpc.ServiceDesc for Coordinator service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -306,6 +340,10 @@ var Coordinator_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ListReplicas",
 			Handler:    _Coordinator_ListReplicas_Handler,
+		},
+		{
+			MethodName: "DescribeNode",
+			Handler:    _Coordinator_DescribeNode_Handler,
 		},
 	},
 	Streams:  []grpc.StreamDesc{},

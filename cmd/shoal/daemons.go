@@ -2,6 +2,7 @@ package main
 
 import (
 	"fmt"
+	"time"
 
 	"github.com/shoalhq/shoal/agent"
 	"github.com/shoalhq/shoal/coordinator"
@@ -106,7 +107,7 @@ func coordinatorCommand() *cli.Command {
 			&cli.StringFlag{Name: "api", Value: "127.0.0.1:7950", EnvVars: []string{"SHOAL_API_ADDR"}, Usage: "gRPC API address for the CLI"},
 			&cli.StringFlag{Name: "router", Value: "127.0.0.1:8080", EnvVars: []string{"SHOAL_ROUTER_ADDR"}, Usage: "OpenAI HTTP address (\"\" disables)"},
 			&cli.StringFlag{Name: "data-dir", Value: "/var/lib/shoal-coordinator", EnvVars: []string{"SHOAL_DATA_DIR"}},
-			apiKeysFlag,
+			apiKeysFlag, idleTimeoutFlag, totalTimeoutFlag,
 		},
 		Action: func(c *cli.Context) error {
 			if c.NArg() > 0 {
@@ -124,11 +125,20 @@ func coordinatorCommand() *cli.Command {
 	}
 }
 
+var idleTimeoutFlag = &cli.DurationFlag{Name: "idle-timeout", Value: 10 * time.Minute, EnvVars: []string{"SHOAL_ROUTER_IDLE_TIMEOUT"},
+	Usage: "end a response when the engine sends nothing for this long"}
+
+var totalTimeoutFlag = &cli.DurationFlag{Name: "total-timeout", EnvVars: []string{"SHOAL_ROUTER_TOTAL_TIMEOUT"},
+	Usage: "bound a whole request (0: none, so long reasoning streams are never cut)"}
+
 var apiKeysFlag = &cli.StringFlag{Name: "api-keys-file", EnvVars: []string{"SHOAL_API_KEYS_FILE"},
 	Usage: "YAML file of `KEY: [model, …]`; when set, OpenAI requests need `Authorization: Bearer KEY`"}
 
 func routerConfig(c *cli.Context) (router.Config, error) {
-	var rc router.Config
+	rc := router.Config{IdleTimeout: c.Duration("idle-timeout"), TotalTimeout: c.Duration("total-timeout")}
+	if rc.IdleTimeout < 0 || rc.TotalTimeout < 0 {
+		return rc, fmt.Errorf("--idle-timeout and --total-timeout must not be negative")
+	}
 	if p := c.String("api-keys-file"); p != "" {
 		keys, err := router.LoadAPIKeys(p)
 		if err != nil {
@@ -153,7 +163,7 @@ func routerCommand() *cli.Command {
 			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:8080", EnvVars: []string{"SHOAL_ROUTER_ADDR"}, Usage: "OpenAI HTTP address"},
 			&cli.StringSliceFlag{Name: "backend", EnvVars: []string{"SHOAL_ROUTER_BACKENDS"},
 				Usage: "static MODEL=HOST:PORT backend (repeatable), e.g. an existing vLLM server; no gossip needed"},
-			apiKeysFlag,
+			apiKeysFlag, idleTimeoutFlag, totalTimeoutFlag,
 		},
 		Action: func(c *cli.Context) error {
 			rc, err := routerConfig(c)

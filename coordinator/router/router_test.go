@@ -158,3 +158,39 @@ func FuzzRouterBody(f *testing.F) {
 		}
 	})
 }
+
+// TestIdleTimeoutEndsHungStream: an engine that stops sending (the vllm#53157
+// hang) is cut after IdleTimeout; a slow but live one is not.
+func TestIdleTimeoutEndsHungStream(t *testing.T) {
+	hung := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		_, _ = io.WriteString(w, "data: first\n\n")
+		w.(http.Flusher).Flush()
+		<-r.Context().Done() // never another byte
+	}))
+	defer hung.Close()
+	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		w.Header().Set("Content-Type", "text/event-stream")
+		for i := 0; i < 5; i++ {
+			_, _ = io.WriteString(w, "data: tick\n\n")
+			w.(http.Flusher).Flush()
+			time.Sleep(100 * time.Millisecond)
+		}
+	}))
+	defer slow.Close()
+	for name, c := range map[string]struct {
+		addr  string
+		ticks int
+	}{"hung": {addr(hung), 0}, "slow": {addr(slow), 5}} {
+		tb := NewTable()
+		tb.Set(NewSnapshot(nil, []*Endpoint{{Model: "m", Addr: c.addr}}))
+		r := New(tb, slog.New(slog.NewTextHandler(io.Discard, nil)), Config{IdleTimeout: 300 * time.Millisecond})
+		start := time.Now()
+		rec := do(t, r.Handler(), `{"model":"m","stream":true}`, nil)
+		require.Less(t, time.Since(start), 3*time.Second, name)
+		require.Equal(t, c.ticks, strings.Count(rec.Body.String(), "tick"), name)
+		if name == "hung" {
+			require.Contains(t, rec.Body.String(), "first")
+		}
+	}
+}

@@ -80,11 +80,23 @@ type Replicas struct {
 	Max   int `yaml:"max,omitempty" json:"max,omitempty"`
 }
 
-// Autoscaling is the policy that moves the replica count between min and max.
+// Autoscaling is the policy that moves the replica count between
+// replicas.min and replicas.max. Zero fields take the defaults below.
 type Autoscaling struct {
-	Policy string  `yaml:"policy" json:"policy"`
-	Metric string  `yaml:"metric" json:"metric"`
-	Target float64 `yaml:"target" json:"target"`
+	// Policy is kpa (Knative-style stable/panic windows) or apa (tolerance bands).
+	Policy string `yaml:"policy" json:"policy"`
+	// Metric is a head-reported engine metric, per replica.
+	Metric string `yaml:"metric" json:"metric"`
+	// Target is the metric's value one replica should carry.
+	Target                float64 `yaml:"target" json:"target"`
+	StableWindowSeconds   int     `yaml:"stableWindowSeconds,omitempty" json:"stableWindowSeconds,omitempty"`
+	PanicWindowSeconds    int     `yaml:"panicWindowSeconds,omitempty" json:"panicWindowSeconds,omitempty"`
+	PanicThreshold        float64 `yaml:"panicThreshold,omitempty" json:"panicThreshold,omitempty"`
+	MaxScaleUpRate        float64 `yaml:"maxScaleUpRate,omitempty" json:"maxScaleUpRate,omitempty"`
+	MaxScaleDownRate      float64 `yaml:"maxScaleDownRate,omitempty" json:"maxScaleDownRate,omitempty"`
+	ScaleDownDelaySeconds int     `yaml:"scaleDownDelaySeconds,omitempty" json:"scaleDownDelaySeconds,omitempty"`
+	// Tolerance is APA's band: no change while the metric is within ±Tolerance of target.
+	Tolerance float64 `yaml:"tolerance,omitempty" json:"tolerance,omitempty"`
 }
 
 // Error is a validation error about one field.
@@ -175,6 +187,29 @@ func (d *Deployment) Default() {
 	}
 	if d.Replicas.Count == 0 && d.Replicas.Min == 0 && d.Replicas.Max == 0 {
 		d.Replicas.Count = 1
+	}
+	if a := d.Autoscaling; a != nil {
+		if a.StableWindowSeconds == 0 {
+			a.StableWindowSeconds = 60
+		}
+		if a.PanicWindowSeconds == 0 {
+			a.PanicWindowSeconds = 6
+		}
+		if a.PanicThreshold == 0 {
+			a.PanicThreshold = 2.0 // 200 %
+		}
+		if a.MaxScaleUpRate == 0 {
+			a.MaxScaleUpRate = 2.0
+		}
+		if a.MaxScaleDownRate == 0 {
+			a.MaxScaleDownRate = 2.0
+		}
+		if a.ScaleDownDelaySeconds == 0 {
+			a.ScaleDownDelaySeconds = 300 // AIBrix's scale-down cooldown
+		}
+		if a.Tolerance == 0 {
+			a.Tolerance = 0.1
+		}
 	}
 }
 
@@ -280,14 +315,26 @@ func (d *Deployment) Validate() error {
 	}
 	if a := d.Autoscaling; a != nil {
 		switch a.Policy {
-		case "kpa", "apa", "hpa":
+		case "kpa", "apa":
 		default:
-			bad("autoscaling.policy", "unknown policy %q; one of kpa, apa, hpa", a.Policy)
+			bad("autoscaling.policy", "unknown policy %q; one of kpa, apa", a.Policy)
 		}
 		switch a.Metric {
-		case "kv_cache_usage_perc", "num_requests_waiting", "num_requests_running", "gpu_cache_usage_perc":
+		case "kv_cache_usage_perc", "num_requests_waiting", "num_requests_running", "gpu_cache_usage_perc", "generation_tokens_per_second":
 		default:
-			bad("autoscaling.metric", "unknown metric %q; one of kv_cache_usage_perc, num_requests_waiting, num_requests_running", a.Metric)
+			bad("autoscaling.metric", "unknown metric %q; one of kv_cache_usage_perc, num_requests_waiting, num_requests_running, generation_tokens_per_second", a.Metric)
+		}
+		if d.Replicas.Count > 0 {
+			bad("replicas.count", "is fixed; with autoscaling set replicas.min and replicas.max instead")
+		}
+		if a.PanicWindowSeconds > a.StableWindowSeconds || a.StableWindowSeconds < 0 || a.PanicWindowSeconds < 0 {
+			bad("autoscaling.panicWindowSeconds", "must be between 0 and stableWindowSeconds (%d)", a.StableWindowSeconds)
+		}
+		if a.PanicThreshold < 1 || a.MaxScaleUpRate < 1 || a.MaxScaleDownRate < 1 {
+			bad("autoscaling", "panicThreshold, maxScaleUpRate and maxScaleDownRate are ratios of at least 1")
+		}
+		if a.Tolerance < 0 || a.Tolerance >= 1 || a.ScaleDownDelaySeconds < 0 {
+			bad("autoscaling.tolerance", "must be in [0, 1); scaleDownDelaySeconds must not be negative")
 		}
 		if a.Target <= 0 {
 			bad("autoscaling.target", "must be greater than 0")
@@ -392,11 +439,15 @@ func (d *Deployment) Fields() []Field {
 	add("resources.rdma", d.Resources.RDMA, true)
 	add("replicas.count", d.Replicas.Count, true)
 	add("replicas.min", d.Replicas.Min, true)
-	add("replicas.max", d.Replicas.Max, false)
+	add("replicas.max", d.Replicas.Max, true)
 	if a := d.Autoscaling; a != nil {
-		add("autoscaling.policy", a.Policy, false)
-		add("autoscaling.metric", a.Metric, false)
-		add("autoscaling.target", a.Target, false)
+		add("autoscaling.policy", a.Policy, true)
+		add("autoscaling.metric", a.Metric, true)
+		add("autoscaling.target", a.Target, true)
+		add("autoscaling.stableWindowSeconds", a.StableWindowSeconds, true)
+		add("autoscaling.panicWindowSeconds", a.PanicWindowSeconds, true)
+		add("autoscaling.panicThreshold", a.PanicThreshold, true)
+		add("autoscaling.scaleDownDelaySeconds", a.ScaleDownDelaySeconds, true)
 	}
 	for k, v := range d.Labels {
 		add("labels."+k, v, false)

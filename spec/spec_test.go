@@ -33,9 +33,9 @@ func TestSeedSpec(t *testing.T) {
 			unimpl = append(unimpl, f.Path)
 		}
 	}
-	require.Contains(t, unimpl, "autoscaling.policy")
+	require.NotContains(t, unimpl, "autoscaling.policy", "the autoscaler acts on it")
 	require.Contains(t, unimpl, "model.source", "s3 download is not built yet and must say so")
-	require.Contains(t, unimpl, "replicas.max")
+	require.Equal(t, 300, d.Autoscaling.ScaleDownDelaySeconds)
 }
 
 func TestDefaults(t *testing.T) {
@@ -74,6 +74,8 @@ func TestInvalid(t *testing.T) {
 		{"max < min", "replicas: {min: 3, max: 1}\n", "replicas.max"},
 		{"kv target > 1", "autoscaling: {policy: kpa, metric: kv_cache_usage_perc, target: 50}\n", "autoscaling.target"},
 		{"bad policy", "autoscaling: {policy: magic, metric: kv_cache_usage_perc, target: 0.5}\n", "autoscaling.policy"},
+		{"count with autoscaling", "autoscaling: {policy: kpa, metric: kv_cache_usage_perc, target: 0.5}\n", "replicas.count"},
+		{"panic over stable", "replicas: {min: 1, max: 3}\nautoscaling: {policy: kpa, metric: num_requests_waiting, target: 4, stableWindowSeconds: 10, panicWindowSeconds: 20}\n", "panicWindowSeconds"},
 		{"wrong type", "resources: {nodes: two, gpusPerNode: 8}\n", "cannot unmarshal"},
 		{"containerd not yet", "engine: {kind: ray-vllm, runtime: containerd, tensorParallelSize: 8, pipelineParallelSize: 2}\n", "engine.runtime"},
 	}

@@ -61,7 +61,7 @@ func (s *apiServer) Apply(_ context.Context, req *coordv1.ApplyRequest) (*coordv
 func (s *apiServer) summary(rec *DeploymentRecord, groups []*Group) *coordv1.DeploymentSummary {
 	d := rec.Spec
 	sum := &coordv1.DeploymentSummary{Name: d.Name, Model: d.Engine.ServedModelName, Engine: d.Engine.Kind,
-		NodesPerReplica: int32(d.Resources.Nodes), DesiredReplicas: int32(d.DesiredReplicas()), CreatedUnix: rec.Created.Unix()}
+		NodesPerReplica: int32(d.Resources.Nodes), DesiredReplicas: int32(s.c.desiredReplicas(d)), CreatedUnix: rec.Created.Unix()}
 	views := s.c.heads.Views()
 	for _, g := range groups {
 		if g.Deployment == d.Name && views[g.ID].Routable && views[g.ID].Key.Epoch == g.Epoch {
@@ -101,6 +101,7 @@ func (s *apiServer) DescribeDeployment(_ context.Context, req *coordv1.DescribeD
 		resp.Fields = append(resp.Fields, &coordv1.Field{Path: f.Path, Value: f.Value, Implemented: f.Implemented})
 	}
 	resp.Replicas = s.replicas(rec.Name, groups)
+	resp.Autoscaler = s.c.autoscalerStatus(rec.Spec)
 	return resp, nil
 }
 
@@ -174,6 +175,7 @@ func (s *apiServer) replicas(dep string, groups []*Group) []*coordv1.ReplicaInfo
 			continue
 		}
 		ri := &coordv1.ReplicaInfo{GroupId: g.ID, Deployment: g.Deployment, Epoch: g.Epoch, State: "starting"}
+		draining := s.c.isDraining(g.ID)
 		missing := false
 		for _, m := range g.Members {
 			ri.Members = append(ri.Members, m.NodeID)
@@ -183,6 +185,8 @@ func (s *apiServer) replicas(dep string, groups []*Group) []*coordv1.ReplicaInfo
 		}
 		v, ok := views[g.ID]
 		switch {
+		case draining:
+			ri.State = "draining"
 		case missing:
 			ri.State = "degraded"
 		case ok && v.Key.Epoch == g.Epoch && v.Routable:

@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/prometheus/client_golang/prometheus"
 	"github.com/shoalhq/shoal/coordinator/router"
 	"github.com/shoalhq/shoal/gossip"
 	coordv1 "github.com/shoalhq/shoal/proto/coordinator/v1"
@@ -30,6 +31,8 @@ type Config struct {
 	DataDir       string
 	// ReconcileInterval bounds how long a change waits when no event arrives.
 	ReconcileInterval time.Duration
+	// AutoscaleInterval is how often autoscaled deployments are decided.
+	AutoscaleInterval time.Duration
 	Logger            *slog.Logger
 }
 
@@ -56,6 +59,9 @@ func (c *Config) Defaults() {
 	if c.ReconcileInterval == 0 {
 		c.ReconcileInterval = time.Second
 	}
+	if c.AutoscaleInterval == 0 {
+		c.AutoscaleInterval = 2 * time.Second
+	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
 	}
@@ -73,16 +79,43 @@ type Coordinator struct {
 	wake   chan struct{}
 
 	mu       sync.Mutex
-	inflight map[string]bool // guarded by mu; nodes with an Assign/Release under way
-	models   []string        // guarded by mu; served model names of all deployments
+	inflight map[string]bool         // guarded by mu; nodes with an Assign/Release under way
+	models   []string                // guarded by mu; served model names of all deployments
+	scalers  map[string]*scalerState // guarded by mu; per autoscaled deployment
+	demand   map[string]time.Time    // guarded by mu; served model → last request held for it
+	draining map[string]time.Time    // guarded by mu; group → drain start
+
+	reg        *prometheus.Registry
+	asDesired  *prometheus.GaugeVec
+	asCurrent  *prometheus.GaugeVec
+	asValue    *prometheus.GaugeVec
+	asPanic    *prometheus.GaugeVec
+	asRescales *prometheus.CounterVec
 }
 
 // New builds a coordinator. It starts nothing.
 func New(cfg Config) *Coordinator {
 	cfg.Defaults()
 	c := &Coordinator{cfg: cfg, log: cfg.Logger.With("component", "coordinator"), events: newEvents(),
-		table: router.NewTable(), wake: make(chan struct{}, 1), inflight: map[string]bool{}}
+		table: router.NewTable(), wake: make(chan struct{}, 1), inflight: map[string]bool{},
+		scalers: map[string]*scalerState{}, demand: map[string]time.Time{}, draining: map[string]time.Time{}}
 	c.heads = router.NewWatcher(c.log, c.rebuildTable)
+	c.reg = cfg.Router.Registry
+	if c.reg == nil {
+		c.reg = prometheus.NewRegistry()
+	}
+	g := func(name, help string) *prometheus.GaugeVec {
+		v := prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: name, Help: help}, []string{"deployment"})
+		c.reg.MustRegister(v)
+		return v
+	}
+	c.asDesired = g("shoal_autoscaler_desired_replicas", "Replicas the autoscaler wants.")
+	c.asCurrent = g("shoal_autoscaler_current_replicas", "Replica groups that exist (not draining).")
+	c.asValue = g("shoal_autoscaler_metric_value", "The scaling metric's per-replica value the last decision used.")
+	c.asPanic = g("shoal_autoscaler_panic_mode", "1 while the KPA autoscaler is in panic mode.")
+	c.asRescales = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "shoal_autoscaler_rescales_total",
+		Help: "Decisions that changed the replica count."}, []string{"deployment"})
+	c.reg.MustRegister(c.asRescales)
 	return c
 }
 
@@ -126,12 +159,16 @@ func (c *Coordinator) Run(ctx context.Context) error {
 			lis.Close()
 			return fmt.Errorf("router: %w", err)
 		}
-		httpSrv = &http.Server{Handler: router.New(c.table, c.cfg.Logger, c.cfg.Router).Handler(), ReadHeaderTimeout: 10 * time.Second}
+		rc := c.cfg.Router
+		rc.OnDemand = c.Demand
+		rc.Registry = c.reg // one /metrics for the router and the autoscaler
+		httpSrv = &http.Server{Handler: router.New(c.table, c.cfg.Logger, rc).Handler(), ReadHeaderTimeout: 10 * time.Second}
 		go func() { _ = httpSrv.Serve(rl) }()
 	}
 	var wg sync.WaitGroup
 	gctx, stopGossip := context.WithCancel(context.WithoutCancel(ctx))
-	wg.Add(2)
+	wg.Add(3)
+	go func() { defer wg.Done(); c.autoscaleLoop(ctx) }()
 	go func() { defer wg.Done(); _ = c.mem.Run(gctx) }()
 	go func() { defer wg.Done(); _ = srv.Serve(lis) }()
 	c.log.Info("coordinator running", "api", c.cfg.APIAddr, "router", c.cfg.RouterAddr, "gossip", c.mem.Addr())
@@ -188,6 +225,10 @@ func portOf(addr string) int {
 func (c *Coordinator) rebuildTable() {
 	c.mu.Lock()
 	models := c.models
+	draining := make(map[string]bool, len(c.draining))
+	for g := range c.draining {
+		draining[g] = true
+	}
 	c.mu.Unlock()
-	c.table.Set(c.heads.Snapshot(models))
+	c.table.Set(c.heads.Snapshot(models).Without(draining))
 }

@@ -54,8 +54,15 @@ func (c *Coordinator) reconcile(ctx context.Context) error {
 		perDep[g.Deployment] = append(perDep[g.Deployment], g)
 	}
 	for _, d := range deps {
-		have := perDep[d.Name]
-		want := d.Spec.DesiredReplicas()
+		var have []*Group
+		for _, g := range perDep[d.Name] {
+			if c.isDraining(g.ID) {
+				c.drain(g, "scaled in") // continues a drain; releases when idle
+				continue
+			}
+			have = append(have, g)
+		}
+		want := c.desiredReplicas(d.Spec)
 		for len(have) < want {
 			g := c.createGroup(d, nodes, used)
 			if g == nil {
@@ -73,7 +80,7 @@ func (c *Coordinator) reconcile(ctx context.Context) error {
 				return have[i].Created.After(have[j].Created)
 			})
 			for _, g := range have[:len(have)-want] {
-				c.deleteGroup(g, "scaled in")
+				c.drain(g, "scaled in")
 			}
 			have = have[len(have)-want:]
 		}

@@ -248,6 +248,9 @@ func describeCommand() *cli.Command {
 					fmt.Fprintf(tw, "  %s\t%s\t%s\n", f.Path, f.Value, note)
 				}
 				tw.Flush()
+				if d.Autoscaler != "" {
+					fmt.Fprintf(w, "\nAutoscaler: %s\n", d.Autoscaler)
+				}
 				fmt.Fprintln(w, "\nReplicas:")
 				if len(d.Replicas) == 0 {
 					fmt.Fprintln(w, "  (none)")

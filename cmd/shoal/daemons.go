@@ -107,7 +107,7 @@ func coordinatorCommand() *cli.Command {
 			&cli.StringFlag{Name: "api", Value: "127.0.0.1:7950", EnvVars: []string{"SHOAL_API_ADDR"}, Usage: "gRPC API address for the CLI"},
 			&cli.StringFlag{Name: "router", Value: "127.0.0.1:8080", EnvVars: []string{"SHOAL_ROUTER_ADDR"}, Usage: "OpenAI HTTP address (\"\" disables)"},
 			&cli.StringFlag{Name: "data-dir", Value: "/var/lib/shoal-coordinator", EnvVars: []string{"SHOAL_DATA_DIR"}},
-			apiKeysFlag, idleTimeoutFlag, totalTimeoutFlag,
+			apiKeysFlag, idleTimeoutFlag, totalTimeoutFlag, holdForFlag,
 		},
 		Action: func(c *cli.Context) error {
 			if c.NArg() > 0 {
@@ -131,11 +131,14 @@ var idleTimeoutFlag = &cli.DurationFlag{Name: "idle-timeout", Value: 10 * time.M
 var totalTimeoutFlag = &cli.DurationFlag{Name: "total-timeout", EnvVars: []string{"SHOAL_ROUTER_TOTAL_TIMEOUT"},
 	Usage: "bound a whole request (0: none, so long reasoning streams are never cut)"}
 
+var holdForFlag = &cli.DurationFlag{Name: "hold-for", Value: 30 * time.Second, EnvVars: []string{"SHOAL_ROUTER_HOLD_FOR"},
+	Usage: "hold a request for a model with no ready replica this long (scale from zero, restarts) before answering 503"}
+
 var apiKeysFlag = &cli.StringFlag{Name: "api-keys-file", EnvVars: []string{"SHOAL_API_KEYS_FILE"},
 	Usage: "YAML file of `KEY: [model, …]`; when set, OpenAI requests need `Authorization: Bearer KEY`"}
 
 func routerConfig(c *cli.Context) (router.Config, error) {
-	rc := router.Config{IdleTimeout: c.Duration("idle-timeout"), TotalTimeout: c.Duration("total-timeout")}
+	rc := router.Config{IdleTimeout: c.Duration("idle-timeout"), TotalTimeout: c.Duration("total-timeout"), HoldFor: c.Duration("hold-for")}
 	if rc.IdleTimeout < 0 || rc.TotalTimeout < 0 {
 		return rc, fmt.Errorf("--idle-timeout and --total-timeout must not be negative")
 	}
@@ -163,7 +166,7 @@ func routerCommand() *cli.Command {
 			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:8080", EnvVars: []string{"SHOAL_ROUTER_ADDR"}, Usage: "OpenAI HTTP address"},
 			&cli.StringSliceFlag{Name: "backend", EnvVars: []string{"SHOAL_ROUTER_BACKENDS"},
 				Usage: "static MODEL=HOST:PORT backend (repeatable), e.g. an existing vLLM server; no gossip needed"},
-			apiKeysFlag, idleTimeoutFlag, totalTimeoutFlag,
+			apiKeysFlag, idleTimeoutFlag, totalTimeoutFlag, holdForFlag,
 		},
 		Action: func(c *cli.Context) error {
 			rc, err := routerConfig(c)

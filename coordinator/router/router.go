@@ -47,6 +47,12 @@ type Config struct {
 	MaxBody int64
 	// Registry receives the router's metrics (nil: a private one).
 	Registry *prometheus.Registry
+	// HoldFor keeps a request for a model with no ready replica this long,
+	// waiting for one (scale from zero), before answering 503. At most
+	// MaxHeld requests wait at once; OnDemand is told of each held model.
+	HoldFor  time.Duration
+	MaxHeld  int
+	OnDemand func(model string)
 }
 
 func (c *Config) defaults() {
@@ -71,6 +77,9 @@ func (c *Config) defaults() {
 	if c.Registry == nil {
 		c.Registry = prometheus.NewRegistry()
 	}
+	if c.MaxHeld == 0 {
+		c.MaxHeld = 1000
+	}
 }
 
 // Router is the OpenAI-compatible HTTP front.
@@ -80,6 +89,7 @@ type Router struct {
 	log    *slog.Logger
 	client *http.Client
 	picker *picker
+	held   atomic.Int64
 
 	requests *prometheus.CounterVec
 	fallback *prometheus.CounterVec
@@ -295,6 +305,9 @@ func (r *Router) proxy(w http.ResponseWriter, req *http.Request) {
 		writeError(w, 404, "invalid_request_error", "model", "model_not_found", fmt.Sprintf("The model `%s` does not exist or you do not have access to it.", model))
 		return
 	}
+	if len(eps) == 0 && r.cfg.HoldFor > 0 {
+		eps = r.hold(req.Context(), model)
+	}
 	h := hint{model: model, session: req.Header.Get("x-session-id")}
 	if strategy == StrategyPrefixCache || strategy == StrategyPrefixAIBrix {
 		h.prefix = prefixHashes(promptText(body, r.cfg.PrefixBytes), r.cfg.PrefixBytes)
@@ -336,6 +349,37 @@ func (r *Router) proxy(w http.ResponseWriter, req *http.Request) {
 	r.requests.WithLabelValues(model, strategy, "503").Inc()
 	w.Header().Set("Retry-After", "5")
 	writeError(w, 503, "server_error", "", "no_ready_replica", fmt.Sprintf("No replica of `%s` is ready to serve; retry later (see `shoal get replicas`).", model))
+}
+
+// hold waits for a ready replica of model (the activator for scale from zero),
+// bounded in time and in how many requests may wait.
+func (r *Router) hold(ctx context.Context, model string) []*Endpoint {
+	if r.held.Add(1) > int64(r.cfg.MaxHeld) {
+		r.held.Add(-1)
+		return nil
+	}
+	defer r.held.Add(-1)
+	deadline := time.NewTimer(r.cfg.HoldFor)
+	defer deadline.Stop()
+	poke := time.NewTicker(time.Second)
+	defer poke.Stop()
+	for {
+		if r.cfg.OnDemand != nil {
+			r.cfg.OnDemand(model)
+		}
+		changed := r.table.Changed()
+		if eps, _ := r.table.Load().Endpoints(model); len(eps) > 0 {
+			return eps
+		}
+		select {
+		case <-changed:
+		case <-poke.C:
+		case <-deadline.C:
+			return nil
+		case <-ctx.Done():
+			return nil
+		}
+	}
 }
 
 // forward sends the request to ep and streams the answer back unbuffered. It

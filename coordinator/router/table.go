@@ -2,6 +2,7 @@ package router
 
 import (
 	"sort"
+	"sync"
 	"sync/atomic"
 )
 
@@ -51,6 +52,23 @@ func (s *Snapshot) Endpoints(model string) ([]*Endpoint, bool) {
 	return s.byModel[model], s.known[model]
 }
 
+// Without returns a copy of the snapshot without the given groups (draining
+// replicas get no new requests).
+func (s *Snapshot) Without(groups map[string]bool) *Snapshot {
+	if len(groups) == 0 {
+		return s
+	}
+	out := &Snapshot{byModel: map[string][]*Endpoint{}, known: s.known}
+	for m, l := range s.byModel {
+		for _, e := range l {
+			if !groups[e.Group] {
+				out.byModel[m] = append(out.byModel[m], e)
+			}
+		}
+	}
+	return out
+}
+
 // Ready lists the models with at least one endpoint, sorted.
 func (s *Snapshot) Ready() []string {
 	var out []string
@@ -64,17 +82,34 @@ func (s *Snapshot) Ready() []string {
 }
 
 // Table holds the current snapshot.
-type Table struct{ p atomic.Pointer[Snapshot] }
+type Table struct {
+	p       atomic.Pointer[Snapshot]
+	mu      sync.Mutex
+	changed chan struct{} // guarded by mu; closed and replaced on every Set
+}
 
 // NewTable returns an empty table.
 func NewTable() *Table {
-	t := &Table{}
+	t := &Table{changed: make(chan struct{})}
 	t.p.Store(NewSnapshot(nil, nil))
 	return t
 }
 
 // Set replaces the snapshot.
-func (t *Table) Set(s *Snapshot) { t.p.Store(s) }
+func (t *Table) Set(s *Snapshot) {
+	t.p.Store(s)
+	t.mu.Lock()
+	close(t.changed)
+	t.changed = make(chan struct{})
+	t.mu.Unlock()
+}
+
+// Changed is closed at the next Set (for requests held until a replica is ready).
+func (t *Table) Changed() <-chan struct{} {
+	t.mu.Lock()
+	defer t.mu.Unlock()
+	return t.changed
+}
 
 // Load returns the current snapshot.
 func (t *Table) Load() *Snapshot { return t.p.Load() }

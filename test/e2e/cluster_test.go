@@ -365,3 +365,5 @@ func assertEventually(f func() bool, d time.Duration) bool {
 	}
 	return false
 }
+
+func jsonUnmarshal(s string, v any) error { return json.Unmarshal([]byte(s), v) }

@@ -503,12 +503,14 @@ func (x *DescribeDeploymentRequest) GetName() string {
 }
 
 type DescribeDeploymentResponse struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Summary       *DeploymentSummary     `protobuf:"bytes,1,opt,name=summary,proto3" json:"summary,omitempty"`
-	SpecYaml      string                 `protobuf:"bytes,2,opt,name=spec_yaml,json=specYaml,proto3" json:"spec_yaml,omitempty"`
-	Fields        []*Field               `protobuf:"bytes,3,rep,name=fields,proto3" json:"fields,omitempty"`
-	Replicas      []*ReplicaInfo         `protobuf:"bytes,4,rep,name=replicas,proto3" json:"replicas,omitempty"`
-	Events        []string               `protobuf:"bytes,5,rep,name=events,proto3" json:"events,omitempty"`
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	Summary  *DeploymentSummary     `protobuf:"bytes,1,opt,name=summary,proto3" json:"summary,omitempty"`
+	SpecYaml string                 `protobuf:"bytes,2,opt,name=spec_yaml,json=specYaml,proto3" json:"spec_yaml,omitempty"`
+	Fields   []*Field               `protobuf:"bytes,3,rep,name=fields,proto3" json:"fields,omitempty"`
+	Replicas []*ReplicaInfo         `protobuf:"bytes,4,rep,name=replicas,proto3" json:"replicas,omitempty"`
+	Events   []string               `protobuf:"bytes,5,rep,name=events,proto3" json:"events,omitempty"`
+	// autoscaler is the autoscaler's state in words ("" without autoscaling).
+	Autoscaler    string `protobuf:"bytes,6,opt,name=autoscaler,proto3" json:"autoscaler,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -576,6 +578,13 @@ func (x *DescribeDeploymentResponse) GetEvents() []string {
 		return x.Events
 	}
 	return nil
+}
+
+func (x *DescribeDeploymentResponse) GetAutoscaler() string {
+	if x != nil {
+		return x.Autoscaler
+	}
+	return ""
 }
 
 type DeleteDeploymentRequest struct {
@@ -1122,13 +1131,16 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value\x12 \n" +
 	"\vimplemented\x18\x03 \x01(\bR\vimplemented\"/\n" +
 	"\x19DescribeDeploymentRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"\x88\x02\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\xa8\x02\n" +
 	"\x1aDescribeDeploymentResponse\x12A\n" +
 	"\asummary\x18\x01 \x01(\v2'.shoal.coordinator.v1.DeploymentSummaryR\asummary\x12\x1b\n" +
 	"\tspec_yaml\x18\x02 \x01(\tR\bspecYaml\x123\n" +
 	"\x06fields\x18\x03 \x03(\v2\x1b.shoal.coordinator.v1.FieldR\x06fields\x12=\n" +
 	"\breplicas\x18\x04 \x03(\v2!.shoal.coordinator.v1.ReplicaInfoR\breplicas\x12\x16\n" +
-	"\x06events\x18\x05 \x03(\tR\x06events\"-\n" +
+	"\x06events\x18\x05 \x03(\tR\x06events\x12\x1e\n" +
+	"\n" +
+	"autoscaler\x18\x06 \x01(\tR\n" +
+	"autoscaler\"-\n" +
 	"\x17DeleteDeploymentRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\x1a\n" +
 	"\x18DeleteDeploymentResponse\"\xdd\x02\n" +

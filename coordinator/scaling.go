@@ -1,0 +1,186 @@
+package coordinator
+
+import (
+	"context"
+	"fmt"
+	"time"
+
+	"github.com/shoalhq/shoal/coordinator/autoscale"
+	"github.com/shoalhq/shoal/coordinator/router"
+	"github.com/shoalhq/shoal/spec"
+)
+
+// drainTimeout bounds how long a scale-in waits for in-flight requests.
+const drainTimeout = 2 * time.Minute
+
+type scalerState struct {
+	specJSON string // the spec the scaler was built for; a new apply resets it
+	s        *autoscale.Scaler
+	last     autoscale.Decision
+	current  int
+}
+
+// autoscaleLoop feeds every autoscaled deployment's scaler about every 2 s.
+func (c *Coordinator) autoscaleLoop(ctx context.Context) {
+	t := time.NewTicker(c.cfg.AutoscaleInterval)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if err := c.autoscaleOnce(time.Now()); err != nil {
+			c.log.Warn("autoscale", "err", err)
+		}
+	}
+}
+
+// metricValue reads the spec's metric from a head's report.
+func metricValue(metric string, v router.ReplicaView) (float64, bool) {
+	m := v.Metrics
+	if m == nil || !m.MetricsValid {
+		return 0, false
+	}
+	switch metric {
+	case "kv_cache_usage_perc", "gpu_cache_usage_perc":
+		return m.KvCacheUsage, true
+	case "num_requests_waiting":
+		return m.NumRequestsWaiting, true
+	case "num_requests_running":
+		return m.NumRequestsRunning, true
+	case "generation_tokens_per_second":
+		return m.GenerationTokensPerSecond, true
+	}
+	return 0, false
+}
+
+func (c *Coordinator) autoscaleOnce(now time.Time) error {
+	deps, err := c.store.Deployments()
+	if err != nil {
+		return err
+	}
+	groups, err := c.store.Groups()
+	if err != nil {
+		return err
+	}
+	views := c.heads.Views()
+	for _, d := range deps {
+		a := d.Spec.Autoscaling
+		if a == nil {
+			continue
+		}
+		sj := string(d.Spec.JSON())
+		c.mu.Lock()
+		st := c.scalers[d.Name]
+		if st == nil || st.specJSON != sj {
+			st = &scalerState{specJSON: sj, s: autoscale.New(*a, d.Spec.Replicas.Min, d.Spec.Replicas.Max)}
+			c.scalers[d.Name] = st
+		}
+		demand := now.Sub(c.demand[d.Spec.Engine.ServedModelName]) < 30*time.Second
+		c.mu.Unlock()
+		o := autoscale.Observation{Demand: demand}
+		for _, g := range groups {
+			if g.Deployment != d.Name || c.isDraining(g.ID) {
+				continue
+			}
+			o.Current++
+			if v, ok := views[g.ID]; ok && v.Key.Epoch == g.Epoch {
+				if x, ok := metricValue(a.Metric, v); ok {
+					o.Values = append(o.Values, x)
+				}
+			}
+		}
+		dec := st.s.Step(now, o)
+		c.mu.Lock()
+		changed := dec.Desired != st.last.Desired || st.current != o.Current
+		st.last, st.current = dec, o.Current
+		c.mu.Unlock()
+		c.asDesired.WithLabelValues(d.Name).Set(float64(dec.Desired))
+		c.asCurrent.WithLabelValues(d.Name).Set(float64(o.Current))
+		c.asValue.WithLabelValues(d.Name).Set(dec.Value)
+		c.asPanic.WithLabelValues(d.Name).Set(map[bool]float64{true: 1}[dec.Mode == "panic"])
+		if dec.Desired != o.Current && changed {
+			c.asRescales.WithLabelValues(d.Name).Inc()
+			c.events.add(d.Name, "", "AlgorithmRun %s: currentReplicas: %d, desiredReplicas: %d, rescale: true (%s)",
+				a.Policy, o.Current, dec.Desired, dec.Reason)
+			c.poke()
+		}
+	}
+	return nil
+}
+
+// desiredReplicas is the count the reconciler keeps: the autoscaler's answer
+// for autoscaled deployments (min until it has decided), the spec's otherwise.
+func (c *Coordinator) desiredReplicas(d *spec.Deployment) int {
+	if d.Autoscaling == nil {
+		return d.DesiredReplicas()
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if st := c.scalers[d.Name]; st != nil {
+		return st.last.Desired // a scaler exists only once it has decided
+	}
+	return d.Replicas.Min
+}
+
+// autoscalerStatus is the text `shoal describe` shows.
+func (c *Coordinator) autoscalerStatus(d *spec.Deployment) string {
+	a := d.Autoscaling
+	if a == nil {
+		return ""
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	st := c.scalers[d.Name]
+	if st == nil {
+		return fmt.Sprintf("%s on %s, target %g per replica: no decision yet", a.Policy, a.Metric, a.Target)
+	}
+	cond := "AbleToScale=True"
+	if st.last.Desired > st.current {
+		cond += ", ScalingActive=True"
+	}
+	return fmt.Sprintf("%s on %s, target %g per replica: current %d, desired %d, value %.3g, mode %s (%s); %s",
+		a.Policy, a.Metric, a.Target, st.current, st.last.Desired, st.last.Value, st.last.Mode, st.last.Reason, cond)
+}
+
+// Demand records that a request waited for a model with no ready replica:
+// the router's activator calls it so that a deployment scaled to zero starts.
+func (c *Coordinator) Demand(model string) {
+	c.mu.Lock()
+	c.demand[model] = time.Now()
+	c.mu.Unlock()
+	c.poke()
+}
+
+func (c *Coordinator) isDraining(group string) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	_, ok := c.draining[group]
+	return ok
+}
+
+// drain takes a group out of routing and releases it once its head reports
+// nothing running or waiting (or after drainTimeout): no request is cut off.
+func (c *Coordinator) drain(g *Group, why string) {
+	c.mu.Lock()
+	start, ok := c.draining[g.ID]
+	if !ok {
+		c.draining[g.ID] = time.Now()
+		c.mu.Unlock()
+		c.events.add(g.Deployment, "", "draining replica %s: %s", g.ID, why)
+		c.rebuildTable()
+		return
+	}
+	c.mu.Unlock()
+	v, seen := c.heads.Views()[g.ID]
+	idle := seen && v.Metrics != nil && v.Metrics.MetricsValid && v.Metrics.NumRequestsRunning == 0 && v.Metrics.NumRequestsWaiting == 0 &&
+		v.Metrics.UnixMillis > start.Add(time.Second).UnixMilli()
+	if idle || !seen || time.Since(start) > drainTimeout {
+		c.deleteGroup(g, why+" (drained)")
+		c.mu.Lock()
+		delete(c.draining, g.ID)
+		c.mu.Unlock()
+		c.events.add(g.Deployment, "", "SuccessfulRescale: released replica %s after %v of draining", g.ID, time.Since(start).Round(100*time.Millisecond))
+	}
+}

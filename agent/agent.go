@@ -112,6 +112,11 @@ func (a *Agent) Run(ctx context.Context) error {
 
 	// Fingerprint first: the node joins with its real inventory.
 	hw, err := InspectHost(ctx, a.ins, a.scanner, a.cfg.Address, a.cfg.EngineEnv)
+	if err == nil {
+		if err := hw.own(a.cfg.GPUs); err != nil {
+			return fmt.Errorf("agent config: %w", err)
+		}
+	}
 	if err != nil {
 		a.log.Error("hardware inspection failed; advertising 0 GPUs", "err", err)
 		hw = &HostInventory{GPU: &gpu.Inventory{}, RDMASum: "none", NCCLEnv: rdma.NCCLEnv(nil, "", a.cfg.EngineEnv)}

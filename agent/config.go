@@ -40,6 +40,9 @@ type Config struct {
 	// StopEnginesOnExit stops engines when the agent exits. Until the agent
 	// re-adopts engines after a restart, leaving them running would orphan them.
 	StopEnginesOnExit bool `yaml:"stop_engines_on_exit"`
+	// GPUs are the indices of the host's GPUs this agent owns (empty: all);
+	// several agents can share a host, each with its own GPUs and address.
+	GPUs []int `yaml:"gpus"`
 	// InspectInterval re-reads the hardware (remapped rows, NVLinks, lost GPUs).
 	InspectInterval time.Duration `yaml:"inspect_interval"`
 

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"strings"
 	"time"
 
 	"github.com/shoalhq/shoal/gpu"
@@ -19,6 +20,9 @@ type HostInventory struct {
 	NCCLEnv   map[string]string `json:"nccl_env"`
 	Affinity  []rdma.Affinity   `json:"gpu_hca_affinity,omitempty"`
 	Preflight []rdma.Check      `json:"preflight"`
+	// Visible lists the owned GPUs' UUIDs (CUDA_VISIBLE_DEVICES) when the
+	// agent owns a subset of the host's GPUs; empty when it owns them all.
+	Visible string `json:"visible,omitempty"`
 	// Events are the critical GPU events seen since the agent started; they
 	// keep their GPU unhealthy until the agent restarts (after a GPU reset).
 	Events []gpu.Event `json:"gpu_events,omitempty"`
@@ -51,13 +55,38 @@ func InspectHost(ctx context.Context, ins gpu.Inspector, sc *rdma.Scanner, addre
 	return h, nil
 }
 
+// own keeps only the GPUs with the given indices (nil: all).
+func (h *HostInventory) own(indices []int) error {
+	if len(indices) == 0 {
+		return nil
+	}
+	var kept []gpu.Device
+	var uuids []string
+	for _, i := range indices {
+		if i < 0 || i >= len(h.GPU.Devices) {
+			return fmt.Errorf("gpus: index %d, but this host has %d GPU(s)", i, len(h.GPU.Devices))
+		}
+		d := h.GPU.Devices[i]
+		kept = append(kept, d)
+		uuids = append(uuids, d.UUID)
+	}
+	h.GPU.Devices = kept
+	h.Visible = strings.Join(uuids, ",")
+	return nil
+}
+
 // markEvents applies the sticky critical events to a fresh GPU inventory.
 func (h *HostInventory) markEvents() {
 	for _, ev := range h.Events {
-		if ev.Index < 0 || ev.Index >= len(h.GPU.Devices) {
-			continue
+		var d *gpu.Device
+		for i := range h.GPU.Devices {
+			if h.GPU.Devices[i].Index == ev.Index {
+				d = &h.GPU.Devices[i]
+			}
 		}
-		d := &h.GPU.Devices[ev.Index]
+		if d == nil {
+			continue // a GPU this agent does not own
+		}
 		d.Healthy = false
 		found := false
 		for _, r := range d.Reasons {
@@ -130,6 +159,9 @@ func (a *Agent) reinspect(ctx context.Context) {
 		case <-t.C:
 		}
 		hw, err := InspectHost(ctx, a.ins, a.scanner, a.cfg.Address, a.cfg.EngineEnv)
+		if err == nil {
+			err = hw.own(a.cfg.GPUs)
+		}
 		if err != nil {
 			a.log.Warn("periodic hardware check failed", "err", err)
 			continue

@@ -123,7 +123,7 @@ func (r *run) stop(grace time.Duration, rayBin string, env []string) {
 			r.log.Warn("engine process did not stop", "name", procs[i].Name(), "err", err)
 		}
 	}
-	if len(procs) > 0 {
+	if len(procs) > 0 && rayBin != "" {
 		cmd := exec.CommandContext(ctx, rayBin, "stop", "--force")
 		cmd.Args[0] = "ray"
 		cmd.Env = append(os.Environ(), env...)
@@ -137,14 +137,14 @@ func (r *run) stop(grace time.Duration, rayBin string, env []string) {
 // headSequence: ray head → wait for N×G GPUs → vllm serve → ready → metrics.
 func (a *Agent) headSequence(r *run) {
 	defer close(r.done)
-	if _, err := r.start(a.rt, r.plan.Ray, a.recordEngine); err != nil {
-		r.fail("start ray head: " + err.Error())
+	if _, err := r.start(a.rt, r.plan.Node, a.recordEngine); err != nil {
+		r.fail("start " + r.plan.Node.Name + ": " + err.Error())
 		return
 	}
 	r.setPhase(gossip.EngineRay)
 	deadline := time.Now().Add(r.spec.timeout)
 	lastLog := time.Time{}
-	for {
+	for r.plan.ExpectedGPUs > 0 {
 		st, err := a.rayStatus(r.ctx, r.plan)
 		if err == nil && st.TotalGPUs >= float64(r.plan.ExpectedGPUs) {
 			r.log.Info("ray cluster complete", "gpus", st.TotalGPUs, "nodes", st.ActiveNodes)
@@ -162,9 +162,11 @@ func (a *Agent) headSequence(r *run) {
 			return
 		}
 	}
-	if _, err := r.start(a.rt, *r.plan.Serve, a.recordEngine); err != nil {
-		r.fail("start vllm: " + err.Error())
-		return
+	if r.plan.Serve != nil {
+		if _, err := r.start(a.rt, *r.plan.Serve, a.recordEngine); err != nil {
+			r.fail("start vllm: " + err.Error())
+			return
+		}
 	}
 	r.setPhase(gossip.EngineLoading)
 	base := "http://" + r.plan.Endpoint
@@ -202,8 +204,8 @@ func (a *Agent) headSequence(r *run) {
 // workerSequence: ray worker, joined to the head; its exit fails the run.
 func (a *Agent) workerSequence(r *run) {
 	defer close(r.done)
-	if _, err := r.start(a.rt, r.plan.Ray, a.recordEngine); err != nil {
-		r.fail("start ray worker: " + err.Error())
+	if _, err := r.start(a.rt, r.plan.Node, a.recordEngine); err != nil {
+		r.fail("start " + r.plan.Node.Name + ": " + err.Error())
 		return
 	}
 	r.setPhase(gossip.EngineRay)

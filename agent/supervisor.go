@@ -3,10 +3,12 @@ package agent
 import (
 	"context"
 	"fmt"
+	"sort"
 	"time"
 
 	"github.com/shoalhq/shoal/engine"
 	"github.com/shoalhq/shoal/gossip"
+	"github.com/shoalhq/shoal/spec"
 )
 
 // tickInterval bounds how stale the loop's view of gossip and engines can be
@@ -257,10 +259,23 @@ func (a *Agent) retract() {
 func (a *Agent) startRun(as *Assignment, role engine.Role, head string, term uint64, v GroupView) {
 	headIP := v.Tags[head].IP()
 	a.mu.Lock()
-	env := a.hw.NCCLEnv // derived from RDMA, the agent's engine_env applied; the spec's env wins in the plan
+	env := map[string]string{} // derived from RDMA, the agent's engine_env applied; the spec's env wins in the plan
+	for k, v := range a.hw.NCCLEnv {
+		env[k] = v
+	}
+	if a.hw.Visible != "" {
+		env["CUDA_VISIBLE_DEVICES"] = a.hw.Visible // this agent owns a subset of the host's GPUs
+	}
 	a.mu.Unlock()
-	plan, err := engine.RayVLLM(engine.PlanInput{Spec: as.Spec, Role: role, NodeIP: a.cfg.Address, HeadIP: headIP,
-		BindHost: a.cfg.EngineHost, Env: env, Bin: engine.Binaries{Ray: a.cfg.RayBin, VLLM: a.cfg.VLLMBin}})
+	in := engine.PlanInput{Spec: as.Spec, Role: role, NodeIP: a.cfg.Address, HeadIP: headIP,
+		BindHost: a.cfg.EngineHost, Env: env, Bin: engine.Binaries{Ray: a.cfg.RayBin, VLLM: a.cfg.VLLMBin}}
+	var plan *engine.Plan
+	var err error
+	if as.Spec.Engine.Kind == spec.EngineCommand {
+		plan, err = engine.CommandPlan(in, runRank(as, head, a.cfg.NodeID))
+	} else {
+		plan, err = engine.RayVLLM(in)
+	}
 	if err != nil {
 		a.log.Error("cannot plan engine", "err", err)
 		a.mu.Lock()
@@ -286,6 +301,27 @@ func (a *Agent) startRun(as *Assignment, role engine.Role, head string, term uin
 	}
 }
 
+// runRank numbers the members for a rank-based program: the elected head is
+// rank 0 (the rendezvous lives there), the others follow in assignment order.
+func runRank(as *Assignment, head, self string) int {
+	if self == head {
+		return 0
+	}
+	members := append([]Member(nil), as.Members...)
+	sort.Slice(members, func(i, j int) bool { return members[i].Rank < members[j].Rank })
+	r := 1
+	for _, m := range members {
+		if m.NodeID == head {
+			continue
+		}
+		if m.NodeID == self {
+			return r
+		}
+		r++
+	}
+	return r
+}
+
 // stopRun stops the current run, if any, without marking a failure.
 func (a *Agent) stopRun(why string) {
 	a.mu.Lock()
@@ -298,7 +334,11 @@ func (a *Agent) stopRun(why string) {
 	}
 	r.log.Info("stopping engine", "reason", why)
 	a.replica.setServing(false, why)
-	r.stop(a.cfg.StopGrace, a.cfg.RayBin, r.plan.Ray.Env)
+	rayBin := ""
+	if r.plan.RayStop {
+		rayBin = a.cfg.RayBin
+	}
+	r.stop(a.cfg.StopGrace, rayBin, r.plan.Node.Env)
 	if err := a.saveState(); err != nil {
 		a.log.Error("persist state", "err", err)
 	}

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"sort"
 
+	"github.com/shoalhq/shoal/engine"
 	"github.com/shoalhq/shoal/gossip"
 	agentv1 "github.com/shoalhq/shoal/proto/agent/v1"
 
@@ -36,6 +37,11 @@ type apiServer struct {
 
 func (s *apiServer) Apply(_ context.Context, req *coordv1.ApplyRequest) (*coordv1.ApplyResponse, error) {
 	d, err := spec.Parse(req.SpecYaml)
+	if err == nil && d.Engine.Kind == spec.EngineCommand {
+		if terr := engine.ValidateTemplates(d); terr != nil {
+			err = fmt.Errorf("%w: %w", spec.ErrInvalid, terr)
+		}
+	}
 	if err != nil {
 		return nil, apiError(err)
 	}

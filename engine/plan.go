@@ -3,9 +3,11 @@ package engine
 import (
 	"fmt"
 	"net"
+	"path/filepath"
 	"sort"
 	"strconv"
 	"strings"
+	"text/template"
 
 	"github.com/shoalhq/shoal/spec"
 )
@@ -63,8 +65,11 @@ type PlanInput struct {
 // Plan is what one node runs for its role.
 type Plan struct {
 	Role Role
-	// Ray is `ray start … --block`, on every node.
-	Ray Command
+	// Node is the process every member runs: `ray start … --block` for
+	// ray-vllm, the user's program for command.
+	Node Command
+	// RayStop says whether `ray stop --force` cleans up after a stop.
+	RayStop bool
 	// Serve is `vllm serve …`, on the head only, after the GPU gate.
 	Serve *Command
 	// RayAddress is HEAD_IP:PORT.
@@ -102,13 +107,13 @@ func RayVLLM(in PlanInput) (*Plan, error) {
 	env["VLLM_HOST_IP"] = in.NodeIP
 	env["RAY_NODE_IP_ADDRESS"] = in.NodeIP
 	env["RAY_OVERRIDE_NODE_IP_ADDRESS"] = in.NodeIP
-	p := &Plan{Role: in.Role, RayAddress: rayAddr, ExpectedGPUs: s.Resources.Nodes * s.Resources.GPUsPerNode}
+	p := &Plan{Role: in.Role, RayAddress: rayAddr, ExpectedGPUs: s.Resources.Nodes * s.Resources.GPUsPerNode, RayStop: true}
 	switch in.Role {
 	case RoleHead:
 		if in.NodeIP != in.HeadIP {
 			return nil, fmt.Errorf("plan: head %s planned with head ip %s", in.NodeIP, in.HeadIP)
 		}
-		p.Ray = Command{Name: "ray", Path: in.Bin.Ray, Env: envList(env), Args: []string{
+		p.Node = Command{Name: "ray", Path: in.Bin.Ray, Env: envList(env), Args: []string{
 			"start", "--head", "--node-ip-address=" + in.NodeIP, "--port=" + strconv.Itoa(s.Engine.RayPort),
 			"--num-gpus=" + gpus, "--disable-usage-stats", "--block"}}
 		host := in.BindHost
@@ -129,7 +134,7 @@ func RayVLLM(in PlanInput) (*Plan, error) {
 		p.Serve = &Command{Name: "vllm", Path: in.Bin.VLLM, Env: envList(serveEnv), Args: args}
 		p.Endpoint = net.JoinHostPort(in.NodeIP, strconv.Itoa(s.Engine.Port))
 	case RoleWorker:
-		p.Ray = Command{Name: "ray", Path: in.Bin.Ray, Env: envList(env), Args: []string{
+		p.Node = Command{Name: "ray", Path: in.Bin.Ray, Env: envList(env), Args: []string{
 			"start", "--address=" + rayAddr, "--node-ip-address=" + in.NodeIP,
 			"--num-gpus=" + gpus, "--disable-usage-stats", "--block"}}
 	default:
@@ -206,4 +211,79 @@ func ParseRayStatus(out string) (RayStatus, error) {
 		return st, fmt.Errorf("ray status: no node or GPU lines in output")
 	}
 	return st, nil
+}
+
+// Vars are what a command engine's argv and env templates may use.
+type Vars struct {
+	Rank            int    // this node's rank; the head is 0
+	NNodes          int    // members in the group
+	GPUs            int    // GPUs per node
+	HeadAddr        string // the elected head's IP: the rendezvous address
+	NodeIP          string // this node's IP
+	Port            int    // the OpenAI port the head serves
+	MasterPort      int    // the rendezvous port on the head
+	Model           string // the model argument (local path or HF id)
+	ServedModelName string
+}
+
+// Command builds the plan of the command engine kind: every member runs the
+// user's program with its rank and the head's address filled in; the head's
+// program serves the OpenAI API on Port (readiness as for vLLM).
+func CommandPlan(in PlanInput, rank int) (*Plan, error) {
+	s := in.Spec
+	if s == nil {
+		return nil, fmt.Errorf("plan: no spec")
+	}
+	if net.ParseIP(in.NodeIP) == nil || net.ParseIP(in.HeadIP) == nil {
+		return nil, fmt.Errorf("plan: node ip %q / head ip %q must be IP addresses", in.NodeIP, in.HeadIP)
+	}
+	v := Vars{Rank: rank, NNodes: s.Resources.Nodes, GPUs: s.Resources.GPUsPerNode, HeadAddr: in.HeadIP, NodeIP: in.NodeIP,
+		Port: s.Engine.Port, MasterPort: s.Engine.MasterPort, Model: ModelArg(s), ServedModelName: s.Engine.ServedModelName}
+	argv := make([]string, 0, len(s.Engine.Command))
+	for i, a := range s.Engine.Command {
+		out, err := render(a, v)
+		if err != nil {
+			return nil, fmt.Errorf("engine.command[%d]: %w", i, err)
+		}
+		argv = append(argv, out)
+	}
+	if len(argv) == 0 || argv[0] == "" {
+		return nil, fmt.Errorf("engine.command: empty")
+	}
+	env := map[string]string{}
+	for k, val := range in.Env {
+		env[k] = val
+	}
+	for k, tmpl := range s.Engine.Env {
+		out, err := render(tmpl, v)
+		if err != nil {
+			return nil, fmt.Errorf("engine.env.%s: %w", k, err)
+		}
+		env[k] = out
+	}
+	p := &Plan{Role: in.Role, Node: Command{Name: "engine", Path: argv[0], Args: argv[1:], Env: envList(env)}}
+	if in.Role == RoleHead {
+		p.Endpoint = net.JoinHostPort(in.NodeIP, strconv.Itoa(s.Engine.Port))
+	}
+	p.Node.Name = filepath.Base(argv[0])
+	return p, nil
+}
+
+// render fills one template; an unknown variable is an error, not "<no value>".
+func render(tmpl string, v Vars) (string, error) {
+	t, err := template.New("").Option("missingkey=error").Parse(tmpl)
+	if err != nil {
+		return "", err
+	}
+	var b strings.Builder
+	if err := t.Execute(&b, v); err != nil {
+		return "", err
+	}
+	return b.String(), nil
+}
+
+// ValidateTemplates checks a command spec's templates without a node.
+func ValidateTemplates(s *spec.Deployment) error {
+	_, err := CommandPlan(PlanInput{Spec: s, Role: RoleHead, NodeIP: "10.0.0.1", HeadIP: "10.0.0.1"}, 0)
+	return err
 }

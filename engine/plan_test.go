@@ -35,10 +35,10 @@ func TestRayVLLMHead(t *testing.T) {
 		BindHost: "0.0.0.0", Bin: Binaries{Ray: "/usr/bin/ray", VLLM: "/usr/bin/vllm"}, Env: map[string]string{"GLOO_SOCKET_IFNAME": "eth0"}})
 	require.NoError(t, err)
 	require.Equal(t, []string{"ray", "start", "--head", "--node-ip-address=10.0.0.1", "--port=6379", "--num-gpus=8",
-		"--disable-usage-stats", "--block"}, p.Ray.Argv())
-	require.Equal(t, "/usr/bin/ray", p.Ray.Path)
+		"--disable-usage-stats", "--block"}, p.Node.Argv())
+	require.Equal(t, "/usr/bin/ray", p.Node.Path)
 	require.Equal(t, []string{"GLOO_SOCKET_IFNAME=eth0", "NCCL_SOCKET_IFNAME=eth0", "RAY_NODE_IP_ADDRESS=10.0.0.1",
-		"RAY_OVERRIDE_NODE_IP_ADDRESS=10.0.0.1", "VLLM_HOST_IP=10.0.0.1"}, p.Ray.Env)
+		"RAY_OVERRIDE_NODE_IP_ADDRESS=10.0.0.1", "VLLM_HOST_IP=10.0.0.1"}, p.Node.Env)
 	require.NotNil(t, p.Serve)
 	require.Equal(t, []string{"vllm", "serve", "/models/deepseek-r1", "--served-model-name", "deepseek-r1-671b",
 		"--host", "0.0.0.0", "--port", "8000", "--tensor-parallel-size", "8", "--pipeline-parallel-size", "2",
@@ -54,9 +54,9 @@ func TestRayVLLMWorker(t *testing.T) {
 		Bin: Binaries{Ray: "ray", VLLM: "vllm"}})
 	require.NoError(t, err)
 	require.Equal(t, []string{"ray", "start", "--address=10.0.0.1:6379", "--node-ip-address=10.0.0.2", "--num-gpus=8",
-		"--disable-usage-stats", "--block"}, p.Ray.Argv())
-	require.Contains(t, p.Ray.Env, "VLLM_HOST_IP=10.0.0.2")
-	require.Contains(t, p.Ray.Env, "RAY_NODE_IP_ADDRESS=10.0.0.2")
+		"--disable-usage-stats", "--block"}, p.Node.Argv())
+	require.Contains(t, p.Node.Env, "VLLM_HOST_IP=10.0.0.2")
+	require.Contains(t, p.Node.Env, "RAY_NODE_IP_ADDRESS=10.0.0.2")
 	require.Nil(t, p.Serve)
 }
 

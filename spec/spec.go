@@ -49,16 +49,22 @@ type Model struct {
 
 // Engine is how the engine is launched on the group's nodes.
 type Engine struct {
-	Kind                 string            `yaml:"kind" json:"kind"`
-	Runtime              string            `yaml:"runtime,omitempty" json:"runtime,omitempty"`
-	Image                string            `yaml:"image,omitempty" json:"image,omitempty"`
-	ServedModelName      string            `yaml:"servedModelName,omitempty" json:"servedModelName,omitempty"`
-	TensorParallelSize   int               `yaml:"tensorParallelSize,omitempty" json:"tensorParallelSize,omitempty"`
-	PipelineParallelSize int               `yaml:"pipelineParallelSize,omitempty" json:"pipelineParallelSize,omitempty"`
-	Port                 int               `yaml:"port,omitempty" json:"port,omitempty"`
-	RayPort              int               `yaml:"rayPort,omitempty" json:"rayPort,omitempty"`
-	Args                 []string          `yaml:"args,omitempty" json:"args,omitempty"`
-	Env                  map[string]string `yaml:"env,omitempty" json:"env,omitempty"`
+	Kind                 string `yaml:"kind" json:"kind"`
+	Runtime              string `yaml:"runtime,omitempty" json:"runtime,omitempty"`
+	Image                string `yaml:"image,omitempty" json:"image,omitempty"`
+	ServedModelName      string `yaml:"servedModelName,omitempty" json:"servedModelName,omitempty"`
+	TensorParallelSize   int    `yaml:"tensorParallelSize,omitempty" json:"tensorParallelSize,omitempty"`
+	PipelineParallelSize int    `yaml:"pipelineParallelSize,omitempty" json:"pipelineParallelSize,omitempty"`
+	Port                 int    `yaml:"port,omitempty" json:"port,omitempty"`
+	RayPort              int    `yaml:"rayPort,omitempty" json:"rayPort,omitempty"`
+	// MasterPort is the rendezvous port on the head (command kind: torch's MASTER_PORT).
+	MasterPort int `yaml:"masterPort,omitempty" json:"masterPort,omitempty"`
+	// Command is the program of the command kind, argv with Go templates
+	// ({{.Rank}}, {{.NNodes}}, {{.HeadAddr}}, {{.Port}}, {{.MasterPort}}, …);
+	// env values may use the same templates.
+	Command []string          `yaml:"command,omitempty" json:"command,omitempty"`
+	Args    []string          `yaml:"args,omitempty" json:"args,omitempty"`
+	Env     map[string]string `yaml:"env,omitempty" json:"env,omitempty"`
 	// StartupTimeoutSeconds bounds download + load before the group is restarted.
 	StartupTimeoutSeconds int `yaml:"startupTimeoutSeconds,omitempty" json:"startupTimeoutSeconds,omitempty"`
 }
@@ -178,6 +184,9 @@ func (d *Deployment) Default() {
 	if e.RayPort == 0 {
 		e.RayPort = 6379
 	}
+	if e.MasterPort == 0 {
+		e.MasterPort = 29500
+	}
 	if e.StartupTimeoutSeconds == 0 {
 		// AIBrix's DeepSeek-R1 sample tolerates about 28 minutes for download + load.
 		e.StartupTimeoutSeconds = 1800
@@ -241,8 +250,15 @@ func (d *Deployment) Validate() error {
 	e := d.Engine
 	switch e.Kind {
 	case EngineRayVLLM:
-	case EngineVLLM, EngineSGLang, EngineCommand:
-		bad("engine.kind", "%q is not implemented yet; use %q", e.Kind, EngineRayVLLM)
+		if len(e.Command) > 0 {
+			bad("engine.command", "is for kind %q; ray-vllm builds its own command lines", EngineCommand)
+		}
+	case EngineCommand:
+		if len(e.Command) == 0 {
+			bad("engine.command", "is required for kind command: the program and its arguments")
+		}
+	case EngineVLLM, EngineSGLang:
+		bad("engine.kind", "%q is not implemented yet; use %q or %q", e.Kind, EngineRayVLLM, EngineCommand)
 	default:
 		bad("engine.kind", "unknown engine %q; one of %s, %s, %s, %s", e.Kind, EngineRayVLLM, EngineVLLM, EngineSGLang, EngineCommand)
 	}
@@ -272,7 +288,7 @@ func (d *Deployment) Validate() error {
 	if e.PipelineParallelSize < 1 {
 		bad("engine.pipelineParallelSize", "must be at least 1, got %d", e.PipelineParallelSize)
 	}
-	if e.TensorParallelSize >= 1 && e.PipelineParallelSize >= 1 && r.Nodes >= 1 && r.GPUsPerNode >= 1 &&
+	if e.Kind != EngineCommand && e.TensorParallelSize >= 1 && e.PipelineParallelSize >= 1 && r.Nodes >= 1 && r.GPUsPerNode >= 1 &&
 		e.TensorParallelSize*e.PipelineParallelSize != r.Nodes*r.GPUsPerNode {
 		bad("engine.tensorParallelSize", "tensorParallelSize × pipelineParallelSize (%d × %d) must equal resources.nodes × resources.gpusPerNode (%d × %d)",
 			e.TensorParallelSize, e.PipelineParallelSize, r.Nodes, r.GPUsPerNode)
@@ -284,6 +300,7 @@ func (d *Deployment) Validate() error {
 	}
 	checkPort("engine.port", e.Port)
 	checkPort("engine.rayPort", e.RayPort)
+	checkPort("engine.masterPort", e.MasterPort)
 	if e.Port == e.RayPort {
 		bad("engine.port", "must differ from engine.rayPort (%d)", e.RayPort)
 	}
@@ -421,7 +438,9 @@ func (d *Deployment) Fields() []Field {
 	add("engine.tensorParallelSize", d.Engine.TensorParallelSize, true)
 	add("engine.pipelineParallelSize", d.Engine.PipelineParallelSize, true)
 	add("engine.port", d.Engine.Port, true)
-	add("engine.rayPort", d.Engine.RayPort, true)
+	add("engine.rayPort", d.Engine.RayPort, d.Engine.Kind == EngineRayVLLM)
+	add("engine.masterPort", d.Engine.MasterPort, d.Engine.Kind == EngineCommand)
+	add("engine.command", strings.Join(d.Engine.Command, " "), true)
 	add("engine.args", strings.Join(d.Engine.Args, " "), true)
 	keys := make([]string, 0, len(d.Engine.Env))
 	for k := range d.Engine.Env {

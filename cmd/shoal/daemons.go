@@ -29,6 +29,7 @@ func agentCommand() *cli.Command {
 			&cli.StringFlag{Name: "gossip-profile", EnvVars: []string{"SHOAL_GOSSIP_PROFILE"}, Usage: "lan (default), local or fast"},
 			&cli.StringFlag{Name: "state-dir", EnvVars: []string{"SHOAL_STATE_DIR"}},
 			&cli.StringFlag{Name: "gpu-backend", EnvVars: []string{"SHOAL_GPU_BACKEND"}, Usage: "nvml (default), none, or mock:h200x8"},
+			&cli.IntSliceFlag{Name: "gpus", EnvVars: []string{"SHOAL_GPUS"}, Usage: "indices of the host's GPUs this agent owns (default: all)"},
 			&cli.StringFlag{Name: "ray-bin", EnvVars: []string{"SHOAL_RAY_BIN"}},
 			&cli.StringFlag{Name: "vllm-bin", EnvVars: []string{"SHOAL_VLLM_BIN"}},
 			&cli.StringFlag{Name: "engine-host", EnvVars: []string{"SHOAL_ENGINE_HOST"}, Usage: "address vLLM binds (default: --address)"},
@@ -67,6 +68,9 @@ func agentCommand() *cli.Command {
 			setStr(&cfg.GossipProfile, "gossip-profile")
 			setStr(&cfg.StateDir, "state-dir")
 			setStr(&cfg.GPUBackend, "gpu-backend")
+			if c.IsSet("gpus") {
+				cfg.GPUs = c.IntSlice("gpus")
+			}
 			setStr(&cfg.RayBin, "ray-bin")
 			setStr(&cfg.VLLMBin, "vllm-bin")
 			setStr(&cfg.EngineHost, "engine-host")

@@ -12,6 +12,7 @@ for i in $(seq 0 7); do
   hca="$sw/0000:c$i:00.0"; gpu="$sw/0000:d$i:00.0"
   mkdir -p "$s/$hca/net/ibp${i}s0" "$s/$gpu" "$s/bus/pci/devices" "$s/class/infiniband" "$s/class/infiniband_verbs/uverbs$i" ib8/dev/infiniband
   printf 'DRIVER=mlx5_core\nPCI_SLOT_NAME=0000:c%d:00.0\n' "$i" >"$s/$hca/uevent"
+  echo up >"$s/$hca/net/ibp${i}s0/operstate"; printf '00:00:10:87:fe:80:00:00:00:00:00:00:b8:ce:f6:03:00:a1:b2:c%d\n' "$i" >"$s/$hca/net/ibp${i}s0/address"
   echo $((i / 4)) >"$s/$hca/numa_node"; echo $((i / 4)) >"$s/$gpu/numa_node"
   ln -s "../../../$hca" "$s/bus/pci/devices/0000:c$i:00.0"
   ln -s "../../../$gpu" "$s/bus/pci/devices/0000:d$i:00.0"
@@ -30,6 +31,7 @@ for i in 0 1; do
   dev="devices/pci0000:30/0000:30:02.0/0000:3$((i + 1)):00.0"
   mkdir -p "$s/$dev/net/ens${i}f0" "$s/class/infiniband_verbs/uverbs$i"
   printf 'DRIVER=mlx5_core\nPCI_SLOT_NAME=0000:3%d:00.0\n' $((i + 1)) >"$s/$dev/uevent"; echo 0 >"$s/$dev/numa_node"
+  echo up >"$s/$dev/net/ens${i}f0/operstate"; echo "0c:42:a1:f1:2a:3$i" >"$s/$dev/net/ens${i}f0/address"
   ln -s "../../../$dev" "$s/bus/pci/devices/0000:3$((i + 1)):00.0"
   d="$s/class/infiniband/mlx5_$i"; mkdir -p "$d/ports/1/gids" "$d/ports/1/gid_attrs/types" "$d/ports/1/gid_attrs/ndevs"
   ln -s "../../../$dev" "$d/device"
@@ -45,6 +47,7 @@ for i in 0 1; do
   for g in 0 1 2 3; do echo "ens${i}f0" >"$d/ports/1/gid_attrs/ndevs/$g"; done
   echo "mlx5_$i" >"$s/class/infiniband_verbs/uverbs$i/ibdev"; : >"roce2/dev/infiniband/uverbs$i"
 done
+# git keeps no empty directory: every one holds a file, as in real sysfs.
 # none: a host without RDMA.
 mkdir -p none/sys/class/net/eth0 none/dev
 : >none/sys/class/net/eth0/.keep; : >none/dev/.keep

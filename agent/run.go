@@ -141,7 +141,7 @@ func (a *Agent) headSequence(r *run) {
 		r.fail("start " + r.plan.Node.Name + ": " + err.Error())
 		return
 	}
-	r.setPhase(gossip.EngineRay)
+	r.setPhase(gossip.EngineRunning)
 	deadline := time.Now().Add(r.spec.timeout)
 	lastLog := time.Time{}
 	for r.plan.ExpectedGPUs > 0 {
@@ -208,7 +208,7 @@ func (a *Agent) workerSequence(r *run) {
 		r.fail("start " + r.plan.Node.Name + ": " + err.Error())
 		return
 	}
-	r.setPhase(gossip.EngineRay)
+	r.setPhase(gossip.EngineRunning)
 	<-r.ctx.Done()
 }
 

@@ -203,7 +203,7 @@ func (a *Agent) reconcileMember(as *Assignment, v GroupView, d Decision) {
 		a.mu.Lock()
 		failedHere := a.failedTerm == fterm
 		a.mu.Unlock()
-		up := head.Engine == gossip.EngineRay || head.Engine == gossip.EngineLoading || head.Engine == gossip.EngineReady
+		up := head.Engine == gossip.EngineRunning || head.Engine == gossip.EngineLoading || head.Engine == gossip.EngineReady
 		if up && !failedHere {
 			a.startRun(as, engine.RoleWorker, head.ID, fterm, v)
 		}
@@ -290,7 +290,7 @@ func (a *Agent) startRun(as *Assignment, role engine.Role, head string, term uin
 		ctx: ctx, cancel: cancel, done: make(chan struct{})}
 	a.mu.Lock()
 	a.run = r
-	a.es = gossip.EngineRay
+	a.es = gossip.EngineRunning
 	a.mu.Unlock()
 	r.log.Info("starting engine")
 	if role == engine.RoleHead {

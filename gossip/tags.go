@@ -24,7 +24,7 @@ const (
 const (
 	EngineIdle    = ""
 	EngineWaiting = "waiting" // head: claimed, waiting for all members to follow
-	EngineRay     = "ray"     // ray running (head: workers may join)
+	EngineRunning = "running" // the node process runs (head: workers may join)
 	EngineLoading = "loading" // head: vllm serve started, not ready yet
 	EngineReady   = "ready"   // head: /health, /v1/models and the canary passed
 	EngineFailed  = "failed"

@@ -43,6 +43,10 @@ type Config struct {
 	// GPUs are the indices of the host's GPUs this agent owns (empty: all);
 	// several agents can share a host, each with its own GPUs and address.
 	GPUs []int `yaml:"gpus"`
+	// HangTimeout fails a replica whose engine has requests running but
+	// produces no token for this long (vllm#53157: everything answers, nothing
+	// generates).
+	HangTimeout time.Duration `yaml:"hang_timeout"`
 	// InspectInterval re-reads the hardware (remapped rows, NVLinks, lost GPUs).
 	InspectInterval time.Duration `yaml:"inspect_interval"`
 
@@ -80,6 +84,9 @@ func (c *Config) Defaults() {
 	}
 	if c.RestartBackoff == 0 {
 		c.RestartBackoff = 5 * time.Second
+	}
+	if c.HangTimeout == 0 {
+		c.HangTimeout = 60 * time.Second
 	}
 	if c.InspectInterval == 0 {
 		c.InspectInterval = 30 * time.Second

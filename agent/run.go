@@ -51,10 +51,12 @@ type run struct {
 type specRef struct {
 	served  string
 	timeout time.Duration
+	hang    time.Duration
 }
 
 type metricsState struct {
 	last     engine.Metrics
+	progress time.Time // last time tokens were generated, or nothing was running
 	lastAt   time.Time
 	tokPerS  float64
 	ttftAvg  float64
@@ -187,6 +189,10 @@ func (a *Agent) headSequence(r *run) {
 	r.setPhase(gossip.EngineReady)
 	bad := 0
 	for sleepCtx(r.ctx, time.Second) {
+		if stuck := r.stalled(); stuck > 0 {
+			r.fail(fmt.Sprintf("engine hung: %v with requests running and no token generated", stuck.Round(time.Second)))
+			return
+		}
 		if err := r.scrape(base); err != nil {
 			bad++
 			r.log.Warn("engine check failed", "err", err, "consecutive", bad)
@@ -361,8 +367,26 @@ func (r *run) scrape(base string) error {
 			ms.hitRate = (m.PrefixHits - ms.last.PrefixHits) / dq
 		}
 	}
+	if !ms.have || m.Running+m.Waiting == 0 || m.GenerationTokens > ms.last.GenerationTokens {
+		ms.progress = now
+	}
 	ms.last, ms.lastAt, ms.have, ms.healthOK = m, now, true, true
 	return nil
+}
+
+// stalled is how long the engine has had requests running or waiting without
+// generating a token, once that exceeds the hang timeout (else 0).
+func (r *run) stalled() time.Duration {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	ms := r.metrics
+	if r.spec.hang <= 0 || !ms.have || ms.progress.IsZero() {
+		return 0
+	}
+	if d := time.Since(ms.progress); d > r.spec.hang {
+		return d
+	}
+	return 0
 }
 
 func sleepCtx(ctx context.Context, d time.Duration) bool {

@@ -86,6 +86,9 @@ func (c *Coordinator) autoscaleOnce(now time.Time) error {
 			}
 			o.Current++
 			if v, ok := views[g.ID]; ok && v.Key.Epoch == g.Epoch {
+				if v.Routable {
+					o.Ready++
+				}
 				if x, ok := metricValue(a.Metric, v); ok {
 					o.Values = append(o.Values, x)
 				}

@@ -17,6 +17,9 @@ import (
 type Observation struct {
 	// Current is how many replica groups exist (ready or forming).
 	Current int
+	// Ready is how many of them serve. A replica still forming carries no
+	// load: it must not be credited with the others' average.
+	Ready int
 	// Values holds the metric of each replica whose head reported one.
 	// Replicas without metrics are left out, never counted as 0.
 	Values []float64
@@ -86,9 +89,9 @@ func (s *Scaler) Step(now time.Time, o Observation) Decision {
 		for _, v := range o.Values {
 			sum += v
 		}
-		// A replica without metrics carries the average of those with them.
-		total := sum / float64(len(o.Values)) * float64(max(o.Current, len(o.Values)))
-		s.samples = append(s.samples, sample{now, total, len(o.Values)})
+		// The total is what the heads report. A ready head without metrics
+		// adds nothing here, and it blocks scale-down below (not counted as 0).
+		s.samples = append(s.samples, sample{now, sum, len(o.Values)})
 	}
 	keep := s.samples[:0]
 	for _, x := range s.samples {
@@ -153,6 +156,10 @@ func (s *Scaler) Step(now time.Time, o Observation) Decision {
 		d.Desired = down
 	}
 	d.Desired = clamp(d.Desired)
+	if len(o.Values) < o.Ready && d.Desired < o.Current {
+		d.Desired = o.Current
+		d.Reason += fmt.Sprintf("; no scale-down while %d ready head(s) report no metrics", o.Ready-len(o.Values))
+	}
 	// Scale-down delay: go down only to the highest recommendation of the delay window.
 	s.recs = append(s.recs, rec{now, d.Desired})
 	keepR := s.recs[:0]

@@ -47,7 +47,7 @@ func TestSteadyLoadNoChange(t *testing.T) {
 	// 2 replicas each carrying exactly the target for 10 minutes.
 	at := t0
 	for i := 0; i < 300; i++ {
-		d := s.Step(at, Observation{Current: 2, Values: vals(2, 10)})
+		d := s.Step(at, Observation{Current: 2, Ready: 2, Values: vals(2, 10)})
 		require.Equal(t, 2, d.Desired, "tick %d: %s", i, d.Reason)
 		at = at.Add(2 * time.Second)
 	}
@@ -55,35 +55,44 @@ func TestSteadyLoadNoChange(t *testing.T) {
 
 func TestBurstPanicsUpWithinOneTick(t *testing.T) {
 	s := kpa(t, 10, 1, 8)
-	_, at := run(s, t0, time.Minute, Observation{Current: 2, Values: vals(2, 10)})
+	_, at := run(s, t0, time.Minute, Observation{Current: 2, Ready: 2, Values: vals(2, 10)})
 	// Load doubles and more: 2 replicas at 25 each = 50 → 5 replicas wanted.
-	d := s.Step(at, Observation{Current: 2, Values: vals(2, 25)})
+	d := s.Step(at, Observation{Current: 2, Ready: 2, Values: vals(2, 25)})
 	require.Equal(t, "panic", d.Mode, d.Reason)
 	require.Equal(t, 4, d.Desired, "×2 per step: %s", d.Reason)
-	d = s.Step(at.Add(2*time.Second), Observation{Current: 4, Values: vals(4, 12.5)})
+	d = s.Step(at.Add(2*time.Second), Observation{Current: 4, Ready: 4, Values: vals(4, 12.5)})
 	require.Equal(t, 5, d.Desired, d.Reason)
 	// In panic it never scales down, even when the load falls away.
-	d = s.Step(at.Add(4*time.Second), Observation{Current: 5, Values: vals(5, 0)})
+	d = s.Step(at.Add(4*time.Second), Observation{Current: 5, Ready: 5, Values: vals(5, 0)})
 	require.GreaterOrEqual(t, d.Desired, 5, d.Reason)
 }
 
 func TestDropScalesDownOnlyAfterDelay(t *testing.T) {
 	s := kpa(t, 10, 1, 8)
-	_, at := run(s, t0, 2*time.Minute, Observation{Current: 4, Values: vals(4, 10)})
+	_, at := run(s, t0, 2*time.Minute, Observation{Current: 4, Ready: 4, Values: vals(4, 10)})
 	// Load drops to a quarter: 1 replica is enough, but not for 300 s.
-	d, at2 := run(s, at, 4*time.Minute, Observation{Current: 4, Values: vals(4, 2.5)})
+	d, at2 := run(s, at, 4*time.Minute, Observation{Current: 4, Ready: 4, Values: vals(4, 2.5)})
 	require.Equal(t, 4, d.Desired, "held by the delay: %s", d.Reason)
 	// The delay runs from the last higher recommendation (made while the 60 s
 	// window still held the old load), so about 6 minutes after the drop:
-	d, _ = run(s, at2, 150*time.Second, Observation{Current: 4, Values: vals(4, 2.5)})
+	d, _ = run(s, at2, 150*time.Second, Observation{Current: 4, Ready: 4, Values: vals(4, 2.5)})
 	require.Equal(t, 2, d.Desired, "÷2 per step after the delay: %s", d.Reason)
 }
 
 func TestMissingMetricsAreNotZero(t *testing.T) {
 	s := kpa(t, 10, 1, 8)
-	// 4 replicas, only 2 report (20 each): the total is 80, not 40.
-	d, _ := run(s, t0, time.Minute, Observation{Current: 4, Values: vals(2, 20)})
-	require.Equal(t, 8, d.Desired, d.Reason)
+	// 4 ready replicas, only 2 report, little load: no scale-down on partial data.
+	d, _ := run(s, t0, 10*time.Minute, Observation{Current: 4, Ready: 4, Values: vals(2, 2)})
+	require.Equal(t, 4, d.Desired, d.Reason)
+	require.Contains(t, d.Reason, "report no metrics")
+	// With every head reporting, the same load scales down (after the delay).
+	d, _ = run(s, t0.Add(10*time.Minute), 10*time.Minute, Observation{Current: 4, Ready: 4, Values: vals(4, 1)})
+	require.Less(t, d.Desired, 4, d.Reason)
+	// A replica just ready, not yet scraped, is not credited with the other's
+	// load: 12 running against 8 per replica wants 2, not 3.
+	s = kpa(t, 8, 1, 8)
+	d, _ = run(s, t0, time.Minute, Observation{Current: 2, Ready: 2, Values: []float64{12}})
+	require.Equal(t, 2, d.Desired, d.Reason)
 	s = kpa(t, 10, 1, 8)
 	d = s.Step(t0, Observation{Current: 3})
 	require.Equal(t, 3, d.Desired, "no metrics: keep")
@@ -102,9 +111,9 @@ autoscaling: {policy: kpa, metric: kv_cache_usage_perc, target: 0.5}
 `))
 	require.NoError(t, err)
 	s := New(*d.Autoscaling, d.Replicas.Min, d.Replicas.Max)
-	dec, _ := run(s, t0, 70*time.Second, Observation{Current: 1, Values: []float64{0.8}})
+	dec, _ := run(s, t0, 70*time.Second, Observation{Current: 1, Ready: 1, Values: []float64{0.8}})
 	require.Equal(t, 2, dec.Desired, dec.Reason)
-	dec, _ = run(s, t0.Add(2*time.Minute), 70*time.Second, Observation{Current: 2, Values: []float64{0.9, 0.95}})
+	dec, _ = run(s, t0.Add(2*time.Minute), 70*time.Second, Observation{Current: 2, Ready: 2, Values: []float64{0.9, 0.95}})
 	require.Equal(t, 4, dec.Desired, "bounded by max: %s", dec.Reason)
 }
 
@@ -115,7 +124,7 @@ func TestBoundsAndScaleFromZero(t *testing.T) {
 	d = s.Step(t0, Observation{Current: 0, Demand: true})
 	require.Equal(t, 1, d.Desired)
 	require.Equal(t, "activate", d.Mode)
-	d, _ = run(s, t0, time.Minute, Observation{Current: 2, Values: vals(2, 100)})
+	d, _ = run(s, t0, time.Minute, Observation{Current: 2, Ready: 2, Values: vals(2, 100)})
 	require.Equal(t, 3, d.Desired, "max bound")
 	s = kpa(t, 10, 2, 3)
 	d = s.Step(t0, Observation{Current: 0})
@@ -125,11 +134,11 @@ func TestBoundsAndScaleFromZero(t *testing.T) {
 func TestAPABand(t *testing.T) {
 	s := kpa(t, 10, 1, 8)
 	s.cfg.Policy = "apa"
-	d, _ := run(s, t0, time.Minute, Observation{Current: 2, Values: vals(2, 10.5)})
+	d, _ := run(s, t0, time.Minute, Observation{Current: 2, Ready: 2, Values: vals(2, 10.5)})
 	require.Equal(t, 2, d.Desired, "within ±10 %%: %s", d.Reason)
 	s = kpa(t, 10, 1, 8)
 	s.cfg.Policy = "apa"
-	d, _ = run(s, t0, time.Minute, Observation{Current: 2, Values: vals(2, 15)})
+	d, _ = run(s, t0, time.Minute, Observation{Current: 2, Ready: 2, Values: vals(2, 15)})
 	require.Equal(t, 3, d.Desired, d.Reason)
 	require.Equal(t, "band", d.Mode)
 }

@@ -303,7 +303,8 @@ func (e *Engine) step() {
 	d = time.Duration(float64(d) * slow)
 	e.clock.Sleep(d)
 	if stalled {
-		return // the #53157 hang: steps run, nothing comes out
+		e.m.setQueues(e) // the scheduler still reports its queues
+		return           // the #53157 hang: steps run, nothing comes out
 	}
 	now := time.Now()
 	e.mu.Lock()

@@ -145,7 +145,8 @@ func (c *Cluster) StartAgent(i int) error {
 	cmd, err := c.spawn(id, env, "agent", "--node-id", id, "--address", c.AgentIP(i),
 		"--join", net.JoinHostPort(c.cfg.CoordIP, strconv.Itoa(c.cfg.GossipPort)), "--state-dir", filepath.Join(c.cfg.Dir, id),
 		"--gpu-backend", "mock:h200x8", "--ray-bin", filepath.Join(c.cfg.Dir, "bin", "ray"), "--vllm-bin", filepath.Join(c.cfg.Dir, "bin", "vllm"),
-		"--gossip-profile", c.cfg.Profile, "--stop-grace", "2s", "--restart-backoff", "500ms", "--stop-engines-on-exit")
+		"--gossip-profile", c.cfg.Profile, "--stop-grace", "2s", "--restart-backoff", "500ms", "--stop-engines-on-exit",
+		"--hang-timeout", "4s")
 	if err != nil {
 		return err
 	}

@@ -135,3 +135,54 @@ func TestAutoscaling(t *testing.T) {
 	require.NoError(t, err)
 	require.Contains(t, out, "SuccessfulRescale: released replica")
 }
+
+// TestAutoscalingSteadyNoReversals: 12 steady streams against a target of 8
+// running per replica want 2 replicas; over 10 stable windows (6 s each, as
+// 10 minutes are at the default 60 s window) the count never changes again.
+func TestAutoscalingSteadyNoReversals(t *testing.T) {
+	if testing.Short() {
+		t.Skip("a minute of steady load")
+	}
+	e := startCluster(t, 15, 3)
+	f := filepath.Join(e.dir, "auto.yaml")
+	require.NoError(t, os.WriteFile(f, []byte(autoSpec), 0o644))
+	require.Eventually(t, func() bool { _, err := e.shoal("apply", "-f", f); return err == nil }, 20*time.Second, 200*time.Millisecond)
+	require.Eventually(t, func() bool { return e.count("auto", "ready") == 1 }, 60*time.Second, 200*time.Millisecond)
+	hc := &http.Client{Timeout: 60 * time.Second}
+	ctx, stop := context.WithCancel(context.Background())
+	var wg sync.WaitGroup
+	var failed atomic.Int64
+	for i := 0; i < 12; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for ctx.Err() == nil {
+				r, err := hc.Post("http://"+e.router+"/v1/completions", "application/json",
+					strings.NewReader(`{"model":"auto","prompt":"steady","max_tokens":80,"ignore_eos":true}`))
+				if err != nil || r.StatusCode != 200 {
+					failed.Add(1)
+				}
+				if r != nil {
+					r.Body.Close()
+				}
+			}
+		}()
+	}
+	require.Eventually(t, func() bool { return e.count("auto", "ready") == 2 }, 60*time.Second, 200*time.Millisecond)
+	time.Sleep(8 * time.Second) // let the windows fill at the new size
+	before, _ := e.shoal("describe", "deployment", "auto")
+	runs := strings.Count(before, "AlgorithmRun")
+	for i := 0; i < 60; i++ {
+		if n := e.count("auto", ""); n != 2 {
+			out, _ := e.shoal("describe", "deployment", "auto")
+			t.Fatalf("steady load changed the replica count to %d (second %d):\n%s", n, i, out)
+		}
+		time.Sleep(time.Second)
+	}
+	after, _ := e.shoal("describe", "deployment", "auto")
+	stop()
+	wg.Wait()
+	require.Equal(t, runs, strings.Count(after, "AlgorithmRun"), "no rescale decision during the steady minute:\n%s", after)
+	require.Zero(t, failed.Load())
+	t.Logf("AUTOSCALE: 60 s (10 stable windows) of steady load at 12 streams: 2 replicas throughout, no rescale, 0 failed requests")
+}

@@ -3,30 +3,15 @@ package router
 import (
 	"container/list"
 	"encoding/binary"
-	"hash/fnv"
+
+	"github.com/shoalhq/shoal/internal/prefixhash"
 )
 
 // PrefixBlock is the prefix-hash block size in bytes (AIBrix's default: 128 characters).
 const PrefixBlock = 128
 
 // prefixHashes chains a hash over each full block of text[:limit].
-func prefixHashes(text string, limit int) []uint64 {
-	if len(text) > limit {
-		text = text[:limit]
-	}
-	var out []uint64
-	var prev uint64
-	var buf [8]byte
-	for i := 0; i+PrefixBlock <= len(text); i += PrefixBlock {
-		h := fnv.New64a()
-		binary.LittleEndian.PutUint64(buf[:], prev)
-		_, _ = h.Write(buf[:])
-		_, _ = h.Write([]byte(text[i : i+PrefixBlock]))
-		prev = h.Sum64()
-		out = append(out, prev)
-	}
-	return out
-}
+func prefixHashes(text string, limit int) []uint64 { return prefixhash.Chain(text, PrefixBlock, limit) }
 
 // prefixIndex remembers which backend saw which prefix block, bounded (LRU).
 type prefixIndex struct{ l *lru }

@@ -2,8 +2,8 @@ package sim
 
 import (
 	"container/list"
-	"encoding/binary"
-	"hash/fnv"
+
+	"github.com/shoalhq/shoal/internal/prefixhash"
 )
 
 // blocks is the KV cache: fixed-size blocks, reference-counted. Full prompt
@@ -110,17 +110,5 @@ func (b *blocks) lookup(hashes []uint64) []int {
 // tokenizer stand-in (4 characters a token) a block of blockSize tokens is
 // 4·blockSize characters.
 func blockHashes(text string, blockSize int) []uint64 {
-	chars := 4 * blockSize
-	var out []uint64
-	var prev uint64
-	var buf [8]byte
-	for i := 0; i+chars <= len(text); i += chars {
-		h := fnv.New64a()
-		binary.LittleEndian.PutUint64(buf[:], prev)
-		_, _ = h.Write(buf[:])
-		_, _ = h.Write([]byte(text[i : i+chars]))
-		prev = h.Sum64() | 1 // never 0: 0 means "not cached"
-		out = append(out, prev)
-	}
-	return out
+	return prefixhash.Chain(text, 4*blockSize, 0)
 }

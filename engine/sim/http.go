@@ -192,15 +192,8 @@ func (s *Server) completions(w http.ResponseWriter, r *http.Request) { s.generat
 
 func (s *Server) generate(w http.ResponseWriter, r *http.Request, chat bool) {
 	arrival := time.Now()
-	var req genRequest
-	dec := json.NewDecoder(http.MaxBytesReader(w, r.Body, 32<<20))
-	if err := dec.Decode(&req); err != nil {
-		writeError(w, 400, "BadRequestError", "Invalid JSON body: "+err.Error(), nil)
-		return
-	}
-	if req.Model != s.cfg.served && req.Model != s.cfg.model {
-		param := "model"
-		writeError(w, 404, "NotFoundError", fmt.Sprintf("The model `%s` does not exist.", req.Model), &param)
+	req, ok := s.decode(w, r)
+	if !ok {
 		return
 	}
 	var prompt string
@@ -435,15 +428,25 @@ func writeError(w http.ResponseWriter, code int, typ, msg string, param *string)
 // EmbeddingDim is the length of the simulated embedding vectors.
 const EmbeddingDim = 1024
 
-func (s *Server) embeddings(w http.ResponseWriter, r *http.Request) {
+// decode reads a request body and checks its model, answering the errors
+// vLLM answers; ok is false when a response was written.
+func (s *Server) decode(w http.ResponseWriter, r *http.Request) (genRequest, bool) {
 	var req genRequest
 	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 32<<20)).Decode(&req); err != nil {
 		writeError(w, 400, "BadRequestError", "Invalid JSON body: "+err.Error(), nil)
-		return
+		return req, false
 	}
 	if req.Model != s.cfg.served && req.Model != s.cfg.model {
 		param := "model"
 		writeError(w, 404, "NotFoundError", fmt.Sprintf("The model `%s` does not exist.", req.Model), &param)
+		return req, false
+	}
+	return req, true
+}
+
+func (s *Server) embeddings(w http.ResponseWriter, r *http.Request) {
+	req, ok := s.decode(w, r)
+	if !ok {
 		return
 	}
 	var inputs []string

@@ -457,13 +457,7 @@ func TestNeverReadyAndDrain(t *testing.T) {
 	done = make(chan int, 1)
 	go func() { done <- VLLM(context.Background(), append(args, "--shutdown-timeout", "5"), &out, &out) }()
 	base := fmt.Sprintf("http://%s:%d", ip, port)
-	require.Eventually(t, func() bool {
-		r, err := http.Get(base + "/health")
-		if err == nil {
-			r.Body.Close()
-		}
-		return err == nil && r.StatusCode == 200
-	}, 5*time.Second, 20*time.Millisecond)
+	waitHealthy(t, base)
 	// An in-flight request of 40 tokens × ~25 ms ≈ 1 s, then SIGTERM: it completes.
 	got := make(chan int, 1)
 	go func() {

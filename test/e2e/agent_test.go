@@ -3,8 +3,6 @@ package e2e
 import (
 	"context"
 	"net/http"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -23,11 +21,7 @@ import (
 // group elects again and serves; the coordinator never re-forms it.
 func TestAgentRestartResumesAssignment(t *testing.T) {
 	e := startCluster(t, 8, 2)
-	specFile := filepath.Join(e.dir, "one.yaml")
-	require.NoError(t, os.WriteFile(specFile, []byte(strings.Replace(spec2x2, "count: 2", "count: 1", 1)), 0o644))
-	require.Eventually(t, func() bool { _, err := e.shoal("apply", "-f", specFile); return err == nil }, 20*time.Second, 200*time.Millisecond)
-	require.Eventually(t, func() bool { return readyCount(e.replicas()) == 1 }, 60*time.Second, 200*time.Millisecond)
-	before := e.replicas()[0]
+	before := e.oneReplica()
 
 	// Agent API validation, over real gRPC against a running agent.
 	conn, err := grpc.NewClient(e.c.AgentIP(0)+":7947", grpc.WithTransportCredentials(insecure.NewCredentials()))

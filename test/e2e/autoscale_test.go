@@ -4,8 +4,6 @@ import (
 	"context"
 	"io"
 	"net/http"
-	"os"
-	"path/filepath"
 	"strings"
 	"sync"
 	"sync/atomic"
@@ -62,11 +60,8 @@ func (e *env) replicasOf(dep string) []replica {
 // back to min with no failed request.
 func TestAutoscaling(t *testing.T) {
 	e := startCluster(t, 12, 6)
-	for name, spec := range map[string]string{"zero.yaml": zeroSpec, "auto.yaml": autoSpec} {
-		f := filepath.Join(e.dir, name)
-		require.NoError(t, os.WriteFile(f, []byte(spec), 0o644))
-		require.Eventually(t, func() bool { _, err := e.shoal("apply", "-f", f); return err == nil }, 20*time.Second, 200*time.Millisecond)
-	}
+	e.apply("zero.yaml", zeroSpec)
+	e.apply("auto.yaml", autoSpec)
 	hc := &http.Client{Timeout: 90 * time.Second}
 
 	// Scale from zero: no replica; the router holds the request while one forms.
@@ -144,9 +139,7 @@ func TestAutoscalingSteadyNoReversals(t *testing.T) {
 		t.Skip("a minute of steady load")
 	}
 	e := startCluster(t, 15, 3)
-	f := filepath.Join(e.dir, "auto.yaml")
-	require.NoError(t, os.WriteFile(f, []byte(autoSpec), 0o644))
-	require.Eventually(t, func() bool { _, err := e.shoal("apply", "-f", f); return err == nil }, 20*time.Second, 200*time.Millisecond)
+	e.apply("auto.yaml", autoSpec)
 	require.Eventually(t, func() bool { return e.count("auto", "ready") == 1 }, 60*time.Second, 200*time.Millisecond)
 	hc := &http.Client{Timeout: 60 * time.Second}
 	ctx, stop := context.WithCancel(context.Background())

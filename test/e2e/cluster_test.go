@@ -367,3 +367,21 @@ func assertEventually(f func() bool, d time.Duration) bool {
 }
 
 func jsonUnmarshal(s string, v any) error { return json.Unmarshal([]byte(s), v) }
+
+// apply writes a spec into the cluster's directory and applies it through
+// the CLI, retrying while the coordinator starts.
+func (e *env) apply(name, spec string) {
+	e.t.Helper()
+	f := filepath.Join(e.dir, name)
+	require.NoError(e.t, os.WriteFile(f, []byte(spec), 0o644))
+	require.Eventually(e.t, func() bool { _, err := e.shoal("apply", "-f", f); return err == nil }, 20*time.Second, 200*time.Millisecond)
+}
+
+// oneReplica applies the 2-node demo deployment with one replica and waits
+// until it serves.
+func (e *env) oneReplica() replica {
+	e.t.Helper()
+	e.apply("one.yaml", strings.Replace(spec2x2, "count: 2", "count: 1", 1))
+	require.Eventually(e.t, func() bool { return readyCount(e.replicas()) == 1 }, 60*time.Second, 200*time.Millisecond)
+	return e.replicas()[0]
+}

@@ -3,7 +3,6 @@ package e2e
 import (
 	"net/http"
 	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -25,11 +24,7 @@ func appendFault(t *testing.T, path, line string) {
 // 2 s, and the group re-forms on the spare node.
 func TestGPUXidMovesTraffic(t *testing.T) {
 	e := startCluster(t, 11, 3)
-	specFile := filepath.Join(e.dir, "one.yaml")
-	require.NoError(t, os.WriteFile(specFile, []byte(strings.Replace(spec2x2, "count: 2", "count: 1", 1)), 0o644))
-	require.Eventually(t, func() bool { _, err := e.shoal("apply", "-f", specFile); return err == nil }, 20*time.Second, 200*time.Millisecond)
-	require.Eventually(t, func() bool { return readyCount(e.replicas()) == 1 }, 60*time.Second, 200*time.Millisecond)
-	r0 := e.replicas()[0]
+	r0 := e.oneReplica()
 	idx := map[string]int{}
 	for i := 0; i < 3; i++ {
 		idx["node-"+string(rune('1'+i))] = i

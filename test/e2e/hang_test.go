@@ -3,8 +3,6 @@ package e2e
 import (
 	"context"
 	"net/http"
-	"os"
-	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -18,11 +16,7 @@ import (
 // group restarts and serves again.
 func TestEngineHangDetected(t *testing.T) {
 	e := startCluster(t, 14, 2)
-	specFile := filepath.Join(e.dir, "one.yaml")
-	require.NoError(t, os.WriteFile(specFile, []byte(strings.Replace(spec2x2, "count: 2", "count: 1", 1)), 0o644))
-	require.Eventually(t, func() bool { _, err := e.shoal("apply", "-f", specFile); return err == nil }, 20*time.Second, 200*time.Millisecond)
-	require.Eventually(t, func() bool { return readyCount(e.replicas()) == 1 }, 60*time.Second, 200*time.Millisecond)
-	r0 := e.replicas()[0]
+	r0 := e.oneReplica()
 	resp, err := http.Post("http://"+r0.Endpoint+"/shoal-sim/faults", "application/json", strings.NewReader(`{"mode":"hang"}`))
 	require.NoError(t, err)
 	resp.Body.Close()

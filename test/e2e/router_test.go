@@ -21,9 +21,7 @@ import (
 // official client, and keeps routing after the coordinator is SIGKILLed.
 func TestStandaloneRouterOutlivesCoordinator(t *testing.T) {
 	e := startCluster(t, 10, 2)
-	specFile := filepath.Join(e.dir, "one.yaml")
-	require.NoError(t, os.WriteFile(specFile, []byte(strings.Replace(spec2x2, "count: 2", "count: 1", 1)), 0o644))
-	require.Eventually(t, func() bool { _, err := e.shoal("apply", "-f", specFile); return err == nil }, 20*time.Second, 200*time.Millisecond)
+	e.apply("one.yaml", strings.Replace(spec2x2, "count: 2", "count: 1", 1))
 
 	keys := filepath.Join(e.dir, "keys.yaml")
 	require.NoError(t, os.WriteFile(keys, []byte("sk-demo-0001: [demo]\nsk-other-0002: [other]\n"), 0o600))

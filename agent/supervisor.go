@@ -78,7 +78,6 @@ func (a *Agent) reconcile() {
 	}
 	v := a.view(as)
 	d := Decide(v)
-	self := a.cfg.NodeID
 	a.mu.Lock()
 	claim := a.claim
 	a.mu.Unlock()
@@ -88,7 +87,6 @@ func (a *Agent) reconcile() {
 	} else {
 		a.reconcileMember(as, v, d)
 	}
-	_ = self
 	a.publish()
 }
 
@@ -362,8 +360,9 @@ func (a *Agent) failRun(why string) {
 	a.log.Info("restart backoff", "wait", wait)
 }
 
-// failOrStop ends a run that must end because the group changed: a failure if
-// it was running, a plain stop otherwise.
+// failOrStop ends a run, if any, that must end because the group changed.
+// vLLM cannot re-admit a rank, so any running member's end is the group's
+// failure: it is advertised and the restart backs off.
 func (a *Agent) failOrStop(r *run, why string) {
 	if r == nil {
 		return

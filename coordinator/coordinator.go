@@ -6,7 +6,6 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"strconv"
 	"sync"
 	"time"
 
@@ -213,12 +212,6 @@ func (c *Coordinator) agents() map[string]gossip.Tag {
 		}
 	}
 	return out
-}
-
-func portOf(addr string) int {
-	_, p, _ := net.SplitHostPort(addr)
-	n, _ := strconv.Atoi(p)
-	return n
 }
 
 // rebuildTable publishes a new router snapshot from the heads' states.

@@ -83,6 +83,7 @@ type Coordinator struct {
 	scalers  map[string]*scalerState // guarded by mu; per autoscaled deployment
 	demand   map[string]time.Time    // guarded by mu; served model → last request held for it
 	draining map[string]time.Time    // guarded by mu; group → drain start
+	short    map[string]string       // guarded by mu; deployment → why a replica cannot be placed
 
 	reg        *prometheus.Registry
 	asDesired  *prometheus.GaugeVec
@@ -97,7 +98,7 @@ func New(cfg Config) *Coordinator {
 	cfg.Defaults()
 	c := &Coordinator{cfg: cfg, log: cfg.Logger.With("component", "coordinator"), events: newEvents(),
 		table: router.NewTable(), wake: make(chan struct{}, 1), inflight: map[string]bool{},
-		scalers: map[string]*scalerState{}, demand: map[string]time.Time{}, draining: map[string]time.Time{}}
+		scalers: map[string]*scalerState{}, demand: map[string]time.Time{}, draining: map[string]time.Time{}, short: map[string]string{}}
 	c.heads = router.NewWatcher(c.log, c.rebuildTable)
 	c.reg = cfg.Router.Registry
 	if c.reg == nil {

@@ -2,6 +2,7 @@ package coordinator
 
 import (
 	"context"
+	"fmt"
 	"github.com/shoalhq/shoal/coordinator/router"
 	"sort"
 	"strings"
@@ -177,10 +178,17 @@ func (c *Coordinator) createGroup(d *DeploymentRecord, nodes map[string]gossip.T
 				free++
 			}
 		}
-		c.events.add(d.Name, "place/"+d.Name, "cannot place a replica: needs %d idle healthy node(s) with %d×%s GPUs, %d available; add nodes or lower replicas",
+		msg := fmt.Sprintf("cannot place a replica: needs %d idle healthy node(s) with %d×%s GPUs, %d available; add nodes or lower replicas",
 			n, d.Spec.Resources.GPUsPerNode, orAny(d.Spec.Resources.GPUModel), free)
+		c.events.add(d.Name, "place/"+d.Name, "%s", msg)
+		c.mu.Lock()
+		c.short[d.Name] = msg
+		c.mu.Unlock()
 		return nil
 	}
+	c.mu.Lock()
+	delete(c.short, d.Name)
+	c.mu.Unlock()
 	g := &Group{ID: d.Name + "-" + randomSuffix(), Deployment: d.Name, Epoch: 1, Created: time.Now().UTC()}
 	var names []string
 	for i, t := range picked {

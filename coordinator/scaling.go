@@ -140,7 +140,9 @@ func (c *Coordinator) autoscalerStatus(d *spec.Deployment) string {
 		return fmt.Sprintf("%s on %s, target %g per replica: no decision yet", a.Policy, a.Metric, a.Target)
 	}
 	cond := "AbleToScale=True"
-	if st.last.Desired > st.current {
+	if why, short := c.short[d.Name]; short && st.last.Desired > st.current {
+		cond = "AbleToScale=False (" + why + ")"
+	} else if st.last.Desired > st.current {
 		cond += ", ScalingActive=True"
 	}
 	return fmt.Sprintf("%s on %s, target %g per replica: current %d, desired %d, value %.3g, mode %s (%s); %s",

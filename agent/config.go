@@ -28,6 +28,7 @@ type Config struct {
 	GPUBackend    string `yaml:"gpu_backend"`
 	RayBin        string `yaml:"ray_bin"`
 	VLLMBin       string `yaml:"vllm_bin"`
+	PythonBin     string `yaml:"python_bin"` // for SGLang: `python3 -m sglang.launch_server`
 	// EngineHost is the address vLLM binds; "" means Address.
 	EngineHost string `yaml:"engine_host"`
 	// EngineEnv is added to every engine process (NCCL_SOCKET_IFNAME, …).
@@ -78,6 +79,9 @@ func (c *Config) Defaults() {
 	}
 	if c.VLLMBin == "" {
 		c.VLLMBin = "vllm"
+	}
+	if c.PythonBin == "" {
+		c.PythonBin = "python3"
 	}
 	if c.StopGrace == 0 {
 		c.StopGrace = 30 * time.Second

@@ -266,12 +266,15 @@ func (a *Agent) startRun(as *Assignment, role engine.Role, head string, term uin
 	}
 	a.mu.Unlock()
 	in := engine.PlanInput{Spec: as.Spec, Role: role, NodeIP: a.cfg.Address, HeadIP: headIP,
-		BindHost: a.cfg.EngineHost, Env: env, Bin: engine.Binaries{Ray: a.cfg.RayBin, VLLM: a.cfg.VLLMBin}}
+		BindHost: a.cfg.EngineHost, Env: env, Bin: engine.Binaries{Ray: a.cfg.RayBin, VLLM: a.cfg.VLLMBin, Python: a.cfg.PythonBin}}
 	var plan *engine.Plan
 	var err error
-	if as.Spec.Engine.Kind == spec.EngineCommand {
+	switch as.Spec.Engine.Kind {
+	case spec.EngineCommand:
 		plan, err = engine.CommandPlan(in, runRank(as, head, a.cfg.NodeID))
-	} else {
+	case spec.EngineVLLM, spec.EngineSGLang:
+		plan, err = engine.NativePlan(in, runRank(as, head, a.cfg.NodeID))
+	default:
 		plan, err = engine.RayVLLM(in)
 	}
 	if err != nil {

@@ -46,8 +46,9 @@ func (c Command) String() string {
 // Binaries are the executables the plan names. In dev and tests both point at
 // shoal-sim (busybox style); on a GPU host they are the real ray and vllm.
 type Binaries struct {
-	Ray  string
-	VLLM string
+	Ray    string
+	VLLM   string
+	Python string // runs `-m sglang.launch_server`
 }
 
 // PlanInput is what a plan depends on.
@@ -286,4 +287,63 @@ func render(tmpl string, v Vars) (string, error) {
 func ValidateTemplates(s *spec.Deployment) error {
 	_, err := CommandPlan(PlanInput{Spec: s, Role: RoleHead, NodeIP: "10.0.0.1", HeadIP: "10.0.0.1"}, 0)
 	return err
+}
+
+// NativePlan builds the plan of the vllm (native multi-node) and sglang
+// kinds: every member runs the engine itself with its node rank and the head
+// as rendezvous (reference/vllm-contract.md §A2, §A3); only rank 0 serves
+// HTTP. No Ray, so no GPU gate and no `ray stop`.
+func NativePlan(in PlanInput, rank int) (*Plan, error) {
+	s := in.Spec
+	if s == nil {
+		return nil, fmt.Errorf("plan: no spec")
+	}
+	if net.ParseIP(in.NodeIP) == nil || net.ParseIP(in.HeadIP) == nil {
+		return nil, fmt.Errorf("plan: node ip %q / head ip %q must be IP addresses", in.NodeIP, in.HeadIP)
+	}
+	env := map[string]string{}
+	for k, v := range in.Env {
+		env[k] = v
+	}
+	for k, v := range s.Engine.Env {
+		env[k] = v
+	}
+	env["VLLM_HOST_IP"] = in.NodeIP
+	host := in.BindHost
+	if host == "" {
+		host = in.NodeIP
+	}
+	e := s.Engine
+	nn, r := strconv.Itoa(s.Resources.Nodes), strconv.Itoa(rank)
+	var c Command
+	switch e.Kind {
+	case spec.EngineVLLM:
+		args := []string{"serve", ModelArg(s), "--served-model-name", e.ServedModelName,
+			"--tensor-parallel-size", strconv.Itoa(e.TensorParallelSize), "--pipeline-parallel-size", strconv.Itoa(e.PipelineParallelSize),
+			"--nnodes", nn, "--node-rank", r, "--master-addr", in.HeadIP, "--master-port", strconv.Itoa(e.MasterPort)}
+		if rank == 0 {
+			args = append(args, "--host", host, "--port", strconv.Itoa(e.Port))
+		} else {
+			args = append(args, "--headless")
+		}
+		c = Command{Name: "vllm", Path: in.Bin.VLLM, Args: append(args, e.Args...)}
+	case spec.EngineSGLang:
+		// SGLang's --tp is the whole group's tensor parallelism, as the spec's is.
+		args := []string{"-m", "sglang.launch_server", "--model-path", ModelArg(s), "--served-model-name", e.ServedModelName,
+			"--tp", strconv.Itoa(e.TensorParallelSize)}
+		if e.PipelineParallelSize > 1 {
+			args = append(args, "--pp-size", strconv.Itoa(e.PipelineParallelSize))
+		}
+		args = append(args, "--dist-init-addr", net.JoinHostPort(in.HeadIP, strconv.Itoa(e.MasterPort)), "--nnodes", nn, "--node-rank", r,
+			"--host", host, "--port", strconv.Itoa(e.Port), "--enable-metrics")
+		c = Command{Name: "python3", Path: in.Bin.Python, Args: append(args, e.Args...)}
+	default:
+		return nil, fmt.Errorf("plan: engine kind %q is not native multi-node", e.Kind)
+	}
+	c.Env = envList(env)
+	p := &Plan{Role: in.Role, Node: c}
+	if in.Role == RoleHead {
+		p.Endpoint = net.JoinHostPort(in.NodeIP, strconv.Itoa(e.Port))
+	}
+	return p, nil
 }

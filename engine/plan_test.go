@@ -1,6 +1,7 @@
 package engine
 
 import (
+	"fmt"
 	"testing"
 
 	"github.com/shoalhq/shoal/spec"
@@ -111,4 +112,72 @@ func TestParseRayStatus(t *testing.T) {
 	require.Error(t, err)
 	_, err = ParseRayStatus("Usage:\n x/16.0 GPU\n")
 	require.Error(t, err)
+}
+
+func nativeSpec(t *testing.T, kind string, tp, pp int) *spec.Deployment {
+	t.Helper()
+	d, err := spec.Parse([]byte(fmt.Sprintf(`apiVersion: shoal/v1
+name: r1
+model: {source: /models/r1}
+engine: {kind: %s, servedModelName: r1, tensorParallelSize: %d, pipelineParallelSize: %d, args: ["--trust-remote-code"], env: {NCCL_IB_HCA: "mlx5_1:1"}}
+resources: {nodes: 2, gpusPerNode: 8}
+`, kind, tp, pp)))
+	require.NoError(t, err)
+	return d
+}
+
+// TestNativePlans: the exact argv per rank of vLLM native multi-node
+// (reference §A2) and SGLang (§A3).
+func TestNativePlans(t *testing.T) {
+	bin := Binaries{VLLM: "/usr/bin/vllm", Python: "/usr/bin/python3"}
+	head := PlanInput{Spec: nativeSpec(t, "vllm", 8, 2), Role: RoleHead, NodeIP: "10.0.0.1", HeadIP: "10.0.0.1", Bin: bin, Env: map[string]string{"NCCL_SOCKET_IFNAME": "eth0"}}
+	p, err := NativePlan(head, 0)
+	require.NoError(t, err)
+	require.Equal(t, []string{"vllm", "serve", "/models/r1", "--served-model-name", "r1", "--tensor-parallel-size", "8",
+		"--pipeline-parallel-size", "2", "--nnodes", "2", "--node-rank", "0", "--master-addr", "10.0.0.1", "--master-port", "29500",
+		"--host", "10.0.0.1", "--port", "8000", "--trust-remote-code"}, p.Node.Argv())
+	require.Equal(t, []string{"NCCL_IB_HCA=mlx5_1:1", "NCCL_SOCKET_IFNAME=eth0", "VLLM_HOST_IP=10.0.0.1"}, p.Node.Env)
+	require.Equal(t, "10.0.0.1:8000", p.Endpoint)
+	require.False(t, p.RayStop)
+	require.Zero(t, p.ExpectedGPUs, "no Ray GPU gate")
+
+	worker := head
+	worker.Role, worker.NodeIP = RoleWorker, "10.0.0.2"
+	p, err = NativePlan(worker, 1)
+	require.NoError(t, err)
+	require.Equal(t, []string{"vllm", "serve", "/models/r1", "--served-model-name", "r1", "--tensor-parallel-size", "8",
+		"--pipeline-parallel-size", "2", "--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1", "--master-port", "29500",
+		"--headless", "--trust-remote-code"}, p.Node.Argv(), "identical engine args on every node; rank 1 is headless")
+	require.Contains(t, p.Node.Env, "VLLM_HOST_IP=10.0.0.2")
+	require.Empty(t, p.Endpoint)
+
+	sg := PlanInput{Spec: nativeSpec(t, "sglang", 16, 1), Role: RoleWorker, NodeIP: "10.0.0.2", HeadIP: "10.0.0.1", Bin: bin}
+	p, err = NativePlan(sg, 1)
+	require.NoError(t, err)
+	require.Equal(t, "/usr/bin/python3", p.Node.Path)
+	require.Equal(t, []string{"python3", "-m", "sglang.launch_server", "--model-path", "/models/r1", "--served-model-name", "r1",
+		"--tp", "16", "--dist-init-addr", "10.0.0.1:29500", "--nnodes", "2", "--node-rank", "1", "--host", "10.0.0.2",
+		"--port", "8000", "--enable-metrics", "--trust-remote-code"}, p.Node.Argv())
+
+	_, err = NativePlan(PlanInput{Spec: seedSpec(t), Role: RoleHead, NodeIP: "10.0.0.1", HeadIP: "10.0.0.1"}, 0)
+	require.Error(t, err, "ray-vllm is not native")
+}
+
+// TestCommandPlan: templates are filled per rank; an unknown variable is an error.
+func TestCommandPlan(t *testing.T) {
+	d, err := spec.Parse([]byte(`apiVersion: shoal/v1
+name: tp
+model: {source: /m}
+engine: {kind: command, command: ["python3", "engine.py", "--rank={{.Rank}}"], env: {MASTER_ADDR: "{{.HeadAddr}}", MASTER_PORT: "{{.MasterPort}}", WORLD_SIZE: "{{.NNodes}}"}}
+resources: {nodes: 2, gpusPerNode: 1}
+`))
+	require.NoError(t, err)
+	p, err := CommandPlan(PlanInput{Spec: d, Role: RoleWorker, NodeIP: "10.0.0.2", HeadIP: "10.0.0.1", Env: map[string]string{"CUDA_VISIBLE_DEVICES": "GPU-x"}}, 1)
+	require.NoError(t, err)
+	require.Equal(t, []string{"python3", "engine.py", "--rank=1"}, p.Node.Argv())
+	require.Equal(t, []string{"CUDA_VISIBLE_DEVICES=GPU-x", "MASTER_ADDR=10.0.0.1", "MASTER_PORT=29500", "WORLD_SIZE=2"}, p.Node.Env)
+	d.Engine.Command = []string{"run", "{{.Nope}}"}
+	require.ErrorContains(t, ValidateTemplates(d), "engine.command[1]")
+	d.Engine.Command = []string{"run", "{{.Rank"}
+	require.Error(t, ValidateTemplates(d))
 }

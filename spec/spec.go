@@ -258,7 +258,9 @@ func (d *Deployment) Validate() error {
 			bad("engine.command", "is required for kind command: the program and its arguments")
 		}
 	case EngineVLLM, EngineSGLang:
-		bad("engine.kind", "%q is not implemented yet; use %q or %q", e.Kind, EngineRayVLLM, EngineCommand)
+		if len(e.Command) > 0 {
+			bad("engine.command", "is for kind %q", EngineCommand)
+		}
 	default:
 		bad("engine.kind", "unknown engine %q; one of %s, %s, %s, %s", e.Kind, EngineRayVLLM, EngineVLLM, EngineSGLang, EngineCommand)
 	}
@@ -439,7 +441,7 @@ func (d *Deployment) Fields() []Field {
 	add("engine.pipelineParallelSize", d.Engine.PipelineParallelSize, true)
 	add("engine.port", d.Engine.Port, true)
 	add("engine.rayPort", d.Engine.RayPort, d.Engine.Kind == EngineRayVLLM)
-	add("engine.masterPort", d.Engine.MasterPort, d.Engine.Kind == EngineCommand)
+	add("engine.masterPort", d.Engine.MasterPort, d.Engine.Kind != EngineRayVLLM)
 	add("engine.command", strings.Join(d.Engine.Command, " "), true)
 	add("engine.args", strings.Join(d.Engine.Args, " "), true)
 	keys := make([]string, 0, len(d.Engine.Env))

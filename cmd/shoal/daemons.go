@@ -32,6 +32,7 @@ func agentCommand() *cli.Command {
 			&cli.IntSliceFlag{Name: "gpus", EnvVars: []string{"SHOAL_GPUS"}, Usage: "indices of the host's GPUs this agent owns (default: all)"},
 			&cli.StringFlag{Name: "ray-bin", EnvVars: []string{"SHOAL_RAY_BIN"}},
 			&cli.StringFlag{Name: "vllm-bin", EnvVars: []string{"SHOAL_VLLM_BIN"}},
+			&cli.StringFlag{Name: "python-bin", EnvVars: []string{"SHOAL_PYTHON_BIN"}, Usage: "python for `-m sglang.launch_server` (default python3)"},
 			&cli.StringFlag{Name: "engine-host", EnvVars: []string{"SHOAL_ENGINE_HOST"}, Usage: "address vLLM binds (default: --address)"},
 			&cli.DurationFlag{Name: "stop-grace", EnvVars: []string{"SHOAL_STOP_GRACE"}},
 			&cli.DurationFlag{Name: "restart-backoff", EnvVars: []string{"SHOAL_RESTART_BACKOFF"}},
@@ -75,6 +76,7 @@ func agentCommand() *cli.Command {
 			}
 			setStr(&cfg.RayBin, "ray-bin")
 			setStr(&cfg.VLLMBin, "vllm-bin")
+			setStr(&cfg.PythonBin, "python-bin")
 			setStr(&cfg.EngineHost, "engine-host")
 			if c.IsSet("stop-grace") {
 				cfg.StopGrace = c.Duration("stop-grace")

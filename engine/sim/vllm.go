@@ -121,9 +121,6 @@ func serve(ctx context.Context, c serveConfig, stdout, stderr io.Writer) int {
 		return 1
 	}
 	if c.nnodes > 1 {
-		if c.flavor == "sglang" {
-			local *= c.nnodes // --tp is the whole group's size
-		}
 		if world%c.nnodes != 0 || world/c.nnodes > local {
 			fmt.Fprintf(stderr, "ValueError: world size %d over %d nodes needs %d GPUs per node; this node has %d.\n", world, c.nnodes, (world+c.nnodes-1)/c.nnodes, local)
 			return 1

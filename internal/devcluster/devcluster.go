@@ -103,7 +103,7 @@ func Start(cfg Config) (*Cluster, error) {
 	if err := os.MkdirAll(binDir, 0o755); err != nil {
 		return nil, err
 	}
-	for _, name := range []string{"ray", "vllm"} {
+	for _, name := range []string{"ray", "vllm", "python3"} {
 		link := filepath.Join(binDir, name)
 		_ = os.Remove(link)
 		if err := os.Symlink(cfg.SimBin, link); err != nil {
@@ -145,6 +145,7 @@ func (c *Cluster) StartAgent(i int) error {
 	cmd, err := c.spawn(id, env, "agent", "--node-id", id, "--address", c.AgentIP(i),
 		"--join", net.JoinHostPort(c.cfg.CoordIP, strconv.Itoa(c.cfg.GossipPort)), "--state-dir", filepath.Join(c.cfg.Dir, id),
 		"--gpu-backend", "mock:h200x8", "--ray-bin", filepath.Join(c.cfg.Dir, "bin", "ray"), "--vllm-bin", filepath.Join(c.cfg.Dir, "bin", "vllm"),
+		"--python-bin", filepath.Join(c.cfg.Dir, "bin", "python3"),
 		"--gossip-profile", c.cfg.Profile, "--stop-grace", "2s", "--restart-backoff", "500ms", "--stop-engines-on-exit",
 		"--hang-timeout", "4s")
 	if err != nil {

@@ -3,7 +3,8 @@ package main
 import "strings"
 
 // valueFlags take a value in the next argument.
-var valueFlags = map[string]bool{"-o": true, "--output": true, "--coordinator": true, "-f": true, "--filename": true}
+var valueFlags = map[string]bool{"-o": true, "--output": true, "--coordinator": true, "-f": true, "--filename": true,
+	"--node": true, "--name": true, "--tail": true}
 
 // interspersed lets users put flags after positional arguments, as with
 // kubectl (`shoal get replicas demo -o json`): urfave/cli v2 stops parsing
@@ -28,7 +29,7 @@ func interspersed(args []string) []string {
 	switch verb {
 	case "get":
 		start++ // keep the kind (nodes, replicas, …) as the subcommand
-	case "describe", "delete", "apply":
+	case "describe", "delete", "apply", "logs":
 	default:
 		return args
 	}

@@ -319,3 +319,54 @@ func describeNode(c *cli.Context, id string) error {
 		return nil
 	})
 }
+
+func logsCommand() *cli.Command {
+	return &cli.Command{
+		Name:      "logs",
+		Usage:     "print a replica's engine logs (the head's by default)",
+		ArgsUsage: "REPLICA",
+		Flags: []cli.Flag{coordinatorFlag,
+			&cli.StringFlag{Name: "node", Usage: "member node id (default: the head)"},
+			&cli.StringFlag{Name: "name", Usage: "one log: ray, vllm, python3, … (default: all)"},
+			&cli.BoolFlag{Name: "follow", Aliases: []string{"F"}, Usage: "keep printing what is appended"},
+			&cli.Int64Flag{Name: "tail", Value: 64 << 10, Usage: "bytes of each log to print first"},
+		},
+		Action: func(c *cli.Context) error {
+			if c.NArg() != 1 {
+				return errors.New("usage: shoal logs REPLICA [--node N] [--name vllm] [--follow]")
+			}
+			addr := c.String("coordinator")
+			conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+			if err != nil {
+				return err
+			}
+			defer conn.Close()
+			st, err := coordv1.NewCoordinatorClient(conn).Logs(c.Context, &coordv1.LogsRequest{Replica: c.Args().First(),
+				NodeId: c.String("node"), Name: c.String("name"), Follow: c.Bool("follow"), TailBytes: c.Int64("tail")})
+			if err != nil {
+				return err
+			}
+			last := ""
+			for {
+				ch, err := st.Recv()
+				if errors.Is(err, io.EOF) || (err != nil && c.Context.Err() != nil) {
+					return nil
+				}
+				if err != nil {
+					if s, ok := status.FromError(err); ok {
+						if s.Code() == codes.Unavailable {
+							return fmt.Errorf("cannot reach the coordinator at %s or the node: %s", addr, s.Message())
+						}
+						return errors.New(s.Message())
+					}
+					return err
+				}
+				if key := ch.NodeId + "/" + ch.Name; key != last {
+					fmt.Fprintf(c.App.Writer, "==> %s %s.log <==\n", ch.NodeId, ch.Name)
+					last = key
+				}
+				_, _ = c.App.Writer.Write(ch.Data)
+			}
+		},
+	}
+}

@@ -51,6 +51,20 @@ func TestNativeEngines(t *testing.T) {
 			worker = id
 		}
 	}
+	// Engine logs through the coordinator: the head's by default, a member's by --node.
+	out, err := e.shoal("logs", rep.GroupID)
+	require.NoError(t, err, out)
+	require.Contains(t, out, "==> "+rep.Head+" vllm.log <==")
+	require.Contains(t, out, "Application startup complete.")
+	out, err = e.shoal("logs", rep.GroupID, "--node", worker, "--name", "vllm")
+	require.NoError(t, err, out)
+	require.Contains(t, out, "Headless node rank 1 joined")
+	out, err = e.shoal("logs", rep.GroupID, "--name", "nope")
+	require.Error(t, err)
+	require.Contains(t, out, `no engine log "nope"`)
+	out, err = e.shoal("logs", "no-such-replica")
+	require.Error(t, err)
+	require.Contains(t, out, "not found")
 	headPid := enginePids(t, filepath.Join(e.dir, rep.Head))[0]
 	workerPid := enginePids(t, filepath.Join(e.dir, worker))[0]
 	require.NoError(t, syscall.Kill(headPid, syscall.SIGKILL))

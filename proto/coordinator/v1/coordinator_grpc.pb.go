@@ -28,6 +28,7 @@ const (
 	Coordinator_ListNodes_FullMethodName          = "/shoal.coordinator.v1.Coordinator/ListNodes"
 	Coordinator_ListReplicas_FullMethodName       = "/shoal.coordinator.v1.Coordinator/ListReplicas"
 	Coordinator_DescribeNode_FullMethodName       = "/shoal.coordinator.v1.Coordinator/DescribeNode"
+	Coordinator_Logs_FullMethodName               = "/shoal.coordinator.v1.Coordinator/Logs"
 )
 
 // CoordinatorClient is the client API for Coordinator service.
@@ -41,6 +42,8 @@ type CoordinatorClient interface {
 	ListNodes(ctx context.Context, in *ListNodesRequest, opts ...grpc.CallOption) (*ListNodesResponse, error)
 	ListReplicas(ctx context.Context, in *ListReplicasRequest, opts ...grpc.CallOption) (*ListReplicasResponse, error)
 	DescribeNode(ctx context.Context, in *DescribeNodeRequest, opts ...grpc.CallOption) (*DescribeNodeResponse, error)
+	// Logs relays a replica member's engine logs (the head by default).
+	Logs(ctx context.Context, in *LogsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[LogChunk], error)
 }
 
 type coordinatorClient struct {
@@ -121,6 +124,25 @@ func (c *coordinatorClient) DescribeNode(ctx context.Context, in *DescribeNodeRe
 	return out, nil
 }
 
+func (c *coordinatorClient) Logs(ctx context.Context, in *LogsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[LogChunk], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Coordinator_ServiceDesc.Streams[0], Coordinator_Logs_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[LogsRequest, LogChunk]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Coordinator_LogsClient = grpc.ServerStreamingClient[LogChunk]
+
 // CoordinatorServer is the server API for Coordinator service.
 // All implementations must embed UnimplementedCoordinatorServer
 // for forward compatibility.
@@ -132,6 +154,8 @@ type CoordinatorServer interface {
 	ListNodes(context.Context, *ListNodesRequest) (*ListNodesResponse, error)
 	ListReplicas(context.Context, *ListReplicasRequest) (*ListReplicasResponse, error)
 	DescribeNode(context.Context, *DescribeNodeRequest) (*DescribeNodeResponse, error)
+	// Logs relays a replica member's engine logs (the head by default).
+	Logs(*LogsRequest, grpc.ServerStreamingServer[LogChunk]) error
 	mustEmbedUnimplementedCoordinatorServer()
 }
 
@@ -162,6 +186,9 @@ func (UnimplementedCoordinatorServer) ListReplicas(context.Context, *ListReplica
 }
 func (UnimplementedCoordinatorServer) DescribeNode(context.Context, *DescribeNodeRequest) (*DescribeNodeResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method DescribeNode not implemented")
+}
+func (UnimplementedCoordinatorServer) Logs(*LogsRequest, grpc.ServerStreamingServer[LogChunk]) error {
+	return status.Error(codes.Unimplemented, "method Logs not implemented")
 }
 func (UnimplementedCoordinatorServer) mustEmbedUnimplementedCoordinatorServer() {}
 func (UnimplementedCoordinatorServer) testEmbeddedByValue()                     {}
@@ -310,6 +337,17 @@ func _Coordinator_DescribeNode_Handler(srv interface{}, ctx context.Context, dec
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Coordinator_Logs_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(LogsRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(CoordinatorServer).Logs(m, &grpc.GenericServerStream[LogsRequest, LogChunk]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Coordinator_LogsServer = grpc.ServerStreamingServer[LogChunk]
+
 // Coordinator_ServiceDesc is the grpc.ServiceDesc for Coordinator service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -346,6 +384,12 @@ var Coordinator_ServiceDesc = grpc.ServiceDesc{
 			Handler:    _Coordinator_DescribeNode_Handler,
 		},
 	},
-	Streams:  []grpc.StreamDesc{},
+	Streams: []grpc.StreamDesc{
+		{
+			StreamName:    "Logs",
+			Handler:       _Coordinator_Logs_Handler,
+			ServerStreams: true,
+		},
+	},
 	Metadata: "coordinator/v1/coordinator.proto",
 }

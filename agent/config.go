@@ -48,6 +48,9 @@ type Config struct {
 	// produces no token for this long (vllm#53157: everything answers, nothing
 	// generates).
 	HangTimeout time.Duration `yaml:"hang_timeout"`
+	// CanaryInterval sends a one-token completion to an idle head this often:
+	// a silently dead Ray worker shows only when a step runs (vllm#16259).
+	CanaryInterval time.Duration `yaml:"canary_interval"`
 	// InspectInterval re-reads the hardware (remapped rows, NVLinks, lost GPUs).
 	InspectInterval time.Duration `yaml:"inspect_interval"`
 
@@ -91,6 +94,9 @@ func (c *Config) Defaults() {
 	}
 	if c.HangTimeout == 0 {
 		c.HangTimeout = 60 * time.Second
+	}
+	if c.CanaryInterval == 0 {
+		c.CanaryInterval = 30 * time.Second
 	}
 	if c.InspectInterval == 0 {
 		c.InspectInterval = 30 * time.Second

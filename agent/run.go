@@ -52,11 +52,13 @@ type specRef struct {
 	served  string
 	timeout time.Duration
 	hang    time.Duration
+	canary  time.Duration
 }
 
 type metricsState struct {
 	last     engine.Metrics
 	progress time.Time // last time tokens were generated, or nothing was running
+	lastGen  time.Time // last time tokens were generated
 	lastAt   time.Time
 	tokPerS  float64
 	ttftAvg  float64
@@ -188,7 +190,15 @@ func (a *Agent) headSequence(r *run) {
 	r.log.Info("replica ready", "endpoint", r.plan.Endpoint)
 	r.setPhase(gossip.EngineReady)
 	bad := 0
+	lastCanary := time.Now()
 	for sleepCtx(r.ctx, time.Second) {
+		if r.spec.canary > 0 && time.Since(lastCanary) >= r.spec.canary && r.idleSince(lastCanary) {
+			lastCanary = time.Now()
+			if err := canary(r.ctx, base, r.spec.served); err != nil && r.ctx.Err() == nil {
+				r.fail("idle canary failed: " + err.Error())
+				return
+			}
+		}
 		if stuck := r.stalled(); stuck > 0 {
 			r.fail(fmt.Sprintf("engine hung: %v with requests running and no token generated", stuck.Round(time.Second)))
 			return
@@ -299,6 +309,11 @@ func probeReady(ctx context.Context, base, served string) error {
 	if !found {
 		return fmt.Errorf("/v1/models does not list %q", served)
 	}
+	return canary(ctx, base, served)
+}
+
+// canary sends a one-token completion: the only check that runs a step.
+func canary(ctx context.Context, base, served string) error {
 	body, _ := json.Marshal(map[string]any{"model": served, "prompt": "ping", "max_tokens": 1})
 	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)
 	defer cancel()
@@ -370,8 +385,20 @@ func (r *run) scrape(base string) error {
 	if !ms.have || m.Running+m.Waiting == 0 || m.GenerationTokens > ms.last.GenerationTokens {
 		ms.progress = now
 	}
+	if ms.have && m.GenerationTokens > ms.last.GenerationTokens {
+		ms.lastGen = now
+	}
 	ms.last, ms.lastAt, ms.have, ms.healthOK = m, now, true, true
 	return nil
+}
+
+// idleSince reports that no token was generated since t (traffic would have
+// exercised the engine already; a canary is needed only when idle).
+func (r *run) idleSince(t time.Time) bool {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	ms := r.metrics
+	return ms.have && ms.last.Running+ms.last.Waiting == 0 && !ms.lastGen.After(t)
 }
 
 // stalled is how long the engine has had requests running or waiting without

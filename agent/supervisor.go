@@ -287,7 +287,7 @@ func (a *Agent) startRun(as *Assignment, role engine.Role, head string, term uin
 	ctx, cancel := context.WithCancel(context.Background())
 	r := &run{group: as.Group, epoch: as.Epoch, term: term, head: head, role: role, plan: plan,
 		spec: &specRef{served: as.Spec.Engine.ServedModelName, timeout: time.Duration(as.Spec.Engine.StartupTimeoutSeconds) * time.Second,
-			hang: a.cfg.HangTimeout},
+			hang: a.cfg.HangTimeout, canary: a.cfg.CanaryInterval},
 		log: a.log.With("group", as.Group, "epoch", as.Epoch, "term", term, "role", string(role)), wake: a.poke,
 		ctx: ctx, cancel: cancel, done: make(chan struct{})}
 	a.mu.Lock()

@@ -36,6 +36,8 @@ func agentCommand() *cli.Command {
 			&cli.StringFlag{Name: "engine-host", EnvVars: []string{"SHOAL_ENGINE_HOST"}, Usage: "address vLLM binds (default: --address)"},
 			&cli.DurationFlag{Name: "stop-grace", EnvVars: []string{"SHOAL_STOP_GRACE"}},
 			&cli.DurationFlag{Name: "restart-backoff", EnvVars: []string{"SHOAL_RESTART_BACKOFF"}},
+			&cli.DurationFlag{Name: "canary-interval", EnvVars: []string{"SHOAL_CANARY_INTERVAL"},
+				Usage: "send a one-token completion to an idle head this often (default 30s)"},
 			&cli.DurationFlag{Name: "hang-timeout", EnvVars: []string{"SHOAL_HANG_TIMEOUT"},
 				Usage: "restart a replica whose engine runs requests but generates no token this long (default 60s)"},
 			&cli.BoolFlag{Name: "stop-engines-on-exit", Value: true, EnvVars: []string{"SHOAL_STOP_ENGINES_ON_EXIT"}},
@@ -83,6 +85,9 @@ func agentCommand() *cli.Command {
 			}
 			if c.IsSet("restart-backoff") {
 				cfg.RestartBackoff = c.Duration("restart-backoff")
+			}
+			if c.IsSet("canary-interval") {
+				cfg.CanaryInterval = c.Duration("canary-interval")
 			}
 			if c.IsSet("hang-timeout") {
 				cfg.HangTimeout = c.Duration("hang-timeout")

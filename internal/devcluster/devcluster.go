@@ -147,7 +147,7 @@ func (c *Cluster) StartAgent(i int) error {
 		"--gpu-backend", "mock:h200x8", "--ray-bin", filepath.Join(c.cfg.Dir, "bin", "ray"), "--vllm-bin", filepath.Join(c.cfg.Dir, "bin", "vllm"),
 		"--python-bin", filepath.Join(c.cfg.Dir, "bin", "python3"),
 		"--gossip-profile", c.cfg.Profile, "--stop-grace", "2s", "--restart-backoff", "500ms", "--stop-engines-on-exit",
-		"--hang-timeout", "4s")
+		"--hang-timeout", "4s", "--canary-interval", "3s")
 	if err != nil {
 		return err
 	}

@@ -39,3 +39,24 @@ func TestEngineHangDetected(t *testing.T) {
 	r.Body.Close()
 	require.Equal(t, 200, r.StatusCode)
 }
+
+// TestIdleCanaryFindsSilentWorkerDeath: a Ray worker dies silently
+// (vllm#16259: /health stays 200 until a step runs) on an idle replica; the
+// head's idle canary runs a step, the engine dies, the group restarts.
+func TestIdleCanaryFindsSilentWorkerDeath(t *testing.T) {
+	e := startCluster(t, 17, 2)
+	r0 := e.oneReplica()
+	resp, err := http.Post("http://"+r0.Endpoint+"/shoal-sim/faults", "application/json", strings.NewReader(`{"mode":"worker-dead"}`))
+	require.NoError(t, err)
+	resp.Body.Close()
+	injected := time.Now()
+	h, err := http.Get("http://" + r0.Endpoint + "/health")
+	require.NoError(t, err)
+	h.Body.Close()
+	require.Equal(t, 200, h.StatusCode, "the fault is silent")
+	require.Eventually(t, func() bool { return readyCount(e.replicas()) == 0 }, 20*time.Second, 100*time.Millisecond, "idle canary found it")
+	detected := time.Since(injected)
+	require.Eventually(t, func() bool { return readyCount(e.replicas()) == 1 }, 60*time.Second, 200*time.Millisecond)
+	t.Logf("CANARY: silent worker death on an idle replica detected after %.2fs (canary every 3 s), serving again after %.2fs",
+		detected.Seconds(), time.Since(injected).Seconds())
+}

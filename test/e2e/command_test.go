@@ -53,10 +53,7 @@ func TestCommandEngineTorch(t *testing.T) {
 	require.NoError(t, err)
 	b, err := os.ReadFile("../../examples/torch-tp/deployment.yaml")
 	require.NoError(t, err)
-	specFile := filepath.Join(e.dir, "torch.yaml")
-	require.NoError(t, os.WriteFile(specFile, []byte(strings.Replace(strings.ReplaceAll(string(b), "ENGINE_PY", abs), `["python3",`, `["`+py+`",`, 1)), 0o644))
-	out, err := e.shoal("apply", "-f", specFile)
-	require.NoError(t, err, out)
+	e.apply("torch.yaml", strings.Replace(strings.ReplaceAll(string(b), "ENGINE_PY", abs), `["python3",`, `["`+py+`",`, 1))
 	require.Eventually(t, func() bool { return readyCount(e.replicas()) == 1 }, 120*time.Second, 200*time.Millisecond)
 	r0 := e.replicas()[0]
 

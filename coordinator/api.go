@@ -218,3 +218,12 @@ func (s *apiServer) ListReplicas(_ context.Context, req *coordv1.ListReplicasReq
 	}
 	return &coordv1.ListReplicasResponse{Replicas: s.replicas(req.Deployment, groups)}, nil
 }
+
+// Demand records a standalone router's held requests for a model.
+func (s *apiServer) Demand(_ context.Context, req *coordv1.DemandRequest) (*coordv1.DemandResponse, error) {
+	if req.Model == "" {
+		return nil, status.Error(codes.InvalidArgument, "demand needs a model")
+	}
+	s.c.Demand(req.Model)
+	return &coordv1.DemandResponse{}, nil
+}

@@ -13,6 +13,9 @@ import (
 	"time"
 
 	"github.com/shoalhq/shoal/gossip"
+	coordv1 "github.com/shoalhq/shoal/proto/coordinator/v1"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/credentials/insecure"
 	"gopkg.in/yaml.v3"
 )
 
@@ -45,7 +48,8 @@ func RunStandalone(ctx context.Context, cfg StandaloneConfig) error {
 	}
 	table := NewTable()
 	var mu sync.Mutex
-	seen := map[string]bool{} // served names seen from heads: known models
+	seen := map[string]bool{} // guarded by mu; served names seen from heads
+	var listed []string       // guarded by mu; the coordinator's deployments, once it answered
 	var w *Watcher
 	rebuild := func() {
 		snap := w.Snapshot(nil)
@@ -53,12 +57,22 @@ func RunStandalone(ctx context.Context, cfg StandaloneConfig) error {
 		for _, m := range snap.Ready() {
 			seen[m] = true
 		}
-		models := make([]string, 0, len(seen))
-		for m := range seen {
-			models = append(models, m)
+		// Known models: the coordinator's list when it has answered (so a
+		// deleted deployment is unknown again), else every model seen.
+		models := listed
+		if models == nil {
+			for m := range seen {
+				models = append(models, m)
+			}
 		}
 		mu.Unlock()
 		table.Set(w.Snapshot(models))
+	}
+	learn := func(models []string) {
+		mu.Lock()
+		listed = append([]string{}, models...)
+		mu.Unlock()
+		rebuild()
 	}
 	w = NewWatcher(cfg.Logger, rebuild)
 	mem := gossip.New(gossip.Config{Cluster: cfg.Cluster, BindAddr: cfg.Address, BindPort: cfg.GossipPort, Join: cfg.Join,
@@ -70,13 +84,27 @@ func RunStandalone(ctx context.Context, cfg StandaloneConfig) error {
 	gctx, stopGossip := context.WithCancel(context.WithoutCancel(ctx))
 	gdone := make(chan struct{})
 	go func() { _ = mem.Run(gctx); close(gdone) }()
-	srv := &http.Server{Handler: New(table, cfg.Logger, cfg.Router).Handler(), ReadHeaderTimeout: 10 * time.Second}
+	rc := cfg.Router
+	rc.OnDemand = demandForwarder(mem, cfg.Logger)
+	srv := &http.Server{Handler: New(table, cfg.Logger, rc).Handler(), ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = srv.Serve(ln) }()
 	cfg.Logger.Info("router running", "listen", ln.Addr().String(), "gossip", mem.Addr())
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
+	var lastList time.Time
 	for ctx.Err() == nil {
-		w.Sync(WantedFromGossip(mem.Members()))
+		tags := mem.Members()
+		w.Sync(WantedFromGossip(tags))
+		if time.Since(lastList) > 3*time.Second {
+			// Models with no replica yet (scale from zero) are known only to the
+			// coordinator; its list is refreshed off the hot path and kept when it is down.
+			lastList = time.Now()
+			go func() {
+				if models, err := listModels(ctx, tags); err == nil {
+					learn(models)
+				}
+			}()
+		}
 		select {
 		case <-ctx.Done():
 		case <-mem.Changes():
@@ -140,4 +168,71 @@ func RunStatic(ctx context.Context, listen string, backends []string, cfg Config
 	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)
 	defer cancel()
 	return srv.Shutdown(sctx)
+}
+
+// demandForwarder tells the coordinator (found in the gossip) that requests
+// wait for a model with no ready replica, at most once a second per model and
+// never on the request's path (the call runs in the background).
+func demandForwarder(mem *gossip.Membership, log *slog.Logger) func(string) {
+	var mu sync.Mutex
+	last := map[string]time.Time{}
+	return func(model string) {
+		mu.Lock()
+		if time.Since(last[model]) < time.Second {
+			mu.Unlock()
+			return
+		}
+		last[model] = time.Now()
+		mu.Unlock()
+		var api string
+		for _, t := range mem.Members() {
+			if t.Kind == gossip.KindCoordinator {
+				api = t.GRPC
+			}
+		}
+		if api == "" {
+			return
+		}
+		go func() {
+			conn, err := grpc.NewClient(api, grpc.WithTransportCredentials(insecure.NewCredentials()))
+			if err != nil {
+				return
+			}
+			defer conn.Close()
+			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
+			defer cancel()
+			if _, err := coordv1.NewCoordinatorClient(conn).Demand(ctx, &coordv1.DemandRequest{Model: model}); err != nil {
+				log.Debug("demand not delivered", "model", model, "coordinator", api, "err", err)
+			}
+		}()
+	}
+}
+
+// listModels asks the coordinator found in the gossip for its deployments' served names.
+func listModels(ctx context.Context, tags map[string]gossip.Tag) ([]string, error) {
+	var api string
+	for _, t := range tags {
+		if t.Kind == gossip.KindCoordinator {
+			api = t.GRPC
+		}
+	}
+	if api == "" {
+		return nil, errors.New("no coordinator in the gossip")
+	}
+	conn, err := grpc.NewClient(api, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	if err != nil {
+		return nil, err
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
+	defer cancel()
+	resp, err := coordv1.NewCoordinatorClient(conn).ListDeployments(ctx, &coordv1.ListDeploymentsRequest{})
+	if err != nil {
+		return nil, err
+	}
+	var out []string
+	for _, d := range resp.Deployments {
+		out = append(out, d.Model)
+	}
+	return out, nil
 }

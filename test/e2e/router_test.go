@@ -25,15 +25,7 @@ func TestStandaloneRouterOutlivesCoordinator(t *testing.T) {
 
 	keys := filepath.Join(e.dir, "keys.yaml")
 	require.NoError(t, os.WriteFile(keys, []byte("sk-demo-0001: [demo]\nsk-other-0002: [other]\n"), 0o600))
-	listen, gport := freeAddr(t, "127.0.10.1"), freeAddr(t, "127.0.10.1")
-	_, gp, _ := strings.Cut(gport, ":")
-	cmd := exec.Command(filepath.Join(binDir, "shoal"), "router", "--address", "127.0.10.1", "--gossip-port", gp,
-		"--join", e.gossip, "--listen", listen, "--gossip-profile", "fast", "--api-keys-file", keys, "--node-id", "router-1")
-	logf, err := os.Create(filepath.Join(e.dir, "logs", "router.log"))
-	require.NoError(t, err)
-	cmd.Stdout, cmd.Stderr = logf, logf
-	require.NoError(t, cmd.Start())
-	t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait(); logf.Close() })
+	listen := e.startRouter("127.0.10.1", "--api-keys-file", keys)
 
 	client := openai.NewClient(option.WithBaseURL("http://"+listen+"/v1/"), option.WithAPIKey("sk-demo-0001"), option.WithMaxRetries(0))
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
@@ -77,4 +69,44 @@ func TestStandaloneRouterOutlivesCoordinator(t *testing.T) {
 	require.NoError(t, err)
 	defer resp.Body.Close()
 	require.Equal(t, 200, resp.StatusCode)
+}
+
+// startRouter runs `shoal router` joined to the cluster on ip and returns its
+// OpenAI address.
+func (e *env) startRouter(ip string, args ...string) string {
+	e.t.Helper()
+	listen, gport := freeAddr(e.t, ip), freeAddr(e.t, ip)
+	_, gp, _ := strings.Cut(gport, ":")
+	cmd := exec.Command(filepath.Join(binDir, "shoal"), append([]string{"router", "--address", ip, "--gossip-port", gp,
+		"--join", e.gossip, "--listen", listen, "--gossip-profile", "fast", "--node-id", "router-" + ip}, args...)...)
+	logf, err := os.Create(filepath.Join(e.dir, "logs", "router-"+ip+".log"))
+	require.NoError(e.t, err)
+	cmd.Stdout, cmd.Stderr = logf, logf
+	require.NoError(e.t, cmd.Start())
+	e.t.Cleanup(func() { _ = cmd.Process.Kill(); _ = cmd.Wait(); logf.Close() })
+	return listen
+}
+
+// TestStandaloneRouterScalesFromZero: a request through a standalone router
+// for a deployment at zero replicas is held; the router tells the coordinator
+// (found in the gossip), a replica forms, and the held request is served.
+func TestStandaloneRouterScalesFromZero(t *testing.T) {
+	e := startCluster(t, 18, 2)
+	e.apply("zero.yaml", zeroSpec)
+	listen := e.startRouter("127.0.18.1")
+	require.Equal(t, 0, e.count("zero", ""))
+	hc := &http.Client{Timeout: 60 * time.Second}
+	var resp *http.Response
+	start := time.Now()
+	require.Eventually(t, func() bool { // until the router has seen the model in the gossip…
+		r, err := hc.Post("http://"+listen+"/v1/completions", "application/json", strings.NewReader(`{"model":"zero","prompt":"x","max_tokens":2}`))
+		if err != nil {
+			return false
+		}
+		r.Body.Close()
+		resp = r
+		return r.StatusCode != 404
+	}, 30*time.Second, 200*time.Millisecond)
+	require.Equal(t, 200, resp.StatusCode, "the held request is served")
+	t.Logf("AUTOSCALE: scale from zero through a standalone router served after %.2fs", time.Since(start).Seconds())
 }

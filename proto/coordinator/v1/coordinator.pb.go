@@ -23,6 +23,86 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type DemandRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Model         string                 `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DemandRequest) Reset() {
+	*x = DemandRequest{}
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DemandRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DemandRequest) ProtoMessage() {}
+
+func (x *DemandRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DemandRequest.ProtoReflect.Descriptor instead.
+func (*DemandRequest) Descriptor() ([]byte, []int) {
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *DemandRequest) GetModel() string {
+	if x != nil {
+		return x.Model
+	}
+	return ""
+}
+
+type DemandResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DemandResponse) Reset() {
+	*x = DemandResponse{}
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DemandResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DemandResponse) ProtoMessage() {}
+
+func (x *DemandResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DemandResponse.ProtoReflect.Descriptor instead.
+func (*DemandResponse) Descriptor() ([]byte, []int) {
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{1}
+}
+
 type LogsRequest struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	Replica string                 `protobuf:"bytes,1,opt,name=replica,proto3" json:"replica,omitempty"`
@@ -37,7 +117,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[0]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -49,7 +129,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[0]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -62,7 +142,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{0}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *LogsRequest) GetReplica() string {
@@ -111,7 +191,7 @@ type LogChunk struct {
 
 func (x *LogChunk) Reset() {
 	*x = LogChunk{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[1]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -123,7 +203,7 @@ func (x *LogChunk) String() string {
 func (*LogChunk) ProtoMessage() {}
 
 func (x *LogChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[1]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -136,7 +216,7 @@ func (x *LogChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogChunk.ProtoReflect.Descriptor instead.
 func (*LogChunk) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{1}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *LogChunk) GetNodeId() string {
@@ -169,7 +249,7 @@ type DescribeNodeRequest struct {
 
 func (x *DescribeNodeRequest) Reset() {
 	*x = DescribeNodeRequest{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[2]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -181,7 +261,7 @@ func (x *DescribeNodeRequest) String() string {
 func (*DescribeNodeRequest) ProtoMessage() {}
 
 func (x *DescribeNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[2]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -194,7 +274,7 @@ func (x *DescribeNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DescribeNodeRequest.ProtoReflect.Descriptor instead.
 func (*DescribeNodeRequest) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{2}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *DescribeNodeRequest) GetNodeId() string {
@@ -215,7 +295,7 @@ type DescribeNodeResponse struct {
 
 func (x *DescribeNodeResponse) Reset() {
 	*x = DescribeNodeResponse{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[3]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -227,7 +307,7 @@ func (x *DescribeNodeResponse) String() string {
 func (*DescribeNodeResponse) ProtoMessage() {}
 
 func (x *DescribeNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[3]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -240,7 +320,7 @@ func (x *DescribeNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DescribeNodeResponse.ProtoReflect.Descriptor instead.
 func (*DescribeNodeResponse) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{3}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *DescribeNodeResponse) GetNode() *NodeInfo {
@@ -266,7 +346,7 @@ type ApplyRequest struct {
 
 func (x *ApplyRequest) Reset() {
 	*x = ApplyRequest{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[4]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -278,7 +358,7 @@ func (x *ApplyRequest) String() string {
 func (*ApplyRequest) ProtoMessage() {}
 
 func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[4]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -291,7 +371,7 @@ func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyRequest) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{4}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *ApplyRequest) GetSpecYaml() []byte {
@@ -313,7 +393,7 @@ type ApplyResponse struct {
 
 func (x *ApplyResponse) Reset() {
 	*x = ApplyResponse{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[5]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -325,7 +405,7 @@ func (x *ApplyResponse) String() string {
 func (*ApplyResponse) ProtoMessage() {}
 
 func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[5]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -338,7 +418,7 @@ func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyResponse) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{5}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *ApplyResponse) GetName() string {
@@ -377,7 +457,7 @@ type DeploymentSummary struct {
 
 func (x *DeploymentSummary) Reset() {
 	*x = DeploymentSummary{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[6]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -389,7 +469,7 @@ func (x *DeploymentSummary) String() string {
 func (*DeploymentSummary) ProtoMessage() {}
 
 func (x *DeploymentSummary) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[6]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -402,7 +482,7 @@ func (x *DeploymentSummary) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeploymentSummary.ProtoReflect.Descriptor instead.
 func (*DeploymentSummary) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{6}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *DeploymentSummary) GetName() string {
@@ -462,7 +542,7 @@ type ListDeploymentsRequest struct {
 
 func (x *ListDeploymentsRequest) Reset() {
 	*x = ListDeploymentsRequest{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[7]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -474,7 +554,7 @@ func (x *ListDeploymentsRequest) String() string {
 func (*ListDeploymentsRequest) ProtoMessage() {}
 
 func (x *ListDeploymentsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[7]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -487,7 +567,7 @@ func (x *ListDeploymentsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDeploymentsRequest.ProtoReflect.Descriptor instead.
 func (*ListDeploymentsRequest) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{7}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{9}
 }
 
 type ListDeploymentsResponse struct {
@@ -499,7 +579,7 @@ type ListDeploymentsResponse struct {
 
 func (x *ListDeploymentsResponse) Reset() {
 	*x = ListDeploymentsResponse{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[8]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -511,7 +591,7 @@ func (x *ListDeploymentsResponse) String() string {
 func (*ListDeploymentsResponse) ProtoMessage() {}
 
 func (x *ListDeploymentsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[8]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -524,7 +604,7 @@ func (x *ListDeploymentsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDeploymentsResponse.ProtoReflect.Descriptor instead.
 func (*ListDeploymentsResponse) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{8}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *ListDeploymentsResponse) GetDeployments() []*DeploymentSummary {
@@ -546,7 +626,7 @@ type Field struct {
 
 func (x *Field) Reset() {
 	*x = Field{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[9]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -558,7 +638,7 @@ func (x *Field) String() string {
 func (*Field) ProtoMessage() {}
 
 func (x *Field) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[9]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -571,7 +651,7 @@ func (x *Field) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Field.ProtoReflect.Descriptor instead.
 func (*Field) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{9}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *Field) GetPath() string {
@@ -604,7 +684,7 @@ type DescribeDeploymentRequest struct {
 
 func (x *DescribeDeploymentRequest) Reset() {
 	*x = DescribeDeploymentRequest{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[10]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -616,7 +696,7 @@ func (x *DescribeDeploymentRequest) String() string {
 func (*DescribeDeploymentRequest) ProtoMessage() {}
 
 func (x *DescribeDeploymentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[10]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -629,7 +709,7 @@ func (x *DescribeDeploymentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DescribeDeploymentRequest.ProtoReflect.Descriptor instead.
 func (*DescribeDeploymentRequest) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{10}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *DescribeDeploymentRequest) GetName() string {
@@ -654,7 +734,7 @@ type DescribeDeploymentResponse struct {
 
 func (x *DescribeDeploymentResponse) Reset() {
 	*x = DescribeDeploymentResponse{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[11]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -666,7 +746,7 @@ func (x *DescribeDeploymentResponse) String() string {
 func (*DescribeDeploymentResponse) ProtoMessage() {}
 
 func (x *DescribeDeploymentResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[11]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -679,7 +759,7 @@ func (x *DescribeDeploymentResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DescribeDeploymentResponse.ProtoReflect.Descriptor instead.
 func (*DescribeDeploymentResponse) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{11}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *DescribeDeploymentResponse) GetSummary() *DeploymentSummary {
@@ -733,7 +813,7 @@ type DeleteDeploymentRequest struct {
 
 func (x *DeleteDeploymentRequest) Reset() {
 	*x = DeleteDeploymentRequest{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[12]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -745,7 +825,7 @@ func (x *DeleteDeploymentRequest) String() string {
 func (*DeleteDeploymentRequest) ProtoMessage() {}
 
 func (x *DeleteDeploymentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[12]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -758,7 +838,7 @@ func (x *DeleteDeploymentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteDeploymentRequest.ProtoReflect.Descriptor instead.
 func (*DeleteDeploymentRequest) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{12}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *DeleteDeploymentRequest) GetName() string {
@@ -776,7 +856,7 @@ type DeleteDeploymentResponse struct {
 
 func (x *DeleteDeploymentResponse) Reset() {
 	*x = DeleteDeploymentResponse{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[13]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -788,7 +868,7 @@ func (x *DeleteDeploymentResponse) String() string {
 func (*DeleteDeploymentResponse) ProtoMessage() {}
 
 func (x *DeleteDeploymentResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[13]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -801,7 +881,7 @@ func (x *DeleteDeploymentResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteDeploymentResponse.ProtoReflect.Descriptor instead.
 func (*DeleteDeploymentResponse) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{13}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{15}
 }
 
 type NodeInfo struct {
@@ -825,7 +905,7 @@ type NodeInfo struct {
 
 func (x *NodeInfo) Reset() {
 	*x = NodeInfo{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[14]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -837,7 +917,7 @@ func (x *NodeInfo) String() string {
 func (*NodeInfo) ProtoMessage() {}
 
 func (x *NodeInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[14]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -850,7 +930,7 @@ func (x *NodeInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeInfo.ProtoReflect.Descriptor instead.
 func (*NodeInfo) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{14}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *NodeInfo) GetNodeId() string {
@@ -952,7 +1032,7 @@ type ListNodesRequest struct {
 
 func (x *ListNodesRequest) Reset() {
 	*x = ListNodesRequest{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[15]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -964,7 +1044,7 @@ func (x *ListNodesRequest) String() string {
 func (*ListNodesRequest) ProtoMessage() {}
 
 func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[15]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -977,7 +1057,7 @@ func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
 func (*ListNodesRequest) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{15}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{17}
 }
 
 type ListNodesResponse struct {
@@ -989,7 +1069,7 @@ type ListNodesResponse struct {
 
 func (x *ListNodesResponse) Reset() {
 	*x = ListNodesResponse{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[16]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1001,7 +1081,7 @@ func (x *ListNodesResponse) String() string {
 func (*ListNodesResponse) ProtoMessage() {}
 
 func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[16]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1014,7 +1094,7 @@ func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
 func (*ListNodesResponse) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{16}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ListNodesResponse) GetNodes() []*NodeInfo {
@@ -1043,7 +1123,7 @@ type ReplicaInfo struct {
 
 func (x *ReplicaInfo) Reset() {
 	*x = ReplicaInfo{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[17]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1055,7 +1135,7 @@ func (x *ReplicaInfo) String() string {
 func (*ReplicaInfo) ProtoMessage() {}
 
 func (x *ReplicaInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[17]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1068,7 +1148,7 @@ func (x *ReplicaInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicaInfo.ProtoReflect.Descriptor instead.
 func (*ReplicaInfo) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{17}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *ReplicaInfo) GetGroupId() string {
@@ -1157,7 +1237,7 @@ type ListReplicasRequest struct {
 
 func (x *ListReplicasRequest) Reset() {
 	*x = ListReplicasRequest{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[18]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1169,7 +1249,7 @@ func (x *ListReplicasRequest) String() string {
 func (*ListReplicasRequest) ProtoMessage() {}
 
 func (x *ListReplicasRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[18]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1182,7 +1262,7 @@ func (x *ListReplicasRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListReplicasRequest.ProtoReflect.Descriptor instead.
 func (*ListReplicasRequest) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{18}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{20}
 }
 
 func (x *ListReplicasRequest) GetDeployment() string {
@@ -1201,7 +1281,7 @@ type ListReplicasResponse struct {
 
 func (x *ListReplicasResponse) Reset() {
 	*x = ListReplicasResponse{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[19]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1213,7 +1293,7 @@ func (x *ListReplicasResponse) String() string {
 func (*ListReplicasResponse) ProtoMessage() {}
 
 func (x *ListReplicasResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[19]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1226,7 +1306,7 @@ func (x *ListReplicasResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListReplicasResponse.ProtoReflect.Descriptor instead.
 func (*ListReplicasResponse) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{19}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ListReplicasResponse) GetReplicas() []*ReplicaInfo {
@@ -1240,7 +1320,10 @@ var File_coordinator_v1_coordinator_proto protoreflect.FileDescriptor
 
 const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"\n" +
-	" coordinator/v1/coordinator.proto\x12\x14shoal.coordinator.v1\"\x8b\x01\n" +
+	" coordinator/v1/coordinator.proto\x12\x14shoal.coordinator.v1\"%\n" +
+	"\rDemandRequest\x12\x14\n" +
+	"\x05model\x18\x01 \x01(\tR\x05model\"\x10\n" +
+	"\x0eDemandResponse\"\x8b\x01\n" +
 	"\vLogsRequest\x12\x18\n" +
 	"\areplica\x18\x01 \x01(\tR\areplica\x12\x17\n" +
 	"\anode_id\x18\x02 \x01(\tR\x06nodeId\x12\x12\n" +
@@ -1330,7 +1413,7 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"deployment\x18\x01 \x01(\tR\n" +
 	"deployment\"U\n" +
 	"\x14ListReplicasResponse\x12=\n" +
-	"\breplicas\x18\x01 \x03(\v2!.shoal.coordinator.v1.ReplicaInfoR\breplicas2\xb4\x06\n" +
+	"\breplicas\x18\x01 \x03(\v2!.shoal.coordinator.v1.ReplicaInfoR\breplicas2\x89\a\n" +
 	"\vCoordinator\x12P\n" +
 	"\x05Apply\x12\".shoal.coordinator.v1.ApplyRequest\x1a#.shoal.coordinator.v1.ApplyResponse\x12n\n" +
 	"\x0fListDeployments\x12,.shoal.coordinator.v1.ListDeploymentsRequest\x1a-.shoal.coordinator.v1.ListDeploymentsResponse\x12w\n" +
@@ -1339,7 +1422,8 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"\tListNodes\x12&.shoal.coordinator.v1.ListNodesRequest\x1a'.shoal.coordinator.v1.ListNodesResponse\x12e\n" +
 	"\fListReplicas\x12).shoal.coordinator.v1.ListReplicasRequest\x1a*.shoal.coordinator.v1.ListReplicasResponse\x12e\n" +
 	"\fDescribeNode\x12).shoal.coordinator.v1.DescribeNodeRequest\x1a*.shoal.coordinator.v1.DescribeNodeResponse\x12K\n" +
-	"\x04Logs\x12!.shoal.coordinator.v1.LogsRequest\x1a\x1e.shoal.coordinator.v1.LogChunk0\x01B=Z;github.com/shoalhq/shoal/proto/coordinator/v1;coordinatorv1b\x06proto3"
+	"\x04Logs\x12!.shoal.coordinator.v1.LogsRequest\x1a\x1e.shoal.coordinator.v1.LogChunk0\x01\x12S\n" +
+	"\x06Demand\x12#.shoal.coordinator.v1.DemandRequest\x1a$.shoal.coordinator.v1.DemandResponseB=Z;github.com/shoalhq/shoal/proto/coordinator/v1;coordinatorv1b\x06proto3"
 
 var (
 	file_coordinator_v1_coordinator_proto_rawDescOnce sync.Once
@@ -1353,55 +1437,59 @@ func file_coordinator_v1_coordinator_proto_rawDescGZIP() []byte {
 	return file_coordinator_v1_coordinator_proto_rawDescData
 }
 
-var file_coordinator_v1_coordinator_proto_msgTypes = make([]protoimpl.MessageInfo, 20)
+var file_coordinator_v1_coordinator_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
 var file_coordinator_v1_coordinator_proto_goTypes = []any{
-	(*LogsRequest)(nil),                // 0: shoal.coordinator.v1.LogsRequest
-	(*LogChunk)(nil),                   // 1: shoal.coordinator.v1.LogChunk
-	(*DescribeNodeRequest)(nil),        // 2: shoal.coordinator.v1.DescribeNodeRequest
-	(*DescribeNodeResponse)(nil),       // 3: shoal.coordinator.v1.DescribeNodeResponse
-	(*ApplyRequest)(nil),               // 4: shoal.coordinator.v1.ApplyRequest
-	(*ApplyResponse)(nil),              // 5: shoal.coordinator.v1.ApplyResponse
-	(*DeploymentSummary)(nil),          // 6: shoal.coordinator.v1.DeploymentSummary
-	(*ListDeploymentsRequest)(nil),     // 7: shoal.coordinator.v1.ListDeploymentsRequest
-	(*ListDeploymentsResponse)(nil),    // 8: shoal.coordinator.v1.ListDeploymentsResponse
-	(*Field)(nil),                      // 9: shoal.coordinator.v1.Field
-	(*DescribeDeploymentRequest)(nil),  // 10: shoal.coordinator.v1.DescribeDeploymentRequest
-	(*DescribeDeploymentResponse)(nil), // 11: shoal.coordinator.v1.DescribeDeploymentResponse
-	(*DeleteDeploymentRequest)(nil),    // 12: shoal.coordinator.v1.DeleteDeploymentRequest
-	(*DeleteDeploymentResponse)(nil),   // 13: shoal.coordinator.v1.DeleteDeploymentResponse
-	(*NodeInfo)(nil),                   // 14: shoal.coordinator.v1.NodeInfo
-	(*ListNodesRequest)(nil),           // 15: shoal.coordinator.v1.ListNodesRequest
-	(*ListNodesResponse)(nil),          // 16: shoal.coordinator.v1.ListNodesResponse
-	(*ReplicaInfo)(nil),                // 17: shoal.coordinator.v1.ReplicaInfo
-	(*ListReplicasRequest)(nil),        // 18: shoal.coordinator.v1.ListReplicasRequest
-	(*ListReplicasResponse)(nil),       // 19: shoal.coordinator.v1.ListReplicasResponse
+	(*DemandRequest)(nil),              // 0: shoal.coordinator.v1.DemandRequest
+	(*DemandResponse)(nil),             // 1: shoal.coordinator.v1.DemandResponse
+	(*LogsRequest)(nil),                // 2: shoal.coordinator.v1.LogsRequest
+	(*LogChunk)(nil),                   // 3: shoal.coordinator.v1.LogChunk
+	(*DescribeNodeRequest)(nil),        // 4: shoal.coordinator.v1.DescribeNodeRequest
+	(*DescribeNodeResponse)(nil),       // 5: shoal.coordinator.v1.DescribeNodeResponse
+	(*ApplyRequest)(nil),               // 6: shoal.coordinator.v1.ApplyRequest
+	(*ApplyResponse)(nil),              // 7: shoal.coordinator.v1.ApplyResponse
+	(*DeploymentSummary)(nil),          // 8: shoal.coordinator.v1.DeploymentSummary
+	(*ListDeploymentsRequest)(nil),     // 9: shoal.coordinator.v1.ListDeploymentsRequest
+	(*ListDeploymentsResponse)(nil),    // 10: shoal.coordinator.v1.ListDeploymentsResponse
+	(*Field)(nil),                      // 11: shoal.coordinator.v1.Field
+	(*DescribeDeploymentRequest)(nil),  // 12: shoal.coordinator.v1.DescribeDeploymentRequest
+	(*DescribeDeploymentResponse)(nil), // 13: shoal.coordinator.v1.DescribeDeploymentResponse
+	(*DeleteDeploymentRequest)(nil),    // 14: shoal.coordinator.v1.DeleteDeploymentRequest
+	(*DeleteDeploymentResponse)(nil),   // 15: shoal.coordinator.v1.DeleteDeploymentResponse
+	(*NodeInfo)(nil),                   // 16: shoal.coordinator.v1.NodeInfo
+	(*ListNodesRequest)(nil),           // 17: shoal.coordinator.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),          // 18: shoal.coordinator.v1.ListNodesResponse
+	(*ReplicaInfo)(nil),                // 19: shoal.coordinator.v1.ReplicaInfo
+	(*ListReplicasRequest)(nil),        // 20: shoal.coordinator.v1.ListReplicasRequest
+	(*ListReplicasResponse)(nil),       // 21: shoal.coordinator.v1.ListReplicasResponse
 }
 var file_coordinator_v1_coordinator_proto_depIdxs = []int32{
-	14, // 0: shoal.coordinator.v1.DescribeNodeResponse.node:type_name -> shoal.coordinator.v1.NodeInfo
-	6,  // 1: shoal.coordinator.v1.ListDeploymentsResponse.deployments:type_name -> shoal.coordinator.v1.DeploymentSummary
-	6,  // 2: shoal.coordinator.v1.DescribeDeploymentResponse.summary:type_name -> shoal.coordinator.v1.DeploymentSummary
-	9,  // 3: shoal.coordinator.v1.DescribeDeploymentResponse.fields:type_name -> shoal.coordinator.v1.Field
-	17, // 4: shoal.coordinator.v1.DescribeDeploymentResponse.replicas:type_name -> shoal.coordinator.v1.ReplicaInfo
-	14, // 5: shoal.coordinator.v1.ListNodesResponse.nodes:type_name -> shoal.coordinator.v1.NodeInfo
-	17, // 6: shoal.coordinator.v1.ListReplicasResponse.replicas:type_name -> shoal.coordinator.v1.ReplicaInfo
-	4,  // 7: shoal.coordinator.v1.Coordinator.Apply:input_type -> shoal.coordinator.v1.ApplyRequest
-	7,  // 8: shoal.coordinator.v1.Coordinator.ListDeployments:input_type -> shoal.coordinator.v1.ListDeploymentsRequest
-	10, // 9: shoal.coordinator.v1.Coordinator.DescribeDeployment:input_type -> shoal.coordinator.v1.DescribeDeploymentRequest
-	12, // 10: shoal.coordinator.v1.Coordinator.DeleteDeployment:input_type -> shoal.coordinator.v1.DeleteDeploymentRequest
-	15, // 11: shoal.coordinator.v1.Coordinator.ListNodes:input_type -> shoal.coordinator.v1.ListNodesRequest
-	18, // 12: shoal.coordinator.v1.Coordinator.ListReplicas:input_type -> shoal.coordinator.v1.ListReplicasRequest
-	2,  // 13: shoal.coordinator.v1.Coordinator.DescribeNode:input_type -> shoal.coordinator.v1.DescribeNodeRequest
-	0,  // 14: shoal.coordinator.v1.Coordinator.Logs:input_type -> shoal.coordinator.v1.LogsRequest
-	5,  // 15: shoal.coordinator.v1.Coordinator.Apply:output_type -> shoal.coordinator.v1.ApplyResponse
-	8,  // 16: shoal.coordinator.v1.Coordinator.ListDeployments:output_type -> shoal.coordinator.v1.ListDeploymentsResponse
-	11, // 17: shoal.coordinator.v1.Coordinator.DescribeDeployment:output_type -> shoal.coordinator.v1.DescribeDeploymentResponse
-	13, // 18: shoal.coordinator.v1.Coordinator.DeleteDeployment:output_type -> shoal.coordinator.v1.DeleteDeploymentResponse
-	16, // 19: shoal.coordinator.v1.Coordinator.ListNodes:output_type -> shoal.coordinator.v1.ListNodesResponse
-	19, // 20: shoal.coordinator.v1.Coordinator.ListReplicas:output_type -> shoal.coordinator.v1.ListReplicasResponse
-	3,  // 21: shoal.coordinator.v1.Coordinator.DescribeNode:output_type -> shoal.coordinator.v1.DescribeNodeResponse
-	1,  // 22: shoal.coordinator.v1.Coordinator.Logs:output_type -> shoal.coordinator.v1.LogChunk
-	15, // [15:23] is the sub-list for method output_type
-	7,  // [7:15] is the sub-list for method input_type
+	16, // 0: shoal.coordinator.v1.DescribeNodeResponse.node:type_name -> shoal.coordinator.v1.NodeInfo
+	8,  // 1: shoal.coordinator.v1.ListDeploymentsResponse.deployments:type_name -> shoal.coordinator.v1.DeploymentSummary
+	8,  // 2: shoal.coordinator.v1.DescribeDeploymentResponse.summary:type_name -> shoal.coordinator.v1.DeploymentSummary
+	11, // 3: shoal.coordinator.v1.DescribeDeploymentResponse.fields:type_name -> shoal.coordinator.v1.Field
+	19, // 4: shoal.coordinator.v1.DescribeDeploymentResponse.replicas:type_name -> shoal.coordinator.v1.ReplicaInfo
+	16, // 5: shoal.coordinator.v1.ListNodesResponse.nodes:type_name -> shoal.coordinator.v1.NodeInfo
+	19, // 6: shoal.coordinator.v1.ListReplicasResponse.replicas:type_name -> shoal.coordinator.v1.ReplicaInfo
+	6,  // 7: shoal.coordinator.v1.Coordinator.Apply:input_type -> shoal.coordinator.v1.ApplyRequest
+	9,  // 8: shoal.coordinator.v1.Coordinator.ListDeployments:input_type -> shoal.coordinator.v1.ListDeploymentsRequest
+	12, // 9: shoal.coordinator.v1.Coordinator.DescribeDeployment:input_type -> shoal.coordinator.v1.DescribeDeploymentRequest
+	14, // 10: shoal.coordinator.v1.Coordinator.DeleteDeployment:input_type -> shoal.coordinator.v1.DeleteDeploymentRequest
+	17, // 11: shoal.coordinator.v1.Coordinator.ListNodes:input_type -> shoal.coordinator.v1.ListNodesRequest
+	20, // 12: shoal.coordinator.v1.Coordinator.ListReplicas:input_type -> shoal.coordinator.v1.ListReplicasRequest
+	4,  // 13: shoal.coordinator.v1.Coordinator.DescribeNode:input_type -> shoal.coordinator.v1.DescribeNodeRequest
+	2,  // 14: shoal.coordinator.v1.Coordinator.Logs:input_type -> shoal.coordinator.v1.LogsRequest
+	0,  // 15: shoal.coordinator.v1.Coordinator.Demand:input_type -> shoal.coordinator.v1.DemandRequest
+	7,  // 16: shoal.coordinator.v1.Coordinator.Apply:output_type -> shoal.coordinator.v1.ApplyResponse
+	10, // 17: shoal.coordinator.v1.Coordinator.ListDeployments:output_type -> shoal.coordinator.v1.ListDeploymentsResponse
+	13, // 18: shoal.coordinator.v1.Coordinator.DescribeDeployment:output_type -> shoal.coordinator.v1.DescribeDeploymentResponse
+	15, // 19: shoal.coordinator.v1.Coordinator.DeleteDeployment:output_type -> shoal.coordinator.v1.DeleteDeploymentResponse
+	18, // 20: shoal.coordinator.v1.Coordinator.ListNodes:output_type -> shoal.coordinator.v1.ListNodesResponse
+	21, // 21: shoal.coordinator.v1.Coordinator.ListReplicas:output_type -> shoal.coordinator.v1.ListReplicasResponse
+	5,  // 22: shoal.coordinator.v1.Coordinator.DescribeNode:output_type -> shoal.coordinator.v1.DescribeNodeResponse
+	3,  // 23: shoal.coordinator.v1.Coordinator.Logs:output_type -> shoal.coordinator.v1.LogChunk
+	1,  // 24: shoal.coordinator.v1.Coordinator.Demand:output_type -> shoal.coordinator.v1.DemandResponse
+	16, // [16:25] is the sub-list for method output_type
+	7,  // [7:16] is the sub-list for method input_type
 	7,  // [7:7] is the sub-list for extension type_name
 	7,  // [7:7] is the sub-list for extension extendee
 	0,  // [0:7] is the sub-list for field type_name
@@ -1418,7 +1506,7 @@ func file_coordinator_v1_coordinator_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_coordinator_v1_coordinator_proto_rawDesc), len(file_coordinator_v1_coordinator_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   20,
+			NumMessages:   22,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -29,6 +29,7 @@ const (
 	Coordinator_ListReplicas_FullMethodName       = "/shoal.coordinator.v1.Coordinator/ListReplicas"
 	Coordinator_DescribeNode_FullMethodName       = "/shoal.coordinator.v1.Coordinator/DescribeNode"
 	Coordinator_Logs_FullMethodName               = "/shoal.coordinator.v1.Coordinator/Logs"
+	Coordinator_Demand_FullMethodName             = "/shoal.coordinator.v1.Coordinator/Demand"
 )
 
 // CoordinatorClient is the client API for Coordinator service.
@@ -44,6 +45,9 @@ type CoordinatorClient interface {
 	DescribeNode(ctx context.Context, in *DescribeNodeRequest, opts ...grpc.CallOption) (*DescribeNodeResponse, error)
 	// Logs relays a replica member's engine logs (the head by default).
 	Logs(ctx context.Context, in *LogsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[LogChunk], error)
+	// Demand tells the autoscaler that a router holds requests for a model with
+	// no ready replica (scale from zero through standalone routers).
+	Demand(ctx context.Context, in *DemandRequest, opts ...grpc.CallOption) (*DemandResponse, error)
 }
 
 type coordinatorClient struct {
@@ -143,6 +147,16 @@ func (c *coordinatorClient) Logs(ctx context.Context, in *LogsRequest, opts ...g
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Coordinator_LogsClient = grpc.ServerStreamingClient[LogChunk]
 
+func (c *coordinatorClient) Demand(ctx context.Context, in *DemandRequest, opts ...grpc.CallOption) (*DemandResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DemandResponse)
+	err := c.cc.Invoke(ctx, Coordinator_Demand_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // CoordinatorServer is the server API for Coordinator service.
 // All implementations must embed UnimplementedCoordinatorServer
 // for forward compatibility.
@@ -156,6 +170,9 @@ type CoordinatorServer interface {
 	DescribeNode(context.Context, *DescribeNodeRequest) (*DescribeNodeResponse, error)
 	// Logs relays a replica member's engine logs (the head by default).
 	Logs(*LogsRequest, grpc.ServerStreamingServer[LogChunk]) error
+	// Demand tells the autoscaler that a router holds requests for a model with
+	// no ready replica (scale from zero through standalone routers).
+	Demand(context.Context, *DemandRequest) (*DemandResponse, error)
 	mustEmbedUnimplementedCoordinatorServer()
 }
 
@@ -189,6 +206,9 @@ func (UnimplementedCoordinatorServer) DescribeNode(context.Context, *DescribeNod
 }
 func (UnimplementedCoordinatorServer) Logs(*LogsRequest, grpc.ServerStreamingServer[LogChunk]) error {
 	return status.Error(codes.Unimplemented, "method Logs not implemented")
+}
+func (UnimplementedCoordinatorServer) Demand(context.Context, *DemandRequest) (*DemandResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Demand not implemented")
 }
 func (UnimplementedCoordinatorServer) mustEmbedUnimplementedCoordinatorServer() {}
 func (UnimplementedCoordinatorServer) testEmbeddedByValue()                     {}
@@ -348,6 +368,24 @@ func _Coordinator_Logs_Handler(srv interface{}, stream grpc.ServerStream) error 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Coordinator_LogsServer = grpc.ServerStreamingServer[LogChunk]
 
+func _Coordinator_Demand_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DemandRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CoordinatorServer).Demand(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Coordinator_Demand_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CoordinatorServer).Demand(ctx, req.(*DemandRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Coordinator_ServiceDesc is the grpc.ServiceDesc for Coordinator service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -382,6 +420,10 @@ var Coordinator_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "DescribeNode",
 			Handler:    _Coordinator_DescribeNode_Handler,
+		},
+		{
+			MethodName: "Demand",
+			Handler:    _Coordinator_Demand_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -184,32 +184,21 @@ func demandForwarder(mem *gossip.Membership, log *slog.Logger) func(string) {
 		}
 		last[model] = time.Now()
 		mu.Unlock()
-		var api string
-		for _, t := range mem.Members() {
-			if t.Kind == gossip.KindCoordinator {
-				api = t.GRPC
-			}
-		}
-		if api == "" {
-			return
-		}
+		tags := mem.Members()
 		go func() {
-			conn, err := grpc.NewClient(api, grpc.WithTransportCredentials(insecure.NewCredentials()))
+			err := withCoordinator(context.Background(), tags, func(ctx context.Context, c coordv1.CoordinatorClient) error {
+				_, err := c.Demand(ctx, &coordv1.DemandRequest{Model: model})
+				return err
+			})
 			if err != nil {
-				return
-			}
-			defer conn.Close()
-			ctx, cancel := context.WithTimeout(context.Background(), 2*time.Second)
-			defer cancel()
-			if _, err := coordv1.NewCoordinatorClient(conn).Demand(ctx, &coordv1.DemandRequest{Model: model}); err != nil {
-				log.Debug("demand not delivered", "model", model, "coordinator", api, "err", err)
+				log.Debug("demand not delivered", "model", model, "err", err)
 			}
 		}()
 	}
 }
 
-// listModels asks the coordinator found in the gossip for its deployments' served names.
-func listModels(ctx context.Context, tags map[string]gossip.Tag) ([]string, error) {
+// withCoordinator calls the coordinator found in the gossip, bounded to 2 s.
+func withCoordinator(ctx context.Context, tags map[string]gossip.Tag, f func(context.Context, coordv1.CoordinatorClient) error) error {
 	var api string
 	for _, t := range tags {
 		if t.Kind == gossip.KindCoordinator {
@@ -217,22 +206,30 @@ func listModels(ctx context.Context, tags map[string]gossip.Tag) ([]string, erro
 		}
 	}
 	if api == "" {
-		return nil, errors.New("no coordinator in the gossip")
+		return errors.New("no coordinator in the gossip")
 	}
 	conn, err := grpc.NewClient(api, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	if err != nil {
-		return nil, err
+		return err
 	}
 	defer conn.Close()
 	ctx, cancel := context.WithTimeout(ctx, 2*time.Second)
 	defer cancel()
-	resp, err := coordv1.NewCoordinatorClient(conn).ListDeployments(ctx, &coordv1.ListDeploymentsRequest{})
-	if err != nil {
-		return nil, err
-	}
+	return f(ctx, coordv1.NewCoordinatorClient(conn))
+}
+
+// listModels asks the coordinator for its deployments' served names.
+func listModels(ctx context.Context, tags map[string]gossip.Tag) ([]string, error) {
 	var out []string
-	for _, d := range resp.Deployments {
-		out = append(out, d.Model)
-	}
-	return out, nil
+	err := withCoordinator(ctx, tags, func(ctx context.Context, c coordv1.CoordinatorClient) error {
+		resp, err := c.ListDeployments(ctx, &coordv1.ListDeploymentsRequest{})
+		if err != nil {
+			return err
+		}
+		for _, d := range resp.Deployments {
+			out = append(out, d.Model)
+		}
+		return nil
+	})
+	return out, err
 }

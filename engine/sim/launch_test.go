@@ -23,11 +23,19 @@ type syncBuf struct {
 func (s *syncBuf) Write(p []byte) (int, error) { s.mu.Lock(); defer s.mu.Unlock(); return s.b.Write(p) }
 func (s *syncBuf) String() string              { s.mu.Lock(); defer s.mu.Unlock(); return s.b.String() }
 
-func freePort(t *testing.T, ip string) int {
-	l, err := net.Listen("tcp", ip+":0")
-	require.NoError(t, err)
-	defer l.Close()
-	return l.Addr().(*net.TCPAddr).Port
+func freePort(t *testing.T, ip string) int { return freePorts(t, ip, 1)[0] }
+
+// freePorts returns n distinct free ports on ip (the listeners stay open until
+// all are chosen, so the kernel cannot hand one out twice).
+func freePorts(t *testing.T, ip string, n int) []int {
+	var out []int
+	for i := 0; i < n; i++ {
+		l, err := net.Listen("tcp", ip+":0")
+		require.NoError(t, err)
+		defer l.Close()
+		out = append(out, l.Addr().(*net.TCPAddr).Port)
+	}
+	return out
 }
 
 func rayStatusOf(addr string) (engine.RayStatus, error) {
@@ -43,7 +51,8 @@ func TestRayVLLMLaunchContract(t *testing.T) {
 	t.Setenv("SHOAL_SIM_LOAD_SECONDS", "1")
 	t.Setenv("SHOAL_SIM_STATE_DIR", t.TempDir())
 	headIP, workerIP := "127.0.9.1", "127.0.9.2"
-	rayPort := freePort(t, headIP)
+	ports := freePorts(t, headIP, 2)
+	rayPort := ports[0]
 	addr := fmt.Sprintf("%s:%d", headIP, rayPort)
 
 	// No cluster yet: `ray status` fails like Ray's.
@@ -85,7 +94,7 @@ func TestRayVLLMLaunchContract(t *testing.T) {
 
 	// vllm#7815: VLLM_HOST_IP matches no Ray node: vLLM waits for a placement
 	// group that can never be placed, and never listens.
-	port := freePort(t, headIP)
+	port := ports[1]
 	badCtx, stopBad := context.WithCancel(context.Background())
 	var badOut syncBuf
 	badDone := serve(badCtx, "127.0.9.99", port, &badOut)

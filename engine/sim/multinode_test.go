@@ -29,7 +29,8 @@ func waitHealthy(t *testing.T, base string) {
 func TestVLLMNativeMultiNode(t *testing.T) {
 	t.Setenv("SHOAL_SIM_LOAD_SECONDS", "0.1")
 	ip := "127.0.9.6"
-	master, port := freePort(t, ip), freePort(t, ip)
+	ps := freePorts(t, ip, 2)
+	master, port := ps[0], ps[1]
 	common := []string{"serve", "/m", "--served-model-name", "m", "--tensor-parallel-size", "8", "--pipeline-parallel-size", "2",
 		"--nnodes", "2", "--master-addr", ip, "--master-port", fmt.Sprint(master)}
 	headCtx, stopHead := context.WithCancel(context.Background())
@@ -71,7 +72,8 @@ func TestVLLMNativeMultiNode(t *testing.T) {
 func TestSGLangMultiNode(t *testing.T) {
 	t.Setenv("SHOAL_SIM_LOAD_SECONDS", "0.1")
 	ip := "127.0.9.7"
-	dist, port := freePort(t, ip), freePort(t, ip)
+	ps := freePorts(t, ip, 2)
+	dist, port := ps[0], ps[1]
 	common := []string{"--model-path", "/m", "--served-model-name", "m", "--tp", "16", "--dist-init-addr", fmt.Sprintf("%s:%d", ip, dist),
 		"--nnodes", "2", "--host", ip, "--port", fmt.Sprint(port), "--enable-metrics"}
 	ctx, cancel := context.WithCancel(context.Background())

@@ -47,12 +47,18 @@ func TestMain(m *testing.M) {
 	os.Exit(code)
 }
 
-func freeAddr(t *testing.T, ip string) string {
+// freeAddrs returns n distinct free addresses on ip: the listeners stay open
+// until all are chosen, so the kernel cannot hand the same port out twice.
+func freeAddrs(t *testing.T, ip string, n int) []string {
 	t.Helper()
-	l, err := net.Listen("tcp", ip+":0")
-	require.NoError(t, err)
-	defer l.Close()
-	return l.Addr().String()
+	var out []string
+	for i := 0; i < n; i++ {
+		l, err := net.Listen("tcp", ip+":0")
+		require.NoError(t, err)
+		defer l.Close()
+		out = append(out, l.Addr().String())
+	}
+	return out
 }
 
 type env struct {
@@ -68,8 +74,9 @@ type env struct {
 func startCluster(t *testing.T, subnet, n int) *env {
 	ip := fmt.Sprintf("127.0.%d.1", subnet)
 	dir := t.TempDir()
-	e := &env{t: t, api: freeAddr(t, ip), router: freeAddr(t, ip), dir: dir}
-	port := freeAddr(t, ip)
+	addrs := freeAddrs(t, ip, 3)
+	e := &env{t: t, api: addrs[0], router: addrs[1], dir: dir}
+	port := addrs[2]
 	_, p, _ := net.SplitHostPort(port)
 	var gp int
 	fmt.Sscan(p, &gp)

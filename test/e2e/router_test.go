@@ -75,7 +75,8 @@ func TestStandaloneRouterOutlivesCoordinator(t *testing.T) {
 // OpenAI address.
 func (e *env) startRouter(ip string, args ...string) string {
 	e.t.Helper()
-	listen, gport := freeAddr(e.t, ip), freeAddr(e.t, ip)
+	addrs := freeAddrs(e.t, ip, 2)
+	listen, gport := addrs[0], addrs[1]
 	_, gp, _ := strings.Cut(gport, ":")
 	cmd := exec.Command(filepath.Join(binDir, "shoal"), append([]string{"router", "--address", ip, "--gossip-port", gp,
 		"--join", e.gossip, "--listen", listen, "--gossip-profile", "fast", "--node-id", "router-" + ip}, args...)...)

@@ -111,12 +111,17 @@ func TestAutoscaling(t *testing.T) {
 	require.NoError(t, err)
 	require.Contains(t, out, "Autoscaler: kpa on num_requests_running")
 	require.Contains(t, out, "AlgorithmRun kpa: currentReplicas: 1")
-	mr, err := http.Get("http://" + e.router + "/metrics")
-	require.NoError(t, err)
-	mb, _ := io.ReadAll(mr.Body)
-	mr.Body.Close()
-	require.Contains(t, string(mb), `shoal_autoscaler_desired_replicas{deployment="auto"}`)
-	require.Contains(t, string(mb), `shoal_router_requests_total{code="200",model="auto"`)
+	// Router requests are counted when they complete: poll until a load request has.
+	require.Eventually(t, func() bool {
+		mr, err := http.Get("http://" + e.router + "/metrics")
+		if err != nil {
+			return false
+		}
+		mb, _ := io.ReadAll(mr.Body)
+		mr.Body.Close()
+		return strings.Contains(string(mb), `shoal_autoscaler_desired_replicas{deployment="auto"}`) &&
+			strings.Contains(string(mb), `shoal_router_requests_total{code="200",model="auto"`)
+	}, 30*time.Second, 200*time.Millisecond, "autoscaler and router metrics on the router's /metrics")
 
 	// Load removed: back to min after the delay, every request answered.
 	stopLoad()

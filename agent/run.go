@@ -64,7 +64,6 @@ type metricsState struct {
 	ttftAvg  float64
 	hitRate  float64
 	have     bool
-	healthOK bool
 }
 
 func (r *run) setPhase(p string) {
@@ -388,7 +387,7 @@ func (r *run) scrape(base string) error {
 	if ms.have && m.GenerationTokens > ms.last.GenerationTokens {
 		ms.lastGen = now
 	}
-	ms.last, ms.lastAt, ms.have, ms.healthOK = m, now, true, true
+	ms.last, ms.lastAt, ms.have = m, now, true
 	return nil
 }
 

@@ -81,27 +81,41 @@ type Plan struct {
 	Endpoint string
 }
 
-// RayVLLM builds the ray-vllm plan (reference/vllm-contract.md §A1).
-func RayVLLM(in PlanInput) (*Plan, error) {
-	s := in.Spec
-	if s == nil {
-		return nil, fmt.Errorf("plan: no spec")
+// checkInput rejects a plan input without a spec or with non-IP addresses.
+func checkInput(in PlanInput) error {
+	if in.Spec == nil {
+		return fmt.Errorf("plan: no spec")
 	}
 	if net.ParseIP(in.NodeIP) == nil {
-		return nil, fmt.Errorf("plan: node ip %q is not an IP address", in.NodeIP)
+		return fmt.Errorf("plan: node ip %q is not an IP address", in.NodeIP)
 	}
 	if net.ParseIP(in.HeadIP) == nil {
-		return nil, fmt.Errorf("plan: head ip %q is not an IP address", in.HeadIP)
+		return fmt.Errorf("plan: head ip %q is not an IP address", in.HeadIP)
 	}
+	return nil
+}
+
+// mergeEnv is base with over on top (the spec's env wins over the agent's).
+func mergeEnv(base, over map[string]string) map[string]string {
+	env := make(map[string]string, len(base)+len(over))
+	for k, v := range base {
+		env[k] = v
+	}
+	for k, v := range over {
+		env[k] = v
+	}
+	return env
+}
+
+// RayVLLM builds the ray-vllm plan (reference/vllm-contract.md §A1).
+func RayVLLM(in PlanInput) (*Plan, error) {
+	if err := checkInput(in); err != nil {
+		return nil, err
+	}
+	s := in.Spec
 	gpus := strconv.Itoa(s.Resources.GPUsPerNode)
 	rayAddr := net.JoinHostPort(in.HeadIP, strconv.Itoa(s.Engine.RayPort))
-	env := map[string]string{}
-	for k, v := range in.Env {
-		env[k] = v
-	}
-	for k, v := range s.Engine.Env {
-		env[k] = v
-	}
+	env := mergeEnv(in.Env, s.Engine.Env)
 	// vLLM's get_ip() must equal Ray's node IP on every node (vllm#7815), and
 	// VLLM_HOST_IP is not carried from the driver to the workers, so every
 	// node's `ray start` gets its own.
@@ -128,10 +142,7 @@ func RayVLLM(in PlanInput) (*Plan, error) {
 			"--pipeline-parallel-size", strconv.Itoa(s.Engine.PipelineParallelSize),
 			"--distributed-executor-backend", "ray"}
 		args = append(args, s.Engine.Args...)
-		serveEnv := map[string]string{"RAY_ADDRESS": rayAddr}
-		for k, v := range env {
-			serveEnv[k] = v
-		}
+		serveEnv := mergeEnv(env, map[string]string{"RAY_ADDRESS": rayAddr})
 		p.Serve = &Command{Name: "vllm", Path: in.Bin.VLLM, Env: envList(serveEnv), Args: args}
 		p.Endpoint = net.JoinHostPort(in.NodeIP, strconv.Itoa(s.Engine.Port))
 	case RoleWorker:
@@ -231,13 +242,10 @@ type Vars struct {
 // user's program with its rank and the head's address filled in; the head's
 // program serves the OpenAI API on Port (readiness as for vLLM).
 func CommandPlan(in PlanInput, rank int) (*Plan, error) {
+	if err := checkInput(in); err != nil {
+		return nil, err
+	}
 	s := in.Spec
-	if s == nil {
-		return nil, fmt.Errorf("plan: no spec")
-	}
-	if net.ParseIP(in.NodeIP) == nil || net.ParseIP(in.HeadIP) == nil {
-		return nil, fmt.Errorf("plan: node ip %q / head ip %q must be IP addresses", in.NodeIP, in.HeadIP)
-	}
 	v := Vars{Rank: rank, NNodes: s.Resources.Nodes, GPUs: s.Resources.GPUsPerNode, HeadAddr: in.HeadIP, NodeIP: in.NodeIP,
 		Port: s.Engine.Port, MasterPort: s.Engine.MasterPort, Model: ModelArg(s), ServedModelName: s.Engine.ServedModelName}
 	argv := make([]string, 0, len(s.Engine.Command))
@@ -251,10 +259,7 @@ func CommandPlan(in PlanInput, rank int) (*Plan, error) {
 	if len(argv) == 0 || argv[0] == "" {
 		return nil, fmt.Errorf("engine.command: empty")
 	}
-	env := map[string]string{}
-	for k, val := range in.Env {
-		env[k] = val
-	}
+	env := mergeEnv(in.Env, nil)
 	for k, tmpl := range s.Engine.Env {
 		out, err := render(tmpl, v)
 		if err != nil {
@@ -294,20 +299,11 @@ func ValidateTemplates(s *spec.Deployment) error {
 // as rendezvous (reference/vllm-contract.md §A2, §A3); only rank 0 serves
 // HTTP. No Ray, so no GPU gate and no `ray stop`.
 func NativePlan(in PlanInput, rank int) (*Plan, error) {
+	if err := checkInput(in); err != nil {
+		return nil, err
+	}
 	s := in.Spec
-	if s == nil {
-		return nil, fmt.Errorf("plan: no spec")
-	}
-	if net.ParseIP(in.NodeIP) == nil || net.ParseIP(in.HeadIP) == nil {
-		return nil, fmt.Errorf("plan: node ip %q / head ip %q must be IP addresses", in.NodeIP, in.HeadIP)
-	}
-	env := map[string]string{}
-	for k, v := range in.Env {
-		env[k] = v
-	}
-	for k, v := range s.Engine.Env {
-		env[k] = v
-	}
+	env := mergeEnv(in.Env, s.Engine.Env)
 	env["VLLM_HOST_IP"] = in.NodeIP
 	host := in.BindHost
 	if host == "" {

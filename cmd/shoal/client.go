@@ -36,11 +36,15 @@ func withClient(c *cli.Context, f func(context.Context, coordv1.CoordinatorClien
 	defer conn.Close()
 	ctx, cancel := context.WithTimeout(c.Context, 15*time.Second)
 	defer cancel()
-	err = f(ctx, coordv1.NewCoordinatorClient(conn))
+	return clientError(addr, f(ctx, coordv1.NewCoordinatorClient(conn)))
+}
+
+// clientError turns a gRPC error from the coordinator into a plain message.
+func clientError(addr string, err error) error {
 	if st, ok := status.FromError(err); ok && err != nil {
 		switch st.Code() {
 		case codes.Unavailable:
-			return fmt.Errorf("cannot reach the coordinator at %s: is `shoal coordinator` running? (set --coordinator or SHOAL_COORDINATOR)", addr)
+			return fmt.Errorf("cannot reach the coordinator at %s (or the node behind it): is `shoal coordinator` running? (set --coordinator or SHOAL_COORDINATOR): %s", addr, st.Message())
 		case codes.DeadlineExceeded:
 			return fmt.Errorf("the coordinator at %s did not answer in time", addr)
 		default:
@@ -341,10 +345,11 @@ func logsCommand() *cli.Command {
 				return err
 			}
 			defer conn.Close()
+			// No deadline: --follow streams until Ctrl-C.
 			st, err := coordv1.NewCoordinatorClient(conn).Logs(c.Context, &coordv1.LogsRequest{Replica: c.Args().First(),
 				NodeId: c.String("node"), Name: c.String("name"), Follow: c.Bool("follow"), TailBytes: c.Int64("tail")})
 			if err != nil {
-				return err
+				return clientError(addr, err)
 			}
 			last := ""
 			for {
@@ -353,13 +358,7 @@ func logsCommand() *cli.Command {
 					return nil
 				}
 				if err != nil {
-					if s, ok := status.FromError(err); ok {
-						if s.Code() == codes.Unavailable {
-							return fmt.Errorf("cannot reach the coordinator at %s or the node: %s", addr, s.Message())
-						}
-						return errors.New(s.Message())
-					}
-					return err
+					return clientError(addr, err)
 				}
 				if key := ch.NodeId + "/" + ch.Name; key != last {
 					fmt.Fprintf(c.App.Writer, "==> %s %s.log <==\n", ch.NodeId, ch.Name)

@@ -65,13 +65,11 @@ type request struct {
 	ignoreEOS  bool
 	seed       uint64
 	arrival    time.Time
-	firstAt    time.Time
 	prefilled  int
 	generated  int
 	out        chan token
 	ctx        context.Context
 	preempted  bool
-	cachedHits int      // prompt tokens served from the prefix cache at admission
 	hashes     []uint64 // chained hashes of the prompt's full blocks
 	blockIDs   []int    // KV blocks held, in order
 	origPrompt int      // prompt tokens as sent (prompt grows on preemption)
@@ -85,20 +83,19 @@ type request struct {
 
 // Engine is the continuous-batching scheduler. One goroutine (Run) steps it.
 type Engine struct {
-	p        Params
-	clock    Clock
-	m        *metrics
-	wake     chan struct{}
-	mu       sync.Mutex
-	waiting  []*request // guarded by mu; FCFS, preempted requests at the front
-	running  []*request // guarded by mu
-	kv       *blocks    // guarded by mu
-	dead     error      // guarded by mu
-	stalled  bool       // guarded by mu; fault: steps produce nothing
-	onDeath  func()
-	lastStep time.Time     // guarded by mu
-	vnow     time.Duration // guarded by mu; virtual time: the sum of step times
-	slow     float64       // guarded by mu; straggler factor ≥ 1
+	p       Params
+	clock   Clock
+	m       *metrics
+	wake    chan struct{}
+	mu      sync.Mutex
+	waiting []*request // guarded by mu; FCFS, preempted requests at the front
+	running []*request // guarded by mu
+	kv      *blocks    // guarded by mu
+	dead    error      // guarded by mu
+	stalled bool       // guarded by mu; fault: steps produce nothing
+	onDeath func()
+	vnow    time.Duration // guarded by mu; virtual time: the sum of step times
+	slow    float64       // guarded by mu; straggler factor ≥ 1
 }
 
 func newEngine(p Params, c Clock, m *metrics) *Engine {
@@ -236,7 +233,6 @@ func (e *Engine) step() {
 		r.prefilled = len(hits) * e.p.BlockSize
 		if !r.preempted {
 			r.vAdmit = e.vnow
-			r.cachedHits = r.prefilled
 			e.m.prefix(r.prompt, r.prefilled)
 		}
 		r.preempted = false
@@ -316,7 +312,7 @@ func (e *Engine) step() {
 		r.generated++
 		r.emitted++
 		if r.emitted == 1 {
-			r.firstAt, r.vFirst = now, e.vnow
+			r.vFirst = e.vnow
 		} else {
 			e.m.itl.Observe((e.vnow - r.vLast).Seconds())
 		}
@@ -353,7 +349,6 @@ func (e *Engine) step() {
 		kept = append(kept, r)
 	}
 	e.running = kept
-	e.lastStep = now
 	e.m.setKV(e.kv.usage())
 	e.mu.Unlock()
 	e.m.step(prefillTokens, len(emits))

@@ -4,7 +4,8 @@ import "strings"
 
 // valueFlags take a value in the next argument.
 var valueFlags = map[string]bool{"-o": true, "--output": true, "--coordinator": true, "-f": true, "--filename": true,
-	"--node": true, "--name": true, "--tail": true}
+	"--node": true, "--name": true, "--tail": true, "--dir": true, "--suffix": true, "--include": true, "--exclude": true,
+	"--workers": true, "--part-size": true, "--s3-endpoint": true, "--s3-path-style": true, "--hf-endpoint": true}
 
 // interspersed lets users put flags after positional arguments, as with
 // kubectl (`shoal get replicas demo -o json`): urfave/cli v2 stops parsing
@@ -27,7 +28,7 @@ func interspersed(args []string) []string {
 	verb := args[i]
 	start := i + 1
 	switch verb {
-	case "get":
+	case "get", "model":
 		start++ // keep the kind (nodes, replicas, …) as the subcommand
 	case "describe", "delete", "apply", "logs":
 	default:

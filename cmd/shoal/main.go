@@ -32,7 +32,7 @@ func main() {
 			&cli.StringFlag{Name: "log-level", Value: "info", EnvVars: []string{"SHOAL_LOG_LEVEL"}, Usage: "debug, info, warn or error"},
 		},
 		Commands: []*cli.Command{agentCommand(), coordinatorCommand(), routerCommand(), applyCommand(), getCommand(), describeCommand(),
-			deleteCommand(), logsCommand(), devCommand()},
+			deleteCommand(), logsCommand(), devCommand(), modelCommand()},
 	}
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
 	defer stop()

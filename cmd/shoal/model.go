@@ -1,0 +1,225 @@
+package main
+
+import (
+	"fmt"
+	"io"
+	"log/slog"
+	"os"
+	"path/filepath"
+	"strings"
+	"sync"
+	"time"
+
+	"github.com/shoalhq/shoal/model"
+	"github.com/urfave/cli/v2"
+)
+
+func modelCommand() *cli.Command {
+	return &cli.Command{
+		Name:  "model",
+		Usage: "fetch or check model weights on this host",
+		Subcommands: []*cli.Command{
+			{
+				Name:      "pull",
+				Usage:     "download a model (hf://, s3://, gs://) to a directory, resuming any earlier partial pull",
+				ArgsUsage: "URI",
+				Flags: append(modelSourceFlags(),
+					&cli.StringFlag{Name: "dir", Usage: "target directory (default ./NAME, NAME from the URI)"},
+					&cli.StringSliceFlag{Name: "suffix", Usage: "keep files with these extensions (json,safetensors,py); default all"},
+					&cli.StringSliceFlag{Name: "include", Usage: "keep files matching this glob (repeatable)"},
+					&cli.StringSliceFlag{Name: "exclude", Usage: "drop files matching this glob (repeatable)"},
+					&cli.BoolFlag{Name: "force", Usage: "list the source again even if the directory holds a completed pull"},
+					&cli.BoolFlag{Name: "no-verify", Usage: "skip the content hash check (sizes are still checked)"},
+					&cli.BoolFlag{Name: "no-progress", Usage: "log lines instead of a progress bar"},
+				),
+				Action: modelPull,
+			},
+			{
+				Name:      "check",
+				Usage:     "check that a local or shared model directory is complete",
+				ArgsUsage: "DIR",
+				Action: func(c *cli.Context) error {
+					if c.NArg() != 1 {
+						return fmt.Errorf("usage: shoal model check DIR")
+					}
+					if err := model.Check(c.Args().First()); err != nil {
+						return err
+					}
+					fmt.Fprintf(c.App.Writer, "%s: complete\n", c.Args().First())
+					return nil
+				},
+			},
+		},
+	}
+}
+
+// modelSourceFlags are the download settings the agent shares.
+func modelSourceFlags() []cli.Flag {
+	return []cli.Flag{
+		&cli.IntFlag{Name: "workers", Value: model.DefaultWorkers, EnvVars: []string{"SHOAL_DOWNLOAD_WORKERS"}, Usage: "concurrent ranged GETs across all files"},
+		&cli.StringFlag{Name: "part-size", Value: "64MiB", EnvVars: []string{"SHOAL_DOWNLOAD_PART_SIZE"}, Usage: "size of one ranged GET"},
+		&cli.StringFlag{Name: "s3-endpoint", EnvVars: []string{"SHOAL_S3_ENDPOINT"}, Usage: "S3-compatible endpoint URL (default AWS_ENDPOINT_URL, then AWS)"},
+		&cli.StringFlag{Name: "s3-path-style", EnvVars: []string{"SHOAL_S3_PATH_STYLE"}, Usage: "true or false (default: path style when an endpoint is set)"},
+		&cli.StringFlag{Name: "hf-endpoint", EnvVars: []string{"SHOAL_HF_ENDPOINT"}, Usage: "Hugging Face endpoint (default HF_ENDPOINT, then https://huggingface.co)"},
+	}
+}
+
+func sourceConfig(c *cli.Context) (model.Config, int64, error) {
+	cfg := model.Config{S3Endpoint: c.String("s3-endpoint"), HFEndpoint: c.String("hf-endpoint"), Workers: c.Int("workers")}
+	switch v := strings.ToLower(c.String("s3-path-style")); v {
+	case "":
+	case "true", "1", "yes":
+		t := true
+		cfg.S3PathStyle = &t
+	case "false", "0", "no":
+		f := false
+		cfg.S3PathStyle = &f
+	default:
+		return cfg, 0, fmt.Errorf("--s3-path-style: want true or false, got %q", v)
+	}
+	part, err := parseSize(c.String("part-size"))
+	if err != nil {
+		return cfg, 0, fmt.Errorf("--part-size: %v", err)
+	}
+	if cfg.Workers < 1 || cfg.Workers > 1024 {
+		return cfg, 0, fmt.Errorf("--workers: want 1..1024, got %d", cfg.Workers)
+	}
+	return cfg, part, nil
+}
+
+// parseSize reads 64MiB, 8M, 1GiB, 1048576.
+func parseSize(s string) (int64, error) {
+	s = strings.TrimSpace(s)
+	units := []struct {
+		suf string
+		mul int64
+	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}, {"B", 1}}
+	mul := int64(1)
+	for _, u := range units {
+		if strings.HasSuffix(s, u.suf) {
+			s, mul = strings.TrimSuffix(s, u.suf), u.mul
+			break
+		}
+	}
+	var n int64
+	if _, err := fmt.Sscanf(s, "%d", &n); err != nil || fmt.Sprint(n) != s || n <= 0 {
+		return 0, fmt.Errorf("want a size such as 64MiB, got %q", s)
+	}
+	if n*mul < 1<<20 || n*mul > 4<<30 {
+		return 0, fmt.Errorf("want between 1MiB and 4GiB, got %q", s)
+	}
+	return n * mul, nil
+}
+
+func modelPull(c *cli.Context) error {
+	if c.NArg() != 1 {
+		return fmt.Errorf("usage: shoal model pull URI [--dir DIR]")
+	}
+	u, err := model.ParseURI(c.Args().First())
+	if err != nil {
+		return err
+	}
+	dir := c.String("dir")
+	if u.Scheme == model.SchemeLocal {
+		if err := model.Check(u.Path); err != nil {
+			return err
+		}
+		fmt.Fprintln(c.App.Writer, u.Path)
+		return nil
+	}
+	if dir == "" {
+		dir = u.Name()
+	}
+	if dir, err = filepath.Abs(dir); err != nil {
+		return err
+	}
+	cfg, part, err := sourceConfig(c)
+	if err != nil {
+		return err
+	}
+	src, err := model.Open(c.Context, u, cfg)
+	if err != nil {
+		return err
+	}
+	bar := !c.Bool("no-progress") && isTerminal(os.Stderr)
+	log := logger(c)
+	var pb *progressBar
+	if bar {
+		pb = &progressBar{w: os.Stderr}
+		log = slog.New(slog.NewTextHandler(pb, &slog.HandlerOptions{Level: slog.LevelWarn}))
+	}
+	opt := model.Options{Dir: dir, Workers: cfg.Workers, ChunkSize: part, SkipVerify: c.Bool("no-verify"), Force: c.Bool("force"),
+		Filter: model.Filter{Suffixes: splitList(c.StringSlice("suffix")), Include: c.StringSlice("include"), Exclude: c.StringSlice("exclude")},
+		Log:    log, LogEvery: 5 * time.Second}
+	if pb != nil {
+		opt.OnProgress = pb.update
+	}
+	m, err := model.Pull(c.Context, src, opt)
+	if pb != nil {
+		pb.finish()
+	}
+	if err != nil {
+		return err
+	}
+	fmt.Fprintf(os.Stderr, "%s: %d files, %s\n", u, len(m.Files), model.Human(m.Bytes))
+	fmt.Fprintln(c.App.Writer, dir)
+	return nil
+}
+
+func splitList(in []string) []string {
+	var out []string
+	for _, s := range in {
+		for _, p := range strings.Split(s, ",") {
+			if p = strings.TrimSpace(p); p != "" {
+				out = append(out, p)
+			}
+		}
+	}
+	return out
+}
+
+func isTerminal(f *os.File) bool {
+	st, err := f.Stat()
+	return err == nil && st.Mode()&os.ModeCharDevice != 0
+}
+
+// progressBar redraws one status line; log lines written through it are
+// printed above the bar.
+type progressBar struct {
+	mu   sync.Mutex
+	w    io.Writer
+	line string
+}
+
+func (b *progressBar) Write(p []byte) (int, error) {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	fmt.Fprintf(b.w, "\r\033[K%s", p)
+	fmt.Fprint(b.w, b.line)
+	return len(p), nil
+}
+
+func (b *progressBar) update(p model.Progress) {
+	const width = 30
+	fill := int(p.Fraction() * width)
+	eta := "-"
+	if p.ETA > 0 {
+		eta = p.ETA.Round(time.Second).String()
+	}
+	line := fmt.Sprintf("%-11s [%s%s] %5.1f%%  %s / %s  %s/s  files %d/%d  ETA %s",
+		p.Phase, strings.Repeat("=", fill), strings.Repeat(" ", width-fill), 100*p.Fraction(),
+		model.Human(p.BytesDone), model.Human(p.Bytes), model.Human(int64(p.Rate)), p.FilesDone, p.Files, eta)
+	if p.Message != "" {
+		line += "  (" + p.Message + ")"
+	}
+	b.mu.Lock()
+	b.line = line
+	fmt.Fprintf(b.w, "\r\033[K%s", line)
+	b.mu.Unlock()
+}
+
+func (b *progressBar) finish() {
+	b.mu.Lock()
+	defer b.mu.Unlock()
+	fmt.Fprintln(b.w)
+}

@@ -52,7 +52,11 @@ type Agent struct {
 	backoffUntil time.Time
 	readySince   time.Time
 
+	// weights: this host holds the assigned model (the election prefers it).
+	weights bool // guarded by mu
+
 	engineState *prometheus.GaugeVec
+	dl          *downloadMetrics
 }
 
 // New builds an agent from a validated config. It starts nothing.
@@ -71,6 +75,7 @@ func New(cfg Config, ins gpu.Inspector, sc *rdma.Scanner) (*Agent, error) {
 	a.engineState = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "shoal_agent_engine_state",
 		Help: "1 for the engine state this agent advertises."}, []string{"state"})
 	reg.MustRegister(a.engineState, prometheus.NewGoCollector())
+	a.dl = newDownloadMetrics(reg)
 	return a, nil
 }
 
@@ -109,6 +114,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		return err
 	}
 	a.state = st
+	if st.Assignment != nil {
+		a.weights = a.hasWeights(st.Assignment.Spec)
+	}
 
 	// Fingerprint first: the node joins with its real inventory.
 	hw, err := InspectHost(ctx, a.ins, a.scanner, a.cfg.Address, a.cfg.EngineEnv)
@@ -200,6 +208,10 @@ func (a *Agent) tag() gossip.Tag {
 	if as := a.state.Assignment; as != nil {
 		t.Deployment, t.Group, t.Epoch, t.Rank, t.Size = as.Deployment, as.Group, as.Epoch, as.Rank, len(as.Members)
 		t.HeadTerm, t.Follow, t.FollowTerm, t.Engine = a.claim, a.follow, a.fterm, a.es
+		t.Weights = a.weights
+		if a.es == gossip.EngineDownloading && a.run != nil {
+			t.Progress = a.run.downloadProgress()
+		}
 		if a.claim > 0 {
 			t.Replica = a.replicaAddr()
 		}

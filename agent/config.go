@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"os"
+	"path/filepath"
 	"time"
 
 	"gopkg.in/yaml.v3"
@@ -51,10 +52,32 @@ type Config struct {
 	// CanaryInterval sends a one-token completion to an idle head this often:
 	// a silently dead Ray worker shows only when a step runs (vllm#16259).
 	CanaryInterval time.Duration `yaml:"canary_interval"`
+	// ModelsDir holds pulled weights, one directory per model: <models_dir>/<name>,
+	// name from the source URI (s3://b/deepseek-r1 → deepseek-r1), unless the
+	// spec sets model.path.
+	ModelsDir string `yaml:"models_dir"`
+	// SkipLocalModelCheck starts engines on local model paths without checking
+	// that they are complete (shoal dev: the simulator reads no weights).
+	SkipLocalModelCheck bool `yaml:"skip_local_model_check"`
+	// Download tunes weight pulls.
+	Download DownloadConfig `yaml:"download"`
 	// InspectInterval re-reads the hardware (remapped rows, NVLinks, lost GPUs).
 	InspectInterval time.Duration `yaml:"inspect_interval"`
 
 	Logger *slog.Logger `yaml:"-"`
+}
+
+// DownloadConfig tunes weight pulls; endpoints and credentials default to the
+// environment (AWS_*, HF_TOKEN, HF_ENDPOINT, GOOGLE_OAUTH_ACCESS_TOKEN).
+type DownloadConfig struct {
+	Workers     int `yaml:"workers"`
+	PartSizeMiB int `yaml:"part_size_mib"`
+	// LimitMiBps caps a pull's rate (0: none).
+	LimitMiBps  int    `yaml:"limit_mib_per_second"`
+	S3Endpoint  string `yaml:"s3_endpoint"`
+	S3PathStyle *bool  `yaml:"s3_path_style"`
+	HFEndpoint  string `yaml:"hf_endpoint"`
+	GCSEndpoint string `yaml:"gcs_endpoint"`
 }
 
 // Defaults fills unset fields.
@@ -76,6 +99,9 @@ func (c *Config) Defaults() {
 	}
 	if c.StateDir == "" {
 		c.StateDir = "/var/lib/shoal"
+	}
+	if c.ModelsDir == "" {
+		c.ModelsDir = filepath.Join(c.StateDir, "models")
 	}
 	if c.RayBin == "" {
 		c.RayBin = "ray"

@@ -34,18 +34,22 @@ type run struct {
 	role  engine.Role
 	plan  *engine.Plan
 	spec  *specRef
-	log   *slog.Logger
-	wake  func()
+	model *modelJob
+	// headUp says whether the head's node process runs (workers join then).
+	headUp func() bool
+	log    *slog.Logger
+	wake   func()
 
 	ctx    context.Context
 	cancel context.CancelFunc
 	done   chan struct{}
 
-	mu      sync.Mutex
-	procs   []*process.Handle // guarded by mu
-	phase   string            // guarded by mu
-	failed  string            // guarded by mu; why the run failed
-	metrics metricsState      // guarded by mu
+	mu       sync.Mutex
+	procs    []*process.Handle // guarded by mu
+	phase    string            // guarded by mu
+	failed   string            // guarded by mu; why the run failed
+	progress string            // guarded by mu; weight pull progress for gossip
+	metrics  metricsState      // guarded by mu
 }
 
 type specRef struct {
@@ -80,6 +84,12 @@ func (r *run) fail(why string) {
 	}
 	r.mu.Unlock()
 	r.wake()
+}
+
+func (r *run) downloadProgress() string {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.progress
 }
 
 func (r *run) state() (phase, failed string) {
@@ -140,6 +150,9 @@ func (r *run) stop(grace time.Duration, rayBin string, env []string) {
 // headSequence: ray head → wait for N×G GPUs → vllm serve → ready → metrics.
 func (a *Agent) headSequence(r *run) {
 	defer close(r.done)
+	if !a.prepareModel(r) {
+		return
+	}
 	if _, err := r.start(a.rt, r.plan.Node, a.recordEngine); err != nil {
 		r.fail("start " + r.plan.Node.Name + ": " + err.Error())
 		return
@@ -219,6 +232,20 @@ func (a *Agent) headSequence(r *run) {
 // workerSequence: ray worker, joined to the head; its exit fails the run.
 func (a *Agent) workerSequence(r *run) {
 	defer close(r.done)
+	if !a.prepareModel(r) {
+		return
+	}
+	// The head may still be pulling its weights: join once its node runs.
+	deadline := time.Now().Add(r.spec.timeout)
+	for r.headUp != nil && !r.headUp() {
+		if time.Now().After(deadline) {
+			r.fail(fmt.Sprintf("head did not start its engine within %v", r.spec.timeout))
+			return
+		}
+		if !sleepCtx(r.ctx, 200*time.Millisecond) {
+			return
+		}
+	}
 	if _, err := r.start(a.rt, r.plan.Node, a.recordEngine); err != nil {
 		r.fail("start " + r.plan.Node.Name + ": " + err.Error())
 		return

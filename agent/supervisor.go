@@ -201,7 +201,7 @@ func (a *Agent) reconcileMember(as *Assignment, v GroupView, d Decision) {
 		a.mu.Lock()
 		failedHere := a.failedTerm == fterm
 		a.mu.Unlock()
-		up := head.Engine == gossip.EngineRunning || head.Engine == gossip.EngineLoading || head.Engine == gossip.EngineReady
+		up := head.Engine == gossip.EngineDownloading || headUp(head.Engine)
 		if up && !failedHere {
 			a.startRun(as, engine.RoleWorker, head.ID, fterm, v)
 		}
@@ -221,6 +221,11 @@ func (a *Agent) reconcileMember(as *Assignment, v GroupView, d Decision) {
 		return
 	}
 	a.setES(phase)
+}
+
+// headUp: the head's node process runs, so workers can join it.
+func headUp(es string) bool {
+	return es == gossip.EngineRunning || es == gossip.EngineLoading || es == gossip.EngineReady
 }
 
 func orIdle(s string) string {
@@ -265,10 +270,19 @@ func (a *Agent) startRun(as *Assignment, role engine.Role, head string, term uin
 		env["CUDA_VISIBLE_DEVICES"] = a.hw.Visible // this agent owns a subset of the host's GPUs
 	}
 	a.mu.Unlock()
-	in := engine.PlanInput{Spec: as.Spec, Role: role, NodeIP: a.cfg.Address, HeadIP: headIP,
+	mj, err := a.modelFor(as.Spec)
+	if err != nil {
+		a.log.Error("cannot resolve model", "err", err)
+		a.mu.Lock()
+		a.es, a.msg = gossip.EngineFailed, err.Error()
+		a.mu.Unlock()
+		return
+	}
+	sp := *as.Spec
+	sp.Model.Path = mj.dir // the engine reads the weights where this host keeps them
+	in := engine.PlanInput{Spec: &sp, Role: role, NodeIP: a.cfg.Address, HeadIP: headIP,
 		BindHost: a.cfg.EngineHost, Env: env, Bin: engine.Binaries{Ray: a.cfg.RayBin, VLLM: a.cfg.VLLMBin, Python: a.cfg.PythonBin}}
 	var plan *engine.Plan
-	var err error
 	switch as.Spec.Engine.Kind {
 	case spec.EngineCommand:
 		plan, err = engine.CommandPlan(in, runRank(as, head, a.cfg.NodeID))
@@ -285,7 +299,11 @@ func (a *Agent) startRun(as *Assignment, role engine.Role, head string, term uin
 		return
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	r := &run{group: as.Group, epoch: as.Epoch, term: term, head: head, role: role, plan: plan,
+	r := &run{group: as.Group, epoch: as.Epoch, term: term, head: head, role: role, plan: plan, model: mj,
+		headUp: func() bool {
+			t, ok := a.mem.Members()[head]
+			return ok && t.HeadTerm == term && headUp(t.Engine)
+		},
 		spec: &specRef{served: as.Spec.Engine.ServedModelName, timeout: time.Duration(as.Spec.Engine.StartupTimeoutSeconds) * time.Second,
 			hang: a.cfg.HangTimeout, canary: a.cfg.CanaryInterval},
 		log: a.log.With("group", as.Group, "epoch", as.Epoch, "term", term, "role", string(role)), wake: a.poke,
@@ -392,8 +410,10 @@ func (a *Agent) applyAssignment(as *Assignment) error {
 	// a replacement never starts before the GPUs are released.
 	a.stopRun("new assignment")
 	a.retract()
+	weights := a.hasWeights(as.Spec)
 	a.mu.Lock()
 	a.state.Assignment = as
+	a.weights = weights
 	a.follow, a.fterm, a.es, a.msg, a.failedTerm = "", 0, gossip.EngineIdle, "", 0
 	a.backoff, a.backoffUntil = a.cfg.RestartBackoff, time.Time{}
 	a.mu.Unlock()
@@ -416,6 +436,7 @@ func (a *Agent) release(group string, epoch uint64) error {
 	a.retract()
 	a.mu.Lock()
 	a.state.Assignment = nil
+	a.weights = false
 	a.follow, a.fterm, a.es, a.msg = "", 0, gossip.EngineIdle, ""
 	a.mu.Unlock()
 	if err := a.saveState(); err != nil {

@@ -132,7 +132,8 @@ func (s *apiServer) ListNodes(context.Context, *coordv1.ListNodesRequest) (*coor
 func nodeInfo(t gossip.Tag) *coordv1.NodeInfo {
 	{
 		n := &coordv1.NodeInfo{NodeId: t.ID, Address: t.IP(), GpuModel: t.GPUModel, GpuCount: int32(t.GPUs), Healthy: t.Healthy,
-			GroupId: t.Group, Epoch: t.Epoch, Rank: int32(t.Rank), EngineState: t.Engine, Rdma: t.RDMA, GpuMemoryGib: int32(t.GPUMemGiB)}
+			GroupId: t.Group, Epoch: t.Epoch, Rank: int32(t.Rank), EngineState: t.Engine, Rdma: t.RDMA, GpuMemoryGib: int32(t.GPUMemGiB),
+			Progress: t.Progress}
 		switch {
 		case t.Group == "":
 			n.State = "idle"
@@ -183,10 +184,21 @@ func (s *apiServer) replicas(dep string, groups []*Group) []*coordv1.ReplicaInfo
 		ri := &coordv1.ReplicaInfo{GroupId: g.ID, Deployment: g.Deployment, Epoch: g.Epoch, State: "starting"}
 		draining := s.c.isDraining(g.ID)
 		missing := false
+		slowest := -1.0
 		for _, m := range g.Members {
 			ri.Members = append(ri.Members, m.NodeID)
-			if t, ok := nodes[m.NodeID]; !ok || !t.Healthy {
+			t, ok := nodes[m.NodeID]
+			if !ok || !t.Healthy {
 				missing = true
+				continue
+			}
+			if t.Group == g.ID && t.Epoch == g.Epoch && t.Engine == gossip.EngineDownloading {
+				// The replica is as far as its slowest member.
+				var pct float64
+				fmt.Sscanf(t.Progress, "%f%%", &pct)
+				if slowest < 0 || pct < slowest {
+					slowest, ri.Progress = pct, t.Progress
+				}
 			}
 		}
 		v, ok := views[g.ID]
@@ -199,6 +211,9 @@ func (s *apiServer) replicas(dep string, groups []*Group) []*coordv1.ReplicaInfo
 			ri.State = "ready"
 		case ok && v.Key.Epoch == g.Epoch && v.Metrics != nil && v.Metrics.Reason != "":
 			ri.State = v.Metrics.Reason
+		}
+		if ri.Progress != "" && (ri.State == "starting" || ri.State == gossip.EngineDownloading || ri.State == gossip.EngineRunning) {
+			ri.State = gossip.EngineDownloading
 		}
 		if ok && v.Key.Epoch == g.Epoch {
 			ri.Head, ri.Term = v.Key.Node, v.Key.Term

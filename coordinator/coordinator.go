@@ -68,14 +68,15 @@ func (c *Config) Defaults() {
 
 // Coordinator is the control plane.
 type Coordinator struct {
-	cfg    Config
-	log    *slog.Logger
-	store  *Store
-	mem    *gossip.Membership
-	events *events
-	table  *router.Table
-	heads  *router.Watcher
-	wake   chan struct{}
+	cfg      Config
+	log      *slog.Logger
+	store    *Store
+	mem      *gossip.Membership
+	events   *events
+	failures failureNotes
+	table    *router.Table
+	heads    *router.Watcher
+	wake     chan struct{}
 
 	mu       sync.Mutex
 	inflight map[string]bool         // guarded by mu; nodes with an Assign/Release under way

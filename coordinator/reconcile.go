@@ -52,6 +52,7 @@ func (c *Coordinator) reconcile(ctx context.Context) error {
 			continue
 		}
 		c.reform(d, g, nodes, used) // a new epoch is delivered below
+		c.noteFailures(ctx, g, nodes)
 		perDep[g.Deployment] = append(perDep[g.Deployment], g)
 	}
 	for _, d := range deps {

@@ -22,12 +22,13 @@ const (
 
 // Engine states advertised in tags.
 const (
-	EngineIdle    = ""
-	EngineWaiting = "waiting" // head: claimed, waiting for all members to follow
-	EngineRunning = "running" // the node process runs (head: workers may join)
-	EngineLoading = "loading" // head: vllm serve started, not ready yet
-	EngineReady   = "ready"   // head: /health, /v1/models and the canary passed
-	EngineFailed  = "failed"
+	EngineIdle        = ""
+	EngineWaiting     = "waiting"     // head: claimed, waiting for all members to follow
+	EngineDownloading = "downloading" // pulling weights before the engine starts
+	EngineRunning     = "running"     // the node process runs (head: workers may join)
+	EngineLoading     = "loading"     // head: vllm serve started, not ready yet
+	EngineReady       = "ready"       // head: /health, /v1/models and the canary passed
+	EngineFailed      = "failed"
 )
 
 // Tag is the compact state every node gossips. Short JSON keys keep it well
@@ -54,6 +55,9 @@ type Tag struct {
 	Weights    bool   `json:"w,omitempty"`
 	// RDMA summarises the active RDMA ports ("8×400G IB"); empty when none.
 	RDMA string `json:"rd,omitempty"`
+	// Progress is a weight pull's "percent rate" ("43 12.1GB/s") while
+	// Engine is downloading.
+	Progress string `json:"pg,omitempty"`
 	// GPUMemGiB is the smallest GPU's memory, for placement.
 	GPUMemGiB int `json:"gm2,omitempty"`
 }

@@ -45,6 +45,9 @@ type Options struct {
 	OnProgress func(Progress)
 	// LogEvery is the interval of the progress totals in the log.
 	LogEvery time.Duration
+	// RateLimit caps the pull's total transfer rate in bytes/s (0: none), so
+	// a pull does not starve serving traffic on a shared storage network.
+	RateLimit int64
 }
 
 // Progress is a pull's state for logs, status and progress bars.
@@ -92,6 +95,9 @@ func Pull(ctx context.Context, src Source, opt Options) (*Manifest, error) {
 		return nil, err
 	}
 	p := &puller{src: src, opt: opt, log: opt.Log.With("model", src.String(), "dir", opt.Dir), start: time.Now()}
+	if opt.RateLimit > 0 {
+		p.limit = &limiter{rate: float64(opt.RateLimit), last: time.Now()}
+	}
 	return p.run(ctx)
 }
 
@@ -116,6 +122,35 @@ type puller struct {
 	err     error
 	active  map[*partFile]bool
 	samples []sample
+	limit   *limiter
+}
+
+// limiter is a token bucket shared by the workers: each takes its bytes up
+// front and sleeps off any debt, so the sum of all streams keeps the rate.
+type limiter struct {
+	mu     sync.Mutex
+	rate   float64
+	tokens float64
+	last   time.Time
+}
+
+func (l *limiter) wait(ctx context.Context, n int) error {
+	l.mu.Lock()
+	now := time.Now()
+	l.tokens = min(l.tokens+now.Sub(l.last).Seconds()*l.rate, l.rate/4)
+	l.last = now
+	l.tokens -= float64(n)
+	debt := -l.tokens
+	l.mu.Unlock()
+	if debt <= 0 {
+		return nil
+	}
+	select {
+	case <-ctx.Done():
+		return ctx.Err()
+	case <-time.After(time.Duration(debt / l.rate * float64(time.Second))):
+		return nil
+	}
 }
 
 type sample struct {
@@ -532,6 +567,11 @@ func (p *puller) fetchRange(ctx context.Context, pf *partFile, chunk int, off, n
 	for got < n {
 		want := min(int64(len(buf)), n-got)
 		k, rerr := io.ReadFull(rc, buf[:want])
+		if k > 0 && p.limit != nil {
+			if err := p.limit.wait(ctx, k); err != nil {
+				return got, err
+			}
+		}
 		if k > 0 {
 			if _, werr := pf.fh.WriteAt(buf[:k], off+got); werr != nil {
 				return got, werr
@@ -621,17 +661,13 @@ func (p *puller) ticker(ctx context.Context) {
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	lastLog := time.Now()
-	n := 0
 	for {
 		select {
 		case <-ctx.Done():
 			return
 		case <-t.C:
 		}
-		n++
-		if n%2 == 0 {
-			p.persistAll()
-		}
+		p.persistAll()
 		p.mu.Lock()
 		p.samples = append(p.samples, sample{time.Now(), p.done.Load()})
 		if len(p.samples) > 6 {

@@ -10,6 +10,8 @@ import (
 	"sort"
 	"strings"
 
+	"github.com/shoalhq/shoal/model"
+
 	"gopkg.in/yaml.v3"
 )
 
@@ -247,6 +249,12 @@ func (d *Deployment) Validate() error {
 	} else if err := checkSource(d.Model.Source); err != nil {
 		bad("model.source", "%v", err)
 	}
+	if err := (model.Filter{Suffixes: d.Model.Suffixes}).Check(); err != nil {
+		bad("model.suffixes", "%v", err)
+	}
+	if p := d.Model.Path; p != "" && (!strings.HasPrefix(p, "/") || strings.Contains("/"+p+"/", "/../")) {
+		bad("model.path", "%q must be an absolute path without '..'", p)
+	}
 	e := d.Engine
 	switch e.Kind {
 	case EngineRayVLLM:
@@ -373,17 +381,8 @@ var ownedFlags = []string{"--served-model-name", "--host", "--port", "--tensor-p
 	"--pipeline-parallel-size", "-pp", "--distributed-executor-backend"}
 
 func checkSource(s string) error {
-	switch {
-	case strings.HasPrefix(s, "hf://"), strings.HasPrefix(s, "s3://"), strings.HasPrefix(s, "gs://"):
-		rest := s[5:]
-		if rest == "" || strings.HasPrefix(rest, "/") {
-			return fmt.Errorf("%q has no bucket or repository after the scheme", s)
-		}
-	case isPath(s):
-	default:
-		return fmt.Errorf("%q is not hf://, s3://, gs:// or an absolute path", s)
-	}
-	return nil
+	_, err := model.ParseURI(s)
+	return err
 }
 
 // DesiredReplicas is the count the reconciler keeps when no autoscaler decides.
@@ -430,8 +429,8 @@ func (d *Deployment) Fields() []Field {
 		}
 		out = append(out, Field{Path: path, Value: s, Implemented: impl})
 	}
-	add("model.source", d.Model.Source, isPath(d.Model.Source))
-	add("model.suffixes", strings.Join(d.Model.Suffixes, ","), false)
+	add("model.source", d.Model.Source, true)
+	add("model.suffixes", strings.Join(d.Model.Suffixes, ","), true)
 	add("model.path", d.Model.Path, true)
 	add("engine.kind", d.Engine.Kind, true)
 	add("engine.runtime", d.Engine.Runtime, true)

@@ -34,7 +34,8 @@ func TestSeedSpec(t *testing.T) {
 		}
 	}
 	require.NotContains(t, unimpl, "autoscaling.policy", "the autoscaler acts on it")
-	require.Contains(t, unimpl, "model.source", "s3 download is not built yet and must say so")
+	require.NotContains(t, unimpl, "model.source", "the agent pulls s3:// weights")
+	require.NotContains(t, unimpl, "model.suffixes", "the pull filters by suffix")
 	require.Equal(t, 300, d.Autoscaling.ScaleDownDelaySeconds)
 }
 

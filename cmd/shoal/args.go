@@ -5,7 +5,7 @@ import "strings"
 // valueFlags take a value in the next argument.
 var valueFlags = map[string]bool{"-o": true, "--output": true, "--coordinator": true, "-f": true, "--filename": true,
 	"--node": true, "--name": true, "--tail": true, "--dir": true, "--suffix": true, "--include": true, "--exclude": true,
-	"--workers": true, "--part-size": true, "--s3-endpoint": true, "--s3-path-style": true, "--hf-endpoint": true}
+	"--workers": true, "--part-size": true, "--limit-rate": true, "--s3-endpoint": true, "--s3-path-style": true, "--hf-endpoint": true}
 
 // interspersed lets users put flags after positional arguments, as with
 // kubectl (`shoal get replicas demo -o json`): urfave/cli v2 stops parsing

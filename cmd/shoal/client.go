@@ -168,7 +168,7 @@ func getCommand() *cli.Command {
 				for _, n := range resp.Nodes {
 					rdma := dash(n.Rdma)
 					rows = append(rows, []string{n.NodeId, n.Address, fmt.Sprintf("%d×%s %dG", n.GpuCount, dash(n.GpuModel), n.GpuMemoryGib), rdma,
-						n.State, dash(n.GroupId), epoch(n.Epoch), dash(n.Role), dash(n.EngineState)})
+						n.State, dash(n.GroupId), epoch(n.Epoch), dash(n.Role), dash(strings.TrimSpace(n.EngineState + " " + n.Progress))})
 				}
 				table(c.App.Writer, "NODE\tADDRESS\tGPUS\tRDMA\tSTATE\tREPLICA\tEPOCH\tROLE\tENGINE", rows)
 				return nil
@@ -214,7 +214,11 @@ func epoch(e uint64) string {
 func replicaRows(rs []*coordv1.ReplicaInfo) [][]string {
 	var rows [][]string
 	for _, r := range rs {
-		rows = append(rows, []string{r.GroupId, r.Deployment, epoch(r.Epoch), r.State, dash(r.Head), dash(r.Endpoint),
+		state := r.State
+		if r.Progress != "" {
+			state = strings.ToUpper(state) + " " + r.Progress
+		}
+		rows = append(rows, []string{r.GroupId, r.Deployment, epoch(r.Epoch), state, dash(r.Head), dash(r.Endpoint),
 			strings.Join(r.Members, ","), fmt.Sprintf("%.0f", r.NumRequestsRunning), fmt.Sprintf("%.0f", r.NumRequestsWaiting),
 			fmt.Sprintf("%.0f%%", 100*r.KvCacheUsage)})
 	}

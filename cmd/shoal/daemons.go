@@ -12,7 +12,7 @@ import (
 )
 
 func agentCommand() *cli.Command {
-	return &cli.Command{
+	cmd := &cli.Command{
 		Name:        "agent",
 		Usage:       "run the agent on a GPU host (normally under systemd)",
 		Subcommands: []*cli.Command{inspectCommand()},
@@ -40,6 +40,8 @@ func agentCommand() *cli.Command {
 				Usage: "send a one-token completion to an idle head this often (default 30s)"},
 			&cli.DurationFlag{Name: "hang-timeout", EnvVars: []string{"SHOAL_HANG_TIMEOUT"},
 				Usage: "restart a replica whose engine runs requests but generates no token this long (default 60s)"},
+			&cli.StringFlag{Name: "models-dir", EnvVars: []string{"SHOAL_MODELS_DIR"}, Usage: "where pulled weights live, one directory per model (default STATE_DIR/models)"},
+			&cli.BoolFlag{Name: "skip-local-model-check", EnvVars: []string{"SHOAL_SKIP_LOCAL_MODEL_CHECK"}, Usage: "start engines on local model paths without checking them (simulator clusters)"},
 			&cli.BoolFlag{Name: "stop-engines-on-exit", Value: true, EnvVars: []string{"SHOAL_STOP_ENGINES_ON_EXIT"}},
 		},
 		Action: func(c *cli.Context) error {
@@ -72,6 +74,31 @@ func agentCommand() *cli.Command {
 			setStr(&cfg.MetricsAddr, "metrics-addr")
 			setStr(&cfg.GossipProfile, "gossip-profile")
 			setStr(&cfg.StateDir, "state-dir")
+			setStr(&cfg.ModelsDir, "models-dir")
+			if c.IsSet("skip-local-model-check") {
+				cfg.SkipLocalModelCheck = c.Bool("skip-local-model-check")
+			}
+			if c.IsSet("workers") {
+				cfg.Download.Workers = c.Int("workers")
+			}
+			if c.IsSet("part-size") {
+				part, err := parseSize(c.String("part-size"))
+				if err != nil {
+					return fmt.Errorf("--part-size: %v", err)
+				}
+				cfg.Download.PartSizeMiB = int(part >> 20)
+			}
+			if lim, err := limitRate(c); err != nil {
+				return err
+			} else if lim > 0 {
+				cfg.Download.LimitMiBps = int(max(lim>>20, 1))
+			}
+			setStr(&cfg.Download.S3Endpoint, "s3-endpoint")
+			setStr(&cfg.Download.HFEndpoint, "hf-endpoint")
+			if v := c.String("s3-path-style"); v != "" {
+				b := v == "true" || v == "1" || v == "yes"
+				cfg.Download.S3PathStyle = &b
+			}
 			setStr(&cfg.GPUBackend, "gpu-backend")
 			if c.IsSet("gpus") {
 				cfg.GPUs = c.IntSlice("gpus")
@@ -107,6 +134,8 @@ func agentCommand() *cli.Command {
 			return a.Run(c.Context)
 		},
 	}
+	cmd.Flags = append(cmd.Flags, modelSourceFlags()...)
+	return cmd
 }
 
 func coordinatorCommand() *cli.Command {

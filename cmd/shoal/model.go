@@ -58,6 +58,7 @@ func modelSourceFlags() []cli.Flag {
 	return []cli.Flag{
 		&cli.IntFlag{Name: "workers", Value: model.DefaultWorkers, EnvVars: []string{"SHOAL_DOWNLOAD_WORKERS"}, Usage: "concurrent ranged GETs across all files"},
 		&cli.StringFlag{Name: "part-size", Value: "64MiB", EnvVars: []string{"SHOAL_DOWNLOAD_PART_SIZE"}, Usage: "size of one ranged GET"},
+		&cli.StringFlag{Name: "limit-rate", EnvVars: []string{"SHOAL_DOWNLOAD_LIMIT_RATE"}, Usage: "cap the pull's total rate, e.g. 500MiB (per second); default none"},
 		&cli.StringFlag{Name: "s3-endpoint", EnvVars: []string{"SHOAL_S3_ENDPOINT"}, Usage: "S3-compatible endpoint URL (default AWS_ENDPOINT_URL, then AWS)"},
 		&cli.StringFlag{Name: "s3-path-style", EnvVars: []string{"SHOAL_S3_PATH_STYLE"}, Usage: "true or false (default: path style when an endpoint is set)"},
 		&cli.StringFlag{Name: "hf-endpoint", EnvVars: []string{"SHOAL_HF_ENDPOINT"}, Usage: "Hugging Face endpoint (default HF_ENDPOINT, then https://huggingface.co)"},
@@ -87,8 +88,23 @@ func sourceConfig(c *cli.Context) (model.Config, int64, error) {
 	return cfg, part, nil
 }
 
-// parseSize reads 64MiB, 8M, 1GiB, 1048576.
-func parseSize(s string) (int64, error) {
+// limitRate reads --limit-rate ("" is no limit).
+func limitRate(c *cli.Context) (int64, error) {
+	v := c.String("limit-rate")
+	if v == "" {
+		return 0, nil
+	}
+	n, err := parseSizeIn(v, 64<<10, 1<<40)
+	if err != nil {
+		return 0, fmt.Errorf("--limit-rate: %v", err)
+	}
+	return n, nil
+}
+
+// parseSize reads a part size: 64MiB, 8M, 1GiB, 1048576.
+func parseSize(s string) (int64, error) { return parseSizeIn(s, 1<<20, 4<<30) }
+
+func parseSizeIn(s string, lo, hi int64) (int64, error) {
 	s = strings.TrimSpace(s)
 	units := []struct {
 		suf string
@@ -105,8 +121,8 @@ func parseSize(s string) (int64, error) {
 	if _, err := fmt.Sscanf(s, "%d", &n); err != nil || fmt.Sprint(n) != s || n <= 0 {
 		return 0, fmt.Errorf("want a size such as 64MiB, got %q", s)
 	}
-	if n*mul < 1<<20 || n*mul > 4<<30 {
-		return 0, fmt.Errorf("want between 1MiB and 4GiB, got %q", s)
+	if n*mul < lo || n*mul > hi {
+		return 0, fmt.Errorf("want between %s and %s, got %q", model.Human(lo), model.Human(hi), s)
 	}
 	return n * mul, nil
 }
@@ -141,6 +157,10 @@ func modelPull(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	limit, err := limitRate(c)
+	if err != nil {
+		return err
+	}
 	bar := !c.Bool("no-progress") && isTerminal(os.Stderr)
 	log := logger(c)
 	var pb *progressBar
@@ -150,7 +170,7 @@ func modelPull(c *cli.Context) error {
 	}
 	opt := model.Options{Dir: dir, Workers: cfg.Workers, ChunkSize: part, SkipVerify: c.Bool("no-verify"), Force: c.Bool("force"),
 		Filter: model.Filter{Suffixes: splitList(c.StringSlice("suffix")), Include: c.StringSlice("include"), Exclude: c.StringSlice("exclude")},
-		Log:    log, LogEvery: 5 * time.Second}
+		Log:    log, LogEvery: 5 * time.Second, RateLimit: limit}
 	if pb != nil {
 		opt.OnProgress = pb.update
 	}

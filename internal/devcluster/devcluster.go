@@ -31,10 +31,14 @@ type Config struct {
 	GossipPort int
 	APIAddr    string
 	RouterAddr string
-	// SimEnv configures the simulator (SHOAL_SIM_* variables).
-	SimEnv  []string
-	Profile string
-	Log     io.Writer
+	// SimEnv configures the simulator (SHOAL_SIM_* variables) and is also
+	// given to the agents (AWS_* for weight pulls, say).
+	SimEnv []string
+	// CheckModels makes agents check local model paths before starting
+	// engines; off by default since the simulator reads no weights.
+	CheckModels bool
+	Profile     string
+	Log         io.Writer
 }
 
 // Defaults fills the single-machine defaults `shoal dev` uses.
@@ -142,12 +146,16 @@ func (c *Cluster) StartAgent(i int) error {
 	id := NodeID(i)
 	env := append([]string{"SHOAL_SIM_STATE_DIR=" + filepath.Join(c.cfg.Dir, "sim"),
 		"SHOAL_MOCK_GPU_FAULTS=" + c.FaultsFile(i)}, c.cfg.SimEnv...)
-	cmd, err := c.spawn(id, env, "agent", "--node-id", id, "--address", c.AgentIP(i),
+	args := []string{"agent", "--node-id", id, "--address", c.AgentIP(i),
 		"--join", net.JoinHostPort(c.cfg.CoordIP, strconv.Itoa(c.cfg.GossipPort)), "--state-dir", filepath.Join(c.cfg.Dir, id),
 		"--gpu-backend", "mock:h200x8", "--ray-bin", filepath.Join(c.cfg.Dir, "bin", "ray"), "--vllm-bin", filepath.Join(c.cfg.Dir, "bin", "vllm"),
 		"--python-bin", filepath.Join(c.cfg.Dir, "bin", "python3"),
 		"--gossip-profile", c.cfg.Profile, "--stop-grace", "2s", "--restart-backoff", "500ms", "--stop-engines-on-exit",
-		"--hang-timeout", "4s", "--canary-interval", "3s")
+		"--hang-timeout", "4s", "--canary-interval", "3s"}
+	if !c.cfg.CheckModels {
+		args = append(args, "--skip-local-model-check") // the simulator reads no weights
+	}
+	cmd, err := c.spawn(id, env, args...)
 	if err != nil {
 		return err
 	}

@@ -70,8 +70,9 @@ type env struct {
 	gossip string // the coordinator's gossip address
 }
 
-// startCluster starts a coordinator and n agents on 127.0.<subnet>.x.
-func startCluster(t *testing.T, subnet, n int) *env {
+// startCluster starts a coordinator and n agents on 127.0.<subnet>.x; opts
+// adjust the cluster's config.
+func startCluster(t *testing.T, subnet, n int, opts ...func(*devcluster.Config)) *env {
 	ip := fmt.Sprintf("127.0.%d.1", subnet)
 	dir := t.TempDir()
 	addrs := freeAddrs(t, ip, 3)
@@ -81,9 +82,13 @@ func startCluster(t *testing.T, subnet, n int) *env {
 	var gp int
 	fmt.Sscan(p, &gp)
 	e.gossip = port
-	c, err := devcluster.Start(devcluster.Config{Dir: dir, ShoalBin: filepath.Join(binDir, "shoal"), SimBin: filepath.Join(binDir, "shoal-sim"),
+	cfg := devcluster.Config{Dir: dir, ShoalBin: filepath.Join(binDir, "shoal"), SimBin: filepath.Join(binDir, "shoal-sim"),
 		Agents: n, IPPrefix: fmt.Sprintf("127.0.%d.", subnet), FirstIP: 2, CoordIP: ip, GossipPort: gp, APIAddr: e.api, RouterAddr: e.router,
-		SimEnv: []string{"SHOAL_SIM_LOAD_SECONDS=1"}})
+		SimEnv: []string{"SHOAL_SIM_LOAD_SECONDS=1"}}
+	for _, o := range opts {
+		o(&cfg)
+	}
+	c, err := devcluster.Start(cfg)
 	require.NoError(t, err)
 	e.c = c
 	t.Cleanup(func() {

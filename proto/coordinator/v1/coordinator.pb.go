@@ -885,20 +885,22 @@ func (*DeleteDeploymentResponse) Descriptor() ([]byte, []int) {
 }
 
 type NodeInfo struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
-	Address       string                 `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
-	GpuModel      string                 `protobuf:"bytes,3,opt,name=gpu_model,json=gpuModel,proto3" json:"gpu_model,omitempty"`
-	GpuCount      int32                  `protobuf:"varint,4,opt,name=gpu_count,json=gpuCount,proto3" json:"gpu_count,omitempty"`
-	Healthy       bool                   `protobuf:"varint,5,opt,name=healthy,proto3" json:"healthy,omitempty"`
-	State         string                 `protobuf:"bytes,6,opt,name=state,proto3" json:"state,omitempty"`
-	GroupId       string                 `protobuf:"bytes,7,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"`
-	Epoch         uint64                 `protobuf:"varint,8,opt,name=epoch,proto3" json:"epoch,omitempty"`
-	Rank          int32                  `protobuf:"varint,9,opt,name=rank,proto3" json:"rank,omitempty"`
-	Role          string                 `protobuf:"bytes,10,opt,name=role,proto3" json:"role,omitempty"`
-	EngineState   string                 `protobuf:"bytes,11,opt,name=engine_state,json=engineState,proto3" json:"engine_state,omitempty"`
-	Rdma          string                 `protobuf:"bytes,12,opt,name=rdma,proto3" json:"rdma,omitempty"`
-	GpuMemoryGib  int32                  `protobuf:"varint,13,opt,name=gpu_memory_gib,json=gpuMemoryGib,proto3" json:"gpu_memory_gib,omitempty"`
+	state        protoimpl.MessageState `protogen:"open.v1"`
+	NodeId       string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	Address      string                 `protobuf:"bytes,2,opt,name=address,proto3" json:"address,omitempty"`
+	GpuModel     string                 `protobuf:"bytes,3,opt,name=gpu_model,json=gpuModel,proto3" json:"gpu_model,omitempty"`
+	GpuCount     int32                  `protobuf:"varint,4,opt,name=gpu_count,json=gpuCount,proto3" json:"gpu_count,omitempty"`
+	Healthy      bool                   `protobuf:"varint,5,opt,name=healthy,proto3" json:"healthy,omitempty"`
+	State        string                 `protobuf:"bytes,6,opt,name=state,proto3" json:"state,omitempty"`
+	GroupId      string                 `protobuf:"bytes,7,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"`
+	Epoch        uint64                 `protobuf:"varint,8,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	Rank         int32                  `protobuf:"varint,9,opt,name=rank,proto3" json:"rank,omitempty"`
+	Role         string                 `protobuf:"bytes,10,opt,name=role,proto3" json:"role,omitempty"`
+	EngineState  string                 `protobuf:"bytes,11,opt,name=engine_state,json=engineState,proto3" json:"engine_state,omitempty"`
+	Rdma         string                 `protobuf:"bytes,12,opt,name=rdma,proto3" json:"rdma,omitempty"`
+	GpuMemoryGib int32                  `protobuf:"varint,13,opt,name=gpu_memory_gib,json=gpuMemoryGib,proto3" json:"gpu_memory_gib,omitempty"`
+	// progress is the node's weight pull ("43% 12.1 GB/s") while it downloads.
+	Progress      string `protobuf:"bytes,14,opt,name=progress,proto3" json:"progress,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1024,6 +1026,13 @@ func (x *NodeInfo) GetGpuMemoryGib() int32 {
 	return 0
 }
 
+func (x *NodeInfo) GetProgress() string {
+	if x != nil {
+		return x.Progress
+	}
+	return ""
+}
+
 type ListNodesRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -1117,8 +1126,11 @@ type ReplicaInfo struct {
 	NumRequestsRunning float64                `protobuf:"fixed64,9,opt,name=num_requests_running,json=numRequestsRunning,proto3" json:"num_requests_running,omitempty"`
 	NumRequestsWaiting float64                `protobuf:"fixed64,10,opt,name=num_requests_waiting,json=numRequestsWaiting,proto3" json:"num_requests_waiting,omitempty"`
 	KvCacheUsage       float64                `protobuf:"fixed64,11,opt,name=kv_cache_usage,json=kvCacheUsage,proto3" json:"kv_cache_usage,omitempty"`
-	unknownFields      protoimpl.UnknownFields
-	sizeCache          protoimpl.SizeCache
+	// progress is the slowest member's weight pull ("43% 12.1 GB/s") while
+	// the replica downloads.
+	Progress      string `protobuf:"bytes,12,opt,name=progress,proto3" json:"progress,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *ReplicaInfo) Reset() {
@@ -1226,6 +1238,13 @@ func (x *ReplicaInfo) GetKvCacheUsage() float64 {
 		return x.KvCacheUsage
 	}
 	return 0
+}
+
+func (x *ReplicaInfo) GetProgress() string {
+	if x != nil {
+		return x.Progress
+	}
+	return ""
 }
 
 type ListReplicasRequest struct {
@@ -1374,7 +1393,7 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"autoscaler\"-\n" +
 	"\x17DeleteDeploymentRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\x1a\n" +
-	"\x18DeleteDeploymentResponse\"\xdd\x02\n" +
+	"\x18DeleteDeploymentResponse\"\xf9\x02\n" +
 	"\bNodeInfo\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x1b\n" +
@@ -1389,10 +1408,11 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	" \x01(\tR\x04role\x12!\n" +
 	"\fengine_state\x18\v \x01(\tR\vengineState\x12\x12\n" +
 	"\x04rdma\x18\f \x01(\tR\x04rdma\x12$\n" +
-	"\x0egpu_memory_gib\x18\r \x01(\x05R\fgpuMemoryGib\"\x12\n" +
+	"\x0egpu_memory_gib\x18\r \x01(\x05R\fgpuMemoryGib\x12\x1a\n" +
+	"\bprogress\x18\x0e \x01(\tR\bprogress\"\x12\n" +
 	"\x10ListNodesRequest\"I\n" +
 	"\x11ListNodesResponse\x124\n" +
-	"\x05nodes\x18\x01 \x03(\v2\x1e.shoal.coordinator.v1.NodeInfoR\x05nodes\"\xdc\x02\n" +
+	"\x05nodes\x18\x01 \x03(\v2\x1e.shoal.coordinator.v1.NodeInfoR\x05nodes\"\xf8\x02\n" +
 	"\vReplicaInfo\x12\x19\n" +
 	"\bgroup_id\x18\x01 \x01(\tR\agroupId\x12\x1e\n" +
 	"\n" +
@@ -1407,7 +1427,8 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"\x14num_requests_running\x18\t \x01(\x01R\x12numRequestsRunning\x120\n" +
 	"\x14num_requests_waiting\x18\n" +
 	" \x01(\x01R\x12numRequestsWaiting\x12$\n" +
-	"\x0ekv_cache_usage\x18\v \x01(\x01R\fkvCacheUsage\"5\n" +
+	"\x0ekv_cache_usage\x18\v \x01(\x01R\fkvCacheUsage\x12\x1a\n" +
+	"\bprogress\x18\f \x01(\tR\bprogress\"5\n" +
 	"\x13ListReplicasRequest\x12\x1e\n" +
 	"\n" +
 	"deployment\x18\x01 \x01(\tR\n" +

@@ -6,7 +6,7 @@
 # timed to durable bytes (rclone does not fsync; shoal syncs each file).
 # Prints medians and ratios. Needs: versitygw (go install …@v1.8.0), rclone.
 #
-#   bench/download.sh [SHARDS] [SHARD_MiB] [ROUNDS]    (default 4 512 3)
+#   [DEST=/dev/shm] bench/download.sh [SHARDS] [SHARD_MiB] [ROUNDS]    (default 4 512 3)
 set -euo pipefail
 cd "$(dirname "$0")/.."
 SHARDS=${1:-4}; MIB=${2:-512}; ROUNDS=${3:-3}
@@ -14,13 +14,14 @@ export PATH="$(go env GOPATH)/bin:$PATH"
 command -v versitygw >/dev/null || { echo "need versitygw: go install github.com/versity/versitygw/cmd/versitygw@v1.8.0"; exit 1; }
 command -v rclone >/dev/null || { echo "need rclone: apt-get install rclone"; exit 1; }
 
-work=$(mktemp -d /var/tmp/shoal-dl-bench.XXXX)   # destination: the real disk
+work=$(mktemp -d "${DEST:-/var/tmp}/shoal-dl-bench.XXXX")   # destination: the real disk (DEST=/dev/shm: memory)
 src=$(mktemp -d /dev/shm/shoal-dl-src.XXXX)      # source backend: memory
 cleanup() { kill "${vgw:-}" 2>/dev/null || true; rm -rf "$work" "$src"; }
 trap cleanup EXIT
 go build -o "$work/shoal" ./cmd/shoal
 
 port=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
+unset AWS_CA_BUNDLE  # plain-http endpoint; a CA bundle in the env breaks rclone's S3 client
 export AWS_ACCESS_KEY_ID=benchaccess AWS_SECRET_ACCESS_KEY=benchsecret0123456789 AWS_REGION=us-east-1
 export AWS_ENDPOINT_URL=http://127.0.0.1:$port
 versitygw --access "$AWS_ACCESS_KEY_ID" --secret "$AWS_SECRET_ACCESS_KEY" --port 127.0.0.1:$port --keep-alive --quiet posix "$src" >"$work/vgw.log" 2>&1 &
@@ -45,7 +46,7 @@ drop() { sync; echo 3 >/proc/sys/vm/drop_caches 2>/dev/null || true; }
 secs() { local s e; s=$(date +%s.%N); "$@" >/dev/null 2>"$work/last.err" || { cat "$work/last.err"; exit 1; }; sync; e=$(date +%s.%N); echo "$e - $s" | bc -l; }
 median() { sort -g | awk '{a[NR]=$1} END {print (NR%2 ? a[(NR+1)/2] : (a[NR/2]+a[NR/2+1])/2)}'; }
 
-: >"$work/shoal.t"; : >"$work/rclone.t"; : >"$work/rclone-tuned.t"; : >"$work/disk.t"
+: >"$work/shoal.t"; : >"$work/rclone.t"; : >"$work/rclone-tuned.t"; : >"$work/disk.t"; : >"$work/shoal-nv.t"; : >"$work/rclone-nv.t"
 for r in $(seq 1 "$ROUNDS"); do
   rm -rf "$work/d"; drop
   secs "$work/shoal" model pull s3://models/m --dir "$work/d" --no-progress >>"$work/shoal.t"
@@ -54,12 +55,25 @@ for r in $(seq 1 "$ROUNDS"); do
   rm -rf "$work/d"; drop
   secs rclone copy --transfers 8 --multi-thread-streams 8 --multi-thread-cutoff 64M s:models/m "$work/d" >>"$work/rclone-tuned.t"
   rm -rf "$work/d"; drop
+  secs "$work/shoal" model pull s3://models/m --dir "$work/d" --no-progress --no-verify >>"$work/shoal-nv.t"
+  rm -rf "$work/d"; drop
+  secs rclone copy --ignore-checksum s:models/m "$work/d" >>"$work/rclone-nv.t"
+  rm -rf "$work/d"; drop
   secs dd if=/dev/zero of="$work/dd" bs=16M count=$(( bytes >> 24 )) conv=fdatasync status=none >>"$work/disk.t"
   rm -f "$work/dd"
 done
 rate() { echo "scale=1; $bytes / $1 / 1048576" | bc -l; }
+ratio() { echo "scale=2; $1 / $2" | bc -l; }
 s=$(median <"$work/shoal.t"); rc=$(median <"$work/rclone.t"); rt=$(median <"$work/rclone-tuned.t"); d=$(median <"$work/disk.t")
-printf '%-28s %8s s  %8s MiB/s\n' "shoal model pull" "$s" "$(rate "$s")" "rclone copy (defaults)" "$rc" "$(rate "$rc")" \
-  "rclone copy (8×8 streams)" "$rt" "$(rate "$rt")" "disk (dd conv=fdatasync)" "$d" "$(rate "$d")"
-echo "ratio shoal/rclone-defaults: $(echo "scale=2; $rc / $s" | bc -l)×   shoal/rclone-tuned: $(echo "scale=2; $rt / $s" | bc -l)×   shoal/disk: $(echo "scale=0; 100 * $d / $s" | bc -l)%"
-echo "(medians of $ROUNDS rounds; command: bench/download.sh $SHARDS $MIB $ROUNDS)"
+snv=$(median <"$work/shoal-nv.t"); rnv=$(median <"$work/rclone-nv.t")
+best=$rc; [ "$(echo "$rt < $rc" | bc -l)" = 1 ] && best=$rt
+printf '%-40s %8.2f s  %8s MiB/s\n' \
+  "shoal model pull (md5 verified)" "$s" "$(rate "$s")" \
+  "rclone copy (defaults, md5 verified)" "$rc" "$(rate "$rc")" \
+  "rclone copy (8 transfers × 8 streams)" "$rt" "$(rate "$rt")" \
+  "shoal model pull --no-verify" "$snv" "$(rate "$snv")" \
+  "rclone copy --ignore-checksum" "$rnv" "$(rate "$rnv")" \
+  "disk (dd bs=16M conv=fdatasync)" "$d" "$(rate "$d")"
+echo "verified:   shoal vs best rclone $(ratio "$best" "$s")×   shoal vs disk $(echo "scale=0; 100 * $d / $s" | bc -l)%"
+echo "unverified: shoal vs rclone $(ratio "$rnv" "$snv")×   shoal vs disk $(echo "scale=0; 100 * $d / $snv" | bc -l)%"
+echo "(medians of $ROUNDS rounds, each timed to durable bytes; command: bench/download.sh $SHARDS $MIB $ROUNDS; $(nproc) cores)"

@@ -10,6 +10,8 @@ import (
 	"strings"
 	"syscall"
 	"time"
+
+	"golang.org/x/sys/unix"
 )
 
 const (
@@ -22,23 +24,31 @@ const (
 
 // Manifest records what a pull selected, and when it completed.
 type Manifest struct {
-	Source    string    `json:"source"`
+	Source string `json:"source"`
+	// Boot is the kernel boot id when the pull ran: until the pull completes
+	// (and syncs), its files are trusted without re-hashing only within the
+	// same boot, since a power loss can drop unsynced page-cache data.
+	Boot      string    `json:"boot,omitempty"`
 	Files     []File    `json:"files"`
 	Bytes     int64     `json:"bytes"`
 	Completed time.Time `json:"completed,omitempty"`
 }
 
 // partState is the progress record beside a partial file: bytes written from
-// the start of each chunk. It is only written after the data it counts was
-// synced, so a resume never trusts bytes that did not reach the disk.
+// the start of each chunk. Written data is in the page cache before it is
+// counted, so a killed process loses nothing; a record from another boot is
+// not trusted (the cache may have died unsynced), unless the boot id is
+// unknown, in which case the data is synced before each record.
 type partState struct {
+	Boot  string  `json:"boot,omitempty"`
 	ETag  string  `json:"etag"`
 	Size  int64   `json:"size"`
 	Chunk int64   `json:"chunk"`
 	Done  []int64 `json:"done"`
 }
 
-func writeJSONAtomic(path string, v any) error {
+// writeJSONAtomic replaces path with v's JSON; durable also syncs it first.
+func writeJSONAtomic(path string, v any, durable bool) error {
 	b, err := json.MarshalIndent(v, "", " ")
 	if err != nil {
 		return err
@@ -52,9 +62,11 @@ func writeJSONAtomic(path string, v any) error {
 		f.Close()
 		return err
 	}
-	if err := f.Sync(); err != nil {
-		f.Close()
-		return err
+	if durable {
+		if err := f.Sync(); err != nil {
+			f.Close()
+			return err
+		}
 	}
 	if err := f.Close(); err != nil {
 		return err
@@ -68,6 +80,26 @@ func readJSON(path string, v any) error {
 		return err
 	}
 	return json.Unmarshal(b, v)
+}
+
+// bootID identifies this boot of the kernel ("" where unknown).
+func bootID() string {
+	b, err := os.ReadFile("/proc/sys/kernel/random/boot_id")
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// syncFS makes everything written under dir durable before the model is
+// marked complete: one syncfs instead of an fsync per file on the hot path.
+func syncFS(dir string) error {
+	d, err := os.Open(dir)
+	if err != nil {
+		return err
+	}
+	defer d.Close()
+	return unix.Syncfs(int(d.Fd()))
 }
 
 func syncDir(dir string) {

@@ -56,7 +56,7 @@ func modelCommand() *cli.Command {
 // modelSourceFlags are the download settings the agent shares.
 func modelSourceFlags() []cli.Flag {
 	return []cli.Flag{
-		&cli.IntFlag{Name: "workers", Value: model.DefaultWorkers, EnvVars: []string{"SHOAL_DOWNLOAD_WORKERS"}, Usage: "concurrent ranged GETs across all files"},
+		&cli.IntFlag{Name: "workers", Value: model.DefaultWorkers, EnvVars: []string{"SHOAL_DOWNLOAD_WORKERS"}, Usage: "concurrent ranged GETs across all files (default: 4 per CPU, 8 to 64)"},
 		&cli.StringFlag{Name: "part-size", Value: "64MiB", EnvVars: []string{"SHOAL_DOWNLOAD_PART_SIZE"}, Usage: "size of one ranged GET"},
 		&cli.StringFlag{Name: "limit-rate", EnvVars: []string{"SHOAL_DOWNLOAD_LIMIT_RATE"}, Usage: "cap the pull's total rate, e.g. 500MiB (per second); default none"},
 		&cli.StringFlag{Name: "s3-endpoint", EnvVars: []string{"SHOAL_S3_ENDPOINT"}, Usage: "S3-compatible endpoint URL (default AWS_ENDPOINT_URL, then AWS)"},

@@ -291,3 +291,13 @@ func TestParseURI(t *testing.T) {
 		require.True(t, strings.Contains(err.Error(), want), "%s: %v", in, err)
 	}
 }
+
+func TestPullRateLimit(t *testing.T) {
+	m := newMem("mem://a", map[string]int{"w.safetensors": 3 << 20})
+	o := opts(t.TempDir())
+	o.RateLimit = 2 << 20 // 3 MiB at 2 MiB/s, with a quarter-second burst: ≥ 1.25 s
+	start := time.Now()
+	_, err := Pull(context.Background(), m, o)
+	require.NoError(t, err)
+	require.GreaterOrEqual(t, time.Since(start), 1200*time.Millisecond, "the limit holds across workers")
+}

@@ -11,7 +11,7 @@ PROTOC_GEN_GO_VERSION := v1.36.12
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 PROTOS := agent replica coordinator
 
-.PHONY: build test test-unit test-integration lint generate check-generated bench demo clean tools
+.PHONY: build test test-unit test-integration lint generate check-generated bench demo clean tools fuzz
 
 build:
 	$(GO) build -o bin/shoal ./cmd/shoal
@@ -45,6 +45,17 @@ generate: tools
 
 check-generated: generate
 	git diff --exit-code -- proto/ || { echo "generated code is stale: run make generate and commit"; exit 1; }
+
+FUZZTIME ?= 5s
+## fuzz: run every fuzz target for FUZZTIME each (CI runs a bounded 5 s per target;
+## `make test` always replays the committed seed corpora).
+fuzz:
+	@for pkg in $$($(GO) list ./...); do \
+	  for f in $$($(GO) test -list '^Fuzz' $$pkg 2>/dev/null | grep '^Fuzz' || true); do \
+	    echo "== fuzz $$f ($$pkg, $(FUZZTIME))"; \
+	    $(GO) test -run '^$$' -fuzz "^$${f}\$$" -fuzztime $(FUZZTIME) $$pkg | grep -v '^fuzz: elapsed' ; \
+	  done; \
+	done
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./bench/...

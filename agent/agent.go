@@ -19,6 +19,7 @@ import (
 	"github.com/shoalhq/shoal/gpu"
 	agentv1 "github.com/shoalhq/shoal/proto/agent/v1"
 	"github.com/shoalhq/shoal/rdma"
+	"github.com/shoalhq/shoal/security"
 	"google.golang.org/grpc"
 )
 
@@ -142,12 +143,12 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("agent api: %w", err)
 	}
-	srv := grpc.NewServer()
+	srv := grpc.NewServer(a.cfg.TLS.ServerOptions(security.AgentPolicy, false)...)
 	agentv1.RegisterAgentServer(srv, &agentServer{a: a})
-	a.replica = newReplicaServer(a.replicaAddr(), a.log)
+	a.replica = newReplicaServer(a.replicaAddr(), a.log, a.cfg.TLS)
 
 	a.mem = gossip.New(gossip.Config{Cluster: a.cfg.Cluster, BindAddr: a.cfg.Address, BindPort: a.cfg.GossipPort,
-		Join: a.cfg.Join, Profile: a.cfg.GossipProfile, Logger: a.cfg.Logger}, a.tag())
+		Join: a.cfg.Join, Profile: a.cfg.GossipProfile, Logger: a.cfg.Logger, Keys: a.cfg.GossipKeys, KeyFile: a.cfg.GossipKeyFile}, a.tag())
 	if err := a.mem.Start(); err != nil {
 		lis.Close()
 		return err

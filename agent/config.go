@@ -9,6 +9,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/shoalhq/shoal/security"
 	"gopkg.in/yaml.v3"
 )
 
@@ -63,6 +64,14 @@ type Config struct {
 	Download DownloadConfig `yaml:"download"`
 	// InspectInterval re-reads the hardware (remapped rows, NVLinks, lost GPUs).
 	InspectInterval time.Duration `yaml:"inspect_interval"`
+
+	// TLS secures the Agent and Replica APIs and this agent's calls (nil:
+	// cleartext, only with --insecure).
+	TLS *security.TLS `yaml:"-"`
+	// GossipKeys encrypt gossip (the first one is used to send).
+	GossipKeys [][]byte `yaml:"-"`
+	// GossipKeyFile is where the keys live; keyring changes are saved there.
+	GossipKeyFile string `yaml:"gossip_key_file"`
 
 	Logger *slog.Logger `yaml:"-"`
 }

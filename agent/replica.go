@@ -9,6 +9,7 @@ import (
 
 	"github.com/shoalhq/shoal/gossip"
 	replicav1 "github.com/shoalhq/shoal/proto/replica/v1"
+	"github.com/shoalhq/shoal/security"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
@@ -21,6 +22,7 @@ const ReplicaService = "shoal.replica.v1.Replica"
 // replicaServer is the Replica API. It listens only while this node is head:
 // on a worker, or a former head, the port is closed.
 type replicaServer struct {
+	tls  *security.TLS
 	addr string
 	log  *slog.Logger
 
@@ -31,8 +33,8 @@ type replicaServer struct {
 	changed chan struct{}      // guarded by mu; closed and replaced on every update
 }
 
-func newReplicaServer(addr string, log *slog.Logger) *replicaServer {
-	return &replicaServer{addr: addr, log: log.With("component", "replica-api"), changed: make(chan struct{}), latest: &replicav1.Metrics{}}
+func newReplicaServer(addr string, log *slog.Logger, tl *security.TLS) *replicaServer {
+	return &replicaServer{addr: addr, log: log.With("component", "replica-api"), changed: make(chan struct{}), latest: &replicav1.Metrics{}, tls: tl}
 }
 
 func (s *replicaServer) start() {
@@ -46,7 +48,7 @@ func (s *replicaServer) start() {
 		s.log.Error("cannot serve replica api", "addr", s.addr, "err", err)
 		return
 	}
-	s.srv = grpc.NewServer()
+	s.srv = grpc.NewServer(s.tls.ServerOptions(security.ReplicaPolicy, false)...)
 	s.health = health.NewServer()
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
 	s.health.SetServingStatus(ReplicaService, healthpb.HealthCheckResponse_NOT_SERVING)

@@ -18,8 +18,6 @@ import (
 	"github.com/shoalhq/shoal/engine/process"
 	"github.com/shoalhq/shoal/gossip"
 	agentv1 "github.com/shoalhq/shoal/proto/agent/v1"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 )
 
 // run is one start of the engine for one (group, epoch, term) in one role. Its
@@ -263,7 +261,7 @@ func (a *Agent) watchMembers(r *run, members []Member) {
 			continue
 		}
 		go func(m Member) {
-			conn, err := grpc.NewClient(m.GRPC, grpc.WithTransportCredentials(insecure.NewCredentials()))
+			conn, err := a.cfg.TLS.Dial(m.GRPC)
 			if err != nil {
 				r.fail(fmt.Sprintf("member %s: %v", m.NodeID, err))
 				return

@@ -13,6 +13,7 @@ import (
 	"github.com/shoalhq/shoal/coordinator/router"
 	"github.com/shoalhq/shoal/gossip"
 	coordv1 "github.com/shoalhq/shoal/proto/coordinator/v1"
+	"github.com/shoalhq/shoal/security"
 	"google.golang.org/grpc"
 )
 
@@ -33,6 +34,12 @@ type Config struct {
 	// AutoscaleInterval is how often autoscaled deployments are decided.
 	AutoscaleInterval time.Duration
 	Logger            *slog.Logger
+	// TLS secures the API (cli certificates or tokens) and the calls to
+	// agents and heads; nil is cleartext (--insecure).
+	TLS *security.TLS
+	// GossipKeys encrypt gossip; GossipKeyFile keeps keyring changes.
+	GossipKeys    [][]byte
+	GossipKeyFile string
 }
 
 // Defaults fills unset fields.
@@ -100,7 +107,7 @@ func New(cfg Config) *Coordinator {
 	c := &Coordinator{cfg: cfg, log: cfg.Logger.With("component", "coordinator"), events: newEvents(),
 		table: router.NewTable(), wake: make(chan struct{}, 1), inflight: map[string]bool{},
 		scalers: map[string]*scalerState{}, demand: map[string]time.Time{}, draining: map[string]time.Time{}, short: map[string]string{}}
-	c.heads = router.NewWatcher(c.log, c.rebuildTable)
+	c.heads = router.NewWatcher(c.log, c.rebuildTable, cfg.TLS)
 	c.reg = cfg.Router.Registry
 	if c.reg == nil {
 		c.reg = prometheus.NewRegistry()
@@ -142,7 +149,7 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	defer st.Close()
 	c.store = st
 	c.mem = gossip.New(gossip.Config{Cluster: c.cfg.Cluster, BindAddr: c.cfg.Address, BindPort: c.cfg.GossipPort,
-		Join: c.cfg.Join, Profile: c.cfg.GossipProfile, Logger: c.cfg.Logger},
+		Join: c.cfg.Join, Profile: c.cfg.GossipProfile, Logger: c.cfg.Logger, Keys: c.cfg.GossipKeys, KeyFile: c.cfg.GossipKeyFile},
 		gossip.Tag{Kind: gossip.KindCoordinator, ID: c.cfg.NodeID, GRPC: c.cfg.APIAddr, Healthy: true})
 	if err := c.mem.Start(); err != nil {
 		return err
@@ -151,7 +158,7 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("coordinator api: %w", err)
 	}
-	srv := grpc.NewServer()
+	srv := grpc.NewServer(c.cfg.TLS.ServerOptions(security.CoordinatorPolicy, true)...)
 	coordv1.RegisterCoordinatorServer(srv, &apiServer{c: c})
 	var httpSrv *http.Server
 	if c.cfg.RouterAddr != "" {

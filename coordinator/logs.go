@@ -7,9 +7,7 @@ import (
 
 	agentv1 "github.com/shoalhq/shoal/proto/agent/v1"
 	coordv1 "github.com/shoalhq/shoal/proto/coordinator/v1"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 )
 
@@ -44,7 +42,7 @@ func (s *apiServer) Logs(req *coordv1.LogsRequest, stream coordv1.Coordinator_Lo
 	if addr == "" {
 		return apiError(fmt.Errorf("node %q is not a member of %s: %w", node, g.ID, ErrNotFound))
 	}
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := s.c.cfg.TLS.Dial(addr)
 	if err != nil {
 		return status.Error(codes.Unavailable, err.Error())
 	}

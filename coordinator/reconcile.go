@@ -3,15 +3,14 @@ package coordinator
 import (
 	"context"
 	"fmt"
-	"github.com/shoalhq/shoal/coordinator/router"
 	"sort"
 	"strings"
 	"time"
 
+	"github.com/shoalhq/shoal/coordinator/router"
+
 	"github.com/shoalhq/shoal/gossip"
 	agentv1 "github.com/shoalhq/shoal/proto/agent/v1"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 )
 
 // rpcTimeout bounds one Assign or Release. An Assign may wait for the node to
@@ -234,7 +233,7 @@ func (c *Coordinator) endRPC(id string) {
 }
 
 func (c *Coordinator) agentCall(ctx context.Context, addr string, f func(context.Context, agentv1.AgentClient) error) error {
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := c.cfg.TLS.Dial(addr)
 	if err != nil {
 		return err
 	}

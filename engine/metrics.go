@@ -3,6 +3,7 @@ package engine
 import (
 	"fmt"
 	"io"
+	"math"
 
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
@@ -73,6 +74,9 @@ func ParseVLLMMetrics(r io.Reader) (Metrics, error) {
 			}
 		}
 	}
+	if math.IsNaN(m.TTFTSum) || math.IsInf(m.TTFTSum, 0) || m.TTFTSum < 0 {
+		m.TTFTSum, m.TTFTCount = 0, 0
+	}
 	if m.KVCacheUsage > 1 {
 		// Some mocks (AIBrix's vllm-mock) report 0-100; real vLLM is 0-1.
 		m.KVCacheUsage /= 100
@@ -80,14 +84,20 @@ func ParseVLLMMetrics(r io.Reader) (Metrics, error) {
 	return m, nil
 }
 
+// value reads a sample. NaN, infinities and negatives (a broken or hostile
+// engine) read as 0: they would otherwise poison routing and autoscaling.
 func value(s *dto.Metric) float64 {
+	var v float64
 	switch {
 	case s.Gauge != nil:
-		return s.GetGauge().GetValue()
+		v = s.GetGauge().GetValue()
 	case s.Counter != nil:
-		return s.GetCounter().GetValue()
+		v = s.GetCounter().GetValue()
 	case s.Untyped != nil:
-		return s.GetUntyped().GetValue()
+		v = s.GetUntyped().GetValue()
 	}
-	return 0
+	if math.IsNaN(v) || math.IsInf(v, 0) || v < 0 {
+		return 0
+	}
+	return v
 }

@@ -28,6 +28,11 @@ type Config struct {
 	// (sub-second failure detection, for tests and single-machine dev clusters).
 	Profile string
 	Logger  *slog.Logger
+	// Keys encrypt gossip with AES-GCM (the first one sends); none is
+	// cleartext. A node with a wrong or missing key cannot join.
+	Keys [][]byte
+	// KeyFile receives keyring changes made with KeyringOp.
+	KeyFile string
 }
 
 // Membership is this node's view of the cluster.
@@ -38,10 +43,14 @@ type Membership struct {
 	changes chan struct{}
 
 	mu      sync.Mutex
-	local   Tag            // guarded by mu
-	warn    time.Time      // guarded by mu; last rejected-peer warning (rate limit)
-	crashed bool           // guarded by mu; stopped without leaving
-	members map[string]Tag // guarded by mu; live peers by node id, from events
+	local   Tag                  // guarded by mu
+	warn    time.Time            // guarded by mu; last rejected-peer warning (rate limit)
+	crashed bool                 // guarded by mu; stopped without leaving
+	members map[string]Tag       // guarded by mu; live peers by node id, from events
+	seenOps map[string]time.Time // guarded by mu; keyring operations applied
+
+	keyring *memberlist.Keyring
+	bcast   *memberlist.TransmitLimitedQueue
 }
 
 // Crash stops gossip without telling anyone, as a dying host would. Fault tests
@@ -106,6 +115,18 @@ func (m *Membership) Start() error {
 	c.Alive = (*alive)(m)
 	c.Merge = (*merge)(m)
 	c.Logger = log.New(&logWriter{m.log}, "", 0)
+	if len(m.cfg.Keys) > 0 {
+		kr, err := memberlist.NewKeyring(m.cfg.Keys, m.cfg.Keys[0])
+		if err != nil {
+			return fmt.Errorf("gossip keys: %w", err)
+		}
+		c.Keyring, m.keyring = kr, kr
+		c.GossipVerifyIncoming, c.GossipVerifyOutgoing = true, true
+		m.mu.Lock()
+		m.local.Keys = m.fingerprints()
+		m.mu.Unlock()
+	}
+	m.bcast = &memberlist.TransmitLimitedQueue{NumNodes: func() int { return max(1, len(m.Members())) }, RetransmitMult: 4}
 	ml, err := memberlist.Create(c)
 	if err != nil {
 		return fmt.Errorf("start gossip on %s:%d: %w", m.cfg.BindAddr, m.cfg.BindPort, err)
@@ -134,7 +155,13 @@ func (m *Membership) Run(ctx context.Context) error {
 				m.log.Info("joined cluster", "cluster", m.cfg.Cluster, "contacted", n, "members", m.ml.NumMembers())
 				break
 			}
-			m.log.Warn("cannot join cluster yet; retrying", "seeds", m.cfg.Join, "err", err, "retry_in", backoff)
+			var hint string
+			if len(m.cfg.Keys) > 0 {
+				hint = "is a seed up, and does this node's gossip key file hold one of the cluster's keys?"
+			} else {
+				hint = "is a seed up? if the cluster encrypts gossip, this node needs its key file (--gossip-key-file)"
+			}
+			m.log.Warn("cannot join cluster yet; retrying", "seeds", m.cfg.Join, "err", err, "retry_in", backoff, "hint", hint)
 			select {
 			case <-ctx.Done():
 				return m.shutdown()
@@ -181,6 +208,7 @@ func (m *Membership) Local() Tag {
 // SetTag publishes a new local tag. It fails if the tag would not fit.
 func (m *Membership) SetTag(t Tag) error {
 	t.Cluster = m.cfg.Cluster
+	t.Keys = m.fingerprints()
 	if _, err := t.Encode(); err != nil {
 		return err
 	}
@@ -262,10 +290,12 @@ func (d *delegate) NodeMeta(limit int) []byte {
 	}
 	return b
 }
-func (d *delegate) NotifyMsg([]byte)                {}
-func (d *delegate) GetBroadcasts(int, int) [][]byte { return nil }
-func (d *delegate) LocalState(bool) []byte          { return nil }
-func (d *delegate) MergeRemoteState([]byte, bool)   {}
+func (d *delegate) NotifyMsg(b []byte) { (*Membership)(d).handleMsg(b) }
+func (d *delegate) GetBroadcasts(overhead, limit int) [][]byte {
+	return (*Membership)(d).bcast.GetBroadcasts(overhead, limit)
+}
+func (d *delegate) LocalState(bool) []byte        { return nil }
+func (d *delegate) MergeRemoteState([]byte, bool) {}
 
 type events Membership
 

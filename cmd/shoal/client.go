@@ -15,9 +15,7 @@ import (
 	coordv1 "github.com/shoalhq/shoal/proto/coordinator/v1"
 	"github.com/shoalhq/shoal/spec"
 	"github.com/urfave/cli/v2"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -29,7 +27,11 @@ var coordinatorFlag = &cli.StringFlag{Name: "coordinator", Value: "127.0.0.1:795
 // withClient dials the coordinator and maps gRPC errors to plain messages.
 func withClient(c *cli.Context, f func(context.Context, coordv1.CoordinatorClient) error) error {
 	addr := c.String("coordinator")
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	tl, err := cliTLS(c)
+	if err != nil {
+		return err
+	}
+	conn, err := tl.Dial(addr)
 	if err != nil {
 		return fmt.Errorf("coordinator address %q: %w", addr, err)
 	}
@@ -344,7 +346,11 @@ func logsCommand() *cli.Command {
 				return errors.New("usage: shoal logs REPLICA [--node N] [--name vllm] [--follow]")
 			}
 			addr := c.String("coordinator")
-			conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+			tl, err := cliTLS(c)
+			if err != nil {
+				return err
+			}
+			conn, err := tl.Dial(addr)
 			if err != nil {
 				return err
 			}

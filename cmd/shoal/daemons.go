@@ -2,12 +2,15 @@ package main
 
 import (
 	"fmt"
+	"log/slog"
+	"net"
 	"time"
 
 	"github.com/shoalhq/shoal/agent"
 	"github.com/shoalhq/shoal/coordinator"
 	"github.com/shoalhq/shoal/coordinator/router"
 	"github.com/shoalhq/shoal/gpu"
+	"github.com/shoalhq/shoal/security"
 	"github.com/urfave/cli/v2"
 )
 
@@ -127,6 +130,9 @@ func agentCommand() *cli.Command {
 			if err != nil {
 				return err
 			}
+			if cfg.TLS, cfg.GossipKeys, cfg.GossipKeyFile, err = daemonSecurity(c, security.RoleAgent, cfg.Logger, nil); err != nil {
+				return err
+			}
 			a, err := agent.New(cfg, ins, nil)
 			if err != nil {
 				return err
@@ -135,11 +141,12 @@ func agentCommand() *cli.Command {
 		},
 	}
 	cmd.Flags = append(cmd.Flags, modelSourceFlags()...)
+	cmd.Flags = append(cmd.Flags, securityFlags()...)
 	return cmd
 }
 
 func coordinatorCommand() *cli.Command {
-	return &cli.Command{
+	cmd := &cli.Command{
 		Name:  "coordinator",
 		Usage: "run the coordinator: store, placement, reconciler, API and router",
 		Flags: []cli.Flag{
@@ -152,22 +159,54 @@ func coordinatorCommand() *cli.Command {
 			&cli.StringFlag{Name: "api", Value: "127.0.0.1:7950", EnvVars: []string{"SHOAL_API_ADDR"}, Usage: "gRPC API address for the CLI"},
 			&cli.StringFlag{Name: "router", Value: "127.0.0.1:8080", EnvVars: []string{"SHOAL_ROUTER_ADDR"}, Usage: "OpenAI HTTP address (\"\" disables)"},
 			&cli.StringFlag{Name: "data-dir", Value: "/var/lib/shoal-coordinator", EnvVars: []string{"SHOAL_DATA_DIR"}},
+			&cli.StringFlag{Name: "cli-tokens-file", EnvVars: []string{"SHOAL_CLI_TOKENS_FILE"}, Usage: "hashed CLI tokens, \"NAME SHA256\" per line (`shoal tls token create`); reloaded on SIGHUP"},
 			apiKeysFlag, idleTimeoutFlag, totalTimeoutFlag, holdForFlag,
 		},
 		Action: func(c *cli.Context) error {
 			if c.NArg() > 0 {
 				return fmt.Errorf("unexpected arguments %v", c.Args().Slice())
 			}
+			if api, rt := c.String("api"), c.String("router"); rt != "" && samePort(api, rt) {
+				return fmt.Errorf("--api %s and --router %s share a port: the admin API never shares one with the public OpenAI router", api, rt)
+			}
 			rc, err := routerConfig(c)
 			if err != nil {
 				return err
 			}
+			log := logger(c)
+			var tl *security.TLS
+			loadTokens := func() {
+				p := c.String("cli-tokens-file")
+				if p == "" || tl == nil {
+					return
+				}
+				tk, err := security.LoadTokens(p)
+				if err != nil {
+					log.Error("CLI tokens not (re)loaded", "file", p, "err", err)
+					return
+				}
+				tl.SetTokens(tk)
+			}
+			rk := reloadKeys(c, rc, log)
+			tl, keys, kf, err := daemonSecurity(c, security.RoleCoordinator, log, func() { loadTokens(); rk() })
+			if err != nil {
+				return err
+			}
+			if p := c.String("cli-tokens-file"); p != "" {
+				if _, err := security.LoadTokens(p); err != nil {
+					return fmt.Errorf("--cli-tokens-file: %v", err)
+				}
+			}
+			loadTokens()
 			co := coordinator.New(coordinator.Config{NodeID: c.String("node-id"), Cluster: c.String("cluster"), Address: c.String("address"),
 				GossipPort: c.Int("gossip-port"), Join: c.StringSlice("join"), GossipProfile: c.String("gossip-profile"),
-				APIAddr: c.String("api"), RouterAddr: c.String("router"), DataDir: c.String("data-dir"), Router: rc, Logger: logger(c)})
+				APIAddr: c.String("api"), RouterAddr: c.String("router"), DataDir: c.String("data-dir"), Router: rc, Logger: log,
+				TLS: tl, GossipKeys: keys, GossipKeyFile: kf})
 			return co.Run(c.Context)
 		},
 	}
+	cmd.Flags = append(cmd.Flags, securityFlags()...)
+	return cmd
 }
 
 var idleTimeoutFlag = &cli.DurationFlag{Name: "idle-timeout", Value: 10 * time.Minute, EnvVars: []string{"SHOAL_ROUTER_IDLE_TIMEOUT"},
@@ -180,7 +219,7 @@ var holdForFlag = &cli.DurationFlag{Name: "hold-for", Value: 30 * time.Second, E
 	Usage: "hold a request for a model with no ready replica this long (scale from zero, restarts) before answering 503"}
 
 var apiKeysFlag = &cli.StringFlag{Name: "api-keys-file", EnvVars: []string{"SHOAL_API_KEYS_FILE"},
-	Usage: "YAML file of `KEY: [model, …]`; when set, OpenAI requests need `Authorization: Bearer KEY`"}
+	Usage: "hashed API keys with their models and rate limits (`shoal apikey create`); when set, OpenAI requests need `Authorization: Bearer KEY`; reloaded on SIGHUP"}
 
 func routerConfig(c *cli.Context) (router.Config, error) {
 	rc := router.Config{IdleTimeout: c.Duration("idle-timeout"), TotalTimeout: c.Duration("total-timeout"), HoldFor: c.Duration("hold-for")}
@@ -197,8 +236,25 @@ func routerConfig(c *cli.Context) (router.Config, error) {
 	return rc, nil
 }
 
+// reloadKeys re-reads --api-keys-file into the running router (SIGHUP).
+func reloadKeys(c *cli.Context, rc router.Config, log *slog.Logger) func() {
+	return func() {
+		p := c.String("api-keys-file")
+		if p == "" || rc.APIKeys == nil {
+			return
+		}
+		keys, err := router.LoadAPIKeys(p)
+		if err != nil {
+			log.Error("SIGHUP: API keys not reloaded; keeping the old ones", "err", err)
+			return
+		}
+		rc.APIKeys.Replace(keys)
+		log.Info("SIGHUP: API keys reloaded", "file", p)
+	}
+}
+
 func routerCommand() *cli.Command {
-	return &cli.Command{
+	cmd := &cli.Command{
 		Name:  "router",
 		Usage: "run an OpenAI router alone: joins the gossip, watches the heads, keeps routing while the coordinator is down",
 		Flags: []cli.Flag{
@@ -221,9 +277,28 @@ func routerCommand() *cli.Command {
 			if bs := c.StringSlice("backend"); len(bs) > 0 {
 				return router.RunStatic(c.Context, c.String("listen"), bs, rc, logger(c))
 			}
+			log := logger(c)
+			tl, keys, kf, err := daemonSecurity(c, security.RoleRouter, log, reloadKeys(c, rc, log))
+			if err != nil {
+				return err
+			}
 			return router.RunStandalone(c.Context, router.StandaloneConfig{NodeID: c.String("node-id"), Cluster: c.String("cluster"),
 				Address: c.String("address"), GossipPort: c.Int("gossip-port"), Join: c.StringSlice("join"),
-				GossipProfile: c.String("gossip-profile"), Listen: c.String("listen"), Router: rc, Logger: logger(c)})
+				GossipProfile: c.String("gossip-profile"), Listen: c.String("listen"), Router: rc, Logger: log,
+				TLS: tl, GossipKeys: keys, GossipKeyFile: kf})
 		},
 	}
+	cmd.Flags = append(cmd.Flags, securityFlags()...)
+	return cmd
+}
+
+// samePort says whether two listen addresses would share a socket.
+func samePort(a, b string) bool {
+	ha, pa, err1 := net.SplitHostPort(a)
+	hb, pb, err2 := net.SplitHostPort(b)
+	if err1 != nil || err2 != nil || pa != pb {
+		return false
+	}
+	wild := func(h string) bool { return h == "" || h == "0.0.0.0" || h == "::" }
+	return ha == hb || wild(ha) || wild(hb)
 }

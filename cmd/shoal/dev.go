@@ -12,9 +12,8 @@ import (
 
 	"github.com/shoalhq/shoal/internal/devcluster"
 	coordv1 "github.com/shoalhq/shoal/proto/coordinator/v1"
+	"github.com/shoalhq/shoal/security"
 	"github.com/urfave/cli/v2"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
 )
 
 func devCommand() *cli.Command {
@@ -57,6 +56,11 @@ func runDev(c *cli.Context) error {
 	if err != nil {
 		return err
 	}
+	// The CLI on this machine finds the dev cluster's credentials here.
+	if d := cl.ClientTLSDir(); d != "" {
+		_ = os.WriteFile(devPointer(), []byte(d), 0o600)
+		defer os.Remove(devPointer())
+	}
 	defer func() {
 		fmt.Fprintln(out, "shoal dev: stopping agents, engines and coordinator…")
 		cl.Stop()
@@ -67,7 +71,7 @@ func runDev(c *cli.Context) error {
 		<-c.Context.Done()
 		return nil
 	}
-	if err := devApply(c.Context, c.String("api"), out); err != nil {
+	if err := devApply(c.Context, c.String("api"), cl.ClientTLSDir(), out); err != nil {
 		return err
 	}
 	router := "http://" + c.String("router")
@@ -103,8 +107,15 @@ Ctrl-C stops everything.
 	return nil
 }
 
-func devApply(ctx context.Context, api string, out io.Writer) error {
-	conn, err := grpc.NewClient(api, grpc.WithTransportCredentials(insecure.NewCredentials()))
+func devApply(ctx context.Context, api, tlsDir string, out io.Writer) error {
+	var tl *security.TLS
+	if tlsDir != "" {
+		var err error
+		if tl, err = security.Load(security.Options{Dir: tlsDir, Role: security.RoleCLI}); err != nil {
+			return err
+		}
+	}
+	conn, err := tl.Dial(api)
 	if err != nil {
 		return err
 	}

@@ -4,7 +4,6 @@ import (
 	"bytes"
 	"context"
 	"crypto/rand"
-	"crypto/subtle"
 	"encoding/binary"
 	"encoding/hex"
 	"encoding/json"
@@ -12,6 +11,7 @@ import (
 	"fmt"
 	"io"
 	"log/slog"
+	"math"
 	"net"
 	"net/http"
 	"slices"
@@ -28,9 +28,9 @@ import (
 
 // Config tunes the router. The zero value works.
 type Config struct {
-	// APIKeys maps a Bearer key to the models it may use ("*" for all).
-	// Empty: no authentication.
-	APIKeys map[string][]string
+	// APIKeys are the accepted Bearer keys (hashed), each with its models
+	// and rate limit. Nil or empty: no authentication.
+	APIKeys *Keys
 	// Retries is how many other replicas are tried when a backend cannot be
 	// reached or answers 5xx before anything reached the client.
 	Retries int
@@ -152,30 +152,33 @@ func writeError(w http.ResponseWriter, status int, typ, param, code, msg string)
 	_ = json.NewEncoder(w).Encode(map[string]any{"error": body})
 }
 
-// allowed returns the models a request's key may use (nil: any), or ok=false.
-func (r *Router) allowed(req *http.Request) ([]string, bool) {
-	if len(r.cfg.APIKeys) == 0 {
+// allowed checks a request's key: the models it may use (nil: any), or an
+// error already written (401 unknown key, 429 over the key's rate).
+func (r *Router) allowed(w http.ResponseWriter, req *http.Request) ([]string, bool) {
+	if !r.cfg.APIKeys.enabled() {
 		return nil, true
 	}
 	tok, found := strings.CutPrefix(req.Header.Get("Authorization"), "Bearer ")
-	if !found || tok == "" {
+	var k *keyState
+	if found && tok != "" {
+		k = r.cfg.APIKeys.lookup(tok)
+	}
+	if k == nil {
+		writeError(w, 401, "invalid_request_error", "", "invalid_api_key", "Incorrect API key provided. Pass it as `Authorization: Bearer KEY`.")
 		return nil, false
 	}
-	for k, models := range r.cfg.APIKeys {
-		if subtle.ConstantTimeCompare([]byte(k), []byte(tok)) == 1 {
-			if slices.Contains(models, "*") {
-				return nil, true
-			}
-			return models, true
-		}
+	if ok, wait := k.take(); !ok {
+		w.Header().Set("Retry-After", strconv.Itoa(max(1, int(math.Ceil(wait.Seconds())))))
+		writeError(w, 429, "requests", "", "rate_limit_exceeded",
+			fmt.Sprintf("Rate limit reached for key %s: %g requests/s (burst %d). Retry after %v.", k.Name, k.RPS, k.Burst, wait.Round(time.Millisecond)))
+		return nil, false
 	}
-	return nil, false
+	return k.models(), true
 }
 
 func (r *Router) models(w http.ResponseWriter, req *http.Request) {
-	allow, ok := r.allowed(req)
+	allow, ok := r.allowed(w, req)
 	if !ok {
-		writeError(w, 401, "invalid_request_error", "", "invalid_api_key", "Incorrect API key provided. Pass it as `Authorization: Bearer KEY`.")
 		return
 	}
 	data := []any{}
@@ -251,9 +254,8 @@ func (r *Router) proxy(w http.ResponseWriter, req *http.Request) {
 		rid = requestID()
 	}
 	w.Header().Set("X-Request-Id", rid)
-	allow, ok := r.allowed(req)
+	allow, ok := r.allowed(w, req)
 	if !ok {
-		writeError(w, 401, "invalid_request_error", "", "invalid_api_key", "Incorrect API key provided. Pass it as `Authorization: Bearer KEY`.")
 		return
 	}
 	var bb bytes.Buffer

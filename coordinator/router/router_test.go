@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net/http"
 	"net/http/httptest"
+	"os"
 	"strings"
 	"sync"
 	"testing"
@@ -193,4 +194,55 @@ func TestIdleTimeoutEndsHungStream(t *testing.T) {
 			require.Contains(t, rec.Body.String(), "first")
 		}
 	}
+}
+
+// TestHostileBodies: oversized, deeply nested and non-UTF-8 bodies get a
+// clear 4xx, never a crash or a hang.
+func TestHostileBodies(t *testing.T) {
+	r, _ := newRouter()
+	h := r.Handler()
+	cases := map[string]struct {
+		body string
+		code int
+	}{
+		"deep nesting":  {`{"model":"m","x":` + strings.Repeat("[", 200000) + strings.Repeat("]", 200000) + `}`, 0},
+		"deep unclosed": {strings.Repeat("[", 100000), 400},
+		"non-utf8":      {"{\"model\":\"m\xff\xfe\",\"prompt\":\"\xc3\x28\"}", 0},
+		"oversized":     {`{"model":"m","prompt":"` + strings.Repeat("a", 65<<20) + `"}`, 413},
+		"nul bytes":     {"{\"model\":\"m\x00\"}", 0},
+	}
+	for name, c := range cases {
+		done := make(chan int, 1)
+		go func() {
+			rec := httptest.NewRecorder()
+			h.ServeHTTP(rec, httptest.NewRequest("POST", "/v1/chat/completions", strings.NewReader(c.body)))
+			done <- rec.Code
+		}()
+		select {
+		case code := <-done:
+			if c.code != 0 {
+				require.Equal(t, c.code, code, name)
+			}
+			require.True(t, code >= 400 && code < 600, "%s: %d", name, code)
+		case <-time.After(10 * time.Second):
+			t.Fatalf("%s: no answer within 10 s", name)
+		}
+	}
+}
+
+func FuzzAPIKeysFile(f *testing.F) {
+	f.Add([]byte("keys:\n  - {name: a, sha256: " + strings.Repeat("ab", 32) + ", models: [m], rps: 1}\n"))
+	f.Add([]byte("keys: []\n"))
+	f.Add([]byte("sk: [m]\n"))
+	dir := f.TempDir()
+	f.Fuzz(func(t *testing.T, b []byte) {
+		p := dir + "/k.yaml"
+		if err := os.WriteFile(p, b, 0o600); err != nil {
+			t.Skip()
+		}
+		ks, err := LoadAPIKeys(p)
+		if err == nil && !ks.enabled() {
+			t.Fatal("a file that loads must hold keys")
+		}
+	})
 }

@@ -7,16 +7,13 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"os"
 	"strings"
 	"sync"
 	"time"
 
 	"github.com/shoalhq/shoal/gossip"
 	coordv1 "github.com/shoalhq/shoal/proto/coordinator/v1"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
-	"gopkg.in/yaml.v3"
+	"github.com/shoalhq/shoal/security"
 )
 
 // StandaloneConfig runs a router without the coordinator: it joins the gossip,
@@ -32,6 +29,10 @@ type StandaloneConfig struct {
 	Listen        string // OpenAI HTTP address
 	Router        Config
 	Logger        *slog.Logger
+	// TLS (router role) for the heads' Replica API and the coordinator.
+	TLS           *security.TLS
+	GossipKeys    [][]byte
+	GossipKeyFile string
 }
 
 // RunStandalone serves until ctx ends.
@@ -74,9 +75,9 @@ func RunStandalone(ctx context.Context, cfg StandaloneConfig) error {
 		mu.Unlock()
 		rebuild()
 	}
-	w = NewWatcher(cfg.Logger, rebuild)
+	w = NewWatcher(cfg.Logger, rebuild, cfg.TLS)
 	mem := gossip.New(gossip.Config{Cluster: cfg.Cluster, BindAddr: cfg.Address, BindPort: cfg.GossipPort, Join: cfg.Join,
-		Profile: cfg.GossipProfile, Logger: cfg.Logger}, gossip.Tag{Kind: gossip.KindRouter, ID: cfg.NodeID, GRPC: ln.Addr().String(), Healthy: true})
+		Profile: cfg.GossipProfile, Logger: cfg.Logger, Keys: cfg.GossipKeys, KeyFile: cfg.GossipKeyFile}, gossip.Tag{Kind: gossip.KindRouter, ID: cfg.NodeID, GRPC: ln.Addr().String(), Healthy: true})
 	if err := mem.Start(); err != nil {
 		ln.Close()
 		return err
@@ -85,7 +86,7 @@ func RunStandalone(ctx context.Context, cfg StandaloneConfig) error {
 	gdone := make(chan struct{})
 	go func() { _ = mem.Run(gctx); close(gdone) }()
 	rc := cfg.Router
-	rc.OnDemand = demandForwarder(mem, cfg.Logger)
+	rc.OnDemand = demandForwarder(mem, cfg.TLS, cfg.Logger)
 	srv := &http.Server{Handler: New(table, cfg.Logger, rc).Handler(), ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = srv.Serve(ln) }()
 	cfg.Logger.Info("router running", "listen", ln.Addr().String(), "gossip", mem.Addr())
@@ -100,7 +101,7 @@ func RunStandalone(ctx context.Context, cfg StandaloneConfig) error {
 			// coordinator; its list is refreshed off the hot path and kept when it is down.
 			lastList = time.Now()
 			go func() {
-				if models, err := listModels(ctx, tags); err == nil {
+				if models, err := listModels(ctx, cfg.TLS, tags); err == nil {
 					learn(models)
 				}
 			}()
@@ -118,30 +119,6 @@ func RunStandalone(ctx context.Context, cfg StandaloneConfig) error {
 	stopGossip()
 	<-gdone
 	return nil
-}
-
-// LoadAPIKeys reads a YAML file mapping each key to the models it may use:
-//
-//	sk-team-a: ["deepseek-r1-671b"]
-//	sk-admin: ["*"]
-func LoadAPIKeys(path string) (map[string][]string, error) {
-	b, err := os.ReadFile(path)
-	if err != nil {
-		return nil, fmt.Errorf("api keys: %w", err)
-	}
-	var keys map[string][]string
-	if err := yaml.Unmarshal(b, &keys); err != nil {
-		return nil, fmt.Errorf("api keys file %s: want `KEY: [model, …]` lines: %w", path, err)
-	}
-	for k, ms := range keys {
-		if len(k) < 8 {
-			return nil, fmt.Errorf("api keys file %s: key %q is shorter than 8 characters", path, k)
-		}
-		if len(ms) == 0 {
-			return nil, fmt.Errorf("api keys file %s: key %s…: list the models it may use, or [\"*\"]", path, k[:4])
-		}
-	}
-	return keys, nil
 }
 
 // RunStatic serves a fixed set of backends given as MODEL=HOST:PORT: a router
@@ -173,7 +150,7 @@ func RunStatic(ctx context.Context, listen string, backends []string, cfg Config
 // demandForwarder tells the coordinator (found in the gossip) that requests
 // wait for a model with no ready replica, at most once a second per model and
 // never on the request's path (the call runs in the background).
-func demandForwarder(mem *gossip.Membership, log *slog.Logger) func(string) {
+func demandForwarder(mem *gossip.Membership, tl *security.TLS, log *slog.Logger) func(string) {
 	var mu sync.Mutex
 	last := map[string]time.Time{}
 	return func(model string) {
@@ -186,7 +163,7 @@ func demandForwarder(mem *gossip.Membership, log *slog.Logger) func(string) {
 		mu.Unlock()
 		tags := mem.Members()
 		go func() {
-			err := withCoordinator(context.Background(), tags, func(ctx context.Context, c coordv1.CoordinatorClient) error {
+			err := withCoordinator(context.Background(), tl, tags, func(ctx context.Context, c coordv1.CoordinatorClient) error {
 				_, err := c.Demand(ctx, &coordv1.DemandRequest{Model: model})
 				return err
 			})
@@ -198,7 +175,7 @@ func demandForwarder(mem *gossip.Membership, log *slog.Logger) func(string) {
 }
 
 // withCoordinator calls the coordinator found in the gossip, bounded to 2 s.
-func withCoordinator(ctx context.Context, tags map[string]gossip.Tag, f func(context.Context, coordv1.CoordinatorClient) error) error {
+func withCoordinator(ctx context.Context, tl *security.TLS, tags map[string]gossip.Tag, f func(context.Context, coordv1.CoordinatorClient) error) error {
 	var api string
 	for _, t := range tags {
 		if t.Kind == gossip.KindCoordinator {
@@ -208,7 +185,7 @@ func withCoordinator(ctx context.Context, tags map[string]gossip.Tag, f func(con
 	if api == "" {
 		return errors.New("no coordinator in the gossip")
 	}
-	conn, err := grpc.NewClient(api, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := tl.Dial(api)
 	if err != nil {
 		return err
 	}
@@ -219,9 +196,9 @@ func withCoordinator(ctx context.Context, tags map[string]gossip.Tag, f func(con
 }
 
 // listModels asks the coordinator for its deployments' served names.
-func listModels(ctx context.Context, tags map[string]gossip.Tag) ([]string, error) {
+func listModels(ctx context.Context, tl *security.TLS, tags map[string]gossip.Tag) ([]string, error) {
 	var out []string
-	err := withCoordinator(ctx, tags, func(ctx context.Context, c coordv1.CoordinatorClient) error {
+	err := withCoordinator(ctx, tl, tags, func(ctx context.Context, c coordv1.CoordinatorClient) error {
 		resp, err := c.ListDeployments(ctx, &coordv1.ListDeploymentsRequest{})
 		if err != nil {
 			return err

@@ -9,8 +9,7 @@ import (
 
 	"github.com/shoalhq/shoal/gossip"
 	replicav1 "github.com/shoalhq/shoal/proto/replica/v1"
-	"google.golang.org/grpc"
-	"google.golang.org/grpc/credentials/insecure"
+	"github.com/shoalhq/shoal/security"
 )
 
 // HeadKey names one head claim: the router only sends to the newest
@@ -40,6 +39,7 @@ type headState struct {
 // Watcher keeps one Replica API Watch stream per head claim and turns what
 // the heads report into router snapshots. It runs off the hot path.
 type Watcher struct {
+	tls      *security.TLS
 	log      *slog.Logger
 	onChange func()
 
@@ -48,8 +48,8 @@ type Watcher struct {
 }
 
 // NewWatcher returns a watcher; onChange runs after every state change.
-func NewWatcher(log *slog.Logger, onChange func()) *Watcher {
-	return &Watcher{log: log.With("component", "heads"), onChange: onChange, m: map[HeadKey]*headState{}}
+func NewWatcher(log *slog.Logger, onChange func(), tl *security.TLS) *Watcher {
+	return &Watcher{tls: tl, log: log.With("component", "heads"), onChange: onChange, m: map[HeadKey]*headState{}}
 }
 
 // Sync starts watchers for new heads and stops those no longer wanted.
@@ -89,7 +89,7 @@ func (h *Watcher) StopAll() { h.Sync(nil) }
 
 // watch follows one head's Replica stream, reconnecting until cancelled.
 func (h *Watcher) watch(ctx context.Context, k HeadKey, addr string) {
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	conn, err := h.tls.Dial(addr)
 	if err != nil {
 		h.log.Error("replica api address", "addr", addr, "err", err)
 		return

@@ -34,6 +34,9 @@ type Config struct {
 	// SimEnv configures the simulator (SHOAL_SIM_* variables) and is also
 	// given to the agents (AWS_* for weight pulls, say).
 	SimEnv []string
+	// Insecure runs every process with --insecure (cleartext gRPC and
+	// gossip) instead of throw-away certificates and a gossip key.
+	Insecure bool
 	// CheckModels makes agents check local model paths before starting
 	// engines; off by default since the simulator reads no weights.
 	CheckModels bool
@@ -115,9 +118,15 @@ func Start(cfg Config) (*Cluster, error) {
 		}
 	}
 	c := &Cluster{cfg: cfg, agents: map[string]*proc{}}
-	var err error
-	c.coord, err = c.spawn("coordinator", nil, "coordinator", "--address", cfg.CoordIP, "--gossip-port", strconv.Itoa(cfg.GossipPort),
-		"--api", cfg.APIAddr, "--router", cfg.RouterAddr, "--data-dir", filepath.Join(cfg.Dir, "coordinator"), "--gossip-profile", cfg.Profile)
+	if err := c.setupSecurity(); err != nil {
+		return nil, fmt.Errorf("dev cluster certificates: %w", err)
+	}
+	sec, err := c.securityArgs("coordinator", nil)
+	if err != nil {
+		return nil, err
+	}
+	c.coord, err = c.spawn("coordinator", nil, append([]string{"coordinator", "--address", cfg.CoordIP, "--gossip-port", strconv.Itoa(cfg.GossipPort),
+		"--api", cfg.APIAddr, "--router", cfg.RouterAddr, "--data-dir", filepath.Join(cfg.Dir, "coordinator"), "--gossip-profile", cfg.Profile}, sec...)...)
 	if err != nil {
 		return nil, err
 	}
@@ -155,6 +164,11 @@ func (c *Cluster) StartAgent(i int) error {
 	if !c.cfg.CheckModels {
 		args = append(args, "--skip-local-model-check") // the simulator reads no weights
 	}
+	sec, err := c.securityArgs(id, agentCert(id, c.AgentIP(i)))
+	if err != nil {
+		return err
+	}
+	args = append(args, sec...)
 	cmd, err := c.spawn(id, env, args...)
 	if err != nil {
 		return err

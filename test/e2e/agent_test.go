@@ -8,6 +8,7 @@ import (
 	"time"
 
 	agentv1 "github.com/shoalhq/shoal/proto/agent/v1"
+	"github.com/shoalhq/shoal/security"
 	"github.com/shoalhq/shoal/spec"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc"
@@ -23,8 +24,11 @@ func TestAgentRestartResumesAssignment(t *testing.T) {
 	e := startCluster(t, 8, 2)
 	before := e.oneReplica()
 
-	// Agent API validation, over real gRPC against a running agent.
-	conn, err := grpc.NewClient(e.c.AgentIP(0)+":7947", grpc.WithTransportCredentials(insecure.NewCredentials()))
+	// Agent API validation, over real gRPC (mutual TLS) against a running
+	// agent, acting as the coordinator: only its certificate may assign.
+	coordTLS, err := security.Load(security.Options{Dir: e.c.TLSDir("coordinator"), Role: security.RoleCoordinator})
+	require.NoError(t, err)
+	conn, err := coordTLS.Dial(e.c.AgentIP(0) + ":7947")
 	require.NoError(t, err)
 	defer conn.Close()
 	ac := agentv1.NewAgentClient(conn)
@@ -58,6 +62,22 @@ func TestAgentRestartResumesAssignment(t *testing.T) {
 		require.Equal(t, c.code, status.Code(err), "%s: %v", name, err)
 		require.Contains(t, err.Error(), c.msg, name)
 	}
+
+	// Another agent's certificate cannot assign work; no certificate cannot connect.
+	peerTLS, err := security.Load(security.Options{Dir: e.c.TLSDir("node-2"), Role: security.RoleAgent})
+	require.NoError(t, err)
+	pconn, err := peerTLS.Dial(e.c.AgentIP(0) + ":7947")
+	require.NoError(t, err)
+	defer pconn.Close()
+	_, err = agentv1.NewAgentClient(pconn).Assign(ctx, &agentv1.AssignRequest{Assignment: good()})
+	require.Equal(t, codes.PermissionDenied, status.Code(err), "%v", err)
+	_, err = agentv1.NewAgentClient(pconn).Status(ctx, &agentv1.StatusRequest{})
+	require.NoError(t, err, "agents may read each other's status")
+	clear, err := grpc.NewClient(e.c.AgentIP(0)+":7947", grpc.WithTransportCredentials(insecure.NewCredentials()))
+	require.NoError(t, err)
+	defer clear.Close()
+	_, err = agentv1.NewAgentClient(clear).Status(ctx, &agentv1.StatusRequest{})
+	require.Equal(t, codes.Unavailable, status.Code(err), "cleartext is refused: %v", err)
 	_, err = ac.Release(ctx, &agentv1.ReleaseRequest{})
 	require.Equal(t, codes.InvalidArgument, status.Code(err))
 	_, err = ac.Release(ctx, &agentv1.ReleaseRequest{GroupId: "not-mine"})

@@ -107,7 +107,11 @@ func startCluster(t *testing.T, subnet, n int, opts ...func(*devcluster.Config))
 // shoal runs the CLI against the test coordinator.
 func (e *env) shoal(args ...string) (string, error) {
 	cmd := exec.Command(filepath.Join(binDir, "shoal"), args...)
-	cmd.Env = append(os.Environ(), "SHOAL_COORDINATOR="+e.api)
+	if e.c != nil {
+		cmd.Env = append(os.Environ(), e.c.ClientEnv()...)
+	} else {
+		cmd.Env = append(os.Environ(), "SHOAL_INSECURE=1", "SHOAL_COORDINATOR="+e.api)
+	}
 	out, err := cmd.CombinedOutput()
 	return string(out), err
 }
@@ -365,6 +369,29 @@ func TestCLIErrors(t *testing.T) {
 	out, err = e.shoal("get", "pods")
 	require.Error(t, err)
 	require.Contains(t, out, "nodes, deployments, replicas")
+
+	// Secure by default: daemons without certificates or a gossip key refuse
+	// to start and say how to fix it; the CLI without credentials too.
+	run := func(env []string, args ...string) (string, error) {
+		cmd := exec.Command(filepath.Join(binDir, "shoal"), args...)
+		cmd.Env = append(append(os.Environ(), "HOME="+t.TempDir(), "TMPDIR="+t.TempDir()), env...)
+		b, err := cmd.CombinedOutput()
+		return string(b), err
+	}
+	noTLS := t.TempDir()
+	out, err = run(nil, "agent", "--address", "127.0.0.1", "--tls-dir", noTLS, "--gpu-backend", "none")
+	require.Error(t, err)
+	require.Contains(t, out, "shoal tls ca create")
+	require.Contains(t, out, "--insecure")
+	out, err = run(nil, "coordinator", "--tls-dir", noTLS)
+	require.Error(t, err)
+	require.Contains(t, out, "--insecure")
+	out, err = run(nil, "coordinator", "--api", "0.0.0.0:8080", "--router", "127.0.0.1:8080", "--insecure")
+	require.Error(t, err)
+	require.Contains(t, out, "share a port")
+	out, err = run([]string{"SHOAL_COORDINATOR=127.0.0.1:1"}, "get", "nodes")
+	require.Error(t, err)
+	require.Contains(t, out, "no CLI credentials")
 }
 
 func assertEventually(f func() bool, d time.Duration) bool {

@@ -3,6 +3,8 @@ package e2e
 import (
 	"context"
 	"errors"
+	"fmt"
+	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -13,6 +15,7 @@ import (
 
 	"github.com/openai/openai-go/v3"
 	"github.com/openai/openai-go/v3/option"
+	"github.com/shoalhq/shoal/coordinator/router"
 	"github.com/stretchr/testify/require"
 )
 
@@ -23,11 +26,23 @@ func TestStandaloneRouterOutlivesCoordinator(t *testing.T) {
 	e := startCluster(t, 10, 2)
 	e.apply("one.yaml", strings.Replace(spec2x2, "count: 2", "count: 1", 1))
 
+	// Keys are made by the CLI and stored hashed; one is rate limited.
 	keys := filepath.Join(e.dir, "keys.yaml")
-	require.NoError(t, os.WriteFile(keys, []byte("sk-demo-0001: [demo]\nsk-other-0002: [other]\n"), 0o600))
+	newKey := func(args ...string) string {
+		out, err := exec.Command(filepath.Join(binDir, "shoal"), append([]string{"apikey", "create", "--file", keys}, args...)...).Output()
+		require.NoError(t, err)
+		return strings.TrimSpace(string(out))
+	}
+	demoKey := newKey("--name", "team-demo", "--models", "demo")
+	otherKey := newKey("--name", "team-other", "--models", "other")
+	slowKey := newKey("--name", "slow", "--models", "*", "--rps", "0.2", "--burst", "1")
+	stored, err := os.ReadFile(keys)
+	require.NoError(t, err)
+	require.NotContains(t, string(stored), demoKey, "keys are stored hashed")
+	require.Contains(t, string(stored), router.HashKey(demoKey))
 	listen := e.startRouter("127.0.10.1", "--api-keys-file", keys)
 
-	client := openai.NewClient(option.WithBaseURL("http://"+listen+"/v1/"), option.WithAPIKey("sk-demo-0001"), option.WithMaxRetries(0))
+	client := openai.NewClient(option.WithBaseURL("http://"+listen+"/v1/"), option.WithAPIKey(demoKey), option.WithMaxRetries(0))
 	ctx, cancel := context.WithTimeout(context.Background(), 90*time.Second)
 	defer cancel()
 	params := openai.ChatCompletionNewParams{Model: "demo", MaxTokens: openai.Int(4),
@@ -41,11 +56,26 @@ func TestStandaloneRouterOutlivesCoordinator(t *testing.T) {
 	require.NotEmpty(t, emb.Data[0].Embedding)
 
 	var apiErr *openai.Error
+	upstream := func() float64 {
+		return metricSum(t, "http://"+listen+"/metrics", "shoal_router_upstream_first_byte_seconds_count")
+	}
+	before := upstream()
 	bad := openai.NewClient(option.WithBaseURL("http://"+listen+"/v1/"), option.WithAPIKey("sk-wrong-9999"), option.WithMaxRetries(0))
-	_, err = bad.Chat.Completions.New(ctx, params)
+	for i := 0; i < 3; i++ {
+		_, err = bad.Chat.Completions.New(ctx, params)
+		require.True(t, errors.As(err, &apiErr))
+		require.Equal(t, 401, apiErr.StatusCode)
+	}
+	require.Equal(t, before, upstream(), "a bad key never reaches an engine")
+	slow := openai.NewClient(option.WithBaseURL("http://"+listen+"/v1/"), option.WithAPIKey(slowKey), option.WithMaxRetries(0))
+	_, err = slow.Chat.Completions.New(ctx, params)
+	require.NoError(t, err, "the first request fits the burst")
+	_, err = slow.Chat.Completions.New(ctx, params)
 	require.True(t, errors.As(err, &apiErr))
-	require.Equal(t, 401, apiErr.StatusCode)
-	other := openai.NewClient(option.WithBaseURL("http://"+listen+"/v1/"), option.WithAPIKey("sk-other-0002"), option.WithMaxRetries(0))
+	require.Equal(t, 429, apiErr.StatusCode, "over the key's rate")
+	require.Equal(t, "rate_limit_exceeded", apiErr.Code)
+	require.NotEmpty(t, apiErr.Response.Header.Get("Retry-After"))
+	other := openai.NewClient(option.WithBaseURL("http://"+listen+"/v1/"), option.WithAPIKey(otherKey), option.WithMaxRetries(0))
 	_, err = other.Chat.Completions.New(ctx, params)
 	require.True(t, errors.As(err, &apiErr))
 	require.Equal(t, 404, apiErr.StatusCode, "a key without access to the model")
@@ -78,8 +108,10 @@ func (e *env) startRouter(ip string, args ...string) string {
 	addrs := freeAddrs(e.t, ip, 2)
 	listen, gport := addrs[0], addrs[1]
 	_, gp, _ := strings.Cut(gport, ":")
-	cmd := exec.Command(filepath.Join(binDir, "shoal"), append([]string{"router", "--address", ip, "--gossip-port", gp,
-		"--join", e.gossip, "--listen", listen, "--gossip-profile", "fast", "--node-id", "router-" + ip}, args...)...)
+	sec, err := e.c.RouterArgs("router-" + ip)
+	require.NoError(e.t, err)
+	cmd := exec.Command(filepath.Join(binDir, "shoal"), append(append([]string{"router", "--address", ip, "--gossip-port", gp,
+		"--join", e.gossip, "--listen", listen, "--gossip-profile", "fast", "--node-id", "router-" + ip}, sec...), args...)...)
 	logf, err := os.Create(filepath.Join(e.dir, "logs", "router-"+ip+".log"))
 	require.NoError(e.t, err)
 	cmd.Stdout, cmd.Stderr = logf, logf
@@ -110,4 +142,23 @@ func TestStandaloneRouterScalesFromZero(t *testing.T) {
 	}, 30*time.Second, 200*time.Millisecond)
 	require.Equal(t, 200, resp.StatusCode, "the held request is served")
 	t.Logf("AUTOSCALE: scale from zero through a standalone router served after %.2fs", time.Since(start).Seconds())
+}
+
+// metricSum adds up every sample of a metric on a /metrics page.
+func metricSum(t *testing.T, url, name string) float64 {
+	t.Helper()
+	resp, err := http.Get(url)
+	require.NoError(t, err)
+	defer resp.Body.Close()
+	b, _ := io.ReadAll(resp.Body)
+	var sum float64
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, name+" ") || strings.HasPrefix(line, name+"{") {
+			f := strings.Fields(line)
+			var v float64
+			fmt.Sscan(f[len(f)-1], &v)
+			sum += v
+		}
+	}
+	return sum
 }

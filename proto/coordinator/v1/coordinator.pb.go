@@ -1335,6 +1335,173 @@ func (x *ListReplicasResponse) GetReplicas() []*ReplicaInfo {
 	return nil
 }
 
+type KeyringRequest struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// op is list, install, use or remove.
+	Op string `protobuf:"bytes,1,opt,name=op,proto3" json:"op,omitempty"`
+	// key is the base64 key for install, use and remove.
+	Key           string `protobuf:"bytes,2,opt,name=key,proto3" json:"key,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KeyringRequest) Reset() {
+	*x = KeyringRequest{}
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[22]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KeyringRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KeyringRequest) ProtoMessage() {}
+
+func (x *KeyringRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[22]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KeyringRequest.ProtoReflect.Descriptor instead.
+func (*KeyringRequest) Descriptor() ([]byte, []int) {
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{22}
+}
+
+func (x *KeyringRequest) GetOp() string {
+	if x != nil {
+		return x.Op
+	}
+	return ""
+}
+
+func (x *KeyringRequest) GetKey() string {
+	if x != nil {
+		return x.Key
+	}
+	return ""
+}
+
+type KeyringNode struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	NodeId string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	Kind   string                 `protobuf:"bytes,2,opt,name=kind,proto3" json:"kind,omitempty"`
+	// keys are fingerprints, primary first.
+	Keys          []string `protobuf:"bytes,3,rep,name=keys,proto3" json:"keys,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KeyringNode) Reset() {
+	*x = KeyringNode{}
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[23]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KeyringNode) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KeyringNode) ProtoMessage() {}
+
+func (x *KeyringNode) ProtoReflect() protoreflect.Message {
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[23]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KeyringNode.ProtoReflect.Descriptor instead.
+func (*KeyringNode) Descriptor() ([]byte, []int) {
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{23}
+}
+
+func (x *KeyringNode) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *KeyringNode) GetKind() string {
+	if x != nil {
+		return x.Kind
+	}
+	return ""
+}
+
+func (x *KeyringNode) GetKeys() []string {
+	if x != nil {
+		return x.Keys
+	}
+	return nil
+}
+
+type KeyringResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Nodes         []*KeyringNode         `protobuf:"bytes,1,rep,name=nodes,proto3" json:"nodes,omitempty"`
+	Message       string                 `protobuf:"bytes,2,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KeyringResponse) Reset() {
+	*x = KeyringResponse{}
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[24]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KeyringResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KeyringResponse) ProtoMessage() {}
+
+func (x *KeyringResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[24]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KeyringResponse.ProtoReflect.Descriptor instead.
+func (*KeyringResponse) Descriptor() ([]byte, []int) {
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{24}
+}
+
+func (x *KeyringResponse) GetNodes() []*KeyringNode {
+	if x != nil {
+		return x.Nodes
+	}
+	return nil
+}
+
+func (x *KeyringResponse) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
 var File_coordinator_v1_coordinator_proto protoreflect.FileDescriptor
 
 const file_coordinator_v1_coordinator_proto_rawDesc = "" +
@@ -1434,7 +1601,17 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"deployment\x18\x01 \x01(\tR\n" +
 	"deployment\"U\n" +
 	"\x14ListReplicasResponse\x12=\n" +
-	"\breplicas\x18\x01 \x03(\v2!.shoal.coordinator.v1.ReplicaInfoR\breplicas2\x89\a\n" +
+	"\breplicas\x18\x01 \x03(\v2!.shoal.coordinator.v1.ReplicaInfoR\breplicas\"2\n" +
+	"\x0eKeyringRequest\x12\x0e\n" +
+	"\x02op\x18\x01 \x01(\tR\x02op\x12\x10\n" +
+	"\x03key\x18\x02 \x01(\tR\x03key\"N\n" +
+	"\vKeyringNode\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x12\n" +
+	"\x04kind\x18\x02 \x01(\tR\x04kind\x12\x12\n" +
+	"\x04keys\x18\x03 \x03(\tR\x04keys\"d\n" +
+	"\x0fKeyringResponse\x127\n" +
+	"\x05nodes\x18\x01 \x03(\v2!.shoal.coordinator.v1.KeyringNodeR\x05nodes\x12\x18\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage2\xe1\a\n" +
 	"\vCoordinator\x12P\n" +
 	"\x05Apply\x12\".shoal.coordinator.v1.ApplyRequest\x1a#.shoal.coordinator.v1.ApplyResponse\x12n\n" +
 	"\x0fListDeployments\x12,.shoal.coordinator.v1.ListDeploymentsRequest\x1a-.shoal.coordinator.v1.ListDeploymentsResponse\x12w\n" +
@@ -1444,7 +1621,8 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"\fListReplicas\x12).shoal.coordinator.v1.ListReplicasRequest\x1a*.shoal.coordinator.v1.ListReplicasResponse\x12e\n" +
 	"\fDescribeNode\x12).shoal.coordinator.v1.DescribeNodeRequest\x1a*.shoal.coordinator.v1.DescribeNodeResponse\x12K\n" +
 	"\x04Logs\x12!.shoal.coordinator.v1.LogsRequest\x1a\x1e.shoal.coordinator.v1.LogChunk0\x01\x12S\n" +
-	"\x06Demand\x12#.shoal.coordinator.v1.DemandRequest\x1a$.shoal.coordinator.v1.DemandResponseB=Z;github.com/shoalhq/shoal/proto/coordinator/v1;coordinatorv1b\x06proto3"
+	"\x06Demand\x12#.shoal.coordinator.v1.DemandRequest\x1a$.shoal.coordinator.v1.DemandResponse\x12V\n" +
+	"\aKeyring\x12$.shoal.coordinator.v1.KeyringRequest\x1a%.shoal.coordinator.v1.KeyringResponseB=Z;github.com/shoalhq/shoal/proto/coordinator/v1;coordinatorv1b\x06proto3"
 
 var (
 	file_coordinator_v1_coordinator_proto_rawDescOnce sync.Once
@@ -1458,7 +1636,7 @@ func file_coordinator_v1_coordinator_proto_rawDescGZIP() []byte {
 	return file_coordinator_v1_coordinator_proto_rawDescData
 }
 
-var file_coordinator_v1_coordinator_proto_msgTypes = make([]protoimpl.MessageInfo, 22)
+var file_coordinator_v1_coordinator_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
 var file_coordinator_v1_coordinator_proto_goTypes = []any{
 	(*DemandRequest)(nil),              // 0: shoal.coordinator.v1.DemandRequest
 	(*DemandResponse)(nil),             // 1: shoal.coordinator.v1.DemandResponse
@@ -1482,6 +1660,9 @@ var file_coordinator_v1_coordinator_proto_goTypes = []any{
 	(*ReplicaInfo)(nil),                // 19: shoal.coordinator.v1.ReplicaInfo
 	(*ListReplicasRequest)(nil),        // 20: shoal.coordinator.v1.ListReplicasRequest
 	(*ListReplicasResponse)(nil),       // 21: shoal.coordinator.v1.ListReplicasResponse
+	(*KeyringRequest)(nil),             // 22: shoal.coordinator.v1.KeyringRequest
+	(*KeyringNode)(nil),                // 23: shoal.coordinator.v1.KeyringNode
+	(*KeyringResponse)(nil),            // 24: shoal.coordinator.v1.KeyringResponse
 }
 var file_coordinator_v1_coordinator_proto_depIdxs = []int32{
 	16, // 0: shoal.coordinator.v1.DescribeNodeResponse.node:type_name -> shoal.coordinator.v1.NodeInfo
@@ -1491,29 +1672,32 @@ var file_coordinator_v1_coordinator_proto_depIdxs = []int32{
 	19, // 4: shoal.coordinator.v1.DescribeDeploymentResponse.replicas:type_name -> shoal.coordinator.v1.ReplicaInfo
 	16, // 5: shoal.coordinator.v1.ListNodesResponse.nodes:type_name -> shoal.coordinator.v1.NodeInfo
 	19, // 6: shoal.coordinator.v1.ListReplicasResponse.replicas:type_name -> shoal.coordinator.v1.ReplicaInfo
-	6,  // 7: shoal.coordinator.v1.Coordinator.Apply:input_type -> shoal.coordinator.v1.ApplyRequest
-	9,  // 8: shoal.coordinator.v1.Coordinator.ListDeployments:input_type -> shoal.coordinator.v1.ListDeploymentsRequest
-	12, // 9: shoal.coordinator.v1.Coordinator.DescribeDeployment:input_type -> shoal.coordinator.v1.DescribeDeploymentRequest
-	14, // 10: shoal.coordinator.v1.Coordinator.DeleteDeployment:input_type -> shoal.coordinator.v1.DeleteDeploymentRequest
-	17, // 11: shoal.coordinator.v1.Coordinator.ListNodes:input_type -> shoal.coordinator.v1.ListNodesRequest
-	20, // 12: shoal.coordinator.v1.Coordinator.ListReplicas:input_type -> shoal.coordinator.v1.ListReplicasRequest
-	4,  // 13: shoal.coordinator.v1.Coordinator.DescribeNode:input_type -> shoal.coordinator.v1.DescribeNodeRequest
-	2,  // 14: shoal.coordinator.v1.Coordinator.Logs:input_type -> shoal.coordinator.v1.LogsRequest
-	0,  // 15: shoal.coordinator.v1.Coordinator.Demand:input_type -> shoal.coordinator.v1.DemandRequest
-	7,  // 16: shoal.coordinator.v1.Coordinator.Apply:output_type -> shoal.coordinator.v1.ApplyResponse
-	10, // 17: shoal.coordinator.v1.Coordinator.ListDeployments:output_type -> shoal.coordinator.v1.ListDeploymentsResponse
-	13, // 18: shoal.coordinator.v1.Coordinator.DescribeDeployment:output_type -> shoal.coordinator.v1.DescribeDeploymentResponse
-	15, // 19: shoal.coordinator.v1.Coordinator.DeleteDeployment:output_type -> shoal.coordinator.v1.DeleteDeploymentResponse
-	18, // 20: shoal.coordinator.v1.Coordinator.ListNodes:output_type -> shoal.coordinator.v1.ListNodesResponse
-	21, // 21: shoal.coordinator.v1.Coordinator.ListReplicas:output_type -> shoal.coordinator.v1.ListReplicasResponse
-	5,  // 22: shoal.coordinator.v1.Coordinator.DescribeNode:output_type -> shoal.coordinator.v1.DescribeNodeResponse
-	3,  // 23: shoal.coordinator.v1.Coordinator.Logs:output_type -> shoal.coordinator.v1.LogChunk
-	1,  // 24: shoal.coordinator.v1.Coordinator.Demand:output_type -> shoal.coordinator.v1.DemandResponse
-	16, // [16:25] is the sub-list for method output_type
-	7,  // [7:16] is the sub-list for method input_type
-	7,  // [7:7] is the sub-list for extension type_name
-	7,  // [7:7] is the sub-list for extension extendee
-	0,  // [0:7] is the sub-list for field type_name
+	23, // 7: shoal.coordinator.v1.KeyringResponse.nodes:type_name -> shoal.coordinator.v1.KeyringNode
+	6,  // 8: shoal.coordinator.v1.Coordinator.Apply:input_type -> shoal.coordinator.v1.ApplyRequest
+	9,  // 9: shoal.coordinator.v1.Coordinator.ListDeployments:input_type -> shoal.coordinator.v1.ListDeploymentsRequest
+	12, // 10: shoal.coordinator.v1.Coordinator.DescribeDeployment:input_type -> shoal.coordinator.v1.DescribeDeploymentRequest
+	14, // 11: shoal.coordinator.v1.Coordinator.DeleteDeployment:input_type -> shoal.coordinator.v1.DeleteDeploymentRequest
+	17, // 12: shoal.coordinator.v1.Coordinator.ListNodes:input_type -> shoal.coordinator.v1.ListNodesRequest
+	20, // 13: shoal.coordinator.v1.Coordinator.ListReplicas:input_type -> shoal.coordinator.v1.ListReplicasRequest
+	4,  // 14: shoal.coordinator.v1.Coordinator.DescribeNode:input_type -> shoal.coordinator.v1.DescribeNodeRequest
+	2,  // 15: shoal.coordinator.v1.Coordinator.Logs:input_type -> shoal.coordinator.v1.LogsRequest
+	0,  // 16: shoal.coordinator.v1.Coordinator.Demand:input_type -> shoal.coordinator.v1.DemandRequest
+	22, // 17: shoal.coordinator.v1.Coordinator.Keyring:input_type -> shoal.coordinator.v1.KeyringRequest
+	7,  // 18: shoal.coordinator.v1.Coordinator.Apply:output_type -> shoal.coordinator.v1.ApplyResponse
+	10, // 19: shoal.coordinator.v1.Coordinator.ListDeployments:output_type -> shoal.coordinator.v1.ListDeploymentsResponse
+	13, // 20: shoal.coordinator.v1.Coordinator.DescribeDeployment:output_type -> shoal.coordinator.v1.DescribeDeploymentResponse
+	15, // 21: shoal.coordinator.v1.Coordinator.DeleteDeployment:output_type -> shoal.coordinator.v1.DeleteDeploymentResponse
+	18, // 22: shoal.coordinator.v1.Coordinator.ListNodes:output_type -> shoal.coordinator.v1.ListNodesResponse
+	21, // 23: shoal.coordinator.v1.Coordinator.ListReplicas:output_type -> shoal.coordinator.v1.ListReplicasResponse
+	5,  // 24: shoal.coordinator.v1.Coordinator.DescribeNode:output_type -> shoal.coordinator.v1.DescribeNodeResponse
+	3,  // 25: shoal.coordinator.v1.Coordinator.Logs:output_type -> shoal.coordinator.v1.LogChunk
+	1,  // 26: shoal.coordinator.v1.Coordinator.Demand:output_type -> shoal.coordinator.v1.DemandResponse
+	24, // 27: shoal.coordinator.v1.Coordinator.Keyring:output_type -> shoal.coordinator.v1.KeyringResponse
+	18, // [18:28] is the sub-list for method output_type
+	8,  // [8:18] is the sub-list for method input_type
+	8,  // [8:8] is the sub-list for extension type_name
+	8,  // [8:8] is the sub-list for extension extendee
+	0,  // [0:8] is the sub-list for field type_name
 }
 
 func init() { file_coordinator_v1_coordinator_proto_init() }
@@ -1527,7 +1711,7 @@ func file_coordinator_v1_coordinator_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_coordinator_v1_coordinator_proto_rawDesc), len(file_coordinator_v1_coordinator_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   22,
+			NumMessages:   25,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

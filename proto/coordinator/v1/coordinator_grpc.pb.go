@@ -30,6 +30,7 @@ const (
 	Coordinator_DescribeNode_FullMethodName       = "/shoal.coordinator.v1.Coordinator/DescribeNode"
 	Coordinator_Logs_FullMethodName               = "/shoal.coordinator.v1.Coordinator/Logs"
 	Coordinator_Demand_FullMethodName             = "/shoal.coordinator.v1.Coordinator/Demand"
+	Coordinator_Keyring_FullMethodName            = "/shoal.coordinator.v1.Coordinator/Keyring"
 )
 
 // CoordinatorClient is the client API for Coordinator service.
@@ -48,6 +49,8 @@ type CoordinatorClient interface {
 	// Demand tells the autoscaler that a router holds requests for a model with
 	// no ready replica (scale from zero through standalone routers).
 	Demand(ctx context.Context, in *DemandRequest, opts ...grpc.CallOption) (*DemandResponse, error)
+	// Keyring lists or changes the gossip encryption keys of every node.
+	Keyring(ctx context.Context, in *KeyringRequest, opts ...grpc.CallOption) (*KeyringResponse, error)
 }
 
 type coordinatorClient struct {
@@ -157,6 +160,16 @@ func (c *coordinatorClient) Demand(ctx context.Context, in *DemandRequest, opts 
 	return out, nil
 }
 
+func (c *coordinatorClient) Keyring(ctx context.Context, in *KeyringRequest, opts ...grpc.CallOption) (*KeyringResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(KeyringResponse)
+	err := c.cc.Invoke(ctx, Coordinator_Keyring_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // CoordinatorServer is the server API for Coordinator service.
 // All implementations must embed UnimplementedCoordinatorServer
 // for forward compatibility.
@@ -173,6 +186,8 @@ type CoordinatorServer interface {
 	// Demand tells the autoscaler that a router holds requests for a model with
 	// no ready replica (scale from zero through standalone routers).
 	Demand(context.Context, *DemandRequest) (*DemandResponse, error)
+	// Keyring lists or changes the gossip encryption keys of every node.
+	Keyring(context.Context, *KeyringRequest) (*KeyringResponse, error)
 	mustEmbedUnimplementedCoordinatorServer()
 }
 
@@ -209,6 +224,9 @@ func (UnimplementedCoordinatorServer) Logs(*LogsRequest, grpc.ServerStreamingSer
 }
 func (UnimplementedCoordinatorServer) Demand(context.Context, *DemandRequest) (*DemandResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Demand not implemented")
+}
+func (UnimplementedCoordinatorServer) Keyring(context.Context, *KeyringRequest) (*KeyringResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Keyring not implemented")
 }
 func (UnimplementedCoordinatorServer) mustEmbedUnimplementedCoordinatorServer() {}
 func (UnimplementedCoordinatorServer) testEmbeddedByValue()                     {}
@@ -386,6 +404,24 @@ func _Coordinator_Demand_Handler(srv interface{}, ctx context.Context, dec func(
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Coordinator_Keyring_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(KeyringRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CoordinatorServer).Keyring(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Coordinator_Keyring_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CoordinatorServer).Keyring(ctx, req.(*KeyringRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Coordinator_ServiceDesc is the grpc.ServiceDesc for Coordinator service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -424,6 +460,10 @@ var Coordinator_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Demand",
 			Handler:    _Coordinator_Demand_Handler,
+		},
+		{
+			MethodName: "Keyring",
+			Handler:    _Coordinator_Keyring_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -29,12 +29,23 @@ trap cleanup EXIT
 state() { "$BIN/shoal" get replicas -o json 2>/dev/null | "$PY" -c 'import json,sys; r=json.load(sys.stdin)["replicas"]; print(r[0]["state"] if r else "none")' 2>/dev/null || echo none; }
 
 "$BIN/shoal" agent inspect --gpu-backend "$GPU_BACKEND" --address 127.0.0.2 >"$OUT/inspect.txt" 2>&1
+# Secured as in production: a CA, a certificate per process, one gossip key.
+tls="$dir/tls"
+"$BIN/shoal" tls ca create --out "$tls/ca" >/dev/null
+"$BIN/shoal" tls cert create --coordinator --name coordinator --ip 127.0.0.1 --ca-dir "$tls/ca" --out "$tls/coordinator" >/dev/null
+"$BIN/shoal" tls cert create --cli --name gpu-test --ca-dir "$tls/ca" --out "$tls/cli" >/dev/null
+"$BIN/shoal" keyring generate >"$tls/gossip.key"
+for d in coordinator gpu-0 gpu-1; do mkdir -p "$tls/$d"; cp "$tls/gossip.key" "$tls/$d/gossip.key"; done
+export SHOAL_TLS_DIR="$tls/cli"
 "$BIN/shoal" coordinator --address 127.0.0.1 --gossip-port 17946 --api 127.0.0.1:7950 --router 127.0.0.1:8080 \
-  --data-dir "$dir/coordinator" --gossip-profile fast >"$dir/coordinator.log" 2>&1 &
+  --data-dir "$dir/coordinator" --gossip-profile fast --tls-dir "$tls/coordinator" --gossip-key-file "$tls/coordinator/gossip.key" \
+  >"$dir/coordinator.log" 2>&1 &
 pids+=($!)
 for i in 0 1; do
+  "$BIN/shoal" tls cert create --agent --name "gpu-$i" --ip "127.0.0.$((i + 2))" --ca-dir "$tls/ca" --out "$tls/gpu-$i" >/dev/null
   "$BIN/shoal" agent --node-id "gpu-$i" --address "127.0.0.$((i + 2))" --join 127.0.0.1:17946 --state-dir "$dir/gpu-$i" \
-    --gpu-backend "$GPU_BACKEND" --gpus "$i" --gossip-profile fast --stop-grace 5s --restart-backoff 3s >"$dir/agent-$i.log" 2>&1 &
+    --gpu-backend "$GPU_BACKEND" --gpus "$i" --gossip-profile fast --stop-grace 5s --restart-backoff 3s \
+    --tls-dir "$tls/gpu-$i" --gossip-key-file "$tls/gpu-$i/gossip.key" >"$dir/agent-$i.log" 2>&1 &
   pids+=($!)
 done
 sed "s|ENGINE_PY|$PWD/examples/torch-tp/engine.py|g; s|\"python3\",|\"$PY\",|" examples/torch-tp/deployment.yaml >"$dir/torch.yaml"

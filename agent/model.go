@@ -25,6 +25,9 @@ type modelJob struct {
 // goes to model.path if set, else <models_dir>/<name>; a local source is used
 // in place.
 func (a *Agent) modelFor(d *spec.Deployment) (*modelJob, error) {
+	if d.Model.Source == "" {
+		return nil, nil // a command engine without weights to manage
+	}
 	u, err := model.ParseURI(d.Model.Source)
 	if err != nil {
 		return nil, err
@@ -45,7 +48,7 @@ func (a *Agent) modelFor(d *spec.Deployment) (*modelJob, error) {
 // which the election prefers for the head.
 func (a *Agent) hasWeights(d *spec.Deployment) bool {
 	j, err := a.modelFor(d)
-	if err != nil {
+	if err != nil || j == nil {
 		return false
 	}
 	if !j.remote {

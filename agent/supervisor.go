@@ -279,7 +279,9 @@ func (a *Agent) startRun(as *Assignment, role engine.Role, head string, term uin
 		return
 	}
 	sp := *as.Spec
-	sp.Model.Path = mj.dir // the engine reads the weights where this host keeps them
+	if mj != nil {
+		sp.Model.Path = mj.dir // the engine reads the weights where this host keeps them
+	}
 	in := engine.PlanInput{Spec: &sp, Role: role, NodeIP: a.cfg.Address, HeadIP: headIP,
 		BindHost: a.cfg.EngineHost, Env: env, Bin: engine.Binaries{Ray: a.cfg.RayBin, VLLM: a.cfg.VLLMBin, Python: a.cfg.PythonBin}}
 	var plan *engine.Plan

@@ -244,8 +244,10 @@ func (d *Deployment) Validate() error {
 	case len(d.Name) > MaxNameLen || !nameRE.MatchString(d.Name):
 		bad("name", "%q must be lower-case letters, digits and '-', at most %d characters", d.Name, MaxNameLen)
 	}
-	if d.Model.Source == "" {
+	if d.Model.Source == "" && d.Engine.Kind != EngineCommand {
+		// A command engine may bring its own weights (or need none).
 		bad("model.source", "is required (hf://org/name, s3://bucket/prefix, gs://bucket/prefix or /path)")
+	} else if d.Model.Source == "" {
 	} else if err := checkSource(d.Model.Source); err != nil {
 		bad("model.source", "%v", err)
 	}

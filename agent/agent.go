@@ -198,7 +198,7 @@ func (a *Agent) Run(ctx context.Context) error {
 
 // tag is the gossip tag for the current state. Called with mu held or before Run's loop.
 func (a *Agent) tag() gossip.Tag {
-	t := gossip.Tag{Kind: gossip.KindAgent, ID: a.cfg.NodeID, GRPC: a.grpcAddr()}
+	t := gossip.Tag{Kind: gossip.KindAgent, ID: a.cfg.NodeID, GRPC: a.grpcAddr(), Metrics: agentMetricsAddr(a.cfg.MetricsAddr, a.cfg.Address)}
 	if a.hw != nil {
 		t.Healthy, t.GPUModel, t.GPUs = a.hw.GPU.Healthy(), a.hw.GPU.Model(), len(a.hw.GPU.Devices)
 		t.GPUMemGiB = a.hw.minMemGiB()

@@ -26,9 +26,12 @@ type Config struct {
 	Join          []string
 	GossipProfile string
 	APIAddr       string // gRPC API for the CLI
-	RouterAddr    string // OpenAI HTTP ("" disables the built-in router)
-	Router        router.Config
-	DataDir       string
+	// MetricsAddr serves shoal's /metrics and Prometheus service discovery
+	// (/v1/sd/engines, /v1/sd/agents); "" disables.
+	MetricsAddr string
+	RouterAddr  string // OpenAI HTTP ("" disables the built-in router)
+	Router      router.Config
+	DataDir     string
 	// ReconcileInterval bounds how long a change waits when no event arrives.
 	ReconcileInterval time.Duration
 	// AutoscaleInterval is how often autoscaled deployments are decided.
@@ -94,6 +97,7 @@ type Coordinator struct {
 	short    map[string]string       // guarded by mu; deployment → why a replica cannot be placed
 
 	reg        *prometheus.Registry
+	cm         *clusterMetrics
 	asDesired  *prometheus.GaugeVec
 	asCurrent  *prometheus.GaugeVec
 	asValue    *prometheus.GaugeVec
@@ -117,6 +121,7 @@ func New(cfg Config) *Coordinator {
 		c.reg.MustRegister(v)
 		return v
 	}
+	c.cm = newClusterMetrics(c.reg)
 	c.asDesired = g("shoal_autoscaler_desired_replicas", "Replicas the autoscaler wants.")
 	c.asCurrent = g("shoal_autoscaler_current_replicas", "Replica groups that exist (not draining).")
 	c.asValue = g("shoal_autoscaler_metric_value", "The scaling metric's per-replica value the last decision used.")
@@ -172,6 +177,17 @@ func (c *Coordinator) Run(ctx context.Context) error {
 		rc.Registry = c.reg // one /metrics for the router and the autoscaler
 		httpSrv = &http.Server{Handler: router.New(c.table, c.cfg.Logger, rc).Handler(), ReadHeaderTimeout: 10 * time.Second}
 		go func() { _ = httpSrv.Serve(rl) }()
+	}
+	var metricsSrv *http.Server
+	if c.cfg.MetricsAddr != "" {
+		ml, err := net.Listen("tcp", c.cfg.MetricsAddr)
+		if err != nil {
+			lis.Close()
+			return fmt.Errorf("metrics: %w", err)
+		}
+		metricsSrv = &http.Server{Handler: c.metricsHandler(), ReadHeaderTimeout: 5 * time.Second}
+		go func() { _ = metricsSrv.Serve(ml) }()
+		defer metricsSrv.Close()
 	}
 	var wg sync.WaitGroup
 	gctx, stopGossip := context.WithCancel(context.WithoutCancel(ctx))

@@ -28,6 +28,7 @@ func (c *Coordinator) reconcile(ctx context.Context) error {
 		return err
 	}
 	nodes := c.agents()
+	defer c.observe(nodes)
 	byName := map[string]*DeploymentRecord{}
 	var models []string
 	for _, d := range deps {
@@ -156,6 +157,7 @@ func (c *Coordinator) reform(d *DeploymentRecord, g *Group, nodes map[string]gos
 		c.log.Error("store group", "group", g.ID, "err", err)
 		return false
 	}
+	c.cm.reforms.WithLabelValues(d.Name).Inc()
 	c.events.add(d.Name, "reform/"+g.ID, "replica %s re-formed at epoch %d: replaced %s with %s", g.ID, g.Epoch, strings.Join(lost, ", "), strings.Join(names, ", "))
 	c.log.Info("group re-formed", "group", g.ID, "epoch", g.Epoch, "lost", lost, "added", names)
 	return true

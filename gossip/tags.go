@@ -58,6 +58,8 @@ type Tag struct {
 	// Progress is a weight pull's "percent rate" ("43 12.1GB/s") while
 	// Engine is downloading.
 	Progress string `json:"pg,omitempty"`
+	// Metrics is the agent's Prometheus address, for service discovery.
+	Metrics string `json:"m,omitempty"`
 	// Keys are the fingerprints of the node's gossip keys, primary first,
 	// so keyring rotation can be watched converge.
 	Keys string `json:"kr,omitempty"`

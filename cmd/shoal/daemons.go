@@ -157,6 +157,7 @@ func coordinatorCommand() *cli.Command {
 			&cli.StringSliceFlag{Name: "join", EnvVars: []string{"SHOAL_JOIN"}},
 			&cli.StringFlag{Name: "gossip-profile", EnvVars: []string{"SHOAL_GOSSIP_PROFILE"}},
 			&cli.StringFlag{Name: "api", Value: "127.0.0.1:7950", EnvVars: []string{"SHOAL_API_ADDR"}, Usage: "gRPC API address for the CLI"},
+			&cli.StringFlag{Name: "metrics-addr", Value: "127.0.0.1:7951", EnvVars: []string{"SHOAL_METRICS_ADDR"}, Usage: "shoal's /metrics and Prometheus service discovery (/v1/sd/engines, /v1/sd/agents); \"\" disables"},
 			&cli.StringFlag{Name: "router", Value: "127.0.0.1:8080", EnvVars: []string{"SHOAL_ROUTER_ADDR"}, Usage: "OpenAI HTTP address (\"\" disables)"},
 			&cli.StringFlag{Name: "data-dir", Value: "/var/lib/shoal-coordinator", EnvVars: []string{"SHOAL_DATA_DIR"}},
 			&cli.StringFlag{Name: "cli-tokens-file", EnvVars: []string{"SHOAL_CLI_TOKENS_FILE"}, Usage: "hashed CLI tokens, \"NAME SHA256\" per line (`shoal tls token create`); reloaded on SIGHUP"},
@@ -200,7 +201,7 @@ func coordinatorCommand() *cli.Command {
 			loadTokens()
 			co := coordinator.New(coordinator.Config{NodeID: c.String("node-id"), Cluster: c.String("cluster"), Address: c.String("address"),
 				GossipPort: c.Int("gossip-port"), Join: c.StringSlice("join"), GossipProfile: c.String("gossip-profile"),
-				APIAddr: c.String("api"), RouterAddr: c.String("router"), DataDir: c.String("data-dir"), Router: rc, Logger: log,
+				APIAddr: c.String("api"), RouterAddr: c.String("router"), MetricsAddr: c.String("metrics-addr"), DataDir: c.String("data-dir"), Router: rc, Logger: log,
 				TLS: tl, GossipKeys: keys, GossipKeyFile: kf})
 			return co.Run(c.Context)
 		},

@@ -26,6 +26,7 @@ func devCommand() *cli.Command {
 			&cli.StringFlag{Name: "sim", EnvVars: []string{"SHOAL_SIM_BIN"}, Usage: "shoal-sim binary (default: next to shoal)"},
 			&cli.StringFlag{Name: "router", Value: "127.0.0.1:8080", EnvVars: []string{"SHOAL_ROUTER_ADDR"}},
 			&cli.StringFlag{Name: "api", Value: "127.0.0.1:7950", EnvVars: []string{"SHOAL_API_ADDR"}},
+			&cli.StringFlag{Name: "metrics-addr", Value: "127.0.0.1:7951", EnvVars: []string{"SHOAL_METRICS_ADDR"}, Usage: "coordinator /metrics and Prometheus service discovery"},
 			&cli.Float64Flag{Name: "load-seconds", Value: 3, EnvVars: []string{"SHOAL_SIM_LOAD_SECONDS"}, Usage: "simulated weight-load time"},
 			&cli.BoolFlag{Name: "no-deploy", Usage: "start the cluster without applying the demo deployment"},
 		},
@@ -51,7 +52,7 @@ func runDev(c *cli.Context) error {
 	out := c.App.Writer
 	fmt.Fprintf(out, "shoal dev: cluster files in %s\n", dir)
 	cl, err := devcluster.Start(devcluster.Config{Dir: dir, ShoalBin: self, SimBin: sim, Agents: c.Int("agents"),
-		APIAddr: c.String("api"), RouterAddr: c.String("router"), Log: out,
+		APIAddr: c.String("api"), RouterAddr: c.String("router"), MetricsAddr: c.String("metrics-addr"), AgentMetrics: true, Log: out,
 		SimEnv: []string{fmt.Sprintf("SHOAL_SIM_LOAD_SECONDS=%g", c.Float64("load-seconds"))}})
 	if err != nil {
 		return err

@@ -34,6 +34,11 @@ type Config struct {
 	// SimEnv configures the simulator (SHOAL_SIM_* variables) and is also
 	// given to the agents (AWS_* for weight pulls, say).
 	SimEnv []string
+	// MetricsAddr is the coordinator's /metrics and service-discovery
+	// address ("" disables it); AgentMetrics gives every agent a /metrics on
+	// its IP, port 9400.
+	MetricsAddr  string
+	AgentMetrics bool
 	// Insecure runs every process with --insecure (cleartext gRPC and
 	// gossip) instead of throw-away certificates and a gossip key.
 	Insecure bool
@@ -126,7 +131,8 @@ func Start(cfg Config) (*Cluster, error) {
 		return nil, err
 	}
 	c.coord, err = c.spawn("coordinator", nil, append([]string{"coordinator", "--address", cfg.CoordIP, "--gossip-port", strconv.Itoa(cfg.GossipPort),
-		"--api", cfg.APIAddr, "--router", cfg.RouterAddr, "--data-dir", filepath.Join(cfg.Dir, "coordinator"), "--gossip-profile", cfg.Profile}, sec...)...)
+		"--api", cfg.APIAddr, "--router", cfg.RouterAddr, "--data-dir", filepath.Join(cfg.Dir, "coordinator"), "--gossip-profile", cfg.Profile,
+		"--metrics-addr=" + cfg.MetricsAddr}, sec...)...)
 	if err != nil {
 		return nil, err
 	}
@@ -163,6 +169,9 @@ func (c *Cluster) StartAgent(i int) error {
 		"--hang-timeout", "4s", "--canary-interval", "3s"}
 	if !c.cfg.CheckModels {
 		args = append(args, "--skip-local-model-check") // the simulator reads no weights
+	}
+	if c.cfg.AgentMetrics {
+		args = append(args, "--metrics-addr", net.JoinHostPort(c.AgentIP(i), "9400"))
 	}
 	sec, err := c.securityArgs(id, agentCert(id, c.AgentIP(i)))
 	if err != nil {

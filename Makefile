@@ -11,7 +11,7 @@ PROTOC_GEN_GO_VERSION := v1.36.12
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 PROTOS := agent replica coordinator
 
-.PHONY: build test test-unit test-integration lint generate check-generated bench demo clean tools fuzz
+.PHONY: build test test-unit test-integration lint generate check-generated bench demo clean tools fuzz package test-package
 
 build:
 	$(GO) build -o bin/shoal ./cmd/shoal
@@ -56,6 +56,21 @@ fuzz:
 	    $(GO) test -run '^$$' -fuzz "^$${f}\$$" -fuzztime $(FUZZTIME) $$pkg | grep -v '^fuzz: elapsed' ; \
 	  done; \
 	done
+
+# Package version: 0.1.0 plus the commit (semver build metadata).
+PKG_VERSION ?= 0.1.0+g$(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
+NFPM := github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.45.2
+
+## package: .deb and .rpm in dist/ (nfpm run as a Go tool; nothing prebuilt is downloaded).
+package:
+	$(GO) build -ldflags "-X main.version=$(PKG_VERSION)" -o bin/shoal ./cmd/shoal
+	$(GO) build -o bin/shoal-sim ./cmd/shoal-sim
+	mkdir -p dist
+	for p in deb rpm; do SHOAL_VERSION='$(PKG_VERSION)' $(GO) run $(NFPM) package -f deploy/nfpm.yaml -p $$p -t dist/; done
+
+## test-package: install the .deb here with dpkg, check files, user and units, remove it (root).
+test-package: package
+	bash test/package/test.sh
 
 bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./bench/...

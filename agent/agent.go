@@ -168,6 +168,15 @@ func (a *Agent) Run(ctx context.Context) error {
 		}()
 	}
 	a.log.Info("agent running", "grpc", a.grpcAddr(), "gossip", a.mem.Addr(), "cluster", a.cfg.Cluster)
+	if a.cfg.Ready != nil {
+		go func() {
+			select {
+			case <-a.mem.Joined(): // hardware was fingerprinted before the gossip started
+				a.cfg.Ready()
+			case <-ctx.Done():
+			}
+		}()
+	}
 	hctx, stopHealth := context.WithCancel(ctx)
 	wg.Add(2)
 	go func() { defer wg.Done(); a.watchGPUs(hctx) }()

@@ -3,6 +3,7 @@ package agent
 import (
 	"errors"
 	"fmt"
+	"io"
 	"log/slog"
 	"net"
 	"os"
@@ -72,6 +73,10 @@ type Config struct {
 	GossipKeys [][]byte `yaml:"-"`
 	// GossipKeyFile is where the keys live; keyring changes are saved there.
 	GossipKeyFile string `yaml:"gossip_key_file"`
+
+	// Ready is called once, when the agent has fingerprinted its hardware,
+	// joined the gossip and serves its API (systemd's READY=1).
+	Ready func() `yaml:"-"`
 
 	Logger *slog.Logger `yaml:"-"`
 }
@@ -174,7 +179,7 @@ func LoadConfigFile(path string) (Config, error) {
 	defer f.Close()
 	dec := yaml.NewDecoder(f)
 	dec.KnownFields(true)
-	if err := dec.Decode(&c); err != nil {
+	if err := dec.Decode(&c); err != nil && !errors.Is(err, io.EOF) { // an all-comments file is an empty config
 		return c, fmt.Errorf("agent config %s: %w", path, err)
 	}
 	return c, nil

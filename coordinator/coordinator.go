@@ -37,6 +37,8 @@ type Config struct {
 	// AutoscaleInterval is how often autoscaled deployments are decided.
 	AutoscaleInterval time.Duration
 	Logger            *slog.Logger
+	// Ready is called once the API serves and the gossip is up.
+	Ready func()
 	// TLS secures the API (cli certificates or tokens) and the calls to
 	// agents and heads; nil is cleartext (--insecure).
 	TLS *security.TLS
@@ -196,6 +198,15 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	go func() { defer wg.Done(); _ = c.mem.Run(gctx) }()
 	go func() { defer wg.Done(); _ = srv.Serve(lis) }()
 	c.log.Info("coordinator running", "api", c.cfg.APIAddr, "router", c.cfg.RouterAddr, "gossip", c.mem.Addr())
+	if c.cfg.Ready != nil {
+		go func() {
+			select {
+			case <-c.mem.Joined():
+				c.cfg.Ready()
+			case <-ctx.Done():
+			}
+		}()
+	}
 
 	t := time.NewTicker(c.cfg.ReconcileInterval)
 	defer t.Stop()

@@ -51,6 +51,7 @@ type Membership struct {
 
 	keyring *memberlist.Keyring
 	bcast   *memberlist.TransmitLimitedQueue
+	joined  chan struct{} // closed once the node is in a cluster
 }
 
 // Crash stops gossip without telling anyone, as a dying host would. Fault tests
@@ -69,8 +70,12 @@ func New(cfg Config, tag Tag) *Membership {
 	}
 	tag.Cluster = cfg.Cluster
 	return &Membership{cfg: cfg, log: cfg.Logger.With("component", "gossip"), local: tag,
-		changes: make(chan struct{}, 1), members: map[string]Tag{}}
+		changes: make(chan struct{}, 1), members: map[string]Tag{}, joined: make(chan struct{})}
 }
+
+// Joined is closed once this node is in the cluster: it joined a seed, or
+// it has no seeds and forms the cluster itself.
+func (m *Membership) Joined() <-chan struct{} { return m.joined }
 
 func profile(name string) (*memberlist.Config, error) {
 	switch name {
@@ -170,6 +175,7 @@ func (m *Membership) Run(ctx context.Context) error {
 			backoff = min(backoff*2, 5*time.Second)
 		}
 	}
+	close(m.joined)
 	<-ctx.Done()
 	return m.shutdown()
 }

@@ -133,10 +133,12 @@ func agentCommand() *cli.Command {
 			if cfg.TLS, cfg.GossipKeys, cfg.GossipKeyFile, err = daemonSecurity(c, security.RoleAgent, cfg.Logger, nil); err != nil {
 				return err
 			}
+			cfg.Ready = sdReady(cfg.Logger)
 			a, err := agent.New(cfg, ins, nil)
 			if err != nil {
 				return err
 			}
+			defer sdStopping()
 			return a.Run(c.Context)
 		},
 	}
@@ -202,7 +204,8 @@ func coordinatorCommand() *cli.Command {
 			co := coordinator.New(coordinator.Config{NodeID: c.String("node-id"), Cluster: c.String("cluster"), Address: c.String("address"),
 				GossipPort: c.Int("gossip-port"), Join: c.StringSlice("join"), GossipProfile: c.String("gossip-profile"),
 				APIAddr: c.String("api"), RouterAddr: c.String("router"), MetricsAddr: c.String("metrics-addr"), DataDir: c.String("data-dir"), Router: rc, Logger: log,
-				TLS: tl, GossipKeys: keys, GossipKeyFile: kf})
+				TLS: tl, GossipKeys: keys, GossipKeyFile: kf, Ready: sdReady(log)})
+			defer sdStopping()
 			return co.Run(c.Context)
 		},
 	}
@@ -286,7 +289,7 @@ func routerCommand() *cli.Command {
 			return router.RunStandalone(c.Context, router.StandaloneConfig{NodeID: c.String("node-id"), Cluster: c.String("cluster"),
 				Address: c.String("address"), GossipPort: c.Int("gossip-port"), Join: c.StringSlice("join"),
 				GossipProfile: c.String("gossip-profile"), Listen: c.String("listen"), Router: rc, Logger: log,
-				TLS: tl, GossipKeys: keys, GossipKeyFile: kf})
+				TLS: tl, GossipKeys: keys, GossipKeyFile: kf, Ready: sdReady(log)})
 		},
 	}
 	cmd.Flags = append(cmd.Flags, securityFlags()...)

@@ -29,6 +29,8 @@ type StandaloneConfig struct {
 	Listen        string // OpenAI HTTP address
 	Router        Config
 	Logger        *slog.Logger
+	// Ready is called once the router listens and has joined the gossip.
+	Ready func()
 	// TLS (router role) for the heads' Replica API and the coordinator.
 	TLS           *security.TLS
 	GossipKeys    [][]byte
@@ -90,6 +92,15 @@ func RunStandalone(ctx context.Context, cfg StandaloneConfig) error {
 	srv := &http.Server{Handler: New(table, cfg.Logger, rc).Handler(), ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = srv.Serve(ln) }()
 	cfg.Logger.Info("router running", "listen", ln.Addr().String(), "gossip", mem.Addr())
+	if cfg.Ready != nil {
+		go func() {
+			select {
+			case <-mem.Joined():
+				cfg.Ready()
+			case <-ctx.Done():
+			}
+		}()
+	}
 	t := time.NewTicker(time.Second)
 	defer t.Stop()
 	var lastList time.Time

@@ -11,7 +11,7 @@ PROTOC_GEN_GO_VERSION := v1.36.12
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 PROTOS := agent replica coordinator
 
-.PHONY: build test test-unit test-integration lint generate check-generated bench demo clean tools fuzz package test-package
+.PHONY: build test test-unit test-integration lint generate check-generated bench demo clean tools fuzz package test-package docs
 
 build:
 	$(GO) build -o bin/shoal ./cmd/shoal
@@ -60,6 +60,10 @@ fuzz:
 # Package version: 0.1.0 plus the commit (semver build metadata).
 PKG_VERSION ?= 0.1.0+g$(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)
 NFPM := github.com/goreleaser/nfpm/v2/cmd/nfpm@v2.45.2
+
+## docs: regenerate docs/reference.md from the code.
+docs: build
+	./bin/shoal gen-docs > docs/reference.md
 
 ## package: .deb and .rpm in dist/ (nfpm run as a Go tool; nothing prebuilt is downloaded).
 package:

@@ -32,7 +32,7 @@ func main() {
 			&cli.StringFlag{Name: "log-level", Value: "info", EnvVars: []string{"SHOAL_LOG_LEVEL"}, Usage: "debug, info, warn or error"},
 		},
 		Commands: []*cli.Command{agentCommand(), coordinatorCommand(), routerCommand(), applyCommand(), getCommand(), describeCommand(),
-			deleteCommand(), logsCommand(), devCommand(), modelCommand(), tlsCommand(), keyringCommand(), apikeyCommand(), versionCommand()},
+			deleteCommand(), logsCommand(), devCommand(), modelCommand(), tlsCommand(), keyringCommand(), apikeyCommand(), versionCommand(), genDocsCommand()},
 	}
 	app.Flags = append(app.Flags, cliSecurityFlags()...)
 	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)

@@ -2,12 +2,14 @@ package main
 
 import (
 	"bytes"
+	"os"
 	"strings"
 	"testing"
 	"time"
 
 	"github.com/shoalhq/shoal/model"
 	"github.com/stretchr/testify/require"
+	"github.com/urfave/cli/v2"
 )
 
 func TestParseSize(t *testing.T) {
@@ -36,4 +38,13 @@ func TestProgressBar(t *testing.T) {
 	b.Reset()
 	_, _ = pb.Write([]byte("level=WARN msg=x\n"))
 	require.True(t, strings.HasSuffix(b.String(), "ETA 6s"), "the bar is redrawn under a log line")
+}
+
+func TestReferenceDocIsCurrent(t *testing.T) {
+	app := &cli.App{Commands: []*cli.Command{agentCommand(), coordinatorCommand(), routerCommand(), modelCommand(), tlsCommand(), apikeyCommand(), devCommand()}}
+	var b bytes.Buffer
+	writeReference(&b, app)
+	want, err := os.ReadFile("../../docs/reference.md")
+	require.NoError(t, err)
+	require.True(t, b.String() == string(want), "docs/reference.md is stale: run make docs")
 }

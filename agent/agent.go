@@ -58,6 +58,31 @@ type Agent struct {
 
 	engineState *prometheus.GaugeVec
 	dl          *downloadMetrics
+	am          *agentMetrics
+}
+
+type agentMetrics struct {
+	members  prometheus.Gauge
+	claims   prometheus.Counter
+	starts   *prometheus.CounterVec
+	failures prometheus.Counter
+}
+
+func newAgentMetrics(reg *prometheus.Registry) *agentMetrics {
+	m := &agentMetrics{
+		members: prometheus.NewGauge(prometheus.GaugeOpts{Name: "shoal_agent_gossip_members",
+			Help: "Live members of the gossip this agent sees, itself included."}),
+		claims: prometheus.NewCounter(prometheus.CounterOpts{Name: "shoal_agent_head_claims_total",
+			Help: "Times this agent claimed the head of its group (elections won)."}),
+		starts: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "shoal_agent_engine_starts_total",
+			Help: "Engine starts by role (head, worker)."}, []string{"role"}),
+		failures: prometheus.NewCounter(prometheus.CounterOpts{Name: "shoal_agent_engine_failures_total",
+			Help: "Replica failures this agent saw (its engine, a member, a hang, a canary)."}),
+	}
+	m.starts.WithLabelValues("head")
+	m.starts.WithLabelValues("worker")
+	reg.MustRegister(m.members, m.claims, m.starts, m.failures)
+	return m
 }
 
 // New builds an agent from a validated config. It starts nothing.
@@ -77,6 +102,7 @@ func New(cfg Config, ins gpu.Inspector, sc *rdma.Scanner) (*Agent, error) {
 		Help: "1 for the engine state this agent advertises."}, []string{"state"})
 	reg.MustRegister(a.engineState, prometheus.NewGoCollector())
 	a.dl = newDownloadMetrics(reg)
+	a.am = newAgentMetrics(reg)
 	return a, nil
 }
 

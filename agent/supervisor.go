@@ -34,6 +34,7 @@ func (a *Agent) loop(ctx context.Context) {
 		case <-a.wake:
 		case <-t.C:
 		}
+		a.am.members.Set(float64(len(a.mem.Members())))
 		a.reconcile()
 	}
 }
@@ -169,6 +170,7 @@ func (a *Agent) reconcileMember(as *Assignment, v GroupView, d Decision) {
 		a.replica.start()
 		a.replica.update(a.snapshot(as, nil, gossip.EngineWaiting))
 		a.log.Info("claimed head", "group", as.Group, "epoch", as.Epoch, "term", term)
+		a.am.claims.Inc()
 		return
 	}
 	var head gossip.Tag
@@ -315,6 +317,7 @@ func (a *Agent) startRun(as *Assignment, role engine.Role, head string, term uin
 	a.es = gossip.EngineRunning
 	a.mu.Unlock()
 	r.log.Info("starting engine")
+	a.am.starts.WithLabelValues(string(role)).Inc()
 	if role == engine.RoleHead {
 		go a.headSequence(r)
 		a.watchMembers(r, as.Members)
@@ -370,6 +373,7 @@ func (a *Agent) stopRun(why string) {
 // next attempt.
 func (a *Agent) failRun(why string) {
 	a.log.Warn("replica failed; stopping the group's engines", "reason", why)
+	a.am.failures.Inc()
 	a.replica.setServing(false, why)
 	a.mu.Lock()
 	a.es, a.msg = gossip.EngineFailed, why

@@ -45,6 +45,7 @@ func TestGossipScale(t *testing.T) {
 	seeds := []string{ip(0) + ":" + strconv.Itoa(port), ip(1) + ":" + strconv.Itoa(port), ip(2) + ":" + strconv.Itoa(port)}
 	members := make([]*gossip.Membership, n)
 	cancels := make([]context.CancelFunc, n)
+	ids := make([]string, n)
 	var wg sync.WaitGroup
 	start := time.Now()
 	for i := 0; i < n; i++ {
@@ -58,7 +59,7 @@ func TestGossipScale(t *testing.T) {
 			t.Fatalf("member %d: %v", i, err)
 		}
 		ctx, cancel := context.WithCancel(context.Background())
-		members[i], cancels[i] = m, cancel
+		members[i], cancels[i], ids[i] = m, cancel, fmt.Sprintf("n%04d", i)
 		wg.Add(1)
 		go func() { defer wg.Done(); _ = m.Run(ctx) }()
 	}
@@ -95,7 +96,7 @@ func TestGossipScale(t *testing.T) {
 	var all []time.Duration
 	for v := 0; v < victims; v++ {
 		victim := n/2 + v*7
-		id := fmt.Sprintf("n%04d", victim)
+		id := ids[victim]
 		members[victim].Crash()
 		crashed := time.Now()
 		seen := map[int]time.Duration{}
@@ -127,6 +128,7 @@ func TestGossipScale(t *testing.T) {
 		members = append(members[:victim], members[victim+1:]...)
 		cancels[victim]()
 		cancels = append(cancels[:victim], cancels[victim+1:]...)
+		ids = append(ids[:victim], ids[victim+1:]...)
 		n--
 	}
 	t.Logf("detection over %d crashes × all observers: p50 %v, p99 %v", victims, pct(all, 50), pct(all, 99))

@@ -37,25 +37,7 @@ func newGCS(u URI, cfg Config) *gcs {
 func (g *gcs) String() string { return g.u.String() }
 
 func (g *gcs) get(ctx context.Context, u string, hdr map[string]string) (*http.Response, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
-	if err != nil {
-		return nil, err
-	}
-	if g.token != "" {
-		req.Header.Set("Authorization", "Bearer "+g.token)
-	}
-	for k, v := range hdr {
-		req.Header.Set(k, v)
-	}
-	resp, err := g.client.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	if resp.StatusCode/100 != 2 {
-		defer resp.Body.Close()
-		return nil, &httpError{Status: resp.StatusCode, Body: readErrBody(resp.Body), URL: u}
-	}
-	return resp, nil
+	return bearerGet(ctx, g.client, g.token, u, hdr)
 }
 
 func (g *gcs) List(ctx context.Context) ([]File, error) {

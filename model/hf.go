@@ -36,25 +36,7 @@ func newHF(u URI, cfg Config) *hf {
 func (h *hf) String() string { return h.u.String() }
 
 func (h *hf) get(ctx context.Context, u string, hdr map[string]string) (*http.Response, error) {
-	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
-	if err != nil {
-		return nil, err
-	}
-	if h.token != "" {
-		req.Header.Set("Authorization", "Bearer "+h.token)
-	}
-	for k, v := range hdr {
-		req.Header.Set(k, v)
-	}
-	resp, err := h.client.Do(req)
-	if err != nil {
-		return nil, err
-	}
-	if resp.StatusCode/100 != 2 {
-		defer resp.Body.Close()
-		return nil, &httpError{Status: resp.StatusCode, Body: readErrBody(resp.Body), URL: u}
-	}
-	return resp, nil
+	return bearerGet(ctx, h.client, h.token, u, hdr)
 }
 
 func escapePath(p string) string {

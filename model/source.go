@@ -131,6 +131,30 @@ func (e *httpError) retryable() bool {
 	return e.Status == 408 || e.Status == 429 || e.Status >= 500
 }
 
+// bearerGet is a GET with an optional bearer token; a non-2xx answer is an
+// *httpError carrying the start of the body.
+func bearerGet(ctx context.Context, c *http.Client, token, u string, hdr map[string]string) (*http.Response, error) {
+	req, err := http.NewRequestWithContext(ctx, http.MethodGet, u, nil)
+	if err != nil {
+		return nil, err
+	}
+	if token != "" {
+		req.Header.Set("Authorization", "Bearer "+token)
+	}
+	for k, v := range hdr {
+		req.Header.Set(k, v)
+	}
+	resp, err := c.Do(req)
+	if err != nil {
+		return nil, err
+	}
+	if resp.StatusCode/100 != 2 {
+		defer resp.Body.Close()
+		return nil, &httpError{Status: resp.StatusCode, Body: readErrBody(resp.Body), URL: u}
+	}
+	return resp, nil
+}
+
 func readErrBody(r io.Reader) string {
 	b, _ := io.ReadAll(io.LimitReader(r, 512))
 	return string(b)
@@ -156,10 +180,7 @@ func (r *exactReader) Read(p []byte) (int, error) {
 		return n, io.ErrUnexpectedEOF
 	}
 	if err == io.EOF {
-		err = nil
-		if r.left > 0 {
-			err = io.ErrUnexpectedEOF
-		}
+		return n, nil // the next Read reports EOF
 	}
 	return n, err
 }

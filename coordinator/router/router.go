@@ -95,6 +95,7 @@ type Router struct {
 	fallback *prometheus.CounterVec
 	retries  *prometheus.CounterVec
 	ttfb     *prometheus.HistogramVec
+	inflight *prometheus.GaugeVec
 }
 
 // New returns a router over table.
@@ -118,7 +119,9 @@ func New(table *Table, log *slog.Logger, cfg Config) *Router {
 		ttfb: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "shoal_router_upstream_first_byte_seconds",
 			Help: "Time from routing to the engine's response headers.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 20)}, []string{"model"}),
 	}
-	cfg.Registry.MustRegister(r.requests, r.fallback, r.retries, r.ttfb)
+	r.inflight = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "shoal_router_inflight_requests",
+		Help: "Requests being proxied to an engine now, by model."}, []string{"model"})
+	cfg.Registry.MustRegister(r.requests, r.fallback, r.retries, r.ttfb, r.inflight)
 	return r
 }
 
@@ -334,7 +337,10 @@ func (r *Router) proxy(w http.ResponseWriter, req *http.Request) {
 		if h.session != "" {
 			w.Header().Set("x-session-id", h.session)
 		}
+		g := r.inflight.WithLabelValues(model)
+		g.Inc()
 		code, done, err := r.forward(ctx, w, req, ep, body, attempt < r.cfg.Retries)
+		g.Dec()
 		release()
 		if done {
 			r.requests.WithLabelValues(model, used, strconv.Itoa(code)).Inc()

@@ -34,7 +34,7 @@ func (a *Agent) loop(ctx context.Context) {
 		case <-a.wake:
 		case <-t.C:
 		}
-		a.am.members.Set(float64(len(a.mem.Members())))
+		a.am.members.Set(float64(a.mem.Count()))
 		a.reconcile()
 	}
 }

@@ -3,6 +3,7 @@ package coordinator
 import (
 	"context"
 	"fmt"
+	"slices"
 	"sort"
 	"strings"
 	"time"
@@ -40,11 +41,11 @@ func (s *apiServer) Keyring(ctx context.Context, req *coordv1.KeyringRequest) (*
 		keys := strings.Split(t.Keys, ",")
 		switch op {
 		case gossip.KeyInstall:
-			return contains(keys, fp)
+			return slices.Contains(keys, fp)
 		case gossip.KeyUse:
 			return keys[0] == fp
 		case gossip.KeyRemove:
-			return !contains(keys, fp)
+			return !slices.Contains(keys, fp)
 		}
 		return true
 	}
@@ -96,13 +97,4 @@ func kindName(k string) string {
 		return "router"
 	}
 	return k
-}
-
-func contains(l []string, s string) bool {
-	for _, x := range l {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }

@@ -244,6 +244,13 @@ func (m *Membership) Members() map[string]Tag {
 	return out
 }
 
+// Count is the number of live members, self included (no copy).
+func (m *Membership) Count() int {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	return len(m.members)
+}
+
 // record keeps our own copy of a member's tag: memberlist mutates the Node
 // it hands to callbacks, so it must not be read later without its lock.
 // Called from memberlist callbacks: decoding only, no I/O, no waiting.

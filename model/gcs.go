@@ -55,12 +55,7 @@ func (g *gcs) List(ctx context.Context) ([]File, error) {
 		if token != "" {
 			q.Set("pageToken", token)
 		}
-		resp, err := g.get(ctx, fmt.Sprintf("%s/storage/v1/b/%s/o?%s", g.endpoint, url.PathEscape(g.u.Bucket), q.Encode()), nil)
-		if err != nil {
-			return nil, err
-		}
-		body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
-		resp.Body.Close()
+		body, _, err := readPage(ctx, g.client, g.token, fmt.Sprintf("%s/storage/v1/b/%s/o?%s", g.endpoint, url.PathEscape(g.u.Bucket), q.Encode()))
 		if err != nil {
 			return nil, err
 		}

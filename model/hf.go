@@ -79,12 +79,7 @@ func (h *hf) List(ctx context.Context) ([]File, error) {
 		if pages > 10000 {
 			return nil, fmt.Errorf("hub listing did not end after %d pages", pages)
 		}
-		resp, err := h.get(ctx, next, nil)
-		if err != nil {
-			return nil, err
-		}
-		body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
-		resp.Body.Close()
+		body, hdr, err := readPage(ctx, h.client, h.token, next)
 		if err != nil {
 			return nil, err
 		}
@@ -93,7 +88,7 @@ func (h *hf) List(ctx context.Context) ([]File, error) {
 			return nil, err
 		}
 		out = append(out, files...)
-		next = nextLink(resp.Header.Get("Link"))
+		next = nextLink(hdr.Get("Link"))
 		if next != "" {
 			// The next page must stay on the Hub we asked.
 			nu, err := url.Parse(next)

@@ -155,6 +155,17 @@ func bearerGet(ctx context.Context, c *http.Client, token, u string, hdr map[str
 	return resp, nil
 }
 
+// readPage fetches one page of a listing (bounded to 64 MiB) and its headers.
+func readPage(ctx context.Context, c *http.Client, token, u string) ([]byte, http.Header, error) {
+	resp, err := bearerGet(ctx, c, token, u, nil)
+	if err != nil {
+		return nil, nil, err
+	}
+	defer resp.Body.Close()
+	body, err := io.ReadAll(io.LimitReader(resp.Body, 64<<20))
+	return body, resp.Header, err
+}
+
 func readErrBody(r io.Reader) string {
 	b, _ := io.ReadAll(io.LimitReader(r, 512))
 	return string(b)

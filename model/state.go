@@ -1,6 +1,7 @@
 package model
 
 import (
+	"context"
 	"encoding/json"
 	"errors"
 	"fmt"
@@ -221,10 +222,7 @@ func Check(dir string) error {
 // lock takes the directory's download lock, waiting (and saying so) while
 // another process holds it. flock is per open file, so two pulls in one
 // process exclude each other too.
-func lock(ctx interface {
-	Done() <-chan struct{}
-	Err() error
-}, dir string, waiting func(holder string)) (func(), error) {
+func lock(ctx context.Context, dir string, waiting func(holder string)) (func(), error) {
 	p := filepath.Join(dir, lockFile)
 	f, err := os.OpenFile(p, os.O_CREATE|os.O_RDWR, 0o644)
 	if err != nil {

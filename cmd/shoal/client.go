@@ -15,6 +15,7 @@ import (
 	coordv1 "github.com/shoalhq/shoal/proto/coordinator/v1"
 	"github.com/shoalhq/shoal/spec"
 	"github.com/urfave/cli/v2"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
@@ -24,16 +25,25 @@ import (
 var coordinatorFlag = &cli.StringFlag{Name: "coordinator", Value: "127.0.0.1:7950", EnvVars: []string{"SHOAL_COORDINATOR"},
 	Usage: "coordinator API address"}
 
-// withClient dials the coordinator and maps gRPC errors to plain messages.
-func withClient(c *cli.Context, f func(context.Context, coordv1.CoordinatorClient) error) error {
+// dialCoordinator connects the CLI to the coordinator with its credentials.
+func dialCoordinator(c *cli.Context) (*grpc.ClientConn, string, error) {
 	addr := c.String("coordinator")
 	tl, err := cliTLS(c)
 	if err != nil {
-		return err
+		return nil, addr, err
 	}
 	conn, err := tl.Dial(addr)
 	if err != nil {
-		return fmt.Errorf("coordinator address %q: %w", addr, err)
+		return nil, addr, fmt.Errorf("coordinator address %q: %w", addr, err)
+	}
+	return conn, addr, nil
+}
+
+// withClient dials the coordinator and maps gRPC errors to plain messages.
+func withClient(c *cli.Context, f func(context.Context, coordv1.CoordinatorClient) error) error {
+	conn, addr, err := dialCoordinator(c)
+	if err != nil {
+		return err
 	}
 	defer conn.Close()
 	ctx, cancel := context.WithTimeout(c.Context, 15*time.Second)
@@ -345,12 +355,7 @@ func logsCommand() *cli.Command {
 			if c.NArg() != 1 {
 				return errors.New("usage: shoal logs REPLICA [--node N] [--name vllm] [--follow]")
 			}
-			addr := c.String("coordinator")
-			tl, err := cliTLS(c)
-			if err != nil {
-				return err
-			}
-			conn, err := tl.Dial(addr)
+			conn, addr, err := dialCoordinator(c)
 			if err != nil {
 				return err
 			}

@@ -7,12 +7,10 @@ import (
 	"os"
 	"os/signal"
 	"path/filepath"
-	"runtime"
 	"strings"
 	"syscall"
 	"time"
 
-	"github.com/coreos/go-systemd/v22/daemon"
 	"github.com/shoalhq/shoal/coordinator/router"
 	"github.com/shoalhq/shoal/gossip"
 	coordv1 "github.com/shoalhq/shoal/proto/coordinator/v1"
@@ -313,30 +311,5 @@ func apikeyCommand() *cli.Command {
 				return nil
 			},
 		}},
-	}
-}
-
-// sdReady tells systemd (Type=notify) that the daemon is ready; outside
-// systemd (no NOTIFY_SOCKET) it does nothing.
-func sdReady(log *slog.Logger) func() {
-	return func() {
-		if ok, err := daemon.SdNotify(false, daemon.SdNotifyReady); err != nil {
-			log.Warn("systemd notify", "err", err)
-		} else if ok {
-			log.Info("told systemd: ready")
-		}
-	}
-}
-
-func sdStopping() { _, _ = daemon.SdNotify(false, daemon.SdNotifyStopping) }
-
-func versionCommand() *cli.Command {
-	return &cli.Command{
-		Name:  "version",
-		Usage: "print the version",
-		Action: func(c *cli.Context) error {
-			fmt.Fprintf(c.App.Writer, "shoal %s (%s, %s/%s)\n", version, runtime.Version(), runtime.GOOS, runtime.GOARCH)
-			return nil
-		},
 	}
 }

@@ -284,3 +284,21 @@ func (a *Agent) saveState() error {
 	a.mu.Unlock()
 	return st.Save(a.cfg.StateDir)
 }
+
+// agentMetricsAddr turns a listen address (":9400") into one others dial.
+func agentMetricsAddr(listen, ip string) string {
+	if listen == "" {
+		return ""
+	}
+	h, p, err := net.SplitHostPort(listen)
+	if err != nil {
+		return ""
+	}
+	if h == "" || h == "0.0.0.0" || h == "::" {
+		h = ip
+	}
+	if _, err := strconv.Atoi(p); err != nil {
+		return ""
+	}
+	return net.JoinHostPort(h, p)
+}

@@ -3,9 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
-	"net"
 	"path/filepath"
-	"strconv"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -151,22 +149,4 @@ func (a *Agent) prepareModel(r *run) bool {
 	a.weights = true
 	a.mu.Unlock()
 	return true
-}
-
-// agentMetricsAddr turns a listen address (":9400") into one others dial.
-func agentMetricsAddr(listen, ip string) string {
-	if listen == "" {
-		return ""
-	}
-	h, p, err := net.SplitHostPort(listen)
-	if err != nil {
-		return ""
-	}
-	if h == "" || h == "0.0.0.0" || h == "::" {
-		h = ip
-	}
-	if _, err := strconv.Atoi(p); err != nil {
-		return ""
-	}
-	return net.JoinHostPort(h, p)
 }

@@ -106,7 +106,7 @@ func (s *apiServer) DescribeDeployment(_ context.Context, req *coordv1.DescribeD
 	for _, f := range rec.Spec.Fields() {
 		resp.Fields = append(resp.Fields, &coordv1.Field{Path: f.Path, Value: f.Value, Implemented: f.Implemented})
 	}
-	resp.Replicas = s.replicas(rec.Name, groups)
+	resp.Replicas = s.c.replicaInfos(rec.Name, groups)
 	resp.Autoscaler = s.c.autoscalerStatus(rec.Spec)
 	return resp, nil
 }
@@ -173,16 +173,18 @@ func (s *apiServer) DescribeNode(ctx context.Context, req *coordv1.DescribeNodeR
 	return resp, nil
 }
 
-func (s *apiServer) replicas(dep string, groups []*Group) []*coordv1.ReplicaInfo {
-	views := s.c.heads.Views()
-	nodes := s.c.agents()
+// replicaInfos is the state of each group (of one deployment, or all) as
+// `shoal get replicas` and the shoal_replicas gauge show it.
+func (c *Coordinator) replicaInfos(dep string, groups []*Group) []*coordv1.ReplicaInfo {
+	views := c.heads.Views()
+	nodes := c.agents()
 	var out []*coordv1.ReplicaInfo
 	for _, g := range groups {
 		if dep != "" && g.Deployment != dep {
 			continue
 		}
 		ri := &coordv1.ReplicaInfo{GroupId: g.ID, Deployment: g.Deployment, Epoch: g.Epoch, State: "starting"}
-		draining := s.c.isDraining(g.ID)
+		draining := c.isDraining(g.ID)
 		missing := false
 		slowest := -1.0
 		for _, m := range g.Members {
@@ -231,7 +233,7 @@ func (s *apiServer) ListReplicas(_ context.Context, req *coordv1.ListReplicasReq
 	if err != nil {
 		return nil, apiError(err)
 	}
-	return &coordv1.ListReplicasResponse{Replicas: s.replicas(req.Deployment, groups)}, nil
+	return &coordv1.ListReplicasResponse{Replicas: s.c.replicaInfos(req.Deployment, groups)}, nil
 }
 
 // Demand records a standalone router's held requests for a model.

@@ -123,7 +123,7 @@ func New(cfg Config) *Coordinator {
 		c.reg.MustRegister(v)
 		return v
 	}
-	c.cm = newClusterMetrics(c.reg)
+	c.cm = newClusterMetrics(c, c.reg)
 	c.asDesired = g("shoal_autoscaler_desired_replicas", "Replicas the autoscaler wants.")
 	c.asCurrent = g("shoal_autoscaler_current_replicas", "Replica groups that exist (not draining).")
 	c.asValue = g("shoal_autoscaler_metric_value", "The scaling metric's per-replica value the last decision used.")

@@ -28,7 +28,6 @@ func (c *Coordinator) reconcile(ctx context.Context) error {
 		return err
 	}
 	nodes := c.agents()
-	defer c.observe(nodes)
 	byName := map[string]*DeploymentRecord{}
 	var models []string
 	for _, d := range deps {

@@ -7,7 +7,6 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
-	"github.com/shoalhq/shoal/gossip"
 )
 
 // The Kubernetes ServiceMonitor, without Kubernetes: Prometheus HTTP service
@@ -70,54 +69,67 @@ func (c *Coordinator) sdAgents() []sdGroup {
 	return out
 }
 
-// clusterMetrics are gauges of the cluster's shape, refreshed by reconcile.
+// clusterMetrics describe the cluster's shape. The gauges are computed when
+// Prometheus scrapes (a Collector), not on every reconcile pass: reconcile
+// runs on every gossip change, a scrape every 15 s.
 type clusterMetrics struct {
-	nodes    *prometheus.GaugeVec
-	replicas *prometheus.GaugeVec
+	c        *Coordinator
+	nodes    *prometheus.Desc
+	replicas *prometheus.Desc
 	reforms  *prometheus.CounterVec
 }
 
-func newClusterMetrics(reg *prometheus.Registry) *clusterMetrics {
-	m := &clusterMetrics{
-		nodes: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "shoal_nodes",
-			Help: "Agents in the gossip by state (idle, assigned, unhealthy)."}, []string{"state"}),
-		replicas: prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "shoal_replicas",
-			Help: "Replica groups by deployment and state (ready, starting, degraded, draining)."}, []string{"deployment", "state"}),
+func newClusterMetrics(c *Coordinator, reg *prometheus.Registry) *clusterMetrics {
+	m := &clusterMetrics{c: c,
+		nodes: prometheus.NewDesc("shoal_nodes",
+			"Agents in the gossip by state (idle, assigned, unhealthy).", []string{"state"}, nil),
+		replicas: prometheus.NewDesc("shoal_replicas",
+			"Replica groups by deployment and state (ready, starting, downloading, degraded, draining).", []string{"deployment", "state"}, nil),
 		reforms: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "shoal_replica_reforms_total",
 			Help: "Replica groups re-formed on other nodes under a new epoch."}, []string{"deployment"}),
 	}
-	reg.MustRegister(m.nodes, m.replicas, m.reforms)
+	reg.MustRegister(m)
 	return m
 }
 
-// observe refreshes the gauges from the current state.
-func (c *Coordinator) observe(nodes map[string]gossip.Tag) {
+func (m *clusterMetrics) Describe(ch chan<- *prometheus.Desc) {
+	ch <- m.nodes
+	ch <- m.replicas
+	m.reforms.Describe(ch)
+}
+
+func (m *clusterMetrics) Collect(ch chan<- prometheus.Metric) {
 	counts := map[string]float64{"idle": 0, "assigned": 0, "unhealthy": 0}
-	for _, t := range nodes {
-		switch {
-		case !t.Healthy:
-			counts["unhealthy"]++
-		case t.Group != "":
-			counts["assigned"]++
-		default:
-			counts["idle"]++
+	if m.c.mem != nil {
+		for _, t := range m.c.agents() {
+			switch {
+			case !t.Healthy:
+				counts["unhealthy"]++
+			case t.Group != "":
+				counts["assigned"]++
+			default:
+				counts["idle"]++
+			}
 		}
 	}
 	for s, n := range counts {
-		c.cm.nodes.WithLabelValues(s).Set(n)
+		ch <- prometheus.MustNewConstMetric(m.nodes, prometheus.GaugeValue, n, s)
 	}
-	if deps, err := c.store.Deployments(); err == nil {
+	if deps, err := m.c.store.Deployments(); err == nil {
 		for _, d := range deps {
-			c.cm.reforms.WithLabelValues(d.Name) // a series at 0 from the start, so increase() works
+			m.reforms.WithLabelValues(d.Name) // a series at 0 from the start, so increase() works
 		}
 	}
-	groups, err := c.store.Groups()
-	if err != nil {
+	m.reforms.Collect(ch)
+	groups, err := m.c.store.Groups()
+	if err != nil || m.c.mem == nil {
 		return
 	}
-	c.cm.replicas.Reset()
-	api := &apiServer{c: c}
-	for _, ri := range api.replicas("", groups) {
-		c.cm.replicas.WithLabelValues(ri.Deployment, ri.State).Inc()
+	byState := map[[2]string]float64{}
+	for _, ri := range m.c.replicaInfos("", groups) {
+		byState[[2]string{ri.Deployment, ri.State}]++
+	}
+	for k, n := range byState {
+		ch <- prometheus.MustNewConstMetric(m.replicas, prometheus.GaugeValue, n, k[0], k[1])
 	}
 }

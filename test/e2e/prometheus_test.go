@@ -173,6 +173,27 @@ scrape_configs:
 		}
 	}
 	require.GreaterOrEqual(t, n, 20)
+
+	// shoal's own gauges say what `shoal get` says: 4 live agents, all in
+	// the 2 ready 2-node replicas.
+	value := func(expr string) string {
+		var res struct {
+			Data struct {
+				Result []struct {
+					Value []any `json:"value"`
+				} `json:"result"`
+			} `json:"data"`
+		}
+		if promGet(promAddr, "/api/v1/query?query="+url.QueryEscape(expr), &res) != nil || len(res.Data.Result) != 1 || len(res.Data.Result[0].Value) != 2 {
+			return ""
+		}
+		v, _ := res.Data.Result[0].Value[1].(string)
+		return v
+	}
+	require.Eventually(t, func() bool {
+		return value(`sum(shoal_nodes{state="assigned"})`) == "4" && value(`sum(shoal_replicas{state="ready"})`) == "2" &&
+			value(`sum(shoal_nodes{state="idle"})`) == "0"
+	}, 20*time.Second, 250*time.Millisecond, "assigned %s, ready %s", value(`sum(shoal_nodes{state="assigned"})`), value(`sum(shoal_replicas{state="ready"})`))
 	// Once the dead head's series went stale, exactly the two heads are up.
 	var out2 []byte
 	require.True(t, assertEventually(func() bool {

@@ -13,10 +13,15 @@ import (
 // drainTimeout bounds how long a scale-in waits for in-flight requests.
 const drainTimeout = 2 * time.Minute
 
+// drainUnseenGrace is how long a draining group whose head reports nothing
+// waits before it is released anyway (a head that never started, or is gone).
+const drainUnseenGrace = 5 * time.Second
+
 type scalerState struct {
 	specJSON string // the spec the scaler was built for; a new apply resets it
 	s        *autoscale.Scaler
 	last     autoscale.Decision
+	decided  bool // last holds a decision; a fresh state is published before its first Step
 	current  int
 }
 
@@ -97,7 +102,7 @@ func (c *Coordinator) autoscaleOnce(now time.Time) error {
 		dec := st.s.Step(now, o)
 		c.mu.Lock()
 		changed := dec.Desired != st.last.Desired || st.current != o.Current
-		st.last, st.current = dec, o.Current
+		st.last, st.current, st.decided = dec, o.Current, true
 		c.mu.Unlock()
 		c.asDesired.WithLabelValues(d.Name).Set(float64(dec.Desired))
 		c.asCurrent.WithLabelValues(d.Name).Set(float64(o.Current))
@@ -121,8 +126,11 @@ func (c *Coordinator) desiredReplicas(d *spec.Deployment) int {
 	}
 	c.mu.Lock()
 	defer c.mu.Unlock()
-	if st := c.scalers[d.Name]; st != nil {
-		return st.last.Desired // a scaler exists only once it has decided
+	// A scaler's state is stored before its first decision: until it has
+	// one, its zero Desired must not read as "scale to 0" (that drained a
+	// deployment's only replica the moment its autoscaler was created).
+	if st := c.scalers[d.Name]; st != nil && st.decided {
+		return st.last.Desired
 	}
 	return d.Replicas.Min
 }
@@ -136,7 +144,7 @@ func (c *Coordinator) autoscalerStatus(d *spec.Deployment) string {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	st := c.scalers[d.Name]
-	if st == nil {
+	if st == nil || !st.decided {
 		return fmt.Sprintf("%s on %s, target %g per replica: no decision yet", a.Policy, a.Metric, a.Target)
 	}
 	cond := "AbleToScale=True"
@@ -181,7 +189,9 @@ func (c *Coordinator) drain(g *Group, why string) {
 	v, seen := c.heads.Views()[g.ID]
 	idle := seen && v.Metrics != nil && v.Metrics.MetricsValid && v.Metrics.NumRequestsRunning == 0 && v.Metrics.NumRequestsWaiting == 0 &&
 		v.Metrics.UnixMillis > start.Add(time.Second).UnixMilli()
-	if idle || !seen || time.Since(start) > drainTimeout {
+	// A head missing from the watcher for a moment is no proof that nothing
+	// runs on it: only one unseen for drainUnseenGrace is released unseen.
+	if idle || (!seen && time.Since(start) > drainUnseenGrace) || time.Since(start) > drainTimeout {
 		c.deleteGroup(g, why+" (drained)")
 		c.mu.Lock()
 		delete(c.draining, g.ID)

@@ -9,7 +9,7 @@ import (
 // with an error, never panic, and never yield a name outside the model dir.
 
 func FuzzParseURI(f *testing.F) {
-	for _, s := range []string{"hf://org/name", "hf://o/m@rev", "s3://bucket/a/b", "gs://b/x/", "/mnt/m", "file:///x", "s3://", "hf://a/b@", "s3://bkt/../x"} {
+	for _, s := range []string{"hf://org/name", "hf://o/m@rev", "s3://bucket/a/b", "gs://b/x/", "/mnt/m", "file:///x", "s3://", "hf://a/b@", "s3://bkt/../x", "hf://0/0@0/0"} {
 		f.Add(s)
 	}
 	f.Fuzz(func(t *testing.T, s string) {

@@ -256,6 +256,7 @@ func TestParseURI(t *testing.T) {
 	}{
 		{"hf://deepseek-ai/DeepSeek-R1", URI{Scheme: SchemeHF, Bucket: "deepseek-ai/DeepSeek-R1", Revision: "main"}, "DeepSeek-R1"},
 		{"hf://org/m@v1.0", URI{Scheme: SchemeHF, Bucket: "org/m", Revision: "v1.0"}, "m@v1.0"},
+		{"hf://org/m@refs/pr/12", URI{Scheme: SchemeHF, Bucket: "org/m", Revision: "refs/pr/12"}, "m@refs--pr--12"},
 		{"s3://models/deepseek-r1/", URI{Scheme: SchemeS3, Bucket: "models", Prefix: "deepseek-r1"}, "deepseek-r1"},
 		{"s3://models/a/b", URI{Scheme: SchemeS3, Bucket: "models", Prefix: "a/b"}, "b"},
 		{"s3://models", URI{Scheme: SchemeS3, Bucket: "models"}, "models"},

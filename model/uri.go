@@ -44,7 +44,8 @@ func (u URI) Name() string {
 	case SchemeHF:
 		n := path.Base(u.Bucket)
 		if u.Revision != "main" {
-			n += "@" + u.Revision
+			// Branches may hold '/' (pr/12): one directory, never nested ones.
+			n += "@" + strings.ReplaceAll(u.Revision, "/", "--")
 		}
 		return n
 	case SchemeLocal:

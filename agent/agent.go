@@ -7,13 +7,13 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
-	"path/filepath"
 	"strconv"
 	"sync"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/shoalhq/shoal/engine"
 	"github.com/shoalhq/shoal/engine/process"
 	"github.com/shoalhq/shoal/gossip"
 	"github.com/shoalhq/shoal/gpu"
@@ -30,12 +30,14 @@ type Agent struct {
 	ins     gpu.Inspector
 	scanner *rdma.Scanner
 	mem     *gossip.Membership
-	rt      *process.Runtime
 	reg     *prometheus.Registry
 	wake    chan struct{}
 	cmds    chan func()
 
 	replica *replicaServer
+
+	rtMu sync.Mutex
+	rts  map[string]engine.Runtime // guarded by rtMu; by engine.runtime
 
 	mu     sync.Mutex
 	hw     *HostInventory // guarded by mu
@@ -52,6 +54,8 @@ type Agent struct {
 	backoff      time.Duration
 	backoffUntil time.Time
 	readySince   time.Time
+	// holdUntil: an adopted run is not judged before gossip joined (or then).
+	holdUntil time.Time
 
 	// weights: this host holds the assigned model (the election prefers it).
 	weights bool // guarded by mu
@@ -96,7 +100,7 @@ func New(cfg Config, ins gpu.Inspector, sc *rdma.Scanner) (*Agent, error) {
 		sc = rdma.NewScanner()
 	}
 	a := &Agent{cfg: cfg, log: cfg.Logger.With("component", "agent", "node", cfg.NodeID), ins: ins, scanner: sc,
-		rt: process.New(filepath.Join(cfg.StateDir, "logs")), reg: reg,
+		rts: map[string]engine.Runtime{}, reg: reg,
 		wake: make(chan struct{}, 1), cmds: make(chan func()), backoff: cfg.RestartBackoff}
 	a.engineState = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "shoal_agent_engine_state",
 		Help: "1 for the engine state this agent advertises."}, []string{"state"})
@@ -131,12 +135,11 @@ func (a *Agent) Run(ctx context.Context) error {
 		return fmt.Errorf("state dir %s belongs to node %q, not %q; use that node id or another state_dir", a.cfg.StateDir, st.NodeID, a.cfg.NodeID)
 	}
 	st.NodeID = a.cfg.NodeID
-	// Engines a previous run of the agent left: without re-adoption (not built
-	// yet) they would hold GPUs forever, so they are stopped.
-	for _, e := range st.Engines {
-		process.KillGroup(e.Pid, e.StartTicks)
-	}
-	st.Engines = nil
+	nofile, memlock := process.RaiseLimits()
+	a.log.Debug("engine limits", "nofile", nofile, "memlock", memlock)
+	// Engines a previous agent process left keep running: adopt them (or stop
+	// those of a run that cannot resume whole, so that none holds GPUs).
+	adopted := a.adopt(ctx, &st)
 	if err := st.Save(a.cfg.StateDir); err != nil {
 		return err
 	}
@@ -172,6 +175,12 @@ func (a *Agent) Run(ctx context.Context) error {
 	srv := grpc.NewServer(a.cfg.TLS.ServerOptions(security.AgentPolicy, false)...)
 	agentv1.RegisterAgentServer(srv, &agentServer{a: a})
 	a.replica = newReplicaServer(a.replicaAddr(), a.log, a.cfg.TLS)
+	if adopted != nil {
+		// Before gossip starts, so the first tag already claims the term (or
+		// follows the head) the engine runs in: peers see no change.
+		a.resume(adopted)
+		a.holdUntil = time.Now().Add(holdForJoin)
+	}
 
 	a.mem = gossip.New(gossip.Config{Cluster: a.cfg.Cluster, BindAddr: a.cfg.Address, BindPort: a.cfg.GossipPort,
 		Join: a.cfg.Join, Profile: a.cfg.GossipProfile, Logger: a.cfg.Logger, Keys: a.cfg.GossipKeys, KeyFile: a.cfg.GossipKeyFile}, a.tag())
@@ -204,9 +213,10 @@ func (a *Agent) Run(ctx context.Context) error {
 		}()
 	}
 	hctx, stopHealth := context.WithCancel(ctx)
-	wg.Add(2)
+	wg.Add(3)
 	go func() { defer wg.Done(); a.watchGPUs(hctx) }()
 	go func() { defer wg.Done(); a.reinspect(hctx) }()
+	go func() { defer wg.Done(); a.rotateLogs(hctx) }()
 
 	a.loop(ctx)
 	stopHealth()
@@ -214,6 +224,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	// Shutdown, bounded: engines (when configured), servers, gossip.
 	if a.cfg.StopEnginesOnExit {
 		a.stopRun("agent exiting")
+	} else if a.hasRun() {
+		// The engines keep serving and the next agent process adopts them:
+		// no graceful leave, which would tell the group this member is gone.
+		a.mem.SkipLeave()
+		a.log.Info("agent exiting; engines keep running for the next agent process to adopt")
 	}
 	a.replica.stop()
 	stopped := make(chan struct{})
@@ -230,6 +245,17 @@ func (a *Agent) Run(ctx context.Context) error {
 	wg.Wait()
 	return nil
 }
+
+func (a *Agent) hasRun() bool {
+	a.mu.Lock()
+	defer a.mu.Unlock()
+	return a.run != nil
+}
+
+// holdForJoin bounds how long a restarted agent with an adopted engine waits
+// for the gossip join before it judges its group (alone, it would see the
+// group incomplete and stop a healthy replica).
+const holdForJoin = 15 * time.Second
 
 // tag is the gossip tag for the current state. Called with mu held or before Run's loop.
 func (a *Agent) tag() gossip.Tag {
@@ -264,17 +290,6 @@ func (a *Agent) publish() {
 	a.engineState.WithLabelValues(es).Set(1)
 	if err := a.mem.SetTag(t); err != nil {
 		a.log.Error("publish gossip tag", "err", err)
-	}
-}
-
-func (a *Agent) recordEngine(h *process.Handle) {
-	ticks, _ := process.StartTicks(h.Pid())
-	a.mu.Lock()
-	a.state.Engines = append(a.state.Engines, EngineRecord{Name: h.Name(), Pid: h.Pid(), StartTicks: ticks})
-	st := a.state
-	a.mu.Unlock()
-	if err := st.Save(a.cfg.StateDir); err != nil {
-		a.log.Error("persist engine pid", "err", err)
 	}
 }
 

@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"time"
 
+	"github.com/shoalhq/shoal/engine"
 	"github.com/shoalhq/shoal/security"
 	"gopkg.in/yaml.v3"
 )
@@ -41,9 +42,19 @@ type Config struct {
 	// RestartBackoff is the first wait before a failed group is restarted; it
 	// doubles up to 5 minutes and resets once the group has served.
 	RestartBackoff time.Duration `yaml:"restart_backoff"`
-	// StopEnginesOnExit stops engines when the agent exits. Until the agent
-	// re-adopts engines after a restart, leaving them running would orphan them.
+	// StopEnginesOnExit stops engines when the agent exits. By default they
+	// keep running (and serving) and the next agent process adopts them: an
+	// agent upgrade or crash does not take a replica down.
 	StopEnginesOnExit bool `yaml:"stop_engines_on_exit"`
+	// Containerd is the daemon used by deployments with engine.runtime: containerd.
+	Containerd ContainerdConfig `yaml:"containerd"`
+	// LogMaxBytes rotates an engine log past this size (default 100 MiB);
+	// LogKeep old files are kept (default 3).
+	LogMaxBytes int64 `yaml:"log_max_bytes"`
+	LogKeep     int   `yaml:"log_keep"`
+	// MemberGrace is how long a head waits for a member's agent that stopped
+	// answering (an agent restart) before it fails the group (default 3s).
+	MemberGrace time.Duration `yaml:"member_grace"`
 	// GPUs are the indices of the host's GPUs this agent owns (empty: all);
 	// several agents can share a host, each with its own GPUs and address.
 	GPUs []int `yaml:"gpus"`
@@ -79,6 +90,13 @@ type Config struct {
 	Ready func() `yaml:"-"`
 
 	Logger *slog.Logger `yaml:"-"`
+}
+
+// ContainerdConfig names the containerd daemon and where shoal's containers live.
+type ContainerdConfig struct {
+	Address     string `yaml:"address"`     // default /run/containerd/containerd.sock
+	Namespace   string `yaml:"namespace"`   // default shoal
+	Snapshotter string `yaml:"snapshotter"` // default containerd's (overlayfs)
 }
 
 // DownloadConfig tunes weight pulls; endpoints and credentials default to the
@@ -137,6 +155,15 @@ func (c *Config) Defaults() {
 	}
 	if c.CanaryInterval == 0 {
 		c.CanaryInterval = 30 * time.Second
+	}
+	if c.LogMaxBytes == 0 {
+		c.LogMaxBytes = engine.DefaultLogMaxBytes
+	}
+	if c.LogKeep == 0 {
+		c.LogKeep = engine.DefaultLogKeep
+	}
+	if c.MemberGrace == 0 {
+		c.MemberGrace = 3 * time.Second
 	}
 	if c.InspectInterval == 0 {
 		c.InspectInterval = 30 * time.Second

@@ -4,12 +4,11 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
 	"log/slog"
 	"net/http"
-	"os"
-	"os/exec"
 	"strings"
 	"sync"
 	"time"
@@ -31,6 +30,7 @@ type run struct {
 	head  string
 	role  engine.Role
 	plan  *engine.Plan
+	rt    engine.Runtime
 	spec  *specRef
 	model *modelJob
 	// headUp says whether the head's node process runs (workers join then).
@@ -43,11 +43,11 @@ type run struct {
 	done   chan struct{}
 
 	mu       sync.Mutex
-	procs    []*process.Handle // guarded by mu
-	phase    string            // guarded by mu
-	failed   string            // guarded by mu; why the run failed
-	progress string            // guarded by mu; weight pull progress for gossip
-	metrics  metricsState      // guarded by mu
+	procs    []engine.Handle // guarded by mu; in start order
+	phase    string          // guarded by mu
+	failed   string          // guarded by mu; why the run failed
+	progress string          // guarded by mu; weight pull progress for gossip
+	metrics  metricsState    // guarded by mu
 }
 
 type specRef struct {
@@ -97,31 +97,47 @@ func (r *run) state() (phase, failed string) {
 }
 
 // start runs c unless the run was stopped, and fails the run when it exits.
-func (r *run) start(rt *process.Runtime, c engine.Command, rec func(*process.Handle)) (*process.Handle, error) {
+func (r *run) start(c engine.Command, rec func(engine.Handle)) (engine.Handle, error) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	if r.ctx.Err() != nil {
 		return nil, r.ctx.Err()
 	}
-	h, err := rt.Start(r.ctx, c)
+	h, err := r.rt.Start(r.ctx, c)
 	if err != nil {
 		return nil, err
 	}
 	r.procs = append(r.procs, h)
 	rec(h)
-	r.log.Info("engine process started", "name", c.Name, "pid", h.Pid(), "argv", strings.Join(c.Argv(), " "), "log", h.LogPath())
-	go func() {
-		<-h.Done()
-		if r.ctx.Err() == nil {
-			r.fail(fmt.Sprintf("%s exited (%v); see %s", c.Name, h.Err(), h.LogPath()))
-		}
-	}()
+	r.log.Info("engine process started", "name", c.Name, "runtime", r.rt.Kind(), "pid", h.Pid(), "argv", strings.Join(c.Argv(), " "), "log", h.LogPath())
+	r.watchExit(h)
 	return h, nil
 }
 
+// watchExit fails the run when h exits while the run is meant to go on.
+func (r *run) watchExit(h engine.Handle) {
+	go func() {
+		<-h.Done()
+		if r.ctx.Err() == nil {
+			r.fail(fmt.Sprintf("%s exited (%v); see %s", h.Name(), h.Err(), h.LogPath()))
+		}
+	}()
+}
+
+// node is the handle of the plan's node command (ray start, the program).
+func (r *run) node() engine.Handle {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	if len(r.procs) == 0 {
+		return nil
+	}
+	return r.procs[0]
+}
+
 // stop ends the run's processes: newest first (vllm before ray), each SIGTERM,
-// grace, SIGKILL to its group; then `ray stop --force` for anything Ray left.
-func (r *run) stop(grace time.Duration, rayBin string, env []string) {
+// grace, SIGKILL to its group (or container); then, for bare processes,
+// `ray stop --force` for anything Ray left.
+func (r *run) stop(grace time.Duration, rayStop func(context.Context)) {
 	r.cancel()
 	r.mu.Lock()
 	procs := r.procs
@@ -134,13 +150,8 @@ func (r *run) stop(grace time.Duration, rayBin string, env []string) {
 			r.log.Warn("engine process did not stop", "name", procs[i].Name(), "err", err)
 		}
 	}
-	if len(procs) > 0 && rayBin != "" {
-		cmd := exec.CommandContext(ctx, rayBin, "stop", "--force")
-		cmd.Args[0] = "ray"
-		cmd.Env = append(os.Environ(), env...)
-		if out, err := cmd.CombinedOutput(); err != nil {
-			r.log.Debug("ray stop --force", "err", err, "out", string(out))
-		}
+	if len(procs) > 0 && rayStop != nil {
+		rayStop(ctx)
 	}
 	<-r.done
 }
@@ -151,7 +162,7 @@ func (a *Agent) headSequence(r *run) {
 	if !a.prepareModel(r) {
 		return
 	}
-	if _, err := r.start(a.rt, r.plan.Node, a.recordEngine); err != nil {
+	if _, err := r.start(r.plan.Node, a.recordEngine); err != nil {
 		r.fail("start " + r.plan.Node.Name + ": " + err.Error())
 		return
 	}
@@ -159,7 +170,7 @@ func (a *Agent) headSequence(r *run) {
 	deadline := time.Now().Add(r.spec.timeout)
 	lastLog := time.Time{}
 	for r.plan.ExpectedGPUs > 0 {
-		st, err := a.rayStatus(r.ctx, r.plan)
+		st, err := a.rayStatus(r)
 		if err == nil && st.TotalGPUs >= float64(r.plan.ExpectedGPUs) {
 			r.log.Info("ray cluster complete", "gpus", st.TotalGPUs, "nodes", st.ActiveNodes)
 			break
@@ -177,12 +188,26 @@ func (a *Agent) headSequence(r *run) {
 		}
 	}
 	if r.plan.Serve != nil {
-		if _, err := r.start(a.rt, *r.plan.Serve, a.recordEngine); err != nil {
+		if _, err := r.start(*r.plan.Serve, a.recordEngine); err != nil {
 			r.fail("start vllm: " + err.Error())
 			return
 		}
 	}
 	r.setPhase(gossip.EngineLoading)
+	a.serveLoop(r, deadline)
+}
+
+// adoptedHeadSequence resumes a head whose engine a previous agent process
+// started: the readiness probe (which an already serving engine passes at
+// once), then the same supervision.
+func (a *Agent) adoptedHeadSequence(r *run) {
+	defer close(r.done)
+	a.serveLoop(r, time.Now().Add(r.spec.timeout))
+}
+
+// serveLoop waits for the engine to be ready, then supervises it: health,
+// metrics, hang detection and the idle canary.
+func (a *Agent) serveLoop(r *run, deadline time.Time) {
 	base := "http://" + r.plan.Endpoint
 	for {
 		err := probeReady(r.ctx, base, r.spec.served)
@@ -244,7 +269,7 @@ func (a *Agent) workerSequence(r *run) {
 			return
 		}
 	}
-	if _, err := r.start(a.rt, r.plan.Node, a.recordEngine); err != nil {
+	if _, err := r.start(r.plan.Node, a.recordEngine); err != nil {
 		r.fail("start " + r.plan.Node.Name + ": " + err.Error())
 		return
 	}
@@ -253,8 +278,10 @@ func (a *Agent) workerSequence(r *run) {
 }
 
 // watchMembers polls every member's Agent API while this node is head. A
-// member whose agent stops answering, or whose engine failed, fails the run at
-// once, well before gossip's failure detector declares the host dead.
+// member whose engine failed, or that left the group, fails the run at once; a
+// member whose agent stops answering fails it after MemberGrace (an agent
+// restart leaves the member's engine running and comes back within it), still
+// well before gossip's failure detector declares the host dead.
 func (a *Agent) watchMembers(r *run, members []Member) {
 	for _, m := range members {
 		if m.NodeID == a.cfg.NodeID {
@@ -268,7 +295,7 @@ func (a *Agent) watchMembers(r *run, members []Member) {
 			}
 			defer conn.Close()
 			c := agentv1.NewAgentClient(conn)
-			misses := 0
+			var since time.Time // first unanswered poll of the current outage
 			for sleepCtx(r.ctx, 300*time.Millisecond) {
 				ctx, cancel := context.WithTimeout(r.ctx, time.Second)
 				st, err := c.Status(ctx, &agentv1.StatusRequest{})
@@ -278,9 +305,12 @@ func (a *Agent) watchMembers(r *run, members []Member) {
 				}
 				switch {
 				case err != nil:
-					misses++
-					if misses >= 2 {
-						r.fail(fmt.Sprintf("member %s unreachable: %v", m.NodeID, err))
+					if since.IsZero() {
+						since = time.Now()
+						r.log.Warn("member agent does not answer", "member", m.NodeID, "err", err, "grace", a.cfg.MemberGrace)
+					}
+					if time.Since(since) >= a.cfg.MemberGrace {
+						r.fail(fmt.Sprintf("member %s unreachable for %v: %v", m.NodeID, a.cfg.MemberGrace, err))
 						return
 					}
 				case st.GetAssignment().GetGroupId() != r.group || st.GetAssignment().GetEpoch() != r.epoch:
@@ -290,24 +320,41 @@ func (a *Agent) watchMembers(r *run, members []Member) {
 					r.fail(fmt.Sprintf("member %s engine failed: %s", m.NodeID, st.GetMessage()))
 					return
 				default:
-					misses = 0
+					since = time.Time{}
 				}
 			}
 		}(m)
 	}
 }
 
-func (a *Agent) rayStatus(ctx context.Context, p *engine.Plan) (engine.RayStatus, error) {
-	ctx, cancel := context.WithTimeout(ctx, 10*time.Second)
+// rayStatus runs `ray status` beside the head's Ray node (in its container
+// for containerd), with the node's environment and RAY_ADDRESS.
+func (a *Agent) rayStatus(r *run) (engine.RayStatus, error) {
+	ctx, cancel := context.WithTimeout(r.ctx, 10*time.Second)
 	defer cancel()
-	cmd := exec.CommandContext(ctx, a.cfg.RayBin, "status")
-	cmd.Args[0] = "ray"
-	cmd.Env = append(os.Environ(), "RAY_ADDRESS="+p.RayAddress)
-	out, err := cmd.CombinedOutput()
+	n := r.node()
+	if n == nil {
+		return engine.RayStatus{}, errors.New("ray status: the head's ray node is not running")
+	}
+	c := engine.Command{Name: "ray", Path: r.plan.Node.Path, Args: []string{"status"},
+		Env: append(append([]string(nil), r.plan.Node.Env...), "RAY_ADDRESS="+r.plan.RayAddress)}
+	out, err := r.rt.Exec(ctx, n, c)
 	if err != nil {
 		return engine.RayStatus{}, fmt.Errorf("ray status: %v: %s", err, bytes.TrimSpace(out))
 	}
 	return engine.ParseRayStatus(string(out))
+}
+
+// rayStopForce runs `ray stop --force` on the host for anything Ray left
+// (bare processes only: a container takes its processes with it).
+func (a *Agent) rayStopForce(ctx context.Context, p *engine.Plan) {
+	if !p.RayStop {
+		return
+	}
+	c := engine.Command{Name: "ray", Path: p.Node.Path, Args: []string{"stop", "--force"}, Env: p.Node.Env}
+	if out, err := process.New(a.logDir()).Exec(ctx, nil, c); err != nil {
+		a.log.Debug("ray stop --force", "err", err, "out", string(out))
+	}
 }
 
 var probeClient = &http.Client{Timeout: 5 * time.Second}

@@ -6,6 +6,7 @@ import (
 	"os"
 	"path/filepath"
 
+	"github.com/shoalhq/shoal/engine"
 	"github.com/shoalhq/shoal/spec"
 )
 
@@ -26,19 +27,27 @@ type Assignment struct {
 	Spec       *spec.Deployment `json:"spec"`
 }
 
-// EngineRecord remembers a started engine process across agent restarts.
-type EngineRecord struct {
-	Name       string `json:"name"`
-	Pid        int    `json:"pid"`
-	StartTicks uint64 `json:"start_ticks"`
+// RunRecord is the running engine's identity: what a restarted agent needs
+// to adopt it and carry on in the same (group, epoch, term) and role.
+type RunRecord struct {
+	Group string       `json:"group"`
+	Epoch uint64       `json:"epoch"`
+	Term  uint64       `json:"term"`
+	Head  string       `json:"head"`
+	Role  engine.Role  `json:"role"`
+	Plan  *engine.Plan `json:"plan"`
+	// Runtime is the engine.runtime the commands run under.
+	Runtime string `json:"runtime"`
 }
 
 // State is what the agent persists under its state directory.
 type State struct {
-	NodeID     string         `json:"node_id"`
-	Assignment *Assignment    `json:"assignment,omitempty"`
-	LastTerm   uint64         `json:"last_term"`
-	Engines    []EngineRecord `json:"engines,omitempty"`
+	NodeID     string      `json:"node_id"`
+	Assignment *Assignment `json:"assignment,omitempty"`
+	LastTerm   uint64      `json:"last_term"`
+	Run        *RunRecord  `json:"run,omitempty"`
+	// Engines are the run's started commands, in start order.
+	Engines []engine.Record `json:"engines,omitempty"`
 }
 
 const stateFile = "state.json"

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"sort"
+	"strconv"
 	"time"
 
 	"github.com/shoalhq/shoal/engine"
@@ -66,6 +67,19 @@ func (a *Agent) view(as *Assignment) GroupView {
 }
 
 func (a *Agent) reconcile() {
+	if !a.holdUntil.IsZero() {
+		select {
+		case <-a.mem.Joined():
+			a.holdUntil = time.Time{}
+		default:
+			if time.Now().Before(a.holdUntil) {
+				a.publish()
+				return
+			}
+			a.log.Warn("gossip not joined; judging the adopted run's group with what this node sees")
+			a.holdUntil = time.Time{}
+		}
+	}
 	a.mu.Lock()
 	as := a.state.Assignment
 	r := a.run
@@ -272,20 +286,32 @@ func (a *Agent) startRun(as *Assignment, role engine.Role, head string, term uin
 		env["CUDA_VISIBLE_DEVICES"] = a.hw.Visible // this agent owns a subset of the host's GPUs
 	}
 	a.mu.Unlock()
-	mj, err := a.modelFor(as.Spec)
-	if err != nil {
-		a.log.Error("cannot resolve model", "err", err)
+	failed := func(what string, err error) {
+		a.log.Error(what, "err", err)
 		a.mu.Lock()
 		a.es, a.msg = gossip.EngineFailed, err.Error()
 		a.mu.Unlock()
+	}
+	mj, err := a.modelFor(as.Spec)
+	if err != nil {
+		failed("cannot resolve model", err)
+		return
+	}
+	rt, err := a.runtimeFor(context.Background(), as.Spec.Engine.Runtime)
+	if err != nil {
+		failed("engine runtime", err)
 		return
 	}
 	sp := *as.Spec
 	if mj != nil {
 		sp.Model.Path = mj.dir // the engine reads the weights where this host keeps them
 	}
+	bin := engine.Binaries{Ray: a.cfg.RayBin, VLLM: a.cfg.VLLMBin, Python: a.cfg.PythonBin}
+	if rt.Kind() == "containerd" {
+		bin = engine.Binaries{Ray: "ray", VLLM: "vllm", Python: "python3"} // on the image's PATH
+	}
 	in := engine.PlanInput{Spec: &sp, Role: role, NodeIP: a.cfg.Address, HeadIP: headIP,
-		BindHost: a.cfg.EngineHost, Env: env, Bin: engine.Binaries{Ray: a.cfg.RayBin, VLLM: a.cfg.VLLMBin, Python: a.cfg.PythonBin}}
+		BindHost: a.cfg.EngineHost, Env: env, Bin: bin}
 	var plan *engine.Plan
 	switch as.Spec.Engine.Kind {
 	case spec.EngineCommand:
@@ -295,15 +321,39 @@ func (a *Agent) startRun(as *Assignment, role engine.Role, head string, term uin
 	default:
 		plan, err = engine.RayVLLM(in)
 	}
+	if err == nil && rt.Kind() == "containerd" {
+		modelDir := sp.Model.Path
+		err = containerize(plan, &sp, modelDir, map[string]string{"io.shoal.group": as.Group,
+			"io.shoal.epoch": strconv.FormatUint(as.Epoch, 10), "io.shoal.term": strconv.FormatUint(term, 10), "io.shoal.role": string(role)})
+	}
 	if err != nil {
-		a.log.Error("cannot plan engine", "err", err)
-		a.mu.Lock()
-		a.es, a.msg = gossip.EngineFailed, err.Error()
-		a.mu.Unlock()
+		failed("cannot plan engine", err)
 		return
 	}
+	r := a.newRun(as, role, head, term, plan, rt, mj)
+	a.mu.Lock()
+	a.run = r
+	a.es = gossip.EngineRunning
+	a.state.Run = &RunRecord{Group: as.Group, Epoch: as.Epoch, Term: term, Head: head, Role: role, Plan: plan, Runtime: rt.Kind()}
+	a.state.Engines = nil
+	a.mu.Unlock()
+	if err := a.saveState(); err != nil {
+		a.log.Error("persist run", "err", err)
+	}
+	r.log.Info("starting engine", "runtime", rt.Kind())
+	a.am.starts.WithLabelValues(string(role)).Inc()
+	if role == engine.RoleHead {
+		go a.headSequence(r)
+		a.watchMembers(r, as.Members)
+	} else {
+		go a.workerSequence(r)
+	}
+}
+
+// newRun builds (does not start) a run of plan on rt.
+func (a *Agent) newRun(as *Assignment, role engine.Role, head string, term uint64, plan *engine.Plan, rt engine.Runtime, mj *modelJob) *run {
 	ctx, cancel := context.WithCancel(context.Background())
-	r := &run{group: as.Group, epoch: as.Epoch, term: term, head: head, role: role, plan: plan, model: mj,
+	return &run{group: as.Group, epoch: as.Epoch, term: term, head: head, role: role, plan: plan, rt: rt, model: mj,
 		headUp: func() bool {
 			t, ok := a.mem.Members()[head]
 			return ok && t.HeadTerm == term && headUp(t.Engine)
@@ -312,18 +362,6 @@ func (a *Agent) startRun(as *Assignment, role engine.Role, head string, term uin
 			hang: a.cfg.HangTimeout, canary: a.cfg.CanaryInterval},
 		log: a.log.With("group", as.Group, "epoch", as.Epoch, "term", term, "role", string(role)), wake: a.poke,
 		ctx: ctx, cancel: cancel, done: make(chan struct{})}
-	a.mu.Lock()
-	a.run = r
-	a.es = gossip.EngineRunning
-	a.mu.Unlock()
-	r.log.Info("starting engine")
-	a.am.starts.WithLabelValues(string(role)).Inc()
-	if role == engine.RoleHead {
-		go a.headSequence(r)
-		a.watchMembers(r, as.Members)
-	} else {
-		go a.workerSequence(r)
-	}
 }
 
 // runRank numbers the members for a rank-based program: the elected head is
@@ -352,18 +390,18 @@ func (a *Agent) stopRun(why string) {
 	a.mu.Lock()
 	r := a.run
 	a.run = nil
-	a.state.Engines = nil
+	a.state.Engines, a.state.Run = nil, nil
 	a.mu.Unlock()
 	if r == nil {
 		return
 	}
 	r.log.Info("stopping engine", "reason", why)
 	a.replica.setServing(false, why)
-	rayBin := ""
-	if r.plan.RayStop {
-		rayBin = a.cfg.RayBin
+	var rayStop func(context.Context)
+	if r.plan.RayStop && r.rt.Kind() == "process" {
+		rayStop = func(ctx context.Context) { a.rayStopForce(ctx, r.plan) }
 	}
-	r.stop(a.cfg.StopGrace, rayBin, r.plan.Node.Env)
+	r.stop(a.cfg.StopGrace, rayStop)
 	if err := a.saveState(); err != nil {
 		a.log.Error("persist state", "err", err)
 	}

@@ -29,8 +29,11 @@ type Command struct {
 	// shell user would type).
 	Path string
 	Args []string
-	// Env is KEY=VALUE, sorted, added to the agent's own environment.
+	// Env is KEY=VALUE, sorted: with the few basics of ProcessEnv, the whole
+	// environment the engine gets.
 	Env []string
+	// Container is used by the containerd runtime only.
+	Container Container
 }
 
 // Argv is the command line as a user would type it: the program's base name, then Args.

@@ -46,6 +46,7 @@ type Membership struct {
 	local   Tag                  // guarded by mu
 	warn    time.Time            // guarded by mu; last rejected-peer warning (rate limit)
 	crashed bool                 // guarded by mu; stopped without leaving
+	noLeave bool                 // guarded by mu; shut down without leaving
 	members map[string]Tag       // guarded by mu; live peers by node id, from events
 	seenOps map[string]time.Time // guarded by mu; keyring operations applied
 
@@ -61,6 +62,17 @@ func (m *Membership) Crash() {
 	m.crashed = true
 	m.mu.Unlock()
 	_ = m.ml.Shutdown()
+}
+
+// SkipLeave makes the coming shutdown silent: peers are not told this node
+// left and keep its state until the failure detector suspects it. An agent
+// restarting with its engines running uses it, so its group does not fail
+// over in the second it takes to come back (memberlist refutes the suspicion
+// when the new process joins under the same name).
+func (m *Membership) SkipLeave() {
+	m.mu.Lock()
+	m.noLeave = true
+	m.mu.Unlock()
 }
 
 // New prepares a membership that will advertise tag. It starts nothing.
@@ -182,11 +194,14 @@ func (m *Membership) Run(ctx context.Context) error {
 
 func (m *Membership) shutdown() error {
 	m.mu.Lock()
-	crashed := m.crashed
+	crashed, noLeave := m.crashed, m.noLeave
 	m.crashed = true
 	m.mu.Unlock()
 	if crashed {
 		return nil
+	}
+	if noLeave {
+		return m.ml.Shutdown()
 	}
 	if err := m.ml.Leave(time.Second); err != nil {
 		m.log.Debug("leave", "err", err)

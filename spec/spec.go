@@ -8,6 +8,7 @@ import (
 	"io"
 	"regexp"
 	"sort"
+	"strconv"
 	"strings"
 
 	"github.com/shoalhq/shoal/model"
@@ -51,9 +52,12 @@ type Model struct {
 
 // Engine is how the engine is launched on the group's nodes.
 type Engine struct {
-	Kind                 string `yaml:"kind" json:"kind"`
-	Runtime              string `yaml:"runtime,omitempty" json:"runtime,omitempty"`
-	Image                string `yaml:"image,omitempty" json:"image,omitempty"`
+	Kind    string `yaml:"kind" json:"kind"`
+	Runtime string `yaml:"runtime,omitempty" json:"runtime,omitempty"`
+	Image   string `yaml:"image,omitempty" json:"image,omitempty"`
+	// ShmSize sizes the container's /dev/shm ("64Gi"; containerd runtime;
+	// default half of the host's memory).
+	ShmSize              string `yaml:"shmSize,omitempty" json:"shmSize,omitempty"`
 	ServedModelName      string `yaml:"servedModelName,omitempty" json:"servedModelName,omitempty"`
 	TensorParallelSize   int    `yaml:"tensorParallelSize,omitempty" json:"tensorParallelSize,omitempty"`
 	PipelineParallelSize int    `yaml:"pipelineParallelSize,omitempty" json:"pipelineParallelSize,omitempty"`
@@ -277,9 +281,16 @@ func (d *Deployment) Validate() error {
 	switch e.Runtime {
 	case "process":
 	case "containerd":
-		bad("engine.runtime", "\"containerd\" is not implemented yet; use \"process\"")
+		if e.Image == "" {
+			bad("engine.image", "is required with runtime containerd (e.g. vllm/vllm-openai:v0.11.0)")
+		}
 	default:
 		bad("engine.runtime", "unknown runtime %q; one of process, containerd", e.Runtime)
+	}
+	if e.ShmSize != "" {
+		if _, err := ParseBytes(e.ShmSize); err != nil {
+			bad("engine.shmSize", "%v", err)
+		}
 	}
 	if !nameRE.MatchString(strings.ToLower(strings.ReplaceAll(strings.ReplaceAll(e.ServedModelName, "/", "-"), ".", "-"))) {
 		bad("engine.servedModelName", "%q has characters other than letters, digits, '-', '.', '/'", e.ServedModelName)
@@ -436,7 +447,8 @@ func (d *Deployment) Fields() []Field {
 	add("model.path", d.Model.Path, true)
 	add("engine.kind", d.Engine.Kind, true)
 	add("engine.runtime", d.Engine.Runtime, true)
-	add("engine.image", d.Engine.Image, false)
+	add("engine.image", d.Engine.Image, d.Engine.Runtime == "containerd")
+	add("engine.shmSize", d.Engine.ShmSize, d.Engine.Runtime == "containerd")
 	add("engine.servedModelName", d.Engine.ServedModelName, true)
 	add("engine.tensorParallelSize", d.Engine.TensorParallelSize, true)
 	add("engine.pipelineParallelSize", d.Engine.PipelineParallelSize, true)
@@ -475,4 +487,27 @@ func (d *Deployment) Fields() []Field {
 		add("labels."+k, v, false)
 	}
 	return out
+}
+
+// ParseBytes reads a size: a number with an optional unit, binary (Ki, Mi,
+// Gi, Ti) or decimal (K, M, G, T); "64Gi", "512M", "1048576".
+func ParseBytes(v string) (int64, error) {
+	v = strings.TrimSpace(v)
+	i := 0
+	for i < len(v) && (v[i] >= '0' && v[i] <= '9' || v[i] == '.') {
+		i++
+	}
+	n, err := strconv.ParseFloat(v[:i], 64)
+	if err != nil || n <= 0 {
+		return 0, fmt.Errorf("%q is not a size such as 64Gi or 512M", v)
+	}
+	mult, ok := map[string]float64{"": 1, "B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
+		"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}[v[i:]]
+	if !ok {
+		return 0, fmt.Errorf("%q: unknown unit %q; use Ki, Mi, Gi, Ti (or K, M, G, T)", v, v[i:])
+	}
+	if b := n * mult; b < 1<<62 {
+		return int64(b), nil
+	}
+	return 0, fmt.Errorf("%q is too large", v)
 }

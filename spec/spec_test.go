@@ -78,7 +78,9 @@ func TestInvalid(t *testing.T) {
 		{"count with autoscaling", "autoscaling: {policy: kpa, metric: kv_cache_usage_perc, target: 0.5}\n", "replicas.count"},
 		{"panic over stable", "replicas: {min: 1, max: 3}\nautoscaling: {policy: kpa, metric: num_requests_waiting, target: 4, stableWindowSeconds: 10, panicWindowSeconds: 20}\n", "panicWindowSeconds"},
 		{"wrong type", "resources: {nodes: two, gpusPerNode: 8}\n", "cannot unmarshal"},
-		{"containerd not yet", "engine: {kind: ray-vllm, runtime: containerd, tensorParallelSize: 8, pipelineParallelSize: 2}\n", "engine.runtime"},
+		{"containerd without image", "engine: {kind: ray-vllm, runtime: containerd, tensorParallelSize: 8, pipelineParallelSize: 2}\n", "engine.image"},
+		{"bad shm size", "engine: {kind: ray-vllm, runtime: containerd, image: vllm/vllm-openai:v0.11.0, shmSize: lots}\n", "engine.shmSize"},
+		{"unknown runtime", "engine: {kind: ray-vllm, runtime: docker}\n", "engine.runtime"},
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
@@ -136,4 +138,16 @@ func FuzzParse(f *testing.F) {
 			t.Fatalf("accepted spec fails after JSON round trip: %v", err)
 		}
 	})
+}
+
+func TestParseBytes(t *testing.T) {
+	for in, want := range map[string]int64{"64Gi": 64 << 30, "512M": 512e6, "1048576": 1 << 20, "1.5Gi": 3 << 29, "2Ti": 2 << 40} {
+		got, err := ParseBytes(in)
+		require.NoError(t, err, in)
+		require.Equal(t, want, got, in)
+	}
+	for _, in := range []string{"", "Gi", "-1Gi", "12XB", "1e3", "99999999999999Ti"} {
+		_, err := ParseBytes(in)
+		require.Error(t, err, in)
+	}
 }

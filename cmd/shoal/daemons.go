@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"strings"
 	"time"
 
 	"github.com/shoalhq/shoal/agent"
@@ -11,6 +12,7 @@ import (
 	"github.com/shoalhq/shoal/coordinator/router"
 	"github.com/shoalhq/shoal/gpu"
 	"github.com/shoalhq/shoal/security"
+	"github.com/shoalhq/shoal/spec"
 	"github.com/urfave/cli/v2"
 )
 
@@ -45,7 +47,12 @@ func agentCommand() *cli.Command {
 				Usage: "restart a replica whose engine runs requests but generates no token this long (default 60s)"},
 			&cli.StringFlag{Name: "models-dir", EnvVars: []string{"SHOAL_MODELS_DIR"}, Usage: "where pulled weights live, one directory per model (default STATE_DIR/models)"},
 			&cli.BoolFlag{Name: "skip-local-model-check", EnvVars: []string{"SHOAL_SKIP_LOCAL_MODEL_CHECK"}, Usage: "start engines on local model paths without checking them (simulator clusters)"},
-			&cli.BoolFlag{Name: "stop-engines-on-exit", Value: true, EnvVars: []string{"SHOAL_STOP_ENGINES_ON_EXIT"}},
+			&cli.BoolFlag{Name: "stop-engines-on-exit", EnvVars: []string{"SHOAL_STOP_ENGINES_ON_EXIT"},
+				Usage: "stop engines when the agent exits (default: they keep serving and the next agent process adopts them)"},
+			&cli.StringSliceFlag{Name: "engine-env", EnvVars: []string{"SHOAL_ENGINE_ENV"}, Usage: "KEY=VALUE added to every engine's environment (repeatable; engines inherit nothing else but PATH, HOME, locale)"},
+			&cli.StringFlag{Name: "containerd-address", EnvVars: []string{"SHOAL_CONTAINERD_ADDRESS"}, Usage: "containerd socket for engine.runtime: containerd (default /run/containerd/containerd.sock)"},
+			&cli.StringFlag{Name: "containerd-namespace", EnvVars: []string{"SHOAL_CONTAINERD_NAMESPACE"}, Usage: "containerd namespace of engine containers (default shoal)"},
+			&cli.StringFlag{Name: "log-max-size", EnvVars: []string{"SHOAL_LOG_MAX_SIZE"}, Usage: "rotate an engine log past this size, 3 old files kept (default 100Mi)"},
 		},
 		Action: func(c *cli.Context) error {
 			var cfg agent.Config
@@ -122,8 +129,27 @@ func agentCommand() *cli.Command {
 			if c.IsSet("hang-timeout") {
 				cfg.HangTimeout = c.Duration("hang-timeout")
 			}
-			if c.IsSet("stop-engines-on-exit") || !c.IsSet("config") {
+			if c.IsSet("stop-engines-on-exit") {
 				cfg.StopEnginesOnExit = c.Bool("stop-engines-on-exit")
+			}
+			for _, kv := range c.StringSlice("engine-env") {
+				k, v, ok := strings.Cut(kv, "=")
+				if !ok || k == "" {
+					return fmt.Errorf("--engine-env %q: want KEY=VALUE", kv)
+				}
+				if cfg.EngineEnv == nil {
+					cfg.EngineEnv = map[string]string{}
+				}
+				cfg.EngineEnv[k] = v
+			}
+			setStr(&cfg.Containerd.Address, "containerd-address")
+			setStr(&cfg.Containerd.Namespace, "containerd-namespace")
+			if v := c.String("log-max-size"); v != "" {
+				n, err := spec.ParseBytes(v)
+				if err != nil {
+					return fmt.Errorf("--log-max-size: %v", err)
+				}
+				cfg.LogMaxBytes = n
 			}
 			cfg.Logger = logger(c)
 			ins, err := gpu.New(cfg.GPUBackend)

@@ -34,6 +34,9 @@ type Config struct {
 	// SimEnv configures the simulator (SHOAL_SIM_* variables) and is also
 	// given to the agents (AWS_* for weight pulls, say).
 	SimEnv []string
+	// KeepEngines starts the agents without --stop-engines-on-exit: a
+	// restarted agent adopts the engines its predecessor left running.
+	KeepEngines bool
 	// MetricsAddr is the coordinator's /metrics and service-discovery
 	// address ("" disables it); AgentMetrics gives every agent a /metrics on
 	// its IP, port 9400.
@@ -159,14 +162,19 @@ func checkFree(addrs ...string) error {
 // StartAgent (re)starts agent i.
 func (c *Cluster) StartAgent(i int) error {
 	id := NodeID(i)
-	env := append([]string{"SHOAL_SIM_STATE_DIR=" + filepath.Join(c.cfg.Dir, "sim"),
-		"SHOAL_MOCK_GPU_FAULTS=" + c.FaultsFile(i)}, c.cfg.SimEnv...)
+	env := append([]string{"SHOAL_MOCK_GPU_FAULTS=" + c.FaultsFile(i)}, c.cfg.SimEnv...)
 	args := []string{"agent", "--node-id", id, "--address", c.AgentIP(i),
 		"--join", net.JoinHostPort(c.cfg.CoordIP, strconv.Itoa(c.cfg.GossipPort)), "--state-dir", filepath.Join(c.cfg.Dir, id),
 		"--gpu-backend", "mock:h200x8", "--ray-bin", filepath.Join(c.cfg.Dir, "bin", "ray"), "--vllm-bin", filepath.Join(c.cfg.Dir, "bin", "vllm"),
 		"--python-bin", filepath.Join(c.cfg.Dir, "bin", "python3"),
-		"--gossip-profile", c.cfg.Profile, "--stop-grace", "2s", "--restart-backoff", "500ms", "--stop-engines-on-exit",
-		"--hang-timeout", "4s", "--canary-interval", "3s"}
+		"--gossip-profile", c.cfg.Profile, "--stop-grace", "2s", "--restart-backoff", "500ms",
+		"--hang-timeout", "4s", "--canary-interval", "3s", "--engine-env", "SHOAL_SIM_STATE_DIR=" + filepath.Join(c.cfg.Dir, "sim")}
+	if !c.cfg.KeepEngines {
+		args = append(args, "--stop-engines-on-exit")
+	}
+	for _, kv := range c.cfg.SimEnv {
+		args = append(args, "--engine-env", kv) // engines inherit nothing the plan does not name
+	}
 	if !c.cfg.CheckModels {
 		args = append(args, "--skip-local-model-check") // the simulator reads no weights
 	}
@@ -255,7 +263,8 @@ func (c *Cluster) Kill(id string) error {
 }
 
 // Restart stops agent i gracefully (SIGTERM: it stops its engines and leaves
-// the cluster) and starts it again with the same state directory.
+// the cluster, or with KeepEngines leaves them running) and starts it again
+// with the same state directory.
 func (c *Cluster) Restart(i int) error {
 	p, ok := c.agents[NodeID(i)]
 	if !ok {
@@ -267,6 +276,22 @@ func (c *Cluster) Restart(i int) error {
 	case <-p.done:
 	default:
 		return fmt.Errorf("agent %s did not stop within 15 s", NodeID(i))
+	}
+	return c.StartAgent(i)
+}
+
+// CrashAgent SIGKILLs agent i's process only (its engines run on, as after an
+// agent crash under systemd's KillMode=process) and starts it again.
+func (c *Cluster) CrashAgent(i int) error {
+	p, ok := c.agents[NodeID(i)]
+	if !ok {
+		return fmt.Errorf("no agent %s", NodeID(i))
+	}
+	_ = syscall.Kill(p.cmd.Process.Pid, syscall.SIGKILL)
+	select {
+	case <-p.done:
+	case <-time.After(5 * time.Second):
+		return fmt.Errorf("agent %s did not die", NodeID(i))
 	}
 	return c.StartAgent(i)
 }

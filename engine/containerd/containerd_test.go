@@ -1,0 +1,194 @@
+package containerd
+
+import (
+	"slices"
+	"time"
+
+	"context"
+	"os"
+	"path/filepath"
+	"testing"
+
+	specs "github.com/opencontainers/runtime-spec/specs-go"
+	"golang.org/x/sys/unix"
+
+	ctd "github.com/containerd/containerd/v2/client"
+	"github.com/stretchr/testify/require"
+
+	"github.com/shoalhq/shoal/engine"
+	"github.com/shoalhq/shoal/engine/enginetest"
+	"github.com/shoalhq/shoal/internal/ocitest"
+)
+
+const socket = "/run/containerd/containerd.sock"
+
+// daemon skips the test when no containerd runs here, unless CI asked for it
+// (SHOAL_REQUIRE_CONTAINERD=1, set by .ci/run, which starts the daemon).
+func daemon(t *testing.T) {
+	t.Helper()
+	if _, err := os.Stat(socket); err != nil || os.Geteuid() != 0 {
+		if os.Getenv("SHOAL_REQUIRE_CONTAINERD") == "1" {
+			t.Fatalf("SHOAL_REQUIRE_CONTAINERD=1 but no containerd at %s (or not root): %v", socket, err)
+		}
+		t.Skip("no containerd daemon (root) here; CI starts one")
+	}
+}
+
+// ImportSim builds the simulator image and imports it into the runtime's namespace.
+func importSim(t *testing.T, rt *Runtime) {
+	t.Helper()
+	tarball, err := ocitest.SimImage(t.TempDir())
+	require.NoError(t, err)
+	f, err := os.Open(tarball)
+	require.NoError(t, err)
+	defer f.Close()
+	imgs, err := rt.client.Import(rt.ctx(context.Background()), f, ctd.WithAllPlatforms(true))
+	require.NoError(t, err)
+	require.NotEmpty(t, imgs)
+}
+
+func TestConformance(t *testing.T) {
+	daemon(t)
+	dir := t.TempDir()
+	cfg := Config{Address: socket, Namespace: "shoal-test", LogDir: filepath.Join(dir, "logs"), NodeID: "conformance", DevRoot: t.TempDir()}
+	rt, err := New(context.Background(), cfg)
+	require.NoError(t, err)
+	defer rt.Close()
+	importSim(t, rt)
+	enginetest.Run(t, enginetest.Setup{
+		Runtime: rt,
+		Reopen: func(t *testing.T) engine.Runtime {
+			r2, err := New(context.Background(), cfg)
+			require.NoError(t, err)
+			t.Cleanup(func() { r2.Close() })
+			return r2
+		},
+		VLLM:      "vllm",
+		Container: engine.Container{Image: ocitest.SimImageRef, ShmBytes: 64 << 20},
+	})
+	// Nothing of this node is left behind.
+	n, err := rt.Sweep(context.Background(), nil)
+	require.NoError(t, err)
+	require.Zero(t, n, "every container was deleted by Stop")
+}
+
+// TestContainerSpec checks what an engine container gets: host network, a
+// sized /dev/shm, IPC_LOCK, the memlock limit, the model read-only, the GPUs
+// (device nodes, then CDI with only this agent's GPUs) and its labels.
+func TestContainerSpec(t *testing.T) {
+	daemon(t)
+	dir := t.TempDir()
+	dev := t.TempDir()
+	// Stand-ins for the GPU and RDMA device nodes (same numbers as /dev/null).
+	mknod := func(p string) bool { return unix.Mknod(p, unix.S_IFCHR|0o666, int(unix.Mkdev(1, 3))) == nil }
+	require.NoError(t, os.MkdirAll(filepath.Join(dev, "infiniband"), 0o755))
+	haveNodes := mknod(filepath.Join(dev, "nvidia0")) && mknod(filepath.Join(dev, "nvidiactl")) && mknod(filepath.Join(dev, "infiniband", "uverbs0"))
+	cfg := Config{Address: socket, Namespace: "shoal-test", LogDir: filepath.Join(dir, "logs"), NodeID: "spec", DevRoot: dev, GPUs: []int{1}, CDIDirs: []string{t.TempDir()}}
+	rt, err := New(context.Background(), cfg)
+	require.NoError(t, err)
+	defer rt.Close()
+	importSim(t, rt)
+	models := t.TempDir()
+	start := func() *Handle {
+		h, err := rt.Start(context.Background(), engine.Command{Name: "vllm", Path: "vllm", Args: []string{"--version"},
+			Env: []string{"CUDA_VISIBLE_DEVICES=1", "VLLM_HOST_IP=127.0.0.1"},
+			Container: engine.Container{Image: ocitest.SimImageRef, ShmBytes: 256 << 20,
+				Mounts: []engine.Mount{{Source: models, Target: "/models", ReadOnly: true}}, Labels: map[string]string{"io.shoal.group": "g1"}}})
+		require.NoError(t, err)
+		t.Cleanup(func() { _ = h.Stop(context.Background(), time.Second) })
+		return h.(*Handle)
+	}
+	h := start()
+	s, err := h.ctr.Spec(rt.ctx(context.Background()))
+	require.NoError(t, err)
+	for _, ns := range s.Linux.Namespaces {
+		require.NotEqual(t, specs.NetworkNamespace, ns.Type, "host network")
+	}
+	var shm, model bool
+	for _, m := range s.Mounts {
+		if m.Destination == "/dev/shm" {
+			shm = slices.Contains(m.Options, "size=262144k")
+		}
+		if m.Destination == "/models" {
+			model = m.Source == models && slices.Contains(m.Options, "ro")
+		}
+	}
+	require.True(t, shm, "/dev/shm sized from the spec: %+v", s.Mounts)
+	require.True(t, model, "model mounted read-only: %+v", s.Mounts)
+	require.Contains(t, s.Process.Capabilities.Bounding, "CAP_IPC_LOCK")
+	require.Contains(t, s.Process.Env, "CUDA_VISIBLE_DEVICES=1", "device nodes: the plan's GPU selection stays")
+	var memlockSet bool
+	for _, l := range s.Process.Rlimits {
+		memlockSet = memlockSet || l.Type == "RLIMIT_MEMLOCK"
+	}
+	require.True(t, memlockSet)
+	if haveNodes {
+		var paths []string
+		for _, d := range s.Linux.Devices {
+			paths = append(paths, d.Path)
+		}
+		require.Contains(t, paths, filepath.Join(dev, "nvidia0"))
+		require.Contains(t, paths, filepath.Join(dev, "nvidiactl"))
+		require.Contains(t, paths, filepath.Join(dev, "infiniband", "uverbs0"))
+	}
+	labels, err := h.ctr.Labels(rt.ctx(context.Background()))
+	require.NoError(t, err)
+	require.Equal(t, "spec", labels[LabelNode])
+	require.Equal(t, "g1", labels["io.shoal.group"])
+	waitExit(t, h)
+	log, err := os.ReadFile(h.LogPath())
+	require.NoError(t, err)
+	require.Contains(t, string(log), "0.11.0", "the shim writes the task's output to the log file")
+
+	// With a CDI spec for nvidia.com/gpu, GPUs come through CDI: only this
+	// agent's GPU (index 1), which the container sees as its only one.
+	cdiDir := "/var/run/cdi"
+	require.NoError(t, os.MkdirAll(cdiDir, 0o755))
+	cdiFile := filepath.Join(cdiDir, "shoal-test-gpu.yaml")
+	require.NoError(t, os.WriteFile(cdiFile, []byte(`cdiVersion: "0.5.0"
+kind: nvidia.com/gpu
+devices:
+- name: "0"
+  containerEdits:
+    env: ["SHOAL_TEST_CDI_GPU=0"]
+- name: "1"
+  containerEdits:
+    env: ["SHOAL_TEST_CDI_GPU=1"]
+`), 0o644))
+	defer os.Remove(cdiFile)
+	rt.cfg.CDIDirs = []string{cdiDir}
+	h = start()
+	s, err = h.ctr.Spec(rt.ctx(context.Background()))
+	require.NoError(t, err)
+	require.Contains(t, s.Process.Env, "SHOAL_TEST_CDI_GPU=1")
+	require.NotContains(t, s.Process.Env, "SHOAL_TEST_CDI_GPU=0")
+	for _, e := range s.Process.Env {
+		require.NotContains(t, e, "CUDA_VISIBLE_DEVICES", "CDI renumbers the GPUs from 0")
+	}
+	waitExit(t, h)
+}
+
+func waitExit(t *testing.T, h *Handle) {
+	t.Helper()
+	select {
+	case <-h.Done():
+	case <-time.After(20 * time.Second):
+		t.Fatal("no exit")
+	}
+}
+
+func TestNewWithoutDaemon(t *testing.T) {
+	_, err := New(context.Background(), Config{Address: filepath.Join(t.TempDir(), "missing.sock")})
+	require.ErrorContains(t, err, "is containerd installed and running")
+}
+
+func TestStartWithoutImage(t *testing.T) {
+	daemon(t)
+	rt, err := New(context.Background(), Config{Address: socket, Namespace: "shoal-test", LogDir: t.TempDir()})
+	require.NoError(t, err)
+	defer rt.Close()
+	_, err = rt.Start(context.Background(), engine.Command{Name: "vllm", Path: "vllm"})
+	require.ErrorContains(t, err, "engine.image is required")
+	_, err = rt.Start(context.Background(), engine.Command{Name: "vllm", Path: "vllm", Container: engine.Container{Image: "registry.invalid/none:1"}})
+	require.ErrorContains(t, err, "ctr -n shoal-test images import")
+}

@@ -56,6 +56,8 @@ type Agent struct {
 	readySince   time.Time
 	// holdUntil: an adopted run is not judged before gossip joined (or then).
 	holdUntil time.Time
+	// restarting: exiting with engines left running (advertised).
+	restarting bool // guarded by mu
 
 	// weights: this host holds the assigned model (the election prefers it).
 	weights bool // guarded by mu
@@ -225,8 +227,15 @@ func (a *Agent) Run(ctx context.Context) error {
 	if a.cfg.StopEnginesOnExit {
 		a.stopRun("agent exiting")
 	} else if a.hasRun() {
-		// The engines keep serving and the next agent process adopts them:
-		// no graceful leave, which would tell the group this member is gone.
+		// The engines keep serving and the next agent process adopts them.
+		// Say so (a head then waits up to restartGrace for this member),
+		// give the word a moment to spread, and leave without a graceful
+		// leave, which would tell the group this member is gone.
+		a.mu.Lock()
+		a.restarting = true
+		a.mu.Unlock()
+		a.publish()
+		time.Sleep(announceRestart)
 		a.mem.SkipLeave()
 		a.log.Info("agent exiting; engines keep running for the next agent process to adopt")
 	}
@@ -257,9 +266,18 @@ func (a *Agent) hasRun() bool {
 // group incomplete and stop a healthy replica).
 const holdForJoin = 15 * time.Second
 
+// announceRestart is how long an exiting agent lets its "restarting" tag
+// spread; restartGrace is how long a head then waits for that member's agent
+// to answer again (a systemd restart takes a second or two).
+const (
+	announceRestart = 400 * time.Millisecond
+	restartGrace    = 30 * time.Second
+)
+
 // tag is the gossip tag for the current state. Called with mu held or before Run's loop.
 func (a *Agent) tag() gossip.Tag {
-	t := gossip.Tag{Kind: gossip.KindAgent, ID: a.cfg.NodeID, GRPC: a.grpcAddr(), Metrics: agentMetricsAddr(a.cfg.MetricsAddr, a.cfg.Address)}
+	t := gossip.Tag{Kind: gossip.KindAgent, ID: a.cfg.NodeID, GRPC: a.grpcAddr(), Metrics: agentMetricsAddr(a.cfg.MetricsAddr, a.cfg.Address),
+		Restarting: a.restarting}
 	if a.hw != nil {
 		t.Healthy, t.GPUModel, t.GPUs = a.hw.GPU.Healthy(), a.hw.GPU.Model(), len(a.hw.GPU.Devices)
 		t.GPUMemGiB = a.hw.minMemGiB()

@@ -305,12 +305,16 @@ func (a *Agent) watchMembers(r *run, members []Member) {
 				}
 				switch {
 				case err != nil:
+					grace := a.cfg.MemberGrace
+					if t, ok := a.mem.Members()[m.NodeID]; ok && t.Restarting {
+						grace = restartGrace // it said it restarts with its engine running
+					}
 					if since.IsZero() {
 						since = time.Now()
-						r.log.Warn("member agent does not answer", "member", m.NodeID, "err", err, "grace", a.cfg.MemberGrace)
+						r.log.Warn("member agent does not answer", "member", m.NodeID, "err", err, "grace", grace)
 					}
-					if time.Since(since) >= a.cfg.MemberGrace {
-						r.fail(fmt.Sprintf("member %s unreachable for %v: %v", m.NodeID, a.cfg.MemberGrace, err))
+					if time.Since(since) >= grace {
+						r.fail(fmt.Sprintf("member %s unreachable for %v: %v", m.NodeID, grace.Round(time.Second), err))
 						return
 					}
 				case st.GetAssignment().GetGroupId() != r.group || st.GetAssignment().GetEpoch() != r.epoch:

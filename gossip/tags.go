@@ -65,6 +65,9 @@ type Tag struct {
 	Keys string `json:"kr,omitempty"`
 	// GPUMemGiB is the smallest GPU's memory, for placement.
 	GPUMemGiB int `json:"gm2,omitempty"`
+	// Restarting: the agent is exiting and leaves its engines running for
+	// the next agent process (a head waits longer for such a member).
+	Restarting bool `json:"rs,omitempty"`
 }
 
 // ErrBadTag is wrapped by every decode failure.

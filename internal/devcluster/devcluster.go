@@ -37,6 +37,8 @@ type Config struct {
 	// KeepEngines starts the agents without --stop-engines-on-exit: a
 	// restarted agent adopts the engines its predecessor left running.
 	KeepEngines bool
+	// AgentArgs are added to every agent's command line.
+	AgentArgs []string
 	// MetricsAddr is the coordinator's /metrics and service-discovery
 	// address ("" disables it); AgentMetrics gives every agent a /metrics on
 	// its IP, port 9400.
@@ -175,6 +177,7 @@ func (c *Cluster) StartAgent(i int) error {
 	for _, kv := range c.cfg.SimEnv {
 		args = append(args, "--engine-env", kv) // engines inherit nothing the plan does not name
 	}
+	args = append(args, c.cfg.AgentArgs...)
 	if !c.cfg.CheckModels {
 		args = append(args, "--skip-local-model-check") // the simulator reads no weights
 	}

@@ -437,6 +437,7 @@ func (r *Router) forward(ctx context.Context, w http.ResponseWriter, req *http.R
 	w.Header().Set("X-Shoal-Replica", ep.Group)
 	w.Header().Set("X-Shoal-Epoch", strconv.FormatUint(ep.Epoch, 10))
 	w.Header().Set("X-Shoal-Head", ep.NodeID)
+	w.Header().Set("X-Shoal-Term", strconv.FormatUint(ep.Term, 10))
 	w.WriteHeader(resp.StatusCode)
 	var fl http.Flusher
 	if sse {

@@ -16,6 +16,8 @@ import (
 	"strconv"
 	"syscall"
 	"time"
+
+	"github.com/shoalhq/shoal/security"
 )
 
 // Config describes the cluster.
@@ -39,6 +41,10 @@ type Config struct {
 	KeepEngines bool
 	// AgentArgs are added to every agent's command line.
 	AgentArgs []string
+	// Wrap, when set, prefixes each process's command line (the chaos suite
+	// runs every host in its own network namespace: ip netns exec NS). Name
+	// is "coordinator" or the node id. Ports are then not checked here.
+	Wrap func(name string) []string
 	// MetricsAddr is the coordinator's /metrics and service-discovery
 	// address ("" disables it); AgentMetrics gives every agent a /metrics on
 	// its IP, port 9400.
@@ -91,6 +97,7 @@ type Cluster struct {
 	coord  *proc
 	agents map[string]*proc
 	order  []string
+	extra  []*proc // standalone routers
 }
 
 // proc is a started child; done closes when it has exited.
@@ -113,8 +120,10 @@ func Start(cfg Config) (*Cluster, error) {
 			return nil, fmt.Errorf("%s not found: build it first (make build)", b)
 		}
 	}
-	if err := checkFree(cfg.APIAddr, cfg.RouterAddr, net.JoinHostPort(cfg.CoordIP, strconv.Itoa(cfg.GossipPort))); err != nil {
-		return nil, err
+	if cfg.Wrap == nil {
+		if err := checkFree(cfg.APIAddr, cfg.RouterAddr, net.JoinHostPort(cfg.CoordIP, strconv.Itoa(cfg.GossipPort))); err != nil {
+			return nil, err
+		}
 	}
 	binDir := filepath.Join(cfg.Dir, "bin")
 	if err := os.MkdirAll(binDir, 0o755); err != nil {
@@ -131,14 +140,7 @@ func Start(cfg Config) (*Cluster, error) {
 	if err := c.setupSecurity(); err != nil {
 		return nil, fmt.Errorf("dev cluster certificates: %w", err)
 	}
-	sec, err := c.securityArgs("coordinator", nil)
-	if err != nil {
-		return nil, err
-	}
-	c.coord, err = c.spawn("coordinator", nil, append([]string{"coordinator", "--address", cfg.CoordIP, "--gossip-port", strconv.Itoa(cfg.GossipPort),
-		"--api", cfg.APIAddr, "--router", cfg.RouterAddr, "--data-dir", filepath.Join(cfg.Dir, "coordinator"), "--gossip-profile", cfg.Profile,
-		"--metrics-addr=" + cfg.MetricsAddr}, sec...)...)
-	if err != nil {
+	if err := c.StartCoordinator(); err != nil {
 		return nil, err
 	}
 	for i := 0; i < cfg.Agents; i++ {
@@ -158,6 +160,35 @@ func checkFree(addrs ...string) error {
 		}
 		l.Close()
 	}
+	return nil
+}
+
+// StartCoordinator (re)starts the coordinator with its data directory.
+func (c *Cluster) StartCoordinator() error {
+	sec, err := c.securityArgs("coordinator", nil)
+	if err != nil {
+		return err
+	}
+	cfg := c.cfg
+	c.coord, err = c.spawn("coordinator", nil, append([]string{"coordinator", "--address", cfg.CoordIP, "--gossip-port", strconv.Itoa(cfg.GossipPort),
+		"--api", cfg.APIAddr, "--router", cfg.RouterAddr, "--data-dir", filepath.Join(cfg.Dir, "coordinator"), "--gossip-profile", cfg.Profile,
+		"--metrics-addr=" + cfg.MetricsAddr}, sec...)...)
+	return err
+}
+
+// StartRouter starts a standalone `shoal router` named name on ip, listening
+// on listen, joined to the coordinator's gossip.
+func (c *Cluster) StartRouter(name, ip, listen string) error {
+	sec, err := c.securityArgs(name, &security.CertRequest{Role: security.RoleRouter, Name: name, IPs: []string{ip}})
+	if err != nil {
+		return err
+	}
+	p, err := c.spawn(name, nil, append([]string{"router", "--address", ip, "--listen", listen, "--node-id", name,
+		"--join", net.JoinHostPort(c.cfg.CoordIP, strconv.Itoa(c.cfg.GossipPort)), "--gossip-profile", c.cfg.Profile}, sec...)...)
+	if err != nil {
+		return err
+	}
+	c.extra = append(c.extra, p)
 	return nil
 }
 
@@ -211,6 +242,10 @@ func (c *Cluster) spawn(name string, env []string, args ...string) (*proc, error
 		return nil, err
 	}
 	cmd := exec.Command(c.cfg.ShoalBin, args...)
+	if c.cfg.Wrap != nil {
+		w := c.cfg.Wrap(name)
+		cmd = exec.Command(w[0], append(append(w[1:], c.cfg.ShoalBin), args...)...)
+	}
 	cmd.Env = append(os.Environ(), env...)
 	cmd.Stdout, cmd.Stderr = lf, lf
 	// Own process group: a terminal Ctrl-C reaches only `shoal dev`, which then
@@ -299,6 +334,43 @@ func (c *Cluster) CrashAgent(i int) error {
 	return c.StartAgent(i)
 }
 
+// KillAgent SIGKILLs agent i's process only; its engines run on.
+func (c *Cluster) KillAgent(i int) error {
+	p, ok := c.agents[NodeID(i)]
+	if !ok {
+		return fmt.Errorf("no agent %s", NodeID(i))
+	}
+	_ = syscall.Kill(p.cmd.Process.Pid, syscall.SIGKILL)
+	select {
+	case <-p.done:
+		return nil
+	case <-time.After(5 * time.Second):
+		return fmt.Errorf("agent %s did not die", NodeID(i))
+	}
+}
+
+// SignalHost sends sig to agent i and every engine process group it
+// recorded (SIGSTOP/SIGCONT pause and resume a whole host).
+func (c *Cluster) SignalHost(i int, sig syscall.Signal) error {
+	p, ok := c.agents[NodeID(i)]
+	if !ok {
+		return fmt.Errorf("no agent %s", NodeID(i))
+	}
+	_ = syscall.Kill(-p.cmd.Process.Pid, sig)
+	for _, e := range c.enginePids(NodeID(i)) {
+		_ = syscall.Kill(-e, sig)
+	}
+	return nil
+}
+
+// AgentPid is agent i's pid.
+func (c *Cluster) AgentPid(i int) int {
+	if p, ok := c.agents[NodeID(i)]; ok {
+		return p.cmd.Process.Pid
+	}
+	return 0
+}
+
 // KillCoordinator SIGKILLs the coordinator, as a control-host failure would.
 func (c *Cluster) KillCoordinator() {
 	signalAll([]*proc{c.coord}, syscall.SIGKILL)
@@ -320,6 +392,7 @@ func (c *Cluster) Stop() {
 		}
 	}
 	signalAll(all, syscall.SIGKILL)
+	signalAll(c.extra, syscall.SIGKILL)
 	if c.coord != nil {
 		signalAll([]*proc{c.coord}, syscall.SIGTERM)
 		waitAll([]*proc{c.coord}, 5*time.Second)

@@ -427,13 +427,13 @@ func sameAssignment(a, b []byte) bool {
 
 // result is one scenario's row of the report.
 type result struct {
-	name                 string
-	sent, ok, failed     int
-	unexplained          []string
-	dual, superseded     []string
-	other                []string
+	name                  string
+	sent, ok, failed      int
+	unexplained           []string
+	dual, superseded      []string
+	other                 []string
 	detect, stop, recover time.Duration
-	converged            bool
+	converged             bool
 }
 
 func (r result) violations() int {

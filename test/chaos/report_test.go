@@ -30,7 +30,7 @@ func secs(ds []time.Duration) string {
 func renderReport(results []result, rounds int, seed int64) string {
 	type agg struct {
 		runs, sent, ok, failed, unexplained, dual, superseded, other, unconverged int
-		detect, stop, recover                                                       []time.Duration
+		detect, stop, recover                                                     []time.Duration
 	}
 	by := map[string]*agg{}
 	var names []string

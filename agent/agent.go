@@ -7,6 +7,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"path/filepath"
 	"strconv"
 	"sync"
 	"time"
@@ -35,6 +36,8 @@ type Agent struct {
 	cmds    chan func()
 
 	replica *replicaServer
+
+	peers *gossip.PeerFile
 
 	rtMu sync.Mutex
 	rts  map[string]engine.Runtime // guarded by rtMu; by engine.runtime
@@ -184,8 +187,9 @@ func (a *Agent) Run(ctx context.Context) error {
 		a.holdUntil = time.Now().Add(holdForJoin)
 	}
 
+	a.peers = &gossip.PeerFile{Path: filepath.Join(a.cfg.StateDir, "peers.json")}
 	a.mem = gossip.New(gossip.Config{Cluster: a.cfg.Cluster, BindAddr: a.cfg.Address, BindPort: a.cfg.GossipPort,
-		Join: a.cfg.Join, Profile: a.cfg.GossipProfile, Logger: a.cfg.Logger, Keys: a.cfg.GossipKeys, KeyFile: a.cfg.GossipKeyFile}, a.tag())
+		Join: a.cfg.Join, Rejoin: a.peers.Load(), Profile: a.cfg.GossipProfile, Logger: a.cfg.Logger, Keys: a.cfg.GossipKeys, KeyFile: a.cfg.GossipKeyFile}, a.tag())
 	if err := a.mem.Start(); err != nil {
 		lis.Close()
 		return err

@@ -37,6 +37,9 @@ func (a *Agent) loop(ctx context.Context) {
 		}
 		a.am.members.Set(float64(a.mem.Count()))
 		a.reconcile()
+		if err := a.peers.Save(a.mem); err != nil {
+			a.log.Debug("remember gossip peers", "err", err)
+		}
 	}
 }
 
@@ -67,18 +70,9 @@ func (a *Agent) view(as *Assignment) GroupView {
 }
 
 func (a *Agent) reconcile() {
-	if !a.holdUntil.IsZero() {
-		select {
-		case <-a.mem.Joined():
-			a.holdUntil = time.Time{}
-		default:
-			if time.Now().Before(a.holdUntil) {
-				a.publish()
-				return
-			}
-			a.log.Warn("gossip not joined; judging the adopted run's group with what this node sees")
-			a.holdUntil = time.Time{}
-		}
+	if !a.holdUntil.IsZero() && a.holding() {
+		a.publish()
+		return
 	}
 	a.mu.Lock()
 	as := a.state.Assignment
@@ -103,6 +97,33 @@ func (a *Agent) reconcile() {
 		a.reconcileMember(as, v, d)
 	}
 	a.publish()
+}
+
+// holding: an adopted run is not judged until gossip shows its whole group
+// (a join through one seed can bring a partial or stale member list), or
+// until holdUntil passes.
+func (a *Agent) holding() bool {
+	a.mu.Lock()
+	as := a.state.Assignment
+	a.mu.Unlock()
+	complete := false
+	select {
+	case <-a.mem.Joined():
+		if as != nil {
+			complete = Decide(a.view(as)).Complete
+		}
+	default:
+	}
+	if complete || as == nil {
+		a.holdUntil = time.Time{}
+		return false
+	}
+	if time.Now().Before(a.holdUntil) {
+		return true
+	}
+	a.log.Warn("the adopted run's group is not whole in gossip; judging it with what this node sees", "waited", holdForJoin)
+	a.holdUntil = time.Time{}
+	return false
 }
 
 // reconcileHead: this node claims head at claim.

@@ -6,6 +6,7 @@ import (
 	"log/slog"
 	"net"
 	"net/http"
+	"path/filepath"
 	"sync"
 	"time"
 
@@ -98,6 +99,9 @@ type Coordinator struct {
 	draining map[string]time.Time    // guarded by mu; group → drain start
 	short    map[string]string       // guarded by mu; deployment → why a replica cannot be placed
 
+	started time.Time // Run's start: see settling
+	peers   *gossip.PeerFile
+
 	reg        *prometheus.Registry
 	cm         *clusterMetrics
 	asDesired  *prometheus.GaugeVec
@@ -134,6 +138,14 @@ func New(cfg Config) *Coordinator {
 	return c
 }
 
+// startupGrace: members missing from a just-started coordinator's view are
+// not taken for gone (no group is re-formed for them) for this long; with the
+// peers file it rejoins, its view is whole well before.
+const startupGrace = 20 * time.Second
+
+// settling: the coordinator started too recently to call a member gone.
+func (c *Coordinator) settling() bool { return time.Since(c.started) < startupGrace }
+
 // Table is the router's endpoint table, kept current by the coordinator.
 func (c *Coordinator) Table() *router.Table { return c.table }
 
@@ -155,8 +167,10 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	}
 	defer st.Close()
 	c.store = st
+	c.started = time.Now()
+	c.peers = &gossip.PeerFile{Path: filepath.Join(c.cfg.DataDir, "peers.json")}
 	c.mem = gossip.New(gossip.Config{Cluster: c.cfg.Cluster, BindAddr: c.cfg.Address, BindPort: c.cfg.GossipPort,
-		Join: c.cfg.Join, Profile: c.cfg.GossipProfile, Logger: c.cfg.Logger, Keys: c.cfg.GossipKeys, KeyFile: c.cfg.GossipKeyFile},
+		Join: c.cfg.Join, Rejoin: c.peers.Load(), Profile: c.cfg.GossipProfile, Logger: c.cfg.Logger, Keys: c.cfg.GossipKeys, KeyFile: c.cfg.GossipKeyFile},
 		gossip.Tag{Kind: gossip.KindCoordinator, ID: c.cfg.NodeID, GRPC: c.cfg.APIAddr, Healthy: true})
 	if err := c.mem.Start(); err != nil {
 		return err
@@ -213,6 +227,9 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	for ctx.Err() == nil {
 		if err := c.reconcile(ctx); err != nil {
 			c.log.Error("reconcile", "err", err)
+		}
+		if err := c.peers.Save(c.mem); err != nil {
+			c.log.Warn("remember gossip peers", "err", err)
 		}
 		select {
 		case <-ctx.Done():

@@ -119,6 +119,8 @@ func (c *Coordinator) reform(d *DeploymentRecord, g *Group, nodes map[string]gos
 	for _, m := range g.Members {
 		t, ok := nodes[m.NodeID]
 		switch {
+		case !ok && c.settling():
+			keep = append(keep, m) // not heard from yet, not gone
 		case !ok:
 			lost = append(lost, m.NodeID+" (gone from gossip)")
 		case !t.Healthy:

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"log"
 	"log/slog"
+	"math/rand/v2"
 	"net"
 	"strconv"
 	"sync"
@@ -24,6 +25,9 @@ type Config struct {
 	BindPort int
 	// Join lists host:port of nodes to join; empty starts a new cluster.
 	Join []string
+	// Rejoin lists members seen before a restart: contacted once at start,
+	// best effort (a node that finds none of them still starts).
+	Rejoin []string
 	// Profile picks memberlist timers: "lan" (default), "local", or "fast"
 	// (sub-second failure detection, for tests and single-machine dev clusters).
 	Profile string
@@ -152,6 +156,18 @@ func (m *Membership) Start() error {
 	return nil
 }
 
+// PeerAddrs are the gossip addresses of the other live members.
+func (m *Membership) PeerAddrs() []string {
+	local := m.ml.LocalNode().Name
+	var out []string
+	for _, n := range m.ml.Members() {
+		if n.Name != local {
+			out = append(out, net.JoinHostPort(n.Addr.String(), strconv.Itoa(int(n.Port))))
+		}
+	}
+	return out
+}
+
 // Addr is the gossip address others join.
 func (m *Membership) Addr() string {
 	n := m.ml.LocalNode()
@@ -163,6 +179,18 @@ func (m *Membership) Addr() string {
 func (m *Membership) Run(ctx context.Context) error {
 	if m.ml == nil {
 		return errors.New("gossip: Run before Start")
+	}
+	if len(m.cfg.Rejoin) > 0 {
+		// In the background (a dead peer costs a TCP timeout), a few at
+		// random: one answer brings the whole member list by push/pull.
+		peers := append([]string(nil), m.cfg.Rejoin...)
+		rand.Shuffle(len(peers), func(i, j int) { peers[i], peers[j] = peers[j], peers[i] })
+		peers = peers[:min(len(peers), 8)]
+		go func() {
+			n, err := m.ml.Join(peers)
+			m.log.Info("rejoined earlier members", "contacted", n, "of", len(peers), "members", m.ml.NumMembers(), "err", err)
+			m.notify()
+		}()
 	}
 	if len(m.cfg.Join) > 0 {
 		backoff := 200 * time.Millisecond

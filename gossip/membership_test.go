@@ -80,3 +80,36 @@ func TestSetTagTooBig(t *testing.T) {
 	require.Error(t, m.SetTag(big))
 	require.Empty(t, m.Local().Deployment, "rejected tag is not kept")
 }
+
+// TestRejoinAfterRestart: a seed (the coordinator) restarts knowing nobody;
+// with the addresses it saw before (Rejoin) it has the whole member list at
+// once, and with only dead ones it still starts.
+func TestRejoinAfterRestart(t *testing.T) {
+	seed, stopSeed := startNode(t, "rj", "seed", "127.0.0.31", nil)
+	a, stopA := startNode(t, "rj", "a", "127.0.0.32", []string{seed.Addr()})
+	defer stopA()
+	b, stopB := startNode(t, "rj", "b", "127.0.0.33", []string{seed.Addr()})
+	defer stopB()
+	require.Eventually(t, func() bool { return len(seed.Members()) == 3 }, 5*time.Second, 20*time.Millisecond)
+	peers := seed.PeerAddrs()
+	require.ElementsMatch(t, []string{a.Addr(), b.Addr()}, peers)
+	port := seed.ml.LocalNode().Port
+	seed.Crash()
+	stopSeed()
+
+	again := New(Config{Cluster: "rj", BindAddr: "127.0.0.31", BindPort: int(port), Profile: "fast", Rejoin: append(peers, "127.0.0.39:1")},
+		Tag{Kind: KindCoordinator, ID: "seed", Healthy: true})
+	require.NoError(t, again.Start())
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan struct{})
+	go func() { _ = again.Run(ctx); close(done) }()
+	defer func() { cancel(); <-done }()
+	select {
+	case <-again.Joined():
+	case <-time.After(time.Second):
+		t.Fatal("a node with rejoin addresses (and no seeds) must start at once")
+	}
+	start := time.Now()
+	require.Eventually(t, func() bool { return len(again.Members()) == 3 }, 3*time.Second, 10*time.Millisecond)
+	t.Logf("restarted seed saw every member %v after start", time.Since(start))
+}

@@ -118,6 +118,10 @@ func newSuite(t *testing.T) *suite {
 	s.c = c
 	t.Cleanup(func() {
 		c.Stop()
+		if keep := os.Getenv("SHOAL_CHAOS_LOGS"); keep != "" { // every log, for a post-mortem
+			_ = os.MkdirAll(keep, 0o755)
+			_ = exec.Command("cp", "-r", filepath.Join(s.dir, "logs"), keep).Run()
+		}
 		if t.Failed() {
 			for _, f := range []string{"coordinator", "router", "node-1", "node-2", "node-3", "node-4", "node-5"} {
 				b, _ := os.ReadFile(filepath.Join(s.dir, "logs", f+".log"))
@@ -407,13 +411,18 @@ func groups(rs []replica) string {
 	return strings.Join(g, " ")
 }
 
-// stripStatus drops the status part of `get deployment -o json`, keeping the spec.
+// stripStatus keeps what `get deployment -o json` says of the spec (name,
+// model, engine, nodes, desired replicas, creation time), not the ready count.
 func stripStatus(s string) string {
-	var m map[string]any
+	var m struct {
+		Deployments []map[string]any `json:"deployments"`
+	}
 	if json.Unmarshal([]byte(s), &m) != nil {
 		return s
 	}
-	delete(m, "status")
+	for _, d := range m.Deployments {
+		delete(d, "readyReplicas")
+	}
 	b, _ := json.Marshal(m)
 	return string(b)
 }

@@ -11,16 +11,26 @@ PROTOC_GEN_GO_VERSION := v1.36.12
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 PROTOS := agent replica coordinator
 
-.PHONY: build test test-unit test-integration lint generate check-generated bench demo clean tools fuzz package test-package docs
+.PHONY: build test test-unit test-integration chaos lint generate check-generated bench demo clean tools fuzz package test-package docs
 
 build:
 	$(GO) build -o bin/shoal ./cmd/shoal
 	$(GO) build -o bin/shoal-sim ./cmd/shoal-sim
 
-## test: vet, then every test (unit, integration, end-to-end) with the race detector.
+## test: vet, then every test (unit, integration, end-to-end) with the race detector,
+## then one round of the fault-injection suite (network namespaces; needs root, ip,
+## iptables) on its own, so that its timings do not share the CPUs with the rest.
 test:
 	$(GO) vet ./...
-	$(GO) test -race -count=1 -timeout 20m ./...
+	$(GO) test -race -count=1 -timeout 20m $$($(GO) list ./... | grep -v /test/chaos)
+	$(GO) test -race -count=1 -timeout 20m ./test/chaos/
+
+## chaos: the fault-injection suite, CHAOS_ROUNDS rounds in a random order, report in
+## bench/chaos/REPORT.md.
+CHAOS_ROUNDS ?= 5
+chaos:
+	SHOAL_CHAOS_ROUNDS=$(CHAOS_ROUNDS) SHOAL_CHAOS_SEED=$${SHOAL_CHAOS_SEED:-$$(date +%s)} \
+	  SHOAL_CHAOS_REPORT=$(CURDIR)/bench/chaos/REPORT.md $(GO) test -count=1 -v -timeout 90m -run TestChaos ./test/chaos/
 
 test-unit:
 	$(GO) test -race -count=1 -short ./...

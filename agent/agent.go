@@ -38,6 +38,8 @@ type Agent struct {
 	replica *replicaServer
 
 	peers *gossip.PeerFile
+	// lastSeen: group members' last gossip tags (loop goroutine only).
+	lastSeen map[string]seenTag
 
 	rtMu sync.Mutex
 	rts  map[string]engine.Runtime // guarded by rtMu; by engine.runtime
@@ -105,7 +107,7 @@ func New(cfg Config, ins gpu.Inspector, sc *rdma.Scanner) (*Agent, error) {
 		sc = rdma.NewScanner()
 	}
 	a := &Agent{cfg: cfg, log: cfg.Logger.With("component", "agent", "node", cfg.NodeID), ins: ins, scanner: sc,
-		rts: map[string]engine.Runtime{}, reg: reg,
+		rts: map[string]engine.Runtime{}, reg: reg, lastSeen: map[string]seenTag{},
 		wake: make(chan struct{}, 1), cmds: make(chan func()), backoff: cfg.RestartBackoff}
 	a.engineState = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "shoal_agent_engine_state",
 		Help: "1 for the engine state this agent advertises."}, []string{"state"})
@@ -257,6 +259,11 @@ func (a *Agent) Run(ctx context.Context) error {
 	stopGossip()
 	wg.Wait()
 	return nil
+}
+
+type seenTag struct {
+	tag gossip.Tag
+	at  time.Time
 }
 
 func (a *Agent) hasRun() bool {

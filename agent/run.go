@@ -297,6 +297,7 @@ func (a *Agent) watchMembers(r *run, members []Member) {
 			c := agentv1.NewAgentClient(conn)
 			var since time.Time // first unanswered poll of the current outage
 			for sleepCtx(r.ctx, 300*time.Millisecond) {
+				asked := time.Now()
 				ctx, cancel := context.WithTimeout(r.ctx, time.Second)
 				st, err := c.Status(ctx, &agentv1.StatusRequest{})
 				cancel()
@@ -310,7 +311,7 @@ func (a *Agent) watchMembers(r *run, members []Member) {
 						grace = restartGrace // it said it restarts with its engine running
 					}
 					if since.IsZero() {
-						since = time.Now()
+						since = asked // the outage began before this poll timed out
 						r.log.Warn("member agent does not answer", "member", m.NodeID, "err", err, "grace", grace)
 					}
 					if time.Since(since) >= grace {

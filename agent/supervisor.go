@@ -59,10 +59,25 @@ func (a *Agent) do(ctx context.Context, f func() error) error {
 	}
 }
 
+// memberFlap is how long a group member that vanished from gossip still
+// counts as present. Right after a partition heals or a node rejoins,
+// memberlist spreads stale "dead" notices that the member refutes within a
+// gossip round or two; without this hysteresis such a flap stops a healthy
+// replica. A real host death is caught sooner by the head's direct polls of
+// its members (MemberGrace), so detection does not wait for it.
+const memberFlap = 2 * time.Second
+
+// view is the group as gossip shows it. Loop goroutine only (lastSeen).
 func (a *Agent) view(as *Assignment) GroupView {
 	v := GroupView{Self: a.cfg.NodeID, Group: as.Group, Epoch: as.Epoch, Members: map[string]int{}, Tags: a.mem.Members()}
+	now := time.Now()
 	for _, m := range as.Members {
 		v.Members[m.NodeID] = m.Rank
+		if t, ok := v.Tags[m.NodeID]; ok {
+			a.lastSeen[m.NodeID] = seenTag{tag: t, at: now}
+		} else if s, ok := a.lastSeen[m.NodeID]; ok && now.Sub(s.at) < memberFlap {
+			v.Tags[m.NodeID] = s.tag
+		}
 	}
 	// Our own newest tag, whether or not gossip has echoed it back yet.
 	v.Tags[a.cfg.NodeID] = a.mem.Local()
@@ -406,8 +421,17 @@ func runRank(as *Assignment, head, self string) int {
 	return r
 }
 
+// failStopGrace bounds SIGTERM→SIGKILL when a group failed: nothing in it
+// can complete any more (a member is gone), vLLM's API server sits in its
+// 5 s watchdog after an engine death without handling SIGTERM, and the
+// group's restart, here or elsewhere, waits for these GPUs. Planned stops
+// (release, delete, scale-in) keep stop_grace for in-flight requests.
+const failStopGrace = time.Second
+
 // stopRun stops the current run, if any, without marking a failure.
-func (a *Agent) stopRun(why string) {
+func (a *Agent) stopRun(why string) { a.stopRunGrace(why, a.cfg.StopGrace) }
+
+func (a *Agent) stopRunGrace(why string, grace time.Duration) {
 	a.mu.Lock()
 	r := a.run
 	a.run = nil
@@ -422,7 +446,7 @@ func (a *Agent) stopRun(why string) {
 	if r.plan.RayStop && r.rt.Kind() == "process" {
 		rayStop = func(ctx context.Context) { a.rayStopForce(ctx, r.plan) }
 	}
-	r.stop(a.cfg.StopGrace, rayStop)
+	r.stop(grace, rayStop)
 	if err := a.saveState(); err != nil {
 		a.log.Error("persist state", "err", err)
 	}
@@ -442,7 +466,7 @@ func (a *Agent) failRun(why string) {
 	a.readySince = time.Time{}
 	a.mu.Unlock()
 	a.publish() // tell the group before the (slow) stop
-	a.stopRun(why)
+	a.stopRunGrace(why, min(a.cfg.StopGrace, failStopGrace))
 	a.log.Info("restart backoff", "wait", wait)
 }
 

@@ -82,6 +82,9 @@ type replica struct {
 
 func requireRoot(t *testing.T) {
 	if os.Geteuid() != 0 {
+		if os.Getenv("SHOAL_REQUIRE_CHAOS") == "1" {
+			t.Fatal("SHOAL_REQUIRE_CHAOS=1 but not root: network namespaces need root")
+		}
 		t.Skip("network namespaces need root")
 	}
 	for _, b := range []string{"ip", "iptables"} {
@@ -241,6 +244,9 @@ type fault struct {
 	headPid int
 	// killedHead: the head itself was taken out (time out of routing).
 	killedHead bool
+	// stops: the fault must stop the target's head engine; the scenario
+	// waits for that (30 s at most) before it waits for convergence.
+	stops bool
 	// check runs scenario-specific invariants after convergence.
 	check func() []string
 }
@@ -259,7 +265,7 @@ var scenarios = []scenario{
 		r, _ := s.target(rng)
 		e, ok := s.headEngine(r.GroupID)
 		require.True(s.t, ok)
-		f := fault{at: time.Now(), group: r.GroupID, epoch: epochOf(r), failWindow: 5 * time.Second, headPid: e.pid, term: e.term, killedHead: true}
+		f := fault{at: time.Now(), group: r.GroupID, epoch: epochOf(r), failWindow: 5 * time.Second, headPid: e.pid, term: e.term, stops: true, killedHead: true}
 		require.NoError(s.t, syscall.Kill(e.pid, syscall.SIGKILL))
 		f.heal = f.at
 		return f
@@ -267,7 +273,7 @@ var scenarios = []scenario{
 	{"kill-host-worker", func(s *suite, rng *rand.Rand) fault {
 		r, w := s.target(rng)
 		e, _ := s.headEngine(r.GroupID)
-		f := fault{at: time.Now(), group: r.GroupID, epoch: epochOf(r), failWindow: 5 * time.Second, headPid: e.pid, term: e.term}
+		f := fault{at: time.Now(), group: r.GroupID, epoch: epochOf(r), failWindow: 5 * time.Second, headPid: e.pid, term: e.term, stops: true}
 		s.killHost(w)
 		f.heal = f.at
 		time.Sleep(8 * time.Second)
@@ -337,7 +343,7 @@ var scenarios = []scenario{
 	{"pause-host-worker", func(s *suite, rng *rand.Rand) fault {
 		r, w := s.target(rng)
 		e, _ := s.headEngine(r.GroupID)
-		f := fault{at: time.Now(), group: r.GroupID, epoch: epochOf(r), failWindow: 5 * time.Second, headPid: e.pid, term: e.term}
+		f := fault{at: time.Now(), group: r.GroupID, epoch: epochOf(r), failWindow: 5 * time.Second, headPid: e.pid, term: e.term, stops: true}
 		require.NoError(s.t, s.c.SignalHost(s.nodeIndex(w), syscall.SIGSTOP))
 		time.Sleep(8 * time.Second)
 		require.NoError(s.t, s.c.SignalHost(s.nodeIndex(w), syscall.SIGCONT))
@@ -347,7 +353,7 @@ var scenarios = []scenario{
 	{"partition-head-worker", func(s *suite, rng *rand.Rand) fault {
 		r, w := s.target(rng)
 		e, _ := s.headEngine(r.GroupID)
-		f := fault{at: time.Now(), group: r.GroupID, epoch: epochOf(r), failWindow: 5 * time.Second, headPid: e.pid, term: e.term}
+		f := fault{at: time.Now(), group: r.GroupID, epoch: epochOf(r), failWindow: 5 * time.Second, headPid: e.pid, term: e.term, stops: true}
 		require.NoError(s.t, s.net.Drop(r.Head, true, true, w))
 		require.NoError(s.t, s.net.Drop(w, true, true, r.Head))
 		time.Sleep(10 * time.Second)
@@ -358,7 +364,7 @@ var scenarios = []scenario{
 	{"partition-asymmetric", func(s *suite, rng *rand.Rand) fault {
 		r, w := s.target(rng)
 		e, _ := s.headEngine(r.GroupID)
-		f := fault{at: time.Now(), group: r.GroupID, epoch: epochOf(r), failWindow: 5 * time.Second, headPid: e.pid, term: e.term}
+		f := fault{at: time.Now(), group: r.GroupID, epoch: epochOf(r), failWindow: 5 * time.Second, headPid: e.pid, term: e.term, stops: true}
 		require.NoError(s.t, s.net.Drop(w, true, false, r.Head)) // the worker stops hearing its head
 		time.Sleep(10 * time.Second)
 		require.NoError(s.t, s.net.Heal())
@@ -383,7 +389,7 @@ var scenarios = []scenario{
 	{"engine-hang", func(s *suite, rng *rand.Rand) fault {
 		r, _ := s.target(rng)
 		e, _ := s.headEngine(r.GroupID)
-		f := fault{at: time.Now(), group: r.GroupID, epoch: epochOf(r), failWindow: 12 * time.Second, headPid: e.pid, term: e.term}
+		f := fault{at: time.Now(), group: r.GroupID, epoch: epochOf(r), failWindow: 12 * time.Second, headPid: e.pid, term: e.term, stops: true}
 		resp, err := http.Post("http://"+r.Endpoint+"/shoal-sim/faults", "application/json", strings.NewReader(`{"mode":"hang"}`))
 		require.NoError(s.t, err)
 		resp.Body.Close()
@@ -459,6 +465,11 @@ func (s *suite) runScenario(sc scenario, rng *rand.Rand) result {
 	start := time.Now()
 	dualBefore := len(s.watch.Dual())
 	f := sc.run(s, rng)
+	if f.stops && f.headPid > 0 {
+		if !waitFor(30*time.Second, func() bool { return !s.watch.ExitedAt(f.headPid).IsZero() }) {
+			res.other = append(res.other, "the fault never stopped the target's head engine")
+		}
+	}
 	// Invariant 5: the cluster converges back to the desired replicas.
 	res.converged = waitFor(120*time.Second, func() bool { return s.ready() == desired && s.probe() })
 	res.recover = time.Since(f.heal)

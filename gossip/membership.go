@@ -287,6 +287,14 @@ func (m *Membership) Members() map[string]Tag {
 	return out
 }
 
+// Has reports whether id is a live member (no copy).
+func (m *Membership) Has(id string) bool {
+	m.mu.Lock()
+	defer m.mu.Unlock()
+	_, ok := m.members[id]
+	return ok
+}
+
 // Count is the number of live members, self included (no copy).
 func (m *Membership) Count() int {
 	m.mu.Lock()

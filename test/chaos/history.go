@@ -86,6 +86,9 @@ func (l *Load) one(ctx context.Context, stream bool) {
 			r.Err = strings.TrimSpace(string(b))
 		case stream && !strings.Contains(string(b), "data: [DONE]"):
 			r.Err = "stream ended without [DONE]"
+		case stream && strings.Contains(string(b), `data: {"error"`):
+			// vLLM ends a stream it aborted with an error event, then [DONE].
+			r.Err = "stream carried an error event"
 		default:
 			r.OK = true
 		}

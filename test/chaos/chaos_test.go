@@ -13,6 +13,7 @@ import (
 	"sort"
 	"strconv"
 	"strings"
+	"sync"
 	"syscall"
 	"testing"
 	"time"
@@ -181,15 +182,33 @@ func (s *suite) ready() int {
 	return n
 }
 
-// probe: one completion through the standalone router succeeds.
+// probe: concurrent completions through the standalone router succeed and
+// reach every replica (the router routes to all of them, not just one).
 func (s *suite) probe() bool {
 	c := &http.Client{Timeout: 10 * time.Second}
-	r, err := c.Post("http://"+s.net.IP("router")+":8080/v1/completions", "application/json", strings.NewReader(`{"model":"demo","prompt":"p","max_tokens":2}`))
-	if err != nil {
-		return false
+	var mu sync.Mutex
+	groups := map[string]bool{}
+	ok := true
+	var wg sync.WaitGroup
+	for i := 0; i < 2*desired; i++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			r, err := c.Post("http://"+s.net.IP("router")+":8080/v1/completions", "application/json",
+				strings.NewReader(`{"model":"demo","prompt":"p","max_tokens":8,"ignore_eos":true}`))
+			mu.Lock()
+			defer mu.Unlock()
+			if err != nil {
+				ok = false
+				return
+			}
+			r.Body.Close()
+			ok = ok && r.StatusCode == 200
+			groups[r.Header.Get("X-Shoal-Replica")] = true
+		}()
 	}
-	r.Body.Close()
-	return r.StatusCode == 200
+	wg.Wait()
+	return ok && len(groups) == desired
 }
 
 func (s *suite) nodeIndex(id string) int {
@@ -464,14 +483,25 @@ func (s *suite) runScenario(sc scenario, rng *rand.Rand) result {
 	res := result{name: sc.name}
 	start := time.Now()
 	dualBefore := len(s.watch.Dual())
+	// Every replica has requests in flight (the probe made sure the router
+	// routes to all of them) when the fault strikes.
+	time.Sleep(1500 * time.Millisecond)
 	f := sc.run(s, rng)
 	if f.stops && f.headPid > 0 {
 		if !waitFor(30*time.Second, func() bool { return !s.watch.ExitedAt(f.headPid).IsZero() }) {
 			res.other = append(res.other, "the fault never stopped the target's head engine")
 		}
 	}
-	// Invariant 5: the cluster converges back to the desired replicas.
-	res.converged = waitFor(120*time.Second, func() bool { return s.ready() == desired && s.probe() })
+	// Invariant 5: the cluster converges back to the desired replicas (for a
+	// fault that stopped the target, with a new head engine in its group).
+	res.converged = waitFor(120*time.Second, func() bool {
+		if f.stops && f.headPid > 0 {
+			if e, ok := s.headEngine(f.group); !ok || e.pid == f.headPid {
+				return false
+			}
+		}
+		return s.ready() == desired && s.probe()
+	})
 	res.recover = time.Since(f.heal)
 	time.Sleep(2 * time.Second) // the last requests of the window complete
 	reqs := s.load.Since(start)
@@ -486,6 +516,14 @@ func (s *suite) runScenario(sc scenario, rng *rand.Rand) result {
 		if f.failWindow == 0 || r.End.Before(f.at) || r.Start.After(f.heal.Add(f.failWindow)) {
 			res.unexplained = append(res.unexplained, fmt.Sprintf("%s→%s %s stream=%v status=%d: %s",
 				r.Start.Format("15:04:05.000"), r.End.Format("15:04:05.000"), r.Group, r.Stream, r.Status, firstLine(r.Err)))
+		}
+	}
+	if os.Getenv("SHOAL_CHAOS_TRACE") != "" { // every request around the fault
+		for _, r := range reqs {
+			if r.End.After(f.at.Add(-time.Second)) && r.Start.Before(f.heal.Add(5*time.Second)) {
+				s.t.Logf("trace %s: %s→%s %s e%d t%d stream=%v ok=%v status=%d %s", sc.name, r.Start.Format("05.000"), r.End.Format("05.000"),
+					r.Group, r.Epoch, r.Term, r.Stream, r.OK, r.Status, firstLine(r.Err))
+			}
 		}
 	}
 	res.dual = s.watch.Dual()[dualBefore:]

@@ -35,7 +35,7 @@ func (a *Agent) runtimeFor(ctx context.Context, kind string) (engine.Runtime, er
 	case "containerd":
 		c := a.cfg.Containerd
 		crt, err := containerd.New(ctx, containerd.Config{Address: c.Address, Namespace: c.Namespace, Snapshotter: c.Snapshotter,
-			LogDir: a.logDir(), NodeID: a.cfg.NodeID, GPUs: a.cfg.GPUs})
+			LogDir: a.logDir(), NodeID: a.cfg.NodeID, Owner: a.cfg.StateDir, GPUs: a.cfg.GPUs})
 		if err != nil {
 			return nil, err
 		}

@@ -32,6 +32,9 @@ const (
 	LabelNode   = "io.shoal.node"
 	LabelEngine = "io.shoal.engine"
 	LabelLog    = "io.shoal.log"
+	// LabelOwner is the agent's state directory: two agents (or dev
+	// clusters) with the same node id never sweep each other's containers.
+	LabelOwner = "io.shoal.owner"
 )
 
 // Config says which daemon to use and what the host offers containers.
@@ -46,6 +49,9 @@ type Config struct {
 	LogDir string
 	// NodeID labels the containers, so this node's agent finds its own.
 	NodeID string
+	// Owner (the agent's state directory) labels them too; Sweep only
+	// touches containers of the same owner.
+	Owner string
 	// GPUs are the host GPU indices this agent owns (nil: all).
 	GPUs []int
 	// DevRoot is where device nodes are looked up (default /dev; tests).
@@ -176,7 +182,7 @@ func (r *Runtime) Start(ctx context.Context, c engine.Command) (engine.Handle, e
 	if err != nil {
 		return nil, fmt.Errorf("start %s: %w", c.Name, err)
 	}
-	labels := map[string]string{LabelNode: r.cfg.NodeID, LabelEngine: c.Name, LabelLog: logPath}
+	labels := map[string]string{LabelNode: r.cfg.NodeID, LabelEngine: c.Name, LabelLog: logPath, LabelOwner: r.cfg.Owner}
 	for k, v := range c.Container.Labels {
 		labels[k] = v
 	}
@@ -393,7 +399,11 @@ func (r *Runtime) Adopt(ctx context.Context, rec engine.Record) (engine.Handle, 
 // engines of a run the agent could not adopt must not hold GPUs.
 func (r *Runtime) Sweep(ctx context.Context, keep []engine.Record) (int, error) {
 	ctx = r.ctx(ctx)
-	ctrs, err := r.client.Containers(ctx, fmt.Sprintf("labels.%q==%s", LabelNode, r.cfg.NodeID))
+	filter := fmt.Sprintf("labels.%q==%q", LabelNode, r.cfg.NodeID)
+	if r.cfg.Owner != "" {
+		filter += fmt.Sprintf(",labels.%q==%q", LabelOwner, r.cfg.Owner)
+	}
+	ctrs, err := r.client.Containers(ctx, filter)
 	if err != nil {
 		return 0, err
 	}

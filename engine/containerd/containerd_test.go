@@ -50,7 +50,7 @@ func importSim(t *testing.T, rt *Runtime) {
 func TestConformance(t *testing.T) {
 	daemon(t)
 	dir := t.TempDir()
-	cfg := Config{Address: socket, Namespace: "shoal-test", LogDir: filepath.Join(dir, "logs"), NodeID: "conformance", DevRoot: t.TempDir()}
+	cfg := Config{Address: socket, Namespace: "shoal-test", LogDir: filepath.Join(dir, "logs"), NodeID: "conformance", Owner: dir, DevRoot: t.TempDir()}
 	rt, err := New(context.Background(), cfg)
 	require.NoError(t, err)
 	defer rt.Close()
@@ -70,6 +70,27 @@ func TestConformance(t *testing.T) {
 	n, err := rt.Sweep(context.Background(), nil)
 	require.NoError(t, err)
 	require.Zero(t, n, "every container was deleted by Stop")
+
+	// Sweep removes this owner's stray containers and only those.
+	h, err := rt.Start(context.Background(), engine.Command{Name: "stray", Path: "vllm", Args: []string{"serve", "/m", "--port", "1"},
+		Container: engine.Container{Image: ocitest.SimImageRef}})
+	require.NoError(t, err)
+	other := cfg
+	other.Owner = t.TempDir()
+	ort, err := New(context.Background(), other)
+	require.NoError(t, err)
+	defer ort.Close()
+	n, err = ort.Sweep(context.Background(), nil)
+	require.NoError(t, err)
+	require.Zero(t, n, "another owner's containers are not touched")
+	n, err = rt.Sweep(context.Background(), nil)
+	require.NoError(t, err)
+	require.Equal(t, 1, n)
+	select {
+	case <-h.Done():
+	case <-time.After(10 * time.Second):
+		t.Fatal("the swept container's task did not end")
+	}
 }
 
 // TestContainerSpec checks what an engine container gets: host network, a

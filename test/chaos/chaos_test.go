@@ -467,6 +467,7 @@ type result struct {
 	dual, superseded      []string
 	other                 []string
 	detect, stop, recover time.Duration
+	detected              bool // detect is measured (the head itself was taken out)
 	converged             bool
 }
 
@@ -540,7 +541,7 @@ func (s *suite) runScenario(sc scenario, rng *rand.Rand) result {
 				last = r.Start
 			}
 		}
-		res.detect = last.Sub(f.at)
+		res.detect, res.detected = last.Sub(f.at), true
 	}
 	if f.check != nil {
 		res.other = append(res.other, f.check()...)

@@ -52,8 +52,8 @@ func renderReport(results []result, rounds int, seed int64) string {
 		if !r.converged {
 			a.unconverged++
 		}
-		if r.detect > 0 {
-			a.detect = append(a.detect, r.detect)
+		if r.detected {
+			a.detect = append(a.detect, r.detect) // 0: no request went to the dead head after the fault
 		}
 		if r.stop > 0 {
 			a.stop = append(a.stop, r.stop)
@@ -64,6 +64,7 @@ func renderReport(results []result, rounds int, seed int64) string {
 	var b strings.Builder
 	fmt.Fprintf(&b, "Chaos run: %d round(s), seed %d, %s. Invariants: 1 one head engine per group, 2 no request to a superseded (group, epoch, term) 1 s after the newer claim, 3 failures only in flight on the failed replica, 4 specs/assignments survive restarts, 5 converged to %d ready replicas.\n\n",
 		rounds, seed, time.Now().UTC().Format("2006-01-02 15:04 UTC"), desired)
+	b.WriteString("Head out of routing: the last request the router sent to the taken-out head's (group, epoch, term), after the fault (0: none). Head engine stopped: the target group's head vLLM process gone (member death, partition, pause or hang → group stopped). Recovered: from the end of the fault to 2 ready replicas served through the router.\n\n")
 	b.WriteString("| scenario | runs | requests sent / ok / failed | inv 1 | inv 2 | inv 3 (unexplained failures) | inv 4 / scenario checks | inv 5 | head out of routing p50/p99 s | head engine stopped p50/p99 s | recovered p50/p99 s |\n")
 	b.WriteString("|---|---|---|---|---|---|---|---|---|---|---|\n")
 	verdict := func(n int) string {

@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"log/slog"
+	"math/rand/v2"
 	"os"
 	"sort"
 	"strconv"
@@ -48,11 +49,21 @@ func TestGossipScale(t *testing.T) {
 	ids := make([]string, n)
 	var wg sync.WaitGroup
 	start := time.Now()
+	// Hosts do not boot in the same millisecond: members start 10 ms apart
+	// (SHOAL_GOSSIP_STAGGER) and join the seeds plus two random members
+	// already up, as agents with a join list of several hosts would.
+	stagger := 10 * time.Millisecond
+	if d, err := time.ParseDuration(os.Getenv("SHOAL_GOSSIP_STAGGER")); err == nil {
+		stagger = d
+	}
 	for i := 0; i < n; i++ {
 		join := seeds
 		if i < 3 {
 			join = seeds[:i]
+		} else {
+			join = append(append([]string(nil), seeds...), ip(3+rand.IntN(i-2))+":"+strconv.Itoa(port), ip(rand.IntN(i))+":"+strconv.Itoa(port))
 		}
+		time.Sleep(stagger)
 		m := gossip.New(gossip.Config{Cluster: "scale", BindAddr: ip(i), BindPort: port, Join: join, Profile: profile, Logger: log},
 			gossip.Tag{Kind: gossip.KindAgent, ID: fmt.Sprintf("n%04d", i), GRPC: ip(i) + ":7947", Healthy: true})
 		if err := m.Start(); err != nil {
@@ -73,7 +84,11 @@ func TestGossipScale(t *testing.T) {
 
 	// Convergence: every member sees every member.
 	converged := map[int]time.Duration{}
-	deadline := time.Now().Add(5 * time.Minute)
+	wait := 5 * time.Minute
+	if d, err := time.ParseDuration(os.Getenv("SHOAL_GOSSIP_WAIT")); err == nil {
+		wait = d
+	}
+	deadline := time.Now().Add(wait)
 	for len(converged) < n && time.Now().Before(deadline) {
 		for i, m := range members {
 			if _, ok := converged[i]; !ok && m.Count() == n { // Count, not Members: no N×N copying in the checker
@@ -83,7 +98,7 @@ func TestGossipScale(t *testing.T) {
 		time.Sleep(100 * time.Millisecond)
 	}
 	if len(converged) < n {
-		t.Fatalf("only %d of %d members converged within 5 minutes", len(converged), n)
+		t.Fatalf("only %d of %d members converged within %v", len(converged), n, wait)
 	}
 	conv := make([]time.Duration, 0, n)
 	for _, d := range converged {

@@ -321,15 +321,8 @@ func (c *Cluster) Restart(i int) error {
 // CrashAgent SIGKILLs agent i's process only (its engines run on, as after an
 // agent crash under systemd's KillMode=process) and starts it again.
 func (c *Cluster) CrashAgent(i int) error {
-	p, ok := c.agents[NodeID(i)]
-	if !ok {
-		return fmt.Errorf("no agent %s", NodeID(i))
-	}
-	_ = syscall.Kill(p.cmd.Process.Pid, syscall.SIGKILL)
-	select {
-	case <-p.done:
-	case <-time.After(5 * time.Second):
-		return fmt.Errorf("agent %s did not die", NodeID(i))
+	if err := c.KillAgent(i); err != nil {
+		return err
 	}
 	return c.StartAgent(i)
 }

@@ -21,6 +21,7 @@ import (
 	"github.com/stretchr/testify/require"
 
 	"github.com/shoalhq/shoal/internal/devcluster"
+	"github.com/shoalhq/shoal/internal/testbin"
 )
 
 var binDir string
@@ -30,19 +31,11 @@ func TestMain(m *testing.M) {
 	if testing.Short() {
 		os.Exit(0)
 	}
-	dir, err := os.MkdirTemp("", "shoal-chaos-bin-")
+	dir, err := testbin.Build()
 	if err != nil {
 		panic(err)
 	}
 	binDir = dir
-	for _, b := range []string{"shoal", "shoal-sim"} {
-		cmd := exec.Command("go", "build", "-o", filepath.Join(dir, b), "../../cmd/"+b)
-		cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
-		cmd.Env = append(os.Environ(), "CGO_CFLAGS=-Wno-deprecated-declarations")
-		if err := cmd.Run(); err != nil {
-			panic(fmt.Sprintf("build %s: %v", b, err))
-		}
-	}
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)

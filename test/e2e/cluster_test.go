@@ -19,6 +19,7 @@ import (
 	"github.com/openai/openai-go/v3"
 	"github.com/openai/openai-go/v3/option"
 	"github.com/shoalhq/shoal/internal/devcluster"
+	"github.com/shoalhq/shoal/internal/testbin"
 	"github.com/stretchr/testify/require"
 )
 
@@ -29,19 +30,11 @@ func TestMain(m *testing.M) {
 	if testing.Short() {
 		os.Exit(0)
 	}
-	dir, err := os.MkdirTemp("", "shoal-e2e-bin-")
+	dir, err := testbin.Build()
 	if err != nil {
 		panic(err)
 	}
 	binDir = dir
-	for _, b := range []string{"shoal", "shoal-sim"} {
-		cmd := exec.Command("go", "build", "-o", filepath.Join(dir, b), "../../cmd/"+b)
-		cmd.Stdout, cmd.Stderr = os.Stdout, os.Stderr
-		cmd.Env = append(os.Environ(), "CGO_CFLAGS=-Wno-deprecated-declarations")
-		if err := cmd.Run(); err != nil {
-			panic(fmt.Sprintf("build %s: %v", b, err))
-		}
-	}
 	code := m.Run()
 	os.RemoveAll(dir)
 	os.Exit(code)

@@ -307,7 +307,7 @@ func (a *Agent) watchMembers(r *run, members []Member) {
 				switch {
 				case err != nil:
 					grace := a.cfg.MemberGrace
-					if t, ok := a.mem.Members()[m.NodeID]; ok && t.Restarting {
+					if t, ok := a.mem.Member(m.NodeID); ok && t.Restarting {
 						grace = restartGrace // it said it restarts with its engine running
 					}
 					if since.IsZero() {

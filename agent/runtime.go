@@ -50,7 +50,7 @@ func (a *Agent) runtimeFor(ctx context.Context, kind string) (engine.Runtime, er
 // containerize fills what the containerd runtime needs on a plan's commands:
 // the image, /dev/shm, the weights read-only at the path the engine is given,
 // and labels naming the run.
-func containerize(p *engine.Plan, sp *spec.Deployment, modelDir string, labels map[string]string) error {
+func containerize(p *engine.Plan, sp *spec.Deployment, labels map[string]string) error {
 	shm := int64(0)
 	if sp.Engine.ShmSize != "" {
 		var err error
@@ -59,9 +59,9 @@ func containerize(p *engine.Plan, sp *spec.Deployment, modelDir string, labels m
 		}
 	}
 	c := engine.Container{Image: sp.Engine.Image, ShmBytes: shm, Labels: labels}
-	if modelDir != "" {
-		if _, err := os.Stat(modelDir); err == nil {
-			c.Mounts = []engine.Mount{{Source: modelDir, Target: modelDir, ReadOnly: true}}
+	if dir := sp.Model.Path; dir != "" {
+		if _, err := os.Stat(dir); err == nil {
+			c.Mounts = []engine.Mount{{Source: dir, Target: dir, ReadOnly: true}}
 		}
 	}
 	p.Node.Container = c
@@ -157,7 +157,7 @@ func pids(hs []engine.Handle) []int {
 func (a *Agent) sweepContainers(ctx context.Context, keep []engine.Handle) {
 	addr := a.cfg.Containerd.Address
 	if addr == "" {
-		addr = "/run/containerd/containerd.sock"
+		addr = containerd.DefaultAddress
 	}
 	if _, err := os.Stat(addr); err != nil {
 		return

@@ -358,8 +358,7 @@ func (a *Agent) startRun(as *Assignment, role engine.Role, head string, term uin
 		plan, err = engine.RayVLLM(in)
 	}
 	if err == nil && rt.Kind() == "containerd" {
-		modelDir := sp.Model.Path
-		err = containerize(plan, &sp, modelDir, map[string]string{"io.shoal.group": as.Group,
+		err = containerize(plan, &sp, map[string]string{"io.shoal.group": as.Group,
 			"io.shoal.epoch": strconv.FormatUint(as.Epoch, 10), "io.shoal.term": strconv.FormatUint(term, 10), "io.shoal.role": string(role)})
 	}
 	if err != nil {
@@ -391,7 +390,7 @@ func (a *Agent) newRun(as *Assignment, role engine.Role, head string, term uint6
 	ctx, cancel := context.WithCancel(context.Background())
 	return &run{group: as.Group, epoch: as.Epoch, term: term, head: head, role: role, plan: plan, rt: rt, model: mj,
 		headUp: func() bool {
-			t, ok := a.mem.Members()[head]
+			t, ok := a.mem.Member(head)
 			return ok && t.HeadTerm == term && headUp(t.Engine)
 		},
 		spec: &specRef{served: as.Spec.Engine.ServedModelName, timeout: time.Duration(as.Spec.Engine.StartupTimeoutSeconds) * time.Second,

@@ -124,7 +124,7 @@ func TestGossipScale(t *testing.T) {
 				if _, ok := seen[i]; ok {
 					continue
 				}
-				if !m.Has(id) {
+				if _, ok := m.Member(id); !ok {
 					seen[i] = time.Since(crashed)
 				}
 			}

@@ -7,6 +7,7 @@ import (
 	"os"
 	"sort"
 	"strings"
+	"sync"
 	"time"
 )
 
@@ -140,4 +141,34 @@ func ProcessEnv(c Command) []string {
 	}
 	sort.Strings(out)
 	return out
+}
+
+// Exit is the end of an engine, shared by the runtimes' handles: Done is
+// closed once Finish has recorded the error Err then returns.
+type Exit struct {
+	done chan struct{}
+	mu   sync.Mutex
+	err  error // guarded by mu
+}
+
+// NewExit returns an Exit that is not done.
+func NewExit() *Exit { return &Exit{done: make(chan struct{})} }
+
+// Done is closed when the engine has exited.
+func (e *Exit) Done() <-chan struct{} { return e.done }
+
+// Err is, after Done, nil for exit status 0, else an *ExitError (or the error
+// that ended the watch).
+func (e *Exit) Err() error {
+	e.mu.Lock()
+	defer e.mu.Unlock()
+	return e.err
+}
+
+// Finish records err and closes Done; it must be called once.
+func (e *Exit) Finish(err error) {
+	e.mu.Lock()
+	e.err = err
+	e.mu.Unlock()
+	close(e.done)
 }

@@ -287,12 +287,12 @@ func (m *Membership) Members() map[string]Tag {
 	return out
 }
 
-// Has reports whether id is a live member (no copy).
-func (m *Membership) Has(id string) bool {
+// Member is one live member's tag (no copy of the whole list).
+func (m *Membership) Member(id string) (Tag, bool) {
 	m.mu.Lock()
 	defer m.mu.Unlock()
-	_, ok := m.members[id]
-	return ok
+	t, ok := m.members[id]
+	return t, ok
 }
 
 // Count is the number of live members, self included (no copy).

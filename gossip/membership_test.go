@@ -4,6 +4,7 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"os"
 	"testing"
 	"time"
 
@@ -112,4 +113,19 @@ func TestRejoinAfterRestart(t *testing.T) {
 	start := time.Now()
 	require.Eventually(t, func() bool { return len(again.Members()) == 3 }, 3*time.Second, 10*time.Millisecond)
 	t.Logf("restarted seed saw every member %v after start", time.Since(start))
+}
+
+func TestPeerFileSaveLoad(t *testing.T) {
+	a, stopA := startNode(t, "pf", "a", "127.0.0.34", nil)
+	defer stopA()
+	b, stopB := startNode(t, "pf", "b", "127.0.0.35", []string{a.Addr()})
+	defer stopB()
+	require.Eventually(t, func() bool { return a.Count() == 2 }, 5*time.Second, 10*time.Millisecond)
+	p := &PeerFile{Path: t.TempDir() + "/sub/peers.json"}
+	require.Nil(t, p.Load(), "no file yet")
+	require.NoError(t, p.Save(a))
+	require.Equal(t, []string{b.Addr()}, p.Load())
+	require.NoError(t, os.WriteFile(p.Path, []byte("{not json"), 0o600))
+	require.NoError(t, p.Save(a), "a second save within the interval does not read the members again")
+	require.Nil(t, p.Load(), "a corrupt file is ignored, not fatal")
 }

@@ -7,6 +7,7 @@ import (
 	"path/filepath"
 	"slices"
 	"sync"
+	"time"
 )
 
 // PeerFile keeps the gossip addresses of the members a node saw, so that
@@ -17,8 +18,14 @@ import (
 type PeerFile struct {
 	Path string
 	mu   sync.Mutex
-	last []string
+	last []string  // guarded by mu; what the file holds
+	at   time.Time // guarded by mu; the last look at the member list
 }
+
+// peerSaveEvery bounds how often Save reads the member list: callers sit
+// in loops that run several times a second, and the file only needs to be
+// roughly current.
+const peerSaveEvery = 10 * time.Second
 
 // Load returns the saved addresses (none when the file is missing or bad).
 func (p *PeerFile) Load() []string {
@@ -33,12 +40,16 @@ func (p *PeerFile) Load() []string {
 	return peers
 }
 
-// Save writes m's current peers when they changed.
+// Save writes m's current peers when they changed, at most every 10 s.
 func (p *PeerFile) Save(m *Membership) error {
-	peers := m.PeerAddrs()
-	slices.Sort(peers)
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	if time.Since(p.at) < peerSaveEvery {
+		return nil
+	}
+	p.at = time.Now()
+	peers := m.PeerAddrs()
+	slices.Sort(peers)
 	if len(peers) == 0 || slices.Equal(peers, p.last) {
 		return nil
 	}

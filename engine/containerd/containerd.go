@@ -37,6 +37,9 @@ const (
 	LabelOwner = "io.shoal.owner"
 )
 
+// DefaultAddress is where Debian's (and upstream's) containerd listens.
+const DefaultAddress = "/run/containerd/containerd.sock"
+
 // Config says which daemon to use and what the host offers containers.
 type Config struct {
 	// Address is containerd's socket (default /run/containerd/containerd.sock).
@@ -76,7 +79,7 @@ var _ engine.Runtime = (*Runtime)(nil)
 // which 1.6, 1.7 and 2.x daemons all serve.
 func New(ctx context.Context, cfg Config) (*Runtime, error) {
 	if cfg.Address == "" {
-		cfg.Address = "/run/containerd/containerd.sock"
+		cfg.Address = DefaultAddress
 	}
 	if cfg.Namespace == "" {
 		cfg.Namespace = "shoal"
@@ -496,12 +499,11 @@ type Handle struct {
 	name    string
 	logPath string
 	pid     int
-	done    chan struct{}
 	cancel  context.CancelFunc
+	*engine.Exit
 
 	mu      sync.Mutex
-	err     error // guarded by mu
-	deleted bool  // guarded by mu
+	deleted bool // guarded by mu
 }
 
 // watch waits for the task's exit in the background.
@@ -512,21 +514,20 @@ func (r *Runtime) watch(ctr ctd.Container, task ctd.Task, name, logPath string) 
 		cancel()
 		return nil, fmt.Errorf("wait %s: %w", name, err)
 	}
-	h := &Handle{rt: r, ctr: ctr, task: task, name: name, logPath: logPath, done: make(chan struct{}), cancel: cancel}
+	h := &Handle{rt: r, ctr: ctr, task: task, name: name, logPath: logPath, cancel: cancel, Exit: engine.NewExit()}
 	go func() {
 		st := <-statusC
 		code, _, werr := st.Result()
-		h.mu.Lock()
+		var err error
 		switch {
 		case werr != nil:
-			h.err = fmt.Errorf("wait: %w", werr)
+			err = fmt.Errorf("wait: %w", werr)
 		case code > 128 && code < 128+65:
-			h.err = &engine.ExitError{Code: int(code), Signal: unix.SignalName(syscall.Signal(code - 128))}
+			err = &engine.ExitError{Code: int(code), Signal: unix.SignalName(syscall.Signal(code - 128))}
 		case code != 0:
-			h.err = &engine.ExitError{Code: int(code)}
+			err = &engine.ExitError{Code: int(code)}
 		}
-		h.mu.Unlock()
-		close(h.done)
+		h.Finish(err)
 	}()
 	return h, nil
 }
@@ -540,16 +541,6 @@ func (h *Handle) Pid() int { return h.pid }
 // LogPath is the file the shim writes the task's output to.
 func (h *Handle) LogPath() string { return h.logPath }
 
-// Done is closed when the task has exited.
-func (h *Handle) Done() <-chan struct{} { return h.done }
-
-// Err is the task's exit after Done.
-func (h *Handle) Err() error {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.err
-}
-
 // Record names the container for adoption.
 func (h *Handle) Record() engine.Record {
 	return engine.Record{Name: h.name, Pid: h.pid, Runtime: "containerd", Container: h.ctr.ID(), Log: h.logPath}
@@ -560,21 +551,21 @@ func (h *Handle) Record() engine.Record {
 func (h *Handle) Stop(ctx context.Context, grace time.Duration) error {
 	ctx = h.rt.ctx(context.WithoutCancel(ctx))
 	select {
-	case <-h.done:
+	case <-h.Done():
 	default:
 		_ = h.task.Kill(ctx, syscall.SIGTERM, ctd.WithKillAll)
 		t := time.NewTimer(grace)
 		select {
-		case <-h.done:
+		case <-h.Done():
 		case <-t.C:
 		}
 		t.Stop()
 		select {
-		case <-h.done:
+		case <-h.Done():
 		default:
 			_ = h.task.Kill(ctx, syscall.SIGKILL, ctd.WithKillAll)
 			select {
-			case <-h.done:
+			case <-h.Done():
 			case <-time.After(10 * time.Second):
 				return fmt.Errorf("stop %s (container %s): still running 10s after SIGKILL", h.name, h.ctr.ID())
 			}

@@ -1,14 +1,15 @@
 package process
 
 import (
+	"bytes"
 	"context"
 	"errors"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
-	"sync"
 	"syscall"
 	"time"
 
@@ -37,9 +38,7 @@ type Handle struct {
 	ticks   uint64
 	name    string
 	logPath string
-	done    chan struct{}
-	mu      sync.Mutex
-	err     error // guarded by mu; the exit error once done is closed
+	*engine.Exit
 }
 
 // Start runs c in a new process group with exactly engine.ProcessEnv(c) as
@@ -67,14 +66,11 @@ func (r *Runtime) Start(_ context.Context, c engine.Command) (engine.Handle, err
 		return nil, fmt.Errorf("start %s (%s): %w", c.Name, c.Path, err)
 	}
 	ticks, _ := StartTicks(cmd.Process.Pid)
-	h := &Handle{pid: cmd.Process.Pid, ticks: ticks, name: c.Name, logPath: logPath, done: make(chan struct{})}
+	h := &Handle{pid: cmd.Process.Pid, ticks: ticks, name: c.Name, logPath: logPath, Exit: engine.NewExit()}
 	lf.Close() // the child holds its own descriptor
 	go func() {
 		err := cmd.Wait()
-		h.mu.Lock()
-		h.err = exitError(err)
-		h.mu.Unlock()
-		close(h.done)
+		h.Finish(exitError(err))
 	}()
 	return h, nil
 }
@@ -113,7 +109,7 @@ func (r *Runtime) Adopt(_ context.Context, rec engine.Record) (engine.Handle, er
 	if log == "" {
 		log = filepath.Join(r.LogDir, rec.Name+".log")
 	}
-	h := &Handle{pid: rec.Pid, ticks: st, name: rec.Name, logPath: log, done: make(chan struct{})}
+	h := &Handle{pid: rec.Pid, ticks: st, name: rec.Name, logPath: log, Exit: engine.NewExit()}
 	go func() {
 		defer unix.Close(fd)
 		fds := []unix.PollFd{{Fd: int32(fd), Events: unix.POLLIN}}
@@ -122,10 +118,7 @@ func (r *Runtime) Adopt(_ context.Context, rec engine.Record) (engine.Handle, er
 				break
 			}
 		}
-		h.mu.Lock()
-		h.err = &engine.ExitError{Unknown: true}
-		h.mu.Unlock()
-		close(h.done)
+		h.Finish(&engine.ExitError{Unknown: true})
 	}()
 	return h, nil
 }
@@ -133,12 +126,8 @@ func (r *Runtime) Adopt(_ context.Context, rec engine.Record) (engine.Handle, er
 // zombie: the process exited and waits to be reaped by a parent that is not
 // us; it is gone for our purposes.
 func zombie(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return true
-	}
-	i := strings.LastIndexByte(string(b), ')')
-	return i < 0 || i+2 >= len(b) || b[i+2] == 'Z' || b[i+2] == 'X'
+	st, err := State(pid)
+	return err != nil || st == 'Z' || st == 'X'
 }
 
 // Exec runs c on the host (the engine's processes are host processes) and
@@ -164,21 +153,11 @@ func (h *Handle) Name() string { return h.name }
 // LogPath is where its output goes.
 func (h *Handle) LogPath() string { return h.logPath }
 
-// Done is closed when the process has exited.
-func (h *Handle) Done() <-chan struct{} { return h.done }
-
-// Err is the exit error after Done (nil for exit 0).
-func (h *Handle) Err() error {
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	return h.err
-}
-
 // Stop sends SIGTERM to the group, then SIGKILL after grace, and waits for the
 // exit up to a further bound. It is safe to call more than once.
 func (h *Handle) Stop(ctx context.Context, grace time.Duration) error {
 	select {
-	case <-h.done:
+	case <-h.Done():
 		killGroup(h.Pid(), syscall.SIGKILL) // children that outlived the leader
 		return nil
 	default:
@@ -187,7 +166,7 @@ func (h *Handle) Stop(ctx context.Context, grace time.Duration) error {
 	t := time.NewTimer(grace)
 	defer t.Stop()
 	select {
-	case <-h.done:
+	case <-h.Done():
 		killGroup(h.Pid(), syscall.SIGKILL)
 		return nil
 	case <-t.C:
@@ -195,7 +174,7 @@ func (h *Handle) Stop(ctx context.Context, grace time.Duration) error {
 	}
 	_ = killGroup(h.Pid(), syscall.SIGKILL)
 	select {
-	case <-h.done:
+	case <-h.Done():
 		return nil
 	case <-time.After(5 * time.Second):
 		return fmt.Errorf("stop %s (pid %d): still running 5s after SIGKILL", h.name, h.Pid())
@@ -210,60 +189,41 @@ func killGroup(pgid int, sig syscall.Signal) error {
 	return err
 }
 
-// KillGroup SIGKILLs a process group left from an earlier agent run, if its
-// leader is still the process that was started (same start time in /proc).
-func KillGroup(pid int, startTicks uint64) {
-	if pid <= 0 {
-		return
+// stat returns the fields of /proc/PID/stat that follow the command name
+// (which may hold spaces and parentheses): [0] is field 3, the state.
+func stat(pid int) ([]string, error) {
+	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	if err != nil {
+		return nil, err
 	}
-	if st, err := StartTicks(pid); err != nil || st != startTicks {
-		return
+	i := bytes.LastIndexByte(b, ')')
+	if i < 0 {
+		return nil, fmt.Errorf("parse /proc/%d/stat", pid)
 	}
-	_ = killGroup(pid, syscall.SIGKILL)
+	return strings.Fields(string(b[i+1:])), nil
 }
 
 // StartTicks reads a process's start time (field 22 of /proc/PID/stat), which
 // tells a live process from a recycled pid.
 func StartTicks(pid int) (uint64, error) {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
+	f, err := stat(pid)
 	if err != nil {
 		return 0, err
 	}
-	// The command name (field 2) may hold spaces; fields after it follow the last ')'.
-	i := len(b) - 1
-	for i >= 0 && b[i] != ')' {
-		i--
+	if len(f) < 20 {
+		return 0, fmt.Errorf("parse /proc/%d/stat: short", pid)
 	}
-	if i < 0 {
-		return 0, fmt.Errorf("parse /proc/%d/stat", pid)
-	}
-	var v uint64
-	field := 2
-	for _, f := range splitFields(string(b[i+1:])) {
-		field++
-		if field == 22 {
-			_, err := fmt.Sscan(f, &v)
-			return v, err
-		}
-	}
-	return 0, fmt.Errorf("parse /proc/%d/stat: short", pid)
+	return strconv.ParseUint(f[19], 10, 64)
 }
 
-func splitFields(s string) []string {
-	var out []string
-	start := -1
-	for i, r := range s {
-		if r == ' ' || r == '\n' {
-			if start >= 0 {
-				out = append(out, s[start:i])
-				start = -1
-			}
-		} else if start < 0 {
-			start = i
-		}
+// State is a process's state letter from /proc (R, S, D, T stopped, Z zombie, …).
+func State(pid int) (byte, error) {
+	f, err := stat(pid)
+	if err != nil {
+		return 0, err
 	}
-	if start >= 0 {
-		out = append(out, s[start:])
+	if len(f) == 0 || f[0] == "" {
+		return 0, fmt.Errorf("parse /proc/%d/stat: no state", pid)
 	}
-	return out
+	return f[0][0], nil
 }

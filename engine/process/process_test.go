@@ -57,3 +57,18 @@ func TestStartTicks(t *testing.T) {
 	_, err = StartTicks(1 << 30)
 	require.Error(t, err)
 }
+
+func TestState(t *testing.T) {
+	st, err := State(os.Getpid())
+	require.NoError(t, err)
+	require.Contains(t, "RS", string(st), "this test is running or sleeping")
+	_, err = State(1 << 30)
+	require.Error(t, err)
+	// A stopped child reads T, and a dead one not yet reaped reads Z.
+	h, err := New(t.TempDir()).Start(context.Background(), engine.Command{Name: "sleep", Path: "/bin/sleep", Args: []string{"30"}})
+	require.NoError(t, err)
+	defer h.Stop(context.Background(), time.Second) //nolint:errcheck
+	require.NoError(t, syscall.Kill(h.Pid(), syscall.SIGSTOP))
+	require.Eventually(t, func() bool { st, _ := State(h.Pid()); return st == 'T' }, 5*time.Second, 10*time.Millisecond)
+	require.NoError(t, syscall.Kill(h.Pid(), syscall.SIGCONT))
+}

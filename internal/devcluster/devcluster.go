@@ -261,8 +261,9 @@ func (c *Cluster) spawn(name string, env []string, args ...string) (*proc, error
 	return p, nil
 }
 
-// enginePids reads the engine process groups an agent recorded.
-func (c *Cluster) enginePids(id string) []int {
+// EnginePids reads the engine process groups agent id recorded in its state
+// file, in start order.
+func (c *Cluster) EnginePids(id string) []int {
 	b, err := os.ReadFile(filepath.Join(c.cfg.Dir, id, "state.json"))
 	if err != nil {
 		return nil
@@ -292,7 +293,7 @@ func (c *Cluster) Kill(id string) error {
 	if !ok {
 		return fmt.Errorf("no agent %s", id)
 	}
-	pids := c.enginePids(id)
+	pids := c.EnginePids(id)
 	_ = syscall.Kill(-p.cmd.Process.Pid, syscall.SIGKILL)
 	for _, p := range pids {
 		_ = syscall.Kill(-p, syscall.SIGKILL)
@@ -350,7 +351,7 @@ func (c *Cluster) SignalHost(i int, sig syscall.Signal) error {
 		return fmt.Errorf("no agent %s", NodeID(i))
 	}
 	_ = syscall.Kill(-p.cmd.Process.Pid, sig)
-	for _, e := range c.enginePids(NodeID(i)) {
+	for _, e := range c.EnginePids(NodeID(i)) {
 		_ = syscall.Kill(-e, sig)
 	}
 	return nil
@@ -380,7 +381,7 @@ func (c *Cluster) Stop() {
 	signalAll(all, syscall.SIGTERM)
 	waitAll(all, 12*time.Second)
 	for _, id := range c.order {
-		for _, p := range c.enginePids(id) {
+		for _, p := range c.EnginePids(id) {
 			_ = syscall.Kill(-p, syscall.SIGKILL)
 		}
 	}

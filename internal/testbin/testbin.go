@@ -3,10 +3,12 @@
 package testbin
 
 import (
+	"flag"
 	"fmt"
 	"os"
 	"os/exec"
 	"path/filepath"
+	"testing"
 )
 
 // Build compiles cmd/shoal and cmd/shoal-sim into a new temporary directory
@@ -27,4 +29,23 @@ func Build() (string, error) {
 		}
 	}
 	return dir, nil
+}
+
+// Main is a TestMain for such packages: under -short it runs nothing (they
+// start real processes), else it builds the binaries into *binDir, runs the
+// tests and removes them.
+func Main(m *testing.M, binDir *string) {
+	flag.Parse()
+	if testing.Short() {
+		os.Exit(0)
+	}
+	dir, err := Build()
+	if err != nil {
+		fmt.Fprintln(os.Stderr, err)
+		os.Exit(2)
+	}
+	*binDir = dir
+	code := m.Run()
+	os.RemoveAll(dir)
+	os.Exit(code)
 }

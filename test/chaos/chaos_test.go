@@ -3,7 +3,6 @@ package chaos
 import (
 	"context"
 	"encoding/json"
-	"flag"
 	"fmt"
 	"math/rand"
 	"net/http"
@@ -26,20 +25,7 @@ import (
 
 var binDir string
 
-func TestMain(m *testing.M) {
-	flag.Parse()
-	if testing.Short() {
-		os.Exit(0)
-	}
-	dir, err := testbin.Build()
-	if err != nil {
-		panic(err)
-	}
-	binDir = dir
-	code := m.Run()
-	os.RemoveAll(dir)
-	os.Exit(code)
-}
+func TestMain(m *testing.M) { testbin.Main(m, &binDir) }
 
 const desired = 2
 
@@ -342,7 +328,7 @@ var scenarios = []scenario{
 		f.check = func() []string {
 			var bad []string
 			specAfter, err := s.shoal("get", "deployment", "demo", "-o", "json")
-			if err != nil || stripStatus(specAfter) != stripStatus(specBefore) {
+			if err != nil || specFields(specAfter) != specFields(specBefore) {
 				bad = append(bad, "invariant 4: the deployment spec changed across a coordinator restart")
 			}
 			if g := groups(s.replicas()); g != groupsBefore {
@@ -429,9 +415,9 @@ func groups(rs []replica) string {
 	return strings.Join(g, " ")
 }
 
-// stripStatus keeps what `get deployment -o json` says of the spec (name,
+// specFields keeps what `get deployment -o json` says of the spec (name,
 // model, engine, nodes, desired replicas, creation time), not the ready count.
-func stripStatus(s string) string {
+func specFields(s string) string {
 	var m struct {
 		Deployments []map[string]any `json:"deployments"`
 	}

@@ -13,6 +13,8 @@ import (
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/shoalhq/shoal/engine/process"
 )
 
 // Req is one request the load generator sent, and what became of it.
@@ -246,19 +248,8 @@ func (w *Watch) sample() {
 // runningProc: the process exists, is not a zombie and is not stopped
 // (SIGSTOP): it could be computing.
 func runningProc(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return false
-	}
-	i := strings.LastIndexByte(string(b), ')')
-	if i < 0 || i+2 >= len(b) {
-		return false
-	}
-	switch b[i+2] {
-	case 'Z', 'X', 'T', 't':
-		return false
-	}
-	return true
+	st, err := process.State(pid)
+	return err == nil && st != 'Z' && st != 'X' && st != 'T' && st != 't'
 }
 
 // Dual returns invariant-1 violations so far.
@@ -268,7 +259,7 @@ func (w *Watch) Dual() []string {
 	return append([]string(nil), w.dual...)
 }
 
-// HeadPids returns the running head engine pids by group.
+// HeadEngines returns the running head engines, by group.
 func (w *Watch) HeadEngines() []headEngine {
 	w.mu.Lock()
 	defer w.mu.Unlock()

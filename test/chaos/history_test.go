@@ -5,6 +5,7 @@ import (
 	"net/http"
 	"net/http/httptest"
 	"os"
+	"os/exec"
 	"strconv"
 	"strings"
 	"testing"
@@ -74,14 +75,23 @@ func TestWatchFindsTwoHeads(t *testing.T) {
 	require.NoError(t, os.WriteFile(dir+"/b.log", []byte(line("b", 2, self+0)+
 		"time=2026-11-28T10:00:05.000Z level=INFO msg=\"claimed head\" component=agent node=b group=g1 epoch=1 term=2\n"), 0o644))
 	w := NewWatch(func() map[string]string { return map[string]string{"a": dir + "/a.log", "b": dir + "/b.log"} })
-	// Same pid on both nodes: the map keeps one; give b another live pid.
 	w.scan()
+	require.Len(t, w.engines, 1, "both logs name this pid; the later line wins")
+	// Give b a live head engine of its own: a child process.
+	child := exec.Command("sleep", "30")
+	require.NoError(t, child.Start())
+	defer func() { _ = child.Process.Kill(); _ = child.Wait() }()
 	w.engines[self] = headEngine{node: "a", group: "g1", epoch: 1, term: 1, pid: self}
-	w.engines[1] = headEngine{node: "b", group: "g1", epoch: 1, term: 2, pid: 1}
-	if runningProc(1) {
-		w.sample()
-		require.NotEmpty(t, w.Dual(), "two nodes with a running head engine of g1")
-	}
+	w.engines[child.Process.Pid] = headEngine{node: "b", group: "g1", epoch: 1, term: 2, pid: child.Process.Pid}
+	w.sample()
+	require.Len(t, w.Dual(), 1, "two nodes with a running head engine of g1")
+	require.Contains(t, w.Dual()[0], "a(epoch 1 term 1")
+	// Once b's engine is gone, the next sample finds one head.
+	_ = child.Process.Kill()
+	_ = child.Wait()
+	w.sample()
+	require.Len(t, w.Dual(), 1)
+	require.False(t, w.ExitedAt(child.Process.Pid).IsZero(), "the sampler saw the engine exit")
 	at := func(s string) time.Time { v, _ := time.Parse(time.RFC3339, s); return v }
 	bad := w.Superseded([]Req{
 		{Start: at("2026-11-28T10:00:05Z"), Group: "g1", Epoch: 1, Term: 1}, // within the 1 s slack

@@ -2,8 +2,6 @@ package e2e
 
 import (
 	"context"
-	"encoding/json"
-	"fmt"
 	"net/http"
 	"os"
 	"path/filepath"
@@ -15,35 +13,15 @@ import (
 	"github.com/openai/openai-go/v3/option"
 	"github.com/stretchr/testify/require"
 
+	"github.com/shoalhq/shoal/engine/process"
 	"github.com/shoalhq/shoal/internal/devcluster"
 )
-
-// enginePids reads the engine pids an agent persisted.
-func (e *env) enginePids(node string) []int {
-	b, err := os.ReadFile(filepath.Join(e.dir, node, "state.json"))
-	require.NoError(e.t, err)
-	var st struct {
-		Engines []struct {
-			Pid int `json:"pid"`
-		} `json:"engines"`
-	}
-	require.NoError(e.t, json.Unmarshal(b, &st))
-	var out []int
-	for _, x := range st.Engines {
-		out = append(out, x.Pid)
-	}
-	return out
-}
 
 // alive: the process exists and is not a zombie (an engine whose agent
 // exited is reaped by init, whenever init gets to it).
 func alive(pid int) bool {
-	b, err := os.ReadFile(fmt.Sprintf("/proc/%d/stat", pid))
-	if err != nil {
-		return false
-	}
-	i := strings.LastIndexByte(string(b), ')')
-	return i > 0 && i+2 < len(b) && b[i+2] != 'Z' && b[i+2] != 'X'
+	st, err := process.State(pid)
+	return err == nil && st != 'Z' && st != 'X'
 }
 
 // TestAgentRestartKeepsEnginesServing: while a long streaming completion runs
@@ -70,7 +48,7 @@ func TestAgentRestartKeepsEnginesServing(t *testing.T) {
 		}
 	}
 	require.NotEmpty(t, worker)
-	pids := map[string][]int{before.Head: e.enginePids(before.Head), worker: e.enginePids(worker)}
+	pids := map[string][]int{before.Head: e.c.EnginePids(before.Head), worker: e.c.EnginePids(worker)}
 	require.Len(t, pids[before.Head], 2, "ray head and vllm serve")
 	require.Len(t, pids[worker], 1, "ray worker")
 
@@ -124,7 +102,7 @@ func TestAgentRestartKeepsEnginesServing(t *testing.T) {
 	}
 	// The same engines run: same pids, alive, recorded again by the new agents.
 	for node, ps := range pids {
-		require.Equal(t, ps, e.enginePids(node), "%s's engines were adopted, not restarted", node)
+		require.Equal(t, ps, e.c.EnginePids(node), "%s's engines were adopted, not restarted", node)
 		for _, p := range ps {
 			require.True(t, alive(p), "engine pid %d on %s alive", p, node)
 		}

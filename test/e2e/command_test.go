@@ -15,23 +15,6 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// enginePids reads the engine processes an agent recorded.
-func enginePids(t *testing.T, stateDir string) []int {
-	b, err := os.ReadFile(filepath.Join(stateDir, "state.json"))
-	require.NoError(t, err)
-	var st struct {
-		Engines []struct {
-			Pid int `json:"pid"`
-		} `json:"engines"`
-	}
-	require.NoError(t, json.Unmarshal(b, &st))
-	var out []int
-	for _, e := range st.Engines {
-		out = append(out, e.Pid)
-	}
-	return out
-}
-
 // TestCommandEngineTorch runs examples/torch-tp (a real torch.distributed
 // program; gloo on this CPU machine, NCCL on GPUs) through the command engine
 // kind on two agents: rank 0 on the elected head, a completion computed by
@@ -81,7 +64,7 @@ func TestCommandEngineTorch(t *testing.T) {
 		}
 	}
 	require.NotEmpty(t, worker)
-	pids := enginePids(t, filepath.Join(e.dir, worker))
+	pids := e.c.EnginePids(worker)
 	require.Len(t, pids, 1)
 	require.NoError(t, syscall.Kill(pids[0], syscall.SIGKILL))
 	killed := time.Now()
@@ -98,7 +81,7 @@ func TestCommandEngineTorch(t *testing.T) {
 	require.Equal(t, 200, code, "%v", v)
 	t.Logf("TORCH: worker rank killed; replica not serving after %.2fs, serving again after %.2fs", notServing.Seconds(), back.Seconds())
 	// No orphan: exactly one engine process per member, all recorded and alive.
-	all := append(enginePids(t, filepath.Join(e.dir, "node-1")), enginePids(t, filepath.Join(e.dir, "node-2"))...)
+	all := append(e.c.EnginePids("node-1"), e.c.EnginePids("node-2")...)
 	require.Len(t, all, 2)
 	require.NotContains(t, all, pids[0])
 	for _, p := range all {

@@ -127,7 +127,7 @@ func TestContainerdReplica(t *testing.T) {
 			worker = m
 		}
 	}
-	wp := e.enginePids(worker)
+	wp := e.c.EnginePids(worker)
 	require.Len(t, wp, 1)
 	killed := time.Now()
 	require.NoError(t, syscall.Kill(wp[0], syscall.SIGKILL))

@@ -2,7 +2,6 @@ package e2e
 
 import (
 	"net/http"
-	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -65,8 +64,10 @@ func TestNativeEngines(t *testing.T) {
 	out, err = e.shoal("logs", "no-such-replica")
 	require.Error(t, err)
 	require.Contains(t, out, "not found")
-	headPid := enginePids(t, filepath.Join(e.dir, rep.Head))[0]
-	workerPid := enginePids(t, filepath.Join(e.dir, worker))[0]
+	headPids, workerPids := e.c.EnginePids(rep.Head), e.c.EnginePids(worker)
+	require.NotEmpty(t, headPids, "the head recorded its engine")
+	require.NotEmpty(t, workerPids, "the worker recorded its engine")
+	headPid, workerPid := headPids[0], workerPids[0]
 	require.NoError(t, syscall.Kill(headPid, syscall.SIGKILL))
 	killed := time.Now()
 	require.Eventually(t, func() bool { return syscall.Kill(workerPid, 0) != nil }, 15*time.Second, 50*time.Millisecond,

@@ -24,9 +24,9 @@ func TestWorkerRayKilledStopsGroup(t *testing.T) {
 			worker = m
 		}
 	}
-	headPids := e.enginePids(before.Head)
+	headPids := e.c.EnginePids(before.Head)
 	require.Len(t, headPids, 2)
-	wp := e.enginePids(worker)
+	wp := e.c.EnginePids(worker)
 	require.Len(t, wp, 1)
 	killed := time.Now()
 	require.NoError(t, syscall.Kill(wp[0], syscall.SIGKILL))

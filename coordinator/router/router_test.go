@@ -1,6 +1,7 @@
 package router
 
 import (
+	"context"
 	"encoding/json"
 	"io"
 	"log/slog"
@@ -245,4 +246,92 @@ func FuzzAPIKeysFile(f *testing.F) {
 			t.Fatal("a file that loads must hold keys")
 		}
 	})
+}
+
+// TestClientDisconnectCancelsEngineRequest: a client that goes away, while
+// streaming or while waiting for a long non-streamed answer, ends the
+// engine's request (vLLM aborts it and frees its KV cache) within a second.
+func TestClientDisconnectCancelsEngineRequest(t *testing.T) {
+	aborted := make(chan string, 4)
+	eng := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		b, _ := io.ReadAll(r.Body)
+		stream := strings.Contains(string(b), `"stream":true`)
+		if stream {
+			w.Header().Set("Content-Type", "text/event-stream")
+		}
+		tick := time.NewTicker(20 * time.Millisecond)
+		defer tick.Stop()
+		for i := 0; i < 500; i++ { // 10 s of tokens
+			select {
+			case <-r.Context().Done():
+				aborted <- map[bool]string{true: "stream", false: "whole"}[stream]
+				return
+			case <-tick.C:
+				if stream {
+					_, _ = io.WriteString(w, "data: tok\n\n")
+					w.(http.Flusher).Flush()
+				}
+			}
+		}
+		_, _ = io.WriteString(w, `{"done":true}`)
+	}))
+	defer eng.Close()
+	r, _ := newRouter(&Endpoint{Model: "m", Addr: addr(eng), Group: "g"})
+	front := httptest.NewServer(r.Handler())
+	defer front.Close()
+	for _, kind := range []string{"stream", "whole"} {
+		t.Run(kind, func(t *testing.T) {
+			body := `{"model":"m"}`
+			if kind == "stream" {
+				body = `{"model":"m","stream":true}`
+			}
+			ctx, cancel := context.WithCancel(context.Background())
+			req, _ := http.NewRequestWithContext(ctx, "POST", front.URL+"/v1/completions", strings.NewReader(body))
+			done := make(chan struct{})
+			go func() {
+				defer close(done)
+				resp, err := front.Client().Do(req)
+				if err == nil {
+					buf := make([]byte, 64)
+					_, _ = resp.Body.Read(buf) // the first event
+					cancel()
+					resp.Body.Close()
+				}
+			}()
+			if kind == "whole" {
+				time.Sleep(200 * time.Millisecond) // the engine is computing
+				cancel()
+			}
+			<-done
+			start := time.Now()
+			select {
+			case k := <-aborted:
+				require.Equal(t, kind, k)
+			case <-time.After(2 * time.Second):
+				t.Fatal("the engine's request went on after the client left")
+			}
+			require.Less(t, time.Since(start), time.Second)
+		})
+	}
+}
+
+// TestTotalTimeout: a configured total timeout answers 504 before any byte
+// and cuts a stream after it; the default has none.
+func TestTotalTimeout(t *testing.T) {
+	slow := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.ReadAll(r.Body)
+		select {
+		case <-time.After(5 * time.Second):
+		case <-r.Context().Done():
+		}
+	}))
+	defer slow.Close()
+	tb := NewTable()
+	tb.Set(NewSnapshot(nil, []*Endpoint{{Model: "m", Addr: addr(slow)}}))
+	r := New(tb, slog.New(slog.NewTextHandler(io.Discard, nil)), Config{TotalTimeout: 200 * time.Millisecond})
+	start := time.Now()
+	rec := do(t, r.Handler(), `{"model":"m"}`, nil)
+	require.Equal(t, 504, rec.Code, rec.Body.String())
+	require.Equal(t, "timeout", errBody(t, rec)["code"])
+	require.Less(t, time.Since(start), 2*time.Second)
 }

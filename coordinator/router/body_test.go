@@ -49,5 +49,5 @@ func TestBodyClass(t *testing.T) {
 	for n, c := range map[int]int{0: 12, 4096: 12, 4097: 13, 200 << 10: 18, 4 << 20: 22, 5 << 20: 22} {
 		require.Equal(t, c, bodyClass(n), "n=%d", n)
 	}
-	require.Equal(t, 5<<20, cap(*getBody(5<<20)), "over the largest class: exact size, not pooled")
+	require.Equal(t, 5<<20, cap(*getBody(5 << 20)), "over the largest class: exact size, not pooled")
 }

@@ -27,8 +27,9 @@ type upstream struct {
 	maxIdle int           // pooled connections per backend
 	idleFor time.Duration // pooled connections older than this are closed, not reused
 
-	mu   sync.Mutex
-	idle map[string][]*upConn
+	mu    sync.Mutex
+	idle  map[string][]*upConn
+	swept time.Time // last sweep of expired connections
 }
 
 // upIdleFor stays under uvicorn's keep-alive timeout (5 s), which vLLM's
@@ -80,6 +81,9 @@ func (u *upstream) put(c *upConn) {
 	_ = c.SetDeadline(time.Time{})
 	c.last = time.Now()
 	u.mu.Lock()
+	if c.last.Sub(u.swept) > u.idleFor {
+		u.sweepLocked(c.last)
+	}
 	if l := u.idle[c.addr]; len(l) < u.maxIdle {
 		u.idle[c.addr] = append(l, c)
 		u.mu.Unlock()
@@ -87,6 +91,28 @@ func (u *upstream) put(c *upConn) {
 	}
 	u.mu.Unlock()
 	_ = c.Close()
+}
+
+// sweepLocked closes expired pooled connections of every backend, so those
+// of a backend that went away (no more requests to find them) do not linger.
+func (u *upstream) sweepLocked(now time.Time) {
+	u.swept = now
+	for a, l := range u.idle {
+		keep := l[:0]
+		for _, c := range l {
+			if now.Sub(c.last) < u.idleFor {
+				keep = append(keep, c)
+			} else {
+				_ = c.Close()
+			}
+		}
+		clear(l[len(keep):])
+		if len(keep) == 0 {
+			delete(u.idle, a)
+		} else {
+			u.idle[a] = keep
+		}
+	}
 }
 
 // closeIdle closes every pooled connection (the router is shutting down, tests).

@@ -349,3 +349,26 @@ func FuzzUpstreamResponse(f *testing.F) {
 		_ = r.Close()
 	})
 }
+
+// TestUpstreamSweepsGoneBackends: pooled connections to a backend nobody
+// sends to any more are closed once they expire, found by traffic to others.
+func TestUpstreamSweepsGoneBackends(t *testing.T) {
+	ok := func(int) (string, bool) { return "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false }
+	gone, live := newRawEngine(t, ok), newRawEngine(t, ok)
+	u := newUpstream()
+	defer u.closeIdle()
+	u.idleFor = 50 * time.Millisecond
+	for _, e := range []*rawEngine{gone, live} {
+		r, err := u.do(context.Background(), e.ln.Addr().String(), "POST", "/x", nil, nil, time.Second)
+		require.NoError(t, err)
+		readAll(t, r)
+	}
+	time.Sleep(80 * time.Millisecond)
+	r, err := u.do(context.Background(), live.ln.Addr().String(), "POST", "/x", nil, nil, time.Second)
+	require.NoError(t, err)
+	readAll(t, r)
+	u.mu.Lock()
+	defer u.mu.Unlock()
+	require.NotContains(t, u.idle, gone.ln.Addr().String())
+	require.Len(t, u.idle[live.ln.Addr().String()], 1)
+}

@@ -60,12 +60,7 @@ FUZZTIME ?= 5s
 ## fuzz: run every fuzz target for FUZZTIME each (CI runs a bounded 5 s per target;
 ## `make test` always replays the committed seed corpora).
 fuzz:
-	@for pkg in $$($(GO) list ./...); do \
-	  for f in $$($(GO) test -list '^Fuzz' $$pkg 2>/dev/null | grep '^Fuzz' || true); do \
-	    echo "== fuzz $$f ($$pkg, $(FUZZTIME))"; \
-	    $(GO) test -run '^$$' -fuzz "^$${f}\$$" -fuzztime $(FUZZTIME) $$pkg | grep -v '^fuzz: elapsed' ; \
-	  done; \
-	done
+	GO="$(GO)" FUZZTIME=$(FUZZTIME) scripts/fuzz.sh
 
 # Package version: 0.1.0 plus the commit (semver build metadata).
 PKG_VERSION ?= 0.1.0+g$(shell git rev-parse --short HEAD 2>/dev/null || echo unknown)

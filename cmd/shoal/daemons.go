@@ -243,7 +243,7 @@ var idleTimeoutFlag = &cli.DurationFlag{Name: "idle-timeout", Value: 10 * time.M
 	Usage: "end a response when the engine sends nothing for this long"}
 
 var totalTimeoutFlag = &cli.DurationFlag{Name: "total-timeout", EnvVars: []string{"SHOAL_ROUTER_TOTAL_TIMEOUT"},
-	Usage: "bound a whole request (0: none, so long reasoning streams are never cut)"}
+	Usage: "bound a whole request: 504 if no answer began, the stream ended if one did (0: none, so long reasoning streams are never cut)"}
 
 var holdForFlag = &cli.DurationFlag{Name: "hold-for", Value: 30 * time.Second, EnvVars: []string{"SHOAL_ROUTER_HOLD_FOR"},
 	Usage: "hold a request for a model with no ready replica this long (scale from zero, restarts) before answering 503"}

@@ -181,7 +181,7 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	}
 	srv := grpc.NewServer(c.cfg.TLS.ServerOptions(security.CoordinatorPolicy, true)...)
 	coordv1.RegisterCoordinatorServer(srv, &apiServer{c: c})
-	var httpSrv *http.Server
+	var httpSrv *router.Server
 	if c.cfg.RouterAddr != "" {
 		rl, err := net.Listen("tcp", c.cfg.RouterAddr)
 		if err != nil {
@@ -191,8 +191,8 @@ func (c *Coordinator) Run(ctx context.Context) error {
 		rc := c.cfg.Router
 		rc.OnDemand = c.Demand
 		rc.Registry = c.reg // one /metrics for the router and the autoscaler
-		httpSrv = &http.Server{Handler: router.New(c.table, c.cfg.Logger, rc).Handler(), ReadHeaderTimeout: 10 * time.Second}
-		go func() { _ = httpSrv.Serve(rl) }()
+		httpSrv = router.New(c.table, c.cfg.Logger, rc).NewServer(rl)
+		go func() { _ = httpSrv.Serve() }()
 	}
 	var metricsSrv *http.Server
 	if c.cfg.MetricsAddr != "" {

@@ -153,7 +153,7 @@ func (r *Router) allowed(w http.ResponseWriter, req *http.Request) ([]string, bo
 	if !r.cfg.APIKeys.enabled() {
 		return nil, true
 	}
-	tok, found := strings.CutPrefix(req.Header.Get("Authorization"), "Bearer ")
+	tok, found := strings.CutPrefix(hget(req.Header, "Authorization"), "Bearer ")
 	var k *keyState
 	if found && tok != "" {
 		k = r.cfg.APIKeys.lookup(tok)
@@ -319,15 +319,6 @@ var (
 )
 
 func (r *Router) proxy(w http.ResponseWriter, req *http.Request) {
-	rid := req.Header.Get("X-Request-Id")
-	if rid == "" {
-		rid = requestID()
-	}
-	w.Header().Set("X-Request-Id", rid)
-	allow, ok := r.allowed(w, req)
-	if !ok {
-		return
-	}
 	body, bp, err := readBody(http.MaxBytesReader(w, req.Body, r.cfg.MaxBody), req.ContentLength, r.cfg.MaxBody)
 	defer putBody(bp)
 	if err != nil {
@@ -337,6 +328,21 @@ func (r *Router) proxy(w http.ResponseWriter, req *http.Request) {
 			return
 		}
 		writeError(w, 400, "invalid_request_error", "", "", "could not read the request body: "+err.Error())
+		return
+	}
+	r.serve(w, req, body)
+}
+
+// serve routes one request whose body has been read: through net/http
+// (proxy) or the fast path of Server.
+func (r *Router) serve(w http.ResponseWriter, req *http.Request, body []byte) {
+	rid := hget(req.Header, "X-Request-Id")
+	if rid == "" {
+		rid = requestID()
+	}
+	w.Header()["X-Request-Id"] = []string{rid}
+	allow, ok := r.allowed(w, req)
+	if !ok {
 		return
 	}
 	// gjson reads "model" without decoding the (possibly huge) prompt: the
@@ -360,7 +366,7 @@ func (r *Router) proxy(w http.ResponseWriter, req *http.Request) {
 		return
 	}
 	model := mr.Str
-	strategy := req.Header.Get("routing-strategy")
+	strategy := hget(req.Header, "Routing-Strategy")
 	if strategy == "" {
 		strategy = DefaultStrategy
 	}
@@ -376,7 +382,7 @@ func (r *Router) proxy(w http.ResponseWriter, req *http.Request) {
 	if len(eps) == 0 && r.cfg.HoldFor > 0 {
 		eps = r.hold(req.Context(), model)
 	}
-	h := hint{model: model, session: req.Header.Get("x-session-id")}
+	h := hint{model: model, session: hget(req.Header, "X-Session-Id")}
 	if strategy == StrategyPrefixCache || strategy == StrategyPrefixAIBrix {
 		h.prefix = prefixHashes(promptText(body, r.cfg.PrefixBytes), r.cfg.PrefixBytes)
 	}
@@ -461,11 +467,11 @@ func (r *Router) forward(ctx context.Context, w http.ResponseWriter, req *http.R
 	var hb [6]upHeader
 	hdr := hb[:0]
 	for _, hd := range passHeaders {
-		if v := req.Header.Get(hd); v != "" {
+		if v := hget(req.Header, hd); v != "" {
 			hdr = append(hdr, upHeader{hd, v})
 		}
 	}
-	hdr = append(hdr, upHeader{"X-Request-Id", w.Header().Get("X-Request-Id")})
+	hdr = append(hdr, upHeader{"X-Request-Id", w.Header()["X-Request-Id"][0]})
 	// A hung engine sends nothing: every wait for it is bounded by IdleTimeout.
 	resp, err := r.up.do(ctx, ep.Addr, req.Method, req.URL.Path, hdr, body, r.cfg.IdleTimeout)
 	if err != nil {
@@ -524,5 +530,14 @@ func (r *Router) forward(ctx context.Context, w http.ResponseWriter, req *http.R
 	}
 }
 
-// passHeaders are the client's request headers an engine sees.
+// hget is Header.Get for a key already in canonical form (net/http and the
+// fast path store keys canonically): no canonicalisation per call.
+func hget(h http.Header, canonicalKey string) string {
+	if v := h[canonicalKey]; len(v) > 0 {
+		return v[0]
+	}
+	return ""
+}
+
+// passHeaders are the client's request headers an engine sees (canonical).
 var passHeaders = [...]string{"Content-Type", "Accept", "Authorization", "OpenAI-Organization"}

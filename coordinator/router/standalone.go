@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
-	"net/http"
 	"strings"
 	"sync"
 	"time"
@@ -89,8 +88,8 @@ func RunStandalone(ctx context.Context, cfg StandaloneConfig) error {
 	go func() { _ = mem.Run(gctx); close(gdone) }()
 	rc := cfg.Router
 	rc.OnDemand = demandForwarder(mem, cfg.TLS, cfg.Logger)
-	srv := &http.Server{Handler: New(table, cfg.Logger, rc).Handler(), ReadHeaderTimeout: 10 * time.Second}
-	go func() { _ = srv.Serve(ln) }()
+	srv := New(table, cfg.Logger, rc).NewServer(ln)
+	go func() { _ = srv.Serve() }()
 	cfg.Logger.Info("router running", "listen", ln.Addr().String(), "gossip", mem.Addr())
 	if cfg.Ready != nil {
 		go func() {
@@ -149,8 +148,8 @@ func RunStatic(ctx context.Context, listen string, backends []string, cfg Config
 	if err != nil {
 		return fmt.Errorf("router listen: %w", err)
 	}
-	srv := &http.Server{Handler: New(table, log, cfg).Handler(), ReadHeaderTimeout: 10 * time.Second}
-	go func() { _ = srv.Serve(ln) }()
+	srv := New(table, log, cfg).NewServer(ln)
+	go func() { _ = srv.Serve() }()
 	log.Info("router running", "listen", ln.Addr().String(), "backends", len(eps))
 	<-ctx.Done()
 	sctx, cancel := context.WithTimeout(context.Background(), 5*time.Second)

@@ -78,7 +78,8 @@ func (u *upstream) get(ctx context.Context, addr string) (*upConn, bool, error) 
 
 // put returns a connection whose response was read to its end.
 func (u *upstream) put(c *upConn) {
-	_ = c.SetDeadline(time.Time{})
+	// Its deadline stays: IdleTimeout outlives the pool's idleFor, and the
+	// next request sets a new one.
 	c.last = time.Now()
 	u.mu.Lock()
 	if c.last.Sub(u.swept) > u.idleFor {

@@ -390,7 +390,9 @@ func (s *Server) serveOne(c *frontConn, br *bufio.Reader, w *frontWriter, fr fro
 	if fr.length > r.cfg.MaxBody {
 		w.Header().Set("Connection", "close")
 		writeError(w, 413, "invalid_request_error", "", "", "request body over the "+strconv.FormatInt(r.cfg.MaxBody>>20, 10)+" MiB limit")
-		return false, w.finish()
+		err := w.finish()
+		lingerClose(c)
+		return false, err
 	}
 	bp := getBody(int(fr.length))
 	body := (*bp)[:fr.length]
@@ -416,6 +418,18 @@ func (s *Server) serveOne(c *frontConn, br *bufio.Reader, w *frontWriter, fr fro
 	putBody(bp)
 	err := w.finish()
 	return err == nil && !fr.close && !w.broken, err
+}
+
+// lingerClose half-closes a connection whose request body was not read and
+// reads what the client still sends for a moment: closing with unread data
+// makes the kernel send a reset, which can destroy the answer (the 413)
+// before the client reads it.
+func lingerClose(c *frontConn) {
+	if tc, ok := c.Conn.(*net.TCPConn); ok {
+		_ = tc.CloseWrite()
+	}
+	c.setReadDeadline(time.Now().Add(500 * time.Millisecond))
+	_, _ = io.CopyN(io.Discard, c.Conn, 64<<20)
 }
 
 // watchAfter is how long a request runs before the disconnect watcher starts.

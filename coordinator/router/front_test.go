@@ -141,10 +141,25 @@ func TestFrontHandsOverWhatItDoesNotParse(t *testing.T) {
 			require.Contains(t, body(t, rs[0]), tc.want)
 		})
 	}
-	// Over MaxBody on the fast path: 413 and the connection closes.
+	// Over MaxBody on the fast path: 413 and the connection closes, and
+	// the client reads the 413 even while it is still sending the body.
+	// (The reset that lingerClose avoids did not show on loopback here: this
+	// checks the behaviour, not that the linger is needed.)
 	rs := rawExchange(t, a, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n{", 1)
 	require.Equal(t, 413, rs[0].StatusCode)
 	require.True(t, rs[0].Close)
+	c, err := net.Dial("tcp", a)
+	require.NoError(t, err)
+	defer c.Close()
+	go func() {
+		_, _ = io.WriteString(c, "POST /v1/completions HTTP/1.1\r\nHost: x\r\nContent-Length: 2000000\r\n\r\n")
+		_, _ = c.Write(make([]byte, 2000000))
+	}()
+	_ = c.SetReadDeadline(time.Now().Add(5 * time.Second))
+	resp, err := http.ReadResponse(bufio.NewReader(c), nil)
+	require.NoError(t, err)
+	require.Equal(t, 413, resp.StatusCode)
+	require.Contains(t, body(t, resp), "over the 1 MiB limit")
 }
 
 // TestFrontStreamsEvents: SSE reaches the client event by event, chunked,

@@ -99,6 +99,7 @@ func (s *Server) Shutdown(ctx context.Context) error {
 	_ = s.ln.Close()
 	s.hand.close()
 	herr := s.http.Shutdown(ctx)
+	defer s.r.up.closeIdle() // after the requests in flight: they return theirs
 	done := make(chan struct{})
 	go func() { s.wg.Wait(); close(done) }()
 	select {
@@ -339,8 +340,8 @@ func parseFrontHead(br *bufio.Reader, waiting func()) (frontReq, int, bool) {
 			return fr, 0, false
 		default:
 			for _, name := range frontHeaders {
-				if asciiEqualFold(k, name) {
-					fr.header[http.CanonicalHeaderKey(name)] = append(fr.header[http.CanonicalHeaderKey(name)], string(v))
+				if asciiEqualFold(k, name.lower) {
+					fr.header[name.canonical] = append(fr.header[name.canonical], string(v))
 					break
 				}
 			}
@@ -352,8 +353,13 @@ func parseFrontHead(br *bufio.Reader, waiting func()) (frontReq, int, bool) {
 	return fr, len(head), true
 }
 
-// frontHeaders are the request headers the router reads or passes on.
-var frontHeaders = [...]string{"authorization", "content-type", "accept", "openai-organization", "x-request-id", "routing-strategy", "x-session-id"}
+// frontHeaders are the request headers the router reads or passes on, as
+// matched (lower case) and as stored (canonical, what hget looks up).
+var frontHeaders = [...]struct{ lower, canonical string }{
+	{"authorization", "Authorization"}, {"content-type", "Content-Type"}, {"accept", "Accept"},
+	{"openai-organization", "Openai-Organization"}, {"x-request-id", "X-Request-Id"},
+	{"routing-strategy", "Routing-Strategy"}, {"x-session-id", "X-Session-Id"},
+}
 
 func allDigits(b []byte) bool {
 	for _, c := range b {
@@ -410,7 +416,7 @@ func (s *Server) serveOne(c *frontConn, br *bufio.Reader, w *frontWriter, fr fro
 	watch := &disconnectWatch{c: c, br: br, cancel: cancel}
 	t := time.AfterFunc(watchAfter, watch.start)
 	req := (&http.Request{Method: http.MethodPost, URL: &url.URL{Path: fr.path}, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
-		Header: fr.header, ContentLength: fr.length, Body: http.NoBody, Host: "", RemoteAddr: c.RemoteAddr().String()}).WithContext(ctx)
+		Header: fr.header, ContentLength: fr.length, Body: http.NoBody}).WithContext(ctx)
 	r.serve(w, req, body)
 	t.Stop()
 	watch.stop()

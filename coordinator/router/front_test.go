@@ -110,6 +110,37 @@ func TestFrontKeepAliveAndHandoff(t *testing.T) {
 	require.Equal(t, int32(3), n.Load())
 }
 
+// TestEngineSeesClientHeaders: through the fast path and through net/http
+// (a handed-over connection), the engine gets the client's Authorization,
+// OpenAI-Organization, Accept and Content-Type, the request id, and
+// nothing else of the client's.
+func TestEngineSeesClientHeaders(t *testing.T) {
+	got := make(chan http.Header, 2)
+	eng := httptest.NewServer(http.HandlerFunc(func(w http.ResponseWriter, r *http.Request) {
+		_, _ = io.ReadAll(r.Body)
+		got <- r.Header.Clone()
+		_, _ = io.WriteString(w, `{}`)
+	}))
+	defer eng.Close()
+	r, _ := newRouter(&Endpoint{Model: "m", Addr: addr(eng), Group: "g"})
+	a := startFront(t, r)
+	hdrs := "Authorization: Bearer engine-key\r\nopenai-organization: org-1\r\nAccept: application/json\r\nX-Request-Id: rid-7\r\nX-Secret: no\r\n"
+	for name, raw := range map[string]string{
+		"fast path": post("/v1/completions", `{"model":"m"}`, hdrs),
+		"net/http":  "GET /health HTTP/1.1\r\nHost: x\r\n\r\n" + post("/v1/completions", `{"model":"m"}`, hdrs),
+	} {
+		rs := rawExchange(t, a, raw, strings.Count(raw, "HTTP/1.1\r\n"))
+		require.Equal(t, 200, rs[len(rs)-1].StatusCode, name)
+		h := <-got
+		require.Equal(t, "Bearer engine-key", h.Get("Authorization"), name)
+		require.Equal(t, "org-1", h.Get("OpenAI-Organization"), name)
+		require.Equal(t, "application/json", h.Get("Accept"), name)
+		require.Equal(t, "application/json", h.Get("Content-Type"), name)
+		require.Equal(t, "rid-7", h.Get("X-Request-Id"), name)
+		require.Empty(t, h.Get("X-Secret"), name)
+	}
+}
+
 // TestFrontHandsOverWhatItDoesNotParse: each of these goes to net/http and
 // gets its full behaviour.
 func TestFrontHandsOverWhatItDoesNotParse(t *testing.T) {
@@ -249,6 +280,9 @@ func TestFrontShutdown(t *testing.T) {
 	defer cancel()
 	require.NoError(t, s.Shutdown(ctx))
 	require.Equal(t, `{"ok":true}`, <-got)
+	r.up.mu.Lock()
+	require.Empty(t, r.up.idle, "engine connections closed at shutdown")
+	r.up.mu.Unlock()
 	_ = idle.SetReadDeadline(time.Now().Add(time.Second))
 	_, err = idle.Read(make([]byte, 1))
 	require.ErrorIs(t, err, io.EOF, "the idle connection was closed")

@@ -540,4 +540,4 @@ func hget(h http.Header, canonicalKey string) string {
 }
 
 // passHeaders are the client's request headers an engine sees (canonical).
-var passHeaders = [...]string{"Content-Type", "Accept", "Authorization", "OpenAI-Organization"}
+var passHeaders = [...]string{"Content-Type", "Accept", "Authorization", "Openai-Organization"}

@@ -364,7 +364,7 @@ func (r *upResponse) readHeader(br *bufio.Reader) error {
 	}
 }
 
-func asciiEqualFold[T ~string | ~[]byte](b T, s string) bool {
+func asciiEqualFold(b []byte, s string) bool {
 	if len(b) != len(s) {
 		return false
 	}

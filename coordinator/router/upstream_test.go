@@ -247,6 +247,13 @@ func TestUpstreamIdleAndCancel(t *testing.T) {
 			}()
 		}
 	}()
+	engineSawClose := func(t *testing.T) {
+		select {
+		case <-closed:
+		case <-time.After(2 * time.Second):
+			t.Fatal("the engine's connection stayed open")
+		}
+	}
 	u := newUpstream()
 	t.Run("idle", func(t *testing.T) {
 		r, err := u.do(context.Background(), ln.Addr().String(), "POST", "/x", nil, nil, 200*time.Millisecond)
@@ -257,11 +264,7 @@ func TestUpstreamIdleAndCancel(t *testing.T) {
 		require.ErrorIs(t, err, os.ErrDeadlineExceeded)
 		require.InDelta(t, 0.2, time.Since(start).Seconds(), 0.15)
 		require.NoError(t, r.Close())
-		select {
-		case <-closed:
-		case <-time.After(2 * time.Second):
-			t.Fatal("the engine's connection stayed open")
-		}
+		engineSawClose(t)
 	})
 	t.Run("cancel", func(t *testing.T) {
 		ctx, cancel := context.WithCancel(context.Background())
@@ -277,11 +280,7 @@ func TestUpstreamIdleAndCancel(t *testing.T) {
 		require.Error(t, err)
 		require.Less(t, time.Since(start), time.Second)
 		require.NoError(t, r.Close())
-		select {
-		case <-closed:
-		case <-time.After(2 * time.Second):
-			t.Fatal("the engine's connection stayed open")
-		}
+		engineSawClose(t)
 	})
 	t.Run("refused", func(t *testing.T) {
 		l2, err := net.Listen("tcp", "127.0.0.1:0")

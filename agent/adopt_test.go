@@ -46,19 +46,23 @@ func TestAdoptResumesAWholeRun(t *testing.T) {
 	a, st, hs := adoptFixture(t)
 	r := a.adopt(context.Background(), &st)
 	require.NotNil(t, r)
-	require.Equal(t, uint64(7), r.term)
-	require.Equal(t, "n2", r.head)
-	require.Len(t, r.procs, 2)
-	require.Equal(t, hs[0].Pid(), r.procs[0].Pid())
-	require.Equal(t, hs[1].Pid(), r.procs[1].Pid())
+	require.Equal(t, uint64(7), r.info.Term)
+	require.Equal(t, "n2", r.info.Head)
+	require.Equal(t, []int{hs[0].Pid(), hs[1].Pid()}, r.r.Pids())
 	require.NotNil(t, st.Run, "the run stays recorded")
 	require.Len(t, st.Engines, 2)
 	// An adopted engine's exit fails the run, as a started one's does.
 	require.NoError(t, hs[1].Stop(context.Background(), time.Second))
-	require.Eventually(t, func() bool { _, failed := r.state(); return failed != "" }, 5*time.Second, 20*time.Millisecond)
-	_, failed := r.state()
-	require.Contains(t, failed, "vllm exited")
-	r.cancel()
+	for r.r.Status().Failed == "" { // the runner wakes the loop (a.wake) on every change
+		select {
+		case <-a.wake:
+		case <-time.After(10 * time.Second):
+			t.Fatal("the adopted run did not fail")
+		}
+	}
+	require.Contains(t, r.r.Status().Failed, "vllm exited")
+	r.r.Detach()
+	<-r.r.Done()
 }
 
 func TestAdoptStopsTheRestOfABrokenRun(t *testing.T) {

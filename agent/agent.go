@@ -10,6 +10,7 @@ import (
 	"path/filepath"
 	"strconv"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -24,48 +25,56 @@ import (
 	"google.golang.org/grpc"
 )
 
+// membership is the gossip as the agent uses it (gossip.Membership; a fake
+// in the supervisor's tests).
+type membership interface {
+	Start() error
+	Run(ctx context.Context) error
+	Member(id string) (gossip.Tag, bool)
+	Local() gossip.Tag
+	SetTag(t gossip.Tag) error
+	Changes() <-chan struct{}
+	Count() int
+	Joined() <-chan struct{}
+	SkipLeave()
+	Addr() string
+	PeerAddrs() []string
+}
+
 // Agent is the daemon on one GPU host.
 type Agent struct {
 	cfg     Config
 	log     *slog.Logger
 	ins     gpu.Inspector
 	scanner *rdma.Scanner
-	mem     *gossip.Membership
+	mem     membership
 	reg     *prometheus.Registry
-	wake    chan struct{}
-	cmds    chan func()
+	// wake is poked (coalesced) by runners and anything else that changed
+	// what the supervisor decides on; cmds runs a function on the loop.
+	wake chan struct{}
+	cmds chan func()
+	quit chan struct{} // closed when the loop has ended
 
 	replica *replicaServer
+	store   *stateStore
+	rts     runtimes
+	// bg counts the goroutines the agent starts besides the loop (weights
+	// checks), so that Run returns only after they ended.
+	bg sync.WaitGroup
 
-	peers *gossip.PeerFile
-	// lastSeen: group members' last gossip tags (loop goroutine only).
-	lastSeen map[string]seenTag
+	// Owned by the loop goroutine (supervisor.go): no lock.
+	loc        Local
+	run        *activeRun
+	hw         *HostInventory
+	lastSeen   map[string]seenTag
+	restarting bool
+	weights    bool // this host holds the assigned model (the election prefers it)
 
-	rtMu sync.Mutex
-	rts  map[string]engine.Runtime // guarded by rtMu; by engine.runtime
-
-	mu     sync.Mutex
-	hw     *HostInventory // guarded by mu
-	state  State          // guarded by mu
-	run    *run           // guarded by mu
-	claim  uint64         // guarded by mu; term this node claims as head, 0 if none
-	follow string         // guarded by mu; head followed
-	fterm  uint64         // guarded by mu; term followed
-	es     string         // guarded by mu; engine state advertised
-	msg    string         // guarded by mu; last failure, for Status
-	// failedTerm is the term whose engine failed here; a worker does not
-	// restart at that term, it waits for the head's next claim.
-	failedTerm   uint64 // guarded by mu
-	backoff      time.Duration
-	backoffUntil time.Time
-	readySince   time.Time
-	// holdUntil: an adopted run is not judged before gossip joined (or then).
-	holdUntil time.Time
-	// restarting: exiting with engines left running (advertised).
-	restarting bool // guarded by mu
-
-	// weights: this host holds the assigned model (the election prefers it).
-	weights bool // guarded by mu
+	// pulled is set by a run whose weight pull completed (read by the loop).
+	pulled atomic.Bool
+	// status is what Status answers and Assign validates against, rebuilt
+	// by the loop after every decision: the API never waits for the loop.
+	status atomic.Pointer[statusSnapshot]
 
 	engineState *prometheus.GaugeVec
 	dl          *downloadMetrics
@@ -107,8 +116,8 @@ func New(cfg Config, ins gpu.Inspector, sc *rdma.Scanner) (*Agent, error) {
 		sc = rdma.NewScanner()
 	}
 	a := &Agent{cfg: cfg, log: cfg.Logger.With("component", "agent", "node", cfg.NodeID), ins: ins, scanner: sc,
-		rts: map[string]engine.Runtime{}, reg: reg, lastSeen: map[string]seenTag{},
-		wake: make(chan struct{}, 1), cmds: make(chan func()), backoff: cfg.RestartBackoff}
+		reg: reg, lastSeen: map[string]seenTag{}, wake: make(chan struct{}, 1), cmds: make(chan func()), quit: make(chan struct{})}
+	a.rts = runtimes{open: a.openRuntime, m: map[string]engine.Runtime{}}
 	a.engineState = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "shoal_agent_engine_state",
 		Help: "1 for the engine state this agent advertises."}, []string{"state"})
 	reg.MustRegister(a.engineState, prometheus.NewGoCollector())
@@ -124,6 +133,7 @@ func (a *Agent) replicaAddr() string {
 	return net.JoinHostPort(a.cfg.Address, strconv.Itoa(a.cfg.ReplicaPort))
 }
 
+// poke wakes the loop; it never blocks.
 func (a *Agent) poke() {
 	select {
 	case a.wake <- struct{}{}:
@@ -150,7 +160,8 @@ func (a *Agent) Run(ctx context.Context) error {
 	if err := st.Save(a.cfg.StateDir); err != nil {
 		return err
 	}
-	a.state = st
+	a.store = newStateStore(a.cfg.StateDir, a.log, st)
+	a.loc = Local{As: st.Assignment, LastTerm: st.LastTerm, Backoff: a.cfg.RestartBackoff, Draining: st.Draining}
 	if st.Assignment != nil {
 		a.weights = a.hasWeights(st.Assignment.Spec)
 	}
@@ -186,21 +197,26 @@ func (a *Agent) Run(ctx context.Context) error {
 		// Before gossip starts, so the first tag already claims the term (or
 		// follows the head) the engine runs in: peers see no change.
 		a.resume(adopted)
-		a.holdUntil = time.Now().Add(holdForJoin)
 	}
+	a.publishStatus()
 
-	a.peers = &gossip.PeerFile{Path: filepath.Join(a.cfg.StateDir, "peers.json")}
-	a.mem = gossip.New(gossip.Config{Cluster: a.cfg.Cluster, BindAddr: a.cfg.Address, BindPort: a.cfg.GossipPort,
-		Join: a.cfg.Join, Rejoin: a.peers.Load(), Profile: a.cfg.GossipProfile, Logger: a.cfg.Logger, Keys: a.cfg.GossipKeys, KeyFile: a.cfg.GossipKeyFile}, a.tag())
+	peers := &gossip.PeerFile{Path: filepath.Join(a.cfg.StateDir, "peers.json")}
+	if a.mem == nil {
+		a.mem = gossip.New(gossip.Config{Cluster: a.cfg.Cluster, BindAddr: a.cfg.Address, BindPort: a.cfg.GossipPort,
+			Join: a.cfg.Join, Rejoin: peers.Load(), Profile: a.cfg.GossipProfile, Logger: a.cfg.Logger, Keys: a.cfg.GossipKeys, KeyFile: a.cfg.GossipKeyFile}, a.tag())
+	}
 	if err := a.mem.Start(); err != nil {
 		lis.Close()
 		return err
 	}
 	var wg sync.WaitGroup
 	gctx, stopGossip := context.WithCancel(context.WithoutCancel(ctx))
-	wg.Add(2)
+	sctx, stopStore := context.WithCancel(context.WithoutCancel(ctx))
+	wg.Add(3)
 	go func() { defer wg.Done(); _ = a.mem.Run(gctx) }()
 	go func() { defer wg.Done(); _ = srv.Serve(lis) }()
+	storeDone := make(chan struct{})
+	go func() { defer wg.Done(); defer close(storeDone); a.store.Run(sctx) }()
 	var metricsSrv *http.Server
 	if a.cfg.MetricsAddr != "" {
 		metricsSrv = &http.Server{Addr: a.cfg.MetricsAddr, Handler: promhttp.HandlerFor(a.reg, promhttp.HandlerOpts{}), ReadHeaderTimeout: 5 * time.Second}
@@ -221,31 +237,18 @@ func (a *Agent) Run(ctx context.Context) error {
 		}()
 	}
 	hctx, stopHealth := context.WithCancel(ctx)
-	wg.Add(3)
+	wg.Add(4)
 	go func() { defer wg.Done(); a.watchGPUs(hctx) }()
 	go func() { defer wg.Done(); a.reinspect(hctx) }()
 	go func() { defer wg.Done(); a.rotateLogs(hctx) }()
+	go func() { defer wg.Done(); peers.Keep(hctx, a.mem, a.log) }()
 
 	a.loop(ctx)
 	stopHealth()
+	a.exit()
 
-	// Shutdown, bounded: engines (when configured), servers, gossip.
-	if a.cfg.StopEnginesOnExit {
-		a.stopRun("agent exiting")
-	} else if a.hasRun() {
-		// The engines keep serving and the next agent process adopts them.
-		// Say so (a head then waits up to restartGrace for this member),
-		// give the word a moment to spread, and leave without a graceful
-		// leave, which would tell the group this member is gone.
-		a.mu.Lock()
-		a.restarting = true
-		a.mu.Unlock()
-		a.publish()
-		time.Sleep(announceRestart)
-		a.mem.SkipLeave()
-		a.log.Info("agent exiting; engines keep running for the next agent process to adopt")
-	}
 	a.replica.stop()
+	a.replica.wait()
 	stopped := make(chan struct{})
 	go func() { srv.GracefulStop(); close(stopped) }()
 	select {
@@ -256,26 +259,49 @@ func (a *Agent) Run(ctx context.Context) error {
 	if metricsSrv != nil {
 		_ = metricsSrv.Close()
 	}
+	a.bg.Wait()
+	stopStore()
+	<-storeDone
 	stopGossip()
 	wg.Wait()
+	a.rts.closeAll()
 	return nil
+}
+
+// exit ends the run, if any, as the agent leaves: its engines stop (when
+// configured) or keep serving for the next agent process, which adopts them.
+func (a *Agent) exit() {
+	if a.run == nil {
+		return
+	}
+	if a.cfg.StopEnginesOnExit {
+		a.run.r.Stop("agent exiting", a.cfg.StopGrace)
+		select {
+		case <-a.run.r.Done():
+		case <-time.After(a.cfg.StopGrace + 15*time.Second):
+			a.log.Error("engines did not stop before the agent exited")
+		}
+		a.run = nil
+		a.persist()
+		return
+	}
+	// Say so (a head then waits up to restartGrace for this member), give
+	// the word a moment to spread, and leave without a graceful leave,
+	// which would tell the group this member is gone.
+	a.run.r.Detach()
+	<-a.run.r.Done()
+	a.persist() // the records of every engine the run started
+	a.restarting = true
+	a.publish()
+	time.Sleep(announceRestart)
+	a.mem.SkipLeave()
+	a.log.Info("agent exiting; engines keep running for the next agent process to adopt")
 }
 
 type seenTag struct {
 	tag gossip.Tag
 	at  time.Time
 }
-
-func (a *Agent) hasRun() bool {
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	return a.run != nil
-}
-
-// holdForJoin bounds how long a restarted agent with an adopted engine waits
-// for the gossip join before it judges its group (alone, it would see the
-// group incomplete and stop a healthy replica).
-const holdForJoin = 15 * time.Second
 
 // announceRestart is how long an exiting agent lets its "restarting" tag
 // spread; restartGrace is how long a head then waits for that member's agent
@@ -284,50 +310,6 @@ const (
 	announceRestart = 400 * time.Millisecond
 	restartGrace    = 30 * time.Second
 )
-
-// tag is the gossip tag for the current state. Called with mu held or before Run's loop.
-func (a *Agent) tag() gossip.Tag {
-	t := gossip.Tag{Kind: gossip.KindAgent, ID: a.cfg.NodeID, GRPC: a.grpcAddr(), Metrics: agentMetricsAddr(a.cfg.MetricsAddr, a.cfg.Address),
-		Restarting: a.restarting}
-	if a.hw != nil {
-		t.Healthy, t.GPUModel, t.GPUs = a.hw.GPU.Healthy(), a.hw.GPU.Model(), len(a.hw.GPU.Devices)
-		t.GPUMemGiB = a.hw.minMemGiB()
-		if a.hw.RDMASum != "none" {
-			t.RDMA = a.hw.RDMASum
-		}
-	}
-	if as := a.state.Assignment; as != nil {
-		t.Deployment, t.Group, t.Epoch, t.Rank, t.Size = as.Deployment, as.Group, as.Epoch, as.Rank, len(as.Members)
-		t.HeadTerm, t.Follow, t.FollowTerm, t.Engine = a.claim, a.follow, a.fterm, a.es
-		t.Weights = a.weights
-		if a.es == gossip.EngineDownloading && a.run != nil {
-			t.Progress = a.run.downloadProgress()
-		}
-		if a.claim > 0 {
-			t.Replica = a.replicaAddr()
-		}
-	}
-	return t
-}
-
-func (a *Agent) publish() {
-	a.mu.Lock()
-	t := a.tag()
-	es := a.es
-	a.mu.Unlock()
-	a.engineState.Reset()
-	a.engineState.WithLabelValues(es).Set(1)
-	if err := a.mem.SetTag(t); err != nil {
-		a.log.Error("publish gossip tag", "err", err)
-	}
-}
-
-func (a *Agent) saveState() error {
-	a.mu.Lock()
-	st := a.state
-	a.mu.Unlock()
-	return st.Save(a.cfg.StateDir)
-}
 
 // agentMetricsAddr turns a listen address (":9400") into one others dial.
 func agentMetricsAddr(listen, ip string) string {

@@ -17,8 +17,8 @@ type GroupView struct {
 	Tags map[string]gossip.Tag
 }
 
-// Decision is what the election rule says for one member.
-type Decision struct {
+// Election is what the election rule says for one member.
+type Election struct {
 	// Eligible are the members alive, healthy and on this group and epoch.
 	Eligible []string
 	// Complete is true when every member is eligible: only then may anything run.
@@ -38,7 +38,7 @@ func (v GroupView) eligible(id string) (gossip.Tag, bool) {
 	return t, true
 }
 
-// Decide computes the head candidate. Every member runs the same rule on its
+// Elect computes the head candidate. Every member runs the same rule on its
 // own view: a member that already claims head (the highest term wins, then the
 // lowest rank) stays head, so a running replica is not disturbed; otherwise the
 // members with weights already present come first, then the lowest rank.
@@ -47,8 +47,8 @@ func (v GroupView) eligible(id string) (gossip.Tag, bool) {
 // N members follow it at its term (AllFollow), a member follows one head at a
 // time, and a head stops its engine before it follows anyone else. Two heads
 // can therefore never both see all N followers in the same epoch.
-func Decide(v GroupView) Decision {
-	var d Decision
+func Elect(v GroupView) Election {
+	var d Election
 	type cand struct {
 		id      string
 		rank    int

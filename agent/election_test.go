@@ -24,7 +24,7 @@ func view(self string, tags ...gossip.Tag) GroupView {
 	return v
 }
 
-func TestDecide(t *testing.T) {
+func TestElect(t *testing.T) {
 	cases := []struct {
 		name      string
 		v         GroupView
@@ -46,7 +46,7 @@ func TestDecide(t *testing.T) {
 	}
 	for _, c := range cases {
 		t.Run(c.name, func(t *testing.T) {
-			d := Decide(c.v)
+			d := Elect(c.v)
 			require.Equal(t, c.candidate, d.Candidate)
 			require.Equal(t, c.complete, d.Complete)
 			require.Equal(t, c.maxTerm, d.MaxTerm)

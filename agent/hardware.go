@@ -75,6 +75,37 @@ func (h *HostInventory) own(indices []int) error {
 	return nil
 }
 
+// clone copies what the supervisor changes in place (GPU devices, events):
+// the Status API may still read the previous inventory.
+func (h *HostInventory) clone() *HostInventory {
+	c := *h
+	g := *h.GPU
+	g.Devices = append([]gpu.Device(nil), h.GPU.Devices...)
+	for i := range g.Devices {
+		g.Devices[i].Reasons = append([]string(nil), g.Devices[i].Reasons...)
+	}
+	c.GPU = &g
+	c.Events = append([]gpu.Event(nil), h.Events...)
+	return &c
+}
+
+// unhealthy says why the host cannot serve ("" when every GPU is healthy).
+func (h *HostInventory) unhealthy() string {
+	if h == nil || h.GPU.Healthy() {
+		return ""
+	}
+	var reasons []string
+	for _, d := range h.GPU.Devices {
+		for _, r := range d.Reasons {
+			reasons = append(reasons, fmt.Sprintf("GPU %d: %s", d.Index, r))
+		}
+	}
+	if len(reasons) == 0 {
+		return "a GPU is unhealthy"
+	}
+	return strings.Join(reasons, "; ")
+}
+
 // markEvents applies the sticky critical events to a fresh GPU inventory.
 func (h *HostInventory) markEvents() {
 	for _, ev := range h.Events {
@@ -133,11 +164,10 @@ func (a *Agent) watchGPUs(ctx context.Context) {
 			}
 			a.log.Error("gpu fault", "gpu", ev.Index, "uuid", ev.UUID, "reason", ev.Reason)
 			_ = a.do(ctx, func() error {
-				a.mu.Lock()
-				a.hw.Events = append(a.hw.Events, ev)
-				a.hw.markEvents()
-				a.mu.Unlock()
-				a.onHealthChange()
+				hw := a.hw.clone()
+				hw.Events = append(hw.Events, ev)
+				hw.markEvents()
+				a.setHardware(hw)
 				return nil
 			})
 		}
@@ -167,32 +197,17 @@ func (a *Agent) reinspect(ctx context.Context) {
 			continue
 		}
 		_ = a.do(ctx, func() error {
-			a.mu.Lock()
-			hw.Events = a.hw.Events
+			hw.Events = append([]gpu.Event(nil), a.hw.Events...)
 			hw.markEvents()
-			a.hw = hw
-			a.mu.Unlock()
-			a.onHealthChange()
+			a.setHardware(hw)
 			return nil
 		})
 	}
 }
 
-// onHealthChange runs on the loop goroutine after the inventory changed: an
-// unhealthy node stops its engines at once (the group re-forms without it).
-func (a *Agent) onHealthChange() {
-	a.mu.Lock()
-	healthy := a.hw.GPU.Healthy()
-	var reasons []string
-	for _, d := range a.hw.GPU.Devices {
-		for _, r := range d.Reasons {
-			reasons = append(reasons, fmt.Sprintf("GPU %d: %s", d.Index, r))
-		}
-	}
-	running := a.run != nil
-	a.mu.Unlock()
-	if !healthy && running {
-		a.failRun(fmt.Sprintf("node unhealthy: %v", reasons))
-	}
-	a.publish()
+// setHardware installs a new inventory (loop): an unhealthy node's run is
+// failed by the next decision, and gossip shows the node unhealthy.
+func (a *Agent) setHardware(hw *HostInventory) {
+	a.hw = hw
+	a.poke()
 }

@@ -7,7 +7,6 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
-	"github.com/shoalhq/shoal/gossip"
 	"github.com/shoalhq/shoal/model"
 	"github.com/shoalhq/shoal/spec"
 )
@@ -79,74 +78,60 @@ func newDownloadMetrics(reg *prometheus.Registry) *downloadMetrics {
 	return m
 }
 
-// prepareModel pulls or checks the weights before any engine process starts;
-// an incomplete model is never handed to an engine. False means the run
-// failed or was stopped.
-func (a *Agent) prepareModel(r *run) bool {
-	j := r.model
-	if j == nil {
-		return true
-	}
-	if !j.remote {
-		if a.cfg.SkipLocalModelCheck {
-			return true
-		}
-		if err := model.Check(j.dir); err != nil {
-			r.fail("model: " + err.Error())
-			return false
-		}
-		return true
-	}
-	r.setPhase(gossip.EngineDownloading)
-	d := a.cfg.Download
-	src, err := model.Open(r.ctx, j.uri, model.Config{S3Endpoint: d.S3Endpoint, S3PathStyle: d.S3PathStyle,
-		HFEndpoint: d.HFEndpoint, GCSEndpoint: d.GCSEndpoint, Workers: d.Workers})
-	if err != nil {
-		r.fail("model: " + err.Error())
-		return false
-	}
-	ctx, cancel := context.WithTimeout(r.ctx, r.spec.timeout)
-	defer cancel()
-	name := j.uri.Name()
-	var last model.Progress
-	lastPub := time.Time{}
-	opt := model.Options{Dir: j.dir, Filter: model.Filter{Suffixes: j.suffixes}, Workers: d.Workers,
-		ChunkSize: int64(d.PartSizeMiB) << 20, Log: r.log, RateLimit: int64(d.LimitMiBps) << 20,
-		OnProgress: func(p model.Progress) {
-			last = p
-			a.dl.bytes.WithLabelValues(name, "done").Set(float64(p.BytesDone))
-			a.dl.bytes.WithLabelValues(name, "total").Set(float64(p.Bytes))
-			a.dl.files.WithLabelValues(name, "done").Set(float64(p.FilesDone))
-			a.dl.files.WithLabelValues(name, "total").Set(float64(p.Files))
-			a.dl.rate.WithLabelValues(name).Set(p.Rate)
-			r.mu.Lock()
-			r.progress = fmt.Sprintf("%.0f%% %s/s", 100*p.Fraction(), model.Human(int64(p.Rate)))
-			r.mu.Unlock()
-			if time.Since(lastPub) >= 2*time.Second { // gossip carries it; do not flood
-				lastPub = time.Now()
-				r.wake()
+// weightsFunc is a run's Weights: it pulls (or checks) the model before any
+// engine process starts, so an incomplete model is never handed to an
+// engine. It runs on the runner's goroutine; its error is the run's failure.
+func (a *Agent) weightsFunc(j *modelJob, timeout time.Duration) func(ctx context.Context, progress func(string)) error {
+	return func(ctx context.Context, progress func(string)) error {
+		if !j.remote {
+			if a.cfg.SkipLocalModelCheck {
+				return nil
 			}
-		}}
-	_, err = model.Pull(ctx, src, opt)
-	a.dl.rate.WithLabelValues(name).Set(0)
-	if err != nil {
-		a.dl.pulls.WithLabelValues(name, "failed").Inc()
-		if r.ctx.Err() != nil {
-			return false
+			if err := model.Check(j.dir); err != nil {
+				return fmt.Errorf("model: %w", err)
+			}
+			return nil
 		}
-		if ctx.Err() != nil {
-			err = fmt.Errorf("not finished within engine.startupTimeoutSeconds (%v): %.0f%% of %s at %s/s; raise the timeout or speed up the source",
-				r.spec.timeout, 100*last.Fraction(), model.Human(last.Bytes), model.Human(int64(last.Rate)))
+		d := a.cfg.Download
+		src, err := model.Open(ctx, j.uri, model.Config{S3Endpoint: d.S3Endpoint, S3PathStyle: d.S3PathStyle,
+			HFEndpoint: d.HFEndpoint, GCSEndpoint: d.GCSEndpoint, Workers: d.Workers})
+		if err != nil {
+			return fmt.Errorf("model: %w", err)
 		}
-		r.fail("model pull: " + err.Error())
-		return false
+		pctx, cancel := context.WithTimeout(ctx, timeout)
+		defer cancel()
+		name := j.uri.Name()
+		var last model.Progress
+		var lastPub time.Time
+		opt := model.Options{Dir: j.dir, Filter: model.Filter{Suffixes: j.suffixes}, Workers: d.Workers,
+			ChunkSize: int64(d.PartSizeMiB) << 20, Log: a.log, RateLimit: int64(d.LimitMiBps) << 20,
+			OnProgress: func(p model.Progress) {
+				last = p
+				a.dl.bytes.WithLabelValues(name, "done").Set(float64(p.BytesDone))
+				a.dl.bytes.WithLabelValues(name, "total").Set(float64(p.Bytes))
+				a.dl.files.WithLabelValues(name, "done").Set(float64(p.FilesDone))
+				a.dl.files.WithLabelValues(name, "total").Set(float64(p.Files))
+				a.dl.rate.WithLabelValues(name).Set(p.Rate)
+				if time.Since(lastPub) >= 2*time.Second { // gossip carries it; do not flood
+					lastPub = time.Now()
+					progress(fmt.Sprintf("%.0f%% %s/s", 100*p.Fraction(), model.Human(int64(p.Rate))))
+				}
+			}}
+		_, err = model.Pull(pctx, src, opt)
+		a.dl.rate.WithLabelValues(name).Set(0)
+		if err != nil {
+			a.dl.pulls.WithLabelValues(name, "failed").Inc()
+			if ctx.Err() != nil {
+				return ctx.Err()
+			}
+			if pctx.Err() != nil {
+				return fmt.Errorf("model pull: not finished within engine.startupTimeoutSeconds (%v): %.0f%% of %s at %s/s; raise the timeout or speed up the source",
+					timeout, 100*last.Fraction(), model.Human(last.Bytes), model.Human(int64(last.Rate)))
+			}
+			return fmt.Errorf("model pull: %w", err)
+		}
+		a.dl.pulls.WithLabelValues(name, "complete").Inc()
+		a.pulled.Store(true)
+		return nil
 	}
-	a.dl.pulls.WithLabelValues(name, "complete").Inc()
-	r.mu.Lock()
-	r.progress = ""
-	r.mu.Unlock()
-	a.mu.Lock()
-	a.weights = true
-	a.mu.Unlock()
-	return true
 }

@@ -13,7 +13,6 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
-	"google.golang.org/protobuf/proto"
 )
 
 // ReplicaService is the name grpc.health.v1 reports the replica under.
@@ -28,9 +27,12 @@ type replicaServer struct {
 
 	mu      sync.Mutex
 	srv     *grpc.Server       // guarded by mu; nil when not head
+	lis     net.Listener       // guarded by mu
 	health  *health.Server     // guarded by mu
 	latest  *replicav1.Metrics // guarded by mu
 	changed chan struct{}      // guarded by mu; closed and replaced on every update
+	// stopping counts the servers still shutting down (stop never waits).
+	stopping sync.WaitGroup
 }
 
 func newReplicaServer(addr string, log *slog.Logger, tl *security.TLS) *replicaServer {
@@ -48,6 +50,7 @@ func (s *replicaServer) start() {
 		s.log.Error("cannot serve replica api", "addr", s.addr, "err", err)
 		return
 	}
+	s.lis = lis
 	s.srv = grpc.NewServer(s.tls.ServerOptions(security.ReplicaPolicy, false)...)
 	s.health = health.NewServer()
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
@@ -58,24 +61,35 @@ func (s *replicaServer) start() {
 	s.log.Info("replica api listening", "addr", s.addr)
 }
 
+// stop closes the Replica API: watchers hear NOT_SERVING and the port is
+// free again at once; the server's streams end in the background (wait).
 func (s *replicaServer) stop() {
 	s.mu.Lock()
-	srv, h := s.srv, s.health
-	s.srv, s.health = nil, nil
+	srv, h, lis := s.srv, s.health, s.lis
+	s.srv, s.health, s.lis = nil, nil, nil
 	s.latest = &replicav1.Metrics{}
 	s.mu.Unlock()
 	if srv == nil {
 		return
 	}
 	h.Shutdown() // NOT_SERVING to watchers before the port closes
-	done := make(chan struct{})
-	go func() { srv.GracefulStop(); close(done) }()
-	select {
-	case <-done:
-	case <-time.After(time.Second):
-		srv.Stop()
-	}
+	_ = lis.Close()
+	s.stopping.Add(1)
+	go func() {
+		defer s.stopping.Done()
+		done := make(chan struct{})
+		go func() { srv.GracefulStop(); close(done) }()
+		select {
+		case <-done:
+		case <-time.After(time.Second):
+			srv.Stop()
+			<-done
+		}
+	}()
 }
+
+// wait returns once every stopped server has shut down.
+func (s *replicaServer) wait() { s.stopping.Wait() }
 
 // update publishes a new snapshot; serving follows m.Serving.
 func (s *replicaServer) update(m *replicav1.Metrics) {
@@ -93,16 +107,6 @@ func (s *replicaServer) update(m *replicav1.Metrics) {
 	s.latest = m
 	close(s.changed)
 	s.changed = make(chan struct{})
-}
-
-// setServing flips readiness at once (failure: the router must drop the head now).
-func (s *replicaServer) setServing(serving bool, reason string) {
-	s.mu.Lock()
-	m := proto.Clone(s.latest).(*replicav1.Metrics)
-	s.mu.Unlock()
-	m.Serving, m.Reason = serving, reason
-	m.UnixMillis = time.Now().UnixMilli()
-	s.update(m)
 }
 
 func (s *replicaServer) current() (*replicav1.Metrics, <-chan struct{}) {
@@ -139,24 +143,23 @@ func (r *replicaAPI) Watch(_ *replicav1.SnapshotRequest, stream replicav1.Replic
 	}
 }
 
-// snapshot builds the Replica API message for the current run.
-func (a *Agent) snapshot(as *Assignment, r *run, phase string) *replicav1.Metrics {
-	m := &replicav1.Metrics{Deployment: as.Deployment, GroupId: as.Group, Epoch: as.Epoch, NodeId: a.cfg.NodeID,
-		ServedModelName: as.Spec.Engine.ServedModelName, UnixMillis: time.Now().UnixMilli(), Reason: phase}
-	a.mu.Lock()
-	m.Term = a.claim
-	a.mu.Unlock()
-	if r == nil {
+// snapshot builds the Replica API message for the current run. Loop only.
+func (a *Agent) snapshot() *replicav1.Metrics {
+	as, l := a.loc.As, a.loc
+	m := &replicav1.Metrics{Deployment: as.Deployment, GroupId: as.Group, Epoch: as.Epoch, NodeId: a.cfg.NodeID, Term: l.Claim,
+		ServedModelName: as.Spec.Engine.ServedModelName, UnixMillis: time.Now().UnixMilli(), Reason: l.ES, Draining: l.Draining}
+	if l.ES == gossip.EngineFailed {
+		m.Reason = l.Msg
+	}
+	if a.run == nil {
 		return m
 	}
-	m.Endpoint = r.plan.Endpoint
-	m.Serving = phase == gossip.EngineReady
-	r.mu.Lock()
-	ms := r.metrics
-	r.mu.Unlock()
-	if ms.have {
-		m.NumRequestsRunning, m.NumRequestsWaiting, m.KvCacheUsage = ms.last.Running, ms.last.Waiting, ms.last.KVCacheUsage
-		m.GenerationTokensPerSecond, m.TtftSecondsAvg, m.PrefixCacheHitRate = ms.tokPerS, ms.ttftAvg, ms.hitRate
+	m.Endpoint = a.run.plan.Endpoint
+	st := a.run.r.Status()
+	m.Serving = l.ES == gossip.EngineReady && st.Phase == gossip.EngineReady && st.Failed == "" && !st.Stopping
+	if ms := st.Metrics; ms.Have {
+		m.NumRequestsRunning, m.NumRequestsWaiting, m.KvCacheUsage = ms.Running, ms.Waiting, ms.KVCache
+		m.GenerationTokensPerSecond, m.TtftSecondsAvg, m.PrefixCacheHitRate = ms.TokensPerSecond, ms.TTFTAvg, ms.PrefixHitRate
 		m.MetricsValid = true
 	}
 	return m

@@ -6,45 +6,78 @@ import (
 	"fmt"
 	"os"
 	"path/filepath"
+	"strings"
+	"sync"
 	"time"
 
+	"github.com/shoalhq/shoal/agent/runner"
 	"github.com/shoalhq/shoal/engine"
 	"github.com/shoalhq/shoal/engine/containerd"
 	"github.com/shoalhq/shoal/engine/process"
-	"github.com/shoalhq/shoal/gossip"
 	"github.com/shoalhq/shoal/spec"
 )
 
 func (a *Agent) logDir() string { return filepath.Join(a.cfg.StateDir, "logs") }
 
-// runtimeFor returns the runtime for a deployment's engine.runtime, connecting
-// to containerd on first use.
-func (a *Agent) runtimeFor(ctx context.Context, kind string) (engine.Runtime, error) {
+// runtimes caches the engine runtimes by kind. Connecting to containerd is
+// I/O (seconds when the daemon is slow), so it happens outside the lock; two
+// callers racing for the first connection keep one and close the other.
+type runtimes struct {
+	open func(ctx context.Context, kind string) (engine.Runtime, error)
+	mu   sync.Mutex
+	m    map[string]engine.Runtime // guarded by mu
+}
+
+func (c *runtimes) get(ctx context.Context, kind string) (engine.Runtime, error) {
 	if kind == "" {
 		kind = "process"
 	}
-	a.rtMu.Lock()
-	defer a.rtMu.Unlock()
-	if rt, ok := a.rts[kind]; ok {
+	c.mu.Lock()
+	rt, ok := c.m[kind]
+	c.mu.Unlock()
+	if ok {
 		return rt, nil
 	}
-	var rt engine.Runtime
+	rt, err := c.open(ctx, kind)
+	if err != nil {
+		return nil, err
+	}
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	if have, ok := c.m[kind]; ok {
+		closeRuntime(rt)
+		return have, nil
+	}
+	c.m[kind] = rt
+	return rt, nil
+}
+
+func (c *runtimes) closeAll() {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	for k, rt := range c.m {
+		closeRuntime(rt)
+		delete(c.m, k)
+	}
+}
+
+func closeRuntime(rt engine.Runtime) {
+	if cl, ok := rt.(interface{ Close() error }); ok {
+		_ = cl.Close()
+	}
+}
+
+// openRuntime connects the runtime of a deployment's engine.runtime.
+func (a *Agent) openRuntime(ctx context.Context, kind string) (engine.Runtime, error) {
 	switch kind {
 	case "process":
-		rt = process.New(a.logDir())
+		return process.New(a.logDir()), nil
 	case "containerd":
 		c := a.cfg.Containerd
-		crt, err := containerd.New(ctx, containerd.Config{Address: c.Address, Namespace: c.Namespace, Snapshotter: c.Snapshotter,
+		return containerd.New(ctx, containerd.Config{Address: c.Address, Namespace: c.Namespace, Snapshotter: c.Snapshotter,
 			LogDir: a.logDir(), NodeID: a.cfg.NodeID, Owner: a.cfg.StateDir, GPUs: a.cfg.GPUs})
-		if err != nil {
-			return nil, err
-		}
-		rt = crt
-	default:
-		return nil, fmt.Errorf("unknown engine runtime %q", kind)
 	}
-	a.rts[kind] = rt
-	return rt, nil
+	return nil, fmt.Errorf("unknown engine runtime %q", kind)
 }
 
 // containerize fills what the containerd runtime needs on a plan's commands:
@@ -71,22 +104,11 @@ func containerize(p *engine.Plan, sp *spec.Deployment, labels map[string]string)
 	return nil
 }
 
-// recordEngine persists a started engine so that a restarted agent adopts it.
-func (a *Agent) recordEngine(h engine.Handle) {
-	a.mu.Lock()
-	a.state.Engines = append(a.state.Engines, h.Record())
-	st := a.state
-	a.mu.Unlock()
-	if err := st.Save(a.cfg.StateDir); err != nil {
-		a.log.Error("persist engine record", "err", err)
-	}
-}
-
 // adopt re-attaches the engines an earlier agent process left running. It
 // returns the run to resume, or nil; engines of a run that cannot be resumed
 // whole (one of them gone, the assignment changed) are stopped, since a
 // group can only restart as a whole. It runs before gossip starts.
-func (a *Agent) adopt(ctx context.Context, st *State) *run {
+func (a *Agent) adopt(ctx context.Context, st *State) *activeRun {
 	rec, records := st.Run, st.Engines
 	st.Run, st.Engines = nil, nil
 	as := st.Assignment
@@ -94,13 +116,9 @@ func (a *Agent) adopt(ctx context.Context, st *State) *run {
 	var handles []engine.Handle
 	var rt engine.Runtime
 	for _, e := range records {
-		kind := e.Runtime
-		if kind == "" {
-			kind = "process"
-		}
-		ert, err := a.runtimeFor(ctx, kind)
+		ert, err := a.rts.get(ctx, e.Runtime)
 		if err != nil {
-			a.log.Error("cannot reach the runtime of an engine left by the previous agent", "engine", e.Name, "runtime", kind, "err", err)
+			a.log.Error("cannot reach the runtime of an engine left by the previous agent", "engine", e.Name, "runtime", e.Runtime, "err", err)
 			whole = false
 			continue
 		}
@@ -118,7 +136,7 @@ func (a *Agent) adopt(ctx context.Context, st *State) *run {
 		handles = append(handles, h)
 	}
 	a.sweepContainers(ctx, handles)
-	if !whole || rec.Runtime != rt.Kind() {
+	if !whole || rt == nil || rec.Runtime != rt.Kind() {
 		for _, h := range handles {
 			a.log.Warn("stopping an engine of a run that cannot resume whole", "engine", h.Name(), "pid", h.Pid())
 			if err := h.Stop(ctx, a.cfg.StopGrace); err != nil {
@@ -134,21 +152,10 @@ func (a *Agent) adopt(ctx context.Context, st *State) *run {
 		st.Engines = append(st.Engines, h.Record())
 	}
 	st.Run = rec
-	r := a.newRun(as, rec.Role, rec.Head, rec.Term, rec.Plan, rt, nil)
-	r.procs = handles
-	for _, h := range handles {
-		r.watchExit(h)
-	}
-	r.log.Info("adopted the running engine", "pids", pids(handles))
-	return r
-}
-
-func pids(hs []engine.Handle) []int {
-	var out []int
-	for _, h := range hs {
-		out = append(out, h.Pid())
-	}
-	return out
+	info := RunInfo{Group: rec.Group, Epoch: rec.Epoch, Term: rec.Term, Head: rec.Head, Role: rec.Role}
+	r := runner.Adopt(a.runnerConfig(as, info, rec.Plan, rt.Kind()), rt, handles)
+	a.log.Info("adopted the running engine", "group", rec.Group, "epoch", rec.Epoch, "term", rec.Term, "role", string(rec.Role), "pids", r.Pids())
+	return &activeRun{r: r, info: info, plan: rec.Plan, kind: rt.Kind()}
 }
 
 // sweepContainers removes this node's containers that no adopted engine owns
@@ -162,7 +169,7 @@ func (a *Agent) sweepContainers(ctx context.Context, keep []engine.Handle) {
 	if _, err := os.Stat(addr); err != nil {
 		return
 	}
-	rt, err := a.runtimeFor(ctx, "containerd")
+	rt, err := a.rts.get(ctx, "containerd")
 	if err != nil {
 		a.log.Debug("containerd sweep skipped", "err", err)
 		return
@@ -178,49 +185,30 @@ func (a *Agent) sweepContainers(ctx context.Context, keep []engine.Handle) {
 	}
 }
 
-// resume installs an adopted run once gossip runs: the head claims its term
-// again and serves, a worker follows its head again.
-func (a *Agent) resume(r *run) {
-	a.mu.Lock()
-	a.run = r
-	if r.role == engine.RoleHead {
-		a.claim, a.follow, a.fterm = r.term, a.cfg.NodeID, r.term
-		a.es = gossip.EngineLoading
-	} else {
-		a.follow, a.fterm = r.head, r.term
-		a.es = gossip.EngineRunning
-	}
-	r.phase = a.es
-	a.mu.Unlock()
-	if r.role == engine.RoleHead {
-		a.replica.start()
-		go a.adoptedHeadSequence(r)
-		a.watchMembers(r, a.state.Assignment.Members)
-	} else {
-		go func() {
-			defer close(r.done)
-			<-r.ctx.Done()
-		}()
-	}
-}
-
-// rotateLogs rotates the engine logs that grew past the limit.
+// rotateLogs rotates the engine logs that grew past the limit (copy and
+// truncate: the engines keep their open file).
 func (a *Agent) rotateLogs(ctx context.Context) {
-	for sleepCtx(ctx, 10*time.Second) {
-		a.mu.Lock()
-		r := a.run
-		a.mu.Unlock()
-		if r == nil {
+	t := time.NewTicker(10 * time.Second)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		entries, err := os.ReadDir(a.logDir())
+		if err != nil {
 			continue
 		}
-		r.mu.Lock()
-		procs := append([]engine.Handle(nil), r.procs...)
-		r.mu.Unlock()
-		for _, h := range procs {
-			if ok, err := engine.RotateLog(h.LogPath(), a.cfg.LogMaxBytes, a.cfg.LogKeep); err != nil {
-				a.log.Warn("rotate engine log", "log", h.LogPath(), "err", err)
+		for _, e := range entries {
+			if e.IsDir() || !strings.HasSuffix(e.Name(), ".log") {
+				continue
+			}
+			p := filepath.Join(a.logDir(), e.Name())
+			if ok, err := engine.RotateLog(p, a.cfg.LogMaxBytes, a.cfg.LogKeep); err != nil {
+				a.log.Warn("rotate engine log", "log", p, "err", err)
 			} else if ok {
-				a.log.Info("rotated engine log", "log", h.LogPath(), "keep", a.cfg.LogKeep)
+				a.log.Info("rotated engine log", "log", p, "keep", a.cfg.LogKeep)
 			}
 		}
 	}

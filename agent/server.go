@@ -30,7 +30,7 @@ func grpcError(err error) error {
 		return status.Error(codes.Aborted, err.Error())
 	case errors.Is(err, errBusy), errors.Is(err, errFit):
 		return status.Error(codes.FailedPrecondition, err.Error())
-	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded):
+	case errors.Is(err, context.Canceled), errors.Is(err, context.DeadlineExceeded), errors.Is(err, errExiting):
 		return status.Error(codes.Unavailable, err.Error())
 	default:
 		return status.Error(codes.Internal, err.Error())
@@ -80,48 +80,101 @@ func assignmentFromProto(self string, inv *gpu.Inventory, p *agentv1.Assignment)
 	return as, nil
 }
 
+// statusSnapshot is what the API reads without the loop: the Status answer
+// and the inventory an Assign is checked against. Never changed once
+// published.
+type statusSnapshot struct {
+	resp *agentv1.StatusResponse
+	inv  *gpu.Inventory
+	hw   *HostInventory
+	json []byte // hw as JSON, reused while hw is the same
+}
+
+// publishStatus rebuilds the snapshot from the loop's state. Loop only.
+func (a *Agent) publishStatus() {
+	prev := a.status.Load()
+	snap := &statusSnapshot{hw: a.hw}
+	resp := &agentv1.StatusResponse{NodeId: a.cfg.NodeID, Address: a.cfg.Address}
+	if a.hw != nil {
+		snap.inv = a.hw.GPU
+		resp.DriverVersion = a.hw.GPU.DriverVersion
+		for _, d := range a.hw.GPU.Devices {
+			resp.Gpus = append(resp.Gpus, &agentv1.GPU{Index: int32(d.Index), Uuid: d.UUID, Name: d.Name, MemoryMib: d.MemoryMiB, Healthy: d.Healthy})
+		}
+		if prev != nil && prev.hw == a.hw {
+			snap.json = prev.json
+		} else {
+			snap.json, _ = json.Marshal(a.hw)
+		}
+		resp.InventoryJson = snap.json
+	}
+	l := a.loc
+	if as := l.As; as != nil {
+		pa := &agentv1.Assignment{Deployment: as.Deployment, GroupId: as.Group, Epoch: as.Epoch, Rank: int32(as.Rank), SpecJson: as.Spec.JSON()}
+		if prev != nil && prev.resp.Assignment != nil && prev.resp.Assignment.GroupId == as.Group && prev.resp.Assignment.Epoch == as.Epoch {
+			pa = prev.resp.Assignment // immutable: the same assignment's message is reused
+		} else {
+			for _, m := range as.Members {
+				pa.Members = append(pa.Members, &agentv1.Member{NodeId: m.NodeID, Rank: int32(m.Rank), GrpcAddr: m.GRPC})
+			}
+		}
+		resp.Assignment = pa
+		switch {
+		case l.Claim > 0:
+			resp.Role = "head"
+		case l.Follow != "":
+			resp.Role = "worker"
+		}
+	}
+	resp.EngineState, resp.HeadNodeId, resp.Term, resp.Message = l.ES, l.Follow, l.FTerm, l.Msg
+	resp.Draining = l.Draining
+	resp.Stopping = a.run != nil && a.run.r.Status().Stopping
+	snap.resp = resp
+	a.status.Store(snap)
+}
+
+// Assign validates the assignment, hands it to the loop and answers once it
+// is durable. It never waits for an engine to stop or start.
 func (s *agentServer) Assign(ctx context.Context, req *agentv1.AssignRequest) (*agentv1.AssignResponse, error) {
-	s.a.mu.Lock()
-	inv := s.a.hw.GPU
-	s.a.mu.Unlock()
-	as, err := assignmentFromProto(s.a.cfg.NodeID, inv, req.GetAssignment())
+	as, err := assignmentFromProto(s.a.cfg.NodeID, s.a.status.Load().inv, req.GetAssignment())
 	if err != nil {
 		return nil, grpcError(err)
 	}
-	err = s.a.do(ctx, func() error { return s.a.applyAssignment(as) })
+	err = s.durable(ctx, func() (uint64, error) { return s.a.applyAssignment(as) })
 	return &agentv1.AssignResponse{}, grpcError(err)
+}
+
+// durable runs f on the loop, then waits until the state it produced is on disk.
+func (s *agentServer) durable(ctx context.Context, f func() (uint64, error)) error {
+	var gen uint64
+	err := s.a.do(ctx, func() error {
+		var err error
+		gen, err = f()
+		return err
+	})
+	if err != nil {
+		return err
+	}
+	return s.a.store.Wait(ctx, gen)
 }
 
 func (s *agentServer) Release(ctx context.Context, req *agentv1.ReleaseRequest) (*agentv1.ReleaseResponse, error) {
 	if req.GetGroupId() == "" {
 		return nil, status.Error(codes.InvalidArgument, "release needs group_id")
 	}
-	err := s.a.do(ctx, func() error { return s.a.release(req.GroupId, req.Epoch) })
+	err := s.durable(ctx, func() (uint64, error) { return s.a.release(req.GroupId, req.Epoch), nil })
 	return &agentv1.ReleaseResponse{}, grpcError(err)
 }
 
+func (s *agentServer) Drain(ctx context.Context, req *agentv1.DrainRequest) (*agentv1.DrainResponse, error) {
+	if req.GetGroupId() == "" || req.GetEpoch() == 0 {
+		return nil, status.Error(codes.InvalidArgument, "drain needs group_id and epoch")
+	}
+	err := s.durable(ctx, func() (uint64, error) { return s.a.drain(req.GroupId, req.Epoch) })
+	return &agentv1.DrainResponse{}, grpcError(err)
+}
+
+// Status answers from the loop's last snapshot, without waiting for it.
 func (s *agentServer) Status(context.Context, *agentv1.StatusRequest) (*agentv1.StatusResponse, error) {
-	a := s.a
-	a.mu.Lock()
-	defer a.mu.Unlock()
-	resp := &agentv1.StatusResponse{NodeId: a.cfg.NodeID, Address: a.cfg.Address, DriverVersion: a.hw.GPU.DriverVersion}
-	for _, d := range a.hw.GPU.Devices {
-		resp.Gpus = append(resp.Gpus, &agentv1.GPU{Index: int32(d.Index), Uuid: d.UUID, Name: d.Name, MemoryMib: d.MemoryMiB, Healthy: d.Healthy})
-	}
-	resp.InventoryJson, _ = json.Marshal(a.hw)
-	if as := a.state.Assignment; as != nil {
-		pa := &agentv1.Assignment{Deployment: as.Deployment, GroupId: as.Group, Epoch: as.Epoch, Rank: int32(as.Rank), SpecJson: as.Spec.JSON()}
-		for _, m := range as.Members {
-			pa.Members = append(pa.Members, &agentv1.Member{NodeId: m.NodeID, Rank: int32(m.Rank), GrpcAddr: m.GRPC})
-		}
-		resp.Assignment = pa
-		switch {
-		case a.claim > 0:
-			resp.Role = "head"
-		case a.follow != "":
-			resp.Role = "worker"
-		}
-	}
-	resp.EngineState, resp.HeadNodeId, resp.Term, resp.Message = a.es, a.follow, a.fterm, a.msg
-	return resp, nil
+	return s.a.status.Load().resp, nil
 }

@@ -48,6 +48,9 @@ type State struct {
 	Run        *RunRecord  `json:"run,omitempty"`
 	// Engines are the run's started commands, in start order.
 	Engines []engine.Record `json:"engines,omitempty"`
+	// Draining: the coordinator asked this node's head to take no new
+	// requests (scale-in); it stays so across an agent restart.
+	Draining bool `json:"draining,omitempty"`
 }
 
 const stateFile = "state.json"

@@ -2,54 +2,68 @@ package agent
 
 import (
 	"context"
+	"errors"
 	"fmt"
-	"sort"
-	"strconv"
+	"log/slog"
 	"time"
 
+	"github.com/shoalhq/shoal/agent/runner"
 	"github.com/shoalhq/shoal/engine"
 	"github.com/shoalhq/shoal/gossip"
-	"github.com/shoalhq/shoal/spec"
 )
 
-// tickInterval bounds how stale the loop's view of gossip and engines can be
-// when no event arrives.
-const tickInterval = 200 * time.Millisecond
+// The supervisor loop is the only goroutine that changes the agent's state
+// (Local, the run, the hardware view). It wakes on events only — gossip
+// changes, a runner's notification, an API call, a deadline the decision
+// asked for — gathers Decide's input, calls it, and carries out the one
+// action it returns without waiting for any I/O: a runner starts or stops
+// engines on its own goroutines, the state store writes state.json, the
+// gossip publisher broadcasts the tag.
 
-// maxBackoff caps the wait before a failed group is restarted.
-const maxBackoff = 5 * time.Minute
+// activeRun is the loop's record of the run on this node.
+type activeRun struct {
+	r    *runner.Runner
+	info RunInfo
+	plan *engine.Plan
+	kind string // runtime kind
+}
 
-// loop is the only goroutine that changes the assignment, claims, follows and
-// runs. Everything else asks it through cmds or pokes it through wake.
+// loop runs the supervisor until ctx ends.
 func (a *Agent) loop(ctx context.Context) {
-	t := time.NewTicker(tickInterval)
-	defer t.Stop()
-	a.publish()
+	defer close(a.quit)
+	timer := time.NewTimer(time.Hour)
+	timer.Stop()
 	for {
+		wake := a.step(time.Now())
+		timer.Stop()
+		if !wake.IsZero() {
+			timer.Reset(max(time.Until(wake), time.Millisecond))
+		}
 		select {
 		case <-ctx.Done():
+			timer.Stop()
 			return
 		case f := <-a.cmds:
 			f()
 		case <-a.mem.Changes():
 		case <-a.wake:
-		case <-t.C:
-		}
-		a.am.members.Set(float64(a.mem.Count()))
-		a.reconcile()
-		if err := a.peers.Save(a.mem); err != nil {
-			a.log.Debug("remember gossip peers", "err", err)
+		case <-timer.C:
 		}
 	}
 }
 
-// do runs f on the loop goroutine and waits for it.
+// errExiting: the loop has ended (the agent is exiting).
+var errExiting = errors.New("agent is exiting")
+
+// do runs f on the loop goroutine and waits for it. f must not block.
 func (a *Agent) do(ctx context.Context, f func() error) error {
 	errc := make(chan error, 1)
 	select {
 	case a.cmds <- func() { errc <- f() }:
 	case <-ctx.Done():
 		return ctx.Err()
+	case <-a.quit:
+		return errExiting
 	}
 	select {
 	case err := <-errc:
@@ -67,470 +81,262 @@ func (a *Agent) do(ctx context.Context, f func() error) error {
 // its members (MemberGrace), so detection does not wait for it.
 const memberFlap = 2 * time.Second
 
-// view is the group as gossip shows it. Loop goroutine only (lastSeen).
-func (a *Agent) view(as *Assignment) GroupView {
-	v := GroupView{Self: a.cfg.NodeID, Group: as.Group, Epoch: as.Epoch, Members: map[string]int{}, Tags: a.mem.Members()}
-	now := time.Now()
+// view is the group as gossip shows it at now, with the flap hysteresis,
+// and when a member's grace runs out (zero: none is pending). Loop only.
+func (a *Agent) view(as *Assignment, now time.Time) (GroupView, time.Time) {
+	v := GroupView{Self: a.cfg.NodeID, Group: as.Group, Epoch: as.Epoch, Members: map[string]int{}, Tags: map[string]gossip.Tag{}}
+	var expiry time.Time
 	for _, m := range as.Members {
 		v.Members[m.NodeID] = m.Rank
-		if t, ok := v.Tags[m.NodeID]; ok {
+		if t, ok := a.mem.Member(m.NodeID); ok {
+			v.Tags[m.NodeID] = t
 			a.lastSeen[m.NodeID] = seenTag{tag: t, at: now}
 		} else if s, ok := a.lastSeen[m.NodeID]; ok && now.Sub(s.at) < memberFlap {
 			v.Tags[m.NodeID] = s.tag
+			if end := s.at.Add(memberFlap); expiry.IsZero() || end.Before(expiry) {
+				expiry = end
+			}
+		}
+	}
+	for id := range a.lastSeen {
+		if _, ok := v.Members[id]; !ok {
+			delete(a.lastSeen, id) // not of this group (any more)
 		}
 	}
 	// Our own newest tag, whether or not gossip has echoed it back yet.
 	v.Tags[a.cfg.NodeID] = a.mem.Local()
-	return v
+	return v, expiry
 }
 
-func (a *Agent) reconcile() {
-	if !a.holdUntil.IsZero() && a.holding() {
-		a.publish()
-		return
+// policy is the decision's timing configuration.
+func (a *Agent) policy() Policy {
+	return Policy{RestartBackoff: a.cfg.RestartBackoff, StopGrace: a.cfg.StopGrace}
+}
+
+// step decides once and acts; it returns when to decide again at the
+// latest (zero: on the next event). Loop only.
+func (a *Agent) step(now time.Time) time.Time {
+	a.am.members.Set(float64(a.mem.Count()))
+	if a.pulled.Swap(false) {
+		a.weights = true
 	}
-	a.mu.Lock()
-	as := a.state.Assignment
-	r := a.run
-	a.mu.Unlock()
-	if as == nil {
-		if r != nil {
-			a.stopRun("released")
+	if a.run != nil {
+		if st := a.run.r.Status(); st.Stopped {
+			a.run = nil
 		}
-		a.publish()
-		return
 	}
-	v := a.view(as)
-	d := Decide(v)
-	a.mu.Lock()
-	claim := a.claim
-	a.mu.Unlock()
-
-	if claim > 0 {
-		a.reconcileHead(as, v, d, claim)
-	} else {
-		a.reconcileMember(as, v, d)
-	}
-	a.publish()
-}
-
-// holding: an adopted run is not judged until gossip shows its whole group
-// (a join through one seed can bring a partial or stale member list), or
-// until holdUntil passes.
-func (a *Agent) holding() bool {
-	a.mu.Lock()
-	as := a.state.Assignment
-	a.mu.Unlock()
-	complete := false
+	in := Input{Now: now, Self: a.cfg.NodeID, Local: a.loc, Policy: a.policy(), Unhealthy: a.hw.unhealthy()}
 	select {
 	case <-a.mem.Joined():
-		if as != nil {
-			complete = Decide(a.view(as)).Complete
-		}
+		in.Joined = true
 	default:
 	}
-	if complete || as == nil {
-		a.holdUntil = time.Time{}
-		return false
+	var flap time.Time
+	if a.loc.As != nil {
+		in.View, flap = a.view(a.loc.As, now)
 	}
-	if time.Now().Before(a.holdUntil) {
-		return true
+	var st runner.Status
+	if a.run != nil {
+		st = a.run.r.Status()
+		info := a.run.info
+		info.Phase, info.Failed, info.Stopping = st.Phase, st.Failed, st.Stopping
+		in.Run = &info
 	}
-	a.log.Warn("the adopted run's group is not whole in gossip; judging it with what this node sees", "waited", holdForJoin)
-	a.holdUntil = time.Time{}
-	return false
-}
-
-// reconcileHead: this node claims head at claim.
-func (a *Agent) reconcileHead(as *Assignment, v GroupView, d Decision, claim uint64) {
-	self := a.cfg.NodeID
-	a.mu.Lock()
-	r := a.run
-	a.mu.Unlock()
-	if d.Candidate != self || !d.Complete {
-		why := "group incomplete"
-		if d.Complete {
-			why = "another member is head: " + d.Candidate
+	out := Decide(in)
+	prev := a.loc
+	a.loc = out.Local
+	if out.Note != "" {
+		lvl := slog.LevelInfo
+		if out.Warn {
+			lvl = slog.LevelWarn
 		}
-		a.failOrStop(r, why)
-		a.retract()
-		return
+		a.log.Log(context.Background(), lvl, out.Note, out.Attrs...)
 	}
-	if r == nil {
-		a.mu.Lock()
-		failed := a.es == gossip.EngineFailed
-		a.mu.Unlock()
-		if failed {
-			// Give the claim up; a new term starts after the backoff.
-			a.retract()
-			return
-		}
-		if !AllFollow(v, self, claim) {
-			a.setES(gossip.EngineWaiting)
-			return
-		}
-		a.startRun(as, engine.RoleHead, self, claim, v)
-		return
-	}
-	phase, failed := r.state()
-	if failed == "" {
-		if id, ok := MemberFailed(v, claim); ok {
-			failed = "member " + id + " reports its engine failed"
-		} else if !AllFollow(v, self, claim) {
-			failed = "a member stopped following this head"
-		}
-	}
-	if failed != "" {
-		a.failRun(failed)
-		return
-	}
-	a.setES(phase)
-	if phase == gossip.EngineReady {
-		a.mu.Lock()
-		if a.readySince.IsZero() {
-			a.readySince = time.Now()
-		} else if time.Since(a.readySince) > time.Minute {
-			a.backoff = a.cfg.RestartBackoff
-		}
-		a.mu.Unlock()
-	}
-	a.replica.update(a.snapshot(as, r, phase))
-}
-
-// reconcileMember: this node does not claim head.
-func (a *Agent) reconcileMember(as *Assignment, v GroupView, d Decision) {
-	self := a.cfg.NodeID
-	a.mu.Lock()
-	r, follow, fterm, until := a.run, a.follow, a.fterm, a.backoffUntil
-	a.mu.Unlock()
-	if d.Candidate == self && d.Complete {
-		if time.Now().Before(until) {
-			return
-		}
-		a.failOrStop(r, "becoming head")
-		a.mu.Lock()
-		term := max(d.MaxTerm, a.state.LastTerm) + 1
-		a.claim, a.follow, a.fterm, a.es, a.failedTerm = term, self, term, gossip.EngineWaiting, 0
-		a.state.LastTerm = term
-		a.readySince = time.Time{}
-		a.mu.Unlock()
-		if err := a.saveState(); err != nil {
-			a.log.Error("persist term", "err", err)
-		}
-		a.replica.start()
-		a.replica.update(a.snapshot(as, nil, gossip.EngineWaiting))
-		a.log.Info("claimed head", "group", as.Group, "epoch", as.Epoch, "term", term)
+	if out.Claimed {
 		a.am.claims.Inc()
-		return
 	}
-	var head gossip.Tag
-	ok := false
-	if d.Candidate != "" && d.Candidate != self && d.Complete {
-		head, ok = v.Tags[d.Candidate]
-		ok = ok && head.HeadTerm > 0
-	}
-	if !ok {
-		if follow != "" || r != nil {
-			a.failOrStop(r, "no head")
-			a.mu.Lock()
-			a.follow, a.fterm = "", 0
-			if a.es != gossip.EngineFailed {
-				a.es = gossip.EngineIdle
-			}
-			a.mu.Unlock()
+	switch out.Act.Kind {
+	case ActStart:
+		a.startRun(out.Act, in.View)
+	case ActStop:
+		if out.Act.Fail {
+			a.am.failures.Inc()
 		}
+		a.run.r.Stop(out.Act.Why, out.Act.Grace)
+	}
+	switch {
+	case prev.Claim == 0 && a.loc.Claim > 0:
+		a.replica.start()
+	case prev.Claim > 0 && a.loc.Claim == 0:
+		a.replica.stop()
+	}
+	if a.loc.Claim > 0 {
+		a.replica.update(a.snapshot())
+	}
+	a.persist()
+	a.publish()
+	if out.Act.Kind != ActNone || a.loc != prev {
+		a.poke() // decide again on the new state at once
+	}
+	wake := out.Wake
+	if !flap.IsZero() && (wake.IsZero() || flap.Before(wake)) {
+		wake = flap
+	}
+	return wake
+}
+
+// persist hands the state to the store; it returns the generation to wait
+// for before answering an API call that changed it. Loop only.
+func (a *Agent) persist() uint64 {
+	st := State{NodeID: a.cfg.NodeID, Assignment: a.loc.As, LastTerm: a.loc.LastTerm, Draining: a.loc.Draining}
+	if a.run != nil {
+		i := a.run.info
+		st.Run = &RunRecord{Group: i.Group, Epoch: i.Epoch, Term: i.Term, Head: i.Head, Role: i.Role, Plan: a.run.plan, Runtime: a.run.kind}
+		st.Engines = a.run.r.Status().Records
+	}
+	return a.store.Save(st)
+}
+
+// startRun carries out ActStart: plan the engine for this node and start a
+// runner. A plan that cannot be made fails the node's part at once. Loop only.
+func (a *Agent) startRun(act Action, v GroupView) {
+	as := a.loc.As
+	ar, err := a.newRun(as, act.Role, act.Head, act.Term, v.Tags[act.Head].IP())
+	if err != nil {
+		a.log.Error("cannot start the engine", "err", err)
+		a.loc.ES, a.loc.Msg = gossip.EngineFailed, err.Error()
 		return
 	}
-	if follow != head.ID || fterm != head.HeadTerm {
-		a.failOrStop(r, "following a new head")
-		a.mu.Lock()
-		a.follow, a.fterm, a.es = head.ID, head.HeadTerm, gossip.EngineIdle
-		a.mu.Unlock()
-		a.log.Info("following head", "head", head.ID, "term", head.HeadTerm)
-		return
-	}
-	if r == nil {
-		a.mu.Lock()
-		failedHere := a.failedTerm == fterm
-		a.mu.Unlock()
-		up := head.Engine == gossip.EngineDownloading || headUp(head.Engine)
-		if up && !failedHere {
-			a.startRun(as, engine.RoleWorker, head.ID, fterm, v)
+	a.run = ar
+	a.am.starts.WithLabelValues(string(act.Role)).Inc()
+	ar.r.Start()
+}
+
+// tag is the gossip tag for the current state. Loop only (or before it runs).
+func (a *Agent) tag() gossip.Tag {
+	t := gossip.Tag{Kind: gossip.KindAgent, ID: a.cfg.NodeID, GRPC: a.grpcAddr(), Metrics: agentMetricsAddr(a.cfg.MetricsAddr, a.cfg.Address),
+		Restarting: a.restarting}
+	if a.hw != nil {
+		t.Healthy, t.GPUModel, t.GPUs = a.hw.GPU.Healthy(), a.hw.GPU.Model(), len(a.hw.GPU.Devices)
+		t.GPUMemGiB = a.hw.minMemGiB()
+		if a.hw.RDMASum != "none" {
+			t.RDMA = a.hw.RDMASum
 		}
-		return
 	}
-	phase, failed := r.state()
-	if failed != "" {
-		a.failRun(failed)
-		a.mu.Lock()
-		a.failedTerm = fterm
-		a.mu.Unlock()
-		return
+	var st runner.Status
+	if a.run != nil {
+		st = a.run.r.Status()
+		t.Stopping = st.Stopping
 	}
-	if head.Engine == gossip.EngineFailed || head.Engine == gossip.EngineWaiting || head.Engine == gossip.EngineIdle {
-		a.stopRun("head engine " + orIdle(head.Engine))
-		a.setES(gossip.EngineIdle)
-		return
+	if as := a.loc.As; as != nil {
+		l := a.loc
+		t.Deployment, t.Group, t.Epoch, t.Rank, t.Size = as.Deployment, as.Group, as.Epoch, as.Rank, len(as.Members)
+		t.HeadTerm, t.Follow, t.FollowTerm, t.Engine = l.Claim, l.Follow, l.FTerm, l.ES
+		t.Weights = a.weights
+		t.Draining = l.Draining
+		if l.ES == gossip.EngineDownloading {
+			t.Progress = st.Progress
+		}
+		if l.Claim > 0 {
+			t.Replica = a.replicaAddr()
+		}
 	}
-	a.setES(phase)
+	return t
 }
 
-// headUp: the head's node process runs, so workers can join it.
-func headUp(es string) bool {
-	return es == gossip.EngineRunning || es == gossip.EngineLoading || es == gossip.EngineReady
+// publish advertises the current state in gossip (never waiting for the
+// broadcast) and to the Status API. Loop only.
+func (a *Agent) publish() {
+	t := a.tag()
+	a.engineState.Reset()
+	a.engineState.WithLabelValues(t.Engine).Set(1)
+	if err := a.mem.SetTag(t); err != nil {
+		a.log.Error("publish gossip tag", "err", err)
+	}
+	a.publishStatus()
 }
 
-func orIdle(s string) string {
-	if s == "" {
-		return "idle"
-	}
-	return s
-}
-
-func (a *Agent) setES(es string) {
-	a.mu.Lock()
-	a.es = es
-	a.mu.Unlock()
-}
-
-// retract gives up a head claim and closes the Replica API.
-func (a *Agent) retract() {
-	a.mu.Lock()
-	had := a.claim
-	a.claim = 0
-	if a.follow == a.cfg.NodeID {
-		a.follow, a.fterm = "", 0
-	}
-	if a.es != gossip.EngineFailed {
-		a.es = gossip.EngineIdle
-	}
-	a.mu.Unlock()
-	a.replica.stop()
-	if had > 0 {
-		a.log.Info("gave up head claim", "term", had)
-	}
-}
-
-func (a *Agent) startRun(as *Assignment, role engine.Role, head string, term uint64, v GroupView) {
-	headIP := v.Tags[head].IP()
-	a.mu.Lock()
-	env := map[string]string{} // derived from RDMA, the agent's engine_env applied; the spec's env wins in the plan
-	for k, v := range a.hw.NCCLEnv {
-		env[k] = v
-	}
-	if a.hw.Visible != "" {
-		env["CUDA_VISIBLE_DEVICES"] = a.hw.Visible // this agent owns a subset of the host's GPUs
-	}
-	a.mu.Unlock()
-	failed := func(what string, err error) {
-		a.log.Error(what, "err", err)
-		a.mu.Lock()
-		a.es, a.msg = gossip.EngineFailed, err.Error()
-		a.mu.Unlock()
-	}
-	mj, err := a.modelFor(as.Spec)
-	if err != nil {
-		failed("cannot resolve model", err)
-		return
-	}
-	rt, err := a.runtimeFor(context.Background(), as.Spec.Engine.Runtime)
-	if err != nil {
-		failed("engine runtime", err)
-		return
-	}
-	sp := *as.Spec
-	if mj != nil {
-		sp.Model.Path = mj.dir // the engine reads the weights where this host keeps them
-	}
-	bin := engine.Binaries{Ray: a.cfg.RayBin, VLLM: a.cfg.VLLMBin, Python: a.cfg.PythonBin}
-	if rt.Kind() == "containerd" {
-		bin = engine.Binaries{Ray: "ray", VLLM: "vllm", Python: "python3"} // on the image's PATH
-	}
-	in := engine.PlanInput{Spec: &sp, Role: role, NodeIP: a.cfg.Address, HeadIP: headIP,
-		BindHost: a.cfg.EngineHost, Env: env, Bin: bin}
-	var plan *engine.Plan
-	switch as.Spec.Engine.Kind {
-	case spec.EngineCommand:
-		plan, err = engine.CommandPlan(in, runRank(as, head, a.cfg.NodeID))
-	case spec.EngineVLLM, spec.EngineSGLang:
-		plan, err = engine.NativePlan(in, runRank(as, head, a.cfg.NodeID))
-	default:
-		plan, err = engine.RayVLLM(in)
-	}
-	if err == nil && rt.Kind() == "containerd" {
-		err = containerize(plan, &sp, map[string]string{"io.shoal.group": as.Group,
-			"io.shoal.epoch": strconv.FormatUint(as.Epoch, 10), "io.shoal.term": strconv.FormatUint(term, 10), "io.shoal.role": string(role)})
-	}
-	if err != nil {
-		failed("cannot plan engine", err)
-		return
-	}
-	r := a.newRun(as, role, head, term, plan, rt, mj)
-	a.mu.Lock()
-	a.run = r
-	a.es = gossip.EngineRunning
-	a.state.Run = &RunRecord{Group: as.Group, Epoch: as.Epoch, Term: term, Head: head, Role: role, Plan: plan, Runtime: rt.Kind()}
-	a.state.Engines = nil
-	a.mu.Unlock()
-	if err := a.saveState(); err != nil {
-		a.log.Error("persist run", "err", err)
-	}
-	r.log.Info("starting engine", "runtime", rt.Kind())
-	a.am.starts.WithLabelValues(string(role)).Inc()
-	if role == engine.RoleHead {
-		go a.headSequence(r)
-		a.watchMembers(r, as.Members)
+// resume installs a run adopted before the loop starts: the head claims its
+// term again and serves, a worker follows its head again, and neither is
+// judged before gossip shows the whole group (holdForJoin at most).
+func (a *Agent) resume(ar *activeRun) {
+	a.run = ar
+	i := ar.info
+	if i.Role == engine.RoleHead {
+		a.loc.Claim, a.loc.Follow, a.loc.FTerm, a.loc.ES = i.Term, a.cfg.NodeID, i.Term, gossip.EngineLoading
+		a.replica.start()
 	} else {
-		go a.workerSequence(r)
+		a.loc.Follow, a.loc.FTerm, a.loc.ES = i.Head, i.Term, gossip.EngineRunning
 	}
+	a.loc.HoldUntil = time.Now().Add(holdForJoin)
 }
 
-// newRun builds (does not start) a run of plan on rt.
-func (a *Agent) newRun(as *Assignment, role engine.Role, head string, term uint64, plan *engine.Plan, rt engine.Runtime, mj *modelJob) *run {
-	ctx, cancel := context.WithCancel(context.Background())
-	return &run{group: as.Group, epoch: as.Epoch, term: term, head: head, role: role, plan: plan, rt: rt, model: mj,
-		headUp: func() bool {
-			t, ok := a.mem.Member(head)
-			return ok && t.HeadTerm == term && headUp(t.Engine)
-		},
-		spec: &specRef{served: as.Spec.Engine.ServedModelName, timeout: time.Duration(as.Spec.Engine.StartupTimeoutSeconds) * time.Second,
-			hang: a.cfg.HangTimeout, canary: a.cfg.CanaryInterval},
-		log: a.log.With("group", as.Group, "epoch", as.Epoch, "term", term, "role", string(role)), wake: a.poke,
-		ctx: ctx, cancel: cancel, done: make(chan struct{})}
-}
+// holdForJoin bounds how long a restarted agent with an adopted engine waits
+// for the gossip join before it judges its group (alone, it would see the
+// group incomplete and stop a healthy replica).
+const holdForJoin = 15 * time.Second
 
-// runRank numbers the members for a rank-based program: the elected head is
-// rank 0 (the rendezvous lives there), the others follow in assignment order.
-func runRank(as *Assignment, head, self string) int {
-	if self == head {
-		return 0
-	}
-	members := append([]Member(nil), as.Members...)
-	sort.Slice(members, func(i, j int) bool { return members[i].Rank < members[j].Rank })
-	r := 1
-	for _, m := range members {
-		if m.NodeID == head {
-			continue
-		}
-		if m.NodeID == self {
-			return r
-		}
-		r++
-	}
-	return r
-}
-
-// failStopGrace bounds SIGTERM→SIGKILL when a group failed: nothing in it
-// can complete any more (a member is gone), vLLM's API server sits in its
-// 5 s watchdog after an engine death without handling SIGTERM, and the
-// group's restart, here or elsewhere, waits for these GPUs. Planned stops
-// (release, delete, scale-in) keep stop_grace for in-flight requests.
-const failStopGrace = time.Second
-
-// stopRun stops the current run, if any, without marking a failure.
-func (a *Agent) stopRun(why string) { a.stopRunGrace(why, a.cfg.StopGrace) }
-
-func (a *Agent) stopRunGrace(why string, grace time.Duration) {
-	a.mu.Lock()
-	r := a.run
-	a.run = nil
-	a.state.Engines, a.state.Run = nil, nil
-	a.mu.Unlock()
-	if r == nil {
-		return
-	}
-	r.log.Info("stopping engine", "reason", why)
-	a.replica.setServing(false, why)
-	var rayStop func(context.Context)
-	if r.plan.RayStop && r.rt.Kind() == "process" {
-		rayStop = func(ctx context.Context) { a.rayStopForce(ctx, r.plan) }
-	}
-	r.stop(grace, rayStop)
-	if err := a.saveState(); err != nil {
-		a.log.Error("persist state", "err", err)
-	}
-}
-
-// failRun stops the run, advertises the failure and backs off before the
-// next attempt.
-func (a *Agent) failRun(why string) {
-	a.log.Warn("replica failed; stopping the group's engines", "reason", why)
-	a.am.failures.Inc()
-	a.replica.setServing(false, why)
-	a.mu.Lock()
-	a.es, a.msg = gossip.EngineFailed, why
-	wait := a.backoff
-	a.backoffUntil = time.Now().Add(wait)
-	a.backoff = min(a.backoff*2, maxBackoff)
-	a.readySince = time.Time{}
-	a.mu.Unlock()
-	a.publish() // tell the group before the (slow) stop
-	a.stopRunGrace(why, min(a.cfg.StopGrace, failStopGrace))
-	a.log.Info("restart backoff", "wait", wait)
-}
-
-// failOrStop ends a run, if any, that must end because the group changed.
-// vLLM cannot re-admit a rank, so any running member's end is the group's
-// failure: it is advertised and the restart backs off.
-func (a *Agent) failOrStop(r *run, why string) {
-	if r == nil {
-		return
-	}
-	a.failRun(why)
-}
-
-// applyAssignment runs on the loop goroutine.
-func (a *Agent) applyAssignment(as *Assignment) error {
-	a.mu.Lock()
-	cur := a.state.Assignment
-	a.mu.Unlock()
-	if cur != nil {
+// applyAssignment takes a new assignment (loop). A newer epoch replaces the
+// old one at once; the old run is stopped by the next decision and the new
+// epoch's engines start only once it has.
+func (a *Agent) applyAssignment(as *Assignment) (uint64, error) {
+	if cur := a.loc.As; cur != nil {
 		switch {
 		case cur.Group == as.Group && cur.Epoch == as.Epoch:
-			return nil // idempotent
+			return a.persist(), nil // idempotent; answer once it is durable
 		case cur.Group == as.Group && as.Epoch < cur.Epoch:
-			return fmt.Errorf("%w: group %s epoch %d is older than the current epoch %d", errStale, as.Group, as.Epoch, cur.Epoch)
+			return 0, fmt.Errorf("%w: group %s epoch %d is older than the current epoch %d", errStale, as.Group, as.Epoch, cur.Epoch)
 		case cur.Group != as.Group:
-			return fmt.Errorf("%w: node is in group %s (epoch %d); release it first", errBusy, cur.Group, cur.Epoch)
+			return 0, fmt.Errorf("%w: node is in group %s (epoch %d); release it first", errBusy, cur.Group, cur.Epoch)
 		}
 	}
-	// A new epoch replaces the old one only after the old engines stopped:
-	// a replacement never starts before the GPUs are released.
-	a.stopRun("new assignment")
-	a.retract()
-	weights := a.hasWeights(as.Spec)
-	a.mu.Lock()
-	a.state.Assignment = as
-	a.weights = weights
-	a.follow, a.fterm, a.es, a.msg, a.failedTerm = "", 0, gossip.EngineIdle, "", 0
-	a.backoff, a.backoffUntil = a.cfg.RestartBackoff, time.Time{}
-	a.mu.Unlock()
-	if err := a.saveState(); err != nil {
-		return err
-	}
+	a.loc = Local{As: as, LastTerm: a.loc.LastTerm, Backoff: a.cfg.RestartBackoff}
+	a.weights = false
+	a.checkWeights(as)
 	a.log.Info("assigned", "deployment", as.Deployment, "group", as.Group, "epoch", as.Epoch, "rank", as.Rank, "members", len(as.Members))
-	a.publish()
-	return nil
+	a.poke()
+	return a.persist(), nil
 }
 
-func (a *Agent) release(group string, epoch uint64) error {
-	a.mu.Lock()
-	cur := a.state.Assignment
-	a.mu.Unlock()
+// release forgets the assignment of group (at epoch, or any when 0). Loop.
+func (a *Agent) release(group string, epoch uint64) uint64 {
+	cur := a.loc.As
 	if cur == nil || cur.Group != group || (epoch != 0 && cur.Epoch != epoch) {
-		return nil
+		return a.persist()
 	}
-	a.stopRun("released")
-	a.retract()
-	a.mu.Lock()
-	a.state.Assignment = nil
+	a.loc = Local{LastTerm: a.loc.LastTerm, Backoff: a.cfg.RestartBackoff}
 	a.weights = false
-	a.follow, a.fterm, a.es, a.msg = "", 0, gossip.EngineIdle, ""
-	a.mu.Unlock()
-	if err := a.saveState(); err != nil {
-		return err
-	}
 	a.log.Info("released", "group", group, "epoch", cur.Epoch)
-	a.publish()
-	return nil
+	a.poke()
+	return a.persist()
+}
+
+// drain marks this node's part of group at epoch as draining. Loop.
+func (a *Agent) drain(group string, epoch uint64) (uint64, error) {
+	cur := a.loc.As
+	if cur == nil || cur.Group != group || cur.Epoch != epoch {
+		return 0, fmt.Errorf("%w: node is not in group %s at epoch %d", errBusy, group, epoch)
+	}
+	if !a.loc.Draining {
+		a.loc.Draining = true
+		a.log.Info("draining: no new requests", "group", group, "epoch", epoch)
+		a.poke()
+	}
+	return a.persist(), nil
+}
+
+// checkWeights finds out, off the loop, whether this host already holds the
+// assignment's model (the election prefers such a head).
+func (a *Agent) checkWeights(as *Assignment) {
+	a.bg.Add(1)
+	go func() {
+		defer a.bg.Done()
+		has := a.hasWeights(as.Spec)
+		_ = a.do(context.Background(), func() error {
+			if a.loc.As == as {
+				a.weights = has
+			}
+			return nil
+		})
+	}()
 }

@@ -82,6 +82,10 @@ type Plan struct {
 	ExpectedGPUs int
 	// Endpoint is host:port of the OpenAI server (head only).
 	Endpoint string
+	// Canary is the API path the readiness probe and the idle canary use, or
+	// "none" (read it with CanaryEndpoint: plans persisted before it existed
+	// have "", which is /v1/completions).
+	Canary string `json:",omitempty"`
 }
 
 // checkInput rejects a plan input without a spec or with non-IP addresses.
@@ -148,6 +152,7 @@ func RayVLLM(in PlanInput) (*Plan, error) {
 		serveEnv := mergeEnv(env, map[string]string{"RAY_ADDRESS": rayAddr})
 		p.Serve = &Command{Name: "vllm", Path: in.Bin.VLLM, Env: envList(serveEnv), Args: args}
 		p.Endpoint = net.JoinHostPort(in.NodeIP, strconv.Itoa(s.Engine.Port))
+		p.setCanary(s)
 	case RoleWorker:
 		p.Node = Command{Name: "ray", Path: in.Bin.Ray, Env: envList(env), Args: []string{
 			"start", "--address=" + rayAddr, "--node-ip-address=" + in.NodeIP,
@@ -156,6 +161,24 @@ func RayVLLM(in PlanInput) (*Plan, error) {
 		return nil, fmt.Errorf("plan: unknown role %q", in.Role)
 	}
 	return p, nil
+}
+
+func (p *Plan) setCanary(s *spec.Deployment) {
+	p.Canary = CanaryPath(s)
+	if p.Canary == "" {
+		p.Canary = spec.CanaryNone
+	}
+}
+
+// CanaryEndpoint is the API path of the plan's canary, "" for none.
+func (p *Plan) CanaryEndpoint() string {
+	switch p.Canary {
+	case spec.CanaryNone:
+		return ""
+	case "":
+		return CanaryCompletions // a plan persisted before canaries had endpoints
+	}
+	return p.Canary
 }
 
 // ModelArg is the model argument vLLM gets: the local path when there is one,
@@ -273,6 +296,7 @@ func CommandPlan(in PlanInput, rank int) (*Plan, error) {
 	p := &Plan{Role: in.Role, Node: Command{Name: "engine", Path: argv[0], Args: argv[1:], Env: envList(env)}}
 	if in.Role == RoleHead {
 		p.Endpoint = net.JoinHostPort(in.NodeIP, strconv.Itoa(s.Engine.Port))
+		p.setCanary(s)
 	}
 	p.Node.Name = filepath.Base(argv[0])
 	return p, nil
@@ -343,6 +367,7 @@ func NativePlan(in PlanInput, rank int) (*Plan, error) {
 	p := &Plan{Role: in.Role, Node: c}
 	if in.Role == RoleHead {
 		p.Endpoint = net.JoinHostPort(in.NodeIP, strconv.Itoa(e.Port))
+		p.setCanary(s)
 	}
 	return p, nil
 }

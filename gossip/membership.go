@@ -57,6 +57,10 @@ type Membership struct {
 	keyring *memberlist.Keyring
 	bcast   *memberlist.TransmitLimitedQueue
 	joined  chan struct{} // closed once the node is in a cluster
+	// pub asks the publisher (started by Run) to broadcast the local tag:
+	// memberlist's UpdateNode waits until the broadcast has gone out a few
+	// gossip rounds, which no caller of SetTag should wait for.
+	pub chan struct{}
 }
 
 // Crash stops gossip without telling anyone, as a dying host would. Fault tests
@@ -86,7 +90,7 @@ func New(cfg Config, tag Tag) *Membership {
 	}
 	tag.Cluster = cfg.Cluster
 	return &Membership{cfg: cfg, log: cfg.Logger.With("component", "gossip"), local: tag,
-		changes: make(chan struct{}, 1), members: map[string]Tag{}, joined: make(chan struct{})}
+		changes: make(chan struct{}, 1), members: map[string]Tag{}, joined: make(chan struct{}), pub: make(chan struct{}, 1)}
 }
 
 // Joined is closed once this node is in the cluster: it joined a seed, or
@@ -180,6 +184,10 @@ func (m *Membership) Run(ctx context.Context) error {
 	if m.ml == nil {
 		return errors.New("gossip: Run before Start")
 	}
+	pctx, stopPub := context.WithCancel(ctx)
+	pubDone := make(chan struct{})
+	go func() { defer close(pubDone); m.publisher(pctx) }()
+	defer func() { stopPub(); <-pubDone }()
 	if len(m.cfg.Rejoin) > 0 {
 		// In the background (a dead peer costs a TCP timeout), a few at
 		// random: one answer brings the whole member list by push/pull.
@@ -254,7 +262,8 @@ func (m *Membership) Local() Tag {
 	return m.local
 }
 
-// SetTag publishes a new local tag. It fails if the tag would not fit.
+// SetTag publishes a new local tag. It fails if the tag would not fit, and
+// never waits for the broadcast (Run's publisher sends it).
 func (m *Membership) SetTag(t Tag) error {
 	t.Cluster = m.cfg.Cluster
 	t.Keys = m.fingerprints()
@@ -268,11 +277,30 @@ func (m *Membership) SetTag(t Tag) error {
 		m.members[t.ID] = t
 	}
 	m.mu.Unlock()
-	if same || m.ml == nil {
+	if same {
 		return nil
 	}
 	m.notify()
-	return m.ml.UpdateNode(2 * time.Second)
+	select {
+	case m.pub <- struct{}{}:
+	default: // a broadcast is already pending; it reads the newest tag
+	}
+	return nil
+}
+
+// publisher broadcasts the local tag after each SetTag, one broadcast at a
+// time (a burst of changes coalesces into the newest tag), until ctx ends.
+func (m *Membership) publisher(ctx context.Context) {
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-m.pub:
+		}
+		if err := m.ml.UpdateNode(2 * time.Second); err != nil {
+			m.log.Debug("tag broadcast", "err", err)
+		}
+	}
 }
 
 // Members returns the decoded tags of the live members (alive or suspect),

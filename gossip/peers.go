@@ -1,6 +1,7 @@
 package gossip
 
 import (
+	"context"
 	"encoding/json"
 	"fmt"
 	"os"
@@ -22,10 +23,12 @@ type PeerFile struct {
 	at   time.Time // guarded by mu; the last look at the member list
 }
 
-// peerSaveEvery bounds how often Save reads the member list: callers sit
-// in loops that run several times a second, and the file only needs to be
-// roughly current.
+// peerSaveEvery bounds how often Save reads the member list: the file only
+// needs to be roughly current.
 const peerSaveEvery = 10 * time.Second
+
+// PeerLister is what Save reads: a Membership.
+type PeerLister interface{ PeerAddrs() []string }
 
 // Load returns the saved addresses (none when the file is missing or bad).
 func (p *PeerFile) Load() []string {
@@ -40,8 +43,25 @@ func (p *PeerFile) Load() []string {
 	return peers
 }
 
+// Keep saves m's peers every 10 s until ctx ends, on its own goroutine:
+// no control loop waits for the file.
+func (p *PeerFile) Keep(ctx context.Context, m PeerLister, log interface{ Debug(string, ...any) }) {
+	t := time.NewTicker(peerSaveEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		if err := p.Save(m); err != nil {
+			log.Debug("remember gossip peers", "err", err)
+		}
+	}
+}
+
 // Save writes m's current peers when they changed, at most every 10 s.
-func (p *PeerFile) Save(m *Membership) error {
+func (p *PeerFile) Save(m PeerLister) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
 	if time.Since(p.at) < peerSaveEvery {

@@ -24,6 +24,7 @@ const (
 const (
 	EngineIdle        = ""
 	EngineWaiting     = "waiting"     // head: claimed, waiting for all members to follow
+	EngineStarting    = "starting"    // a run began: runtime, image, processes being started
 	EngineDownloading = "downloading" // pulling weights before the engine starts
 	EngineRunning     = "running"     // the node process runs (head: workers may join)
 	EngineLoading     = "loading"     // head: vllm serve started, not ready yet
@@ -68,6 +69,12 @@ type Tag struct {
 	// Restarting: the agent is exiting and leaves its engines running for
 	// the next agent process (a head waits longer for such a member).
 	Restarting bool `json:"rs,omitempty"`
+	// Stopping: an engine run on this node is still being stopped; its GPUs
+	// are not free yet (placement waits for it).
+	Stopping bool `json:"st,omitempty"`
+	// Draining: this head takes no new requests (scale-in); in-flight ones
+	// finish. Every router reads it from here or from the Replica stream.
+	Draining bool `json:"dr,omitempty"`
 }
 
 // ErrBadTag is wrapped by every decode failure.

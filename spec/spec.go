@@ -73,7 +73,19 @@ type Engine struct {
 	Env     map[string]string `yaml:"env,omitempty" json:"env,omitempty"`
 	// StartupTimeoutSeconds bounds download + load before the group is restarted.
 	StartupTimeoutSeconds int `yaml:"startupTimeoutSeconds,omitempty" json:"startupTimeoutSeconds,omitempty"`
+	// Canary is the endpoint the head's readiness probe and idle canary call:
+	// completions, chat, embeddings or none; empty picks from engine.args
+	// (embeddings for a pooling model, else completions).
+	Canary string `yaml:"canary,omitempty" json:"canary,omitempty"`
 }
+
+// Values of engine.canary.
+const (
+	CanaryCompletions = "completions"
+	CanaryChat        = "chat"
+	CanaryEmbeddings  = "embeddings"
+	CanaryNone        = "none"
+)
 
 // Resources is what each node of a replica must have.
 type Resources struct {
@@ -342,6 +354,11 @@ func (d *Deployment) Validate() error {
 	if e.StartupTimeoutSeconds < 0 {
 		bad("engine.startupTimeoutSeconds", "must not be negative")
 	}
+	switch e.Canary {
+	case "", CanaryCompletions, CanaryChat, CanaryEmbeddings, CanaryNone:
+	default:
+		bad("engine.canary", "unknown endpoint %q; one of %s, %s, %s, %s", e.Canary, CanaryCompletions, CanaryChat, CanaryEmbeddings, CanaryNone)
+	}
 	rp := d.Replicas
 	switch {
 	case rp.Count < 0 || rp.Min < 0 || rp.Max < 0:
@@ -466,6 +483,7 @@ func (d *Deployment) Fields() []Field {
 		add("engine.env."+k, d.Engine.Env[k], true)
 	}
 	add("engine.startupTimeoutSeconds", d.Engine.StartupTimeoutSeconds, true)
+	add("engine.canary", d.Engine.Canary, true)
 	add("resources.nodes", d.Resources.Nodes, true)
 	add("resources.gpusPerNode", d.Resources.GPUsPerNode, true)
 	add("resources.gpuModel", d.Resources.GPUModel, true)

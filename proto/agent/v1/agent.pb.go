@@ -451,6 +451,94 @@ func (*ReleaseResponse) Descriptor() ([]byte, []int) {
 	return file_agent_v1_agent_proto_rawDescGZIP(), []int{7}
 }
 
+type DrainRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	GroupId       string                 `protobuf:"bytes,1,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"`
+	Epoch         uint64                 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainRequest) Reset() {
+	*x = DrainRequest{}
+	mi := &file_agent_v1_agent_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainRequest) ProtoMessage() {}
+
+func (x *DrainRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_v1_agent_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
+func (*DrainRequest) Descriptor() ([]byte, []int) {
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{8}
+}
+
+func (x *DrainRequest) GetGroupId() string {
+	if x != nil {
+		return x.GroupId
+	}
+	return ""
+}
+
+func (x *DrainRequest) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+type DrainResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *DrainResponse) Reset() {
+	*x = DrainResponse{}
+	mi := &file_agent_v1_agent_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DrainResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DrainResponse) ProtoMessage() {}
+
+func (x *DrainResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_v1_agent_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DrainResponse.ProtoReflect.Descriptor instead.
+func (*DrainResponse) Descriptor() ([]byte, []int) {
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{9}
+}
+
 type StatusRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -459,7 +547,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_agent_v1_agent_proto_msgTypes[8]
+	mi := &file_agent_v1_agent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -471,7 +559,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[8]
+	mi := &file_agent_v1_agent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -484,7 +572,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{8}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{10}
 }
 
 type GPU struct {
@@ -500,7 +588,7 @@ type GPU struct {
 
 func (x *GPU) Reset() {
 	*x = GPU{}
-	mi := &file_agent_v1_agent_proto_msgTypes[9]
+	mi := &file_agent_v1_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -512,7 +600,7 @@ func (x *GPU) String() string {
 func (*GPU) ProtoMessage() {}
 
 func (x *GPU) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[9]
+	mi := &file_agent_v1_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -525,7 +613,7 @@ func (x *GPU) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GPU.ProtoReflect.Descriptor instead.
 func (*GPU) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{9}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *GPU) GetIndex() int32 {
@@ -572,7 +660,8 @@ type StatusResponse struct {
 	Assignment    *Assignment            `protobuf:"bytes,5,opt,name=assignment,proto3" json:"assignment,omitempty"`
 	// role is "head", "worker" or "" when idle.
 	Role string `protobuf:"bytes,6,opt,name=role,proto3" json:"role,omitempty"`
-	// engine_state is one of idle, waiting, starting, running, ready, failed, stopping.
+	// engine_state is one of "" (idle), waiting, starting, downloading, running,
+	// loading, ready, failed.
 	EngineState string `protobuf:"bytes,7,opt,name=engine_state,json=engineState,proto3" json:"engine_state,omitempty"`
 	HeadNodeId  string `protobuf:"bytes,8,opt,name=head_node_id,json=headNodeId,proto3" json:"head_node_id,omitempty"`
 	Term        uint64 `protobuf:"varint,9,opt,name=term,proto3" json:"term,omitempty"`
@@ -580,13 +669,17 @@ type StatusResponse struct {
 	// inventory_json is the full host inventory (agent.HostInventory as JSON):
 	// every GPU with health reasons, RDMA adapters, preflight, NCCL settings.
 	InventoryJson []byte `protobuf:"bytes,11,opt,name=inventory_json,json=inventoryJson,proto3" json:"inventory_json,omitempty"`
+	// stopping: an engine run is still being stopped (its GPUs are not free).
+	Stopping bool `protobuf:"varint,12,opt,name=stopping,proto3" json:"stopping,omitempty"`
+	// draining: the head takes no new requests (Drain).
+	Draining      bool `protobuf:"varint,13,opt,name=draining,proto3" json:"draining,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_agent_v1_agent_proto_msgTypes[10]
+	mi := &file_agent_v1_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -598,7 +691,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[10]
+	mi := &file_agent_v1_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -611,7 +704,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{10}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{12}
 }
 
 func (x *StatusResponse) GetNodeId() string {
@@ -691,6 +784,20 @@ func (x *StatusResponse) GetInventoryJson() []byte {
 	return nil
 }
 
+func (x *StatusResponse) GetStopping() bool {
+	if x != nil {
+		return x.Stopping
+	}
+	return false
+}
+
+func (x *StatusResponse) GetDraining() bool {
+	if x != nil {
+		return x.Draining
+	}
+	return false
+}
+
 var File_agent_v1_agent_proto protoreflect.FileDescriptor
 
 const file_agent_v1_agent_proto_rawDesc = "" +
@@ -726,7 +833,11 @@ const file_agent_v1_agent_proto_rawDesc = "" +
 	"\x0eReleaseRequest\x12\x19\n" +
 	"\bgroup_id\x18\x01 \x01(\tR\agroupId\x12\x14\n" +
 	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\"\x11\n" +
-	"\x0fReleaseResponse\"\x0f\n" +
+	"\x0fReleaseResponse\"?\n" +
+	"\fDrainRequest\x12\x19\n" +
+	"\bgroup_id\x18\x01 \x01(\tR\agroupId\x12\x14\n" +
+	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\"\x0f\n" +
+	"\rDrainResponse\"\x0f\n" +
 	"\rStatusRequest\"|\n" +
 	"\x03GPU\x12\x14\n" +
 	"\x05index\x18\x01 \x01(\x05R\x05index\x12\x12\n" +
@@ -734,7 +845,7 @@ const file_agent_v1_agent_proto_rawDesc = "" +
 	"\x04name\x18\x03 \x01(\tR\x04name\x12\x1d\n" +
 	"\n" +
 	"memory_mib\x18\x04 \x01(\x04R\tmemoryMib\x12\x18\n" +
-	"\ahealthy\x18\x05 \x01(\bR\ahealthy\"\xfd\x02\n" +
+	"\ahealthy\x18\x05 \x01(\bR\ahealthy\"\xb5\x03\n" +
 	"\x0eStatusResponse\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x12%\n" +
@@ -750,10 +861,13 @@ const file_agent_v1_agent_proto_rawDesc = "" +
 	"\x04term\x18\t \x01(\x04R\x04term\x12\x18\n" +
 	"\amessage\x18\n" +
 	" \x01(\tR\amessage\x12%\n" +
-	"\x0einventory_json\x18\v \x01(\fR\rinventoryJson2\xa6\x02\n" +
+	"\x0einventory_json\x18\v \x01(\fR\rinventoryJson\x12\x1a\n" +
+	"\bstopping\x18\f \x01(\bR\bstopping\x12\x1a\n" +
+	"\bdraining\x18\r \x01(\bR\bdraining2\xec\x02\n" +
 	"\x05Agent\x12G\n" +
 	"\x06Assign\x12\x1d.shoal.agent.v1.AssignRequest\x1a\x1e.shoal.agent.v1.AssignResponse\x12J\n" +
-	"\aRelease\x12\x1e.shoal.agent.v1.ReleaseRequest\x1a\x1f.shoal.agent.v1.ReleaseResponse\x12G\n" +
+	"\aRelease\x12\x1e.shoal.agent.v1.ReleaseRequest\x1a\x1f.shoal.agent.v1.ReleaseResponse\x12D\n" +
+	"\x05Drain\x12\x1c.shoal.agent.v1.DrainRequest\x1a\x1d.shoal.agent.v1.DrainResponse\x12G\n" +
 	"\x06Status\x12\x1d.shoal.agent.v1.StatusRequest\x1a\x1e.shoal.agent.v1.StatusResponse\x12?\n" +
 	"\x04Logs\x12\x1b.shoal.agent.v1.LogsRequest\x1a\x18.shoal.agent.v1.LogChunk0\x01B1Z/github.com/shoalhq/shoal/proto/agent/v1;agentv1b\x06proto3"
 
@@ -769,7 +883,7 @@ func file_agent_v1_agent_proto_rawDescGZIP() []byte {
 	return file_agent_v1_agent_proto_rawDescData
 }
 
-var file_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 11)
+var file_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_agent_v1_agent_proto_goTypes = []any{
 	(*LogsRequest)(nil),     // 0: shoal.agent.v1.LogsRequest
 	(*LogChunk)(nil),        // 1: shoal.agent.v1.LogChunk
@@ -779,25 +893,29 @@ var file_agent_v1_agent_proto_goTypes = []any{
 	(*AssignResponse)(nil),  // 5: shoal.agent.v1.AssignResponse
 	(*ReleaseRequest)(nil),  // 6: shoal.agent.v1.ReleaseRequest
 	(*ReleaseResponse)(nil), // 7: shoal.agent.v1.ReleaseResponse
-	(*StatusRequest)(nil),   // 8: shoal.agent.v1.StatusRequest
-	(*GPU)(nil),             // 9: shoal.agent.v1.GPU
-	(*StatusResponse)(nil),  // 10: shoal.agent.v1.StatusResponse
+	(*DrainRequest)(nil),    // 8: shoal.agent.v1.DrainRequest
+	(*DrainResponse)(nil),   // 9: shoal.agent.v1.DrainResponse
+	(*StatusRequest)(nil),   // 10: shoal.agent.v1.StatusRequest
+	(*GPU)(nil),             // 11: shoal.agent.v1.GPU
+	(*StatusResponse)(nil),  // 12: shoal.agent.v1.StatusResponse
 }
 var file_agent_v1_agent_proto_depIdxs = []int32{
 	2,  // 0: shoal.agent.v1.Assignment.members:type_name -> shoal.agent.v1.Member
 	3,  // 1: shoal.agent.v1.AssignRequest.assignment:type_name -> shoal.agent.v1.Assignment
-	9,  // 2: shoal.agent.v1.StatusResponse.gpus:type_name -> shoal.agent.v1.GPU
+	11, // 2: shoal.agent.v1.StatusResponse.gpus:type_name -> shoal.agent.v1.GPU
 	3,  // 3: shoal.agent.v1.StatusResponse.assignment:type_name -> shoal.agent.v1.Assignment
 	4,  // 4: shoal.agent.v1.Agent.Assign:input_type -> shoal.agent.v1.AssignRequest
 	6,  // 5: shoal.agent.v1.Agent.Release:input_type -> shoal.agent.v1.ReleaseRequest
-	8,  // 6: shoal.agent.v1.Agent.Status:input_type -> shoal.agent.v1.StatusRequest
-	0,  // 7: shoal.agent.v1.Agent.Logs:input_type -> shoal.agent.v1.LogsRequest
-	5,  // 8: shoal.agent.v1.Agent.Assign:output_type -> shoal.agent.v1.AssignResponse
-	7,  // 9: shoal.agent.v1.Agent.Release:output_type -> shoal.agent.v1.ReleaseResponse
-	10, // 10: shoal.agent.v1.Agent.Status:output_type -> shoal.agent.v1.StatusResponse
-	1,  // 11: shoal.agent.v1.Agent.Logs:output_type -> shoal.agent.v1.LogChunk
-	8,  // [8:12] is the sub-list for method output_type
-	4,  // [4:8] is the sub-list for method input_type
+	8,  // 6: shoal.agent.v1.Agent.Drain:input_type -> shoal.agent.v1.DrainRequest
+	10, // 7: shoal.agent.v1.Agent.Status:input_type -> shoal.agent.v1.StatusRequest
+	0,  // 8: shoal.agent.v1.Agent.Logs:input_type -> shoal.agent.v1.LogsRequest
+	5,  // 9: shoal.agent.v1.Agent.Assign:output_type -> shoal.agent.v1.AssignResponse
+	7,  // 10: shoal.agent.v1.Agent.Release:output_type -> shoal.agent.v1.ReleaseResponse
+	9,  // 11: shoal.agent.v1.Agent.Drain:output_type -> shoal.agent.v1.DrainResponse
+	12, // 12: shoal.agent.v1.Agent.Status:output_type -> shoal.agent.v1.StatusResponse
+	1,  // 13: shoal.agent.v1.Agent.Logs:output_type -> shoal.agent.v1.LogChunk
+	9,  // [9:14] is the sub-list for method output_type
+	4,  // [4:9] is the sub-list for method input_type
 	4,  // [4:4] is the sub-list for extension type_name
 	4,  // [4:4] is the sub-list for extension extendee
 	0,  // [0:4] is the sub-list for field type_name
@@ -814,7 +932,7 @@ func file_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_v1_agent_proto_rawDesc), len(file_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   11,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

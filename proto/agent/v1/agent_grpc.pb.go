@@ -24,6 +24,7 @@ const _ = grpc.SupportPackageIsVersion9
 const (
 	Agent_Assign_FullMethodName  = "/shoal.agent.v1.Agent/Assign"
 	Agent_Release_FullMethodName = "/shoal.agent.v1.Agent/Release"
+	Agent_Drain_FullMethodName   = "/shoal.agent.v1.Agent/Drain"
 	Agent_Status_FullMethodName  = "/shoal.agent.v1.Agent/Status"
 	Agent_Logs_FullMethodName    = "/shoal.agent.v1.Agent/Logs"
 )
@@ -33,11 +34,18 @@ const (
 // For semantics around ctx use and closing/ending streaming RPCs, please refer to https://pkg.go.dev/google.golang.org/grpc/?tab=doc#ClientConn.NewStream.
 type AgentClient interface {
 	// Assign puts this node in a replica group. Idempotent: the same (group, epoch)
-	// again is a no-op; a newer epoch replaces the old assignment after the old
-	// engines have stopped. The agent persists the assignment before it answers.
+	// again is a no-op; a newer epoch replaces the old assignment at once, and
+	// the new epoch's engines start only after the old ones have stopped. The
+	// agent persists the assignment before it answers; it never waits for an
+	// engine to stop or start.
 	Assign(ctx context.Context, in *AssignRequest, opts ...grpc.CallOption) (*AssignResponse, error)
-	// Release stops this node's engines and forgets its assignment.
+	// Release forgets the assignment and stops this node's engines (in the
+	// background: the gossip tag says stopping until the GPUs are free).
 	Release(ctx context.Context, in *ReleaseRequest, opts ...grpc.CallOption) (*ReleaseResponse, error)
+	// Drain makes this node's head take no new requests (scale-in): its
+	// Replica stream and gossip tag say draining, so every router stops
+	// sending to it within a second while in-flight requests finish.
+	Drain(ctx context.Context, in *DrainRequest, opts ...grpc.CallOption) (*DrainResponse, error)
 	// Status returns the full inventory, the assignment and the engine state.
 	Status(ctx context.Context, in *StatusRequest, opts ...grpc.CallOption) (*StatusResponse, error)
 	// Logs streams the engine log files: the last tail_bytes, then (follow) what is appended.
@@ -66,6 +74,16 @@ func (c *agentClient) Release(ctx context.Context, in *ReleaseRequest, opts ...g
 	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
 	out := new(ReleaseResponse)
 	err := c.cc.Invoke(ctx, Agent_Release_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *agentClient) Drain(ctx context.Context, in *DrainRequest, opts ...grpc.CallOption) (*DrainResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(DrainResponse)
+	err := c.cc.Invoke(ctx, Agent_Drain_FullMethodName, in, out, cOpts...)
 	if err != nil {
 		return nil, err
 	}
@@ -106,11 +124,18 @@ type Agent_LogsClient = grpc.ServerStreamingClient[LogChunk]
 // for forward compatibility.
 type AgentServer interface {
 	// Assign puts this node in a replica group. Idempotent: the same (group, epoch)
-	// again is a no-op; a newer epoch replaces the old assignment after the old
-	// engines have stopped. The agent persists the assignment before it answers.
+	// again is a no-op; a newer epoch replaces the old assignment at once, and
+	// the new epoch's engines start only after the old ones have stopped. The
+	// agent persists the assignment before it answers; it never waits for an
+	// engine to stop or start.
 	Assign(context.Context, *AssignRequest) (*AssignResponse, error)
-	// Release stops this node's engines and forgets its assignment.
+	// Release forgets the assignment and stops this node's engines (in the
+	// background: the gossip tag says stopping until the GPUs are free).
 	Release(context.Context, *ReleaseRequest) (*ReleaseResponse, error)
+	// Drain makes this node's head take no new requests (scale-in): its
+	// Replica stream and gossip tag say draining, so every router stops
+	// sending to it within a second while in-flight requests finish.
+	Drain(context.Context, *DrainRequest) (*DrainResponse, error)
 	// Status returns the full inventory, the assignment and the engine state.
 	Status(context.Context, *StatusRequest) (*StatusResponse, error)
 	// Logs streams the engine log files: the last tail_bytes, then (follow) what is appended.
@@ -130,6 +155,9 @@ func (UnimplementedAgentServer) Assign(context.Context, *AssignRequest) (*Assign
 }
 func (UnimplementedAgentServer) Release(context.Context, *ReleaseRequest) (*ReleaseResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Release not implemented")
+}
+func (UnimplementedAgentServer) Drain(context.Context, *DrainRequest) (*DrainResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Drain not implemented")
 }
 func (UnimplementedAgentServer) Status(context.Context, *StatusRequest) (*StatusResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Status not implemented")
@@ -194,6 +222,24 @@ func _Agent_Release_Handler(srv interface{}, ctx context.Context, dec func(inter
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Agent_Drain_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(DrainRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServer).Drain(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Agent_Drain_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServer).Drain(ctx, req.(*DrainRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 func _Agent_Status_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
 	in := new(StatusRequest)
 	if err := dec(in); err != nil {
@@ -237,6 +283,10 @@ var Agent_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Release",
 			Handler:    _Agent_Release_Handler,
+		},
+		{
+			MethodName: "Drain",
+			Handler:    _Agent_Drain_Handler,
 		},
 		{
 			MethodName: "Status",

@@ -81,7 +81,10 @@ type Metrics struct {
 	UnixMillis                int64   `protobuf:"varint,15,opt,name=unix_millis,json=unixMillis,proto3" json:"unix_millis,omitempty"`
 	Reason                    string  `protobuf:"bytes,16,opt,name=reason,proto3" json:"reason,omitempty"`
 	// metrics_valid is false until the engine's /metrics has been read.
-	MetricsValid  bool `protobuf:"varint,17,opt,name=metrics_valid,json=metricsValid,proto3" json:"metrics_valid,omitempty"`
+	MetricsValid bool `protobuf:"varint,17,opt,name=metrics_valid,json=metricsValid,proto3" json:"metrics_valid,omitempty"`
+	// draining: the replica is being scaled in; routers send it no new
+	// requests, in-flight ones finish (serving stays true until they have).
+	Draining      bool `protobuf:"varint,18,opt,name=draining,proto3" json:"draining,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -235,12 +238,19 @@ func (x *Metrics) GetMetricsValid() bool {
 	return false
 }
 
+func (x *Metrics) GetDraining() bool {
+	if x != nil {
+		return x.Draining
+	}
+	return false
+}
+
 var File_replica_v1_replica_proto protoreflect.FileDescriptor
 
 const file_replica_v1_replica_proto_rawDesc = "" +
 	"\n" +
 	"\x18replica/v1/replica.proto\x12\x10shoal.replica.v1\"\x11\n" +
-	"\x0fSnapshotRequest\"\xef\x04\n" +
+	"\x0fSnapshotRequest\"\x8b\x05\n" +
 	"\aMetrics\x12\x1e\n" +
 	"\n" +
 	"deployment\x18\x01 \x01(\tR\n" +
@@ -262,7 +272,8 @@ const file_replica_v1_replica_proto_rawDesc = "" +
 	"\vunix_millis\x18\x0f \x01(\x03R\n" +
 	"unixMillis\x12\x16\n" +
 	"\x06reason\x18\x10 \x01(\tR\x06reason\x12#\n" +
-	"\rmetrics_valid\x18\x11 \x01(\bR\fmetricsValid2\x9c\x01\n" +
+	"\rmetrics_valid\x18\x11 \x01(\bR\fmetricsValid\x12\x1a\n" +
+	"\bdraining\x18\x12 \x01(\bR\bdraining2\x9c\x01\n" +
 	"\aReplica\x12H\n" +
 	"\bSnapshot\x12!.shoal.replica.v1.SnapshotRequest\x1a\x19.shoal.replica.v1.Metrics\x12G\n" +
 	"\x05Watch\x12!.shoal.replica.v1.SnapshotRequest\x1a\x19.shoal.replica.v1.Metrics0\x01B5Z3github.com/shoalhq/shoal/proto/replica/v1;replicav1b\x06proto3"

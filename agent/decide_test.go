@@ -132,8 +132,8 @@ func TestDecide(t *testing.T) {
 			}),
 			want: want{claim: 4, follow: "a", fterm: 4, es: gossip.EngineWaiting, wake: t0.Add(15 * time.Second)}},
 		{name: "the hold ends once gossip shows the whole group",
-			in: headOf(headRun(gossip.EngineLoading), func(in *Input) { in.Local.HoldUntil = t0.Add(15 * time.Second) }),
-			want: want{claim: 4, follow: "a", fterm: 4, es: gossip.EngineLoading},
+			in:    headOf(headRun(gossip.EngineLoading), func(in *Input) { in.Local.HoldUntil = t0.Add(15 * time.Second) }),
+			want:  want{claim: 4, follow: "a", fterm: 4, es: gossip.EngineLoading},
 			check: func(t *testing.T, out Output) { require.True(t, out.Local.HoldUntil.IsZero()) }},
 		{name: "an expired hold judges the group as it is, with a warning",
 			in: headOf(headRun(gossip.EngineLoading), func(in *Input) {
@@ -162,7 +162,7 @@ func TestDecide(t *testing.T) {
 			in:   headOf(nil),
 			want: want{act: ActStart, role: engine.RoleHead, term: 4, claim: 4, follow: "a", fterm: 4, es: gossip.EngineStarting}},
 		{name: "head whose run failed fails the group",
-			in: headOf(&RunInfo{Group: "g", Epoch: 1, Term: 4, Head: "a", Role: engine.RoleHead, Phase: gossip.EngineLoading, Failed: "vllm exited (exit status 1)"}),
+			in:   headOf(&RunInfo{Group: "g", Epoch: 1, Term: 4, Head: "a", Role: engine.RoleHead, Phase: gossip.EngineLoading, Failed: "vllm exited (exit status 1)"}),
 			want: want{act: ActStop, why: "vllm exited (exit status 1)", fail: true, grace: failGrace, claim: 4, follow: "a", fterm: 4, es: gossip.EngineFailed}},
 		{name: "head fails when a member reports its engine failed",
 			in:   headOf(headRun(gossip.EngineReady), withTag("c", engineState(gossip.EngineFailed))),
@@ -174,17 +174,17 @@ func TestDecide(t *testing.T) {
 			in:   headOf(headRun(gossip.EngineLoading)),
 			want: want{claim: 4, follow: "a", fterm: 4, es: gossip.EngineLoading}},
 		{name: "head ready for the first time: the backoff resets after a minute of serving",
-			in:   headOf(headRun(gossip.EngineReady)),
-			want: want{claim: 4, follow: "a", fterm: 4, es: gossip.EngineReady, wake: t0.Add(readyResetAfter)},
+			in:    headOf(headRun(gossip.EngineReady)),
+			want:  want{claim: 4, follow: "a", fterm: 4, es: gossip.EngineReady, wake: t0.Add(readyResetAfter)},
 			check: func(t *testing.T, out Output) { require.Equal(t, t0, out.Local.ReadySince) }},
 		{name: "head ready for a minute: the next failure backs off from the start again",
 			in: headOf(headRun(gossip.EngineReady), func(in *Input) {
 				in.Local.ReadySince, in.Local.Backoff = t0.Add(-readyResetAfter), 80*time.Second
 			}),
-			want: want{claim: 4, follow: "a", fterm: 4, es: gossip.EngineReady},
+			want:  want{claim: 4, follow: "a", fterm: 4, es: gossip.EngineReady},
 			check: func(t *testing.T, out Output) { require.Equal(t, 5*time.Second, out.Local.Backoff) }},
 		{name: "the backoff is capped",
-			in: headOf(headRun(gossip.EngineReady), without("b"), func(in *Input) { in.Local.Backoff = 4 * time.Minute }),
+			in:   headOf(headRun(gossip.EngineReady), without("b"), func(in *Input) { in.Local.Backoff = 4 * time.Minute }),
 			want: want{act: ActStop, why: "group incomplete", fail: true, grace: failGrace, claim: 4, follow: "a", fterm: 4, es: gossip.EngineFailed},
 			check: func(t *testing.T, out Output) {
 				require.Equal(t, maxBackoff, out.Local.Backoff)
@@ -212,7 +212,7 @@ func TestDecide(t *testing.T) {
 				in.Local.Follow, in.Local.FTerm = "x", 3
 				in.View = view("a", member("a", follows("x", 3)), member("b", nil), member("c", nil))
 			}),
-			want: want{act: ActStop, why: "becoming head", fail: true, grace: failGrace, follow: "x", fterm: 3, es: gossip.EngineFailed},
+			want:  want{act: ActStop, why: "becoming head", fail: true, grace: failGrace, follow: "x", fterm: 3, es: gossip.EngineFailed},
 			check: func(t *testing.T, out Output) { require.True(t, out.Local.BackoffUntil.IsZero()) }},
 
 		// A member.
@@ -244,8 +244,8 @@ func TestDecide(t *testing.T) {
 			in:   workerOf(nil, func(in *Input) { in.Local.FailedTerm, in.Local.ES = 4, gossip.EngineFailed }),
 			want: want{follow: "a", fterm: 4, es: gossip.EngineFailed}},
 		{name: "member whose run failed fails it and remembers the term",
-			in: workerOf(&RunInfo{Group: "g", Epoch: 1, Term: 4, Head: "a", Role: engine.RoleWorker, Phase: gossip.EngineRunning, Failed: "ray exited"}),
-			want: want{act: ActStop, why: "ray exited", fail: true, grace: failGrace, follow: "a", fterm: 4, es: gossip.EngineFailed},
+			in:    workerOf(&RunInfo{Group: "g", Epoch: 1, Term: 4, Head: "a", Role: engine.RoleWorker, Phase: gossip.EngineRunning, Failed: "ray exited"}),
+			want:  want{act: ActStop, why: "ray exited", fail: true, grace: failGrace, follow: "a", fterm: 4, es: gossip.EngineFailed},
 			check: func(t *testing.T, out Output) { require.Equal(t, uint64(4), out.Local.FailedTerm) }},
 		{name: "member stops (planned) when its head's engine failed",
 			in:   workerOf(workerRun(gossip.EngineRunning), withTag("a", engineState(gossip.EngineFailed))),

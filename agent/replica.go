@@ -149,7 +149,7 @@ func (a *Agent) snapshot() *replicav1.Metrics {
 	m := &replicav1.Metrics{Deployment: as.Deployment, GroupId: as.Group, Epoch: as.Epoch, NodeId: a.cfg.NodeID, Term: l.Claim,
 		ServedModelName: as.Spec.Engine.ServedModelName, UnixMillis: time.Now().UnixMilli(), Reason: l.ES, Draining: l.Draining}
 	if l.ES == gossip.EngineFailed {
-		m.Reason = l.Msg
+		m.Reason, m.Failed = l.Msg, true
 	}
 	if a.run == nil {
 		return m

@@ -85,15 +85,23 @@ func (a *Agent) runnerConfig(as *Assignment, i RunInfo, plan *engine.Plan, kind 
 				cfg.Members = append(cfg.Members, runner.Member{ID: m.NodeID, Addr: m.GRPC})
 			}
 		}
-		cfg.Dial = a.dialMember
-		cfg.MemberGrace = a.memberGrace
 	default:
 		head, term := i.Head, i.Term
 		cfg.HeadUp = func() bool {
 			t, ok := a.mem.Member(head)
 			return ok && t.HeadTerm == term && headUp(t.Engine)
 		}
+		// A worker polls its head as the head polls it: a dead head host is
+		// seen in MemberGrace, before gossip's failure detector (and the
+		// coordinator hears of it from this member's failed tag).
+		for _, m := range as.Members {
+			if m.NodeID == head {
+				cfg.Members = []runner.Member{{ID: m.NodeID, Addr: m.GRPC}}
+			}
+		}
 	}
+	cfg.Dial = a.dialMember
+	cfg.MemberGrace = a.memberGrace
 	return cfg
 }
 

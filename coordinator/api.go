@@ -10,6 +10,7 @@ import (
 	"github.com/shoalhq/shoal/gossip"
 	agentv1 "github.com/shoalhq/shoal/proto/agent/v1"
 
+	"github.com/shoalhq/shoal/coordinator/store"
 	coordv1 "github.com/shoalhq/shoal/proto/coordinator/v1"
 	"github.com/shoalhq/shoal/spec"
 	"google.golang.org/grpc/codes"
@@ -23,7 +24,7 @@ func apiError(err error) error {
 		return nil
 	case errors.Is(err, spec.ErrInvalid):
 		return status.Error(codes.InvalidArgument, err.Error())
-	case errors.Is(err, ErrNotFound):
+	case errors.Is(err, store.ErrNotFound):
 		return status.Error(codes.NotFound, err.Error())
 	default:
 		return status.Error(codes.Internal, err.Error())
@@ -64,7 +65,7 @@ func (s *apiServer) Apply(_ context.Context, req *coordv1.ApplyRequest) (*coordv
 	return &coordv1.ApplyResponse{Name: d.Name, Created: created, Warnings: warnings}, nil
 }
 
-func (s *apiServer) summary(rec *DeploymentRecord, groups []*Group) *coordv1.DeploymentSummary {
+func (s *apiServer) summary(rec *store.DeploymentRecord, groups []*store.Group) *coordv1.DeploymentSummary {
 	d := rec.Spec
 	sum := &coordv1.DeploymentSummary{Name: d.Name, Model: d.Engine.ServedModelName, Engine: d.Engine.Kind,
 		NodesPerReplica: int32(d.Resources.Nodes), DesiredReplicas: int32(s.c.desiredReplicas(d)), CreatedUnix: rec.Created.Unix()}
@@ -108,6 +109,7 @@ func (s *apiServer) DescribeDeployment(_ context.Context, req *coordv1.DescribeD
 	}
 	resp.Replicas = s.c.replicaInfos(rec.Name, groups)
 	resp.Autoscaler = s.c.autoscalerStatus(rec.Spec)
+	resp.Hold = s.c.holdStatus()
 	return resp, nil
 }
 
@@ -157,16 +159,19 @@ func nodeInfo(t gossip.Tag) *coordv1.NodeInfo {
 func (s *apiServer) DescribeNode(ctx context.Context, req *coordv1.DescribeNodeRequest) (*coordv1.DescribeNodeResponse, error) {
 	t, ok := s.c.agents()[req.NodeId]
 	if !ok {
-		return nil, apiError(fmt.Errorf("node %q: %w (see `shoal get nodes`)", req.NodeId, ErrNotFound))
+		return nil, apiError(fmt.Errorf("node %q: %w (see `shoal get nodes`)", req.NodeId, store.ErrNotFound))
 	}
 	resp := &coordv1.DescribeNodeResponse{Node: nodeInfo(t)}
-	err := s.c.agentCall(ctx, t.GRPC, func(ctx context.Context, cl agentv1.AgentClient) error {
-		st, err := cl.Status(ctx, &agentv1.StatusRequest{})
-		if err == nil {
+	conn, err := s.c.cfg.TLS.Dial(t.GRPC)
+	if err == nil {
+		defer conn.Close()
+		cctx, cancel := context.WithTimeout(ctx, rpcTimeout)
+		defer cancel()
+		var st *agentv1.StatusResponse
+		if st, err = agentv1.NewAgentClient(conn).Status(cctx, &agentv1.StatusRequest{}); err == nil {
 			resp.InventoryJson = st.InventoryJson
 		}
-		return err
-	})
+	}
 	if err != nil {
 		return nil, status.Errorf(codes.Unavailable, "node %s: its agent did not answer: %v", req.NodeId, err)
 	}
@@ -175,7 +180,7 @@ func (s *apiServer) DescribeNode(ctx context.Context, req *coordv1.DescribeNodeR
 
 // replicaInfos is the state of each group (of one deployment, or all) as
 // `shoal get replicas` and the shoal_replicas gauge show it.
-func (c *Coordinator) replicaInfos(dep string, groups []*Group) []*coordv1.ReplicaInfo {
+func (c *Coordinator) replicaInfos(dep string, groups []*store.Group) []*coordv1.ReplicaInfo {
 	views := c.heads.Views()
 	nodes := c.agents()
 	var out []*coordv1.ReplicaInfo
@@ -184,7 +189,7 @@ func (c *Coordinator) replicaInfos(dep string, groups []*Group) []*coordv1.Repli
 			continue
 		}
 		ri := &coordv1.ReplicaInfo{GroupId: g.ID, Deployment: g.Deployment, Epoch: g.Epoch, State: "starting"}
-		draining := c.isDraining(g.ID)
+		draining := g.Draining()
 		missing := false
 		slowest := -1.0
 		for _, m := range g.Members {

@@ -11,7 +11,9 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+	"github.com/shoalhq/shoal/coordinator/plan"
 	"github.com/shoalhq/shoal/coordinator/router"
+	"github.com/shoalhq/shoal/coordinator/store"
 	"github.com/shoalhq/shoal/gossip"
 	coordv1 "github.com/shoalhq/shoal/proto/coordinator/v1"
 	"github.com/shoalhq/shoal/security"
@@ -81,26 +83,29 @@ func (c *Config) Defaults() {
 
 // Coordinator is the control plane.
 type Coordinator struct {
-	cfg      Config
-	log      *slog.Logger
-	store    *Store
-	mem      *gossip.Membership
-	events   *events
-	failures failureNotes
-	table    *router.Table
-	heads    *router.Watcher
-	wake     chan struct{}
+	cfg    Config
+	log    *slog.Logger
+	store  *store.Store
+	mem    *gossip.Membership
+	events *events
+	table  *router.Table
+	heads  *router.Watcher
+	calls  *caller
+	wake   chan struct{}
 
-	mu       sync.Mutex
-	inflight map[string]bool         // guarded by mu; nodes with an Assign/Release under way
-	models   []string                // guarded by mu; served model names of all deployments
-	scalers  map[string]*scalerState // guarded by mu; per autoscaled deployment
-	demand   map[string]time.Time    // guarded by mu; served model → last request held for it
-	draining map[string]time.Time    // guarded by mu; group → drain start
-	short    map[string]string       // guarded by mu; deployment → why a replica cannot be placed
+	// Owned by the reconcile loop.
+	seen         map[string]time.Time // agent → last seen in gossip
+	guard        plan.Guard
+	failureAsked map[string]time.Time // agent → last asked why its engine failed
+
+	mu        sync.Mutex
+	models    []string                // guarded by mu; served model names of all deployments
+	scalers   map[string]*scalerState // guarded by mu; per autoscaled deployment
+	demand    map[string]time.Time    // guarded by mu; served model → last request held for it
+	short     map[string]string       // guarded by mu; deployment → why a replica cannot be placed
+	guardView plan.Guard              // guarded by mu; the guard as the API shows it
 
 	started time.Time // Run's start: see settling
-	peers   *gossip.PeerFile
 
 	reg        *prometheus.Registry
 	cm         *clusterMetrics
@@ -115,8 +120,8 @@ type Coordinator struct {
 func New(cfg Config) *Coordinator {
 	cfg.Defaults()
 	c := &Coordinator{cfg: cfg, log: cfg.Logger.With("component", "coordinator"), events: newEvents(),
-		table: router.NewTable(), wake: make(chan struct{}, 1), inflight: map[string]bool{},
-		scalers: map[string]*scalerState{}, demand: map[string]time.Time{}, draining: map[string]time.Time{}, short: map[string]string{}}
+		table: router.NewTable(), wake: make(chan struct{}, 1), seen: map[string]time.Time{}, failureAsked: map[string]time.Time{},
+		scalers: map[string]*scalerState{}, demand: map[string]time.Time{}, short: map[string]string{}}
 	c.heads = router.NewWatcher(c.log, c.rebuildTable, cfg.TLS)
 	c.reg = cfg.Router.Registry
 	if c.reg == nil {
@@ -138,14 +143,6 @@ func New(cfg Config) *Coordinator {
 	return c
 }
 
-// startupGrace: members missing from a just-started coordinator's view are
-// not taken for gone (no group is re-formed for them) for this long; with the
-// peers file it rejoins, its view is whole well before.
-const startupGrace = 20 * time.Second
-
-// settling: the coordinator started too recently to call a member gone.
-func (c *Coordinator) settling() bool { return time.Since(c.started) < startupGrace }
-
 // Table is the router's endpoint table, kept current by the coordinator.
 func (c *Coordinator) Table() *router.Table { return c.table }
 
@@ -161,16 +158,16 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	if err := mkdir(c.cfg.DataDir); err != nil {
 		return err
 	}
-	st, err := OpenStore(c.cfg.DataDir + "/coordinator.db")
+	st, err := store.Open(c.cfg.DataDir + "/coordinator.db")
 	if err != nil {
 		return err
 	}
 	defer st.Close()
 	c.store = st
 	c.started = time.Now()
-	c.peers = &gossip.PeerFile{Path: filepath.Join(c.cfg.DataDir, "peers.json")}
+	peers := &gossip.PeerFile{Path: filepath.Join(c.cfg.DataDir, "peers.json")}
 	c.mem = gossip.New(gossip.Config{Cluster: c.cfg.Cluster, BindAddr: c.cfg.Address, BindPort: c.cfg.GossipPort,
-		Join: c.cfg.Join, Rejoin: c.peers.Load(), Profile: c.cfg.GossipProfile, Logger: c.cfg.Logger, Keys: c.cfg.GossipKeys, KeyFile: c.cfg.GossipKeyFile},
+		Join: c.cfg.Join, Rejoin: peers.Load(), Profile: c.cfg.GossipProfile, Logger: c.cfg.Logger, Keys: c.cfg.GossipKeys, KeyFile: c.cfg.GossipKeyFile},
 		gossip.Tag{Kind: gossip.KindCoordinator, ID: c.cfg.NodeID, GRPC: c.cfg.APIAddr, Healthy: true})
 	if err := c.mem.Start(); err != nil {
 		return err
@@ -207,10 +204,12 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	}
 	var wg sync.WaitGroup
 	gctx, stopGossip := context.WithCancel(context.WithoutCancel(ctx))
-	wg.Add(3)
+	c.calls = newCaller(ctx, c.cfg.TLS, c.log, c.poke)
+	wg.Add(4)
 	go func() { defer wg.Done(); c.autoscaleLoop(ctx) }()
 	go func() { defer wg.Done(); _ = c.mem.Run(gctx) }()
 	go func() { defer wg.Done(); _ = srv.Serve(lis) }()
+	go func() { defer wg.Done(); peers.Keep(ctx, c.mem, c.log) }()
 	c.log.Info("coordinator running", "api", c.cfg.APIAddr, "router", c.cfg.RouterAddr, "gossip", c.mem.Addr())
 	if c.cfg.Ready != nil {
 		go func() {
@@ -222,22 +221,30 @@ func (c *Coordinator) Run(ctx context.Context) error {
 		}()
 	}
 
+	// The loop wakes on events; the interval bounds how stale a decision
+	// that waits on time (a drain, a long absence) can be.
 	t := time.NewTicker(c.cfg.ReconcileInterval)
 	defer t.Stop()
+	guardWake := time.NewTimer(time.Hour)
+	defer guardWake.Stop()
 	for ctx.Err() == nil {
-		if err := c.reconcile(ctx); err != nil {
+		wake, err := c.reconcile(ctx)
+		if err != nil {
 			c.log.Error("reconcile", "err", err)
 		}
-		if err := c.peers.Save(c.mem); err != nil {
-			c.log.Warn("remember gossip peers", "err", err)
+		guardWake.Stop()
+		if !wake.IsZero() {
+			guardWake.Reset(max(time.Until(wake), time.Millisecond))
 		}
 		select {
 		case <-ctx.Done():
 		case <-t.C:
 		case <-c.wake:
 		case <-c.mem.Changes():
+		case <-guardWake.C:
 		}
 	}
+	c.calls.wait()
 	c.heads.StopAll()
 	if httpSrv != nil {
 		sctx, cancel := context.WithTimeout(context.Background(), 3*time.Second)
@@ -267,14 +274,11 @@ func (c *Coordinator) agents() map[string]gossip.Tag {
 	return out
 }
 
-// rebuildTable publishes a new router snapshot from the heads' states.
+// rebuildTable publishes a new router snapshot from the heads' states
+// (draining groups are left out by the watcher).
 func (c *Coordinator) rebuildTable() {
 	c.mu.Lock()
 	models := c.models
-	draining := make(map[string]bool, len(c.draining))
-	for g := range c.draining {
-		draining[g] = true
-	}
 	c.mu.Unlock()
-	c.table.Set(c.heads.Snapshot(models).Without(draining))
+	c.table.Set(c.heads.Snapshot(models))
 }

@@ -5,6 +5,7 @@ import (
 	"fmt"
 	"io"
 
+	"github.com/shoalhq/shoal/coordinator/store"
 	agentv1 "github.com/shoalhq/shoal/proto/agent/v1"
 	coordv1 "github.com/shoalhq/shoal/proto/coordinator/v1"
 	"google.golang.org/grpc/codes"
@@ -17,14 +18,14 @@ func (s *apiServer) Logs(req *coordv1.LogsRequest, stream coordv1.Coordinator_Lo
 	if err != nil {
 		return apiError(err)
 	}
-	var g *Group
+	var g *store.Group
 	for _, x := range groups {
 		if x.ID == req.Replica {
 			g = x
 		}
 	}
 	if g == nil {
-		return apiError(fmt.Errorf("replica %q: %w (see `shoal get replicas`)", req.Replica, ErrNotFound))
+		return apiError(fmt.Errorf("replica %q: %w (see `shoal get replicas`)", req.Replica, store.ErrNotFound))
 	}
 	node := req.NodeId
 	if node == "" {
@@ -40,7 +41,7 @@ func (s *apiServer) Logs(req *coordv1.LogsRequest, stream coordv1.Coordinator_Lo
 		}
 	}
 	if addr == "" {
-		return apiError(fmt.Errorf("node %q is not a member of %s: %w", node, g.ID, ErrNotFound))
+		return apiError(fmt.Errorf("node %q is not a member of %s: %w", node, g.ID, store.ErrNotFound))
 	}
 	conn, err := s.c.cfg.TLS.Dial(addr)
 	if err != nil {

@@ -2,317 +2,264 @@ package coordinator
 
 import (
 	"context"
+	"crypto/rand"
+	"encoding/hex"
 	"fmt"
-	"sort"
-	"strings"
 	"time"
 
-	"github.com/shoalhq/shoal/coordinator/router"
-
+	"github.com/shoalhq/shoal/coordinator/plan"
+	"github.com/shoalhq/shoal/coordinator/store"
 	"github.com/shoalhq/shoal/gossip"
 	agentv1 "github.com/shoalhq/shoal/proto/agent/v1"
 )
 
-// rpcTimeout bounds one Assign or Release. An Assign may wait for the node to
-// stop an older epoch's engines, so it gets the agent's stop grace and more.
-const rpcTimeout = 60 * time.Second
+// The reconciler: decide, then act. snapshot gathers what plan.Compute
+// reads, Compute decides, apply writes the plan's groups to the store and
+// only then calls the agents (through the caller, which owns those calls).
+// A group whose write failed is not told to anyone; the next pass, which
+// reads the store again, retries.
 
-// reconcile moves the cluster one step toward the stored deployments.
-func (c *Coordinator) reconcile(ctx context.Context) error {
-	deps, err := c.store.Deployments()
+// knownFor is how long an agent that left gossip still counts as known for
+// the isolation guard (a node taken out of service for good stops counting).
+const knownFor = 10 * time.Minute
+
+// reconcile moves the cluster one step toward the stored deployments. It
+// returns when to run again at the latest (zero: on the next event).
+func (c *Coordinator) reconcile(ctx context.Context) (time.Time, error) {
+	now := time.Now()
+	snap, err := c.snapshot(now)
 	if err != nil {
-		return err
+		return time.Time{}, err
+	}
+	p := plan.Compute(snap)
+	c.apply(ctx, p)
+	return c.guard.Wake(), nil
+}
+
+// snapshot reads the store, the gossip, the heads and the guard. Loop only.
+func (c *Coordinator) snapshot(now time.Time) (plan.Snapshot, error) {
+	recs, err := c.store.Deployments()
+	if err != nil {
+		return plan.Snapshot{}, err
 	}
 	groups, err := c.store.Groups()
 	if err != nil {
-		return err
+		return plan.Snapshot{}, err
 	}
 	nodes := c.agents()
-	byName := map[string]*DeploymentRecord{}
+	s := plan.Snapshot{Now: now, Started: c.started, Groups: groups, Nodes: nodes, Absent: map[string]time.Time{},
+		Heads: c.headViews(), NewID: func(dep string) string { return dep + "-" + randomSuffix() }}
 	var models []string
-	for _, d := range deps {
-		byName[d.Name] = d
+	for _, d := range recs {
+		s.Deployments = append(s.Deployments, plan.Deployment{Name: d.Name, Spec: d.Spec, Desired: c.desiredReplicas(d.Spec)})
 		models = append(models, d.Spec.Engine.ServedModelName)
 	}
 	c.mu.Lock()
 	c.models = models
 	c.mu.Unlock()
-	used := map[string]bool{}
+
+	// Who is known, who is in sight, and since when the others are not.
+	for id := range nodes {
+		c.seen[id] = now
+	}
 	for _, g := range groups {
 		for _, m := range g.Members {
-			used[m.NodeID] = true
+			if _, ok := c.seen[m.NodeID]; !ok {
+				c.seen[m.NodeID] = c.started // never seen since this coordinator started
+			}
 		}
 	}
-	perDep := map[string][]*Group{}
-	for _, g := range groups {
-		d, ok := byName[g.Deployment]
-		if !ok {
-			c.deleteGroup(g, "deployment deleted")
+	known := 0
+	for id, at := range c.seen {
+		if now.Sub(at) > knownFor && !c.inGroup(groups, id) {
+			delete(c.seen, id)
 			continue
 		}
-		c.reform(d, g, nodes, used) // a new epoch is delivered below
-		c.noteFailures(ctx, g, nodes)
-		perDep[g.Deployment] = append(perDep[g.Deployment], g)
+		known++
+		if _, ok := nodes[id]; !ok {
+			s.Absent[id] = at
+		}
 	}
-	for _, d := range deps {
-		var have []*Group
-		for _, g := range perDep[d.Name] {
-			if c.isDraining(g.ID) {
-				c.drain(g, "scaled in") // continues a drain; releases when idle
-				continue
-			}
-			have = append(have, g)
-		}
-		want := c.desiredReplicas(d.Spec)
-		for len(have) < want {
-			g := c.createGroup(d, nodes, used)
-			if g == nil {
-				break
-			}
-			have = append(have, g)
-		}
-		if len(have) > want {
-			// Scale in: drop the groups that serve least (not ready first, newest first).
-			sort.SliceStable(have, func(i, j int) bool {
-				ri, rj := c.heads.Serving(have[i].ID), c.heads.Serving(have[j].ID)
-				if ri != rj {
-					return !ri
-				}
-				return have[i].Created.After(have[j].Created)
-			})
-			for _, g := range have[:len(have)-want] {
-				c.drain(g, "scaled in")
-			}
-			have = have[len(have)-want:]
-		}
-		perDep[d.Name] = have
-	}
-	// Deliver assignments and release strays.
-	member := map[string]*Group{}
-	for _, gs := range perDep {
-		for _, g := range gs {
-			for _, m := range g.Members {
-				member[m.NodeID] = g
+	prev := c.guard
+	c.guard = c.guard.Next(now, known, len(nodes))
+	c.noteGuard(prev, c.guard, recs)
+	c.mu.Lock()
+	c.guardView = c.guard
+	c.mu.Unlock()
+	s.Hold = c.guard.Holding
+	return s, nil
+}
+
+func (c *Coordinator) inGroup(groups []*store.Group, id string) bool {
+	for _, g := range groups {
+		for _, m := range g.Members {
+			if m.NodeID == id {
+				return true
 			}
 		}
 	}
-	for id, t := range nodes {
-		g, ok := member[id]
-		switch {
-		case ok && (t.Group != g.ID || t.Epoch != g.Epoch):
-			c.assign(ctx, byName[g.Deployment], g, id)
-		case !ok && t.Group != "":
-			c.release(ctx, t)
+	return false
+}
+
+// noteGuard says when the isolation guard starts or stops holding.
+func (c *Coordinator) noteGuard(prev, cur plan.Guard, recs []*store.DeploymentRecord) {
+	c.cm.holding.Set(map[bool]float64{true: 1}[cur.Holding])
+	if cur.Reason == prev.Reason && cur.Holding == prev.Holding {
+		return
+	}
+	msg := "the isolation guard released: re-forms and scaling resume"
+	switch {
+	case cur.Holding:
+		msg = "holding re-forms and scaling: " + cur.Reason
+		c.log.Warn("isolation guard", "holding", true, "reason", cur.Reason)
+	case cur.Exhausted:
+		msg = "re-forms and scaling resume: " + cur.Reason
+		c.log.Warn("isolation guard", "holding", false, "reason", cur.Reason)
+	default:
+		c.log.Info("isolation guard", "holding", false)
+	}
+	for _, d := range recs {
+		c.events.add(d.Name, "", "%s", msg)
+	}
+}
+
+// headViews is each group's newest head report, as the planner reads it.
+func (c *Coordinator) headViews() map[string]plan.HeadView {
+	out := map[string]plan.HeadView{}
+	for g, v := range c.heads.Views() {
+		h := plan.HeadView{Node: v.Key.Node, Epoch: v.Key.Epoch, Term: v.Key.Term, Connected: v.Connected}
+		if m := v.Metrics; m != nil {
+			h.Serving, h.Failed, h.Reason = m.Serving, m.Failed, m.Reason
+			h.Idle = m.MetricsValid && m.NumRequestsRunning == 0 && m.NumRequestsWaiting == 0
+			h.At = time.UnixMilli(m.UnixMillis)
+		}
+		out[g] = h
+	}
+	return out
+}
+
+// apply carries out a plan: store first, then the calls. Loop only.
+func (c *Coordinator) apply(ctx context.Context, p *plan.Plan) {
+	failed := map[string]bool{} // groups whose write failed are left out of every call
+	for _, g := range p.Put {
+		if err := c.store.PutGroup(g); err != nil {
+			failed[g.ID] = true
+			c.log.Error("store group; the change waits for the next pass", "group", g.ID, "err", err)
+			c.events.add(g.Deployment, "store/"+g.ID, "cannot store replica %s (%v); retrying", g.ID, err)
 		}
 	}
-	c.heads.Sync(c.wantedHeads(perDep, nodes))
+	for _, d := range p.Delete {
+		if err := c.store.DeleteGroup(d.Group.ID); err != nil {
+			c.log.Error("delete group", "group", d.Group.ID, "err", err)
+			continue
+		}
+		c.events.add(d.Group.Deployment, "", "released replica %s: %s", d.Group.ID, d.Why)
+		c.log.Info("group released", "group", d.Group.ID, "reason", d.Why)
+	}
+	for _, e := range p.Events {
+		c.events.add(e.Deployment, e.Key, "%s", e.Msg)
+	}
+	for _, dep := range p.Reformed {
+		c.cm.reforms.WithLabelValues(dep).Inc()
+	}
+	c.mu.Lock()
+	c.short = p.Short
+	c.mu.Unlock()
+	for _, a := range p.Assign {
+		if !failed[a.Group.ID] {
+			c.assign(a)
+		}
+	}
+	for _, r := range p.Release {
+		c.release(r)
+	}
+	for _, d := range p.Drain {
+		if !failed[d.Group] {
+			c.drainCall(d)
+		}
+	}
+	c.noteFailures(ctx)
+	c.heads.Sync(p.Heads)
 	c.rebuildTable()
-	return nil
 }
 
-// reform replaces members that left gossip or turned unhealthy: the group
-// gets a new epoch with the survivors plus spare nodes. vLLM cannot re-admit
-// a replacement rank, so the whole group restarts under the new epoch.
-func (c *Coordinator) reform(d *DeploymentRecord, g *Group, nodes map[string]gossip.Tag, used map[string]bool) bool {
-	var lost []string
-	var keep []GroupMember
-	for _, m := range g.Members {
-		t, ok := nodes[m.NodeID]
-		switch {
-		case !ok && c.settling():
-			keep = append(keep, m) // not heard from yet, not gone
-		case !ok:
-			lost = append(lost, m.NodeID+" (gone from gossip)")
-		case !t.Healthy:
-			lost = append(lost, m.NodeID+" (unhealthy)")
-		default:
-			keep = append(keep, m)
-		}
-	}
-	if len(lost) == 0 {
-		return false
-	}
-	need := len(g.Members) - len(keep)
-	spares := Place(nodes, used, d.Spec.Resources, need)
-	if spares == nil {
-		c.events.add(d.Name, "reform/"+g.ID, "replica %s lost %s; waiting for %d spare node(s) that fit (%d×%s GPUs)",
-			g.ID, strings.Join(lost, ", "), need, d.Spec.Resources.GPUsPerNode, orAny(d.Spec.Resources.GPUModel))
-		return false
-	}
-	members := make([]GroupMember, 0, len(g.Members))
-	for _, m := range keep {
-		members = append(members, GroupMember{NodeID: m.NodeID, GRPC: m.GRPC})
-	}
-	var names []string
-	for _, s := range spares {
-		members = append(members, GroupMember{NodeID: s.ID, GRPC: s.GRPC})
-		used[s.ID] = true
-		names = append(names, s.ID)
-	}
-	for i := range members {
-		members[i].Rank = i
-	}
-	g.Members = members
-	g.Epoch++
-	if err := c.store.PutGroup(g); err != nil {
-		c.log.Error("store group", "group", g.ID, "err", err)
-		return false
-	}
-	c.cm.reforms.WithLabelValues(d.Name).Inc()
-	c.events.add(d.Name, "reform/"+g.ID, "replica %s re-formed at epoch %d: replaced %s with %s", g.ID, g.Epoch, strings.Join(lost, ", "), strings.Join(names, ", "))
-	c.log.Info("group re-formed", "group", g.ID, "epoch", g.Epoch, "lost", lost, "added", names)
-	return true
-}
-
-func orAny(s string) string {
-	if s == "" {
-		return "any"
-	}
-	return s
-}
-
-func (c *Coordinator) createGroup(d *DeploymentRecord, nodes map[string]gossip.Tag, used map[string]bool) *Group {
-	n := d.Spec.Resources.Nodes
-	picked := Place(nodes, used, d.Spec.Resources, n)
-	if picked == nil {
-		free := 0
-		for _, t := range nodes {
-			if Fits(t, d.Spec.Resources) && Idle(t, used) {
-				free++
-			}
-		}
-		msg := fmt.Sprintf("cannot place a replica: needs %d idle healthy node(s) with %d×%s GPUs, %d available; add nodes or lower replicas",
-			n, d.Spec.Resources.GPUsPerNode, orAny(d.Spec.Resources.GPUModel), free)
-		c.events.add(d.Name, "place/"+d.Name, "%s", msg)
-		c.mu.Lock()
-		c.short[d.Name] = msg
-		c.mu.Unlock()
-		return nil
-	}
-	c.mu.Lock()
-	delete(c.short, d.Name)
-	c.mu.Unlock()
-	g := &Group{ID: d.Name + "-" + randomSuffix(), Deployment: d.Name, Epoch: 1, Created: time.Now().UTC()}
-	var names []string
-	for i, t := range picked {
-		g.Members = append(g.Members, GroupMember{NodeID: t.ID, Rank: i, GRPC: t.GRPC})
-		used[t.ID] = true
-		names = append(names, t.ID)
-	}
-	if err := c.store.PutGroup(g); err != nil {
-		c.log.Error("store group", "err", err)
-		return nil
-	}
-	c.events.add(d.Name, "place/"+d.Name, "placed replica %s on %s", g.ID, strings.Join(names, ", "))
-	return g
-}
-
-func (c *Coordinator) deleteGroup(g *Group, why string) {
-	if err := c.store.DeleteGroup(g.ID); err != nil {
-		c.log.Error("delete group", "group", g.ID, "err", err)
-		return
-	}
-	c.events.add(g.Deployment, "", "released replica %s: %s", g.ID, why)
-	c.log.Info("group released", "group", g.ID, "reason", why)
-	// Members are released by the stray pass: their tags name a group that is gone.
-}
-
-// beginRPC marks a node busy; false if an RPC to it is already under way.
-func (c *Coordinator) beginRPC(id string) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.inflight[id] {
-		return false
-	}
-	c.inflight[id] = true
-	return true
-}
-
-func (c *Coordinator) endRPC(id string) {
-	c.mu.Lock()
-	delete(c.inflight, id)
-	c.mu.Unlock()
-	c.poke()
-}
-
-func (c *Coordinator) agentCall(ctx context.Context, addr string, f func(context.Context, agentv1.AgentClient) error) error {
-	conn, err := c.cfg.TLS.Dial(addr)
-	if err != nil {
-		return err
-	}
-	defer conn.Close()
-	ctx, cancel := context.WithTimeout(ctx, rpcTimeout)
-	defer cancel()
-	return f(ctx, agentv1.NewAgentClient(conn))
-}
-
-// assign tells one member its assignment, asynchronously.
-func (c *Coordinator) assign(ctx context.Context, d *DeploymentRecord, g *Group, id string) {
-	if !c.beginRPC(id) {
-		return
-	}
-	pa := &agentv1.Assignment{Deployment: g.Deployment, GroupId: g.ID, Epoch: g.Epoch, SpecJson: d.Spec.JSON()}
+// assign tells one member its assignment, in the background.
+func (c *Coordinator) assign(a plan.Assign) {
+	g := a.Group
+	pa := &agentv1.Assignment{Deployment: g.Deployment, GroupId: g.ID, Epoch: g.Epoch, SpecJson: a.Spec.JSON()}
 	var addr string
 	for _, m := range g.Members {
 		pa.Members = append(pa.Members, &agentv1.Member{NodeId: m.NodeID, Rank: int32(m.Rank), GrpcAddr: m.GRPC})
-		if m.NodeID == id {
+		if m.NodeID == a.Node {
 			pa.Rank, addr = int32(m.Rank), m.GRPC
 		}
 	}
-	go func() {
-		defer c.endRPC(id)
-		err := c.agentCall(context.WithoutCancel(ctx), addr, func(ctx context.Context, cl agentv1.AgentClient) error {
-			_, err := cl.Assign(ctx, &agentv1.AssignRequest{Assignment: pa})
-			return err
-		})
-		if err != nil {
-			c.events.add(g.Deployment, "assign/"+id, "assign %s to %s epoch %d failed: %v", id, g.ID, g.Epoch, err)
-			c.log.Warn("assign failed", "node", id, "group", g.ID, "err", err)
-			time.Sleep(time.Second) // do not hammer a failing node
-		}
-	}()
+	c.calls.call(a.Node, addr, "assign", func(ctx context.Context, cl agentv1.AgentClient) error {
+		_, err := cl.Assign(ctx, &agentv1.AssignRequest{Assignment: pa})
+		return err
+	}, func(err error) {
+		c.events.add(g.Deployment, "assign/"+a.Node, "assign %s to %s epoch %d failed: %v", a.Node, g.ID, g.Epoch, err)
+	})
 }
 
 // release tells a node to drop a group it is no longer part of.
-func (c *Coordinator) release(ctx context.Context, t gossip.Tag) {
-	if !c.beginRPC(t.ID) {
-		return
-	}
-	go func() {
-		defer c.endRPC(t.ID)
-		err := c.agentCall(context.WithoutCancel(ctx), t.GRPC, func(ctx context.Context, cl agentv1.AgentClient) error {
-			_, err := cl.Release(ctx, &agentv1.ReleaseRequest{GroupId: t.Group, Epoch: t.Epoch})
-			return err
-		})
-		if err != nil {
-			c.log.Warn("release failed", "node", t.ID, "group", t.Group, "err", err)
-			time.Sleep(time.Second)
-		}
-	}()
+func (c *Coordinator) release(r plan.Release) {
+	c.calls.call(r.Node, r.Addr, "release", func(ctx context.Context, cl agentv1.AgentClient) error {
+		_, err := cl.Release(ctx, &agentv1.ReleaseRequest{GroupId: r.Group, Epoch: r.Epoch})
+		return err
+	}, nil)
 }
 
-// wantedHeads lists the heads to watch: a member claiming head for the stored
-// group at its current epoch.
-func (c *Coordinator) wantedHeads(perDep map[string][]*Group, nodes map[string]gossip.Tag) map[router.HeadKey]router.HeadInfo {
-	out := map[router.HeadKey]router.HeadInfo{}
-	for dep, gs := range perDep {
-		for _, g := range gs {
-			complete := true
-			for _, m := range g.Members {
-				t, ok := nodes[m.NodeID]
-				if !ok || !t.Healthy || t.Group != g.ID || t.Epoch != g.Epoch {
-					complete = false
-				}
-			}
-			for _, m := range g.Members {
-				t, ok := nodes[m.NodeID]
-				if !ok || t.HeadTerm == 0 || t.Replica == "" || t.Group != g.ID || t.Epoch != g.Epoch {
-					continue
-				}
-				k := router.HeadKey{Node: t.ID, Group: g.ID, Epoch: g.Epoch, Term: t.HeadTerm}
-				out[k] = router.HeadInfo{Deployment: dep, Addr: t.Replica, Complete: complete}
-			}
+// drainCall asks a member of a draining group to take no new requests.
+func (c *Coordinator) drainCall(d plan.Call) {
+	c.calls.call(d.Node, d.Addr, "drain", func(ctx context.Context, cl agentv1.AgentClient) error {
+		_, err := cl.Drain(ctx, &agentv1.DrainRequest{GroupId: d.Group, Epoch: d.Epoch})
+		return err
+	}, nil)
+}
+
+// noteFailures asks members whose engine failed for the reason and records
+// it as a deployment event, so `shoal describe deployment` says why a
+// replica does not come up (a missing shard, a pull that ran out of time…).
+// At most one question per node every failureNoteEvery.
+func (c *Coordinator) noteFailures(context.Context) {
+	now := time.Now()
+	for id, t := range c.agents() {
+		if t.Engine != gossip.EngineFailed || t.Group == "" || now.Sub(c.failureAsked[id]) < failureNoteEvery {
+			continue
 		}
+		c.failureAsked[id] = now
+		dep, group := t.Deployment, t.Group
+		c.calls.call(id, t.GRPC, "status", func(ctx context.Context, cl agentv1.AgentClient) error {
+			st, err := cl.Status(ctx, &agentv1.StatusRequest{})
+			if err == nil && st.GetMessage() != "" {
+				c.events.add(dep, "fail/"+id, "replica %s: %s engine failed: %s", group, id, st.GetMessage())
+			}
+			return err
+		}, nil)
 	}
-	return out
+}
+
+// failureNoteEvery bounds how often a failed member is asked why.
+const failureNoteEvery = 3 * time.Second
+
+func randomSuffix() string {
+	b := make([]byte, 3)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
+
+// holdStatus is the guard's line for `shoal describe` ("" when not holding).
+func (c *Coordinator) holdStatus() string {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	g := c.guardView
+	if !g.Holding {
+		return ""
+	}
+	s := fmt.Sprintf("holding re-forms and scaling since %s: %s", g.Since.UTC().Format(time.TimeOnly), g.Reason)
+	if !g.Until.IsZero() {
+		s += fmt.Sprintf(" (until %s)", g.Until.UTC().Format(time.TimeOnly))
+	}
+	return s
 }

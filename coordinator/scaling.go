@@ -10,13 +10,6 @@ import (
 	"github.com/shoalhq/shoal/spec"
 )
 
-// drainTimeout bounds how long a scale-in waits for in-flight requests.
-const drainTimeout = 2 * time.Minute
-
-// drainUnseenGrace is how long a draining group whose head reports nothing
-// waits before it is released anyway (a head that never started, or is gone).
-const drainUnseenGrace = 5 * time.Second
-
 type scalerState struct {
 	specJSON string // the spec the scaler was built for; a new apply resets it
 	s        *autoscale.Scaler
@@ -86,7 +79,7 @@ func (c *Coordinator) autoscaleOnce(now time.Time) error {
 		c.mu.Unlock()
 		o := autoscale.Observation{Demand: demand}
 		for _, g := range groups {
-			if g.Deployment != d.Name || c.isDraining(g.ID) {
+			if g.Deployment != d.Name || g.Draining() {
 				continue
 			}
 			o.Current++
@@ -164,38 +157,4 @@ func (c *Coordinator) Demand(model string) {
 	c.demand[model] = time.Now()
 	c.mu.Unlock()
 	c.poke()
-}
-
-func (c *Coordinator) isDraining(group string) bool {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	_, ok := c.draining[group]
-	return ok
-}
-
-// drain takes a group out of routing and releases it once its head reports
-// nothing running or waiting (or after drainTimeout): no request is cut off.
-func (c *Coordinator) drain(g *Group, why string) {
-	c.mu.Lock()
-	start, ok := c.draining[g.ID]
-	if !ok {
-		c.draining[g.ID] = time.Now()
-		c.mu.Unlock()
-		c.events.add(g.Deployment, "", "draining replica %s: %s", g.ID, why)
-		c.rebuildTable()
-		return
-	}
-	c.mu.Unlock()
-	v, seen := c.heads.Views()[g.ID]
-	idle := seen && v.Metrics != nil && v.Metrics.MetricsValid && v.Metrics.NumRequestsRunning == 0 && v.Metrics.NumRequestsWaiting == 0 &&
-		v.Metrics.UnixMillis > start.Add(time.Second).UnixMilli()
-	// A head missing from the watcher for a moment is no proof that nothing
-	// runs on it: only one unseen for drainUnseenGrace is released unseen.
-	if idle || (!seen && time.Since(start) > drainUnseenGrace) || time.Since(start) > drainTimeout {
-		c.deleteGroup(g, why+" (drained)")
-		c.mu.Lock()
-		delete(c.draining, g.ID)
-		c.mu.Unlock()
-		c.events.add(g.Deployment, "", "SuccessfulRescale: released replica %s after %v of draining", g.ID, time.Since(start).Round(100*time.Millisecond))
-	}
 }

@@ -77,6 +77,8 @@ type clusterMetrics struct {
 	nodes    *prometheus.Desc
 	replicas *prometheus.Desc
 	reforms  *prometheus.CounterVec
+	// holding is 1 while the isolation guard holds re-forms and scaling.
+	holding prometheus.Gauge
 }
 
 func newClusterMetrics(c *Coordinator, reg *prometheus.Registry) *clusterMetrics {
@@ -87,8 +89,10 @@ func newClusterMetrics(c *Coordinator, reg *prometheus.Registry) *clusterMetrics
 			"Replica groups by deployment and state (ready, starting, downloading, degraded, draining).", []string{"deployment", "state"}, nil),
 		reforms: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "shoal_replica_reforms_total",
 			Help: "Replica groups re-formed on other nodes under a new epoch."}, []string{"deployment"}),
+		holding: prometheus.NewGauge(prometheus.GaugeOpts{Name: "shoal_coordinator_isolation_hold",
+			Help: "1 while the coordinator holds re-forms and scaling because it lost sight of a large share of the agents at once."}),
 	}
-	reg.MustRegister(m)
+	reg.MustRegister(m, m.holding)
 	return m
 }
 

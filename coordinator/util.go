@@ -1,8 +1,6 @@
 package coordinator
 
 import (
-	"crypto/rand"
-	"encoding/hex"
 	"fmt"
 	"os"
 )
@@ -12,10 +10,4 @@ func mkdir(dir string) error {
 		return fmt.Errorf("data dir %s: %w", dir, err)
 	}
 	return nil
-}
-
-func randomSuffix() string {
-	b := make([]byte, 3)
-	_, _ = rand.Read(b)
-	return hex.EncodeToString(b)
 }

@@ -38,8 +38,9 @@ const (
 	memberTimeout = time.Second
 )
 
-// watchMembers polls every other member's agent while the run lasts. A
-// member whose engine failed, or that left the group, fails the run at once;
+// watchMembers polls the agents of cfg.Members while the run lasts (a head
+// its members, a worker its head). A member whose engine failed at this
+// term, or that left the group, fails the run at once;
 // one whose agent stops answering fails it after its MemberGrace (an agent
 // restart leaves the member's engine running and comes back within it),
 // still well before gossip's failure detector declares the host dead.

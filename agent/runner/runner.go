@@ -42,8 +42,9 @@ type Config struct {
 	// HeadUp reports whether the head's node process runs (a worker joins
 	// the head then; nil: at once).
 	HeadUp func() bool
-	// Members are the other nodes of the group, polled by a head through
-	// Dial; MemberGrace is how long one may leave a poll unanswered.
+	// Members are the nodes this run polls through Dial (a head: the other
+	// members; a worker: its head); MemberGrace is how long one may leave a
+	// poll unanswered.
 	Members     []Member
 	Dial        func(addr string) (MemberClient, error)
 	MemberGrace func(id string) time.Duration
@@ -111,10 +112,10 @@ func New(cfg Config) *Runner {
 func (r *Runner) Start() {
 	if r.cfg.Role == engine.RoleHead {
 		r.goRun(r.headSequence)
-		r.watchMembers()
-		return
+	} else {
+		r.goRun(r.workerSequence)
 	}
-	r.goRun(r.workerSequence)
+	r.watchMembers()
 }
 
 // Adopt resumes a run whose engines an earlier agent process started: rt
@@ -133,8 +134,8 @@ func Adopt(cfg Config, rt engine.Runtime, handles []engine.Handle) *Runner {
 	}
 	if cfg.Role == engine.RoleHead {
 		r.goRun(func() { r.serveLoop(time.Now().Add(r.cfg.StartupTimeout)) })
-		r.watchMembers()
 	}
+	r.watchMembers()
 	return r
 }
 

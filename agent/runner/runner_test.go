@@ -381,3 +381,23 @@ func TestAdoptedHeadResumesSupervision(t *testing.T) {
 		require.Equal(t, []string{"start ray", "start vllm", "stop vllm", "stop ray"}, rt.events())
 	})
 }
+
+func TestWorkerWatchesItsHead(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		head := &fakeMember{report: MemberReport{Group: "g", Epoch: 2, Engine: gossip.EngineReady, Term: 3}}
+		rt := &fakeRuntime{}
+		cfg := Config{Group: "g", Epoch: 2, Term: 3, Head: "a", Role: engine.RoleWorker, Plan: &engine.Plan{Role: engine.RoleWorker, Node: engine.Command{Name: "ray"}},
+			Runtime: func(context.Context) (engine.Runtime, error) { return rt, nil }, StartupTimeout: time.Minute, Log: quiet,
+			Members: []Member{{ID: "a", Addr: "a:7947"}}, Dial: func(string) (MemberClient, error) { return head, nil },
+			MemberGrace: func(string) time.Duration { return 3 * time.Second }}
+		r := newRun(t, cfg)
+		r.Start()
+		time.Sleep(10 * time.Second)
+		require.Empty(t, r.Status().Failed)
+		head.set(MemberReport{}, errors.New("connection refused")) // the head's host died
+		time.Sleep(4 * time.Second)
+		require.Equal(t, "member a unreachable for 3s: connection refused", r.Status().Failed,
+			"a worker sees its head's death within the grace, before gossip does")
+		stopAndWait(t, r)
+	})
+}

@@ -271,6 +271,9 @@ func describeCommand() *cli.Command {
 				if d.Autoscaler != "" {
 					fmt.Fprintf(w, "\nAutoscaler: %s\n", d.Autoscaler)
 				}
+				if d.Hold != "" {
+					fmt.Fprintf(w, "\nCoordinator: %s\n", d.Hold)
+				}
 				fmt.Fprintln(w, "\nReplicas:")
 				if len(d.Replicas) == 0 {
 					fmt.Fprintln(w, "  (none)")

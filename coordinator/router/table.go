@@ -52,23 +52,6 @@ func (s *Snapshot) Endpoints(model string) ([]*Endpoint, bool) {
 	return s.byModel[model], s.known[model]
 }
 
-// Without returns a copy of the snapshot without the given groups (draining
-// replicas get no new requests).
-func (s *Snapshot) Without(groups map[string]bool) *Snapshot {
-	if len(groups) == 0 {
-		return s
-	}
-	out := &Snapshot{byModel: map[string][]*Endpoint{}, known: s.known}
-	for m, l := range s.byModel {
-		for _, e := range l {
-			if !groups[e.Group] {
-				out.byModel[m] = append(out.byModel[m], e)
-			}
-		}
-	}
-	return out
-}
-
 // Ready lists the models with at least one endpoint, sorted.
 func (s *Snapshot) Ready() []string {
 	var out []string

@@ -21,12 +21,16 @@ type HeadKey struct {
 	Term  uint64
 }
 
+// HeadInfo is what the watcher knows of a head claim besides its reports.
 type HeadInfo struct {
 	Deployment string
 	Addr       string
 	// Complete is false while a member is missing from gossip: the replica
 	// cannot serve (vLLM has lost a rank), whatever its head last said.
 	Complete bool
+	// Draining: the group is being scaled in (the coordinator's store or the
+	// head's tag says so); it gets no new requests.
+	Draining bool
 }
 
 type headState struct {
@@ -45,6 +49,7 @@ type Watcher struct {
 
 	mu sync.Mutex
 	m  map[HeadKey]*headState // guarded by mu
+	wg sync.WaitGroup         // the streams
 }
 
 // NewWatcher returns a watcher; onChange runs after every state change.
@@ -75,7 +80,11 @@ func (h *Watcher) Sync(want map[HeadKey]HeadInfo) {
 		}
 		ctx, cancel := context.WithCancel(context.Background())
 		h.m[k] = &headState{info: info, cancel: cancel}
-		go h.watch(ctx, k, info.Addr)
+		h.wg.Add(1)
+		go func() {
+			defer h.wg.Done()
+			h.watch(ctx, k, info.Addr)
+		}()
 		changed = true
 	}
 	h.mu.Unlock()
@@ -84,8 +93,11 @@ func (h *Watcher) Sync(want map[HeadKey]HeadInfo) {
 	}
 }
 
-// StopAll ends every stream.
-func (h *Watcher) StopAll() { h.Sync(nil) }
+// StopAll ends every stream and waits for them.
+func (h *Watcher) StopAll() {
+	h.Sync(nil)
+	h.wg.Wait()
+}
 
 // watch follows one head's Replica stream, reconnecting until cancelled.
 func (h *Watcher) watch(ctx context.Context, k HeadKey, addr string) {
@@ -139,9 +151,11 @@ func (h *Watcher) set(k HeadKey, m *replicav1.Metrics, connected bool) {
 	}
 }
 
-// routable says whether a head may receive traffic now.
+// routable says whether a head may receive new requests now: connected,
+// its group complete, serving, and not draining.
 func (st *headState) routable() bool {
-	return st.connected && st.info.Complete && st.latest != nil && st.latest.Serving && st.latest.Endpoint != ""
+	return st.connected && st.info.Complete && !st.info.Draining && st.latest != nil && st.latest.Serving &&
+		!st.latest.Draining && st.latest.Endpoint != ""
 }
 
 // newest returns, per group, the newest head state (highest epoch, then term).
@@ -179,13 +193,15 @@ type ReplicaView struct {
 	Info     HeadInfo
 	Metrics  *replicav1.Metrics
 	Routable bool
+	// Connected: the stream to the head is up (Metrics is current).
+	Connected bool
 }
 
 // Views returns each group's newest head state.
 func (h *Watcher) Views() map[string]ReplicaView {
 	out := map[string]ReplicaView{}
 	for g, n := range h.newest() {
-		out[g] = ReplicaView{Key: n.k, Info: n.st.info, Metrics: n.st.latest, Routable: n.st.routable()}
+		out[g] = ReplicaView{Key: n.k, Info: n.st.info, Metrics: n.st.latest, Routable: n.st.routable(), Connected: n.st.connected}
 	}
 	return out
 }
@@ -229,7 +245,8 @@ func WantedFromGossip(tags map[string]gossip.Tag) map[HeadKey]HeadInfo {
 			continue
 		}
 		k := HeadKey{Node: t.ID, Group: t.Group, Epoch: t.Epoch, Term: t.HeadTerm}
-		out[k] = HeadInfo{Deployment: t.Deployment, Addr: t.Replica, Complete: t.Size > 0 && members[gk{t.Group, t.Epoch}] >= t.Size}
+		out[k] = HeadInfo{Deployment: t.Deployment, Addr: t.Replica, Complete: t.Size > 0 && members[gk{t.Group, t.Epoch}] >= t.Size,
+			Draining: t.Draining}
 	}
 	return out
 }

@@ -315,7 +315,7 @@ func TestClusterServesAndRecovers(t *testing.T) {
 	out, err := e.shoal("describe", "deployment", "demo")
 	require.NoError(t, err)
 	require.Contains(t, out, "re-formed at epoch")
-	require.Contains(t, out, "(gone from gossip)")
+	require.Contains(t, out, "(gone from gossip; ", "the re-form says what confirmed the loss")
 
 	// Deleting the deployment releases every node.
 	out, err = e.shoal("delete", "deployment", "demo")

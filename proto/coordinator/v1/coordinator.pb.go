@@ -727,7 +727,10 @@ type DescribeDeploymentResponse struct {
 	Replicas []*ReplicaInfo         `protobuf:"bytes,4,rep,name=replicas,proto3" json:"replicas,omitempty"`
 	Events   []string               `protobuf:"bytes,5,rep,name=events,proto3" json:"events,omitempty"`
 	// autoscaler is the autoscaler's state in words ("" without autoscaling).
-	Autoscaler    string `protobuf:"bytes,6,opt,name=autoscaler,proto3" json:"autoscaler,omitempty"`
+	Autoscaler string `protobuf:"bytes,6,opt,name=autoscaler,proto3" json:"autoscaler,omitempty"`
+	// hold says why the coordinator holds re-forms and scaling ("" when it
+	// does not): it lost sight of a large share of the agents at once.
+	Hold          string `protobuf:"bytes,7,opt,name=hold,proto3" json:"hold,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -800,6 +803,13 @@ func (x *DescribeDeploymentResponse) GetEvents() []string {
 func (x *DescribeDeploymentResponse) GetAutoscaler() string {
 	if x != nil {
 		return x.Autoscaler
+	}
+	return ""
+}
+
+func (x *DescribeDeploymentResponse) GetHold() string {
+	if x != nil {
+		return x.Hold
 	}
 	return ""
 }
@@ -1548,7 +1558,7 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value\x12 \n" +
 	"\vimplemented\x18\x03 \x01(\bR\vimplemented\"/\n" +
 	"\x19DescribeDeploymentRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"\xa8\x02\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\xbc\x02\n" +
 	"\x1aDescribeDeploymentResponse\x12A\n" +
 	"\asummary\x18\x01 \x01(\v2'.shoal.coordinator.v1.DeploymentSummaryR\asummary\x12\x1b\n" +
 	"\tspec_yaml\x18\x02 \x01(\tR\bspecYaml\x123\n" +
@@ -1557,7 +1567,8 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"\x06events\x18\x05 \x03(\tR\x06events\x12\x1e\n" +
 	"\n" +
 	"autoscaler\x18\x06 \x01(\tR\n" +
-	"autoscaler\"-\n" +
+	"autoscaler\x12\x12\n" +
+	"\x04hold\x18\a \x01(\tR\x04hold\"-\n" +
 	"\x17DeleteDeploymentRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\x1a\n" +
 	"\x18DeleteDeploymentResponse\"\xf9\x02\n" +

@@ -84,7 +84,10 @@ type Metrics struct {
 	MetricsValid bool `protobuf:"varint,17,opt,name=metrics_valid,json=metricsValid,proto3" json:"metrics_valid,omitempty"`
 	// draining: the replica is being scaled in; routers send it no new
 	// requests, in-flight ones finish (serving stays true until they have).
-	Draining      bool `protobuf:"varint,18,opt,name=draining,proto3" json:"draining,omitempty"`
+	Draining bool `protobuf:"varint,18,opt,name=draining,proto3" json:"draining,omitempty"`
+	// failed: the group failed (the head's engine or a member) and is
+	// stopping; reason says why.
+	Failed        bool `protobuf:"varint,19,opt,name=failed,proto3" json:"failed,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -245,12 +248,19 @@ func (x *Metrics) GetDraining() bool {
 	return false
 }
 
+func (x *Metrics) GetFailed() bool {
+	if x != nil {
+		return x.Failed
+	}
+	return false
+}
+
 var File_replica_v1_replica_proto protoreflect.FileDescriptor
 
 const file_replica_v1_replica_proto_rawDesc = "" +
 	"\n" +
 	"\x18replica/v1/replica.proto\x12\x10shoal.replica.v1\"\x11\n" +
-	"\x0fSnapshotRequest\"\x8b\x05\n" +
+	"\x0fSnapshotRequest\"\xa3\x05\n" +
 	"\aMetrics\x12\x1e\n" +
 	"\n" +
 	"deployment\x18\x01 \x01(\tR\n" +
@@ -273,7 +283,8 @@ const file_replica_v1_replica_proto_rawDesc = "" +
 	"unixMillis\x12\x16\n" +
 	"\x06reason\x18\x10 \x01(\tR\x06reason\x12#\n" +
 	"\rmetrics_valid\x18\x11 \x01(\bR\fmetricsValid\x12\x1a\n" +
-	"\bdraining\x18\x12 \x01(\bR\bdraining2\x9c\x01\n" +
+	"\bdraining\x18\x12 \x01(\bR\bdraining\x12\x16\n" +
+	"\x06failed\x18\x13 \x01(\bR\x06failed2\x9c\x01\n" +
 	"\aReplica\x12H\n" +
 	"\bSnapshot\x12!.shoal.replica.v1.SnapshotRequest\x1a\x19.shoal.replica.v1.Metrics\x12G\n" +
 	"\x05Watch\x12!.shoal.replica.v1.SnapshotRequest\x1a\x19.shoal.replica.v1.Metrics0\x01B5Z3github.com/shoalhq/shoal/proto/replica/v1;replicav1b\x06proto3"

@@ -1,4 +1,4 @@
-package coordinator
+package plan
 
 import (
 	"sort"
@@ -15,9 +15,10 @@ func Fits(t gossip.Tag, res spec.Resources) bool {
 }
 
 // Idle reports whether a node is free to be placed: in no stored group and
-// running nothing (its tag shows no group, so its GPUs are released).
+// running nothing (its tag shows no group and no engine still stopping, so
+// its GPUs are released).
 func Idle(t gossip.Tag, used map[string]bool) bool {
-	return !used[t.ID] && t.Group == ""
+	return !used[t.ID] && t.Group == "" && !t.Stopping
 }
 
 // Place picks n idle nodes that fit res, or nil when there are not enough.

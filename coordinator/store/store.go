@@ -1,4 +1,7 @@
-package coordinator
+// Package store keeps the coordinator's records — deployments and replica
+// groups — in a bbolt file: the one source of truth the reconciler plans
+// from, written before any agent hears of a change.
+package store
 
 import (
 	"encoding/json"
@@ -42,13 +45,21 @@ type Group struct {
 	Epoch      uint64        `json:"epoch"`
 	Members    []GroupMember `json:"members"`
 	Created    time.Time     `json:"created"`
+	// DrainingSince is when the group began draining (scale-in); zero when
+	// it serves. Stored, so that a restarted coordinator (or another one)
+	// continues the drain and no router sends it new requests.
+	DrainingSince time.Time `json:"draining_since,omitzero"`
+	DrainWhy      string    `json:"drain_why,omitempty"`
 }
+
+// Draining reports whether the group is being scaled in.
+func (g *Group) Draining() bool { return !g.DrainingSince.IsZero() }
 
 // Store persists deployments and groups in a bbolt file.
 type Store struct{ db *bolt.DB }
 
-// OpenStore opens (creating) the store file.
-func OpenStore(path string) (*Store, error) {
+// Open opens (creating) the store file.
+func Open(path string) (*Store, error) {
 	db, err := bolt.Open(path, 0o600, &bolt.Options{Timeout: 2 * time.Second})
 	if err != nil {
 		if errors.Is(err, bolt.ErrTimeout) {

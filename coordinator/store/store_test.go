@@ -1,4 +1,4 @@
-package coordinator
+package store
 
 import (
 	"path/filepath"
@@ -10,7 +10,7 @@ import (
 
 func TestStore(t *testing.T) {
 	path := filepath.Join(t.TempDir(), "s.db")
-	s, err := OpenStore(path)
+	s, err := Open(path)
 	require.NoError(t, err)
 	d := &spec.Deployment{Name: "m"}
 	created, err := s.PutDeployment(d, "name: m")
@@ -22,10 +22,10 @@ func TestStore(t *testing.T) {
 	require.NoError(t, s.PutGroup(&Group{ID: "m-1", Deployment: "m", Epoch: 1, Members: []GroupMember{{NodeID: "a"}}}))
 	require.NoError(t, s.Close())
 
-	_, err = OpenStore(path + "/nope/x")
+	_, err = Open(path + "/nope/x")
 	require.Error(t, err)
 
-	s, err = OpenStore(path)
+	s, err = Open(path)
 	require.NoError(t, err)
 	defer s.Close()
 	rec, err := s.Deployment("m")

@@ -190,8 +190,14 @@ func (c *Config) Validate() error {
 	if c.GRPCPort == c.ReplicaPort {
 		errs = append(errs, fmt.Errorf("replica_port: must differ from grpc_port (%d)", c.GRPCPort))
 	}
-	if c.StopGrace < 0 || c.RestartBackoff < 0 {
-		errs = append(errs, errors.New("stop_grace, restart_backoff: must not be negative"))
+	for _, d := range []struct {
+		name string
+		v    time.Duration
+	}{{"stop_grace", c.StopGrace}, {"restart_backoff", c.RestartBackoff}, {"hang_timeout", c.HangTimeout},
+		{"canary_interval", c.CanaryInterval}, {"member_grace", c.MemberGrace}, {"inspect_interval", c.InspectInterval}} {
+		if d.v < 0 {
+			errs = append(errs, fmt.Errorf("%s: must not be negative, got %v", d.name, d.v))
+		}
 	}
 	return errors.Join(errs...)
 }

@@ -14,6 +14,7 @@ import (
 	"github.com/shoalhq/shoal/engine"
 	"github.com/shoalhq/shoal/engine/containerd"
 	"github.com/shoalhq/shoal/engine/process"
+	"github.com/shoalhq/shoal/internal/bytesize"
 	"github.com/shoalhq/shoal/spec"
 )
 
@@ -87,7 +88,7 @@ func containerize(p *engine.Plan, sp *spec.Deployment, labels map[string]string)
 	shm := int64(0)
 	if sp.Engine.ShmSize != "" {
 		var err error
-		if shm, err = spec.ParseBytes(sp.Engine.ShmSize); err != nil {
+		if shm, err = bytesize.Parse(sp.Engine.ShmSize); err != nil {
 			return fmt.Errorf("engine.shmSize: %w", err)
 		}
 	}

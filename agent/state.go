@@ -66,7 +66,7 @@ func LoadState(dir string) (State, error) {
 		return s, fmt.Errorf("read state: %w", err)
 	}
 	if err := json.Unmarshal(b, &s); err != nil {
-		return s, fmt.Errorf("state file %s is corrupt (%v); move it aside to start this node fresh", filepath.Join(dir, stateFile), err)
+		return s, fmt.Errorf("state file %s is corrupt (%w); move it aside to start this node fresh", filepath.Join(dir, stateFile), err)
 	}
 	return s, nil
 }

@@ -33,7 +33,7 @@ func GenerateKey() (string, error) {
 func ParseKey(s string) ([]byte, error) {
 	b, err := base64.StdEncoding.DecodeString(strings.TrimSpace(s))
 	if err != nil {
-		return nil, fmt.Errorf("gossip key is not base64: %v (make one with `shoal keyring generate`)", err)
+		return nil, fmt.Errorf("gossip key is not base64: %w (make one with `shoal keyring generate`)", err)
 	}
 	if n := len(b); n != 16 && n != 24 && n != 32 {
 		return nil, fmt.Errorf("gossip key is %d bytes; AES needs 16, 24 or 32 (make one with `shoal keyring generate`)", n)
@@ -45,7 +45,7 @@ func ParseKey(s string) ([]byte, error) {
 func LoadKeyFile(path string) ([][]byte, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("gossip key file: %v", err)
+		return nil, fmt.Errorf("gossip key file: %w", err)
 	}
 	var keys [][]byte
 	for i, line := range strings.Split(string(b), "\n") {
@@ -55,7 +55,7 @@ func LoadKeyFile(path string) ([][]byte, error) {
 		}
 		k, err := ParseKey(line)
 		if err != nil {
-			return nil, fmt.Errorf("%s:%d: %v", path, i+1, err)
+			return nil, fmt.Errorf("%s:%d: %w", path, i+1, err)
 		}
 		keys = append(keys, k)
 	}
@@ -162,7 +162,7 @@ func (m *Membership) applyKeyring(msg keyringMsg) error {
 		return fmt.Errorf("unknown keyring operation %q", msg.Op)
 	}
 	if err != nil {
-		return fmt.Errorf("keyring %s: %v", msg.Op, err)
+		return fmt.Errorf("keyring %s: %w", msg.Op, err)
 	}
 	if m.cfg.KeyFile != "" {
 		if err := WriteKeyFile(m.cfg.KeyFile, m.keys()); err != nil {

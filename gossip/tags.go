@@ -103,7 +103,7 @@ func DecodeTag(b []byte) (Tag, error) {
 		return t, fmt.Errorf("%w: %d bytes", ErrBadTag, len(b))
 	}
 	if err := json.Unmarshal(b, &t); err != nil {
-		return t, fmt.Errorf("%w: %v", ErrBadTag, err)
+		return t, fmt.Errorf("%w: %w", ErrBadTag, err)
 	}
 	switch {
 	case t.V != TagVersion:
@@ -116,11 +116,11 @@ func DecodeTag(b []byte) (Tag, error) {
 		return t, fmt.Errorf("%w: negative count", ErrBadTag)
 	}
 	if _, _, err := net.SplitHostPort(t.GRPC); err != nil {
-		return t, fmt.Errorf("%w: grpc address %q: %v", ErrBadTag, t.GRPC, err)
+		return t, fmt.Errorf("%w: grpc address %q: %w", ErrBadTag, t.GRPC, err)
 	}
 	if t.Replica != "" {
 		if _, _, err := net.SplitHostPort(t.Replica); err != nil {
-			return t, fmt.Errorf("%w: replica address %q: %v", ErrBadTag, t.Replica, err)
+			return t, fmt.Errorf("%w: replica address %q: %w", ErrBadTag, t.Replica, err)
 		}
 	}
 	return t, nil

@@ -22,7 +22,7 @@ type Filter struct {
 func (f Filter) Check() error {
 	for _, g := range append(append([]string{}, f.Include...), f.Exclude...) {
 		if _, err := path.Match(g, ""); err != nil {
-			return fmt.Errorf("glob %q: %v", g, err)
+			return fmt.Errorf("glob %q: %w", g, err)
 		}
 	}
 	for _, s := range f.Suffixes {

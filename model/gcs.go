@@ -88,7 +88,7 @@ func parseGCSList(body []byte, prefix string) ([]File, string, error) {
 		NextPageToken string `json:"nextPageToken"`
 	}
 	if err := json.Unmarshal(body, &page); err != nil {
-		return nil, "", fmt.Errorf("gcs listing is not the expected JSON: %v", err)
+		return nil, "", fmt.Errorf("gcs listing is not the expected JSON: %w", err)
 	}
 	var out []File
 	for _, it := range page.Items {
@@ -97,7 +97,7 @@ func parseGCSList(body []byte, prefix string) ([]File, string, error) {
 			continue // the prefix itself or a folder placeholder
 		}
 		if err := safeRel(rel); err != nil {
-			return nil, "", fmt.Errorf("gcs listing: %v", err)
+			return nil, "", fmt.Errorf("gcs listing: %w", err)
 		}
 		size, err := strconv.ParseInt(it.Size, 10, 64)
 		if err != nil || size < 0 {

@@ -60,7 +60,7 @@ func (h *hf) resolve(ctx context.Context) error {
 		SHA string `json:"sha"`
 	}
 	if err := json.NewDecoder(io.LimitReader(resp.Body, 64<<20)).Decode(&info); err != nil {
-		return fmt.Errorf("hub revision answer: %v", err)
+		return fmt.Errorf("hub revision answer: %w", err)
 	}
 	if !isHex(info.SHA, 40) {
 		return fmt.Errorf("hub revision answer has no commit sha (got %q)", info.SHA)
@@ -118,7 +118,7 @@ func parseHFTree(body []byte) ([]File, error) {
 		} `json:"lfs"`
 	}
 	if err := json.Unmarshal(body, &entries); err != nil {
-		return nil, fmt.Errorf("hub tree listing is not the expected JSON array: %v", err)
+		return nil, fmt.Errorf("hub tree listing is not the expected JSON array: %w", err)
 	}
 	var out []File
 	for _, e := range entries {
@@ -126,7 +126,7 @@ func parseHFTree(body []byte) ([]File, error) {
 			continue
 		}
 		if err := safeRel(e.Path); err != nil {
-			return nil, fmt.Errorf("hub listing: %v", err)
+			return nil, fmt.Errorf("hub listing: %w", err)
 		}
 		f := File{Name: e.Path, Size: e.Size}
 		if e.LFS != nil {

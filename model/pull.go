@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/shoalhq/shoal/internal/bytesize"
 	"io"
 	"log/slog"
 	"math/rand/v2"
@@ -215,7 +216,7 @@ func (p *puller) run(ctx context.Context) (*Manifest, error) {
 	dir := p.opt.Dir
 	p.setPhase("waiting")
 	if err := os.MkdirAll(filepath.Join(dir, partialDir), 0o755); err != nil {
-		return nil, fmt.Errorf("model directory: %v", err)
+		return nil, fmt.Errorf("model directory: %w", err)
 	}
 	unlock, err := lock(ctx, dir, func(holder string) {
 		p.log.Info("waiting for another pull of this model to finish", "lock", filepath.Join(dir, lockFile), "holder", holder)
@@ -267,7 +268,7 @@ func (p *puller) run(ctx context.Context) (*Manifest, error) {
 		m.Bytes += f.Size
 	}
 	if err := writeJSONAtomic(filepath.Join(dir, manifestFile), m, true); err != nil {
-		return nil, fmt.Errorf("write manifest: %v", err)
+		return nil, fmt.Errorf("write manifest: %w", err)
 	}
 	p.files, p.bytes = len(sel), m.Bytes
 	prev := map[string]File{}
@@ -355,11 +356,11 @@ func (p *puller) run(ctx context.Context) (*Manifest, error) {
 	}
 	p.setPhase("syncing")
 	if err := syncFS(dir); err != nil {
-		return nil, fmt.Errorf("sync %s: %v", dir, err)
+		return nil, fmt.Errorf("sync %s: %w", dir, err)
 	}
 	m.Completed = time.Now().UTC()
 	if err := writeJSONAtomic(filepath.Join(dir, completeFile), m, true); err != nil {
-		return nil, fmt.Errorf("mark complete: %v", err)
+		return nil, fmt.Errorf("mark complete: %w", err)
 	}
 	_ = os.RemoveAll(filepath.Join(dir, partialDir))
 	syncDir(filepath.Join(dir, stateDir))
@@ -390,7 +391,7 @@ func hasDigest(f File) bool {
 func (p *puller) openPart(f File, final string) (*partFile, error) {
 	path := filepath.Join(p.opt.Dir, partialDir, filepath.FromSlash(f.Name))
 	if err := os.MkdirAll(filepath.Dir(path), 0o755); err != nil {
-		return nil, fmt.Errorf("partial directory: %v", err)
+		return nil, fmt.Errorf("partial directory: %w", err)
 	}
 	pf := &partFile{f: f, path: path, final: final, started: time.Now()}
 	chunks := int((f.Size + p.opt.ChunkSize - 1) / p.opt.ChunkSize)
@@ -407,12 +408,12 @@ func (p *puller) openPart(f File, final string) (*partFile, error) {
 	}
 	fh, err := os.OpenFile(path, os.O_CREATE|os.O_RDWR, 0o644)
 	if err != nil {
-		return nil, fmt.Errorf("open %s: %v", path, err)
+		return nil, fmt.Errorf("open %s: %w", path, err)
 	}
 	if fresh {
 		if err := fh.Truncate(f.Size); err != nil {
 			fh.Close()
-			return nil, fmt.Errorf("size %s: %v", path, err)
+			return nil, fmt.Errorf("size %s: %w", path, err)
 		}
 		// Reserve the blocks now: the file system lays the file out in one
 		// piece, and a disk too small shows before any byte is fetched. Where
@@ -658,7 +659,7 @@ func (p *puller) chunkDone(t task) ([]task, error) {
 		if err := pf.hash.wait(); err != nil {
 			pf.verifies++
 			if pf.verifies > 1 {
-				return nil, fmt.Errorf("%s: %v, again after a fresh download; the source object may be corrupt", pf.f.Name, err)
+				return nil, fmt.Errorf("%s: %w, again after a fresh download; the source object may be corrupt", pf.f.Name, err)
 			}
 			p.log.Warn("model file failed verification; downloading it again", "file", pf.f.Name, "err", err)
 			return p.restartFile(pf), nil
@@ -669,7 +670,7 @@ func (p *puller) chunkDone(t task) ([]task, error) {
 	}
 	pf.fh.Close()
 	if err := os.Rename(pf.path, pf.final); err != nil {
-		return nil, fmt.Errorf("%s: move into place: %v", pf.f.Name, err)
+		return nil, fmt.Errorf("%s: move into place: %w", pf.f.Name, err)
 	}
 	_ = os.Remove(pf.path + ".state")
 	p.mu.Lock()
@@ -774,22 +775,9 @@ func (p *puller) closeAll() {
 	}
 }
 
-func human(b int64) string {
-	f := float64(b)
-	switch {
-	case b >= 1<<40:
-		return fmt.Sprintf("%.2f TB", f/(1<<40))
-	case b >= 1<<30:
-		return fmt.Sprintf("%.2f GB", f/(1<<30))
-	case b >= 1<<20:
-		return fmt.Sprintf("%.1f MB", f/(1<<20))
-	case b >= 1<<10:
-		return fmt.Sprintf("%.1f KB", f/(1<<10))
-	}
-	return fmt.Sprintf("%d B", b)
-}
+func human(b int64) string { return bytesize.Format(b) }
 
-// Human formats a byte count for people (binary units, as du -h).
+// Human formats a byte count for people, in binary units (GiB).
 func Human(b int64) string { return human(b) }
 
 func rate(bps float64) string { return human(int64(bps)) + "/s" }

@@ -42,7 +42,7 @@ func newS3(ctx context.Context, u URI, cfg Config) (*s3src, error) {
 	}
 	ac, err := awsconfig.LoadDefaultConfig(ctx, opts...)
 	if err != nil {
-		return nil, fmt.Errorf("s3 configuration: %v", err)
+		return nil, fmt.Errorf("s3 configuration: %w", err)
 	}
 	if ac.Region == "" {
 		ac.Region = "us-east-1"
@@ -105,7 +105,7 @@ func s3File(key, prefix string, size int64, etag string) (File, bool, error) {
 		return File{}, false, nil
 	}
 	if err := safeRel(rel); err != nil {
-		return File{}, false, fmt.Errorf("s3 listing: %v", err)
+		return File{}, false, fmt.Errorf("s3 listing: %w", err)
 	}
 	if size < 0 {
 		return File{}, false, fmt.Errorf("s3 listing: %s has a negative size", key)
@@ -147,7 +147,7 @@ func s3Err(u URI, err error) error {
 		case "NoSuchBucket":
 			return fmt.Errorf("%s: bucket %q does not exist at this endpoint (check AWS_ENDPOINT_URL and the bucket name): %w", u, u.Bucket, ErrNotFound)
 		case "AccessDenied", "InvalidAccessKeyId", "SignatureDoesNotMatch", "Forbidden":
-			return fmt.Errorf("%s: %s: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE: %v", u, ae.ErrorCode(), err)
+			return fmt.Errorf("%s: %s: check AWS_ACCESS_KEY_ID/AWS_SECRET_ACCESS_KEY or AWS_PROFILE: %w", u, ae.ErrorCode(), err)
 		case "PreconditionFailed":
 			return fmt.Errorf("%s: the object changed while it was being downloaded; the pull restarts that file: %w", u, errChanged)
 		}

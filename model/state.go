@@ -118,7 +118,7 @@ func ReadManifest(dir string) (*Manifest, error) {
 		if errors.Is(err, os.ErrNotExist) {
 			return nil, fmt.Errorf("%s holds no completed pull", dir)
 		}
-		return nil, fmt.Errorf("%s: completion record unreadable: %v", dir, err)
+		return nil, fmt.Errorf("%s: completion record unreadable: %w", dir, err)
 	}
 	return &m, nil
 }
@@ -153,14 +153,14 @@ func checkSizes(dir string, files []File) error {
 func Check(dir string) error {
 	st, err := os.Stat(dir)
 	if err != nil {
-		return fmt.Errorf("model directory: %v", err)
+		return fmt.Errorf("model directory: %w", err)
 	}
 	if !st.IsDir() {
 		return fmt.Errorf("model path %s is not a directory", dir)
 	}
 	if m, err := ReadManifest(dir); err == nil {
 		if err := checkSizes(dir, m.Files); err != nil {
-			return fmt.Errorf("model in %s is incomplete: %v", dir, err)
+			return fmt.Errorf("model in %s is incomplete: %w", dir, err)
 		}
 		return nil
 	}
@@ -169,7 +169,7 @@ func Check(dir string) error {
 	}
 	ents, err := os.ReadDir(dir)
 	if err != nil {
-		return fmt.Errorf("model directory: %v", err)
+		return fmt.Errorf("model directory: %w", err)
 	}
 	n := 0
 	var missing []string
@@ -189,7 +189,7 @@ func Check(dir string) error {
 				WeightMap map[string]string `json:"weight_map"`
 			}
 			if err := readJSON(filepath.Join(dir, name), &idx); err != nil {
-				return fmt.Errorf("model in %s: %s is not valid JSON: %v", dir, name, err)
+				return fmt.Errorf("model in %s: %s is not valid JSON: %w", dir, name, err)
 			}
 			seen := map[string]bool{}
 			for _, shard := range idx.WeightMap {
@@ -226,7 +226,7 @@ func lock(ctx context.Context, dir string, waiting func(holder string)) (func(),
 	p := filepath.Join(dir, lockFile)
 	f, err := os.OpenFile(p, os.O_CREATE|os.O_RDWR, 0o644)
 	if err != nil {
-		return nil, fmt.Errorf("download lock: %v", err)
+		return nil, fmt.Errorf("download lock: %w", err)
 	}
 	last := time.Time{}
 	for {
@@ -238,7 +238,7 @@ func lock(ctx context.Context, dir string, waiting func(holder string)) (func(),
 		}
 		if !errors.Is(err, syscall.EWOULDBLOCK) {
 			f.Close()
-			return nil, fmt.Errorf("download lock %s: %v", p, err)
+			return nil, fmt.Errorf("download lock %s: %w", p, err)
 		}
 		if time.Since(last) > 10*time.Second {
 			b, _ := os.ReadFile(p)

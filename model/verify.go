@@ -95,7 +95,7 @@ func startHasher(ctx context.Context, fh *os.File, f File, frontier func() int64
 					pos += int64(k)
 				}
 				if err != nil && !(err == io.EOF && int64(k) == n) {
-					hs.result <- fmt.Errorf("read back for hashing: %v", err)
+					hs.result <- fmt.Errorf("read back for hashing: %w", err)
 					return
 				}
 			}

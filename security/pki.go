@@ -174,11 +174,11 @@ func RoleOf(c *x509.Certificate) (Role, string, error) {
 func loadCA(dir string) (*x509.Certificate, any, error) {
 	cb, err := os.ReadFile(CAFile(dir))
 	if err != nil {
-		return nil, nil, fmt.Errorf("CA certificate: %v (create one with `shoal tls ca create --out %s`)", err, dir)
+		return nil, nil, fmt.Errorf("CA certificate: %w (create one with `shoal tls ca create --out %s`)", err, dir)
 	}
 	kb, err := os.ReadFile(CAKeyFile(dir))
 	if err != nil {
-		return nil, nil, fmt.Errorf("CA key: %v (certificates are signed where the CA key is)", err)
+		return nil, nil, fmt.Errorf("CA key: %w (certificates are signed where the CA key is)", err)
 	}
 	cp, _ := pem.Decode(cb)
 	kp, _ := pem.Decode(kb)

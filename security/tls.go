@@ -69,7 +69,7 @@ func (t *TLS) Reload() error {
 	}
 	b, err := os.ReadFile(caf)
 	if err != nil {
-		return fmt.Errorf("CA certificate: %v (create it with `shoal tls ca create`, or run with --insecure on a trusted network)", err)
+		return fmt.Errorf("CA certificate: %w (create it with `shoal tls ca create`, or run with --insecure on a trusted network)", err)
 	}
 	pool := x509.NewCertPool()
 	if !pool.AppendCertsFromPEM(b) {
@@ -85,19 +85,19 @@ func (t *TLS) Reload() error {
 		}
 		role, _, rerr := RoleOf(leaf)
 		if rerr != nil {
-			return fmt.Errorf("%s: %v", certf, rerr)
+			return fmt.Errorf("%s: %w", certf, rerr)
 		}
 		if role != t.opts.Role {
 			return fmt.Errorf("%s is a %s certificate; this process needs a %s one (`shoal tls cert create --%s`)", certf, role, t.opts.Role, t.opts.Role)
 		}
 		if _, err := leaf.Verify(x509.VerifyOptions{Roots: pool, KeyUsages: []x509.ExtKeyUsage{x509.ExtKeyUsageAny}}); err != nil {
-			return fmt.Errorf("%s is not signed by the CA in %s: %v", certf, caf, err)
+			return fmt.Errorf("%s is not signed by the CA in %s: %w", certf, caf, err)
 		}
 		c.Leaf = leaf
 		cert = &c
 	case t.opts.CertOptional && isNotExist(err):
 	default:
-		return fmt.Errorf("%s certificate: %v (create it with `shoal tls cert create --%s`)", t.opts.Role, err, t.opts.Role)
+		return fmt.Errorf("%s certificate: %w (create it with `shoal tls cert create --%s`)", t.opts.Role, err, t.opts.Role)
 	}
 	t.mu.Lock()
 	t.cert, t.pool = cert, pool

@@ -8,9 +8,9 @@ import (
 	"io"
 	"regexp"
 	"sort"
-	"strconv"
 	"strings"
 
+	"github.com/shoalhq/shoal/internal/bytesize"
 	"github.com/shoalhq/shoal/model"
 
 	"gopkg.in/yaml.v3"
@@ -300,7 +300,7 @@ func (d *Deployment) Validate() error {
 		bad("engine.runtime", "unknown runtime %q; one of process, containerd", e.Runtime)
 	}
 	if e.ShmSize != "" {
-		if _, err := ParseBytes(e.ShmSize); err != nil {
+		if _, err := bytesize.Parse(e.ShmSize); err != nil {
 			bad("engine.shmSize", "%v", err)
 		}
 	}
@@ -361,8 +361,12 @@ func (d *Deployment) Validate() error {
 	}
 	rp := d.Replicas
 	switch {
-	case rp.Count < 0 || rp.Min < 0 || rp.Max < 0:
-		bad("replicas", "counts must not be negative")
+	case rp.Count < 0:
+		bad("replicas.count", "must not be negative, got %d", rp.Count)
+	case rp.Min < 0:
+		bad("replicas.min", "must not be negative, got %d", rp.Min)
+	case rp.Max < 0:
+		bad("replicas.max", "must not be negative, got %d", rp.Max)
 	case rp.Count > 0 && (rp.Min > 0 || rp.Max > 0):
 		bad("replicas.count", "set either count or min/max, not both")
 	case rp.Count == 0 && rp.Max < rp.Min:
@@ -384,14 +388,24 @@ func (d *Deployment) Validate() error {
 		if d.Replicas.Count > 0 {
 			bad("replicas.count", "is fixed; with autoscaling set replicas.min and replicas.max instead")
 		}
-		if a.PanicWindowSeconds > a.StableWindowSeconds || a.StableWindowSeconds < 0 || a.PanicWindowSeconds < 0 {
-			bad("autoscaling.panicWindowSeconds", "must be between 0 and stableWindowSeconds (%d)", a.StableWindowSeconds)
+		if a.StableWindowSeconds < 0 {
+			bad("autoscaling.stableWindowSeconds", "must not be negative, got %d", a.StableWindowSeconds)
+		} else if a.PanicWindowSeconds > a.StableWindowSeconds || a.PanicWindowSeconds < 0 {
+			bad("autoscaling.panicWindowSeconds", "must be between 0 and stableWindowSeconds (%d), got %d", a.StableWindowSeconds, a.PanicWindowSeconds)
 		}
-		if a.PanicThreshold < 1 || a.MaxScaleUpRate < 1 || a.MaxScaleDownRate < 1 {
-			bad("autoscaling", "panicThreshold, maxScaleUpRate and maxScaleDownRate are ratios of at least 1")
+		for _, r := range []struct {
+			field string
+			v     float64
+		}{{"autoscaling.panicThreshold", a.PanicThreshold}, {"autoscaling.maxScaleUpRate", a.MaxScaleUpRate}, {"autoscaling.maxScaleDownRate", a.MaxScaleDownRate}} {
+			if r.v < 1 {
+				bad(r.field, "is a ratio of at least 1, got %v", r.v)
+			}
 		}
-		if a.Tolerance < 0 || a.Tolerance >= 1 || a.ScaleDownDelaySeconds < 0 {
-			bad("autoscaling.tolerance", "must be in [0, 1); scaleDownDelaySeconds must not be negative")
+		if a.Tolerance < 0 || a.Tolerance >= 1 {
+			bad("autoscaling.tolerance", "must be in [0, 1), got %v", a.Tolerance)
+		}
+		if a.ScaleDownDelaySeconds < 0 {
+			bad("autoscaling.scaleDownDelaySeconds", "must not be negative, got %d", a.ScaleDownDelaySeconds)
 		}
 		if a.Target <= 0 {
 			bad("autoscaling.target", "must be greater than 0")
@@ -433,7 +447,7 @@ func (d *Deployment) JSON() []byte {
 func FromJSON(b []byte) (*Deployment, error) {
 	var d Deployment
 	if err := json.Unmarshal(b, &d); err != nil {
-		return nil, fmt.Errorf("%w: %v", ErrInvalid, err)
+		return nil, fmt.Errorf("%w: %w", ErrInvalid, err)
 	}
 	d.Default()
 	if err := d.Validate(); err != nil {
@@ -505,27 +519,4 @@ func (d *Deployment) Fields() []Field {
 		add("labels."+k, v, false)
 	}
 	return out
-}
-
-// ParseBytes reads a size: a number with an optional unit, binary (Ki, Mi,
-// Gi, Ti) or decimal (K, M, G, T); "64Gi", "512M", "1048576".
-func ParseBytes(v string) (int64, error) {
-	v = strings.TrimSpace(v)
-	i := 0
-	for i < len(v) && (v[i] >= '0' && v[i] <= '9' || v[i] == '.') {
-		i++
-	}
-	n, err := strconv.ParseFloat(v[:i], 64)
-	if err != nil || n <= 0 {
-		return 0, fmt.Errorf("%q is not a size such as 64Gi or 512M", v)
-	}
-	mult, ok := map[string]float64{"": 1, "B": 1, "K": 1e3, "M": 1e6, "G": 1e9, "T": 1e12,
-		"Ki": 1 << 10, "Mi": 1 << 20, "Gi": 1 << 30, "Ti": 1 << 40}[v[i:]]
-	if !ok {
-		return 0, fmt.Errorf("%q: unknown unit %q; use Ki, Mi, Gi, Ti (or K, M, G, T)", v, v[i:])
-	}
-	if b := n * mult; b < 1<<62 {
-		return int64(b), nil
-	}
-	return 0, fmt.Errorf("%q is too large", v)
 }

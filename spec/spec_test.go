@@ -1,6 +1,8 @@
 package spec
 
 import (
+	"errors"
+	"fmt"
 	"os"
 	"strings"
 	"testing"
@@ -140,14 +142,31 @@ func FuzzParse(f *testing.F) {
 	})
 }
 
-func TestParseBytes(t *testing.T) {
-	for in, want := range map[string]int64{"64Gi": 64 << 30, "512M": 512e6, "1048576": 1 << 20, "1.5Gi": 3 << 29, "2Ti": 2 << 40} {
-		got, err := ParseBytes(in)
-		require.NoError(t, err, in)
-		require.Equal(t, want, got, in)
-	}
-	for _, in := range []string{"", "Gi", "-1Gi", "12XB", "1e3", "99999999999999Ti"} {
-		_, err := ParseBytes(in)
-		require.Error(t, err, in)
+// Every rejected autoscaling or replica field is named in its error.
+func TestErrorsNameTheField(t *testing.T) {
+	doc := "apiVersion: shoal/v1\nname: m\nmodel: {source: /m}\nresources: {nodes: 1, gpusPerNode: 8}\n"
+	as := doc + "replicas: {min: 1, max: 3}\nautoscaling: {policy: kpa, metric: num_requests_waiting, target: 5, %s}\n"
+	for field, text := range map[string]string{
+		"autoscaling.scaleDownDelaySeconds": fmt.Sprintf(as, "scaleDownDelaySeconds: -5"),
+		"autoscaling.tolerance":             fmt.Sprintf(as, "tolerance: 1.5"),
+		"autoscaling.panicThreshold":        fmt.Sprintf(as, "panicThreshold: 0.5"),
+		"autoscaling.maxScaleUpRate":        fmt.Sprintf(as, "maxScaleUpRate: 0.5"),
+		"autoscaling.maxScaleDownRate":      fmt.Sprintf(as, "maxScaleDownRate: 0.2"),
+		"autoscaling.stableWindowSeconds":   fmt.Sprintf(as, "stableWindowSeconds: -1"),
+		"autoscaling.panicWindowSeconds":    fmt.Sprintf(as, "panicWindowSeconds: 90"),
+		"replicas.count":                    doc + "replicas: {count: -1}\n",
+		"replicas.min":                      doc + "replicas: {min: -1, max: 2}\n",
+		"engine.canary":                     doc + "engine: {canary: grpc}\n",
+	} {
+		_, err := Parse([]byte(text))
+		require.Error(t, err, field)
+		var fe *Error
+		require.True(t, errors.As(err, &fe), "%s: %v", field, err)
+		require.Contains(t, err.Error(), field+":", "the error names %s", field)
+		for _, other := range []string{"autoscaling.tolerance", "autoscaling.scaleDownDelaySeconds"} {
+			if other != field {
+				require.NotContains(t, err.Error(), other, "only the wrong field is named (%s)", field)
+			}
+		}
 	}
 }

@@ -71,7 +71,7 @@ func applyCommand() *cli.Command {
 		Name:      "apply",
 		Usage:     "create or update a deployment from a YAML spec",
 		ArgsUsage: "-f FILE",
-		Flags:     []cli.Flag{coordinatorFlag, &cli.StringFlag{Name: "filename", Aliases: []string{"f"}, Required: true, Usage: "spec file, or - for stdin"}},
+		Flags:     clusterFlags(&cli.StringFlag{Name: "filename", Aliases: []string{"f"}, Required: true, Usage: "spec file, or - for stdin"}),
 		Action: func(c *cli.Context) error {
 			var data []byte
 			var err error
@@ -151,7 +151,7 @@ func dash(s string) string {
 
 func getCommand() *cli.Command {
 	sub := func(name string, aliases []string, usage string, run func(c *cli.Context, ctx context.Context, cl coordv1.CoordinatorClient, json bool) error) *cli.Command {
-		return &cli.Command{Name: name, Aliases: aliases, Usage: usage, Flags: []cli.Flag{coordinatorFlag, outputFlag},
+		return &cli.Command{Name: name, Aliases: aliases, Usage: usage, Flags: clusterFlags(outputFlag),
 			Action: func(c *cli.Context) error {
 				o := c.String("output")
 				if o != "json" && o != "table" {
@@ -242,7 +242,7 @@ func describeCommand() *cli.Command {
 		Name:      "describe",
 		Usage:     "show a deployment (fields, replicas, events) or a node (GPUs, RDMA, health reasons) in detail",
 		ArgsUsage: "deployment NAME | node NAME",
-		Flags:     []cli.Flag{coordinatorFlag},
+		Flags:     clusterFlags(),
 		Action: func(c *cli.Context) error {
 			if c.Args().First() == "node" && c.Args().Get(1) != "" {
 				return describeNode(c, c.Args().Get(1))
@@ -305,7 +305,7 @@ func deleteCommand() *cli.Command {
 		Name:      "delete",
 		Usage:     "delete a deployment (its replicas are stopped and their nodes released)",
 		ArgsUsage: "deployment NAME",
-		Flags:     []cli.Flag{coordinatorFlag},
+		Flags:     clusterFlags(),
 		Action: func(c *cli.Context) error {
 			if c.Args().First() != "deployment" || c.Args().Get(1) == "" {
 				return errors.New("usage: shoal delete deployment NAME")
@@ -348,12 +348,12 @@ func logsCommand() *cli.Command {
 		Name:      "logs",
 		Usage:     "print a replica's engine logs (the head's by default)",
 		ArgsUsage: "REPLICA",
-		Flags: []cli.Flag{coordinatorFlag,
+		Flags: clusterFlags(
 			&cli.StringFlag{Name: "node", Usage: "member node id (default: the head)"},
 			&cli.StringFlag{Name: "name", Usage: "one log: ray, vllm, python3, … (default: all)"},
 			&cli.BoolFlag{Name: "follow", Aliases: []string{"F"}, Usage: "keep printing what is appended"},
 			&cli.Int64Flag{Name: "tail", Value: 64 << 10, Usage: "bytes of each log to print first"},
-		},
+		),
 		Action: func(c *cli.Context) error {
 			if c.NArg() != 1 {
 				return errors.New("usage: shoal logs REPLICA [--node N] [--name vllm] [--follow]")

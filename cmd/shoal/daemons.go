@@ -11,8 +11,8 @@ import (
 	"github.com/shoalhq/shoal/coordinator"
 	"github.com/shoalhq/shoal/coordinator/router"
 	"github.com/shoalhq/shoal/gpu"
+	"github.com/shoalhq/shoal/internal/bytesize"
 	"github.com/shoalhq/shoal/security"
-	"github.com/shoalhq/shoal/spec"
 	"github.com/urfave/cli/v2"
 )
 
@@ -52,7 +52,7 @@ func agentCommand() *cli.Command {
 			&cli.StringSliceFlag{Name: "engine-env", EnvVars: []string{"SHOAL_ENGINE_ENV"}, Usage: "KEY=VALUE added to every engine's environment (repeatable; engines inherit nothing else but PATH, HOME, locale)"},
 			&cli.StringFlag{Name: "containerd-address", EnvVars: []string{"SHOAL_CONTAINERD_ADDRESS"}, Usage: "containerd socket for engine.runtime: containerd (default /run/containerd/containerd.sock)"},
 			&cli.StringFlag{Name: "containerd-namespace", EnvVars: []string{"SHOAL_CONTAINERD_NAMESPACE"}, Usage: "containerd namespace of engine containers (default shoal)"},
-			&cli.StringFlag{Name: "log-max-size", EnvVars: []string{"SHOAL_LOG_MAX_SIZE"}, Usage: "rotate an engine log past this size, 3 old files kept (default 100Mi)"},
+			&cli.StringFlag{Name: "log-max-size", EnvVars: []string{"SHOAL_LOG_MAX_SIZE"}, Usage: "rotate an engine log past this size, 3 old files kept (default 100Mi; " + bytesize.Units + ")"},
 		},
 		Action: func(c *cli.Context) error {
 			var cfg agent.Config
@@ -94,7 +94,7 @@ func agentCommand() *cli.Command {
 			if c.IsSet("part-size") {
 				part, err := parseSize(c.String("part-size"))
 				if err != nil {
-					return fmt.Errorf("--part-size: %v", err)
+					return fmt.Errorf("--part-size: %w", err)
 				}
 				cfg.Download.PartSizeMiB = int(part >> 20)
 			}
@@ -105,9 +105,8 @@ func agentCommand() *cli.Command {
 			}
 			setStr(&cfg.Download.S3Endpoint, "s3-endpoint")
 			setStr(&cfg.Download.HFEndpoint, "hf-endpoint")
-			if v := c.String("s3-path-style"); v != "" {
-				b := v == "true" || v == "1" || v == "yes"
-				cfg.Download.S3PathStyle = &b
+			if ps := pathStyle(c); ps != nil {
+				cfg.Download.S3PathStyle = ps
 			}
 			setStr(&cfg.GPUBackend, "gpu-backend")
 			if c.IsSet("gpus") {
@@ -145,9 +144,9 @@ func agentCommand() *cli.Command {
 			setStr(&cfg.Containerd.Address, "containerd-address")
 			setStr(&cfg.Containerd.Namespace, "containerd-namespace")
 			if v := c.String("log-max-size"); v != "" {
-				n, err := spec.ParseBytes(v)
+				n, err := bytesize.Parse(v)
 				if err != nil {
-					return fmt.Errorf("--log-max-size: %v", err)
+					return fmt.Errorf("--log-max-size: %w", err)
 				}
 				cfg.LogMaxBytes = n
 			}
@@ -223,7 +222,7 @@ func coordinatorCommand() *cli.Command {
 			}
 			if p := c.String("cli-tokens-file"); p != "" {
 				if _, err := security.LoadTokens(p); err != nil {
-					return fmt.Errorf("--cli-tokens-file: %v", err)
+					return fmt.Errorf("--cli-tokens-file: %w", err)
 				}
 			}
 			loadTokens()

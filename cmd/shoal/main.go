@@ -24,7 +24,19 @@ func main() {
 	if addr := os.Getenv("SHOAL_PPROF_ADDR"); addr != "" {
 		go func() { _ = http.ListenAndServe(addr, nil) }()
 	}
-	app := &cli.App{
+	app := newApp()
+	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
+	defer stop()
+	if err := app.RunContext(ctx, reorder(app, os.Args)); err != nil {
+		fmt.Fprintln(os.Stderr, "error:", err)
+		os.Exit(1)
+	}
+}
+
+// newApp is the whole command line: every command and flag, as main runs
+// it and as the tests and the reference doc read it.
+func newApp() *cli.App {
+	return &cli.App{
 		Name:    "shoal",
 		Usage:   "multi-node LLM inference on bare-metal GPU hosts",
 		Version: version,
@@ -33,13 +45,6 @@ func main() {
 		},
 		Commands: []*cli.Command{agentCommand(), coordinatorCommand(), routerCommand(), applyCommand(), getCommand(), describeCommand(),
 			deleteCommand(), logsCommand(), devCommand(), modelCommand(), tlsCommand(), keyringCommand(), apikeyCommand(), versionCommand(), genDocsCommand()},
-	}
-	app.Flags = append(app.Flags, cliSecurityFlags()...)
-	ctx, stop := signal.NotifyContext(context.Background(), os.Interrupt, syscall.SIGTERM)
-	defer stop()
-	if err := app.RunContext(ctx, interspersed(os.Args)); err != nil {
-		fmt.Fprintln(os.Stderr, "error:", err)
-		os.Exit(1)
 	}
 }
 

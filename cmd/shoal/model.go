@@ -10,6 +10,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/shoalhq/shoal/internal/bytesize"
 	"github.com/shoalhq/shoal/model"
 	"github.com/urfave/cli/v2"
 )
@@ -57,35 +58,33 @@ func modelCommand() *cli.Command {
 func modelSourceFlags() []cli.Flag {
 	return []cli.Flag{
 		&cli.IntFlag{Name: "workers", Value: model.DefaultWorkers, EnvVars: []string{"SHOAL_DOWNLOAD_WORKERS"}, Usage: "concurrent ranged GETs across all files (default: 4 per CPU, 8 to 64)"},
-		&cli.StringFlag{Name: "part-size", Value: "64MiB", EnvVars: []string{"SHOAL_DOWNLOAD_PART_SIZE"}, Usage: "size of one ranged GET"},
-		&cli.StringFlag{Name: "limit-rate", EnvVars: []string{"SHOAL_DOWNLOAD_LIMIT_RATE"}, Usage: "cap the pull's total rate, e.g. 500MiB (per second); default none"},
+		&cli.StringFlag{Name: "part-size", Value: "64Mi", EnvVars: []string{"SHOAL_DOWNLOAD_PART_SIZE"}, Usage: "size of one ranged GET, 1Mi to 4Gi (" + bytesize.Units + ")"},
+		&cli.StringFlag{Name: "limit-rate", EnvVars: []string{"SHOAL_DOWNLOAD_LIMIT_RATE"}, Usage: "cap the pull's total rate per second, e.g. 500Mi (" + bytesize.Units + "); default none"},
 		&cli.StringFlag{Name: "s3-endpoint", EnvVars: []string{"SHOAL_S3_ENDPOINT"}, Usage: "S3-compatible endpoint URL (default AWS_ENDPOINT_URL, then AWS)"},
-		&cli.StringFlag{Name: "s3-path-style", EnvVars: []string{"SHOAL_S3_PATH_STYLE"}, Usage: "true or false (default: path style when an endpoint is set)"},
+		&cli.BoolFlag{Name: "s3-path-style", EnvVars: []string{"SHOAL_S3_PATH_STYLE"}, Usage: "S3 path-style addressing, --s3-path-style=false for virtual-hosted (default: path style when an endpoint is set)"},
 		&cli.StringFlag{Name: "hf-endpoint", EnvVars: []string{"SHOAL_HF_ENDPOINT"}, Usage: "Hugging Face endpoint (default HF_ENDPOINT, then https://huggingface.co)"},
 	}
 }
 
 func sourceConfig(c *cli.Context) (model.Config, int64, error) {
-	cfg := model.Config{S3Endpoint: c.String("s3-endpoint"), HFEndpoint: c.String("hf-endpoint"), Workers: c.Int("workers")}
-	switch v := strings.ToLower(c.String("s3-path-style")); v {
-	case "":
-	case "true", "1", "yes":
-		t := true
-		cfg.S3PathStyle = &t
-	case "false", "0", "no":
-		f := false
-		cfg.S3PathStyle = &f
-	default:
-		return cfg, 0, fmt.Errorf("--s3-path-style: want true or false, got %q", v)
-	}
+	cfg := model.Config{S3Endpoint: c.String("s3-endpoint"), HFEndpoint: c.String("hf-endpoint"), Workers: c.Int("workers"), S3PathStyle: pathStyle(c)}
 	part, err := parseSize(c.String("part-size"))
 	if err != nil {
-		return cfg, 0, fmt.Errorf("--part-size: %v", err)
+		return cfg, 0, fmt.Errorf("--part-size: %w", err)
 	}
 	if cfg.Workers < 1 || cfg.Workers > 1024 {
 		return cfg, 0, fmt.Errorf("--workers: want 1..1024, got %d", cfg.Workers)
 	}
 	return cfg, part, nil
+}
+
+// pathStyle is --s3-path-style, or nil when not given (the source decides).
+func pathStyle(c *cli.Context) *bool {
+	if !c.IsSet("s3-path-style") {
+		return nil
+	}
+	b := c.Bool("s3-path-style")
+	return &b
 }
 
 // limitRate reads --limit-rate ("" is no limit).
@@ -94,38 +93,15 @@ func limitRate(c *cli.Context) (int64, error) {
 	if v == "" {
 		return 0, nil
 	}
-	n, err := parseSizeIn(v, 64<<10, 1<<40)
+	n, err := bytesize.ParseIn(v, 64<<10, 1<<40)
 	if err != nil {
-		return 0, fmt.Errorf("--limit-rate: %v", err)
+		return 0, fmt.Errorf("--limit-rate: %w", err)
 	}
 	return n, nil
 }
 
-// parseSize reads a part size: 64MiB, 8M, 1GiB, 1048576.
-func parseSize(s string) (int64, error) { return parseSizeIn(s, 1<<20, 4<<30) }
-
-func parseSizeIn(s string, lo, hi int64) (int64, error) {
-	s = strings.TrimSpace(s)
-	units := []struct {
-		suf string
-		mul int64
-	}{{"KiB", 1 << 10}, {"MiB", 1 << 20}, {"GiB", 1 << 30}, {"K", 1 << 10}, {"M", 1 << 20}, {"G", 1 << 30}, {"B", 1}}
-	mul := int64(1)
-	for _, u := range units {
-		if strings.HasSuffix(s, u.suf) {
-			s, mul = strings.TrimSuffix(s, u.suf), u.mul
-			break
-		}
-	}
-	var n int64
-	if _, err := fmt.Sscanf(s, "%d", &n); err != nil || fmt.Sprint(n) != s || n <= 0 {
-		return 0, fmt.Errorf("want a size such as 64MiB, got %q", s)
-	}
-	if n*mul < lo || n*mul > hi {
-		return 0, fmt.Errorf("want between %s and %s, got %q", model.Human(lo), model.Human(hi), s)
-	}
-	return n * mul, nil
-}
+// parseSize reads a part size: 64Mi, 8M, 1Gi, 1048576 (1 MiB to 4 GiB).
+func parseSize(s string) (int64, error) { return bytesize.ParseIn(s, 1<<20, 4<<30) }
 
 func modelPull(c *cli.Context) error {
 	if c.NArg() != 1 {

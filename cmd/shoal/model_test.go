@@ -13,12 +13,12 @@ import (
 )
 
 func TestParseSize(t *testing.T) {
-	for in, want := range map[string]int64{"64MiB": 64 << 20, "8M": 8 << 20, "1GiB": 1 << 30, "1048576": 1 << 20, "2G": 2 << 30} {
+	for in, want := range map[string]int64{"64MiB": 64 << 20, "64Mi": 64 << 20, "8M": 8e6, "1GiB": 1 << 30, "1048576": 1 << 20, "2G": 2e9} {
 		got, err := parseSize(in)
 		require.NoError(t, err, in)
 		require.Equal(t, want, got, in)
 	}
-	for _, in := range []string{"", "abc", "-5MiB", "1KiB", "8GiB", "1.5MiB", "64 MiB x"} {
+	for _, in := range []string{"", "abc", "-5MiB", "1KiB", "8GiB", "1.5", "64 MiB x"} {
 		_, err := parseSize(in)
 		require.Error(t, err, in)
 	}
@@ -30,8 +30,8 @@ func TestProgressBar(t *testing.T) {
 	pb.update(model.Progress{Phase: "downloading", Files: 10, FilesDone: 3, Bytes: 10 << 30, BytesDone: 4 << 30, Rate: 1 << 30, ETA: 6 * time.Second})
 	out := b.String()
 	require.Contains(t, out, " 40.0%")
-	require.Contains(t, out, "4.00 GB / 10.00 GB")
-	require.Contains(t, out, "1.00 GB/s")
+	require.Contains(t, out, "4.00 GiB / 10.00 GiB")
+	require.Contains(t, out, "1.00 GiB/s")
 	require.Contains(t, out, "files 3/10")
 	require.Contains(t, out, "ETA 6s")
 	require.Equal(t, 12, strings.Count(out, "="), "40% of a 30-wide bar")

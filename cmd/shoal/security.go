@@ -44,7 +44,7 @@ func daemonSecurity(c *cli.Context, role security.Role, log *slog.Logger, reload
 	tl, err := security.Load(security.Options{Dir: c.String("tls-dir"), CA: c.String("tls-ca"), Cert: c.String("tls-cert"), Key: c.String("tls-key"), Role: role})
 	if err != nil {
 		if !insecure {
-			return nil, nil, "", fmt.Errorf("%v\nshoal does not run in the clear by default: create a CA and certificates with `shoal tls ca create` and `shoal tls cert create --%s`, or pass --insecure on a trusted network", err, role)
+			return nil, nil, "", fmt.Errorf("%w\nshoal does not run in the clear by default: create a CA and certificates with `shoal tls ca create` and `shoal tls cert create --%s`, or pass --insecure on a trusted network", err, role)
 		}
 		tl = nil
 	}
@@ -122,13 +122,15 @@ func cliTLS(c *cli.Context) (*security.TLS, error) {
 	return tl, nil
 }
 
-// cliSecurityFlags are global flags (before the verb) and env vars.
-func cliSecurityFlags() []cli.Flag {
-	return []cli.Flag{
+// clusterFlags are the flags of every verb that talks to a cluster: where
+// the coordinator is and the CLI's credentials (each also an env var; on
+// the command line they may stand anywhere, see reorder).
+func clusterFlags(more ...cli.Flag) []cli.Flag {
+	return append([]cli.Flag{coordinatorFlag,
 		&cli.StringFlag{Name: "tls-dir", EnvVars: []string{"SHOAL_TLS_DIR"}, Usage: "CLI credentials: ca.pem and cli.pem/cli-key.pem (default ~/.shoal/tls, /etc/shoal/tls)"},
 		&cli.StringFlag{Name: "token", EnvVars: []string{"SHOAL_TOKEN"}, Usage: "CLI token instead of a certificate (`shoal tls token create`)"},
 		&cli.BoolFlag{Name: "insecure", EnvVars: []string{"SHOAL_INSECURE"}, Usage: "talk to a cleartext (--insecure) cluster"},
-	}
+	}, more...)
 }
 
 func tlsCommand() *cli.Command {
@@ -204,7 +206,7 @@ func tlsCommand() *cli.Command {
 func keyringCommand() *cli.Command {
 	change := func(op string) *cli.Command {
 		return &cli.Command{
-			Name: op, ArgsUsage: "KEY", Flags: []cli.Flag{coordinatorFlag},
+			Name: op, ArgsUsage: "KEY", Flags: clusterFlags(),
 			Usage: map[string]string{"install": "add a key on every node (accepted, not yet used to send)",
 				"use": "make an installed key the one every node sends with", "remove": "drop a key that is no longer primary anywhere"}[op],
 			Action: func(c *cli.Context) error {
@@ -227,7 +229,7 @@ func keyringCommand() *cli.Command {
 				fmt.Fprintln(c.App.Writer, k)
 				return nil
 			}},
-			{Name: "list", Usage: "each node's key fingerprints, primary first", Flags: []cli.Flag{coordinatorFlag},
+			{Name: "list", Usage: "each node's key fingerprints, primary first", Flags: clusterFlags(),
 				Action: func(c *cli.Context) error { return keyringCall(c, "list", "") }},
 			change("install"), change("use"), change("remove"),
 		},
@@ -298,7 +300,7 @@ func apikeyCommand() *cli.Command {
 					}
 					if _, err := router.LoadAPIKeys(tmp); err != nil {
 						os.Remove(tmp)
-						return fmt.Errorf("%s would not load after adding the key: %v", p, err)
+						return fmt.Errorf("%s would not load after adding the key: %w", p, err)
 					}
 					if err := os.Rename(tmp, p); err != nil {
 						return err

@@ -27,7 +27,7 @@ type rdvMsg struct {
 func rendezvousMaster(ctx context.Context, addr string, nnodes int, sig string, log io.Writer) (<-chan string, bool, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
-		return nil, false, fmt.Errorf("RuntimeError: The server socket has failed to listen on %s: %v", addr, err)
+		return nil, false, fmt.Errorf("RuntimeError: The server socket has failed to listen on %s: %w", addr, err)
 	}
 	type member struct {
 		conn net.Conn

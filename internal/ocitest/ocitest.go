@@ -33,7 +33,7 @@ func BuildSim(dir string) (string, error) {
 	cmd.Dir = root
 	cmd.Env = append(os.Environ(), "CGO_ENABLED=0")
 	if b, err := cmd.CombinedOutput(); err != nil {
-		return "", fmt.Errorf("build shoal-sim: %v: %s", err, b)
+		return "", fmt.Errorf("build shoal-sim: %w: %s", err, b)
 	}
 	return out, nil
 }

@@ -100,7 +100,7 @@ func StartAt(bin, root string, w io.Writer) (*Server, error) {
 		}
 		if time.Now().After(deadline) {
 			s.Stop()
-			return nil, fmt.Errorf("versitygw did not answer on %s: %v", addr, err)
+			return nil, fmt.Errorf("versitygw did not answer on %s: %w", addr, err)
 		}
 		time.Sleep(50 * time.Millisecond)
 	}
@@ -142,7 +142,7 @@ func ModelTree(shards int, shardMiB int64) Tree {
 func (s *Server) Put(ctx context.Context, bucket, prefix string, tree Tree, multipartMiB int64) (map[string][]byte, error) {
 	_, err := s.Client.CreateBucket(ctx, &s3.CreateBucketInput{Bucket: aws.String(bucket)})
 	if err != nil && !bytes.Contains([]byte(err.Error()), []byte("BucketAlreadyOwnedByYou")) {
-		return nil, fmt.Errorf("create bucket: %v", err)
+		return nil, fmt.Errorf("create bucket: %w", err)
 	}
 	out := map[string][]byte{}
 	for name, size := range tree {
@@ -159,7 +159,7 @@ func (s *Server) Put(ctx context.Context, bucket, prefix string, tree Tree, mult
 				return nil, err
 			}
 		} else if _, err := s.Client.PutObject(ctx, &s3.PutObjectInput{Bucket: aws.String(bucket), Key: aws.String(key), Body: bytes.NewReader(b)}); err != nil {
-			return nil, fmt.Errorf("put %s: %v", key, err)
+			return nil, fmt.Errorf("put %s: %w", key, err)
 		}
 		out[name] = b
 	}

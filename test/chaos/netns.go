@@ -27,7 +27,7 @@ type Net struct {
 func ipCmd(args ...string) error {
 	out, err := exec.Command("ip", args...).CombinedOutput()
 	if err != nil {
-		return fmt.Errorf("ip %s: %v: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
+		return fmt.Errorf("ip %s: %w: %s", strings.Join(args, " "), err, strings.TrimSpace(string(out)))
 	}
 	return nil
 }
@@ -102,7 +102,7 @@ func (n *Net) Wrap(host string) []string { return []string{"ip", "netns", "exec"
 func (n *Net) iptables(host string, args ...string) error {
 	out, err := exec.Command("ip", append([]string{"netns", "exec", n.hosts[host], "iptables", "-w"}, args...)...).CombinedOutput()
 	if err != nil {
-		return fmt.Errorf("iptables %s in %s: %v: %s", strings.Join(args, " "), host, err, strings.TrimSpace(string(out)))
+		return fmt.Errorf("iptables %s in %s: %w: %s", strings.Join(args, " "), host, err, strings.TrimSpace(string(out)))
 	}
 	return nil
 }

@@ -139,9 +139,9 @@ func TestEveryFlagParsesWhereverItIsWritten(t *testing.T) {
 				tok = append(tok, arg)
 			}
 			for where, args := range map[string][]string{
-				"after the command": append(append(append([]string{"shoal"}, l.path...), tok...), "pos"),
+				"after the command":  append(append(append([]string{"shoal"}, l.path...), tok...), "pos"),
 				"after a positional": append(append(append([]string{"shoal"}, l.path...), "pos"), tok...),
-				"before the verb":   append(append(append([]string{"shoal"}, tok...), l.path...), "pos"),
+				"before the verb":    append(append(append([]string{"shoal"}, tok...), l.path...), "pos"),
 			} {
 				args = append(args, required...)
 				app := newApp()

@@ -76,7 +76,7 @@ func (a *Agent) openRuntime(ctx context.Context, kind string) (engine.Runtime, e
 	case "containerd":
 		c := a.cfg.Containerd
 		return containerd.New(ctx, containerd.Config{Address: c.Address, Namespace: c.Namespace, Snapshotter: c.Snapshotter,
-			LogDir: a.logDir(), NodeID: a.cfg.NodeID, Owner: a.cfg.StateDir, GPUs: a.cfg.GPUs})
+			LogDir: a.logDir(), NodeID: a.cfg.NodeID, Owner: a.cfg.StateDir, GPUs: a.cfg.GPUs, Log: a.log})
 	}
 	return nil, fmt.Errorf("unknown engine runtime %q", kind)
 }

@@ -13,6 +13,7 @@ import (
 	"os/signal"
 	"syscall"
 
+	"github.com/shoalhq/shoal/engine/containerd"
 	"github.com/urfave/cli/v2"
 )
 
@@ -20,6 +21,10 @@ import (
 var version = "dev"
 
 func main() {
+	if len(os.Args) == 3 && os.Args[1] == containerd.LoggerFlag {
+		// containerd's shim runs this binary as an engine container's log writer.
+		os.Exit(containerd.RunLogger(os.Args[2]))
+	}
 	// Opt-in profiling for operators chasing a hot spot: SHOAL_PPROF_ADDR=127.0.0.1:6060.
 	if addr := os.Getenv("SHOAL_PPROF_ADDR"); addr != "" {
 		go func() { _ = http.ListenAndServe(addr, nil) }()

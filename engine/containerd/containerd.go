@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"encoding/hex"
 	"fmt"
+	"log/slog"
 	"math"
 	"os"
 	"path/filepath"
@@ -61,6 +62,13 @@ type Config struct {
 	DevRoot string
 	// CDIDirs hold CDI specs (default /etc/cdi and /var/run/cdi).
 	CDIDirs []string
+	// Log hears what the runtime does on its own (the cleanup after an
+	// engine's exit); nil: slog's default logger.
+	Log *slog.Logger
+	// LogBinary is the engine-log writer the shim runs for each container
+	// (RunLogger, started as `LogBinary --shoal-engine-log FILE`); default:
+	// this process's own executable, the shoal binary.
+	LogBinary string
 }
 
 // Runtime runs engine commands as containerd containers: host network, GPUs
@@ -90,6 +98,13 @@ func New(ctx context.Context, cfg Config) (*Runtime, error) {
 	if cfg.CDIDirs == nil {
 		cfg.CDIDirs = []string{"/etc/cdi", "/var/run/cdi"}
 	}
+	if cfg.LogBinary == "" {
+		exe, err := os.Executable()
+		if err != nil {
+			return nil, fmt.Errorf("engine log writer: %w", err)
+		}
+		cfg.LogBinary = exe
+	}
 	if _, err := os.Stat(cfg.Address); err != nil {
 		return nil, fmt.Errorf("containerd socket %s: %w (is containerd installed and running? `systemctl status containerd`)", cfg.Address, err)
 	}
@@ -104,6 +119,14 @@ func New(ctx context.Context, cfg Config) (*Runtime, error) {
 		return nil, fmt.Errorf("containerd at %s does not answer: %w", cfg.Address, err)
 	}
 	return &Runtime{cfg: cfg, client: c}, nil
+}
+
+func (r *Runtime) log(msg, id string, err error) {
+	l := r.cfg.Log
+	if l == nil {
+		l = slog.Default()
+	}
+	l.Warn(msg, "container", id, "err", err)
 }
 
 // Close releases the client connection; running containers are unaffected.
@@ -199,7 +222,7 @@ func (r *Runtime) Start(ctx context.Context, c engine.Command) (engine.Handle, e
 	if err != nil {
 		return nil, fmt.Errorf("create container for %s: %w", c.Name, err)
 	}
-	task, err := ctr.NewTask(ctx, cio.LogFile(logPath))
+	task, err := ctr.NewTask(ctx, cio.BinaryIO(r.cfg.LogBinary, map[string]string{LoggerFlag: logPath}))
 	if err != nil {
 		_ = ctr.Delete(ctx, ctd.WithSnapshotCleanup)
 		return nil, fmt.Errorf("create task for %s: %w", c.Name, err)
@@ -521,15 +544,44 @@ func (r *Runtime) watch(ctr ctd.Container, task ctd.Task, name, logPath string) 
 		var err error
 		switch {
 		case werr != nil:
-			err = fmt.Errorf("wait: %w", werr)
+			// The watch ended (the client closed), not the task: it runs on.
+			h.Finish(fmt.Errorf("wait: %w", werr))
+			return
 		case code > 128 && code < 128+65:
 			err = &engine.ExitError{Code: int(code), Signal: unix.SignalName(syscall.Signal(code - 128))}
 		case code != 0:
 			err = &engine.ExitError{Code: int(code)}
 		}
+		// The exit is reported before the shim has copied the task's last
+		// output to the log; deleting the task waits for that copy. The
+		// container and its snapshot go too: nothing stays behind for a
+		// task nobody will start again, whoever calls Stop (or not).
+		if cerr := h.remove(); cerr != nil {
+			h.rt.log("remove exited engine container", h.ctr.ID(), cerr)
+		}
 		h.Finish(err)
 	}()
 	return h, nil
+}
+
+// remove deletes the (stopped) task, the container and its snapshot, once.
+func (h *Handle) remove() error {
+	h.mu.Lock()
+	defer h.mu.Unlock()
+	if h.deleted {
+		return nil
+	}
+	ctx, cancel := context.WithTimeout(h.rt.ctx(context.Background()), 15*time.Second)
+	defer cancel()
+	if _, err := h.task.Delete(ctx, ctd.WithProcessKill); err != nil && !errdefs.IsNotFound(err) {
+		return fmt.Errorf("delete task %s: %w", h.ctr.ID(), err)
+	}
+	if err := h.ctr.Delete(ctx, ctd.WithSnapshotCleanup); err != nil && !errdefs.IsNotFound(err) {
+		return fmt.Errorf("delete container %s: %w", h.ctr.ID(), err)
+	}
+	h.deleted = true
+	h.cancel()
+	return nil
 }
 
 // Name is the engine command's name.
@@ -546,8 +598,8 @@ func (h *Handle) Record() engine.Record {
 	return engine.Record{Name: h.name, Pid: h.pid, Runtime: "containerd", Container: h.ctr.ID(), Log: h.logPath}
 }
 
-// Stop: SIGTERM to every process of the task, grace, SIGKILL, then the task
-// and the container (with its snapshot) are deleted.
+// Stop: SIGTERM to every process of the task, grace, SIGKILL; the task and
+// the container (with its snapshot) are deleted at the exit.
 func (h *Handle) Stop(ctx context.Context, grace time.Duration) error {
 	ctx = h.rt.ctx(context.WithoutCancel(ctx))
 	select {
@@ -571,18 +623,5 @@ func (h *Handle) Stop(ctx context.Context, grace time.Duration) error {
 			}
 		}
 	}
-	h.mu.Lock()
-	defer h.mu.Unlock()
-	if h.deleted {
-		return nil
-	}
-	h.cancel()
-	if _, err := h.task.Delete(ctx, ctd.WithProcessKill); err != nil && !errdefs.IsNotFound(err) {
-		return fmt.Errorf("delete task %s: %w", h.ctr.ID(), err)
-	}
-	if err := h.ctr.Delete(ctx, ctd.WithSnapshotCleanup); err != nil && !errdefs.IsNotFound(err) {
-		return fmt.Errorf("delete container %s: %w", h.ctr.ID(), err)
-	}
-	h.deleted = true
-	return nil
+	return h.remove() // done already at the exit, unless that failed
 }

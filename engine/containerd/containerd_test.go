@@ -1,13 +1,18 @@
 package containerd
 
 import (
+	"context"
+	"fmt"
+	"os"
+	"os/exec"
+	"path/filepath"
 	"slices"
+	"strings"
+	"testing"
 	"time"
 
-	"context"
-	"os"
-	"path/filepath"
-	"testing"
+	"github.com/containerd/containerd/v2/pkg/namespaces"
+	"go.uber.org/goleak"
 
 	specs "github.com/opencontainers/runtime-spec/specs-go"
 	"golang.org/x/sys/unix"
@@ -21,6 +26,67 @@ import (
 )
 
 const socket = "/run/containerd/containerd.sock"
+
+// TestMain fails the package when its tests leave anything behind in their
+// namespace — a task, a container, a shim process — or a goroutine.
+func TestMain(m *testing.M) {
+	if len(os.Args) == 3 && os.Args[1] == LoggerFlag { // the shim runs this binary as the engine-log writer
+		os.Exit(RunLogger(os.Args[2]))
+	}
+	code := m.Run()
+	if code == 0 {
+		if err := leftovers("shoal-test"); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			code = 1
+		}
+	}
+	if code == 0 {
+		// The CDI registry containerd's client opens watches its spec
+		// directories for the whole process (a library global).
+		if err := goleak.Find(goleak.IgnoreTopFunction("tags.cncf.io/container-device-interface/pkg/cdi.(*watch).watch"),
+			goleak.IgnoreAnyFunction("github.com/fsnotify/fsnotify.(*inotify).readEvents")); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			code = 1
+		}
+	}
+	os.Exit(code)
+}
+
+// leftovers lists what remains in namespace ns (nothing without a daemon).
+func leftovers(ns string) error {
+	if _, err := os.Stat(socket); err != nil || os.Geteuid() != 0 {
+		return nil
+	}
+	c, err := ctd.New(socket, ctd.WithDefaultNamespace(ns))
+	if err != nil {
+		return err
+	}
+	defer c.Close()
+	ctx := namespaces.WithNamespace(context.Background(), ns)
+	var left []string
+	// A shim exits shortly after its last task is deleted.
+	for deadline := time.Now().Add(10 * time.Second); ; time.Sleep(100 * time.Millisecond) {
+		left = left[:0]
+		ctrs, err := c.Containers(ctx)
+		if err != nil {
+			return err
+		}
+		for _, x := range ctrs {
+			left = append(left, "container "+x.ID())
+		}
+		out, _ := exec.Command("pgrep", "-f", "containerd-shim-runc-v2 -namespace "+ns+" ").Output()
+		for _, pid := range strings.Fields(string(out)) {
+			left = append(left, "shim pid "+pid)
+		}
+		if len(left) == 0 || time.Now().After(deadline) {
+			break
+		}
+	}
+	if len(left) > 0 {
+		return fmt.Errorf("the tests left behind in containerd namespace %s: %s", ns, strings.Join(left, ", "))
+	}
+	return nil
+}
 
 // daemon skips the test when no containerd runs here, unless CI asked for it
 // (SHOAL_REQUIRE_CONTAINERD=1, set by .ci/run, which starts the daemon).
@@ -107,7 +173,7 @@ func TestContainerSpec(t *testing.T) {
 	cfg := Config{Address: socket, Namespace: "shoal-test", LogDir: filepath.Join(dir, "logs"), NodeID: "spec", DevRoot: dev, GPUs: []int{1}, CDIDirs: []string{t.TempDir()}}
 	rt, err := New(context.Background(), cfg)
 	require.NoError(t, err)
-	defer rt.Close()
+	t.Cleanup(func() { rt.Close() }) // after the handles' cleanups (LIFO), which need the client
 	importSim(t, rt)
 	models := t.TempDir()
 	start := func() *Handle {

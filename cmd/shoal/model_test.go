@@ -9,7 +9,6 @@ import (
 
 	"github.com/shoalhq/shoal/model"
 	"github.com/stretchr/testify/require"
-	"github.com/urfave/cli/v2"
 )
 
 func TestParseSize(t *testing.T) {
@@ -41,9 +40,8 @@ func TestProgressBar(t *testing.T) {
 }
 
 func TestReferenceDocIsCurrent(t *testing.T) {
-	app := &cli.App{Commands: []*cli.Command{agentCommand(), coordinatorCommand(), routerCommand(), modelCommand(), tlsCommand(), apikeyCommand(), devCommand()}}
 	var b bytes.Buffer
-	writeReference(&b, app)
+	writeReference(&b, newApp())
 	want, err := os.ReadFile("../../docs/reference.md")
 	require.NoError(t, err)
 	require.True(t, b.String() == string(want), "docs/reference.md is stale: run make docs")

@@ -9,6 +9,8 @@ import (
 	"os/exec"
 	"path/filepath"
 	"testing"
+
+	"go.uber.org/goleak"
 )
 
 // Build compiles cmd/shoal and cmd/shoal-sim into a new temporary directory
@@ -47,5 +49,12 @@ func Main(m *testing.M, binDir *string) {
 	*binDir = dir
 	code := m.Run()
 	os.RemoveAll(dir)
+	if code == 0 {
+		// The tests run clients (gRPC, HTTP) in this process: none may leak.
+		if err := goleak.Find(); err != nil {
+			fmt.Fprintln(os.Stderr, err)
+			code = 1
+		}
+	}
 	os.Exit(code)
 }

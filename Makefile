@@ -38,9 +38,12 @@ test-unit:
 test-integration:
 	$(GO) test -race -count=1 -timeout 20m ./test/e2e/...
 
+## lint: gofmt, vet, and the layout rules (import rules, nothing pointing outside the
+## repository: internal/layout, docs/architecture.md §8).
 lint:
 	@out=$$(gofmt -l $$(git ls-files '*.go' | grep -v '\.pb\.go$$')); if [ -n "$$out" ]; then echo "gofmt:"; echo "$$out"; exit 1; fi
 	$(GO) vet ./...
+	$(GO) test -count=1 ./internal/layout/
 
 tools:
 	$(GO) install google.golang.org/protobuf/cmd/protoc-gen-go@$(PROTOC_GEN_GO_VERSION)

@@ -42,7 +42,7 @@ var metricNames = []struct {
 }
 
 // ParseVLLMMetrics reads Prometheus text exposition from a vLLM server (or
-// SGLang's, whose names differ: reference/vllm-contract.md §A3).
+// SGLang's, whose names differ: docs/design/engines.md §A3).
 func ParseVLLMMetrics(r io.Reader) (Metrics, error) {
 	var m Metrics
 	p := expfmt.NewTextParser(model.UTF8Validation)

@@ -114,7 +114,7 @@ func mergeEnv(base, over map[string]string) map[string]string {
 	return env
 }
 
-// RayVLLM builds the ray-vllm plan (reference/vllm-contract.md §A1).
+// RayVLLM builds the ray-vllm plan (docs/design/engines.md §A1).
 func RayVLLM(in PlanInput) (*Plan, error) {
 	if err := checkInput(in); err != nil {
 		return nil, err
@@ -323,7 +323,7 @@ func ValidateTemplates(s *spec.Deployment) error {
 
 // NativePlan builds the plan of the vllm (native multi-node) and sglang
 // kinds: every member runs the engine itself with its node rank and the head
-// as rendezvous (reference/vllm-contract.md §A2, §A3); only rank 0 serves
+// as rendezvous (docs/design/engines.md §A2, §A3); only rank 0 serves
 // HTTP. No Ray, so no GPU gate and no `ray stop`.
 func NativePlan(in PlanInput, rank int) (*Plan, error) {
 	if err := checkInput(in); err != nil {

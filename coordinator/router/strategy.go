@@ -237,7 +237,7 @@ func (p *picker) prefixBounded(cands []*Endpoint, h hint) *Endpoint {
 	return p.leastRequest(cands)
 }
 
-// prefixAIBrix is AIBrix's published prefix-cache rule (aibrix.md §2):
+// prefixAIBrix is AIBrix's published prefix-cache rule (docs/design/figures.md §F3):
 // least-request when max−min running > 16; else the best match whose running
 // count is ≤ mean + 2σ; nil when none qualifies.
 func (p *picker) prefixAIBrix(cands []*Endpoint, h hint) *Endpoint {

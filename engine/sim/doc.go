@@ -1,7 +1,7 @@
 // Package sim is shoal-sim: a stand-in for `ray` and `vllm` on machines where
 // they cannot be installed. It takes the same command lines, speaks the same
 // wire formats (OpenAI HTTP/SSE, vLLM's /metrics names) and fails the way they
-// fail (reference/vllm-contract.md §C3), so the agent runs it through exactly
+// fail (docs/design/simulator.md §C3), so the agent runs it through exactly
 // the code path it uses for the real binaries.
 //
 // Knobs that real vLLM does not have come from SHOAL_SIM_* environment

@@ -15,7 +15,7 @@ import (
 // Step time = Base + PrefillPerToken·prefill_tokens + DecodePerSeq·decode_seqs
 // + PerContextToken·Σcontext, so inter-token latency grows with batch size and
 // context as it does on a GPU. The defaults follow the llm-d inference-sim H100
-// profiles cited in reference/vllm-contract.md §C1 (TTFT ≈ 80 ms + 0.5 ms/token
+// profiles cited in docs/design/simulator.md §C2 (TTFT ≈ 80 ms + 0.5 ms/token
 // for 70B TP8, ITL ≈ 25 ms); issue 3 calibrates named presets.
 type Params struct {
 	Base            time.Duration

@@ -44,7 +44,7 @@ func init() {
 	// KV: 32 layers × 8 KV heads × 128 dims × 2 (K,V) × 2 bytes = 128 KiB per
 	// token; (80 GB × 0.9 − 16 GB weights) / 128 KiB ≈ 430k tokens ≈ 26,800 blocks.
 	// Load: Run:ai Model Streamer, ~15 GB Llama-3-8B from GP3 SSD in 14.3 s
-	// (reference/figures.md §5).
+	// (docs/design/figures.md §F2).
 	b, s, o := fit(12*time.Millisecond, 30*time.Millisecond, 250*time.Microsecond, 2.0, 16)
 	Presets["llama-8b-h100-tp1"] = Preset{Name: "llama-8b-h100-tp1", Params: Params{Base: b, DecodePerSeq: s, PrefillOverhead: o,
 		PrefillPerToken: 250 * time.Microsecond, PerContextToken: time.Nanosecond, MaxNumSeqs: 256, MaxBatchTokens: 8192,

@@ -8,7 +8,7 @@ import (
 	"strconv"
 )
 
-// sglangNames maps vLLM metric names to SGLang's (reference/vllm-contract.md
+// sglangNames maps vLLM metric names to SGLang's (docs/design/engines.md
 // §A3). vLLM series SGLang does not have are kept off its /metrics.
 var sglangNames = map[string]string{
 	"vllm:num_requests_running":        "sglang:num_running_reqs",

@@ -15,6 +15,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
+	"github.com/shoalhq/shoal/agent/runner"
 	"github.com/shoalhq/shoal/engine"
 	"github.com/shoalhq/shoal/engine/process"
 	"github.com/shoalhq/shoal/gossip"
@@ -55,9 +56,13 @@ type Agent struct {
 	cmds chan func()
 	quit chan struct{} // closed when the loop has ended
 
-	replica *replicaServer
+	replica replicaPublisher
 	store   *stateStore
 	rts     runtimes
+	// dial and prober reach other agents and a head's engine (seams: the
+	// supervisor's tests replace them, as they replace mem and rts.open).
+	dial   func(addr string) (runner.MemberClient, error)
+	prober func(base, served, canary string) runner.Prober
 	// bg counts the goroutines the agent starts besides the loop (weights
 	// checks), so that Run returns only after they ended.
 	bg sync.WaitGroup
@@ -118,6 +123,11 @@ func New(cfg Config, ins gpu.Inspector, sc *rdma.Scanner) (*Agent, error) {
 	a := &Agent{cfg: cfg, log: cfg.Logger.With("component", "agent", "node", cfg.NodeID), ins: ins, scanner: sc,
 		reg: reg, lastSeen: map[string]seenTag{}, wake: make(chan struct{}, 1), cmds: make(chan func()), quit: make(chan struct{})}
 	a.rts = runtimes{open: a.openRuntime, m: map[string]engine.Runtime{}}
+	a.dial = a.dialMember
+	a.prober = func(base, served, canary string) runner.Prober {
+		return runner.HTTPProber{Base: base, Served: served, CanaryPath: canary}
+	}
+	a.replica = newReplicaServer(a.replicaAddr(), a.log, cfg.TLS)
 	a.engineState = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "shoal_agent_engine_state",
 		Help: "1 for the engine state this agent advertises."}, []string{"state"})
 	reg.MustRegister(a.engineState, prometheus.NewGoCollector())
@@ -144,55 +154,16 @@ func (a *Agent) poke() {
 // Run fingerprints, joins the cluster, serves the Agent API and supervises
 // engines until ctx ends.
 func (a *Agent) Run(ctx context.Context) error {
-	st, err := LoadState(a.cfg.StateDir)
+	adopted, err := a.prepare(ctx)
 	if err != nil {
 		return err
 	}
-	if st.NodeID != "" && st.NodeID != a.cfg.NodeID {
-		return fmt.Errorf("state dir %s belongs to node %q, not %q; use that node id or another state_dir", a.cfg.StateDir, st.NodeID, a.cfg.NodeID)
-	}
-	st.NodeID = a.cfg.NodeID
-	nofile, memlock := process.RaiseLimits()
-	a.log.Debug("engine limits", "nofile", nofile, "memlock", memlock)
-	// Engines a previous agent process left keep running: adopt them (or stop
-	// those of a run that cannot resume whole, so that none holds GPUs).
-	adopted := a.adopt(ctx, &st)
-	if err := st.Save(a.cfg.StateDir); err != nil {
-		return err
-	}
-	a.store = newStateStore(a.cfg.StateDir, a.log, st)
-	a.loc = Local{As: st.Assignment, LastTerm: st.LastTerm, Backoff: a.cfg.RestartBackoff, Draining: st.Draining}
-	if st.Assignment != nil {
-		a.weights = a.hasWeights(st.Assignment.Spec)
-	}
-
-	// Fingerprint first: the node joins with its real inventory.
-	hw, err := InspectHost(ctx, a.ins, a.scanner, a.cfg.Address, a.cfg.EngineEnv)
-	if err == nil {
-		if err := hw.own(a.cfg.GPUs); err != nil {
-			return fmt.Errorf("agent config: %w", err)
-		}
-	}
-	if err != nil {
-		a.log.Error("hardware inspection failed; advertising 0 GPUs", "err", err)
-		hw = &HostInventory{GPU: &gpu.Inventory{}, RDMASum: "none", NCCLEnv: rdma.NCCLEnv(nil, "", a.cfg.EngineEnv)}
-	}
-	a.hw = hw
-	a.log.Info("hardware found", "gpus", len(hw.GPU.Devices), "model", hw.GPU.Model(), "driver", hw.GPU.DriverVersion,
-		"healthy", hw.GPU.Healthy(), "rdma", hw.RDMASum, "interface", hw.Interface)
-	for _, c := range hw.Preflight {
-		if !c.OK {
-			a.log.Warn("preflight", "check", c.Name, "detail", c.Detail)
-		}
-	}
-
 	lis, err := net.Listen("tcp", a.grpcAddr())
 	if err != nil {
 		return fmt.Errorf("agent api: %w", err)
 	}
 	srv := grpc.NewServer(a.cfg.TLS.ServerOptions(security.AgentPolicy, false)...)
 	agentv1.RegisterAgentServer(srv, &agentServer{a: a})
-	a.replica = newReplicaServer(a.replicaAddr(), a.log, a.cfg.TLS)
 	if adopted != nil {
 		// Before gossip starts, so the first tag already claims the term (or
 		// follows the head) the engine runs in: peers see no change.
@@ -266,6 +237,55 @@ func (a *Agent) Run(ctx context.Context) error {
 	wg.Wait()
 	a.rts.closeAll()
 	return nil
+}
+
+// prepare loads the state, adopts the engines a previous agent process left
+// running (returning the run to resume, if any) and fingerprints the
+// hardware: everything the loop needs before it starts.
+func (a *Agent) prepare(ctx context.Context) (*activeRun, error) {
+	st, err := LoadState(a.cfg.StateDir)
+	if err != nil {
+		return nil, err
+	}
+	if st.NodeID != "" && st.NodeID != a.cfg.NodeID {
+		return nil, fmt.Errorf("state dir %s belongs to node %q, not %q; use that node id or another state_dir", a.cfg.StateDir, st.NodeID, a.cfg.NodeID)
+	}
+	st.NodeID = a.cfg.NodeID
+	nofile, memlock := process.RaiseLimits()
+	a.log.Debug("engine limits", "nofile", nofile, "memlock", memlock)
+	// Engines a previous agent process left keep running: adopt them (or stop
+	// those of a run that cannot resume whole, so that none holds GPUs).
+	adopted := a.adopt(ctx, &st)
+	if err := st.Save(a.cfg.StateDir); err != nil {
+		return nil, err
+	}
+	a.store = newStateStore(a.cfg.StateDir, a.log, st)
+	a.loc = Local{As: st.Assignment, LastTerm: st.LastTerm, Backoff: a.cfg.RestartBackoff, Draining: st.Draining}
+	if st.Assignment != nil {
+		a.weights = a.hasWeights(st.Assignment.Spec)
+	}
+
+	// Fingerprint first: the node joins with its real inventory.
+	hw, err := InspectHost(ctx, a.ins, a.scanner, a.cfg.Address, a.cfg.EngineEnv)
+	if err == nil {
+		if err := hw.own(a.cfg.GPUs); err != nil {
+			return nil, fmt.Errorf("agent config: %w", err)
+		}
+	}
+	if err != nil {
+		a.log.Error("hardware inspection failed; advertising 0 GPUs", "err", err)
+		hw = &HostInventory{GPU: &gpu.Inventory{}, RDMASum: "none", NCCLEnv: rdma.NCCLEnv(nil, "", a.cfg.EngineEnv)}
+	}
+	a.hw = hw
+	a.log.Info("hardware found", "gpus", len(hw.GPU.Devices), "model", hw.GPU.Model(), "driver", hw.GPU.DriverVersion,
+		"healthy", hw.GPU.Healthy(), "rdma", hw.RDMASum, "interface", hw.Interface)
+	for _, c := range hw.Preflight {
+		if !c.OK {
+			a.log.Warn("preflight", "check", c.Name, "detail", c.Detail)
+		}
+	}
+
+	return adopted, nil
 }
 
 // exit ends the run, if any, as the agent leaves: its engines stop (when

@@ -18,6 +18,16 @@ import (
 // ReplicaService is the name grpc.health.v1 reports the replica under.
 const ReplicaService = "shoal.replica.v1.Replica"
 
+// replicaPublisher is what the supervisor does with the Replica API: open
+// it when this node claims head, publish each snapshot, close it on a
+// retract (never waiting), and wait for closed servers at exit.
+type replicaPublisher interface {
+	start()
+	update(m *replicav1.Metrics)
+	stop()
+	wait()
+}
+
 // replicaServer is the Replica API. It listens only while this node is head:
 // on a worker, or a former head, the port is closed.
 type replicaServer struct {

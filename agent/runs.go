@@ -79,7 +79,7 @@ func (a *Agent) runnerConfig(as *Assignment, i RunInfo, plan *engine.Plan, kind 
 	}
 	switch i.Role {
 	case engine.RoleHead:
-		cfg.Prober = runner.HTTPProber{Base: "http://" + plan.Endpoint, Served: as.Spec.Engine.ServedModelName, CanaryPath: plan.CanaryEndpoint()}
+		cfg.Prober = a.prober("http://"+plan.Endpoint, as.Spec.Engine.ServedModelName, plan.CanaryEndpoint())
 		for _, m := range as.Members {
 			if m.NodeID != a.cfg.NodeID {
 				cfg.Members = append(cfg.Members, runner.Member{ID: m.NodeID, Addr: m.GRPC})
@@ -100,7 +100,7 @@ func (a *Agent) runnerConfig(as *Assignment, i RunInfo, plan *engine.Plan, kind 
 			}
 		}
 	}
-	cfg.Dial = a.dialMember
+	cfg.Dial = a.dial
 	cfg.MemberGrace = a.memberGrace
 	return cfg
 }

@@ -3,6 +3,7 @@ package runner
 import (
 	"context"
 	"errors"
+	"sync/atomic"
 	"testing"
 	"testing/synctest"
 	"time"
@@ -284,21 +285,21 @@ func TestStartErrorFailsTheRun(t *testing.T) {
 func TestWorkerWaitsForItsHead(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		rt := &fakeRuntime{}
-		up := false
+		var up atomic.Bool
 		cfg := Config{Group: "g", Epoch: 2, Term: 3, Head: "a", Role: engine.RoleWorker, Plan: &engine.Plan{Role: engine.RoleWorker, Node: engine.Command{Name: "ray"}},
-			Runtime: func(context.Context) (engine.Runtime, error) { return rt, nil }, HeadUp: func() bool { return up },
+			Runtime: func(context.Context) (engine.Runtime, error) { return rt, nil }, HeadUp: up.Load,
 			StartupTimeout: time.Minute, Log: quiet}
 		r := newRun(t, cfg)
 		r.Start()
 		time.Sleep(30 * time.Second)
 		require.Empty(t, rt.events(), "no worker before its head's node runs")
-		up = true
+		up.Store(true)
 		time.Sleep(time.Second)
 		require.Equal(t, []string{"start ray"}, rt.events())
 		require.Equal(t, gossip.EngineRunning, r.Status().Phase)
 		stopAndWait(t, r)
 
-		up = false
+		up.Store(false)
 		r = newRun(t, cfg)
 		r.Start()
 		time.Sleep(61 * time.Second)

@@ -138,10 +138,12 @@ type fakeH struct {
 	once sync.Once
 }
 
-func (h *fakeH) Name() string          { return h.name }
-func (h *fakeH) Pid() int              { return 4242 }
-func (h *fakeH) LogPath() string       { return "/logs/" + h.name + ".log" }
-func (h *fakeH) Record() engine.Record { return engine.Record{Name: h.name, Pid: 4242, Runtime: "process"} }
+func (h *fakeH) Name() string    { return h.name }
+func (h *fakeH) Pid() int        { return 4242 }
+func (h *fakeH) LogPath() string { return "/logs/" + h.name + ".log" }
+func (h *fakeH) Record() engine.Record {
+	return engine.Record{Name: h.name, Pid: 4242, Runtime: "process"}
+}
 
 func (h *fakeH) Stop(_ context.Context, grace time.Duration) error {
 	if h.rt.stopFull {

@@ -17,6 +17,7 @@ import (
 	"github.com/shoalhq/shoal/gossip"
 	coordv1 "github.com/shoalhq/shoal/proto/coordinator/v1"
 	"github.com/shoalhq/shoal/security"
+	"github.com/shoalhq/shoal/spec"
 	"google.golang.org/grpc"
 )
 
@@ -81,12 +82,40 @@ func (c *Config) Defaults() {
 	}
 }
 
+// membership is the gossip as the coordinator uses it (gossip.Membership;
+// a fake in tests).
+type membership interface {
+	Start() error
+	Run(ctx context.Context) error
+	Members() map[string]gossip.Tag
+	Changes() <-chan struct{}
+	Joined() <-chan struct{}
+	Addr() string
+	PeerAddrs() []string
+	KeyringOp(op, key string) error
+}
+
+// records is the store as the coordinator uses it (store.Store; a wrapper
+// that fails on demand in tests).
+type records interface {
+	PutDeployment(d *spec.Deployment, yaml string) (bool, error)
+	Deployment(name string) (*store.DeploymentRecord, error)
+	Deployments() ([]*store.DeploymentRecord, error)
+	DeleteDeployment(name string) error
+	PutGroup(g *store.Group) error
+	DeleteGroup(id string) error
+	Groups() ([]*store.Group, error)
+}
+
 // Coordinator is the control plane.
 type Coordinator struct {
-	cfg    Config
-	log    *slog.Logger
-	store  *store.Store
-	mem    *gossip.Membership
+	cfg   Config
+	log   *slog.Logger
+	store records
+	mem   membership
+	// now is the clock of every decision (reconcile, the guard, the
+	// autoscaler, demand); tests inject theirs.
+	now    func() time.Time
 	events *events
 	table  *router.Table
 	heads  *router.Watcher
@@ -122,6 +151,7 @@ func New(cfg Config) *Coordinator {
 	c := &Coordinator{cfg: cfg, log: cfg.Logger.With("component", "coordinator"), events: newEvents(),
 		table: router.NewTable(), wake: make(chan struct{}, 1), seen: map[string]time.Time{}, failureAsked: map[string]time.Time{},
 		scalers: map[string]*scalerState{}, demand: map[string]time.Time{}, short: map[string]string{}}
+	c.now = time.Now
 	c.heads = router.NewWatcher(c.log, c.rebuildTable, cfg.TLS)
 	c.reg = cfg.Router.Registry
 	if c.reg == nil {
@@ -164,11 +194,13 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	}
 	defer st.Close()
 	c.store = st
-	c.started = time.Now()
+	c.started = c.now()
 	peers := &gossip.PeerFile{Path: filepath.Join(c.cfg.DataDir, "peers.json")}
-	c.mem = gossip.New(gossip.Config{Cluster: c.cfg.Cluster, BindAddr: c.cfg.Address, BindPort: c.cfg.GossipPort,
-		Join: c.cfg.Join, Rejoin: peers.Load(), Profile: c.cfg.GossipProfile, Logger: c.cfg.Logger, Keys: c.cfg.GossipKeys, KeyFile: c.cfg.GossipKeyFile},
-		gossip.Tag{Kind: gossip.KindCoordinator, ID: c.cfg.NodeID, GRPC: c.cfg.APIAddr, Healthy: true})
+	if c.mem == nil {
+		c.mem = gossip.New(gossip.Config{Cluster: c.cfg.Cluster, BindAddr: c.cfg.Address, BindPort: c.cfg.GossipPort,
+			Join: c.cfg.Join, Rejoin: peers.Load(), Profile: c.cfg.GossipProfile, Logger: c.cfg.Logger, Keys: c.cfg.GossipKeys, KeyFile: c.cfg.GossipKeyFile},
+			gossip.Tag{Kind: gossip.KindCoordinator, ID: c.cfg.NodeID, GRPC: c.cfg.APIAddr, Healthy: true})
+	}
 	if err := c.mem.Start(); err != nil {
 		return err
 	}

@@ -26,7 +26,7 @@ const knownFor = 10 * time.Minute
 // reconcile moves the cluster one step toward the stored deployments. It
 // returns when to run again at the latest (zero: on the next event).
 func (c *Coordinator) reconcile(ctx context.Context) (time.Time, error) {
-	now := time.Now()
+	now := c.now()
 	snap, err := c.snapshot(now)
 	if err != nil {
 		return time.Time{}, err
@@ -223,7 +223,7 @@ func (c *Coordinator) drainCall(d plan.Call) {
 // replica does not come up (a missing shard, a pull that ran out of time…).
 // At most one question per node every failureNoteEvery.
 func (c *Coordinator) noteFailures(context.Context) {
-	now := time.Now()
+	now := c.now()
 	for id, t := range c.agents() {
 		if t.Engine != gossip.EngineFailed || t.Group == "" || now.Sub(c.failureAsked[id]) < failureNoteEvery {
 			continue

@@ -28,7 +28,7 @@ func (c *Coordinator) autoscaleLoop(ctx context.Context) {
 			return
 		case <-t.C:
 		}
-		if err := c.autoscaleOnce(time.Now()); err != nil {
+		if err := c.autoscaleOnce(c.now()); err != nil {
 			c.log.Warn("autoscale", "err", err)
 		}
 	}
@@ -154,7 +154,7 @@ func (c *Coordinator) autoscalerStatus(d *spec.Deployment) string {
 // the router's activator calls it so that a deployment scaled to zero starts.
 func (c *Coordinator) Demand(model string) {
 	c.mu.Lock()
-	c.demand[model] = time.Now()
+	c.demand[model] = c.now()
 	c.mu.Unlock()
 	c.poke()
 }

@@ -79,6 +79,13 @@ type Engine struct {
 	Canary string `yaml:"canary,omitempty" json:"canary,omitempty"`
 }
 
+// Default ports: Ray's GCS, and the rendezvous of native engines and the
+// command kind (torch's MASTER_PORT).
+const (
+	DefaultRayPort    = 6379
+	DefaultMasterPort = 29500
+)
+
 // Values of engine.canary.
 const (
 	CanaryCompletions = "completions"
@@ -200,10 +207,10 @@ func (d *Deployment) Default() {
 		e.Port = 8000
 	}
 	if e.RayPort == 0 {
-		e.RayPort = 6379
+		e.RayPort = DefaultRayPort
 	}
 	if e.MasterPort == 0 {
-		e.MasterPort = 29500
+		e.MasterPort = DefaultMasterPort
 	}
 	if e.StartupTimeoutSeconds == 0 {
 		// AIBrix's DeepSeek-R1 sample tolerates about 28 minutes for download + load.
@@ -484,8 +491,15 @@ func (d *Deployment) Fields() []Field {
 	add("engine.tensorParallelSize", d.Engine.TensorParallelSize, true)
 	add("engine.pipelineParallelSize", d.Engine.PipelineParallelSize, true)
 	add("engine.port", d.Engine.Port, true)
-	add("engine.rayPort", d.Engine.RayPort, d.Engine.Kind == EngineRayVLLM)
-	add("engine.masterPort", d.Engine.MasterPort, d.Engine.Kind != EngineRayVLLM)
+	// A port of another engine kind is shown (and warned about) only when it
+	// was changed from its default: a default the user never wrote is not
+	// "stored but not acted on".
+	if d.Engine.Kind == EngineRayVLLM || d.Engine.RayPort != DefaultRayPort {
+		add("engine.rayPort", d.Engine.RayPort, d.Engine.Kind == EngineRayVLLM)
+	}
+	if d.Engine.Kind != EngineRayVLLM || d.Engine.MasterPort != DefaultMasterPort {
+		add("engine.masterPort", d.Engine.MasterPort, d.Engine.Kind != EngineRayVLLM)
+	}
 	add("engine.command", strings.Join(d.Engine.Command, " "), true)
 	add("engine.args", strings.Join(d.Engine.Args, " "), true)
 	keys := make([]string, 0, len(d.Engine.Env))

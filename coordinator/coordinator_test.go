@@ -455,7 +455,7 @@ func TestCallerRefusalIsFinalAndCoolsDown(t *testing.T) {
 	a.none(t) // one attempt only
 	require.True(t, tc.c.calls.busy(time.Now())["n1"], "the node cools down")
 	require.False(t, tc.c.calls.call("n1", a.addr, "release", func(ctx context.Context, cl agentv1.AgentClient) error { return do(cl, ctx) }, nil))
-	require.False(t, tc.c.calls.busy(time.Now().Add(2*nodeCooldown))["n1"])
+	require.False(t, tc.c.calls.busy(time.Now().Add(2 * nodeCooldown))["n1"])
 }
 
 func TestCallerOneCallPerNodeAndStopsOnShutdown(t *testing.T) {

@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials/insecure"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/protobuf/proto"
 
 	"github.com/shoalhq/shoal/engine"
 	"github.com/shoalhq/shoal/gpu"
@@ -113,13 +114,7 @@ func TestAssignmentFromProto(t *testing.T) {
 }
 
 func protoClone(a *agentv1.Assignment) *agentv1.Assignment {
-	b := *a
-	b.Members = nil
-	for _, m := range a.Members {
-		mm := *m
-		b.Members = append(b.Members, &mm)
-	}
-	return &b
+	return proto.Clone(a).(*agentv1.Assignment)
 }
 
 func withGPUs(d *spec.Deployment, n int) []byte {

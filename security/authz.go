@@ -38,6 +38,7 @@ var (
 	AgentPolicy = Policy{
 		"/shoal.agent.v1.Agent/Assign":  {RoleCoordinator},
 		"/shoal.agent.v1.Agent/Release": {RoleCoordinator},
+		"/shoal.agent.v1.Agent/Drain":   {RoleCoordinator},
 		"/shoal.agent.v1.Agent/Status":  {RoleCoordinator, RoleAgent},
 		"/shoal.agent.v1.Agent/Logs":    {RoleCoordinator},
 	}

@@ -10,6 +10,7 @@ import (
 
 	agentv1 "github.com/shoalhq/shoal/proto/agent/v1"
 	coordv1 "github.com/shoalhq/shoal/proto/coordinator/v1"
+	replicav1 "github.com/shoalhq/shoal/proto/replica/v1"
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
@@ -182,4 +183,25 @@ func FuzzLoadTokens(f *testing.F) {
 			}
 		}
 	})
+}
+
+// Every method of every shoal service has a policy: a method added without
+// one would be refused to everybody (the coordinator's Drain once was).
+func TestEveryMethodHasAPolicy(t *testing.T) {
+	for _, c := range []struct {
+		desc   grpc.ServiceDesc
+		policy Policy
+	}{{agentv1.Agent_ServiceDesc, AgentPolicy}, {replicav1.Replica_ServiceDesc, ReplicaPolicy}, {coordv1.Coordinator_ServiceDesc, CoordinatorPolicy}} {
+		var names []string
+		for _, m := range c.desc.Methods {
+			names = append(names, m.MethodName)
+		}
+		for _, s := range c.desc.Streams {
+			names = append(names, s.StreamName)
+		}
+		for _, n := range names {
+			full := "/" + c.desc.ServiceName + "/" + n
+			require.NotEmpty(t, c.policy.allowed(full), "%s has no policy", full)
+		}
+	}
 }

@@ -191,6 +191,14 @@ func (s *Server) chat(w http.ResponseWriter, r *http.Request)        { s.generat
 func (s *Server) completions(w http.ResponseWriter, r *http.Request) { s.generate(w, r, false) }
 
 func (s *Server) generate(w http.ResponseWriter, r *http.Request, chat bool) {
+	if s.cfg.pooling {
+		api := "Completions API"
+		if chat {
+			api = "Chat Completions API"
+		}
+		writeError(w, 400, "BadRequestError", "The model does not support "+api, nil)
+		return
+	}
 	arrival := time.Now()
 	req, ok := s.decode(w, r)
 	if !ok {

@@ -26,7 +26,7 @@ var sglangValued = []string{"--model-path", "--served-model-name", "--tp", "--tp
 	"--tokenizer-path", "--chunked-prefill-size", "--log-level", "--api-key", "--dtype", "--quantization"}
 
 var sglangBools = []string{"--enable-metrics", "--trust-remote-code", "--disable-radix-cache", "--enable-torch-compile",
-	"--disable-cuda-graph", "--skip-server-warmup"}
+	"--disable-cuda-graph", "--skip-server-warmup", "--is-embedding"}
 
 // SGLang runs `python3 -m sglang.launch_server ARGS`.
 func SGLang(ctx context.Context, args []string, stdout, stderr io.Writer) int {
@@ -40,7 +40,7 @@ func SGLang(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		return 2
 	}
 	c := serveConfig{flavor: "sglang", model: fs.str("--model-path", ""), host: fs.str("--host", "127.0.0.1"),
-		enableMetrics: fs.boolean("--enable-metrics")}
+		enableMetrics: fs.boolean("--enable-metrics"), pooling: fs.boolean("--is-embedding")}
 	c.served = fs.str("--served-model-name", c.model)
 	var err error
 	for _, x := range []struct {

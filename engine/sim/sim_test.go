@@ -509,3 +509,34 @@ func TestStragglerDieAndV0Names(t *testing.T) {
 	require.Contains(t, string(b), "vllm:time_per_output_token_seconds")
 	require.NotContains(t, string(b), "vllm:kv_cache_usage_perc")
 }
+
+// A pooling model serves embeddings and refuses completions and chat with
+// vLLM's 400; the flags that make one are read as vLLM reads them.
+func TestPoolingModel(t *testing.T) {
+	for _, args := range [][]string{{"--runner", "pooling"}, {"--task=embed"}, {"--convert", "embed"}} {
+		c, err := parseServe(append([]string{"/m"}, args...))
+		require.NoError(t, err, args)
+		require.True(t, c.pooling, args)
+	}
+	c, err := parseServe([]string{"/m", "--runner", "generate"})
+	require.NoError(t, err)
+	require.False(t, c.pooling)
+	_, err = parseServe([]string{"/m", "--runner", "embedding"})
+	require.EqualError(t, err, "vllm serve: error: argument --runner: invalid choice: 'embedding' (choose from 'auto', 'generate', 'pooling')")
+
+	cfg := serveConfig{model: "/models/e", served: "e", maxModelLen: 8192, pooling: true}
+	s := newServer(cfg, Presets["llama-8b-h100-tp1"].Params, Clock{Scale: 100})
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	go s.eng.Run(ctx)
+	hs := httptest.NewServer(s.Handler())
+	defer hs.Close()
+	resp, body := post(t, hs.URL+"/v1/completions", `{"model":"e","prompt":"ping","max_tokens":1}`)
+	require.Equal(t, 400, resp.StatusCode)
+	require.JSONEq(t, `{"error":{"message":"The model does not support Completions API","type":"BadRequestError","param":null,"code":400}}`, body)
+	resp, body = post(t, hs.URL+"/v1/chat/completions", `{"model":"e","messages":[{"role":"user","content":"ping"}]}`)
+	require.Equal(t, 400, resp.StatusCode)
+	require.Contains(t, body, "The model does not support Chat Completions API")
+	resp, body = post(t, hs.URL+"/v1/embeddings", `{"model":"e","input":"ping"}`)
+	require.Equal(t, 200, resp.StatusCode, body)
+}

@@ -36,6 +36,10 @@ type serveConfig struct {
 	v0Metrics           bool
 	flavor              string // "" (vLLM) or "sglang"
 	enableMetrics       bool   // SGLang serves /metrics only with --enable-metrics
+	// pooling: a pooling model (vLLM --runner pooling, --task embed,
+	// --convert embed; SGLang --is-embedding) serves embeddings and refuses
+	// completions and chat, as vLLM does.
+	pooling bool
 }
 
 var vllmValued = []string{"--served-model-name", "--host", "--port", "--tensor-parallel-size", "--pipeline-parallel-size",
@@ -43,7 +47,8 @@ var vllmValued = []string{"--served-model-name", "--host", "--port", "--tensor-p
 	"--gpu-memory-utilization", "--uvicorn-log-level", "--shutdown-timeout", "--nnodes", "--node-rank",
 	"--master-addr", "--master-port", "--dtype", "--kv-cache-dtype", "--quantization", "--seed",
 	"--block-size", "--swap-space", "--download-dir", "--tokenizer", "--revision", "--api-key",
-	"--show-hidden-metrics-for-version", "--data-parallel-size", "--max-log-len", "--generation-config", "--load-format"}
+	"--show-hidden-metrics-for-version", "--data-parallel-size", "--max-log-len", "--generation-config", "--load-format",
+	"--runner", "--task", "--convert"}
 
 var vllmBools = []string{"--trust-remote-code", "--enforce-eager", "--headless", "--enable-prefix-caching",
 	"--no-enable-prefix-caching", "--enable-chunked-prefill", "--disable-log-requests", "--disable-log-stats",
@@ -98,6 +103,27 @@ func parseServe(args []string) (serveConfig, error) {
 	case "", "ray", "mp", "uni", "external_launcher":
 	default:
 		return c, fmt.Errorf("vllm serve: error: argument --distributed-executor-backend: invalid choice: '%s' (choose from 'ray', 'mp', 'uni', 'external_launcher')", c.backend)
+	}
+	switch r := fs.str("--runner", "auto"); r {
+	case "auto", "generate":
+	case "pooling":
+		c.pooling = true
+	default:
+		return c, fmt.Errorf("vllm serve: error: argument --runner: invalid choice: '%s' (choose from 'auto', 'generate', 'pooling')", r)
+	}
+	switch task := fs.str("--task", "auto"); task {
+	case "auto", "generate":
+	case "embed", "embedding", "classify", "score", "reward":
+		c.pooling = true
+	default:
+		return c, fmt.Errorf("vllm serve: error: argument --task: invalid choice: '%s' (choose from 'auto', 'generate', 'embed', 'classify', 'score', 'reward')", task)
+	}
+	switch cv := fs.str("--convert", "auto"); cv {
+	case "auto", "none":
+	case "embed", "classify", "reward":
+		c.pooling = true
+	default:
+		return c, fmt.Errorf("vllm serve: error: argument --convert: invalid choice: '%s' (choose from 'auto', 'none', 'embed', 'classify', 'reward')", cv)
 	}
 	return c, nil
 }

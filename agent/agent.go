@@ -74,6 +74,13 @@ type Agent struct {
 	lastSeen   map[string]seenTag
 	restarting bool
 	weights    bool // this host holds the assigned model (the election prefers it)
+	// saved and shown: what was last handed to the state store and to the
+	// Status snapshot, so that an unchanged state costs nothing.
+	saved struct {
+		key persisted
+		gen uint64
+	}
+	shown statusKey
 
 	// pulled is set by a run whose weight pull completed (read by the loop).
 	pulled atomic.Bool

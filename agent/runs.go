@@ -165,7 +165,7 @@ func (a *Agent) dialMember(addr string) (runner.MemberClient, error) {
 func (m memberClient) Close() error { return m.close() }
 
 func (m memberClient) Status(ctx context.Context) (runner.MemberReport, error) {
-	st, err := m.c.Status(ctx, &agentv1.StatusRequest{})
+	st, err := m.c.Status(ctx, &agentv1.StatusRequest{Brief: true})
 	if err != nil {
 		return runner.MemberReport{}, err
 	}

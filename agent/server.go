@@ -81,18 +81,32 @@ func assignmentFromProto(self string, inv *gpu.Inventory, p *agentv1.Assignment)
 }
 
 // statusSnapshot is what the API reads without the loop: the Status answer
-// and the inventory an Assign is checked against. Never changed once
-// published.
+// (whole, and brief: without the hardware) and the inventory an Assign is
+// checked against. Never changed once published.
 type statusSnapshot struct {
-	resp *agentv1.StatusResponse
-	inv  *gpu.Inventory
-	hw   *HostInventory
-	json []byte // hw as JSON, reused while hw is the same
+	resp  *agentv1.StatusResponse
+	brief *agentv1.StatusResponse
+	inv   *gpu.Inventory
+	hw    *HostInventory
+	json  []byte // hw as JSON, reused while hw is the same
 }
 
-// publishStatus rebuilds the snapshot from the loop's state. Loop only.
+// statusKey is what the Status snapshot depends on.
+type statusKey struct {
+	loc      Local
+	hw       *HostInventory
+	stopping bool
+}
+
+// publishStatus rebuilds the snapshot from the loop's state when it
+// changed. Loop only.
 func (a *Agent) publishStatus() {
+	key := statusKey{loc: a.loc, hw: a.hw, stopping: a.run != nil && a.run.r.Status().Stopping}
 	prev := a.status.Load()
+	if prev != nil && key == a.shown {
+		return
+	}
+	a.shown = key
 	snap := &statusSnapshot{hw: a.hw}
 	resp := &agentv1.StatusResponse{NodeId: a.cfg.NodeID, Address: a.cfg.Address}
 	if a.hw != nil {
@@ -130,6 +144,8 @@ func (a *Agent) publishStatus() {
 	resp.Draining = l.Draining
 	resp.Stopping = a.run != nil && a.run.r.Status().Stopping
 	snap.resp = resp
+	snap.brief = &agentv1.StatusResponse{NodeId: resp.NodeId, Address: resp.Address, Assignment: resp.Assignment, Role: resp.Role,
+		EngineState: resp.EngineState, HeadNodeId: resp.HeadNodeId, Term: resp.Term, Message: resp.Message, Draining: resp.Draining, Stopping: resp.Stopping}
 	a.status.Store(snap)
 }
 
@@ -175,6 +191,9 @@ func (s *agentServer) Drain(ctx context.Context, req *agentv1.DrainRequest) (*ag
 }
 
 // Status answers from the loop's last snapshot, without waiting for it.
-func (s *agentServer) Status(context.Context, *agentv1.StatusRequest) (*agentv1.StatusResponse, error) {
+func (s *agentServer) Status(_ context.Context, req *agentv1.StatusRequest) (*agentv1.StatusResponse, error) {
+	if req.GetBrief() {
+		return s.a.status.Load().brief, nil
+	}
 	return s.a.status.Load().resp, nil
 }

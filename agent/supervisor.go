@@ -185,16 +185,35 @@ func (a *Agent) step(now time.Time) time.Time {
 	return wake
 }
 
-// persist hands the state to the store; it returns the generation to wait
-// for before answering an API call that changed it. Loop only.
+// persisted is what state.json depends on, to tell a change cheaply (the
+// loop steps on every metrics read of a head; the state rarely changes).
+type persisted struct {
+	as       *Assignment
+	lastTerm uint64
+	draining bool
+	run      *activeRun
+	engines  int
+}
+
+// persist hands the state to the store when it changed; it returns the
+// generation to wait for before answering an API call. Loop only.
 func (a *Agent) persist() uint64 {
-	st := State{NodeID: a.cfg.NodeID, Assignment: a.loc.As, LastTerm: a.loc.LastTerm, Draining: a.loc.Draining}
+	key := persisted{as: a.loc.As, lastTerm: a.loc.LastTerm, draining: a.loc.Draining, run: a.run}
+	var records []engine.Record
+	if a.run != nil {
+		records = a.run.r.Status().Records
+		key.engines = len(records)
+	}
+	if a.saved.gen > 0 && key == a.saved.key {
+		return a.saved.gen
+	}
+	st := State{NodeID: a.cfg.NodeID, Assignment: a.loc.As, LastTerm: a.loc.LastTerm, Draining: a.loc.Draining, Engines: records}
 	if a.run != nil {
 		i := a.run.info
 		st.Run = &RunRecord{Group: i.Group, Epoch: i.Epoch, Term: i.Term, Head: i.Head, Role: i.Role, Plan: a.run.plan, Runtime: a.run.kind}
-		st.Engines = a.run.r.Status().Records
 	}
-	return a.store.Save(st)
+	a.saved.key, a.saved.gen = key, a.store.Save(st)
+	return a.saved.gen
 }
 
 // startRun carries out ActStart: plan the engine for this node and start a

@@ -231,7 +231,7 @@ func (c *Coordinator) noteFailures(context.Context) {
 		c.failureAsked[id] = now
 		dep, group := t.Deployment, t.Group
 		c.calls.call(id, t.GRPC, "status", func(ctx context.Context, cl agentv1.AgentClient) error {
-			st, err := cl.Status(ctx, &agentv1.StatusRequest{})
+			st, err := cl.Status(ctx, &agentv1.StatusRequest{Brief: true})
 			if err == nil && st.GetMessage() != "" {
 				c.events.add(dep, "fail/"+id, "replica %s: %s engine failed: %s", group, id, st.GetMessage())
 			}

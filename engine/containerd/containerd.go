@@ -234,11 +234,16 @@ func (r *Runtime) Start(ctx context.Context, c engine.Command) (engine.Handle, e
 		return nil, err
 	}
 	if err := task.Start(ctx); err != nil {
+		h.mu.Lock()
+		h.deleted = true // deleted here; the exit watcher leaves it alone
+		h.mu.Unlock()
+		close(h.started)
 		_, _ = task.Delete(ctx, ctd.WithProcessKill)
 		_ = ctr.Delete(ctx, ctd.WithSnapshotCleanup)
 		return nil, fmt.Errorf("start %s (%s in %s): %w", c.Name, c.Path, c.Container.Image, err)
 	}
 	h.pid = int(task.Pid())
+	close(h.started)
 	return h, nil
 }
 
@@ -418,6 +423,7 @@ func (r *Runtime) Adopt(ctx context.Context, rec engine.Record) (engine.Handle, 
 		return nil, err
 	}
 	h.pid = int(task.Pid())
+	close(h.started)
 	return h, nil
 }
 
@@ -523,6 +529,10 @@ type Handle struct {
 	logPath string
 	pid     int
 	cancel  context.CancelFunc
+	// started is closed once Start (or Adopt) is done with the task: the
+	// client's task is not safe to delete while Start still fills it in, and
+	// an engine with bad arguments exits before Start returns.
+	started chan struct{}
 	*engine.Exit
 
 	mu      sync.Mutex
@@ -537,9 +547,10 @@ func (r *Runtime) watch(ctr ctd.Container, task ctd.Task, name, logPath string) 
 		cancel()
 		return nil, fmt.Errorf("wait %s: %w", name, err)
 	}
-	h := &Handle{rt: r, ctr: ctr, task: task, name: name, logPath: logPath, cancel: cancel, Exit: engine.NewExit()}
+	h := &Handle{rt: r, ctr: ctr, task: task, name: name, logPath: logPath, cancel: cancel, started: make(chan struct{}), Exit: engine.NewExit()}
 	go func() {
 		st := <-statusC
+		<-h.started
 		code, _, werr := st.Result()
 		var err error
 		switch {
@@ -573,7 +584,7 @@ func (h *Handle) remove() error {
 	}
 	ctx, cancel := context.WithTimeout(h.rt.ctx(context.Background()), 15*time.Second)
 	defer cancel()
-	if _, err := h.task.Delete(ctx, ctd.WithProcessKill); err != nil && !errdefs.IsNotFound(err) {
+	if _, err := h.task.Delete(ctx); err != nil && !errdefs.IsNotFound(err) { // the task has exited: nothing to kill
 		return fmt.Errorf("delete task %s: %w", h.ctr.ID(), err)
 	}
 	if err := h.ctr.Delete(ctx, ctd.WithSnapshotCleanup); err != nil && !errdefs.IsNotFound(err) {

@@ -166,13 +166,14 @@ func (a *fakeAgent) next(t *testing.T) call {
 	}
 }
 
-// none checks that no call arrives within a short wait.
+// none checks that the agent got no call: call it after settle, once every
+// call the coordinator started has ended.
 func (a *fakeAgent) none(t *testing.T) {
 	t.Helper()
 	select {
 	case c := <-a.calls:
 		t.Fatalf("agent %s got an unexpected %s", a.id, c.method)
-	case <-time.After(200 * time.Millisecond):
+	default:
 	}
 }
 
@@ -244,12 +245,8 @@ func (tc *testCoord) reconcile(t *testing.T) {
 	require.NoError(t, err)
 }
 
-// settle waits for the calls the last pass started.
-func (tc *testCoord) settle() {
-	for len(tc.c.calls.busy(time.Now())) > 0 {
-		time.Sleep(5 * time.Millisecond)
-	}
-}
+// settle waits for every call the coordinator started to end.
+func (tc *testCoord) settle() { tc.c.calls.wait() }
 
 func (tc *testCoord) apply(t *testing.T, yaml string) *coordv1.ApplyResponse {
 	t.Helper()
@@ -292,6 +289,7 @@ func TestAFailedStoreWriteTellsNobody(t *testing.T) {
 	tc.apply(t, spec2(1))
 	tc.st.failPut = true
 	tc.reconcile(t)
+	tc.settle()
 	a1.none(t)
 	a2.none(t)
 	groups, err := tc.st.Groups()
@@ -313,6 +311,7 @@ func TestReleaseStraysAndDeletedDeployments(t *testing.T) {
 	tc.reconcile(t)
 	c := a2.next(t)
 	require.Equal(t, call{method: "release", group: "old-group", epoch: 4}, c)
+	tc.settle()
 	a1.none(t)
 }
 
@@ -452,6 +451,7 @@ func TestCallerRefusalIsFinalAndCoolsDown(t *testing.T) {
 		func(err error) { errc <- err }))
 	require.Equal(t, codes.FailedPrecondition, status.Code(<-errc))
 	a.next(t)
+	tc.settle()
 	a.none(t) // one attempt only
 	require.True(t, tc.c.calls.busy(time.Now())["n1"], "the node cools down")
 	require.False(t, tc.c.calls.call("n1", a.addr, "release", func(ctx context.Context, cl agentv1.AgentClient) error { return do(cl, ctx) }, nil))

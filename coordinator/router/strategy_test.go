@@ -188,3 +188,39 @@ func TestLRU(t *testing.T) {
 	require.True(t, ok)
 	require.Equal(t, "1", v)
 }
+
+// TestEjectionWindow: an ejected replica is left out of picks until its
+// ejection ends (on the injected clock), unless every replica is ejected.
+func TestEjectionWindow(t *testing.T) {
+	t0 := time.Unix(1000, 0)
+	for _, c := range []struct {
+		name    string
+		at      time.Duration
+		all     bool // every replica ejected
+		skipped bool
+	}{
+		{"during the ejection", 4900 * time.Millisecond, false, true},
+		{"when it ends", 5 * time.Second, false, false},
+		{"after it ended", time.Minute, false, false},
+		{"every replica ejected: still picked", time.Second, true, false},
+	} {
+		t.Run(c.name, func(t *testing.T) {
+			p := newPicker()
+			now := t0
+			p.now = func() time.Time { return now }
+			es := eps(2, nil)
+			p.eject(es[0].Addr, 5*time.Second)
+			if c.all {
+				p.eject(es[1].Addr, 5*time.Second)
+			}
+			now = t0.Add(c.at)
+			seen := map[string]bool{}
+			for i := 0; i < 20; i++ {
+				e, _, rel := p.pick(StrategyRoundRobin, es, hint{model: "m"}, nil)
+				rel()
+				seen[e.Addr] = true
+			}
+			require.Equal(t, c.skipped, !seen[es[0].Addr])
+		})
+	}
+}

@@ -134,7 +134,7 @@ func TestAServingHeadIsReadyEverywhere(t *testing.T) {
 	}
 	tc.mem.set(in("n1", true), in("n2", false))
 	changed := tc.c.table.Changed()
-	tc.reconcile(t) // watches the head the tags name
+	tc.reconcile(t)                                                                // watches the head the tags name
 	for deadline := time.After(10 * time.Second); !tc.c.heads.Serving("demo-a"); { // each report rebuilds the table
 		select {
 		case <-changed:

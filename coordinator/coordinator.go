@@ -93,6 +93,7 @@ type membership interface {
 	Addr() string
 	PeerAddrs() []string
 	KeyringOp(op, key string) error
+	Join(addrs []string) (int, error)
 }
 
 // records is the store as the coordinator uses it (store.Store; a wrapper
@@ -242,6 +243,8 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	go func() { defer wg.Done(); _ = c.mem.Run(gctx) }()
 	go func() { defer wg.Done(); _ = srv.Serve(lis) }()
 	go func() { defer wg.Done(); peers.Keep(ctx, c.mem, c.log) }()
+	wg.Add(1)
+	go func() { defer wg.Done(); c.rejoin(ctx, peers) }()
 	c.log.Info("coordinator running", "api", c.cfg.APIAddr, "router", c.cfg.RouterAddr, "gossip", c.mem.Addr())
 	if c.cfg.Ready != nil {
 		go func() {
@@ -293,6 +296,36 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	stopGossip()
 	wg.Wait()
 	return nil
+}
+
+// rejoinEvery is how often a coordinator that holds for isolation contacts
+// the peers it remembers.
+const rejoinEvery = 3 * time.Second
+
+// rejoin, while the isolation guard holds, contacts the gossip peers the
+// coordinator remembers: once the network heals it has its cluster back
+// within seconds instead of waiting for others to gossip to it.
+func (c *Coordinator) rejoin(ctx context.Context, peers *gossip.PeerFile) {
+	t := time.NewTicker(rejoinEvery)
+	defer t.Stop()
+	for {
+		select {
+		case <-ctx.Done():
+			return
+		case <-t.C:
+		}
+		c.mu.Lock()
+		holding := c.guardView.Holding
+		c.mu.Unlock()
+		if !holding {
+			continue
+		}
+		if n, err := c.mem.Join(peers.Load()); n > 0 {
+			c.log.Info("isolation guard: rejoined remembered gossip peers", "contacted", n)
+		} else {
+			c.log.Debug("isolation guard: no remembered peer answers yet", "err", err)
+		}
+	}
 }
 
 // agents returns the live agents' tags.

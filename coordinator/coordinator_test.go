@@ -50,6 +50,7 @@ func (m *fakeMem) Changes() <-chan struct{}      { return m.changes }
 func (m *fakeMem) Joined() <-chan struct{}       { return m.joined }
 func (m *fakeMem) Addr() string                  { return "127.0.0.1:7946" }
 func (m *fakeMem) PeerAddrs() []string           { return nil }
+func (m *fakeMem) Join([]string) (int, error)    { return 0, nil }
 func (m *fakeMem) KeyringOp(string, string) error {
 	return errors.New("no keyring in this test")
 }

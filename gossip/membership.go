@@ -178,6 +178,42 @@ func (m *Membership) Addr() string {
 	return net.JoinHostPort(n.Addr.String(), strconv.Itoa(int(n.Port)))
 }
 
+// Join contacts a few of addrs at random, at once, and merges their member
+// lists: how a node that lost sight of everyone (cut off, then healed) gets
+// the cluster back without waiting for others to gossip to it. It returns
+// how many answered, after one TCP timeout at most; call it off any loop.
+func (m *Membership) Join(addrs []string) (int, error) {
+	if m.ml == nil || len(addrs) == 0 {
+		return 0, nil
+	}
+	peers := append([]string(nil), addrs...)
+	rand.Shuffle(len(peers), func(i, j int) { peers[i], peers[j] = peers[j], peers[i] })
+	peers = peers[:min(len(peers), 4)]
+	var wg sync.WaitGroup
+	var mu sync.Mutex
+	total := 0
+	var errs []error
+	for _, p := range peers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			n, err := m.ml.Join([]string{p})
+			mu.Lock()
+			total += n
+			if err != nil {
+				errs = append(errs, err)
+			}
+			mu.Unlock()
+		}()
+	}
+	wg.Wait()
+	m.notify()
+	if total > 0 {
+		return total, nil
+	}
+	return 0, errors.Join(errs...)
+}
+
 // Run joins the seed nodes (retrying until one answers) and leaves the cluster
 // when ctx ends.
 func (m *Membership) Run(ctx context.Context) error {

@@ -129,3 +129,32 @@ func TestPeerFileSaveLoad(t *testing.T) {
 	require.NoError(t, p.Save(a), "a second save within the interval does not read the members again")
 	require.Nil(t, p.Load(), "a corrupt file is ignored, not fatal")
 }
+
+// A member that lost sight of the cluster gets it back by joining a peer it
+// remembers.
+func TestJoinRemembered(t *testing.T) {
+	a := New(Config{Cluster: "c", BindAddr: "127.0.0.81", BindPort: freePort(t, "127.0.0.81"), Profile: "fast"},
+		Tag{Kind: KindAgent, ID: "a", GRPC: "127.0.0.81:1", Healthy: true})
+	b := New(Config{Cluster: "c", BindAddr: "127.0.0.82", BindPort: freePort(t, "127.0.0.82"), Profile: "fast"},
+		Tag{Kind: KindAgent, ID: "b", GRPC: "127.0.0.82:1", Healthy: true})
+	for _, m := range []*Membership{a, b} {
+		require.NoError(t, m.Start())
+	}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	done := make(chan struct{}, 2)
+	for _, m := range []*Membership{a, b} {
+		go func() { _ = m.Run(ctx); done <- struct{}{} }()
+	}
+	defer func() { cancel(); <-done; <-done }()
+	n, err := b.Join([]string{"127.0.0.1:1", a.Addr()}) // one dead address, one live
+	require.NoError(t, err)
+	require.Equal(t, 1, n)
+	for _, m := range []*Membership{a, b} {
+		for m.Count() < 2 {
+			<-m.Changes()
+		}
+	}
+	_, err = b.Join([]string{"127.0.0.1:1"})
+	require.Error(t, err, "nobody answered")
+}

@@ -23,6 +23,7 @@ func reorder(app *cli.App, args []string) []string {
 		return args
 	}
 	var path []*cli.Command
+	var typed []string // each command as the user wrote it (an alias stays an alias)
 	var items []item
 	cmds := app.Commands
 	for i := 1; i < len(args); i++ {
@@ -42,7 +43,7 @@ func reorder(app *cli.App, args []string) []string {
 			continue
 		}
 		if c := findCommand(cmds, a); c != nil && !hasPositional(items) {
-			path = append(path, c)
+			path, typed = append(path, c), append(typed, a)
 			cmds = c.Subcommands
 			continue
 		}
@@ -62,8 +63,8 @@ func reorder(app *cli.App, args []string) []string {
 		levels[lvl] = append(levels[lvl], it.tok...)
 	}
 	out := append([]string{args[0]}, levels[0]...)
-	for i, c := range path {
-		out = append(out, c.Name)
+	for i := range path {
+		out = append(out, typed[i])
 		out = append(out, levels[i+1]...)
 	}
 	return append(out, pos...)

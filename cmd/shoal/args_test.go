@@ -179,3 +179,27 @@ func TestClusterVerbsTakeClusterFlags(t *testing.T) {
 		}
 	}
 }
+
+// FuzzReorder: any command line is reordered without a panic into a
+// permutation of its own arguments (nothing lost, nothing made up), and
+// reordering is idempotent.
+func FuzzReorder(f *testing.F) {
+	for _, s := range []string{"get replicas demo -o json", "--tls-dir D get replicas demo --coordinator 127.0.0.1:1",
+		"tls cert create --coordinator --name c --ip 1.2.3.4", "--coordinator tls cert create", "logs -- -x", "-", "--", "get -o"} {
+		f.Add(s)
+	}
+	app := newApp()
+	f.Fuzz(func(t *testing.T, line string) {
+		args := append([]string{"shoal"}, strings.Fields(line)...)
+		out := reorder(app, args)
+		count := func(l []string) map[string]int {
+			m := map[string]int{}
+			for _, a := range l {
+				m[a]++
+			}
+			return m
+		}
+		require.Equal(t, count(args), count(out), "%q → %q", args, out)
+		require.Equal(t, out, reorder(app, out), "reordering twice changes nothing")
+	})
+}

@@ -315,7 +315,8 @@ func (pl *planner) scale(d Deployment, gs []*store.Group) []*store.Group {
 	var have, kept []*store.Group
 	for _, g := range gs {
 		if g.Draining() {
-			if pl.drained(g) {
+			// While isolated, an unseen head proves nothing: the drain waits.
+			if !pl.s.Hold && pl.drained(g) {
 				continue
 			}
 			kept = append(kept, g)

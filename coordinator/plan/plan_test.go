@@ -339,6 +339,15 @@ func TestComputeDrainEnds(t *testing.T) {
 	}
 }
 
+func TestComputeHoldsDrainsWhileIsolated(t *testing.T) {
+	gs, _, _ := ready()
+	gs[0].DrainingSince, gs[0].DrainWhy = t0.Add(time.Hour), "scaled in"
+	s := snap([]Deployment{demo(1)}, gs, map[string]gossip.Tag{}, func(s *Snapshot) {
+		s.Hold, s.Now = true, gs[0].DrainingSince.Add(time.Minute) // far past the unseen grace
+	})
+	require.Empty(t, Compute(s).Delete, "a head out of sight of an isolated coordinator may still run requests")
+}
+
 func TestComputeDrainingGroupIsNeverReformedOrReassigned(t *testing.T) {
 	gs, ns, mods := ready()
 	gs[0].DrainingSince = t0.Add(time.Hour)

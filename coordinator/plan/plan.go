@@ -432,7 +432,7 @@ func (pl *planner) deliver(byName map[string]Deployment, kept map[string][]*stor
 			if !g.Draining() { // a draining group is never (re)assigned
 				pl.p.Assign = append(pl.p.Assign, Assign{Node: id, Group: g, Spec: byName[g.Deployment].Spec})
 			}
-		case ok && g.Draining() && !t.Draining:
+		case ok && g.Draining() && !t.Draining && t.Group == g.ID && t.Epoch == g.Epoch:
 			pl.p.Drain = append(pl.p.Drain, Call{Node: id, Addr: t.GRPC, Group: g.ID, Epoch: g.Epoch})
 		case !ok && t.Group != "":
 			pl.p.Release = append(pl.p.Release, Release{Node: id, Addr: t.GRPC, Group: t.Group, Epoch: t.Epoch})

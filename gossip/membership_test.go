@@ -158,3 +158,22 @@ func TestJoinRemembered(t *testing.T) {
 	_, err = b.Join([]string{"127.0.0.1:1"})
 	require.Error(t, err, "nobody answered")
 }
+
+type peerList []string
+
+func (l peerList) PeerAddrs() []string { return append([]string(nil), l...) }
+
+// The first peers are written at once (a node restarting right after it
+// formed its cluster finds it again); later changes at most every 10 s.
+func TestPeerFileWritesTheFirstPeersAtOnce(t *testing.T) {
+	p := &PeerFile{Path: t.TempDir() + "/peers.json"}
+	require.NoError(t, p.Save(peerList(nil)))
+	require.Nil(t, p.Load(), "nobody yet: nothing written")
+	require.NoError(t, p.Save(peerList{"10.0.0.2:7946"}))
+	require.Equal(t, []string{"10.0.0.2:7946"}, p.Load(), "the first peer is written without waiting")
+	require.NoError(t, p.Save(peerList{"10.0.0.2:7946", "10.0.0.3:7946"}))
+	require.Equal(t, []string{"10.0.0.2:7946"}, p.Load(), "a change within 10 s waits")
+	p.at = p.at.Add(-peerSaveEvery)
+	require.NoError(t, p.Save(peerList{"10.0.0.3:7946", "10.0.0.2:7946"}))
+	require.Equal(t, []string{"10.0.0.2:7946", "10.0.0.3:7946"}, p.Load())
+}

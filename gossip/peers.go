@@ -20,12 +20,16 @@ type PeerFile struct {
 	Path string
 	mu   sync.Mutex
 	last []string  // guarded by mu; what the file holds
-	at   time.Time // guarded by mu; the last look at the member list
+	at   time.Time // guarded by mu; the last write
 }
 
-// peerSaveEvery bounds how often Save reads the member list: the file only
-// needs to be roughly current.
+// peerSaveEvery bounds how often the file is rewritten (it only needs to be
+// roughly current); the first peers are written at once, so that a node
+// that restarts soon after it formed its cluster still finds it.
 const peerSaveEvery = 10 * time.Second
+
+// peerLook is how often Keep looks at the member list.
+const peerLook = time.Second
 
 // PeerLister is what Save reads: a Membership.
 type PeerLister interface{ PeerAddrs() []string }
@@ -43,10 +47,10 @@ func (p *PeerFile) Load() []string {
 	return peers
 }
 
-// Keep saves m's peers every 10 s until ctx ends, on its own goroutine:
-// no control loop waits for the file.
+// Keep saves m's peers until ctx ends, on its own goroutine: no control
+// loop waits for the file.
 func (p *PeerFile) Keep(ctx context.Context, m PeerLister, log interface{ Debug(string, ...any) }) {
-	t := time.NewTicker(peerSaveEvery)
+	t := time.NewTicker(peerLook)
 	defer t.Stop()
 	for {
 		select {
@@ -60,19 +64,20 @@ func (p *PeerFile) Keep(ctx context.Context, m PeerLister, log interface{ Debug(
 	}
 }
 
-// Save writes m's current peers when they changed, at most every 10 s.
+// Save writes m's current peers when they changed: at once the first time,
+// then at most every 10 s.
 func (p *PeerFile) Save(m PeerLister) error {
 	p.mu.Lock()
 	defer p.mu.Unlock()
-	if time.Since(p.at) < peerSaveEvery {
+	if p.last != nil && time.Since(p.at) < peerSaveEvery {
 		return nil
 	}
-	p.at = time.Now()
 	peers := m.PeerAddrs()
 	slices.Sort(peers)
 	if len(peers) == 0 || slices.Equal(peers, p.last) {
 		return nil
 	}
+	p.at = time.Now()
 	b, _ := json.Marshal(peers)
 	tmp := p.Path + ".tmp"
 	if err := os.MkdirAll(filepath.Dir(p.Path), 0o700); err != nil {

@@ -64,10 +64,7 @@ func (r *Runner) headSequence() {
 		return
 	}
 	p := r.cfg.Plan
-	if _, err := r.startProc(p.Node); err != nil {
-		if r.ctx.Err() == nil {
-			r.fail("start " + p.Node.Name + ": " + err.Error())
-		}
+	if !r.launch(p.Node) {
 		return
 	}
 	r.setPhase(gossip.EngineRunning)
@@ -75,13 +72,8 @@ func (r *Runner) headSequence() {
 	if !r.gpuGate(deadline) {
 		return
 	}
-	if p.Serve != nil {
-		if _, err := r.startProc(*p.Serve); err != nil {
-			if r.ctx.Err() == nil {
-				r.fail("start " + p.Serve.Name + ": " + err.Error())
-			}
-			return
-		}
+	if p.Serve != nil && !r.launch(*p.Serve) {
+		return
 	}
 	r.setPhase(gossip.EngineLoading)
 	r.serveLoop(deadline)
@@ -221,12 +213,18 @@ func (r *Runner) workerSequence() {
 			return
 		}
 	}
-	p := r.cfg.Plan
-	if _, err := r.startProc(p.Node); err != nil {
-		if r.ctx.Err() == nil {
-			r.fail("start " + p.Node.Name + ": " + err.Error())
-		}
-		return
+	if r.launch(r.cfg.Plan.Node) {
+		r.setPhase(gossip.EngineRunning)
 	}
-	r.setPhase(gossip.EngineRunning)
+}
+
+// launch starts c; false means the run failed (said why) or ended.
+func (r *Runner) launch(c engine.Command) bool {
+	if _, err := r.startProc(c); err != nil {
+		if r.ctx.Err() == nil {
+			r.fail("start " + c.Name + ": " + err.Error())
+		}
+		return false
+	}
+	return true
 }

@@ -280,9 +280,7 @@ func TestFrontShutdown(t *testing.T) {
 	defer cancel()
 	require.NoError(t, s.Shutdown(ctx))
 	require.Equal(t, `{"ok":true}`, <-got)
-	r.up.mu.Lock()
-	require.Empty(t, r.up.idle, "engine connections closed at shutdown")
-	r.up.mu.Unlock()
+	require.Zero(t, r.up.Idle(addr(eng)), "engine connections closed at shutdown")
 	_ = idle.SetReadDeadline(time.Now().Add(time.Second))
 	_, err = idle.Read(make([]byte, 1))
 	require.ErrorIs(t, err, io.EOF, "the idle connection was closed")
@@ -290,91 +288,3 @@ func TestFrontShutdown(t *testing.T) {
 	require.Error(t, err)
 }
 
-// FuzzFrontHead: any bytes as a request head: the parser accepts only a
-// well-formed fast-path request and never panics.
-func FuzzFrontHead(f *testing.F) {
-	f.Add([]byte(post("/v1/completions", `{"model":"m"}`, "Authorization: Bearer k\r\n")))
-	f.Add([]byte("GET /v1/models HTTP/1.1\r\nHost: x\r\n\r\n"))
-	f.Add([]byte("POST /v1/embeddings HTTP/1.1\r\nHost: x\r\nContent-Length: 99999999999999999999\r\n\r\n"))
-	f.Add([]byte("POST /v1/completions HTTP/1.1\r\nHost: x\r\n folded\r\nContent-Length: 1\r\n\r\n{"))
-	f.Fuzz(func(t *testing.T, data []byte) {
-		br := bufio.NewReaderSize(strings.NewReader(string(data)), frontMaxHead)
-		fr, n, ok := parseFrontHead(br, nil)
-		if !ok {
-			return
-		}
-		if n <= 0 || n > len(data) || fr.length < 0 || !strings.HasSuffix(string(data[:n]), "\r\n\r\n") {
-			t.Fatalf("accepted a bad head: n=%d length=%d", n, fr.length)
-		}
-		switch fr.path {
-		case "/v1/completions", "/v1/chat/completions", "/v1/embeddings":
-		default:
-			t.Fatalf("path %q", fr.path)
-		}
-		for k, vs := range fr.header {
-			for _, v := range vs {
-				if strings.ContainsAny(k+v, "\r\n") {
-					t.Fatalf("header %q: %q", k, v)
-				}
-			}
-		}
-	})
-}
-
-// capConn records what is written to it.
-type capConn struct {
-	net.Conn
-	b strings.Builder
-}
-
-func (c *capConn) Write(p []byte) (int, error)      { return c.b.Write(p) }
-func (c *capConn) SetWriteDeadline(time.Time) error { return nil }
-
-func TestFrontWriterFraming(t *testing.T) {
-	for _, tc := range []struct {
-		name   string
-		run    func(w *frontWriter)
-		want   []string // in order on the wire
-		broken bool
-	}{
-		{"computed length", func(w *frontWriter) { w.WriteHeader(404); _, _ = io.WriteString(w, "nope") },
-			[]string{"HTTP/1.1 404 Not Found\r\n", "Content-Length: 4", "\r\n\r\nnope"}, false},
-		{"declared length", func(w *frontWriter) {
-			w.Header().Set("Content-Length", "5")
-			_, _ = io.WriteString(w, "he")
-			_, _ = io.WriteString(w, "llo")
-		}, []string{"HTTP/1.1 200 OK\r\n", "Content-Length: 5", "\r\n\r\nhello"}, false},
-		{"short of declared", func(w *frontWriter) {
-			w.Header().Set("Content-Length", "10")
-			_, _ = io.WriteString(w, "abc")
-		}, []string{"Content-Length: 10", "\r\n\r\nabc"}, true},
-		{"flushed: chunked", func(w *frontWriter) {
-			_, _ = io.WriteString(w, "data: a\n\n")
-			w.Flush()
-			_, _ = io.WriteString(w, "data: b\n\n")
-			w.Flush()
-		}, []string{"Transfer-Encoding: chunked", "\r\n\r\n9\r\ndata: a\n\n\r\n9\r\ndata: b\n\n\r\n0\r\n\r\n"}, false},
-		{"big unflushed: chunked", func(w *frontWriter) { _, _ = w.Write(make([]byte, 70<<10)) },
-			[]string{"Transfer-Encoding: chunked", "\r\n11800\r\n", "\r\n0\r\n\r\n"}, false},
-		{"no body", func(w *frontWriter) {}, []string{"HTTP/1.1 200 OK\r\n", "Content-Length: 0\r\n"}, false},
-		{"header injection", func(w *frontWriter) { w.Header()["X-A"] = []string{"a\r\nSet-Cookie: x"} },
-			[]string{"X-A: a  Set-Cookie: x\r\n"}, false},
-	} {
-		t.Run(tc.name, func(t *testing.T) {
-			c := &capConn{}
-			w := &frontWriter{c: c}
-			w.reset(false)
-			tc.run(w)
-			require.NoError(t, w.finish())
-			got := c.b.String()
-			at := 0
-			for _, s := range tc.want {
-				i := strings.Index(got[at:], s)
-				require.GreaterOrEqual(t, i, 0, "%q not found (in order) in %q", s, got)
-				at += i + len(s)
-			}
-			require.Equal(t, tc.broken, w.broken)
-			require.Equal(t, 1, strings.Count(got, "Date: "))
-		})
-	}
-}

@@ -21,6 +21,8 @@ import (
 	"time"
 	"unsafe"
 
+	"github.com/shoalhq/shoal/coordinator/router/h1"
+
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
 	"github.com/tidwall/gjson"
@@ -87,7 +89,7 @@ type Router struct {
 	cfg    Config
 	table  *Table
 	log    *slog.Logger
-	up     *upstream
+	up     *h1.Client
 	picker *picker
 	held   atomic.Int64
 
@@ -101,7 +103,7 @@ type Router struct {
 // New returns a router over table.
 func New(table *Table, log *slog.Logger, cfg Config) *Router {
 	cfg.defaults()
-	r := &Router{cfg: cfg, table: table, log: log.With("component", "router"), up: newUpstream(), picker: newPicker(),
+	r := &Router{cfg: cfg, table: table, log: log.With("component", "router"), up: h1.NewClient(), picker: newPicker(),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "shoal_router_requests_total",
 			Help: "Requests by model, strategy applied and status code."}, []string{"model", "strategy", "code"}),
 		fallback: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "shoal_router_strategy_fallback_total",
@@ -227,80 +229,6 @@ func looksLikeObject(b []byte) bool {
 	return len(b) >= 2 && b[0] == '{' && b[len(b)-1] == '}'
 }
 
-// bodyPools recycle request-body buffers by power-of-two size class, 4 KiB
-// to 4 MiB: a fresh 200 KB buffer per request (allocated, zeroed, collected)
-// was a quarter of the router's cost for long prompts (BenchmarkProxy/200KB).
-var bodyPools [11]sync.Pool
-
-const (
-	minBodyClass = 12 // 4 KiB
-	maxBodyClass = minBodyClass + len(bodyPools) - 1
-)
-
-func bodyClass(n int) int {
-	c := minBodyClass
-	for c < maxBodyClass && 1<<c < n {
-		c++
-	}
-	return c
-}
-
-// readBody reads a whole request body into a pooled buffer; hint is the
-// declared length (-1 when chunked). The buffer goes back with putBody once
-// nothing refers to the body.
-func readBody(r io.Reader, hint, limit int64) ([]byte, *[]byte, error) {
-	want := 4 << 10
-	if hint > 0 && hint <= limit {
-		want = int(hint) + 1 // +1: the read that sees EOF needs room
-	}
-	bp := getBody(want)
-	b := (*bp)[:0]
-	for {
-		if len(b) == cap(b) {
-			nb := getBody(2 * cap(b))
-			*nb = append((*nb)[:0], b...)
-			*bp = b
-			putBody(bp)
-			bp, b = nb, *nb
-		}
-		n, err := r.Read(b[len(b):cap(b)])
-		b = b[:len(b)+n]
-		if err == io.EOF {
-			*bp = b
-			return b, bp, nil
-		}
-		if err != nil {
-			*bp = b
-			return b, bp, err
-		}
-	}
-}
-
-func getBody(n int) *[]byte {
-	c := bodyClass(n)
-	if 1<<c < n {
-		b := make([]byte, 0, n) // over the largest class: not pooled
-		return &b
-	}
-	if v := bodyPools[c-minBodyClass].Get(); v != nil {
-		return v.(*[]byte)
-	}
-	b := make([]byte, 0, 1<<c)
-	return &b
-}
-
-func putBody(bp *[]byte) {
-	if bp == nil {
-		return
-	}
-	c := cap(*bp)
-	if c < 1<<minBodyClass || c > 1<<maxBodyClass || c&(c-1) != 0 {
-		return
-	}
-	*bp = (*bp)[:0]
-	bodyPools[bodyClass(c)-minBodyClass].Put(bp)
-}
-
 // bufs recycles the copy buffers of forward.
 var bufs = sync.Pool{New: func() any { b := make([]byte, 32<<10); return &b }}
 
@@ -319,23 +247,52 @@ var (
 )
 
 func (r *Router) proxy(w http.ResponseWriter, req *http.Request) {
-	body, bp, err := readBody(http.MaxBytesReader(w, req.Body, r.cfg.MaxBody), req.ContentLength, r.cfg.MaxBody)
-	defer putBody(bp)
-	if err != nil {
+	var bp *[]byte
+	defer func() { h1.PutBuf(bp) }()
+	aw, ok := w.(aborter)
+	if !ok {
+		aw = &abortWriter{ResponseWriter: w}
+	}
+	r.serve(aw, req, func() ([]byte, error) {
+		var b []byte
+		var err error
+		b, bp, err = h1.ReadBody(http.MaxBytesReader(w, req.Body, r.cfg.MaxBody), req.ContentLength, r.cfg.MaxBody)
 		var tooBig *http.MaxBytesError
 		if errors.As(err, &tooBig) {
-			writeError(w, 413, "invalid_request_error", "", "", fmt.Sprintf("request body over the %d MiB limit", r.cfg.MaxBody>>20))
-			return
+			err = h1.ErrBodyTooLarge
 		}
-		writeError(w, 400, "invalid_request_error", "", "", "could not read the request body: "+err.Error())
-		return
+		return b, err
+	})
+	if a, ok := aw.(*abortWriter); ok && a.aborted {
+		panic(http.ErrAbortHandler) // net/http closes the connection without ending the answer
 	}
-	r.serve(w, req, body)
 }
 
-// serve routes one request whose body has been read: through net/http
-// (proxy) or the fast path of Server.
-func (r *Router) serve(w http.ResponseWriter, req *http.Request, body []byte) {
+// aborter is a ResponseWriter that can end an answer as broken.
+type aborter interface {
+	http.ResponseWriter
+	Abort()
+}
+
+// abortWriter gives a net/http ResponseWriter an Abort, carried out by
+// proxy once the request's resources are released.
+type abortWriter struct {
+	http.ResponseWriter
+	aborted bool
+}
+
+func (a *abortWriter) Abort() { a.aborted = true }
+func (a *abortWriter) Flush() {
+	if f, ok := a.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
+	}
+}
+func (a *abortWriter) Unwrap() http.ResponseWriter { return a.ResponseWriter }
+
+// serve routes one request: through net/http (proxy) or the fast path of
+// Server. The API key is checked before the body is read (readBody), so a
+// keyless client cannot make the router hold its bodies.
+func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, error)) {
 	rid := hget(req.Header, "X-Request-Id")
 	if rid == "" {
 		rid = requestID()
@@ -343,6 +300,15 @@ func (r *Router) serve(w http.ResponseWriter, req *http.Request, body []byte) {
 	w.Header()["X-Request-Id"] = []string{rid}
 	allow, ok := r.allowed(w, req)
 	if !ok {
+		return
+	}
+	body, err := readBody()
+	if err != nil {
+		if errors.Is(err, h1.ErrBodyTooLarge) {
+			writeError(w, 413, "invalid_request_error", "", "", fmt.Sprintf("request body over the %d MiB limit", r.cfg.MaxBody>>20))
+			return
+		}
+		writeError(w, 400, "invalid_request_error", "", "", "could not read the request body: "+err.Error())
 		return
 	}
 	// gjson reads "model" without decoding the (possibly huge) prompt: the
@@ -462,18 +428,18 @@ func (r *Router) hold(ctx context.Context, model string) []*Endpoint {
 // forward sends the request to ep and streams the answer back unbuffered. It
 // returns done=false only when nothing was written and another replica may be
 // tried: the connection failed, or (when canRetry) the engine answered 5xx.
-func (r *Router) forward(ctx context.Context, w http.ResponseWriter, req *http.Request, ep *Endpoint, body []byte, canRetry bool) (int, bool, error) {
+func (r *Router) forward(ctx context.Context, w aborter, req *http.Request, ep *Endpoint, body []byte, canRetry bool) (int, bool, error) {
 	start := time.Now()
-	var hb [6]upHeader
+	var hb [6]h1.Header
 	hdr := hb[:0]
 	for _, hd := range passHeaders {
 		if v := hget(req.Header, hd); v != "" {
-			hdr = append(hdr, upHeader{hd, v})
+			hdr = append(hdr, h1.Header{Key: hd, Value: v})
 		}
 	}
-	hdr = append(hdr, upHeader{"X-Request-Id", w.Header()["X-Request-Id"][0]})
+	hdr = append(hdr, h1.Header{Key: "X-Request-Id", Value: w.Header()["X-Request-Id"][0]})
 	// A hung engine sends nothing: every wait for it is bounded by IdleTimeout.
-	resp, err := r.up.do(ctx, ep.Addr, req.Method, req.URL.Path, hdr, body, r.cfg.IdleTimeout)
+	resp, err := r.up.Do(ctx, ep.Addr, req.Method, req.URL.Path, hdr, body, r.cfg.IdleTimeout)
 	if err != nil {
 		if req.Context().Err() != nil {
 			return 499, true, err // the client went away
@@ -494,10 +460,10 @@ func (r *Router) forward(ctx context.Context, w http.ResponseWriter, req *http.R
 	for _, kv := range resp.Header {
 		// Content-Length passes through for whole bodies (one write, no
 		// chunked framing); hop-by-hop headers were dropped when read.
-		if resp.SSE && kv.key == "Content-Length" {
+		if resp.SSE && kv.Key == "Content-Length" {
 			continue
 		}
-		wh[kv.key] = append(wh[kv.key], kv.value)
+		wh[kv.Key] = append(wh[kv.Key], kv.Value)
 	}
 	wh["X-Shoal-Replica"] = []string{ep.Group}
 	wh["X-Shoal-Epoch"] = []string{strconv.FormatUint(ep.Epoch, 10)}
@@ -522,8 +488,14 @@ func (r *Router) forward(ctx context.Context, w http.ResponseWriter, req *http.R
 			}
 		}
 		if rerr != nil {
-			if !errors.Is(rerr, io.EOF) && ctx.Err() == nil {
-				r.log.Warn("backend stream broke", "backend", ep.Addr, "err", rerr)
+			if !errors.Is(rerr, io.EOF) {
+				// A cut answer is never ended as if whole: the client's
+				// connection closes without a final chunk or short of its
+				// Content-Length, so it knows.
+				w.Abort()
+				if ctx.Err() == nil {
+					r.log.Warn("backend stream broke", "backend", ep.Addr, "err", rerr)
+				}
 			}
 			return resp.Status, true, nil
 		}

@@ -39,12 +39,23 @@ func newRouter(eps ...*Endpoint) (*Router, *Table) {
 	return New(tb, slog.New(slog.NewTextHandler(io.Discard, nil)), Config{}), tb
 }
 
-func do(t *testing.T, h http.Handler, body string, hdr map[string]string) *httptest.ResponseRecorder {
+// do serves one request to a recorder. A handler that aborts the answer
+// (http.ErrAbortHandler: net/http closes the connection mid-answer) leaves
+// the header X-Test-Aborted.
+func do(t *testing.T, h http.Handler, body string, hdr map[string]string) (rec *httptest.ResponseRecorder) {
 	req := httptest.NewRequest("POST", "/v1/chat/completions", strings.NewReader(body))
 	for k, v := range hdr {
 		req.Header.Set(k, v)
 	}
-	rec := httptest.NewRecorder()
+	rec = httptest.NewRecorder()
+	defer func() {
+		if v := recover(); v != nil {
+			if v != http.ErrAbortHandler {
+				panic(v)
+			}
+			rec.Header().Set("X-Test-Aborted", "1")
+		}
+	}()
 	h.ServeHTTP(rec, req)
 	return rec
 }
@@ -193,6 +204,9 @@ func TestIdleTimeoutEndsHungStream(t *testing.T) {
 		require.Equal(t, c.ticks, strings.Count(rec.Body.String(), "tick"), name)
 		if name == "hung" {
 			require.Contains(t, rec.Body.String(), "first")
+			require.Equal(t, "1", rec.Header().Get("X-Test-Aborted"), "a cut stream is aborted, not ended")
+		} else {
+			require.Empty(t, rec.Header().Get("X-Test-Aborted"))
 		}
 	}
 }

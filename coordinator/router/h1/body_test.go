@@ -1,4 +1,4 @@
-package router
+package h1
 
 import (
 	"bytes"
@@ -23,25 +23,25 @@ func TestReadBody(t *testing.T) {
 				if name == "onebyte" {
 					want = data[:min(n, 9000)]
 				}
-				b, bp, err := readBody(r, hint, 64<<20)
+				b, bp, err := ReadBody(r, hint, 64<<20)
 				require.NoError(t, err)
 				require.True(t, bytes.Equal(want, b), "n=%d hint=%d %s: got %d bytes", n, hint, name, len(b))
-				putBody(bp)
+				PutBuf(bp)
 			}
 		}
 	}
 	// Over the limit: the MaxBytesReader error comes back.
 	rec := httptest.NewRecorder()
-	_, bp, err := readBody(http.MaxBytesReader(rec, io.NopCloser(bytes.NewReader(make([]byte, 10000))), 5000), 10000, 5000)
+	_, bp, err := ReadBody(http.MaxBytesReader(rec, io.NopCloser(bytes.NewReader(make([]byte, 10000))), 5000), 10000, 5000)
 	var tooBig *http.MaxBytesError
 	require.ErrorAs(t, err, &tooBig)
-	putBody(bp)
+	PutBuf(bp)
 	// A reader failing midway returns its error.
-	b, bp, err := readBody(iotest.TimeoutReader(bytes.NewReader(make([]byte, 100))), -1, 1<<20)
+	b, bp, err := ReadBody(iotest.TimeoutReader(bytes.NewReader(make([]byte, 100))), -1, 1<<20)
 	require.ErrorIs(t, err, iotest.ErrTimeout)
 	require.Len(t, b, 100)
-	putBody(bp)
-	_, _, err = readBody(iotest.ErrReader(io.ErrUnexpectedEOF), -1, 1<<20)
+	PutBuf(bp)
+	_, _, err = ReadBody(iotest.ErrReader(io.ErrUnexpectedEOF), -1, 1<<20)
 	require.ErrorIs(t, err, io.ErrUnexpectedEOF)
 }
 
@@ -49,5 +49,5 @@ func TestBodyClass(t *testing.T) {
 	for n, c := range map[int]int{0: 12, 4096: 12, 4097: 13, 200 << 10: 18, 4 << 20: 22, 5 << 20: 22} {
 		require.Equal(t, c, bodyClass(n), "n=%d", n)
 	}
-	require.Equal(t, 5<<20, cap(*getBody(5 << 20)), "over the largest class: exact size, not pooled")
+	require.Equal(t, 5<<20, cap(*GetBuf(5 << 20)), "over the largest class: exact size, not pooled")
 }

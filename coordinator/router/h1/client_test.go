@@ -1,4 +1,4 @@
-package router
+package h1
 
 import (
 	"bufio"
@@ -91,7 +91,7 @@ func atoiOr(s string, d int) int {
 	return n
 }
 
-func readAll(t *testing.T, r *upResponse) string {
+func readAll(t *testing.T, r *Response) string {
 	t.Helper()
 	b, err := io.ReadAll(r)
 	require.NoError(t, err)
@@ -121,19 +121,19 @@ func TestUpstreamFraming(t *testing.T) {
 	for _, tc := range cases {
 		t.Run(tc.name, func(t *testing.T) {
 			e := newRawEngine(t, func(int) (string, bool) { return tc.resp, strings.HasPrefix(tc.resp, "HTTP/1.0") })
-			u := newUpstream()
-			defer u.closeIdle()
+			u := NewClient()
+			defer u.CloseIdle()
 			for i := 0; i < 2; i++ {
-				r, err := u.do(context.Background(), e.ln.Addr().String(), "POST", "/v1/completions",
-					[]upHeader{{"Content-Type", "application/json"}}, []byte(`{"model":"m"}`), time.Second)
+				r, err := u.Do(context.Background(), e.ln.Addr().String(), "POST", "/v1/completions",
+					[]Header{{"Content-Type", "application/json"}}, []byte(`{"model":"m"}`), time.Second)
 				require.NoError(t, err)
 				require.Equal(t, tc.status, r.Status)
 				require.Equal(t, tc.sse, r.SSE)
 				var ct string
 				for _, h := range r.Header {
-					require.NotContains(t, []string{"Transfer-Encoding", "Connection"}, h.key, "hop-by-hop header passed on")
-					if h.key == "Content-Type" {
-						ct = h.value
+					require.NotContains(t, []string{"Transfer-Encoding", "Connection"}, h.Key, "hop-by-hop header passed on")
+					if h.Key == "Content-Type" {
+						ct = h.Value
 					}
 				}
 				require.Equal(t, tc.hdr, ct)
@@ -155,10 +155,10 @@ func TestUpstreamFraming(t *testing.T) {
 
 func TestUpstreamLargeBodyIsWrittenWhole(t *testing.T) {
 	e := newRawEngine(t, func(int) (string, bool) { return "HTTP/1.1 200 OK\r\nContent-Length: 2\r\n\r\nok", false })
-	u := newUpstream()
-	defer u.closeIdle()
+	u := NewClient()
+	defer u.CloseIdle()
 	body := bytes.Repeat([]byte("0123456789"), 30_000)
-	r, err := u.do(context.Background(), e.ln.Addr().String(), "POST", "/v1/completions", nil, body, 5*time.Second)
+	r, err := u.Do(context.Background(), e.ln.Addr().String(), "POST", "/v1/completions", nil, body, 5*time.Second)
 	require.NoError(t, err)
 	require.Equal(t, "ok", readAll(t, r))
 	e.mu.Lock()
@@ -181,10 +181,10 @@ func TestUpstreamMalformedResponses(t *testing.T) {
 	} {
 		t.Run(tc.name, func(t *testing.T) {
 			e := newRawEngine(t, func(int) (string, bool) { return tc.resp, true })
-			u := newUpstream()
-			_, err := u.do(context.Background(), e.ln.Addr().String(), "POST", "/x", nil, nil, time.Second)
+			u := NewClient()
+			_, err := u.Do(context.Background(), e.ln.Addr().String(), "POST", "/x", nil, nil, time.Second)
 			require.ErrorContains(t, err, tc.want)
-			var eb *errBeforeResponse
+			var eb *ErrBeforeResponse
 			require.ErrorAs(t, err, &eb)
 		})
 	}
@@ -198,10 +198,10 @@ func TestUpstreamStalePooledConnection(t *testing.T) {
 		// Claims keep-alive, then closes: the pooled connection is dead.
 		return "HTTP/1.1 200 OK\r\nContent-Length: 1\r\n\r\n" + string(rune('0'+n)), true
 	})
-	u := newUpstream()
-	defer u.closeIdle()
+	u := NewClient()
+	defer u.CloseIdle()
 	for i := 1; i <= 3; i++ {
-		r, err := u.do(context.Background(), e.ln.Addr().String(), "POST", "/x", nil, nil, time.Second)
+		r, err := u.Do(context.Background(), e.ln.Addr().String(), "POST", "/x", nil, nil, time.Second)
 		require.NoError(t, err)
 		require.Equal(t, string(rune('0'+i)), readAll(t, r))
 		time.Sleep(20 * time.Millisecond) // the close reaches the router
@@ -212,11 +212,11 @@ func TestUpstreamStalePooledConnection(t *testing.T) {
 
 func TestUpstreamPoolExpiry(t *testing.T) {
 	e := newRawEngine(t, func(int) (string, bool) { return "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false })
-	u := newUpstream()
-	defer u.closeIdle()
+	u := NewClient()
+	defer u.CloseIdle()
 	u.idleFor = 50 * time.Millisecond
 	for i := 0; i < 2; i++ {
-		r, err := u.do(context.Background(), e.ln.Addr().String(), "POST", "/x", nil, nil, time.Second)
+		r, err := u.Do(context.Background(), e.ln.Addr().String(), "POST", "/x", nil, nil, time.Second)
 		require.NoError(t, err)
 		require.Equal(t, "", readAll(t, r))
 		time.Sleep(80 * time.Millisecond)
@@ -254,9 +254,9 @@ func TestUpstreamIdleAndCancel(t *testing.T) {
 			t.Fatal("the engine's connection stayed open")
 		}
 	}
-	u := newUpstream()
+	u := NewClient()
 	t.Run("idle", func(t *testing.T) {
-		r, err := u.do(context.Background(), ln.Addr().String(), "POST", "/x", nil, nil, 200*time.Millisecond)
+		r, err := u.Do(context.Background(), ln.Addr().String(), "POST", "/x", nil, nil, 200*time.Millisecond)
 		require.NoError(t, err)
 		start := time.Now()
 		b, err := io.ReadAll(r)
@@ -268,7 +268,7 @@ func TestUpstreamIdleAndCancel(t *testing.T) {
 	})
 	t.Run("cancel", func(t *testing.T) {
 		ctx, cancel := context.WithCancel(context.Background())
-		r, err := u.do(ctx, ln.Addr().String(), "POST", "/x", nil, nil, time.Minute)
+		r, err := u.Do(ctx, ln.Addr().String(), "POST", "/x", nil, nil, time.Minute)
 		require.NoError(t, err)
 		buf := make([]byte, 64)
 		n, err := r.Read(buf)
@@ -287,10 +287,10 @@ func TestUpstreamIdleAndCancel(t *testing.T) {
 		require.NoError(t, err)
 		addr := l2.Addr().String()
 		l2.Close()
-		_, err = u.do(context.Background(), addr, "POST", "/x", nil, nil, time.Second)
-		var eb *errBeforeResponse
+		_, err = u.Do(context.Background(), addr, "POST", "/x", nil, nil, time.Second)
+		var eb *ErrBeforeResponse
 		require.ErrorAs(t, err, &eb)
-		require.False(t, eb.reusedConn)
+		require.False(t, eb.ReusedConn)
 	})
 }
 
@@ -326,15 +326,15 @@ func FuzzUpstreamResponse(f *testing.F) {
 		f.Add([]byte(s))
 	}
 	f.Fuzz(func(t *testing.T, data []byte) {
-		u := newUpstream()
+		u := NewClient()
 		addr := "127.0.0.1:1" // a retry after a failure dials this and is refused
-		u.idle[addr] = []*upConn{{Conn: &scriptConn{r: bytes.NewReader(data)}, addr: addr, last: time.Now()}}
+		u.idle[addr] = []*conn{{Conn: &scriptConn{r: bytes.NewReader(data)}, addr: addr, last: time.Now()}}
 		u.idle[addr][0].br = bufio.NewReaderSize(u.idle[addr][0].Conn, 16<<10)
-		r, err := u.do(context.Background(), addr, "POST", "/x", nil, []byte("{}"), time.Second)
+		r, err := u.Do(context.Background(), addr, "POST", "/x", nil, []byte("{}"), time.Second)
 		if err != nil {
-			var eb *errBeforeResponse
+			var eb *ErrBeforeResponse
 			if !errors.As(err, &eb) {
-				t.Fatalf("error %v is not an errBeforeResponse", err)
+				t.Fatalf("error %v is not an ErrBeforeResponse", err)
 			}
 			return
 		}
@@ -354,16 +354,16 @@ func FuzzUpstreamResponse(f *testing.F) {
 func TestUpstreamSweepsGoneBackends(t *testing.T) {
 	ok := func(int) (string, bool) { return "HTTP/1.1 200 OK\r\nContent-Length: 0\r\n\r\n", false }
 	gone, live := newRawEngine(t, ok), newRawEngine(t, ok)
-	u := newUpstream()
-	defer u.closeIdle()
+	u := NewClient()
+	defer u.CloseIdle()
 	u.idleFor = 50 * time.Millisecond
 	for _, e := range []*rawEngine{gone, live} {
-		r, err := u.do(context.Background(), e.ln.Addr().String(), "POST", "/x", nil, nil, time.Second)
+		r, err := u.Do(context.Background(), e.ln.Addr().String(), "POST", "/x", nil, nil, time.Second)
 		require.NoError(t, err)
 		readAll(t, r)
 	}
 	time.Sleep(80 * time.Millisecond)
-	r, err := u.do(context.Background(), live.ln.Addr().String(), "POST", "/x", nil, nil, time.Second)
+	r, err := u.Do(context.Background(), live.ln.Addr().String(), "POST", "/x", nil, nil, time.Second)
 	require.NoError(t, err)
 	readAll(t, r)
 	u.mu.Lock()

@@ -287,4 +287,3 @@ func TestFrontShutdown(t *testing.T) {
 	_, err = net.Dial("tcp", ln.Addr().String())
 	require.Error(t, err)
 }
-

@@ -207,8 +207,8 @@ type Response struct {
 	broken  error // the body ended before its framing said
 	stopCtx func() bool
 	idle    time.Duration
-	dlAt    time.Time   // when the read deadline was last pushed back
-	writing chan error  // the body's writer, for a large body written beside the read
+	dlAt    time.Time  // when the read deadline was last pushed back
+	writing chan error // the body's writer, for a large body written beside the read
 }
 
 // ErrBeforeResponse wraps a failure before any byte of the response arrived;

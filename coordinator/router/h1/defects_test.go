@@ -118,7 +118,9 @@ func TestClientCutBodyIsAnError(t *testing.T) {
 // a NUL or a space before the colon is refused, never passed on.
 func TestClientHeaderNamesAreTokens(t *testing.T) {
 	for _, line := range []string{"X-A\rContent-Length: 0", "X-A\x00: 1", "X-A : 1", "X-A: b\x00c"} {
-		e := newRawEngine(t, func(int) (string, bool) { return "HTTP/1.1 200 OK\r\n" + line + "\r\nContent-Length: 2\r\n\r\nok", true })
+		e := newRawEngine(t, func(int) (string, bool) {
+			return "HTTP/1.1 200 OK\r\n" + line + "\r\nContent-Length: 2\r\n\r\nok", true
+		})
 		_, err := NewClient().Do(context.Background(), e.ln.Addr().String(), "POST", "/x", nil, nil, time.Second)
 		var pe *ProtocolError
 		require.ErrorAs(t, err, &pe, "%q", line)
@@ -142,8 +144,8 @@ func TestClientFraming(t *testing.T) {
 		u.CloseIdle()
 	}
 	for resp, want := range map[string]string{
-		"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok":                         "bad Content-Length",
-		"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n":           "switched protocols",
+		"HTTP/1.1 200 OK\r\nContent-Length: +2\r\n\r\nok":                             "bad Content-Length",
+		"HTTP/1.1 101 Switching Protocols\r\nUpgrade: websocket\r\n\r\n":              "switched protocols",
 		strings.Repeat("HTTP/1.1 103 Early Hints\r\n\r\n", 6) + "HTTP/1.1 200 OK\r\n": "informational",
 	} {
 		e := newRawEngine(t, func(int) (string, bool) { return resp, true })
@@ -322,7 +324,7 @@ func TestServerRefusesBeforeTheBody(t *testing.T) {
 func TestServerHandsOverAtOnce(t *testing.T) {
 	addr := testServer(t, Config{HeadTimeout: 5 * time.Second})
 	for req, want := range map[string]int{
-		"POST /v1/completions HTTP/1.1\nHost: x\nAuthorization: Bearer k\nContent-Length: 2\n\n{}":           200,
+		"POST /v1/completions HTTP/1.1\nHost: x\nAuthorization: Bearer k\nContent-Length: 2\n\n{}":                      200,
 		"POST /v1/completions HTTP/1.1\r\nHost: x\r\nHost: y\r\nAuthorization: Bearer k\r\nContent-Length: 2\r\n\r\n{}": 400,
 		"POST /v1/completions HTTP/1.1\r\nHost: a b\r\nAuthorization: Bearer k\r\nContent-Length: 2\r\n\r\n{}":          400,
 	} {

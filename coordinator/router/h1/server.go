@@ -672,7 +672,12 @@ func deadlines(h http.Handler, idle time.Duration) http.Handler {
 		dw := &deadlineWriter{ResponseWriter: w, rc: rc, idle: idle}
 		if req.Body != nil && req.Body != http.NoBody && req.ContentLength != 0 {
 			_ = rc.SetReadDeadline(time.Now().Add(idle))
-			req.Body = &deadlineBody{ReadCloser: req.Body, rc: rc, idle: idle, at: time.Now()}
+			// A shallow copy: net/http keeps looking at its own Body (an
+			// unread Expect: 100-continue body must stay unread).
+			r2 := new(http.Request)
+			*r2 = *req
+			r2.Body = &deadlineBody{ReadCloser: req.Body, rc: rc, idle: idle, at: time.Now()}
+			req = r2
 		}
 		if len(req.TransferEncoding) > 0 {
 			// It may have come with a Content-Length too (net/http drops

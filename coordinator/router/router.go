@@ -12,6 +12,7 @@ import (
 	"io"
 	"log/slog"
 	"math"
+	"net"
 	"net/http"
 	"slices"
 	"strconv"
@@ -33,11 +34,17 @@ type Config struct {
 	// APIKeys are the accepted Bearer keys (hashed), each with its models
 	// and rate limit. Nil or empty: no authentication.
 	APIKeys *Keys
-	// Retries is how many other replicas are tried when a backend cannot be
-	// reached or answers 5xx before anything reached the client.
+	// Retries is how many more attempts a request gets, each at a replica
+	// not yet tried, when one fails before any byte of its answer reached
+	// the client: no connection, a reset before an answer, an answer that
+	// breaks HTTP, a 5xx or a 429 (default 2; -1: none). Each answer says
+	// how many it took (X-Shoal-Attempts).
 	Retries int
-	// EjectFor keeps a failing backend out of picks for a while.
-	EjectFor time.Duration
+	// EjectAfter gateway failures in a row (refused, reset, 5xx) eject a
+	// backend for EjectFor times the number of its recent ejections
+	// (outlier.go).
+	EjectAfter int
+	EjectFor   time.Duration
 	// IdleTimeout ends a response when the backend sends nothing for this long
 	// (a hung engine); TotalTimeout bounds a whole request (0: none, so long
 	// reasoning streams are never cut).
@@ -63,6 +70,9 @@ func (c *Config) defaults() {
 	}
 	if c.Retries < 0 {
 		c.Retries = 0
+	}
+	if c.EjectAfter <= 0 {
+		c.EjectAfter = 5
 	}
 	if c.EjectFor == 0 {
 		c.EjectFor = 5 * time.Second
@@ -93,11 +103,12 @@ type Router struct {
 	picker *picker
 	held   atomic.Int64
 
-	requests *prometheus.CounterVec
-	fallback *prometheus.CounterVec
-	retries  *prometheus.CounterVec
-	ttfb     *prometheus.HistogramVec
-	inflight *prometheus.GaugeVec
+	requests  *prometheus.CounterVec
+	fallback  *prometheus.CounterVec
+	retries   *prometheus.CounterVec
+	ejections *prometheus.CounterVec
+	ttfb      *prometheus.HistogramVec
+	inflight  *prometheus.GaugeVec
 }
 
 // New returns a router over table.
@@ -109,13 +120,15 @@ func New(table *Table, log *slog.Logger, cfg Config) *Router {
 		fallback: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "shoal_router_strategy_fallback_total",
 			Help: "Picks where the asked strategy lacked its signal and least-request decided."}, []string{"strategy"}),
 		retries: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "shoal_router_retries_total",
-			Help: "Requests retried on another replica, by reason."}, []string{"reason"}),
+			Help: "Requests retried on another replica, by the failed attempt's reason (connect, reset, bad_response, 5xx, 429)."}, []string{"reason"}),
+		ejections: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "shoal_router_ejections_total",
+			Help: "Backends ejected after consecutive gateway failures, by the last failure's reason."}, []string{"reason"}),
 		ttfb: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "shoal_router_upstream_first_byte_seconds",
 			Help: "Time from routing to the engine's response headers.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 20)}, []string{"model"}),
 	}
 	r.inflight = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "shoal_router_inflight_requests",
 		Help: "Requests being proxied to an engine now, by model."}, []string{"model"})
-	cfg.Registry.MustRegister(r.requests, r.fallback, r.retries, r.ttfb, r.inflight)
+	cfg.Registry.MustRegister(r.requests, r.fallback, r.retries, r.ejections, r.ttfb, r.inflight)
 	return r
 }
 
@@ -359,39 +372,124 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 		defer cancel()
 	}
 	tried := map[string]bool{}
-	for attempt := 0; attempt <= r.cfg.Retries; attempt++ {
+	var last, answered *attempt // the last failed attempt and the last engine answer among them; nothing of them written
+	attempts, maxAttempts := 0, 1+r.cfg.Retries
+	for attempts < maxAttempts {
 		ep, used, release := r.picker.pick(strategy, eps, h, tried)
 		if ep == nil {
 			break
 		}
+		if last != nil {
+			r.retries.WithLabelValues(last.reason).Inc()
+			r.log.Warn("backend failed; trying another replica", "model", model, "backend", last.addr, "reason", last.reason, "err", last.err, "request_id", rid)
+		}
+		attempts++
 		if used != strategy && strategy != StrategyPrefixAIBrix {
 			r.fallback.WithLabelValues(strategy).Inc()
 		}
 		tried[ep.Addr] = true
-		w.Header().Set("X-Shoal-Strategy", used)
+		wh := w.Header()
+		wh["X-Shoal-Attempts"] = []string{strconv.Itoa(attempts)}
+		wh["X-Shoal-Strategy"] = []string{used}
 		if h.session != "" {
 			w.Header().Set("x-session-id", h.session)
 		}
+		// Another attempt may follow only if one is left and a replica not
+		// yet tried is there to take it.
+		canRetry := attempts < maxAttempts && untried(eps, tried)
 		g := r.inflight.WithLabelValues(model)
 		g.Inc()
-		code, done, err := r.forward(ctx, w, req, ep, body, attempt < r.cfg.Retries)
+		a := r.forward(ctx, w, req, ep, body, canRetry)
 		g.Dec()
 		release()
-		if done {
-			r.requests.WithLabelValues(model, used, strconv.Itoa(code)).Inc()
+		if a.reason != "" || a.gatewayOK {
+			if d := r.picker.outcome(ep.Addr, a.gatewayFailure(), r.cfg.EjectAfter, r.cfg.EjectFor); d > 0 {
+				r.ejections.WithLabelValues(a.reason).Inc()
+				r.log.Warn("backend ejected after consecutive failures", "model", model, "backend", ep.Addr, "for", d, "reason", a.reason)
+			}
+		}
+		if a.done {
+			r.requests.WithLabelValues(model, used, strconv.Itoa(a.status)).Inc()
 			return
 		}
-		reason := "connect"
-		if code >= 500 {
-			reason = "5xx"
+		last = &a
+		if a.status > 0 {
+			answered = &a
 		}
-		r.retries.WithLabelValues(reason).Inc()
-		r.picker.eject(ep.Addr, r.cfg.EjectFor)
-		r.log.Warn("backend failed; trying another replica", "model", model, "backend", ep.Addr, "err", err, "request_id", rid)
 	}
-	r.requests.WithLabelValues(model, strategy, "503").Inc()
-	w.Header().Set("Retry-After", "5")
-	writeError(w, 503, "server_error", "", "no_ready_replica", fmt.Sprintf("No replica of `%s` is ready to serve; retry later (see `shoal get replicas`).", model))
+	if answered != nil {
+		last = answered // an engine's answer says more than a later refused connection
+	}
+	switch {
+	case last == nil:
+		r.requests.WithLabelValues(model, strategy, "503").Inc()
+		w.Header().Set("Retry-After", "5")
+		writeError(w, 503, "server_error", "", "no_ready_replica", fmt.Sprintf("No replica of `%s` is ready to serve; retry later (see `shoal get replicas`).", model))
+	case last.status > 0:
+		// Every attempt failed and the last one was an engine's answer: the
+		// client gets that answer (its status, Retry-After and body), not
+		// a made-up one.
+		r.requests.WithLabelValues(model, strategy, strconv.Itoa(last.status)).Inc()
+		last.writeTo(w)
+	default:
+		r.requests.WithLabelValues(model, strategy, "502").Inc()
+		writeError(w, 502, "server_error", "", "upstream_unreachable", fmt.Sprintf("No replica of `%s` could be reached (%d attempts); the last failed: %v.", model, attempts, last.err))
+	}
+}
+
+// untried: a replica in eps has not been tried yet.
+func untried(eps []*Endpoint, tried map[string]bool) bool {
+	for _, e := range eps {
+		if !tried[e.Addr] {
+			return true
+		}
+	}
+	return false
+}
+
+// attempt is how one try of a request at one replica ended.
+type attempt struct {
+	addr      string
+	done      bool // the answer (or an error of the router's own) reached the client
+	status    int  // the engine's status; 0 when it gave none
+	reason    string
+	err       error
+	gatewayOK bool // the engine answered, not with a 5xx: its streak ends
+
+	header []h1.Header // a failed answer's headers and body, to pass on if it is the last
+	body   []byte
+}
+
+// Reasons an attempt failed and another may be made.
+const (
+	reasonConnect  = "connect"      // no connection to the engine
+	reasonReset    = "reset"        // the connection broke before an answer
+	reasonProtocol = "bad_response" // the answer broke HTTP/1.1
+	reason5xx      = "5xx"
+	reason429      = "429"
+)
+
+// gatewayFailure: the attempt counts toward ejecting its backend (a 429
+// does not: the engine is full, not failing).
+func (a *attempt) gatewayFailure() bool { return a.reason != "" && a.reason != reason429 }
+
+// writeTo passes a failed engine answer on as the engine gave it.
+func (a *attempt) writeTo(w http.ResponseWriter) {
+	wh := w.Header()
+	for _, kv := range a.header {
+		switch kv.Key {
+		case "Content-Type", "Retry-After":
+			wh[kv.Key] = append(wh[kv.Key][:0], kv.Value)
+		}
+	}
+	if len(a.body) == 0 || !json.Valid(a.body) {
+		// Not JSON: an OpenAI-shaped error that quotes it.
+		writeError(w, a.status, "server_error", "", "", fmt.Sprintf("The engine answered %d: %s", a.status, strings.TrimSpace(string(a.body))))
+		return
+	}
+	wh["Content-Length"] = []string{strconv.Itoa(len(a.body))}
+	w.WriteHeader(a.status)
+	_, _ = w.Write(a.body)
 }
 
 // hold waits for a ready replica of model (the activator for scale from zero),
@@ -425,10 +523,15 @@ func (r *Router) hold(ctx context.Context, model string) []*Endpoint {
 	}
 }
 
+// maxFailedBody is how much of a failed (5xx, 429) answer is kept to pass
+// on should it be the last.
+const maxFailedBody = 64 << 10
+
 // forward sends the request to ep and streams the answer back unbuffered. It
 // returns done=false only when nothing was written and another replica may be
-// tried: the connection failed, or (when canRetry) the engine answered 5xx.
-func (r *Router) forward(ctx context.Context, w aborter, req *http.Request, ep *Endpoint, body []byte, canRetry bool) (int, bool, error) {
+// tried: the connection failed or broke before an answer, the answer broke
+// HTTP, or (when canRetry) the engine answered 5xx or 429.
+func (r *Router) forward(ctx context.Context, w aborter, req *http.Request, ep *Endpoint, body []byte, canRetry bool) attempt {
 	start := time.Now()
 	var hb [6]h1.Header
 	hdr := hb[:0]
@@ -442,19 +545,33 @@ func (r *Router) forward(ctx context.Context, w aborter, req *http.Request, ep *
 	resp, err := r.up.Do(ctx, ep.Addr, req.Method, req.URL.Path, hdr, body, r.cfg.IdleTimeout)
 	if err != nil {
 		if req.Context().Err() != nil {
-			return 499, true, err // the client went away
+			return attempt{addr: ep.Addr, done: true, status: 499, err: err} // the client went away
 		}
 		if errors.Is(err, context.DeadlineExceeded) {
 			writeError(w, 504, "server_error", "", "timeout", fmt.Sprintf("The request ran past the router's total timeout (%v).", r.cfg.TotalTimeout))
-			return 504, true, err
+			return attempt{addr: ep.Addr, done: true, status: 504, err: err}
 		}
-		return 0, false, err
+		a := attempt{addr: ep.Addr, reason: reasonReset, err: err}
+		var pe *h1.ProtocolError
+		var oe *net.OpError
+		switch {
+		case errors.As(err, &pe):
+			a.reason = reasonProtocol
+		case errors.As(err, &oe) && oe.Op == "dial":
+			a.reason = reasonConnect
+		}
+		return a
 	}
 	defer resp.Close()
 	r.ttfb.WithLabelValues(ep.Model).Observe(time.Since(start).Seconds())
-	if canRetry && resp.Status >= 500 {
-		b, _ := io.ReadAll(io.LimitReader(resp, 512))
-		return resp.Status, false, fmt.Errorf("engine answered %d: %s", resp.Status, bytes.TrimSpace(b))
+	if canRetry && (resp.Status >= 500 || resp.Status == 429) {
+		b, _ := io.ReadAll(io.LimitReader(resp, maxFailedBody))
+		a := attempt{addr: ep.Addr, status: resp.Status, reason: reason5xx, header: slices.Clone(resp.Header), body: b,
+			err: fmt.Errorf("engine answered %d: %s", resp.Status, truncateBytes(bytes.TrimSpace(b), 200))}
+		if resp.Status == 429 {
+			a.reason = reason429
+		}
+		return a
 	}
 	wh := w.Header()
 	for _, kv := range resp.Header {
@@ -470,6 +587,10 @@ func (r *Router) forward(ctx context.Context, w aborter, req *http.Request, ep *
 	wh["X-Shoal-Head"] = []string{ep.NodeID}
 	wh["X-Shoal-Term"] = []string{strconv.FormatUint(ep.Term, 10)}
 	w.WriteHeader(resp.Status)
+	done := attempt{addr: ep.Addr, done: true, status: resp.Status, gatewayOK: resp.Status < 500}
+	if resp.Status >= 500 {
+		done.reason = reason5xx // passed on (no retry left) but still a failure of the backend
+	}
 	var fl http.Flusher
 	if resp.SSE {
 		fl, _ = w.(http.Flusher) // SSE: every event reaches the client as the engine emits it
@@ -481,7 +602,8 @@ func (r *Router) forward(ctx context.Context, w aborter, req *http.Request, ep *
 		n, rerr := resp.Read(buf)
 		if n > 0 {
 			if _, werr := w.Write(buf[:n]); werr != nil {
-				return resp.Status, true, werr // client gone: closing the engine connection stops its request
+				done.err = werr // client gone: closing the engine connection stops its request
+				return done
 			}
 			if fl != nil {
 				fl.Flush()
@@ -493,13 +615,21 @@ func (r *Router) forward(ctx context.Context, w aborter, req *http.Request, ep *
 				// connection closes without a final chunk or short of its
 				// Content-Length, so it knows.
 				w.Abort()
+				done.err = rerr
 				if ctx.Err() == nil {
 					r.log.Warn("backend stream broke", "backend", ep.Addr, "err", rerr)
 				}
 			}
-			return resp.Status, true, nil
+			return done
 		}
 	}
+}
+
+func truncateBytes(b []byte, n int) []byte {
+	if len(b) > n {
+		return b[:n]
+	}
+	return b
 }
 
 // hget is Header.Get for a key already in canonical form (net/http and the

@@ -50,6 +50,7 @@ type picker struct {
 	inflight map[string]*atomic.Int64 // guarded by mu (the map; counters are atomic)
 	rr       map[string]uint64        // guarded by mu; round-robin position per model
 	ejected  map[string]time.Time     // guarded by mu; backend → until
+	outliers map[string]*outlier      // guarded by mu; failure streaks and ejections
 	prefix   *prefixIndex             // guarded by mu
 	sessions *lru                     // guarded by mu; session id → backend
 	now      func() time.Time
@@ -57,7 +58,8 @@ type picker struct {
 
 func newPicker() *picker {
 	return &picker{inflight: map[string]*atomic.Int64{}, rr: map[string]uint64{}, ejected: map[string]time.Time{},
-		prefix: newPrefixIndex(200_000), sessions: newLRU(100_000), now: time.Now}
+		outliers: map[string]*outlier{},
+		prefix:   newPrefixIndex(200_000), sessions: newLRU(100_000), now: time.Now}
 }
 
 func (p *picker) counter(addr string) *atomic.Int64 {

@@ -188,7 +188,7 @@ func coordinatorCommand() *cli.Command {
 			&cli.StringFlag{Name: "router", Value: "127.0.0.1:8080", EnvVars: []string{"SHOAL_ROUTER_ADDR"}, Usage: "OpenAI HTTP address (\"\" disables)"},
 			&cli.StringFlag{Name: "data-dir", Value: "/var/lib/shoal-coordinator", EnvVars: []string{"SHOAL_DATA_DIR"}},
 			&cli.StringFlag{Name: "cli-tokens-file", EnvVars: []string{"SHOAL_CLI_TOKENS_FILE"}, Usage: "hashed CLI tokens, \"NAME SHA256\" per line (`shoal tls token create`); reloaded on SIGHUP"},
-			apiKeysFlag, idleTimeoutFlag, totalTimeoutFlag, holdForFlag,
+			apiKeysFlag, idleTimeoutFlag, totalTimeoutFlag, holdForFlag, retriesFlag, ejectAfterFlag,
 		},
 		Action: func(c *cli.Context) error {
 			if c.NArg() > 0 {
@@ -247,6 +247,12 @@ var totalTimeoutFlag = &cli.DurationFlag{Name: "total-timeout", EnvVars: []strin
 var holdForFlag = &cli.DurationFlag{Name: "hold-for", Value: 30 * time.Second, EnvVars: []string{"SHOAL_ROUTER_HOLD_FOR"},
 	Usage: "hold a request for a model with no ready replica this long (scale from zero, restarts) before answering 503"}
 
+var retriesFlag = &cli.IntFlag{Name: "retries", Value: 2, EnvVars: []string{"SHOAL_ROUTER_RETRIES"},
+	Usage: "more attempts a request gets, each at another replica, when one fails before any byte of the answer reached the client (no connection, reset, 5xx, 429); 0: none"}
+
+var ejectAfterFlag = &cli.IntFlag{Name: "eject-after", Value: 5, EnvVars: []string{"SHOAL_ROUTER_EJECT_AFTER"},
+	Usage: "failures in a row (refused, reset, 5xx) that take a replica out of routing for 5 s × its recent ejections (at most 5 min)"}
+
 var apiKeysFlag = &cli.StringFlag{Name: "api-keys-file", EnvVars: []string{"SHOAL_API_KEYS_FILE"},
 	Usage: "hashed API keys with their models and rate limits (`shoal apikey create`); when set, OpenAI requests need `Authorization: Bearer KEY`; reloaded on SIGHUP"}
 
@@ -254,6 +260,18 @@ func routerConfig(c *cli.Context) (router.Config, error) {
 	rc := router.Config{IdleTimeout: c.Duration("idle-timeout"), TotalTimeout: c.Duration("total-timeout"), HoldFor: c.Duration("hold-for")}
 	if rc.IdleTimeout < 0 || rc.TotalTimeout < 0 {
 		return rc, fmt.Errorf("--idle-timeout and --total-timeout must not be negative")
+	}
+	switch n := c.Int("retries"); {
+	case n < 0 || n > 10:
+		return rc, fmt.Errorf("--retries %d: give 0 (none) to 10", n)
+	case n == 0:
+		rc.Retries = -1
+	default:
+		rc.Retries = n
+	}
+	rc.EjectAfter = c.Int("eject-after")
+	if rc.EjectAfter < 1 {
+		return rc, fmt.Errorf("--eject-after %d: give at least 1", rc.EjectAfter)
 	}
 	if p := c.String("api-keys-file"); p != "" {
 		keys, err := router.LoadAPIKeys(p)
@@ -296,7 +314,7 @@ func routerCommand() *cli.Command {
 			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:8080", EnvVars: []string{"SHOAL_ROUTER_ADDR"}, Usage: "OpenAI HTTP address"},
 			&cli.StringSliceFlag{Name: "backend", EnvVars: []string{"SHOAL_ROUTER_BACKENDS"},
 				Usage: "static MODEL=HOST:PORT backend (repeatable), e.g. an existing vLLM server; no gossip needed"},
-			apiKeysFlag, idleTimeoutFlag, totalTimeoutFlag, holdForFlag,
+			apiKeysFlag, idleTimeoutFlag, totalTimeoutFlag, holdForFlag, retriesFlag, ejectAfterFlag,
 		},
 		Action: func(c *cli.Context) error {
 			rc, err := routerConfig(c)

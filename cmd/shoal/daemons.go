@@ -189,6 +189,7 @@ func coordinatorCommand() *cli.Command {
 			&cli.StringFlag{Name: "data-dir", Value: "/var/lib/shoal-coordinator", EnvVars: []string{"SHOAL_DATA_DIR"}},
 			&cli.StringFlag{Name: "cli-tokens-file", EnvVars: []string{"SHOAL_CLI_TOKENS_FILE"}, Usage: "hashed CLI tokens, \"NAME SHA256\" per line (`shoal tls token create`); reloaded on SIGHUP"},
 			apiKeysFlag, idleTimeoutFlag, totalTimeoutFlag, holdForFlag, retriesFlag, ejectAfterFlag,
+			allowedOriginsFlag, allowedMethodsFlag, allowedHeadersFlag, allowCredentialsFlag,
 		},
 		Action: func(c *cli.Context) error {
 			if c.NArg() > 0 {
@@ -253,6 +254,19 @@ var retriesFlag = &cli.IntFlag{Name: "retries", Value: 2, EnvVars: []string{"SHO
 var ejectAfterFlag = &cli.IntFlag{Name: "eject-after", Value: 5, EnvVars: []string{"SHOAL_ROUTER_EJECT_AFTER"},
 	Usage: "failures in a row (refused, reset, 5xx) that take a replica out of routing for 5 s × its recent ejections (at most 5 min)"}
 
+// The CORS flags are vLLM's (its defaults: every origin, method and header,
+// no credentials).
+var (
+	allowedOriginsFlag = &cli.StringSliceFlag{Name: "allowed-origins", EnvVars: []string{"SHOAL_ROUTER_ALLOWED_ORIGINS"},
+		Usage: "origins browsers may call the router from (repeatable or comma-separated; default *, as vLLM)"}
+	allowedMethodsFlag = &cli.StringSliceFlag{Name: "allowed-methods", EnvVars: []string{"SHOAL_ROUTER_ALLOWED_METHODS"},
+		Usage: "methods a cross-origin request may use (default *)"}
+	allowedHeadersFlag = &cli.StringSliceFlag{Name: "allowed-headers", EnvVars: []string{"SHOAL_ROUTER_ALLOWED_HEADERS"},
+		Usage: "headers a cross-origin request may send (default *)"}
+	allowCredentialsFlag = &cli.BoolFlag{Name: "allow-credentials", EnvVars: []string{"SHOAL_ROUTER_ALLOW_CREDENTIALS"},
+		Usage: "let cross-origin requests carry credentials (the allowed origin is then echoed, never *)"}
+)
+
 var apiKeysFlag = &cli.StringFlag{Name: "api-keys-file", EnvVars: []string{"SHOAL_API_KEYS_FILE"},
 	Usage: "hashed API keys with their models and rate limits (`shoal apikey create`); when set, OpenAI requests need `Authorization: Bearer KEY`; reloaded on SIGHUP"}
 
@@ -269,6 +283,8 @@ func routerConfig(c *cli.Context) (router.Config, error) {
 	default:
 		rc.Retries = n
 	}
+	rc.CORS = router.CORS{Origins: c.StringSlice("allowed-origins"), Methods: c.StringSlice("allowed-methods"),
+		Headers: c.StringSlice("allowed-headers"), Credentials: c.Bool("allow-credentials")}
 	rc.EjectAfter = c.Int("eject-after")
 	if rc.EjectAfter < 1 {
 		return rc, fmt.Errorf("--eject-after %d: give at least 1", rc.EjectAfter)
@@ -315,6 +331,7 @@ func routerCommand() *cli.Command {
 			&cli.StringSliceFlag{Name: "backend", EnvVars: []string{"SHOAL_ROUTER_BACKENDS"},
 				Usage: "static MODEL=HOST:PORT backend (repeatable), e.g. an existing vLLM server; no gossip needed"},
 			apiKeysFlag, idleTimeoutFlag, totalTimeoutFlag, holdForFlag, retriesFlag, ejectAfterFlag,
+			allowedOriginsFlag, allowedMethodsFlag, allowedHeadersFlag, allowCredentialsFlag,
 		},
 		Action: func(c *cli.Context) error {
 			rc, err := routerConfig(c)

@@ -18,7 +18,7 @@ func (r *Router) NewServer(ln net.Listener) *Server {
 			r.serve(w.(*h1.ResponseWriter), req, body)
 		},
 		Fallback:      r.Handler(),
-		Paths:         fastPaths,
+		Paths:         modelRoutes,
 		Keep:          frontHeaders[:],
 		MaxBody:       r.cfg.MaxBody,
 		AfterShutdown: r.up.CloseIdle,
@@ -26,9 +26,6 @@ func (r *Router) NewServer(ln net.Listener) *Server {
 	})
 }
 
-// fastPaths are the POST targets the fast path serves.
-var fastPaths = []string{"/v1/chat/completions", "/v1/completions", "/v1/embeddings"}
-
 // frontHeaders are the request headers the router reads or passes on.
 var frontHeaders = [...]string{"Authorization", "Content-Type", "Accept", "Openai-Organization",
-	"X-Request-Id", "Routing-Strategy", "X-Session-Id"}
+	"X-Request-Id", "Routing-Strategy", "X-Session-Id", "Origin"}

@@ -107,7 +107,7 @@ func TestFrontKeepAliveAndHandoff(t *testing.T) {
 	require.Equal(t, 200, rs[4].StatusCode)
 	require.Contains(t, body(t, rs[4]), `"id":"m"`)
 	require.Equal(t, 200, rs[5].StatusCode)
-	require.Equal(t, int32(3), n.Load())
+	require.Equal(t, int32(4), n.Load(), "three proxied requests and the engine's model card for GET /v1/models")
 }
 
 // TestEngineSeesClientHeaders: through the fast path and through net/http

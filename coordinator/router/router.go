@@ -62,6 +62,8 @@ type Config struct {
 	HoldFor  time.Duration
 	MaxHeld  int
 	OnDemand func(model string)
+	// CORS is the cross-origin policy (default: vLLM's, any origin).
+	CORS CORS
 }
 
 func (c *Config) defaults() {
@@ -89,6 +91,7 @@ func (c *Config) defaults() {
 	if c.Registry == nil {
 		c.Registry = prometheus.NewRegistry()
 	}
+	c.CORS.defaults()
 	if c.MaxHeld == 0 {
 		c.MaxHeld = 1000
 	}
@@ -102,6 +105,7 @@ type Router struct {
 	up     *h1.Client
 	picker *picker
 	held   atomic.Int64
+	cards  cardCache
 
 	requests  *prometheus.CounterVec
 	fallback  *prometheus.CounterVec
@@ -135,17 +139,19 @@ func New(table *Table, log *slog.Logger, cfg Config) *Router {
 // Handler routes the OpenAI endpoints.
 func (r *Router) Handler() http.Handler {
 	mux := http.NewServeMux()
-	mux.HandleFunc("POST /v1/chat/completions", r.proxy)
-	mux.HandleFunc("POST /v1/completions", r.proxy)
-	mux.HandleFunc("POST /v1/embeddings", r.proxy)
+	for _, p := range modelRoutes {
+		mux.HandleFunc("POST "+p, r.proxy)
+	}
 	mux.HandleFunc("GET /v1/models", r.models)
+	mux.HandleFunc("GET /v1/models/{id...}", r.model)
+	mux.HandleFunc("GET /version", r.version)
 	mux.HandleFunc("GET /health", func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(200) })
 	mux.HandleFunc("GET /healthz", func(w http.ResponseWriter, _ *http.Request) { w.WriteHeader(200) })
 	mux.Handle("GET /metrics", promhttp.HandlerFor(r.cfg.Registry, promhttp.HandlerOpts{}))
 	mux.HandleFunc("/", func(w http.ResponseWriter, req *http.Request) {
-		writeError(w, 404, "invalid_request_error", "", "", fmt.Sprintf("Unknown request URL: %s %s. Supported: POST /v1/chat/completions, POST /v1/completions, POST /v1/embeddings, GET /v1/models.", req.Method, req.URL.Path))
+		writeError(w, 404, "invalid_request_error", "", "", fmt.Sprintf("Unknown request URL: %s %s. Supported: POST %s; GET /v1/models, /v1/models/{id}, /version.", req.Method, req.URL.Path, strings.Join(modelRoutes, ", ")))
 	})
-	return mux
+	return r.withCORS(mux)
 }
 
 // writeError writes an OpenAI-shaped error.
@@ -184,21 +190,6 @@ func (r *Router) allowed(w http.ResponseWriter, req *http.Request) ([]string, bo
 		return nil, false
 	}
 	return k.models(), true
-}
-
-func (r *Router) models(w http.ResponseWriter, req *http.Request) {
-	allow, ok := r.allowed(w, req)
-	if !ok {
-		return
-	}
-	data := []any{}
-	for _, m := range r.table.Load().Ready() {
-		if allow == nil || slices.Contains(allow, m) {
-			data = append(data, map[string]any{"id": m, "object": "model", "created": 0, "owned_by": "shoal"})
-		}
-	}
-	w.Header().Set("Content-Type", "application/json")
-	_ = json.NewEncoder(w).Encode(map[string]any{"object": "list", "data": data})
 }
 
 // promptText flattens the prompt (or messages, or input) of a validated body
@@ -311,6 +302,7 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 		rid = requestID()
 	}
 	w.Header()["X-Request-Id"] = []string{rid}
+	r.cfg.CORS.simple(w, hget(req.Header, "Origin"))
 	allow, ok := r.allowed(w, req)
 	if !ok {
 		return
@@ -374,6 +366,9 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 	tried := map[string]bool{}
 	var last, answered *attempt // the last failed attempt and the last engine answer among them; nothing of them written
 	attempts, maxAttempts := 0, 1+r.cfg.Retries
+	if stateful(req.URL.Path, body) {
+		maxAttempts = 1 // it leaves state where it is answered: never sent twice
+	}
 	for attempts < maxAttempts {
 		ep, used, release := r.picker.pick(strategy, eps, h, tried)
 		if ep == nil {

@@ -79,6 +79,9 @@ type request struct {
 	stops                           []string        // stop strings: output ends before the first match
 	outText                         strings.Builder // output so far, to find stop strings across tokens
 	stopped                         bool
+	// script, when set, is the output token by token (a tool call's
+	// arguments, JSON for a response_format): EOS falls at its end.
+	script []string
 }
 
 // Engine is the continuous-batching scheduler. One goroutine (Run) steps it.
@@ -318,6 +321,12 @@ func (e *Engine) step() {
 		}
 		r.vLast = e.vnow
 		t := token{text: word(r.seed, r.emitted)}
+		if r.script != nil {
+			t.text = ""
+			if r.emitted <= len(r.script) {
+				t.text = r.script[r.emitted-1]
+			}
+		}
 		if len(r.stops) > 0 {
 			before := r.outText.Len()
 			r.outText.WriteString(t.text)

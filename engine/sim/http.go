@@ -1,11 +1,13 @@
 package sim
 
 import (
-	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
+	"io"
 	"math"
 	"math/rand/v2"
+	"mime"
 	"net/http"
 	"strconv"
 	"strings"
@@ -64,6 +66,16 @@ func (s *Server) Handler() http.Handler {
 		writeJSON(w, 200, map[string]int{"server_load": r + q})
 	})
 	mux.HandleFunc("POST /tokenize", s.tokenize)
+	mux.HandleFunc("POST /detokenize", s.detokenize)
+	mux.HandleFunc("POST /v1/responses", s.responses)
+	for _, p := range []string{"/score", "/v1/score"} {
+		mux.HandleFunc("POST "+p, s.score)
+	}
+	for _, p := range []string{"/rerank", "/v1/rerank", "/v2/rerank"} {
+		mux.HandleFunc("POST "+p, s.rerank)
+	}
+	mux.HandleFunc("POST /pooling", s.pooling)
+	mux.HandleFunc("POST /classify", s.classify)
 	if s.cfg.flavor != "sglang" || s.cfg.enableMetrics {
 		mux.Handle("GET /metrics", promhttp.HandlerFor(s.m.reg, promhttp.HandlerOpts{}))
 	}
@@ -162,6 +174,29 @@ type genRequest struct {
 	Stop      json.RawMessage `json:"stop"`
 	Seed      *int64          `json:"seed"`
 	N         *int            `json:"n"`
+
+	Temperature    *float64        `json:"temperature"`
+	Logprobs       json.RawMessage `json:"logprobs"` // chat: bool; completions: int
+	TopLogprobs    *int            `json:"top_logprobs"`
+	Echo           bool            `json:"echo"`
+	Tools          []toolDef       `json:"tools"`
+	ToolChoice     json.RawMessage `json:"tool_choice"`
+	ResponseFormat *struct {
+		Type       string `json:"type"`
+		JSONSchema *struct {
+			Name   string         `json:"name"`
+			Schema map[string]any `json:"schema"`
+		} `json:"json_schema"`
+	} `json:"response_format"`
+	streamSet bool // "stream" was in the body
+}
+
+type toolDef struct {
+	Type     string `json:"type"`
+	Function struct {
+		Name       string         `json:"name"`
+		Parameters map[string]any `json:"parameters"`
+	} `json:"function"`
 }
 
 // contentText flattens a chat message content: a string or a list of parts.
@@ -185,216 +220,6 @@ func contentText(raw json.RawMessage) (string, error) {
 		b.WriteString(p.Text)
 	}
 	return b.String(), nil
-}
-
-func (s *Server) chat(w http.ResponseWriter, r *http.Request)        { s.generate(w, r, true) }
-func (s *Server) completions(w http.ResponseWriter, r *http.Request) { s.generate(w, r, false) }
-
-func (s *Server) generate(w http.ResponseWriter, r *http.Request, chat bool) {
-	if s.cfg.pooling {
-		api := "Completions API"
-		if chat {
-			api = "Chat Completions API"
-		}
-		writeError(w, 400, "BadRequestError", "The model does not support "+api, nil)
-		return
-	}
-	arrival := time.Now()
-	req, ok := s.decode(w, r)
-	if !ok {
-		return
-	}
-	var prompt string
-	if chat {
-		if len(req.Messages) == 0 {
-			writeError(w, 400, "BadRequestError", "messages: at least one message is required", nil)
-			return
-		}
-		var b strings.Builder
-		for _, m := range req.Messages {
-			t, err := contentText(m.Content)
-			if err != nil {
-				writeError(w, 400, "BadRequestError", "messages: "+err.Error(), nil)
-				return
-			}
-			// A chat template adds a few tokens per message.
-			b.WriteString("<|" + m.Role + "|>" + t + "\n")
-		}
-		prompt = b.String()
-	} else {
-		if err := json.Unmarshal(req.Prompt, &prompt); err != nil {
-			var list []string
-			if json.Unmarshal(req.Prompt, &list) != nil || len(list) != 1 {
-				writeError(w, 400, "BadRequestError", "prompt must be a string (or a list of one string)", nil)
-				return
-			}
-			prompt = list[0]
-		}
-	}
-	promptTokens := countTokens(prompt)
-	if promptTokens >= s.cfg.maxModelLen {
-		writeError(w, 400, "BadRequestError", fmt.Sprintf("This model's maximum context length is %d tokens. However, you requested %d tokens in the messages, Please reduce the length of the messages.", s.cfg.maxModelLen, promptTokens), nil)
-		return
-	}
-	maxTokens := s.cfg.maxModelLen - promptTokens
-	if req.MaxCompTokens != nil {
-		req.MaxTokens = req.MaxCompTokens
-	}
-	if req.MaxTokens != nil {
-		if *req.MaxTokens < 1 {
-			param := "max_tokens"
-			writeError(w, 400, "BadRequestError", fmt.Sprintf("max_tokens must be at least 1, got %d.", *req.MaxTokens), &param)
-			return
-		}
-		if promptTokens+*req.MaxTokens > s.cfg.maxModelLen {
-			writeError(w, 400, "BadRequestError", fmt.Sprintf("This model's maximum context length is %d tokens. However, you requested %d tokens (%d in the messages, %d in the completion). Please reduce the length of the messages or completion.", s.cfg.maxModelLen, promptTokens+*req.MaxTokens, promptTokens, *req.MaxTokens), nil)
-			return
-		}
-		maxTokens = *req.MaxTokens
-	}
-	if code, ok := s.injectedError(); ok {
-		writeError(w, code, map[int]string{429: "RateLimitError", 500: "InternalServerError", 503: "ServiceUnavailableError"}[code], "injected fault", nil)
-		return
-	}
-	if s.eng.deadErr() != nil {
-		writeError(w, 500, "InternalServerError", ErrEngineDead.Error(), nil)
-		return
-	}
-	s.faults.mu.Lock()
-	workerDead := s.faults.workerDead
-	s.faults.mu.Unlock()
-	if workerDead {
-		// The first step after a Ray worker died raises ActorDiedError and kills the engine.
-		go s.eng.kill(fmt.Errorf("ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task"))
-		writeError(w, 500, "InternalServerError", ErrEngineDead.Error(), nil)
-		return
-	}
-	var stops []string
-	if len(req.Stop) > 0 && string(req.Stop) != "null" {
-		var one string
-		if json.Unmarshal(req.Stop, &one) == nil {
-			stops = []string{one}
-		} else if err := json.Unmarshal(req.Stop, &stops); err != nil {
-			param := "stop"
-			writeError(w, 400, "BadRequestError", "stop must be a string or a list of strings", &param)
-			return
-		}
-		for _, st := range stops {
-			if st == "" {
-				param := "stop"
-				writeError(w, 400, "BadRequestError", "stop strings must not be empty", &param)
-				return
-			}
-		}
-	}
-	seed := hashString(prompt)
-	if req.Seed != nil {
-		seed = uint64(*req.Seed)
-	}
-	id := s.seq.Add(1)
-	er := &request{id: strconv.FormatUint(id, 10), prompt: promptTokens, origPrompt: promptTokens, maxTokens: maxTokens,
-		natural: 16 + int(seed%240), ignoreEOS: req.IgnoreEOS, seed: seed, arrival: arrival,
-		hashes: blockHashes(prompt, s.eng.p.BlockSize), stops: stops,
-		out: make(chan token, maxTokens+2), ctx: r.Context()}
-	if err := s.eng.submit(er); err != nil {
-		writeError(w, 500, "InternalServerError", err.Error(), nil)
-		return
-	}
-	rid := fmt.Sprintf("%s-%016x%016x", map[bool]string{true: "chatcmpl", false: "cmpl"}[chat], uint64(arrival.UnixNano()), id)
-	if req.Stream {
-		s.stream(w, r.Context(), er, rid, chat, req.StreamOptions != nil && req.StreamOptions.IncludeUsage)
-		return
-	}
-	var text strings.Builder
-	finish := ""
-	var stopReason *string
-	for finish == "" {
-		select {
-		case t := <-er.out:
-			if t.err != nil {
-				writeError(w, 500, "InternalServerError", t.err.Error(), nil)
-				return
-			}
-			text.WriteString(t.text)
-			finish = t.finish
-			if t.stop != "" {
-				stopReason = &t.stop
-			}
-		case <-r.Context().Done():
-			return
-		}
-	}
-	resp := completion{ID: rid, Object: "text_completion", Created: arrival.Unix(), Model: req.Model,
-		Usage: usage{PromptTokens: er.origPrompt, TotalTokens: er.origPrompt + er.emitted, CompletionTokens: er.emitted}}
-	out := text.String()
-	if chat {
-		resp.Object = "chat.completion"
-		resp.Choices = []choice{{Message: &message{Role: "assistant", Content: out, ToolCalls: []string{}}, FinishReason: finish, StopReason: stopReason}}
-	} else {
-		resp.Choices = []choice{{Text: &out, FinishReason: finish, StopReason: stopReason}}
-	}
-	writeJSON(w, 200, resp)
-}
-
-func (s *Server) stream(w http.ResponseWriter, ctx context.Context, er *request, rid string, chat, usageOn bool) {
-	fl, _ := w.(http.Flusher)
-	w.Header().Set("Content-Type", "text/event-stream; charset=utf-8")
-	w.WriteHeader(200)
-	created := er.arrival.Unix()
-	send := func(v any) {
-		b, _ := json.Marshal(v)
-		fmt.Fprintf(w, "data: %s\n\n", b)
-		if fl != nil {
-			fl.Flush()
-		}
-	}
-	obj := "text_completion"
-	head := func(choices any) chunk {
-		return chunk{ID: rid, Object: obj, Created: created, Model: s.cfg.served, Choices: choices}
-	}
-	if chat {
-		obj = "chat.completion.chunk"
-		empty := ""
-		send(head([]chunkChoice{{Delta: &delta{Role: "assistant", Content: &empty}}}))
-	}
-	for {
-		select {
-		case t := <-er.out:
-			if t.err != nil {
-				send(map[string]any{"error": map[string]any{"message": t.err.Error(), "type": "InternalServerError", "param": nil, "code": 500}})
-				fmt.Fprint(w, "data: [DONE]\n\n")
-				return
-			}
-			text := t.text
-			var d *delta
-			var tx *string
-			if chat {
-				d = &delta{Content: &text}
-			} else {
-				tx = &text
-			}
-			if t.finish == "" {
-				send(head([]chunkChoice{{Delta: d, Text: tx}}))
-				continue
-			}
-			var sr *string
-			if t.stop != "" {
-				sr = &t.stop
-			}
-			send(head([]finalChoice{{Delta: d, Text: tx, FinishReason: t.finish, StopReason: sr}}))
-			if usageOn {
-				send(chunk{ID: rid, Object: obj, Created: created, Model: s.cfg.served, Choices: []struct{}{},
-					Usage: &usage{PromptTokens: er.origPrompt, TotalTokens: er.origPrompt + er.emitted, CompletionTokens: er.emitted}})
-			}
-			fmt.Fprint(w, "data: [DONE]\n\n")
-			if fl != nil {
-				fl.Flush()
-			}
-			return
-		case <-ctx.Done():
-			return
-		}
-	}
 }
 
 func (s *Server) tokenize(w http.ResponseWriter, r *http.Request) {
@@ -440,10 +265,17 @@ const EmbeddingDim = 1024
 // vLLM answers; ok is false when a response was written.
 func (s *Server) decode(w http.ResponseWriter, r *http.Request) (genRequest, bool) {
 	var req genRequest
-	if err := json.NewDecoder(http.MaxBytesReader(w, r.Body, 32<<20)).Decode(&req); err != nil {
-		writeError(w, 400, "BadRequestError", "Invalid JSON body: "+err.Error(), nil)
+	b, ok := s.body(w, r)
+	if !ok {
 		return req, false
 	}
+	if err := json.Unmarshal(b, &req); err != nil {
+		writeError(w, 400, "BadRequestError", validationMessage(err, b), nil)
+		return req, false
+	}
+	var keys map[string]json.RawMessage
+	_ = json.Unmarshal(b, &keys)
+	_, req.streamSet = keys["stream"]
 	if req.Model != s.cfg.served && req.Model != s.cfg.model {
 		param := "model"
 		writeError(w, 404, "NotFoundError", fmt.Sprintf("The model `%s` does not exist.", req.Model), &param)
@@ -452,7 +284,67 @@ func (s *Server) decode(w http.ResponseWriter, r *http.Request) (genRequest, boo
 	return req, true
 }
 
+// body reads a JSON request body as FastAPI does for vLLM: a Content-Type
+// other than application/json (or +json) is not parsed, and the request
+// fails validation (vLLM answers 400 for every validation error).
+func (s *Server) body(w http.ResponseWriter, r *http.Request) ([]byte, bool) {
+	if ct := r.Header.Get("Content-Type"); ct != "" {
+		mt, _, err := mime.ParseMediaType(ct)
+		if err != nil || !(mt == "application/json" || (strings.HasPrefix(mt, "application/") && strings.HasSuffix(mt, "+json"))) {
+			writeError(w, 400, "BadRequestError", "[{'type': 'model_attributes_type', 'loc': ('body',), 'msg': 'Input should be a valid dictionary or object to extract fields from', 'input': b'...'}]", nil)
+			return nil, false
+		}
+	}
+	b, err := io.ReadAll(http.MaxBytesReader(w, r.Body, 32<<20))
+	if err != nil {
+		writeError(w, 400, "BadRequestError", "[{'type': 'json_invalid', 'loc': ('body', 0), 'msg': 'JSON decode error', 'input': {}, 'ctx': {'error': 'could not read the body'}}]", nil)
+		return nil, false
+	}
+	return b, true
+}
+
+// validationMessage words a JSON decoding error as pydantic does (vLLM's
+// 400 message), never naming Go types.
+func validationMessage(err error, body []byte) string {
+	var te *json.UnmarshalTypeError
+	if errors.As(err, &te) {
+		kind := map[string][2]string{"string": {"string_type", "Input should be a valid string"},
+			"number": {"float_type", "Input should be a valid number"}, "bool": {"bool_type", "Input should be a valid boolean"},
+			"array": {"list_type", "Input should be a valid list"}, "object": {"dict_type", "Input should be a valid dictionary"}}
+		want := [2]string{"type_error", "Input should be of a different type"}
+		switch te.Type.Kind().String() {
+		case "int", "int64", "int32":
+			want = [2]string{"int_type", "Input should be a valid integer"}
+		case "float64", "float32":
+			want = kind["number"]
+		case "string":
+			want = kind["string"]
+		case "bool":
+			want = kind["bool"]
+		case "slice":
+			want = kind["array"]
+		case "struct", "map":
+			want = kind["object"]
+		}
+		field := te.Field
+		if field == "" {
+			field = "body"
+		}
+		return fmt.Sprintf("[{'type': '%s', 'loc': ('body', '%s'), 'msg': '%s', 'input': %s}]", want[0], strings.ReplaceAll(field, ".", "', '"), want[1], te.Value)
+	}
+	var se *json.SyntaxError
+	off := int64(0)
+	if errors.As(err, &se) {
+		off = se.Offset
+	}
+	return fmt.Sprintf("[{'type': 'json_invalid', 'loc': ('body', %d), 'msg': 'JSON decode error', 'input': {}, 'ctx': {'error': 'Expecting value'}}]", off)
+}
+
 func (s *Server) embeddings(w http.ResponseWriter, r *http.Request) {
+	if !s.cfg.pooling && s.cfg.flavor != "sglang" {
+		writeError(w, 400, "BadRequestError", "The model does not support Embeddings API", nil)
+		return
+	}
 	req, ok := s.decode(w, r)
 	if !ok {
 		return
@@ -470,7 +362,7 @@ func (s *Server) embeddings(w http.ResponseWriter, r *http.Request) {
 		writeError(w, 500, "InternalServerError", ErrEngineDead.Error(), nil)
 		return
 	}
-	resp := embeddings{ID: fmt.Sprintf("embd-%032x", s.seq.Add(1)), Object: "list", Created: time.Now().Unix(), Model: req.Model}
+	resp := embeddings{ID: "embd-" + baseRequestID(r, s), Object: "list", Created: time.Now().Unix(), Model: req.Model}
 	n := 0
 	for i, in := range inputs {
 		n += countTokens(in)

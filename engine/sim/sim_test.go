@@ -25,7 +25,11 @@ import (
 
 func testServer(t *testing.T, p Params, scale float64) (*Server, string) {
 	t.Helper()
-	cfg := serveConfig{model: "/models/m", served: "m", maxModelLen: p.MaxModelLen}
+	return testServerWith(t, serveConfig{model: "/models/m", served: "m", maxModelLen: p.MaxModelLen}, p, scale)
+}
+
+func testServerWith(t *testing.T, cfg serveConfig, p Params, scale float64) (*Server, string) {
+	t.Helper()
 	s := newServer(cfg, p, Clock{Scale: scale})
 	ctx, cancel := context.WithCancel(context.Background())
 	go s.eng.Run(ctx)
@@ -93,7 +97,8 @@ func TestErrorBodies(t *testing.T) {
 		code           int
 	}{
 		{`{"model":"x","prompt":"a"}`, "NotFoundError", "The model `x` does not exist.", 404},
-		{`{"model":`, "BadRequestError", "Invalid JSON body", 400},
+		{`{"model":`, "BadRequestError", "JSON decode error", 400},
+		{`{"model":"m","prompt":"a","max_tokens":"x"}`, "BadRequestError", "'loc': ('body', 'max_tokens'), 'msg': 'Input should be a valid integer'", 400},
 		{`{"model":"m","prompt":"a","max_tokens":0}`, "BadRequestError", "max_tokens must be at least 1", 400},
 		{`{"model":"m","prompt":"a","max_tokens":100000}`, "BadRequestError", "maximum context length is 32768", 400},
 	} {
@@ -409,6 +414,11 @@ func TestStopStringsAndEmbeddings(t *testing.T) {
 	resp, _ = post(t, url+"/v1/completions", `{"model":"m","prompt":"x","stop":7}`)
 	require.Equal(t, 400, resp.StatusCode)
 
+	resp, body = post(t, url+"/v1/embeddings", `{"model":"m","input":"hello"}`)
+	require.Equal(t, 400, resp.StatusCode, "a generative model serves no embeddings")
+	require.Contains(t, body, "The model does not support Embeddings API")
+	p := Presets["llama-8b-h100-tp1"].Params
+	_, url = testServerWith(t, serveConfig{model: "/models/m", served: "m", maxModelLen: p.MaxModelLen, pooling: true}, p, 100)
 	resp, body = post(t, url+"/v1/embeddings", `{"model":"m","input":["hello","hello","other"]}`)
 	require.Equal(t, 200, resp.StatusCode, body)
 	var e struct {

@@ -10,6 +10,7 @@ import (
 	"net/http"
 	"os"
 	"os/signal"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -40,6 +41,10 @@ type serveConfig struct {
 	// --convert embed; SGLang --is-embedding) serves embeddings and refuses
 	// completions and chat, as vLLM does.
 	pooling bool
+	// autoToolChoice and toolParser: --enable-auto-tool-choice and
+	// --tool-call-parser, without which tool_choice "auto" is refused.
+	autoToolChoice bool
+	toolParser     string
 }
 
 var vllmValued = []string{"--served-model-name", "--host", "--port", "--tensor-parallel-size", "--pipeline-parallel-size",
@@ -48,11 +53,11 @@ var vllmValued = []string{"--served-model-name", "--host", "--port", "--tensor-p
 	"--master-addr", "--master-port", "--dtype", "--kv-cache-dtype", "--quantization", "--seed",
 	"--block-size", "--swap-space", "--download-dir", "--tokenizer", "--revision", "--api-key",
 	"--show-hidden-metrics-for-version", "--data-parallel-size", "--max-log-len", "--generation-config", "--load-format",
-	"--runner", "--task", "--convert"}
+	"--runner", "--task", "--convert", "--tool-call-parser", "--allowed-origins", "--allowed-methods", "--allowed-headers"}
 
 var vllmBools = []string{"--trust-remote-code", "--enforce-eager", "--headless", "--enable-prefix-caching",
 	"--no-enable-prefix-caching", "--enable-chunked-prefill", "--disable-log-requests", "--disable-log-stats",
-	"--enable-server-load-tracking", "--enable-force-include-usage"}
+	"--enable-server-load-tracking", "--enable-force-include-usage", "--enable-auto-tool-choice", "--allow-credentials"}
 
 // VLLM runs the `vllm` personality.
 func VLLM(ctx context.Context, args []string, stdout, stderr io.Writer) int {
@@ -73,6 +78,11 @@ func VLLM(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 }
 
 const simVersion = "0.11.0"
+
+// toolParsers are vLLM's registered --tool-call-parser names.
+var toolParsers = []string{"deepseek_v3", "deepseek_v31", "glm45", "granite", "granite-20b-fc", "hermes", "hunyuan_a13b",
+	"internlm", "jamba", "kimi_k2", "llama3_json", "llama4_json", "llama4_pythonic", "minimax", "mistral", "openai",
+	"phi4_mini_json", "pythonic", "qwen3_coder", "seed_oss", "step3", "xlam"}
 
 func parseServe(args []string) (serveConfig, error) {
 	fs := newFlagSet("vllm serve", vllmValued, vllmBools, map[string]string{"-tp": "--tensor-parallel-size", "-pp": "--pipeline-parallel-size"})
@@ -103,6 +113,13 @@ func parseServe(args []string) (serveConfig, error) {
 	case "", "ray", "mp", "uni", "external_launcher":
 	default:
 		return c, fmt.Errorf("vllm serve: error: argument --distributed-executor-backend: invalid choice: '%s' (choose from 'ray', 'mp', 'uni', 'external_launcher')", c.backend)
+	}
+	c.autoToolChoice, c.toolParser = fs.boolean("--enable-auto-tool-choice"), fs.str("--tool-call-parser", "")
+	if c.autoToolChoice && c.toolParser == "" {
+		return c, fmt.Errorf("TypeError: Error: --enable-auto-tool-choice requires --tool-call-parser")
+	}
+	if c.toolParser != "" && !slices.Contains(toolParsers, c.toolParser) {
+		return c, fmt.Errorf("KeyError: invalid tool call parser: %s (chose from { %s })", c.toolParser, strings.Join(toolParsers, ","))
 	}
 	switch r := fs.str("--runner", "auto"); r {
 	case "auto", "generate":

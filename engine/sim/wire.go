@@ -10,26 +10,39 @@ type usage struct {
 }
 
 type delta struct {
-	Role    string  `json:"role,omitempty"`
-	Content *string `json:"content,omitempty"`
+	Role      string          `json:"role,omitempty"`
+	Content   *string         `json:"content,omitempty"`
+	ToolCalls []toolCallDelta `json:"tool_calls,omitempty"`
+}
+
+// toolCallDelta is vLLM's DeltaToolCall: the first of a call carries its
+// id, type and name, the later ones pieces of the arguments.
+type toolCallDelta struct {
+	ID       string `json:"id,omitempty"`
+	Type     string `json:"type,omitempty"`
+	Index    int    `json:"index"`
+	Function struct {
+		Name      string `json:"name,omitempty"`
+		Arguments string `json:"arguments"`
+	} `json:"function"`
 }
 
 type chunkChoice struct {
-	Index        int       `json:"index"`
-	Delta        *delta    `json:"delta,omitempty"` // chat
-	Text         *string   `json:"text,omitempty"`  // completions
-	Logprobs     *struct{} `json:"logprobs"`
-	FinishReason *string   `json:"finish_reason"`
+	Index        int     `json:"index"`
+	Delta        *delta  `json:"delta,omitempty"` // chat
+	Text         *string `json:"text,omitempty"`  // completions
+	Logprobs     any     `json:"logprobs"`
+	FinishReason *string `json:"finish_reason"`
 }
 
 // finalChoice is the last content chunk's choice: it adds "stop_reason": null.
 type finalChoice struct {
-	Index        int       `json:"index"`
-	Delta        *delta    `json:"delta,omitempty"`
-	Text         *string   `json:"text,omitempty"`
-	Logprobs     *struct{} `json:"logprobs"`
-	FinishReason string    `json:"finish_reason"`
-	StopReason   *string   `json:"stop_reason"`
+	Index        int     `json:"index"`
+	Delta        *delta  `json:"delta,omitempty"`
+	Text         *string `json:"text,omitempty"`
+	Logprobs     any     `json:"logprobs"`
+	FinishReason string  `json:"finish_reason"`
+	StopReason   *string `json:"stop_reason"`
 }
 
 type chunk struct {
@@ -42,20 +55,29 @@ type chunk struct {
 }
 
 type message struct {
-	Role             string   `json:"role"`
-	Content          string   `json:"content"`
-	Refusal          *string  `json:"refusal"`
-	ToolCalls        []string `json:"tool_calls"`
-	ReasoningContent *string  `json:"reasoning_content"`
+	Role             string     `json:"role"`
+	Content          *string    `json:"content"`
+	Refusal          *string    `json:"refusal"`
+	ToolCalls        []toolCall `json:"tool_calls"`
+	ReasoningContent *string    `json:"reasoning_content"`
+}
+
+type toolCall struct {
+	ID       string `json:"id"`
+	Type     string `json:"type"`
+	Function struct {
+		Name      string `json:"name"`
+		Arguments string `json:"arguments"`
+	} `json:"function"`
 }
 
 type choice struct {
-	Index        int       `json:"index"`
-	Message      *message  `json:"message,omitempty"`
-	Text         *string   `json:"text,omitempty"`
-	Logprobs     *struct{} `json:"logprobs"`
-	FinishReason string    `json:"finish_reason"`
-	StopReason   *string   `json:"stop_reason"`
+	Index        int      `json:"index"`
+	Message      *message `json:"message,omitempty"`
+	Text         *string  `json:"text,omitempty"`
+	Logprobs     any      `json:"logprobs"`
+	FinishReason string   `json:"finish_reason"`
+	StopReason   *string  `json:"stop_reason"`
 }
 
 type completion struct {

@@ -11,6 +11,8 @@ PROTOC_GEN_GO_VERSION := v1.36.12
 PROTOC_GEN_GO_GRPC_VERSION := v1.6.2
 PROTOS := agent replica coordinator
 
+
+.PHONY: sdk-node
 .PHONY: build test test-unit test-integration chaos lint generate check-generated bench demo clean tools fuzz package test-package docs
 
 build:
@@ -19,8 +21,9 @@ build:
 
 ## test: vet, then every test (unit, integration, end-to-end) with the race detector,
 ## then one round of the fault-injection suite (network namespaces; needs root, ip,
-## iptables) on its own, so that its timings do not share the CPUs with the rest.
-test:
+## iptables) on its own, so that its timings do not share the CPUs with the rest. The
+## official OpenAI Node SDK (pinned in test/sdk/node) is installed first if missing.
+test: sdk-node
 	$(GO) vet ./...
 	$(GO) test -race -count=1 -timeout 20m $$($(GO) list ./... | grep -v /test/chaos)
 	$(GO) test -race -count=1 -timeout 20m ./test/chaos/
@@ -35,8 +38,12 @@ chaos:
 test-unit:
 	$(GO) test -race -count=1 -short ./...
 
-test-integration:
+test-integration: sdk-node
 	$(GO) test -race -count=1 -timeout 20m ./test/e2e/...
+
+## sdk-node: the Node SDK suite's packages, exactly as package-lock.json pins them.
+sdk-node:
+	@[ -d test/sdk/node/node_modules/openai ] || { command -v npm >/dev/null || { echo "npm missing: apt-get install -y nodejs npm"; exit 1; }; npm ci --prefix test/sdk/node --no-audit --no-fund; }
 
 ## lint: gofmt, vet, and the layout rules (import rules, nothing pointing outside the
 ## repository: internal/layout, docs/architecture.md §8).

@@ -20,7 +20,7 @@ import (
 )
 
 // TestStandaloneRouterOutlivesCoordinator: `shoal router` joins the gossip,
-// finds the head itself, enforces API keys, serves chat and embeddings to the
+// finds the head itself, enforces API keys, serves chat (and the engine's errors) to the
 // official client, and keeps routing after the coordinator is SIGKILLed.
 func TestStandaloneRouterOutlivesCoordinator(t *testing.T) {
 	e := startCluster(t, 10, 2)
@@ -49,13 +49,15 @@ func TestStandaloneRouterOutlivesCoordinator(t *testing.T) {
 		Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("hi")}}
 	require.Eventually(t, func() bool { _, err := client.Chat.Completions.New(ctx, params); return err == nil }, 60*time.Second, 200*time.Millisecond)
 
-	emb, err := client.Embeddings.New(ctx, openai.EmbeddingNewParams{Model: "demo",
-		Input: openai.EmbeddingNewParamsInputUnion{OfArrayOfStrings: []string{"a", "b"}}})
-	require.NoError(t, err)
-	require.Len(t, emb.Data, 2)
-	require.NotEmpty(t, emb.Data[0].Embedding)
-
+	// A generative model serves no embeddings: the engine's own 400 comes
+	// through (a pooling deployment serves them: TestPoolingModelBecomesReady).
 	var apiErr *openai.Error
+	_, err = client.Embeddings.New(ctx, openai.EmbeddingNewParams{Model: "demo",
+		Input: openai.EmbeddingNewParamsInputUnion{OfArrayOfStrings: []string{"a", "b"}}})
+	require.ErrorAs(t, err, &apiErr)
+	require.Equal(t, 400, apiErr.StatusCode)
+	require.Contains(t, apiErr.Message, "does not support Embeddings API")
+
 	upstream := func() float64 {
 		return metricSum(t, "http://"+listen+"/metrics", "shoal_router_upstream_first_byte_seconds_count")
 	}

@@ -364,15 +364,22 @@ func (l *handoffListener) Addr() net.Addr { return l.addr }
 // connection may carry another request.
 func (s *Server) serveOne(c *frontConn, br *bufio.Reader, w *ResponseWriter, fr Request) (bool, error) {
 	w.reset(fr.Close)
-	read, failed := false, false
+	// body's state, read by the disconnect watcher's timer goroutine too.
+	const (
+		unread = iota
+		whole
+		broken
+	)
+	var state atomic.Int32
 	var bp *[]byte
+	var t *time.Timer
+	ctx, cancel := context.WithCancel(context.Background())
+	watch := &disconnectWatch{c: c, br: br, cancel: cancel}
 	body := func() ([]byte, error) {
-		if read {
+		if !state.CompareAndSwap(unread, broken) {
 			return nil, errors.New("body read twice")
 		}
-		read = true
 		if fr.Length > s.cfg.MaxBody {
-			failed = true
 			w.close = true
 			return nil, ErrBodyTooLarge
 		}
@@ -382,26 +389,27 @@ func (s *Server) serveOne(c *frontConn, br *bufio.Reader, w *ResponseWriter, fr 
 			c.idleDeadline()
 		}
 		if _, err := io.ReadFull(br, b); err != nil {
-			failed = true
 			w.close = true
 			return nil, err
 		}
+		state.Store(whole)
+		// A client that leaves while the handler works cancels the request.
+		// The watcher starts only when the request has run for watchAfter
+		// past its body: the answers that come sooner do not pay for a
+		// goroutine and a read.
+		t = time.AfterFunc(watchAfter, watch.start)
 		return b, nil
 	}
-	ctx, cancel := context.WithCancel(context.Background())
-	// A client that leaves while the handler works cancels the request. The
-	// watcher starts only when a request has run for watchAfter: the
-	// answers that come sooner do not pay for a goroutine and a read.
-	watch := &disconnectWatch{c: c, br: br, cancel: cancel, ready: func() bool { return read && !failed }}
-	t := time.AfterFunc(watchAfter, watch.start)
 	req := (&http.Request{Method: http.MethodPost, URL: &url.URL{Path: fr.Path}, Proto: "HTTP/1.1", ProtoMajor: 1, ProtoMinor: 1,
 		Header: fr.Header, ContentLength: fr.Length, Host: fr.Host, RequestURI: fr.Path, Body: http.NoBody}).WithContext(ctx)
 	s.cfg.Handler(w, req, body)
-	t.Stop()
+	if t != nil {
+		t.Stop()
+	}
 	watch.stop()
 	cancel()
 	PutBuf(bp)
-	if !read || failed {
+	if state.Load() != whole {
 		w.close = true // the body is still on the wire (or broken): no next request
 	}
 	err := w.finish()
@@ -425,13 +433,12 @@ const watchAfter = 20 * time.Millisecond
 
 // disconnectWatch reads from the client while its request is in flight: an
 // error or EOF means it left; a byte is the start of a pipelined request and
-// is kept for the next parse. It reads only once the body was read (before
-// that the bytes are the body's).
+// is kept for the next parse. It is started only once the body was read
+// (before that the bytes are the body's).
 type disconnectWatch struct {
 	c      *frontConn
 	br     *bufio.Reader
 	cancel context.CancelFunc
-	ready  func() bool
 	mu     sync.Mutex
 	on     bool
 	ended  bool
@@ -441,8 +448,8 @@ type disconnectWatch struct {
 func (d *disconnectWatch) start() {
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	if d.ended || d.br.Buffered() > 0 || !d.ready() {
-		return // over, not at the body's end, or a pipelined request is already here
+	if d.ended || d.br.Buffered() > 0 {
+		return // over, or a pipelined request is already here
 	}
 	d.on = true
 	d.done = make(chan struct{})

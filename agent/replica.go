@@ -13,6 +13,7 @@ import (
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/protobuf/proto"
 )
 
 // ReplicaService is the name grpc.health.v1 reports the replica under.
@@ -160,6 +161,9 @@ func (a *Agent) snapshot() *replicav1.Metrics {
 		ServedModelName: as.Spec.Engine.ServedModelName, UnixMillis: time.Now().UnixMilli(), Reason: l.ES, Draining: l.Draining}
 	if l.ES == gossip.EngineFailed {
 		m.Reason, m.Failed = l.Msg, true
+	}
+	if r := as.Spec.Router; r != nil && r.Retries != nil {
+		m.RouterRetries = proto.Int32(int32(*r.Retries))
 	}
 	if a.run == nil {
 		return m

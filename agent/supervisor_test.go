@@ -343,6 +343,23 @@ func TestAssignIsDurableBeforeItIsAnswered(t *testing.T) {
 	})
 }
 
+// TestReplicaStreamCarriesRouterRetries: the deployment's router.retries
+// reaches routers on the head's Replica stream.
+func TestReplicaStreamCarriesRouterRetries(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := start(t, &fakeRT{})
+		req := oneNode("g1", 1)
+		var d spec.Deployment
+		require.NoError(t, json.Unmarshal(req.Assignment.SpecJson, &d))
+		n := 4
+		d.Router = &spec.Router{Retries: &n}
+		req.Assignment.SpecJson = d.JSON()
+		_, err := h.srv.Assign(context.Background(), req)
+		require.NoError(t, err)
+		until(t, 5*time.Second, func() bool { return h.rep.metrics().GetRouterRetries() == 4 }, "router_retries on the stream")
+	})
+}
+
 func TestDrainIsAdvertisedAndPersisted(t *testing.T) {
 	synctest.Test(t, func(t *testing.T) {
 		h := start(t, &fakeRT{})

@@ -37,8 +37,20 @@ type Deployment struct {
 	Resources   Resources         `yaml:"resources" json:"resources"`
 	Replicas    Replicas          `yaml:"replicas" json:"replicas"`
 	Autoscaling *Autoscaling      `yaml:"autoscaling,omitempty" json:"autoscaling,omitempty"`
+	Router      *Router           `yaml:"router,omitempty" json:"router,omitempty"`
 	Labels      map[string]string `yaml:"labels,omitempty" json:"labels,omitempty"`
 }
+
+// Router is how routers treat this deployment's requests.
+type Router struct {
+	// Retries is how many more attempts a request gets, each at another
+	// replica, when one fails before any byte of its answer reached the
+	// client (0-10; unset: the router's --retries, default 2).
+	Retries *int `yaml:"retries,omitempty" json:"retries,omitempty"`
+}
+
+// MaxRetries bounds router.retries.
+const MaxRetries = 10
 
 // Model says where the weights come from and where they live on each host.
 type Model struct {
@@ -257,6 +269,9 @@ func (d *Deployment) Validate() error {
 	}
 	if d.APIVersion != APIVersion {
 		bad("apiVersion", "must be %q, got %q", APIVersion, d.APIVersion)
+	}
+	if r := d.Router; r != nil && r.Retries != nil && (*r.Retries < 0 || *r.Retries > MaxRetries) {
+		bad("router.retries", "must be 0 to %d, got %d", MaxRetries, *r.Retries)
 	}
 	if d.Kind != "Deployment" {
 		bad("kind", "must be \"Deployment\", got %q", d.Kind)
@@ -528,6 +543,9 @@ func (d *Deployment) Fields() []Field {
 		add("autoscaling.panicWindowSeconds", a.PanicWindowSeconds, true)
 		add("autoscaling.panicThreshold", a.PanicThreshold, true)
 		add("autoscaling.scaleDownDelaySeconds", a.ScaleDownDelaySeconds, true)
+	}
+	if r := d.Router; r != nil && r.Retries != nil {
+		add("router.retries", *r.Retries, true)
 	}
 	for k, v := range d.Labels {
 		add("labels."+k, v, false)

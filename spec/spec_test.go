@@ -143,6 +143,13 @@ func FuzzParse(f *testing.F) {
 }
 
 // Every rejected autoscaling or replica field is named in its error.
+func TestRouterRetries(t *testing.T) {
+	d, err := Parse([]byte("apiVersion: shoal/v1\nname: m\nmodel: {source: /m}\nresources: {nodes: 1, gpusPerNode: 8}\nrouter: {retries: 0}\n"))
+	require.NoError(t, err)
+	require.NotNil(t, d.Router.Retries)
+	require.Equal(t, 0, *d.Router.Retries, "0 is kept: no retries, not the default")
+}
+
 func TestErrorsNameTheField(t *testing.T) {
 	doc := "apiVersion: shoal/v1\nname: m\nmodel: {source: /m}\nresources: {nodes: 1, gpusPerNode: 8}\n"
 	as := doc + "replicas: {min: 1, max: 3}\nautoscaling: {policy: kpa, metric: num_requests_waiting, target: 5, %s}\n"
@@ -157,6 +164,7 @@ func TestErrorsNameTheField(t *testing.T) {
 		"replicas.count":                    doc + "replicas: {count: -1}\n",
 		"replicas.min":                      doc + "replicas: {min: -1, max: 2}\n",
 		"engine.canary":                     doc + "engine: {canary: grpc}\n",
+		"router.retries":                    doc + "router: {retries: 11}\n",
 	} {
 		_, err := Parse([]byte(text))
 		require.Error(t, err, field)

@@ -11,6 +11,9 @@ import (
 	"testing"
 	"time"
 
+	replicav1 "github.com/shoalhq/shoal/proto/replica/v1"
+	"google.golang.org/protobuf/proto"
+
 	"github.com/prometheus/client_golang/prometheus/testutil"
 	"github.com/stretchr/testify/require"
 )
@@ -232,4 +235,34 @@ func TestRetryHeaderOnSuccess(t *testing.T) {
 	rec := do(t, r.Handler(), `{"model":"m"}`, nil)
 	require.Equal(t, "1", rec.Header().Get("X-Shoal-Attempts"))
 	require.True(t, strings.HasPrefix(rec.Body.String(), "data: ok"))
+}
+
+// TestRetriesPerDeployment: a deployment's router.retries (carried by its
+// heads) overrides the router's: none, or more than the default.
+func TestRetriesPerDeployment(t *testing.T) {
+	var eps []*Endpoint
+	for i := 0; i < 5; i++ {
+		s, _ := failing(t, 503, `{"error":{"message":"engine dead","code":503}}`)
+		eps = append(eps, &Endpoint{Model: "m", Addr: addr(s)})
+	}
+	for retries, want := range map[int]string{0: "3", -1: "1", 4: "5"} {
+		for _, e := range eps {
+			e.Retries = retries
+		}
+		r := routerOver(Config{}, eps...)
+		rec := do(t, r.Handler(), `{"model":"m"}`, nil)
+		require.Equal(t, want, rec.Header().Get("X-Shoal-Attempts"), "deployment retries %d", retries)
+	}
+}
+
+// TestEndpointCarriesDeploymentRetries: a head's router_retries becomes the
+// endpoint's Retries (0 none, unset the router's own).
+func TestEndpointCarriesDeploymentRetries(t *testing.T) {
+	for _, tc := range []struct {
+		in   *int32
+		want int
+	}{{nil, 0}, {proto.Int32(0), -1}, {proto.Int32(4), 4}} {
+		ep := endpointOf(ReplicaView{Metrics: &replicav1.Metrics{ServedModelName: "m", Endpoint: "h:1", RouterRetries: tc.in}})
+		require.Equal(t, tc.want, ep.Retries)
+	}
 }

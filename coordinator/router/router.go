@@ -365,7 +365,7 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 	}
 	tried := map[string]bool{}
 	var last, answered *attempt // the last failed attempt and the last engine answer among them; nothing of them written
-	attempts, maxAttempts := 0, 1+r.cfg.Retries
+	attempts, maxAttempts := 0, 1+retriesFor(eps, r.cfg.Retries)
 	if stateful(req.URL.Path, body) {
 		maxAttempts = 1 // it leaves state where it is answered: never sent twice
 	}
@@ -430,6 +430,20 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 		r.requests.WithLabelValues(model, strategy, "502").Inc()
 		writeError(w, 502, "server_error", "", "upstream_unreachable", fmt.Sprintf("No replica of `%s` could be reached (%d attempts); the last failed: %v.", model, attempts, last.err))
 	}
+}
+
+// retriesFor is the deployment's router.retries when its replicas carry one,
+// else the router's.
+func retriesFor(eps []*Endpoint, def int) int {
+	for _, e := range eps {
+		switch {
+		case e.Retries > 0:
+			return e.Retries
+		case e.Retries < 0:
+			return 0
+		}
+	}
+	return def
 }
 
 // untried: a replica in eps has not been tried yet.

@@ -22,6 +22,9 @@ type Endpoint struct {
 	TokPerSec  float64 // generation tokens/s, recent
 	// HasMetrics is false until the head has reported engine metrics.
 	HasMetrics bool
+	// Retries is the deployment's router.retries: 0 the router's own, -1
+	// none, n > 0 that many more attempts.
+	Retries int
 }
 
 // Snapshot is an immutable view of the routable endpoints.

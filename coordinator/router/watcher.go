@@ -214,14 +214,27 @@ func (h *Watcher) Snapshot(models []string) *Snapshot {
 		if !v.Routable {
 			continue
 		}
-		m := v.Metrics
-		eps = append(eps, &Endpoint{Model: m.ServedModelName, Deployment: v.Info.Deployment, Group: v.Key.Group,
-			Epoch: v.Key.Epoch, Term: v.Key.Term, NodeID: v.Key.Node, Addr: m.Endpoint,
-			Running: m.NumRequestsRunning, Waiting: m.NumRequestsWaiting, KVCache: m.KvCacheUsage,
-			TTFT: m.TtftSecondsAvg, TokPerSec: m.GenerationTokensPerSecond, HasMetrics: m.MetricsValid})
+		ep := endpointOf(v)
+		eps = append(eps, ep)
 	}
 	sort.Slice(eps, func(i, j int) bool { return eps[i].Group < eps[j].Group })
 	return NewSnapshot(models, eps)
+}
+
+// endpointOf is a routable head as the router's table holds it.
+func endpointOf(v ReplicaView) *Endpoint {
+	m := v.Metrics
+	ep := &Endpoint{Model: m.ServedModelName, Deployment: v.Info.Deployment, Group: v.Key.Group,
+		Epoch: v.Key.Epoch, Term: v.Key.Term, NodeID: v.Key.Node, Addr: m.Endpoint,
+		Running: m.NumRequestsRunning, Waiting: m.NumRequestsWaiting, KVCache: m.KvCacheUsage,
+		TTFT: m.TtftSecondsAvg, TokPerSec: m.GenerationTokensPerSecond, HasMetrics: m.MetricsValid}
+	if m.RouterRetries != nil {
+		ep.Retries = -1 // router.retries: 0
+		if n := int(*m.RouterRetries); n > 0 {
+			ep.Retries = n
+		}
+	}
+	return ep
 }
 
 // WantedFromGossip derives the heads to watch from gossip alone, for a router

@@ -87,7 +87,10 @@ type Metrics struct {
 	Draining bool `protobuf:"varint,18,opt,name=draining,proto3" json:"draining,omitempty"`
 	// failed: the group failed (the head's engine or a member) and is
 	// stopping; reason says why.
-	Failed        bool `protobuf:"varint,19,opt,name=failed,proto3" json:"failed,omitempty"`
+	Failed bool `protobuf:"varint,19,opt,name=failed,proto3" json:"failed,omitempty"`
+	// router_retries: the deployment's router.retries (how many more
+	// attempts a request gets at other replicas); unset: the router's own.
+	RouterRetries *int32 `protobuf:"varint,20,opt,name=router_retries,json=routerRetries,proto3,oneof" json:"router_retries,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -255,12 +258,19 @@ func (x *Metrics) GetFailed() bool {
 	return false
 }
 
+func (x *Metrics) GetRouterRetries() int32 {
+	if x != nil && x.RouterRetries != nil {
+		return *x.RouterRetries
+	}
+	return 0
+}
+
 var File_replica_v1_replica_proto protoreflect.FileDescriptor
 
 const file_replica_v1_replica_proto_rawDesc = "" +
 	"\n" +
 	"\x18replica/v1/replica.proto\x12\x10shoal.replica.v1\"\x11\n" +
-	"\x0fSnapshotRequest\"\xa3\x05\n" +
+	"\x0fSnapshotRequest\"\xe2\x05\n" +
 	"\aMetrics\x12\x1e\n" +
 	"\n" +
 	"deployment\x18\x01 \x01(\tR\n" +
@@ -284,7 +294,9 @@ const file_replica_v1_replica_proto_rawDesc = "" +
 	"\x06reason\x18\x10 \x01(\tR\x06reason\x12#\n" +
 	"\rmetrics_valid\x18\x11 \x01(\bR\fmetricsValid\x12\x1a\n" +
 	"\bdraining\x18\x12 \x01(\bR\bdraining\x12\x16\n" +
-	"\x06failed\x18\x13 \x01(\bR\x06failed2\x9c\x01\n" +
+	"\x06failed\x18\x13 \x01(\bR\x06failed\x12*\n" +
+	"\x0erouter_retries\x18\x14 \x01(\x05H\x00R\rrouterRetries\x88\x01\x01B\x11\n" +
+	"\x0f_router_retries2\x9c\x01\n" +
 	"\aReplica\x12H\n" +
 	"\bSnapshot\x12!.shoal.replica.v1.SnapshotRequest\x1a\x19.shoal.replica.v1.Metrics\x12G\n" +
 	"\x05Watch\x12!.shoal.replica.v1.SnapshotRequest\x1a\x19.shoal.replica.v1.Metrics0\x01B5Z3github.com/shoalhq/shoal/proto/replica/v1;replicav1b\x06proto3"
@@ -323,6 +335,7 @@ func file_replica_v1_replica_proto_init() {
 	if File_replica_v1_replica_proto != nil {
 		return
 	}
+	file_replica_v1_replica_proto_msgTypes[1].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{

@@ -91,6 +91,7 @@ type seq struct {
 	er     *request
 	tool   *toolDef // the tool this sequence calls, if any
 	toolID string
+	n      int // tokens the handler has received (the engine's own count is its goroutine's)
 }
 
 // toolMode reads tool_choice: "none", "auto", "required", or a named tool.
@@ -373,7 +374,8 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, chat bool) {
 				}
 				text.WriteString(t.text)
 				if lpOn && t.text != "" {
-					lps = append(lps, tokLogprobOf(t.text, sq.er.seed, sq.er.emitted, lpTop))
+					sq.n++
+					lps = append(lps, tokLogprobOf(t.text, sq.er.seed, sq.n, lpTop))
 				}
 				finish = t.finish
 				if t.stop != "" {
@@ -578,7 +580,8 @@ func (s *Server) stream(w http.ResponseWriter, ctx context.Context, seqs []*seq,
 			}
 			var lp any
 			if o.logprobs && t.text != "" {
-				tl := tokLogprobOf(t.text, sq.er.seed, sq.er.emitted, o.top)
+				sq.n++
+				tl := tokLogprobOf(t.text, sq.er.seed, sq.n, o.top)
 				if o.chat {
 					lp = map[string]any{"content": chatLogprobs([]tokLogprob{tl})}
 				} else {

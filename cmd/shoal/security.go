@@ -38,8 +38,10 @@ func securityFlags() []cli.Flag {
 
 // daemonSecurity loads a daemon's TLS material and gossip keys. Without them
 // it refuses to start unless --insecure was given, and then says so loudly.
+// keyFile is the gossip key file the daemon's config file names ("" if
+// none): --gossip-key-file wins over it, and it over the default path.
 // SIGHUP reloads the certificates (and calls reload, if given).
-func daemonSecurity(c *cli.Context, role security.Role, log *slog.Logger, reload func()) (*security.TLS, [][]byte, string, error) {
+func daemonSecurity(c *cli.Context, role security.Role, log *slog.Logger, reload func(), keyFile string) (*security.TLS, [][]byte, string, error) {
 	insecure := c.Bool("insecure")
 	tl, err := security.Load(security.Options{Dir: c.String("tls-dir"), CA: c.String("tls-ca"), Cert: c.String("tls-cert"), Key: c.String("tls-key"), Role: role})
 	if err != nil {
@@ -48,12 +50,7 @@ func daemonSecurity(c *cli.Context, role security.Role, log *slog.Logger, reload
 		}
 		tl = nil
 	}
-	kf := c.String("gossip-key-file")
-	if kf == "" {
-		if _, err := os.Stat(defaultGossipKF); err == nil {
-			kf = defaultGossipKF
-		}
-	}
+	kf := gossipKeyFile(c.String("gossip-key-file"), keyFile, defaultGossipKF)
 	var keys [][]byte
 	if kf != "" {
 		if keys, err = gossip.LoadKeyFile(kf); err != nil {
@@ -83,6 +80,21 @@ func daemonSecurity(c *cli.Context, role security.Role, log *slog.Logger, reload
 		}
 	}()
 	return tl, keys, kf, nil
+}
+
+// gossipKeyFile is the gossip key file a daemon uses: the flag's, else its
+// config file's, else the default path when it exists.
+func gossipKeyFile(flag, config, def string) string {
+	switch {
+	case flag != "":
+		return flag
+	case config != "":
+		return config
+	}
+	if _, err := os.Stat(def); err == nil {
+		return def
+	}
+	return ""
 }
 
 // devPointer is where `shoal dev` leaves the path of its CLI credentials, so

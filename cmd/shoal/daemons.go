@@ -55,107 +55,16 @@ func agentCommand() *cli.Command {
 			&cli.StringFlag{Name: "log-max-size", EnvVars: []string{"SHOAL_LOG_MAX_SIZE"}, Usage: "rotate an engine log past this size, 3 old files kept (default 100Mi; " + bytesize.Units + ")"},
 		},
 		Action: func(c *cli.Context) error {
-			var cfg agent.Config
-			if p := c.String("config"); p != "" {
-				var err error
-				if cfg, err = agent.LoadConfigFile(p); err != nil {
-					return err
-				}
-			}
-			setStr := func(dst *string, name string) {
-				if c.IsSet(name) {
-					*dst = c.String(name)
-				}
-			}
-			setInt := func(dst *int, name string) {
-				if c.IsSet(name) {
-					*dst = c.Int(name)
-				}
-			}
-			setStr(&cfg.NodeID, "node-id")
-			setStr(&cfg.Cluster, "cluster")
-			setStr(&cfg.Address, "address")
-			if c.IsSet("join") {
-				cfg.Join = c.StringSlice("join")
-			}
-			setInt(&cfg.GossipPort, "gossip-port")
-			setInt(&cfg.GRPCPort, "grpc-port")
-			setInt(&cfg.ReplicaPort, "replica-port")
-			setStr(&cfg.MetricsAddr, "metrics-addr")
-			setStr(&cfg.GossipProfile, "gossip-profile")
-			setStr(&cfg.StateDir, "state-dir")
-			setStr(&cfg.ModelsDir, "models-dir")
-			if c.IsSet("skip-local-model-check") {
-				cfg.SkipLocalModelCheck = c.Bool("skip-local-model-check")
-			}
-			if c.IsSet("workers") {
-				cfg.Download.Workers = c.Int("workers")
-			}
-			if c.IsSet("part-size") {
-				part, err := parseSize(c.String("part-size"))
-				if err != nil {
-					return fmt.Errorf("--part-size: %w", err)
-				}
-				cfg.Download.PartSizeMiB = int(part >> 20)
-			}
-			if lim, err := limitRate(c); err != nil {
+			cfg, err := agentConfig(c)
+			if err != nil {
 				return err
-			} else if lim > 0 {
-				cfg.Download.LimitMiBps = int(max(lim>>20, 1))
-			}
-			setStr(&cfg.Download.S3Endpoint, "s3-endpoint")
-			setStr(&cfg.Download.HFEndpoint, "hf-endpoint")
-			if ps := pathStyle(c); ps != nil {
-				cfg.Download.S3PathStyle = ps
-			}
-			setStr(&cfg.GPUBackend, "gpu-backend")
-			if c.IsSet("gpus") {
-				cfg.GPUs = c.IntSlice("gpus")
-			}
-			setStr(&cfg.RayBin, "ray-bin")
-			setStr(&cfg.VLLMBin, "vllm-bin")
-			setStr(&cfg.PythonBin, "python-bin")
-			setStr(&cfg.EngineHost, "engine-host")
-			if c.IsSet("stop-grace") {
-				cfg.StopGrace = c.Duration("stop-grace")
-			}
-			if c.IsSet("restart-backoff") {
-				cfg.RestartBackoff = c.Duration("restart-backoff")
-			}
-			if c.IsSet("canary-interval") {
-				cfg.CanaryInterval = c.Duration("canary-interval")
-			}
-			if c.IsSet("hang-timeout") {
-				cfg.HangTimeout = c.Duration("hang-timeout")
-			}
-			if c.IsSet("stop-engines-on-exit") {
-				cfg.StopEnginesOnExit = c.Bool("stop-engines-on-exit")
-			}
-			for _, kv := range c.StringSlice("engine-env") {
-				k, v, ok := strings.Cut(kv, "=")
-				if !ok || k == "" {
-					return fmt.Errorf("--engine-env %q: want KEY=VALUE", kv)
-				}
-				if cfg.EngineEnv == nil {
-					cfg.EngineEnv = map[string]string{}
-				}
-				cfg.EngineEnv[k] = v
-			}
-			setStr(&cfg.Containerd.Address, "containerd-address")
-			setStr(&cfg.Containerd.Namespace, "containerd-namespace")
-			if v := c.String("log-max-size"); v != "" {
-				n, err := bytesize.Parse(v)
-				if err != nil {
-					return fmt.Errorf("--log-max-size: %w", err)
-				}
-				cfg.LogMaxBytes = n
 			}
 			cfg.Logger = logger(c)
 			ins, err := gpu.New(cfg.GPUBackend)
 			if err != nil {
 				return err
 			}
-			if cfg.TLS, cfg.GossipKeys, cfg.GossipKeyFile, err = daemonSecurity(c, security.RoleAgent, cfg.Logger, nil); err != nil {
+			if cfg.TLS, cfg.GossipKeys, cfg.GossipKeyFile, err = daemonSecurity(c, security.RoleAgent, cfg.Logger, nil, cfg.GossipKeyFile); err != nil {
 				return err
 			}
 			cfg.Ready = sdReady(cfg.Logger)
@@ -217,7 +126,7 @@ func coordinatorCommand() *cli.Command {
 				tl.SetTokens(tk)
 			}
 			rk := reloadKeys(c, rc, log)
-			tl, keys, kf, err := daemonSecurity(c, security.RoleCoordinator, log, func() { loadTokens(); rk() })
+			tl, keys, kf, err := daemonSecurity(c, security.RoleCoordinator, log, func() { loadTokens(); rk() }, "")
 			if err != nil {
 				return err
 			}
@@ -342,7 +251,7 @@ func routerCommand() *cli.Command {
 				return router.RunStatic(c.Context, c.String("listen"), bs, rc, logger(c))
 			}
 			log := logger(c)
-			tl, keys, kf, err := daemonSecurity(c, security.RoleRouter, log, reloadKeys(c, rc, log))
+			tl, keys, kf, err := daemonSecurity(c, security.RoleRouter, log, reloadKeys(c, rc, log), "")
 			if err != nil {
 				return err
 			}
@@ -365,4 +274,106 @@ func samePort(a, b string) bool {
 	}
 	wild := func(h string) bool { return h == "" || h == "0.0.0.0" || h == "::" }
 	return ha == hb || wild(ha) || wild(hb)
+}
+
+// agentConfig is the agent's configuration: its --config file, then every
+// flag given on top (a flag wins over the file's key; TestAgentConfigKeys
+// checks each key against its flag).
+func agentConfig(c *cli.Context) (agent.Config, error) {
+	var cfg agent.Config
+	if p := c.String("config"); p != "" {
+		var err error
+		if cfg, err = agent.LoadConfigFile(p); err != nil {
+			return cfg, err
+		}
+	}
+	setStr := func(dst *string, name string) {
+		if c.IsSet(name) {
+			*dst = c.String(name)
+		}
+	}
+	setInt := func(dst *int, name string) {
+		if c.IsSet(name) {
+			*dst = c.Int(name)
+		}
+	}
+	setStr(&cfg.NodeID, "node-id")
+	setStr(&cfg.Cluster, "cluster")
+	setStr(&cfg.Address, "address")
+	if c.IsSet("join") {
+		cfg.Join = c.StringSlice("join")
+	}
+	setInt(&cfg.GossipPort, "gossip-port")
+	setInt(&cfg.GRPCPort, "grpc-port")
+	setInt(&cfg.ReplicaPort, "replica-port")
+	setStr(&cfg.MetricsAddr, "metrics-addr")
+	setStr(&cfg.GossipProfile, "gossip-profile")
+	setStr(&cfg.StateDir, "state-dir")
+	setStr(&cfg.ModelsDir, "models-dir")
+	if c.IsSet("skip-local-model-check") {
+		cfg.SkipLocalModelCheck = c.Bool("skip-local-model-check")
+	}
+	if c.IsSet("workers") {
+		cfg.Download.Workers = c.Int("workers")
+	}
+	if c.IsSet("part-size") {
+		part, err := parseSize(c.String("part-size"))
+		if err != nil {
+			return cfg, fmt.Errorf("--part-size: %w", err)
+		}
+		cfg.Download.PartSizeMiB = int(part >> 20)
+	}
+	if lim, err := limitRate(c); err != nil {
+		return cfg, err
+	} else if lim > 0 {
+		cfg.Download.LimitMiBps = int(max(lim>>20, 1))
+	}
+	setStr(&cfg.Download.S3Endpoint, "s3-endpoint")
+	setStr(&cfg.Download.HFEndpoint, "hf-endpoint")
+	if ps := pathStyle(c); ps != nil {
+		cfg.Download.S3PathStyle = ps
+	}
+	setStr(&cfg.GPUBackend, "gpu-backend")
+	if c.IsSet("gpus") {
+		cfg.GPUs = c.IntSlice("gpus")
+	}
+	setStr(&cfg.RayBin, "ray-bin")
+	setStr(&cfg.VLLMBin, "vllm-bin")
+	setStr(&cfg.PythonBin, "python-bin")
+	setStr(&cfg.EngineHost, "engine-host")
+	if c.IsSet("stop-grace") {
+		cfg.StopGrace = c.Duration("stop-grace")
+	}
+	if c.IsSet("restart-backoff") {
+		cfg.RestartBackoff = c.Duration("restart-backoff")
+	}
+	if c.IsSet("canary-interval") {
+		cfg.CanaryInterval = c.Duration("canary-interval")
+	}
+	if c.IsSet("hang-timeout") {
+		cfg.HangTimeout = c.Duration("hang-timeout")
+	}
+	if c.IsSet("stop-engines-on-exit") {
+		cfg.StopEnginesOnExit = c.Bool("stop-engines-on-exit")
+	}
+	for _, kv := range c.StringSlice("engine-env") {
+		k, v, ok := strings.Cut(kv, "=")
+		if !ok || k == "" {
+			return cfg, fmt.Errorf("--engine-env %q: want KEY=VALUE", kv)
+		}
+		if cfg.EngineEnv == nil {
+			cfg.EngineEnv = map[string]string{}
+		}
+		cfg.EngineEnv[k] = v
+	}
+	setStr(&cfg.Containerd.Address, "containerd-address")
+	setStr(&cfg.Containerd.Namespace, "containerd-namespace")
+	if v := c.String("log-max-size"); v != "" {
+		n, err := bytesize.Parse(v)
+		if err != nil {
+			return cfg, fmt.Errorf("--log-max-size: %w", err)
+		}
+		cfg.LogMaxBytes = n
+	}
+	return cfg, nil
 }

@@ -60,9 +60,13 @@ func inspectCommand() *cli.Command {
 // verdict lists what keeps this host from serving.
 func verdict(hw *agent.HostInventory) []string {
 	var out []string
-	for _, d := range hw.GPU.Devices {
-		for _, r := range d.Reasons {
-			out = append(out, fmt.Sprintf("GPU %d: %s", d.Index, r))
+	if hw.GPU == nil || len(hw.GPU.Devices) == 0 {
+		out = append(out, "no GPUs: this host cannot serve GPU engines (is the NVIDIA driver loaded? `nvidia-smi`; or --gpu-backend)")
+	} else {
+		for _, d := range hw.GPU.Devices {
+			for _, r := range d.Reasons {
+				out = append(out, fmt.Sprintf("GPU %d: %s", d.Index, r))
+			}
 		}
 	}
 	for _, c := range hw.Preflight {

@@ -18,11 +18,20 @@ import (
 	"github.com/urfave/cli/v2"
 )
 
-// Defaults where a packaged install keeps its secrets.
-const (
-	defaultTLSDir   = "/etc/shoal/tls"
-	defaultGossipKF = "/etc/shoal/gossip.key"
+// Defaults where a packaged install keeps its secrets: /etc/shoal, or
+// SHOAL_CONFIG_DIR (another prefix; tests, which must not see the host's).
+var (
+	configDir       = envOr("SHOAL_CONFIG_DIR", "/etc/shoal")
+	defaultTLSDir   = filepath.Join(configDir, "tls")
+	defaultGossipKF = filepath.Join(configDir, "gossip.key")
 )
+
+func envOr(k, def string) string {
+	if v := os.Getenv(k); v != "" {
+		return v
+	}
+	return def
+}
 
 // securityFlags are every daemon's transport-security flags.
 func securityFlags() []cli.Flag {

@@ -353,7 +353,9 @@ func TestCLIErrors(t *testing.T) {
 	// to start and say how to fix it; the CLI without credentials too.
 	run := func(env []string, args ...string) (string, error) {
 		cmd := exec.Command(filepath.Join(binDir, "shoal"), args...)
-		cmd.Env = append(append(os.Environ(), "HOME="+t.TempDir(), "TMPDIR="+t.TempDir()), env...)
+		// Nothing of this host's: no ~/.shoal, no /etc/shoal (an installed
+		// package), no running `shoal dev`.
+		cmd.Env = append(append(os.Environ(), "HOME="+t.TempDir(), "TMPDIR="+t.TempDir(), "SHOAL_CONFIG_DIR="+t.TempDir()), env...)
 		b, err := cmd.CombinedOutput()
 		return string(b), err
 	}

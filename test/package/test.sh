@@ -42,6 +42,21 @@ out=$(/usr/bin/shoal agent --config /etc/shoal/agent.yaml --insecure --gpu-backe
 echo "$out" | grep -q "address" || fail "agent with the shipped config: $out"
 echo "$out" | grep -qi "yaml" && fail "shipped agent config does not parse: $out"
 
+echo "== an upgrade stops no daemon; a removal does"
+fake=$(mktemp -d)
+mkdir -p "$fake/bin" "$fake/run-systemd"
+printf '#!/bin/sh\necho "$@" >> %s/calls\n' "$fake" > "$fake/bin/systemctl"
+chmod +x "$fake/bin/systemctl"
+prerm=/var/lib/dpkg/info/shoal.prerm
+[ -x "$prerm" ] || fail "no prerm script installed"
+for arg in upgrade failed-upgrade; do
+  SHOAL_SYSTEMD_RUN_DIR="$fake/run-systemd" PATH="$fake/bin:$PATH" "$prerm" "$arg" 0.1.1
+done
+[ ! -e "$fake/calls" ] || fail "prerm upgrade called systemctl: $(cat "$fake/calls")"
+SHOAL_SYSTEMD_RUN_DIR="$fake/run-systemd" PATH="$fake/bin:$PATH" "$prerm" remove
+[ "$(grep -c '^stop shoal-' "$fake/calls")" = 3 ] || fail "prerm remove did not stop the three units: $(cat "$fake/calls" 2>/dev/null)"
+rm -rf "$fake"
+
 echo "== purge"
 dpkg --purge shoal
 trap - EXIT

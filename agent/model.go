@@ -22,7 +22,8 @@ type modelJob struct {
 
 // modelFor resolves a deployment's weights on this host: a remote source
 // goes to model.path if set, else <models_dir>/<name>; a local source is used
-// in place.
+// in place, at model.path when the spec gives one (the path the weights have
+// on the hosts, as docs/reference.md says; it defaults to the source).
 func (a *Agent) modelFor(d *spec.Deployment) (*modelJob, error) {
 	if d.Model.Source == "" {
 		return nil, nil // a command engine without weights to manage
@@ -33,6 +34,8 @@ func (a *Agent) modelFor(d *spec.Deployment) (*modelJob, error) {
 	}
 	j := &modelJob{uri: u, suffixes: d.Model.Suffixes}
 	switch {
+	case u.Scheme == model.SchemeLocal && d.Model.Path != "":
+		j.dir = d.Model.Path
 	case u.Scheme == model.SchemeLocal:
 		j.dir = u.Path
 	case d.Model.Path != "":

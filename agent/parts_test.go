@@ -273,6 +273,8 @@ func TestModelFor(t *testing.T) {
 		{"hf://deepseek-ai/DeepSeek-R1@main", "", "/var/lib/shoal/models/DeepSeek-R1", true},
 		{"s3://models/deepseek-r1", "/mnt/nvme/r1", "/mnt/nvme/r1", true},
 		{"/mnt/shared/r1", "/mnt/shared/r1", "/mnt/shared/r1", false},
+		{"/mnt/shared/r1", "", "/mnt/shared/r1", false},
+		{"/mnt/shared/r1", "/local/nvme/r1", "/local/nvme/r1", false}, // model.path was ignored for a local source
 	} {
 		j, err := a.modelFor(&spec.Deployment{Model: spec.Model{Source: c.source, Path: c.path}})
 		require.NoError(t, err, c.source)

@@ -13,6 +13,7 @@ import (
 	"time"
 
 	"github.com/hashicorp/memberlist"
+	"github.com/shoalhq/shoal/internal/secretfile"
 )
 
 // Gossip encryption: memberlist's AES-GCM keyring. A key file holds one
@@ -45,7 +46,7 @@ func ParseKey(s string) ([]byte, error) {
 func LoadKeyFile(path string) ([][]byte, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("gossip key file: %w", err)
+		return nil, fmt.Errorf("gossip key file: %w", secretfile.Explain(path, err))
 	}
 	var keys [][]byte
 	for i, line := range strings.Split(string(b), "\n") {
@@ -65,17 +66,16 @@ func LoadKeyFile(path string) ([][]byte, error) {
 	return keys, nil
 }
 
-// WriteKeyFile saves keys (primary first), readable by the owner only.
+// WriteKeyFile saves keys (primary first). An existing file keeps its mode,
+// owner and group (the agents, as root, and the coordinator, as shoal,
+// rewrite the same file); a new one is 0660 with group shoal when root
+// writes it (internal/secretfile).
 func WriteKeyFile(path string, keys [][]byte) error {
 	var sb strings.Builder
 	for _, k := range keys {
 		sb.WriteString(base64.StdEncoding.EncodeToString(k) + "\n")
 	}
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, []byte(sb.String()), 0o600); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
+	return secretfile.Write(path, []byte(sb.String()), 0o660)
 }
 
 // Fingerprint names a key without revealing it.

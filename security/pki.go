@@ -16,6 +16,8 @@ import (
 	"path/filepath"
 	"strings"
 	"time"
+
+	"github.com/shoalhq/shoal/internal/secretfile"
 )
 
 // Role is what a certificate's holder may do.
@@ -204,12 +206,11 @@ func writeKey(path string, key *ecdsa.PrivateKey) error {
 	return writePEM(path, "PRIVATE KEY", der, 0o600)
 }
 
+// writePEM writes a PEM file; a private key (0600) written by root gets
+// group shoal and g+r, so the coordinator and router read theirs
+// (internal/secretfile).
 func writePEM(path, typ string, der []byte, mode os.FileMode) error {
-	tmp := path + ".tmp"
-	if err := os.WriteFile(tmp, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), mode); err != nil {
-		return err
-	}
-	return os.Rename(tmp, path)
+	return secretfile.Write(path, pem.EncodeToMemory(&pem.Block{Type: typ, Bytes: der}), mode)
 }
 
 func serial() *big.Int {

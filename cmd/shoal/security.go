@@ -13,6 +13,7 @@ import (
 
 	"github.com/shoalhq/shoal/coordinator/router"
 	"github.com/shoalhq/shoal/gossip"
+	"github.com/shoalhq/shoal/internal/secretfile"
 	coordv1 "github.com/shoalhq/shoal/proto/coordinator/v1"
 	"github.com/shoalhq/shoal/security"
 	"github.com/urfave/cli/v2"
@@ -315,15 +316,20 @@ func apikeyCommand() *cli.Command {
 					for _, l := range strings.Split(strings.TrimRight(text, "\n"), "\n") {
 						out += "  " + l + "\n"
 					}
-					tmp := p + ".tmp"
-					if err := os.WriteFile(tmp, []byte(out), 0o600); err != nil {
+					// Checked before it replaces the file: a copy in a private temp dir.
+					check, err := os.MkdirTemp("", "shoal-apikeys-")
+					if err != nil {
 						return err
 					}
-					if _, err := router.LoadAPIKeys(tmp); err != nil {
-						os.Remove(tmp)
+					defer os.RemoveAll(check)
+					if err := os.WriteFile(filepath.Join(check, "keys.yaml"), []byte(out), 0o600); err != nil {
+						return err
+					}
+					if _, err := router.LoadAPIKeys(filepath.Join(check, "keys.yaml")); err != nil {
 						return fmt.Errorf("%s would not load after adding the key: %w", p, err)
 					}
-					if err := os.Rename(tmp, p); err != nil {
+					// Group shoal reads it (the coordinator and router run as shoal).
+					if err := secretfile.Write(p, []byte(out), 0o640); err != nil {
 						return err
 					}
 					fmt.Fprintf(c.App.ErrWriter, "added %s to %s; send SIGHUP to the router/coordinator to load it\n", entry.Name, p)

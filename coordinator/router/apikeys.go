@@ -14,6 +14,7 @@ import (
 	"sync/atomic"
 	"time"
 
+	"github.com/shoalhq/shoal/internal/secretfile"
 	"gopkg.in/yaml.v3"
 )
 
@@ -76,7 +77,7 @@ func HashKey(k string) string {
 func LoadAPIKeys(path string) (*Keys, error) {
 	b, err := os.ReadFile(path)
 	if err != nil {
-		return nil, fmt.Errorf("api keys: %w", err)
+		return nil, fmt.Errorf("api keys: %w", secretfile.Explain(path, err))
 	}
 	var f keyFile
 	dec := yaml.NewDecoder(bytes.NewReader(b))

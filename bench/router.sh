@@ -58,7 +58,7 @@ CONF
 haproxy -f "$tmp/haproxy.cfg" >"$tmp/haproxy.log" 2>&1 &
 haproxy_pid=$!
 pids+=($!)
-${ROUTER_ENV:-} ./bin/shoal router --listen 127.0.20.12:8080 --backend m=$B1 --backend m=$B2 >"$tmp/shoal.log" 2>&1 &
+${ROUTER_ENV:-} ./bin/shoal router --no-api-keys --listen 127.0.20.12:8080 --backend m=$B1 --backend m=$B2 >"$tmp/shoal.log" 2>&1 &
 shoal_pid=$!
 pids+=($!)
 for u in http://$B1 http://$B2 http://127.0.20.10:8080 http://127.0.20.11:8080 http://127.0.20.12:8080; do

@@ -4,6 +4,7 @@ import (
 	"fmt"
 	"log/slog"
 	"net"
+	"os"
 	"strings"
 	"time"
 
@@ -97,7 +98,7 @@ func coordinatorCommand() *cli.Command {
 			&cli.StringFlag{Name: "router", Value: "127.0.0.1:8080", EnvVars: []string{"SHOAL_ROUTER_ADDR"}, Usage: "OpenAI HTTP address (\"\" disables)"},
 			&cli.StringFlag{Name: "data-dir", Value: "/var/lib/shoal-coordinator", EnvVars: []string{"SHOAL_DATA_DIR"}},
 			&cli.StringFlag{Name: "cli-tokens-file", EnvVars: []string{"SHOAL_CLI_TOKENS_FILE"}, Usage: "hashed CLI tokens, \"NAME SHA256\" per line (`shoal tls token create`); reloaded on SIGHUP"},
-			apiKeysFlag, idleTimeoutFlag, totalTimeoutFlag, holdForFlag, retriesFlag, ejectAfterFlag,
+			apiKeysFlag, noAPIKeysFlag, idleTimeoutFlag, totalTimeoutFlag, holdForFlag, retriesFlag, ejectAfterFlag,
 			allowedOriginsFlag, allowedMethodsFlag, allowedHeadersFlag, allowCredentialsFlag,
 		},
 		Action: func(c *cli.Context) error {
@@ -107,11 +108,12 @@ func coordinatorCommand() *cli.Command {
 			if api, rt := c.String("api"), c.String("router"); rt != "" && samePort(api, rt) {
 				return fmt.Errorf("--api %s and --router %s share a port: the admin API never shares one with the public OpenAI router", api, rt)
 			}
-			rc, err := routerConfig(c)
+			rc, err := routerConfig(c, c.String("router") != "")
 			if err != nil {
 				return err
 			}
 			log := logger(c)
+			warnOpen(c, log)
 			var tl *security.TLS
 			loadTokens := func() {
 				p := c.String("cli-tokens-file")
@@ -177,9 +179,21 @@ var (
 )
 
 var apiKeysFlag = &cli.StringFlag{Name: "api-keys-file", EnvVars: []string{"SHOAL_API_KEYS_FILE"},
-	Usage: "hashed API keys with their models and rate limits (`shoal apikey create`); when set, OpenAI requests need `Authorization: Bearer KEY`; reloaded on SIGHUP"}
+	Usage: "hashed API keys with their models and rate limits (`shoal apikey create`); OpenAI requests need `Authorization: Bearer KEY`; reloaded on SIGHUP (default " + defaultAPIKeys + " if present; without keys the router refuses to start unless --no-api-keys)"}
 
-func routerConfig(c *cli.Context) (router.Config, error) {
+var noAPIKeysFlag = &cli.BoolFlag{Name: "no-api-keys", EnvVars: []string{"SHOAL_NO_API_KEYS"},
+	Usage: "serve OpenAI requests without API keys: anyone who reaches the router may use every model (trusted networks, `shoal dev`)"}
+
+// warnOpen says loudly that the router serves without keys.
+func warnOpen(c *cli.Context, log *slog.Logger) {
+	if c.Bool("no-api-keys") {
+		log.Warn("OPEN: the router serves OpenAI requests without API keys because --no-api-keys was given; anyone who reaches it may use every model")
+	}
+}
+
+// routerConfig reads the router's flags. A router (enabled) needs API keys:
+// --api-keys-file, else the default file if present, unless --no-api-keys.
+func routerConfig(c *cli.Context, enabled bool) (router.Config, error) {
 	rc := router.Config{IdleTimeout: c.Duration("idle-timeout"), TotalTimeout: c.Duration("total-timeout"), HoldFor: c.Duration("hold-for")}
 	if rc.IdleTimeout < 0 || rc.TotalTimeout < 0 {
 		return rc, fmt.Errorf("--idle-timeout and --total-timeout must not be negative")
@@ -198,20 +212,37 @@ func routerConfig(c *cli.Context) (router.Config, error) {
 	if rc.EjectAfter < 1 {
 		return rc, fmt.Errorf("--eject-after %d: give at least 1", rc.EjectAfter)
 	}
-	if p := c.String("api-keys-file"); p != "" {
+	p := apiKeysPath(c)
+	switch {
+	case p != "" && c.Bool("no-api-keys"):
+		return rc, fmt.Errorf("--no-api-keys and an API keys file (%s) contradict each other: give one", p)
+	case p != "":
 		keys, err := router.LoadAPIKeys(p)
 		if err != nil {
 			return rc, err
 		}
 		rc.APIKeys = keys
+	case enabled && !c.Bool("no-api-keys"):
+		return rc, fmt.Errorf("the router would serve anyone: create a key with `shoal apikey create --name NAME --models '*' --file %s` (then the router finds it), pass --api-keys-file, or pass --no-api-keys on a trusted network", defaultAPIKeys)
 	}
 	return rc, nil
+}
+
+// apiKeysPath is --api-keys-file, else the default file when it exists.
+func apiKeysPath(c *cli.Context) string {
+	if p := c.String("api-keys-file"); p != "" {
+		return p
+	}
+	if _, err := os.Stat(defaultAPIKeys); err == nil {
+		return defaultAPIKeys
+	}
+	return ""
 }
 
 // reloadKeys re-reads --api-keys-file into the running router (SIGHUP).
 func reloadKeys(c *cli.Context, rc router.Config, log *slog.Logger) func() {
 	return func() {
-		p := c.String("api-keys-file")
+		p := apiKeysPath(c)
 		if p == "" || rc.APIKeys == nil {
 			return
 		}
@@ -239,14 +270,15 @@ func routerCommand() *cli.Command {
 			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:8080", EnvVars: []string{"SHOAL_ROUTER_ADDR"}, Usage: "OpenAI HTTP address"},
 			&cli.StringSliceFlag{Name: "backend", EnvVars: []string{"SHOAL_ROUTER_BACKENDS"},
 				Usage: "static MODEL=HOST:PORT backend (repeatable), e.g. an existing vLLM server; no gossip needed"},
-			apiKeysFlag, idleTimeoutFlag, totalTimeoutFlag, holdForFlag, retriesFlag, ejectAfterFlag,
+			apiKeysFlag, noAPIKeysFlag, idleTimeoutFlag, totalTimeoutFlag, holdForFlag, retriesFlag, ejectAfterFlag,
 			allowedOriginsFlag, allowedMethodsFlag, allowedHeadersFlag, allowCredentialsFlag,
 		},
 		Action: func(c *cli.Context) error {
-			rc, err := routerConfig(c)
+			rc, err := routerConfig(c, true)
 			if err != nil {
 				return err
 			}
+			warnOpen(c, logger(c))
 			if bs := c.StringSlice("backend"); len(bs) > 0 {
 				return router.RunStatic(c.Context, c.String("listen"), bs, rc, logger(c))
 			}

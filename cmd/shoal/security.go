@@ -25,6 +25,7 @@ var (
 	configDir       = envOr("SHOAL_CONFIG_DIR", "/etc/shoal")
 	defaultTLSDir   = filepath.Join(configDir, "tls")
 	defaultGossipKF = filepath.Join(configDir, "gossip.key")
+	defaultAPIKeys  = filepath.Join(configDir, "api-keys.yaml")
 )
 
 func envOr(k, def string) string {

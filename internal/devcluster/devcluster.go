@@ -172,7 +172,7 @@ func (c *Cluster) StartCoordinator() error {
 	cfg := c.cfg
 	c.coord, err = c.spawn("coordinator", nil, append([]string{"coordinator", "--address", cfg.CoordIP, "--gossip-port", strconv.Itoa(cfg.GossipPort),
 		"--api", cfg.APIAddr, "--router", cfg.RouterAddr, "--data-dir", filepath.Join(cfg.Dir, "coordinator"), "--gossip-profile", cfg.Profile,
-		"--metrics-addr=" + cfg.MetricsAddr}, sec...)...)
+		"--metrics-addr=" + cfg.MetricsAddr, "--no-api-keys"}, sec...)...)
 	return err
 }
 
@@ -184,7 +184,7 @@ func (c *Cluster) StartRouter(name, ip, listen string) error {
 		return err
 	}
 	p, err := c.spawn(name, nil, append([]string{"router", "--address", ip, "--listen", listen, "--node-id", name,
-		"--join", net.JoinHostPort(c.cfg.CoordIP, strconv.Itoa(c.cfg.GossipPort)), "--gossip-profile", c.cfg.Profile}, sec...)...)
+		"--join", net.JoinHostPort(c.cfg.CoordIP, strconv.Itoa(c.cfg.GossipPort)), "--gossip-profile", c.cfg.Profile, "--no-api-keys"}, sec...)...)
 	if err != nil {
 		return err
 	}

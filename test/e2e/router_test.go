@@ -9,6 +9,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"slices"
 	"strings"
 	"testing"
 	"time"
@@ -112,6 +113,9 @@ func (e *env) startRouter(ip string, args ...string) string {
 	_, gp, _ := strings.Cut(gport, ":")
 	sec, err := e.c.RouterArgs("router-" + ip)
 	require.NoError(e.t, err)
+	if !slices.Contains(args, "--api-keys-file") {
+		args = append(args, "--no-api-keys") // a test router without keys says so
+	}
 	cmd := exec.Command(filepath.Join(binDir, "shoal"), append(append([]string{"router", "--address", ip, "--gossip-port", gp,
 		"--join", e.gossip, "--listen", listen, "--gossip-profile", "fast", "--node-id", "router-" + ip}, sec...), args...)...)
 	logf, err := os.Create(filepath.Join(e.dir, "logs", "router-"+ip+".log"))

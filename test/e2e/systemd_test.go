@@ -74,7 +74,7 @@ func TestSystemdNotify(t *testing.T) {
 	case <-time.After(2 * time.Second):
 	}
 	csock, cch := notifySocket(t)
-	coord := start(csock, "coordinator", "--insecure", "--address", "127.0.22.1", "--gossip-port", gossipPort,
+	coord := start(csock, "coordinator", "--insecure", "--no-api-keys", "--address", "127.0.22.1", "--gossip-port", gossipPort,
 		"--api", addrs[0], "--router", addrs[1], "--metrics-addr=", "--data-dir", filepath.Join(dir, "coord"), "--gossip-profile", "fast")
 	waitMsg(t, cch, "READY=1", 20*time.Second)
 	waitMsg(t, ach, "READY=1", 30*time.Second)

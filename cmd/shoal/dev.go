@@ -43,6 +43,10 @@ func runDev(c *cli.Context) error {
 	if sim == "" {
 		sim = filepath.Join(filepath.Dir(self), "shoal-sim")
 	}
+	if _, err := os.Stat(sim); err != nil {
+		return fmt.Errorf("shoal dev runs its engines on the simulator, %s, which is not there (the package ships no simulator): "+
+			"in a checkout, `make build` puts it in bin/ next to bin/shoal (or `go build -o /usr/local/bin/shoal-sim ./cmd/shoal-sim`), then pass --sim PATH; docs/try-without-gpus.md", sim)
+	}
 	dir := c.String("dir")
 	if dir == "" {
 		if dir, err = os.MkdirTemp("", "shoal-dev-"); err != nil {

@@ -26,7 +26,9 @@ var Group = "shoal"
 // give it (root), so a daemon running as shoal can read what root wrote.
 // When the directory cannot take a new file (a daemon that may rewrite the
 // file but not its directory, such as the coordinator with
-// /etc/shoal/gossip.key), the file is rewritten in place. Errors name the
+// /etc/shoal/gossip.key: a root-owned directory, and read-only under its
+// unit's ProtectSystem=strict but for that one file, ReadWritePaths), the
+// file is rewritten in place. Errors name the
 // file and what to change.
 func Write(path string, data []byte, mode fs.FileMode) error {
 	st, statErr := os.Stat(path)
@@ -35,7 +37,7 @@ func Write(path string, data []byte, mode fs.FileMode) error {
 	}
 	tmp := path + ".tmp"
 	err := os.WriteFile(tmp, data, mode)
-	if err != nil && errors.Is(err, fs.ErrPermission) && statErr == nil {
+	if err != nil && (errors.Is(err, fs.ErrPermission) || errors.Is(err, syscall.EROFS)) && statErr == nil {
 		// No new file in the directory: rewrite in place (the file's own
 		// permission decides).
 		f, oerr := os.OpenFile(path, os.O_WRONLY|os.O_TRUNC, 0)

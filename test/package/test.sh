@@ -42,6 +42,9 @@ out=$(/usr/bin/shoal agent --config /etc/shoal/agent.yaml --insecure --gpu-backe
 echo "$out" | grep -q "address" || fail "agent with the shipped config: $out"
 echo "$out" | grep -qi "yaml" && fail "shipped agent config does not parse: $out"
 
+echo "== run as installed: secrets, users, rotation, restarts"
+bash test/package/install.sh
+
 echo "== an upgrade stops no daemon; a removal does"
 fake=$(mktemp -d)
 mkdir -p "$fake/bin" "$fake/run-systemd"

@@ -16,6 +16,9 @@ import (
 	"github.com/urfave/cli/v2"
 )
 
+// packagedSim is where the .deb and .rpm install the simulator.
+const packagedSim = "/usr/lib/shoal/shoal-sim"
+
 func devCommand() *cli.Command {
 	return &cli.Command{
 		Name:  "dev",
@@ -23,7 +26,7 @@ func devCommand() *cli.Command {
 		Flags: []cli.Flag{
 			&cli.IntFlag{Name: "agents", Value: 5, EnvVars: []string{"SHOAL_DEV_AGENTS"}, Usage: "agents to start (the demo uses 4, the rest are spares)"},
 			&cli.StringFlag{Name: "dir", EnvVars: []string{"SHOAL_DEV_DIR"}, Usage: "working directory (default: a new temp dir)"},
-			&cli.StringFlag{Name: "sim", EnvVars: []string{"SHOAL_SIM_BIN"}, Usage: "shoal-sim binary (default: next to shoal)"},
+			&cli.StringFlag{Name: "sim", EnvVars: []string{"SHOAL_SIM_BIN"}, Usage: "shoal-sim binary (default: next to shoal, else " + packagedSim + ")"},
 			&cli.StringFlag{Name: "router", Value: "127.0.0.1:8080", EnvVars: []string{"SHOAL_ROUTER_ADDR"}},
 			&cli.StringFlag{Name: "api", Value: "127.0.0.1:7950", EnvVars: []string{"SHOAL_API_ADDR"}},
 			&cli.StringFlag{Name: "metrics-addr", Value: "127.0.0.1:7951", EnvVars: []string{"SHOAL_METRICS_ADDR"}, Usage: "coordinator /metrics and Prometheus service discovery"},
@@ -41,11 +44,17 @@ func runDev(c *cli.Context) error {
 	}
 	sim := c.String("sim")
 	if sim == "" {
+		// Next to shoal (a checkout's bin/), else where the package puts it.
 		sim = filepath.Join(filepath.Dir(self), "shoal-sim")
+		if _, err := os.Stat(sim); err != nil {
+			if _, err := os.Stat(packagedSim); err == nil {
+				sim = packagedSim
+			}
+		}
 	}
 	if _, err := os.Stat(sim); err != nil {
-		return fmt.Errorf("shoal dev runs its engines on the simulator, %s, which is not there (the package ships no simulator): "+
-			"in a checkout, `make build` puts it in bin/ next to bin/shoal (or `go build -o /usr/local/bin/shoal-sim ./cmd/shoal-sim`), then pass --sim PATH; docs/try-without-gpus.md", sim)
+		return fmt.Errorf("shoal dev runs its engines on the simulator, %s, which is not there: "+
+			"in a checkout, `make build` puts it in bin/ next to bin/shoal; the package installs it as %s; or pass --sim PATH (docs/try-without-gpus.md)", sim, packagedSim)
 	}
 	dir := c.String("dir")
 	if dir == "" {

@@ -50,7 +50,8 @@ run_daemons() {
     --gossip-profile fast >>"$work/router.log" 2>&1 &
   pids+=($!)
 }
-export SHOAL_TLS_DIR="$work/cli" SHOAL_COORDINATOR=$C:7950
+# The CLI as alice (the daemons must not see these: SHOAL_TLS_DIR is theirs too).
+cli() { SHOAL_TLS_DIR="$work/cli" SHOAL_COORDINATOR=$C:7950 $S "$@"; }
 completion() { # $1: router address; prints the HTTP status
   curl -s -o "$work/out.json" -w '%{http_code}' "http://$1/v1/completions" -H "Authorization: Bearer $key" \
     -H 'Content-Type: application/json' -d '{"model":"tiny","prompt":"Hello","max_tokens":4}' || true
@@ -65,8 +66,8 @@ served() { # wait until both routers serve an authenticated completion
 
 echo "== the daemons: coordinator and router as user shoal, the agent as root"
 run_daemons
-for _ in $(seq 100); do $S get nodes >/dev/null 2>&1 && break; sleep 0.2; done
-$S apply -f - <<'YAML'
+for _ in $(seq 100); do cli get nodes >/dev/null 2>&1 && break; sleep 0.2; done
+cli apply -f - <<'YAML' || fail "apply"
 apiVersion: shoal/v1
 name: tiny
 model: {source: /models/tiny}
@@ -80,9 +81,9 @@ code=$(curl -s -o /dev/null -w '%{http_code}' "http://$R:8080/v1/completions" -H
 echo "== rotate the gossip key"
 old=$(head -1 /etc/shoal/gossip.key)
 new=$($S keyring generate)
-$S keyring install "$new"
-$S keyring use "$new"
-$S keyring remove "$old"
+cli keyring install "$new" || fail "keyring install"
+cli keyring use "$new" || fail "keyring use"
+cli keyring remove "$old" || fail "keyring remove"
 for _ in $(seq 50); do [ "$(head -1 /etc/shoal/gossip.key)" = "$new" ] && ! grep -q "$old" /etc/shoal/gossip.key && break; sleep 0.2; done
 [ "$(head -1 /etc/shoal/gossip.key)" = "$new" ] || fail "the rotation did not reach /etc/shoal/gossip.key"
 grep -q "$old" /etc/shoal/gossip.key && fail "the old key is still in the file"

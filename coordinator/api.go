@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"sort"
+	"strings"
 
 	"github.com/shoalhq/shoal/engine"
 	"github.com/shoalhq/shoal/gossip"
@@ -31,6 +32,49 @@ func apiError(err error) error {
 	}
 }
 
+// engineChanges lists the fields that shape a replica's engine (model,
+// engine, resources) whose values differ between two specs.
+func engineChanges(old, cur *spec.Deployment) []string {
+	vals := func(d *spec.Deployment) map[string]string {
+		m := map[string]string{}
+		for _, f := range d.Fields() {
+			if strings.HasPrefix(f.Path, "model.") || strings.HasPrefix(f.Path, "engine.") || strings.HasPrefix(f.Path, "resources.") {
+				m[f.Path] = f.Value
+			}
+		}
+		return m
+	}
+	a, b := vals(old), vals(cur)
+	var out []string
+	for k, v := range b {
+		if a[k] != v {
+			out = append(out, k)
+		}
+	}
+	for k := range a {
+		if _, ok := b[k]; !ok {
+			out = append(out, k)
+		}
+	}
+	sort.Strings(out)
+	return out
+}
+
+// groupsOf counts the deployment's stored groups (0 on a store error).
+func (c *Coordinator) groupsOf(name string) int {
+	gs, err := c.store.Groups()
+	if err != nil {
+		return 0
+	}
+	n := 0
+	for _, g := range gs {
+		if g.Deployment == name {
+			n++
+		}
+	}
+	return n
+}
+
 type apiServer struct {
 	coordv1.UnimplementedCoordinatorServer
 	c *Coordinator
@@ -46,6 +90,10 @@ func (s *apiServer) Apply(_ context.Context, req *coordv1.ApplyRequest) (*coordv
 	if err != nil {
 		return nil, apiError(err)
 	}
+	var changed []string
+	if prev, perr := s.c.store.Deployment(d.Name); perr == nil && prev.Spec != nil {
+		changed = engineChanges(prev.Spec, d)
+	}
 	created, err := s.c.store.PutDeployment(d, string(req.SpecYaml))
 	if err != nil {
 		return nil, apiError(err)
@@ -60,6 +108,13 @@ func (s *apiServer) Apply(_ context.Context, req *coordv1.ApplyRequest) (*coordv
 		if !f.Implemented {
 			warnings = append(warnings, f.Path+" is stored but not acted on yet")
 		}
+	}
+	if n := s.c.groupsOf(d.Name); len(changed) > 0 && n > 0 {
+		w := fmt.Sprintf("%d running replica(s) keep the previous engine settings (changed: %s): a changed spec is not rolled out yet; "+
+			"new replicas get it; to replace the running ones, scale replicas to 0 and back or `shoal delete deployment %s` and apply again",
+			n, strings.Join(changed, ", "), d.Name)
+		warnings = append(warnings, w)
+		s.c.events.add(d.Name, "", "%s", w)
 	}
 	s.c.poke()
 	return &coordv1.ApplyResponse{Name: d.Name, Created: created, Warnings: warnings}, nil

@@ -11,6 +11,7 @@ import (
 	"github.com/shoalhq/shoal/gossip"
 	agentv1 "github.com/shoalhq/shoal/proto/agent/v1"
 
+	"github.com/shoalhq/shoal/coordinator/plan"
 	"github.com/shoalhq/shoal/coordinator/store"
 	coordv1 "github.com/shoalhq/shoal/proto/coordinator/v1"
 	"github.com/shoalhq/shoal/spec"
@@ -110,9 +111,9 @@ func (s *apiServer) Apply(_ context.Context, req *coordv1.ApplyRequest) (*coordv
 		}
 	}
 	if n := s.c.groupsOf(d.Name); len(changed) > 0 && n > 0 {
-		w := fmt.Sprintf("%d running replica(s) keep the previous engine settings (changed: %s): a changed spec is not rolled out yet; "+
-			"new replicas get it; to replace the running ones, scale replicas to 0 and back or `shoal delete deployment %s` and apply again",
-			n, strings.Join(changed, ", "), d.Name)
+		w := fmt.Sprintf("rolling out new engine settings (changed: %s): %d running replica(s) are replaced one at a time, "+
+			"a new one serving before an old one drains when there is room; `shoal rollout status %s`, `shoal rollout undo %s`",
+			strings.Join(changed, ", "), n, d.Name, d.Name)
 		warnings = append(warnings, w)
 		s.c.events.add(d.Name, "", "%s", w)
 	}
@@ -158,7 +159,8 @@ func (s *apiServer) DescribeDeployment(_ context.Context, req *coordv1.DescribeD
 	if err != nil {
 		return nil, apiError(err)
 	}
-	resp := &coordv1.DescribeDeploymentResponse{Summary: s.summary(rec, groups), SpecYaml: rec.SpecYAML, Events: s.c.events.list(rec.Name)}
+	resp := &coordv1.DescribeDeploymentResponse{Summary: s.summary(rec, groups), SpecYaml: rec.SpecYAML, Events: s.c.events.list(rec.Name),
+		PreviousSpecYaml: rec.PrevSpecYAML}
 	for _, f := range rec.Spec.Fields() {
 		resp.Fields = append(resp.Fields, &coordv1.Field{Path: f.Path, Value: f.Value, Implemented: f.Implemented})
 	}
@@ -238,12 +240,21 @@ func (s *apiServer) DescribeNode(ctx context.Context, req *coordv1.DescribeNodeR
 func (c *Coordinator) replicaInfos(dep string, groups []*store.Group) []*coordv1.ReplicaInfo {
 	views := c.heads.Views()
 	nodes := c.agents()
+	specs := map[string]*spec.Deployment{}
+	if recs, err := c.store.Deployments(); err == nil {
+		for _, r := range recs {
+			specs[r.Name] = r.Spec
+		}
+	}
 	var out []*coordv1.ReplicaInfo
 	for _, g := range groups {
 		if dep != "" && g.Deployment != dep {
 			continue
 		}
-		ri := &coordv1.ReplicaInfo{GroupId: g.ID, Deployment: g.Deployment, Epoch: g.Epoch, State: "starting"}
+		ri := &coordv1.ReplicaInfo{GroupId: g.ID, Deployment: g.Deployment, Epoch: g.Epoch, State: "starting", Spec: g.Spec}
+		if d := specs[g.Deployment]; d != nil {
+			ri.Outdated = plan.Outdated(g, d)
+		}
 		draining := g.Draining()
 		missing := false
 		slowest := -1.0

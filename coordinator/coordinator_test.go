@@ -597,11 +597,11 @@ func TestAutoscalerUsesTheInjectedClock(t *testing.T) {
 	require.Equal(t, 0, tc.c.desiredReplicas(d))
 }
 
-// TestReapplySaysWhatIsNotRolledOut: a changed engine setting on a
-// deployment with running replicas is stored for new replicas, and the
-// answer and the events say the running ones keep the old settings (before:
-// "configured" and silence); a change of replica count says nothing of it.
-func TestReapplySaysWhatIsNotRolledOut(t *testing.T) {
+// TestReapplySaysItRollsOut: a changed engine setting on a deployment with
+// running replicas is rolled out, and the answer and the events say so
+// (before: "configured" and silence); the previous spec is kept for undo; a
+// change of replica count says nothing of it.
+func TestReapplySaysItRollsOut(t *testing.T) {
 	tc := newCoord(t)
 	require.Empty(t, tc.apply(t, spec2(1)).Warnings)
 	require.NoError(t, tc.c.store.PutGroup(&store.Group{ID: "demo-1", Deployment: "demo", Epoch: 1}))
@@ -610,12 +610,13 @@ func TestReapplySaysWhatIsNotRolledOut(t *testing.T) {
 	changed := spec2(2) + "engine: {args: [--max-num-seqs, \"64\"]}\n"
 	resp = tc.apply(t, changed)
 	require.Len(t, resp.Warnings, 1)
-	require.Contains(t, resp.Warnings[0], "1 running replica(s) keep the previous engine settings (changed: engine.args)")
+	require.Contains(t, resp.Warnings[0], "rolling out new engine settings (changed: engine.args): 1 running replica(s) are replaced one at a time")
 	d, err := tc.api.DescribeDeployment(context.Background(), &coordv1.DescribeDeploymentRequest{Name: "demo"})
 	require.NoError(t, err)
 	found := false
 	for _, e := range d.Events {
-		found = found || strings.Contains(e, "keep the previous engine settings")
+		found = found || strings.Contains(e, "rolling out new engine settings")
 	}
 	require.True(t, found, "the events say so too")
+	require.Equal(t, spec2(2), d.PreviousSpecYaml, "the spec before the engine change, for undo")
 }

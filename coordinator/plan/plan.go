@@ -8,6 +8,8 @@
 package plan
 
 import (
+	"crypto/sha256"
+	"encoding/hex"
 	"fmt"
 	"sort"
 	"strings"
@@ -139,9 +141,10 @@ const (
 )
 
 type planner struct {
-	s    Snapshot
-	p    *Plan
-	used map[string]bool
+	s          Snapshot
+	p          *Plan
+	used       map[string]bool
+	drainedNow []*store.Group // drainOne's, for dropDrained
 }
 
 // Compute is the reconciler's decision.
@@ -192,6 +195,20 @@ func (pl *planner) event(dep, key, format string, args ...any) {
 	pl.p.Events = append(pl.p.Events, Event{Deployment: dep, Key: key, Msg: fmt.Sprintf(format, args...)})
 }
 
+// SpecHash names the settings that shape a replica's engines — model,
+// engine, resources — so that a group formed with others is known to be
+// outdated. Replica counts, autoscaling, labels and router settings apply
+// without replacing anything.
+func SpecHash(d *spec.Deployment) string {
+	h := sha256.Sum256([]byte(store.EngineSettings(d)))
+	return hex.EncodeToString(h[:6])
+}
+
+// Outdated: g was formed with other engine settings than d's now.
+func Outdated(g *store.Group, d *spec.Deployment) bool {
+	return g.Spec != "" && g.Spec != SpecHash(d)
+}
+
 // reform replaces the members that are gone: the group gets a new epoch
 // with the survivors plus spare nodes. vLLM cannot re-admit a replacement
 // rank, so the whole group restarts under the new epoch. It returns the
@@ -234,6 +251,7 @@ func (pl *planner) reform(d Deployment, g *store.Group) *store.Group {
 		ng.Members[i].Rank = i
 	}
 	ng.Epoch++
+	ng.Spec = SpecHash(d.Spec) // every member is assigned the spec of now
 	pl.p.Put = append(pl.p.Put, &ng)
 	pl.p.Reformed = append(pl.p.Reformed, d.Name)
 	pl.event(d.Name, "reform/"+g.ID, "replica %s re-formed at epoch %d: replaced %s with %s", g.ID, ng.Epoch, strings.Join(lost, ", "), strings.Join(names, ", "))
@@ -335,9 +353,42 @@ func (pl *planner) scale(d Deployment, gs []*store.Group) []*store.Group {
 		}
 		have = append(have, g)
 	}
-	if len(have) > want {
-		// Scale in: drop the groups that serve least (not serving first, newest first).
+	// Rollout: groups formed with other engine settings are replaced one at
+	// a time. With room for one more group, a new one is placed first
+	// (surge) and an outdated one drained once it serves; without room, one
+	// outdated group is drained and its replacement placed when its nodes
+	// are free. Nothing more happens while a new group is not serving yet
+	// or a drain is still running.
+	var outdated int
+	pending := false
+	for _, g := range have {
+		if Outdated(g, d.Spec) {
+			outdated++
+		} else if !pl.serving(g) {
+			pending = true
+		}
+	}
+	surged := false
+	// A drain still running (rollout or scale-in) is a step in progress too.
+	if outdated > 0 && !pending && len(kept) == 0 && len(have) == want && want > 0 {
+		if g := pl.create(d); g != nil {
+			pl.event(d.Name, "rollout/"+d.Name, "rolling out new engine settings: placed replica %s; %d replica(s) to replace", g.ID, outdated)
+			have = append(have, g)
+			surged = true
+		} else {
+			delete(pl.p.Short, d.Name) // not short: the rollout waits for room
+			pl.drainOne(d, have, "rolled out (no room to surge)")
+			return append(kept, pl.dropDrained(have)...)
+		}
+	}
+	if len(have) > want && !surged && !(outdated > 0 && pending) {
+		// Scale in: drop the groups that serve least (outdated first, then
+		// not serving, newest first).
 		sort.SliceStable(have, func(i, j int) bool {
+			oi, oj := Outdated(have[i], d.Spec), Outdated(have[j], d.Spec)
+			if oi != oj {
+				return oi
+			}
 			ri, rj := pl.serving(have[i]), pl.serving(have[j])
 			if ri != rj {
 				return !ri
@@ -347,6 +398,9 @@ func (pl *planner) scale(d Deployment, gs []*store.Group) []*store.Group {
 		for _, g := range have[:len(have)-want] {
 			ng := *g
 			ng.DrainingSince, ng.DrainWhy = pl.s.Now, "scaled in"
+			if Outdated(g, d.Spec) {
+				ng.DrainWhy = "rolled out"
+			}
 			pl.p.Put = append(pl.p.Put, &ng)
 			pl.event(d.Name, "", "draining replica %s: %s", g.ID, ng.DrainWhy)
 			kept = append(kept, &ng)
@@ -354,6 +408,44 @@ func (pl *planner) scale(d Deployment, gs []*store.Group) []*store.Group {
 		have = have[len(have)-want:]
 	}
 	return append(kept, have...)
+}
+
+// drainOne begins the drain of one outdated group of have (one that does
+// not serve, else the oldest).
+func (pl *planner) drainOne(d Deployment, have []*store.Group, why string) {
+	var pick *store.Group
+	for _, g := range have {
+		if !Outdated(g, d.Spec) {
+			continue
+		}
+		if pick == nil || (!pl.serving(g) && pl.serving(pick)) {
+			pick = g
+		}
+	}
+	if pick == nil {
+		return
+	}
+	ng := *pick
+	ng.DrainingSince, ng.DrainWhy = pl.s.Now, why
+	pl.p.Put = append(pl.p.Put, &ng)
+	pl.event(d.Name, "", "draining replica %s: %s", pick.ID, why)
+	pl.drainedNow = append(pl.drainedNow, &ng)
+}
+
+// dropDrained returns have with the groups drainOne just drained replaced
+// by their draining copies.
+func (pl *planner) dropDrained(have []*store.Group) []*store.Group {
+	out := make([]*store.Group, 0, len(have))
+	for _, g := range have {
+		for _, d := range pl.drainedNow {
+			if d.ID == g.ID {
+				g = d
+			}
+		}
+		out = append(out, g)
+	}
+	pl.drainedNow = nil
+	return out
 }
 
 func (pl *planner) serving(g *store.Group) bool {
@@ -394,7 +486,7 @@ func (pl *planner) create(d Deployment) *store.Group {
 		pl.p.Short[d.Name] = msg
 		return nil
 	}
-	g := &store.Group{ID: pl.s.NewID(d.Name), Deployment: d.Name, Epoch: 1, Created: pl.s.Now.UTC()}
+	g := &store.Group{ID: pl.s.NewID(d.Name), Deployment: d.Name, Epoch: 1, Created: pl.s.Now.UTC(), Spec: SpecHash(d.Spec)}
 	var names []string
 	for i, t := range picked {
 		g.Members = append(g.Members, store.GroupMember{NodeID: t.ID, Rank: i, GRPC: t.GRPC})

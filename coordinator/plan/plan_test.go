@@ -492,3 +492,122 @@ func TestGuardWake(t *testing.T) {
 	g = g.Next(t0.Add(2*time.Second), 5, 5)
 	require.Equal(t, t0.Add(2*time.Second+HoldAfterHeal), g.Wake())
 }
+
+// rolled gives g the engine settings of d (as a group formed now has).
+func rolled(g *store.Group, d Deployment) *store.Group { g.Spec = SpecHash(d.Spec); return g }
+
+// TestRolloutSurgesThenDrains: with a spare node pair, a changed spec first
+// places a new replica (count+1), drains an outdated one only once the new
+// one serves, and so on one at a time; never fewer serving replicas than
+// the count.
+func TestRolloutSurgesThenDrains(t *testing.T) {
+	old := demo(2)
+	cur := demo(2)
+	cur.Spec.Engine.Args = []string{"--max-num-seqs", "64"}
+	g1, g2 := rolled(grp("demo-a", 1, 0, "n1", "n2"), old), rolled(grp("demo-b", 1, 1, "n3", "n4"), old)
+	ns := nodes(agent("n1", in(g1, gossip.EngineReady, true)), agent("n2", in(g1, gossip.EngineRunning, false)),
+		agent("n3", in(g2, gossip.EngineReady, true)), agent("n4", in(g2, gossip.EngineRunning, false)), agent("n5"), agent("n6"))
+	require.True(t, Outdated(g1, cur.Spec))
+	require.False(t, Outdated(g1, old.Spec))
+
+	// Pass 1: surge.
+	s := snap([]Deployment{cur}, []*store.Group{g1, g2}, ns, serving(g1, "n1"), serving(g2, "n3"))
+	p := Compute(s)
+	require.Len(t, p.Put, 1)
+	ng := p.Put[0]
+	require.False(t, Outdated(ng, cur.Spec), "the new replica has the new settings")
+	require.Equal(t, "[n5 n6]", members(ng))
+	require.Contains(t, events(p), "rolling out new engine settings: placed replica "+ng.ID+"; 2 replica(s) to replace")
+	for _, a := range p.Assign {
+		require.Equal(t, []string{"--max-num-seqs", "64"}, a.Spec.Engine.Args)
+	}
+
+	// Pass 2: the new one does not serve yet: nothing is drained.
+	ns["n5"], ns["n6"] = agent("n5", in(ng, gossip.EngineLoading, true)), agent("n6", in(ng, gossip.EngineRunning, false))
+	s = snap([]Deployment{cur}, []*store.Group{g1, g2, ng}, ns, serving(g1, "n1"), serving(g2, "n3"))
+	p = Compute(s)
+	require.Empty(t, p.Put, "no drain before the new replica serves")
+
+	// Pass 3: it serves: the oldest outdated one drains ("rolled out").
+	s = snap([]Deployment{cur}, []*store.Group{g1, g2, ng}, ns, serving(g1, "n1"), serving(g2, "n3"), serving(ng, "n5"))
+	p = Compute(s)
+	require.Len(t, p.Put, 1)
+	require.True(t, p.Put[0].Draining())
+	require.Equal(t, "rolled out", p.Put[0].DrainWhy)
+	require.Contains(t, []string{"demo-a", "demo-b"}, p.Put[0].ID, "an outdated one, never the new one")
+
+	// Pass 4: while that drain runs, the other outdated one is left alone
+	// (two serve: the new one and the other old one).
+	drained := p.Put[0]
+	rest := g2
+	if drained.ID == "demo-b" {
+		rest = g1
+	}
+	s = snap([]Deployment{cur}, []*store.Group{drained, rest, ng}, ns, serving(g1, "n1"), serving(g2, "n3"), serving(ng, "n5"))
+	s.Now = drained.DrainingSince.Add(time.Second)
+	p = Compute(s)
+	for _, g := range p.Put {
+		require.NotEqual(t, rest.ID, g.ID, "one step at a time: %s", events(p))
+	}
+}
+
+// TestRolloutWithoutRoomDrainsFirst: no spare nodes: one outdated replica
+// drains, and only one at a time.
+func TestRolloutWithoutRoomDrainsFirst(t *testing.T) {
+	old := demo(2)
+	cur := demo(2)
+	cur.Spec.Model.Source = "/models/demo-v2"
+	g1, g2 := rolled(grp("demo-a", 1, 0, "n1", "n2"), old), rolled(grp("demo-b", 1, 1, "n3", "n4"), old)
+	ns := nodes(agent("n1", in(g1, gossip.EngineReady, true)), agent("n2", in(g1, gossip.EngineRunning, false)),
+		agent("n3", in(g2, gossip.EngineReady, true)), agent("n4", in(g2, gossip.EngineRunning, false)))
+	s := snap([]Deployment{cur}, []*store.Group{g1, g2}, ns, serving(g1, "n1"), serving(g2, "n3"))
+	p := Compute(s)
+	require.Len(t, p.Put, 1)
+	d := p.Put[0]
+	require.Equal(t, "rolled out (no room to surge)", d.DrainWhy)
+	require.Empty(t, p.Short, "waiting for room is not a shortage")
+
+	// While it drains (and its nodes are busy), the other is left alone.
+	s = snap([]Deployment{cur}, []*store.Group{d, g2}, ns, serving(g1, "n1"), serving(g2, "n3"))
+	s.Now = d.DrainingSince.Add(time.Second)
+	s.Heads[d.ID] = HeadView{Node: "n1", Epoch: 1, Term: 1, Connected: true, Serving: true}
+	p = Compute(s)
+	for _, g := range p.Put {
+		require.NotEqual(t, "demo-b", g.ID, "one at a time")
+	}
+}
+
+// TestRolloutLeavesCurrentAndUnknownGroupsAlone: groups formed with the
+// current settings, and groups stored before rollouts existed (no Spec),
+// are not replaced; replica-count changes replace nothing.
+func TestRolloutLeavesCurrentAndUnknownGroupsAlone(t *testing.T) {
+	gs, ns, mods := ready()
+	d := demo(2)
+	require.Empty(t, Compute(snap([]Deployment{d}, gs, ns, mods...)).Put, "no Spec: taken as current")
+	for _, g := range gs {
+		rolled(g, d)
+	}
+	d.Spec.Labels = map[string]string{"team": "a"}
+	d.Spec.Autoscaling = &spec.Autoscaling{Policy: "kpa"}
+	require.Empty(t, Compute(snap([]Deployment{d}, gs, ns, mods...)).Put, "labels and autoscaling are not engine settings")
+	require.Equal(t, SpecHash(demo(2).Spec), SpecHash(d.Spec))
+}
+
+// TestRolloutStallsOnABrokenNewSpec: a new replica that never serves (bad
+// arguments) stops the rollout: the old replicas keep serving.
+func TestRolloutStallsOnABrokenNewSpec(t *testing.T) {
+	old, cur := demo(1), demo(1)
+	cur.Spec.Engine.Args = []string{"--bogus"}
+	g1 := rolled(grp("demo-a", 1, 0, "n1", "n2"), old)
+	ng := rolled(grp("demo-n", 1, 5, "n3", "n4"), cur)
+	ns := nodes(agent("n1", in(g1, gossip.EngineReady, true)), agent("n2", in(g1, gossip.EngineRunning, false)),
+		agent("n3", in(ng, gossip.EngineFailed, true)), agent("n4", in(ng, gossip.EngineRunning, false)))
+	for i := 0; i < 5; i++ {
+		s := snap([]Deployment{cur}, []*store.Group{g1, ng}, ns, serving(g1, "n1"))
+		s.Now = s.Now.Add(time.Duration(i) * time.Minute)
+		p := Compute(s)
+		for _, g := range p.Put {
+			require.False(t, g.ID == "demo-a" && g.Draining(), "the serving old replica is never drained for a new one that does not serve")
+		}
+	}
+}

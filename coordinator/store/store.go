@@ -24,11 +24,14 @@ var ErrNotFound = errors.New("not found")
 
 // DeploymentRecord is a stored deployment.
 type DeploymentRecord struct {
-	Name     string           `json:"name"`
-	SpecYAML string           `json:"spec_yaml"`
-	Spec     *spec.Deployment `json:"spec"`
-	Created  time.Time        `json:"created"`
-	Updated  time.Time        `json:"updated"`
+	Name     string `json:"name"`
+	SpecYAML string `json:"spec_yaml"`
+	// PrevSpecYAML is the spec before the last change of engine settings
+	// (`shoal rollout undo` applies it again); "" when there was none.
+	PrevSpecYAML string           `json:"prev_spec_yaml,omitempty"`
+	Spec         *spec.Deployment `json:"spec"`
+	Created      time.Time        `json:"created"`
+	Updated      time.Time        `json:"updated"`
 }
 
 // GroupMember is one node of a stored group.
@@ -50,6 +53,11 @@ type Group struct {
 	// continues the drain and no router sends it new requests.
 	DrainingSince time.Time `json:"draining_since,omitzero"`
 	DrainWhy      string    `json:"drain_why,omitempty"`
+	// Spec names the engine settings the group was formed with (plan.SpecHash
+	// of the deployment then): a group whose Spec differs from its
+	// deployment's is replaced by a rollout. Empty (a group stored before
+	// rollouts existed): taken as current.
+	Spec string `json:"spec,omitempty"`
 }
 
 // Draining reports whether the group is being scaled in.
@@ -85,6 +93,17 @@ func Open(path string) (*Store, error) {
 // Close closes the file.
 func (s *Store) Close() error { return s.db.Close() }
 
+// EngineSettings is the part of a spec a rollout replaces replicas for
+// (model, engine, resources), as canonical JSON.
+func EngineSettings(d *spec.Deployment) string {
+	b, _ := json.Marshal(struct {
+		Model     spec.Model
+		Engine    spec.Engine
+		Resources spec.Resources
+	}{d.Model, d.Engine, d.Resources})
+	return string(b)
+}
+
 // PutDeployment creates or updates a deployment; created reports which.
 func (s *Store) PutDeployment(d *spec.Deployment, yaml string) (created bool, err error) {
 	err = s.db.Update(func(tx *bolt.Tx) error {
@@ -94,7 +113,10 @@ func (s *Store) PutDeployment(d *spec.Deployment, yaml string) (created bool, er
 		if old := b.Get([]byte(d.Name)); old != nil {
 			var prev DeploymentRecord
 			if json.Unmarshal(old, &prev) == nil {
-				rec.Created = prev.Created
+				rec.Created, rec.PrevSpecYAML = prev.Created, prev.PrevSpecYAML
+				if prev.Spec != nil && EngineSettings(prev.Spec) != EngineSettings(d) {
+					rec.PrevSpecYAML = prev.SpecYAML
+				}
 			}
 		} else {
 			created = true

@@ -730,9 +730,12 @@ type DescribeDeploymentResponse struct {
 	Autoscaler string `protobuf:"bytes,6,opt,name=autoscaler,proto3" json:"autoscaler,omitempty"`
 	// hold says why the coordinator holds re-forms and scaling ("" when it
 	// does not): it lost sight of a large share of the agents at once.
-	Hold          string `protobuf:"bytes,7,opt,name=hold,proto3" json:"hold,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Hold string `protobuf:"bytes,7,opt,name=hold,proto3" json:"hold,omitempty"`
+	// previous_spec_yaml is the spec before the last change of engine
+	// settings ("" when none): `shoal rollout undo` applies it.
+	PreviousSpecYaml string `protobuf:"bytes,8,opt,name=previous_spec_yaml,json=previousSpecYaml,proto3" json:"previous_spec_yaml,omitempty"`
+	unknownFields    protoimpl.UnknownFields
+	sizeCache        protoimpl.SizeCache
 }
 
 func (x *DescribeDeploymentResponse) Reset() {
@@ -810,6 +813,13 @@ func (x *DescribeDeploymentResponse) GetAutoscaler() string {
 func (x *DescribeDeploymentResponse) GetHold() string {
 	if x != nil {
 		return x.Hold
+	}
+	return ""
+}
+
+func (x *DescribeDeploymentResponse) GetPreviousSpecYaml() string {
+	if x != nil {
+		return x.PreviousSpecYaml
 	}
 	return ""
 }
@@ -1138,7 +1148,11 @@ type ReplicaInfo struct {
 	KvCacheUsage       float64                `protobuf:"fixed64,11,opt,name=kv_cache_usage,json=kvCacheUsage,proto3" json:"kv_cache_usage,omitempty"`
 	// progress is the slowest member's weight pull ("43% 12.1 GB/s") while
 	// the replica downloads.
-	Progress      string `protobuf:"bytes,12,opt,name=progress,proto3" json:"progress,omitempty"`
+	Progress string `protobuf:"bytes,12,opt,name=progress,proto3" json:"progress,omitempty"`
+	// spec names the engine settings the replica runs (a hash); outdated:
+	// they are not its deployment's any more, and a rollout replaces it.
+	Spec          string `protobuf:"bytes,13,opt,name=spec,proto3" json:"spec,omitempty"`
+	Outdated      bool   `protobuf:"varint,14,opt,name=outdated,proto3" json:"outdated,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1255,6 +1269,20 @@ func (x *ReplicaInfo) GetProgress() string {
 		return x.Progress
 	}
 	return ""
+}
+
+func (x *ReplicaInfo) GetSpec() string {
+	if x != nil {
+		return x.Spec
+	}
+	return ""
+}
+
+func (x *ReplicaInfo) GetOutdated() bool {
+	if x != nil {
+		return x.Outdated
+	}
+	return false
 }
 
 type ListReplicasRequest struct {
@@ -1558,7 +1586,7 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value\x12 \n" +
 	"\vimplemented\x18\x03 \x01(\bR\vimplemented\"/\n" +
 	"\x19DescribeDeploymentRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"\xbc\x02\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\xea\x02\n" +
 	"\x1aDescribeDeploymentResponse\x12A\n" +
 	"\asummary\x18\x01 \x01(\v2'.shoal.coordinator.v1.DeploymentSummaryR\asummary\x12\x1b\n" +
 	"\tspec_yaml\x18\x02 \x01(\tR\bspecYaml\x123\n" +
@@ -1568,7 +1596,8 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"\n" +
 	"autoscaler\x18\x06 \x01(\tR\n" +
 	"autoscaler\x12\x12\n" +
-	"\x04hold\x18\a \x01(\tR\x04hold\"-\n" +
+	"\x04hold\x18\a \x01(\tR\x04hold\x12,\n" +
+	"\x12previous_spec_yaml\x18\b \x01(\tR\x10previousSpecYaml\"-\n" +
 	"\x17DeleteDeploymentRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\x1a\n" +
 	"\x18DeleteDeploymentResponse\"\xf9\x02\n" +
@@ -1590,7 +1619,7 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"\bprogress\x18\x0e \x01(\tR\bprogress\"\x12\n" +
 	"\x10ListNodesRequest\"I\n" +
 	"\x11ListNodesResponse\x124\n" +
-	"\x05nodes\x18\x01 \x03(\v2\x1e.shoal.coordinator.v1.NodeInfoR\x05nodes\"\xf8\x02\n" +
+	"\x05nodes\x18\x01 \x03(\v2\x1e.shoal.coordinator.v1.NodeInfoR\x05nodes\"\xa8\x03\n" +
 	"\vReplicaInfo\x12\x19\n" +
 	"\bgroup_id\x18\x01 \x01(\tR\agroupId\x12\x1e\n" +
 	"\n" +
@@ -1606,7 +1635,9 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"\x14num_requests_waiting\x18\n" +
 	" \x01(\x01R\x12numRequestsWaiting\x12$\n" +
 	"\x0ekv_cache_usage\x18\v \x01(\x01R\fkvCacheUsage\x12\x1a\n" +
-	"\bprogress\x18\f \x01(\tR\bprogress\"5\n" +
+	"\bprogress\x18\f \x01(\tR\bprogress\x12\x12\n" +
+	"\x04spec\x18\r \x01(\tR\x04spec\x12\x1a\n" +
+	"\boutdated\x18\x0e \x01(\bR\boutdated\"5\n" +
 	"\x13ListReplicasRequest\x12\x1e\n" +
 	"\n" +
 	"deployment\x18\x01 \x01(\tR\n" +

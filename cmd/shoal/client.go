@@ -230,6 +230,9 @@ func replicaRows(rs []*coordv1.ReplicaInfo) [][]string {
 		if r.Progress != "" {
 			state = strings.ToUpper(state) + " " + r.Progress
 		}
+		if r.Outdated {
+			state += " (outdated)" // a rollout replaces it
+		}
 		rows = append(rows, []string{r.GroupId, r.Deployment, epoch(r.Epoch), state, dash(r.Head), dash(r.Endpoint),
 			strings.Join(r.Members, ","), fmt.Sprintf("%.0f", r.NumRequestsRunning), fmt.Sprintf("%.0f", r.NumRequestsWaiting),
 			fmt.Sprintf("%.0f%%", 100*r.KvCacheUsage)})

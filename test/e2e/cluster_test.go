@@ -102,6 +102,7 @@ type replica struct {
 	Head     string   `json:"head"`
 	Endpoint string   `json:"endpoint"`
 	Members  []string `json:"members"`
+	Outdated bool     `json:"outdated"`
 }
 
 func (e *env) replicas() []replica {

@@ -161,6 +161,9 @@ func (s *apiServer) DescribeDeployment(_ context.Context, req *coordv1.DescribeD
 	}
 	resp := &coordv1.DescribeDeploymentResponse{Summary: s.summary(rec, groups), SpecYaml: rec.SpecYAML, Events: s.c.events.list(rec.Name),
 		PreviousSpecYaml: rec.PrevSpecYAML}
+	if rec.Spec != nil {
+		resp.EngineSettings = plan.SpecHash(rec.Spec)
+	}
 	for _, f := range rec.Spec.Fields() {
 		resp.Fields = append(resp.Fields, &coordv1.Field{Path: f.Path, Value: f.Value, Implemented: f.Implemented})
 	}

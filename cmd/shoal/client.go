@@ -209,7 +209,7 @@ func getCommand() *cli.Command {
 				if json {
 					return printJSON(c.App.Writer, resp)
 				}
-				table(c.App.Writer, "REPLICA\tDEPLOYMENT\tEPOCH\tSTATE\tHEAD\tENDPOINT\tMEMBERS\tRUNNING\tWAITING\tKV", replicaRows(resp.Replicas))
+				table(c.App.Writer, "REPLICA\tDEPLOYMENT\tEPOCH\tSTATE\tHEAD\tENDPOINT\tMEMBERS\tRUNNING\tWAITING\tKV\tSPEC", replicaRows(resp.Replicas))
 				return nil
 			}),
 		},
@@ -235,7 +235,7 @@ func replicaRows(rs []*coordv1.ReplicaInfo) [][]string {
 		}
 		rows = append(rows, []string{r.GroupId, r.Deployment, epoch(r.Epoch), state, dash(r.Head), dash(r.Endpoint),
 			strings.Join(r.Members, ","), fmt.Sprintf("%.0f", r.NumRequestsRunning), fmt.Sprintf("%.0f", r.NumRequestsWaiting),
-			fmt.Sprintf("%.0f%%", 100*r.KvCacheUsage)})
+			fmt.Sprintf("%.0f%%", 100*r.KvCacheUsage), dash(r.Spec)})
 	}
 	return rows
 }
@@ -271,6 +271,9 @@ func describeCommand() *cli.Command {
 					fmt.Fprintf(tw, "  %s\t%s\t%s\n", f.Path, f.Value, note)
 				}
 				tw.Flush()
+				if d.EngineSettings != "" {
+					fmt.Fprintf(w, "\nEngine settings: %s (a replica whose SPEC differs runs older ones and is replaced by a rollout: `shoal rollout status %s`)\n", d.EngineSettings, s.Name)
+				}
 				if d.Autoscaler != "" {
 					fmt.Fprintf(w, "\nAutoscaler: %s\n", d.Autoscaler)
 				}
@@ -281,7 +284,7 @@ func describeCommand() *cli.Command {
 				if len(d.Replicas) == 0 {
 					fmt.Fprintln(w, "  (none)")
 				} else {
-					table(w, "  REPLICA\tDEPLOYMENT\tEPOCH\tSTATE\tHEAD\tENDPOINT\tMEMBERS\tRUNNING\tWAITING\tKV", indent(replicaRows(d.Replicas)))
+					table(w, "  REPLICA\tDEPLOYMENT\tEPOCH\tSTATE\tHEAD\tENDPOINT\tMEMBERS\tRUNNING\tWAITING\tKV\tSPEC", indent(replicaRows(d.Replicas)))
 				}
 				fmt.Fprintln(w, "\nEvents:")
 				if len(d.Events) == 0 {

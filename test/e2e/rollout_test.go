@@ -90,6 +90,15 @@ func TestRolloutUnderLoad(t *testing.T) {
 	require.NoError(t, err, out)
 	require.Contains(t, out, "every replica (2) runs the current engine settings and is ready")
 
+	// describe shows the generations: the current engine settings, and
+	// each replica's.
+	out, err = e.shoal("describe", "deployment", "roll")
+	require.NoError(t, err, out)
+	_, rest, ok := strings.Cut(out, "Engine settings: ")
+	require.True(t, ok, out)
+	cur := strings.Fields(rest)[0]
+	require.Equal(t, 3, strings.Count(out, cur), "the header and both replicas show %s:\n%s", cur, out)
+
 	out, err = e.shoal("rollout", "undo", "roll")
 	require.NoError(t, err, out)
 	require.Contains(t, out, "rolled back")

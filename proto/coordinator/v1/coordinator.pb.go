@@ -734,8 +734,11 @@ type DescribeDeploymentResponse struct {
 	// previous_spec_yaml is the spec before the last change of engine
 	// settings ("" when none): `shoal rollout undo` applies it.
 	PreviousSpecYaml string `protobuf:"bytes,8,opt,name=previous_spec_yaml,json=previousSpecYaml,proto3" json:"previous_spec_yaml,omitempty"`
-	unknownFields    protoimpl.UnknownFields
-	sizeCache        protoimpl.SizeCache
+	// engine_settings names the deployment's current engine settings (the
+	// hash its replicas' spec is compared with).
+	EngineSettings string `protobuf:"bytes,9,opt,name=engine_settings,json=engineSettings,proto3" json:"engine_settings,omitempty"`
+	unknownFields  protoimpl.UnknownFields
+	sizeCache      protoimpl.SizeCache
 }
 
 func (x *DescribeDeploymentResponse) Reset() {
@@ -820,6 +823,13 @@ func (x *DescribeDeploymentResponse) GetHold() string {
 func (x *DescribeDeploymentResponse) GetPreviousSpecYaml() string {
 	if x != nil {
 		return x.PreviousSpecYaml
+	}
+	return ""
+}
+
+func (x *DescribeDeploymentResponse) GetEngineSettings() string {
+	if x != nil {
+		return x.EngineSettings
 	}
 	return ""
 }
@@ -1586,7 +1596,7 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"\x05value\x18\x02 \x01(\tR\x05value\x12 \n" +
 	"\vimplemented\x18\x03 \x01(\bR\vimplemented\"/\n" +
 	"\x19DescribeDeploymentRequest\x12\x12\n" +
-	"\x04name\x18\x01 \x01(\tR\x04name\"\xea\x02\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\x93\x03\n" +
 	"\x1aDescribeDeploymentResponse\x12A\n" +
 	"\asummary\x18\x01 \x01(\v2'.shoal.coordinator.v1.DeploymentSummaryR\asummary\x12\x1b\n" +
 	"\tspec_yaml\x18\x02 \x01(\tR\bspecYaml\x123\n" +
@@ -1597,7 +1607,8 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"autoscaler\x18\x06 \x01(\tR\n" +
 	"autoscaler\x12\x12\n" +
 	"\x04hold\x18\a \x01(\tR\x04hold\x12,\n" +
-	"\x12previous_spec_yaml\x18\b \x01(\tR\x10previousSpecYaml\"-\n" +
+	"\x12previous_spec_yaml\x18\b \x01(\tR\x10previousSpecYaml\x12'\n" +
+	"\x0fengine_settings\x18\t \x01(\tR\x0eengineSettings\"-\n" +
 	"\x17DeleteDeploymentRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\x1a\n" +
 	"\x18DeleteDeploymentResponse\"\xf9\x02\n" +

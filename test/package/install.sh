@@ -90,8 +90,20 @@ grep -q "$old" /etc/shoal/gossip.key && fail "the old key is still in the file"
 [ "$(stat -c '%U:%G %a' /etc/shoal/gossip.key)" = "root:shoal 660" ] || fail "gossip.key is now $(stat -c '%U:%G %a' /etc/shoal/gossip.key)"
 grep -qi "cannot save gossip keys\|permission denied" "$work"/*.log && fail "a daemon could not save the keys"
 
-echo "== restart every daemon"
+echo "== upgrade to the next version while everything runs: nothing stops"
+engine_pid() { pgrep -f "$work/sim/vllm serve" | head -1; }
+epid=$(engine_pid)
+[ -n "$epid" ] || fail "no engine process"
+make -s package PKG_VERSION=0.1.1 >/dev/null
+mv dist/shoal_0.1.1_amd64.deb "$work/" && rm -f dist/shoal-0.1.1*.rpm
+dpkg -i "$work/shoal_0.1.1_amd64.deb" >/dev/null
+/usr/bin/shoal version | grep -q "^shoal 0.1.1" || fail "not upgraded: $(/usr/bin/shoal version)"
+for p in "${pids[@]}"; do kill -0 "$p" 2>/dev/null || fail "the upgrade stopped a daemon (pid $p)"; done
+[ "$(completion $C:8080)" = 200 ] || fail "no completion right after the upgrade"
+
+echo "== restart every daemon (on the new binary): the agent adopts its engine"
 stop
 run_daemons
 served
+[ "$(engine_pid)" = "$epid" ] || fail "the engine was restarted ($epid → $(engine_pid)); the new agent should adopt it"
 echo "installed-package test passed: authenticated completions before and after a key rotation and restarts"

@@ -35,8 +35,10 @@ func Write(path string, data []byte, mode fs.FileMode) error {
 	if statErr == nil {
 		mode = st.Mode().Perm()
 	}
-	tmp := path + ".tmp"
-	err := os.WriteFile(tmp, data, mode)
+	// A name of its own: the agents (root) and the coordinator and routers
+	// may rewrite one file at the same moment (a keyring change reaches
+	// every node at once).
+	f, err := os.CreateTemp(filepath.Dir(path), filepath.Base(path)+".tmp-*")
 	if err != nil && (errors.Is(err, fs.ErrPermission) || errors.Is(err, syscall.EROFS)) && statErr == nil {
 		// No new file in the directory: rewrite in place (the file's own
 		// permission decides).
@@ -51,9 +53,18 @@ func Write(path string, data []byte, mode fs.FileMode) error {
 		return explain(path, werr, "write")
 	}
 	if err != nil {
+		return explain(path, err, "write")
+	}
+	tmp := f.Name()
+	_, err = f.Write(data)
+	if cerr := f.Close(); err == nil {
+		err = cerr
+	}
+	if err != nil {
+		os.Remove(tmp)
 		return explain(tmp, err, "write")
 	}
-	// os.WriteFile's mode passes through the umask: set it exactly.
+	// CreateTemp makes it 0600: set the mode exactly.
 	if err := os.Chmod(tmp, mode); err != nil {
 		os.Remove(tmp)
 		return explain(tmp, err, "write")

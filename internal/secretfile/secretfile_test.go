@@ -6,6 +6,8 @@ import (
 	"os/user"
 	"path/filepath"
 	"strconv"
+	"strings"
+	"sync"
 	"syscall"
 	"testing"
 
@@ -113,4 +115,35 @@ func TestRewriteInPlaceWhenTheDirectoryIsClosed(t *testing.T) {
 	require.Contains(t, out, "cannot write "+p)
 	require.Contains(t, out, "-rw-------")
 	require.Contains(t, out, "group shoal")
+}
+
+// TestConcurrentWriters: writers rewriting one file at once (a keyring
+// change reaching the agents and the coordinator together) each succeed,
+// the file is one of their contents whole, and no temporary file is left.
+func TestConcurrentWriters(t *testing.T) {
+	dir := t.TempDir()
+	p := filepath.Join(dir, "gossip.key")
+	require.NoError(t, os.WriteFile(p, []byte("old\n"), 0o600))
+	errs := make(chan error, 8*20)
+	var wg sync.WaitGroup
+	for w := 0; w < 8; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 20; i++ {
+				errs <- Write(p, []byte(strings.Repeat(strconv.Itoa(w), 100)+"\n"), 0o600)
+			}
+		}()
+	}
+	wg.Wait()
+	close(errs)
+	for err := range errs {
+		require.NoError(t, err)
+	}
+	b, err := os.ReadFile(p)
+	require.NoError(t, err)
+	require.Len(t, b, 101)
+	require.Equal(t, strings.Repeat(string(b[0]), 100)+"\n", string(b))
+	left, _ := filepath.Glob(filepath.Join(dir, "*.tmp*"))
+	require.Empty(t, left)
 }

@@ -91,7 +91,7 @@ grep -q "$old" /etc/shoal/gossip.key && fail "the old key is still in the file"
 grep -qi "cannot save gossip keys\|permission denied" "$work"/*.log && fail "a daemon could not save the keys"
 
 echo "== upgrade to the next version while everything runs: nothing stops"
-engine_pid() { pgrep -f "$work/sim/vllm serve" | head -1; }
+engine_pid() { pgrep -f "vllm serve /models/tiny" | head -1 || true; }
 epid=$(engine_pid)
 [ -n "$epid" ] || fail "no engine process"
 make -s package PKG_VERSION=0.1.1 >/dev/null

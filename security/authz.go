@@ -10,6 +10,7 @@ import (
 	"os"
 	"strings"
 
+	"github.com/shoalhq/shoal/internal/secretfile"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/credentials"
@@ -152,7 +153,7 @@ func HashToken(tok string) string {
 func LoadTokens(path string) (*Tokens, error) {
 	f, err := os.Open(path)
 	if err != nil {
-		return nil, err
+		return nil, fmt.Errorf("cli tokens: %w", secretfile.Explain(path, err))
 	}
 	defer f.Close()
 	tk := &Tokens{byHash: map[string]string{}}

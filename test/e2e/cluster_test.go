@@ -365,7 +365,7 @@ func TestCLIErrors(t *testing.T) {
 	require.Error(t, err)
 	require.Contains(t, out, "shoal tls ca create")
 	require.Contains(t, out, "--insecure")
-	out, err = run(nil, "coordinator", "--tls-dir", noTLS)
+	out, err = run(nil, "coordinator", "--tls-dir", noTLS, "--no-api-keys")
 	require.Error(t, err)
 	require.Contains(t, out, "--insecure")
 	out, err = run(nil, "coordinator", "--api", "0.0.0.0:8080", "--router", "127.0.0.1:8080", "--insecure", "--no-api-keys")

@@ -146,12 +146,14 @@ func (s *Server) rerank(w http.ResponseWriter, r *http.Request) {
 		"usage": map[string]int{"total_tokens": n}, "results": res})
 }
 
-func (s *Server) pooling(w http.ResponseWriter, r *http.Request) {
+// perInput serves a pooling API that answers each input alone (pooling,
+// classify): one item per input, from item; id is the answer's id prefix.
+func (s *Server) perInput(w http.ResponseWriter, r *http.Request, api, id string, item func(i int, text string) map[string]any) {
 	var req struct {
 		Model string          `json:"model"`
 		Input json.RawMessage `json:"input"`
 	}
-	if !s.pooled(w, r, "Pooling API", &req) {
+	if !s.pooled(w, r, api, &req) {
 		return
 	}
 	in, ok := texts(req.Input)
@@ -164,39 +166,27 @@ func (s *Server) pooling(w http.ResponseWriter, r *http.Request) {
 	n := 0
 	for i, t := range in {
 		n += countTokens(t)
-		data = append(data, map[string]any{"index": i, "object": "pooling", "data": embed(t)})
+		data = append(data, item(i, t))
 	}
-	writeJSON(w, 200, map[string]any{"id": "pool-" + baseRequestID(r, s), "object": "list", "created": time.Now().Unix(),
+	writeJSON(w, 200, map[string]any{"id": id + baseRequestID(r, s), "object": "list", "created": time.Now().Unix(),
 		"model": req.Model, "data": data, "usage": usage{PromptTokens: n, TotalTokens: n}})
 }
 
+func (s *Server) pooling(w http.ResponseWriter, r *http.Request) {
+	s.perInput(w, r, "Pooling API", "pool-", func(i int, t string) map[string]any {
+		return map[string]any{"index": i, "object": "pooling", "data": embed(t)}
+	})
+}
+
 func (s *Server) classify(w http.ResponseWriter, r *http.Request) {
-	var req struct {
-		Model string          `json:"model"`
-		Input json.RawMessage `json:"input"`
-	}
-	if !s.pooled(w, r, "Classification API", &req) {
-		return
-	}
-	in, ok := texts(req.Input)
-	if !ok {
-		param := "input"
-		writeError(w, 400, "BadRequestError", "input must be a string or a non-empty list of strings", &param)
-		return
-	}
-	data := []map[string]any{}
-	n := 0
-	for i, t := range in {
-		n += countTokens(t)
+	s.perInput(w, r, "Classification API", "classify-", func(i int, t string) map[string]any {
 		p := float64(hashString(t)%1000) / 1000
 		label := "LABEL_0"
 		if p > 0.5 {
 			label = "LABEL_1"
 		}
-		data = append(data, map[string]any{"index": i, "label": label, "probs": []float64{1 - p, p}, "num_classes": 2})
-	}
-	writeJSON(w, 200, map[string]any{"id": "classify-" + baseRequestID(r, s), "object": "list", "created": time.Now().Unix(),
-		"model": req.Model, "data": data, "usage": usage{PromptTokens: n, TotalTokens: n}})
+		return map[string]any{"index": i, "label": label, "probs": []float64{1 - p, p}, "num_classes": 2}
+	})
 }
 
 // responses serves POST /v1/responses: input as a string or messages,

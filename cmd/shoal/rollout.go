@@ -11,11 +11,20 @@ import (
 // rolloutCommand shows a deployment's rollout and takes its last engine
 // change back.
 func rolloutCommand() *cli.Command {
-	name := func(c *cli.Context) (string, error) {
-		if c.Args().First() == "" {
-			return "", fmt.Errorf("usage: shoal rollout %s DEPLOYMENT", c.Command.Name)
+	// withDeployment describes the deployment named on the command line and
+	// hands it on.
+	withDeployment := func(c *cli.Context, f func(ctx context.Context, cl coordv1.CoordinatorClient, d *coordv1.DescribeDeploymentResponse) error) error {
+		n := c.Args().First()
+		if n == "" {
+			return fmt.Errorf("usage: shoal rollout %s DEPLOYMENT", c.Command.Name)
 		}
-		return c.Args().First(), nil
+		return withClient(c, func(ctx context.Context, cl coordv1.CoordinatorClient) error {
+			d, err := cl.DescribeDeployment(ctx, &coordv1.DescribeDeploymentRequest{Name: n})
+			if err != nil {
+				return err
+			}
+			return f(ctx, cl, d)
+		})
 	}
 	return &cli.Command{
 		Name:  "rollout",
@@ -26,15 +35,7 @@ func rolloutCommand() *cli.Command {
 			ArgsUsage: "DEPLOYMENT",
 			Flags:     clusterFlags(),
 			Action: func(c *cli.Context) error {
-				n, err := name(c)
-				if err != nil {
-					return err
-				}
-				return withClient(c, func(ctx context.Context, cl coordv1.CoordinatorClient) error {
-					d, err := cl.DescribeDeployment(ctx, &coordv1.DescribeDeploymentRequest{Name: n})
-					if err != nil {
-						return err
-					}
+				return withDeployment(c, func(_ context.Context, _ coordv1.CoordinatorClient, d *coordv1.DescribeDeploymentResponse) error {
 					fmt.Fprintln(c.App.Writer, rolloutStatus(d))
 					return nil
 				})
@@ -45,15 +46,8 @@ func rolloutCommand() *cli.Command {
 			ArgsUsage: "DEPLOYMENT",
 			Flags:     clusterFlags(),
 			Action: func(c *cli.Context) error {
-				n, err := name(c)
-				if err != nil {
-					return err
-				}
-				return withClient(c, func(ctx context.Context, cl coordv1.CoordinatorClient) error {
-					d, err := cl.DescribeDeployment(ctx, &coordv1.DescribeDeploymentRequest{Name: n})
-					if err != nil {
-						return err
-					}
+				return withDeployment(c, func(ctx context.Context, cl coordv1.CoordinatorClient, d *coordv1.DescribeDeploymentResponse) error {
+					n := c.Args().First()
 					if d.PreviousSpecYaml == "" {
 						return fmt.Errorf("deployment %s has no earlier engine settings to go back to", n)
 					}

@@ -61,15 +61,16 @@ func engineChanges(old, cur *spec.Deployment) []string {
 	return out
 }
 
-// groupsOf counts the deployment's stored groups (0 on a store error).
-func (c *Coordinator) groupsOf(name string) int {
+// outdatedGroups counts d's serving (not draining) groups that a rollout
+// replaces (0 on a store error).
+func (c *Coordinator) outdatedGroups(d *spec.Deployment) int {
 	gs, err := c.store.Groups()
 	if err != nil {
 		return 0
 	}
 	n := 0
 	for _, g := range gs {
-		if g.Deployment == name {
+		if g.Deployment == d.Name && !g.Draining() && plan.Outdated(g, d) {
 			n++
 		}
 	}
@@ -91,9 +92,15 @@ func (s *apiServer) Apply(_ context.Context, req *coordv1.ApplyRequest) (*coordv
 	if err != nil {
 		return nil, apiError(err)
 	}
+	// A change of engine settings (the same test the rollout makes) is
+	// rolled out; groups that never recorded theirs take the replaced ones.
 	var changed []string
-	if prev, perr := s.c.store.Deployment(d.Name); perr == nil && prev.Spec != nil {
-		changed = engineChanges(prev.Spec, d)
+	rolling := false
+	if prev, perr := s.c.store.Deployment(d.Name); perr == nil && prev.Spec != nil && plan.SpecHash(prev.Spec) != plan.SpecHash(d) {
+		rolling, changed = true, engineChanges(prev.Spec, d)
+		if err := s.c.store.AdoptSpec(d.Name, plan.SpecHash(prev.Spec)); err != nil {
+			return nil, apiError(err)
+		}
 	}
 	created, err := s.c.store.PutDeployment(d, string(req.SpecYaml))
 	if err != nil {
@@ -110,10 +117,14 @@ func (s *apiServer) Apply(_ context.Context, req *coordv1.ApplyRequest) (*coordv
 			warnings = append(warnings, f.Path+" is stored but not acted on yet")
 		}
 	}
-	if n := s.c.groupsOf(d.Name); len(changed) > 0 && n > 0 {
+	if n := s.c.outdatedGroups(d); rolling && n > 0 {
+		what := strings.Join(changed, ", ")
+		if what == "" {
+			what = "engine settings"
+		}
 		w := fmt.Sprintf("rolling out new engine settings (changed: %s): %d running replica(s) are replaced one at a time, "+
 			"a new one serving before an old one drains when there is room; `shoal rollout status %s`, `shoal rollout undo %s`",
-			strings.Join(changed, ", "), n, d.Name, d.Name)
+			what, n, d.Name, d.Name)
 		warnings = append(warnings, w)
 		s.c.events.add(d.Name, "", "%s", w)
 	}

@@ -106,6 +106,7 @@ type records interface {
 	PutGroup(g *store.Group) error
 	DeleteGroup(id string) error
 	Groups() ([]*store.Group, error)
+	AdoptSpec(deployment, spec string) error
 }
 
 // Coordinator is the control plane.

@@ -619,4 +619,15 @@ func TestReapplySaysItRollsOut(t *testing.T) {
 	}
 	require.True(t, found, "the events say so too")
 	require.Equal(t, spec2(2), d.PreviousSpecYaml, "the spec before the engine change, for undo")
+	// The group stored without its engine settings (before rollouts) took
+	// the replaced ones, so the rollout replaces it too.
+	gs, err := tc.c.store.Groups()
+	require.NoError(t, err)
+	require.Len(t, gs, 1)
+	old, err := spec.Parse([]byte(spec2(2)))
+	require.NoError(t, err)
+	require.Equal(t, plan.SpecHash(old), gs[0].Spec)
+	cur, err := spec.Parse([]byte(changed))
+	require.NoError(t, err)
+	require.True(t, plan.Outdated(gs[0], cur))
 }

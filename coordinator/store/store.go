@@ -56,7 +56,8 @@ type Group struct {
 	// Spec names the engine settings the group was formed with (plan.SpecHash
 	// of the deployment then): a group whose Spec differs from its
 	// deployment's is replaced by a rollout. Empty (a group stored before
-	// rollouts existed): taken as current.
+	// rollouts existed): taken as current until the deployment's engine
+	// settings change (AdoptSpec then records the replaced ones).
 	Spec string `json:"spec,omitempty"`
 }
 
@@ -168,6 +169,31 @@ func (s *Store) DeleteDeployment(name string) error {
 			return fmt.Errorf("deployment %q: %w", name, ErrNotFound)
 		}
 		return b.Delete([]byte(name))
+	})
+}
+
+// AdoptSpec records spec as the engine settings of the deployment's groups
+// that have none (stored before rollouts existed), in one transaction: the
+// coordinator calls it with the settings it replaces, so that those groups
+// are rolled out like the others.
+func (s *Store) AdoptSpec(deployment, spec string) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketGroups)
+		return b.ForEach(func(k, v []byte) error {
+			var g Group
+			if err := json.Unmarshal(v, &g); err != nil {
+				return err
+			}
+			if g.Deployment != deployment || g.Spec != "" {
+				return nil
+			}
+			g.Spec = spec
+			nv, err := json.Marshal(&g)
+			if err != nil {
+				return err
+			}
+			return b.Put(k, nv)
+		})
 	})
 }
 

@@ -40,3 +40,41 @@ func TestStore(t *testing.T) {
 	require.ErrorIs(t, err, ErrNotFound)
 	require.ErrorIs(t, s.DeleteDeployment("m"), ErrNotFound)
 }
+
+// TestAdoptSpec: only the deployment's groups without recorded engine
+// settings take the given ones.
+func TestAdoptSpec(t *testing.T) {
+	s, err := Open(filepath.Join(t.TempDir(), "s.db"))
+	require.NoError(t, err)
+	defer s.Close()
+	for _, g := range []*Group{{ID: "m-1", Deployment: "m"}, {ID: "m-2", Deployment: "m", Spec: "kept"}, {ID: "o-1", Deployment: "o"}} {
+		require.NoError(t, s.PutGroup(g))
+	}
+	require.NoError(t, s.AdoptSpec("m", "old"))
+	gs, err := s.Groups()
+	require.NoError(t, err)
+	got := map[string]string{}
+	for _, g := range gs {
+		got[g.ID] = g.Spec
+	}
+	require.Equal(t, map[string]string{"m-1": "old", "m-2": "kept", "o-1": ""}, got)
+}
+
+// TestPrevSpecFollowsEngineChanges: the spec before the last engine change
+// is kept; a change of replica count alone keeps it as it was.
+func TestPrevSpecFollowsEngineChanges(t *testing.T) {
+	s, err := Open(filepath.Join(t.TempDir(), "s.db"))
+	require.NoError(t, err)
+	defer s.Close()
+	put := func(args []string, count int, yaml string) *DeploymentRecord {
+		_, err := s.PutDeployment(&spec.Deployment{Name: "m", Engine: spec.Engine{Args: args}, Replicas: spec.Replicas{Count: count}}, yaml)
+		require.NoError(t, err)
+		r, err := s.Deployment("m")
+		require.NoError(t, err)
+		return r
+	}
+	require.Empty(t, put(nil, 1, "v1").PrevSpecYAML)
+	require.Empty(t, put(nil, 2, "v2").PrevSpecYAML, "a count is not an engine setting")
+	require.Equal(t, "v2", put([]string{"--x"}, 2, "v3").PrevSpecYAML)
+	require.Equal(t, "v2", put([]string{"--x"}, 3, "v4").PrevSpecYAML, "kept across a count change")
+}

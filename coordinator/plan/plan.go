@@ -141,10 +141,9 @@ const (
 )
 
 type planner struct {
-	s          Snapshot
-	p          *Plan
-	used       map[string]bool
-	drainedNow []*store.Group // drainOne's, for dropDrained
+	s    Snapshot
+	p    *Plan
+	used map[string]bool
 }
 
 // Compute is the reconciler's decision.
@@ -377,8 +376,7 @@ func (pl *planner) scale(d Deployment, gs []*store.Group) []*store.Group {
 			surged = true
 		} else {
 			delete(pl.p.Short, d.Name) // not short: the rollout waits for room
-			pl.drainOne(d, have, "rolled out (no room to surge)")
-			return append(kept, pl.dropDrained(have)...)
+			return append(kept, pl.drainOne(d, have, "rolled out (no room to surge)")...)
 		}
 	}
 	if len(have) > want && !surged && !(outdated > 0 && pending) {
@@ -411,40 +409,23 @@ func (pl *planner) scale(d Deployment, gs []*store.Group) []*store.Group {
 }
 
 // drainOne begins the drain of one outdated group of have (one that does
-// not serve, else the oldest).
-func (pl *planner) drainOne(d Deployment, have []*store.Group, why string) {
-	var pick *store.Group
-	for _, g := range have {
-		if !Outdated(g, d.Spec) {
-			continue
-		}
-		if pick == nil || (!pl.serving(g) && pl.serving(pick)) {
-			pick = g
+// not serve, else the first) and returns have with it draining.
+func (pl *planner) drainOne(d Deployment, have []*store.Group, why string) []*store.Group {
+	pick := -1
+	for i, g := range have {
+		if Outdated(g, d.Spec) && (pick < 0 || (!pl.serving(g) && pl.serving(have[pick]))) {
+			pick = i
 		}
 	}
-	if pick == nil {
-		return
+	if pick < 0 {
+		return have
 	}
-	ng := *pick
+	ng := *have[pick]
 	ng.DrainingSince, ng.DrainWhy = pl.s.Now, why
 	pl.p.Put = append(pl.p.Put, &ng)
-	pl.event(d.Name, "", "draining replica %s: %s", pick.ID, why)
-	pl.drainedNow = append(pl.drainedNow, &ng)
-}
-
-// dropDrained returns have with the groups drainOne just drained replaced
-// by their draining copies.
-func (pl *planner) dropDrained(have []*store.Group) []*store.Group {
-	out := make([]*store.Group, 0, len(have))
-	for _, g := range have {
-		for _, d := range pl.drainedNow {
-			if d.ID == g.ID {
-				g = d
-			}
-		}
-		out = append(out, g)
-	}
-	pl.drainedNow = nil
+	pl.event(d.Name, "", "draining replica %s: %s", ng.ID, why)
+	out := append([]*store.Group(nil), have...)
+	out[pick] = &ng
 	return out
 }
 

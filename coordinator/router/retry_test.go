@@ -226,7 +226,19 @@ func TestOutlierEjection(t *testing.T) {
 	now = now.Add(5 * base)
 	p.outcome("a", false, 5, base)
 	require.Equal(t, base, fail(5))
-	require.LessOrEqual(t, min(time.Duration(100)*base, maxEjection), maxEjection)
+
+	// Ejected again and again, each right after the last ended: the time
+	// grows by base each time, up to maxEjection.
+	q := newPicker()
+	q.now = func() time.Time { return now }
+	for k := 1; k <= 8; k++ {
+		var d time.Duration
+		for i := 0; i < 5; i++ {
+			d = q.outcome("b", true, 5, time.Minute)
+		}
+		require.Equal(t, min(time.Duration(k)*time.Minute, maxEjection), d, "ejection %d", k)
+		now = now.Add(d + time.Second)
+	}
 }
 
 func TestRetryHeaderOnSuccess(t *testing.T) {

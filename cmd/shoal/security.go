@@ -1,6 +1,7 @@
 package main
 
 import (
+	"cmp"
 	"context"
 	"fmt"
 	"log/slog"
@@ -22,18 +23,11 @@ import (
 // Defaults where a packaged install keeps its secrets: /etc/shoal, or
 // SHOAL_CONFIG_DIR (another prefix; tests, which must not see the host's).
 var (
-	configDir       = envOr("SHOAL_CONFIG_DIR", "/etc/shoal")
+	configDir       = cmp.Or(os.Getenv("SHOAL_CONFIG_DIR"), "/etc/shoal")
 	defaultTLSDir   = filepath.Join(configDir, "tls")
 	defaultGossipKF = filepath.Join(configDir, "gossip.key")
 	defaultAPIKeys  = filepath.Join(configDir, "api-keys.yaml")
 )
-
-func envOr(k, def string) string {
-	if v := os.Getenv(k); v != "" {
-		return v
-	}
-	return def
-}
 
 // securityFlags are every daemon's transport-security flags.
 func securityFlags() []cli.Flag {

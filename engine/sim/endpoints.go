@@ -25,7 +25,7 @@ func (s *Server) detokenize(w http.ResponseWriter, r *http.Request) {
 		Tokens []int `json:"tokens"`
 	}
 	if err := json.Unmarshal(b, &req); err != nil {
-		writeError(w, 400, "BadRequestError", validationMessage(err, b), nil)
+		writeError(w, 400, "BadRequestError", validationMessage(err), nil)
 		return
 	}
 	writeJSON(w, 200, map[string]any{"prompt": detokenize(req.Tokens)})
@@ -71,7 +71,7 @@ func (s *Server) pooled(w http.ResponseWriter, r *http.Request, api string, v an
 		return false
 	}
 	if err := json.Unmarshal(b, v); err != nil {
-		writeError(w, 400, "BadRequestError", validationMessage(err, b), nil)
+		writeError(w, 400, "BadRequestError", validationMessage(err), nil)
 		return false
 	}
 	var m struct {
@@ -108,7 +108,7 @@ func (s *Server) score(w http.ResponseWriter, r *http.Request) {
 		n += countTokens(qi) + countTokens(d)
 		data = append(data, map[string]any{"index": i, "object": "score", "score": cosine(embed(qi), embed(d))})
 	}
-	writeJSON(w, 200, map[string]any{"id": "score-" + baseRequestID(r, s), "object": "list", "created": time.Now().Unix(),
+	writeJSON(w, 200, map[string]any{"id": "score-" + baseRequestID(r), "object": "list", "created": time.Now().Unix(),
 		"model": req.Model, "data": data, "usage": usage{PromptTokens: n, TotalTokens: n}})
 }
 
@@ -142,7 +142,7 @@ func (s *Server) rerank(w http.ResponseWriter, r *http.Request) {
 	if req.TopN > 0 && req.TopN < len(res) {
 		res = res[:req.TopN]
 	}
-	writeJSON(w, 200, map[string]any{"id": "rerank-" + baseRequestID(r, s), "model": req.Model,
+	writeJSON(w, 200, map[string]any{"id": "rerank-" + baseRequestID(r), "model": req.Model,
 		"usage": map[string]int{"total_tokens": n}, "results": res})
 }
 
@@ -168,7 +168,7 @@ func (s *Server) perInput(w http.ResponseWriter, r *http.Request, api, id string
 		n += countTokens(t)
 		data = append(data, item(i, t))
 	}
-	writeJSON(w, 200, map[string]any{"id": id + baseRequestID(r, s), "object": "list", "created": time.Now().Unix(),
+	writeJSON(w, 200, map[string]any{"id": id + baseRequestID(r), "object": "list", "created": time.Now().Unix(),
 		"model": req.Model, "data": data, "usage": usage{PromptTokens: n, TotalTokens: n}})
 }
 
@@ -211,7 +211,7 @@ func (s *Server) responses(w http.ResponseWriter, r *http.Request) {
 		Store        *bool           `json:"store"`
 	}
 	if err := json.Unmarshal(b, &req); err != nil {
-		writeError(w, 400, "BadRequestError", validationMessage(err, b), nil)
+		writeError(w, 400, "BadRequestError", validationMessage(err), nil)
 		return
 	}
 	if req.Model != s.cfg.served && req.Model != s.cfg.model {
@@ -265,7 +265,7 @@ func (s *Server) responses(w http.ResponseWriter, r *http.Request) {
 		writeError(w, 500, "InternalServerError", err.Error(), nil)
 		return
 	}
-	id := "resp_" + baseRequestID(r, s)
+	id := "resp_" + baseRequestID(r)
 	msgID := fmt.Sprintf("msg_%016x", seed)
 	resp := func(status string, out string, done bool) map[string]any {
 		output := []any{}

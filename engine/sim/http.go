@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"mime"
 	"net/http"
+	"reflect"
 	"strconv"
 	"strings"
 	"sync"
@@ -270,7 +271,7 @@ func (s *Server) decode(w http.ResponseWriter, r *http.Request) (genRequest, boo
 		return req, false
 	}
 	if err := json.Unmarshal(b, &req); err != nil {
-		writeError(w, 400, "BadRequestError", validationMessage(err, b), nil)
+		writeError(w, 400, "BadRequestError", validationMessage(err), nil)
 		return req, false
 	}
 	var keys map[string]json.RawMessage
@@ -305,32 +306,29 @@ func (s *Server) body(w http.ResponseWriter, r *http.Request) ([]byte, bool) {
 
 // validationMessage words a JSON decoding error as pydantic does (vLLM's
 // 400 message), never naming Go types.
-func validationMessage(err error, body []byte) string {
+func validationMessage(err error) string {
 	var te *json.UnmarshalTypeError
 	if errors.As(err, &te) {
-		kind := map[string][2]string{"string": {"string_type", "Input should be a valid string"},
-			"number": {"float_type", "Input should be a valid number"}, "bool": {"bool_type", "Input should be a valid boolean"},
-			"array": {"list_type", "Input should be a valid list"}, "object": {"dict_type", "Input should be a valid dictionary"}}
-		want := [2]string{"type_error", "Input should be of a different type"}
-		switch te.Type.Kind().String() {
-		case "int", "int64", "int32":
-			want = [2]string{"int_type", "Input should be a valid integer"}
-		case "float64", "float32":
-			want = kind["number"]
-		case "string":
-			want = kind["string"]
-		case "bool":
-			want = kind["bool"]
-		case "slice":
-			want = kind["array"]
-		case "struct", "map":
-			want = kind["object"]
+		typ, msg := "type_error", "Input should be of a different type"
+		switch te.Type.Kind() {
+		case reflect.Int, reflect.Int32, reflect.Int64:
+			typ, msg = "int_type", "Input should be a valid integer"
+		case reflect.Float32, reflect.Float64:
+			typ, msg = "float_type", "Input should be a valid number"
+		case reflect.String:
+			typ, msg = "string_type", "Input should be a valid string"
+		case reflect.Bool:
+			typ, msg = "bool_type", "Input should be a valid boolean"
+		case reflect.Slice:
+			typ, msg = "list_type", "Input should be a valid list"
+		case reflect.Struct, reflect.Map:
+			typ, msg = "dict_type", "Input should be a valid dictionary"
 		}
-		field := te.Field
-		if field == "" {
-			field = "body"
+		loc := "('body',)"
+		if te.Field != "" {
+			loc = "('body', '" + strings.ReplaceAll(te.Field, ".", "', '") + "')"
 		}
-		return fmt.Sprintf("[{'type': '%s', 'loc': ('body', '%s'), 'msg': '%s', 'input': %s}]", want[0], strings.ReplaceAll(field, ".", "', '"), want[1], te.Value)
+		return fmt.Sprintf("[{'type': '%s', 'loc': %s, 'msg': '%s', 'input': %s}]", typ, loc, msg, te.Value)
 	}
 	var se *json.SyntaxError
 	off := int64(0)
@@ -362,7 +360,7 @@ func (s *Server) embeddings(w http.ResponseWriter, r *http.Request) {
 		writeError(w, 500, "InternalServerError", ErrEngineDead.Error(), nil)
 		return
 	}
-	resp := embeddings{ID: "embd-" + baseRequestID(r, s), Object: "list", Created: time.Now().Unix(), Model: req.Model}
+	resp := embeddings{ID: "embd-" + baseRequestID(r), Object: "list", Created: time.Now().Unix(), Model: req.Model}
 	n := 0
 	for i, in := range inputs {
 		n += countTokens(in)

@@ -24,7 +24,7 @@ import (
 
 // baseRequestID is vLLM's _base_request_id: the client's X-Request-Id, else
 // a random hex id.
-func baseRequestID(r *http.Request, _ *Server) string {
+func baseRequestID(r *http.Request) string {
 	if id := r.Header.Get("X-Request-Id"); id != "" {
 		return id
 	}
@@ -299,7 +299,7 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, chat bool) {
 			}
 		}
 	}
-	base := baseRequestID(r, s)
+	base := baseRequestID(r)
 	rid := "cmpl-" + base
 	if chat {
 		rid = "chatcmpl-" + base

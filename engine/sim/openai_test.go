@@ -113,6 +113,7 @@ func TestSimRequestFidelity(t *testing.T) {
 			`{"model":"m","prompt":"x","stream_options":{"include_usage":true}}`: "Stream options can only be defined when `stream=True`.",
 			`{"model":"m","prompt":"x","max_tokens":"many"}`:                     "Input should be a valid integer",
 			`{"model":"m","prompt":"x","n":1.5}`:                                 "Input should be a valid integer",
+			`[1, 2]`:                                                             "'loc': ('body',), 'msg': 'Input should be a valid dictionary'",
 		} {
 			resp, b := postHdr(t, url+"/v1/completions", body)
 			require.Equal(t, 400, resp.StatusCode, body)

@@ -5,6 +5,7 @@ import (
 	"bytes"
 	"context"
 	"io"
+	"log"
 	"net"
 	"net/http"
 	"slices"
@@ -125,8 +126,7 @@ func netHTTPFirstRequest(data []byte) *seenRequest {
 			first = &seenRequest{method: r.Method, uri: r.RequestURI, path: r.URL.Path, host: r.Host, proto: r.Proto,
 				length: r.ContentLength, close: r.Close, header: r.Header.Clone(), body: b, bodyErr: err}
 		}
-	}), ErrorLog: nil}
-	srv.ErrorLog = nil
+	}), ErrorLog: log.New(io.Discard, "", 0)} // its 400s are expected here
 	c := &bytesConn{r: bytes.NewReader(data), closed: make(chan struct{})}
 	l := &oneConnListener{c: make(chan net.Conn, 1), done: make(chan struct{})}
 	l.c <- c

@@ -118,9 +118,6 @@ func NewServer(ln net.Listener, cfg Config) *Server {
 	return s
 }
 
-// Open is how many client connections are open now.
-func (s *Server) Open() int { return int(s.open.Load()) }
-
 // Serve accepts connections until the listener closes.
 func (s *Server) Serve() error {
 	go func() { _ = s.http.Serve(s.hand) }()

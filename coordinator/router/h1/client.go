@@ -493,12 +493,12 @@ func (r *Response) readHeader(br *bufio.Reader, http10 bool) error {
 			return protoErr("engine sent over %d response headers", maxHeaders)
 		}
 		i := bytes.IndexByte(line, ':')
-		if i <= 0 || !ValidToken(line[:i]) {
+		if i <= 0 || !validToken(line[:i]) {
 			return protoErr("engine sent a malformed header line %q", truncate(line, 64))
 		}
 		key := line[:i]
 		val := bytes.Trim(line[i+1:], " \t")
-		if !ValidValue(val) {
+		if !validValue(val) {
 			return protoErr("engine sent a malformed header line %q", truncate(line, 64))
 		}
 		switch {
@@ -637,7 +637,7 @@ func readTrailer(br *bufio.Reader) error {
 		}
 		size += len(line) + 2
 		i := bytes.IndexByte(line, ':')
-		if size > maxTrailer || i <= 0 || !ValidToken(line[:i]) || !ValidValue(bytes.Trim(line[i+1:], " \t")) {
+		if size > maxTrailer || i <= 0 || !validToken(line[:i]) || !validValue(bytes.Trim(line[i+1:], " \t")) {
 			return protoErr("engine sent a malformed trailer %q", truncate(line, 64))
 		}
 	}

@@ -548,11 +548,11 @@ func parseHead(br *bufio.Reader, paths map[string]string, keep []keepName, waiti
 		var hl []byte
 		hl, rest, _ = bytes.Cut(rest, []byte("\r\n"))
 		i := bytes.IndexByte(hl, ':')
-		if i <= 0 || !ValidToken(hl[:i]) {
+		if i <= 0 || !validToken(hl[:i]) {
 			return fr, 0, headHandOff
 		}
 		k, v := hl[:i], bytes.Trim(hl[i+1:], " \t")
-		if !ValidValue(v) {
+		if !validValue(v) {
 			return fr, 0, headHandOff
 		}
 		switch {
@@ -611,22 +611,22 @@ func bareLF(b []byte) bool {
 	return false
 }
 
-// ValidToken: b is an RFC 9110 token (a header name).
-func ValidToken(b []byte) bool {
+// validToken: b is an RFC 9110 token (a header name).
+func validToken[T string | []byte](b T) bool {
 	if len(b) == 0 {
 		return false
 	}
-	for _, c := range b {
-		if !httpguts.IsTokenRune(rune(c)) {
+	for i := 0; i < len(b); i++ {
+		if !httpguts.IsTokenRune(rune(b[i])) {
 			return false
 		}
 	}
 	return true
 }
 
-// ValidValue: b is a header value without control bytes (HTAB allowed,
+// validValue: b is a header value without control bytes (HTAB allowed,
 // obs-text allowed), as net/textproto requires.
-func ValidValue(b []byte) bool {
+func validValue(b []byte) bool {
 	for _, c := range b {
 		if (c < ' ' && c != '\t') || c == 0x7f {
 			return false

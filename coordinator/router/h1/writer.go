@@ -104,7 +104,7 @@ func (w *ResponseWriter) head(length int64) {
 		w.out = append(w.out, "Connection: close\r\n"...)
 	}
 	for k, vs := range w.h {
-		if !ValidToken([]byte(k)) {
+		if !validToken(k) {
 			continue // never a header the client would misread
 		}
 		for _, v := range vs {

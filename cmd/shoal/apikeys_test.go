@@ -1,9 +1,8 @@
 package main
 
 import (
-	"os"
+	"io"
 	"path/filepath"
-	"strings"
 	"testing"
 
 	"github.com/shoalhq/shoal/coordinator/router"
@@ -37,10 +36,10 @@ func TestRouterIsClosedByDefault(t *testing.T) {
 	_, err = parse(false)
 	require.NoError(t, err, "a coordinator without a router needs no keys")
 
-	_, e, err := router.NewKey("team", []string{"*"}, 0, 0)
-	require.NoError(t, err)
-	// As `shoal apikey create --file` writes it: the entry indented under keys.
-	require.NoError(t, os.WriteFile(defaultAPIKeys, []byte("keys:\n  "+strings.ReplaceAll(strings.TrimRight(router.MarshalEntry(e), "\n"), "\n", "\n  ")+"\n"), 0o600))
+	// The key file as `shoal apikey create --file` writes it, at the default path.
+	app := newApp()
+	app.Writer, app.ErrWriter = io.Discard, io.Discard
+	require.NoError(t, app.Run([]string{"shoal", "apikey", "create", "--name", "team", "--models", "*", "--file", defaultAPIKeys}))
 	rc, err = parse(true)
 	require.NoError(t, err)
 	require.NotNil(t, rc.APIKeys, "the default file is found")

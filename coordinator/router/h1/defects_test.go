@@ -10,7 +10,6 @@ import (
 	"net"
 	"net/http"
 	"strings"
-	"syscall"
 	"testing"
 	"time"
 
@@ -372,7 +371,6 @@ func TestServerClosesInOrder(t *testing.T) {
 		rest, err := io.ReadAll(br)
 		require.NoError(t, err, "an orderly close (EOF), not a reset")
 		require.Empty(t, rest, "no answer to what came after")
-		require.False(t, errors.Is(err, syscall.ECONNRESET))
 		_ = c.Close()
 	}
 }

@@ -2,8 +2,6 @@ package sim
 
 import (
 	"container/list"
-
-	"github.com/shoalhq/shoal/internal/prefixhash"
 )
 
 // blocks is the KV cache: fixed-size blocks, reference-counted. Full prompt
@@ -21,6 +19,8 @@ type blocks struct {
 	inLRU  map[int]*list.Element
 	free   []int // zero-ref uncached blocks
 	used   int   // blocks with refs > 0
+	// onEvict, when set, hears each cached block evicted (a BlockRemoved).
+	onEvict func(h uint64)
 }
 
 func newBlocks(total int) *blocks {
@@ -51,6 +51,9 @@ func (b *blocks) alloc() int {
 		b.lru.Remove(e)
 		delete(b.inLRU, id)
 		delete(b.cached, b.hash[id])
+		if b.onEvict != nil {
+			b.onEvict(b.hash[id])
+		}
 		b.hash[id] = 0
 	}
 	b.refs[id] = 1
@@ -84,13 +87,28 @@ func (b *blocks) release(id int) {
 	b.free = append(b.free, id)
 }
 
-// register records that block id now holds the content named by h.
-func (b *blocks) register(id int, h uint64) {
+// register records that block id now holds the content named by h, and says
+// whether that content is newly cached.
+func (b *blocks) register(id int, h uint64) bool {
 	if _, ok := b.cached[h]; ok || b.hash[id] != 0 {
-		return // same content already cached elsewhere: keep one copy
+		return false // same content already cached elsewhere: keep one copy
 	}
 	b.hash[id] = h
 	b.cached[h] = id
+	return true
+}
+
+// clear forgets every cached block that nobody holds (vLLM's
+// reset_prefix_cache, which then publishes AllBlocksCleared).
+func (b *blocks) clear() {
+	for e := b.lru.Front(); e != nil; e = e.Next() {
+		id := e.Value.(int)
+		delete(b.cached, b.hash[id])
+		b.hash[id] = 0
+		b.free = append(b.free, id)
+	}
+	b.lru.Init()
+	b.inLRU = map[int]*list.Element{}
 }
 
 // lookup returns the cached blocks for the longest cached prefix of hashes.
@@ -106,9 +124,18 @@ func (b *blocks) lookup(hashes []uint64) []int {
 	return out
 }
 
-// blockHashes chains a hash over each full block of text. With the
-// tokenizer stand-in (4 characters a token) a block of blockSize tokens is
-// 4·blockSize characters.
-func blockHashes(text string, blockSize int) []uint64 {
-	return prefixhash.Chain(text, 4*blockSize, 0)
+// tokenIDs is the tokenizer stand-in: a token for each 4 bytes of text, its
+// id a hash of those bytes in a 128k vocabulary. /tokenize answers with it and
+// the KV cache names blocks from it.
+func tokenIDs(text string) []uint32 {
+	n := countTokens(text)
+	out := make([]uint32, n)
+	for i := range out {
+		out[i] = uint32(hashString(text[min(i*4, len(text)):min(i*4+4, len(text))]) % 128000)
+	}
+	return out
 }
+
+// Tokenize is the simulator's tokenizer (what its /tokenize returns), for
+// in-process callers such as the routing benchmark.
+func Tokenize(text string) []uint32 { return tokenIDs(text) }

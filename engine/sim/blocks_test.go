@@ -9,7 +9,9 @@ import (
 
 func TestBlocksPrefixAndLRU(t *testing.T) {
 	b := newBlocks(4)
-	a := blockHashes(strings.Repeat("x", 64*2), 16)
+	e := newEngine(Params{BlockSize: 16, NumGPUBlocks: 4}, Clock{}, nil)
+	name := func(text string) []uint64 { _, h := e.name(text); return h }
+	a := name(strings.Repeat("x", 64*2))
 	require.Len(t, a, 2)
 	ids := []int{b.alloc(), b.alloc()}
 	for i, id := range ids {
@@ -22,7 +24,7 @@ func TestBlocksPrefixAndLRU(t *testing.T) {
 	require.Zero(t, b.usage(), "cached blocks with no reference count as free")
 	require.Equal(t, 4, b.available())
 	// Same prefix, different continuation: the first block is shared.
-	other := blockHashes(strings.Repeat("x", 64)+strings.Repeat("y", 64), 16)
+	other := name(strings.Repeat("x", 64) + strings.Repeat("y", 64))
 	require.Equal(t, a[0], other[0])
 	require.NotEqual(t, a[1], other[1], "the chain makes block 2 depend on block 1 and its own text")
 	hit := b.lookup(other)

@@ -259,8 +259,9 @@ func (s *Server) responses(w http.ResponseWriter, r *http.Request) {
 	}
 	arrival := time.Now()
 	er := &request{id: strconv.FormatUint(s.seq.Add(1), 10), prompt: pt, origPrompt: pt, maxTokens: maxTokens,
-		natural: 16 + int(seed%240), seed: seed, arrival: arrival, hashes: blockHashes(text.String(), s.eng.p.BlockSize),
+		natural: 16 + int(seed%240), seed: seed, arrival: arrival,
 		out: make(chan token, maxTokens+2), ctx: r.Context()}
+	er.tokens, er.hashes = s.eng.name(text.String())
 	if err := s.eng.submit(er); err != nil {
 		writeError(w, 500, "InternalServerError", err.Error(), nil)
 		return

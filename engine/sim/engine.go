@@ -5,9 +5,14 @@ import (
 	"errors"
 	"fmt"
 	"hash/fnv"
+	mrand "math/rand/v2"
+	"strconv"
 	"strings"
 	"sync"
 	"time"
+
+	"github.com/shoalhq/shoal/internal/kvevents"
+	"github.com/shoalhq/shoal/internal/kvhash"
 )
 
 // Params shape the engine's step time and capacity.
@@ -70,7 +75,8 @@ type request struct {
 	out        chan token
 	ctx        context.Context
 	preempted  bool
-	hashes     []uint64 // chained hashes of the prompt's full blocks
+	hashes     []uint64 // the prompt's full blocks as the engine names them
+	tokens     []uint32 // the prompt's token ids
 	blockIDs   []int    // KV blocks held, in order
 	origPrompt int      // prompt tokens as sent (prompt grows on preemption)
 	emitted    int      // tokens sent to the client, across preemptions
@@ -99,10 +105,41 @@ type Engine struct {
 	onDeath func()
 	vnow    time.Duration // guarded by mu; virtual time: the sum of step times
 	slow    float64       // guarded by mu; straggler factor ≥ 1
+	namer   *kvhash.VLLM  // names prompt blocks (vLLM's sha256_cbor chain)
+	// publish, when set, gets each step's KV-cache events as one batch
+	// (vLLM's scheduler hands the publisher a KVEventBatch per step).
+	publish func(kvevents.Batch)
+	pending []kvevents.Event // guarded by mu; this step's events
 }
 
 func newEngine(p Params, c Clock, m *metrics) *Engine {
-	return &Engine{p: p, clock: c, m: m, wake: make(chan struct{}, 1), slow: 1, kv: newBlocks(p.NumGPUBlocks)}
+	e := &Engine{p: p, clock: c, m: m, wake: make(chan struct{}, 1), slow: 1, kv: newBlocks(p.NumGPUBlocks)}
+	e.setHashSeed("")
+	e.kv.onEvict = func(h uint64) {
+		if e.publish != nil {
+			e.pending = append(e.pending, kvevents.Event{Kind: kvevents.Removed, Hashes: []uint64{h}, Medium: "GPU"})
+		}
+	}
+	return e
+}
+
+// setHashSeed sets PYTHONHASHSEED for block naming; empty draws a random
+// seed, as vLLM does without one (no two processes then agree on names).
+func (e *Engine) setHashSeed(seed string) {
+	if seed == "" {
+		seed = strconv.FormatUint(mrand.Uint64(), 10) + "-random"
+	}
+	h, err := kvhash.NewVLLM(seed, e.p.BlockSize)
+	if err != nil {
+		panic("sim: block size must be positive") // Params are validated before an engine is built
+	}
+	e.namer = h
+}
+
+// name tokenizes a prompt and names its full blocks.
+func (e *Engine) name(text string) ([]uint32, []uint64) {
+	toks := tokenIDs(text)
+	return toks, e.namer.Keys(toks, "")
 }
 
 // submit queues a request; tokens arrive on r.out.
@@ -255,10 +292,17 @@ func (e *Engine) step() {
 			prefillTokens += chunk
 			if r.prefilled == r.prompt {
 				// The prompt's full blocks now hold computed KV: cache them.
+				first, last := -1, -1
 				for i, h := range r.hashes {
-					if i < len(r.blockIDs) {
-						e.kv.register(r.blockIDs[i], h)
+					if i < len(r.blockIDs) && e.kv.register(r.blockIDs[i], h) {
+						if first < 0 {
+							first = i
+						}
+						last = i
 					}
+				}
+				if first >= 0 && e.publish != nil {
+					e.pending = append(e.pending, e.storedEvent(r, first, last))
 				}
 				decoders = append(decoders, r) // the first token comes out of this step
 			}
@@ -359,7 +403,12 @@ func (e *Engine) step() {
 	}
 	e.running = kept
 	e.m.setKV(e.kv.usage())
+	events := e.pending
+	e.pending = nil
 	e.mu.Unlock()
+	if len(events) > 0 {
+		e.publish(kvevents.Batch{TS: float64(time.Now().UnixNano()) / 1e9, Events: events})
+	}
 	e.m.step(prefillTokens, len(emits))
 	for _, em := range emits {
 		if em.r.emitted == 1 {
@@ -373,6 +422,29 @@ func (e *Engine) step() {
 		em.r.out <- em.tok
 	}
 	e.m.setQueues(e)
+}
+
+// storedEvent is vLLM's BlockStored for blocks first..last of r's prompt:
+// their names, the name before them, and their tokens.
+func (e *Engine) storedEvent(r *request, first, last int) kvevents.Event {
+	ev := kvevents.Event{Kind: kvevents.Stored, Hashes: append([]uint64(nil), r.hashes[first:last+1]...),
+		Tokens: append([]uint32(nil), r.tokens[first*e.p.BlockSize:(last+1)*e.p.BlockSize]...), BlockSize: e.p.BlockSize, Medium: "GPU"}
+	if first > 0 {
+		ev.Parent, ev.HasParent = r.hashes[first-1], true
+	}
+	return ev
+}
+
+// resetPrefixCache drops every unreferenced cached block and publishes
+// AllBlocksCleared, as vLLM's reset_prefix_cache does.
+func (e *Engine) resetPrefixCache() {
+	e.mu.Lock()
+	e.kv.clear()
+	pub := e.publish
+	e.mu.Unlock()
+	if pub != nil {
+		pub(kvevents.Batch{TS: float64(time.Now().UnixNano()) / 1e9, Events: []kvevents.Event{{Kind: kvevents.Cleared}}})
+	}
 }
 
 // preempt frees a running request's blocks and puts it back at the front of

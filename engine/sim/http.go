@@ -223,20 +223,48 @@ func contentText(raw json.RawMessage) (string, error) {
 	return b.String(), nil
 }
 
+// tokenize is vLLM's /tokenize: a completion prompt, or chat messages
+// through the chat template, as the engine will see them.
 func (s *Server) tokenize(w http.ResponseWriter, r *http.Request) {
 	var req struct {
-		Prompt string `json:"prompt"`
+		Prompt   *string       `json:"prompt"`
+		Messages []chatMessage `json:"messages"`
 	}
 	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
 		writeError(w, 400, "BadRequestError", "Invalid JSON body: "+err.Error(), nil)
 		return
 	}
-	n := countTokens(req.Prompt)
-	toks := make([]int, n)
-	for i := range toks {
-		toks[i] = int(hashString(req.Prompt[min(i*4, len(req.Prompt)):min(i*4+4, len(req.Prompt))]) % 128000)
+	var text string
+	switch {
+	case req.Prompt != nil && req.Messages == nil:
+		text = *req.Prompt
+	case req.Prompt == nil && req.Messages != nil:
+		t, err := chatTemplate(req.Messages)
+		if err != nil {
+			writeError(w, 400, "BadRequestError", "messages: "+err.Error(), nil)
+			return
+		}
+		text = t
+	default:
+		writeError(w, 400, "BadRequestError", "1 validation error: give either prompt or messages", nil)
+		return
 	}
-	writeJSON(w, 200, map[string]any{"count": n, "max_model_len": s.cfg.maxModelLen, "tokens": toks})
+	toks := tokenIDs(text)
+	writeJSON(w, 200, map[string]any{"count": len(toks), "max_model_len": s.cfg.maxModelLen, "tokens": toks, "token_strs": nil})
+}
+
+// chatTemplate renders messages as the simulated model's chat template does:
+// a role marker and the text of each.
+func chatTemplate(ms []chatMessage) (string, error) {
+	var b strings.Builder
+	for _, m := range ms {
+		t, err := contentText(m.Content)
+		if err != nil {
+			return "", err
+		}
+		b.WriteString("<|" + m.Role + "|>" + t + "\n")
+	}
+	return b.String(), nil
 }
 
 func (s *Server) injectedError() (int, bool) {

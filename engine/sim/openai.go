@@ -202,17 +202,12 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, chat bool) {
 			bad("messages: at least one message is required", "messages")
 			return
 		}
-		var b strings.Builder
-		for _, m := range req.Messages {
-			t, err := contentText(m.Content)
-			if err != nil {
-				bad("messages: "+err.Error(), "messages")
-				return
-			}
-			// A chat template adds a few tokens per message.
-			b.WriteString("<|" + m.Role + "|>" + t + "\n")
+		text, err := chatTemplate(req.Messages)
+		if err != nil {
+			bad("messages: "+err.Error(), "messages")
+			return
 		}
-		prompts = []prompt{{text: b.String(), tokens: countTokens(b.String())}}
+		prompts = []prompt{{text: text, tokens: countTokens(text)}}
 		if mode, named, err = toolMode(req); err != nil {
 			bad(err.Error(), "tool_choice")
 			return
@@ -339,11 +334,12 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, chat bool) {
 			}
 			er := &request{id: strconv.FormatUint(s.seq.Add(1), 10), prompt: p.tokens, origPrompt: p.tokens, maxTokens: maxTokens[pi],
 				natural: 16 + int(seed%240), ignoreEOS: req.IgnoreEOS, seed: seed, arrival: arrival,
-				hashes: blockHashes(p.text, s.eng.p.BlockSize), stops: stops, script: script,
+				stops: stops, script: script,
 				out: make(chan token, maxTokens[pi]+2), ctx: r.Context()}
 			if script != nil {
 				er.natural, er.ignoreEOS = len(script), false
 			}
+			er.tokens, er.hashes = s.eng.name(p.text)
 			if err := s.eng.submit(er); err != nil {
 				writeError(w, 500, "InternalServerError", err.Error(), nil)
 				return

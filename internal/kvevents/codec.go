@@ -97,8 +97,10 @@ func (r *reader) peek() (byte, error) {
 	return c, nil
 }
 
-func isArray(c byte) bool { return msgpcode.IsFixedArray(c) || c == msgpcode.Array16 || c == msgpcode.Array32 }
-func isMap(c byte) bool   { return msgpcode.IsFixedMap(c) || c == msgpcode.Map16 || c == msgpcode.Map32 }
+func isArray(c byte) bool {
+	return msgpcode.IsFixedArray(c) || c == msgpcode.Array16 || c == msgpcode.Array32
+}
+func isMap(c byte) bool { return msgpcode.IsFixedMap(c) || c == msgpcode.Map16 || c == msgpcode.Map32 }
 func isBytes(c byte) bool {
 	return msgpcode.IsFixedString(c) || c == msgpcode.Str8 || c == msgpcode.Str16 || c == msgpcode.Str32 ||
 		c == msgpcode.Bin8 || c == msgpcode.Bin16 || c == msgpcode.Bin32
@@ -535,7 +537,7 @@ func (w writer) err(err error) {
 		panic("kvevents: encoding into memory failed: " + err.Error())
 	}
 }
-func (w writer) str(s string)  { w.err(w.enc.EncodeString(s)) }
+func (w writer) str(s string) { w.err(w.enc.EncodeString(s)) }
 func (w writer) mapLen(n int) { w.err(w.enc.EncodeMapLen(n)) }
 func (w writer) hash(h uint64) {
 	if w.digests {

@@ -9,6 +9,7 @@ import (
 	"math/rand/v2"
 	"mime"
 	"net/http"
+	"os"
 	"reflect"
 	"strconv"
 	"strings"
@@ -67,6 +68,14 @@ func (s *Server) Handler() http.Handler {
 		writeJSON(w, 200, map[string]int{"server_load": r + q})
 	})
 	mux.HandleFunc("POST /tokenize", s.tokenize)
+	if os.Getenv("VLLM_SERVER_DEV_MODE") == "1" {
+		// vLLM's development endpoints: drop every cached block nobody
+		// holds, publishing AllBlocksCleared.
+		mux.HandleFunc("POST /reset_prefix_cache", func(w http.ResponseWriter, _ *http.Request) {
+			s.eng.resetPrefixCache()
+			w.WriteHeader(200)
+		})
+	}
 	mux.HandleFunc("POST /detokenize", s.detokenize)
 	mux.HandleFunc("POST /v1/responses", s.responses)
 	for _, p := range []string{"/score", "/v1/score"} {

@@ -70,9 +70,10 @@ func (v *Virtual) Submit(at time.Duration, prompt string, maxTokens int) *Virtua
 	return vr
 }
 
-// Step runs one scheduler step. It returns the requests that finished in it
-// and the KV events it published, all as of Now().
-func (v *Virtual) Step() (finished []*VirtualRequest, events []kvevents.Event) {
+// Step runs one scheduler step. It returns the requests whose first token
+// came out of it, those that finished in it, and the KV events it published,
+// all as of Now().
+func (v *Virtual) Step() (started, finished []*VirtualRequest, events []kvevents.Event) {
 	v.e.step()
 	kept := v.active[:0]
 	for _, vr := range v.active {
@@ -92,6 +93,7 @@ func (v *Virtual) Step() (finished []*VirtualRequest, events []kvevents.Event) {
 		}
 		if vr.First == 0 && vr.r.emitted > 0 {
 			vr.First = vr.r.vFirst
+			started = append(started, vr)
 		}
 		if done {
 			vr.Done = vr.r.vLast
@@ -102,7 +104,7 @@ func (v *Virtual) Step() (finished []*VirtualRequest, events []kvevents.Event) {
 	}
 	v.active = kept
 	events, v.events = v.events, nil
-	return finished, events
+	return started, finished, events
 }
 
 // Stats is what the head would report: running and waiting requests and

@@ -45,6 +45,11 @@ type serveConfig struct {
 	// --tool-call-parser, without which tool_choice "auto" is refused.
 	autoToolChoice bool
 	toolParser     string
+	// kvEvents is --kv-events-config when it turns events on; hashAlgo is
+	// --prefix-caching-hash-algo; blockSize is --block-size (0: the preset's).
+	kvEvents  *kvEventsConfig
+	hashAlgo  string
+	blockSize int
 }
 
 var vllmValued = []string{"--served-model-name", "--host", "--port", "--tensor-parallel-size", "--pipeline-parallel-size",
@@ -53,7 +58,8 @@ var vllmValued = []string{"--served-model-name", "--host", "--port", "--tensor-p
 	"--master-addr", "--master-port", "--dtype", "--kv-cache-dtype", "--quantization", "--seed",
 	"--block-size", "--swap-space", "--download-dir", "--tokenizer", "--revision", "--api-key",
 	"--show-hidden-metrics-for-version", "--data-parallel-size", "--max-log-len", "--generation-config", "--load-format",
-	"--runner", "--task", "--convert", "--tool-call-parser", "--allowed-origins", "--allowed-methods", "--allowed-headers"}
+	"--runner", "--task", "--convert", "--tool-call-parser", "--allowed-origins", "--allowed-methods", "--allowed-headers",
+	"--kv-events-config", "--prefix-caching-hash-algo"}
 
 var vllmBools = []string{"--trust-remote-code", "--enforce-eager", "--headless", "--enable-prefix-caching",
 	"--no-enable-prefix-caching", "--enable-chunked-prefill", "--disable-log-requests", "--disable-log-stats",
@@ -113,6 +119,18 @@ func parseServe(args []string) (serveConfig, error) {
 	case "", "ray", "mp", "uni", "external_launcher":
 	default:
 		return c, fmt.Errorf("vllm serve: error: argument --distributed-executor-backend: invalid choice: '%s' (choose from 'ray', 'mp', 'uni', 'external_launcher')", c.backend)
+	}
+	if c.kvEvents, err = parseKVEvents(fs.str("--kv-events-config", "")); err != nil {
+		return c, err
+	}
+	if c.hashAlgo = fs.str("--prefix-caching-hash-algo", "sha256"); !validHashAlgo(c.hashAlgo) {
+		return c, fmt.Errorf("vllm serve: error: argument --prefix-caching-hash-algo: invalid choice: '%s' (choose from %s)", c.hashAlgo, quoteList(hashAlgos))
+	}
+	if c.blockSize, err = fs.integer("--block-size", 0); err != nil {
+		return c, err
+	}
+	if c.blockSize != 0 && (c.blockSize < 1 || c.blockSize&(c.blockSize-1) != 0) {
+		return c, fmt.Errorf("vllm serve: error: argument --block-size: invalid choice: %d (a power of two)", c.blockSize)
 	}
 	c.autoToolChoice, c.toolParser = fs.boolean("--enable-auto-tool-choice"), fs.str("--tool-call-parser", "")
 	if c.autoToolChoice && c.toolParser == "" {
@@ -258,6 +276,9 @@ func serve(ctx context.Context, c serveConfig, stdout, stderr io.Writer) int {
 	}
 	p := preset.Params
 	p.MaxNumSeqs, p.MaxModelLen = c.maxNumSeqs, c.maxModelLen
+	if c.blockSize > 0 {
+		p.NumGPUBlocks, p.BlockSize = p.NumGPUBlocks*p.BlockSize/c.blockSize, c.blockSize
+	}
 	if kv := p.NumGPUBlocks * p.BlockSize; c.maxModelLen > kv {
 		fmt.Fprintf(stderr, "ValueError: The model's max seq len (%d) is larger than the maximum number of tokens that can be stored in KV cache (%d). Try increasing `gpu_memory_utilization` or decreasing `max_model_len` when initializing the engine.\n", c.maxModelLen, kv)
 		return 1
@@ -266,6 +287,15 @@ func serve(ctx context.Context, c serveConfig, stdout, stderr io.Writer) int {
 	logf(stdout, "Maximum concurrency for %d tokens per request: %.2fx", p.MaxModelLen, float64(p.NumGPUBlocks*p.BlockSize)/float64(p.MaxModelLen))
 	s := newServer(c, p, clock)
 	eng := s.eng
+	pub, err := startKVEvents(s, c.kvEvents, c.hashAlgo)
+	if err != nil {
+		fmt.Fprintf(stderr, "zmq.error.ZMQError: %v\n", err)
+		return 1
+	}
+	if pub != nil {
+		defer pub.Close()
+		logf(stdout, "KV cache events: publishing on %s (replay %v, topic %q)", c.kvEvents.Endpoint, c.kvEvents.ReplayEndpoint != nil, c.kvEvents.Topic)
+	}
 	// The socket is bound only now: vLLM does not accept connections until ready.
 	ln, err := net.Listen("tcp", net.JoinHostPort(c.host, strconv.Itoa(c.port)))
 	if err != nil {

@@ -1,0 +1,175 @@
+package sim
+
+import (
+	"context"
+	"encoding/json"
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"sync"
+	"testing"
+	"time"
+
+	"github.com/shoalhq/shoal/internal/kvevents"
+	"github.com/shoalhq/shoal/internal/kvhash"
+	"github.com/stretchr/testify/require"
+)
+
+type heard struct {
+	mu     sync.Mutex
+	events []kvevents.Event
+	lost   []uint64
+	ch     chan struct{}
+}
+
+func (h *heard) Batch(_ uint64, b kvevents.Batch) {
+	h.mu.Lock()
+	h.events = append(h.events, b.Events...)
+	h.mu.Unlock()
+	select {
+	case h.ch <- struct{}{}:
+	default:
+	}
+}
+func (h *heard) Lost(seq uint64, _ bool) { h.mu.Lock(); h.lost = append(h.lost, seq); h.mu.Unlock() }
+func (h *heard) Bad(error)               {}
+
+// until waits for an event that ok accepts.
+func (h *heard) until(t *testing.T, ok func(kvevents.Event) bool) kvevents.Event {
+	t.Helper()
+	deadline := time.After(10 * time.Second)
+	for {
+		h.mu.Lock()
+		for _, e := range h.events {
+			if ok(e) {
+				h.mu.Unlock()
+				return e
+			}
+		}
+		h.mu.Unlock()
+		select {
+		case <-h.ch:
+		case <-deadline:
+			t.Fatal("no such KV event")
+		}
+	}
+}
+
+// TestKVEventsMatchTheRoutersHashes runs `vllm serve` with KV events on, as
+// the agent starts it, and checks that the blocks it reports storing for a
+// prompt are the names a router computes from /tokenize's tokens, that an
+// eviction and a cache reset are reported, and that bad settings are refused.
+func TestKVEventsMatchTheRoutersHashes(t *testing.T) {
+	t.Setenv("SHOAL_SIM_LOAD_SECONDS", "0.05")
+	t.Setenv("SHOAL_SIM_TIME_SCALE", "50")
+	t.Setenv("PYTHONHASHSEED", "4242")
+	t.Setenv("VLLM_SERVER_DEV_MODE", "1")
+	ip := "127.0.9.7"
+	ports := freePorts(t, ip, 3)
+	cfg := fmt.Sprintf(`{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://%s:%d","replay_endpoint":"tcp://%s:%d","topic":"kv-events"}`,
+		ip, ports[1], ip, ports[2])
+	args := []string{"serve", "/m", "--served-model-name", "m", "--host", ip, "--port", fmt.Sprint(ports[0]),
+		"--kv-events-config", cfg, "--prefix-caching-hash-algo", "sha256_cbor", "--block-size", "16"}
+
+	h := &heard{ch: make(chan struct{}, 1)}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	sub := &kvevents.Subscriber{Endpoint: fmt.Sprintf("tcp://%s:%d", ip, ports[1]), Replay: fmt.Sprintf("tcp://%s:%d", ip, ports[2]), Topic: "kv-events"}
+	subDone := make(chan error, 1)
+	go func() { subDone <- sub.Run(ctx, h) }()
+	var out syncBuf
+	done := make(chan int, 1)
+	srvCtx, stop := context.WithCancel(context.Background())
+	go func() { done <- VLLM(srvCtx, args, &out, &out) }()
+	base := fmt.Sprintf("http://%s:%d", ip, ports[0])
+	waitHealthy(t, base)
+
+	prompt := strings.Repeat("The quick brown fox jumps over the lazy dog. ", 20)
+	r, body := post(t, base+"/tokenize", fmt.Sprintf(`{"model":"m","prompt":%q}`, prompt))
+	require.Equal(t, 200, r.StatusCode, body)
+	var tok struct{ Tokens []uint32 }
+	require.NoError(t, json.Unmarshal([]byte(body), &tok))
+	hasher, err := kvhash.NewVLLM("4242", 16)
+	require.NoError(t, err)
+	want := hasher.Keys(tok.Tokens, "")
+	require.NotEmpty(t, want)
+	r, body = post(t, base+"/v1/completions", fmt.Sprintf(`{"model":"m","prompt":%q,"max_tokens":2}`, prompt))
+	require.Equal(t, 200, r.StatusCode, body)
+	ev := h.until(t, func(e kvevents.Event) bool { return e.Kind == kvevents.Stored })
+	require.Equal(t, want, ev.Hashes, "the engine's block names are the router's")
+	require.False(t, ev.HasParent)
+	require.Equal(t, 16, ev.BlockSize)
+	require.Equal(t, tok.Tokens[:16*len(want)], ev.Tokens)
+	require.Equal(t, "GPU", ev.Medium)
+
+	// The same text under a chat template is another prompt; /tokenize
+	// renders it the engine's way too.
+	r, body = post(t, base+"/tokenize", fmt.Sprintf(`{"model":"m","messages":[{"role":"user","content":%q}]}`, prompt))
+	require.Equal(t, 200, r.StatusCode, body)
+	var chat struct{ Tokens []uint32 }
+	require.NoError(t, json.Unmarshal([]byte(body), &chat))
+	r, body = post(t, base+"/v1/chat/completions", fmt.Sprintf(`{"model":"m","messages":[{"role":"user","content":%q}],"max_tokens":2}`, prompt))
+	require.Equal(t, 200, r.StatusCode, body)
+	wantChat := hasher.Keys(chat.Tokens, "")
+	ev = h.until(t, func(e kvevents.Event) bool { return e.Kind == kvevents.Stored && e.Hashes[0] == wantChat[0] })
+	require.Equal(t, wantChat, ev.Hashes)
+
+	resp, err := http.Post(base+"/reset_prefix_cache", "application/json", nil)
+	require.NoError(t, err)
+	_, _ = io.Copy(io.Discard, resp.Body)
+	resp.Body.Close()
+	h.until(t, func(e kvevents.Event) bool { return e.Kind == kvevents.Cleared })
+	h.mu.Lock()
+	require.Empty(t, h.lost)
+	h.mu.Unlock()
+	stop()
+	<-done
+	cancel()
+	require.NoError(t, <-subDone)
+
+	for _, bad := range []struct{ arg, want string }{
+		{`{"enable_kv_cache_events":true,"endpoints":"x"}`, `unknown field "endpoints"`},
+		{`{"enable_kv_cache_events":true,"publisher":"kafka"}`, "Input should be 'null' or 'zmq'"},
+		{`not json`, "validation error for KVEventsConfig"},
+	} {
+		_, err := parseServe([]string{"/m", "--kv-events-config", bad.arg})
+		require.ErrorContains(t, err, bad.want)
+	}
+	_, err = parseServe([]string{"/m", "--prefix-caching-hash-algo", "md5"})
+	require.ErrorContains(t, err, "invalid choice: 'md5' (choose from 'sha256', 'sha256_cbor', 'xxhash', 'xxhash_cbor')")
+	c, err := parseServe([]string{"/m", "--kv-events-config", `{"enable_kv_cache_events":false}`})
+	require.NoError(t, err)
+	require.Nil(t, c.kvEvents, "events off: no publisher")
+}
+
+// TestEvictionIsReported: a KV cache too small for two prompts evicts the
+// first one's blocks, and says so.
+func TestEvictionIsReported(t *testing.T) {
+	p := DefaultParams()
+	p.NumGPUBlocks, p.BlockSize = 40, 16
+	v := NewVirtual(p, "7")
+	a := strings.Repeat("a", 4*16*30)
+	b := strings.Repeat("b", 4*16*30)
+	var all []kvevents.Event
+	for _, prompt := range []string{a, b} {
+		v.Submit(v.Now(), prompt, 1)
+		for v.Busy() {
+			_, _, evs := v.Step()
+			all = append(all, evs...)
+		}
+	}
+	_, first := v.e.name(a)
+	var stored, removed []uint64
+	for _, e := range all {
+		switch e.Kind {
+		case kvevents.Stored:
+			stored = append(stored, e.Hashes...)
+		case kvevents.Removed:
+			removed = append(removed, e.Hashes...)
+		}
+	}
+	require.Subset(t, stored, first)
+	require.NotEmpty(t, removed)
+	require.Subset(t, first, removed, "what was evicted was the first prompt's")
+}

@@ -7,12 +7,16 @@ import (
 	"sync"
 	"time"
 
+	"github.com/shoalhq/shoal/agent/kvrelay"
 	"github.com/shoalhq/shoal/gossip"
+	"github.com/shoalhq/shoal/internal/kvevents"
 	replicav1 "github.com/shoalhq/shoal/proto/replica/v1"
 	"github.com/shoalhq/shoal/security"
 	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/health"
 	healthpb "google.golang.org/grpc/health/grpc_health_v1"
+	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/proto"
 )
 
@@ -24,7 +28,7 @@ const ReplicaService = "shoal.replica.v1.Replica"
 // retract (never waiting), and wait for closed servers at exit.
 type replicaPublisher interface {
 	start()
-	update(m *replicav1.Metrics)
+	update(m *replicav1.Metrics, kv *kvrelay.Relay)
 	stop()
 	wait()
 }
@@ -41,6 +45,7 @@ type replicaServer struct {
 	lis     net.Listener       // guarded by mu
 	health  *health.Server     // guarded by mu
 	latest  *replicav1.Metrics // guarded by mu
+	kv      *kvrelay.Relay     // guarded by mu; the current run's KV events, nil when none
 	changed chan struct{}      // guarded by mu; closed and replaced on every update
 	// stopping counts the servers still shutting down (stop never waits).
 	stopping sync.WaitGroup
@@ -78,7 +83,7 @@ func (s *replicaServer) stop() {
 	s.mu.Lock()
 	srv, h, lis := s.srv, s.health, s.lis
 	s.srv, s.health, s.lis = nil, nil, nil
-	s.latest = &replicav1.Metrics{}
+	s.latest, s.kv = &replicav1.Metrics{}, nil
 	s.mu.Unlock()
 	if srv == nil {
 		return
@@ -102,13 +107,15 @@ func (s *replicaServer) stop() {
 // wait returns once every stopped server has shut down.
 func (s *replicaServer) wait() { s.stopping.Wait() }
 
-// update publishes a new snapshot; serving follows m.Serving.
-func (s *replicaServer) update(m *replicav1.Metrics) {
+// update publishes a new snapshot; serving follows m.Serving. kv is the
+// current run's KV-event relay (nil: none).
+func (s *replicaServer) update(m *replicav1.Metrics, kv *kvrelay.Relay) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.srv == nil {
 		return
 	}
+	s.kv = kv
 	st := healthpb.HealthCheckResponse_NOT_SERVING
 	if m.Serving {
 		st = healthpb.HealthCheckResponse_SERVING
@@ -124,6 +131,12 @@ func (s *replicaServer) current() (*replicav1.Metrics, <-chan struct{}) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.latest, s.changed
+}
+
+func (s *replicaServer) currentKV() *kvrelay.Relay {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.kv
 }
 
 type replicaAPI struct {
@@ -152,6 +165,86 @@ func (r *replicaAPI) Watch(_ *replicav1.SnapshotRequest, stream replicav1.Replic
 		case <-t.C:
 		}
 	}
+}
+
+// kvSnapshotChunk bounds the blocks in one KVEvents message (9 bytes each on
+// the wire: well under gRPC's 4 MiB default).
+const kvSnapshotChunk = 64 << 10
+
+// KVEvents streams the engine's KV-cache blocks: a snapshot, then each
+// change, numbered from 1 without gaps. A stream that falls a buffer behind
+// is ended (RESOURCE_EXHAUSTED), one whose run ends too (UNAVAILABLE); the
+// router reconnects and starts from a snapshot.
+func (r *replicaAPI) KVEvents(_ *replicav1.KVEventsRequest, stream replicav1.Replica_KVEventsServer) error {
+	kv := r.s.currentKV()
+	if kv == nil {
+		return status.Error(codes.Unavailable, "this replica's engine publishes no KV events (see engine.kvEvents)")
+	}
+	snap, changes, overrun, cancel := kv.Subscribe()
+	defer cancel()
+	var seq uint64
+	send := func(m *replicav1.KVEventsMessage) error {
+		seq++
+		m.Seq = seq
+		return stream.Send(m)
+	}
+	sendSnapshot := func(sn *kvrelay.Snapshot) error {
+		blocks := sn.Blocks
+		for first := true; first || len(blocks) > 0; first = false {
+			n := min(len(blocks), kvSnapshotChunk)
+			m := &replicav1.KVEventsMessage{Snapshot: true, More: n < len(blocks), Blocks: blocks[:n]}
+			if first {
+				m.HashAlgo, m.HashSeed, m.BlockSize, m.Endpoint = sn.Info.Algo, sn.Info.Seed, uint32(sn.Info.BlockSize), sn.Info.Endpoint
+			}
+			if err := send(m); err != nil {
+				return err
+			}
+			blocks = blocks[n:]
+		}
+		return nil
+	}
+	if err := sendSnapshot(snap); err != nil {
+		return err
+	}
+	for {
+		select {
+		case <-stream.Context().Done():
+			return nil
+		case c, ok := <-changes:
+			if !ok {
+				if overrun() {
+					return status.Error(codes.ResourceExhausted, "fell behind the engine's KV events; reconnect for a snapshot")
+				}
+				return status.Error(codes.Unavailable, "the engine run ended")
+			}
+			var err error
+			if c.Reset != nil {
+				err = sendSnapshot(c.Reset)
+			} else {
+				err = send(&replicav1.KVEventsMessage{Events: protoEvents(c.Events)})
+			}
+			if err != nil {
+				return err
+			}
+		}
+	}
+}
+
+func protoEvents(evs []kvevents.Event) []*replicav1.KVEvent {
+	out := make([]*replicav1.KVEvent, 0, len(evs))
+	for _, e := range evs {
+		k := replicav1.KVEvent_KIND_UNSPECIFIED
+		switch e.Kind {
+		case kvevents.Stored:
+			k = replicav1.KVEvent_STORED
+		case kvevents.Removed:
+			k = replicav1.KVEvent_REMOVED
+		case kvevents.Cleared:
+			k = replicav1.KVEvent_CLEARED
+		}
+		out = append(out, &replicav1.KVEvent{Kind: k, Hashes: e.Hashes})
+	}
+	return out
 }
 
 // snapshot builds the Replica API message for the current run. Loop only.

@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/shoalhq/shoal/agent/kvrelay"
 	"log/slog"
 	"time"
 
@@ -171,7 +172,11 @@ func (a *Agent) step(now time.Time) time.Time {
 		a.replica.stop()
 	}
 	if a.loc.Claim > 0 {
-		a.replica.update(a.snapshot())
+		var kv *kvrelay.Relay
+		if a.run != nil {
+			kv = a.run.r.KV()
+		}
+		a.replica.update(a.snapshot(), kv)
 	}
 	a.persist()
 	a.publish()

@@ -5,6 +5,7 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
+	"github.com/shoalhq/shoal/agent/kvrelay"
 	"io"
 	"log/slog"
 	"os"
@@ -170,7 +171,7 @@ type fakeReplica struct {
 func (r *fakeReplica) start() { r.mu.Lock(); r.open = true; r.mu.Unlock() }
 func (r *fakeReplica) stop()  { r.mu.Lock(); r.open, r.latest = false, nil; r.mu.Unlock() }
 func (r *fakeReplica) wait()  {}
-func (r *fakeReplica) update(m *replicav1.Metrics) {
+func (r *fakeReplica) update(m *replicav1.Metrics, _ *kvrelay.Relay) {
 	r.mu.Lock()
 	r.latest = m
 	r.mu.Unlock()

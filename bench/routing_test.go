@@ -1,184 +1,408 @@
 package bench
 
 import (
-	"bufio"
-	"bytes"
-	"context"
-	"encoding/json"
+	"container/heap"
 	"fmt"
-	"io"
-	"log/slog"
+	"math"
 	"math/rand/v2"
-	"net/http"
-	"net/http/httptest"
 	"os"
 	"sort"
 	"strings"
-	"sync"
-	"sync/atomic"
 	"testing"
 	"time"
 
 	"github.com/shoalhq/shoal/coordinator/router"
 	"github.com/shoalhq/shoal/engine/sim"
+	"github.com/shoalhq/shoal/internal/kvhash"
 )
+
+// The routing benchmark is a discrete-event simulation: simulated engines
+// (engine/sim's scheduler, KV cache, block names and KV events, stepped
+// without sleeping), the router's own picker and KV index, and the wires
+// between them — metrics every second, KV events a few milliseconds after the
+// step that made them, a /tokenize round trip — all on one virtual clock. A
+// run is a pure function of its seed: the same command prints the same table.
 
 const (
-	replicas  = 4
-	timeScale = 20.0 // virtual seconds per real second
+	replicas       = 4
+	blockSize      = 16
+	hashSeed       = "1234" // PYTHONHASHSEED the agent sets for the deployment
+	metricsEvery   = time.Second
+	eventDelay     = 5 * time.Millisecond // engine step → ZMQ → head → gRPC → router
+	tokenizeCost   = time.Millisecond     // the router's /tokenize call before a KV-event pick
+	strategyEvents = router.StrategyPrefixCache
+	historyLabel   = "prefix-cache (history)" // prefix-cache with no KV events: the router's own estimate
 )
 
+// arrival is one request of a workload.
+type arrival struct {
+	at     time.Duration
+	prompt string
+	out    int
+}
+
 type workload struct {
-	name    string
-	prompts func(i int, r *rand.Rand) string
+	name, shape string
+	gen         func(seed uint64) []arrival
+}
+
+// poisson spaces n arrivals at rate per second.
+func poisson(r *rand.Rand, n int, rate float64) []time.Duration {
+	out := make([]time.Duration, n)
+	t := 0.0
+	for i := range out {
+		t += r.ExpFloat64() / rate
+		out[i] = time.Duration(t * float64(time.Second))
+	}
+	return out
+}
+
+// text is n tokens (4n bytes) of filler that differs with tag from its start.
+func text(tag string, n int) string {
+	unit := tag + " lorem ipsum dolor sit amet. "
+	return strings.Repeat(unit, 4*n/len(unit)+1)[:4*n]
 }
 
 // sharedPrefix: 48 tenants, each with a 4,000-token system prompt (the llm-d
-// B2B shape, smaller): 192k tokens of prefixes, more than one replica's KV
-// (128k) but less than four replicas' together.
-func sharedPrefix() workload {
-	sys := make([]string, 48)
-	for g := range sys {
-		line := fmt.Sprintf("Tenant %02d policy: answer within the rules of tenant %02d. ", g, g)
-		sys[g] = strings.Repeat(line, 16000/len(line)+1)[:16000]
-	}
-	return workload{"shared-prefix", func(i int, r *rand.Rand) string {
-		return sys[r.IntN(len(sys))] + fmt.Sprintf(" Question %d: what is %d + %d?", i, r.IntN(100), r.IntN(100))
-	}}
+// B2B shape, smaller), 192k tokens of prefixes — more than one replica's KV
+// (128k) but less than four replicas' together — and a short question each.
+func sharedPrefix(n int, rate float64) workload {
+	return workload{"shared-prefix", fmt.Sprintf("48 tenants × 4,000-token system prompt, %d requests at %.0f/s, 32 output tokens", n, rate),
+		func(seed uint64) []arrival {
+			r := rand.New(rand.NewPCG(seed, 1))
+			sys := make([]string, 48)
+			for g := range sys {
+				sys[g] = text(fmt.Sprintf("tenant %02d policy", g), 4000)
+			}
+			var out []arrival
+			for i, at := range poisson(r, n, rate) {
+				out = append(out, arrival{at, sys[r.IntN(len(sys))] + fmt.Sprintf(" Question %d: what is %d + %d?", i, r.IntN(100), r.IntN(100)), 32})
+			}
+			return out
+		}}
 }
 
-// lowSharing: every prompt unique (ShareGPT-like control), 1,000 tokens.
-func lowSharing() workload {
-	return workload{"low-sharing", func(i int, r *rand.Rand) string {
-		return strings.Repeat(fmt.Sprintf("unique %d-%d ", i, r.Int()), 4000/20+1)[:4000]
-	}}
+// lowSharing: every prompt unique from its first token (a ShareGPT-like
+// control), 1,000 tokens.
+func lowSharing(n int, rate float64) workload {
+	return workload{"low-sharing", fmt.Sprintf("unique 1,000-token prompts, %d requests at %.0f/s, 32 output tokens", n, rate),
+		func(seed uint64) []arrival {
+			r := rand.New(rand.NewPCG(seed, 2))
+			var out []arrival
+			for i, at := range poisson(r, n, rate) {
+				out = append(out, arrival{at, text(fmt.Sprintf("unique %d-%d", i, r.Uint64()), 1000), 32})
+			}
+			return out
+		}}
+}
+
+// lognormal draws a length with the given median and spread, clipped.
+func lognormal(r *rand.Rand, median, sigma float64, lo, hi int) int {
+	return min(hi, max(lo, int(median*math.Exp(sigma*r.NormFloat64()))))
+}
+
+// mixed: 120 tenants whose system prompts run 300–8,000 tokens (log-normal,
+// median 1,500), picked by a Zipf law, and multi-turn sessions: 2–8 turns,
+// each resending the conversation so far plus a new user message (median 60
+// tokens) after the assistant's reply (median 150); outputs median 64 tokens.
+// ShareGPT-like lengths, generated from the seed.
+func mixed(n int, rate float64) workload {
+	return workload{"mixed", fmt.Sprintf("120 tenants (Zipf) × 300–8,000-token system prompts + 2–8-turn sessions, %d requests at %.0f/s", n, rate),
+		func(seed uint64) []arrival {
+			r := rand.New(rand.NewPCG(seed, 3))
+			sys := make([]string, 120)
+			for g := range sys {
+				sys[g] = text(fmt.Sprintf("tenant %03d instructions", g), lognormal(r, 1500, 0.8, 300, 8000))
+			}
+			zipf := rand.NewZipf(r, 1.1, 2, uint64(len(sys)-1))
+			type session struct {
+				at      time.Duration
+				history string
+				turns   int
+			}
+			var live []*session
+			var out []arrival
+			starts := poisson(r, n, rate/3.5) // a session averages 3.5 turns
+			si := 0
+			for len(out) < n {
+				// The next event: a new session or the next turn of a live one.
+				next := -1
+				for i, s := range live {
+					if next < 0 || s.at < live[next].at {
+						next = i
+					}
+				}
+				if si < len(starts) && (next < 0 || starts[si] <= live[next].at) {
+					live = append(live, &session{at: starts[si], history: sys[zipf.Uint64()], turns: 2 + r.IntN(7)})
+					si++
+					continue
+				}
+				if next < 0 {
+					break
+				}
+				s := live[next]
+				s.history += "\nuser: " + text(fmt.Sprintf("q%d", r.Uint64()), lognormal(r, 60, 0.7, 5, 600))
+				out = append(out, arrival{s.at, s.history, lognormal(r, 64, 0.6, 8, 256)})
+				s.history += "\nassistant: " + text(fmt.Sprintf("a%d", r.Uint64()), lognormal(r, 150, 0.7, 10, 800))
+				s.turns--
+				s.at += time.Duration(r.ExpFloat64() * 8 * float64(time.Second)) // think time
+				if s.turns == 0 {
+					live = append(live[:next], live[next+1:]...)
+				}
+			}
+			sort.SliceStable(out, func(i, j int) bool { return out[i].at < out[j].at })
+			return out
+		}}
+}
+
+// event is something that happens at a virtual time: lower seq first on ties.
+type event struct {
+	at  time.Duration
+	seq int
+	do  func()
+}
+
+type events []event
+
+func (h events) Len() int { return len(h) }
+func (h events) Less(i, j int) bool {
+	return h[i].at < h[j].at || (h[i].at == h[j].at && h[i].seq < h[j].seq)
+}
+func (h events) Swap(i, j int) { h[i], h[j] = h[j], h[i] }
+func (h *events) Push(x any)   { *h = append(*h, x.(event)) }
+func (h *events) Pop() any     { old := *h; x := old[len(old)-1]; *h = old[:len(old)-1]; return x }
+
+// simRouter is one router: its picker, its KV index, and the endpoint
+// snapshot its watcher last built.
+type simRouter struct {
+	picker *router.Picker
+	kv     *router.KVIndex
+	eps    []*router.Endpoint
+	seq    []uint64 // per replica: the last KV-event batch applied
 }
 
 type result struct {
-	p50, p90, p99 time.Duration // virtual TTFT
-	tokPerSec     float64       // virtual output tokens/s
-	errors        int
+	p50, p90, p99 time.Duration // TTFT
+	tokPerSec     float64       // output tokens / makespan
+	hitRate       float64       // prompt tokens served from cache, all replicas
+	failed        int
 }
 
-func run(b *testing.B, strategy string, w workload, conc, total int) result {
+// run simulates one strategy on one workload with nRouters routers taking
+// turns with the requests.
+func run(strategy string, w workload, seed uint64, nRouters int) result {
 	p := sim.Presets["llama-8b-h100-tp1"].Params
 	p.NumGPUBlocks = 8000 // 128k tokens of KV per replica
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	var servers []*sim.Server
-	var eps []*router.Endpoint
-	for i := 0; i < replicas; i++ {
-		s := sim.NewServer("m", p, timeScale)
-		go s.Run(ctx)
-		hs := httptest.NewServer(s.Handler())
-		defer hs.Close()
-		servers = append(servers, s)
-		eps = append(eps, &router.Endpoint{Model: "m", Addr: strings.TrimPrefix(hs.URL, "http://"), Group: fmt.Sprint(i)})
+	p.BlockSize = blockSize
+	engines := make([]*sim.Virtual, replicas)
+	addrs := make([]string, replicas)
+	for i := range engines {
+		engines[i] = sim.NewVirtual(p, hashSeed)
+		addrs[i] = fmt.Sprintf("10.0.0.%d:8000", i+1)
 	}
-	table := router.NewTable()
-	// The heads' metrics stream, emulated: every 100 ms (virtual 2 s).
-	feed := func() {
-		var fresh []*router.Endpoint
-		for i, s := range servers {
-			r, q, kv := s.Stats()
-			e := *eps[i]
-			e.Running, e.Waiting, e.KVCache, e.HasMetrics = float64(r), float64(q), kv, true
-			fresh = append(fresh, &e)
+	var now time.Duration
+	clock := func() time.Time { return time.Unix(1_700_000_000, 0).Add(now) }
+	hasher, err := kvhash.NewVLLM(hashSeed, blockSize)
+	if err != nil {
+		panic(err)
+	}
+	label := strategy
+	if strategy == historyLabel {
+		strategy = router.StrategyPrefixCache
+	}
+	withEvents := label == strategyEvents
+	routers := make([]*simRouter, nRouters)
+	for i := range routers {
+		rt := &simRouter{kv: router.NewKVIndex(0), seq: make([]uint64, replicas)}
+		var kv *router.KVIndex
+		if withEvents {
+			kv = rt.kv
+			for _, a := range addrs {
+				rt.kv.Reset(a, hasher, nil, 0) // the heads' snapshots: empty caches
+			}
 		}
-		table.Set(router.NewSnapshot(nil, fresh))
+		rt.picker = router.NewPicker(clock, seed*31+uint64(i), kv)
+		routers[i] = rt
+	}
+	feed := func() {
+		for _, rt := range routers {
+			rt.eps = rt.eps[:0]
+			for i, e := range engines {
+				run, wait, kvu := e.Stats()
+				rt.eps = append(rt.eps, &router.Endpoint{Model: "m", Addr: addrs[i], Group: fmt.Sprint(i),
+					Running: float64(run), Waiting: float64(wait), KVCache: kvu, HasMetrics: true})
+			}
+		}
 	}
 	feed()
-	go func() {
-		for ctx.Err() == nil {
-			time.Sleep(100 * time.Millisecond)
-			feed()
-		}
-	}()
-	rt := httptest.NewServer(router.New(table, slog.New(slog.NewTextHandler(io.Discard, nil)), router.Config{}).Handler())
-	defer rt.Close()
 
-	var next, tokens, errs atomic.Int64
-	var mu sync.Mutex
+	var q events
+	n := 0
+	at := func(t time.Duration, f func()) { n++; heap.Push(&q, event{t, n, f}) }
+	var tick func()
+	tick = func() {
+		feed()
+		if q.Len() > 0 || anyBusy(engines) {
+			at(now+metricsEvery, tick)
+		}
+	}
+	at(metricsEvery, tick)
+
+	reqs := w.gen(seed)
+	type tracked struct {
+		vr      *sim.VirtualRequest
+		arrival time.Duration
+		lease   router.Lease
+	}
+	byEngine := make([]map[*sim.VirtualRequest]*tracked, replicas)
+	for i := range byEngine {
+		byEngine[i] = map[*sim.VirtualRequest]*tracked{}
+	}
 	var ttfts []time.Duration
-	start := time.Now()
-	var wg sync.WaitGroup
-	for c := 0; c < conc; c++ {
-		wg.Add(1)
-		go func(c int) {
-			defer wg.Done()
-			r := rand.New(rand.NewPCG(uint64(c), 7))
-			for {
-				i := next.Add(1)
-				if i > int64(total) {
+	var outTokens int
+	failed := 0
+	var last time.Duration
+	for i, a := range reqs {
+		at(a.at, func() {
+			rt := routers[i%nRouters]
+			pr := router.PickRequest{Model: "m", Prompt: a.prompt}
+			delay := time.Duration(0)
+			if withEvents {
+				pr.Tokens, delay = sim.Tokenize(a.prompt), tokenizeCost
+			}
+			ep, _, lease := rt.picker.Pick(strategy, rt.eps, pr)
+			k := 0
+			for j := range addrs {
+				if addrs[j] == ep.Addr {
+					k = j
+				}
+			}
+			at(now+delay, func() {
+				vr := engines[k].Submit(now, a.prompt, a.out)
+				if vr.Failed {
+					failed++
+					lease.Done()
 					return
 				}
-				body, _ := json.Marshal(map[string]any{"model": "m", "prompt": w.prompts(int(i), r), "max_tokens": 16, "ignore_eos": true, "stream": true})
-				req, _ := http.NewRequest("POST", rt.URL+"/v1/completions", bytes.NewReader(body))
-				req.Header.Set("routing-strategy", strategy)
-				t0 := time.Now()
-				resp, err := http.DefaultClient.Do(req)
-				if err != nil || resp.StatusCode != 200 {
-					errs.Add(1)
-					if resp != nil {
-						resp.Body.Close()
-					}
-					continue
-				}
-				first := time.Duration(0)
-				sc := bufio.NewScanner(resp.Body)
-				n := int64(0)
-				for sc.Scan() {
-					line := sc.Text()
-					if strings.HasPrefix(line, "data: {") {
-						if first == 0 {
-							first = time.Since(t0)
-						}
-						n++
-					}
-				}
-				resp.Body.Close()
-				tokens.Add(n)
-				mu.Lock()
-				ttfts = append(ttfts, time.Duration(float64(first)*timeScale))
-				mu.Unlock()
-			}
-		}(c)
+				byEngine[k][vr] = &tracked{vr: vr, arrival: a.at, lease: lease}
+			})
+		})
 	}
-	wg.Wait()
-	elapsed := time.Since(start).Seconds() * timeScale
+	for {
+		// The next engine step starts at the earliest busy engine's clock;
+		// anything due at or before it happens first.
+		k, next := -1, time.Duration(math.MaxInt64)
+		for i, e := range engines {
+			if e.Busy() && e.Now() < next {
+				k, next = i, e.Now()
+			}
+		}
+		if q.Len() > 0 && q[0].at <= next {
+			ev := heap.Pop(&q).(event)
+			now = ev.at
+			ev.do()
+			continue
+		}
+		if k < 0 {
+			break
+		}
+		now = next
+		started, finished, evs := engines[k].Step()
+		end := engines[k].Now()
+		for _, vr := range started {
+			tr := byEngine[k][vr]
+			at(end, tr.lease.FirstToken)
+		}
+		for _, vr := range finished {
+			tr := byEngine[k][vr]
+			delete(byEngine[k], vr)
+			at(end, func() {
+				tr.lease.Done()
+				if vr.Failed {
+					failed++
+					return
+				}
+				ttfts = append(ttfts, vr.First-tr.arrival)
+				outTokens += vr.Output
+				last = max(last, vr.Done)
+			})
+		}
+		if len(evs) > 0 && withEvents {
+			addr := addrs[k]
+			at(end+eventDelay, func() {
+				for _, rt := range routers {
+					rt.seq[k]++
+					if !rt.kv.Apply(addr, rt.seq[k], evs) {
+						panic("kv events out of order")
+					}
+				}
+			})
+		}
+	}
 	sort.Slice(ttfts, func(i, j int) bool { return ttfts[i] < ttfts[j] })
-	q := func(f float64) time.Duration {
+	qt := func(f float64) time.Duration {
 		if len(ttfts) == 0 {
 			return 0
 		}
 		return ttfts[int(f*float64(len(ttfts)-1))]
 	}
-	return result{q(0.5), q(0.9), q(0.99), float64(tokens.Load()) / elapsed, int(errs.Load())}
+	hits := 0.0
+	for _, e := range engines {
+		hits += e.PrefixHitRate()
+	}
+	first := reqs[0].at
+	return result{qt(0.5), qt(0.9), qt(0.99), float64(outTokens) / (last - first).Seconds(), hits / replicas, failed}
 }
 
-// BenchmarkRouting compares strategies on a simulated 4-replica cluster
-// (llama-8b-h100-tp1 preset, 128k tokens of KV each) against round-robin,
-// near saturation. Times are virtual (the simulator's clock runs 20× real).
+func anyBusy(es []*sim.Virtual) bool {
+	for _, e := range es {
+		if e.Busy() {
+			return true
+		}
+	}
+	return false
+}
+
+var benchStrategies = []string{router.StrategyRoundRobin, router.StrategyRandom, router.StrategyLeastRequest, router.StrategyLeastKV,
+	router.StrategyPrefixAIBrix, historyLabel, strategyEvents}
+
+// BenchmarkRouting compares strategies against round-robin on a simulated
+// 4-replica cluster (llama-8b-h100-tp1 preset, 128k tokens of KV each), at a
+// load round-robin cannot keep up with, with one router and with two, for
+// three seeds. Times are virtual.
 //
 //	go test -run '^$' -bench Routing -benchtime 1x ./bench/
 func BenchmarkRouting(b *testing.B) {
-	strategies := []string{router.StrategyRoundRobin, router.StrategyRandom, router.StrategyLeastRequest, router.StrategyLeastKV,
-		router.StrategyPrefixAIBrix, router.StrategyPrefixCache}
+	seeds := []uint64{1, 2, 3}
+	if s := os.Getenv("ROUTING_SEEDS"); s != "" {
+		seeds = nil
+		for _, f := range strings.Split(s, ",") {
+			var x uint64
+			fmt.Sscan(f, &x)
+			seeds = append(seeds, x)
+		}
+	}
 	for i := 0; i < b.N; i++ {
 		if i > 0 {
 			continue
 		}
-		for _, w := range []workload{sharedPrefix(), lowSharing()} {
-			fmt.Fprintf(os.Stdout, "\nworkload %s: 4 replicas, concurrency 32, 400 requests, 16 output tokens (virtual time)\n", w.name)
-			fmt.Fprintf(os.Stdout, "%-20s %9s %9s %9s %11s %6s %12s %12s\n", "strategy", "TTFT p50", "p90", "p99", "out tok/s", "errors", "tput vs RR", "p90 RR/this")
-			var base result
-			for _, s := range strategies {
-				r := run(b, s, w, 32, 400)
-				if s == router.StrategyRoundRobin {
-					base = r
+		for _, w := range []workload{sharedPrefix(6000, 20), mixed(4000, 10), lowSharing(2000, 14)} {
+			for _, nr := range []int{1, 2} {
+				for _, seed := range seeds {
+					fmt.Fprintf(os.Stdout, "\nworkload %s, %d router(s), seed %d: %s\n", w.name, nr, seed, w.shape)
+					fmt.Fprintf(os.Stdout, "%-24s %8s %8s %8s %10s %6s %5s %11s %12s %12s\n", "strategy", "TTFT p50", "p90", "p99",
+						"out tok/s", "hit %", "fail", "tput vs RR", "p90 RR/this", "p99 RR/this")
+					var base result
+					for _, s := range benchStrategies {
+						r := run(s, w, seed, nr)
+						if s == router.StrategyRoundRobin {
+							base = r
+						}
+						fmt.Fprintf(os.Stdout, "%-24s %7.2fs %7.2fs %7.2fs %10.0f %6.1f %5d %10.2fx %11.2fx %11.2fx\n", s, r.p50.Seconds(),
+							r.p90.Seconds(), r.p99.Seconds(), r.tokPerSec, 100*r.hitRate, r.failed, r.tokPerSec/base.tokPerSec,
+							base.p90.Seconds()/r.p90.Seconds(), base.p99.Seconds()/r.p99.Seconds())
+					}
 				}
-				fmt.Fprintf(os.Stdout, "%-20s %8.2fs %8.2fs %8.2fs %11.0f %6d %11.2fx %11.2fx\n", s, r.p50.Seconds(), r.p90.Seconds(), r.p99.Seconds(),
-					r.tokPerSec, r.errors, r.tokPerSec/base.tokPerSec, base.p90.Seconds()/r.p90.Seconds())
 			}
 		}
 	}

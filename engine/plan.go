@@ -2,6 +2,7 @@ package engine
 
 import (
 	"fmt"
+	"hash/fnv"
 	"net"
 	"path/filepath"
 	"sort"
@@ -86,6 +87,58 @@ type Plan struct {
 	// "none" (read it with CanaryEndpoint: plans persisted before it existed
 	// have "", which is /v1/completions).
 	Canary string `json:",omitempty"`
+	// KVEvents is how the head hears the engine's KV-cache events (head
+	// only; nil: it publishes none).
+	KVEvents *KVEvents `json:",omitempty"`
+}
+
+// KVEvents is an engine's KV-event publishing as shoal sets it up: the
+// engine connects its PUB socket to the head's agent on loopback (vLLM
+// connects to a non-wildcard endpoint, so nothing listens off the host) and
+// binds its replay socket on the next port; blocks are named by vLLM's
+// sha256_cbor chain under PYTHONHASHSEED, which routers can compute.
+type KVEvents struct {
+	Endpoint  string
+	Replay    string
+	Topic     string
+	Algo      string
+	Seed      string
+	BlockSize int // --block-size from engine.args; 0: learnt from the events
+}
+
+// KVEventsTopic is the topic shoal's engines publish KV events under.
+const KVEventsTopic = "kv-events"
+
+// kvEvents returns the head's KV-event set-up for a vLLM engine, the flags
+// that turn it on and the environment it needs; nil when the spec has it
+// off (spec.KVEventsActive says why).
+func kvEvents(s *spec.Deployment, env map[string]string) (*KVEvents, []string) {
+	if on, _ := spec.KVEventsActive(s); !on {
+		return nil, nil
+	}
+	port := spec.KVEventsPortOf(&s.Engine)
+	k := &KVEvents{Endpoint: "tcp://127.0.0.1:" + strconv.Itoa(port), Replay: "tcp://127.0.0.1:" + strconv.Itoa(port+1),
+		Topic: KVEventsTopic, Algo: "sha256_cbor", Seed: env["PYTHONHASHSEED"]}
+	if k.Seed == "" {
+		// One seed for every replica of the deployment, so that they and
+		// the routers name a block alike.
+		h := fnv.New32a()
+		_, _ = h.Write([]byte(s.Name))
+		k.Seed = strconv.FormatUint(uint64(h.Sum32()), 10)
+		env["PYTHONHASHSEED"] = k.Seed
+	}
+	for i, a := range s.Engine.Args {
+		v, ok := strings.CutPrefix(a, "--block-size=")
+		if !ok && a == "--block-size" && i+1 < len(s.Engine.Args) {
+			v, ok = s.Engine.Args[i+1], true
+		}
+		if n, err := strconv.Atoi(v); ok && err == nil && n > 0 {
+			k.BlockSize = n
+		}
+	}
+	cfg := `{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"` + k.Endpoint + `","replay_endpoint":"` + k.Replay +
+		`","topic":"` + k.Topic + `"}`
+	return k, []string{"--kv-events-config", cfg, "--prefix-caching-hash-algo", k.Algo}
 }
 
 // checkInput rejects a plan input without a spec or with non-IP addresses.
@@ -148,8 +201,10 @@ func RayVLLM(in PlanInput) (*Plan, error) {
 			"--tensor-parallel-size", strconv.Itoa(s.Engine.TensorParallelSize),
 			"--pipeline-parallel-size", strconv.Itoa(s.Engine.PipelineParallelSize),
 			"--distributed-executor-backend", "ray"}
-		args = append(args, s.Engine.Args...)
 		serveEnv := mergeEnv(env, map[string]string{"RAY_ADDRESS": rayAddr})
+		kv, kvArgs := kvEvents(s, serveEnv)
+		args = append(append(args, kvArgs...), s.Engine.Args...)
+		p.KVEvents = kv
 		p.Serve = &Command{Name: "vllm", Path: in.Bin.VLLM, Env: envList(serveEnv), Args: args}
 		p.Endpoint = net.JoinHostPort(in.NodeIP, strconv.Itoa(s.Engine.Port))
 		p.setCanary(s)
@@ -339,6 +394,7 @@ func NativePlan(in PlanInput, rank int) (*Plan, error) {
 	e := s.Engine
 	nn, r := strconv.Itoa(s.Resources.Nodes), strconv.Itoa(rank)
 	var c Command
+	var kv *KVEvents
 	switch e.Kind {
 	case spec.EngineVLLM:
 		args := []string{"serve", ModelArg(s), "--served-model-name", e.ServedModelName,
@@ -346,6 +402,9 @@ func NativePlan(in PlanInput, rank int) (*Plan, error) {
 			"--nnodes", nn, "--node-rank", r, "--master-addr", in.HeadIP, "--master-port", strconv.Itoa(e.MasterPort)}
 		if rank == 0 {
 			args = append(args, "--host", host, "--port", strconv.Itoa(e.Port))
+			var kvArgs []string
+			kv, kvArgs = kvEvents(s, env)
+			args = append(args, kvArgs...)
 		} else {
 			args = append(args, "--headless")
 		}
@@ -367,6 +426,7 @@ func NativePlan(in PlanInput, rank int) (*Plan, error) {
 	p := &Plan{Role: in.Role, Node: c}
 	if in.Role == RoleHead {
 		p.Endpoint = net.JoinHostPort(in.NodeIP, strconv.Itoa(e.Port))
+		p.KVEvents = kv
 		p.setCanary(s)
 	}
 	return p, nil

@@ -2,6 +2,7 @@ package engine
 
 import (
 	"fmt"
+	"strings"
 	"testing"
 
 	"github.com/shoalhq/shoal/spec"
@@ -43,7 +44,12 @@ func TestRayVLLMHead(t *testing.T) {
 	require.NotNil(t, p.Serve)
 	require.Equal(t, []string{"vllm", "serve", "/models/deepseek-r1", "--served-model-name", "deepseek-r1-671b",
 		"--host", "0.0.0.0", "--port", "8000", "--tensor-parallel-size", "8", "--pipeline-parallel-size", "2",
-		"--distributed-executor-backend", "ray", "--trust-remote-code"}, p.Serve.Argv())
+		"--distributed-executor-backend", "ray", "--kv-events-config", `{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://127.0.0.1:18000","replay_endpoint":"tcp://127.0.0.1:18001","topic":"kv-events"}`,
+		"--prefix-caching-hash-algo", "sha256_cbor", "--trust-remote-code"}, p.Serve.Argv())
+	require.Equal(t, &KVEvents{Endpoint: "tcp://127.0.0.1:18000", Replay: "tcp://127.0.0.1:18001", Topic: "kv-events", Algo: "sha256_cbor",
+		Seed: p.KVEvents.Seed}, p.KVEvents)
+	require.Contains(t, p.Serve.Env, "PYTHONHASHSEED="+p.KVEvents.Seed, "the engine names blocks under the seed routers are told")
+	require.NotContains(t, strings.Join(p.Node.Env, " "), "PYTHONHASHSEED", "ray start does not need it")
 	require.Contains(t, p.Serve.Env, "RAY_ADDRESS=10.0.0.1:6379")
 	require.Contains(t, p.Serve.Env, "VLLM_HOST_IP=10.0.0.1")
 	require.Equal(t, 16, p.ExpectedGPUs)
@@ -135,8 +141,9 @@ func TestNativePlans(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, []string{"vllm", "serve", "/models/r1", "--served-model-name", "r1", "--tensor-parallel-size", "8",
 		"--pipeline-parallel-size", "2", "--nnodes", "2", "--node-rank", "0", "--master-addr", "10.0.0.1", "--master-port", "29500",
-		"--host", "10.0.0.1", "--port", "8000", "--trust-remote-code"}, p.Node.Argv())
-	require.Equal(t, []string{"NCCL_IB_HCA=mlx5_1:1", "NCCL_SOCKET_IFNAME=eth0", "VLLM_HOST_IP=10.0.0.1"}, p.Node.Env)
+		"--host", "10.0.0.1", "--port", "8000", "--kv-events-config", `{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://127.0.0.1:18000","replay_endpoint":"tcp://127.0.0.1:18001","topic":"kv-events"}`,
+		"--prefix-caching-hash-algo", "sha256_cbor", "--trust-remote-code"}, p.Node.Argv())
+	require.Equal(t, []string{"NCCL_IB_HCA=mlx5_1:1", "NCCL_SOCKET_IFNAME=eth0", "PYTHONHASHSEED=" + p.KVEvents.Seed, "VLLM_HOST_IP=10.0.0.1"}, p.Node.Env)
 	require.Equal(t, "10.0.0.1:8000", p.Endpoint)
 	require.False(t, p.RayStop)
 	require.Zero(t, p.ExpectedGPUs, "no Ray GPU gate")
@@ -180,4 +187,44 @@ resources: {nodes: 2, gpusPerNode: 1}
 	require.ErrorContains(t, ValidateTemplates(d), "engine.command[1]")
 	d.Engine.Command = []string{"run", "{{.Rank"}
 	require.Error(t, ValidateTemplates(d))
+}
+
+// TestKVEventsSetUp: the head's KV-event set-up follows the spec, and the
+// user's own flags or engine.kvEvents: false leave the engine's command line
+// as it was.
+func TestKVEventsSetUp(t *testing.T) {
+	in := func(mut func(d *spec.Deployment)) *Plan {
+		d := seedSpec(t)
+		mut(d)
+		p, err := RayVLLM(PlanInput{Spec: d, Role: RoleHead, NodeIP: "10.0.0.1", HeadIP: "10.0.0.1", Bin: Binaries{Ray: "ray", VLLM: "vllm"}})
+		require.NoError(t, err)
+		return p
+	}
+	p := in(func(d *spec.Deployment) {})
+	// fnv-1a 32 of the deployment's name (python3: a loop of xor and
+	// multiply by 16777619 from 2166136261), so every replica agrees.
+	require.Equal(t, "870248051", p.KVEvents.Seed)
+	p = in(func(d *spec.Deployment) { d.Engine.Env["PYTHONHASHSEED"] = "7" })
+	require.Equal(t, "7", p.KVEvents.Seed, "the user's seed is the seed")
+	p = in(func(d *spec.Deployment) {
+		d.Engine.KVEventsPort = 20500
+		d.Engine.Args = append(d.Engine.Args, "--block-size", "64")
+	})
+	require.Equal(t, "tcp://127.0.0.1:20500", p.KVEvents.Endpoint)
+	require.Equal(t, "tcp://127.0.0.1:20501", p.KVEvents.Replay)
+	require.Equal(t, 64, p.KVEvents.BlockSize)
+	off := false
+	for name, mut := range map[string]func(d *spec.Deployment){
+		"kvEvents false":    func(d *spec.Deployment) { d.Engine.KVEvents = &off },
+		"own events config": func(d *spec.Deployment) { d.Engine.Args = append(d.Engine.Args, "--kv-events-config={}") },
+		"own hash algorithm": func(d *spec.Deployment) {
+			d.Engine.Args = append(d.Engine.Args, "--prefix-caching-hash-algo", "xxhash")
+		},
+		"no prefix caching": func(d *spec.Deployment) { d.Engine.Args = append(d.Engine.Args, "--no-enable-prefix-caching") },
+	} {
+		p := in(mut)
+		require.Nil(t, p.KVEvents, name)
+		require.NotContains(t, strings.Join(p.Serve.Argv(), " "), `"enable_kv_cache_events":true`, name)
+		require.NotContains(t, strings.Join(p.Serve.Env, " "), "PYTHONHASHSEED", name)
+	}
 }

@@ -89,7 +89,16 @@ type Engine struct {
 	// completions, chat, embeddings or none; empty picks from engine.args
 	// (embeddings for a pooling model, else completions).
 	Canary string `yaml:"canary,omitempty" json:"canary,omitempty"`
+	// KVEvents: the engine publishes its KV-cache events to the head, which
+	// relays them to routers for prefix-aware routing (vLLM kinds; unset:
+	// on). KVEventsPort is the loopback port the head hears them on (the
+	// engine's replay socket takes the next one); unset: port + 10000.
+	KVEvents     *bool `yaml:"kvEvents,omitempty" json:"kvEvents,omitempty"`
+	KVEventsPort int   `yaml:"kvEventsPort,omitempty" json:"kvEventsPort,omitempty"`
 }
+
+// KVEventsPortOffset: engine.kvEventsPort defaults to engine.port plus this.
+const KVEventsPortOffset = 10000
 
 // Default ports: Ray's GCS, and the rendezvous of native engines and the
 // command kind (torch's MASTER_PORT).
@@ -358,6 +367,12 @@ func (d *Deployment) Validate() error {
 	checkPort("engine.port", e.Port)
 	checkPort("engine.rayPort", e.RayPort)
 	checkPort("engine.masterPort", e.MasterPort)
+	if e.KVEventsPort != 0 {
+		checkPort("engine.kvEventsPort", e.KVEventsPort)
+	}
+	if e.KVEventsPort == 65535 || (e.KVEventsPort == 0 && e.Port+KVEventsPortOffset >= 65535 && KVEventsOn(d)) {
+		bad("engine.kvEventsPort", "needs itself and the next port free: set it below 65535 (default engine.port + %d = %d)", KVEventsPortOffset, e.Port+KVEventsPortOffset)
+	}
 	if e.Port == e.RayPort {
 		bad("engine.port", "must differ from engine.rayPort (%d)", e.RayPort)
 	}
@@ -527,6 +542,10 @@ func (d *Deployment) Fields() []Field {
 	}
 	add("engine.startupTimeoutSeconds", d.Engine.StartupTimeoutSeconds, true)
 	add("engine.canary", d.Engine.Canary, true)
+	if on, _ := KVEventsActive(d); on || d.Engine.KVEvents != nil {
+		add("engine.kvEvents", on, on || !vllmKind(d.Engine.Kind))
+		add("engine.kvEventsPort", KVEventsPortOf(&d.Engine), on)
+	}
 	add("resources.nodes", d.Resources.Nodes, true)
 	add("resources.gpusPerNode", d.Resources.GPUsPerNode, true)
 	add("resources.gpuModel", d.Resources.GPUModel, true)
@@ -551,4 +570,44 @@ func (d *Deployment) Fields() []Field {
 		add("labels."+k, v, false)
 	}
 	return out
+}
+
+// vllmKind says whether the engine is vLLM, launched by shoal.
+func vllmKind(k string) bool { return k == EngineRayVLLM || k == EngineVLLM }
+
+// KVEventsOn says whether engine.kvEvents asks for KV events (unset: yes)
+// on an engine kind that has them.
+func KVEventsOn(d *Deployment) bool {
+	return vllmKind(d.Engine.Kind) && (d.Engine.KVEvents == nil || *d.Engine.KVEvents)
+}
+
+// kvEventFlags are engine flags with which the user takes KV events (or
+// prefix caching) into their own hands: shoal then adds none of its own.
+var kvEventFlags = []string{"--kv-events-config", "--prefix-caching-hash-algo", "--no-enable-prefix-caching"}
+
+// KVEventsActive says whether the head will relay the engine's KV events,
+// and why not when it will not.
+func KVEventsActive(d *Deployment) (bool, string) {
+	if !vllmKind(d.Engine.Kind) {
+		return false, "engine kind " + d.Engine.Kind + " does not publish KV events through shoal"
+	}
+	if !KVEventsOn(d) {
+		return false, "engine.kvEvents is false"
+	}
+	for _, a := range d.Engine.Args {
+		for _, f := range kvEventFlags {
+			if a == f || strings.HasPrefix(a, f+"=") {
+				return false, "engine.args set " + f
+			}
+		}
+	}
+	return true, ""
+}
+
+// KVEventsPortOf is engine.kvEventsPort, or its default.
+func KVEventsPortOf(e *Engine) int {
+	if e.KVEventsPort != 0 {
+		return e.KVEventsPort
+	}
+	return e.Port + KVEventsPortOffset
 }

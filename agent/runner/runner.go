@@ -8,6 +8,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/shoalhq/shoal/agent/kvrelay"
 	"github.com/shoalhq/shoal/engine"
 	"github.com/shoalhq/shoal/gossip"
 )
@@ -94,6 +95,8 @@ type Runner struct {
 	stopping bool            // guarded by mu
 	detached bool            // guarded by mu
 	finished bool            // guarded by mu
+	// kv relays the engine's KV events (head with events on; nil otherwise).
+	kv *kvrelay.Relay
 }
 
 // New prepares a run. It starts nothing.
@@ -105,12 +108,17 @@ func New(cfg Config) *Runner {
 		cfg.Notify = func() {}
 	}
 	ctx, cancel := context.WithCancel(context.Background())
-	return &Runner{cfg: cfg, log: cfg.Log, ctx: ctx, cancel: cancel, done: make(chan struct{}), phase: gossip.EngineStarting}
+	r := &Runner{cfg: cfg, log: cfg.Log, ctx: ctx, cancel: cancel, done: make(chan struct{}), phase: gossip.EngineStarting}
+	r.kv = r.newRelay()
+	return r
 }
 
 // Start begins the run's sequence for its role.
 func (r *Runner) Start() {
 	if r.cfg.Role == engine.RoleHead {
+		if r.kv != nil {
+			r.goRun(r.kvLoop)
+		}
 		r.goRun(r.headSequence)
 	} else {
 		r.goRun(r.workerSequence)
@@ -133,6 +141,9 @@ func Adopt(cfg Config, rt engine.Runtime, handles []engine.Handle) *Runner {
 		r.watchExit(h)
 	}
 	if cfg.Role == engine.RoleHead {
+		if r.kv != nil {
+			r.goRun(r.kvLoop)
+		}
 		r.goRun(func() { r.serveLoop(time.Now().Add(r.cfg.StartupTimeout)) })
 	}
 	r.watchMembers()
@@ -228,6 +239,9 @@ func (r *Runner) finishStop(grace time.Duration) {
 }
 
 func (r *Runner) end() {
+	if r.kv != nil {
+		r.kv.Close() // routers' streams of this run end
+	}
 	r.mu.Lock()
 	r.finished = true
 	r.mu.Unlock()

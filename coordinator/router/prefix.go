@@ -7,6 +7,10 @@ import (
 	"github.com/shoalhq/shoal/internal/prefixhash"
 )
 
+// DefaultPrefixBytes is how much of a prompt the history-based prefix
+// strategies hash unless --prefix-bytes says otherwise.
+const DefaultPrefixBytes = 1024
+
 // PrefixBlock is the prefix-hash block size in bytes (AIBrix's default: 128 characters).
 const PrefixBlock = 128
 

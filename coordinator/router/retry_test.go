@@ -216,7 +216,7 @@ func TestOutlierEjection(t *testing.T) {
 	for i := 0; i < 4; i++ {
 		e, _, rel := p.pick(StrategyRoundRobin, eps, hint{model: "m"}, nil)
 		require.Equal(t, "b", e.Addr)
-		rel()
+		rel.release()
 	}
 	now = now.Add(base + time.Second)
 	require.Equal(t, 2*base, fail(5), "ejected again soon: twice as long")

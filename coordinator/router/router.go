@@ -23,6 +23,7 @@ import (
 	"unsafe"
 
 	"github.com/shoalhq/shoal/coordinator/router/h1"
+	"github.com/shoalhq/shoal/internal/kvhash"
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/prometheus/client_golang/prometheus/promhttp"
@@ -83,7 +84,7 @@ func (c *Config) defaults() {
 		c.IdleTimeout = 10 * time.Minute
 	}
 	if c.PrefixBytes == 0 {
-		c.PrefixBytes = 1024
+		c.PrefixBytes = DefaultPrefixBytes
 	}
 	if c.MaxBody == 0 {
 		c.MaxBody = 64 << 20
@@ -355,7 +356,10 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 	}
 	h := hint{model: model, session: hget(req.Header, "X-Session-Id")}
 	if strategy == StrategyPrefixCache || strategy == StrategyPrefixAIBrix {
-		h.prefix = prefixHashes(promptText(body, r.cfg.PrefixBytes), r.cfg.PrefixBytes)
+		text := promptText(body, r.cfg.PrefixBytes)
+		h.prefix = prefixHashes(text, r.cfg.PrefixBytes)
+		h.keys = map[kvhash.Hasher][]uint64{}
+		h.promptTokens = estimateTokens(promptText(body, math.MaxInt))
 	}
 	ctx := req.Context()
 	if r.cfg.TotalTimeout > 0 {
@@ -370,7 +374,7 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 		maxAttempts = 1 // it leaves state where it is answered: never sent twice
 	}
 	for attempts < maxAttempts {
-		ep, used, release := r.picker.pick(strategy, eps, h, tried)
+		ep, used, lease := r.picker.pick(strategy, eps, h, tried)
 		if ep == nil {
 			break
 		}
@@ -394,9 +398,9 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 		canRetry := attempts < maxAttempts && untried(eps, tried)
 		g := r.inflight.WithLabelValues(model)
 		g.Inc()
-		a := r.forward(ctx, w, req, ep, body, canRetry)
+		a := r.forward(ctx, w, req, ep, body, canRetry, lease.firstToken)
 		g.Dec()
-		release()
+		lease.release()
 		if a.reason != "" || a.gatewayOK {
 			if d := r.picker.outcome(ep.Addr, a.gatewayFailure(), r.cfg.EjectAfter, r.cfg.EjectFor); d > 0 {
 				r.ejections.WithLabelValues(a.reason).Inc()
@@ -540,7 +544,10 @@ const maxFailedBody = 64 << 10
 // returns done=false only when nothing was written and another replica may be
 // tried: the connection failed or broke before an answer, the answer broke
 // HTTP, or (when canRetry) the engine answered 5xx or 429.
-func (r *Router) forward(ctx context.Context, w aborter, req *http.Request, ep *Endpoint, body []byte, canRetry bool) attempt {
+//
+// firstByte runs when the answer's body starts (the first token of a stream;
+// the whole answer otherwise).
+func (r *Router) forward(ctx context.Context, w aborter, req *http.Request, ep *Endpoint, body []byte, canRetry bool, firstByte func()) attempt {
 	start := time.Now()
 	var hb [6]h1.Header
 	hdr := hb[:0]
@@ -610,6 +617,10 @@ func (r *Router) forward(ctx context.Context, w aborter, req *http.Request, ep *
 	for {
 		n, rerr := resp.Read(buf)
 		if n > 0 {
+			if firstByte != nil {
+				firstByte()
+				firstByte = nil
+			}
 			if _, werr := w.Write(buf[:n]); werr != nil {
 				done.err = werr // client gone: closing the engine connection stops its request
 				return done

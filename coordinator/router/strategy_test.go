@@ -28,7 +28,7 @@ func TestRoundRobinAndRandom(t *testing.T) {
 	var got []string
 	for i := 0; i < 6; i++ {
 		e, used, rel := p.pick(StrategyRoundRobin, es, hint{model: "m"}, nil)
-		rel()
+		rel.release()
 		require.Equal(t, StrategyRoundRobin, used)
 		got = append(got, e.Addr)
 	}
@@ -37,7 +37,7 @@ func TestRoundRobinAndRandom(t *testing.T) {
 	seen := map[string]bool{}
 	for i := 0; i < 200; i++ {
 		e, _, rel := p.pick(StrategyRandom, es, hint{}, nil)
-		rel()
+		rel.release()
 		seen[e.Addr] = true
 	}
 	require.Len(t, seen, 3)
@@ -73,7 +73,7 @@ func TestLeastRequestNoPileUp(t *testing.T) {
 		}
 	})
 	e, _, rel := p2.pick(StrategyLeastRequest, es2, hint{}, nil)
-	rel()
+	rel.release()
 	require.Equal(t, es2[1].Addr, e.Addr)
 }
 
@@ -86,7 +86,7 @@ func TestMetricStrategiesAndFallback(t *testing.T) {
 	})
 	for s, want := range map[string]int{StrategyLeastKV: 1, StrategyLeastLatency: 2, StrategyThroughput: 1} {
 		e, used, rel := p.pick(s, es, hint{}, nil)
-		rel()
+		rel.release()
 		require.Equal(t, es[want].Addr, e.Addr, s)
 		require.Equal(t, s, used)
 	}
@@ -94,7 +94,7 @@ func TestMetricStrategiesAndFallback(t *testing.T) {
 	bare := eps(2, func(i int, e *Endpoint) { e.HasMetrics = false })
 	for _, s := range []string{StrategyLeastKV, StrategyLeastLatency, StrategyThroughput} {
 		_, used, rel := p.pick(s, bare, hint{}, nil)
-		rel()
+		rel.release()
 		require.Equal(t, StrategyLeastRequest, used, s)
 	}
 }
@@ -102,26 +102,34 @@ func TestMetricStrategiesAndFallback(t *testing.T) {
 func TestPrefixCacheStickyAndBounded(t *testing.T) {
 	p := newPicker()
 	es := eps(4, nil)
-	sys := hint{prefix: prefixHashes(strings.Repeat("You are a helpful assistant. ", 40), 1024)}
+	text := strings.Repeat("You are a helpful assistant. ", 40)
+	sys := hint{prefix: prefixHashes(text, 1024), promptTokens: estimateTokens(text)}
 	first, _, rel := p.pick(StrategyPrefixCache, es, sys, nil)
-	rel()
+	rel.release()
 	for i := 0; i < 5; i++ {
 		e, used, rel := p.pick(StrategyPrefixCache, es, sys, nil)
-		rel()
+		rel.release()
 		require.Equal(t, first.Addr, e.Addr, "same prefix, same replica")
 		require.Equal(t, StrategyPrefixCache, used)
 	}
-	// A hot prefix with everything in flight: the load bound spreads it.
+	// A hot prefix with everything in flight: the replica that has it takes
+	// requests until the prefill queued on it outweighs four times what the
+	// prefix saves (cost 4·(P−hit) + queued), then the others share it.
 	count := map[string]int{}
-	for i := 0; i < 40; i++ {
+	var order []string
+	for i := 0; i < 100; i++ {
 		e, _, _ := p.pick(StrategyPrefixCache, es, sys, nil)
 		count[e.Addr]++
+		order = append(order, e.Addr)
 	}
-	for addr, n := range count {
-		// The bound: at most 1.25 × the mean load + 2 on any replica.
-		require.LessOrEqual(t, n, 15, "a hot prefix must not overload %s: %v", addr, count)
+	saved, miss := 256, sys.promptTokens-256 // 8 history blocks of 128 bytes ≈ 256 tokens
+	stick := (4*sys.promptTokens-4*miss)/miss + 1
+	for i := 0; i < stick; i++ {
+		require.Equal(t, first.Addr, order[i], "pick %d: the cached replica's queue is still shorter than the prefix saves (%d tokens)", i, saved)
 	}
+	require.NotEqual(t, first.Addr, order[stick], "then it spreads")
 	require.GreaterOrEqual(t, len(count), 3, "the hot prefix spread: %v", count)
+	require.Less(t, count[first.Addr], 70, "%v", count)
 }
 
 func TestPrefixAIBrixRule(t *testing.T) {
@@ -129,10 +137,10 @@ func TestPrefixAIBrixRule(t *testing.T) {
 	es := eps(3, nil)
 	h := hint{prefix: prefixHashes(strings.Repeat("x", 1024), 1024)}
 	first, used, rel := p.pick(StrategyPrefixAIBrix, es, h, nil)
-	rel()
+	rel.release()
 	require.Equal(t, StrategyPrefixAIBrix, used)
 	e, _, rel := p.pick(StrategyPrefixAIBrix, es, h, nil)
-	rel()
+	rel.release()
 	require.Equal(t, first.Addr, e.Addr)
 	// Imbalance over 16 running: least-request instead.
 	for i := 0; i < 17; i++ {
@@ -141,7 +149,7 @@ func TestPrefixAIBrixRule(t *testing.T) {
 		p.mu.Unlock()
 	}
 	e, used, rel = p.pick(StrategyPrefixAIBrix, es, h, nil)
-	rel()
+	rel.release()
 	require.NotEqual(t, first.Addr, e.Addr)
 	require.Equal(t, StrategyLeastRequest, used)
 }
@@ -151,28 +159,28 @@ func TestSessionAndEjection(t *testing.T) {
 	es := eps(3, nil)
 	h := hint{session: "user-42"}
 	first, _, rel := p.pick(StrategySession, es, h, nil)
-	rel()
+	rel.release()
 	for i := 0; i < 5; i++ {
 		e, _, rel := p.pick(StrategySession, es, h, nil)
-		rel()
+		rel.release()
 		require.Equal(t, first.Addr, e.Addr)
 	}
 	now := time.Unix(1000, 0)
 	p.now = func() time.Time { return now }
 	p.eject(first.Addr, 5*time.Second)
 	e, _, rel := p.pick(StrategySession, es, h, nil)
-	rel()
+	rel.release()
 	require.NotEqual(t, first.Addr, e.Addr, "an ejected replica is skipped")
 	now = now.Add(6 * time.Second)
 	e2, _, rel := p.pick(StrategySession, es, h, nil)
-	rel()
+	rel.release()
 	require.Equal(t, e.Addr, e2.Addr, "the session stays where it moved")
 	// Everything ejected: still serve.
 	for _, x := range es {
 		p.eject(x.Addr, time.Hour)
 	}
 	e, _, rel = p.pick(StrategyRandom, es, hint{}, nil)
-	rel()
+	rel.release()
 	require.NotNil(t, e)
 }
 
@@ -217,7 +225,7 @@ func TestEjectionWindow(t *testing.T) {
 			seen := map[string]bool{}
 			for i := 0; i < 20; i++ {
 				e, _, rel := p.pick(StrategyRoundRobin, es, hint{model: "m"}, nil)
-				rel()
+				rel.release()
 				seen[e.Addr] = true
 			}
 			require.Equal(t, c.skipped, !seen[es[0].Addr])

@@ -140,10 +140,10 @@ func appendHead(b []byte, major byte, v uint64) []byte {
 // CPython's tuple hash (Objects/tupleobject.c, xxHash-based since 3.8), for
 // 64-bit builds.
 const (
-	xxPrime1 uint64 = 11400714785074694791
-	xxPrime2 uint64 = 14029467366897019727
-	xxPrime5 uint64 = 2870177450012600261
-	pyModulus       = (1 << 61) - 1 // sys.hash_info.modulus
+	xxPrime1  uint64 = 11400714785074694791
+	xxPrime2  uint64 = 14029467366897019727
+	xxPrime5  uint64 = 2870177450012600261
+	pyModulus        = (1 << 61) - 1 // sys.hash_info.modulus
 )
 
 // TupleHash is Python's hash(tuple(ints)) for non-negative ints, as the

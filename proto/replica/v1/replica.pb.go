@@ -24,6 +24,263 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type KVEvent_Kind int32
+
+const (
+	KVEvent_KIND_UNSPECIFIED KVEvent_Kind = 0
+	KVEvent_STORED           KVEvent_Kind = 1 // BlockStored
+	KVEvent_REMOVED          KVEvent_Kind = 2 // BlockRemoved
+	KVEvent_CLEARED          KVEvent_Kind = 3 // AllBlocksCleared
+)
+
+// Enum value maps for KVEvent_Kind.
+var (
+	KVEvent_Kind_name = map[int32]string{
+		0: "KIND_UNSPECIFIED",
+		1: "STORED",
+		2: "REMOVED",
+		3: "CLEARED",
+	}
+	KVEvent_Kind_value = map[string]int32{
+		"KIND_UNSPECIFIED": 0,
+		"STORED":           1,
+		"REMOVED":          2,
+		"CLEARED":          3,
+	}
+)
+
+func (x KVEvent_Kind) Enum() *KVEvent_Kind {
+	p := new(KVEvent_Kind)
+	*p = x
+	return p
+}
+
+func (x KVEvent_Kind) String() string {
+	return protoimpl.X.EnumStringOf(x.Descriptor(), protoreflect.EnumNumber(x))
+}
+
+func (KVEvent_Kind) Descriptor() protoreflect.EnumDescriptor {
+	return file_replica_v1_replica_proto_enumTypes[0].Descriptor()
+}
+
+func (KVEvent_Kind) Type() protoreflect.EnumType {
+	return &file_replica_v1_replica_proto_enumTypes[0]
+}
+
+func (x KVEvent_Kind) Number() protoreflect.EnumNumber {
+	return protoreflect.EnumNumber(x)
+}
+
+// Deprecated: Use KVEvent_Kind.Descriptor instead.
+func (KVEvent_Kind) EnumDescriptor() ([]byte, []int) {
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{1, 0}
+}
+
+type KVEventsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KVEventsRequest) Reset() {
+	*x = KVEventsRequest{}
+	mi := &file_replica_v1_replica_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KVEventsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KVEventsRequest) ProtoMessage() {}
+
+func (x *KVEventsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_replica_v1_replica_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KVEventsRequest.ProtoReflect.Descriptor instead.
+func (*KVEventsRequest) Descriptor() ([]byte, []int) {
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{0}
+}
+
+type KVEvent struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Kind  KVEvent_Kind           `protobuf:"varint,1,opt,name=kind,proto3,enum=shoal.replica.v1.KVEvent_Kind" json:"kind,omitempty"`
+	// hashes are block names as the engine's events carry them (64 bits).
+	Hashes        []uint64 `protobuf:"fixed64,2,rep,packed,name=hashes,proto3" json:"hashes,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KVEvent) Reset() {
+	*x = KVEvent{}
+	mi := &file_replica_v1_replica_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KVEvent) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KVEvent) ProtoMessage() {}
+
+func (x *KVEvent) ProtoReflect() protoreflect.Message {
+	mi := &file_replica_v1_replica_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KVEvent.ProtoReflect.Descriptor instead.
+func (*KVEvent) Descriptor() ([]byte, []int) {
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *KVEvent) GetKind() KVEvent_Kind {
+	if x != nil {
+		return x.Kind
+	}
+	return KVEvent_KIND_UNSPECIFIED
+}
+
+func (x *KVEvent) GetHashes() []uint64 {
+	if x != nil {
+		return x.Hashes
+	}
+	return nil
+}
+
+type KVEventsMessage struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	// seq numbers the stream's messages 1, 2, 3, ... with no gap.
+	Seq uint64 `protobuf:"varint,1,opt,name=seq,proto3" json:"seq,omitempty"`
+	// snapshot: forget what was known of this engine's cache; blocks lists
+	// it, split over several messages when large (more is set on all but the
+	// last, and the snapshot is whole only after that one).
+	Snapshot bool     `protobuf:"varint,2,opt,name=snapshot,proto3" json:"snapshot,omitempty"`
+	More     bool     `protobuf:"varint,3,opt,name=more,proto3" json:"more,omitempty"`
+	Blocks   []uint64 `protobuf:"fixed64,4,rep,packed,name=blocks,proto3" json:"blocks,omitempty"`
+	// events change the cache as of the previous message.
+	Events []*KVEvent `protobuf:"bytes,5,rep,name=events,proto3" json:"events,omitempty"`
+	// On snapshots: how the engine names blocks (hash_algo "sha256_cbor":
+	// vLLM's chain under PYTHONHASHSEED=hash_seed), tokens per block, and the
+	// engine's OpenAI endpoint (host:port) they describe.
+	HashAlgo      string `protobuf:"bytes,6,opt,name=hash_algo,json=hashAlgo,proto3" json:"hash_algo,omitempty"`
+	HashSeed      string `protobuf:"bytes,7,opt,name=hash_seed,json=hashSeed,proto3" json:"hash_seed,omitempty"`
+	BlockSize     uint32 `protobuf:"varint,8,opt,name=block_size,json=blockSize,proto3" json:"block_size,omitempty"`
+	Endpoint      string `protobuf:"bytes,9,opt,name=endpoint,proto3" json:"endpoint,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *KVEventsMessage) Reset() {
+	*x = KVEventsMessage{}
+	mi := &file_replica_v1_replica_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *KVEventsMessage) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*KVEventsMessage) ProtoMessage() {}
+
+func (x *KVEventsMessage) ProtoReflect() protoreflect.Message {
+	mi := &file_replica_v1_replica_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use KVEventsMessage.ProtoReflect.Descriptor instead.
+func (*KVEventsMessage) Descriptor() ([]byte, []int) {
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *KVEventsMessage) GetSeq() uint64 {
+	if x != nil {
+		return x.Seq
+	}
+	return 0
+}
+
+func (x *KVEventsMessage) GetSnapshot() bool {
+	if x != nil {
+		return x.Snapshot
+	}
+	return false
+}
+
+func (x *KVEventsMessage) GetMore() bool {
+	if x != nil {
+		return x.More
+	}
+	return false
+}
+
+func (x *KVEventsMessage) GetBlocks() []uint64 {
+	if x != nil {
+		return x.Blocks
+	}
+	return nil
+}
+
+func (x *KVEventsMessage) GetEvents() []*KVEvent {
+	if x != nil {
+		return x.Events
+	}
+	return nil
+}
+
+func (x *KVEventsMessage) GetHashAlgo() string {
+	if x != nil {
+		return x.HashAlgo
+	}
+	return ""
+}
+
+func (x *KVEventsMessage) GetHashSeed() string {
+	if x != nil {
+		return x.HashSeed
+	}
+	return ""
+}
+
+func (x *KVEventsMessage) GetBlockSize() uint32 {
+	if x != nil {
+		return x.BlockSize
+	}
+	return 0
+}
+
+func (x *KVEventsMessage) GetEndpoint() string {
+	if x != nil {
+		return x.Endpoint
+	}
+	return ""
+}
+
 type SnapshotRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -32,7 +289,7 @@ type SnapshotRequest struct {
 
 func (x *SnapshotRequest) Reset() {
 	*x = SnapshotRequest{}
-	mi := &file_replica_v1_replica_proto_msgTypes[0]
+	mi := &file_replica_v1_replica_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -44,7 +301,7 @@ func (x *SnapshotRequest) String() string {
 func (*SnapshotRequest) ProtoMessage() {}
 
 func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_replica_v1_replica_proto_msgTypes[0]
+	mi := &file_replica_v1_replica_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -57,7 +314,7 @@ func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotRequest.ProtoReflect.Descriptor instead.
 func (*SnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_replica_v1_replica_proto_rawDescGZIP(), []int{0}
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{3}
 }
 
 type Metrics struct {
@@ -97,7 +354,7 @@ type Metrics struct {
 
 func (x *Metrics) Reset() {
 	*x = Metrics{}
-	mi := &file_replica_v1_replica_proto_msgTypes[1]
+	mi := &file_replica_v1_replica_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -109,7 +366,7 @@ func (x *Metrics) String() string {
 func (*Metrics) ProtoMessage() {}
 
 func (x *Metrics) ProtoReflect() protoreflect.Message {
-	mi := &file_replica_v1_replica_proto_msgTypes[1]
+	mi := &file_replica_v1_replica_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -122,7 +379,7 @@ func (x *Metrics) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Metrics.ProtoReflect.Descriptor instead.
 func (*Metrics) Descriptor() ([]byte, []int) {
-	return file_replica_v1_replica_proto_rawDescGZIP(), []int{1}
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *Metrics) GetDeployment() string {
@@ -270,6 +527,27 @@ var File_replica_v1_replica_proto protoreflect.FileDescriptor
 const file_replica_v1_replica_proto_rawDesc = "" +
 	"\n" +
 	"\x18replica/v1/replica.proto\x12\x10shoal.replica.v1\"\x11\n" +
+	"\x0fKVEventsRequest\"\x99\x01\n" +
+	"\aKVEvent\x122\n" +
+	"\x04kind\x18\x01 \x01(\x0e2\x1e.shoal.replica.v1.KVEvent.KindR\x04kind\x12\x16\n" +
+	"\x06hashes\x18\x02 \x03(\x06R\x06hashes\"B\n" +
+	"\x04Kind\x12\x14\n" +
+	"\x10KIND_UNSPECIFIED\x10\x00\x12\n" +
+	"\n" +
+	"\x06STORED\x10\x01\x12\v\n" +
+	"\aREMOVED\x10\x02\x12\v\n" +
+	"\aCLEARED\x10\x03\"\x93\x02\n" +
+	"\x0fKVEventsMessage\x12\x10\n" +
+	"\x03seq\x18\x01 \x01(\x04R\x03seq\x12\x1a\n" +
+	"\bsnapshot\x18\x02 \x01(\bR\bsnapshot\x12\x12\n" +
+	"\x04more\x18\x03 \x01(\bR\x04more\x12\x16\n" +
+	"\x06blocks\x18\x04 \x03(\x06R\x06blocks\x121\n" +
+	"\x06events\x18\x05 \x03(\v2\x19.shoal.replica.v1.KVEventR\x06events\x12\x1b\n" +
+	"\thash_algo\x18\x06 \x01(\tR\bhashAlgo\x12\x1b\n" +
+	"\thash_seed\x18\a \x01(\tR\bhashSeed\x12\x1d\n" +
+	"\n" +
+	"block_size\x18\b \x01(\rR\tblockSize\x12\x1a\n" +
+	"\bendpoint\x18\t \x01(\tR\bendpoint\"\x11\n" +
 	"\x0fSnapshotRequest\"\xe2\x05\n" +
 	"\aMetrics\x12\x1e\n" +
 	"\n" +
@@ -296,10 +574,11 @@ const file_replica_v1_replica_proto_rawDesc = "" +
 	"\bdraining\x18\x12 \x01(\bR\bdraining\x12\x16\n" +
 	"\x06failed\x18\x13 \x01(\bR\x06failed\x12*\n" +
 	"\x0erouter_retries\x18\x14 \x01(\x05H\x00R\rrouterRetries\x88\x01\x01B\x11\n" +
-	"\x0f_router_retries2\x9c\x01\n" +
+	"\x0f_router_retries2\xf0\x01\n" +
 	"\aReplica\x12H\n" +
 	"\bSnapshot\x12!.shoal.replica.v1.SnapshotRequest\x1a\x19.shoal.replica.v1.Metrics\x12G\n" +
-	"\x05Watch\x12!.shoal.replica.v1.SnapshotRequest\x1a\x19.shoal.replica.v1.Metrics0\x01B5Z3github.com/shoalhq/shoal/proto/replica/v1;replicav1b\x06proto3"
+	"\x05Watch\x12!.shoal.replica.v1.SnapshotRequest\x1a\x19.shoal.replica.v1.Metrics0\x01\x12R\n" +
+	"\bKVEvents\x12!.shoal.replica.v1.KVEventsRequest\x1a!.shoal.replica.v1.KVEventsMessage0\x01B5Z3github.com/shoalhq/shoal/proto/replica/v1;replicav1b\x06proto3"
 
 var (
 	file_replica_v1_replica_proto_rawDescOnce sync.Once
@@ -313,21 +592,30 @@ func file_replica_v1_replica_proto_rawDescGZIP() []byte {
 	return file_replica_v1_replica_proto_rawDescData
 }
 
-var file_replica_v1_replica_proto_msgTypes = make([]protoimpl.MessageInfo, 2)
+var file_replica_v1_replica_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
+var file_replica_v1_replica_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
 var file_replica_v1_replica_proto_goTypes = []any{
-	(*SnapshotRequest)(nil), // 0: shoal.replica.v1.SnapshotRequest
-	(*Metrics)(nil),         // 1: shoal.replica.v1.Metrics
+	(KVEvent_Kind)(0),       // 0: shoal.replica.v1.KVEvent.Kind
+	(*KVEventsRequest)(nil), // 1: shoal.replica.v1.KVEventsRequest
+	(*KVEvent)(nil),         // 2: shoal.replica.v1.KVEvent
+	(*KVEventsMessage)(nil), // 3: shoal.replica.v1.KVEventsMessage
+	(*SnapshotRequest)(nil), // 4: shoal.replica.v1.SnapshotRequest
+	(*Metrics)(nil),         // 5: shoal.replica.v1.Metrics
 }
 var file_replica_v1_replica_proto_depIdxs = []int32{
-	0, // 0: shoal.replica.v1.Replica.Snapshot:input_type -> shoal.replica.v1.SnapshotRequest
-	0, // 1: shoal.replica.v1.Replica.Watch:input_type -> shoal.replica.v1.SnapshotRequest
-	1, // 2: shoal.replica.v1.Replica.Snapshot:output_type -> shoal.replica.v1.Metrics
-	1, // 3: shoal.replica.v1.Replica.Watch:output_type -> shoal.replica.v1.Metrics
-	2, // [2:4] is the sub-list for method output_type
-	0, // [0:2] is the sub-list for method input_type
-	0, // [0:0] is the sub-list for extension type_name
-	0, // [0:0] is the sub-list for extension extendee
-	0, // [0:0] is the sub-list for field type_name
+	0, // 0: shoal.replica.v1.KVEvent.kind:type_name -> shoal.replica.v1.KVEvent.Kind
+	2, // 1: shoal.replica.v1.KVEventsMessage.events:type_name -> shoal.replica.v1.KVEvent
+	4, // 2: shoal.replica.v1.Replica.Snapshot:input_type -> shoal.replica.v1.SnapshotRequest
+	4, // 3: shoal.replica.v1.Replica.Watch:input_type -> shoal.replica.v1.SnapshotRequest
+	1, // 4: shoal.replica.v1.Replica.KVEvents:input_type -> shoal.replica.v1.KVEventsRequest
+	5, // 5: shoal.replica.v1.Replica.Snapshot:output_type -> shoal.replica.v1.Metrics
+	5, // 6: shoal.replica.v1.Replica.Watch:output_type -> shoal.replica.v1.Metrics
+	3, // 7: shoal.replica.v1.Replica.KVEvents:output_type -> shoal.replica.v1.KVEventsMessage
+	5, // [5:8] is the sub-list for method output_type
+	2, // [2:5] is the sub-list for method input_type
+	2, // [2:2] is the sub-list for extension type_name
+	2, // [2:2] is the sub-list for extension extendee
+	0, // [0:2] is the sub-list for field type_name
 }
 
 func init() { file_replica_v1_replica_proto_init() }
@@ -335,19 +623,20 @@ func file_replica_v1_replica_proto_init() {
 	if File_replica_v1_replica_proto != nil {
 		return
 	}
-	file_replica_v1_replica_proto_msgTypes[1].OneofWrappers = []any{}
+	file_replica_v1_replica_proto_msgTypes[4].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_replica_v1_replica_proto_rawDesc), len(file_replica_v1_replica_proto_rawDesc)),
-			NumEnums:      0,
-			NumMessages:   2,
+			NumEnums:      1,
+			NumMessages:   5,
 			NumExtensions: 0,
 			NumServices:   1,
 		},
 		GoTypes:           file_replica_v1_replica_proto_goTypes,
 		DependencyIndexes: file_replica_v1_replica_proto_depIdxs,
+		EnumInfos:         file_replica_v1_replica_proto_enumTypes,
 		MessageInfos:      file_replica_v1_replica_proto_msgTypes,
 	}.Build()
 	File_replica_v1_replica_proto = out.File

@@ -24,6 +24,7 @@ const _ = grpc.SupportPackageIsVersion9
 const (
 	Replica_Snapshot_FullMethodName = "/shoal.replica.v1.Replica/Snapshot"
 	Replica_Watch_FullMethodName    = "/shoal.replica.v1.Replica/Watch"
+	Replica_KVEvents_FullMethodName = "/shoal.replica.v1.Replica/KVEvents"
 )
 
 // ReplicaClient is the client API for Replica service.
@@ -34,6 +35,11 @@ type ReplicaClient interface {
 	Snapshot(ctx context.Context, in *SnapshotRequest, opts ...grpc.CallOption) (*Metrics, error)
 	// Watch streams metrics about once a second and at once on a readiness change.
 	Watch(ctx context.Context, in *SnapshotRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[Metrics], error)
+	// KVEvents streams which KV-cache blocks the engine holds, from its own
+	// KV events: a snapshot first, then every change, numbered. A router that
+	// misses a number, or joins late, reconnects and gets a snapshot again.
+	// UNAVAILABLE when the engine publishes no KV events.
+	KVEvents(ctx context.Context, in *KVEventsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[KVEventsMessage], error)
 }
 
 type replicaClient struct {
@@ -73,6 +79,25 @@ func (c *replicaClient) Watch(ctx context.Context, in *SnapshotRequest, opts ...
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Replica_WatchClient = grpc.ServerStreamingClient[Metrics]
 
+func (c *replicaClient) KVEvents(ctx context.Context, in *KVEventsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[KVEventsMessage], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Replica_ServiceDesc.Streams[1], Replica_KVEvents_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[KVEventsRequest, KVEventsMessage]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Replica_KVEventsClient = grpc.ServerStreamingClient[KVEventsMessage]
+
 // ReplicaServer is the server API for Replica service.
 // All implementations must embed UnimplementedReplicaServer
 // for forward compatibility.
@@ -81,6 +106,11 @@ type ReplicaServer interface {
 	Snapshot(context.Context, *SnapshotRequest) (*Metrics, error)
 	// Watch streams metrics about once a second and at once on a readiness change.
 	Watch(*SnapshotRequest, grpc.ServerStreamingServer[Metrics]) error
+	// KVEvents streams which KV-cache blocks the engine holds, from its own
+	// KV events: a snapshot first, then every change, numbered. A router that
+	// misses a number, or joins late, reconnects and gets a snapshot again.
+	// UNAVAILABLE when the engine publishes no KV events.
+	KVEvents(*KVEventsRequest, grpc.ServerStreamingServer[KVEventsMessage]) error
 	mustEmbedUnimplementedReplicaServer()
 }
 
@@ -96,6 +126,9 @@ func (UnimplementedReplicaServer) Snapshot(context.Context, *SnapshotRequest) (*
 }
 func (UnimplementedReplicaServer) Watch(*SnapshotRequest, grpc.ServerStreamingServer[Metrics]) error {
 	return status.Error(codes.Unimplemented, "method Watch not implemented")
+}
+func (UnimplementedReplicaServer) KVEvents(*KVEventsRequest, grpc.ServerStreamingServer[KVEventsMessage]) error {
+	return status.Error(codes.Unimplemented, "method KVEvents not implemented")
 }
 func (UnimplementedReplicaServer) mustEmbedUnimplementedReplicaServer() {}
 func (UnimplementedReplicaServer) testEmbeddedByValue()                 {}
@@ -147,6 +180,17 @@ func _Replica_Watch_Handler(srv interface{}, stream grpc.ServerStream) error {
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Replica_WatchServer = grpc.ServerStreamingServer[Metrics]
 
+func _Replica_KVEvents_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(KVEventsRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(ReplicaServer).KVEvents(m, &grpc.GenericServerStream[KVEventsRequest, KVEventsMessage]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Replica_KVEventsServer = grpc.ServerStreamingServer[KVEventsMessage]
+
 // Replica_ServiceDesc is the grpc.ServiceDesc for Replica service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -163,6 +207,11 @@ var Replica_ServiceDesc = grpc.ServiceDesc{
 		{
 			StreamName:    "Watch",
 			Handler:       _Replica_Watch_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "KVEvents",
+			Handler:       _Replica_KVEvents_Handler,
 			ServerStreams: true,
 		},
 	},

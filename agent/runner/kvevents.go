@@ -1,0 +1,46 @@
+package runner
+
+import (
+	"time"
+
+	"github.com/shoalhq/shoal/agent/kvrelay"
+	"github.com/shoalhq/shoal/engine"
+	"github.com/shoalhq/shoal/internal/kvevents"
+)
+
+// kvRetry is how long the head waits before listening for its engine's KV
+// events again after the subscriber stopped on an error.
+const kvRetry = time.Second
+
+// newRelay is the head's relay of its engine's KV events; nil when the plan
+// has none.
+func (r *Runner) newRelay() *kvrelay.Relay {
+	k := r.cfg.Plan.KVEvents
+	if r.cfg.Role != engine.RoleHead || k == nil {
+		return nil
+	}
+	return kvrelay.New(kvrelay.Info{Algo: k.Algo, Seed: k.Seed, BlockSize: k.BlockSize, Endpoint: r.cfg.Plan.Endpoint}, 0)
+}
+
+// kvLoop hears the engine's KV events for the whole run (from before the
+// engine starts: it connects to the head when it comes up), and starts
+// listening again after an error. An engine that restarts within the run
+// numbers its batches from 0 again; the subscriber sees that.
+func (r *Runner) kvLoop() {
+	k := r.cfg.Plan.KVEvents
+	s := &kvevents.Subscriber{Endpoint: k.Endpoint, Replay: k.Replay, Topic: k.Topic}
+	for r.ctx.Err() == nil {
+		err := s.Run(r.ctx, r.kv)
+		if err == nil || r.ctx.Err() != nil {
+			return
+		}
+		r.log.Warn("kv events from the engine stopped; listening again", "endpoint", k.Endpoint, "err", err)
+		r.kv.Lost(0, false)
+		if !r.sleep(kvRetry) {
+			return
+		}
+	}
+}
+
+// KV is the run's relay of its engine's KV events (nil: none).
+func (r *Runner) KV() *kvrelay.Relay { return r.kv }

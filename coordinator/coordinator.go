@@ -222,6 +222,7 @@ func (c *Coordinator) Run(ctx context.Context) error {
 		rc := c.cfg.Router
 		rc.OnDemand = c.Demand
 		rc.Registry = c.reg // one /metrics for the router and the autoscaler
+		rc.KV = c.heads.KV()
 		httpSrv = router.New(c.table, c.cfg.Logger, rc).NewServer(rl)
 		go func() { _ = httpSrv.Serve() }()
 	}

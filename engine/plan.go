@@ -93,7 +93,7 @@ type Plan struct {
 }
 
 // KVEvents is an engine's KV-event publishing as shoal sets it up: the
-// engine connects its PUB socket to the head's agent on loopback (vLLM
+// engine connects its PUB socket to the head's agent over loopback (vLLM
 // connects to a non-wildcard endpoint, so nothing listens off the host) and
 // binds its replay socket on the next port; blocks are named by vLLM's
 // sha256_cbor chain under PYTHONHASHSEED, which routers can compute.
@@ -103,8 +103,14 @@ type KVEvents struct {
 	Topic     string
 	Algo      string
 	Seed      string
-	BlockSize int // --block-size from engine.args; 0: learnt from the events
+	// BlockSize is --block-size from engine.args, else vLLM's default of
+	// 16; the engine's first BlockStored corrects it (an attention backend
+	// may need another size, e.g. 64 for FlashMLA).
+	BlockSize int
 }
+
+// defaultBlockSize is vLLM's --block-size default on CUDA.
+const defaultBlockSize = 16
 
 // KVEventsTopic is the topic shoal's engines publish KV events under.
 const KVEventsTopic = "kv-events"
@@ -112,13 +118,19 @@ const KVEventsTopic = "kv-events"
 // kvEvents returns the head's KV-event set-up for a vLLM engine, the flags
 // that turn it on and the environment it needs; nil when the spec has it
 // off (spec.KVEventsActive says why).
-func kvEvents(s *spec.Deployment, env map[string]string) (*KVEvents, []string) {
+func kvEvents(s *spec.Deployment, env map[string]string, nodeIP string) (*KVEvents, []string) {
 	if on, _ := spec.KVEventsActive(s); !on {
 		return nil, nil
 	}
 	port := spec.KVEventsPortOf(&s.Engine)
-	k := &KVEvents{Endpoint: "tcp://127.0.0.1:" + strconv.Itoa(port), Replay: "tcp://127.0.0.1:" + strconv.Itoa(port+1),
-		Topic: KVEventsTopic, Algo: "sha256_cbor", Seed: env["PYTHONHASHSEED"]}
+	// Loopback only; a node whose own address is a loopback one (several
+	// agents on one machine, as `shoal dev` runs them) keeps to it.
+	host := "127.0.0.1"
+	if ip := net.ParseIP(nodeIP); ip != nil && ip.IsLoopback() {
+		host = nodeIP
+	}
+	k := &KVEvents{Endpoint: "tcp://" + net.JoinHostPort(host, strconv.Itoa(port)), Replay: "tcp://" + net.JoinHostPort(host, strconv.Itoa(port+1)),
+		Topic: KVEventsTopic, Algo: "sha256_cbor", Seed: env["PYTHONHASHSEED"], BlockSize: defaultBlockSize}
 	if k.Seed == "" {
 		// One seed for every replica of the deployment, so that they and
 		// the routers name a block alike.
@@ -202,7 +214,7 @@ func RayVLLM(in PlanInput) (*Plan, error) {
 			"--pipeline-parallel-size", strconv.Itoa(s.Engine.PipelineParallelSize),
 			"--distributed-executor-backend", "ray"}
 		serveEnv := mergeEnv(env, map[string]string{"RAY_ADDRESS": rayAddr})
-		kv, kvArgs := kvEvents(s, serveEnv)
+		kv, kvArgs := kvEvents(s, serveEnv, in.NodeIP)
 		args = append(append(args, kvArgs...), s.Engine.Args...)
 		p.KVEvents = kv
 		p.Serve = &Command{Name: "vllm", Path: in.Bin.VLLM, Env: envList(serveEnv), Args: args}
@@ -403,7 +415,7 @@ func NativePlan(in PlanInput, rank int) (*Plan, error) {
 		if rank == 0 {
 			args = append(args, "--host", host, "--port", strconv.Itoa(e.Port))
 			var kvArgs []string
-			kv, kvArgs = kvEvents(s, env)
+			kv, kvArgs = kvEvents(s, env, in.NodeIP)
 			args = append(args, kvArgs...)
 		} else {
 			args = append(args, "--headless")

@@ -47,7 +47,7 @@ func TestRayVLLMHead(t *testing.T) {
 		"--distributed-executor-backend", "ray", "--kv-events-config", `{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"tcp://127.0.0.1:18000","replay_endpoint":"tcp://127.0.0.1:18001","topic":"kv-events"}`,
 		"--prefix-caching-hash-algo", "sha256_cbor", "--trust-remote-code"}, p.Serve.Argv())
 	require.Equal(t, &KVEvents{Endpoint: "tcp://127.0.0.1:18000", Replay: "tcp://127.0.0.1:18001", Topic: "kv-events", Algo: "sha256_cbor",
-		Seed: p.KVEvents.Seed}, p.KVEvents)
+		Seed: p.KVEvents.Seed, BlockSize: 16}, p.KVEvents)
 	require.Contains(t, p.Serve.Env, "PYTHONHASHSEED="+p.KVEvents.Seed, "the engine names blocks under the seed routers are told")
 	require.NotContains(t, strings.Join(p.Node.Env, " "), "PYTHONHASHSEED", "ray start does not need it")
 	require.Contains(t, p.Serve.Env, "RAY_ADDRESS=10.0.0.1:6379")

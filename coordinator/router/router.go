@@ -12,6 +12,7 @@ import (
 	"io"
 	"log/slog"
 	"math"
+	mrand "math/rand/v2"
 	"net"
 	"net/http"
 	"slices"
@@ -65,6 +66,13 @@ type Config struct {
 	OnDemand func(model string)
 	// CORS is the cross-origin policy (default: vLLM's, any origin).
 	CORS CORS
+	// KV is which replica holds which KV block, from the engines' own KV
+	// events (the watcher's; nil: none, and prefix-cache estimates from
+	// this router's history). TokenizeTimeout bounds the engine's
+	// /tokenize call that names a prompt's blocks (default 500 ms; past it,
+	// the estimate decides).
+	KV              *KVIndex
+	TokenizeTimeout time.Duration
 }
 
 func (c *Config) defaults() {
@@ -96,6 +104,9 @@ func (c *Config) defaults() {
 	if c.MaxHeld == 0 {
 		c.MaxHeld = 1000
 	}
+	if c.TokenizeTimeout == 0 {
+		c.TokenizeTimeout = 500 * time.Millisecond
+	}
 }
 
 // Router is the OpenAI-compatible HTTP front.
@@ -114,12 +125,15 @@ type Router struct {
 	ejections *prometheus.CounterVec
 	ttfb      *prometheus.HistogramVec
 	inflight  *prometheus.GaugeVec
+
+	tokenizeFailures prometheus.Counter
+	tokRR            atomic.Uint64 // spreads /tokenize calls over replicas
 }
 
 // New returns a router over table.
 func New(table *Table, log *slog.Logger, cfg Config) *Router {
 	cfg.defaults()
-	r := &Router{cfg: cfg, table: table, log: log.With("component", "router"), up: h1.NewClient(), picker: newPicker(),
+	r := &Router{cfg: cfg, table: table, log: log.With("component", "router"), up: h1.NewClient(), picker: newPickerWith(time.Now, mrand.Uint64(), cfg.KV),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "shoal_router_requests_total",
 			Help: "Requests by model, strategy applied and status code."}, []string{"model", "strategy", "code"}),
 		fallback: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "shoal_router_strategy_fallback_total",
@@ -134,6 +148,12 @@ func New(table *Table, log *slog.Logger, cfg Config) *Router {
 	r.inflight = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "shoal_router_inflight_requests",
 		Help: "Requests being proxied to an engine now, by model."}, []string{"model"})
 	cfg.Registry.MustRegister(r.requests, r.fallback, r.retries, r.ejections, r.ttfb, r.inflight)
+	r.tokenizeFailures = prometheus.NewCounter(prometheus.CounterOpts{Name: "shoal_router_tokenize_failures_total",
+		Help: "Prefix-cache picks whose prompt the engine could not tokenize in time (the router's estimate decided)."})
+	cfg.Registry.MustRegister(r.tokenizeFailures)
+	if cfg.KV != nil {
+		registerKVIndexMetrics(cfg.Registry, cfg.KV)
+	}
 	return r
 }
 
@@ -360,6 +380,11 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 		h.prefix = prefixHashes(text, r.cfg.PrefixBytes)
 		h.keys = map[kvhash.Hasher][]uint64{}
 		h.promptTokens = estimateTokens(promptText(body, math.MaxInt))
+		if strategy == StrategyPrefixCache {
+			if toks, ok := r.tokens(req.Context(), eps, req.URL.Path, body); ok {
+				h.tokens, h.promptTokens = toks, len(toks)
+			}
+		}
 	}
 	ctx := req.Context()
 	if r.cfg.TotalTimeout > 0 {

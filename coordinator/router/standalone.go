@@ -88,6 +88,7 @@ func RunStandalone(ctx context.Context, cfg StandaloneConfig) error {
 	go func() { _ = mem.Run(gctx); close(gdone) }()
 	rc := cfg.Router
 	rc.OnDemand = demandForwarder(mem, cfg.TLS, cfg.Logger)
+	rc.KV = w.KV()
 	srv := New(table, cfg.Logger, rc).NewServer(ln)
 	go func() { _ = srv.Serve() }()
 	cfg.Logger.Info("router running", "listen", ln.Addr().String(), "gossip", mem.Addr())

@@ -46,6 +46,7 @@ type Watcher struct {
 	tls      *security.TLS
 	log      *slog.Logger
 	onChange func()
+	kv       *KVIndex // the heads' KV events
 
 	mu sync.Mutex
 	m  map[HeadKey]*headState // guarded by mu
@@ -54,8 +55,12 @@ type Watcher struct {
 
 // NewWatcher returns a watcher; onChange runs after every state change.
 func NewWatcher(log *slog.Logger, onChange func(), tl *security.TLS) *Watcher {
-	return &Watcher{tls: tl, log: log.With("component", "heads"), onChange: onChange, m: map[HeadKey]*headState{}}
+	return &Watcher{tls: tl, log: log.With("component", "heads"), onChange: onChange, m: map[HeadKey]*headState{}, kv: NewKVIndex(0)}
 }
+
+// KV is the index the watcher fills from the heads' KV events; give it to
+// the router (Config.KV).
+func (h *Watcher) KV() *KVIndex { return h.kv }
 
 // Sync starts watchers for new heads and stops those no longer wanted.
 func (h *Watcher) Sync(want map[HeadKey]HeadInfo) {
@@ -108,6 +113,12 @@ func (h *Watcher) watch(ctx context.Context, k HeadKey, addr string) {
 	}
 	defer conn.Close()
 	cl := replicav1.NewReplicaClient(conn)
+	kvDone := make(chan struct{})
+	go func() {
+		defer close(kvDone)
+		h.watchKV(ctx, cl, k)
+	}()
+	defer func() { <-kvDone }()
 	backoff := 200 * time.Millisecond
 	for ctx.Err() == nil {
 		stream, err := cl.Watch(ctx, &replicav1.SnapshotRequest{})

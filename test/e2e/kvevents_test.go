@@ -1,0 +1,91 @@
+package e2e
+
+import (
+	"fmt"
+	"io"
+	"net/http"
+	"strings"
+	"testing"
+	"time"
+
+	"github.com/stretchr/testify/require"
+)
+
+const kvSpec = `apiVersion: shoal/v1
+kind: Deployment
+name: kv
+model: {source: /models/kv}
+engine: {kind: vllm, servedModelName: kv, tensorParallelSize: 1, startupTimeoutSeconds: 60}
+resources: {nodes: 1, gpusPerNode: 1}
+replicas: {count: 3}
+`
+
+// TestKVEventRoutingAcrossRouters: three replicas whose engines publish KV
+// events, two standalone routers. What one router sends somewhere, the
+// other — which never saw that prompt — sends to the same replica, because
+// both read where the blocks are from the engines, through the heads.
+func TestKVEventRoutingAcrossRouters(t *testing.T) {
+	e := startCluster(t, 31, 3)
+	e.apply("kv.yaml", kvSpec)
+	require.Eventually(t, func() bool { return e.count("kv", "ready") == 3 }, 90*time.Second, 200*time.Millisecond)
+	r1, r2 := e.startRouter("127.0.31.1"), e.startRouter("127.0.31.9")
+	for _, r := range []string{r1, r2} {
+		require.Eventually(t, func() bool { v, ok := tryMetric("http://"+r+"/metrics", "shoal_router_kv_index_replicas"); return ok && v == 3 },
+			60*time.Second, 200*time.Millisecond, "router %s follows every replica's KV events", r)
+	}
+	send := func(router, prompt string) string {
+		body := fmt.Sprintf(`{"model":"kv","prompt":%q,"max_tokens":2}`, prompt)
+		var replica string
+		require.Eventually(t, func() bool {
+			req, _ := http.NewRequest("POST", "http://"+router+"/v1/completions", strings.NewReader(body))
+			req.Header.Set("Content-Type", "application/json")
+			req.Header.Set("routing-strategy", "prefix-cache")
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				return false
+			}
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			replica = resp.Header.Get("X-Shoal-Replica")
+			return resp.StatusCode == 200
+		}, 30*time.Second, 100*time.Millisecond)
+		return replica
+	}
+	seen := map[string]bool{}
+	for i := 0; i < 6; i++ {
+		prefix := strings.Repeat(fmt.Sprintf("Tenant %d: these are the standing instructions. ", i), 60)
+		before := metricSum(t, "http://"+r2+"/metrics", "shoal_router_kv_index_blocks")
+		first := send(r1, prefix+"First question?")
+		seen[first] = true
+		require.Eventually(t, func() bool { return metricSum(t, "http://"+r2+"/metrics", "shoal_router_kv_index_blocks") > before },
+			10*time.Second, 20*time.Millisecond, "the second router hears of the blocks from the engine")
+		require.Equal(t, first, send(r2, prefix+"Second question?"), "prefix %d: the router that never saw it goes where its blocks are", i)
+	}
+	t.Logf("KV EVENTS: 6 prefixes over %d replicas, each followed by the other router", len(seen))
+	require.Zero(t, metricSum(t, "http://"+r2+"/metrics", "shoal_router_tokenize_failures_total"))
+}
+
+// tryMetric is metricSum for a page that may not be up yet.
+func tryMetric(url, name string) (float64, bool) {
+	resp, err := http.Get(url)
+	if err != nil {
+		return 0, false
+	}
+	defer resp.Body.Close()
+	b, err := io.ReadAll(resp.Body)
+	if err != nil || resp.StatusCode != 200 {
+		return 0, false
+	}
+	var sum float64
+	found := false
+	for _, line := range strings.Split(string(b), "\n") {
+		if strings.HasPrefix(line, name+" ") || strings.HasPrefix(line, name+"{") {
+			f := strings.Fields(line)
+			var v float64
+			fmt.Sscan(f[len(f)-1], &v)
+			sum += v
+			found = true
+		}
+	}
+	return sum, found
+}

@@ -35,14 +35,15 @@ type kvReplica struct {
 	seq    uint64 // the last sequence number applied
 }
 
-// KVBytesPerBlock is what one indexed block costs in memory: an 8-byte key in
-// a Go map with its per-entry overhead (measured by TestKVIndexMemory).
-const KVBytesPerBlock = 24
+// KVBytesPerBlock is what one indexed block costs in memory at most: an
+// 8-byte key in a Go map, whose slots take 16 bytes and are between 7/16 and
+// 7/8 full (TestKVIndexMemory measures 32, presized or grown).
+const KVBytesPerBlock = 40
 
-// DefaultKVIndexBlocks bounds the index: 4M blocks (~100 MB), 64M tokens of
-// KV at vLLM's default 16-token blocks — some 500 replicas' worth of an 8-GPU
-// H100 node's cache.
-const DefaultKVIndexBlocks = 4 << 20
+// DefaultKVIndexBlocks bounds the index: 8M blocks (≤ 320 MB), 128M tokens
+// of KV at vLLM's default 16-token blocks — the caches of some 100 8-GPU
+// H100 nodes serving a 70B model (83k blocks each).
+const DefaultKVIndexBlocks = 8 << 20
 
 // NewKVIndex returns an empty index holding at most max blocks (≤ 0: the default).
 func NewKVIndex(max int) *KVIndex {

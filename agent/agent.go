@@ -4,6 +4,7 @@ import (
 	"context"
 	"errors"
 	"fmt"
+	"github.com/shoalhq/shoal/internal/kvevents"
 	"log/slog"
 	"net"
 	"net/http"
@@ -63,6 +64,9 @@ type Agent struct {
 	// supervisor's tests replace them, as they replace mem and rts.open).
 	dial   func(addr string) (runner.MemberClient, error)
 	prober func(base, served, canary string) runner.Prober
+	// kvSubscribe hears a head's engine's KV events (a seam: ZeroMQ sockets
+	// outside the tests' fake clock).
+	kvSubscribe func(ctx context.Context, k *engine.KVEvents, h kvevents.Handler) error
 	// bg counts the goroutines the agent starts besides the loop (weights
 	// checks), so that Run returns only after they ended.
 	bg sync.WaitGroup
@@ -133,6 +137,10 @@ func New(cfg Config, ins gpu.Inspector, sc *rdma.Scanner) (*Agent, error) {
 	a.dial = a.dialMember
 	a.prober = func(base, served, canary string) runner.Prober {
 		return runner.HTTPProber{Base: base, Served: served, CanaryPath: canary}
+	}
+	a.kvSubscribe = func(ctx context.Context, k *engine.KVEvents, h kvevents.Handler) error {
+		s := &kvevents.Subscriber{Endpoint: k.Endpoint, Replay: k.Replay, Topic: k.Topic}
+		return s.Run(ctx, h)
 	}
 	a.replica = newReplicaServer(a.replicaAddr(), a.log, cfg.TLS)
 	a.engineState = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "shoal_agent_engine_state",

@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
+	"github.com/shoalhq/shoal/internal/kvevents"
 	"sort"
 	"strconv"
 	"time"
@@ -80,6 +81,9 @@ func (a *Agent) runnerConfig(as *Assignment, i RunInfo, plan *engine.Plan, kind 
 	switch i.Role {
 	case engine.RoleHead:
 		cfg.Prober = a.prober("http://"+plan.Endpoint, as.Spec.Engine.ServedModelName, plan.CanaryEndpoint())
+		if k := plan.KVEvents; k != nil {
+			cfg.KVSubscribe = func(ctx context.Context, h kvevents.Handler) error { return a.kvSubscribe(ctx, k, h) }
+		}
 		for _, m := range as.Members {
 			if m.NodeID != a.cfg.NodeID {
 				cfg.Members = append(cfg.Members, runner.Member{ID: m.NodeID, Addr: m.GRPC})

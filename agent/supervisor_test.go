@@ -6,6 +6,7 @@ import (
 	"errors"
 	"fmt"
 	"github.com/shoalhq/shoal/agent/kvrelay"
+	"github.com/shoalhq/shoal/internal/kvevents"
 	"io"
 	"log/slog"
 	"os"
@@ -166,15 +167,22 @@ type fakeReplica struct {
 	mu     sync.Mutex
 	open   bool
 	latest *replicav1.Metrics
+	kv     *kvrelay.Relay
 }
 
 func (r *fakeReplica) start() { r.mu.Lock(); r.open = true; r.mu.Unlock() }
 func (r *fakeReplica) stop()  { r.mu.Lock(); r.open, r.latest = false, nil; r.mu.Unlock() }
 func (r *fakeReplica) wait()  {}
-func (r *fakeReplica) update(m *replicav1.Metrics, _ *kvrelay.Relay) {
+func (r *fakeReplica) update(m *replicav1.Metrics, kv *kvrelay.Relay) {
 	r.mu.Lock()
-	r.latest = m
+	r.latest, r.kv = m, kv
 	r.mu.Unlock()
+}
+
+func (r *fakeReplica) relay() *kvrelay.Relay {
+	r.mu.Lock()
+	defer r.mu.Unlock()
+	return r.kv
 }
 
 func (r *fakeReplica) metrics() *replicav1.Metrics {
@@ -208,6 +216,12 @@ func start(t *testing.T, rt *fakeRT) *harness {
 	a.mem, a.replica = h.mem, h.rep
 	a.rts.open = func(context.Context, string) (engine.Runtime, error) { return rt, nil }
 	a.prober = func(string, string, string) runner.Prober { return okProber{} }
+	// The engine's KV events: one block stored, then quiet until the run ends.
+	a.kvSubscribe = func(ctx context.Context, k *engine.KVEvents, h kvevents.Handler) error {
+		h.Batch(0, kvevents.Batch{Events: []kvevents.Event{{Kind: kvevents.Stored, Hashes: []uint64{42}, BlockSize: 16}}})
+		<-ctx.Done()
+		return nil
+	}
 	a.dial = func(addr string) (runner.MemberClient, error) { return nil, errors.New("no members in this test") }
 	adopted, err := a.prepare(context.Background())
 	require.NoError(t, err)
@@ -291,6 +305,30 @@ func TestAPIAnswersWhileAnImagePulls(t *testing.T) {
 		require.Less(t, took, 100*time.Millisecond, "Assign does not wait for the old run")
 		until(t, time.Second, func() bool { return len(h.rt.log()) > 0 }, "the pull is cancelled")
 		require.Equal(t, []string{"start ray cancelled"}, h.rt.log(), "the cancelled pull started nothing")
+	})
+}
+
+// TestHeadRelaysKVEvents: a ray-vllm head's run relays its engine's KV
+// events on the Replica API; the relay ends with the run.
+func TestHeadRelaysKVEvents(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := start(t, &fakeRT{})
+		_, err := h.srv.Assign(context.Background(), oneNode("g1", 1))
+		require.NoError(t, err)
+		until(t, 5*time.Second, func() bool { return h.status().EngineState == gossip.EngineReady }, "ready")
+		kv := h.rep.relay()
+		require.NotNil(t, kv, "the head publishes its relay")
+		_, blocks := kv.Stats()
+		require.Equal(t, 1, blocks)
+		snap, ch, _, cancel := kv.Subscribe()
+		defer cancel()
+		require.Equal(t, "sha256_cbor", snap.Info.Algo)
+		require.Equal(t, 16, snap.Info.BlockSize)
+		_, err = h.srv.Release(context.Background(), &agentv1.ReleaseRequest{GroupId: "g1", Epoch: 1})
+		require.NoError(t, err)
+		for range ch {
+		}
+		// the channel closed: the run, and with it the relay, ended
 	})
 }
 

@@ -5,7 +5,6 @@ import (
 
 	"github.com/shoalhq/shoal/agent/kvrelay"
 	"github.com/shoalhq/shoal/engine"
-	"github.com/shoalhq/shoal/internal/kvevents"
 )
 
 // kvRetry is how long the head waits before listening for its engine's KV
@@ -16,7 +15,7 @@ const kvRetry = time.Second
 // has none.
 func (r *Runner) newRelay() *kvrelay.Relay {
 	k := r.cfg.Plan.KVEvents
-	if r.cfg.Role != engine.RoleHead || k == nil {
+	if r.cfg.Role != engine.RoleHead || k == nil || r.cfg.KVSubscribe == nil {
 		return nil
 	}
 	return kvrelay.New(kvrelay.Info{Algo: k.Algo, Seed: k.Seed, BlockSize: k.BlockSize, Endpoint: r.cfg.Plan.Endpoint}, 0)
@@ -28,9 +27,8 @@ func (r *Runner) newRelay() *kvrelay.Relay {
 // numbers its batches from 0 again; the subscriber sees that.
 func (r *Runner) kvLoop() {
 	k := r.cfg.Plan.KVEvents
-	s := &kvevents.Subscriber{Endpoint: k.Endpoint, Replay: k.Replay, Topic: k.Topic}
 	for r.ctx.Err() == nil {
-		err := s.Run(r.ctx, r.kv)
+		err := r.cfg.KVSubscribe(r.ctx, r.kv)
 		if err == nil || r.ctx.Err() != nil {
 			return
 		}

@@ -9,6 +9,7 @@ import (
 	"time"
 
 	"github.com/shoalhq/shoal/agent/kvrelay"
+	"github.com/shoalhq/shoal/internal/kvevents"
 	"github.com/shoalhq/shoal/engine"
 	"github.com/shoalhq/shoal/gossip"
 )
@@ -52,6 +53,9 @@ type Config struct {
 	// RayStop cleans up what Ray left after the processes stopped (`ray stop
 	// --force`); nil when there is nothing to clean.
 	RayStop func(ctx context.Context)
+	// KVSubscribe hears the engine's KV events until ctx ends (head with
+	// Plan.KVEvents; nil: the run relays none).
+	KVSubscribe func(ctx context.Context, h kvevents.Handler) error
 	// Notify wakes the supervisor after a change of Status. It must not block.
 	Notify func()
 	Log    *slog.Logger

@@ -407,3 +407,20 @@ func BenchmarkRouting(b *testing.B) {
 		}
 	}
 }
+
+// TestRoutingSimulationRepeats: the simulation is a function of its seed
+// (what makes the benchmark's table repeat), and a different seed is a
+// different run.
+func TestRoutingSimulationRepeats(t *testing.T) {
+	w := sharedPrefix(300, 20)
+	a, b := run(strategyEvents, w, 7, 2), run(strategyEvents, w, 7, 2)
+	if a != b {
+		t.Fatalf("same seed, different results: %+v vs %+v", a, b)
+	}
+	if c := run(strategyEvents, w, 8, 2); c == a {
+		t.Fatalf("another seed gave the very same run: %+v", c)
+	}
+	if a.failed != 0 || a.tokPerSec <= 0 || a.hitRate <= 0 {
+		t.Fatalf("a run that did not run: %+v", a)
+	}
+}

@@ -232,3 +232,40 @@ func TestEjectionWindow(t *testing.T) {
 		})
 	}
 }
+
+// TestPrefixCostWithoutHits: a prompt cached nowhere goes round-robin, but
+// never to a replica whose queued prefill is 16 prompts longer than the
+// shortest (a straggler), and a replica that holds the prompt wins over that.
+func TestPrefixCostWithoutHits(t *testing.T) {
+	p := newPicker()
+	es := eps(3, nil)
+	h := hint{model: "m", promptTokens: 100}
+	var got []string
+	for i := 0; i < 6; i++ {
+		e, _, _ := p.pick(StrategyPrefixCache, es, h, nil) // never released: prefill stays queued
+		got = append(got, e.Addr)
+	}
+	require.Equal(t, []string{es[0].Addr, es[1].Addr, es[2].Addr, es[0].Addr, es[1].Addr, es[2].Addr}, got, "turns, as round-robin")
+	p.mu.Lock()
+	p.pending[es[1].Addr] += 17 * 100
+	p.mu.Unlock()
+	for i := 0; i < 4; i++ {
+		e, _, l := p.pick(StrategyPrefixCache, es, h, nil)
+		l.release()
+		require.NotEqual(t, es[1].Addr, e.Addr, "the straggler is skipped")
+	}
+	// A replica with a queue that holds the prompt (history) wins while its
+	// queue is shorter than four times what the prefix saves.
+	p = newPicker()
+	text := strings.Repeat("x", 1024) // 8 blocks ≈ 256 tokens
+	cached := hint{model: "m", prefix: prefixHashes(text, 1024), promptTokens: 300}
+	p.prefix.add(cached.prefix, es[1].Addr)
+	p.pending[es[1].Addr] = 900 // 4·(300−256) + 900 = 1076 < 4·300
+	e, _, l := p.pick(StrategyPrefixCache, es, cached, nil)
+	l.release()
+	require.Equal(t, es[1].Addr, e.Addr)
+	p.pending[es[1].Addr] = 1100 // 1276 > 1200: the queue outweighs the prefix
+	e, _, l = p.pick(StrategyPrefixCache, es, cached, nil)
+	l.release()
+	require.NotEqual(t, es[1].Addr, e.Addr)
+}

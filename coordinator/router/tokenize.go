@@ -124,7 +124,6 @@ func tokenIDs(v gjson.Result) ([]uint32, bool) {
 	return out, ok
 }
 
-
 // registerKVIndexMetrics reports the index's size.
 func registerKVIndexMetrics(reg *prometheus.Registry, kv *KVIndex) {
 	gauge := func(name, help string, f func(KVIndexStats) float64) prometheus.Collector {

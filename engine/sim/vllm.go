@@ -114,7 +114,10 @@ func parseServe(args []string) (serveConfig, error) {
 		}
 	}
 	c.masterAddr = fs.str("--master-addr", "127.0.0.1")
-	c.argsSig = argsSignature(args, vllmBools, "--node-rank", "--headless", "--host", "--port", "--api-key", "--uvicorn-log-level")
+	// Flags only the serving rank acts on (its API server, its scheduler's KV
+	// events) do not have to match across ranks; the rest must.
+	c.argsSig = argsSignature(args, vllmBools, "--node-rank", "--headless", "--host", "--port", "--api-key", "--uvicorn-log-level",
+		"--kv-events-config", "--prefix-caching-hash-algo")
 	switch c.backend {
 	case "", "ray", "mp", "uni", "external_launcher":
 	default:

@@ -98,11 +98,11 @@ type Plan struct {
 // binds its replay socket on the next port; blocks are named by vLLM's
 // sha256_cbor chain under PYTHONHASHSEED, which routers can compute.
 type KVEvents struct {
-	Endpoint  string
-	Replay    string
-	Topic     string
-	Algo      string
-	Seed      string
+	Endpoint string
+	Replay   string
+	Topic    string
+	Algo     string
+	Seed     string
 	// BlockSize is --block-size from engine.args, else vLLM's default of
 	// 16; the engine's first BlockStored corrects it (an attention backend
 	// may need another size, e.g. 64 for FlashMLA).

@@ -9,9 +9,9 @@ import (
 	"time"
 
 	"github.com/shoalhq/shoal/agent/kvrelay"
-	"github.com/shoalhq/shoal/internal/kvevents"
 	"github.com/shoalhq/shoal/engine"
 	"github.com/shoalhq/shoal/gossip"
+	"github.com/shoalhq/shoal/internal/kvevents"
 )
 
 // Config is one run: what to start, and how to supervise it.

@@ -30,7 +30,10 @@ func TestKVEventRoutingAcrossRouters(t *testing.T) {
 	require.Eventually(t, func() bool { return e.count("kv", "ready") == 3 }, 90*time.Second, 200*time.Millisecond)
 	r1, r2 := e.startRouter("127.0.31.1"), e.startRouter("127.0.31.9")
 	for _, r := range []string{r1, r2} {
-		require.Eventually(t, func() bool { v, ok := tryMetric("http://"+r+"/metrics", "shoal_router_kv_index_replicas"); return ok && v == 3 },
+		require.Eventually(t, func() bool {
+			v, ok := tryMetric("http://"+r+"/metrics", "shoal_router_kv_index_replicas")
+			return ok && v == 3
+		},
 			60*time.Second, 200*time.Millisecond, "router %s follows every replica's KV events", r)
 	}
 	send := func(router, prompt string) string {

@@ -156,3 +156,33 @@ func TestSubscriberSeesRestartAndUnreplayableGap(t *testing.T) {
 	cancel()
 	require.NoError(t, <-done)
 }
+
+// TestPublisherRedialsARestartedSubscriber: the head's agent restarts while
+// the engine runs. The engine (connecting, as shoal sets it up) dials again,
+// as libzmq does, and the new subscriber, joining late, replays what it
+// missed.
+func TestPublisherRedialsARestartedSubscriber(t *testing.T) {
+	port, rport := freePort(t), freePort(t)
+	ep, replay := fmt.Sprintf("tcp://127.0.0.1:%d", port), fmt.Sprintf("tcp://127.0.0.1:%d", rport)
+	p, err := NewPublisher(ep, replay, "t", 1000, 0)
+	require.NoError(t, err)
+	defer p.Close()
+	total := 0
+	for round := 0; round < 2; round++ {
+		ctx, cancel := context.WithCancel(context.Background())
+		r := newRec()
+		s := &Subscriber{Endpoint: ep, Replay: replay, Topic: "t"}
+		done := make(chan error, 1)
+		go func() { done <- s.Run(ctx, r) }()
+		total += int(publishUntilHeard(t, p, r))
+		got := r.wait(t, total)
+		for i, seq := range got {
+			require.Equal(t, uint64(i), seq, "round %d: every batch since the engine started, in order", round)
+		}
+		r.mu.Lock()
+		require.Empty(t, r.lost, "round %d", round)
+		r.mu.Unlock()
+		cancel()
+		require.NoError(t, <-done)
+	}
+}

@@ -22,7 +22,7 @@ func TestRouterIsClosedByDefault(t *testing.T) {
 		var rc router.Config
 		var err error
 		app := &cli.App{Name: "shoal", Flags: []cli.Flag{apiKeysFlag, noAPIKeysFlag, idleTimeoutFlag, totalTimeoutFlag, holdForFlag,
-			retriesFlag, ejectAfterFlag, allowedOriginsFlag, allowedMethodsFlag, allowedHeadersFlag, allowCredentialsFlag},
+			retriesFlag, ejectAfterFlag, kvIndexBlocksFlag, allowedOriginsFlag, allowedMethodsFlag, allowedHeadersFlag, allowCredentialsFlag},
 			Action: func(c *cli.Context) error { rc, err = routerConfig(c, enabled); return nil }}
 		require.NoError(t, app.Run(append([]string{"shoal"}, args...)))
 		return rc, err

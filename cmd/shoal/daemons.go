@@ -98,7 +98,7 @@ func coordinatorCommand() *cli.Command {
 			&cli.StringFlag{Name: "router", Value: "127.0.0.1:8080", EnvVars: []string{"SHOAL_ROUTER_ADDR"}, Usage: "OpenAI HTTP address (\"\" disables)"},
 			&cli.StringFlag{Name: "data-dir", Value: "/var/lib/shoal-coordinator", EnvVars: []string{"SHOAL_DATA_DIR"}},
 			&cli.StringFlag{Name: "cli-tokens-file", EnvVars: []string{"SHOAL_CLI_TOKENS_FILE"}, Usage: "hashed CLI tokens, \"NAME SHA256\" per line (`shoal tls token create`); reloaded on SIGHUP"},
-			apiKeysFlag, noAPIKeysFlag, idleTimeoutFlag, totalTimeoutFlag, holdForFlag, retriesFlag, ejectAfterFlag,
+			apiKeysFlag, noAPIKeysFlag, idleTimeoutFlag, totalTimeoutFlag, holdForFlag, retriesFlag, ejectAfterFlag, kvIndexBlocksFlag,
 			allowedOriginsFlag, allowedMethodsFlag, allowedHeadersFlag, allowCredentialsFlag,
 		},
 		Action: func(c *cli.Context) error {
@@ -162,6 +162,9 @@ var holdForFlag = &cli.DurationFlag{Name: "hold-for", Value: 30 * time.Second, E
 var retriesFlag = &cli.IntFlag{Name: "retries", Value: 2, EnvVars: []string{"SHOAL_ROUTER_RETRIES"},
 	Usage: "more attempts a request gets, each at another replica, when one fails before any byte of the answer reached the client (no connection, reset, 5xx, 429); 0: none"}
 
+var kvIndexBlocksFlag = &cli.IntFlag{Name: "kv-index-blocks", Value: router.DefaultKVIndexBlocks, EnvVars: []string{"SHOAL_ROUTER_KV_INDEX_BLOCKS"},
+	Usage: "KV-cache blocks the router indexes from the engines' KV events at most (40 bytes each; past it, new stores go unindexed and are counted)"}
+
 var ejectAfterFlag = &cli.IntFlag{Name: "eject-after", Value: 5, EnvVars: []string{"SHOAL_ROUTER_EJECT_AFTER"},
 	Usage: "failures in a row (refused, reset, 5xx) that take a replica out of routing for 5 s × its recent ejections (at most 5 min)"}
 
@@ -211,6 +214,9 @@ func routerConfig(c *cli.Context, enabled bool) (router.Config, error) {
 	rc.EjectAfter = c.Int("eject-after")
 	if rc.EjectAfter < 1 {
 		return rc, fmt.Errorf("--eject-after %d: give at least 1", rc.EjectAfter)
+	}
+	if rc.KVIndexBlocks = c.Int("kv-index-blocks"); rc.KVIndexBlocks < 1 {
+		return rc, fmt.Errorf("--kv-index-blocks %d: give at least 1", rc.KVIndexBlocks)
 	}
 	p := apiKeysPath(c)
 	switch {
@@ -270,7 +276,7 @@ func routerCommand() *cli.Command {
 			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:8080", EnvVars: []string{"SHOAL_ROUTER_ADDR"}, Usage: "OpenAI HTTP address"},
 			&cli.StringSliceFlag{Name: "backend", EnvVars: []string{"SHOAL_ROUTER_BACKENDS"},
 				Usage: "static MODEL=HOST:PORT backend (repeatable), e.g. an existing vLLM server; no gossip needed"},
-			apiKeysFlag, noAPIKeysFlag, idleTimeoutFlag, totalTimeoutFlag, holdForFlag, retriesFlag, ejectAfterFlag,
+			apiKeysFlag, noAPIKeysFlag, idleTimeoutFlag, totalTimeoutFlag, holdForFlag, retriesFlag, ejectAfterFlag, kvIndexBlocksFlag,
 			allowedOriginsFlag, allowedMethodsFlag, allowedHeadersFlag, allowCredentialsFlag,
 		},
 		Action: func(c *cli.Context) error {

@@ -53,6 +53,17 @@ func NewKVIndex(max int) *KVIndex {
 	return &KVIndex{max: max, reps: map[string]*kvReplica{}}
 }
 
+// SetMax changes the bound (n ≤ 0: no change). Blocks already held stay;
+// new stores are refused until the total is under it.
+func (x *KVIndex) SetMax(n int) {
+	if n <= 0 {
+		return
+	}
+	x.mu.Lock()
+	x.max = n
+	x.mu.Unlock()
+}
+
 // Reset starts a replica afresh from a snapshot: the hasher its engine names
 // blocks with, the blocks it holds, and the sequence number they are as of.
 func (x *KVIndex) Reset(addr string, h kvhash.Hasher, blocks []uint64, seq uint64) {

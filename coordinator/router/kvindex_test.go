@@ -68,6 +68,12 @@ func TestKVIndexBound(t *testing.T) {
 	require.True(t, x.Apply("b", 1, []kvevents.Event{{Kind: kvevents.Stored, Hashes: []uint64{3, 4}}}))
 	n, _ := x.Match("b", []uint64{1, 2, 3, 4})
 	require.Equal(t, 4, n)
+	x.SetMax(2) // lowered under what is held: nothing is dropped, nothing new is kept
+	require.True(t, x.Apply("b", 2, []kvevents.Event{{Kind: kvevents.Stored, Hashes: []uint64{5}}}))
+	require.Equal(t, 4, x.Stats().Blocks)
+	require.Equal(t, 2, x.Stats().Max)
+	x.SetMax(0)
+	require.Equal(t, 2, x.Stats().Max, "0 leaves the bound as it is")
 }
 
 // TestKVIndexMemory holds KVBytesPerBlock to what the index really costs:

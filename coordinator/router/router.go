@@ -73,6 +73,8 @@ type Config struct {
 	// the estimate decides).
 	KV              *KVIndex
 	TokenizeTimeout time.Duration
+	// KVIndexBlocks bounds KV (0: DefaultKVIndexBlocks).
+	KVIndexBlocks int
 }
 
 func (c *Config) defaults() {
@@ -152,6 +154,7 @@ func New(table *Table, log *slog.Logger, cfg Config) *Router {
 		Help: "Prefix-cache picks whose prompt the engine could not tokenize in time (the router's estimate decided)."})
 	cfg.Registry.MustRegister(r.tokenizeFailures)
 	if cfg.KV != nil {
+		cfg.KV.SetMax(cfg.KVIndexBlocks)
 		registerKVIndexMetrics(cfg.Registry, cfg.KV)
 	}
 	return r

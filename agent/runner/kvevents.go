@@ -8,8 +8,12 @@ import (
 )
 
 // kvRetry is how long the head waits before listening for its engine's KV
-// events again after the subscriber stopped on an error.
-const kvRetry = time.Second
+// events again after the subscriber stopped on an error; it doubles up to
+// kvRetryMax while the errors go on (a port taken by another process).
+const (
+	kvRetry    = time.Second
+	kvRetryMax = 30 * time.Second
+)
 
 // newRelay is the head's relay of its engine's KV events; nil when the plan
 // has none.
@@ -27,16 +31,22 @@ func (r *Runner) newRelay() *kvrelay.Relay {
 // numbers its batches from 0 again; the subscriber sees that.
 func (r *Runner) kvLoop() {
 	k := r.cfg.Plan.KVEvents
+	wait := kvRetry
 	for r.ctx.Err() == nil {
+		began := time.Now()
 		err := r.cfg.KVSubscribe(r.ctx, r.kv)
 		if err == nil || r.ctx.Err() != nil {
 			return
 		}
-		r.log.Warn("kv events from the engine stopped; listening again", "endpoint", k.Endpoint, "err", err)
+		if time.Since(began) > kvRetryMax {
+			wait = kvRetry // it had been working: start the backoff again
+		}
+		r.log.Warn("kv events from the engine stopped; listening again", "endpoint", k.Endpoint, "err", err, "in", wait)
 		r.kv.Lost(0, false)
-		if !r.sleep(kvRetry) {
+		if !r.sleep(wait) {
 			return
 		}
+		wait = min(2*wait, kvRetryMax)
 	}
 }
 

@@ -34,7 +34,7 @@ func reorder(app *cli.App, args []string) []string {
 		}
 		if isFlag(a) {
 			name, inline := flagName(a)
-			it := item{tok: []string{a}, name: name}
+			it := item{tok: []string{a}, name: name, inline: inline}
 			if !inline && i+1 < len(args) && valued(app, path, name, cmds, args[i+1]) {
 				it.tok = append(it.tok, args[i+1])
 				i++
@@ -50,7 +50,11 @@ func reorder(app *cli.App, args []string) []string {
 		items = append(items, item{tok: []string{a}})
 	}
 	levels := make([][]string, len(path)+1)
-	var pos []string
+	var pos, dangling []string
+	inner := app.Commands
+	if len(path) > 0 {
+		inner = path[len(path)-1].Subcommands
+	}
 	for _, it := range items {
 		if it.name == "" {
 			pos = append(pos, it.tok...)
@@ -60,6 +64,23 @@ func reorder(app *cli.App, args []string) []string {
 		if f == nil {
 			lvl = len(path) // unknown: let the innermost command say so
 		}
+		// Where it lands, does the flag take a value? Decide as the parse
+		// of the result will, so that reordering again changes nothing: a
+		// value it does not take becomes a positional; a value it takes
+		// but lacks leaves it last, where nothing follows it (the parser
+		// then says what is missing).
+		wants := valued(app, path, it.name, inner, "")
+		if f != nil {
+			wants = takesValue(f)
+		}
+		switch {
+		case len(it.tok) == 2 && !wants:
+			pos = append(pos, it.tok[1])
+			it.tok = it.tok[:1]
+		case len(it.tok) == 1 && !it.inline && wants:
+			dangling = append(dangling, it.tok[0])
+			continue
+		}
 		levels[lvl] = append(levels[lvl], it.tok...)
 	}
 	out := append([]string{args[0]}, levels[0]...)
@@ -67,13 +88,14 @@ func reorder(app *cli.App, args []string) []string {
 		out = append(out, typed[i])
 		out = append(out, levels[i+1]...)
 	}
-	return append(out, pos...)
+	return append(append(out, pos...), dangling...)
 }
 
 // item is one flag (with its value) or positional argument.
 type item struct {
-	tok  []string
-	name string // flag name; "" for a positional
+	tok    []string
+	name   string // flag name; "" for a positional
+	inline bool   // --name=value
 }
 
 func hasPositional(items []item) bool {

@@ -68,16 +68,27 @@ func TestKVEventRoutingAcrossRouters(t *testing.T) {
 	require.Zero(t, metricSum(t, "http://"+r2+"/metrics", "shoal_router_tokenize_failures_total"))
 }
 
-// tryMetric is metricSum for a page that may not be up yet.
+// tryMetric is metricSum for a page that may not be up yet: ok is false
+// until it answers with the metric.
 func tryMetric(url, name string) (float64, bool) {
+	v, found, err := scrapeSum(url, name)
+	return v, err == nil && found
+}
+
+// scrapeSum adds up every sample of a metric on a /metrics page, and says
+// whether there was one.
+func scrapeSum(url, name string) (float64, bool, error) {
 	resp, err := http.Get(url)
 	if err != nil {
-		return 0, false
+		return 0, false, err
 	}
 	defer resp.Body.Close()
 	b, err := io.ReadAll(resp.Body)
-	if err != nil || resp.StatusCode != 200 {
-		return 0, false
+	if err == nil && resp.StatusCode != 200 {
+		err = fmt.Errorf("%s answered %d", url, resp.StatusCode)
+	}
+	if err != nil {
+		return 0, false, err
 	}
 	var sum float64
 	found := false
@@ -90,5 +101,5 @@ func tryMetric(url, name string) (float64, bool) {
 			found = true
 		}
 	}
-	return sum, found
+	return sum, found, nil
 }

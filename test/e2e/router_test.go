@@ -3,8 +3,6 @@ package e2e
 import (
 	"context"
 	"errors"
-	"fmt"
-	"io"
 	"net/http"
 	"os"
 	"os/exec"
@@ -153,18 +151,7 @@ func TestStandaloneRouterScalesFromZero(t *testing.T) {
 // metricSum adds up every sample of a metric on a /metrics page.
 func metricSum(t *testing.T, url, name string) float64 {
 	t.Helper()
-	resp, err := http.Get(url)
+	v, _, err := scrapeSum(url, name)
 	require.NoError(t, err)
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	var sum float64
-	for _, line := range strings.Split(string(b), "\n") {
-		if strings.HasPrefix(line, name+" ") || strings.HasPrefix(line, name+"{") {
-			f := strings.Fields(line)
-			var v float64
-			fmt.Sscan(f[len(f)-1], &v)
-			sum += v
-		}
-	}
-	return sum
+	return v
 }

@@ -386,6 +386,7 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 		if strategy == StrategyPrefixCache {
 			if toks, ok := r.tokens(req.Context(), eps, req.URL.Path, body); ok {
 				h.tokens, h.promptTokens = toks, len(toks)
+				h.nameBlocks(r.cfg.KV, eps)
 			}
 		}
 	}

@@ -302,6 +302,26 @@ func (p *picker) prefixCost(cands []*Endpoint, h hint) *Endpoint {
 	return ties[i%uint64(len(ties))]
 }
 
+// nameBlocks names the prompt's blocks for every naming rule among eps'
+// replicas (there is usually one), before the pick: hashing a long prompt
+// takes a fraction of a millisecond, which must not be spent under the
+// picker's lock.
+func (h *hint) nameBlocks(kv *KVIndex, eps []*Endpoint) {
+	if kv == nil || h.tokens == nil {
+		return
+	}
+	if h.keys == nil {
+		h.keys = map[kvhash.Hasher][]uint64{}
+	}
+	for _, e := range eps {
+		if hs, ok := kv.Hasher(e.Addr); ok {
+			if _, done := h.keys[hs]; !done {
+				h.keys[hs] = hs.Keys(h.tokens, h.lora)
+			}
+		}
+	}
+}
+
 // hitTokens is how many of the prompt's tokens replica e holds: from its KV
 // events when it sends them and the prompt's tokens are known, else from
 // this router's history (PrefixBlock bytes a block, about 4 bytes a token).
@@ -404,6 +424,7 @@ func (pk *Picker) Pick(strategy string, eps []*Endpoint, req PickRequest) (*Endp
 	if strategy == StrategyPrefixCache || strategy == StrategyPrefixAIBrix {
 		h.prefix = prefixHashes(req.Prompt, limit)
 		h.keys = map[kvhash.Hasher][]uint64{}
+		h.nameBlocks(pk.p.kv, eps)
 	}
 	e, used, l := pk.p.pick(strategy, eps, h, nil)
 	return e, used, Lease{l}

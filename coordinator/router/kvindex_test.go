@@ -18,7 +18,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 )
 
-func vllmHasher(t testing.TB) kvhash.Hasher {
+func vllmHasher(t testing.TB) *kvhash.VLLM {
 	h, err := kvhash.NewVLLM("1", 4)
 	require.NoError(t, err)
 	return h
@@ -195,3 +195,19 @@ func TestWatcherResyncsAfterAGap(t *testing.T) {
 }
 
 func quietLog() *slog.Logger { return slog.New(slog.NewTextHandler(io.Discard, nil)) }
+
+// TestNameBlocksOncePerRule: replicas whose engines name blocks alike share
+// one computation of a prompt's names; another seed is another.
+func TestNameBlocksOncePerRule(t *testing.T) {
+	x := NewKVIndex(0)
+	for _, a := range []string{"a", "b"} {
+		x.Reset(a, vllmHasher(t), nil, 0) // distinct hashers, equal settings
+	}
+	other, err := kvhash.NewVLLM("2", 4)
+	require.NoError(t, err)
+	x.Reset("c", other, nil, 0)
+	h := hint{tokens: []uint32{1, 2, 3, 4, 5, 6, 7, 8}}
+	h.nameBlocks(x, []*Endpoint{{Addr: "a"}, {Addr: "b"}, {Addr: "c"}, {Addr: "no-events"}})
+	require.Len(t, h.keys, 2)
+	require.Equal(t, vllmHasher(t).Keys(h.tokens, ""), h.keys[*vllmHasher(t)])
+}

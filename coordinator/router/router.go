@@ -381,7 +381,7 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 	if strategy == StrategyPrefixCache || strategy == StrategyPrefixAIBrix {
 		text := promptText(body, r.cfg.PrefixBytes)
 		h.prefix = prefixHashes(text, r.cfg.PrefixBytes)
-		h.keys = map[kvhash.Hasher][]uint64{}
+		h.keys = map[kvhash.VLLM][]uint64{}
 		h.promptTokens = estimateTokens(promptText(body, math.MaxInt))
 		if strategy == StrategyPrefixCache {
 			if toks, ok := r.tokens(req.Context(), eps, req.URL.Path, body); ok {

@@ -47,7 +47,7 @@ type hint struct {
 	tokens       []uint32
 	promptTokens int
 	lora         string
-	keys         map[kvhash.Hasher][]uint64 // tokens' block names, per naming rule (filled as needed)
+	keys         map[kvhash.VLLM][]uint64 // tokens' block names, per naming rule (filled as needed)
 }
 
 // picker holds the state strategies share. Picks run under mu so that a pick
@@ -311,12 +311,12 @@ func (h *hint) nameBlocks(kv *KVIndex, eps []*Endpoint) {
 		return
 	}
 	if h.keys == nil {
-		h.keys = map[kvhash.Hasher][]uint64{}
+		h.keys = map[kvhash.VLLM][]uint64{}
 	}
 	for _, e := range eps {
 		if hs, ok := kv.Hasher(e.Addr); ok {
-			if _, done := h.keys[hs]; !done {
-				h.keys[hs] = hs.Keys(h.tokens, h.lora)
+			if _, done := h.keys[*hs]; !done {
+				h.keys[*hs] = hs.Keys(h.tokens, h.lora)
 			}
 		}
 	}
@@ -328,12 +328,9 @@ func (h *hint) nameBlocks(kv *KVIndex, eps []*Endpoint) {
 func (p *picker) hitTokens(e *Endpoint, h hint) int {
 	if p.kv != nil && h.tokens != nil {
 		if hs, ok := p.kv.Hasher(e.Addr); ok {
-			keys, ok := h.keys[hs]
-			if !ok && h.keys != nil {
-				keys = hs.Keys(h.tokens, h.lora)
-				h.keys[hs] = keys
-			} else if !ok {
-				keys = hs.Keys(h.tokens, h.lora)
+			keys, named := h.keys[*hs]
+			if !named {
+				keys = hs.Keys(h.tokens, h.lora) // its stream came after nameBlocks: rare
 			}
 			n, _ := p.kv.Match(e.Addr, keys)
 			return n * hs.Block()
@@ -423,7 +420,7 @@ func (pk *Picker) Pick(strategy string, eps []*Endpoint, req PickRequest) (*Endp
 	}
 	if strategy == StrategyPrefixCache || strategy == StrategyPrefixAIBrix {
 		h.prefix = prefixHashes(req.Prompt, limit)
-		h.keys = map[kvhash.Hasher][]uint64{}
+		h.keys = map[kvhash.VLLM][]uint64{}
 		h.nameBlocks(pk.p.kv, eps)
 	}
 	e, used, l := pk.p.pick(strategy, eps, h, nil)

@@ -12,10 +12,6 @@
 // adapter, and only full blocks of block_size tokens are hashed. Its KV events
 // carry each hash as an integer: the digest's last eight bytes read big-endian
 // (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES, on by default). VLLM is that rule.
-//
-// SGLang's radix cache names a page by Python's hash(tuple(page_tokens)): the
-// page's own tokens, not its position. SGLang is that rule (CPython's tuple
-// hash over small non-negative ints, which PYTHONHASHSEED does not change).
 package kvhash
 
 import (
@@ -26,13 +22,13 @@ import (
 	"strconv"
 )
 
-// Algorithms a replica can name its blocks with.
-const (
-	AlgoSHA256CBOR = "sha256_cbor" // vLLM --prefix-caching-hash-algo sha256_cbor
-	AlgoSGLangPage = "sglang_page" // SGLang: hash(tuple(page_tokens))
-)
+// AlgoSHA256CBOR is the one naming rule a router can compute: vLLM's
+// --prefix-caching-hash-algo sha256_cbor.
+const AlgoSHA256CBOR = "sha256_cbor"
 
-// VLLM hashes token blocks as vLLM's sha256_cbor prefix caching does.
+// VLLM hashes token blocks as vLLM's sha256_cbor prefix caching does. It is
+// comparable: two replicas with the same seed and block size have equal
+// hashers, and a prompt's names are computed once for both.
 type VLLM struct {
 	BlockSize int
 	none      [32]byte
@@ -137,73 +133,13 @@ func appendHead(b []byte, major byte, v uint64) []byte {
 	}
 }
 
-// CPython's tuple hash (Objects/tupleobject.c, xxHash-based since 3.8), for
-// 64-bit builds.
-const (
-	xxPrime1  uint64 = 11400714785074694791
-	xxPrime2  uint64 = 14029467366897019727
-	xxPrime5  uint64 = 2870177450012600261
-	pyModulus        = (1 << 61) - 1 // sys.hash_info.modulus
-)
-
-// TupleHash is Python's hash(tuple(ints)) for non-negative ints, as the
-// signed value Python returns, carried in a uint64.
-func TupleHash(ints []uint32) uint64 {
-	acc := xxPrime5
-	for _, x := range ints {
-		lane := uint64(x) % pyModulus
-		acc += lane * xxPrime2
-		acc = acc<<31 | acc>>33
-		acc *= xxPrime1
-	}
-	acc += uint64(len(ints)) ^ (xxPrime5 ^ 3527539)
-	if acc == ^uint64(0) {
-		return 1546275796
-	}
-	return acc
-}
-
-// SGLang names SGLang's radix-cache pages of pageSize tokens.
-type SGLang struct{ PageSize int }
-
-// Keys returns each full page's name, hash(tuple(page_tokens)).
-func (h SGLang) Keys(tokens []uint32) []uint64 {
-	if h.PageSize <= 0 {
-		return nil
-	}
-	n := len(tokens) / h.PageSize
-	out := make([]uint64, n)
-	for i := range out {
-		out[i] = TupleHash(tokens[i*h.PageSize : (i+1)*h.PageSize])
-	}
-	return out
-}
-
-// Hasher is what a router needs of a replica's naming rule.
-type Hasher interface {
-	Keys(tokens []uint32, lora string) []uint64
-	Block() int
-}
-
 // Block is the tokens per named block.
 func (h *VLLM) Block() int { return h.BlockSize }
 
-type sglangHasher struct{ SGLang }
-
-func (h sglangHasher) Keys(tokens []uint32, _ string) []uint64 { return h.SGLang.Keys(tokens) }
-func (h sglangHasher) Block() int                              { return h.PageSize }
-
 // New returns the hasher for an algorithm as a replica reports it.
-func New(algo, seed string, blockSize int) (Hasher, error) {
-	switch algo {
-	case AlgoSHA256CBOR:
-		return NewVLLM(seed, blockSize)
-	case AlgoSGLangPage:
-		if blockSize <= 0 {
-			return nil, fmt.Errorf("page size must be positive, not %d", blockSize)
-		}
-		return sglangHasher{SGLang{PageSize: blockSize}}, nil
-	default:
-		return nil, fmt.Errorf("unknown block hash algorithm %s (known: %s, %s)", strconv.Quote(algo), AlgoSHA256CBOR, AlgoSGLangPage)
+func New(algo, seed string, blockSize int) (*VLLM, error) {
+	if algo != AlgoSHA256CBOR {
+		return nil, fmt.Errorf("unknown block hash algorithm %s (known: %s)", strconv.Quote(algo), AlgoSHA256CBOR)
 	}
+	return NewVLLM(seed, blockSize)
 }

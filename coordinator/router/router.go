@@ -382,11 +382,12 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 		text := promptText(body, r.cfg.PrefixBytes)
 		h.prefix = prefixHashes(text, r.cfg.PrefixBytes)
 		h.keys = map[kvhash.VLLM][]uint64{}
-		h.promptTokens = estimateTokens(promptText(body, math.MaxInt))
 		if strategy == StrategyPrefixCache {
 			if toks, ok := r.tokens(req.Context(), eps, req.URL.Path, body); ok {
 				h.tokens, h.promptTokens = toks, len(toks)
 				h.nameBlocks(r.cfg.KV, eps)
+			} else {
+				h.promptTokens = estimateTokens(promptText(body, math.MaxInt))
 			}
 		}
 	}

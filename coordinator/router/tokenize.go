@@ -40,11 +40,10 @@ func (r *Router) tokens(ctx context.Context, eps []*Endpoint, path string, body 
 	if len(withEvents) == 0 {
 		return nil, false
 	}
-	b := string(body)
 	var req string
 	switch path {
 	case "/v1/completions":
-		p := gjson.Get(b, "prompt")
+		p := gjson.GetBytes(body, "prompt")
 		if p.IsArray() {
 			if ids, ok := tokenIDs(p); ok {
 				return ids, true // already tokens
@@ -58,7 +57,7 @@ func (r *Router) tokens(ctx context.Context, eps []*Endpoint, path string, body 
 	case "/v1/chat/completions":
 		req = `{}`
 		for _, f := range chatTokenizeFields {
-			if v := gjson.Get(b, f); v.Exists() {
+			if v := gjson.GetBytes(body, f); v.Exists() {
 				req, _ = sjson.SetRaw(req, f, v.Raw)
 			}
 		}
@@ -68,7 +67,7 @@ func (r *Router) tokens(ctx context.Context, eps []*Endpoint, path string, body 
 	default:
 		return nil, false
 	}
-	req, _ = sjson.Set(req, "model", gjson.Get(b, "model").Str)
+	req, _ = sjson.Set(req, "model", gjson.GetBytes(body, "model").Str)
 	ep := withEvents[r.tokRR.Add(1)%uint64(len(withEvents))]
 	ctx, cancel := context.WithTimeout(ctx, r.cfg.TokenizeTimeout)
 	defer cancel()

@@ -9,7 +9,6 @@ import (
 
 	"github.com/shoalhq/shoal/agent/kvrelay"
 	"github.com/shoalhq/shoal/gossip"
-	"github.com/shoalhq/shoal/internal/kvevents"
 	replicav1 "github.com/shoalhq/shoal/proto/replica/v1"
 	"github.com/shoalhq/shoal/security"
 	"google.golang.org/grpc"
@@ -221,30 +220,13 @@ func (r *replicaAPI) KVEvents(_ *replicav1.KVEventsRequest, stream replicav1.Rep
 			if c.Reset != nil {
 				err = sendSnapshot(c.Reset)
 			} else {
-				err = send(&replicav1.KVEventsMessage{Events: protoEvents(c.Events)})
+				err = send(&replicav1.KVEventsMessage{Events: replicav1.EventsToProto(c.Events)})
 			}
 			if err != nil {
 				return err
 			}
 		}
 	}
-}
-
-func protoEvents(evs []kvevents.Event) []*replicav1.KVEvent {
-	out := make([]*replicav1.KVEvent, 0, len(evs))
-	for _, e := range evs {
-		k := replicav1.KVEvent_KIND_UNSPECIFIED
-		switch e.Kind {
-		case kvevents.Stored:
-			k = replicav1.KVEvent_STORED
-		case kvevents.Removed:
-			k = replicav1.KVEvent_REMOVED
-		case kvevents.Cleared:
-			k = replicav1.KVEvent_CLEARED
-		}
-		out = append(out, &replicav1.KVEvent{Kind: k, Hashes: e.Hashes})
-	}
-	return out
 }
 
 // snapshot builds the Replica API message for the current run. Loop only.

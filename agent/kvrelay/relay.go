@@ -46,14 +46,13 @@ const (
 type Relay struct {
 	max int
 
-	mu      sync.Mutex
-	info    Info                // guarded by mu
-	blocks  map[uint64]struct{} // guarded by mu
-	seq     uint64              // guarded by mu; the last change's number
-	subs    map[*sub]struct{}   // guarded by mu
-	closed  bool                // guarded by mu
-	stats   Stats               // guarded by mu
-	changed chan struct{}       // guarded by mu; closed at each change (tests)
+	mu     sync.Mutex
+	info   Info                // guarded by mu
+	blocks map[uint64]struct{} // guarded by mu
+	seq    uint64              // guarded by mu; the last change's number
+	subs   map[*sub]struct{}   // guarded by mu
+	closed bool                // guarded by mu
+	stats  Stats               // guarded by mu
 }
 
 // Stats count what the relay has seen.
@@ -76,7 +75,7 @@ func New(info Info, maxBlocks int) *Relay {
 	if maxBlocks <= 0 {
 		maxBlocks = DefaultMaxBlocks
 	}
-	return &Relay{max: maxBlocks, info: info, blocks: map[uint64]struct{}{}, subs: map[*sub]struct{}{}, changed: make(chan struct{})}
+	return &Relay{max: maxBlocks, info: info, blocks: map[uint64]struct{}{}, subs: map[*sub]struct{}{}}
 }
 
 // Batch applies one batch of the engine's events (kvevents.Handler).
@@ -170,8 +169,6 @@ func (r *Relay) sendLocked(c Change) {
 			r.stats.Overruns++
 		}
 	}
-	close(r.changed)
-	r.changed = make(chan struct{})
 }
 
 // Subscribe returns the blocks held now and the changes after them. The
@@ -219,11 +216,4 @@ func (r *Relay) Stats() (Stats, int) {
 	r.mu.Lock()
 	defer r.mu.Unlock()
 	return r.stats, len(r.blocks)
-}
-
-// Changed is closed at the next change (for tests that wait on one).
-func (r *Relay) Changed() <-chan struct{} {
-	r.mu.Lock()
-	defer r.mu.Unlock()
-	return r.changed
 }

@@ -6,7 +6,6 @@ import (
 	"fmt"
 	"time"
 
-	"github.com/shoalhq/shoal/internal/kvevents"
 	"github.com/shoalhq/shoal/internal/kvhash"
 	replicav1 "github.com/shoalhq/shoal/proto/replica/v1"
 	"google.golang.org/grpc/codes"
@@ -24,12 +23,9 @@ func (h *Watcher) watchKV(ctx context.Context, cl replicav1.ReplicaClient, k Hea
 	backoff := 200 * time.Millisecond
 	for ctx.Err() == nil {
 		var addr string
-		err := errors.New("no stream")
-		stream, serr := cl.KVEvents(ctx, &replicav1.KVEventsRequest{})
-		if serr == nil {
+		stream, err := cl.KVEvents(ctx, &replicav1.KVEventsRequest{})
+		if err == nil {
 			err = h.followKV(stream, &addr, func() { backoff = 200 * time.Millisecond })
-		} else {
-			err = serr
 		}
 		if addr != "" {
 			h.kv.Drop(addr)
@@ -97,27 +93,8 @@ func (h *Watcher) followKV(stream replicav1.Replica_KVEventsClient, addr *string
 		if *addr == "" {
 			continue
 		}
-		if !h.kv.Apply(*addr, seq, fromProto(m.Events)) {
+		if !h.kv.Apply(*addr, seq, replicav1.EventsFromProto(m.Events)) {
 			return errors.New("kv events: the index is out of step with the stream")
 		}
 	}
-}
-
-func fromProto(evs []*replicav1.KVEvent) []kvevents.Event {
-	out := make([]kvevents.Event, 0, len(evs))
-	for _, e := range evs {
-		var k kvevents.Kind
-		switch e.Kind {
-		case replicav1.KVEvent_STORED:
-			k = kvevents.Stored
-		case replicav1.KVEvent_REMOVED:
-			k = kvevents.Removed
-		case replicav1.KVEvent_CLEARED:
-			k = kvevents.Cleared
-		default:
-			continue
-		}
-		out = append(out, kvevents.Event{Kind: k, Hashes: e.Hashes})
-	}
-	return out
 }

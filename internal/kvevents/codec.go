@@ -507,26 +507,9 @@ func Encode(b Batch) []byte {
 	return buf.Bytes()
 }
 
-// EncodeArray writes the positional form of releases whose event structs
-// were array_like, and hashes as 32-byte digests when digests is set
-// (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0) — only for tests of Decode: a
-// digest here is the key padded to 32 bytes, which folds back to the key.
-func EncodeArray(b Batch, digests bool) []byte {
-	var buf bytes.Buffer
-	enc := msgpack.NewEncoder(&buf)
-	w := writer{enc: enc, digests: digests}
-	w.err(enc.EncodeArrayLen(3))
-	w.err(enc.EncodeFloat64(b.TS))
-	w.err(enc.EncodeArrayLen(len(b.Events)))
-	for _, e := range b.Events {
-		w.event(e, true)
-	}
-	w.err(enc.EncodeInt(int64(b.DPRank)))
-	return buf.Bytes()
-}
-
 // writer encodes into a bytes.Buffer, which cannot fail; err panics if the
-// encoder ever says otherwise.
+// encoder ever says otherwise. Its positional form (array) and whole digests
+// (digests) are vLLM's older encodings, which only the decoder's tests write.
 type writer struct {
 	enc     *msgpack.Encoder
 	digests bool

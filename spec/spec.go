@@ -542,8 +542,9 @@ func (d *Deployment) Fields() []Field {
 	}
 	add("engine.startupTimeoutSeconds", d.Engine.StartupTimeoutSeconds, true)
 	add("engine.canary", d.Engine.Canary, true)
-	if on, _ := KVEventsActive(d); on || d.Engine.KVEvents != nil {
-		add("engine.kvEvents", on, on || !vllmKind(d.Engine.Kind))
+	on, _ := KVEventsActive(d)
+	add("engine.kvEvents", on || (d.Engine.KVEvents != nil && *d.Engine.KVEvents), vllmKind(d.Engine.Kind)) // other engines: stored, not acted on
+	if on || d.Engine.KVEventsPort != 0 {
 		add("engine.kvEventsPort", KVEventsPortOf(&d.Engine), on)
 	}
 	add("resources.nodes", d.Resources.Nodes, true)

@@ -178,3 +178,36 @@ func TestErrorsNameTheField(t *testing.T) {
 		}
 	}
 }
+
+// TestKVEventsFields: engine.kvEvents is acted on for vLLM kinds only, and
+// the port only while events are on.
+func TestKVEventsFields(t *testing.T) {
+	field := func(y string, path string) (Field, bool) {
+		d, err := Parse([]byte(y))
+		require.NoError(t, err)
+		for _, f := range d.Fields() {
+			if f.Path == path {
+				return f, true
+			}
+		}
+		return Field{}, false
+	}
+	base := "apiVersion: shoal/v1\nname: k\nmodel: {source: /m}\nresources: {nodes: 1, gpusPerNode: 1}\n"
+	f, ok := field(base, "engine.kvEvents")
+	require.True(t, ok)
+	require.Equal(t, "true", f.Value)
+	require.True(t, f.Implemented)
+	p, _ := field(base, "engine.kvEventsPort")
+	require.Equal(t, "18000", p.Value)
+	require.True(t, p.Implemented)
+	f, _ = field(base+"engine: {kind: sglang, kvEvents: true}\n", "engine.kvEvents")
+	require.False(t, f.Implemented, "SGLang: stored, not acted on")
+	_, ok = field(base+"engine: {kind: vllm, kvEvents: false}\n", "engine.kvEvents")
+	require.False(t, ok, "off is not listed (as every false field)")
+	_, ok = field(base+"engine: {kind: vllm, kvEvents: false}\n", "engine.kvEventsPort")
+	require.False(t, ok, "a default port that is not used is not listed")
+	p, _ = field(base+"engine: {kind: vllm, kvEvents: false, kvEventsPort: 20000}\n", "engine.kvEventsPort")
+	require.False(t, p.Implemented, "a port given while events are off: stored, not acted on")
+	_, ok = field(base+"engine: {kind: sglang}\n", "engine.kvEvents")
+	require.False(t, ok, "not shown where it was never asked for")
+}

@@ -7,6 +7,7 @@ import (
 	"math/rand/v2"
 	"os"
 	"sort"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -377,8 +378,10 @@ func BenchmarkRouting(b *testing.B) {
 	if s := os.Getenv("ROUTING_SEEDS"); s != "" {
 		seeds = nil
 		for _, f := range strings.Split(s, ",") {
-			var x uint64
-			fmt.Sscan(f, &x)
+			x, err := strconv.ParseUint(strings.TrimSpace(f), 10, 64)
+			if err != nil {
+				b.Fatalf("ROUTING_SEEDS=%q: give seeds as comma-separated numbers (%v)", s, err)
+			}
 			seeds = append(seeds, x)
 		}
 	}

@@ -46,7 +46,6 @@ type hint struct {
 	// when not known); promptTokens their count, or an estimate without them.
 	tokens       []uint32
 	promptTokens int
-	lora         string
 	keys         map[kvhash.VLLM][]uint64 // tokens' block names, per naming rule (filled as needed)
 }
 
@@ -316,7 +315,7 @@ func (h *hint) nameBlocks(kv *KVIndex, eps []*Endpoint) {
 	for _, e := range eps {
 		if hs, ok := kv.Hasher(e.Addr); ok {
 			if _, done := h.keys[*hs]; !done {
-				h.keys[*hs] = hs.Keys(h.tokens, h.lora)
+				h.keys[*hs] = hs.Keys(h.tokens, "") // plain text: no adapter names yet (issue 24)
 			}
 		}
 	}
@@ -330,7 +329,7 @@ func (p *picker) hitTokens(e *Endpoint, h hint) int {
 		if hs, ok := p.kv.Hasher(e.Addr); ok {
 			keys, named := h.keys[*hs]
 			if !named {
-				keys = hs.Keys(h.tokens, h.lora) // its stream came after nameBlocks: rare
+				keys = hs.Keys(h.tokens, "") // its stream came after nameBlocks: rare
 			}
 			n, _ := p.kv.Match(e.Addr, keys)
 			return n * hs.Block()

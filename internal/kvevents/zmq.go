@@ -98,10 +98,10 @@ func dialWatched(ctx context.Context, endpoint string, kind func(context.Context
 // endSeq is the replay stream's end marker: -1 as 8 bytes, big-endian.
 var endSeq = [8]byte{0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff}
 
-// Binds says whether vLLM binds an endpoint rather than connecting to it:
+// binds says whether vLLM binds an endpoint rather than connecting to it:
 // its ZmqEventPublisher binds when the address has "*" or "::" or is ipc://
 // or inproc://, and connects otherwise. The subscriber does the opposite.
-func Binds(endpoint string) bool {
+func binds(endpoint string) bool {
 	return strings.Contains(endpoint, "*") || strings.Contains(endpoint, "::") ||
 		strings.HasPrefix(endpoint, "ipc://") || strings.HasPrefix(endpoint, "inproc://")
 }
@@ -140,7 +140,7 @@ type bufferedSend struct {
 func NewPublisher(endpoint, replay, topic string, bufferSteps int, drop float64) (*Publisher, error) {
 	ctx, cancel := context.WithCancel(context.Background())
 	p := &Publisher{topic: []byte(topic), max: max(1, bufferSteps), drop: drop, ctx: ctx, cancel: cancel}
-	if Binds(endpoint) {
+	if binds(endpoint) {
 		p.pub, p.bound = zmq4.NewPub(ctx), true
 		if err := p.pub.Listen(endpoint); err != nil {
 			cancel()
@@ -292,7 +292,7 @@ func (s *Subscriber) Run(ctx context.Context, h Handler) error {
 	defer cancel()
 	var sub zmq4.Socket
 	var died <-chan struct{}
-	if Binds(s.Endpoint) {
+	if binds(s.Endpoint) {
 		// The engine binds: dial it (on 127.0.0.1 for a wildcard). A broken
 		// connection ends Run; the caller starts another.
 		var err error

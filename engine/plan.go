@@ -139,12 +139,8 @@ func kvEvents(s *spec.Deployment, env map[string]string, nodeIP string) (*KVEven
 		k.Seed = strconv.FormatUint(uint64(h.Sum32()), 10)
 		env["PYTHONHASHSEED"] = k.Seed
 	}
-	for i, a := range s.Engine.Args {
-		v, ok := strings.CutPrefix(a, "--block-size=")
-		if !ok && a == "--block-size" && i+1 < len(s.Engine.Args) {
-			v, ok = s.Engine.Args[i+1], true
-		}
-		if n, err := strconv.Atoi(v); ok && err == nil && n > 0 {
+	if v, ok := argValue(s.Engine.Args, "--block-size"); ok {
+		if n, err := strconv.Atoi(v); err == nil && n > 0 {
 			k.BlockSize = n
 		}
 	}

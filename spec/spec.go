@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"regexp"
+	"slices"
 	"sort"
 	"strings"
 
@@ -596,10 +597,9 @@ func KVEventsActive(d *Deployment) (bool, string) {
 		return false, "engine.kvEvents is false"
 	}
 	for _, a := range d.Engine.Args {
-		for _, f := range kvEventFlags {
-			if a == f || strings.HasPrefix(a, f+"=") {
-				return false, "engine.args set " + f
-			}
+		name, _, _ := strings.Cut(a, "=")
+		if f := strings.ReplaceAll(name, "_", "-"); slices.Contains(kvEventFlags, f) {
+			return false, "engine.args set " + f
 		}
 	}
 	return true, ""

@@ -6,6 +6,7 @@ import (
 	"math"
 	"math/rand/v2"
 	"os"
+	"slices"
 	"sort"
 	"strconv"
 	"strings"
@@ -389,7 +390,18 @@ func BenchmarkRouting(b *testing.B) {
 		if i > 0 {
 			continue
 		}
-		for _, w := range []workload{sharedPrefix(6000, 20), mixed(4000, 10), lowSharing(2000, 14)} {
+		scale := 1
+		if s := os.Getenv("ROUTING_SCALE"); s != "" {
+			x, err := strconv.Atoi(s)
+			if err != nil || x < 1 {
+				b.Fatalf("ROUTING_SCALE=%q: give a whole number ≥ 1 (it multiplies every workload's request count)", s)
+			}
+			scale = x
+		}
+		for _, w := range []workload{sharedPrefix(6000*scale, 20), mixed(4000*scale, 10), lowSharing(2000*scale, 14)} {
+			if only := os.Getenv("ROUTING_WORKLOADS"); only != "" && !slices.Contains(strings.Split(only, ","), w.name) {
+				continue
+			}
 			for _, nr := range []int{1, 2} {
 				for _, seed := range seeds {
 					fmt.Fprintf(os.Stdout, "\nworkload %s, %d router(s), seed %d: %s\n", w.name, nr, seed, w.shape)

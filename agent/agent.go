@@ -73,6 +73,7 @@ type Agent struct {
 
 	// Owned by the loop goroutine (supervisor.go): no lock.
 	loc        Local
+	fence      uint64 // the newest coordinator term obeyed (see fenced)
 	run        *activeRun
 	hw         *HostInventory
 	lastSeen   map[string]seenTag
@@ -102,6 +103,7 @@ type agentMetrics struct {
 	claims   prometheus.Counter
 	starts   *prometheus.CounterVec
 	failures prometheus.Counter
+	deposed  prometheus.Counter
 }
 
 func newAgentMetrics(reg *prometheus.Registry) *agentMetrics {
@@ -114,10 +116,12 @@ func newAgentMetrics(reg *prometheus.Registry) *agentMetrics {
 			Help: "Engine starts by role (head, worker)."}, []string{"role"}),
 		failures: prometheus.NewCounter(prometheus.CounterOpts{Name: "shoal_agent_engine_failures_total",
 			Help: "Replica failures this agent saw (its engine, a member, a hang, a canary)."}),
+		deposed: prometheus.NewCounter(prometheus.CounterOpts{Name: "shoal_agent_deposed_commands_total",
+			Help: "Coordinator commands refused because they came from a deposed leader (an older Raft term)."}),
 	}
 	m.starts.WithLabelValues("head")
 	m.starts.WithLabelValues("worker")
-	reg.MustRegister(m.members, m.claims, m.starts, m.failures)
+	reg.MustRegister(m.members, m.claims, m.starts, m.failures, m.deposed)
 	return m
 }
 
@@ -276,6 +280,7 @@ func (a *Agent) prepare(ctx context.Context) (*activeRun, error) {
 	}
 	a.store = newStateStore(a.cfg.StateDir, a.log, st)
 	a.loc = Local{As: st.Assignment, LastTerm: st.LastTerm, Backoff: a.cfg.RestartBackoff, Draining: st.Draining}
+	a.fence = st.CoordinatorTerm
 	if st.Assignment != nil {
 		a.weights = a.hasWeights(st.Assignment.Spec)
 	}

@@ -17,6 +17,9 @@ var (
 	errStale = errors.New("stale assignment")
 	errBusy  = errors.New("node busy")
 	errFit   = errors.New("node does not fit")
+	// errDeposed: a command from a coordinator leader older than one this
+	// node has obeyed.
+	errDeposed = errors.New("command from a deposed coordinator leader")
 )
 
 // grpcError is the one mapping from agent errors to gRPC codes.
@@ -26,7 +29,7 @@ func grpcError(err error) error {
 		return nil
 	case errors.Is(err, spec.ErrInvalid):
 		return status.Error(codes.InvalidArgument, err.Error())
-	case errors.Is(err, errStale):
+	case errors.Is(err, errStale), errors.Is(err, errDeposed):
 		return status.Error(codes.Aborted, err.Error())
 	case errors.Is(err, errBusy), errors.Is(err, errFit):
 		return status.Error(codes.FailedPrecondition, err.Error())
@@ -156,7 +159,12 @@ func (s *agentServer) Assign(ctx context.Context, req *agentv1.AssignRequest) (*
 	if err != nil {
 		return nil, grpcError(err)
 	}
-	err = s.durable(ctx, func() (uint64, error) { return s.a.applyAssignment(as) })
+	err = s.durable(ctx, func() (uint64, error) {
+		if err := s.a.fenced(req.GetCoordinatorTerm()); err != nil {
+			return 0, err
+		}
+		return s.a.applyAssignment(as)
+	})
 	return &agentv1.AssignResponse{}, grpcError(err)
 }
 
@@ -178,7 +186,12 @@ func (s *agentServer) Release(ctx context.Context, req *agentv1.ReleaseRequest) 
 	if req.GetGroupId() == "" {
 		return nil, status.Error(codes.InvalidArgument, "release needs group_id")
 	}
-	err := s.durable(ctx, func() (uint64, error) { return s.a.release(req.GroupId, req.Epoch), nil })
+	err := s.durable(ctx, func() (uint64, error) {
+		if err := s.a.fenced(req.GetCoordinatorTerm()); err != nil {
+			return 0, err
+		}
+		return s.a.release(req.GroupId, req.Epoch), nil
+	})
 	return &agentv1.ReleaseResponse{}, grpcError(err)
 }
 
@@ -186,7 +199,12 @@ func (s *agentServer) Drain(ctx context.Context, req *agentv1.DrainRequest) (*ag
 	if req.GetGroupId() == "" || req.GetEpoch() == 0 {
 		return nil, status.Error(codes.InvalidArgument, "drain needs group_id and epoch")
 	}
-	err := s.durable(ctx, func() (uint64, error) { return s.a.drain(req.GroupId, req.Epoch) })
+	err := s.durable(ctx, func() (uint64, error) {
+		if err := s.a.fenced(req.GetCoordinatorTerm()); err != nil {
+			return 0, err
+		}
+		return s.a.drain(req.GroupId, req.Epoch)
+	})
 	return &agentv1.DrainResponse{}, grpcError(err)
 }
 

@@ -51,6 +51,9 @@ type State struct {
 	// Draining: the coordinator asked this node's head to take no new
 	// requests (scale-in); it stays so across an agent restart.
 	Draining bool `json:"draining,omitempty"`
+	// CoordinatorTerm is the newest coordinator leader's Raft term this node
+	// obeyed; commands from older terms are refused (fencing).
+	CoordinatorTerm uint64 `json:"coordinator_term,omitempty"`
 }
 
 const stateFile = "state.json"

@@ -194,6 +194,7 @@ func (a *Agent) step(now time.Time) time.Time {
 // loop steps on every metrics read of a head; the state rarely changes).
 type persisted struct {
 	as       *Assignment
+	fence    uint64
 	lastTerm uint64
 	draining bool
 	run      *activeRun
@@ -203,7 +204,7 @@ type persisted struct {
 // persist hands the state to the store when it changed; it returns the
 // generation to wait for before answering an API call. Loop only.
 func (a *Agent) persist() uint64 {
-	key := persisted{as: a.loc.As, lastTerm: a.loc.LastTerm, draining: a.loc.Draining, run: a.run}
+	key := persisted{as: a.loc.As, fence: a.fence, lastTerm: a.loc.LastTerm, draining: a.loc.Draining, run: a.run}
 	var records []engine.Record
 	if a.run != nil {
 		records = a.run.r.Status().Records
@@ -212,7 +213,8 @@ func (a *Agent) persist() uint64 {
 	if a.saved.gen > 0 && key == a.saved.key {
 		return a.saved.gen
 	}
-	st := State{NodeID: a.cfg.NodeID, Assignment: a.loc.As, LastTerm: a.loc.LastTerm, Draining: a.loc.Draining, Engines: records}
+	st := State{NodeID: a.cfg.NodeID, Assignment: a.loc.As, LastTerm: a.loc.LastTerm, Draining: a.loc.Draining, Engines: records,
+		CoordinatorTerm: a.fence}
 	if a.run != nil {
 		i := a.run.info
 		st.Run = &RunRecord{Group: i.Group, Epoch: i.Epoch, Term: i.Term, Head: i.Head, Role: i.Role, Plan: a.run.plan, Runtime: a.run.kind}
@@ -303,6 +305,24 @@ const holdForJoin = 15 * time.Second
 // applyAssignment takes a new assignment (loop). A newer epoch replaces the
 // old one at once; the old run is stopped by the next decision and the new
 // epoch's engines start only once it has.
+// fenced checks a coordinator command's Raft term against the newest this
+// node has accepted, and raises that one: a command from an older term (a
+// leader that was deposed and does not know it yet) is refused. Term 0 is a
+// single coordinator's, which no other can depose: accepted. Loop only; the
+// raised term is persisted with the change the command makes, before the
+// answer.
+func (a *Agent) fenced(term uint64) error {
+	if term == 0 {
+		return nil
+	}
+	if term < a.fence {
+		a.am.deposed.Inc()
+		return fmt.Errorf("%w: its Raft term %d is older than term %d, which this node already obeys", errDeposed, term, a.fence)
+	}
+	a.fence = term
+	return nil
+}
+
 func (a *Agent) applyAssignment(as *Assignment) (uint64, error) {
 	if cur := a.loc.As; cur != nil {
 		switch {

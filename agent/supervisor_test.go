@@ -5,8 +5,6 @@ import (
 	"encoding/json"
 	"errors"
 	"fmt"
-	"github.com/shoalhq/shoal/agent/kvrelay"
-	"github.com/shoalhq/shoal/internal/kvevents"
 	"io"
 	"log/slog"
 	"os"
@@ -17,11 +15,15 @@ import (
 	"time"
 
 	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 
+	"github.com/shoalhq/shoal/agent/kvrelay"
 	"github.com/shoalhq/shoal/agent/runner"
 	"github.com/shoalhq/shoal/engine"
 	"github.com/shoalhq/shoal/gossip"
 	"github.com/shoalhq/shoal/gpu"
+	"github.com/shoalhq/shoal/internal/kvevents"
 	agentv1 "github.com/shoalhq/shoal/proto/agent/v1"
 	replicav1 "github.com/shoalhq/shoal/proto/replica/v1"
 	"github.com/shoalhq/shoal/rdma"
@@ -379,6 +381,45 @@ func TestAssignIsDurableBeforeItIsAnswered(t *testing.T) {
 		require.ErrorContains(t, err, "older than the current epoch 3")
 		_, err = h.srv.Assign(context.Background(), oneNode("g9", 1))
 		require.ErrorContains(t, err, "release it first")
+	})
+}
+
+// TestCommandsOfADeposedLeaderAreRefused: once a node obeyed a coordinator
+// leader's term, a command from an older term changes nothing, and the term
+// is on disk before the command that raised it is answered.
+func TestCommandsOfADeposedLeaderAreRefused(t *testing.T) {
+	synctest.Test(t, func(t *testing.T) {
+		h := start(t, &fakeRT{})
+		ctx := context.Background()
+		req := oneNode("g1", 1)
+		req.CoordinatorTerm = 5
+		_, err := h.srv.Assign(ctx, req)
+		require.NoError(t, err)
+		b, err := os.ReadFile(filepath.Join(h.dir, stateFile))
+		require.NoError(t, err)
+		require.Contains(t, string(b), `"coordinator_term": 5`)
+
+		_, err = h.srv.Release(ctx, &agentv1.ReleaseRequest{GroupId: "g1", Epoch: 1, CoordinatorTerm: 4})
+		require.Equal(t, codes.Aborted, status.Code(err))
+		require.ErrorContains(t, err, "deposed coordinator leader: its Raft term 4 is older than term 5")
+		_, err = h.srv.Drain(ctx, &agentv1.DrainRequest{GroupId: "g1", Epoch: 1, CoordinatorTerm: 3})
+		require.ErrorContains(t, err, "deposed")
+		old := oneNode("g1", 2)
+		old.CoordinatorTerm = 4
+		_, err = h.srv.Assign(ctx, old)
+		require.ErrorContains(t, err, "deposed")
+		require.Equal(t, "g1", h.status().Assignment.GetGroupId())
+		require.False(t, h.status().Draining, "the refused drain did nothing")
+		require.Equal(t, uint64(1), h.status().Assignment.GetEpoch(), "the refused assign did nothing")
+
+		// The new leader's term is obeyed and raises the fence.
+		_, err = h.srv.Release(ctx, &agentv1.ReleaseRequest{GroupId: "g1", Epoch: 1, CoordinatorTerm: 6})
+		require.NoError(t, err)
+		require.Nil(t, h.status().Assignment)
+		again := oneNode("g2", 1)
+		again.CoordinatorTerm = 5
+		_, err = h.srv.Assign(ctx, again)
+		require.ErrorContains(t, err, "older than term 6")
 	})
 }
 

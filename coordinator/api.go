@@ -99,12 +99,12 @@ func (s *apiServer) Apply(_ context.Context, req *coordv1.ApplyRequest) (*coordv
 	if prev, perr := s.c.store.Deployment(d.Name); perr == nil && prev.Spec != nil && plan.SpecHash(prev.Spec) != plan.SpecHash(d) {
 		rolling, changed = true, engineChanges(prev.Spec, d)
 		if err := s.c.store.AdoptSpec(d.Name, plan.SpecHash(prev.Spec)); err != nil {
-			return nil, apiError(err)
+			return nil, s.c.storeError(err)
 		}
 	}
 	created, err := s.c.store.PutDeployment(d, string(req.SpecYaml))
 	if err != nil {
-		return nil, apiError(err)
+		return nil, s.c.storeError(err)
 	}
 	verb := "updated"
 	if created {
@@ -186,7 +186,7 @@ func (s *apiServer) DescribeDeployment(_ context.Context, req *coordv1.DescribeD
 
 func (s *apiServer) DeleteDeployment(_ context.Context, req *coordv1.DeleteDeploymentRequest) (*coordv1.DeleteDeploymentResponse, error) {
 	if err := s.c.store.DeleteDeployment(req.Name); err != nil {
-		return nil, apiError(err)
+		return nil, s.c.storeError(err)
 	}
 	s.c.events.add(req.Name, "", "deployment deleted")
 	s.c.poke()

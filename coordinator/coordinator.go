@@ -12,6 +12,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/shoalhq/shoal/coordinator/plan"
+	"github.com/shoalhq/shoal/coordinator/replicate"
 	"github.com/shoalhq/shoal/coordinator/router"
 	"github.com/shoalhq/shoal/coordinator/store"
 	"github.com/shoalhq/shoal/gossip"
@@ -49,6 +50,13 @@ type Config struct {
 	// GossipKeys encrypt gossip; GossipKeyFile keeps keyring changes.
 	GossipKeys    [][]byte
 	GossipKeyFile string
+	// RaftAddr, when set, makes this coordinator a server of a replicated
+	// group (docs/design/ha.md): host:port for Raft. Servers is the initial
+	// set (node-id=host:port each, this one included); RaftProfile the
+	// timeouts (lan, the default, or wan).
+	RaftAddr    string
+	Servers     []replicate.Server
+	RaftProfile string
 }
 
 // Defaults fills unset fields.
@@ -114,6 +122,10 @@ type Coordinator struct {
 	cfg   Config
 	log   *slog.Logger
 	store records
+	// repl is the Raft server of a replicated coordinator; nil for a single one.
+	repl  *replicate.Node
+	snap  snapshotter
+	lconn leaderConns
 	mem   membership
 	// now is the clock of every decision (reconcile, the guard, the
 	// autoscaler, demand); tests inject theirs.
@@ -165,6 +177,7 @@ func New(cfg Config) *Coordinator {
 		return v
 	}
 	c.cm = newClusterMetrics(c, c.reg)
+	c.reg.MustRegister(newRaftMetrics(c))
 	c.asDesired = g("shoal_autoscaler_desired_replicas", "Replicas the autoscaler wants.")
 	c.asCurrent = g("shoal_autoscaler_current_replicas", "Replica groups that exist (not draining).")
 	c.asValue = g("shoal_autoscaler_metric_value", "The scaling metric's per-replica value the last decision used.")
@@ -190,12 +203,33 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	if err := mkdir(c.cfg.DataDir); err != nil {
 		return err
 	}
-	st, err := store.Open(c.cfg.DataDir + "/coordinator.db")
-	if err != nil {
-		return err
+	if c.cfg.RaftAddr != "" {
+		rc := replicate.Config{ID: c.cfg.NodeID, Addr: c.cfg.RaftAddr, Dir: filepath.Join(c.cfg.DataDir, "raft"),
+			Servers: c.cfg.Servers, Profile: c.cfg.RaftProfile, Legacy: filepath.Join(c.cfg.DataDir, "coordinator.db"), Logger: c.cfg.Logger}
+		if c.cfg.TLS != nil {
+			var err error
+			if rc.ServerTLS, rc.ClientTLS, err = c.cfg.TLS.PeerTLS(security.RoleCoordinator); err != nil {
+				return err
+			}
+		}
+		n, err := replicate.Open(rc)
+		if err != nil {
+			return err
+		}
+		defer n.Close()
+		c.store, c.repl, c.snap = n, n, n
+	} else {
+		st, err := store.Open(c.cfg.DataDir + "/coordinator.db")
+		if err != nil {
+			return err
+		}
+		defer st.Close()
+		if _, err := st.InitClusterID(randomClusterID()); err != nil {
+			return err
+		}
+		c.store, c.snap = st, localSnapshots{st}
 	}
-	defer st.Close()
-	c.store = st
+	defer c.lconn.close()
 	c.started = c.now()
 	peers := &gossip.PeerFile{Path: filepath.Join(c.cfg.DataDir, "peers.json")}
 	if c.mem == nil {
@@ -210,7 +244,7 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	if err != nil {
 		return fmt.Errorf("coordinator api: %w", err)
 	}
-	srv := grpc.NewServer(c.cfg.TLS.ServerOptions(security.CoordinatorPolicy, true)...)
+	srv := grpc.NewServer(append(c.cfg.TLS.ServerOptions(security.CoordinatorPolicy, true), grpc.ChainUnaryInterceptor(c.forward))...)
 	coordv1.RegisterCoordinatorServer(srv, &apiServer{c: c})
 	var httpSrv *router.Server
 	if c.cfg.RouterAddr != "" {
@@ -247,7 +281,7 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	go func() { defer wg.Done(); peers.Keep(ctx, c.mem, c.log) }()
 	wg.Add(1)
 	go func() { defer wg.Done(); c.rejoin(ctx, peers) }()
-	c.log.Info("coordinator running", "api", c.cfg.APIAddr, "router", c.cfg.RouterAddr, "gossip", c.mem.Addr())
+	c.log.Info("coordinator running", "api", c.cfg.APIAddr, "router", c.cfg.RouterAddr, "gossip", c.mem.Addr(), "raft", c.cfg.RaftAddr)
 	if c.cfg.Ready != nil {
 		go func() {
 			select {
@@ -278,6 +312,7 @@ func (c *Coordinator) Run(ctx context.Context) error {
 		case <-t.C:
 		case <-c.wake:
 		case <-c.mem.Changes():
+		case <-c.leaderChanges():
 		case <-guardWake.C:
 		}
 	}

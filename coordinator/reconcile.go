@@ -32,6 +32,16 @@ func (c *Coordinator) reconcile(ctx context.Context) (time.Time, error) {
 		return time.Time{}, err
 	}
 	p := plan.Compute(snap)
+	if !c.leading() {
+		// A follower acts on nothing: it only keeps its router's view of
+		// the heads (the leader's groups, as its copy of the store has them).
+		c.mu.Lock()
+		c.short = p.Short
+		c.mu.Unlock()
+		c.heads.Sync(p.Heads)
+		c.rebuildTable()
+		return c.guard.Wake(), nil
+	}
 	c.apply(ctx, p)
 	return c.guard.Wake(), nil
 }
@@ -140,6 +150,10 @@ func (c *Coordinator) headViews() map[string]plan.HeadView {
 
 // apply carries out a plan: store first, then the calls. Loop only.
 func (c *Coordinator) apply(ctx context.Context, p *plan.Plan) {
+	// Every call carries the term this leader leads in, taken before the
+	// writes: if leadership is lost meanwhile the writes fail, and agents
+	// that obeyed a newer leader refuse the calls.
+	term := c.fenceTerm()
 	failed := map[string]bool{} // groups whose write failed are left out of every call
 	for _, g := range p.Put {
 		if err := c.store.PutGroup(g); err != nil {
@@ -167,15 +181,15 @@ func (c *Coordinator) apply(ctx context.Context, p *plan.Plan) {
 	c.mu.Unlock()
 	for _, a := range p.Assign {
 		if !failed[a.Group.ID] {
-			c.assign(a)
+			c.assign(a, term)
 		}
 	}
 	for _, r := range p.Release {
-		c.release(r)
+		c.release(r, term)
 	}
 	for _, d := range p.Drain {
 		if !failed[d.Group] {
-			c.drainCall(d)
+			c.drainCall(d, term)
 		}
 	}
 	c.noteFailures(ctx)
@@ -184,7 +198,7 @@ func (c *Coordinator) apply(ctx context.Context, p *plan.Plan) {
 }
 
 // assign tells one member its assignment, in the background.
-func (c *Coordinator) assign(a plan.Assign) {
+func (c *Coordinator) assign(a plan.Assign, term uint64) {
 	g := a.Group
 	pa := &agentv1.Assignment{Deployment: g.Deployment, GroupId: g.ID, Epoch: g.Epoch, SpecJson: a.Spec.JSON()}
 	var addr string
@@ -195,7 +209,7 @@ func (c *Coordinator) assign(a plan.Assign) {
 		}
 	}
 	c.calls.call(a.Node, addr, "assign", func(ctx context.Context, cl agentv1.AgentClient) error {
-		_, err := cl.Assign(ctx, &agentv1.AssignRequest{Assignment: pa})
+		_, err := cl.Assign(ctx, &agentv1.AssignRequest{Assignment: pa, CoordinatorTerm: term})
 		return err
 	}, func(err error) {
 		c.events.add(g.Deployment, "assign/"+a.Node, "assign %s to %s epoch %d failed: %v", a.Node, g.ID, g.Epoch, err)
@@ -203,17 +217,17 @@ func (c *Coordinator) assign(a plan.Assign) {
 }
 
 // release tells a node to drop a group it is no longer part of.
-func (c *Coordinator) release(r plan.Release) {
+func (c *Coordinator) release(r plan.Release, term uint64) {
 	c.calls.call(r.Node, r.Addr, "release", func(ctx context.Context, cl agentv1.AgentClient) error {
-		_, err := cl.Release(ctx, &agentv1.ReleaseRequest{GroupId: r.Group, Epoch: r.Epoch})
+		_, err := cl.Release(ctx, &agentv1.ReleaseRequest{GroupId: r.Group, Epoch: r.Epoch, CoordinatorTerm: term})
 		return err
 	}, nil)
 }
 
 // drainCall asks a member of a draining group to take no new requests.
-func (c *Coordinator) drainCall(d plan.Call) {
+func (c *Coordinator) drainCall(d plan.Call, term uint64) {
 	c.calls.call(d.Node, d.Addr, "drain", func(ctx context.Context, cl agentv1.AgentClient) error {
-		_, err := cl.Drain(ctx, &agentv1.DrainRequest{GroupId: d.Group, Epoch: d.Epoch})
+		_, err := cl.Drain(ctx, &agentv1.DrainRequest{GroupId: d.Group, Epoch: d.Epoch, CoordinatorTerm: term})
 		return err
 	}, nil)
 }
@@ -242,6 +256,12 @@ func (c *Coordinator) noteFailures(context.Context) {
 
 // failureNoteEvery bounds how often a failed member is asked why.
 const failureNoteEvery = 3 * time.Second
+
+func randomClusterID() string {
+	b := make([]byte, 8)
+	_, _ = rand.Read(b)
+	return hex.EncodeToString(b)
+}
 
 func randomSuffix() string {
 	b := make([]byte, 3)

@@ -28,6 +28,9 @@ func (c *Coordinator) autoscaleLoop(ctx context.Context) {
 			return
 		case <-t.C:
 		}
+		if !c.leading() {
+			continue // the leader's autoscaler decides
+		}
 		if err := c.autoscaleOnce(c.now()); err != nil {
 			c.log.Warn("autoscale", "err", err)
 		}

@@ -47,10 +47,18 @@ var (
 		"/shoal.replica.v1.Replica/": {RoleCoordinator, RoleRouter},
 		"/grpc.health.v1.Health/":    {RoleCoordinator, RoleRouter, RoleAgent, RoleCLI},
 	}
+	// The writes a follower coordinator forwards to the leader are also
+	// allowed to the coordinator role (the follower checked the caller).
 	CoordinatorPolicy = Policy{
-		"/shoal.coordinator.v1.Coordinator/":                {RoleCLI},
-		"/shoal.coordinator.v1.Coordinator/Demand":          {RoleCLI, RoleRouter},
-		"/shoal.coordinator.v1.Coordinator/ListDeployments": {RoleCLI, RoleRouter},
+		"/shoal.coordinator.v1.Coordinator/":                 {RoleCLI},
+		"/shoal.coordinator.v1.Coordinator/Demand":           {RoleCLI, RoleRouter, RoleCoordinator},
+		"/shoal.coordinator.v1.Coordinator/ListDeployments":  {RoleCLI, RoleRouter},
+		"/shoal.coordinator.v1.Coordinator/Apply":            {RoleCLI, RoleCoordinator},
+		"/shoal.coordinator.v1.Coordinator/DeleteDeployment": {RoleCLI, RoleCoordinator},
+		"/shoal.coordinator.v1.Coordinator/RaftAddPeer":      {RoleCLI, RoleCoordinator},
+		"/shoal.coordinator.v1.Coordinator/RaftRemovePeer":   {RoleCLI, RoleCoordinator},
+		"/shoal.coordinator.v1.Coordinator/ReadIndex":        {RoleCoordinator},
+		"/shoal.coordinator.v1.Coordinator/SnapshotRestore":  {RoleCLI, RoleCoordinator},
 	}
 )
 

@@ -6,12 +6,16 @@ import (
 	"crypto/x509"
 	"errors"
 	"fmt"
+	"net"
 	"os"
+	"strings"
 	"sync"
 
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/credentials"
 	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/resolver"
+	"google.golang.org/grpc/resolver/manual"
 )
 
 // Options say where a daemon or the CLI finds its TLS material: a directory
@@ -209,9 +213,30 @@ func (t *TLS) DialOptions() []grpc.DialOption {
 	return opts
 }
 
-// Dial is grpc.NewClient with this process's credentials.
+// Dial is grpc.NewClient with this process's credentials. addr may be a
+// comma-separated list (the servers of a replicated coordinator): the
+// connection uses the first that answers and moves on when it goes away.
 func (t *TLS) Dial(addr string) (*grpc.ClientConn, error) {
-	return grpc.NewClient(addr, t.DialOptions()...)
+	var addrs []string
+	for _, a := range strings.Split(addr, ",") {
+		if a = strings.TrimSpace(a); a != "" {
+			addrs = append(addrs, a)
+		}
+	}
+	if len(addrs) <= 1 {
+		return grpc.NewClient(strings.TrimSpace(addr), t.DialOptions()...)
+	}
+	r := manual.NewBuilderWithScheme("shoal-servers")
+	var st resolver.State
+	for _, a := range addrs {
+		host, _, err := net.SplitHostPort(a)
+		if err != nil {
+			return nil, fmt.Errorf("address %q in the list: %w", a, err)
+		}
+		st.Addresses = append(st.Addresses, resolver.Address{Addr: a, ServerName: host})
+	}
+	r.InitialState(st)
+	return grpc.NewClient(r.Scheme()+":///"+addrs[0], append(t.DialOptions(), grpc.WithResolvers(r))...)
 }
 
 type bearer string

@@ -56,6 +56,9 @@ func clientError(addr string, err error) error {
 	if st, ok := status.FromError(err); ok && err != nil {
 		switch st.Code() {
 		case codes.Unavailable:
+			if msg := st.Message(); strings.Contains(msg, "coordinator leader") {
+				return errors.New(msg) // the coordinators answered: no leader, or it changed
+			}
 			return fmt.Errorf("cannot reach the coordinator at %s (or the node behind it): is `shoal coordinator` running? (set --coordinator or SHOAL_COORDINATOR): %s", addr, st.Message())
 		case codes.DeadlineExceeded:
 			return fmt.Errorf("the coordinator at %s did not answer in time", addr)
@@ -163,11 +166,23 @@ func getCommand() *cli.Command {
 	return &cli.Command{
 		Name:      "get",
 		Usage:     "list nodes, deployments or replicas",
-		ArgsUsage: "nodes|deployments|replicas [-o json]",
+		ArgsUsage: "nodes|deployments|replicas|coordinators [-o json]",
 		Action: func(c *cli.Context) error {
-			return fmt.Errorf("get what? one of: nodes, deployments, replicas (got %q)", c.Args().First())
+			return fmt.Errorf("get what? one of: nodes, deployments, replicas, coordinators (got %q)", c.Args().First())
 		},
 		Subcommands: []*cli.Command{
+			sub("coordinators", []string{"coordinator", "servers"}, "list the coordinator servers (the Raft group) and their state",
+				func(c *cli.Context, ctx context.Context, cl coordv1.CoordinatorClient, json bool) error {
+					resp, err := cl.Coordinators(ctx, &coordv1.CoordinatorsRequest{})
+					if err != nil {
+						return err
+					}
+					if json {
+						return printJSON(c.App.Writer, resp)
+					}
+					printCoordinators(c.App.Writer, resp)
+					return nil
+				}),
 			sub("nodes", []string{"node", "no"}, "list the agents in the cluster", func(c *cli.Context, ctx context.Context, cl coordv1.CoordinatorClient, json bool) error {
 				resp, err := cl.ListNodes(ctx, &coordv1.ListNodesRequest{})
 				if err != nil {

@@ -1,6 +1,7 @@
 package main
 
 import (
+	"errors"
 	"fmt"
 	"log/slog"
 	"net"
@@ -10,6 +11,7 @@ import (
 
 	"github.com/shoalhq/shoal/agent"
 	"github.com/shoalhq/shoal/coordinator"
+	"github.com/shoalhq/shoal/coordinator/replicate"
 	"github.com/shoalhq/shoal/coordinator/router"
 	"github.com/shoalhq/shoal/gpu"
 	"github.com/shoalhq/shoal/internal/bytesize"
@@ -98,6 +100,12 @@ func coordinatorCommand() *cli.Command {
 			&cli.StringFlag{Name: "router", Value: "127.0.0.1:8080", EnvVars: []string{"SHOAL_ROUTER_ADDR"}, Usage: "OpenAI HTTP address (\"\" disables)"},
 			&cli.StringFlag{Name: "data-dir", Value: "/var/lib/shoal-coordinator", EnvVars: []string{"SHOAL_DATA_DIR"}},
 			&cli.StringFlag{Name: "cli-tokens-file", EnvVars: []string{"SHOAL_CLI_TOKENS_FILE"}, Usage: "hashed CLI tokens, \"NAME SHA256\" per line (`shoal tls token create`); reloaded on SIGHUP"},
+			&cli.StringFlag{Name: "raft-addr", EnvVars: []string{"SHOAL_RAFT_ADDR"},
+				Usage: "replicate the store over Raft with the other coordinators, on this host:port (\"\": a single coordinator)"},
+			&cli.StringSliceFlag{Name: "servers", EnvVars: []string{"SHOAL_SERVERS"},
+				Usage: "the initial Raft servers, node-id=host:port each (their --node-id and --raft-addr), this one included; the same list on every server. Empty: resume the group in --data-dir, or wait to be added (`shoal operator raft add-peer`)"},
+			&cli.StringFlag{Name: "raft-profile", Value: "lan", EnvVars: []string{"SHOAL_RAFT_PROFILE"},
+				Usage: "Raft timeouts: lan (a leader's loss noticed in 0.5–1 s) or wan (hashicorp/raft's defaults, 1–2 s)"},
 			apiKeysFlag, noAPIKeysFlag, idleTimeoutFlag, totalTimeoutFlag, holdForFlag, retriesFlag, ejectAfterFlag, kvIndexBlocksFlag,
 			allowedOriginsFlag, allowedMethodsFlag, allowedHeadersFlag, allowCredentialsFlag,
 		},
@@ -138,7 +146,14 @@ func coordinatorCommand() *cli.Command {
 				}
 			}
 			loadTokens()
-			co := coordinator.New(coordinator.Config{NodeID: c.String("node-id"), Cluster: c.String("cluster"), Address: c.String("address"),
+			servers, err := replicate.ParseServers(c.StringSlice("servers"))
+			if err != nil {
+				return fmt.Errorf("--servers: %w", err)
+			}
+			if len(servers) > 0 && c.String("raft-addr") == "" {
+				return errors.New("--servers needs --raft-addr (this server's Raft address, as the list names it)")
+			}
+			co := coordinator.New(coordinator.Config{RaftAddr: c.String("raft-addr"), Servers: servers, RaftProfile: c.String("raft-profile"), NodeID: c.String("node-id"), Cluster: c.String("cluster"), Address: c.String("address"),
 				GossipPort: c.Int("gossip-port"), Join: c.StringSlice("join"), GossipProfile: c.String("gossip-profile"),
 				APIAddr: c.String("api"), RouterAddr: c.String("router"), MetricsAddr: c.String("metrics-addr"), DataDir: c.String("data-dir"), Router: rc, Logger: log,
 				TLS: tl, GossipKeys: keys, GossipKeyFile: kf, Ready: sdReady(log)})

@@ -17,6 +17,8 @@ import (
 var (
 	bucketDeployments = []byte("deployments")
 	bucketGroups      = []byte("groups")
+	bucketMeta        = []byte("meta")
+	keyClusterID      = []byte("cluster_id")
 )
 
 // ErrNotFound is returned for a deployment or group that does not exist.
@@ -77,7 +79,7 @@ func Open(path string) (*Store, error) {
 		return nil, fmt.Errorf("open store %s: %w", path, err)
 	}
 	err = db.Update(func(tx *bolt.Tx) error {
-		for _, b := range [][]byte{bucketDeployments, bucketGroups} {
+		for _, b := range [][]byte{bucketDeployments, bucketGroups, bucketMeta} {
 			if _, err := tx.CreateBucketIfNotExists(b); err != nil {
 				return err
 			}
@@ -107,9 +109,15 @@ func EngineSettings(d *spec.Deployment) string {
 
 // PutDeployment creates or updates a deployment; created reports which.
 func (s *Store) PutDeployment(d *spec.Deployment, yaml string) (created bool, err error) {
+	return s.PutDeploymentAt(d, yaml, time.Now())
+}
+
+// PutDeploymentAt is PutDeployment with the time of the change given (a
+// replicated store applies the leader's time on every server).
+func (s *Store) PutDeploymentAt(d *spec.Deployment, yaml string, at time.Time) (created bool, err error) {
 	err = s.db.Update(func(tx *bolt.Tx) error {
 		b := tx.Bucket(bucketDeployments)
-		now := time.Now().UTC()
+		now := at.UTC()
 		rec := DeploymentRecord{Name: d.Name, SpecYAML: yaml, Spec: d, Created: now, Updated: now}
 		if old := b.Get([]byte(d.Name)); old != nil {
 			var prev DeploymentRecord
@@ -231,4 +239,123 @@ func (s *Store) Groups() ([]*Group, error) {
 		return out[i].ID < out[j].ID
 	})
 	return out, err
+}
+
+// ClusterID is the cluster's identity (a random id given when its store was
+// first made); "" until one is set.
+func (s *Store) ClusterID() (string, error) {
+	var id string
+	err := s.db.View(func(tx *bolt.Tx) error {
+		id = string(tx.Bucket(bucketMeta).Get(keyClusterID))
+		return nil
+	})
+	return id, err
+}
+
+// InitClusterID sets the cluster's identity unless it has one; it returns
+// the identity the store holds after.
+func (s *Store) InitClusterID(id string) (string, error) {
+	err := s.db.Update(func(tx *bolt.Tx) error {
+		b := tx.Bucket(bucketMeta)
+		if cur := b.Get(keyClusterID); cur != nil {
+			id = string(cur)
+			return nil
+		}
+		return b.Put(keyClusterID, []byte(id))
+	})
+	return id, err
+}
+
+// Dump is every record of a store: a replicated store's snapshot, and what
+// `shoal operator snapshot save` writes.
+type Dump struct {
+	ClusterID   string              `json:"cluster_id,omitempty"`
+	Deployments []*DeploymentRecord `json:"deployments"`
+	Groups      []*Group            `json:"groups"`
+}
+
+// Dump reads every record in one transaction.
+func (s *Store) Dump() (*Dump, error) {
+	d := &Dump{}
+	err := s.db.View(func(tx *bolt.Tx) error {
+		d.ClusterID = string(tx.Bucket(bucketMeta).Get(keyClusterID))
+		if err := tx.Bucket(bucketDeployments).ForEach(func(_, v []byte) error {
+			rec := &DeploymentRecord{}
+			if err := json.Unmarshal(v, rec); err != nil {
+				return err
+			}
+			d.Deployments = append(d.Deployments, rec)
+			return nil
+		}); err != nil {
+			return err
+		}
+		return tx.Bucket(bucketGroups).ForEach(func(_, v []byte) error {
+			g := &Group{}
+			if err := json.Unmarshal(v, g); err != nil {
+				return err
+			}
+			d.Groups = append(d.Groups, g)
+			return nil
+		})
+	})
+	return d, err
+}
+
+// Empty reports whether the store holds no deployment and no group.
+func (s *Store) Empty() (bool, error) {
+	empty := true
+	err := s.db.View(func(tx *bolt.Tx) error {
+		for _, b := range [][]byte{bucketDeployments, bucketGroups} {
+			if k, _ := tx.Bucket(b).Cursor().First(); k != nil {
+				empty = false
+			}
+		}
+		return nil
+	})
+	return empty, err
+}
+
+// Replace makes the store hold exactly d's records, in one transaction (the
+// cluster's identity too, when d has one).
+func (s *Store) Replace(d *Dump) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		if d.ClusterID != "" {
+			if err := tx.Bucket(bucketMeta).Put(keyClusterID, []byte(d.ClusterID)); err != nil {
+				return err
+			}
+		}
+		for _, name := range [][]byte{bucketDeployments, bucketGroups} {
+			if err := tx.DeleteBucket(name); err != nil && !errors.Is(err, bolt.ErrBucketNotFound) {
+				return err
+			}
+			if _, err := tx.CreateBucket(name); err != nil {
+				return err
+			}
+		}
+		for _, rec := range d.Deployments {
+			if rec == nil || rec.Name == "" {
+				return errors.New("a deployment record without a name")
+			}
+			v, err := json.Marshal(rec)
+			if err != nil {
+				return err
+			}
+			if err := tx.Bucket(bucketDeployments).Put([]byte(rec.Name), v); err != nil {
+				return err
+			}
+		}
+		for _, g := range d.Groups {
+			if g == nil || g.ID == "" {
+				return errors.New("a group record without an id")
+			}
+			v, err := json.Marshal(g)
+			if err != nil {
+				return err
+			}
+			if err := tx.Bucket(bucketGroups).Put([]byte(g.ID), v); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
 }

@@ -14,6 +14,7 @@ import (
 	"os/exec"
 	"path/filepath"
 	"strconv"
+	"strings"
 	"syscall"
 	"time"
 
@@ -58,6 +59,20 @@ type Config struct {
 	CheckModels bool
 	Profile     string
 	Log         io.Writer
+	// Servers, when set, run a replicated coordinator of these servers
+	// (Raft) instead of the single one: the first is the one CoordIP,
+	// GossipPort, APIAddr and RouterAddr describe (its built-in router is
+	// the cluster's); the others run no router.
+	Servers []Server
+}
+
+// Server is one coordinator server of a replicated dev cluster.
+type Server struct {
+	Name   string // its node id: coordinator-1, …
+	IP     string
+	Gossip int
+	API    string
+	Raft   string // host:port
 }
 
 // Defaults fills the single-machine defaults `shoal dev` uses.
@@ -95,6 +110,7 @@ func (c *Config) Defaults() {
 type Cluster struct {
 	cfg    Config
 	coord  *proc
+	coords map[string]*proc // a replicated coordinator's servers
 	agents map[string]*proc
 	order  []string
 	extra  []*proc // standalone routers
@@ -136,11 +152,18 @@ func Start(cfg Config) (*Cluster, error) {
 			return nil, err
 		}
 	}
-	c := &Cluster{cfg: cfg, agents: map[string]*proc{}}
+	c := &Cluster{cfg: cfg, agents: map[string]*proc{}, coords: map[string]*proc{}}
 	if err := c.setupSecurity(); err != nil {
 		return nil, fmt.Errorf("dev cluster certificates: %w", err)
 	}
-	if err := c.StartCoordinator(); err != nil {
+	if len(cfg.Servers) > 0 {
+		for i := range cfg.Servers {
+			if err := c.StartServer(i); err != nil {
+				c.Stop()
+				return nil, err
+			}
+		}
+	} else if err := c.StartCoordinator(); err != nil {
 		return nil, err
 	}
 	for i := 0; i < cfg.Agents; i++ {
@@ -176,6 +199,65 @@ func (c *Cluster) StartCoordinator() error {
 	return err
 }
 
+// StartServer (re)starts coordinator server i of a replicated cluster, with
+// its data directory.
+func (c *Cluster) StartServer(i int) error {
+	sv := c.cfg.Servers[i]
+	sec, err := c.securityArgs(sv.Name, &security.CertRequest{Role: security.RoleCoordinator, Name: sv.Name, IPs: []string{sv.IP}})
+	if err != nil {
+		return err
+	}
+	var list []string
+	for _, o := range c.cfg.Servers {
+		list = append(list, o.Name+"="+o.Raft)
+	}
+	router := ""
+	if i == 0 {
+		router = c.cfg.RouterAddr
+	}
+	args := []string{"coordinator", "--node-id", sv.Name, "--address", sv.IP, "--gossip-port", strconv.Itoa(sv.Gossip),
+		"--join", c.joinList(), "--api", sv.API, "--router=" + router, "--data-dir", filepath.Join(c.cfg.Dir, sv.Name),
+		"--gossip-profile", c.cfg.Profile, "--metrics-addr=", "--no-api-keys", "--raft-addr", sv.Raft, "--servers", strings.Join(list, ",")}
+	p, err := c.spawn(sv.Name, nil, append(args, sec...)...)
+	if err != nil {
+		return err
+	}
+	c.coords[sv.Name] = p
+	return nil
+}
+
+// KillServer SIGKILLs coordinator server name, as its host dying would.
+func (c *Cluster) KillServer(name string) {
+	if p := c.coords[name]; p != nil {
+		signalAll([]*proc{p}, syscall.SIGKILL)
+		waitAll([]*proc{p}, 5*time.Second)
+	}
+}
+
+// joinList is where processes join the gossip: every coordinator.
+func (c *Cluster) joinList() string {
+	if len(c.cfg.Servers) == 0 {
+		return net.JoinHostPort(c.cfg.CoordIP, strconv.Itoa(c.cfg.GossipPort))
+	}
+	var out []string
+	for _, s := range c.cfg.Servers {
+		out = append(out, net.JoinHostPort(s.IP, strconv.Itoa(s.Gossip)))
+	}
+	return strings.Join(out, ",")
+}
+
+// apiList is the coordinator API address(es) a client is given.
+func (c *Cluster) apiList() string {
+	if len(c.cfg.Servers) == 0 {
+		return c.cfg.APIAddr
+	}
+	var out []string
+	for _, s := range c.cfg.Servers {
+		out = append(out, s.API)
+	}
+	return strings.Join(out, ",")
+}
+
 // StartRouter starts a standalone `shoal router` named name on ip, listening
 // on listen, joined to the coordinator's gossip.
 func (c *Cluster) StartRouter(name, ip, listen string) error {
@@ -184,7 +266,7 @@ func (c *Cluster) StartRouter(name, ip, listen string) error {
 		return err
 	}
 	p, err := c.spawn(name, nil, append([]string{"router", "--address", ip, "--listen", listen, "--node-id", name,
-		"--join", net.JoinHostPort(c.cfg.CoordIP, strconv.Itoa(c.cfg.GossipPort)), "--gossip-profile", c.cfg.Profile, "--no-api-keys"}, sec...)...)
+		"--join", c.joinList(), "--gossip-profile", c.cfg.Profile, "--no-api-keys"}, sec...)...)
 	if err != nil {
 		return err
 	}
@@ -197,7 +279,7 @@ func (c *Cluster) StartAgent(i int) error {
 	id := NodeID(i)
 	env := append([]string{"SHOAL_MOCK_GPU_FAULTS=" + c.FaultsFile(i)}, c.cfg.SimEnv...)
 	args := []string{"agent", "--node-id", id, "--address", c.AgentIP(i),
-		"--join", net.JoinHostPort(c.cfg.CoordIP, strconv.Itoa(c.cfg.GossipPort)), "--state-dir", filepath.Join(c.cfg.Dir, id),
+		"--join", c.joinList(), "--state-dir", filepath.Join(c.cfg.Dir, id),
 		"--gpu-backend", "mock:h200x8", "--ray-bin", filepath.Join(c.cfg.Dir, "bin", "ray"), "--vllm-bin", filepath.Join(c.cfg.Dir, "bin", "vllm"),
 		"--python-bin", filepath.Join(c.cfg.Dir, "bin", "python3"),
 		"--gossip-profile", c.cfg.Profile, "--stop-grace", "2s", "--restart-backoff", "500ms",
@@ -387,12 +469,14 @@ func (c *Cluster) Stop() {
 	}
 	signalAll(all, syscall.SIGKILL)
 	signalAll(c.extra, syscall.SIGKILL)
-	if c.coord != nil {
-		signalAll([]*proc{c.coord}, syscall.SIGTERM)
-		waitAll([]*proc{c.coord}, 5*time.Second)
-		signalAll([]*proc{c.coord}, syscall.SIGKILL)
+	coords := []*proc{c.coord}
+	for _, p := range c.coords {
+		coords = append(coords, p)
 	}
-	waitAll(append(all, c.coord), 3*time.Second)
+	signalAll(coords, syscall.SIGTERM)
+	waitAll(coords, 5*time.Second)
+	signalAll(coords, syscall.SIGKILL)
+	waitAll(append(all, coords...), 3*time.Second)
 }
 
 func signalAll(ps []*proc, sig syscall.Signal) {

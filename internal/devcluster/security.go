@@ -72,9 +72,9 @@ func (c *Cluster) securityArgs(name string, req *security.CertRequest) ([]string
 // ClientEnv is the environment the CLI needs to reach this cluster.
 func (c *Cluster) ClientEnv() []string {
 	if c.cfg.Insecure {
-		return []string{"SHOAL_INSECURE=1", "SHOAL_COORDINATOR=" + c.cfg.APIAddr}
+		return []string{"SHOAL_INSECURE=1", "SHOAL_COORDINATOR=" + c.apiList()}
 	}
-	return []string{"SHOAL_TLS_DIR=" + c.tlsDir("cli"), "SHOAL_COORDINATOR=" + c.cfg.APIAddr}
+	return []string{"SHOAL_TLS_DIR=" + c.tlsDir("cli"), "SHOAL_COORDINATOR=" + c.apiList()}
 }
 
 // ClientTLSDir holds the CLI's certificate ("" when insecure).

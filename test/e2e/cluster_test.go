@@ -11,6 +11,7 @@ import (
 	"os"
 	"os/exec"
 	"path/filepath"
+	"strconv"
 	"strings"
 	"testing"
 	"time"
@@ -67,14 +68,23 @@ func startCluster(t *testing.T, subnet, n int, opts ...func(*devcluster.Config))
 	for _, o := range opts {
 		o(&cfg)
 	}
+	e.api, e.router = cfg.APIAddr, cfg.RouterAddr
+	e.gossip = net.JoinHostPort(cfg.CoordIP, strconv.Itoa(cfg.GossipPort))
+	for i, s := range cfg.Servers {
+		if i > 0 {
+			e.gossip += "," + net.JoinHostPort(s.IP, strconv.Itoa(s.Gossip))
+		}
+	}
 	c, err := devcluster.Start(cfg)
 	require.NoError(t, err)
 	e.c = c
 	t.Cleanup(func() {
 		c.Stop()
 		if t.Failed() {
-			for _, f := range []string{"coordinator", "node-1", "node-2", "node-3", "node-4", "node-5"} {
-				b, _ := os.ReadFile(filepath.Join(dir, "logs", f+".log"))
+			logs, _ := filepath.Glob(filepath.Join(dir, "logs", "*.log"))
+			for _, p := range logs {
+				f := strings.TrimSuffix(filepath.Base(p), ".log")
+				b, _ := os.ReadFile(p)
 				lines := strings.Split(string(b), "\n")
 				t.Logf("---- %s (last lines)\n%s", f, strings.Join(lines[max(0, len(lines)-25):], "\n"))
 			}

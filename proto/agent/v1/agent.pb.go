@@ -282,11 +282,16 @@ func (x *Assignment) GetSpecJson() []byte {
 	return nil
 }
 
+// coordinator_term, on Assign, Release and Drain, is the Raft term of the
+// coordinator leader that sent the command (0: a single coordinator, not
+// fenced). An agent refuses a command whose term is older than the newest
+// it has accepted: a deposed leader cannot place or release anything.
 type AssignRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	Assignment    *Assignment            `protobuf:"bytes,1,opt,name=assignment,proto3" json:"assignment,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	Assignment      *Assignment            `protobuf:"bytes,1,opt,name=assignment,proto3" json:"assignment,omitempty"`
+	CoordinatorTerm uint64                 `protobuf:"varint,2,opt,name=coordinator_term,json=coordinatorTerm,proto3" json:"coordinator_term,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *AssignRequest) Reset() {
@@ -324,6 +329,13 @@ func (x *AssignRequest) GetAssignment() *Assignment {
 		return x.Assignment
 	}
 	return nil
+}
+
+func (x *AssignRequest) GetCoordinatorTerm() uint64 {
+	if x != nil {
+		return x.CoordinatorTerm
+	}
+	return 0
 }
 
 type AssignResponse struct {
@@ -366,9 +378,10 @@ type ReleaseRequest struct {
 	state   protoimpl.MessageState `protogen:"open.v1"`
 	GroupId string                 `protobuf:"bytes,1,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"`
 	// epoch, when non-zero, releases only that epoch (a stale release is ignored).
-	Epoch         uint64 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	Epoch           uint64 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	CoordinatorTerm uint64 `protobuf:"varint,3,opt,name=coordinator_term,json=coordinatorTerm,proto3" json:"coordinator_term,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *ReleaseRequest) Reset() {
@@ -415,6 +428,13 @@ func (x *ReleaseRequest) GetEpoch() uint64 {
 	return 0
 }
 
+func (x *ReleaseRequest) GetCoordinatorTerm() uint64 {
+	if x != nil {
+		return x.CoordinatorTerm
+	}
+	return 0
+}
+
 type ReleaseResponse struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	unknownFields protoimpl.UnknownFields
@@ -452,11 +472,12 @@ func (*ReleaseResponse) Descriptor() ([]byte, []int) {
 }
 
 type DrainRequest struct {
-	state         protoimpl.MessageState `protogen:"open.v1"`
-	GroupId       string                 `protobuf:"bytes,1,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"`
-	Epoch         uint64                 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	GroupId         string                 `protobuf:"bytes,1,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"`
+	Epoch           uint64                 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	CoordinatorTerm uint64                 `protobuf:"varint,3,opt,name=coordinator_term,json=coordinatorTerm,proto3" json:"coordinator_term,omitempty"`
+	unknownFields   protoimpl.UnknownFields
+	sizeCache       protoimpl.SizeCache
 }
 
 func (x *DrainRequest) Reset() {
@@ -499,6 +520,13 @@ func (x *DrainRequest) GetGroupId() string {
 func (x *DrainRequest) GetEpoch() uint64 {
 	if x != nil {
 		return x.Epoch
+	}
+	return 0
+}
+
+func (x *DrainRequest) GetCoordinatorTerm() uint64 {
+	if x != nil {
+		return x.CoordinatorTerm
 	}
 	return 0
 }
@@ -834,19 +862,22 @@ const file_agent_v1_agent_proto_rawDesc = "" +
 	"\x05epoch\x18\x03 \x01(\x04R\x05epoch\x12\x12\n" +
 	"\x04rank\x18\x04 \x01(\x05R\x04rank\x120\n" +
 	"\amembers\x18\x05 \x03(\v2\x16.shoal.agent.v1.MemberR\amembers\x12\x1b\n" +
-	"\tspec_json\x18\x06 \x01(\fR\bspecJson\"K\n" +
+	"\tspec_json\x18\x06 \x01(\fR\bspecJson\"v\n" +
 	"\rAssignRequest\x12:\n" +
 	"\n" +
 	"assignment\x18\x01 \x01(\v2\x1a.shoal.agent.v1.AssignmentR\n" +
-	"assignment\"\x10\n" +
-	"\x0eAssignResponse\"A\n" +
+	"assignment\x12)\n" +
+	"\x10coordinator_term\x18\x02 \x01(\x04R\x0fcoordinatorTerm\"\x10\n" +
+	"\x0eAssignResponse\"l\n" +
 	"\x0eReleaseRequest\x12\x19\n" +
 	"\bgroup_id\x18\x01 \x01(\tR\agroupId\x12\x14\n" +
-	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\"\x11\n" +
-	"\x0fReleaseResponse\"?\n" +
+	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12)\n" +
+	"\x10coordinator_term\x18\x03 \x01(\x04R\x0fcoordinatorTerm\"\x11\n" +
+	"\x0fReleaseResponse\"j\n" +
 	"\fDrainRequest\x12\x19\n" +
 	"\bgroup_id\x18\x01 \x01(\tR\agroupId\x12\x14\n" +
-	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\"\x0f\n" +
+	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12)\n" +
+	"\x10coordinator_term\x18\x03 \x01(\x04R\x0fcoordinatorTerm\"\x0f\n" +
 	"\rDrainResponse\"%\n" +
 	"\rStatusRequest\x12\x14\n" +
 	"\x05brief\x18\x01 \x01(\bR\x05brief\"|\n" +

@@ -23,6 +23,592 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type ReadIndexRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReadIndexRequest) Reset() {
+	*x = ReadIndexRequest{}
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReadIndexRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReadIndexRequest) ProtoMessage() {}
+
+func (x *ReadIndexRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReadIndexRequest.ProtoReflect.Descriptor instead.
+func (*ReadIndexRequest) Descriptor() ([]byte, []int) {
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{0}
+}
+
+type ReadIndexResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Index         uint64                 `protobuf:"varint,1,opt,name=index,proto3" json:"index,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *ReadIndexResponse) Reset() {
+	*x = ReadIndexResponse{}
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *ReadIndexResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*ReadIndexResponse) ProtoMessage() {}
+
+func (x *ReadIndexResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use ReadIndexResponse.ProtoReflect.Descriptor instead.
+func (*ReadIndexResponse) Descriptor() ([]byte, []int) {
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *ReadIndexResponse) GetIndex() uint64 {
+	if x != nil {
+		return x.Index
+	}
+	return 0
+}
+
+type CoordinatorsRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CoordinatorsRequest) Reset() {
+	*x = CoordinatorsRequest{}
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CoordinatorsRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CoordinatorsRequest) ProtoMessage() {}
+
+func (x *CoordinatorsRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CoordinatorsRequest.ProtoReflect.Descriptor instead.
+func (*CoordinatorsRequest) Descriptor() ([]byte, []int) {
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{2}
+}
+
+type CoordinatorInfo struct {
+	state    protoimpl.MessageState `protogen:"open.v1"`
+	NodeId   string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	RaftAddr string                 `protobuf:"bytes,2,opt,name=raft_addr,json=raftAddr,proto3" json:"raft_addr,omitempty"`
+	// api_addr is the server's API address as the gossip tells it ("" when the
+	// server is not in this coordinator's gossip view).
+	ApiAddr string `protobuf:"bytes,3,opt,name=api_addr,json=apiAddr,proto3" json:"api_addr,omitempty"`
+	Voter   bool   `protobuf:"varint,4,opt,name=voter,proto3" json:"voter,omitempty"`
+	Leader  bool   `protobuf:"varint,5,opt,name=leader,proto3" json:"leader,omitempty"`
+	// alive: the server is in the gossip.
+	Alive         bool `protobuf:"varint,6,opt,name=alive,proto3" json:"alive,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CoordinatorInfo) Reset() {
+	*x = CoordinatorInfo{}
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[3]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CoordinatorInfo) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CoordinatorInfo) ProtoMessage() {}
+
+func (x *CoordinatorInfo) ProtoReflect() protoreflect.Message {
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[3]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CoordinatorInfo.ProtoReflect.Descriptor instead.
+func (*CoordinatorInfo) Descriptor() ([]byte, []int) {
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{3}
+}
+
+func (x *CoordinatorInfo) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *CoordinatorInfo) GetRaftAddr() string {
+	if x != nil {
+		return x.RaftAddr
+	}
+	return ""
+}
+
+func (x *CoordinatorInfo) GetApiAddr() string {
+	if x != nil {
+		return x.ApiAddr
+	}
+	return ""
+}
+
+func (x *CoordinatorInfo) GetVoter() bool {
+	if x != nil {
+		return x.Voter
+	}
+	return false
+}
+
+func (x *CoordinatorInfo) GetLeader() bool {
+	if x != nil {
+		return x.Leader
+	}
+	return false
+}
+
+func (x *CoordinatorInfo) GetAlive() bool {
+	if x != nil {
+		return x.Alive
+	}
+	return false
+}
+
+type CoordinatorsResponse struct {
+	state   protoimpl.MessageState `protogen:"open.v1"`
+	Servers []*CoordinatorInfo     `protobuf:"bytes,1,rep,name=servers,proto3" json:"servers,omitempty"`
+	// The answering server's own view.
+	AnsweredBy   string `protobuf:"bytes,2,opt,name=answered_by,json=answeredBy,proto3" json:"answered_by,omitempty"`
+	State        string `protobuf:"bytes,3,opt,name=state,proto3" json:"state,omitempty"`
+	Term         uint64 `protobuf:"varint,4,opt,name=term,proto3" json:"term,omitempty"`
+	CommitIndex  uint64 `protobuf:"varint,5,opt,name=commit_index,json=commitIndex,proto3" json:"commit_index,omitempty"`
+	AppliedIndex uint64 `protobuf:"varint,6,opt,name=applied_index,json=appliedIndex,proto3" json:"applied_index,omitempty"`
+	// last_contact_ms: since the leader was last heard from (followers).
+	LastContactMs int64 `protobuf:"varint,7,opt,name=last_contact_ms,json=lastContactMs,proto3" json:"last_contact_ms,omitempty"`
+	// replicated is false for a single coordinator without Raft.
+	Replicated    bool   `protobuf:"varint,8,opt,name=replicated,proto3" json:"replicated,omitempty"`
+	Leader        string `protobuf:"bytes,9,opt,name=leader,proto3" json:"leader,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *CoordinatorsResponse) Reset() {
+	*x = CoordinatorsResponse{}
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[4]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *CoordinatorsResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*CoordinatorsResponse) ProtoMessage() {}
+
+func (x *CoordinatorsResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[4]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use CoordinatorsResponse.ProtoReflect.Descriptor instead.
+func (*CoordinatorsResponse) Descriptor() ([]byte, []int) {
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{4}
+}
+
+func (x *CoordinatorsResponse) GetServers() []*CoordinatorInfo {
+	if x != nil {
+		return x.Servers
+	}
+	return nil
+}
+
+func (x *CoordinatorsResponse) GetAnsweredBy() string {
+	if x != nil {
+		return x.AnsweredBy
+	}
+	return ""
+}
+
+func (x *CoordinatorsResponse) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *CoordinatorsResponse) GetTerm() uint64 {
+	if x != nil {
+		return x.Term
+	}
+	return 0
+}
+
+func (x *CoordinatorsResponse) GetCommitIndex() uint64 {
+	if x != nil {
+		return x.CommitIndex
+	}
+	return 0
+}
+
+func (x *CoordinatorsResponse) GetAppliedIndex() uint64 {
+	if x != nil {
+		return x.AppliedIndex
+	}
+	return 0
+}
+
+func (x *CoordinatorsResponse) GetLastContactMs() int64 {
+	if x != nil {
+		return x.LastContactMs
+	}
+	return 0
+}
+
+func (x *CoordinatorsResponse) GetReplicated() bool {
+	if x != nil {
+		return x.Replicated
+	}
+	return false
+}
+
+func (x *CoordinatorsResponse) GetLeader() string {
+	if x != nil {
+		return x.Leader
+	}
+	return ""
+}
+
+type RaftAddPeerRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	RaftAddr      string                 `protobuf:"bytes,2,opt,name=raft_addr,json=raftAddr,proto3" json:"raft_addr,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RaftAddPeerRequest) Reset() {
+	*x = RaftAddPeerRequest{}
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RaftAddPeerRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RaftAddPeerRequest) ProtoMessage() {}
+
+func (x *RaftAddPeerRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RaftAddPeerRequest.ProtoReflect.Descriptor instead.
+func (*RaftAddPeerRequest) Descriptor() ([]byte, []int) {
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *RaftAddPeerRequest) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+func (x *RaftAddPeerRequest) GetRaftAddr() string {
+	if x != nil {
+		return x.RaftAddr
+	}
+	return ""
+}
+
+type RaftRemovePeerRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	NodeId        string                 `protobuf:"bytes,1,opt,name=node_id,json=nodeId,proto3" json:"node_id,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RaftRemovePeerRequest) Reset() {
+	*x = RaftRemovePeerRequest{}
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[6]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RaftRemovePeerRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RaftRemovePeerRequest) ProtoMessage() {}
+
+func (x *RaftRemovePeerRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[6]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RaftRemovePeerRequest.ProtoReflect.Descriptor instead.
+func (*RaftRemovePeerRequest) Descriptor() ([]byte, []int) {
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{6}
+}
+
+func (x *RaftRemovePeerRequest) GetNodeId() string {
+	if x != nil {
+		return x.NodeId
+	}
+	return ""
+}
+
+type RaftPeerResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Message       string                 `protobuf:"bytes,1,opt,name=message,proto3" json:"message,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *RaftPeerResponse) Reset() {
+	*x = RaftPeerResponse{}
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[7]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *RaftPeerResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*RaftPeerResponse) ProtoMessage() {}
+
+func (x *RaftPeerResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[7]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use RaftPeerResponse.ProtoReflect.Descriptor instead.
+func (*RaftPeerResponse) Descriptor() ([]byte, []int) {
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{7}
+}
+
+func (x *RaftPeerResponse) GetMessage() string {
+	if x != nil {
+		return x.Message
+	}
+	return ""
+}
+
+type SnapshotSaveRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SnapshotSaveRequest) Reset() {
+	*x = SnapshotSaveRequest{}
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[8]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SnapshotSaveRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SnapshotSaveRequest) ProtoMessage() {}
+
+func (x *SnapshotSaveRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[8]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SnapshotSaveRequest.ProtoReflect.Descriptor instead.
+func (*SnapshotSaveRequest) Descriptor() ([]byte, []int) {
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{8}
+}
+
+type SnapshotChunk struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Data          []byte                 `protobuf:"bytes,1,opt,name=data,proto3" json:"data,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SnapshotChunk) Reset() {
+	*x = SnapshotChunk{}
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[9]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SnapshotChunk) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SnapshotChunk) ProtoMessage() {}
+
+func (x *SnapshotChunk) ProtoReflect() protoreflect.Message {
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[9]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SnapshotChunk.ProtoReflect.Descriptor instead.
+func (*SnapshotChunk) Descriptor() ([]byte, []int) {
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{9}
+}
+
+func (x *SnapshotChunk) GetData() []byte {
+	if x != nil {
+		return x.Data
+	}
+	return nil
+}
+
+type SnapshotRestoreResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Deployments   uint32                 `protobuf:"varint,1,opt,name=deployments,proto3" json:"deployments,omitempty"`
+	Groups        uint32                 `protobuf:"varint,2,opt,name=groups,proto3" json:"groups,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SnapshotRestoreResponse) Reset() {
+	*x = SnapshotRestoreResponse{}
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[10]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SnapshotRestoreResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SnapshotRestoreResponse) ProtoMessage() {}
+
+func (x *SnapshotRestoreResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[10]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SnapshotRestoreResponse.ProtoReflect.Descriptor instead.
+func (*SnapshotRestoreResponse) Descriptor() ([]byte, []int) {
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{10}
+}
+
+func (x *SnapshotRestoreResponse) GetDeployments() uint32 {
+	if x != nil {
+		return x.Deployments
+	}
+	return 0
+}
+
+func (x *SnapshotRestoreResponse) GetGroups() uint32 {
+	if x != nil {
+		return x.Groups
+	}
+	return 0
+}
+
 type DemandRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Model         string                 `protobuf:"bytes,1,opt,name=model,proto3" json:"model,omitempty"`
@@ -32,7 +618,7 @@ type DemandRequest struct {
 
 func (x *DemandRequest) Reset() {
 	*x = DemandRequest{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[0]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -44,7 +630,7 @@ func (x *DemandRequest) String() string {
 func (*DemandRequest) ProtoMessage() {}
 
 func (x *DemandRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[0]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -57,7 +643,7 @@ func (x *DemandRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DemandRequest.ProtoReflect.Descriptor instead.
 func (*DemandRequest) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{0}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *DemandRequest) GetModel() string {
@@ -75,7 +661,7 @@ type DemandResponse struct {
 
 func (x *DemandResponse) Reset() {
 	*x = DemandResponse{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[1]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -87,7 +673,7 @@ func (x *DemandResponse) String() string {
 func (*DemandResponse) ProtoMessage() {}
 
 func (x *DemandResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[1]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -100,7 +686,7 @@ func (x *DemandResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DemandResponse.ProtoReflect.Descriptor instead.
 func (*DemandResponse) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{1}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{12}
 }
 
 type LogsRequest struct {
@@ -117,7 +703,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[2]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -129,7 +715,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[2]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -142,7 +728,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{2}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *LogsRequest) GetReplica() string {
@@ -191,7 +777,7 @@ type LogChunk struct {
 
 func (x *LogChunk) Reset() {
 	*x = LogChunk{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[3]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -203,7 +789,7 @@ func (x *LogChunk) String() string {
 func (*LogChunk) ProtoMessage() {}
 
 func (x *LogChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[3]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -216,7 +802,7 @@ func (x *LogChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogChunk.ProtoReflect.Descriptor instead.
 func (*LogChunk) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{3}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *LogChunk) GetNodeId() string {
@@ -249,7 +835,7 @@ type DescribeNodeRequest struct {
 
 func (x *DescribeNodeRequest) Reset() {
 	*x = DescribeNodeRequest{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[4]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -261,7 +847,7 @@ func (x *DescribeNodeRequest) String() string {
 func (*DescribeNodeRequest) ProtoMessage() {}
 
 func (x *DescribeNodeRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[4]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -274,7 +860,7 @@ func (x *DescribeNodeRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DescribeNodeRequest.ProtoReflect.Descriptor instead.
 func (*DescribeNodeRequest) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{4}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *DescribeNodeRequest) GetNodeId() string {
@@ -295,7 +881,7 @@ type DescribeNodeResponse struct {
 
 func (x *DescribeNodeResponse) Reset() {
 	*x = DescribeNodeResponse{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[5]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[16]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -307,7 +893,7 @@ func (x *DescribeNodeResponse) String() string {
 func (*DescribeNodeResponse) ProtoMessage() {}
 
 func (x *DescribeNodeResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[5]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[16]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -320,7 +906,7 @@ func (x *DescribeNodeResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DescribeNodeResponse.ProtoReflect.Descriptor instead.
 func (*DescribeNodeResponse) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{5}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{16}
 }
 
 func (x *DescribeNodeResponse) GetNode() *NodeInfo {
@@ -346,7 +932,7 @@ type ApplyRequest struct {
 
 func (x *ApplyRequest) Reset() {
 	*x = ApplyRequest{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[6]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[17]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -358,7 +944,7 @@ func (x *ApplyRequest) String() string {
 func (*ApplyRequest) ProtoMessage() {}
 
 func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[6]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[17]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -371,7 +957,7 @@ func (x *ApplyRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyRequest.ProtoReflect.Descriptor instead.
 func (*ApplyRequest) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{6}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{17}
 }
 
 func (x *ApplyRequest) GetSpecYaml() []byte {
@@ -393,7 +979,7 @@ type ApplyResponse struct {
 
 func (x *ApplyResponse) Reset() {
 	*x = ApplyResponse{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[7]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[18]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -405,7 +991,7 @@ func (x *ApplyResponse) String() string {
 func (*ApplyResponse) ProtoMessage() {}
 
 func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[7]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[18]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -418,7 +1004,7 @@ func (x *ApplyResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ApplyResponse.ProtoReflect.Descriptor instead.
 func (*ApplyResponse) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{7}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{18}
 }
 
 func (x *ApplyResponse) GetName() string {
@@ -457,7 +1043,7 @@ type DeploymentSummary struct {
 
 func (x *DeploymentSummary) Reset() {
 	*x = DeploymentSummary{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[8]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[19]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -469,7 +1055,7 @@ func (x *DeploymentSummary) String() string {
 func (*DeploymentSummary) ProtoMessage() {}
 
 func (x *DeploymentSummary) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[8]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[19]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -482,7 +1068,7 @@ func (x *DeploymentSummary) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeploymentSummary.ProtoReflect.Descriptor instead.
 func (*DeploymentSummary) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{8}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{19}
 }
 
 func (x *DeploymentSummary) GetName() string {
@@ -542,7 +1128,7 @@ type ListDeploymentsRequest struct {
 
 func (x *ListDeploymentsRequest) Reset() {
 	*x = ListDeploymentsRequest{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[9]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[20]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -554,7 +1140,7 @@ func (x *ListDeploymentsRequest) String() string {
 func (*ListDeploymentsRequest) ProtoMessage() {}
 
 func (x *ListDeploymentsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[9]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[20]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -567,7 +1153,7 @@ func (x *ListDeploymentsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDeploymentsRequest.ProtoReflect.Descriptor instead.
 func (*ListDeploymentsRequest) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{9}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{20}
 }
 
 type ListDeploymentsResponse struct {
@@ -579,7 +1165,7 @@ type ListDeploymentsResponse struct {
 
 func (x *ListDeploymentsResponse) Reset() {
 	*x = ListDeploymentsResponse{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[10]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[21]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -591,7 +1177,7 @@ func (x *ListDeploymentsResponse) String() string {
 func (*ListDeploymentsResponse) ProtoMessage() {}
 
 func (x *ListDeploymentsResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[10]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[21]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -604,7 +1190,7 @@ func (x *ListDeploymentsResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListDeploymentsResponse.ProtoReflect.Descriptor instead.
 func (*ListDeploymentsResponse) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{10}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{21}
 }
 
 func (x *ListDeploymentsResponse) GetDeployments() []*DeploymentSummary {
@@ -626,7 +1212,7 @@ type Field struct {
 
 func (x *Field) Reset() {
 	*x = Field{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[11]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[22]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -638,7 +1224,7 @@ func (x *Field) String() string {
 func (*Field) ProtoMessage() {}
 
 func (x *Field) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[11]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[22]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -651,7 +1237,7 @@ func (x *Field) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Field.ProtoReflect.Descriptor instead.
 func (*Field) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{11}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{22}
 }
 
 func (x *Field) GetPath() string {
@@ -684,7 +1270,7 @@ type DescribeDeploymentRequest struct {
 
 func (x *DescribeDeploymentRequest) Reset() {
 	*x = DescribeDeploymentRequest{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[12]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[23]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -696,7 +1282,7 @@ func (x *DescribeDeploymentRequest) String() string {
 func (*DescribeDeploymentRequest) ProtoMessage() {}
 
 func (x *DescribeDeploymentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[12]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[23]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -709,7 +1295,7 @@ func (x *DescribeDeploymentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DescribeDeploymentRequest.ProtoReflect.Descriptor instead.
 func (*DescribeDeploymentRequest) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{12}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{23}
 }
 
 func (x *DescribeDeploymentRequest) GetName() string {
@@ -743,7 +1329,7 @@ type DescribeDeploymentResponse struct {
 
 func (x *DescribeDeploymentResponse) Reset() {
 	*x = DescribeDeploymentResponse{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[13]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[24]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -755,7 +1341,7 @@ func (x *DescribeDeploymentResponse) String() string {
 func (*DescribeDeploymentResponse) ProtoMessage() {}
 
 func (x *DescribeDeploymentResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[13]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[24]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -768,7 +1354,7 @@ func (x *DescribeDeploymentResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DescribeDeploymentResponse.ProtoReflect.Descriptor instead.
 func (*DescribeDeploymentResponse) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{13}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{24}
 }
 
 func (x *DescribeDeploymentResponse) GetSummary() *DeploymentSummary {
@@ -843,7 +1429,7 @@ type DeleteDeploymentRequest struct {
 
 func (x *DeleteDeploymentRequest) Reset() {
 	*x = DeleteDeploymentRequest{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[14]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[25]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -855,7 +1441,7 @@ func (x *DeleteDeploymentRequest) String() string {
 func (*DeleteDeploymentRequest) ProtoMessage() {}
 
 func (x *DeleteDeploymentRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[14]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[25]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -868,7 +1454,7 @@ func (x *DeleteDeploymentRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteDeploymentRequest.ProtoReflect.Descriptor instead.
 func (*DeleteDeploymentRequest) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{14}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{25}
 }
 
 func (x *DeleteDeploymentRequest) GetName() string {
@@ -886,7 +1472,7 @@ type DeleteDeploymentResponse struct {
 
 func (x *DeleteDeploymentResponse) Reset() {
 	*x = DeleteDeploymentResponse{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[15]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[26]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -898,7 +1484,7 @@ func (x *DeleteDeploymentResponse) String() string {
 func (*DeleteDeploymentResponse) ProtoMessage() {}
 
 func (x *DeleteDeploymentResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[15]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[26]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -911,7 +1497,7 @@ func (x *DeleteDeploymentResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DeleteDeploymentResponse.ProtoReflect.Descriptor instead.
 func (*DeleteDeploymentResponse) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{15}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{26}
 }
 
 type NodeInfo struct {
@@ -937,7 +1523,7 @@ type NodeInfo struct {
 
 func (x *NodeInfo) Reset() {
 	*x = NodeInfo{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[16]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[27]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -949,7 +1535,7 @@ func (x *NodeInfo) String() string {
 func (*NodeInfo) ProtoMessage() {}
 
 func (x *NodeInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[16]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[27]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -962,7 +1548,7 @@ func (x *NodeInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use NodeInfo.ProtoReflect.Descriptor instead.
 func (*NodeInfo) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{16}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{27}
 }
 
 func (x *NodeInfo) GetNodeId() string {
@@ -1071,7 +1657,7 @@ type ListNodesRequest struct {
 
 func (x *ListNodesRequest) Reset() {
 	*x = ListNodesRequest{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[17]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[28]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1083,7 +1669,7 @@ func (x *ListNodesRequest) String() string {
 func (*ListNodesRequest) ProtoMessage() {}
 
 func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[17]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[28]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1096,7 +1682,7 @@ func (x *ListNodesRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesRequest.ProtoReflect.Descriptor instead.
 func (*ListNodesRequest) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{17}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{28}
 }
 
 type ListNodesResponse struct {
@@ -1108,7 +1694,7 @@ type ListNodesResponse struct {
 
 func (x *ListNodesResponse) Reset() {
 	*x = ListNodesResponse{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[18]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[29]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1120,7 +1706,7 @@ func (x *ListNodesResponse) String() string {
 func (*ListNodesResponse) ProtoMessage() {}
 
 func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[18]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[29]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1133,7 +1719,7 @@ func (x *ListNodesResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListNodesResponse.ProtoReflect.Descriptor instead.
 func (*ListNodesResponse) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{18}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{29}
 }
 
 func (x *ListNodesResponse) GetNodes() []*NodeInfo {
@@ -1169,7 +1755,7 @@ type ReplicaInfo struct {
 
 func (x *ReplicaInfo) Reset() {
 	*x = ReplicaInfo{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[19]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[30]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1181,7 +1767,7 @@ func (x *ReplicaInfo) String() string {
 func (*ReplicaInfo) ProtoMessage() {}
 
 func (x *ReplicaInfo) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[19]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[30]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1194,7 +1780,7 @@ func (x *ReplicaInfo) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReplicaInfo.ProtoReflect.Descriptor instead.
 func (*ReplicaInfo) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{19}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{30}
 }
 
 func (x *ReplicaInfo) GetGroupId() string {
@@ -1304,7 +1890,7 @@ type ListReplicasRequest struct {
 
 func (x *ListReplicasRequest) Reset() {
 	*x = ListReplicasRequest{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[20]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[31]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1316,7 +1902,7 @@ func (x *ListReplicasRequest) String() string {
 func (*ListReplicasRequest) ProtoMessage() {}
 
 func (x *ListReplicasRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[20]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[31]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1329,7 +1915,7 @@ func (x *ListReplicasRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListReplicasRequest.ProtoReflect.Descriptor instead.
 func (*ListReplicasRequest) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{20}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{31}
 }
 
 func (x *ListReplicasRequest) GetDeployment() string {
@@ -1348,7 +1934,7 @@ type ListReplicasResponse struct {
 
 func (x *ListReplicasResponse) Reset() {
 	*x = ListReplicasResponse{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[21]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1360,7 +1946,7 @@ func (x *ListReplicasResponse) String() string {
 func (*ListReplicasResponse) ProtoMessage() {}
 
 func (x *ListReplicasResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[21]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1373,7 +1959,7 @@ func (x *ListReplicasResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListReplicasResponse.ProtoReflect.Descriptor instead.
 func (*ListReplicasResponse) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{21}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ListReplicasResponse) GetReplicas() []*ReplicaInfo {
@@ -1395,7 +1981,7 @@ type KeyringRequest struct {
 
 func (x *KeyringRequest) Reset() {
 	*x = KeyringRequest{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[22]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1407,7 +1993,7 @@ func (x *KeyringRequest) String() string {
 func (*KeyringRequest) ProtoMessage() {}
 
 func (x *KeyringRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[22]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1420,7 +2006,7 @@ func (x *KeyringRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyringRequest.ProtoReflect.Descriptor instead.
 func (*KeyringRequest) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{22}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *KeyringRequest) GetOp() string {
@@ -1449,7 +2035,7 @@ type KeyringNode struct {
 
 func (x *KeyringNode) Reset() {
 	*x = KeyringNode{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[23]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1461,7 +2047,7 @@ func (x *KeyringNode) String() string {
 func (*KeyringNode) ProtoMessage() {}
 
 func (x *KeyringNode) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[23]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1474,7 +2060,7 @@ func (x *KeyringNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyringNode.ProtoReflect.Descriptor instead.
 func (*KeyringNode) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{23}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *KeyringNode) GetNodeId() string {
@@ -1508,7 +2094,7 @@ type KeyringResponse struct {
 
 func (x *KeyringResponse) Reset() {
 	*x = KeyringResponse{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[24]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1520,7 +2106,7 @@ func (x *KeyringResponse) String() string {
 func (*KeyringResponse) ProtoMessage() {}
 
 func (x *KeyringResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[24]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1533,7 +2119,7 @@ func (x *KeyringResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyringResponse.ProtoReflect.Descriptor instead.
 func (*KeyringResponse) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{24}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *KeyringResponse) GetNodes() []*KeyringNode {
@@ -1554,7 +2140,44 @@ var File_coordinator_v1_coordinator_proto protoreflect.FileDescriptor
 
 const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"\n" +
-	" coordinator/v1/coordinator.proto\x12\x14shoal.coordinator.v1\"%\n" +
+	" coordinator/v1/coordinator.proto\x12\x14shoal.coordinator.v1\"\x12\n" +
+	"\x10ReadIndexRequest\")\n" +
+	"\x11ReadIndexResponse\x12\x14\n" +
+	"\x05index\x18\x01 \x01(\x04R\x05index\"\x15\n" +
+	"\x13CoordinatorsRequest\"\xa6\x01\n" +
+	"\x0fCoordinatorInfo\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x1b\n" +
+	"\traft_addr\x18\x02 \x01(\tR\braftAddr\x12\x19\n" +
+	"\bapi_addr\x18\x03 \x01(\tR\aapiAddr\x12\x14\n" +
+	"\x05voter\x18\x04 \x01(\bR\x05voter\x12\x16\n" +
+	"\x06leader\x18\x05 \x01(\bR\x06leader\x12\x14\n" +
+	"\x05alive\x18\x06 \x01(\bR\x05alive\"\xca\x02\n" +
+	"\x14CoordinatorsResponse\x12?\n" +
+	"\aservers\x18\x01 \x03(\v2%.shoal.coordinator.v1.CoordinatorInfoR\aservers\x12\x1f\n" +
+	"\vanswered_by\x18\x02 \x01(\tR\n" +
+	"answeredBy\x12\x14\n" +
+	"\x05state\x18\x03 \x01(\tR\x05state\x12\x12\n" +
+	"\x04term\x18\x04 \x01(\x04R\x04term\x12!\n" +
+	"\fcommit_index\x18\x05 \x01(\x04R\vcommitIndex\x12#\n" +
+	"\rapplied_index\x18\x06 \x01(\x04R\fappliedIndex\x12&\n" +
+	"\x0flast_contact_ms\x18\a \x01(\x03R\rlastContactMs\x12\x1e\n" +
+	"\n" +
+	"replicated\x18\b \x01(\bR\n" +
+	"replicated\x12\x16\n" +
+	"\x06leader\x18\t \x01(\tR\x06leader\"J\n" +
+	"\x12RaftAddPeerRequest\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x1b\n" +
+	"\traft_addr\x18\x02 \x01(\tR\braftAddr\"0\n" +
+	"\x15RaftRemovePeerRequest\x12\x17\n" +
+	"\anode_id\x18\x01 \x01(\tR\x06nodeId\",\n" +
+	"\x10RaftPeerResponse\x12\x18\n" +
+	"\amessage\x18\x01 \x01(\tR\amessage\"\x15\n" +
+	"\x13SnapshotSaveRequest\"#\n" +
+	"\rSnapshotChunk\x12\x12\n" +
+	"\x04data\x18\x01 \x01(\fR\x04data\"S\n" +
+	"\x17SnapshotRestoreResponse\x12 \n" +
+	"\vdeployments\x18\x01 \x01(\rR\vdeployments\x12\x16\n" +
+	"\x06groups\x18\x02 \x01(\rR\x06groups\"%\n" +
 	"\rDemandRequest\x12\x14\n" +
 	"\x05model\x18\x01 \x01(\tR\x05model\"\x10\n" +
 	"\x0eDemandResponse\"\x8b\x01\n" +
@@ -1664,7 +2287,7 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"\x04keys\x18\x03 \x03(\tR\x04keys\"d\n" +
 	"\x0fKeyringResponse\x127\n" +
 	"\x05nodes\x18\x01 \x03(\v2!.shoal.coordinator.v1.KeyringNodeR\x05nodes\x12\x18\n" +
-	"\amessage\x18\x02 \x01(\tR\amessage2\xe1\a\n" +
+	"\amessage\x18\x02 \x01(\tR\amessage2\xb9\f\n" +
 	"\vCoordinator\x12P\n" +
 	"\x05Apply\x12\".shoal.coordinator.v1.ApplyRequest\x1a#.shoal.coordinator.v1.ApplyResponse\x12n\n" +
 	"\x0fListDeployments\x12,.shoal.coordinator.v1.ListDeploymentsRequest\x1a-.shoal.coordinator.v1.ListDeploymentsResponse\x12w\n" +
@@ -1675,7 +2298,13 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"\fDescribeNode\x12).shoal.coordinator.v1.DescribeNodeRequest\x1a*.shoal.coordinator.v1.DescribeNodeResponse\x12K\n" +
 	"\x04Logs\x12!.shoal.coordinator.v1.LogsRequest\x1a\x1e.shoal.coordinator.v1.LogChunk0\x01\x12S\n" +
 	"\x06Demand\x12#.shoal.coordinator.v1.DemandRequest\x1a$.shoal.coordinator.v1.DemandResponse\x12V\n" +
-	"\aKeyring\x12$.shoal.coordinator.v1.KeyringRequest\x1a%.shoal.coordinator.v1.KeyringResponseB=Z;github.com/shoalhq/shoal/proto/coordinator/v1;coordinatorv1b\x06proto3"
+	"\aKeyring\x12$.shoal.coordinator.v1.KeyringRequest\x1a%.shoal.coordinator.v1.KeyringResponse\x12e\n" +
+	"\fCoordinators\x12).shoal.coordinator.v1.CoordinatorsRequest\x1a*.shoal.coordinator.v1.CoordinatorsResponse\x12_\n" +
+	"\vRaftAddPeer\x12(.shoal.coordinator.v1.RaftAddPeerRequest\x1a&.shoal.coordinator.v1.RaftPeerResponse\x12e\n" +
+	"\x0eRaftRemovePeer\x12+.shoal.coordinator.v1.RaftRemovePeerRequest\x1a&.shoal.coordinator.v1.RaftPeerResponse\x12`\n" +
+	"\fSnapshotSave\x12).shoal.coordinator.v1.SnapshotSaveRequest\x1a#.shoal.coordinator.v1.SnapshotChunk0\x01\x12g\n" +
+	"\x0fSnapshotRestore\x12#.shoal.coordinator.v1.SnapshotChunk\x1a-.shoal.coordinator.v1.SnapshotRestoreResponse(\x01\x12\\\n" +
+	"\tReadIndex\x12&.shoal.coordinator.v1.ReadIndexRequest\x1a'.shoal.coordinator.v1.ReadIndexResponseB=Z;github.com/shoalhq/shoal/proto/coordinator/v1;coordinatorv1b\x06proto3"
 
 var (
 	file_coordinator_v1_coordinator_proto_rawDescOnce sync.Once
@@ -1689,68 +2318,92 @@ func file_coordinator_v1_coordinator_proto_rawDescGZIP() []byte {
 	return file_coordinator_v1_coordinator_proto_rawDescData
 }
 
-var file_coordinator_v1_coordinator_proto_msgTypes = make([]protoimpl.MessageInfo, 25)
+var file_coordinator_v1_coordinator_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
 var file_coordinator_v1_coordinator_proto_goTypes = []any{
-	(*DemandRequest)(nil),              // 0: shoal.coordinator.v1.DemandRequest
-	(*DemandResponse)(nil),             // 1: shoal.coordinator.v1.DemandResponse
-	(*LogsRequest)(nil),                // 2: shoal.coordinator.v1.LogsRequest
-	(*LogChunk)(nil),                   // 3: shoal.coordinator.v1.LogChunk
-	(*DescribeNodeRequest)(nil),        // 4: shoal.coordinator.v1.DescribeNodeRequest
-	(*DescribeNodeResponse)(nil),       // 5: shoal.coordinator.v1.DescribeNodeResponse
-	(*ApplyRequest)(nil),               // 6: shoal.coordinator.v1.ApplyRequest
-	(*ApplyResponse)(nil),              // 7: shoal.coordinator.v1.ApplyResponse
-	(*DeploymentSummary)(nil),          // 8: shoal.coordinator.v1.DeploymentSummary
-	(*ListDeploymentsRequest)(nil),     // 9: shoal.coordinator.v1.ListDeploymentsRequest
-	(*ListDeploymentsResponse)(nil),    // 10: shoal.coordinator.v1.ListDeploymentsResponse
-	(*Field)(nil),                      // 11: shoal.coordinator.v1.Field
-	(*DescribeDeploymentRequest)(nil),  // 12: shoal.coordinator.v1.DescribeDeploymentRequest
-	(*DescribeDeploymentResponse)(nil), // 13: shoal.coordinator.v1.DescribeDeploymentResponse
-	(*DeleteDeploymentRequest)(nil),    // 14: shoal.coordinator.v1.DeleteDeploymentRequest
-	(*DeleteDeploymentResponse)(nil),   // 15: shoal.coordinator.v1.DeleteDeploymentResponse
-	(*NodeInfo)(nil),                   // 16: shoal.coordinator.v1.NodeInfo
-	(*ListNodesRequest)(nil),           // 17: shoal.coordinator.v1.ListNodesRequest
-	(*ListNodesResponse)(nil),          // 18: shoal.coordinator.v1.ListNodesResponse
-	(*ReplicaInfo)(nil),                // 19: shoal.coordinator.v1.ReplicaInfo
-	(*ListReplicasRequest)(nil),        // 20: shoal.coordinator.v1.ListReplicasRequest
-	(*ListReplicasResponse)(nil),       // 21: shoal.coordinator.v1.ListReplicasResponse
-	(*KeyringRequest)(nil),             // 22: shoal.coordinator.v1.KeyringRequest
-	(*KeyringNode)(nil),                // 23: shoal.coordinator.v1.KeyringNode
-	(*KeyringResponse)(nil),            // 24: shoal.coordinator.v1.KeyringResponse
+	(*ReadIndexRequest)(nil),           // 0: shoal.coordinator.v1.ReadIndexRequest
+	(*ReadIndexResponse)(nil),          // 1: shoal.coordinator.v1.ReadIndexResponse
+	(*CoordinatorsRequest)(nil),        // 2: shoal.coordinator.v1.CoordinatorsRequest
+	(*CoordinatorInfo)(nil),            // 3: shoal.coordinator.v1.CoordinatorInfo
+	(*CoordinatorsResponse)(nil),       // 4: shoal.coordinator.v1.CoordinatorsResponse
+	(*RaftAddPeerRequest)(nil),         // 5: shoal.coordinator.v1.RaftAddPeerRequest
+	(*RaftRemovePeerRequest)(nil),      // 6: shoal.coordinator.v1.RaftRemovePeerRequest
+	(*RaftPeerResponse)(nil),           // 7: shoal.coordinator.v1.RaftPeerResponse
+	(*SnapshotSaveRequest)(nil),        // 8: shoal.coordinator.v1.SnapshotSaveRequest
+	(*SnapshotChunk)(nil),              // 9: shoal.coordinator.v1.SnapshotChunk
+	(*SnapshotRestoreResponse)(nil),    // 10: shoal.coordinator.v1.SnapshotRestoreResponse
+	(*DemandRequest)(nil),              // 11: shoal.coordinator.v1.DemandRequest
+	(*DemandResponse)(nil),             // 12: shoal.coordinator.v1.DemandResponse
+	(*LogsRequest)(nil),                // 13: shoal.coordinator.v1.LogsRequest
+	(*LogChunk)(nil),                   // 14: shoal.coordinator.v1.LogChunk
+	(*DescribeNodeRequest)(nil),        // 15: shoal.coordinator.v1.DescribeNodeRequest
+	(*DescribeNodeResponse)(nil),       // 16: shoal.coordinator.v1.DescribeNodeResponse
+	(*ApplyRequest)(nil),               // 17: shoal.coordinator.v1.ApplyRequest
+	(*ApplyResponse)(nil),              // 18: shoal.coordinator.v1.ApplyResponse
+	(*DeploymentSummary)(nil),          // 19: shoal.coordinator.v1.DeploymentSummary
+	(*ListDeploymentsRequest)(nil),     // 20: shoal.coordinator.v1.ListDeploymentsRequest
+	(*ListDeploymentsResponse)(nil),    // 21: shoal.coordinator.v1.ListDeploymentsResponse
+	(*Field)(nil),                      // 22: shoal.coordinator.v1.Field
+	(*DescribeDeploymentRequest)(nil),  // 23: shoal.coordinator.v1.DescribeDeploymentRequest
+	(*DescribeDeploymentResponse)(nil), // 24: shoal.coordinator.v1.DescribeDeploymentResponse
+	(*DeleteDeploymentRequest)(nil),    // 25: shoal.coordinator.v1.DeleteDeploymentRequest
+	(*DeleteDeploymentResponse)(nil),   // 26: shoal.coordinator.v1.DeleteDeploymentResponse
+	(*NodeInfo)(nil),                   // 27: shoal.coordinator.v1.NodeInfo
+	(*ListNodesRequest)(nil),           // 28: shoal.coordinator.v1.ListNodesRequest
+	(*ListNodesResponse)(nil),          // 29: shoal.coordinator.v1.ListNodesResponse
+	(*ReplicaInfo)(nil),                // 30: shoal.coordinator.v1.ReplicaInfo
+	(*ListReplicasRequest)(nil),        // 31: shoal.coordinator.v1.ListReplicasRequest
+	(*ListReplicasResponse)(nil),       // 32: shoal.coordinator.v1.ListReplicasResponse
+	(*KeyringRequest)(nil),             // 33: shoal.coordinator.v1.KeyringRequest
+	(*KeyringNode)(nil),                // 34: shoal.coordinator.v1.KeyringNode
+	(*KeyringResponse)(nil),            // 35: shoal.coordinator.v1.KeyringResponse
 }
 var file_coordinator_v1_coordinator_proto_depIdxs = []int32{
-	16, // 0: shoal.coordinator.v1.DescribeNodeResponse.node:type_name -> shoal.coordinator.v1.NodeInfo
-	8,  // 1: shoal.coordinator.v1.ListDeploymentsResponse.deployments:type_name -> shoal.coordinator.v1.DeploymentSummary
-	8,  // 2: shoal.coordinator.v1.DescribeDeploymentResponse.summary:type_name -> shoal.coordinator.v1.DeploymentSummary
-	11, // 3: shoal.coordinator.v1.DescribeDeploymentResponse.fields:type_name -> shoal.coordinator.v1.Field
-	19, // 4: shoal.coordinator.v1.DescribeDeploymentResponse.replicas:type_name -> shoal.coordinator.v1.ReplicaInfo
-	16, // 5: shoal.coordinator.v1.ListNodesResponse.nodes:type_name -> shoal.coordinator.v1.NodeInfo
-	19, // 6: shoal.coordinator.v1.ListReplicasResponse.replicas:type_name -> shoal.coordinator.v1.ReplicaInfo
-	23, // 7: shoal.coordinator.v1.KeyringResponse.nodes:type_name -> shoal.coordinator.v1.KeyringNode
-	6,  // 8: shoal.coordinator.v1.Coordinator.Apply:input_type -> shoal.coordinator.v1.ApplyRequest
-	9,  // 9: shoal.coordinator.v1.Coordinator.ListDeployments:input_type -> shoal.coordinator.v1.ListDeploymentsRequest
-	12, // 10: shoal.coordinator.v1.Coordinator.DescribeDeployment:input_type -> shoal.coordinator.v1.DescribeDeploymentRequest
-	14, // 11: shoal.coordinator.v1.Coordinator.DeleteDeployment:input_type -> shoal.coordinator.v1.DeleteDeploymentRequest
-	17, // 12: shoal.coordinator.v1.Coordinator.ListNodes:input_type -> shoal.coordinator.v1.ListNodesRequest
-	20, // 13: shoal.coordinator.v1.Coordinator.ListReplicas:input_type -> shoal.coordinator.v1.ListReplicasRequest
-	4,  // 14: shoal.coordinator.v1.Coordinator.DescribeNode:input_type -> shoal.coordinator.v1.DescribeNodeRequest
-	2,  // 15: shoal.coordinator.v1.Coordinator.Logs:input_type -> shoal.coordinator.v1.LogsRequest
-	0,  // 16: shoal.coordinator.v1.Coordinator.Demand:input_type -> shoal.coordinator.v1.DemandRequest
-	22, // 17: shoal.coordinator.v1.Coordinator.Keyring:input_type -> shoal.coordinator.v1.KeyringRequest
-	7,  // 18: shoal.coordinator.v1.Coordinator.Apply:output_type -> shoal.coordinator.v1.ApplyResponse
-	10, // 19: shoal.coordinator.v1.Coordinator.ListDeployments:output_type -> shoal.coordinator.v1.ListDeploymentsResponse
-	13, // 20: shoal.coordinator.v1.Coordinator.DescribeDeployment:output_type -> shoal.coordinator.v1.DescribeDeploymentResponse
-	15, // 21: shoal.coordinator.v1.Coordinator.DeleteDeployment:output_type -> shoal.coordinator.v1.DeleteDeploymentResponse
-	18, // 22: shoal.coordinator.v1.Coordinator.ListNodes:output_type -> shoal.coordinator.v1.ListNodesResponse
-	21, // 23: shoal.coordinator.v1.Coordinator.ListReplicas:output_type -> shoal.coordinator.v1.ListReplicasResponse
-	5,  // 24: shoal.coordinator.v1.Coordinator.DescribeNode:output_type -> shoal.coordinator.v1.DescribeNodeResponse
-	3,  // 25: shoal.coordinator.v1.Coordinator.Logs:output_type -> shoal.coordinator.v1.LogChunk
-	1,  // 26: shoal.coordinator.v1.Coordinator.Demand:output_type -> shoal.coordinator.v1.DemandResponse
-	24, // 27: shoal.coordinator.v1.Coordinator.Keyring:output_type -> shoal.coordinator.v1.KeyringResponse
-	18, // [18:28] is the sub-list for method output_type
-	8,  // [8:18] is the sub-list for method input_type
-	8,  // [8:8] is the sub-list for extension type_name
-	8,  // [8:8] is the sub-list for extension extendee
-	0,  // [0:8] is the sub-list for field type_name
+	3,  // 0: shoal.coordinator.v1.CoordinatorsResponse.servers:type_name -> shoal.coordinator.v1.CoordinatorInfo
+	27, // 1: shoal.coordinator.v1.DescribeNodeResponse.node:type_name -> shoal.coordinator.v1.NodeInfo
+	19, // 2: shoal.coordinator.v1.ListDeploymentsResponse.deployments:type_name -> shoal.coordinator.v1.DeploymentSummary
+	19, // 3: shoal.coordinator.v1.DescribeDeploymentResponse.summary:type_name -> shoal.coordinator.v1.DeploymentSummary
+	22, // 4: shoal.coordinator.v1.DescribeDeploymentResponse.fields:type_name -> shoal.coordinator.v1.Field
+	30, // 5: shoal.coordinator.v1.DescribeDeploymentResponse.replicas:type_name -> shoal.coordinator.v1.ReplicaInfo
+	27, // 6: shoal.coordinator.v1.ListNodesResponse.nodes:type_name -> shoal.coordinator.v1.NodeInfo
+	30, // 7: shoal.coordinator.v1.ListReplicasResponse.replicas:type_name -> shoal.coordinator.v1.ReplicaInfo
+	34, // 8: shoal.coordinator.v1.KeyringResponse.nodes:type_name -> shoal.coordinator.v1.KeyringNode
+	17, // 9: shoal.coordinator.v1.Coordinator.Apply:input_type -> shoal.coordinator.v1.ApplyRequest
+	20, // 10: shoal.coordinator.v1.Coordinator.ListDeployments:input_type -> shoal.coordinator.v1.ListDeploymentsRequest
+	23, // 11: shoal.coordinator.v1.Coordinator.DescribeDeployment:input_type -> shoal.coordinator.v1.DescribeDeploymentRequest
+	25, // 12: shoal.coordinator.v1.Coordinator.DeleteDeployment:input_type -> shoal.coordinator.v1.DeleteDeploymentRequest
+	28, // 13: shoal.coordinator.v1.Coordinator.ListNodes:input_type -> shoal.coordinator.v1.ListNodesRequest
+	31, // 14: shoal.coordinator.v1.Coordinator.ListReplicas:input_type -> shoal.coordinator.v1.ListReplicasRequest
+	15, // 15: shoal.coordinator.v1.Coordinator.DescribeNode:input_type -> shoal.coordinator.v1.DescribeNodeRequest
+	13, // 16: shoal.coordinator.v1.Coordinator.Logs:input_type -> shoal.coordinator.v1.LogsRequest
+	11, // 17: shoal.coordinator.v1.Coordinator.Demand:input_type -> shoal.coordinator.v1.DemandRequest
+	33, // 18: shoal.coordinator.v1.Coordinator.Keyring:input_type -> shoal.coordinator.v1.KeyringRequest
+	2,  // 19: shoal.coordinator.v1.Coordinator.Coordinators:input_type -> shoal.coordinator.v1.CoordinatorsRequest
+	5,  // 20: shoal.coordinator.v1.Coordinator.RaftAddPeer:input_type -> shoal.coordinator.v1.RaftAddPeerRequest
+	6,  // 21: shoal.coordinator.v1.Coordinator.RaftRemovePeer:input_type -> shoal.coordinator.v1.RaftRemovePeerRequest
+	8,  // 22: shoal.coordinator.v1.Coordinator.SnapshotSave:input_type -> shoal.coordinator.v1.SnapshotSaveRequest
+	9,  // 23: shoal.coordinator.v1.Coordinator.SnapshotRestore:input_type -> shoal.coordinator.v1.SnapshotChunk
+	0,  // 24: shoal.coordinator.v1.Coordinator.ReadIndex:input_type -> shoal.coordinator.v1.ReadIndexRequest
+	18, // 25: shoal.coordinator.v1.Coordinator.Apply:output_type -> shoal.coordinator.v1.ApplyResponse
+	21, // 26: shoal.coordinator.v1.Coordinator.ListDeployments:output_type -> shoal.coordinator.v1.ListDeploymentsResponse
+	24, // 27: shoal.coordinator.v1.Coordinator.DescribeDeployment:output_type -> shoal.coordinator.v1.DescribeDeploymentResponse
+	26, // 28: shoal.coordinator.v1.Coordinator.DeleteDeployment:output_type -> shoal.coordinator.v1.DeleteDeploymentResponse
+	29, // 29: shoal.coordinator.v1.Coordinator.ListNodes:output_type -> shoal.coordinator.v1.ListNodesResponse
+	32, // 30: shoal.coordinator.v1.Coordinator.ListReplicas:output_type -> shoal.coordinator.v1.ListReplicasResponse
+	16, // 31: shoal.coordinator.v1.Coordinator.DescribeNode:output_type -> shoal.coordinator.v1.DescribeNodeResponse
+	14, // 32: shoal.coordinator.v1.Coordinator.Logs:output_type -> shoal.coordinator.v1.LogChunk
+	12, // 33: shoal.coordinator.v1.Coordinator.Demand:output_type -> shoal.coordinator.v1.DemandResponse
+	35, // 34: shoal.coordinator.v1.Coordinator.Keyring:output_type -> shoal.coordinator.v1.KeyringResponse
+	4,  // 35: shoal.coordinator.v1.Coordinator.Coordinators:output_type -> shoal.coordinator.v1.CoordinatorsResponse
+	7,  // 36: shoal.coordinator.v1.Coordinator.RaftAddPeer:output_type -> shoal.coordinator.v1.RaftPeerResponse
+	7,  // 37: shoal.coordinator.v1.Coordinator.RaftRemovePeer:output_type -> shoal.coordinator.v1.RaftPeerResponse
+	9,  // 38: shoal.coordinator.v1.Coordinator.SnapshotSave:output_type -> shoal.coordinator.v1.SnapshotChunk
+	10, // 39: shoal.coordinator.v1.Coordinator.SnapshotRestore:output_type -> shoal.coordinator.v1.SnapshotRestoreResponse
+	1,  // 40: shoal.coordinator.v1.Coordinator.ReadIndex:output_type -> shoal.coordinator.v1.ReadIndexResponse
+	25, // [25:41] is the sub-list for method output_type
+	9,  // [9:25] is the sub-list for method input_type
+	9,  // [9:9] is the sub-list for extension type_name
+	9,  // [9:9] is the sub-list for extension extendee
+	0,  // [0:9] is the sub-list for field type_name
 }
 
 func init() { file_coordinator_v1_coordinator_proto_init() }
@@ -1764,7 +2417,7 @@ func file_coordinator_v1_coordinator_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_coordinator_v1_coordinator_proto_rawDesc), len(file_coordinator_v1_coordinator_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   25,
+			NumMessages:   36,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -31,6 +31,12 @@ const (
 	Coordinator_Logs_FullMethodName               = "/shoal.coordinator.v1.Coordinator/Logs"
 	Coordinator_Demand_FullMethodName             = "/shoal.coordinator.v1.Coordinator/Demand"
 	Coordinator_Keyring_FullMethodName            = "/shoal.coordinator.v1.Coordinator/Keyring"
+	Coordinator_Coordinators_FullMethodName       = "/shoal.coordinator.v1.Coordinator/Coordinators"
+	Coordinator_RaftAddPeer_FullMethodName        = "/shoal.coordinator.v1.Coordinator/RaftAddPeer"
+	Coordinator_RaftRemovePeer_FullMethodName     = "/shoal.coordinator.v1.Coordinator/RaftRemovePeer"
+	Coordinator_SnapshotSave_FullMethodName       = "/shoal.coordinator.v1.Coordinator/SnapshotSave"
+	Coordinator_SnapshotRestore_FullMethodName    = "/shoal.coordinator.v1.Coordinator/SnapshotRestore"
+	Coordinator_ReadIndex_FullMethodName          = "/shoal.coordinator.v1.Coordinator/ReadIndex"
 )
 
 // CoordinatorClient is the client API for Coordinator service.
@@ -51,6 +57,21 @@ type CoordinatorClient interface {
 	Demand(ctx context.Context, in *DemandRequest, opts ...grpc.CallOption) (*DemandResponse, error)
 	// Keyring lists or changes the gossip encryption keys of every node.
 	Keyring(ctx context.Context, in *KeyringRequest, opts ...grpc.CallOption) (*KeyringResponse, error)
+	// Coordinators lists the coordinator servers: the Raft group's
+	// configuration with each server's view (state, term, indexes).
+	Coordinators(ctx context.Context, in *CoordinatorsRequest, opts ...grpc.CallOption) (*CoordinatorsResponse, error)
+	// RaftAddPeer and RaftRemovePeer change the Raft group (the leader does).
+	RaftAddPeer(ctx context.Context, in *RaftAddPeerRequest, opts ...grpc.CallOption) (*RaftPeerResponse, error)
+	RaftRemovePeer(ctx context.Context, in *RaftRemovePeerRequest, opts ...grpc.CallOption) (*RaftPeerResponse, error)
+	// SnapshotSave streams the store as of now (`shoal operator snapshot save`);
+	// SnapshotRestore replaces the store with a saved one.
+	SnapshotSave(ctx context.Context, in *SnapshotSaveRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[SnapshotChunk], error)
+	SnapshotRestore(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[SnapshotChunk, SnapshotRestoreResponse], error)
+	// ReadIndex is the leader's commit index, after it confirmed it still
+	// leads: a follower answers a read once its copy has applied that far, so
+	// a read anywhere sees every write acknowledged before it (coordinators
+	// call it; nobody else needs to).
+	ReadIndex(ctx context.Context, in *ReadIndexRequest, opts ...grpc.CallOption) (*ReadIndexResponse, error)
 }
 
 type coordinatorClient struct {
@@ -170,6 +191,78 @@ func (c *coordinatorClient) Keyring(ctx context.Context, in *KeyringRequest, opt
 	return out, nil
 }
 
+func (c *coordinatorClient) Coordinators(ctx context.Context, in *CoordinatorsRequest, opts ...grpc.CallOption) (*CoordinatorsResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(CoordinatorsResponse)
+	err := c.cc.Invoke(ctx, Coordinator_Coordinators_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *coordinatorClient) RaftAddPeer(ctx context.Context, in *RaftAddPeerRequest, opts ...grpc.CallOption) (*RaftPeerResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RaftPeerResponse)
+	err := c.cc.Invoke(ctx, Coordinator_RaftAddPeer_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *coordinatorClient) RaftRemovePeer(ctx context.Context, in *RaftRemovePeerRequest, opts ...grpc.CallOption) (*RaftPeerResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(RaftPeerResponse)
+	err := c.cc.Invoke(ctx, Coordinator_RaftRemovePeer_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *coordinatorClient) SnapshotSave(ctx context.Context, in *SnapshotSaveRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[SnapshotChunk], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Coordinator_ServiceDesc.Streams[1], Coordinator_SnapshotSave_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[SnapshotSaveRequest, SnapshotChunk]{ClientStream: stream}
+	if err := x.ClientStream.SendMsg(in); err != nil {
+		return nil, err
+	}
+	if err := x.ClientStream.CloseSend(); err != nil {
+		return nil, err
+	}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Coordinator_SnapshotSaveClient = grpc.ServerStreamingClient[SnapshotChunk]
+
+func (c *coordinatorClient) SnapshotRestore(ctx context.Context, opts ...grpc.CallOption) (grpc.ClientStreamingClient[SnapshotChunk, SnapshotRestoreResponse], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Coordinator_ServiceDesc.Streams[2], Coordinator_SnapshotRestore_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[SnapshotChunk, SnapshotRestoreResponse]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Coordinator_SnapshotRestoreClient = grpc.ClientStreamingClient[SnapshotChunk, SnapshotRestoreResponse]
+
+func (c *coordinatorClient) ReadIndex(ctx context.Context, in *ReadIndexRequest, opts ...grpc.CallOption) (*ReadIndexResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ReadIndexResponse)
+	err := c.cc.Invoke(ctx, Coordinator_ReadIndex_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // CoordinatorServer is the server API for Coordinator service.
 // All implementations must embed UnimplementedCoordinatorServer
 // for forward compatibility.
@@ -188,6 +281,21 @@ type CoordinatorServer interface {
 	Demand(context.Context, *DemandRequest) (*DemandResponse, error)
 	// Keyring lists or changes the gossip encryption keys of every node.
 	Keyring(context.Context, *KeyringRequest) (*KeyringResponse, error)
+	// Coordinators lists the coordinator servers: the Raft group's
+	// configuration with each server's view (state, term, indexes).
+	Coordinators(context.Context, *CoordinatorsRequest) (*CoordinatorsResponse, error)
+	// RaftAddPeer and RaftRemovePeer change the Raft group (the leader does).
+	RaftAddPeer(context.Context, *RaftAddPeerRequest) (*RaftPeerResponse, error)
+	RaftRemovePeer(context.Context, *RaftRemovePeerRequest) (*RaftPeerResponse, error)
+	// SnapshotSave streams the store as of now (`shoal operator snapshot save`);
+	// SnapshotRestore replaces the store with a saved one.
+	SnapshotSave(*SnapshotSaveRequest, grpc.ServerStreamingServer[SnapshotChunk]) error
+	SnapshotRestore(grpc.ClientStreamingServer[SnapshotChunk, SnapshotRestoreResponse]) error
+	// ReadIndex is the leader's commit index, after it confirmed it still
+	// leads: a follower answers a read once its copy has applied that far, so
+	// a read anywhere sees every write acknowledged before it (coordinators
+	// call it; nobody else needs to).
+	ReadIndex(context.Context, *ReadIndexRequest) (*ReadIndexResponse, error)
 	mustEmbedUnimplementedCoordinatorServer()
 }
 
@@ -227,6 +335,24 @@ func (UnimplementedCoordinatorServer) Demand(context.Context, *DemandRequest) (*
 }
 func (UnimplementedCoordinatorServer) Keyring(context.Context, *KeyringRequest) (*KeyringResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method Keyring not implemented")
+}
+func (UnimplementedCoordinatorServer) Coordinators(context.Context, *CoordinatorsRequest) (*CoordinatorsResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method Coordinators not implemented")
+}
+func (UnimplementedCoordinatorServer) RaftAddPeer(context.Context, *RaftAddPeerRequest) (*RaftPeerResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RaftAddPeer not implemented")
+}
+func (UnimplementedCoordinatorServer) RaftRemovePeer(context.Context, *RaftRemovePeerRequest) (*RaftPeerResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method RaftRemovePeer not implemented")
+}
+func (UnimplementedCoordinatorServer) SnapshotSave(*SnapshotSaveRequest, grpc.ServerStreamingServer[SnapshotChunk]) error {
+	return status.Error(codes.Unimplemented, "method SnapshotSave not implemented")
+}
+func (UnimplementedCoordinatorServer) SnapshotRestore(grpc.ClientStreamingServer[SnapshotChunk, SnapshotRestoreResponse]) error {
+	return status.Error(codes.Unimplemented, "method SnapshotRestore not implemented")
+}
+func (UnimplementedCoordinatorServer) ReadIndex(context.Context, *ReadIndexRequest) (*ReadIndexResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ReadIndex not implemented")
 }
 func (UnimplementedCoordinatorServer) mustEmbedUnimplementedCoordinatorServer() {}
 func (UnimplementedCoordinatorServer) testEmbeddedByValue()                     {}
@@ -422,6 +548,96 @@ func _Coordinator_Keyring_Handler(srv interface{}, ctx context.Context, dec func
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Coordinator_Coordinators_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(CoordinatorsRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CoordinatorServer).Coordinators(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Coordinator_Coordinators_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CoordinatorServer).Coordinators(ctx, req.(*CoordinatorsRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Coordinator_RaftAddPeer_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RaftAddPeerRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CoordinatorServer).RaftAddPeer(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Coordinator_RaftAddPeer_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CoordinatorServer).RaftAddPeer(ctx, req.(*RaftAddPeerRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Coordinator_RaftRemovePeer_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(RaftRemovePeerRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CoordinatorServer).RaftRemovePeer(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Coordinator_RaftRemovePeer_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CoordinatorServer).RaftRemovePeer(ctx, req.(*RaftRemovePeerRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Coordinator_SnapshotSave_Handler(srv interface{}, stream grpc.ServerStream) error {
+	m := new(SnapshotSaveRequest)
+	if err := stream.RecvMsg(m); err != nil {
+		return err
+	}
+	return srv.(CoordinatorServer).SnapshotSave(m, &grpc.GenericServerStream[SnapshotSaveRequest, SnapshotChunk]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Coordinator_SnapshotSaveServer = grpc.ServerStreamingServer[SnapshotChunk]
+
+func _Coordinator_SnapshotRestore_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(CoordinatorServer).SnapshotRestore(&grpc.GenericServerStream[SnapshotChunk, SnapshotRestoreResponse]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Coordinator_SnapshotRestoreServer = grpc.ClientStreamingServer[SnapshotChunk, SnapshotRestoreResponse]
+
+func _Coordinator_ReadIndex_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ReadIndexRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CoordinatorServer).ReadIndex(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Coordinator_ReadIndex_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CoordinatorServer).ReadIndex(ctx, req.(*ReadIndexRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Coordinator_ServiceDesc is the grpc.ServiceDesc for Coordinator service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -465,12 +681,38 @@ var Coordinator_ServiceDesc = grpc.ServiceDesc{
 			MethodName: "Keyring",
 			Handler:    _Coordinator_Keyring_Handler,
 		},
+		{
+			MethodName: "Coordinators",
+			Handler:    _Coordinator_Coordinators_Handler,
+		},
+		{
+			MethodName: "RaftAddPeer",
+			Handler:    _Coordinator_RaftAddPeer_Handler,
+		},
+		{
+			MethodName: "RaftRemovePeer",
+			Handler:    _Coordinator_RaftRemovePeer_Handler,
+		},
+		{
+			MethodName: "ReadIndex",
+			Handler:    _Coordinator_ReadIndex_Handler,
+		},
 	},
 	Streams: []grpc.StreamDesc{
 		{
 			StreamName:    "Logs",
 			Handler:       _Coordinator_Logs_Handler,
 			ServerStreams: true,
+		},
+		{
+			StreamName:    "SnapshotSave",
+			Handler:       _Coordinator_SnapshotSave_Handler,
+			ServerStreams: true,
+		},
+		{
+			StreamName:    "SnapshotRestore",
+			Handler:       _Coordinator_SnapshotRestore_Handler,
+			ClientStreams: true,
 		},
 	},
 	Metadata: "coordinator/v1/coordinator.proto",

@@ -8,6 +8,7 @@ import (
 	"fmt"
 	"io"
 	"sort"
+	"strings"
 	"sync"
 	"time"
 
@@ -80,7 +81,10 @@ const readWait = 2 * time.Second
 // read waits for this server's copy to catch up with the leader's read index.
 func (c *Coordinator) forward(ctx context.Context, req any, info *grpc.UnaryServerInfo, h grpc.UnaryHandler) (any, error) {
 	if consistentReads[info.FullMethod] && c.repl != nil {
-		c.catchUp(ctx)
+		if err := c.catchUp(ctx); err != nil {
+			// The last state this server has, said to be so.
+			_ = grpc.SetHeader(ctx, metadata.Pairs(StaleHeader, err.Error()))
+		}
 		return h(ctx, req)
 	}
 	newResp, ok := forwardedMethods[info.FullMethod]
@@ -97,39 +101,52 @@ func (c *Coordinator) forward(ctx context.Context, req any, info *grpc.UnaryServ
 	resp := newResp()
 	ctx = metadata.AppendToOutgoingContext(ctx, forwardedKey, c.cfg.NodeID)
 	if err := conn.Invoke(ctx, info.FullMethod, req, resp); err != nil {
-		return nil, err
+		return nil, leaderUnreachable(c.repl.Leader(), conn.Target(), err)
 	}
 	return resp, nil
 }
 
-// catchUp waits until this server's copy holds the leader's read index. If
-// there is no leader to ask (no quorum), the read answers from the last
-// state this server has: reads keep working while writes cannot.
-func (c *Coordinator) catchUp(ctx context.Context) {
+// leaderUnreachable words a transport failure toward the leader (its own
+// answers pass as they are).
+func leaderUnreachable(id, addr string, err error) error {
+	st, _ := status.FromError(err)
+	if st.Code() != codes.Unavailable || strings.Contains(st.Message(), "coordinator leader") {
+		return err
+	}
+	return status.Errorf(codes.Unavailable, "the coordinator leader %s (%s) does not answer (%s): a new one is being elected, or quorum is lost; try again",
+		id, addr, st.Message())
+}
+
+// StaleHeader, on a read's response, says it could not be confirmed
+// current (no leader answered) and why: it is this server's last state.
+const StaleHeader = "shoal-stale"
+
+// catchUp waits until this server's copy holds the leader's read index; an
+// error says why it could not (no leader, no quorum), and the read then
+// answers from the last state this server has: reads keep working while
+// writes cannot, and say so.
+func (c *Coordinator) catchUp(ctx context.Context) error {
 	ctx, cancel := context.WithTimeout(ctx, readWait)
 	defer cancel()
 	var idx uint64
 	if c.repl.Leading() {
 		i, err := c.repl.ReadIndex()
 		if err != nil {
-			return
+			return err
 		}
 		idx = i
 	} else {
 		conn, err := c.leaderConn()
 		if err != nil {
-			return
+			return err
 		}
 		resp, err := coordv1.NewCoordinatorClient(conn).ReadIndex(ctx, &coordv1.ReadIndexRequest{})
 		if err != nil {
-			c.log.Debug("read index from the leader", "err", err)
-			return
+			return leaderUnreachable(c.repl.Leader(), conn.Target(), err)
 		}
 		idx = resp.Index
 	}
-	if err := c.repl.WaitApplied(ctx, idx); err != nil {
-		c.log.Warn("a read answers from a copy that is behind", "err", err)
-	}
+	return c.repl.WaitApplied(ctx, idx)
 }
 
 func (s *apiServer) ReadIndex(context.Context, *coordv1.ReadIndexRequest) (*coordv1.ReadIndexResponse, error) {
@@ -207,6 +224,9 @@ func (c *Coordinator) noLeader() error {
 func (c *Coordinator) storeError(err error) error {
 	var nl *replicate.ErrNotLeader
 	if errors.As(err, &nl) {
+		if nl.Uncertain {
+			return status.Errorf(codes.Unavailable, "%v", nl)
+		}
 		if nl.Leader == "" {
 			return c.noLeader()
 		}
@@ -284,7 +304,9 @@ type savedStore struct {
 
 func (s *apiServer) SnapshotSave(_ *coordv1.SnapshotSaveRequest, stream coordv1.Coordinator_SnapshotSaveServer) error {
 	if s.c.repl != nil {
-		s.c.catchUp(stream.Context()) // every acknowledged write is in the file
+		if err := s.c.catchUp(stream.Context()); err != nil { // every acknowledged write is in the file
+			return status.Errorf(codes.Unavailable, "this coordinator cannot confirm its copy is current (%v): save from a server with a leader", err)
+		}
 	}
 	d, idx, err := s.c.snap.Dump()
 	if err != nil {
@@ -361,7 +383,7 @@ func (s *apiServer) forwardRestore(stream coordv1.Coordinator_SnapshotRestoreSer
 	ctx := metadata.AppendToOutgoingContext(stream.Context(), forwardedKey, s.c.cfg.NodeID)
 	up, err := coordv1.NewCoordinatorClient(conn).SnapshotRestore(ctx)
 	if err != nil {
-		return err
+		return leaderUnreachable(s.c.repl.Leader(), conn.Target(), err)
 	}
 	for len(b) > 0 {
 		n := min(len(b), snapshotChunk)

@@ -12,11 +12,13 @@ import (
 	"time"
 
 	"github.com/shoalhq/shoal/agent"
+	"github.com/shoalhq/shoal/coordinator"
 	coordv1 "github.com/shoalhq/shoal/proto/coordinator/v1"
 	"github.com/shoalhq/shoal/spec"
 	"github.com/urfave/cli/v2"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 	"google.golang.org/protobuf/encoding/protojson"
 	"google.golang.org/protobuf/proto"
@@ -40,15 +42,55 @@ func dialCoordinator(c *cli.Context) (*grpc.ClientConn, string, error) {
 }
 
 // withClient dials the coordinator and maps gRPC errors to plain messages.
+// With a list of servers (a replicated coordinator) it asks them in turn
+// while the answer is Unavailable (down, or no leader on its side of a
+// partition); a read answered from a server's last, unconfirmed state is
+// said to be so on stderr.
 func withClient(c *cli.Context, f func(context.Context, coordv1.CoordinatorClient) error) error {
-	conn, addr, err := dialCoordinator(c)
+	all := c.String("coordinator")
+	var addrs []string
+	for _, a := range strings.Split(all, ",") {
+		if a = strings.TrimSpace(a); a != "" {
+			addrs = append(addrs, a)
+		}
+	}
+	if len(addrs) == 0 {
+		return errors.New("no coordinator address: set --coordinator or SHOAL_COORDINATOR")
+	}
+	tl, err := cliTLS(c)
 	if err != nil {
 		return err
 	}
-	defer conn.Close()
 	ctx, cancel := context.WithTimeout(c.Context, 15*time.Second)
 	defer cancel()
-	return clientError(addr, f(ctx, coordv1.NewCoordinatorClient(conn)))
+	var stale string
+	warn := grpc.WithChainUnaryInterceptor(func(ctx context.Context, method string, req, reply any, cc *grpc.ClientConn, inv grpc.UnaryInvoker, opts ...grpc.CallOption) error {
+		var md metadata.MD
+		err := inv(ctx, method, req, reply, cc, append(opts, grpc.Header(&md))...)
+		if v := md.Get(coordinator.StaleHeader); len(v) > 0 {
+			stale = v[0]
+		}
+		return err
+	})
+	for i, addr := range addrs {
+		conn, err := grpc.NewClient(addr, append(tl.DialOptions(), warn)...)
+		if err != nil {
+			return fmt.Errorf("coordinator address %q: %w", addr, err)
+		}
+		err = f(ctx, coordv1.NewCoordinatorClient(conn))
+		conn.Close()
+		if status.Code(err) == codes.Unavailable && i+1 < len(addrs) && ctx.Err() == nil {
+			continue
+		}
+		if stale != "" && err == nil {
+			fmt.Fprintf(c.App.ErrWriter, "warning: %s answered from its last state, which it could not confirm current (%s)\n", addr, stale)
+		}
+		if len(addrs) > 1 {
+			addr = all
+		}
+		return clientError(addr, err)
+	}
+	return nil
 }
 
 // clientError turns a gRPC error from the coordinator into a plain message.

@@ -95,9 +95,15 @@ type Config struct {
 // ErrNotLeader is returned for a write on a server that is not the leader.
 type ErrNotLeader struct {
 	Leader string // the leader's server id; "" when there is none
+	// Uncertain: the leadership was lost while the write was being
+	// committed; it may still take effect (a new leader may commit it).
+	Uncertain bool
 }
 
 func (e *ErrNotLeader) Error() string {
+	if e.Uncertain {
+		return "the coordinator leader lost its leadership while the write was being committed: it may or may not have taken effect (check with `shoal get`)"
+	}
 	if e.Leader == "" {
 		return "no coordinator leader: the Raft group has no quorum (a majority of servers must answer each other); writes fail until one is elected, reads show the last state"
 	}
@@ -536,10 +542,12 @@ func (n *Node) apply(c command) (result, error) {
 	f := n.raft.Apply(b, n.cfg.ApplyTimeout)
 	if err := f.Error(); err != nil {
 		switch {
-		case errors.Is(err, raft.ErrNotLeader), errors.Is(err, raft.ErrLeadershipLost), errors.Is(err, raft.ErrLeadershipTransferInProgress):
-			return result{}, &ErrNotLeader{Leader: n.Leader()}
+		case errors.Is(err, raft.ErrNotLeader), errors.Is(err, raft.ErrLeadershipTransferInProgress):
+			return result{}, &ErrNotLeader{Leader: n.Leader()} // refused: not in the log
+		case errors.Is(err, raft.ErrLeadershipLost):
+			return result{}, &ErrNotLeader{Leader: n.Leader(), Uncertain: true}
 		case errors.Is(err, raft.ErrEnqueueTimeout):
-			return result{}, fmt.Errorf("the write was not committed within %v: a majority of coordinators did not answer", n.cfg.ApplyTimeout)
+			return result{}, fmt.Errorf("the leader did not take the write within %v (it is overloaded): nothing was written, try again", n.cfg.ApplyTimeout)
 		}
 		return result{}, err
 	}

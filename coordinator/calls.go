@@ -45,10 +45,42 @@ type caller struct {
 	mu       sync.Mutex
 	inflight map[string]bool      // guarded by mu; node → a call is under way
 	cool     map[string]time.Time // guarded by mu; node → no call before
+	acked    map[string]ack       // guarded by mu; node → the last assignment it acknowledged
+}
+
+// ack is an assignment a node acknowledged, and when.
+type ack struct {
+	group string
+	epoch uint64
+	at    time.Time
+}
+
+// ackGrace is how long an acknowledged assignment is not sent again while
+// the node's gossip tag does not show it yet (gossip takes a moment to
+// carry the new tag; without it every pass in between would send it again).
+const ackGrace = 10 * time.Second
+
+// acknowledged records that node holds group at epoch.
+func (c *caller) acknowledged(node, group string, epoch uint64) {
+	c.mu.Lock()
+	c.acked[node] = ack{group, epoch, time.Now()}
+	c.mu.Unlock()
+}
+
+// holds reports whether node acknowledged group at epoch within ackGrace.
+func (c *caller) holds(node, group string, epoch uint64) bool {
+	c.mu.Lock()
+	defer c.mu.Unlock()
+	a, ok := c.acked[node]
+	if ok && time.Since(a.at) > ackGrace {
+		delete(c.acked, node)
+		return false
+	}
+	return ok && a.group == group && a.epoch == epoch
 }
 
 func newCaller(ctx context.Context, tl *security.TLS, log *slog.Logger, done func()) *caller {
-	c := &caller{ctx: ctx, tls: tl, log: log, done: done, inflight: map[string]bool{}, cool: map[string]time.Time{}}
+	c := &caller{ctx: ctx, tls: tl, log: log, done: done, inflight: map[string]bool{}, cool: map[string]time.Time{}, acked: map[string]ack{}}
 	c.g.SetLimit(maxCalls)
 	return c
 }

@@ -112,6 +112,7 @@ type records interface {
 	Deployments() ([]*store.DeploymentRecord, error)
 	DeleteDeployment(name string) error
 	PutGroup(g *store.Group) error
+	PutGroups(gs []*store.Group) error
 	DeleteGroup(id string) error
 	Groups() ([]*store.Group, error)
 	AdoptSpec(deployment, spec string) error
@@ -157,6 +158,7 @@ type Coordinator struct {
 	asValue    *prometheus.GaugeVec
 	asPanic    *prometheus.GaugeVec
 	asRescales *prometheus.CounterVec
+	passes     prometheus.Histogram
 }
 
 // New builds a coordinator. It starts nothing.
@@ -185,6 +187,10 @@ func New(cfg Config) *Coordinator {
 	c.asRescales = prometheus.NewCounterVec(prometheus.CounterOpts{Name: "shoal_autoscaler_rescales_total",
 		Help: "Decisions that changed the replica count."}, []string{"deployment"})
 	c.reg.MustRegister(c.asRescales)
+	c.passes = prometheus.NewHistogram(prometheus.HistogramOpts{Name: "shoal_coordinator_reconcile_seconds",
+		Help:    "How long one reconcile pass takes (read the store and the gossip, decide, write, hand the calls to agents off).",
+		Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16)})
+	c.reg.MustRegister(c.passes)
 	return c
 }
 
@@ -299,7 +305,9 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	guardWake := time.NewTimer(time.Hour)
 	defer guardWake.Stop()
 	for ctx.Err() == nil {
+		t0 := time.Now()
 		wake, err := c.reconcile(ctx)
+		c.passes.Observe(time.Since(t0).Seconds())
 		if err != nil {
 			c.log.Error("reconcile", "err", err)
 		}
@@ -314,6 +322,16 @@ func (c *Coordinator) Run(ctx context.Context) error {
 		case <-c.mem.Changes():
 		case <-c.leaderChanges():
 		case <-guardWake.C:
+		}
+		// Passes are at least minPassGap apart: a burst of events (a
+		// thousand agents' tags, a hundred calls answering) is one pass.
+		if d := minPassGap - time.Since(t0); d > 0 && ctx.Err() == nil {
+			gap := time.NewTimer(d)
+			select {
+			case <-ctx.Done():
+			case <-gap.C:
+			}
+			gap.Stop()
 		}
 	}
 	c.calls.wait()
@@ -334,6 +352,10 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	wg.Wait()
 	return nil
 }
+
+// minPassGap spaces reconcile passes: what they react to (gossip, calls)
+// comes in bursts, and a pass costs milliseconds at a thousand agents.
+const minPassGap = 50 * time.Millisecond
 
 // rejoinEvery is how often a coordinator that holds for isolation contacts
 // the peers it remembers.

@@ -185,14 +185,16 @@ type failingStore struct {
 	failPut bool
 }
 
-func (f *failingStore) PutGroup(g *store.Group) error {
+func (f *failingStore) PutGroup(g *store.Group) error { return f.PutGroups([]*store.Group{g}) }
+
+func (f *failingStore) PutGroups(gs []*store.Group) error {
 	f.mu.Lock()
 	fail := f.failPut
 	f.mu.Unlock()
 	if fail {
 		return errors.New("disk I/O error")
 	}
-	return f.Store.PutGroup(g)
+	return f.Store.PutGroups(gs)
 }
 
 type testCoord struct {

@@ -155,11 +155,14 @@ func (c *Coordinator) apply(ctx context.Context, p *plan.Plan) {
 	// that obeyed a newer leader refuse the calls.
 	term := c.fenceTerm()
 	failed := map[string]bool{} // groups whose write failed are left out of every call
-	for _, g := range p.Put {
-		if err := c.store.PutGroup(g); err != nil {
-			failed[g.ID] = true
-			c.log.Error("store group; the change waits for the next pass", "group", g.ID, "err", err)
-			c.events.add(g.Deployment, "store/"+g.ID, "cannot store replica %s (%v); retrying", g.ID, err)
+	// One write for the pass's groups (one Raft entry when replicated).
+	if len(p.Put) > 0 {
+		if err := c.store.PutGroups(p.Put); err != nil {
+			for _, g := range p.Put {
+				failed[g.ID] = true
+				c.events.add(g.Deployment, "store/"+g.ID, "cannot store replica %s (%v); retrying", g.ID, err)
+			}
+			c.log.Error("store groups; the changes wait for the next pass", "groups", len(p.Put), "err", c.storeError(err))
 		}
 	}
 	for _, d := range p.Delete {
@@ -180,7 +183,7 @@ func (c *Coordinator) apply(ctx context.Context, p *plan.Plan) {
 	c.short = p.Short
 	c.mu.Unlock()
 	for _, a := range p.Assign {
-		if !failed[a.Group.ID] {
+		if !failed[a.Group.ID] && !c.calls.holds(a.Node, a.Group.ID, a.Group.Epoch) {
 			c.assign(a, term)
 		}
 	}
@@ -210,6 +213,9 @@ func (c *Coordinator) assign(a plan.Assign, term uint64) {
 	}
 	c.calls.call(a.Node, addr, "assign", func(ctx context.Context, cl agentv1.AgentClient) error {
 		_, err := cl.Assign(ctx, &agentv1.AssignRequest{Assignment: pa, CoordinatorTerm: term})
+		if err == nil {
+			c.calls.acknowledged(a.Node, g.ID, g.Epoch)
+		}
 		return err
 	}, func(err error) {
 		c.events.add(g.Deployment, "assign/"+a.Node, "assign %s to %s epoch %d failed: %v", a.Node, g.ID, g.Epoch, err)

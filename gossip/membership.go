@@ -371,6 +371,7 @@ func (m *Membership) Count() int {
 // Called from memberlist callbacks: decoding only, no I/O, no waiting.
 func (m *Membership) record(n *memberlist.Node, present bool) {
 	m.mu.Lock()
+	old, had := m.members[n.Name]
 	if present {
 		if t, err := DecodeTag(n.Meta); err == nil && t.Cluster == m.cfg.Cluster {
 			m.members[n.Name] = t
@@ -380,8 +381,14 @@ func (m *Membership) record(n *memberlist.Node, present bool) {
 	} else {
 		delete(m.members, n.Name)
 	}
+	cur, has := m.members[n.Name]
 	m.mu.Unlock()
-	m.notify()
+	// memberlist also reports updates that change nothing a watcher reads
+	// (an incarnation bump after a refuted suspicion): no wake-up for those,
+	// which at a thousand members under load would be a hundred a second.
+	if had != has || old != cur {
+		m.notify()
+	}
 }
 
 // check rejects peers of another cluster or with a bad tag.

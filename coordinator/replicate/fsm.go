@@ -21,6 +21,7 @@ const (
 	opPutDeployment    = "put_deployment"
 	opDeleteDeployment = "delete_deployment"
 	opPutGroup         = "put_group"
+	opPutGroups        = "put_groups" // a reconcile pass's groups, in one entry
 	opDeleteGroup      = "delete_group"
 	opAdoptSpec        = "adopt_spec"
 	opImport           = "import"  // a single-node store taken over
@@ -37,6 +38,7 @@ type command struct {
 	YAML       string           `json:"yaml,omitempty"`
 	Name       string           `json:"name,omitempty"`
 	Group      *store.Group     `json:"group,omitempty"`
+	Groups     []*store.Group   `json:"groups,omitempty"`
 	Spec       string           `json:"spec,omitempty"`
 	Dump       *store.Dump      `json:"dump,omitempty"`
 }
@@ -145,6 +147,13 @@ func (f *fsm) Apply(l *raft.Log) any {
 			return failed(errors.New("put_group without a group"))
 		}
 		return failed(f.st.PutGroup(c.Group))
+	case opPutGroups:
+		for _, g := range c.Groups {
+			if g == nil || g.ID == "" {
+				return failed(errors.New("put_groups with a group without an id"))
+			}
+		}
+		return failed(f.st.PutGroups(c.Groups))
 	case opDeleteGroup:
 		return failed(f.st.DeleteGroup(c.Name))
 	case opAdoptSpec:

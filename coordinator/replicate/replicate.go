@@ -518,6 +518,11 @@ func (n *Node) PutGroup(g *store.Group) error {
 	return err
 }
 
+func (n *Node) PutGroups(gs []*store.Group) error {
+	_, err := n.apply(command{Op: opPutGroups, Groups: gs})
+	return err
+}
+
 func (n *Node) DeleteGroup(id string) error {
 	_, err := n.apply(command{Op: opDeleteGroup, Name: id})
 	return err

@@ -214,6 +214,22 @@ func (s *Store) PutGroup(g *Group) error {
 	return s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketGroups).Put([]byte(g.ID), v) })
 }
 
+// PutGroups stores groups in one transaction: all or none.
+func (s *Store) PutGroups(gs []*Group) error {
+	return s.db.Update(func(tx *bolt.Tx) error {
+		for _, g := range gs {
+			v, err := json.Marshal(g)
+			if err != nil {
+				return err
+			}
+			if err := tx.Bucket(bucketGroups).Put([]byte(g.ID), v); err != nil {
+				return err
+			}
+		}
+		return nil
+	})
+}
+
 // DeleteGroup removes a group.
 func (s *Store) DeleteGroup(id string) error {
 	return s.db.Update(func(tx *bolt.Tx) error { return tx.Bucket(bucketGroups).Delete([]byte(id)) })

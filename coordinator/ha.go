@@ -208,6 +208,10 @@ func (c *Coordinator) noLeader() error {
 	if err != nil {
 		return status.Errorf(codes.Unavailable, "no coordinator leader: %v", err)
 	}
+	if len(peers) == 0 {
+		return status.Errorf(codes.Unavailable, "no coordinator leader: this server (%s) is in no Raft group yet — started with --raft-addr and no --servers, "+
+			"it waits to be added: run `shoal operator raft add-peer %s %s` against a server of the group", c.cfg.NodeID, c.cfg.NodeID, c.cfg.RaftAddr)
+	}
 	alive := 0
 	members := c.mem.Members()
 	for _, p := range peers {

@@ -188,6 +188,13 @@ func (f *fsm) Apply(l *raft.Log) any {
 	return failed(fmt.Errorf("log entry %d: unknown command %q (a newer coordinator wrote it: upgrade this one)", l.Index, c.Op))
 }
 
+// StoreConfiguration is told of each membership change of the group (as
+// raft.ConfigurationStore): it counts as applied, so that a read waiting
+// for an index at a configuration change does not wait for the next write.
+func (f *fsm) StoreConfiguration(index uint64, _ raft.Configuration) { f.setIndex(index) }
+
+var _ raft.ConfigurationStore = (*fsm)(nil)
+
 // Snapshot captures the whole store now; Persist writes it later, while
 // Apply goes on.
 func (f *fsm) Snapshot() (raft.FSMSnapshot, error) {

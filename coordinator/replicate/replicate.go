@@ -450,6 +450,11 @@ func (n *Node) Stats() Stats {
 // ReadIndex is the leader's commit index once it has confirmed, with a
 // majority, that it still leads (leader only): every write acknowledged
 // before the call is at or below it.
+//
+// The index returned is that of the last entry at or below the commit index
+// that reaches the store (a command or a configuration change): a leader's
+// no-op at the start of its term never does, and a server waiting for the
+// commit index itself would wait for the next write.
 func (n *Node) ReadIndex() (uint64, error) {
 	if !n.Leading() {
 		return 0, &ErrNotLeader{Leader: n.Leader()}
@@ -458,7 +463,18 @@ func (n *Node) ReadIndex() (uint64, error) {
 	if err := n.raft.VerifyLeader().Error(); err != nil {
 		return 0, &ErrNotLeader{Leader: n.Leader()}
 	}
-	return idx, nil
+	for i := idx; i > 0; i-- {
+		var l raft.Log
+		if err := n.logs.GetLog(i, &l); err != nil {
+			// Compacted into a snapshot long applied here: this server's
+			// copy is the state to wait for.
+			return n.AppliedIndex(), nil
+		}
+		if l.Type == raft.LogCommand || l.Type == raft.LogConfiguration {
+			return i, nil
+		}
+	}
+	return 0, nil
 }
 
 // WaitApplied returns once this server's copy holds entry i.

@@ -1,6 +1,7 @@
 package replicate
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"net"
@@ -133,6 +134,17 @@ func TestWritesReplicateAndSurviveTheLeader(t *testing.T) {
 	g := &store.Group{ID: "a-1", Deployment: "a", Epoch: 3, Members: []store.GroupMember{{NodeID: "n1", GRPC: "127.0.0.1:1"}}}
 	if err := c.nodes[l].PutGroup(g); err != nil {
 		t.Fatal(err)
+	}
+	if err := c.nodes[l].PutGroups([]*store.Group{{ID: "a-2", Deployment: "a", Epoch: 1}, {ID: "a-3", Deployment: "a", Epoch: 1}}); err != nil {
+		t.Fatal(err)
+	}
+	if err := c.nodes[l].PutGroups([]*store.Group{{ID: "a-4"}, {}}); err == nil {
+		t.Fatal("a batch with a group without an id was stored")
+	}
+	for _, id := range []string{"a-2", "a-3"} {
+		if err := c.nodes[l].DeleteGroup(id); err != nil {
+			t.Fatal(err)
+		}
 	}
 	if err := c.nodes[l].DeleteDeployment("nope"); !errors.Is(err, store.ErrNotFound) {
 		t.Fatalf("delete of a missing deployment: %v, want ErrNotFound", err)
@@ -300,6 +312,52 @@ func TestParseServers(t *testing.T) {
 		got, err := ParseServers(tc.in)
 		if (err != nil) != tc.bad || len(got) != tc.want {
 			t.Errorf("ParseServers(%q) = %v, %v", tc.in, got, err)
+		}
+	}
+}
+
+// TestReadIndexSkipsEntriesTheStoreNeverSees: a new leader's term starts
+// with a no-op that no store applies; a read waiting for the read index must
+// not wait for the next write.
+func TestReadIndexSkipsEntriesTheStoreNeverSees(t *testing.T) {
+	c := newCluster(t, 3)
+	l := c.leader()
+	if _, err := c.nodes[l].PutDeployment(deployment("a"), ""); err != nil {
+		t.Fatal(err)
+	}
+	c.stop(l)
+	l2 := c.leader()
+	idx, err := c.nodes[l2].ReadIndex()
+	if err != nil {
+		t.Fatal(err)
+	}
+	if idx >= c.nodes[l2].raft.CommitIndex() {
+		t.Fatalf("read index %d is the commit index %d (the new term's no-op)", idx, c.nodes[l2].raft.CommitIndex())
+	}
+	for i, nd := range c.nodes {
+		if nd == nil {
+			continue
+		}
+		ctx, cancel := context.WithTimeout(context.Background(), time.Second)
+		err := nd.WaitApplied(ctx, idx)
+		cancel()
+		if err != nil {
+			t.Fatalf("server %d: %v", i, err)
+		}
+		if _, err := nd.Deployment("a"); err != nil {
+			t.Fatalf("server %d at the read index without the write: %v", i, err)
+		}
+	}
+	if _, err := c.nodes[l2].ReadIndex(); err != nil {
+		t.Fatal(err)
+	}
+	for i, nd := range c.nodes {
+		if nd == nil || i == l2 {
+			continue
+		}
+		var nl *ErrNotLeader
+		if _, err := nd.ReadIndex(); !errors.As(err, &nl) {
+			t.Fatalf("follower %d gave a read index: %v", i, err)
 		}
 	}
 }

@@ -172,8 +172,9 @@ func (w *Writer) one(ctx context.Context, c int, rng *rand.Rand, seq int) {
 	switch p := rng.Intn(10); {
 	case p < 4:
 		val := fmt.Sprintf("/models/c%d-%d", c, seq)
+		// Scale traffic too: each put sets a replica count (1–4) as well.
 		y := fmt.Sprintf("apiVersion: shoal/v1\nkind: Deployment\nname: %s\nmodel: {source: %s}\nengine: {kind: vllm, servedModelName: %s}\n"+
-			"resources: {nodes: 1, gpusPerNode: 1, gpuModel: %s}\n", key, val, key, w.GPUModel)
+			"resources: {nodes: 1, gpusPerNode: 1, gpuModel: %s}\nreplicas: {count: %d}\n", key, val, key, w.GPUModel, 1+rng.Intn(4))
 		_, err := cl.Apply(cctx, &coordv1.ApplyRequest{SpecYaml: []byte(y)})
 		if ctx.Err() != nil {
 			return // the test is ending: not an outcome

@@ -112,9 +112,12 @@ func TestPubSubBothWaysWithReplay(t *testing.T) {
 			r.mu.Lock()
 			require.Empty(t, r.lost)
 			r.mu.Unlock()
-			p.Close()
+			// The subscriber is stopped first: an engine that goes away
+			// under a dialing subscriber is a broken connection, which Run
+			// returns (the agent's loop dials again), not a clean stop.
 			cancel()
 			require.NoError(t, <-done)
+			p.Close()
 		})
 	}
 }

@@ -250,12 +250,15 @@ func (h *History) Errors() map[string]int {
 	return out
 }
 
-// definitelyNot: the write was refused before anything was applied (no
-// leader to forward to: nothing reached the log).
+// definitelyNot: the write was refused before anything was applied: no
+// leader to forward to, or the server was never reached (the dial failed:
+// the request was not sent). Anything else may have taken effect.
 func definitelyNot(err error) bool {
 	st, _ := status.FromError(err)
-	return st.Code() == codes.Unavailable && (strings.HasPrefix(st.Message(), "no coordinator leader") ||
-		strings.Contains(st.Message(), "is not in this server's gossip yet"))
+	msg := st.Message()
+	return st.Code() == codes.Unavailable && (strings.HasPrefix(msg, "no coordinator leader") ||
+		strings.Contains(msg, "is not in this server's gossip yet") ||
+		(strings.HasPrefix(msg, "connection error") && strings.Contains(msg, "while dialing")))
 }
 
 // Explain lists, for each key whose history is not linearizable, its calls

@@ -250,6 +250,7 @@ func (s *apiServer) Coordinators(context.Context, *coordv1.CoordinatorsRequest) 
 	}
 	st := c.repl.Stats()
 	resp.State, resp.Term, resp.CommitIndex, resp.AppliedIndex = st.State, st.Term, st.CommitIndex, st.AppliedIndex
+	resp.ClusterId, _ = c.repl.ClusterID()
 	resp.LastContactMs, resp.Leader = st.LastContact.Milliseconds(), c.repl.Leader()
 	peers, err := c.repl.Peers()
 	if err != nil {
@@ -269,17 +270,61 @@ func (s *apiServer) Coordinators(context.Context, *coordv1.CoordinatorsRequest) 
 	return resp, nil
 }
 
-func (s *apiServer) RaftAddPeer(_ context.Context, req *coordv1.RaftAddPeerRequest) (*coordv1.RaftPeerResponse, error) {
+func (s *apiServer) RaftAddPeer(ctx context.Context, req *coordv1.RaftAddPeerRequest) (*coordv1.RaftPeerResponse, error) {
 	if s.c.repl == nil {
 		return nil, status.Error(codes.FailedPrecondition, "this coordinator is not replicated: start it with --raft-addr (and --servers) first")
 	}
 	if req.NodeId == "" || req.RaftAddr == "" {
 		return nil, status.Error(codes.InvalidArgument, "add-peer needs the server's node id and Raft address")
 	}
+	if err := s.c.sameCluster(ctx, req.NodeId); err != nil {
+		return nil, err
+	}
 	if err := s.c.repl.AddPeer(req.NodeId, req.RaftAddr); err != nil {
 		return nil, s.c.storeError(err)
 	}
 	return &coordv1.RaftPeerResponse{Message: fmt.Sprintf("added %s (%s) as a voter", req.NodeId, req.RaftAddr)}, nil
+}
+
+// sameCluster checks a server before it is added: it must be in this
+// cluster's gossip (same cluster name and keys), and hold no other group's
+// state (a server of another cluster, even one under the same CA, is
+// refused: its log would fight this group's).
+func (c *Coordinator) sameCluster(ctx context.Context, id string) error {
+	if id == c.cfg.NodeID {
+		return status.Errorf(codes.InvalidArgument, "%s is this server", id)
+	}
+	t, ok := c.mem.Members()[id]
+	if !ok || t.Kind != gossip.KindCoordinator || t.GRPC == "" {
+		return status.Errorf(codes.FailedPrecondition, "coordinator %s is not in this cluster's gossip: start it joined to this cluster "+
+			"(--join, the same --cluster and gossip key), with --raft-addr and no --servers, then add it", id)
+	}
+	conn, err := c.cfg.TLS.Dial(t.GRPC)
+	if err != nil {
+		return status.Errorf(codes.Unavailable, "dial %s at %s: %v", id, t.GRPC, err)
+	}
+	defer conn.Close()
+	ctx, cancel := context.WithTimeout(ctx, 5*time.Second)
+	defer cancel()
+	resp, err := coordv1.NewCoordinatorClient(conn).Coordinators(ctx, &coordv1.CoordinatorsRequest{})
+	if err != nil {
+		return status.Errorf(codes.Unavailable, "ask %s at %s which cluster it is in: %v", id, t.GRPC, err)
+	}
+	ours, _ := c.repl.ClusterID()
+	switch {
+	case !resp.Replicated:
+		return status.Errorf(codes.FailedPrecondition, "coordinator %s runs without Raft: restart it with --raft-addr (and no --servers)", id)
+	case len(resp.Servers) == 0:
+		return nil // a fresh server, waiting to be added
+	case ours != "" && resp.ClusterId == ours:
+		return nil // one of ours (added again after a removal)
+	}
+	var names []string
+	for _, sv := range resp.Servers {
+		names = append(names, sv.NodeId)
+	}
+	return status.Errorf(codes.FailedPrecondition, "coordinator %s already belongs to another Raft group (servers %s, cluster %q; this is %q): refused. "+
+		"To move it here, stop it, remove its --data-dir/raft and start it with --raft-addr and no --servers", id, strings.Join(names, ","), resp.ClusterId, ours)
 }
 
 func (s *apiServer) RaftRemovePeer(_ context.Context, req *coordv1.RaftRemovePeerRequest) (*coordv1.RaftPeerResponse, error) {

@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"net"
 	"os"
+	"os/exec"
 	"path/filepath"
 	"strconv"
 	"strings"
@@ -187,8 +188,9 @@ fenced:
 
 	// A host of a replica dies together with the new leader: the next leader
 	// re-forms that replica on the spare.
-	rs := e.replicas()
-	require.Len(t, rs, 2)
+	var rs []replica
+	require.Eventually(t, func() bool { rs = e.replicas(); return len(rs) == 2 && readyCount(rs) == 2 }, 30*time.Second, 100*time.Millisecond,
+		"both replicas listed and serving")
 	victim := rs[0].Members[1]
 	killed = time.Now()
 	e.c.KillServer(c2.Leader)
@@ -211,4 +213,86 @@ fenced:
 	}, 90*time.Second, 100*time.Millisecond, "the replica re-formed without %s", victim)
 	t.Logf("leader %s and host %s killed together: leader %s after %v, both replicas serving again after %v",
 		c2.Leader, victim, c4.Leader, elected, time.Since(killed))
+}
+
+// TestGrowingAGroupServerByServer: a single coordinator's store is taken
+// over by a one-server Raft group; a fresh server joins it with add-peer
+// and has every deployment; a server of another group (same gossip, its
+// own Raft state) and one not in the gossip are refused, saying why.
+func TestGrowingAGroupServerByServer(t *testing.T) {
+	ip := "127.0.33.1"
+	dir := t.TempDir()
+	a := freeAddrs(t, ip, 12)
+	type srv struct{ id, api, gossip, raft, data string }
+	mk := func(i int, id string) srv {
+		return srv{id, a[4*i], a[4*i+1], a[4*i+2], filepath.Join(dir, id)}
+	}
+	s1, s2, s9 := mk(0, "c1"), mk(1, "c2"), mk(2, "c9")
+	var procs []*exec.Cmd
+	t.Cleanup(func() {
+		for _, p := range procs {
+			_ = p.Process.Kill()
+			_ = p.Wait()
+		}
+	})
+	start := func(s srv, extra ...string) {
+		_, gp, _ := net.SplitHostPort(s.gossip)
+		args := append([]string{"coordinator", "--insecure", "--node-id", s.id, "--address", ip, "--gossip-port", gp, "--join", s1.gossip,
+			"--api", s.api, "--metrics-addr=", "--router=", "--data-dir", s.data, "--gossip-profile", "fast"}, extra...)
+		cmd := exec.Command(filepath.Join(binDir, "shoal"), args...)
+		logf, err := os.Create(filepath.Join(dir, s.id+".log"))
+		require.NoError(t, err)
+		cmd.Stdout, cmd.Stderr = logf, logf
+		require.NoError(t, cmd.Start())
+		procs = append(procs, cmd)
+	}
+	cli := func(addr string, args ...string) (string, error) {
+		cmd := exec.Command(filepath.Join(binDir, "shoal"), append(args, "--insecure", "--coordinator", addr)...)
+		out, err := cmd.CombinedOutput()
+		return string(out), err
+	}
+	spec := filepath.Join(dir, "one.yaml")
+	require.NoError(t, os.WriteFile(spec, []byte(strings.Replace(spec2x2, "count: 2", "count: 1", 1)), 0o644))
+
+	// A single coordinator with a deployment, then the same data directory
+	// as a one-server group: the deployment is taken over.
+	start(s1)
+	require.Eventually(t, func() bool { _, err := cli(s1.api, "apply", "-f", spec); return err == nil }, 20*time.Second, 100*time.Millisecond)
+	_ = procs[0].Process.Kill()
+	_ = procs[0].Wait()
+	procs = procs[:0]
+	start(s1, "--raft-addr", s1.raft, "--servers", "c1="+s1.raft)
+	require.Eventually(t, func() bool {
+		out, err := cli(s1.api, "get", "deployments")
+		return err == nil && strings.Contains(out, "demo")
+	}, 20*time.Second, 100*time.Millisecond, "the single coordinator's deployment, taken over")
+	_, err := os.Stat(filepath.Join(s1.data, "coordinator.db.imported"))
+	require.NoError(t, err, "the single-node store is moved aside")
+
+	start(s2, "--raft-addr", s2.raft)                              // waits to be added
+	start(s9, "--raft-addr", s9.raft, "--servers", "c9="+s9.raft) // a group of its own
+	var out string
+	if !assertEventually(func() bool {
+		out, err = cli(s1.api, "operator", "raft", "add-peer", "c9", s9.raft)
+		return strings.Contains(out, "already belongs to another Raft group")
+	}, 20*time.Second) {
+		t.Fatalf("add-peer of another group's server: %s", out)
+	}
+	out, _ = cli(s1.api, "operator", "raft", "add-peer", "c7", "127.0.33.9:7960")
+	require.Contains(t, out, "is not in this cluster's gossip")
+	if !assertEventually(func() bool {
+		out, err = cli(s1.api, "operator", "raft", "add-peer", "c2", s2.raft)
+		return err == nil
+	}, 20*time.Second) {
+		t.Fatalf("add-peer of a fresh server: %s", out)
+	}
+	require.Eventually(t, func() bool {
+		out, err := cli(s2.api, "get", "deployments")
+		return err == nil && strings.Contains(out, "demo")
+	}, 20*time.Second, 100*time.Millisecond, "the added server has the group's deployments")
+	out, err = cli(s1.api+","+s2.api, "operator", "raft", "list-peers")
+	require.NoError(t, err, out)
+	require.Contains(t, out, "c1")
+	require.Contains(t, out, "c2")
+	require.NotContains(t, out, "c9")
 }

@@ -238,8 +238,11 @@ type CoordinatorsResponse struct {
 	// last_contact_ms: since the leader was last heard from (followers).
 	LastContactMs int64 `protobuf:"varint,7,opt,name=last_contact_ms,json=lastContactMs,proto3" json:"last_contact_ms,omitempty"`
 	// replicated is false for a single coordinator without Raft.
-	Replicated    bool   `protobuf:"varint,8,opt,name=replicated,proto3" json:"replicated,omitempty"`
-	Leader        string `protobuf:"bytes,9,opt,name=leader,proto3" json:"leader,omitempty"`
+	Replicated bool   `protobuf:"varint,8,opt,name=replicated,proto3" json:"replicated,omitempty"`
+	Leader     string `protobuf:"bytes,9,opt,name=leader,proto3" json:"leader,omitempty"`
+	// cluster_id is the identity of the group this server's state belongs to
+	// ("" for a server in no group yet).
+	ClusterId     string `protobuf:"bytes,10,opt,name=cluster_id,json=clusterId,proto3" json:"cluster_id,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -333,6 +336,13 @@ func (x *CoordinatorsResponse) GetReplicated() bool {
 func (x *CoordinatorsResponse) GetLeader() string {
 	if x != nil {
 		return x.Leader
+	}
+	return ""
+}
+
+func (x *CoordinatorsResponse) GetClusterId() string {
+	if x != nil {
+		return x.ClusterId
 	}
 	return ""
 }
@@ -2151,7 +2161,7 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"\bapi_addr\x18\x03 \x01(\tR\aapiAddr\x12\x14\n" +
 	"\x05voter\x18\x04 \x01(\bR\x05voter\x12\x16\n" +
 	"\x06leader\x18\x05 \x01(\bR\x06leader\x12\x14\n" +
-	"\x05alive\x18\x06 \x01(\bR\x05alive\"\xca\x02\n" +
+	"\x05alive\x18\x06 \x01(\bR\x05alive\"\xe9\x02\n" +
 	"\x14CoordinatorsResponse\x12?\n" +
 	"\aservers\x18\x01 \x03(\v2%.shoal.coordinator.v1.CoordinatorInfoR\aservers\x12\x1f\n" +
 	"\vanswered_by\x18\x02 \x01(\tR\n" +
@@ -2164,7 +2174,10 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"\n" +
 	"replicated\x18\b \x01(\bR\n" +
 	"replicated\x12\x16\n" +
-	"\x06leader\x18\t \x01(\tR\x06leader\"J\n" +
+	"\x06leader\x18\t \x01(\tR\x06leader\x12\x1d\n" +
+	"\n" +
+	"cluster_id\x18\n" +
+	" \x01(\tR\tclusterId\"J\n" +
 	"\x12RaftAddPeerRequest\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x1b\n" +
 	"\traft_addr\x18\x02 \x01(\tR\braftAddr\"0\n" +

@@ -269,7 +269,7 @@ func TestGrowingAGroupServerByServer(t *testing.T) {
 	_, err := os.Stat(filepath.Join(s1.data, "coordinator.db.imported"))
 	require.NoError(t, err, "the single-node store is moved aside")
 
-	start(s2, "--raft-addr", s2.raft)                              // waits to be added
+	start(s2, "--raft-addr", s2.raft)                             // waits to be added
 	start(s9, "--raft-addr", s9.raft, "--servers", "c9="+s9.raft) // a group of its own
 	var out string
 	if !assertEventually(func() bool {

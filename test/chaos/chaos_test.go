@@ -96,6 +96,15 @@ func newSuite(t *testing.T) *suite {
 			}
 			return n.Wrap(name)
 		}}
+	s.start(cfg)
+	return s
+}
+
+// start runs cfg's cluster for the suite (stopped, and its logs shown on a
+// failure, when the test ends), the standalone router, the engine watch and
+// the load, and waits until the demo deployment serves through the router.
+func (s *suite) start(cfg devcluster.Config) {
+	t, n := s.t, s.net
 	c, err := devcluster.Start(cfg)
 	require.NoError(t, err)
 	s.c = c
@@ -106,10 +115,11 @@ func newSuite(t *testing.T) *suite {
 			_ = exec.Command("cp", "-r", filepath.Join(s.dir, "logs"), keep).Run()
 		}
 		if t.Failed() {
-			for _, f := range []string{"coordinator", "router", "node-1", "node-2", "node-3", "node-4", "node-5"} {
-				b, _ := os.ReadFile(filepath.Join(s.dir, "logs", f+".log"))
+			logs, _ := filepath.Glob(filepath.Join(s.dir, "logs", "*.log"))
+			for _, p := range logs {
+				b, _ := os.ReadFile(p)
 				lines := strings.Split(string(b), "\n")
-				t.Logf("---- %s (last lines)\n%s", f, strings.Join(lines[max(0, len(lines)-30):], "\n"))
+				t.Logf("---- %s (last lines)\n%s", strings.TrimSuffix(filepath.Base(p), ".log"), strings.Join(lines[max(0, len(lines)-30):], "\n"))
 			}
 		}
 	})
@@ -127,7 +137,6 @@ func newSuite(t *testing.T) *suite {
 	require.Eventually(t, func() bool { _, err := s.shoal("apply", "-f", f); return err == nil }, 30*time.Second, 250*time.Millisecond)
 	require.Eventually(t, func() bool { return s.ready() == desired && s.probe() }, 90*time.Second, 250*time.Millisecond,
 		"the deployment never served through the standalone router")
-	return s
 }
 
 func (s *suite) shoal(args ...string) (string, error) {

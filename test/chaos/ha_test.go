@@ -5,7 +5,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"os"
-	"os/exec"
 	"path/filepath"
 	"sort"
 	"strconv"
@@ -57,38 +56,7 @@ func newHASuite(t *testing.T) *haSuite {
 			}
 			return n.Wrap(name)
 		}}
-	c, err := devcluster.Start(cfg)
-	require.NoError(t, err)
-	s.c = c
-	t.Cleanup(func() {
-		c.Stop()
-		if keep := os.Getenv("SHOAL_CHAOS_LOGS"); keep != "" {
-			_ = os.MkdirAll(keep, 0o755)
-			_ = exec.Command("cp", "-r", filepath.Join(s.dir, "logs"), keep).Run()
-		}
-		if t.Failed() {
-			logs, _ := filepath.Glob(filepath.Join(s.dir, "logs", "*.log"))
-			for _, p := range logs {
-				b, _ := os.ReadFile(p)
-				lines := strings.Split(string(b), "\n")
-				t.Logf("---- %s (last lines)\n%s", filepath.Base(p), strings.Join(lines[max(0, len(lines)-30):], "\n"))
-			}
-		}
-	})
-	require.NoError(t, c.StartRouter("router", n.IP("router"), n.IP("router")+":8080"))
-	s.watch = NewWatch(func() map[string]string {
-		m := map[string]string{}
-		for i := 0; i < 5; i++ {
-			m[devcluster.NodeID(i)] = filepath.Join(s.dir, "logs", devcluster.NodeID(i)+".log")
-		}
-		return m
-	})
-	s.load = NewLoad(n.IP("router") + ":8080")
-	f := filepath.Join(s.dir, "demo.yaml")
-	require.NoError(t, os.WriteFile(f, []byte(chaosSpec), 0o644))
-	require.Eventually(t, func() bool { _, err := s.shoal("apply", "-f", f); return err == nil }, 30*time.Second, 250*time.Millisecond)
-	require.Eventually(t, func() bool { return s.ready() == desired && s.probe() }, 90*time.Second, 250*time.Millisecond,
-		"the deployment never served through the standalone router")
+	s.start(cfg)
 	return h
 }
 

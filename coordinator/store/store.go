@@ -218,11 +218,7 @@ func (s *Store) PutGroup(g *Group) error {
 func (s *Store) PutGroups(gs []*Group) error {
 	return s.db.Update(func(tx *bolt.Tx) error {
 		for _, g := range gs {
-			v, err := json.Marshal(g)
-			if err != nil {
-				return err
-			}
-			if err := tx.Bucket(bucketGroups).Put([]byte(g.ID), v); err != nil {
+			if err := putJSON(tx.Bucket(bucketGroups), g.ID, g); err != nil {
 				return err
 			}
 		}
@@ -352,11 +348,7 @@ func (s *Store) Replace(d *Dump) error {
 			if rec == nil || rec.Name == "" {
 				return errors.New("a deployment record without a name")
 			}
-			v, err := json.Marshal(rec)
-			if err != nil {
-				return err
-			}
-			if err := tx.Bucket(bucketDeployments).Put([]byte(rec.Name), v); err != nil {
+			if err := putJSON(tx.Bucket(bucketDeployments), rec.Name, rec); err != nil {
 				return err
 			}
 		}
@@ -364,14 +356,19 @@ func (s *Store) Replace(d *Dump) error {
 			if g == nil || g.ID == "" {
 				return errors.New("a group record without an id")
 			}
-			v, err := json.Marshal(g)
-			if err != nil {
-				return err
-			}
-			if err := tx.Bucket(bucketGroups).Put([]byte(g.ID), v); err != nil {
+			if err := putJSON(tx.Bucket(bucketGroups), g.ID, g); err != nil {
 				return err
 			}
 		}
 		return nil
 	})
+}
+
+// putJSON stores v as JSON under key.
+func putJSON(b *bolt.Bucket, key string, v any) error {
+	j, err := json.Marshal(v)
+	if err != nil {
+		return err
+	}
+	return b.Put([]byte(key), j)
 }

@@ -66,6 +66,9 @@ func freePort(t *testing.T) int {
 func publishUntilHeard(t *testing.T, p *Publisher, r *rec) uint64 {
 	t.Helper()
 	sent := uint64(0)
+	// Bounded by time, not by sends: on a loaded machine a (re)dial can
+	// take seconds, and each wait below can take far longer than 20 ms.
+	deadline := time.Now().Add(45 * time.Second)
 	for {
 		p.Publish(sample())
 		sent++
@@ -75,7 +78,7 @@ func publishUntilHeard(t *testing.T, p *Publisher, r *rec) uint64 {
 			return sent
 		case <-time.After(20 * time.Millisecond):
 		}
-		require.Less(t, sent, uint64(500), "the subscriber never heard the publisher")
+		require.True(t, time.Now().Before(deadline), "the subscriber never heard the publisher (%d batches in 45 s)", sent)
 	}
 }
 
@@ -93,7 +96,7 @@ func TestPubSubBothWaysWithReplay(t *testing.T) {
 			s := &Subscriber{Endpoint: ep, Replay: replay, Topic: "kv-events"}
 			done := make(chan error, 1)
 			go func() { done <- s.Run(ctx, r) }()
-			p, err := NewPublisher(ep, replay, "kv-events", 100, 0)
+			p, err := NewPublisher(ep, replay, "kv-events", 5000, 0) // room to replay everything publishUntilHeard may send
 			require.NoError(t, err)
 			sent := publishUntilHeard(t, p, r)
 			// The subscriber joined late: the replay buffer had everything
@@ -167,7 +170,7 @@ func TestSubscriberSeesRestartAndUnreplayableGap(t *testing.T) {
 func TestPublisherRedialsARestartedSubscriber(t *testing.T) {
 	port, rport := freePort(t), freePort(t)
 	ep, replay := fmt.Sprintf("tcp://127.0.0.1:%d", port), fmt.Sprintf("tcp://127.0.0.1:%d", rport)
-	p, err := NewPublisher(ep, replay, "t", 1000, 0)
+	p, err := NewPublisher(ep, replay, "t", 5000, 0)
 	require.NoError(t, err)
 	defer p.Close()
 	total := 0

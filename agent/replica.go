@@ -250,6 +250,10 @@ func (a *Agent) snapshot() *replicav1.Metrics {
 		m.NumRequestsRunning, m.NumRequestsWaiting, m.KvCacheUsage = ms.Running, ms.Waiting, ms.KVCache
 		m.GenerationTokensPerSecond, m.TtftSecondsAvg, m.PrefixCacheHitRate = ms.TokensPerSecond, ms.TTFTAvg, ms.PrefixHitRate
 		m.MetricsValid = true
+		for _, r := range ms.Ranks {
+			m.Ranks = append(m.Ranks, &replicav1.Rank{Rank: int32(r.Rank), Endpoint: r.Addr, Pin: r.Pin,
+				NumRequestsRunning: r.Running, NumRequestsWaiting: r.Waiting, KvCacheUsage: r.KVCache})
+		}
 	}
 	return m
 }

@@ -3,7 +3,7 @@ package agent
 import (
 	"context"
 	"fmt"
-	"github.com/shoalhq/shoal/internal/kvevents"
+	"net"
 	"sort"
 	"strconv"
 	"time"
@@ -11,6 +11,7 @@ import (
 	"github.com/shoalhq/shoal/agent/runner"
 	"github.com/shoalhq/shoal/engine"
 	"github.com/shoalhq/shoal/engine/process"
+	"github.com/shoalhq/shoal/internal/kvevents"
 	agentv1 "github.com/shoalhq/shoal/proto/agent/v1"
 	"github.com/shoalhq/shoal/spec"
 )
@@ -42,7 +43,8 @@ func (a *Agent) newRun(as *Assignment, role engine.Role, head string, term uint6
 	if kind == "containerd" {
 		bin = engine.Binaries{Ray: "ray", VLLM: "vllm", Python: "python3"} // on the image's PATH
 	}
-	in := engine.PlanInput{Spec: &sp, Role: role, NodeIP: a.cfg.Address, HeadIP: headIP, BindHost: a.cfg.EngineHost, Env: env, Bin: bin}
+	in := engine.PlanInput{Spec: &sp, Role: role, NodeIP: a.cfg.Address, HeadIP: headIP, BindHost: a.cfg.EngineHost, Env: env, Bin: bin,
+		Epoch: as.Epoch, Term: term, MemberIPs: memberIPs(as, head, headIP)}
 	var plan *engine.Plan
 	switch as.Spec.Engine.Kind {
 	case spec.EngineCommand:
@@ -81,6 +83,13 @@ func (a *Agent) runnerConfig(as *Assignment, i RunInfo, plan *engine.Plan, kind 
 	switch i.Role {
 	case engine.RoleHead:
 		cfg.Prober = a.prober("http://"+plan.Endpoint, as.Spec.Engine.ServedModelName, plan.CanaryEndpoint())
+		if len(plan.APIServers) > 1 {
+			g := runner.GroupProber{Servers: plan.APIServers}
+			for _, s := range plan.APIServers {
+				g.Probers = append(g.Probers, a.prober("http://"+s.Addr, as.Spec.Engine.ServedModelName, plan.CanaryEndpoint()))
+			}
+			cfg.Prober = g
+		}
 		if k := plan.KVEvents; k != nil {
 			cfg.KVSubscribe = func(ctx context.Context, h kvevents.Handler) error { return a.kvSubscribe(ctx, k, h) }
 		}
@@ -138,6 +147,24 @@ func runRank(as *Assignment, head, self string) int {
 		r++
 	}
 	return r
+}
+
+// memberIPs are the members' node IPs by run rank (the head's first), from
+// their gRPC addresses; nil when one cannot be read.
+func memberIPs(as *Assignment, head, headIP string) []string {
+	ips := make([]string, len(as.Members))
+	for _, m := range as.Members {
+		r := runRank(as, head, m.NodeID)
+		h, _, err := net.SplitHostPort(m.GRPC)
+		if err != nil || r < 0 || r >= len(ips) {
+			return nil
+		}
+		ips[r] = h
+	}
+	if len(ips) > 0 && ips[0] != headIP {
+		ips[0] = headIP // the head as the group elected it
+	}
+	return ips
 }
 
 // rayStopForce runs `ray stop --force` on the host for anything Ray left

@@ -99,6 +99,9 @@ func containerize(p *engine.Plan, sp *spec.Deployment, labels map[string]string)
 		}
 	}
 	p.Node.Container = c
+	for i := range p.Extra {
+		p.Extra[i].Container = c
+	}
 	if p.Serve != nil {
 		p.Serve.Container = c
 	}

@@ -23,6 +23,47 @@ type Metrics struct {
 	TTFTSum          float64
 	TTFTCount        float64
 	Preemptions      float64
+	// Ranks are the load gauges per engine (vLLM's engine label: the DP
+	// rank; "" when the series have none, as SGLang's and V0's).
+	Ranks map[string]RankLoad
+}
+
+// RankLoad is one engine's (DP rank's) load.
+type RankLoad struct {
+	Running, Waiting, KVCacheUsage float64
+}
+
+// MergeServers is a data-parallel group's metrics from each of its API
+// servers' /metrics: requests and tokens are counted by the server that
+// served them, so counters add up; load is per engine, and an engine that
+// two servers report (vLLM's internal load balancing with several API
+// servers) counts once. A server whose series carry no engine label is one
+// engine of its own.
+func MergeServers(ms []Metrics) Metrics {
+	var out Metrics
+	out.Ranks = map[string]RankLoad{}
+	for i, m := range ms {
+		out.PrefixQueries += m.PrefixQueries
+		out.PrefixHits += m.PrefixHits
+		out.GenerationTokens += m.GenerationTokens
+		out.PromptTokens += m.PromptTokens
+		out.TTFTSum += m.TTFTSum
+		out.TTFTCount += m.TTFTCount
+		out.Preemptions += m.Preemptions
+		for k, l := range m.Ranks {
+			if k == "" {
+				k = fmt.Sprintf("server-%d", i)
+			}
+			cur := out.Ranks[k]
+			out.Ranks[k] = RankLoad{Running: max(cur.Running, l.Running), Waiting: max(cur.Waiting, l.Waiting), KVCacheUsage: max(cur.KVCacheUsage, l.KVCacheUsage)}
+		}
+	}
+	for _, l := range out.Ranks {
+		out.Running += l.Running
+		out.Waiting += l.Waiting
+		out.KVCacheUsage = max(out.KVCacheUsage, l.KVCacheUsage)
+	}
+	return out
 }
 
 // metricNames maps each field to the names vLLM has used for it: V1 first,
@@ -30,15 +71,17 @@ type Metrics struct {
 var metricNames = []struct {
 	names []string
 	set   func(*Metrics, float64)
+	rank  func(*RankLoad, float64)
 }{
-	{[]string{"vllm:num_requests_running", "sglang:num_running_reqs"}, func(m *Metrics, v float64) { m.Running += v }},
-	{[]string{"vllm:num_requests_waiting", "sglang:num_queue_reqs"}, func(m *Metrics, v float64) { m.Waiting += v }},
-	{[]string{"vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage"}, func(m *Metrics, v float64) { m.KVCacheUsage = max(m.KVCacheUsage, v) }},
-	{[]string{"vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total"}, func(m *Metrics, v float64) { m.PrefixQueries += v }},
-	{[]string{"vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total"}, func(m *Metrics, v float64) { m.PrefixHits += v }},
-	{[]string{"vllm:generation_tokens_total", "sglang:generation_tokens_total"}, func(m *Metrics, v float64) { m.GenerationTokens += v }},
-	{[]string{"vllm:prompt_tokens_total", "sglang:prompt_tokens_total"}, func(m *Metrics, v float64) { m.PromptTokens += v }},
-	{[]string{"vllm:num_preemptions_total"}, func(m *Metrics, v float64) { m.Preemptions += v }},
+	{[]string{"vllm:num_requests_running", "sglang:num_running_reqs"}, func(m *Metrics, v float64) { m.Running += v }, func(r *RankLoad, v float64) { r.Running += v }},
+	{[]string{"vllm:num_requests_waiting", "sglang:num_queue_reqs"}, func(m *Metrics, v float64) { m.Waiting += v }, func(r *RankLoad, v float64) { r.Waiting += v }},
+	{[]string{"vllm:kv_cache_usage_perc", "vllm:gpu_cache_usage_perc", "sglang:token_usage"}, func(m *Metrics, v float64) { m.KVCacheUsage = max(m.KVCacheUsage, v) },
+		func(r *RankLoad, v float64) { r.KVCacheUsage = max(r.KVCacheUsage, v) }},
+	{[]string{"vllm:prefix_cache_queries_total", "vllm:gpu_prefix_cache_queries_total"}, func(m *Metrics, v float64) { m.PrefixQueries += v }, nil},
+	{[]string{"vllm:prefix_cache_hits_total", "vllm:gpu_prefix_cache_hits_total"}, func(m *Metrics, v float64) { m.PrefixHits += v }, nil},
+	{[]string{"vllm:generation_tokens_total", "sglang:generation_tokens_total"}, func(m *Metrics, v float64) { m.GenerationTokens += v }, nil},
+	{[]string{"vllm:prompt_tokens_total", "sglang:prompt_tokens_total"}, func(m *Metrics, v float64) { m.PromptTokens += v }, nil},
+	{[]string{"vllm:num_preemptions_total"}, func(m *Metrics, v float64) { m.Preemptions += v }, nil},
 }
 
 // ParseVLLMMetrics reads Prometheus text exposition from a vLLM server (or
@@ -58,6 +101,15 @@ func ParseVLLMMetrics(r io.Reader) (Metrics, error) {
 			}
 			for _, s := range f.GetMetric() {
 				mn.set(&m, value(s))
+				if mn.rank != nil {
+					if m.Ranks == nil {
+						m.Ranks = map[string]RankLoad{}
+					}
+					k := labelValue(s, "engine")
+					l := m.Ranks[k]
+					mn.rank(&l, value(s))
+					m.Ranks[k] = l
+				}
 			}
 			break
 		}
@@ -80,8 +132,22 @@ func ParseVLLMMetrics(r io.Reader) (Metrics, error) {
 	if m.KVCacheUsage > 1 {
 		// Some mocks (AIBrix's vllm-mock) report 0-100; real vLLM is 0-1.
 		m.KVCacheUsage /= 100
+		for k, l := range m.Ranks {
+			l.KVCacheUsage /= 100
+			m.Ranks[k] = l
+		}
 	}
 	return m, nil
+}
+
+// labelValue is the sample's value of label name, "" without it.
+func labelValue(s *dto.Metric, name string) string {
+	for _, l := range s.GetLabel() {
+		if l.GetName() == name {
+			return l.GetValue()
+		}
+	}
+	return ""
 }
 
 // value reads a sample. NaN, infinities and negatives (a broken or hostile

@@ -35,6 +35,17 @@ type Command struct {
 	Env []string
 	// Container is used by the containerd runtime only.
 	Container Container
+	// Log names the process's log file (Log + ".log"); unset: Name. Several
+	// processes of one name on a node (a rank each) need their own.
+	Log string `json:",omitempty"`
+}
+
+// LogName is the base name of the process's log file.
+func (c Command) LogName() string {
+	if c.Log != "" {
+		return c.Log
+	}
+	return c.Name
 }
 
 // Argv is the command line as a user would type it: the program's base name, then Args.
@@ -65,6 +76,12 @@ type PlanInput struct {
 	// Env is added to every process (e.g. NCCL/GLOO variables from the agent's config).
 	Env map[string]string
 	Bin Binaries
+	// Epoch and Term are the group's and its head's; a data-parallel
+	// group's ports follow them.
+	Epoch, Term uint64
+	// MemberIPs are the group's members' addresses by node rank (the head
+	// first); a data-parallel group needs them for its routers.
+	MemberIPs []string
 }
 
 // Plan is what one node runs for its role.
@@ -75,6 +92,9 @@ type Plan struct {
 	Node Command
 	// RayStop says whether `ray stop --force` cleans up after a stop.
 	RayStop bool
+	// Extra are more processes this node runs beside Node (external
+	// load balancing: one engine per local DP rank), started after it.
+	Extra []Command `json:",omitempty"`
 	// Serve is `vllm serve …`, on the head only, after the GPU gate.
 	Serve *Command
 	// RayAddress is HEAD_IP:PORT.
@@ -90,6 +110,9 @@ type Plan struct {
 	// KVEvents is how the head hears the engine's KV-cache events (head
 	// only; nil: it publishes none).
 	KVEvents *KVEvents `json:",omitempty"`
+	// APIServers are every OpenAI server of a data-parallel group (head
+	// only; nil: Endpoint is the group's one server).
+	APIServers []APIServer `json:",omitempty"`
 }
 
 // KVEvents is an engine's KV-event publishing as shoal sets it up: the
@@ -211,7 +234,8 @@ func RayVLLM(in PlanInput) (*Plan, error) {
 			"--distributed-executor-backend", "ray"}
 		serveEnv := mergeEnv(env, map[string]string{"RAY_ADDRESS": rayAddr})
 		kv, kvArgs := kvEvents(s, serveEnv, in.NodeIP)
-		args = append(append(args, kvArgs...), s.Engine.Args...)
+		epEnv(s, serveEnv)
+		args = append(append(append(args, kvArgs...), epArgs(s)...), s.Engine.Args...)
 		p.KVEvents = kv
 		p.Serve = &Command{Name: "vllm", Path: in.Bin.VLLM, Env: envList(serveEnv), Args: args}
 		p.Endpoint = net.JoinHostPort(in.NodeIP, strconv.Itoa(s.Engine.Port))
@@ -400,6 +424,10 @@ func NativePlan(in PlanInput, rank int) (*Plan, error) {
 		host = in.NodeIP
 	}
 	e := s.Engine
+	if e.DataParallel != nil {
+		return dpPlan(in, rank, env, host)
+	}
+	epEnv(s, env)
 	nn, r := strconv.Itoa(s.Resources.Nodes), strconv.Itoa(rank)
 	var c Command
 	var kv *KVEvents
@@ -416,7 +444,7 @@ func NativePlan(in PlanInput, rank int) (*Plan, error) {
 		} else {
 			args = append(args, "--headless")
 		}
-		c = Command{Name: "vllm", Path: in.Bin.VLLM, Args: append(args, e.Args...)}
+		c = Command{Name: "vllm", Path: in.Bin.VLLM, Args: append(append(args, epArgs(s)...), e.Args...)}
 	case spec.EngineSGLang:
 		// SGLang's --tp is the whole group's tensor parallelism, as the spec's is.
 		args := []string{"-m", "sglang.launch_server", "--model-path", ModelArg(s), "--served-model-name", e.ServedModelName,
@@ -424,6 +452,7 @@ func NativePlan(in PlanInput, rank int) (*Plan, error) {
 		if e.PipelineParallelSize > 1 {
 			args = append(args, "--pp-size", strconv.Itoa(e.PipelineParallelSize))
 		}
+		args = append(args, epArgs(s)...)
 		args = append(args, "--dist-init-addr", net.JoinHostPort(in.HeadIP, strconv.Itoa(e.MasterPort)), "--nnodes", nn, "--node-rank", r,
 			"--host", host, "--port", strconv.Itoa(e.Port), "--enable-metrics")
 		c = Command{Name: "python3", Path: in.Bin.Python, Args: append(args, e.Args...)}

@@ -96,6 +96,97 @@ type Engine struct {
 	// engine's replay socket takes the next one); unset: port + 10000.
 	KVEvents     *bool `yaml:"kvEvents,omitempty" json:"kvEvents,omitempty"`
 	KVEventsPort int   `yaml:"kvEventsPort,omitempty" json:"kvEventsPort,omitempty"`
+	// DataParallel runs the group as data-parallel ranks of
+	// tensorParallelSize GPUs each, across its nodes (vllm and sglang kinds;
+	// docs/design/wide-ep.md). Unset: one TP × PP engine.
+	DataParallel *DataParallel `yaml:"dataParallel,omitempty" json:"dataParallel,omitempty"`
+	// ExpertParallel spreads a MoE model's experts over the ranks (EP = TP ×
+	// DP) instead of sharding each expert by TP.
+	ExpertParallel *ExpertParallel `yaml:"expertParallel,omitempty" json:"expertParallel,omitempty"`
+}
+
+// DataParallel is multi-node data parallelism (vLLM --data-parallel-*,
+// SGLang --dp-size with --enable-dp-attention).
+type DataParallel struct {
+	// Size is the number of DP ranks in the group (vLLM
+	// --data-parallel-size); size × tensorParallelSize = the group's GPUs.
+	Size int `yaml:"size" json:"size"`
+	// SizePerNode is the ranks on each node (--data-parallel-size-local);
+	// unset: size / resources.nodes.
+	SizePerNode int `yaml:"sizePerNode,omitempty" json:"sizePerNode,omitempty"`
+	// LoadBalancing is where requests are spread over the ranks: internal
+	// (one API server on the head, the other nodes --headless), hybrid (an
+	// API server per node over its own ranks, routers spread over nodes and
+	// ranks) or external (one engine process and port per rank, routers
+	// pick the rank). Unset: internal.
+	LoadBalancing string `yaml:"loadBalancing,omitempty" json:"loadBalancing,omitempty"`
+	// RPCPort is the DP coordinator's port on the head
+	// (--data-parallel-rpc-port; SGLang: --dist-init-addr's port); a group
+	// uses RPCPort + (epoch + term - 2) mod DPPortWindow, so a re-formed or
+	// restarted group never meets a stale rank of the last one on its
+	// port. Unset: 29550.
+	RPCPort int `yaml:"rpcPort,omitempty" json:"rpcPort,omitempty"`
+	// APIServers is vLLM's --api-server-count on each node that serves
+	// HTTP (internal and hybrid); unset: vLLM's default of one.
+	APIServers int `yaml:"apiServers,omitempty" json:"apiServers,omitempty"`
+}
+
+// ExpertParallel is expert parallelism for MoE models.
+type ExpertParallel struct {
+	Enabled bool `yaml:"enabled" json:"enabled"`
+	// All2AllBackend is vLLM's --all2all-backend or SGLang's
+	// --moe-a2a-backend; unset: the engine's default. vLLM releases
+	// before the flag read VLLM_ALL2ALL_BACKEND: set that in engine.env
+	// instead and leave this unset.
+	All2AllBackend string `yaml:"all2allBackend,omitempty" json:"all2allBackend,omitempty"`
+	// EPLB turns on expert-parallel load balancing, which replicates hot
+	// experts (about 2.4 GB per redundant expert per rank for DeepSeek-R1).
+	EPLB *EPLB `yaml:"eplb,omitempty" json:"eplb,omitempty"`
+}
+
+// EPLB is vLLM's --eplb-config (SGLang: --ep-num-redundant-experts).
+type EPLB struct {
+	WindowSize       int `yaml:"windowSize,omitempty" json:"window_size,omitempty"`
+	StepInterval     int `yaml:"stepInterval,omitempty" json:"step_interval,omitempty"`
+	RedundantExperts int `yaml:"redundantExperts,omitempty" json:"num_redundant_experts,omitempty"`
+}
+
+// Load-balancing modes of engine.dataParallel.
+const (
+	LBInternal = "internal"
+	LBHybrid   = "hybrid"
+	LBExternal = "external"
+)
+
+// DefaultDPRPCPort is vLLM's --data-parallel-rpc-port default.
+const DefaultDPRPCPort = 29550
+
+// DPPortWindow is how many ports from dataParallel.rpcPort a group may
+// use, one per (epoch, term) in turn.
+const DPPortWindow = 16
+
+// vLLM's --all2all-backend choices, and SGLang's --moe-a2a-backend ones.
+var (
+	VLLMAll2AllBackends  = []string{"naive", "allgather_reducescatter", "pplx", "deepep_high_throughput", "deepep_low_latency", "flashinfer_all2allv"}
+	SGLangAll2AllBackends = []string{"none", "deepep", "mooncake"}
+)
+
+// EPOn says whether expert parallelism is on.
+func (e *Engine) EPOn() bool { return e.ExpertParallel != nil && e.ExpertParallel.Enabled }
+
+// DPRPCPort is the DP coordinator port of a group at epoch, led at term.
+func (dp *DataParallel) DPRPCPort(epoch, term uint64) int {
+	epoch, term = max(epoch, 1), max(term, 1)
+	return dp.RPCPort + int((epoch-1+term-1)%DPPortWindow)
+}
+
+// APIPorts is how many consecutive ports from engine.port each node's API
+// servers take: one per rank with external load balancing, else one.
+func (dp *DataParallel) APIPorts() int {
+	if dp.LoadBalancing == LBExternal {
+		return dp.SizePerNode
+	}
+	return 1
 }
 
 // KVEventsPortOffset: engine.kvEventsPort defaults to engine.port plus this.
@@ -215,6 +306,24 @@ func (d *Deployment) Default() {
 	}
 	if e.ServedModelName == "" {
 		e.ServedModelName = d.Name
+	}
+	if dp := e.DataParallel; dp != nil {
+		n, g := d.Resources.Nodes, d.Resources.GPUsPerNode
+		if dp.SizePerNode == 0 && n > 0 && dp.Size > 0 && dp.Size%n == 0 {
+			dp.SizePerNode = dp.Size / n
+		}
+		if e.TensorParallelSize == 0 && dp.Size > 0 && n*g > 0 && (n*g)%dp.Size == 0 {
+			e.TensorParallelSize = n * g / dp.Size
+		}
+		if e.PipelineParallelSize == 0 {
+			e.PipelineParallelSize = 1
+		}
+		if dp.LoadBalancing == "" {
+			dp.LoadBalancing = LBInternal
+		}
+		if dp.RPCPort == 0 {
+			dp.RPCPort = DefaultDPRPCPort
+		}
 	}
 	if e.TensorParallelSize == 0 {
 		e.TensorParallelSize = d.Resources.GPUsPerNode
@@ -355,7 +464,9 @@ func (d *Deployment) Validate() error {
 	if e.PipelineParallelSize < 1 {
 		bad("engine.pipelineParallelSize", "must be at least 1, got %d", e.PipelineParallelSize)
 	}
-	if e.Kind != EngineCommand && e.TensorParallelSize >= 1 && e.PipelineParallelSize >= 1 && r.Nodes >= 1 && r.GPUsPerNode >= 1 &&
+	if e.DataParallel != nil || e.ExpertParallel != nil {
+		errs = append(errs, validateParallel(d)...)
+	} else if e.Kind != EngineCommand && e.TensorParallelSize >= 1 && e.PipelineParallelSize >= 1 && r.Nodes >= 1 && r.GPUsPerNode >= 1 &&
 		e.TensorParallelSize*e.PipelineParallelSize != r.Nodes*r.GPUsPerNode {
 		bad("engine.tensorParallelSize", "tensorParallelSize × pipelineParallelSize (%d × %d) must equal resources.nodes × resources.gpusPerNode (%d × %d)",
 			e.TensorParallelSize, e.PipelineParallelSize, r.Nodes, r.GPUsPerNode)
@@ -548,6 +659,20 @@ func (d *Deployment) Fields() []Field {
 	if on || d.Engine.KVEventsPort != 0 {
 		add("engine.kvEventsPort", KVEventsPortOf(&d.Engine), on)
 	}
+	if dp := d.Engine.DataParallel; dp != nil {
+		add("engine.dataParallel.size", dp.Size, true)
+		add("engine.dataParallel.sizePerNode", dp.SizePerNode, true)
+		add("engine.dataParallel.loadBalancing", dp.LoadBalancing, true)
+		add("engine.dataParallel.rpcPort", dp.RPCPort, true)
+		add("engine.dataParallel.apiServers", dp.APIServers, true)
+	}
+	if ep := d.Engine.ExpertParallel; ep != nil {
+		add("engine.expertParallel.enabled", ep.Enabled, true)
+		add("engine.expertParallel.all2allBackend", ep.All2AllBackend, true)
+		if ep.EPLB != nil {
+			add("engine.expertParallel.eplb", EPLBConfig(ep.EPLB), true)
+		}
+	}
 	add("resources.nodes", d.Resources.Nodes, true)
 	add("resources.gpusPerNode", d.Resources.GPUsPerNode, true)
 	add("resources.gpuModel", d.Resources.GPUModel, true)
@@ -580,7 +705,7 @@ func vllmKind(k string) bool { return k == EngineRayVLLM || k == EngineVLLM }
 // KVEventsOn says whether engine.kvEvents asks for KV events (unset: yes)
 // on an engine kind that has them.
 func KVEventsOn(d *Deployment) bool {
-	return vllmKind(d.Engine.Kind) && (d.Engine.KVEvents == nil || *d.Engine.KVEvents)
+	return vllmKind(d.Engine.Kind) && d.Engine.DataParallel == nil && (d.Engine.KVEvents == nil || *d.Engine.KVEvents)
 }
 
 // kvEventFlags are engine flags with which the user takes KV events (or
@@ -592,6 +717,9 @@ var kvEventFlags = []string{"--kv-events-config", "--prefix-caching-hash-algo", 
 func KVEventsActive(d *Deployment) (bool, string) {
 	if !vllmKind(d.Engine.Kind) {
 		return false, "engine kind " + d.Engine.Kind + " does not publish KV events through shoal"
+	}
+	if d.Engine.DataParallel != nil {
+		return false, "engine.dataParallel is set: each DP rank publishes its own events, which shoal does not relay yet"
 	}
 	if !KVEventsOn(d) {
 		return false, "engine.kvEvents is false"

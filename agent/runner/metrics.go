@@ -1,6 +1,7 @@
 package runner
 
 import (
+	"strconv"
 	"time"
 
 	"github.com/shoalhq/shoal/engine"
@@ -17,6 +18,34 @@ type Metrics struct {
 	TokensPerSecond float64
 	TTFTAvg         float64 // seconds, over the last interval
 	PrefixHitRate   float64 // 0-1, over the last interval
+	// Ranks are a data-parallel group's DP ranks as routers address them
+	// (hybrid and external load balancing); nil otherwise.
+	Ranks []RankMetrics
+}
+
+// RankMetrics is one DP rank: the API server that fronts it, whether
+// requests pin it there (vLLM's X-data-parallel-rank), and its load.
+type RankMetrics struct {
+	Rank                      int
+	Addr                      string
+	Pin                       bool
+	Running, Waiting, KVCache float64
+}
+
+// rankView lists every rank of servers with its load from the last read;
+// nil when the group has a single server that balances its ranks itself.
+func rankView(servers []engine.APIServer, last engine.Metrics) []RankMetrics {
+	if len(servers) < 2 && (len(servers) == 0 || !servers[0].PinRanks) {
+		return nil
+	}
+	var out []RankMetrics
+	for _, s := range servers {
+		for r := s.FirstRank; r < s.FirstRank+s.Ranks; r++ {
+			l := last.Ranks[strconv.Itoa(r)]
+			out = append(out, RankMetrics{Rank: r, Addr: s.Addr, Pin: s.PinRanks, Running: l.Running, Waiting: l.Waiting, KVCache: l.KVCacheUsage})
+		}
+	}
+	return out
 }
 
 // metricsState turns successive /metrics reads into rates and progress.

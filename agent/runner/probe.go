@@ -7,6 +7,8 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"strconv"
+	"sync"
 	"time"
 
 	"github.com/shoalhq/shoal/engine"
@@ -155,4 +157,62 @@ func (p HTTPProber) get(ctx context.Context, path string, into any) error {
 		return fmt.Errorf("GET %s: %w", path, err)
 	}
 	return nil
+}
+
+// GroupProber is the Prober of a data-parallel group with several API
+// servers (hybrid or external load balancing): the group is ready when
+// every server is, a canary goes to each, and a scrape merges their
+// /metrics (engine.MergeServers). One server failing fails the probe: the
+// group shares its fate.
+type GroupProber struct {
+	Servers []engine.APIServer
+	Probers []Prober // one per server, in the same order
+}
+
+// Ready implements Prober.
+func (g GroupProber) Ready(ctx context.Context) error {
+	for i, p := range g.Probers {
+		if err := p.Ready(ctx); err != nil {
+			return fmt.Errorf("API server %s (DP ranks %s): %w", g.Servers[i].Addr, rankRange(g.Servers[i]), err)
+		}
+	}
+	return nil
+}
+
+// Canary implements Prober.
+func (g GroupProber) Canary(ctx context.Context) error {
+	for i, p := range g.Probers {
+		if err := p.Canary(ctx); err != nil {
+			return fmt.Errorf("API server %s (DP ranks %s): %w", g.Servers[i].Addr, rankRange(g.Servers[i]), err)
+		}
+	}
+	return nil
+}
+
+// Scrape implements Prober.
+func (g GroupProber) Scrape(ctx context.Context) (engine.Metrics, error) {
+	ms := make([]engine.Metrics, len(g.Probers))
+	errs := make([]error, len(g.Probers))
+	var wg sync.WaitGroup
+	for i, p := range g.Probers {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			ms[i], errs[i] = p.Scrape(ctx)
+		}()
+	}
+	wg.Wait()
+	for i, err := range errs {
+		if err != nil {
+			return engine.Metrics{}, fmt.Errorf("API server %s (DP ranks %s): %w", g.Servers[i].Addr, rankRange(g.Servers[i]), err)
+		}
+	}
+	return engine.MergeServers(ms), nil
+}
+
+func rankRange(s engine.APIServer) string {
+	if s.Ranks <= 1 {
+		return strconv.Itoa(s.FirstRank)
+	}
+	return fmt.Sprintf("%d-%d", s.FirstRank, s.FirstRank+s.Ranks-1)
 }

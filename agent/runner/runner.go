@@ -199,6 +199,9 @@ func (r *Runner) Status() Status {
 	defer r.mu.Unlock()
 	st := Status{Phase: r.phase, Failed: r.failed, Progress: r.progress, Metrics: r.ms.view(),
 		Stopping: r.stopping, Stopped: r.finished}
+	if st.Metrics.Have && r.cfg.Plan != nil {
+		st.Metrics.Ranks = rankView(r.cfg.Plan.APIServers, r.ms.last)
+	}
 	for _, h := range r.procs {
 		st.Records = append(st.Records, h.Record())
 	}

@@ -64,7 +64,7 @@ func (r *Runner) headSequence() {
 		return
 	}
 	p := r.cfg.Plan
-	if !r.launch(p.Node) {
+	if !r.launch(p.Node) || !r.launchExtra() {
 		return
 	}
 	r.setPhase(gossip.EngineRunning)
@@ -213,9 +213,19 @@ func (r *Runner) workerSequence() {
 			return
 		}
 	}
-	if r.launch(r.cfg.Plan.Node) {
+	if r.launch(r.cfg.Plan.Node) && r.launchExtra() {
 		r.setPhase(gossip.EngineRunning)
 	}
+}
+
+// launchExtra starts the plan's further processes (a rank each).
+func (r *Runner) launchExtra() bool {
+	for _, c := range r.cfg.Plan.Extra {
+		if !r.launch(c) {
+			return false
+		}
+	}
+	return true
 }
 
 // launch starts c; false means the run failed (said why) or ended.

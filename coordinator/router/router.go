@@ -570,6 +570,10 @@ func (r *Router) hold(ctx context.Context, model string) []*Endpoint {
 // on should it be the last.
 const maxFailedBody = 64 << 10
 
+// rankHeader pins a request to a DP rank at a server that fronts several
+// (vLLM's data-parallel hybrid load balancing; engine.RankHeader).
+const rankHeader = "X-data-parallel-rank"
+
 // forward sends the request to ep and streams the answer back unbuffered. It
 // returns done=false only when nothing was written and another replica may be
 // tried: the connection failed or broke before an answer, the answer broke
@@ -579,12 +583,15 @@ const maxFailedBody = 64 << 10
 // the whole answer otherwise).
 func (r *Router) forward(ctx context.Context, w aborter, req *http.Request, ep *Endpoint, body []byte, canRetry bool, firstByte func()) attempt {
 	start := time.Now()
-	var hb [6]h1.Header
+	var hb [7]h1.Header
 	hdr := hb[:0]
 	for _, hd := range passHeaders {
 		if v := hget(req.Header, hd); v != "" {
 			hdr = append(hdr, h1.Header{Key: hd, Value: v})
 		}
+	}
+	if ep.PinRank {
+		hdr = append(hdr, h1.Header{Key: rankHeader, Value: strconv.Itoa(ep.Rank)})
 	}
 	hdr = append(hdr, h1.Header{Key: "X-Request-Id", Value: w.Header()["X-Request-Id"][0]})
 	// A hung engine sends nothing: every wait for it is bounded by IdleTimeout.

@@ -91,7 +91,7 @@ func (p *picker) counter(addr string) *atomic.Int64 {
 // breaks ties. Taking the larger of the two let stale reports skew picks:
 // 8 % below round-robin on a low-sharing workload (bench/routing).
 func (p *picker) load(e *Endpoint) float64 {
-	return float64(p.counter(e.Addr).Load()) + (e.Running+e.Waiting)/1e6
+	return float64(p.counter(e.ID()).Load()) + (e.Running+e.Waiting)/1e6
 }
 
 // eject keeps a failing backend out of picks for d.
@@ -125,20 +125,21 @@ func (p *picker) pick(strategy string, eps []*Endpoint, h hint, exclude map[stri
 		return nil, strategy, nil
 	}
 	e, used := p.choose(strategy, cands, h)
-	c := p.counter(e.Addr)
+	id := e.ID()
+	c := p.counter(id)
 	c.Add(1)
 	work := 0
 	if strategy == StrategyPrefixCache || strategy == StrategyPrefixAIBrix {
-		p.prefix.add(h.prefix, e.Addr)
+		p.prefix.add(h.prefix, id)
 	}
 	if strategy == StrategyPrefixCache {
 		work = max(0, h.promptTokens-p.hitTokens(e, h))
-		p.pending[e.Addr] += work
+		p.pending[id] += work
 	}
 	if h.session != "" {
-		p.sessions.put(h.session, e.Addr)
+		p.sessions.put(h.session, id)
 	}
-	return e, used, &lease{p: p, addr: e.Addr, c: c, work: work}
+	return e, used, &lease{p: p, addr: id, c: c, work: work}
 }
 
 // lease is one request's hold on a backend: its place in the in-flight count
@@ -205,7 +206,7 @@ func (p *picker) choose(strategy string, cands []*Endpoint, h hint) (*Endpoint, 
 		if h.session != "" {
 			if addr, ok := p.sessions.get(h.session); ok {
 				for _, e := range cands {
-					if e.Addr == addr {
+					if e.ID() == addr {
 						return e, strategy
 					}
 				}
@@ -284,12 +285,12 @@ func (p *picker) prefixCost(cands []*Endpoint, h hint) *Endpoint {
 	for i, e := range cands {
 		hit := p.hitTokens(e, h)
 		anyHit = anyHit || hit > 0
-		costs[i] = missWeight*max(0, h.promptTokens-hit) + p.pending[e.Addr]
-		best, least = min(best, costs[i]), min(least, p.pending[e.Addr])
+		costs[i] = missWeight*max(0, h.promptTokens-hit) + p.pending[e.ID()]
+		best, least = min(best, costs[i]), min(least, p.pending[e.ID()])
 	}
 	var ties []*Endpoint
 	for i, e := range cands {
-		if costs[i] == best || (!anyHit && p.pending[e.Addr] <= least+missSpread*h.promptTokens) {
+		if costs[i] == best || (!anyHit && p.pending[e.ID()] <= least+missSpread*h.promptTokens) {
 			ties = append(ties, e)
 		}
 	}
@@ -335,7 +336,7 @@ func (p *picker) hitTokens(e *Endpoint, h hint) int {
 			return n * hs.Block()
 		}
 	}
-	return p.prefix.match(h.prefix, e.Addr) * PrefixBlock / 4
+	return p.prefix.match(h.prefix, e.ID()) * PrefixBlock / 4
 }
 
 // prefixAIBrix is AIBrix's published prefix-cache rule (docs/design/figures.md §F3):
@@ -344,7 +345,7 @@ func (p *picker) hitTokens(e *Endpoint, h hint) int {
 func (p *picker) prefixAIBrix(cands []*Endpoint, h hint) *Endpoint {
 	lo, hi, sum, sq := math.Inf(1), math.Inf(-1), 0.0, 0.0
 	for _, e := range cands {
-		l := float64(p.counter(e.Addr).Load())
+		l := float64(p.counter(e.ID()).Load())
 		lo, hi, sum, sq = math.Min(lo, l), math.Max(hi, l), sum+l, sq+l*l
 	}
 	if hi-lo > 16 {
@@ -359,16 +360,16 @@ func (p *picker) prefixAIBrix(cands []*Endpoint, h hint) *Endpoint {
 	}
 	var ms []m
 	for _, e := range cands {
-		ms = append(ms, m{e, p.prefix.match(h.prefix, e.Addr)})
+		ms = append(ms, m{e, p.prefix.match(h.prefix, e.ID())})
 	}
 	sort.SliceStable(ms, func(i, j int) bool {
 		if ms[i].match != ms[j].match {
 			return ms[i].match > ms[j].match
 		}
-		return p.counter(ms[i].e.Addr).Load() < p.counter(ms[j].e.Addr).Load()
+		return p.counter(ms[i].e.ID()).Load() < p.counter(ms[j].e.ID()).Load()
 	})
 	for _, x := range ms {
-		if float64(p.counter(x.e.Addr).Load()) <= bound {
+		if float64(p.counter(x.e.ID()).Load()) <= bound {
 			return x.e
 		}
 	}

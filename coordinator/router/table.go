@@ -2,6 +2,7 @@ package router
 
 import (
 	"sort"
+	"strconv"
 	"sync"
 	"sync/atomic"
 )
@@ -25,6 +26,24 @@ type Endpoint struct {
 	// Retries is the deployment's router.retries: 0 the router's own, -1
 	// none, n > 0 that many more attempts.
 	Retries int
+	// Rank is the DP rank this endpoint stands for, -1 for a whole replica
+	// (a data-parallel group with hybrid or external load balancing is one
+	// endpoint per rank); PinRank: requests carry X-data-parallel-rank.
+	Rank    int
+	PinRank bool
+	id      string
+}
+
+// ID names the endpoint in the router's own bookkeeping (in-flight counts,
+// prefix and session affinity): the address, and the rank when it pins one.
+func (e *Endpoint) ID() string {
+	if e.id != "" {
+		return e.id
+	}
+	if e.PinRank {
+		return e.Addr + "#" + strconv.Itoa(e.Rank)
+	}
+	return e.Addr
 }
 
 // Snapshot is an immutable view of the routable endpoints.

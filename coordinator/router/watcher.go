@@ -225,20 +225,46 @@ func (h *Watcher) Snapshot(models []string) *Snapshot {
 		if !v.Routable {
 			continue
 		}
-		ep := endpointOf(v)
-		eps = append(eps, ep)
+		eps = append(eps, endpointsOf(v)...)
 	}
-	sort.Slice(eps, func(i, j int) bool { return eps[i].Group < eps[j].Group })
+	sort.Slice(eps, func(i, j int) bool {
+		if eps[i].Group != eps[j].Group {
+			return eps[i].Group < eps[j].Group
+		}
+		return eps[i].Rank < eps[j].Rank
+	})
 	return NewSnapshot(models, eps)
 }
 
-// endpointOf is a routable head as the router's table holds it.
+// endpointsOf is a routable head as the router's table holds it: one
+// endpoint, or one per DP rank when the head lists its group's ranks (each
+// with its own load; the group serves, or fails, as a whole).
+func endpointsOf(v ReplicaView) []*Endpoint {
+	ep := endpointOf(v)
+	if len(v.Metrics.Ranks) == 0 {
+		return []*Endpoint{ep}
+	}
+	out := make([]*Endpoint, 0, len(v.Metrics.Ranks))
+	for _, r := range v.Metrics.Ranks {
+		if r.Endpoint == "" {
+			continue
+		}
+		e := *ep
+		e.Addr, e.Rank, e.PinRank = r.Endpoint, int(r.Rank), r.Pin
+		e.Running, e.Waiting, e.KVCache = r.NumRequestsRunning, r.NumRequestsWaiting, r.KvCacheUsage
+		e.id = e.ID()
+		out = append(out, &e)
+	}
+	return out
+}
+
+// endpointOf is a routable head's one endpoint.
 func endpointOf(v ReplicaView) *Endpoint {
 	m := v.Metrics
 	ep := &Endpoint{Model: m.ServedModelName, Deployment: v.Info.Deployment, Group: v.Key.Group,
 		Epoch: v.Key.Epoch, Term: v.Key.Term, NodeID: v.Key.Node, Addr: m.Endpoint,
 		Running: m.NumRequestsRunning, Waiting: m.NumRequestsWaiting, KVCache: m.KvCacheUsage,
-		TTFT: m.TtftSecondsAvg, TokPerSec: m.GenerationTokensPerSecond, HasMetrics: m.MetricsValid}
+		TTFT: m.TtftSecondsAvg, TokPerSec: m.GenerationTokensPerSecond, HasMetrics: m.MetricsValid, Rank: -1}
 	if m.RouterRetries != nil {
 		ep.Retries = -1 // router.retries: 0
 		if n := int(*m.RouterRetries); n > 0 {

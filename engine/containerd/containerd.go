@@ -196,7 +196,7 @@ func (r *Runtime) Start(ctx context.Context, c engine.Command) (engine.Handle, e
 	if err != nil {
 		return nil, err
 	}
-	logPath, err := filepath.Abs(filepath.Join(r.cfg.LogDir, c.Name+".log"))
+	logPath, err := filepath.Abs(filepath.Join(r.cfg.LogDir, c.LogName()+".log"))
 	if err != nil {
 		return nil, err
 	}
@@ -212,7 +212,7 @@ func (r *Runtime) Start(ctx context.Context, c engine.Command) (engine.Handle, e
 	for k, v := range c.Container.Labels {
 		labels[k] = v
 	}
-	id := containerID(c.Name)
+	id := containerID(c.LogName())
 	ctr, err := r.client.NewContainer(ctx, id,
 		ctd.WithImage(img),
 		ctd.WithSnapshotter(r.cfg.Snapshotter),

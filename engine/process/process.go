@@ -49,7 +49,7 @@ func (r *Runtime) Start(_ context.Context, c engine.Command) (engine.Handle, err
 	if err := os.MkdirAll(r.LogDir, 0o755); err != nil {
 		return nil, fmt.Errorf("log dir: %w", err)
 	}
-	logPath := filepath.Join(r.LogDir, c.Name+".log")
+	logPath := filepath.Join(r.LogDir, c.LogName()+".log")
 	lf, err := os.OpenFile(logPath, os.O_CREATE|os.O_WRONLY|os.O_APPEND, 0o644)
 	if err != nil {
 		return nil, fmt.Errorf("open log: %w", err)

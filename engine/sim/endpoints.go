@@ -249,7 +249,7 @@ func (s *Server) responses(w http.ResponseWriter, r *http.Request) {
 		writeError(w, 400, "BadRequestError", fmt.Sprintf("This model's maximum context length is %d tokens.", s.cfg.maxModelLen), nil)
 		return
 	}
-	if s.eng.deadErr() != nil {
+	if s.deadErr() != nil {
 		writeError(w, 500, "InternalServerError", ErrEngineDead.Error(), nil)
 		return
 	}
@@ -261,8 +261,13 @@ func (s *Server) responses(w http.ResponseWriter, r *http.Request) {
 	er := &request{id: strconv.FormatUint(s.seq.Add(1), 10), prompt: pt, origPrompt: pt, maxTokens: maxTokens,
 		natural: 16 + int(seed%240), seed: seed, arrival: arrival,
 		out: make(chan token, maxTokens+2), ctx: r.Context()}
-	er.tokens, er.hashes = s.eng.name(text.String())
-	if err := s.eng.submit(er); err != nil {
+	eng, err := s.engineFor(r.Header.Get(rankHeader))
+	if err != nil {
+		writeError(w, 400, "BadRequestError", err.Error(), nil)
+		return
+	}
+	er.tokens, er.hashes = eng.name(text.String())
+	if err := eng.submit(er); err != nil {
 		writeError(w, 500, "InternalServerError", err.Error(), nil)
 		return
 	}

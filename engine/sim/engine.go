@@ -34,6 +34,35 @@ type Params struct {
 	NumGPUBlocks    int
 	BlockSize       int
 	MaxModelLen     int
+	// EP is the expert-parallel all-to-all of a DP rank (nil: none).
+	EP *EPCost
+}
+
+// EPCost models one DP rank's share of expert parallelism per step: the
+// all-to-all dispatch and combine (a latency, plus a cost per token for the
+// share of tokens whose experts sit on other nodes, (nodes-1)/nodes), and,
+// without expert load balancing, the wait for the rank holding the hottest
+// experts (Imbalance multiplies the compute).
+type EPCost struct {
+	Nodes       int
+	A2ALatency  time.Duration
+	A2APerToken time.Duration
+	Imbalance   float64 // ≥ 1; 1 with EPLB
+}
+
+// stepTime is a step of compute d over tokens with EP's costs added.
+func (c *EPCost) stepTime(d time.Duration, tokens int) time.Duration {
+	if c == nil {
+		return d
+	}
+	if c.Imbalance > 1 {
+		d = time.Duration(float64(d) * c.Imbalance)
+	}
+	d += c.A2ALatency
+	if c.Nodes > 1 {
+		d += time.Duration(float64(tokens) * float64(c.A2APerToken) * float64(c.Nodes-1) / float64(c.Nodes))
+	}
+	return d
 }
 
 // DefaultParams is a 70B-class model on 8 H100/H200.
@@ -218,15 +247,30 @@ func (e *Engine) Run(ctx context.Context) {
 // step runs one scheduler iteration: admit, prefill within the token budget,
 // decode one token per running request, sleep the modelled step time, emit.
 func (e *Engine) step() {
-	type emit struct {
-		r   *request
-		tok token
+	st := e.prepareStep()
+	if st == nil {
+		return
 	}
-	var emits []emit
+	e.clock.Sleep(st.d)
+	e.finishStep(st, st.d)
+}
+
+// stepState is a step between its scheduling and its end.
+type stepState struct {
+	d             time.Duration // the step's own modelled time
+	stepping      []*request
+	prefillTokens int
+	stalled       bool
+	work          bool // anything to compute (false: a DP rank's dummy step)
+}
+
+// prepareStep schedules a step and models its time; nil when the engine is
+// dead.
+func (e *Engine) prepareStep() *stepState {
 	e.mu.Lock()
 	if e.dead != nil {
 		e.mu.Unlock()
-		return
+		return nil
 	}
 	// Drop requests whose client went away.
 	kept := e.running[:0]
@@ -343,9 +387,21 @@ func (e *Engine) step() {
 	if prefillTokens > 0 {
 		d += e.p.PrefillOverhead
 	}
+	d = e.p.EP.stepTime(d, prefillTokens+decodeSeqs)
 	d = time.Duration(float64(d) * slow)
-	e.clock.Sleep(d)
-	if stalled {
+	return &stepState{d: d, stepping: stepping, prefillTokens: prefillTokens, stalled: stalled, work: prefillTokens+decodeSeqs > 0}
+}
+
+// finishStep ends a step that took d (its own time, or a DP wave's, the
+// slowest rank's): tokens come out, finished requests retire.
+func (e *Engine) finishStep(st *stepState, d time.Duration) {
+	type emit struct {
+		r   *request
+		tok token
+	}
+	var emits []emit
+	stepping, prefillTokens := st.stepping, st.prefillTokens
+	if st.stalled {
 		e.m.setQueues(e) // the scheduler still reports its queues
 		return           // the #53157 hang: steps run, nothing comes out
 	}
@@ -393,7 +449,7 @@ func (e *Engine) step() {
 		emits = append(emits, emit{r, t})
 	}
 	// Retire finished requests.
-	kept = e.running[:0]
+	kept := e.running[:0]
 	for _, r := range e.running {
 		if r.stopped || r.generated >= r.maxTokens || (!r.ignoreEOS && r.generated >= r.natural) {
 			e.freeBlocks(r)

@@ -28,7 +28,13 @@ type Server struct {
 	created int64
 	faults  *faults
 	seq     atomic.Uint64
+	// dp is the process's DP ranks (nil: the one engine eng); eng is then
+	// the first of them.
+	dp *dpRanks
 }
+
+// rankHeader pins a request to a DP rank (vLLM's X-data-parallel-rank).
+const rankHeader = "X-data-parallel-rank"
 
 // faults are switched at run time through POST /shoal-sim/faults, a path real
 // vLLM does not have.
@@ -64,7 +70,7 @@ func (s *Server) Handler() http.Handler {
 		writeJSON(w, 200, map[string]string{"version": simVersion})
 	})
 	mux.HandleFunc("GET /load", func(w http.ResponseWriter, _ *http.Request) {
-		r, q := s.eng.queueLens()
+		r, q := s.queueLens()
 		writeJSON(w, 200, map[string]int{"server_load": r + q})
 	})
 	mux.HandleFunc("POST /tokenize", s.tokenize)
@@ -72,7 +78,7 @@ func (s *Server) Handler() http.Handler {
 		// vLLM's development endpoints: drop every cached block nobody
 		// holds, publishing AllBlocksCleared.
 		mux.HandleFunc("POST /reset_prefix_cache", func(w http.ResponseWriter, _ *http.Request) {
-			s.eng.resetPrefixCache()
+			s.engines((*Engine).resetPrefixCache)
 			w.WriteHeader(200)
 		})
 	}
@@ -97,7 +103,7 @@ func (s *Server) Handler() http.Handler {
 }
 
 func (s *Server) health(w http.ResponseWriter, _ *http.Request) {
-	if s.eng.deadErr() != nil {
+	if s.deadErr() != nil {
 		w.WriteHeader(http.StatusServiceUnavailable)
 		return
 	}
@@ -131,21 +137,25 @@ func (s *Server) setFault(w http.ResponseWriter, r *http.Request) {
 	defer s.faults.mu.Unlock()
 	switch f.Mode {
 	case "die":
-		go s.eng.kill(ErrEngineDead)
+		go s.engines(func(e *Engine) { e.kill(ErrEngineDead) })
 	case "worker-dead":
 		s.faults.workerDead = true
 	case "hang":
-		s.eng.mu.Lock()
-		s.eng.stalled = true
-		s.eng.mu.Unlock()
+		s.engines(func(e *Engine) {
+			e.mu.Lock()
+			e.stalled = true
+			e.mu.Unlock()
+		})
 	case "slow":
 		if f.Factor < 1 {
 			writeError(w, 400, "BadRequestError", "slow needs factor >= 1", nil)
 			return
 		}
-		s.eng.mu.Lock()
-		s.eng.slow = f.Factor
-		s.eng.mu.Unlock()
+		s.engines(func(e *Engine) {
+			e.mu.Lock()
+			e.slow = f.Factor
+			e.mu.Unlock()
+		})
 	case "errors":
 		if f.Rate < 0 || f.Rate > 1 || (f.Code != 429 && f.Code != 500 && f.Code != 503) {
 			writeError(w, 400, "BadRequestError", "errors needs rate in 0-1 and code 429, 500 or 503", nil)
@@ -154,9 +164,11 @@ func (s *Server) setFault(w http.ResponseWriter, r *http.Request) {
 		s.faults.errorRate, s.faults.errorCode = f.Rate, f.Code
 	case "clear":
 		s.faults.errorRate, s.faults.workerDead = 0, false
-		s.eng.mu.Lock()
-		s.eng.stalled, s.eng.slow = false, 1
-		s.eng.mu.Unlock()
+		s.engines(func(e *Engine) {
+			e.mu.Lock()
+			e.stalled, e.slow = false, 1
+			e.mu.Unlock()
+		})
 	default:
 		writeError(w, 400, "BadRequestError", "unknown fault mode "+strconv.Quote(f.Mode), nil)
 		return
@@ -393,7 +405,7 @@ func (s *Server) embeddings(w http.ResponseWriter, r *http.Request) {
 		writeError(w, 400, "BadRequestError", "input must be a string or a non-empty list of strings", &param)
 		return
 	}
-	if s.eng.deadErr() != nil {
+	if s.deadErr() != nil {
 		writeError(w, 500, "InternalServerError", ErrEngineDead.Error(), nil)
 		return
 	}

@@ -1,6 +1,7 @@
 package sim
 
 import (
+	"strconv"
 	"time"
 
 	dto "github.com/prometheus/client_model/go"
@@ -64,11 +65,27 @@ func newMetrics(model string, numBlocks, blockSize, maxModelLen, maxBatchTokens 
 // newMetricsFlavor registers the series under vLLM's names, or SGLang's when
 // flavor is "sglang" (series SGLang lacks go to a registry nobody scrapes).
 func newMetricsFlavor(model string, numBlocks, blockSize, maxModelLen, maxBatchTokens int, v0 bool, flavor string) *metrics {
+	return newRankMetrics(prometheus.NewRegistry(), -1, true, model, numBlocks, blockSize, maxModelLen, maxBatchTokens, v0, flavor)
+}
+
+// newRankMetrics registers one engine's series on reg. rank ≥ 0 is a DP
+// rank of a process that runs several: vLLM labels each engine's series
+// engine="<rank>" (SGLang, in the simulator, dp_rank="<rank>"), and only
+// the first registers the process-wide cache_config_info. rank -1 is a
+// process's one engine (engine="0").
+func newRankMetrics(reg *prometheus.Registry, rank int, first bool, model string, numBlocks, blockSize, maxModelLen, maxBatchTokens int, v0 bool, flavor string) *metrics {
 	labels := prometheus.Labels{"model_name": model, "engine": "0"}
 	if v0 || flavor == "sglang" {
 		labels = prometheus.Labels{"model_name": model}
 	}
-	m := &metrics{reg: prometheus.NewRegistry()}
+	if rank >= 0 {
+		if flavor == "sglang" {
+			labels["dp_rank"] = strconv.Itoa(rank)
+		} else {
+			labels["engine"] = strconv.Itoa(rank)
+		}
+	}
+	m := &metrics{reg: reg}
 	hidden := prometheus.NewRegistry()
 	// name translates a vLLM V1 name for this flavor; ok=false hides it.
 	name := func(v1 string) (string, *prometheus.Registry) {
@@ -129,7 +146,9 @@ func newMetricsFlavor(model string, numBlocks, blockSize, maxModelLen, maxBatchT
 	info := prometheus.NewGauge(prometheus.GaugeOpts{Name: in, Help: "Information of the LLMEngine CacheConfig",
 		ConstLabels: prometheus.Labels{"block_size": itoa(blockSize), "num_gpu_blocks": itoa(numBlocks), "enable_prefix_caching": "True", "gpu_memory_utilization": "0.9"}})
 	info.Set(1)
-	ireg.MustRegister(info)
+	if first || ireg != m.reg {
+		ireg.MustRegister(info)
+	}
 	if flavor == "sglang" {
 		m.hitRate = prometheus.NewGauge(prometheus.GaugeOpts{Name: "sglang:cache_hit_rate", Help: "The prefix cache hit rate.", ConstLabels: labels})
 		m.reg.MustRegister(m.hitRate)

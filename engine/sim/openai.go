@@ -265,7 +265,7 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, chat bool) {
 		writeError(w, code, map[int]string{429: "RateLimitError", 500: "InternalServerError", 503: "ServiceUnavailableError"}[code], "injected fault", nil)
 		return
 	}
-	if s.eng.deadErr() != nil {
+	if s.deadErr() != nil {
 		writeError(w, 500, "InternalServerError", ErrEngineDead.Error(), nil)
 		return
 	}
@@ -274,7 +274,7 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, chat bool) {
 	s.faults.mu.Unlock()
 	if workerDead {
 		// The first step after a Ray worker died raises ActorDiedError and kills the engine.
-		go s.eng.kill(fmt.Errorf("ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task"))
+		go s.engines(func(e *Engine) { e.kill(fmt.Errorf("ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task")) })
 		writeError(w, 500, "InternalServerError", ErrEngineDead.Error(), nil)
 		return
 	}
@@ -339,8 +339,13 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, chat bool) {
 			if script != nil {
 				er.natural, er.ignoreEOS = len(script), false
 			}
-			er.tokens, er.hashes = s.eng.name(p.text)
-			if err := s.eng.submit(er); err != nil {
+			eng, err := s.engineFor(r.Header.Get(rankHeader))
+			if err != nil {
+				writeError(w, 400, "BadRequestError", err.Error(), nil)
+				return
+			}
+			er.tokens, er.hashes = eng.name(p.text)
+			if err := eng.submit(er); err != nil {
 				writeError(w, 500, "InternalServerError", err.Error(), nil)
 				return
 			}

@@ -22,6 +22,14 @@ type Preset struct {
 	PubLoadFactor      float64
 	PubMaxSeqs         int
 	Source             string
+	// EP is the model's expert-parallel costs, for DP + EP ranks.
+	EP EPModel
+	// PubOutTokPerGPU is a published decode throughput per GPU at
+	// PubDecodeSeqs running sequences per rank of PubContext tokens (0:
+	// none); the bench prints the preset's against it.
+	PubOutTokPerGPU float64
+	PubDecodeSeqs   int
+	PubContext      int
 }
 
 // fit derives step-time parameters that reproduce a published profile:
@@ -83,6 +91,30 @@ func init() {
 }
 
 func init() {
+	// DeepSeek-R1 671B as one wide-EP rank: one H200 per DP rank (TP1),
+	// experts spread over the group (EP = DP), DeepEP low-latency
+	// all-to-all, EPLB. FITTED to one published figure: ~2.2k output
+	// tokens/s per H200 for wide-EP decode (llm-d v0.3 on vLLM, 32-way EP
+	// over InfiniBand CX-7; docs/design/figures.md): a decode step of a full
+	// batch (256 sequences, vLLM's default max_num_seqs, of 3k tokens) over
+	// 2 nodes takes 116 ms, 256 / 0.116 s ≈ 2.2k tokens/s. How that step
+	// splits into the base, per-sequence, context and all-to-all terms is an
+	// assumption, not a measurement. KV (MLA): 69 KiB per token; 141 GB ×
+	// 0.9 − 42 GB of weights (671B FP8 over 16 ranks) − DeepEP buffers and
+	// activations ≈ 66 GB ≈ 960k tokens (60,000 blocks). Prefill: 150 µs per
+	// token per GPU, from SGLang's 52.3k input tokens/s per 8-H100 node
+	// (lmsys 2025-05-05). Without EPLB the slowest rank is assumed 25 %
+	// slower (SGLang's EPLB decode gain at 96 GPUs is far larger; at 16
+	// GPUs it is smaller). One expert over 58 MoE layers ≈ 2.5 GB in FP8.
+	Presets["deepseek-r1-h200-dp-ep"] = Preset{Name: "deepseek-r1-h200-dp-ep", Params: Params{Base: 20 * time.Millisecond,
+		DecodePerSeq: 260 * time.Microsecond, PerContextToken: 30 * time.Nanosecond, PrefillOverhead: 30 * time.Millisecond,
+		PrefillPerToken: 150 * time.Microsecond, MaxNumSeqs: 256, MaxBatchTokens: 8192, NumGPUBlocks: 60000, BlockSize: 16,
+		MaxModelLen: 131072, LoadTime: 55 * time.Second},
+		EP: EPModel{A2ALatency: 4 * time.Millisecond, A2APerToken: 20 * time.Microsecond, Imbalance: 1.25,
+			ExpertBytes: 2500 << 20, KVBytesPerToken: 69 << 10},
+		PubOutTokPerGPU: 2200, PubDecodeSeqs: 256, PubContext: 3000,
+		Source: "fitted to ~2.2k output tok/s per H200, wide-EP decode (llm-d v0.3 / vLLM blog 2025-12-17); prefill from SGLang's 96-H100 run"}
+
 	// No GPU time at all: for measuring what sits in front of the engine
 	// (routers, proxies) without the engine being the bottleneck.
 	Presets["instant"] = Preset{Name: "instant", Params: Params{MaxNumSeqs: 1024, MaxBatchTokens: 1 << 20,
@@ -99,8 +131,9 @@ func PresetNames() []string {
 	return out
 }
 
-// presetFor picks the preset from SHOAL_SIM_PRESET, else from the model name.
-func presetFor(model string) (Preset, error) {
+// presetFor picks the preset from SHOAL_SIM_PRESET, else from the model
+// name (and, for DeepSeek, whether it runs as DP + EP ranks).
+func presetFor(model string, dpEP bool) (Preset, error) {
 	if name := os.Getenv("SHOAL_SIM_PRESET"); name != "" {
 		p, ok := Presets[name]
 		if !ok {
@@ -110,6 +143,8 @@ func presetFor(model string) (Preset, error) {
 	}
 	m := strings.ToLower(model)
 	switch {
+	case strings.Contains(m, "deepseek") && dpEP:
+		return Presets["deepseek-r1-h200-dp-ep"], nil
 	case strings.Contains(m, "deepseek"):
 		return Presets["deepseek-r1-h200-tp8pp2"], nil
 	case strings.Contains(m, "8b"):

@@ -34,13 +34,13 @@ func TestSimulateLoadRaisesITLAndThroughput(t *testing.T) {
 }
 
 func TestPresetSelection(t *testing.T) {
-	p, err := presetFor("deepseek-r1-671b /models/deepseek-r1")
+	p, err := presetFor("deepseek-r1-671b /models/deepseek-r1", false)
 	require.NoError(t, err)
 	require.Equal(t, "deepseek-r1-h200-tp8pp2", p.Name)
-	p, err = presetFor("meta-llama/Llama-3.1-8B-Instruct")
+	p, err = presetFor("meta-llama/Llama-3.1-8B-Instruct", false)
 	require.NoError(t, err)
 	require.Equal(t, "llama-8b-h100-tp1", p.Name)
 	t.Setenv("SHOAL_SIM_PRESET", "nope")
-	_, err = presetFor("x")
+	_, err = presetFor("x", false)
 	require.ErrorContains(t, err, "llama-70b-h100-tp8")
 }

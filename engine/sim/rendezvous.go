@@ -24,7 +24,10 @@ type rdvMsg struct {
 // rendezvousMaster waits for ranks 1..nnodes-1. It returns a channel that
 // yields a rank's address when that rank's connection drops, and false when
 // the ranks disagree about the arguments (the caller then hangs, as NCCL does).
-func rendezvousMaster(ctx context.Context, addr string, nnodes int, sig string, log io.Writer) (<-chan string, bool, error) {
+//
+// With fanout, the loss of one member closes every other member's
+// connection: a DP coordinator's ranks all learn that a peer is gone.
+func rendezvousMaster(ctx context.Context, addr string, nnodes int, sig string, log io.Writer, fanout ...bool) (<-chan string, bool, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, false, fmt.Errorf("RuntimeError: The server socket has failed to listen on %s: %w", addr, err)
@@ -81,10 +84,23 @@ func rendezvousMaster(ctx context.Context, addr string, nnodes int, sig string, 
 	}
 	lost := make(chan string, nnodes)
 	var once sync.Once
+	go func() {
+		// The process ending closes its sockets (in-process runs, too).
+		<-ctx.Done()
+		for _, o := range members {
+			o.Close()
+		}
+	}()
 	for _, c := range members {
 		go func(c net.Conn) {
 			_, _ = io.Copy(io.Discard, c)
-			once.Do(func() {})
+			if len(fanout) > 0 && fanout[0] {
+				once.Do(func() {
+					for _, o := range members {
+						o.Close()
+					}
+				})
+			}
 			host, _, _ := net.SplitHostPort(c.RemoteAddr().String())
 			lost <- host
 		}(c)

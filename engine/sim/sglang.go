@@ -23,14 +23,17 @@ var sglangNames = map[string]string{
 
 var sglangValued = []string{"--model-path", "--served-model-name", "--tp", "--tp-size", "--pp-size", "--dp", "--dist-init-addr",
 	"--nnodes", "--node-rank", "--host", "--port", "--context-length", "--mem-fraction-static", "--max-running-requests",
-	"--tokenizer-path", "--chunked-prefill-size", "--log-level", "--api-key", "--dtype", "--quantization"}
+	"--tokenizer-path", "--chunked-prefill-size", "--log-level", "--api-key", "--dtype", "--quantization",
+	"--dp-size", "--ep-size", "--moe-a2a-backend", "--ep-num-redundant-experts", "--deepep-mode", "--moe-runner-backend", "--moe-dense-tp-size"}
 
 var sglangBools = []string{"--enable-metrics", "--trust-remote-code", "--disable-radix-cache", "--enable-torch-compile",
-	"--disable-cuda-graph", "--skip-server-warmup", "--is-embedding"}
+	"--disable-cuda-graph", "--skip-server-warmup", "--is-embedding", "--enable-dp-attention", "--enable-eplb",
+	"--enable-dp-lm-head", "--enable-two-batch-overlap"}
 
 // SGLang runs `python3 -m sglang.launch_server ARGS`.
 func SGLang(ctx context.Context, args []string, stdout, stderr io.Writer) int {
-	fs := newFlagSet("launch_server.py", sglangValued, sglangBools, map[string]string{"--tp-size": "--tp"})
+	fs := newFlagSet("launch_server.py", sglangValued, sglangBools, map[string]string{"--tp-size": "--tp", "--dp": "--dp-size", "--data-parallel-size": "--dp-size",
+		"--expert-parallel-size": "--ep-size", "--ep": "--ep-size"})
 	if err := fs.parse(args); err != nil {
 		fmt.Fprintln(stderr, err)
 		return 2
@@ -54,6 +57,10 @@ func SGLang(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 			return 2
 		}
 	}
+	if err := parseSGLangParallel(fs, &c); err != nil {
+		fmt.Fprintln(stderr, err)
+		return 2
+	}
 	if c.nnodes > 1 {
 		dia := fs.str("--dist-init-addr", "")
 		host, port, err := net.SplitHostPort(dia)
@@ -70,4 +77,38 @@ func SGLang(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	}
 	c.argsSig = argsSignature(args, sglangBools, "--node-rank", "--host", "--port", "--api-key", "--enable-metrics", "--log-level")
 	return serve(ctx, c, stdout, stderr)
+}
+
+// parseSGLangParallel reads SGLang's DP attention and EP flags, refusing
+// what SGLang asserts against.
+func parseSGLangParallel(fs *flagSet, c *serveConfig) error {
+	var err error
+	if c.sgDP, err = fs.integer("--dp-size", 1); err != nil {
+		return err
+	}
+	if c.sgEP, err = fs.integer("--ep-size", 1); err != nil {
+		return err
+	}
+	if c.dp.redundant, err = fs.integer("--ep-num-redundant-experts", 0); err != nil {
+		return err
+	}
+	c.dp.eplb = fs.boolean("--enable-eplb")
+	a2a := fs.str("--moe-a2a-backend", "none")
+	switch {
+	case c.sgDP < 1 || c.tp%c.sgDP != 0:
+		return fmt.Errorf("AssertionError: tp_size (%d) must be divisible by dp_size (%d)", c.tp, c.sgDP)
+	case fs.boolean("--enable-dp-attention") && c.sgDP < 2:
+		return fmt.Errorf("ValueError: --enable-dp-attention needs --dp-size > 1, got %d", c.sgDP)
+	case c.sgDP > 1 && !fs.boolean("--enable-dp-attention"):
+		// Without DP attention --dp-size runs independent replicas behind
+		// SGLang's own router, which shoal does not launch.
+		return fmt.Errorf("ValueError: --dp-size %d without --enable-dp-attention is SGLang's data-parallel router mode; this simulator models DP attention only", c.sgDP)
+	case a2a != "none" && a2a != "deepep" && a2a != "mooncake":
+		return fmt.Errorf("launch_server.py: error: argument --moe-a2a-backend: invalid choice: '%s' (choose from 'none', 'deepep', 'mooncake')", a2a)
+	case a2a == "deepep" && c.sgEP != c.tp:
+		return fmt.Errorf("AssertionError: DeepEP requires ep_size == tp_size, got ep_size %d and tp_size %d", c.sgEP, c.tp)
+	case c.dp.eplb && c.sgEP < 2:
+		return fmt.Errorf("ValueError: --enable-eplb needs expert parallelism (--ep-size > 1)")
+	}
+	return nil
 }

@@ -50,6 +50,34 @@ type serveConfig struct {
 	kvEvents  *kvEventsConfig
 	hashAlgo  string
 	blockSize int
+	// Data and expert parallelism (docs/design/wide-ep.md); sgDP and sgEP
+	// are SGLang's --dp-size and --ep-size.
+	dp         dpConfig
+	sgDP, sgEP int
+}
+
+// dpConfig is what a process was asked for of data and expert parallelism.
+type dpConfig struct {
+	size, local, start int
+	rank               int // --data-parallel-rank (external load balancing); -1 unset
+	addr               string
+	rpcPort            int
+	hybrid, external   bool
+	apiServers         int
+	ep, eplb           bool
+	a2a                string
+	redundant          int // EPLB's redundant experts
+}
+
+// on says whether the process is one of several DP processes.
+func (d dpConfig) on() bool { return d.size > 1 }
+
+// procs is the number of processes of the DP group, and index this one's.
+func (d dpConfig) procs() (n, index int) {
+	if d.external {
+		return d.size, d.rank
+	}
+	return d.size / d.local, d.start / d.local
 }
 
 var vllmValued = []string{"--served-model-name", "--host", "--port", "--tensor-parallel-size", "--pipeline-parallel-size",
@@ -59,11 +87,14 @@ var vllmValued = []string{"--served-model-name", "--host", "--port", "--tensor-p
 	"--block-size", "--swap-space", "--download-dir", "--tokenizer", "--revision", "--api-key",
 	"--show-hidden-metrics-for-version", "--data-parallel-size", "--max-log-len", "--generation-config", "--load-format",
 	"--runner", "--task", "--convert", "--tool-call-parser", "--allowed-origins", "--allowed-methods", "--allowed-headers",
-	"--kv-events-config", "--prefix-caching-hash-algo"}
+	"--kv-events-config", "--prefix-caching-hash-algo", "--data-parallel-size-local", "--data-parallel-address",
+	"--data-parallel-rpc-port", "--data-parallel-start-rank", "--data-parallel-rank", "--api-server-count", "--all2all-backend",
+	"--eplb-config"}
 
 var vllmBools = []string{"--trust-remote-code", "--enforce-eager", "--headless", "--enable-prefix-caching",
 	"--no-enable-prefix-caching", "--enable-chunked-prefill", "--disable-log-requests", "--disable-log-stats",
-	"--enable-server-load-tracking", "--enable-force-include-usage", "--enable-auto-tool-choice", "--allow-credentials"}
+	"--enable-server-load-tracking", "--enable-force-include-usage", "--enable-auto-tool-choice", "--allow-credentials",
+	"--data-parallel-hybrid-lb", "--data-parallel-external-lb", "--enable-expert-parallel", "--enable-eplb"}
 
 // VLLM runs the `vllm` personality.
 func VLLM(ctx context.Context, args []string, stdout, stderr io.Writer) int {
@@ -91,7 +122,8 @@ var toolParsers = []string{"deepseek_v3", "deepseek_v31", "glm45", "granite", "g
 	"phi4_mini_json", "pythonic", "qwen3_coder", "seed_oss", "step3", "xlam"}
 
 func parseServe(args []string) (serveConfig, error) {
-	fs := newFlagSet("vllm serve", vllmValued, vllmBools, map[string]string{"-tp": "--tensor-parallel-size", "-pp": "--pipeline-parallel-size"})
+	fs := newFlagSet("vllm serve", vllmValued, vllmBools, map[string]string{"-tp": "--tensor-parallel-size", "-pp": "--pipeline-parallel-size",
+		"-dp": "--data-parallel-size", "-dpl": "--data-parallel-size-local", "-dpa": "--data-parallel-address", "-dpp": "--data-parallel-rpc-port"})
 	if err := fs.parse(args); err != nil {
 		return serveConfig{}, err
 	}
@@ -117,7 +149,10 @@ func parseServe(args []string) (serveConfig, error) {
 	// Flags only the serving rank acts on (its API server, its scheduler's KV
 	// events) do not have to match across ranks; the rest must.
 	c.argsSig = argsSignature(args, vllmBools, "--node-rank", "--headless", "--host", "--port", "--api-key", "--uvicorn-log-level",
-		"--kv-events-config", "--prefix-caching-hash-algo")
+		"--kv-events-config", "--prefix-caching-hash-algo", "--data-parallel-start-rank", "--data-parallel-rank", "--api-server-count")
+	if c.dp, err = parseDP(fs, c); err != nil {
+		return c, err
+	}
 	switch c.backend {
 	case "", "ray", "mp", "uni", "external_launcher":
 	default:
@@ -207,8 +242,33 @@ func serve(ctx context.Context, c serveConfig, stdout, stderr io.Writer) int {
 	logf(stdout, "vLLM API server version %s", simVersion)
 	logf(stdout, "non-default args: model=%q served_model_name=%q tensor_parallel_size=%d pipeline_parallel_size=%d distributed_executor_backend=%q",
 		c.model, c.served, c.tp, c.pp, c.backend)
-	var lost <-chan string
+	var lost, dpLost <-chan string
 	master := net.JoinHostPort(c.masterAddr, strconv.Itoa(c.masterPort))
+	if c.dp.on() {
+		if err := checkDPWorld(c, world, local); err != nil {
+			fmt.Fprintln(stderr, err)
+			return 1
+		}
+		if c.headless {
+			// A headless node's engine cores join the DP coordinator on the head.
+			_, c.nodeRank = c.dp.procs()
+			return serveHeadless(ctx, c, net.JoinHostPort(c.dp.addr, strconv.Itoa(c.dp.rpcPort)), stdout, stderr, term)
+		}
+		l, agree, err := dpRendezvous(ctx, c, stdout)
+		if err != nil {
+			fmt.Fprintln(stderr, err)
+			return 1
+		}
+		if !agree {
+			select { // mismatched arguments: the DP handshake never completes
+			case <-ctx.Done():
+				return 1
+			case <-term:
+				return 0
+			}
+		}
+		dpLost = l
+	}
 	if c.headless {
 		return serveHeadless(ctx, c, master, stdout, stderr, term)
 	}
@@ -245,7 +305,7 @@ func serve(ctx context.Context, c serveConfig, stdout, stderr io.Writer) int {
 			lost = l
 		}
 	}
-	preset, err := presetFor(c.served + " " + c.model)
+	preset, err := presetFor(c.served+" "+c.model, c.epOn() && (c.dp.on() || c.sgDP > 1))
 	if err != nil {
 		fmt.Fprintln(stderr, err)
 		return 2
@@ -286,9 +346,21 @@ func serve(ctx context.Context, c serveConfig, stdout, stderr io.Writer) int {
 		fmt.Fprintf(stderr, "ValueError: The model's max seq len (%d) is larger than the maximum number of tokens that can be stored in KV cache (%d). Try increasing `gpu_memory_utilization` or decreasing `max_model_len` when initializing the engine.\n", c.maxModelLen, kv)
 		return 1
 	}
+	n, first := c.localRanks()
+	if c.epOn() {
+		p = preset.withEP(p, c.epNodes(local), c.eplbOn(), c.redundantExperts(), c.dp.size*c.tp)
+		logf(stdout, "Expert parallelism over %d nodes: all-to-all %s + %s/token off-node, EPLB %v", p.EP.Nodes, p.EP.A2ALatency, p.EP.A2APerToken, c.eplbOn())
+	}
 	logf(stdout, "GPU KV cache size: %d tokens", p.NumGPUBlocks*p.BlockSize)
 	logf(stdout, "Maximum concurrency for %d tokens per request: %.2fx", p.MaxModelLen, float64(p.NumGPUBlocks*p.BlockSize)/float64(p.MaxModelLen))
 	s := newServer(c, p, clock)
+	if n > 1 || c.dp.on() {
+		ranks, reg := newDPRanks(c, p, clock, n, first)
+		s.dp, s.eng = ranks, ranks.engines[0]
+		s.m = s.eng.m
+		s.m.reg = reg
+		logf(stdout, "Started %d DP engine(s), ranks %d-%d of %d", n, first, first+n-1, max(c.dp.size, n))
+	}
 	eng := s.eng
 	pub, err := startKVEvents(s, c.kvEvents, c.hashAlgo)
 	if err != nil {
@@ -307,7 +379,11 @@ func serve(ctx context.Context, c serveConfig, stdout, stderr io.Writer) int {
 	}
 	engCtx, cancelEng := context.WithCancel(context.Background())
 	defer cancelEng()
-	go eng.Run(engCtx)
+	if s.dp != nil {
+		go s.dp.Run(engCtx)
+	} else {
+		go eng.Run(engCtx)
+	}
 	srv := &http.Server{Handler: s.Handler(), ReadHeaderTimeout: 10 * time.Second}
 	go func() { _ = srv.Serve(ln) }()
 	logf(stdout, "Starting vLLM API server 0 on http://%s:%d", c.host, c.port)
@@ -315,7 +391,7 @@ func serve(ctx context.Context, c serveConfig, stdout, stderr io.Writer) int {
 
 	died := make(chan struct{})
 	var once sync.Once
-	eng.onDeath = func() { once.Do(func() { close(died) }) }
+	s.engines(func(e *Engine) { e.onDeath = func() { once.Do(func() { close(died) }) } })
 	var workerLost string
 	for {
 		select {
@@ -324,6 +400,11 @@ func serve(ctx context.Context, c serveConfig, stdout, stderr io.Writer) int {
 		case <-term:
 			logf(stdout, "Received SIGTERM; shutting down (shutdown timeout %ds).", c.shutdownTimeout)
 			return shutdown(srv, eng, time.Duration(c.shutdownTimeout)*time.Second, stdout)
+		case why := <-dpLost:
+			// A DP peer is gone: every rank's next MoE all-to-all waits for it.
+			fmt.Fprintf(stderr, "WARNING DP peer %s is gone; this process's ranks hang in their next collective until stopped\n", why)
+			s.dp.wedge()
+			dpLost = nil
 		case why := <-lost:
 			if why == "gcs" {
 				// The head's GCS is gone: the Ray driver dies with it.

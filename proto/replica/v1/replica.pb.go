@@ -348,6 +348,10 @@ type Metrics struct {
 	// router_retries: the deployment's router.retries (how many more
 	// attempts a request gets at other replicas); unset: the router's own.
 	RouterRetries *int32 `protobuf:"varint,20,opt,name=router_retries,json=routerRetries,proto3,oneof" json:"router_retries,omitempty"`
+	// ranks: a data-parallel group whose DP ranks routers address one by one
+	// (hybrid or external load balancing), each with its API server and load.
+	// Empty: endpoint is the group's one server.
+	Ranks         []*Rank `protobuf:"bytes,21,rep,name=ranks,proto3" json:"ranks,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -522,6 +526,101 @@ func (x *Metrics) GetRouterRetries() int32 {
 	return 0
 }
 
+func (x *Metrics) GetRanks() []*Rank {
+	if x != nil {
+		return x.Ranks
+	}
+	return nil
+}
+
+// Rank is one DP rank of a data-parallel group.
+type Rank struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Rank  int32                  `protobuf:"varint,1,opt,name=rank,proto3" json:"rank,omitempty"`
+	// endpoint is host:port of the API server that fronts the rank.
+	Endpoint string `protobuf:"bytes,2,opt,name=endpoint,proto3" json:"endpoint,omitempty"`
+	// pin: send X-data-parallel-rank with the rank so that the server runs
+	// the request there (hybrid); false: the server has this rank only.
+	Pin                bool    `protobuf:"varint,3,opt,name=pin,proto3" json:"pin,omitempty"`
+	NumRequestsRunning float64 `protobuf:"fixed64,4,opt,name=num_requests_running,json=numRequestsRunning,proto3" json:"num_requests_running,omitempty"`
+	NumRequestsWaiting float64 `protobuf:"fixed64,5,opt,name=num_requests_waiting,json=numRequestsWaiting,proto3" json:"num_requests_waiting,omitempty"`
+	KvCacheUsage       float64 `protobuf:"fixed64,6,opt,name=kv_cache_usage,json=kvCacheUsage,proto3" json:"kv_cache_usage,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
+}
+
+func (x *Rank) Reset() {
+	*x = Rank{}
+	mi := &file_replica_v1_replica_proto_msgTypes[5]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *Rank) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*Rank) ProtoMessage() {}
+
+func (x *Rank) ProtoReflect() protoreflect.Message {
+	mi := &file_replica_v1_replica_proto_msgTypes[5]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use Rank.ProtoReflect.Descriptor instead.
+func (*Rank) Descriptor() ([]byte, []int) {
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{5}
+}
+
+func (x *Rank) GetRank() int32 {
+	if x != nil {
+		return x.Rank
+	}
+	return 0
+}
+
+func (x *Rank) GetEndpoint() string {
+	if x != nil {
+		return x.Endpoint
+	}
+	return ""
+}
+
+func (x *Rank) GetPin() bool {
+	if x != nil {
+		return x.Pin
+	}
+	return false
+}
+
+func (x *Rank) GetNumRequestsRunning() float64 {
+	if x != nil {
+		return x.NumRequestsRunning
+	}
+	return 0
+}
+
+func (x *Rank) GetNumRequestsWaiting() float64 {
+	if x != nil {
+		return x.NumRequestsWaiting
+	}
+	return 0
+}
+
+func (x *Rank) GetKvCacheUsage() float64 {
+	if x != nil {
+		return x.KvCacheUsage
+	}
+	return 0
+}
+
 var File_replica_v1_replica_proto protoreflect.FileDescriptor
 
 const file_replica_v1_replica_proto_rawDesc = "" +
@@ -548,7 +647,7 @@ const file_replica_v1_replica_proto_rawDesc = "" +
 	"\n" +
 	"block_size\x18\b \x01(\rR\tblockSize\x12\x1a\n" +
 	"\bendpoint\x18\t \x01(\tR\bendpoint\"\x11\n" +
-	"\x0fSnapshotRequest\"\xe2\x05\n" +
+	"\x0fSnapshotRequest\"\x90\x06\n" +
 	"\aMetrics\x12\x1e\n" +
 	"\n" +
 	"deployment\x18\x01 \x01(\tR\n" +
@@ -573,8 +672,16 @@ const file_replica_v1_replica_proto_rawDesc = "" +
 	"\rmetrics_valid\x18\x11 \x01(\bR\fmetricsValid\x12\x1a\n" +
 	"\bdraining\x18\x12 \x01(\bR\bdraining\x12\x16\n" +
 	"\x06failed\x18\x13 \x01(\bR\x06failed\x12*\n" +
-	"\x0erouter_retries\x18\x14 \x01(\x05H\x00R\rrouterRetries\x88\x01\x01B\x11\n" +
-	"\x0f_router_retries2\xf0\x01\n" +
+	"\x0erouter_retries\x18\x14 \x01(\x05H\x00R\rrouterRetries\x88\x01\x01\x12,\n" +
+	"\x05ranks\x18\x15 \x03(\v2\x16.shoal.replica.v1.RankR\x05ranksB\x11\n" +
+	"\x0f_router_retries\"\xd2\x01\n" +
+	"\x04Rank\x12\x12\n" +
+	"\x04rank\x18\x01 \x01(\x05R\x04rank\x12\x1a\n" +
+	"\bendpoint\x18\x02 \x01(\tR\bendpoint\x12\x10\n" +
+	"\x03pin\x18\x03 \x01(\bR\x03pin\x120\n" +
+	"\x14num_requests_running\x18\x04 \x01(\x01R\x12numRequestsRunning\x120\n" +
+	"\x14num_requests_waiting\x18\x05 \x01(\x01R\x12numRequestsWaiting\x12$\n" +
+	"\x0ekv_cache_usage\x18\x06 \x01(\x01R\fkvCacheUsage2\xf0\x01\n" +
 	"\aReplica\x12H\n" +
 	"\bSnapshot\x12!.shoal.replica.v1.SnapshotRequest\x1a\x19.shoal.replica.v1.Metrics\x12G\n" +
 	"\x05Watch\x12!.shoal.replica.v1.SnapshotRequest\x1a\x19.shoal.replica.v1.Metrics0\x01\x12R\n" +
@@ -593,7 +700,7 @@ func file_replica_v1_replica_proto_rawDescGZIP() []byte {
 }
 
 var file_replica_v1_replica_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_replica_v1_replica_proto_msgTypes = make([]protoimpl.MessageInfo, 5)
+var file_replica_v1_replica_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
 var file_replica_v1_replica_proto_goTypes = []any{
 	(KVEvent_Kind)(0),       // 0: shoal.replica.v1.KVEvent.Kind
 	(*KVEventsRequest)(nil), // 1: shoal.replica.v1.KVEventsRequest
@@ -601,21 +708,23 @@ var file_replica_v1_replica_proto_goTypes = []any{
 	(*KVEventsMessage)(nil), // 3: shoal.replica.v1.KVEventsMessage
 	(*SnapshotRequest)(nil), // 4: shoal.replica.v1.SnapshotRequest
 	(*Metrics)(nil),         // 5: shoal.replica.v1.Metrics
+	(*Rank)(nil),            // 6: shoal.replica.v1.Rank
 }
 var file_replica_v1_replica_proto_depIdxs = []int32{
 	0, // 0: shoal.replica.v1.KVEvent.kind:type_name -> shoal.replica.v1.KVEvent.Kind
 	2, // 1: shoal.replica.v1.KVEventsMessage.events:type_name -> shoal.replica.v1.KVEvent
-	4, // 2: shoal.replica.v1.Replica.Snapshot:input_type -> shoal.replica.v1.SnapshotRequest
-	4, // 3: shoal.replica.v1.Replica.Watch:input_type -> shoal.replica.v1.SnapshotRequest
-	1, // 4: shoal.replica.v1.Replica.KVEvents:input_type -> shoal.replica.v1.KVEventsRequest
-	5, // 5: shoal.replica.v1.Replica.Snapshot:output_type -> shoal.replica.v1.Metrics
-	5, // 6: shoal.replica.v1.Replica.Watch:output_type -> shoal.replica.v1.Metrics
-	3, // 7: shoal.replica.v1.Replica.KVEvents:output_type -> shoal.replica.v1.KVEventsMessage
-	5, // [5:8] is the sub-list for method output_type
-	2, // [2:5] is the sub-list for method input_type
-	2, // [2:2] is the sub-list for extension type_name
-	2, // [2:2] is the sub-list for extension extendee
-	0, // [0:2] is the sub-list for field type_name
+	6, // 2: shoal.replica.v1.Metrics.ranks:type_name -> shoal.replica.v1.Rank
+	4, // 3: shoal.replica.v1.Replica.Snapshot:input_type -> shoal.replica.v1.SnapshotRequest
+	4, // 4: shoal.replica.v1.Replica.Watch:input_type -> shoal.replica.v1.SnapshotRequest
+	1, // 5: shoal.replica.v1.Replica.KVEvents:input_type -> shoal.replica.v1.KVEventsRequest
+	5, // 6: shoal.replica.v1.Replica.Snapshot:output_type -> shoal.replica.v1.Metrics
+	5, // 7: shoal.replica.v1.Replica.Watch:output_type -> shoal.replica.v1.Metrics
+	3, // 8: shoal.replica.v1.Replica.KVEvents:output_type -> shoal.replica.v1.KVEventsMessage
+	6, // [6:9] is the sub-list for method output_type
+	3, // [3:6] is the sub-list for method input_type
+	3, // [3:3] is the sub-list for extension type_name
+	3, // [3:3] is the sub-list for extension extendee
+	0, // [0:3] is the sub-list for field type_name
 }
 
 func init() { file_replica_v1_replica_proto_init() }
@@ -630,7 +739,7 @@ func file_replica_v1_replica_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_replica_v1_replica_proto_rawDesc), len(file_replica_v1_replica_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   5,
+			NumMessages:   6,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -1,0 +1,124 @@
+package engine
+
+import (
+	"flag"
+	"fmt"
+	"os"
+	"path/filepath"
+	"strings"
+	"testing"
+
+	"github.com/shoalhq/shoal/spec"
+	"github.com/stretchr/testify/require"
+)
+
+var update = flag.Bool("update", false, "rewrite the golden command lines in testdata/")
+
+func dpSpec(t *testing.T, kind, engine string) *spec.Deployment {
+	t.Helper()
+	d, err := spec.Parse([]byte(fmt.Sprintf(`apiVersion: shoal/v1
+name: r1
+model: {source: /models/r1}
+engine: {kind: %s, servedModelName: deepseek-r1, args: [--trust-remote-code], %s}
+resources: {nodes: 2, gpusPerNode: 8}
+`, kind, engine)))
+	require.NoError(t, err)
+	return d
+}
+
+// render is a plan's processes as a user would read them: env, then argv,
+// one process per block; the head's API servers last.
+func renderPlan(p *Plan) string {
+	var b strings.Builder
+	for _, c := range append([]Command{p.Node}, p.Extra...) {
+		fmt.Fprintf(&b, "%s\n  %s\n", strings.Join(c.Env, " "), strings.Join(c.Argv(), " "))
+	}
+	if p.Endpoint != "" {
+		fmt.Fprintf(&b, "endpoint %s\n", p.Endpoint)
+	}
+	for _, s := range p.APIServers {
+		fmt.Fprintf(&b, "api server %s ranks %d-%d pin=%v\n", s.Addr, s.FirstRank, s.FirstRank+s.Ranks-1, s.PinRanks)
+	}
+	return b.String()
+}
+
+// TestDataParallelGolden: the exact command lines per engine kind, load
+// balancing mode and node rank (engine/testdata/dp/*.golden; `go test
+// ./engine -run DataParallelGolden -update` rewrites them).
+func TestDataParallelGolden(t *testing.T) {
+	ep := "expertParallel: {enabled: true, all2allBackend: %s, eplb: {windowSize: 1000, stepInterval: 3000, redundantExperts: 32}}"
+	cases := map[string]*spec.Deployment{
+		"vllm-internal":     dpSpec(t, "vllm", "dataParallel: {size: 16}, "+fmt.Sprintf(ep, "deepep_low_latency")),
+		"vllm-internal-api": dpSpec(t, "vllm", "dataParallel: {size: 16, apiServers: 4}, expertParallel: {enabled: true}"),
+		"vllm-hybrid":       dpSpec(t, "vllm", "dataParallel: {size: 16, loadBalancing: hybrid}, "+fmt.Sprintf(ep, "deepep_low_latency")),
+		"vllm-external":     dpSpec(t, "vllm", "tensorParallelSize: 2, dataParallel: {size: 8, loadBalancing: external, rpcPort: 13345}, expertParallel: {enabled: true}"),
+		"sglang-internal":   dpSpec(t, "sglang", "dataParallel: {size: 16}, "+fmt.Sprintf(ep, "deepep")),
+		"vllm-ep-only":      dpSpec(t, "vllm", "tensorParallelSize: 8, pipelineParallelSize: 2, expertParallel: {enabled: true}"),
+	}
+	ips := []string{"10.0.0.1", "10.0.0.2"}
+	rdmaEnv := map[string]string{"NCCL_IB_HCA": "mlx5_0:1,mlx5_1:1", "NCCL_IB_DISABLE": "0", "NCCL_SOCKET_IFNAME": "ib0", "GLOO_SOCKET_IFNAME": "ib0"}
+	bin := Binaries{VLLM: "/usr/bin/vllm", Python: "/usr/bin/python3"}
+	for name, d := range cases {
+		for rank, ip := range ips {
+			role := RoleHead
+			if rank > 0 {
+				role = RoleWorker
+			}
+			t.Run(fmt.Sprintf("%s-rank%d", name, rank), func(t *testing.T) {
+				p, err := NativePlan(PlanInput{Spec: d, Role: role, NodeIP: ip, HeadIP: ips[0], Epoch: 1, Term: 1, MemberIPs: ips, Bin: bin,
+					Env: mergeEnv(rdmaEnv, nil)}, rank)
+				require.NoError(t, err)
+				got := renderPlan(p)
+				path := filepath.Join("testdata", "dp", fmt.Sprintf("%s-rank%d.golden", name, rank))
+				if *update {
+					require.NoError(t, os.MkdirAll(filepath.Dir(path), 0o755))
+					require.NoError(t, os.WriteFile(path, []byte(got), 0o644))
+				}
+				want, err := os.ReadFile(path)
+				require.NoError(t, err, "run with -update to write it")
+				require.Equal(t, string(want), got)
+			})
+		}
+	}
+}
+
+// The rules the golden files show, asserted on their own.
+func TestDataParallelPlanRules(t *testing.T) {
+	ips := []string{"10.0.0.1", "10.0.0.2"}
+	bin := Binaries{VLLM: "/usr/bin/vllm"}
+	hybrid := dpSpec(t, "vllm", "dataParallel: {size: 16, loadBalancing: hybrid}")
+	plan := func(d *spec.Deployment, rank int, epoch uint64) *Plan {
+		role := RoleHead
+		if rank > 0 {
+			role = RoleWorker
+		}
+		p, err := NativePlan(PlanInput{Spec: d, Role: role, NodeIP: ips[rank], HeadIP: ips[0], Epoch: epoch, Term: 1, MemberIPs: ips, Bin: bin}, rank)
+		require.NoError(t, err)
+		return p
+	}
+	argv := func(p *Plan) string { return strings.Join(p.Node.Argv(), " ") }
+	require.Contains(t, argv(plan(hybrid, 1, 1)), "--data-parallel-start-rank 8 --data-parallel-address 10.0.0.1 --data-parallel-rpc-port 29550",
+		"node 1 starts at rank 8 and meets the head")
+	require.Contains(t, argv(plan(hybrid, 1, 3)), "--data-parallel-rpc-port 29552", "a re-formed group moves to a fresh port")
+	require.NotContains(t, argv(plan(hybrid, 1, 1)), "--headless", "hybrid cannot be headless")
+	require.Len(t, plan(hybrid, 0, 1).APIServers, 2)
+	require.Empty(t, plan(hybrid, 1, 1).APIServers, "only the head tells routers")
+
+	ext := dpSpec(t, "vllm", "tensorParallelSize: 4, dataParallel: {size: 4, loadBalancing: external}")
+	p := plan(ext, 1, 1)
+	require.Len(t, p.Extra, 1, "two ranks of TP4 on the node: two processes")
+	require.Contains(t, p.Extra[0].Env, "CUDA_VISIBLE_DEVICES=4,5,6,7")
+	require.Contains(t, argv(p), "--data-parallel-rank 2")
+
+	// The agent's own GPU subset is sliced per rank.
+	pv, err := NativePlan(PlanInput{Spec: ext, Role: RoleWorker, NodeIP: ips[1], HeadIP: ips[0], Epoch: 1, MemberIPs: ips, Bin: bin,
+		Env: map[string]string{"CUDA_VISIBLE_DEVICES": "GPU-a,GPU-b,GPU-c,GPU-d,GPU-e,GPU-f,GPU-g,GPU-h"}}, 1)
+	require.NoError(t, err)
+	require.Contains(t, pv.Node.Env, "CUDA_VISIBLE_DEVICES=GPU-a,GPU-b,GPU-c,GPU-d")
+	require.Contains(t, pv.Extra[0].Env, "CUDA_VISIBLE_DEVICES=GPU-e,GPU-f,GPU-g,GPU-h")
+
+	_, err = NativePlan(PlanInput{Spec: hybrid, Role: RoleWorker, NodeIP: ips[1], HeadIP: ips[0], Epoch: 1, Bin: bin}, 1)
+	require.ErrorContains(t, err, "every member's address")
+	_, err = NativePlan(PlanInput{Spec: hybrid, Role: RoleWorker, NodeIP: "10.0.0.9", HeadIP: ips[0], Epoch: 1, MemberIPs: ips, Bin: bin}, 1)
+	require.ErrorContains(t, err, "do not agree")
+}

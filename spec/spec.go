@@ -167,7 +167,7 @@ const DPPortWindow = 16
 
 // vLLM's --all2all-backend choices, and SGLang's --moe-a2a-backend ones.
 var (
-	VLLMAll2AllBackends  = []string{"naive", "allgather_reducescatter", "pplx", "deepep_high_throughput", "deepep_low_latency", "flashinfer_all2allv"}
+	VLLMAll2AllBackends   = []string{"naive", "allgather_reducescatter", "pplx", "deepep_high_throughput", "deepep_low_latency", "flashinfer_all2allv"}
 	SGLangAll2AllBackends = []string{"none", "deepep", "mooncake"}
 )
 

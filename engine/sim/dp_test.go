@@ -112,8 +112,12 @@ func TestVLLMDataParallelExternal(t *testing.T) {
 	ctx1, stop1 := context.WithCancel(context.Background())
 	var out0, out1 syncBuf
 	done0, done1 := make(chan int, 1), make(chan int, 1)
-	go func() { done0 <- VLLM(ctx0, append(common, "--data-parallel-rank", "0", "--port", fmt.Sprint(ps[1])), &out0, &out0) }()
-	go func() { done1 <- VLLM(ctx1, append(common, "--data-parallel-rank", "1", "--port", fmt.Sprint(ps[2])), &out1, &out1) }()
+	go func() {
+		done0 <- VLLM(ctx0, append(common, "--data-parallel-rank", "0", "--port", fmt.Sprint(ps[1])), &out0, &out0)
+	}()
+	go func() {
+		done1 <- VLLM(ctx1, append(common, "--data-parallel-rank", "1", "--port", fmt.Sprint(ps[2])), &out1, &out1)
+	}()
 	b0, b1 := fmt.Sprintf("http://%s:%d", ip, ps[1]), fmt.Sprintf("http://%s:%d", ip, ps[2])
 	waitHealthy(t, b0)
 	waitHealthy(t, b1)

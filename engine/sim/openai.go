@@ -274,7 +274,9 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, chat bool) {
 	s.faults.mu.Unlock()
 	if workerDead {
 		// The first step after a Ray worker died raises ActorDiedError and kills the engine.
-		go s.engines(func(e *Engine) { e.kill(fmt.Errorf("ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task")) })
+		go s.engines(func(e *Engine) {
+			e.kill(fmt.Errorf("ray.exceptions.ActorDiedError: The actor died unexpectedly before finishing this task"))
+		})
 		writeError(w, 500, "InternalServerError", ErrEngineDead.Error(), nil)
 		return
 	}

@@ -32,6 +32,8 @@ func devCommand() *cli.Command {
 			&cli.StringFlag{Name: "metrics-addr", Value: "127.0.0.1:7951", EnvVars: []string{"SHOAL_METRICS_ADDR"}, Usage: "coordinator /metrics and Prometheus service discovery"},
 			&cli.Float64Flag{Name: "load-seconds", Value: 3, EnvVars: []string{"SHOAL_SIM_LOAD_SECONDS"}, Usage: "simulated weight-load time"},
 			&cli.BoolFlag{Name: "no-deploy", Usage: "start the cluster without applying the demo deployment"},
+			&cli.StringFlag{Name: "shape", Value: "tp-pp", EnvVars: []string{"SHOAL_DEV_SHAPE"},
+				Usage: "the demo deployment: tp-pp (TP8×PP2 over Ray, the seed's) or wide-ep (DeepSeek-R1 as DP16×EP, a server per node)"},
 		},
 		Action: runDev,
 	}
@@ -55,6 +57,10 @@ func runDev(c *cli.Context) error {
 	if _, err := os.Stat(sim); err != nil {
 		return fmt.Errorf("shoal dev runs its engines on the simulator, %s, which is not there: "+
 			"in a checkout, `make build` puts it in bin/ next to bin/shoal; the package installs it as %s; or pass --sim PATH (docs/try-without-gpus.md)", sim, packagedSim)
+	}
+	spec, what, ok := demoShape(c.String("shape"))
+	if !ok {
+		return fmt.Errorf("--shape %q: one of tp-pp, wide-ep", c.String("shape"))
 	}
 	dir := c.String("dir")
 	if dir == "" {
@@ -85,7 +91,7 @@ func runDev(c *cli.Context) error {
 		<-c.Context.Done()
 		return nil
 	}
-	if err := devApply(c.Context, c.String("api"), cl.ClientTLSDir(), out); err != nil {
+	if err := devApply(c.Context, c.String("api"), cl.ClientTLSDir(), spec, what, out); err != nil {
 		return err
 	}
 	router := "http://" + c.String("router")
@@ -121,7 +127,18 @@ Ctrl-C stops everything.
 	return nil
 }
 
-func devApply(ctx context.Context, api, tlsDir string, out io.Writer) error {
+// demoShape is the demo deployment of a --shape, and what to say of it.
+func demoShape(shape string) (spec, what string, ok bool) {
+	switch shape {
+	case "", "tp-pp":
+		return devcluster.DemoSpec, "2 replicas × 2 nodes × 8 GPUs (TP8×PP2 over Ray, simulated)", true
+	case "wide-ep":
+		return devcluster.WideEPDemoSpec, "2 replicas × 2 nodes × 8 GPUs (DeepSeek-R1 as DP16×EP, vLLM hybrid load balancing, simulated)", true
+	}
+	return "", "", false
+}
+
+func devApply(ctx context.Context, api, tlsDir, spec, what string, out io.Writer) error {
 	var tl *security.TLS
 	if tlsDir != "" {
 		var err error
@@ -138,10 +155,10 @@ func devApply(ctx context.Context, api, tlsDir string, out io.Writer) error {
 	deadline := time.Now().Add(30 * time.Second)
 	for {
 		actx, cancel := context.WithTimeout(ctx, 3*time.Second)
-		_, err := cl.Apply(actx, &coordv1.ApplyRequest{SpecYaml: []byte(devcluster.DemoSpec)})
+		_, err := cl.Apply(actx, &coordv1.ApplyRequest{SpecYaml: []byte(spec)})
 		cancel()
 		if err == nil {
-			fmt.Fprintln(out, "applied deployment demo: 2 replicas × 2 nodes × 8 GPUs (TP8×PP2 over Ray, simulated)")
+			fmt.Fprintln(out, "applied deployment demo: "+what)
 			return nil
 		}
 		if time.Now().After(deadline) || ctx.Err() != nil {

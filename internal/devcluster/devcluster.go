@@ -522,3 +522,26 @@ resources:
 replicas:
   count: 2
 `
+
+// WideEPDemoSpec is `shoal dev --shape wide-ep`: 2 replicas of DeepSeek-R1
+// (simulated) as DP16 × EP groups on 2 nodes × 8 GPUs, one API server per
+// node (vLLM's hybrid load balancing), routed rank by rank.
+const WideEPDemoSpec = `apiVersion: shoal/v1
+kind: Deployment
+name: demo
+model:
+  source: /models/deepseek-r1
+engine:
+  kind: vllm
+  servedModelName: demo
+  tensorParallelSize: 1
+  startupTimeoutSeconds: 120
+  dataParallel: {size: 16, sizePerNode: 8, loadBalancing: hybrid}
+  expertParallel: {enabled: true, all2allBackend: deepep_low_latency, eplb: {redundantExperts: 32}}
+resources:
+  nodes: 2
+  gpusPerNode: 8
+  gpuModel: H200
+replicas:
+  count: 2
+`

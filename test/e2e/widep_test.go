@@ -123,6 +123,26 @@ func TestWideEPGroups(t *testing.T) {
 		}
 	}
 	require.Greater(t, served, 8, "requests reach ranks on both nodes, one server per rank")
+
+	// A member host of the external group dies: the group re-forms on a
+	// spare under a new epoch, with its DP coordinator on a fresh port.
+	var gone string
+	for _, id := range rep.Members {
+		if id != rep.Head {
+			gone = id
+		}
+	}
+	require.NoError(t, e.c.Kill(gone))
+	require.Eventually(t, func() bool {
+		rs := e.replicasOf("ep-external")
+		return len(rs) == 1 && rs[0].State == "ready" && rs[0].Epoch != rep.Epoch
+	}, 90*time.Second, 200*time.Millisecond)
+	completeVia(t, e.router, "ep-external")
+	re := e.replicasOf("ep-external")[0]
+	out, err = e.shoal("logs", re.GroupID)
+	require.NoError(t, err, out)
+	require.Contains(t, out, "DP coordinator on", "the head holds DP rank 0")
+	require.NotContains(t, out, "DP coordinator on "+net.JoinHostPort(addrs[re.Head], "29550"), "a new epoch moves the DP port")
 	_, err = e.shoal("delete", "deployment", "ep-external")
 	require.NoError(t, err)
 	e.apply("sglang.yaml", wideEPSpec("ep-sglang", "sglang", "internal", 8300))

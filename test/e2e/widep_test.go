@@ -5,6 +5,8 @@ import (
 	"io"
 	"net"
 	"net/http"
+	"os"
+	"path/filepath"
 	"strings"
 	"syscall"
 	"testing"
@@ -57,7 +59,7 @@ func engineMetrics(t *testing.T, addr string) engine.Metrics {
 // external (a server per rank) — and SGLang's DP attention. Then a rank of
 // the hybrid group dies: the whole group stops within 5 s and re-forms.
 func TestWideEPGroups(t *testing.T) {
-	e := startCluster(t, 32, 4)
+	e := startCluster(t, 32, 5)
 	e.apply("internal.yaml", wideEPSpec("ep-internal", "vllm", "internal", 8000))
 	e.apply("hybrid.yaml", wideEPSpec("ep-hybrid", "vllm", "hybrid", 8100))
 	require.Eventually(t, func() bool { return e.count("ep-internal", "ready") == 1 && e.count("ep-hybrid", "ready") == 1 },
@@ -139,10 +141,19 @@ func TestWideEPGroups(t *testing.T) {
 	}, 90*time.Second, 200*time.Millisecond)
 	completeVia(t, e.router, "ep-external")
 	re := e.replicasOf("ep-external")[0]
-	out, err = e.shoal("logs", re.GroupID)
-	require.NoError(t, err, out)
-	require.Contains(t, out, "DP coordinator on", "the head holds DP rank 0")
-	require.NotContains(t, out, "DP coordinator on "+net.JoinHostPort(addrs[re.Head], "29550"), "a new epoch moves the DP port")
+	b, err := os.ReadFile(filepath.Join(e.dir, "logs", re.Head+".log"))
+	require.NoError(t, err)
+	ports := map[string]bool{}
+	for _, l := range strings.Split(string(b), "\n") {
+		if strings.Contains(l, "engine process started") && strings.Contains(l, "group="+re.GroupID+" epoch="+re.Epoch+" ") {
+			_, after, ok := strings.Cut(l, "--data-parallel-rpc-port ")
+			require.True(t, ok, l)
+			port, _, _ := strings.Cut(after, " ")
+			ports[port] = true
+		}
+	}
+	require.NotEmpty(t, ports, "the re-formed group's processes on its head")
+	require.NotContains(t, ports, "29550", "a new epoch moves the DP coordinator to a fresh port: %v", ports)
 	_, err = e.shoal("delete", "deployment", "ep-external")
 	require.NoError(t, err)
 	e.apply("sglang.yaml", wideEPSpec("ep-sglang", "sglang", "internal", 8300))

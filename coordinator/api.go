@@ -306,6 +306,10 @@ func (c *Coordinator) replicaInfos(dep string, groups []*store.Group) []*coordv1
 			ri.Head, ri.Term = v.Key.Node, v.Key.Term
 			if m := v.Metrics; m != nil {
 				ri.Endpoint, ri.NumRequestsRunning, ri.NumRequestsWaiting, ri.KvCacheUsage = m.Endpoint, m.NumRequestsRunning, m.NumRequestsWaiting, m.KvCacheUsage
+				for _, r := range m.Ranks {
+					ri.Ranks = append(ri.Ranks, &coordv1.DPRank{Rank: r.Rank, Endpoint: r.Endpoint, NumRequestsRunning: r.NumRequestsRunning,
+						NumRequestsWaiting: r.NumRequestsWaiting, KvCacheUsage: r.KvCacheUsage})
+				}
 			}
 		}
 		out = append(out, ri)

@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"os"
+	"strconv"
 	"strings"
 	"text/tabwriter"
 	"time"
@@ -342,6 +343,18 @@ func describeCommand() *cli.Command {
 					fmt.Fprintln(w, "  (none)")
 				} else {
 					table(w, "  REPLICA\tDEPLOYMENT\tEPOCH\tSTATE\tHEAD\tENDPOINT\tMEMBERS\tRUNNING\tWAITING\tKV\tSPEC", indent(replicaRows(d.Replicas)))
+				}
+				for _, r := range d.Replicas {
+					if len(r.Ranks) == 0 {
+						continue
+					}
+					fmt.Fprintf(w, "\nDP ranks of %s (routers pick a rank; a rank failing stops the group):\n", r.GroupId)
+					var rows [][]string
+					for _, k := range r.Ranks {
+						rows = append(rows, []string{strconv.Itoa(int(k.Rank)), k.Endpoint, fmt.Sprintf("%.0f", k.NumRequestsRunning),
+							fmt.Sprintf("%.0f", k.NumRequestsWaiting), fmt.Sprintf("%.0f%%", 100*k.KvCacheUsage)})
+					}
+					table(w, "  RANK\tENDPOINT\tRUNNING\tWAITING\tKV", indent(rows))
 				}
 				fmt.Fprintln(w, "\nEvents:")
 				if len(d.Events) == 0 {

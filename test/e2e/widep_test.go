@@ -7,6 +7,7 @@ import (
 	"net/http"
 	"os"
 	"path/filepath"
+	"regexp"
 	"strings"
 	"syscall"
 	"testing"
@@ -90,7 +91,11 @@ func TestWideEPGroups(t *testing.T) {
 	for _, k := range []string{"0", "7"} {
 		require.Contains(t, hm.Ranks, k)
 	}
-	out, err := e.shoal("logs", rep.GroupID, "--node", worker, "--name", "vllm")
+	out, err := e.shoal("describe", "deployment", "ep-hybrid")
+	require.NoError(t, err, out)
+	require.Contains(t, out, "DP ranks of "+rep.GroupID)
+	require.Regexp(t, `(?m)^\s+15\s+`+regexp.QuoteMeta(net.JoinHostPort(addrs[worker], "8100")), out, "rank 15 is on the worker's server")
+	out, err = e.shoal("logs", rep.GroupID, "--node", worker, "--name", "vllm")
 	require.NoError(t, err, out)
 	require.Contains(t, out, "ranks 8-15 of 16")
 

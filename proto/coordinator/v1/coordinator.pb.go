@@ -1757,8 +1757,11 @@ type ReplicaInfo struct {
 	Progress string `protobuf:"bytes,12,opt,name=progress,proto3" json:"progress,omitempty"`
 	// spec names the engine settings the replica runs (a hash); outdated:
 	// they are not its deployment's any more, and a rollout replaces it.
-	Spec          string `protobuf:"bytes,13,opt,name=spec,proto3" json:"spec,omitempty"`
-	Outdated      bool   `protobuf:"varint,14,opt,name=outdated,proto3" json:"outdated,omitempty"`
+	Spec     string `protobuf:"bytes,13,opt,name=spec,proto3" json:"spec,omitempty"`
+	Outdated bool   `protobuf:"varint,14,opt,name=outdated,proto3" json:"outdated,omitempty"`
+	// ranks: a data-parallel group's DP ranks as routers address them
+	// (hybrid or external load balancing), with each rank's load.
+	Ranks         []*DPRank `protobuf:"bytes,15,rep,name=ranks,proto3" json:"ranks,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1891,6 +1894,90 @@ func (x *ReplicaInfo) GetOutdated() bool {
 	return false
 }
 
+func (x *ReplicaInfo) GetRanks() []*DPRank {
+	if x != nil {
+		return x.Ranks
+	}
+	return nil
+}
+
+// DPRank is one DP rank of a replica.
+type DPRank struct {
+	state              protoimpl.MessageState `protogen:"open.v1"`
+	Rank               int32                  `protobuf:"varint,1,opt,name=rank,proto3" json:"rank,omitempty"`
+	Endpoint           string                 `protobuf:"bytes,2,opt,name=endpoint,proto3" json:"endpoint,omitempty"`
+	NumRequestsRunning float64                `protobuf:"fixed64,3,opt,name=num_requests_running,json=numRequestsRunning,proto3" json:"num_requests_running,omitempty"`
+	NumRequestsWaiting float64                `protobuf:"fixed64,4,opt,name=num_requests_waiting,json=numRequestsWaiting,proto3" json:"num_requests_waiting,omitempty"`
+	KvCacheUsage       float64                `protobuf:"fixed64,5,opt,name=kv_cache_usage,json=kvCacheUsage,proto3" json:"kv_cache_usage,omitempty"`
+	unknownFields      protoimpl.UnknownFields
+	sizeCache          protoimpl.SizeCache
+}
+
+func (x *DPRank) Reset() {
+	*x = DPRank{}
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[31]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *DPRank) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*DPRank) ProtoMessage() {}
+
+func (x *DPRank) ProtoReflect() protoreflect.Message {
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[31]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use DPRank.ProtoReflect.Descriptor instead.
+func (*DPRank) Descriptor() ([]byte, []int) {
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{31}
+}
+
+func (x *DPRank) GetRank() int32 {
+	if x != nil {
+		return x.Rank
+	}
+	return 0
+}
+
+func (x *DPRank) GetEndpoint() string {
+	if x != nil {
+		return x.Endpoint
+	}
+	return ""
+}
+
+func (x *DPRank) GetNumRequestsRunning() float64 {
+	if x != nil {
+		return x.NumRequestsRunning
+	}
+	return 0
+}
+
+func (x *DPRank) GetNumRequestsWaiting() float64 {
+	if x != nil {
+		return x.NumRequestsWaiting
+	}
+	return 0
+}
+
+func (x *DPRank) GetKvCacheUsage() float64 {
+	if x != nil {
+		return x.KvCacheUsage
+	}
+	return 0
+}
+
 type ListReplicasRequest struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Deployment    string                 `protobuf:"bytes,1,opt,name=deployment,proto3" json:"deployment,omitempty"`
@@ -1900,7 +1987,7 @@ type ListReplicasRequest struct {
 
 func (x *ListReplicasRequest) Reset() {
 	*x = ListReplicasRequest{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[31]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[32]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1912,7 +1999,7 @@ func (x *ListReplicasRequest) String() string {
 func (*ListReplicasRequest) ProtoMessage() {}
 
 func (x *ListReplicasRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[31]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[32]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1925,7 +2012,7 @@ func (x *ListReplicasRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListReplicasRequest.ProtoReflect.Descriptor instead.
 func (*ListReplicasRequest) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{31}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{32}
 }
 
 func (x *ListReplicasRequest) GetDeployment() string {
@@ -1944,7 +2031,7 @@ type ListReplicasResponse struct {
 
 func (x *ListReplicasResponse) Reset() {
 	*x = ListReplicasResponse{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[32]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[33]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -1956,7 +2043,7 @@ func (x *ListReplicasResponse) String() string {
 func (*ListReplicasResponse) ProtoMessage() {}
 
 func (x *ListReplicasResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[32]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[33]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -1969,7 +2056,7 @@ func (x *ListReplicasResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ListReplicasResponse.ProtoReflect.Descriptor instead.
 func (*ListReplicasResponse) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{32}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{33}
 }
 
 func (x *ListReplicasResponse) GetReplicas() []*ReplicaInfo {
@@ -1991,7 +2078,7 @@ type KeyringRequest struct {
 
 func (x *KeyringRequest) Reset() {
 	*x = KeyringRequest{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[33]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[34]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2003,7 +2090,7 @@ func (x *KeyringRequest) String() string {
 func (*KeyringRequest) ProtoMessage() {}
 
 func (x *KeyringRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[33]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[34]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2016,7 +2103,7 @@ func (x *KeyringRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyringRequest.ProtoReflect.Descriptor instead.
 func (*KeyringRequest) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{33}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{34}
 }
 
 func (x *KeyringRequest) GetOp() string {
@@ -2045,7 +2132,7 @@ type KeyringNode struct {
 
 func (x *KeyringNode) Reset() {
 	*x = KeyringNode{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[34]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[35]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2057,7 +2144,7 @@ func (x *KeyringNode) String() string {
 func (*KeyringNode) ProtoMessage() {}
 
 func (x *KeyringNode) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[34]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[35]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2070,7 +2157,7 @@ func (x *KeyringNode) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyringNode.ProtoReflect.Descriptor instead.
 func (*KeyringNode) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{34}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{35}
 }
 
 func (x *KeyringNode) GetNodeId() string {
@@ -2104,7 +2191,7 @@ type KeyringResponse struct {
 
 func (x *KeyringResponse) Reset() {
 	*x = KeyringResponse{}
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[35]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[36]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -2116,7 +2203,7 @@ func (x *KeyringResponse) String() string {
 func (*KeyringResponse) ProtoMessage() {}
 
 func (x *KeyringResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_coordinator_v1_coordinator_proto_msgTypes[35]
+	mi := &file_coordinator_v1_coordinator_proto_msgTypes[36]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -2129,7 +2216,7 @@ func (x *KeyringResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KeyringResponse.ProtoReflect.Descriptor instead.
 func (*KeyringResponse) Descriptor() ([]byte, []int) {
-	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{35}
+	return file_coordinator_v1_coordinator_proto_rawDescGZIP(), []int{36}
 }
 
 func (x *KeyringResponse) GetNodes() []*KeyringNode {
@@ -2266,7 +2353,7 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"\bprogress\x18\x0e \x01(\tR\bprogress\"\x12\n" +
 	"\x10ListNodesRequest\"I\n" +
 	"\x11ListNodesResponse\x124\n" +
-	"\x05nodes\x18\x01 \x03(\v2\x1e.shoal.coordinator.v1.NodeInfoR\x05nodes\"\xa8\x03\n" +
+	"\x05nodes\x18\x01 \x03(\v2\x1e.shoal.coordinator.v1.NodeInfoR\x05nodes\"\xdc\x03\n" +
 	"\vReplicaInfo\x12\x19\n" +
 	"\bgroup_id\x18\x01 \x01(\tR\agroupId\x12\x1e\n" +
 	"\n" +
@@ -2284,7 +2371,14 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"\x0ekv_cache_usage\x18\v \x01(\x01R\fkvCacheUsage\x12\x1a\n" +
 	"\bprogress\x18\f \x01(\tR\bprogress\x12\x12\n" +
 	"\x04spec\x18\r \x01(\tR\x04spec\x12\x1a\n" +
-	"\boutdated\x18\x0e \x01(\bR\boutdated\"5\n" +
+	"\boutdated\x18\x0e \x01(\bR\boutdated\x122\n" +
+	"\x05ranks\x18\x0f \x03(\v2\x1c.shoal.coordinator.v1.DPRankR\x05ranks\"\xc2\x01\n" +
+	"\x06DPRank\x12\x12\n" +
+	"\x04rank\x18\x01 \x01(\x05R\x04rank\x12\x1a\n" +
+	"\bendpoint\x18\x02 \x01(\tR\bendpoint\x120\n" +
+	"\x14num_requests_running\x18\x03 \x01(\x01R\x12numRequestsRunning\x120\n" +
+	"\x14num_requests_waiting\x18\x04 \x01(\x01R\x12numRequestsWaiting\x12$\n" +
+	"\x0ekv_cache_usage\x18\x05 \x01(\x01R\fkvCacheUsage\"5\n" +
 	"\x13ListReplicasRequest\x12\x1e\n" +
 	"\n" +
 	"deployment\x18\x01 \x01(\tR\n" +
@@ -2331,7 +2425,7 @@ func file_coordinator_v1_coordinator_proto_rawDescGZIP() []byte {
 	return file_coordinator_v1_coordinator_proto_rawDescData
 }
 
-var file_coordinator_v1_coordinator_proto_msgTypes = make([]protoimpl.MessageInfo, 36)
+var file_coordinator_v1_coordinator_proto_msgTypes = make([]protoimpl.MessageInfo, 37)
 var file_coordinator_v1_coordinator_proto_goTypes = []any{
 	(*ReadIndexRequest)(nil),           // 0: shoal.coordinator.v1.ReadIndexRequest
 	(*ReadIndexResponse)(nil),          // 1: shoal.coordinator.v1.ReadIndexResponse
@@ -2364,11 +2458,12 @@ var file_coordinator_v1_coordinator_proto_goTypes = []any{
 	(*ListNodesRequest)(nil),           // 28: shoal.coordinator.v1.ListNodesRequest
 	(*ListNodesResponse)(nil),          // 29: shoal.coordinator.v1.ListNodesResponse
 	(*ReplicaInfo)(nil),                // 30: shoal.coordinator.v1.ReplicaInfo
-	(*ListReplicasRequest)(nil),        // 31: shoal.coordinator.v1.ListReplicasRequest
-	(*ListReplicasResponse)(nil),       // 32: shoal.coordinator.v1.ListReplicasResponse
-	(*KeyringRequest)(nil),             // 33: shoal.coordinator.v1.KeyringRequest
-	(*KeyringNode)(nil),                // 34: shoal.coordinator.v1.KeyringNode
-	(*KeyringResponse)(nil),            // 35: shoal.coordinator.v1.KeyringResponse
+	(*DPRank)(nil),                     // 31: shoal.coordinator.v1.DPRank
+	(*ListReplicasRequest)(nil),        // 32: shoal.coordinator.v1.ListReplicasRequest
+	(*ListReplicasResponse)(nil),       // 33: shoal.coordinator.v1.ListReplicasResponse
+	(*KeyringRequest)(nil),             // 34: shoal.coordinator.v1.KeyringRequest
+	(*KeyringNode)(nil),                // 35: shoal.coordinator.v1.KeyringNode
+	(*KeyringResponse)(nil),            // 36: shoal.coordinator.v1.KeyringResponse
 }
 var file_coordinator_v1_coordinator_proto_depIdxs = []int32{
 	3,  // 0: shoal.coordinator.v1.CoordinatorsResponse.servers:type_name -> shoal.coordinator.v1.CoordinatorInfo
@@ -2378,45 +2473,46 @@ var file_coordinator_v1_coordinator_proto_depIdxs = []int32{
 	22, // 4: shoal.coordinator.v1.DescribeDeploymentResponse.fields:type_name -> shoal.coordinator.v1.Field
 	30, // 5: shoal.coordinator.v1.DescribeDeploymentResponse.replicas:type_name -> shoal.coordinator.v1.ReplicaInfo
 	27, // 6: shoal.coordinator.v1.ListNodesResponse.nodes:type_name -> shoal.coordinator.v1.NodeInfo
-	30, // 7: shoal.coordinator.v1.ListReplicasResponse.replicas:type_name -> shoal.coordinator.v1.ReplicaInfo
-	34, // 8: shoal.coordinator.v1.KeyringResponse.nodes:type_name -> shoal.coordinator.v1.KeyringNode
-	17, // 9: shoal.coordinator.v1.Coordinator.Apply:input_type -> shoal.coordinator.v1.ApplyRequest
-	20, // 10: shoal.coordinator.v1.Coordinator.ListDeployments:input_type -> shoal.coordinator.v1.ListDeploymentsRequest
-	23, // 11: shoal.coordinator.v1.Coordinator.DescribeDeployment:input_type -> shoal.coordinator.v1.DescribeDeploymentRequest
-	25, // 12: shoal.coordinator.v1.Coordinator.DeleteDeployment:input_type -> shoal.coordinator.v1.DeleteDeploymentRequest
-	28, // 13: shoal.coordinator.v1.Coordinator.ListNodes:input_type -> shoal.coordinator.v1.ListNodesRequest
-	31, // 14: shoal.coordinator.v1.Coordinator.ListReplicas:input_type -> shoal.coordinator.v1.ListReplicasRequest
-	15, // 15: shoal.coordinator.v1.Coordinator.DescribeNode:input_type -> shoal.coordinator.v1.DescribeNodeRequest
-	13, // 16: shoal.coordinator.v1.Coordinator.Logs:input_type -> shoal.coordinator.v1.LogsRequest
-	11, // 17: shoal.coordinator.v1.Coordinator.Demand:input_type -> shoal.coordinator.v1.DemandRequest
-	33, // 18: shoal.coordinator.v1.Coordinator.Keyring:input_type -> shoal.coordinator.v1.KeyringRequest
-	2,  // 19: shoal.coordinator.v1.Coordinator.Coordinators:input_type -> shoal.coordinator.v1.CoordinatorsRequest
-	5,  // 20: shoal.coordinator.v1.Coordinator.RaftAddPeer:input_type -> shoal.coordinator.v1.RaftAddPeerRequest
-	6,  // 21: shoal.coordinator.v1.Coordinator.RaftRemovePeer:input_type -> shoal.coordinator.v1.RaftRemovePeerRequest
-	8,  // 22: shoal.coordinator.v1.Coordinator.SnapshotSave:input_type -> shoal.coordinator.v1.SnapshotSaveRequest
-	9,  // 23: shoal.coordinator.v1.Coordinator.SnapshotRestore:input_type -> shoal.coordinator.v1.SnapshotChunk
-	0,  // 24: shoal.coordinator.v1.Coordinator.ReadIndex:input_type -> shoal.coordinator.v1.ReadIndexRequest
-	18, // 25: shoal.coordinator.v1.Coordinator.Apply:output_type -> shoal.coordinator.v1.ApplyResponse
-	21, // 26: shoal.coordinator.v1.Coordinator.ListDeployments:output_type -> shoal.coordinator.v1.ListDeploymentsResponse
-	24, // 27: shoal.coordinator.v1.Coordinator.DescribeDeployment:output_type -> shoal.coordinator.v1.DescribeDeploymentResponse
-	26, // 28: shoal.coordinator.v1.Coordinator.DeleteDeployment:output_type -> shoal.coordinator.v1.DeleteDeploymentResponse
-	29, // 29: shoal.coordinator.v1.Coordinator.ListNodes:output_type -> shoal.coordinator.v1.ListNodesResponse
-	32, // 30: shoal.coordinator.v1.Coordinator.ListReplicas:output_type -> shoal.coordinator.v1.ListReplicasResponse
-	16, // 31: shoal.coordinator.v1.Coordinator.DescribeNode:output_type -> shoal.coordinator.v1.DescribeNodeResponse
-	14, // 32: shoal.coordinator.v1.Coordinator.Logs:output_type -> shoal.coordinator.v1.LogChunk
-	12, // 33: shoal.coordinator.v1.Coordinator.Demand:output_type -> shoal.coordinator.v1.DemandResponse
-	35, // 34: shoal.coordinator.v1.Coordinator.Keyring:output_type -> shoal.coordinator.v1.KeyringResponse
-	4,  // 35: shoal.coordinator.v1.Coordinator.Coordinators:output_type -> shoal.coordinator.v1.CoordinatorsResponse
-	7,  // 36: shoal.coordinator.v1.Coordinator.RaftAddPeer:output_type -> shoal.coordinator.v1.RaftPeerResponse
-	7,  // 37: shoal.coordinator.v1.Coordinator.RaftRemovePeer:output_type -> shoal.coordinator.v1.RaftPeerResponse
-	9,  // 38: shoal.coordinator.v1.Coordinator.SnapshotSave:output_type -> shoal.coordinator.v1.SnapshotChunk
-	10, // 39: shoal.coordinator.v1.Coordinator.SnapshotRestore:output_type -> shoal.coordinator.v1.SnapshotRestoreResponse
-	1,  // 40: shoal.coordinator.v1.Coordinator.ReadIndex:output_type -> shoal.coordinator.v1.ReadIndexResponse
-	25, // [25:41] is the sub-list for method output_type
-	9,  // [9:25] is the sub-list for method input_type
-	9,  // [9:9] is the sub-list for extension type_name
-	9,  // [9:9] is the sub-list for extension extendee
-	0,  // [0:9] is the sub-list for field type_name
+	31, // 7: shoal.coordinator.v1.ReplicaInfo.ranks:type_name -> shoal.coordinator.v1.DPRank
+	30, // 8: shoal.coordinator.v1.ListReplicasResponse.replicas:type_name -> shoal.coordinator.v1.ReplicaInfo
+	35, // 9: shoal.coordinator.v1.KeyringResponse.nodes:type_name -> shoal.coordinator.v1.KeyringNode
+	17, // 10: shoal.coordinator.v1.Coordinator.Apply:input_type -> shoal.coordinator.v1.ApplyRequest
+	20, // 11: shoal.coordinator.v1.Coordinator.ListDeployments:input_type -> shoal.coordinator.v1.ListDeploymentsRequest
+	23, // 12: shoal.coordinator.v1.Coordinator.DescribeDeployment:input_type -> shoal.coordinator.v1.DescribeDeploymentRequest
+	25, // 13: shoal.coordinator.v1.Coordinator.DeleteDeployment:input_type -> shoal.coordinator.v1.DeleteDeploymentRequest
+	28, // 14: shoal.coordinator.v1.Coordinator.ListNodes:input_type -> shoal.coordinator.v1.ListNodesRequest
+	32, // 15: shoal.coordinator.v1.Coordinator.ListReplicas:input_type -> shoal.coordinator.v1.ListReplicasRequest
+	15, // 16: shoal.coordinator.v1.Coordinator.DescribeNode:input_type -> shoal.coordinator.v1.DescribeNodeRequest
+	13, // 17: shoal.coordinator.v1.Coordinator.Logs:input_type -> shoal.coordinator.v1.LogsRequest
+	11, // 18: shoal.coordinator.v1.Coordinator.Demand:input_type -> shoal.coordinator.v1.DemandRequest
+	34, // 19: shoal.coordinator.v1.Coordinator.Keyring:input_type -> shoal.coordinator.v1.KeyringRequest
+	2,  // 20: shoal.coordinator.v1.Coordinator.Coordinators:input_type -> shoal.coordinator.v1.CoordinatorsRequest
+	5,  // 21: shoal.coordinator.v1.Coordinator.RaftAddPeer:input_type -> shoal.coordinator.v1.RaftAddPeerRequest
+	6,  // 22: shoal.coordinator.v1.Coordinator.RaftRemovePeer:input_type -> shoal.coordinator.v1.RaftRemovePeerRequest
+	8,  // 23: shoal.coordinator.v1.Coordinator.SnapshotSave:input_type -> shoal.coordinator.v1.SnapshotSaveRequest
+	9,  // 24: shoal.coordinator.v1.Coordinator.SnapshotRestore:input_type -> shoal.coordinator.v1.SnapshotChunk
+	0,  // 25: shoal.coordinator.v1.Coordinator.ReadIndex:input_type -> shoal.coordinator.v1.ReadIndexRequest
+	18, // 26: shoal.coordinator.v1.Coordinator.Apply:output_type -> shoal.coordinator.v1.ApplyResponse
+	21, // 27: shoal.coordinator.v1.Coordinator.ListDeployments:output_type -> shoal.coordinator.v1.ListDeploymentsResponse
+	24, // 28: shoal.coordinator.v1.Coordinator.DescribeDeployment:output_type -> shoal.coordinator.v1.DescribeDeploymentResponse
+	26, // 29: shoal.coordinator.v1.Coordinator.DeleteDeployment:output_type -> shoal.coordinator.v1.DeleteDeploymentResponse
+	29, // 30: shoal.coordinator.v1.Coordinator.ListNodes:output_type -> shoal.coordinator.v1.ListNodesResponse
+	33, // 31: shoal.coordinator.v1.Coordinator.ListReplicas:output_type -> shoal.coordinator.v1.ListReplicasResponse
+	16, // 32: shoal.coordinator.v1.Coordinator.DescribeNode:output_type -> shoal.coordinator.v1.DescribeNodeResponse
+	14, // 33: shoal.coordinator.v1.Coordinator.Logs:output_type -> shoal.coordinator.v1.LogChunk
+	12, // 34: shoal.coordinator.v1.Coordinator.Demand:output_type -> shoal.coordinator.v1.DemandResponse
+	36, // 35: shoal.coordinator.v1.Coordinator.Keyring:output_type -> shoal.coordinator.v1.KeyringResponse
+	4,  // 36: shoal.coordinator.v1.Coordinator.Coordinators:output_type -> shoal.coordinator.v1.CoordinatorsResponse
+	7,  // 37: shoal.coordinator.v1.Coordinator.RaftAddPeer:output_type -> shoal.coordinator.v1.RaftPeerResponse
+	7,  // 38: shoal.coordinator.v1.Coordinator.RaftRemovePeer:output_type -> shoal.coordinator.v1.RaftPeerResponse
+	9,  // 39: shoal.coordinator.v1.Coordinator.SnapshotSave:output_type -> shoal.coordinator.v1.SnapshotChunk
+	10, // 40: shoal.coordinator.v1.Coordinator.SnapshotRestore:output_type -> shoal.coordinator.v1.SnapshotRestoreResponse
+	1,  // 41: shoal.coordinator.v1.Coordinator.ReadIndex:output_type -> shoal.coordinator.v1.ReadIndexResponse
+	26, // [26:42] is the sub-list for method output_type
+	10, // [10:26] is the sub-list for method input_type
+	10, // [10:10] is the sub-list for extension type_name
+	10, // [10:10] is the sub-list for extension extendee
+	0,  // [0:10] is the sub-list for field type_name
 }
 
 func init() { file_coordinator_v1_coordinator_proto_init() }
@@ -2430,7 +2526,7 @@ func file_coordinator_v1_coordinator_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_coordinator_v1_coordinator_proto_rawDesc), len(file_coordinator_v1_coordinator_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   36,
+			NumMessages:   37,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

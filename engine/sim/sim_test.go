@@ -488,11 +488,23 @@ func TestNeverReadyAndDrain(t *testing.T) {
 
 func TestStragglerDieAndV0Names(t *testing.T) {
 	s, url := testServer(t, DefaultParams(), 4)
-	base := ttft(t, url, strings.Repeat("a", 400))
+	// The engine's own clock (the sum of its modelled step times), not the
+	// wall clock: exact under any load.
+	engineTime := func(prompt string) time.Duration {
+		s.eng.mu.Lock()
+		before := s.eng.vnow
+		s.eng.mu.Unlock()
+		resp, _ := post(t, url+"/v1/completions", `{"model":"m","prompt":"`+prompt+`","max_tokens":2,"ignore_eos":true}`)
+		require.Equal(t, 200, resp.StatusCode)
+		s.eng.mu.Lock()
+		defer s.eng.mu.Unlock()
+		return s.eng.vnow - before
+	}
+	base := engineTime(strings.Repeat("a", 400))
 	resp, _ := post(t, url+"/shoal-sim/faults", `{"mode":"slow","factor":5}`)
 	require.Equal(t, 200, resp.StatusCode)
-	slow := ttft(t, url, strings.Repeat("b", 400))
-	require.Greater(t, slow, 3*base, "a straggler's steps are slower: base %v slow %v", base, slow)
+	slow := engineTime(strings.Repeat("b", 400))
+	require.InEpsilon(t, 5*base, slow, 0.01, "a straggler's steps are 5× slower: base %v slow %v", base, slow)
 	resp, _ = post(t, url+"/shoal-sim/faults", `{"mode":"slow","factor":0.5}`)
 	require.Equal(t, 400, resp.StatusCode)
 

@@ -107,6 +107,7 @@ type request struct {
 	hashes     []uint64 // the prompt's full blocks as the engine names them
 	tokens     []uint32 // the prompt's token ids
 	blockIDs   []int    // KV blocks held, in order
+	held       []int    // blocks pulled from a prefill engine, held until admission
 	origPrompt int      // prompt tokens as sent (prompt grows on preemption)
 	emitted    int      // tokens sent to the client, across preemptions
 	// Virtual timestamps (engine time, exact): arrival, first and last token.
@@ -204,6 +205,9 @@ func (e *Engine) kill(err error) {
 	for _, r := range e.running {
 		e.freeBlocks(r)
 	}
+	for _, r := range e.waiting {
+		e.releaseHeld(r)
+	}
 	e.running, e.waiting = nil, nil
 	cb := e.onDeath
 	e.mu.Unlock()
@@ -288,6 +292,7 @@ func (e *Engine) prepareStep() *stepState {
 		r := e.waiting[0]
 		if r.ctx.Err() != nil {
 			e.waiting = e.waiting[1:]
+			e.releaseHeld(r)
 			continue
 		}
 		// Prefix cache: reuse the longest cached prefix; vLLM always computes
@@ -310,6 +315,7 @@ func (e *Engine) prepareStep() *stepState {
 		for _, id := range hits {
 			e.kv.acquire(id)
 		}
+		e.releaseHeld(r) // pulled blocks are hits now
 		r.blockIDs = append([]int(nil), hits...)
 		for i := 0; i < need; i++ {
 			r.blockIDs = append(r.blockIDs, e.kv.alloc())
@@ -527,6 +533,15 @@ func (e *Engine) preempt(r *request) {
 
 // freeBlocks drops a request's references; cached blocks stay for reuse.
 // Called with mu held.
+// releaseHeld drops the hold on blocks a request brought from a prefill
+// engine. Caller holds e.mu.
+func (e *Engine) releaseHeld(r *request) {
+	for _, id := range r.held {
+		e.kv.release(id)
+	}
+	r.held = nil
+}
+
 func (e *Engine) freeBlocks(r *request) {
 	for _, id := range r.blockIDs {
 		e.kv.release(id)

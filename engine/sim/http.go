@@ -31,6 +31,8 @@ type Server struct {
 	// dp is the process's DP ranks (nil: the one engine eng); eng is then
 	// the first of them.
 	dp *dpRanks
+	// nixl is the KV connector of a disaggregated engine (nil: none).
+	nixl *nixl
 }
 
 // rankHeader pins a request to a DP rank (vLLM's X-data-parallel-rank).
@@ -191,11 +193,13 @@ type genRequest struct {
 	StreamOptions *struct {
 		IncludeUsage bool `json:"include_usage"`
 	} `json:"stream_options"`
-	IgnoreEOS bool            `json:"ignore_eos"`
-	Input     json.RawMessage `json:"input"`
-	Stop      json.RawMessage `json:"stop"`
-	Seed      *int64          `json:"seed"`
-	N         *int            `json:"n"`
+	IgnoreEOS bool `json:"ignore_eos"`
+	// KVTransferParams drive prefill/decode disaggregation (nixl.go).
+	KVTransferParams *kvTransferParams `json:"kv_transfer_params"`
+	Input            json.RawMessage   `json:"input"`
+	Stop             json.RawMessage   `json:"stop"`
+	Seed             *int64            `json:"seed"`
+	N                *int              `json:"n"`
 
 	Temperature    *float64        `json:"temperature"`
 	Logprobs       json.RawMessage `json:"logprobs"` // chat: bool; completions: int

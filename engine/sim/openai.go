@@ -89,6 +89,7 @@ type seq struct {
 	index  int
 	p      prompt
 	er     *request
+	eng    *Engine
 	tool   *toolDef // the tool this sequence calls, if any
 	toolID string
 	n      int // tokens the handler has received (the engine's own count is its goroutine's)
@@ -301,6 +302,27 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, chat bool) {
 	if chat {
 		rid = "chatcmpl-" + base
 	}
+	kvt := req.KVTransferParams
+	pulled := false
+	if s.nixl != nil && kvt != nil && kvt.DoRemotePrefill {
+		// D: the prompt's KV is on the prefill engine; pull it first.
+		total := 0
+		for _, p := range prompts {
+			total += p.tokens
+		}
+		if _, err := s.nixl.pull(r.Context(), kvt, total); err != nil {
+			if r.Context().Err() != nil {
+				return
+			}
+			if s.nixl.cfg.FailurePolicy == "fail" {
+				writeError(w, 500, "InternalServerError", "Failed to load KV cache from the remote prefill engine (kv_load_failure_policy=fail): "+err.Error(), nil)
+				return
+			}
+			// recompute: prefill here instead.
+		} else {
+			pulled = true
+		}
+	}
 	var seqs []*seq
 	for pi, p := range prompts {
 		for k := 0; k < n; k++ {
@@ -347,11 +369,14 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, chat bool) {
 				return
 			}
 			er.tokens, er.hashes = eng.name(p.text)
+			if pulled {
+				inject(eng, er)
+			}
 			if err := eng.submit(er); err != nil {
 				writeError(w, 500, "InternalServerError", err.Error(), nil)
 				return
 			}
-			sq.er = er
+			sq.er, sq.eng = er, eng
 			seqs = append(seqs, sq)
 		}
 	}
@@ -401,7 +426,12 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, chat bool) {
 	if chat {
 		obj = "chat.completion"
 	}
-	writeJSON(w, 200, completion{ID: rid, Object: obj, Created: arrival.Unix(), Model: req.Model, Choices: choices, Usage: u})
+	resp := completion{ID: rid, Object: obj, Created: arrival.Unix(), Model: req.Model, Choices: choices, Usage: u}
+	if s.nixl != nil && kvt != nil && kvt.DoRemoteDecode && len(seqs) > 0 {
+		// P: keep the prompt's KV for the decode engine.
+		resp.KVTransferParams = s.nixl.hold(seqs[0].eng, seqs[0].er, rid)
+	}
+	writeJSON(w, 200, resp)
 }
 
 // output is what every choice of a response shares.

@@ -24,6 +24,9 @@ type Preset struct {
 	Source             string
 	// EP is the model's expert-parallel costs, for DP + EP ranks.
 	EP EPModel
+	// KVBytesPerToken is one token's KV cache (all layers), what a
+	// prefill/decode transfer moves.
+	KVBytesPerToken int64
 	// PubOutTokPerGPU is a published decode throughput per GPU at
 	// PubDecodeSeqs running sequences per rank of PubContext tokens (0:
 	// none); the bench prints the preset's against it.
@@ -58,7 +61,8 @@ func init() {
 		PrefillPerToken: 250 * time.Microsecond, PerContextToken: time.Nanosecond, MaxNumSeqs: 256, MaxBatchTokens: 8192,
 		NumGPUBlocks: 26800, BlockSize: 16, MaxModelLen: 131072, LoadTime: 14300 * time.Millisecond},
 		PubPrefillOverhead: 30 * time.Millisecond, PubPrefillPerToken: 250 * time.Microsecond, PubITL: 12 * time.Millisecond,
-		PubLoadFactor: 2.0, PubMaxSeqs: 16, Source: "llm-d-inference-sim latency-profiles/8b-h100-balanced-per-token.yaml"}
+		PubLoadFactor: 2.0, PubMaxSeqs: 16, Source: "llm-d-inference-sim latency-profiles/8b-h100-balanced-per-token.yaml",
+		KVBytesPerToken: 128 << 10}
 
 	// Llama-3.1-70B on 8 H100 (TP8). Source: llm-d-inference-sim
 	// manifests/latency-profiles/70b-h100-tp8-throughput-per-token.yaml (ITL
@@ -72,7 +76,8 @@ func init() {
 		PrefillPerToken: 500 * time.Microsecond, PerContextToken: 2 * time.Nanosecond, MaxNumSeqs: 256, MaxBatchTokens: 8192,
 		NumGPUBlocks: 83000, BlockSize: 16, MaxModelLen: 131072, LoadTime: 11 * time.Second},
 		PubPrefillOverhead: 80 * time.Millisecond, PubPrefillPerToken: 500 * time.Microsecond, PubITL: 25 * time.Millisecond,
-		PubLoadFactor: 3.0, PubMaxSeqs: 64, Source: "llm-d-inference-sim latency-profiles/70b-h100-tp8-throughput-per-token.yaml"}
+		PubLoadFactor: 3.0, PubMaxSeqs: 64, Source: "llm-d-inference-sim latency-profiles/70b-h100-tp8-throughput-per-token.yaml",
+		KVBytesPerToken: 320 << 10}
 
 	// DeepSeek-R1 671B on 2 × 8 H200, TP8 × PP2 over Ray: the seed deployment.
 	// No per-token profile is published for it, so the step parameters are
@@ -87,7 +92,7 @@ func init() {
 	Presets["deepseek-r1-h200-tp8pp2"] = Preset{Name: "deepseek-r1-h200-tp8pp2", Params: Params{Base: b, DecodePerSeq: s, PrefillOverhead: o,
 		PrefillPerToken: time.Duration(500 * 0.55 * float64(time.Microsecond)), PerContextToken: 2 * time.Nanosecond, MaxNumSeqs: 256,
 		MaxBatchTokens: 8192, NumGPUBlocks: 125000, BlockSize: 16, MaxModelLen: 131072, LoadTime: 55 * time.Second},
-		Source: "derived from the 70B TP8 profile (no published profile); load time from vllm#14965"}
+		Source: "derived from the 70B TP8 profile (no published profile); load time from vllm#14965", KVBytesPerToken: 69 << 10}
 }
 
 func init() {
@@ -112,7 +117,7 @@ func init() {
 		MaxModelLen: 131072, LoadTime: 55 * time.Second},
 		EP: EPModel{A2ALatency: 4 * time.Millisecond, A2APerToken: 20 * time.Microsecond, Imbalance: 1.25,
 			ExpertBytes: 2500 << 20, KVBytesPerToken: 69 << 10},
-		PubOutTokPerGPU: 2200, PubDecodeSeqs: 256, PubContext: 3000,
+		PubOutTokPerGPU: 2200, PubDecodeSeqs: 256, PubContext: 3000, KVBytesPerToken: 69 << 10,
 		Source: "fitted to ~2.2k output tok/s per H200, wide-EP decode (llm-d v0.3 / vLLM blog 2025-12-17); prefill from SGLang's 96-H100 run"}
 
 	// No GPU time at all: for measuring what sits in front of the engine

@@ -54,6 +54,8 @@ type serveConfig struct {
 	// are SGLang's --dp-size and --ep-size.
 	dp         dpConfig
 	sgDP, sgEP int
+	// kvTransfer is --kv-transfer-config (prefill/decode disaggregation).
+	kvTransfer *kvTransferConfig
 }
 
 // dpConfig is what a process was asked for of data and expert parallelism.
@@ -89,7 +91,7 @@ var vllmValued = []string{"--served-model-name", "--host", "--port", "--tensor-p
 	"--runner", "--task", "--convert", "--tool-call-parser", "--allowed-origins", "--allowed-methods", "--allowed-headers",
 	"--kv-events-config", "--prefix-caching-hash-algo", "--data-parallel-size-local", "--data-parallel-address",
 	"--data-parallel-rpc-port", "--data-parallel-start-rank", "--data-parallel-rank", "--api-server-count", "--all2all-backend",
-	"--eplb-config"}
+	"--eplb-config", "--kv-transfer-config"}
 
 var vllmBools = []string{"--trust-remote-code", "--enforce-eager", "--headless", "--enable-prefix-caching",
 	"--no-enable-prefix-caching", "--enable-chunked-prefill", "--disable-log-requests", "--disable-log-stats",
@@ -151,6 +153,9 @@ func parseServe(args []string) (serveConfig, error) {
 	c.argsSig = argsSignature(args, vllmBools, "--node-rank", "--headless", "--host", "--port", "--api-key", "--uvicorn-log-level",
 		"--kv-events-config", "--prefix-caching-hash-algo", "--data-parallel-start-rank", "--data-parallel-rank", "--api-server-count")
 	if c.dp, err = parseDP(fs, c); err != nil {
+		return c, err
+	}
+	if c.kvTransfer, err = parseKVTransfer(fs.str("--kv-transfer-config", "")); err != nil {
 		return c, err
 	}
 	switch c.backend {
@@ -362,6 +367,15 @@ func serve(ctx context.Context, c serveConfig, stdout, stderr io.Writer) int {
 		logf(stdout, "Started %d DP engine(s), ranks %d-%d of %d", n, first, first+n-1, max(c.dp.size, n))
 	}
 	eng := s.eng
+	if c.kvTransfer != nil {
+		if s.nixl, err = startNIXL(c.kvTransfer, c, preset, clock, first); err != nil {
+			fmt.Fprintln(stderr, err)
+			return 1
+		}
+		defer s.nixl.close()
+		logf(stdout, "NixlConnector: engine %s, side channel %s:%d, lease %s, load failure policy %s", s.nixl.engineID, s.nixl.host, s.nixl.port,
+			c.kvTransfer.lease, c.kvTransfer.FailurePolicy)
+	}
 	pub, err := startKVEvents(s, c.kvEvents, c.hashAlgo)
 	if err != nil {
 		fmt.Fprintf(stderr, "zmq.error.ZMQError: %v\n", err)

@@ -290,7 +290,7 @@ func routerCommand() *cli.Command {
 			&cli.StringFlag{Name: "gossip-profile", EnvVars: []string{"SHOAL_GOSSIP_PROFILE"}},
 			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:8080", EnvVars: []string{"SHOAL_ROUTER_ADDR"}, Usage: "OpenAI HTTP address"},
 			&cli.StringSliceFlag{Name: "backend", EnvVars: []string{"SHOAL_ROUTER_BACKENDS"},
-				Usage: "static MODEL=HOST:PORT backend (repeatable), e.g. an existing vLLM server; no gossip needed"},
+				Usage: "static [prefill:|decode:]MODEL=HOST:PORT backend (repeatable), e.g. an existing vLLM server; no gossip needed. A model with prefill: backends is served disaggregated (vLLM NixlConnector engines): prefilled on one, decoded on a decode: one"},
 			apiKeysFlag, noAPIKeysFlag, idleTimeoutFlag, totalTimeoutFlag, holdForFlag, retriesFlag, ejectAfterFlag, kvIndexBlocksFlag,
 			allowedOriginsFlag, allowedMethodsFlag, allowedHeadersFlag, allowCredentialsFlag,
 		},

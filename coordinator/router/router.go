@@ -125,6 +125,7 @@ type Router struct {
 	fallback  *prometheus.CounterVec
 	retries   *prometheus.CounterVec
 	ejections *prometheus.CounterVec
+	prefills  *prometheus.CounterVec
 	ttfb      *prometheus.HistogramVec
 	inflight  *prometheus.GaugeVec
 
@@ -144,12 +145,14 @@ func New(table *Table, log *slog.Logger, cfg Config) *Router {
 			Help: "Requests retried on another replica, by the failed attempt's reason (connect, reset, bad_response, 5xx, 429)."}, []string{"reason"}),
 		ejections: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "shoal_router_ejections_total",
 			Help: "Backends ejected after consecutive gateway failures, by the last failure's reason."}, []string{"reason"}),
+		prefills: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "shoal_router_prefill_hops_total",
+			Help: "Prefill hops of disaggregated requests, by outcome (ok, failed: a refused connection or an error answer)."}, []string{"outcome"}),
 		ttfb: prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "shoal_router_upstream_first_byte_seconds",
 			Help: "Time from routing to the engine's response headers.", Buckets: prometheus.ExponentialBuckets(0.001, 2, 20)}, []string{"model"}),
 	}
 	r.inflight = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "shoal_router_inflight_requests",
 		Help: "Requests being proxied to an engine now, by model."}, []string{"model"})
-	cfg.Registry.MustRegister(r.requests, r.fallback, r.retries, r.ejections, r.ttfb, r.inflight)
+	cfg.Registry.MustRegister(r.requests, r.fallback, r.retries, r.ejections, r.prefills, r.ttfb, r.inflight)
 	r.tokenizeFailures = prometheus.NewCounter(prometheus.CounterOpts{Name: "shoal_router_tokenize_failures_total",
 		Help: "Prefix-cache picks whose prompt the engine could not tokenize in time (the router's estimate decided)."})
 	cfg.Registry.MustRegister(r.tokenizeFailures)
@@ -397,6 +400,7 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 		ctx, cancel = context.WithTimeout(ctx, r.cfg.TotalTimeout)
 		defer cancel()
 	}
+	prefills, eps, pd := splitRoles(eps)
 	tried := map[string]bool{}
 	var last, answered *attempt // the last failed attempt and the last engine answer among them; nothing of them written
 	attempts, maxAttempts := 0, 1+retriesFor(eps, r.cfg.Retries)
@@ -426,9 +430,20 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 		// Another attempt may follow only if one is left and a replica not
 		// yet tried is there to take it.
 		canRetry := attempts < maxAttempts && untried(eps, tried)
+		sent := body
+		if pd {
+			// The first hop: a prefill engine computes the prompt's KV.
+			db, fail := r.prefill(ctx, req, prefills, body, rid, StrategyLeastRequest, h)
+			if fail != nil {
+				lease.release()
+				r.prefillFailed(w, model, fail)
+				return
+			}
+			sent = db
+		}
 		g := r.inflight.WithLabelValues(model)
 		g.Inc()
-		a := r.forward(ctx, w, req, ep, body, canRetry, lease.firstToken)
+		a := r.forward(ctx, w, req, ep, sent, canRetry, lease.firstToken)
 		g.Dec()
 		lease.release()
 		if a.reason != "" || a.gatewayOK {

@@ -132,16 +132,46 @@ func RunStandalone(ctx context.Context, cfg StandaloneConfig) error {
 	return nil
 }
 
-// RunStatic serves a fixed set of backends given as MODEL=HOST:PORT: a router
-// in front of engines shoal did not start (or for benchmarks).
-func RunStatic(ctx context.Context, listen string, backends []string, cfg Config, log *slog.Logger) error {
+// ParseBackends reads static backends: [prefill:|decode:]MODEL=HOST:PORT. A
+// model with prefill backends is served disaggregated: each request is
+// prefilled on one of them and decoded on one of its other backends.
+func ParseBackends(backends []string) ([]*Endpoint, error) {
 	var eps []*Endpoint
 	for i, b := range backends {
-		model, addr, ok := strings.Cut(b, "=")
-		if _, _, err := net.SplitHostPort(addr); !ok || model == "" || err != nil {
-			return fmt.Errorf("--backend %q: want MODEL=HOST:PORT", b)
+		role, rest := "", b
+		if r, after, ok := strings.Cut(b, ":"); ok && (r == RolePrefill || r == RoleDecode) {
+			role, rest = r, after
 		}
-		eps = append(eps, &Endpoint{Model: model, Addr: addr, Group: fmt.Sprintf("static-%d", i)})
+		model, addr, ok := strings.Cut(rest, "=")
+		if _, _, err := net.SplitHostPort(addr); !ok || model == "" || err != nil {
+			return nil, fmt.Errorf("--backend %q: want [prefill:|decode:]MODEL=HOST:PORT", b)
+		}
+		eps = append(eps, &Endpoint{Model: model, Addr: addr, Group: fmt.Sprintf("static-%d", i), Role: role, Rank: -1})
+	}
+	roles := map[string]map[string]int{}
+	for _, e := range eps {
+		if roles[e.Model] == nil {
+			roles[e.Model] = map[string]int{}
+		}
+		roles[e.Model][e.Role]++
+	}
+	for m, r := range roles {
+		if r[RolePrefill] > 0 && r[RoleDecode]+r[""] == 0 {
+			return nil, fmt.Errorf("--backend: model %q has prefill backends but none to decode on: add decode:%s=HOST:PORT", m, m)
+		}
+		if r[RoleDecode] > 0 && r[RolePrefill] == 0 {
+			return nil, fmt.Errorf("--backend: model %q has decode backends but none to prefill on: add prefill:%s=HOST:PORT", m, m)
+		}
+	}
+	return eps, nil
+}
+
+// RunStatic serves a fixed set of backends (ParseBackends): a router in
+// front of engines shoal did not start (or for benchmarks).
+func RunStatic(ctx context.Context, listen string, backends []string, cfg Config, log *slog.Logger) error {
+	eps, err := ParseBackends(backends)
+	if err != nil {
+		return err
 	}
 	table := NewTable()
 	table.Set(NewSnapshot(nil, eps))

@@ -31,7 +31,10 @@ type Endpoint struct {
 	// endpoint per rank); PinRank: requests carry X-data-parallel-rank.
 	Rank    int
 	PinRank bool
-	id      string
+	// Role is prefill or decode for a disaggregated model's engines ("":
+	// the engine serves requests whole).
+	Role string
+	id   string
 }
 
 // ID names the endpoint in the router's own bookkeeping (in-flight counts,

@@ -305,3 +305,21 @@ func inject(eng *Engine, r *request) {
 		r.held = append(r.held, id)
 	}
 }
+
+// EnableNIXL gives an in-process server (NewServer) a NixlConnector with
+// its side channel on host:port and the load-failure policy given ("fail"
+// or "recompute"): for tests and benchmarks of disaggregated serving.
+func (s *Server) EnableNIXL(pr Preset, host string, port int, policy string) error {
+	cfg, err := parseKVTransfer(`{"kv_connector":"NixlConnector","kv_role":"kv_both","kv_load_failure_policy":"` + policy + `"}`)
+	if err != nil {
+		return err
+	}
+	s.nixl, err = listenNIXL(cfg, host, port, 1, pr, s.eng.clock)
+	return err
+}
+
+// Close stops what the server runs beside its engine (the NIXL side channel).
+func (s *Server) Close() { s.nixl.close() }
+
+// PrefixHits is the prompt tokens the engine found in its cache so far.
+func (s *Server) PrefixHits() float64 { return counterValue(s.eng.m.prefixH) }

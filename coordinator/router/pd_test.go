@@ -1,0 +1,108 @@
+package router
+
+import (
+	"bufio"
+	"context"
+	"net"
+	"net/http/httptest"
+	"strings"
+	"testing"
+
+	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/shoalhq/shoal/engine/sim"
+	"github.com/stretchr/testify/require"
+)
+
+// simPD starts a simulated NixlConnector engine; its side channel listens
+// on ip.
+func simPD(t *testing.T, ip string) (*sim.Server, string) {
+	t.Helper()
+	pr := sim.Presets["llama-8b-h100-tp1"]
+	s := sim.NewServer("m", pr.Params, 50)
+	l, err := net.Listen("tcp", ip+":0")
+	require.NoError(t, err)
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	require.NoError(t, s.EnableNIXL(pr, ip, port, "fail"))
+	ctx, cancel := context.WithCancel(context.Background())
+	go s.Run(ctx)
+	hs := httptest.NewServer(s.Handler())
+	t.Cleanup(func() { hs.Close(); cancel(); s.Close() })
+	return s, strings.TrimPrefix(hs.URL, "http://")
+}
+
+// The router's two hops against simulated vLLM engines: the prompt is
+// computed on a prefill engine (a dead one first: its failure is counted
+// and another prefill engine tried), its KV reaches the decode engine
+// (a prefix-cache hit there), and the decode engine's answer — streamed or
+// not — is the client's.
+func TestRouterPrefillDecode(t *testing.T) {
+	t.Setenv("SHOAL_SIM_NIXL_HANDSHAKE_SECONDS", "0")
+	_, p := simPD(t, "127.0.9.30")
+	d, da := simPD(t, "127.0.9.31")
+	r, _ := newRouter(&Endpoint{Model: "m", Addr: "127.0.0.1:1", Group: "p-dead", Role: RolePrefill},
+		&Endpoint{Model: "m", Addr: p, Group: "p1", Role: RolePrefill}, &Endpoint{Model: "m", Addr: da, Group: "d1", Role: RoleDecode})
+	h := r.Handler()
+	prompt := strings.Repeat("a rather long prompt about prefill and decode ", 20)
+	for _, stream := range []bool{false, true} {
+		body := `{"model":"m","messages":[{"role":"user","content":"` + prompt + `"}],"max_tokens":6,"ignore_eos":true,"stream":` + map[bool]string{false: "false", true: "true"}[stream] + `}`
+		before := d.PrefixHits()
+		rec := do(t, h, body, map[string]string{"routing-strategy": "round-robin"})
+		require.Equal(t, 200, rec.Code, rec.Body.String())
+		require.Equal(t, "d1", rec.Header().Get("X-Shoal-Replica"), "the decode engine answers")
+		if stream {
+			require.Equal(t, "text/event-stream", strings.Split(rec.Header().Get("Content-Type"), ";")[0])
+			sc := bufio.NewScanner(strings.NewReader(rec.Body.String()))
+			chunks := 0
+			for sc.Scan() {
+				if strings.HasPrefix(sc.Text(), "data: {") && strings.Contains(sc.Text(), `"content":`) {
+					chunks++
+				}
+			}
+			require.GreaterOrEqual(t, chunks, 6)
+		} else {
+			require.Contains(t, rec.Body.String(), `"completion_tokens":6`)
+		}
+		require.Greater(t, d.PrefixHits(), before+100, "the decode engine had the prompt's KV")
+	}
+	require.Equal(t, 2.0, testutil.ToFloat64(r.prefills.WithLabelValues("ok")))
+	require.Positive(t, testutil.ToFloat64(r.prefills.WithLabelValues("failed")), "a dead prefill engine counts as a failure")
+
+	// No prefill engine left: the client gets an error, not a hang or a decode without KV.
+	r2, _ := newRouter(&Endpoint{Model: "m", Addr: "127.0.0.1:1", Group: "p-dead", Role: RolePrefill},
+		&Endpoint{Model: "m", Addr: da, Group: "d1", Role: RoleDecode})
+	rec := do(t, r2.Handler(), `{"model":"m","messages":[{"role":"user","content":"`+prompt+`"}],"max_tokens":4}`, nil)
+	require.Equal(t, 502, rec.Code)
+	require.Contains(t, errBody(t, rec)["message"], "No prefill engine")
+}
+
+func TestPrefillBody(t *testing.T) {
+	b, err := prefillBody([]byte(`{"model":"m","messages":[],"stream":true,"stream_options":{"include_usage":true},"max_completion_tokens":99,"min_tokens":5}`))
+	require.NoError(t, err)
+	s := string(b)
+	for _, want := range []string{`"stream":false`, `"max_tokens":1`, `"max_completion_tokens":1`, `"do_remote_decode":true`} {
+		require.Contains(t, s, want)
+	}
+	require.NotContains(t, s, "stream_options")
+	require.NotContains(t, s, "min_tokens")
+	db, err := decodeBody([]byte(`{"model":"m","stream":true}`), []byte(`{"do_remote_prefill":true}`))
+	require.NoError(t, err)
+	require.JSONEq(t, `{"model":"m","stream":true,"kv_transfer_params":{"do_remote_prefill":true}}`, string(db))
+}
+
+func TestParseBackends(t *testing.T) {
+	eps, err := ParseBackends([]string{"prefill:m=10.0.0.1:8000", "decode:m=10.0.0.2:8000", "x=10.0.0.3:8000", "org/m:v2=10.0.0.4:8000"})
+	require.NoError(t, err)
+	require.Equal(t, RolePrefill, eps[0].Role)
+	require.Equal(t, RoleDecode, eps[1].Role)
+	require.Empty(t, eps[2].Role)
+	require.Equal(t, "org/m:v2", eps[3].Model, "a colon in a model name is not a role")
+	for b, want := range map[string]string{
+		"prefill:m=10.0.0.1:8000": "none to decode on",
+		"decode:m=10.0.0.1:8000":  "none to prefill on",
+		"prefill:m=nohost":        "want [prefill:|decode:]MODEL=HOST:PORT",
+	} {
+		_, err := ParseBackends([]string{b})
+		require.ErrorContains(t, err, want, b)
+	}
+}

@@ -8,6 +8,8 @@ import (
 	"io"
 	"net/http"
 	"strconv"
+	"strings"
+	"sync"
 	"time"
 
 	"github.com/shoalhq/shoal/coordinator/router/h1"
@@ -155,4 +157,76 @@ func (r *Router) prefillFailed(w aborter, model string, f *prefillFailure) {
 	}
 	r.requests.WithLabelValues(model, "prefill", "502").Inc()
 	writeError(w, 502, "server_error", "", "prefill_failed", fmt.Sprintf("No prefill engine of `%s` computed the prompt: %v.", model, f.err))
+}
+
+// warmPrompt is long enough to fill more than one KV block (vLLM's
+// connector moves whole blocks; a shorter prompt moves nothing).
+var warmPrompt = strings.Repeat("shoal warms this prefill and decode pair. ", 8)
+
+// WarmPairs runs one tiny request through every (prefill, decode) pair of
+// each disaggregated model in eps, so that the connector's lazy handshake
+// (about 5 s per new pair with NIXL) is paid here and not by a user's
+// first request. Pairs are warmed in parallel; it returns how many were
+// warmed and the errors of those that were not.
+func (r *Router) WarmPairs(ctx context.Context, eps []*Endpoint) (int, []error) {
+	byModel := map[string][]*Endpoint{}
+	for _, e := range eps {
+		byModel[e.Model] = append(byModel[e.Model], e)
+	}
+	type result struct{ err error }
+	var wg sync.WaitGroup
+	results := make(chan result, len(eps)*len(eps))
+	for model, es := range byModel {
+		prefills, decodes, pd := splitRoles(es)
+		if !pd {
+			continue
+		}
+		body, _ := json.Marshal(map[string]any{"model": model, "prompt": warmPrompt, "max_tokens": 1})
+		for _, p := range prefills {
+			for _, d := range decodes {
+				wg.Add(1)
+				go func() {
+					defer wg.Done()
+					results <- result{r.warm(ctx, p, d, body)}
+				}()
+			}
+		}
+	}
+	wg.Wait()
+	close(results)
+	n := 0
+	var errs []error
+	for res := range results {
+		if res.err != nil {
+			errs = append(errs, res.err)
+			continue
+		}
+		n++
+	}
+	return n, errs
+}
+
+// warm sends body through prefill engine p and decode engine d.
+func (r *Router) warm(ctx context.Context, p, d *Endpoint, body []byte) error {
+	pb, _ := prefillBody(body)
+	hdr := []h1.Header{{Key: "Content-Type", Value: "application/json"}, {Key: "X-Request-Id", Value: "warm-" + requestID()}}
+	status, out, err := r.post(ctx, p.Addr, "/v1/completions", hdr, pb)
+	if err != nil || status != 200 {
+		return fmt.Errorf("warm %s → %s: prefill: %d %v %s", p.Addr, d.Addr, status, err, bytes.TrimSpace(out))
+	}
+	var resp struct {
+		KV json.RawMessage `json:"kv_transfer_params"`
+	}
+	if json.Unmarshal(out, &resp) != nil || len(resp.KV) == 0 || string(resp.KV) == "null" {
+		return fmt.Errorf("warm %s → %s: the prefill engine returned no kv_transfer_params", p.Addr, d.Addr)
+	}
+	db, err := decodeBody(body, resp.KV)
+	if err != nil {
+		return err
+	}
+	status, out, err = r.post(ctx, d.Addr, "/v1/completions", hdr, db)
+	if err != nil || status != 200 {
+		return fmt.Errorf("warm %s → %s: decode: %d %v %s", p.Addr, d.Addr, status, err, bytes.TrimSpace(out))
+	}
+	return nil
 }

@@ -65,8 +65,14 @@ func TestRouterPrefillDecode(t *testing.T) {
 		}
 		require.Greater(t, d.PrefixHits(), before+100, "the decode engine had the prompt's KV")
 	}
-	require.Equal(t, 2.0, testutil.ToFloat64(r.prefills.WithLabelValues("ok")))
+	// Until the dead prefill engine is picked first (ties break at random)
+	// and its failure is counted; the request is prefilled elsewhere.
+	for i := 0; i < 40 && testutil.ToFloat64(r.prefills.WithLabelValues("failed")) == 0; i++ {
+		rec := do(t, h, `{"model":"m","messages":[{"role":"user","content":"`+prompt+`"}],"max_tokens":2}`, nil)
+		require.Equal(t, 200, rec.Code, rec.Body.String())
+	}
 	require.Positive(t, testutil.ToFloat64(r.prefills.WithLabelValues("failed")), "a dead prefill engine counts as a failure")
+	require.GreaterOrEqual(t, testutil.ToFloat64(r.prefills.WithLabelValues("ok")), 2.0)
 
 	// No prefill engine left: the client gets an error, not a hang or a decode without KV.
 	r2, _ := newRouter(&Endpoint{Model: "m", Addr: "127.0.0.1:1", Group: "p-dead", Role: RolePrefill},
@@ -105,4 +111,30 @@ func TestParseBackends(t *testing.T) {
 		_, err := ParseBackends([]string{b})
 		require.ErrorContains(t, err, want, b)
 	}
+}
+
+// Warming runs the handshake of every prefill/decode pair before users
+// come: afterwards each decode engine knows each prefill engine; a pair
+// that cannot be warmed is reported, not fatal.
+func TestWarmPairs(t *testing.T) {
+	t.Setenv("SHOAL_SIM_NIXL_HANDSHAKE_SECONDS", "1")
+	_, p1 := simPD(t, "127.0.9.32")
+	_, p2 := simPD(t, "127.0.9.33")
+	d1, d1a := simPD(t, "127.0.9.34")
+	d2, d2a := simPD(t, "127.0.9.35")
+	eps := []*Endpoint{{Model: "m", Addr: p1, Role: RolePrefill}, {Model: "m", Addr: p2, Role: RolePrefill},
+		{Model: "m", Addr: d1a, Role: RoleDecode}, {Model: "m", Addr: d2a, Role: RoleDecode},
+		{Model: "plain", Addr: "127.0.0.1:1"}}
+	r, _ := newRouter(eps...)
+	n, errs := r.WarmPairs(context.Background(), eps)
+	require.Empty(t, errs)
+	require.Equal(t, 4, n, "2 prefill × 2 decode")
+	require.Equal(t, 2, d1.Paired())
+	require.Equal(t, 2, d2.Paired())
+
+	dead := append(eps, &Endpoint{Model: "m", Addr: "127.0.0.1:1", Role: RolePrefill})
+	n, errs = r.WarmPairs(context.Background(), dead)
+	require.Equal(t, 4, n)
+	require.Len(t, errs, 2, "the dead prefill engine's two pairs")
+	require.ErrorContains(t, errs[0], "prefill")
 }

@@ -179,7 +179,17 @@ func RunStatic(ctx context.Context, listen string, backends []string, cfg Config
 	if err != nil {
 		return fmt.Errorf("router listen: %w", err)
 	}
-	srv := New(table, log, cfg).NewServer(ln)
+	rt := New(table, log, cfg)
+	if _, _, pd := splitRoles(eps); pd {
+		// Warm every prefill/decode pair before the first request is taken.
+		start := time.Now()
+		n, errs := rt.WarmPairs(ctx, eps)
+		for _, err := range errs {
+			log.Warn("prefill/decode pair not warmed: its first request pays the connector's handshake", "err", err)
+		}
+		log.Info("prefill/decode pairs warmed", "pairs", n, "failed", len(errs), "took", time.Since(start).Round(time.Millisecond))
+	}
+	srv := rt.NewServer(ln)
 	go func() { _ = srv.Serve() }()
 	log.Info("router running", "listen", ln.Addr().String(), "backends", len(eps))
 	<-ctx.Done()

@@ -323,3 +323,14 @@ func (s *Server) Close() { s.nixl.close() }
 
 // PrefixHits is the prompt tokens the engine found in its cache so far.
 func (s *Server) PrefixHits() float64 { return counterValue(s.eng.m.prefixH) }
+
+// Paired is how many prefill engines this (decode) engine has handshaken
+// with.
+func (s *Server) Paired() int {
+	if s.nixl == nil {
+		return 0
+	}
+	s.nixl.mu.Lock()
+	defer s.nixl.mu.Unlock()
+	return len(s.nixl.paired)
+}

@@ -72,6 +72,11 @@ func TestStaticPrefillDecode(t *testing.T) {
 		return err == nil && r.StatusCode == 200
 	}, 10*time.Second, 50*time.Millisecond)
 
+	rl, err := os.ReadFile(filepath.Join(dir, "router.log"))
+	require.NoError(t, err)
+	require.Contains(t, string(rl), "prefill/decode pairs warmed", "the router warmed the pair before it listened")
+	require.Contains(t, string(rl), "pairs=1 failed=0")
+
 	client := openai.NewClient(option.WithBaseURL("http://"+ra+"/v1/"), option.WithAPIKey("none"), option.WithMaxRetries(0))
 	ctx := context.Background()
 	prompt := strings.Repeat("Tell me about prefill and decode engines. ", 12)
@@ -97,6 +102,6 @@ func TestStaticPrefillDecode(t *testing.T) {
 	m := engineMetrics(t, da)
 	require.Positive(t, m.PrefixHits, "the decode engine found every prompt's KV, pulled from the prefill engine")
 	pm := engineMetrics(t, pa)
-	require.Equal(t, 3.0, pm.GenerationTokens, "the prefill engine made one token per request")
-	require.Equal(t, 20.0, m.GenerationTokens, "the decode engine made every answer's tokens: 8 + 8 + 4")
+	require.Equal(t, 4.0, pm.GenerationTokens, "the prefill engine made one token per request (the warm-up's and three)")
+	require.Equal(t, 21.0, m.GenerationTokens, "the decode engine made every answer's tokens: the warm-up's 1, then 8 + 8 + 4")
 }

@@ -240,6 +240,9 @@ func (a *Agent) snapshot() *replicav1.Metrics {
 	if r := as.Spec.Router; r != nil && r.Retries != nil {
 		m.RouterRetries = proto.Int32(int32(*r.Retries))
 	}
+	if k := as.Spec.Engine.KVTransfer; k != nil {
+		m.Role = k.Role
+	}
 	if a.run == nil {
 		return m
 	}

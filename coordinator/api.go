@@ -89,6 +89,9 @@ func (s *apiServer) Apply(_ context.Context, req *coordv1.ApplyRequest) (*coordv
 			err = fmt.Errorf("%w: %w", spec.ErrInvalid, terr)
 		}
 	}
+	if err == nil {
+		err = s.checkPairs(d)
+	}
 	if err != nil {
 		return nil, apiError(err)
 	}
@@ -130,6 +133,43 @@ func (s *apiServer) Apply(_ context.Context, req *coordv1.ApplyRequest) (*coordv
 	}
 	s.c.poke()
 	return &coordv1.ApplyResponse{Name: d.Name, Created: created, Warnings: warnings}, nil
+}
+
+// checkPairs refuses a deployment that would serve a model alongside
+// deployments its engines cannot work with: a prefill and a decode
+// deployment of one served model must be able to exchange KV
+// (spec.CheckPair), and a disaggregated model is not also served whole.
+func (s *apiServer) checkPairs(d *spec.Deployment) error {
+	recs, err := s.c.store.Deployments()
+	if err != nil {
+		return nil // the write that follows reports the store's trouble
+	}
+	for _, r := range recs {
+		o := r.Spec
+		if o == nil || o.Name == d.Name || o.Engine.ServedModelName != d.Engine.ServedModelName {
+			continue
+		}
+		dk, ok := d.Engine.KVTransfer, o.Engine.KVTransfer
+		switch {
+		case dk == nil && ok == nil:
+		case dk == nil || ok == nil:
+			pd, whole := d.Name, o.Name
+			if dk == nil {
+				pd, whole = o.Name, d.Name
+			}
+			return fmt.Errorf("%w: model %s is served disaggregated by deployment %s (engine.kvTransfer) and whole by %s: give them different servedModelNames, or set engine.kvTransfer on both",
+				spec.ErrInvalid, d.Engine.ServedModelName, pd, whole)
+		case dk.Role == spec.RolePrefill && ok.Role == spec.RoleDecode:
+			if err := spec.CheckPair(d, o); err != nil {
+				return err
+			}
+		case dk.Role == spec.RoleDecode && ok.Role == spec.RolePrefill:
+			if err := spec.CheckPair(o, d); err != nil {
+				return err
+			}
+		}
+	}
+	return nil
 }
 
 func (s *apiServer) summary(rec *store.DeploymentRecord, groups []*store.Group) *coordv1.DeploymentSummary {

@@ -48,7 +48,7 @@ func dpPlan(in PlanInput, rank int, env map[string]string, host string) (*Plan, 
 		common := []string{"serve", ModelArg(s), "--served-model-name", e.ServedModelName,
 			"--tensor-parallel-size", strconv.Itoa(e.TensorParallelSize), "--data-parallel-size", strconv.Itoa(dp.Size)}
 		addr := []string{"--data-parallel-address", in.HeadIP, "--data-parallel-rpc-port", rpc}
-		tail := append(epArgs(s), e.Args...)
+		tail := append(append(epArgs(s), kvTransferArgs(s)...), e.Args...)
 		api := func(port int) []string {
 			a := []string{"--host", host, "--port", strconv.Itoa(port)}
 			if dp.APIServers > 0 {

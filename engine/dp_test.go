@@ -122,3 +122,60 @@ func TestDataParallelPlanRules(t *testing.T) {
 	_, err = NativePlan(PlanInput{Spec: hybrid, Role: RoleWorker, NodeIP: "10.0.0.9", HeadIP: ips[0], Epoch: 1, MemberIPs: ips, Bin: bin}, 1)
 	require.ErrorContains(t, err, "do not agree")
 }
+
+// TestKVTransferGolden: the command lines of disaggregated engines
+// (engine/testdata/pd/*.golden), a prefill engine of TP8 on one node, a
+// decode group of DP16 over two, and a ray-vllm head.
+func TestKVTransferGolden(t *testing.T) {
+	one := func(kind, engine string) *spec.Deployment {
+		d, err := spec.Parse([]byte(fmt.Sprintf("apiVersion: shoal/v1\nname: r1-%s\nmodel: {source: /models/r1}\nengine: {kind: %s, servedModelName: r1, %s}\nresources: {nodes: 1, gpusPerNode: 8}\n",
+			kind, kind, engine)))
+		require.NoError(t, err)
+		return d
+	}
+	cases := []struct {
+		name string
+		d    *spec.Deployment
+		ips  []string
+	}{
+		{"vllm-prefill", one("vllm", "kvTransfer: {connector: nixl, role: prefill, leaseSeconds: 60}"), []string{"10.0.0.1"}},
+		{"ray-vllm-prefill", one("ray-vllm", "kvTransfer: {connector: nixl, role: prefill}"), []string{"10.0.0.1"}},
+		{"vllm-decode-dp", dpSpec(t, "vllm", "dataParallel: {size: 16, loadBalancing: hybrid}, expertParallel: {enabled: true}, kvTransfer: {connector: nixl, role: decode, failurePolicy: recompute}"),
+			[]string{"10.0.0.1", "10.0.0.2"}},
+	}
+	rdmaEnv := map[string]string{"NCCL_IB_HCA": "mlx5_0:1", "NCCL_IB_DISABLE": "0", "NCCL_SOCKET_IFNAME": "ib0"}
+	bin := Binaries{VLLM: "/usr/bin/vllm", Ray: "/usr/bin/ray"}
+	for _, tc := range cases {
+		for rank, ip := range tc.ips {
+			role := RoleHead
+			if rank > 0 {
+				role = RoleWorker
+			}
+			t.Run(fmt.Sprintf("%s-rank%d", tc.name, rank), func(t *testing.T) {
+				in := PlanInput{Spec: tc.d, Role: role, NodeIP: ip, HeadIP: tc.ips[0], Epoch: 1, Term: 1, MemberIPs: tc.ips, Bin: bin, Env: mergeEnv(rdmaEnv, nil)}
+				var p *Plan
+				var err error
+				if tc.d.Engine.Kind == spec.EngineRayVLLM {
+					p, err = RayVLLM(in)
+				} else {
+					p, err = NativePlan(in, rank)
+				}
+				require.NoError(t, err)
+				got := renderPlan(p)
+				if p.Serve != nil {
+					got += fmt.Sprintf("serve: %s\n  %s\n", strings.Join(p.Serve.Env, " "), strings.Join(p.Serve.Argv(), " "))
+				}
+				path := filepath.Join("testdata", "pd", fmt.Sprintf("%s-rank%d.golden", tc.name, rank))
+				if *update {
+					require.NoError(t, os.MkdirAll(filepath.Dir(path), 0o755))
+					require.NoError(t, os.WriteFile(path, []byte(got), 0o644))
+				}
+				want, err := os.ReadFile(path)
+				require.NoError(t, err, "run with -update to write it")
+				require.Equal(t, string(want), got)
+				require.Contains(t, got, "VLLM_NIXL_SIDE_CHANNEL_HOST="+ip, "the side channel binds the node's own address, not localhost")
+				require.Contains(t, got, `--kv-transfer-config {"kv_connector":"NixlConnector","kv_role":"kv_both"`)
+			})
+		}
+	}
+}

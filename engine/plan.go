@@ -213,6 +213,9 @@ func RayVLLM(in PlanInput) (*Plan, error) {
 	env["VLLM_HOST_IP"] = in.NodeIP
 	env["RAY_NODE_IP_ADDRESS"] = in.NodeIP
 	env["RAY_OVERRIDE_NODE_IP_ADDRESS"] = in.NodeIP
+	// Ray's workers inherit the raylet's environment: each node's NIXL side
+	// channel must bind that node's own address.
+	nixlEnv(s, env, in.NodeIP)
 	p := &Plan{Role: in.Role, RayAddress: rayAddr, ExpectedGPUs: s.Resources.Nodes * s.Resources.GPUsPerNode, RayStop: true}
 	switch in.Role {
 	case RoleHead:
@@ -235,7 +238,7 @@ func RayVLLM(in PlanInput) (*Plan, error) {
 		serveEnv := mergeEnv(env, map[string]string{"RAY_ADDRESS": rayAddr})
 		kv, kvArgs := kvEvents(s, serveEnv, in.NodeIP)
 		epEnv(s, serveEnv)
-		args = append(append(append(args, kvArgs...), epArgs(s)...), s.Engine.Args...)
+		args = append(append(append(append(args, kvArgs...), epArgs(s)...), kvTransferArgs(s)...), s.Engine.Args...)
 		p.KVEvents = kv
 		p.Serve = &Command{Name: "vllm", Path: in.Bin.VLLM, Env: envList(serveEnv), Args: args}
 		p.Endpoint = net.JoinHostPort(in.NodeIP, strconv.Itoa(s.Engine.Port))
@@ -424,6 +427,7 @@ func NativePlan(in PlanInput, rank int) (*Plan, error) {
 		host = in.NodeIP
 	}
 	e := s.Engine
+	nixlEnv(s, env, in.NodeIP)
 	if e.DataParallel != nil {
 		return dpPlan(in, rank, env, host)
 	}
@@ -444,7 +448,7 @@ func NativePlan(in PlanInput, rank int) (*Plan, error) {
 		} else {
 			args = append(args, "--headless")
 		}
-		c = Command{Name: "vllm", Path: in.Bin.VLLM, Args: append(append(args, epArgs(s)...), e.Args...)}
+		c = Command{Name: "vllm", Path: in.Bin.VLLM, Args: append(append(append(args, epArgs(s)...), kvTransferArgs(s)...), e.Args...)}
 	case spec.EngineSGLang:
 		// SGLang's --tp is the whole group's tensor parallelism, as the spec's is.
 		args := []string{"-m", "sglang.launch_server", "--model-path", ModelArg(s), "--served-model-name", e.ServedModelName,

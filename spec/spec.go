@@ -103,7 +103,37 @@ type Engine struct {
 	// ExpertParallel spreads a MoE model's experts over the ranks (EP = TP ×
 	// DP) instead of sharding each expert by TP.
 	ExpertParallel *ExpertParallel `yaml:"expertParallel,omitempty" json:"expertParallel,omitempty"`
+	// KVTransfer makes this deployment's engines one side of prefill/decode
+	// disaggregation: a prefill and a decode deployment serving the same
+	// servedModelName form the pair (docs/design/pd.md).
+	KVTransfer *KVTransfer `yaml:"kvTransfer,omitempty" json:"kvTransfer,omitempty"`
 }
+
+// KVTransfer is a disaggregated engine's KV connector and role.
+type KVTransfer struct {
+	// Connector is nixl (vLLM's NixlConnector).
+	Connector string `yaml:"connector" json:"connector"`
+	// Role is prefill or decode: what routers use the engine for.
+	Role string `yaml:"role" json:"role"`
+	// FailurePolicy is what a decode engine does when the prompt's KV
+	// cannot be pulled: fail (vLLM's default since 0.17) or recompute.
+	FailurePolicy string `yaml:"failurePolicy,omitempty" json:"failurePolicy,omitempty"`
+	// LeaseSeconds is how long a prefill engine keeps a prompt's KV for
+	// its decode engine (vLLM's kv_lease_duration; unset: vLLM's 30).
+	LeaseSeconds int `yaml:"leaseSeconds,omitempty" json:"leaseSeconds,omitempty"`
+	// SideChannelPort is VLLM_NIXL_SIDE_CHANNEL_PORT; each DP rank binds
+	// it plus its rank. Unset: 5600.
+	SideChannelPort int `yaml:"sideChannelPort,omitempty" json:"sideChannelPort,omitempty"`
+}
+
+// Disaggregation roles and connectors.
+const (
+	RolePrefill   = "prefill"
+	RoleDecode    = "decode"
+	ConnectorNIXL = "nixl"
+	// DefaultNIXLPort is vLLM's VLLM_NIXL_SIDE_CHANNEL_PORT default.
+	DefaultNIXLPort = 5600
+)
 
 // DataParallel is multi-node data parallelism (vLLM --data-parallel-*,
 // SGLang --dp-size with --enable-dp-attention).
@@ -343,6 +373,14 @@ func (d *Deployment) Default() {
 	if e.MasterPort == 0 {
 		e.MasterPort = DefaultMasterPort
 	}
+	if k := e.KVTransfer; k != nil {
+		if k.FailurePolicy == "" {
+			k.FailurePolicy = "fail"
+		}
+		if k.SideChannelPort == 0 {
+			k.SideChannelPort = DefaultNIXLPort
+		}
+	}
 	if e.StartupTimeoutSeconds == 0 {
 		// AIBrix's DeepSeek-R1 sample tolerates about 28 minutes for download + load.
 		e.StartupTimeoutSeconds = 1800
@@ -463,6 +501,9 @@ func (d *Deployment) Validate() error {
 	}
 	if e.PipelineParallelSize < 1 {
 		bad("engine.pipelineParallelSize", "must be at least 1, got %d", e.PipelineParallelSize)
+	}
+	if e.KVTransfer != nil {
+		errs = append(errs, validateKVTransfer(d)...)
 	}
 	if e.DataParallel != nil || e.ExpertParallel != nil {
 		errs = append(errs, validateParallel(d)...)
@@ -658,6 +699,13 @@ func (d *Deployment) Fields() []Field {
 	add("engine.kvEvents", on || (d.Engine.KVEvents != nil && *d.Engine.KVEvents), vllmKind(d.Engine.Kind)) // other engines: stored, not acted on
 	if on || d.Engine.KVEventsPort != 0 {
 		add("engine.kvEventsPort", KVEventsPortOf(&d.Engine), on)
+	}
+	if k := d.Engine.KVTransfer; k != nil {
+		add("engine.kvTransfer.connector", k.Connector, true)
+		add("engine.kvTransfer.role", k.Role, true)
+		add("engine.kvTransfer.failurePolicy", k.FailurePolicy, true)
+		add("engine.kvTransfer.leaseSeconds", k.LeaseSeconds, true)
+		add("engine.kvTransfer.sideChannelPort", k.SideChannelPort, true)
 	}
 	if dp := d.Engine.DataParallel; dp != nil {
 		add("engine.dataParallel.size", dp.Size, true)

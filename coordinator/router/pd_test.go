@@ -74,12 +74,20 @@ func TestRouterPrefillDecode(t *testing.T) {
 	require.Positive(t, testutil.ToFloat64(r.prefills.WithLabelValues("failed")), "a dead prefill engine counts as a failure")
 	require.GreaterOrEqual(t, testutil.ToFloat64(r.prefills.WithLabelValues("ok")), 2.0)
 
-	// No prefill engine left: the client gets an error, not a hang or a decode without KV.
+	// No prefill engine left: the decode engine serves the request whole
+	// (it prefills itself), counted as a fallback, not failed.
 	r2, _ := newRouter(&Endpoint{Model: "m", Addr: "127.0.0.1:1", Group: "p-dead", Role: RolePrefill},
 		&Endpoint{Model: "m", Addr: da, Group: "d1", Role: RoleDecode})
-	rec := do(t, r2.Handler(), `{"model":"m","messages":[{"role":"user","content":"`+prompt+`"}],"max_tokens":4}`, nil)
-	require.Equal(t, 502, rec.Code)
-	require.Contains(t, errBody(t, rec)["message"], "No prefill engine")
+	before := d.PrefixHits()
+	rec := do(t, r2.Handler(), `{"model":"m","messages":[{"role":"user","content":"`+strings.Repeat("an unrelated question nobody asked before ", 20)+`"}],"max_tokens":4}`, nil)
+	require.Equal(t, 200, rec.Code, rec.Body.String())
+	require.Equal(t, 1.0, testutil.ToFloat64(r2.prefills.WithLabelValues("fallback")))
+	require.Less(t, d.PrefixHits()-before, 100.0, "no KV came from a prefill engine")
+
+	// A request the prefill engine refuses (4xx) is refused, not retried whole.
+	r3, _ := newRouter(&Endpoint{Model: "m", Addr: p, Group: "p1", Role: RolePrefill}, &Endpoint{Model: "m", Addr: da, Group: "d1", Role: RoleDecode})
+	rec = do(t, r3.Handler(), `{"model":"m","messages":[],"max_tokens":4}`, nil)
+	require.Equal(t, 400, rec.Code, rec.Body.String())
 }
 
 func TestPrefillBody(t *testing.T) {

@@ -434,12 +434,19 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 		if pd {
 			// The first hop: a prefill engine computes the prompt's KV.
 			db, fail := r.prefill(ctx, req, prefills, body, rid, StrategyLeastRequest, h)
-			if fail != nil {
+			switch {
+			case fail == nil:
+				sent = db
+			case fail.status == 0 || fail.status >= 500 || fail.status == 429:
+				// No prefill engine could take it: the decode engine (a
+				// kv_both engine) serves it whole rather than fail it.
+				r.prefills.WithLabelValues("fallback").Inc()
+				r.log.Warn("no prefill engine took the request; the decode engine prefills it", "model", model, "err", fail.err, "request_id", rid)
+			default:
 				lease.release()
-				r.prefillFailed(w, model, fail)
+				r.prefillFailed(w, model, fail) // the request itself is refused (4xx)
 				return
 			}
-			sent = db
 		}
 		g := r.inflight.WithLabelValues(model)
 		g.Inc()

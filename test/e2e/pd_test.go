@@ -2,13 +2,18 @@ package e2e
 
 import (
 	"context"
+	"fmt"
 	"net/http"
 	"os"
 	"os/exec"
 	"path/filepath"
 	"strings"
+	"sync"
+	"syscall"
 	"testing"
 	"time"
+
+	"github.com/shoalhq/shoal/internal/devcluster"
 
 	"github.com/openai/openai-go/v3"
 	"github.com/openai/openai-go/v3/option"
@@ -104,4 +109,101 @@ func TestStaticPrefillDecode(t *testing.T) {
 	pm := engineMetrics(t, pa)
 	require.Equal(t, 4.0, pm.GenerationTokens, "the prefill engine made one token per request (the warm-up's and three)")
 	require.Equal(t, 21.0, m.GenerationTokens, "the decode engine made every answer's tokens: the warm-up's 1, then 8 + 8 + 4")
+}
+
+// pdSpec is one side of a disaggregated model pd on one 8-GPU node.
+func pdSpec(name, role string, replicas int, extra string) string {
+	return fmt.Sprintf(`apiVersion: shoal/v1
+name: %s
+model: {source: /models/pd}
+engine: {kind: vllm, servedModelName: pd, tensorParallelSize: 8, startupTimeoutSeconds: 60,
+  kvTransfer: {connector: nixl, role: %s}%s}
+resources: {nodes: 1, gpusPerNode: 8}
+replicas: {count: %d}
+`, name, role, extra, replicas)
+}
+
+// TestDisaggregatedDeployments: a prefill deployment and a decode
+// deployment of one served model (2 decode replicas) serve openai-go's
+// chat and completions through the coordinator's router: each prompt is
+// prefilled on the prefill engine and decoded on a decode engine that
+// pulled its KV. A decode deployment the prefill one cannot pair with is
+// refused at apply, naming the fields. Then the prefill engine is killed
+// under load: no request fails (those that had not reached decode are
+// served whole by a decode engine, the others retried).
+func TestDisaggregatedDeployments(t *testing.T) {
+	e := startCluster(t, 34, 4, func(c *devcluster.Config) { c.SimEnv = append(c.SimEnv, "SHOAL_SIM_NIXL_HANDSHAKE_SECONDS=0.5") })
+	e.apply("prefill.yaml", pdSpec("pd-prefill", "prefill", 1, ""))
+	e.apply("decode.yaml", pdSpec("pd-decode", "decode", 2, ""))
+	require.Eventually(t, func() bool { return e.count("pd-prefill", "ready") == 1 && e.count("pd-decode", "ready") == 2 }, 90*time.Second, 200*time.Millisecond)
+
+	f := filepath.Join(e.dir, "bad.yaml")
+	require.NoError(t, os.WriteFile(f, []byte(pdSpec("pd-bad", "decode", 1, ", args: [--max-model-len, '4096']")), 0o644))
+	out, err := e.shoal("apply", "-f", f)
+	require.Error(t, err)
+	require.Contains(t, out, "engine.args --max-model-len: prefill (default) and decode 4096 differ")
+
+	client := openai.NewClient(option.WithBaseURL("http://"+e.router+"/v1/"), option.WithAPIKey("none"), option.WithMaxRetries(0))
+	ctx := context.Background()
+	prompt := strings.Repeat("A question about disaggregated serving. ", 12)
+	for i := 0; i < 6; i++ {
+		chat, err := client.Chat.Completions.New(ctx, openai.ChatCompletionNewParams{Model: "pd",
+			Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage(fmt.Sprintf("%d %s", i, prompt))}, MaxTokens: openai.Int(6)})
+		require.NoError(t, err)
+		require.NotEmpty(t, chat.Choices[0].Message.Content)
+	}
+	st := client.Chat.Completions.NewStreaming(ctx, openai.ChatCompletionNewParams{Model: "pd",
+		Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("streamed " + prompt)}, MaxTokens: openai.Int(6)})
+	n := 0
+	for st.Next() {
+		n++
+	}
+	require.NoError(t, st.Err())
+	require.Positive(t, n)
+	comp, err := client.Completions.New(ctx, openai.CompletionNewParams{Model: "pd",
+		Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("completion " + prompt)}, MaxTokens: openai.Int(4)})
+	require.NoError(t, err)
+	require.Equal(t, int64(4), comp.Usage.CompletionTokens)
+
+	pre := e.replicasOf("pd-prefill")[0]
+	pm := engineMetrics(t, pre.Endpoint)
+	// One token per request (8), and the readiness canary's.
+	require.GreaterOrEqual(t, pm.GenerationTokens, 8.0, "the prefill engine made one token for each of the 8 requests")
+	require.LessOrEqual(t, pm.GenerationTokens, 10.0, "and nothing more: the decode engines generate the answers")
+	hits := 0.0
+	for _, r := range e.replicasOf("pd-decode") {
+		hits += engineMetrics(t, r.Endpoint).PrefixHits
+	}
+	require.Greater(t, hits, 8*60.0, "the decode engines found every prompt's KV, pulled from the prefill engine")
+
+	// The prefill engine dies under load.
+	results := make(chan error, 64)
+	var wg sync.WaitGroup
+	for w := 0; w < 8; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 8; i++ {
+				_, err := client.Chat.Completions.New(ctx, openai.ChatCompletionNewParams{Model: "pd",
+					Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage(fmt.Sprintf("load %d %d %s", w, i, prompt))}, MaxTokens: openai.Int(8)})
+				results <- err
+			}
+		}()
+	}
+	time.Sleep(300 * time.Millisecond)
+	pids := e.c.EnginePids(pre.Head)
+	require.NotEmpty(t, pids)
+	require.NoError(t, syscall.Kill(pids[0], syscall.SIGKILL))
+	wg.Wait()
+	close(results)
+	failed := 0
+	for err := range results {
+		if err != nil {
+			failed++
+			t.Logf("PD: failed request: %v", err)
+		}
+	}
+	require.Zero(t, failed, "no request fails when the prefill engine dies")
+	// The prefill group restarts and prefills again.
+	require.Eventually(t, func() bool { return e.count("pd-prefill", "ready") == 1 }, 60*time.Second, 200*time.Millisecond)
 }

@@ -351,7 +351,10 @@ type Metrics struct {
 	// ranks: a data-parallel group whose DP ranks routers address one by one
 	// (hybrid or external load balancing), each with its API server and load.
 	// Empty: endpoint is the group's one server.
-	Ranks         []*Rank `protobuf:"bytes,21,rep,name=ranks,proto3" json:"ranks,omitempty"`
+	Ranks []*Rank `protobuf:"bytes,21,rep,name=ranks,proto3" json:"ranks,omitempty"`
+	// role: prefill or decode for a disaggregated deployment's engines
+	// (engine.kvTransfer.role); empty: the engine serves requests whole.
+	Role          string `protobuf:"bytes,22,opt,name=role,proto3" json:"role,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -533,6 +536,13 @@ func (x *Metrics) GetRanks() []*Rank {
 	return nil
 }
 
+func (x *Metrics) GetRole() string {
+	if x != nil {
+		return x.Role
+	}
+	return ""
+}
+
 // Rank is one DP rank of a data-parallel group.
 type Rank struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -647,7 +657,7 @@ const file_replica_v1_replica_proto_rawDesc = "" +
 	"\n" +
 	"block_size\x18\b \x01(\rR\tblockSize\x12\x1a\n" +
 	"\bendpoint\x18\t \x01(\tR\bendpoint\"\x11\n" +
-	"\x0fSnapshotRequest\"\x90\x06\n" +
+	"\x0fSnapshotRequest\"\xa4\x06\n" +
 	"\aMetrics\x12\x1e\n" +
 	"\n" +
 	"deployment\x18\x01 \x01(\tR\n" +
@@ -673,7 +683,8 @@ const file_replica_v1_replica_proto_rawDesc = "" +
 	"\bdraining\x18\x12 \x01(\bR\bdraining\x12\x16\n" +
 	"\x06failed\x18\x13 \x01(\bR\x06failed\x12*\n" +
 	"\x0erouter_retries\x18\x14 \x01(\x05H\x00R\rrouterRetries\x88\x01\x01\x12,\n" +
-	"\x05ranks\x18\x15 \x03(\v2\x16.shoal.replica.v1.RankR\x05ranksB\x11\n" +
+	"\x05ranks\x18\x15 \x03(\v2\x16.shoal.replica.v1.RankR\x05ranks\x12\x12\n" +
+	"\x04role\x18\x16 \x01(\tR\x04roleB\x11\n" +
 	"\x0f_router_retries\"\xd2\x01\n" +
 	"\x04Rank\x12\x12\n" +
 	"\x04rank\x18\x01 \x01(\x05R\x04rank\x12\x1a\n" +

@@ -119,6 +119,8 @@ func FuzzParseParallel(f *testing.F) {
 		f.Add([]byte(fmt.Sprintf(dpDoc, "vllm", e)))
 		f.Add([]byte(fmt.Sprintf(dpDoc, "sglang", e)))
 	}
+	f.Add([]byte(fmt.Sprintf(dpDoc, "vllm", "kvTransfer: {connector: nixl, role: prefill, leaseSeconds: 60}")))
+	f.Add([]byte(fmt.Sprintf(dpDoc, "vllm", "dataParallel: {size: 16}, kvTransfer: {connector: nixl, role: decode, sideChannelPort: 20000}")))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		d, err := Parse(b)
 		if err != nil {

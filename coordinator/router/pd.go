@@ -7,6 +7,7 @@ import (
 	"fmt"
 	"io"
 	"net/http"
+	"slices"
 	"strconv"
 	"strings"
 	"sync"
@@ -34,6 +35,9 @@ var remoteDecode = json.RawMessage(`{"do_remote_decode":true,"do_remote_prefill"
 // requests whole or decode them; pd is false when the model has no
 // prefill role.
 func splitRoles(eps []*Endpoint) (prefills, rest []*Endpoint, pd bool) {
+	if !slices.ContainsFunc(eps, func(e *Endpoint) bool { return e.Role == RolePrefill }) {
+		return nil, eps, false // the hot path of every other model: no allocation
+	}
 	for _, e := range eps {
 		if e.Role == RolePrefill {
 			prefills = append(prefills, e)

@@ -36,28 +36,6 @@ func CanaryPath(s *spec.Deployment) string {
 	return CanaryCompletions
 }
 
-// argValue is the value of a flag in engine arguments as vLLM's parser reads
-// them: --name value or --name=value, underscores as dashes, the last one
-// given winning.
-func argValue(args []string, flag string) (string, bool) {
-	var v string
-	found := false
-	for i := 0; i < len(args); i++ {
-		name, val, has := strings.Cut(args[i], "=")
-		if strings.ReplaceAll(name, "_", "-") != flag {
-			continue
-		}
-		if !has {
-			if i+1 >= len(args) {
-				continue
-			}
-			val = args[i+1]
-		}
-		v, found = val, true
-	}
-	return v, found
-}
-
 // pooling reads the engine arguments that make vLLM (or SGLang) serve a
 // pooling model.
 func pooling(args []string) bool {

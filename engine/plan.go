@@ -162,7 +162,7 @@ func kvEvents(s *spec.Deployment, env map[string]string, nodeIP string) (*KVEven
 		k.Seed = strconv.FormatUint(uint64(h.Sum32()), 10)
 		env["PYTHONHASHSEED"] = k.Seed
 	}
-	if v, ok := argValue(s.Engine.Args, "--block-size"); ok {
+	if v, ok := spec.ArgValue(s.Engine.Args, "--block-size"); ok {
 		if n, err := strconv.Atoi(v); err == nil && n > 0 {
 			k.BlockSize = n
 		}

@@ -50,28 +50,7 @@ func validateKVTransfer(d *Deployment) []error {
 			bad("engine.kvTransfer.sideChannelPort", "ports %d-%d include engine.masterPort (%d)", lo, hi, e.MasterPort)
 		}
 	}
-	for i, a := range e.Args {
-		name, _, _ := strings.Cut(a, "=")
-		for _, f := range kvTransferFlags {
-			if strings.ReplaceAll(name, "_", "-") == f || strings.HasPrefix(name, f+".") {
-				bad(fmt.Sprintf("engine.args[%d]", i), "%s is set by shoal from engine.kvTransfer; set it there", name)
-			}
-		}
-	}
-	return errs
-}
-
-// argOf is the value engine.args give flag ("" when they do not).
-func argOf(args []string, flag string) string {
-	for i, a := range args {
-		if v, ok := strings.CutPrefix(a, flag+"="); ok {
-			return v
-		}
-		if a == flag && i+1 < len(args) {
-			return args[i+1]
-		}
-	}
-	return ""
+	return append(errs, refuseOwned(e.Args, kvTransferFlags, "engine.kvTransfer")...)
 }
 
 // pairFlags must agree between the prefill and the decode engines of one
@@ -86,7 +65,9 @@ func CheckPair(prefill, decode *Deployment) error {
 		errs = append(errs, fmt.Sprintf("model.source: prefill %q and decode %q differ", prefill.Model.Source, decode.Model.Source))
 	}
 	for _, f := range pairFlags {
-		if p, d := argOf(prefill.Engine.Args, f), argOf(decode.Engine.Args, f); p != d {
+		p, _ := ArgValue(prefill.Engine.Args, f)
+		d, _ := ArgValue(decode.Engine.Args, f)
+		if p != d {
 			errs = append(errs, fmt.Sprintf("engine.args %s: prefill %s and decode %s differ (the decode engine reads the prefill engine's KV as it was written)",
 				f, orDefault(p), orDefault(d)))
 		}

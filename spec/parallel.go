@@ -34,12 +34,7 @@ func validateParallel(d *Deployment) []error {
 		bad("engine.expertParallel", "needs a MoE-capable engine kind (%s, %s or %s); kind %s has no expert parallelism shoal can turn on: pass the program's own flags in engine.command",
 			EngineRayVLLM, EngineVLLM, EngineSGLang, e.Kind)
 	}
-	for i, a := range e.Args {
-		name, _, _ := strings.Cut(a, "=")
-		if slices.Contains(parallelFlags, strings.ReplaceAll(name, "_", "-")) {
-			bad(fmt.Sprintf("engine.args[%d]", i), "%s is set by shoal from engine.dataParallel and engine.expertParallel; set it there", name)
-		}
-	}
+	errs = append(errs, refuseOwned(e.Args, parallelFlags, "engine.dataParallel and engine.expertParallel")...)
 	gpus := r.Nodes * r.GPUsPerNode
 	if dp := e.DataParallel; dp != nil {
 		switch {

@@ -106,24 +106,14 @@ func (r *Router) prefill(ctx context.Context, req *http.Request, prefills []*End
 			break
 		}
 		tried[ep.Addr] = true
-		status, out, err := r.post(ctx, ep.Addr, req.URL.Path, hdr, pb)
+		db, status, out, err := r.prefillHop(ctx, ep.Addr, req.URL.Path, hdr, pb, body)
 		lease.release()
-		ok := err == nil && status == 200
-		if d := r.picker.outcome(ep.Addr, !ok, r.cfg.EjectAfter, r.cfg.EjectFor); d > 0 {
+		if d := r.picker.outcome(ep.Addr, err != nil, r.cfg.EjectAfter, r.cfg.EjectFor); d > 0 {
 			r.ejections.WithLabelValues("prefill").Inc()
 		}
-		if ok {
-			var resp struct {
-				KV json.RawMessage `json:"kv_transfer_params"`
-			}
-			if json.Unmarshal(out, &resp) == nil && len(resp.KV) > 0 && string(resp.KV) != "null" {
-				db, err := decodeBody(body, resp.KV)
-				if err == nil {
-					r.prefills.WithLabelValues("ok").Inc()
-					return db, nil
-				}
-			}
-			status, err = 502, fmt.Errorf("prefill engine %s answered without kv_transfer_params: is it a NixlConnector engine?", ep.Addr)
+		if err == nil {
+			r.prefills.WithLabelValues("ok").Inc()
+			return db, nil
 		}
 		r.prefills.WithLabelValues("failed").Inc()
 		r.log.Warn("prefill failed; trying another prefill engine", "backend", ep.Addr, "status", status, "err", err, "request_id", rid)
@@ -135,9 +125,33 @@ func (r *Router) prefill(ctx context.Context, req *http.Request, prefills []*End
 	return nil, fail
 }
 
+// prefillHop sends prefill body pb to the engine at addr and returns the
+// decode body: the client's body with the engine's kv_transfer_params. An
+// error answer is returned as it came (status, body); a 200 without
+// kv_transfer_params (not a NixlConnector engine) is a 502.
+func (r *Router) prefillHop(ctx context.Context, addr, path string, hdr []h1.Header, pb, body []byte) (db []byte, status int, out []byte, err error) {
+	status, out, err = r.post(ctx, addr, path, hdr, pb)
+	if err == nil && status != 200 {
+		err = fmt.Errorf("prefill engine %s answered %d", addr, status)
+	}
+	if err != nil {
+		return nil, status, out, err
+	}
+	var resp struct {
+		KV json.RawMessage `json:"kv_transfer_params"`
+	}
+	if json.Unmarshal(out, &resp) != nil || len(resp.KV) == 0 || string(resp.KV) == "null" {
+		return nil, 502, nil, fmt.Errorf("prefill engine %s answered without kv_transfer_params: is it a NixlConnector engine?", addr)
+	}
+	if db, err = decodeBody(body, resp.KV); err != nil {
+		return nil, 502, nil, err
+	}
+	return db, 200, out, nil
+}
+
 // post sends a buffered request and reads the whole answer.
 func (r *Router) post(ctx context.Context, addr, path string, hdr []h1.Header, body []byte) (int, []byte, error) {
-	resp, err := r.up.Do(ctx, addr, http.MethodPost, path, hdr, bytes.Clone(body), max(r.cfg.IdleTimeout, 30*time.Second))
+	resp, err := r.up.Do(ctx, addr, http.MethodPost, path, hdr, body, max(r.cfg.IdleTimeout, 30*time.Second))
 	if err != nil {
 		return 0, nil, err
 	}
@@ -149,18 +163,17 @@ func (r *Router) post(ctx context.Context, addr, path string, hdr []h1.Header, b
 	return resp.Status, b, nil
 }
 
-// prefillFailed answers a request no prefill engine could take: the last
-// engine's error answer, else 502 (a gateway failure, never a success).
+// prefillFailed answers a request a prefill engine refused (a 4xx: the
+// request itself is wrong) with that engine's answer.
 func (r *Router) prefillFailed(w aborter, model string, f *prefillFailure) {
-	if f.status > 0 && f.status != 200 && len(f.body) > 0 {
-		r.requests.WithLabelValues(model, "prefill", strconv.Itoa(f.status)).Inc()
-		w.Header().Set("Content-Type", "application/json")
-		w.WriteHeader(f.status)
-		_, _ = w.Write(f.body)
+	r.requests.WithLabelValues(model, "prefill", strconv.Itoa(f.status)).Inc()
+	if len(f.body) == 0 {
+		writeError(w, f.status, "invalid_request_error", "", "", fmt.Sprintf("The prefill engine of `%s` refused the request: %v.", model, f.err))
 		return
 	}
-	r.requests.WithLabelValues(model, "prefill", "502").Inc()
-	writeError(w, 502, "server_error", "", "prefill_failed", fmt.Sprintf("No prefill engine of `%s` computed the prompt: %v.", model, f.err))
+	w.Header().Set("Content-Type", "application/json")
+	w.WriteHeader(f.status)
+	_, _ = w.Write(f.body)
 }
 
 // warmPrompt is long enough to fill more than one KV block (vLLM's
@@ -214,21 +227,11 @@ func (r *Router) WarmPairs(ctx context.Context, eps []*Endpoint) (int, []error) 
 func (r *Router) warm(ctx context.Context, p, d *Endpoint, body []byte) error {
 	pb, _ := prefillBody(body)
 	hdr := []h1.Header{{Key: "Content-Type", Value: "application/json"}, {Key: "X-Request-Id", Value: "warm-" + requestID()}}
-	status, out, err := r.post(ctx, p.Addr, "/v1/completions", hdr, pb)
-	if err != nil || status != 200 {
-		return fmt.Errorf("warm %s → %s: prefill: %d %v %s", p.Addr, d.Addr, status, err, bytes.TrimSpace(out))
-	}
-	var resp struct {
-		KV json.RawMessage `json:"kv_transfer_params"`
-	}
-	if json.Unmarshal(out, &resp) != nil || len(resp.KV) == 0 || string(resp.KV) == "null" {
-		return fmt.Errorf("warm %s → %s: the prefill engine returned no kv_transfer_params", p.Addr, d.Addr)
-	}
-	db, err := decodeBody(body, resp.KV)
+	db, _, out, err := r.prefillHop(ctx, p.Addr, "/v1/completions", hdr, pb, body)
 	if err != nil {
-		return err
+		return fmt.Errorf("warm %s → %s: prefill: %v %s", p.Addr, d.Addr, err, bytes.TrimSpace(out))
 	}
-	status, out, err = r.post(ctx, d.Addr, "/v1/completions", hdr, db)
+	status, out, err := r.post(ctx, d.Addr, "/v1/completions", hdr, db)
 	if err != nil || status != 200 {
 		return fmt.Errorf("warm %s → %s: decode: %d %v %s", p.Addr, d.Addr, status, err, bytes.TrimSpace(out))
 	}

@@ -14,6 +14,8 @@ import (
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
+
+	"github.com/shoalhq/shoal/spec"
 )
 
 // dpRanks are the DP ranks one simulated process runs: vLLM's internal
@@ -32,8 +34,9 @@ type dpRanks struct {
 }
 
 // newDPRanks builds n ranks numbered from first, each with its own KV pool
-// and batch, their series labelled per rank on one registry.
-func newDPRanks(c serveConfig, p Params, clock Clock, n, first int) (*dpRanks, *prometheus.Registry) {
+// and batch, their series labelled per rank on one registry (the first
+// engine's metrics hold it).
+func newDPRanks(c serveConfig, p Params, clock Clock, n, first int) *dpRanks {
 	reg := prometheus.NewRegistry()
 	g := &dpRanks{first: first, lockstep: p.EP != nil, clock: clock, wake: make(chan struct{}, 1)}
 	for i := 0; i < n; i++ {
@@ -45,7 +48,7 @@ func newDPRanks(c serveConfig, p Params, clock Clock, n, first int) (*dpRanks, *
 		}
 		g.engines = append(g.engines, e)
 	}
-	return g, reg
+	return g
 }
 
 // pick is the engine for a request: the rank the X-data-parallel-rank
@@ -199,9 +202,6 @@ func (s *Server) queueLens() (running, waiting int) {
 	return s.dp.queueLens()
 }
 
-// vLLM's --all2all-backend choices.
-var all2allBackends = []string{"naive", "allgather_reducescatter", "pplx", "deepep_high_throughput", "deepep_low_latency", "flashinfer_all2allv"}
-
 // parseDP reads vLLM's data- and expert-parallel flags and refuses the
 // combinations vLLM refuses, in its words.
 func parseDP(fs *flagSet, c serveConfig) (dpConfig, error) {
@@ -225,8 +225,8 @@ func parseDP(fs *flagSet, c serveConfig) (dpConfig, error) {
 		}
 		d.external = true // vLLM: a rank given means external load balancing
 	}
-	if !slices.Contains(all2allBackends, d.a2a) {
-		return d, fmt.Errorf("vllm serve: error: argument --all2all-backend: invalid choice: '%s' (choose from %s)", d.a2a, quoteList(all2allBackends))
+	if !slices.Contains(spec.VLLMAll2AllBackends, d.a2a) {
+		return d, fmt.Errorf("vllm serve: error: argument --all2all-backend: invalid choice: '%s' (choose from %s)", d.a2a, quoteList(spec.VLLMAll2AllBackends))
 	}
 	if cfg := fs.str("--eplb-config", ""); cfg != "" {
 		var e struct {
@@ -333,10 +333,17 @@ func (c serveConfig) localRanks() (n, first int) {
 	}
 }
 
-func (c serveConfig) epOn() bool   { return c.dp.ep || c.sgEP > 1 }
-func (c serveConfig) eplbOn() bool { return c.dp.eplb }
-func (c serveConfig) redundantExperts() int {
-	return c.dp.redundant
+// epOn: vLLM's --enable-expert-parallel or SGLang's --ep-size > 1 (the
+// EPLB fields of dp are both engines').
+func (c serveConfig) epOn() bool { return c.dp.ep || c.sgEP > 1 }
+
+// epRanks is how many ranks the experts are spread over: vLLM's TP × DP,
+// SGLang's --ep-size.
+func (c serveConfig) epRanks() int {
+	if c.flavor == "sglang" {
+		return c.sgEP
+	}
+	return max(1, c.dp.size) * c.tp
 }
 
 // epNodes is how many nodes the experts span.

@@ -190,7 +190,7 @@ func TestEPCostStepTime(t *testing.T) {
 func TestDPRanksLockstep(t *testing.T) {
 	p := Presets["deepseek-r1-h200-dp-ep"].Params
 	p.EP = &EPCost{Nodes: 2, A2ALatency: 4 * time.Millisecond, A2APerToken: 20 * time.Microsecond, Imbalance: 1}
-	g, _ := newDPRanks(serveConfig{served: "m"}, p, Clock{Scale: math.Inf(1)}, 2, 0)
+	g := newDPRanks(serveConfig{served: "m"}, p, Clock{Scale: math.Inf(1)}, 2, 0)
 	ctx := context.Background()
 	add := func(e *Engine, n int) {
 		for i := 0; i < n; i++ {

@@ -41,6 +41,7 @@ func SimulateOpenLoop(g Group, rate float64, prompt, output, total int, seed uin
 	for i := range engines {
 		engines[i] = newEngine(g.Params, Clock{Scale: math.Inf(1)}, newMetrics("sim", g.Params.NumGPUBlocks, g.Params.BlockSize, g.Params.MaxModelLen, g.Params.MaxBatchTokens, false))
 	}
+	ranks := &dpRanks{engines: engines}
 	eligible := g.Eligible
 	if eligible == nil {
 		for i := range engines {
@@ -94,32 +95,11 @@ func SimulateOpenLoop(g Group, rate float64, prompt, output, total int, seed uin
 			res.MaxRunning, res.MaxWaiting = max(res.MaxRunning, run), max(res.MaxWaiting, wait)
 		}
 		// One wave: every engine steps (idle DP ranks run a dummy step).
-		sts := make([]*stepState, len(engines))
-		var d time.Duration
-		for i, e := range engines {
-			if sts[i] = e.prepareStep(); sts[i] != nil && (len(engines) > 1 || sts[i].work) {
-				d = max(d, sts[i].d)
-			}
-		}
-		for i, e := range engines {
-			if sts[i] != nil {
-				e.finishStep(sts[i], d)
-			}
-		}
-		now += d
-		setClock(now)
+		now += ranks.wave(func(time.Duration) {})
 		kept := active[:0]
 		for _, tr := range active {
-			done := false
-			for drained := false; !drained; {
-				select {
-				case t := <-tr.r.out:
-					outTokens++
-					done = done || t.finish != "" || t.err != nil
-				default:
-					drained = true
-				}
-			}
+			n, done, _ := drain(tr.r)
+			outTokens += n
 			if tr.r.emitted > tr.seen {
 				if tr.seen == 0 {
 					ttfts = append(ttfts, tr.r.vFirst-tr.r.vArrival)

@@ -27,7 +27,7 @@ type rdvMsg struct {
 //
 // With fanout, the loss of one member closes every other member's
 // connection: a DP coordinator's ranks all learn that a peer is gone.
-func rendezvousMaster(ctx context.Context, addr string, nnodes int, sig string, log io.Writer, fanout ...bool) (<-chan string, bool, error) {
+func rendezvousMaster(ctx context.Context, addr string, nnodes int, sig string, log io.Writer, fanout bool) (<-chan string, bool, error) {
 	ln, err := net.Listen("tcp", addr)
 	if err != nil {
 		return nil, false, fmt.Errorf("RuntimeError: The server socket has failed to listen on %s: %w", addr, err)
@@ -94,7 +94,7 @@ func rendezvousMaster(ctx context.Context, addr string, nnodes int, sig string, 
 	for _, c := range members {
 		go func(c net.Conn) {
 			_, _ = io.Copy(io.Discard, c)
-			if len(fanout) > 0 && fanout[0] {
+			if fanout {
 				once.Do(func() {
 					for _, o := range members {
 						o.Close()

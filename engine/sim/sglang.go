@@ -5,7 +5,10 @@ import (
 	"fmt"
 	"io"
 	"net"
+	"slices"
 	"strconv"
+
+	"github.com/shoalhq/shoal/spec"
 )
 
 // sglangNames maps vLLM metric names to SGLang's (docs/design/engines.md
@@ -103,8 +106,8 @@ func parseSGLangParallel(fs *flagSet, c *serveConfig) error {
 		// Without DP attention --dp-size runs independent replicas behind
 		// SGLang's own router, which shoal does not launch.
 		return fmt.Errorf("ValueError: --dp-size %d without --enable-dp-attention is SGLang's data-parallel router mode; this simulator models DP attention only", c.sgDP)
-	case a2a != "none" && a2a != "deepep" && a2a != "mooncake":
-		return fmt.Errorf("launch_server.py: error: argument --moe-a2a-backend: invalid choice: '%s' (choose from 'none', 'deepep', 'mooncake')", a2a)
+	case !slices.Contains(spec.SGLangAll2AllBackends, a2a):
+		return fmt.Errorf("launch_server.py: error: argument --moe-a2a-backend: invalid choice: '%s' (choose from %s)", a2a, quoteList(spec.SGLangAll2AllBackends))
 	case a2a == "deepep" && c.sgEP != c.tp:
 		return fmt.Errorf("AssertionError: DeepEP requires ep_size == tp_size, got ep_size %d and tp_size %d", c.sgEP, c.tp)
 	case c.dp.eplb && c.sgEP < 2:

@@ -42,16 +42,8 @@ func Simulate(p Params, promptTokens, outputTokens, concurrency, total int) Resu
 	for len(active) > 0 {
 		e.step()
 		for r := range active {
-			done := false
-			for drained := false; !drained; {
-				select {
-				case t := <-r.out:
-					outTokens++
-					done = done || t.finish != "" || t.err != nil
-				default:
-					drained = true
-				}
-			}
+			n, done, _ := drain(r)
+			outTokens += n
 			if !done {
 				continue
 			}
@@ -79,4 +71,22 @@ func Simulate(p Params, promptTokens, outputTokens, concurrency, total int) Resu
 	}
 	res.Preemptions = int(counterValue(m.preemptions))
 	return res
+}
+
+// drain takes what a request's engine has sent it so far: how many tokens,
+// and whether it ended (finished, or failed).
+func drain(r *request) (tokens int, done, failed bool) {
+	for {
+		select {
+		case t := <-r.out:
+			if t.err != nil {
+				done, failed = true, true
+				continue
+			}
+			tokens++
+			done = done || t.finish != ""
+		default:
+			return tokens, done, failed
+		}
+	}
 }

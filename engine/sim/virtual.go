@@ -77,20 +77,9 @@ func (v *Virtual) Step() (started, finished []*VirtualRequest, events []kvevents
 	v.e.step()
 	kept := v.active[:0]
 	for _, vr := range v.active {
-		done := false
-		for drained := false; !drained; {
-			select {
-			case t := <-vr.r.out:
-				if t.err != nil {
-					vr.Failed, done = true, true
-					continue
-				}
-				vr.Output++
-				done = done || t.finish != ""
-			default:
-				drained = true
-			}
-		}
+		n, done, failed := drain(vr.r)
+		vr.Output += n
+		vr.Failed = vr.Failed || failed
 		if vr.First == 0 && vr.r.emitted > 0 {
 			vr.First = vr.r.vFirst
 			started = append(started, vr)

@@ -279,7 +279,7 @@ func serve(ctx context.Context, c serveConfig, stdout, stderr io.Writer) int {
 	}
 	if c.nnodes > 1 {
 		logf(stdout, "Waiting for %d nodes at %s (torch.distributed TCP store)…", c.nnodes, master)
-		l, agree, err := rendezvousMaster(ctx, master, c.nnodes, c.argsSig, stdout)
+		l, agree, err := rendezvousMaster(ctx, master, c.nnodes, c.argsSig, stdout, false)
 		if err != nil {
 			fmt.Fprintln(stderr, err)
 			return 1
@@ -353,17 +353,15 @@ func serve(ctx context.Context, c serveConfig, stdout, stderr io.Writer) int {
 	}
 	n, first := c.localRanks()
 	if c.epOn() {
-		p = preset.withEP(p, c.epNodes(local), c.eplbOn(), c.redundantExperts(), c.dp.size*c.tp)
-		logf(stdout, "Expert parallelism over %d nodes: all-to-all %s + %s/token off-node, EPLB %v", p.EP.Nodes, p.EP.A2ALatency, p.EP.A2APerToken, c.eplbOn())
+		p = preset.withEP(p, c.epNodes(local), c.dp.eplb, c.dp.redundant, c.epRanks())
+		logf(stdout, "Expert parallelism over %d nodes: all-to-all %s + %s/token off-node, EPLB %v", p.EP.Nodes, p.EP.A2ALatency, p.EP.A2APerToken, c.dp.eplb)
 	}
 	logf(stdout, "GPU KV cache size: %d tokens", p.NumGPUBlocks*p.BlockSize)
 	logf(stdout, "Maximum concurrency for %d tokens per request: %.2fx", p.MaxModelLen, float64(p.NumGPUBlocks*p.BlockSize)/float64(p.MaxModelLen))
 	s := newServer(c, p, clock)
 	if n > 1 || c.dp.on() {
-		ranks, reg := newDPRanks(c, p, clock, n, first)
-		s.dp, s.eng = ranks, ranks.engines[0]
-		s.m = s.eng.m
-		s.m.reg = reg
+		s.dp = newDPRanks(c, p, clock, n, first)
+		s.eng, s.m = s.dp.engines[0], s.dp.engines[0].m
 		logf(stdout, "Started %d DP engine(s), ranks %d-%d of %d", n, first, first+n-1, max(c.dp.size, n))
 	}
 	eng := s.eng

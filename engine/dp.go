@@ -39,7 +39,6 @@ func dpPlan(in PlanInput, rank int, env map[string]string, host string) (*Plan, 
 	if in.MemberIPs[rank] != in.NodeIP || in.MemberIPs[0] != in.HeadIP {
 		return nil, fmt.Errorf("plan: node %s at rank %d, head %s, members %v do not agree", in.NodeIP, rank, in.HeadIP, in.MemberIPs)
 	}
-	epEnv(s, env)
 	L, rpc := dp.SizePerNode, strconv.Itoa(dp.DPRPCPort(in.Epoch, in.Term))
 	start := rank * L
 	p := &Plan{Role: in.Role}
@@ -48,7 +47,7 @@ func dpPlan(in PlanInput, rank int, env map[string]string, host string) (*Plan, 
 		common := []string{"serve", ModelArg(s), "--served-model-name", e.ServedModelName,
 			"--tensor-parallel-size", strconv.Itoa(e.TensorParallelSize), "--data-parallel-size", strconv.Itoa(dp.Size)}
 		addr := []string{"--data-parallel-address", in.HeadIP, "--data-parallel-rpc-port", rpc}
-		tail := append(append(epArgs(s), kvTransferArgs(s)...), e.Args...)
+		tail := vllmTail(s)
 		api := func(port int) []string {
 			a := []string{"--host", host, "--port", strconv.Itoa(port)}
 			if dp.APIServers > 0 {
@@ -169,22 +168,39 @@ func epArgs(s *spec.Deployment) []string {
 
 // epEnv adds what expert parallelism's all-to-all needs from the host's
 // RDMA scan: UCX (NIXL, DeepEP's host side) and NVSHMEM (DeepEP) on the
-// HCAs NCCL uses, and NVSHMEM's bootstrap on NCCL's interface. The
-// spec's env, already merged in, wins.
+// HCAs NCCL uses, and NVSHMEM's bootstrap on NCCL's interface.
 func epEnv(s *spec.Deployment, env map[string]string) {
 	if !s.Engine.EPOn() {
 		return
 	}
-	set := func(k, v string) {
-		if _, ok := s.Engine.Env[k]; !ok && v != "" {
-			env[k] = v
-		}
+	if hca := rdmaHCAs(env); hca != "" {
+		setDefault(s, env, "UCX_NET_DEVICES", hca)
+		setDefault(s, env, "NVSHMEM_HCA_LIST", hca)
 	}
-	if hca := env["NCCL_IB_HCA"]; hca != "" && env["NCCL_IB_DISABLE"] != "1" {
-		set("UCX_NET_DEVICES", hca)
-		set("NVSHMEM_HCA_LIST", hca)
+	setDefault(s, env, "NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", env["NCCL_SOCKET_IFNAME"])
+}
+
+// rdmaHCAs is the HCA list (mlx5_0:1,…) the RDMA scan gave NCCL, "" when
+// NCCL runs over sockets.
+func rdmaHCAs(env map[string]string) string {
+	if env["NCCL_IB_DISABLE"] == "1" {
+		return ""
 	}
-	set("NVSHMEM_BOOTSTRAP_UID_SOCK_IFNAME", env["NCCL_SOCKET_IFNAME"])
+	return env["NCCL_IB_HCA"]
+}
+
+// setDefault sets key unless the spec's env (already merged into env, and
+// winning) names it, or v is empty.
+func setDefault(s *spec.Deployment, env map[string]string, key, v string) {
+	if _, ok := s.Engine.Env[key]; !ok && v != "" {
+		env[key] = v
+	}
+}
+
+// vllmTail is what every vLLM command line of the spec ends with: the EP
+// and KV-transfer flags, then the user's engine.args.
+func vllmTail(s *spec.Deployment) []string {
+	return append(append(epArgs(s), kvTransferArgs(s)...), s.Engine.Args...)
 }
 
 // rankGPUs is the CUDA_VISIBLE_DEVICES of local rank j of tp GPUs: its

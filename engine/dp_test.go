@@ -179,3 +179,22 @@ func TestKVTransferGolden(t *testing.T) {
 		}
 	}
 }
+
+// Ray's workers inherit the raylet's environment, so a ray-vllm worker
+// node's `ray start` carries the all-to-all's and the connector's settings
+// for its own HCAs and address.
+func TestRayWorkersGetTransferEnv(t *testing.T) {
+	d, err := spec.Parse([]byte(`apiVersion: shoal/v1
+name: r1
+model: {source: /models/r1}
+engine: {kind: ray-vllm, tensorParallelSize: 8, pipelineParallelSize: 2, expertParallel: {enabled: true}, kvTransfer: {connector: nixl, role: decode}}
+resources: {nodes: 2, gpusPerNode: 8}
+`))
+	require.NoError(t, err)
+	p, err := RayVLLM(PlanInput{Spec: d, Role: RoleWorker, NodeIP: "10.0.0.2", HeadIP: "10.0.0.1", Bin: Binaries{Ray: "/usr/bin/ray"},
+		Env: map[string]string{"NCCL_IB_HCA": "mlx5_3:1", "NCCL_IB_DISABLE": "0", "NCCL_SOCKET_IFNAME": "ib0"}})
+	require.NoError(t, err)
+	for _, kv := range []string{"UCX_NET_DEVICES=mlx5_3:1", "NVSHMEM_HCA_LIST=mlx5_3:1", "VLLM_NIXL_SIDE_CHANNEL_HOST=10.0.0.2"} {
+		require.Contains(t, p.Node.Env, kv)
+	}
+}

@@ -31,20 +31,21 @@ func kvTransferArgs(s *spec.Deployment) []string {
 // nixlEnv sets what the NixlConnector needs: its side channel on the
 // node's own address (vLLM's default, localhost, cannot be reached from
 // the other host of a pair), its base port (each DP rank adds its rank),
-// and UCX on the HCAs the RDMA scan found. The spec's env wins.
+// and UCX on the HCAs the RDMA scan found.
 func nixlEnv(s *spec.Deployment, env map[string]string, nodeIP string) {
 	k := s.Engine.KVTransfer
 	if k == nil {
 		return
 	}
-	set := func(key, v string) {
-		if _, ok := s.Engine.Env[key]; !ok && v != "" {
-			env[key] = v
-		}
-	}
-	set("VLLM_NIXL_SIDE_CHANNEL_HOST", nodeIP)
-	set("VLLM_NIXL_SIDE_CHANNEL_PORT", strconv.Itoa(k.SideChannelPort))
-	if hca := env["NCCL_IB_HCA"]; hca != "" && env["NCCL_IB_DISABLE"] != "1" {
-		set("UCX_NET_DEVICES", hca)
-	}
+	setDefault(s, env, "VLLM_NIXL_SIDE_CHANNEL_HOST", nodeIP)
+	setDefault(s, env, "VLLM_NIXL_SIDE_CHANNEL_PORT", strconv.Itoa(k.SideChannelPort))
+	setDefault(s, env, "UCX_NET_DEVICES", rdmaHCAs(env))
+}
+
+// transferEnv is the environment of expert parallelism's all-to-all and
+// of the KV connector, for every engine process of the node (and, for
+// ray-vllm, every node's `ray start`, whose workers inherit it).
+func transferEnv(s *spec.Deployment, env map[string]string, nodeIP string) {
+	epEnv(s, env)
+	nixlEnv(s, env, nodeIP)
 }

@@ -214,8 +214,9 @@ func RayVLLM(in PlanInput) (*Plan, error) {
 	env["RAY_NODE_IP_ADDRESS"] = in.NodeIP
 	env["RAY_OVERRIDE_NODE_IP_ADDRESS"] = in.NodeIP
 	// Ray's workers inherit the raylet's environment: each node's NIXL side
-	// channel must bind that node's own address.
-	nixlEnv(s, env, in.NodeIP)
+	// channel must bind that node's own address, and its all-to-all use its
+	// own HCAs.
+	transferEnv(s, env, in.NodeIP)
 	p := &Plan{Role: in.Role, RayAddress: rayAddr, ExpectedGPUs: s.Resources.Nodes * s.Resources.GPUsPerNode, RayStop: true}
 	switch in.Role {
 	case RoleHead:
@@ -237,8 +238,7 @@ func RayVLLM(in PlanInput) (*Plan, error) {
 			"--distributed-executor-backend", "ray"}
 		serveEnv := mergeEnv(env, map[string]string{"RAY_ADDRESS": rayAddr})
 		kv, kvArgs := kvEvents(s, serveEnv, in.NodeIP)
-		epEnv(s, serveEnv)
-		args = append(append(append(append(args, kvArgs...), epArgs(s)...), kvTransferArgs(s)...), s.Engine.Args...)
+		args = append(append(args, kvArgs...), vllmTail(s)...)
 		p.KVEvents = kv
 		p.Serve = &Command{Name: "vllm", Path: in.Bin.VLLM, Env: envList(serveEnv), Args: args}
 		p.Endpoint = net.JoinHostPort(in.NodeIP, strconv.Itoa(s.Engine.Port))
@@ -427,11 +427,10 @@ func NativePlan(in PlanInput, rank int) (*Plan, error) {
 		host = in.NodeIP
 	}
 	e := s.Engine
-	nixlEnv(s, env, in.NodeIP)
+	transferEnv(s, env, in.NodeIP)
 	if e.DataParallel != nil {
 		return dpPlan(in, rank, env, host)
 	}
-	epEnv(s, env)
 	nn, r := strconv.Itoa(s.Resources.Nodes), strconv.Itoa(rank)
 	var c Command
 	var kv *KVEvents
@@ -448,7 +447,7 @@ func NativePlan(in PlanInput, rank int) (*Plan, error) {
 		} else {
 			args = append(args, "--headless")
 		}
-		c = Command{Name: "vllm", Path: in.Bin.VLLM, Args: append(append(append(args, epArgs(s)...), kvTransferArgs(s)...), e.Args...)}
+		c = Command{Name: "vllm", Path: in.Bin.VLLM, Args: append(args, vllmTail(s)...)}
 	case spec.EngineSGLang:
 		// SGLang's --tp is the whole group's tensor parallelism, as the spec's is.
 		args := []string{"-m", "sglang.launch_server", "--model-path", ModelArg(s), "--served-model-name", e.ServedModelName,

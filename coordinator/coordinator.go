@@ -8,6 +8,7 @@ import (
 	"net/http"
 	"path/filepath"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/prometheus/client_golang/prometheus"
@@ -150,6 +151,9 @@ type Coordinator struct {
 	guardView plan.Guard              // guarded by mu; the guard as the API shows it
 
 	started time.Time // Run's start: see settling
+	// warmer holds new prefill/decode endpoints out of the built-in
+	// router's table until their pairs are warmed (nil: no router).
+	warmer atomic.Pointer[router.Warmer]
 
 	reg        *prometheus.Registry
 	cm         *clusterMetrics
@@ -263,7 +267,11 @@ func (c *Coordinator) Run(ctx context.Context) error {
 		rc.OnDemand = c.Demand
 		rc.Registry = c.reg // one /metrics for the router and the autoscaler
 		rc.KV = c.heads.KV()
-		httpSrv = router.New(c.table, c.cfg.Logger, rc).NewServer(rl)
+		rt := router.New(c.table, c.cfg.Logger, rc)
+		warm := rt.NewWarmer(c.rebuildTable)
+		c.warmer.Store(warm)
+		defer warm.Close()
+		httpSrv = rt.NewServer(rl)
 		go func() { _ = httpSrv.Serve() }()
 	}
 	var metricsSrv *http.Server
@@ -404,5 +412,9 @@ func (c *Coordinator) rebuildTable() {
 	c.mu.Lock()
 	models := c.models
 	c.mu.Unlock()
-	c.table.Set(c.heads.Snapshot(models))
+	snap := c.heads.Snapshot(models)
+	if w := c.warmer.Load(); w != nil {
+		snap = w.Gate(snap) // new prefill/decode endpoints wait for their pairs' warm-ups
+	}
+	c.table.Set(snap)
 }

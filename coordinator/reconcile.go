@@ -8,6 +8,7 @@ import (
 	"time"
 
 	"github.com/shoalhq/shoal/coordinator/plan"
+	"github.com/shoalhq/shoal/coordinator/router"
 	"github.com/shoalhq/shoal/coordinator/store"
 	"github.com/shoalhq/shoal/gossip"
 	agentv1 "github.com/shoalhq/shoal/proto/agent/v1"
@@ -141,6 +142,9 @@ func (c *Coordinator) headViews() map[string]plan.HeadView {
 		if m := v.Metrics; m != nil {
 			h.Serving, h.Failed, h.Reason = m.Serving, m.Failed, m.Reason
 			h.Idle = m.MetricsValid && m.NumRequestsRunning == 0 && m.NumRequestsWaiting == 0
+			// A prefill engine's finished requests keep their blocks until
+			// the decode engines read them (or the lease ends).
+			h.HoldsKV = m.Role == router.RolePrefill && m.KvCacheUsage > 0
 			h.At = time.UnixMilli(m.UnixMillis)
 		}
 		out[g] = h

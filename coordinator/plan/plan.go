@@ -46,6 +46,9 @@ type HeadView struct {
 	// head took them.
 	Idle bool
 	At   time.Time
+	// HoldsKV: a prefill engine still holds KV blocks that decode engines
+	// have not read (its KV use is above zero).
+	HoldsKV bool
 }
 
 // Snapshot is everything Compute reads.
@@ -435,14 +438,15 @@ func (pl *planner) serving(g *store.Group) bool {
 }
 
 // drained decides a draining group's end: released once its head reports
-// nothing running or waiting (measured after the drain began), or unseen
-// for DrainUnseenGrace, or after DrainTimeout. No request is cut off.
+// nothing running or waiting (measured after the drain began) and, for a
+// prefill engine, no KV left for a decode engine to read; or unseen for
+// DrainUnseenGrace, or after DrainTimeout. No request is cut off.
 func (pl *planner) drained(g *store.Group) bool {
 	s := pl.s
 	h, seen := s.Heads[g.ID]
 	seen = seen && h.Epoch == g.Epoch
 	took := s.Now.Sub(g.DrainingSince)
-	idle := seen && h.Idle && h.At.After(g.DrainingSince.Add(time.Second))
+	idle := seen && h.Idle && !h.HoldsKV && h.At.After(g.DrainingSince.Add(time.Second))
 	if !idle && (seen || took <= DrainUnseenGrace) && took <= DrainTimeout {
 		return false
 	}

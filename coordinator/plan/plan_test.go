@@ -312,6 +312,8 @@ func TestComputeDrainEnds(t *testing.T) {
 	}{
 		{"requests still run", &HeadView{Node: "n1", Epoch: 1, Connected: true, At: since.Add(5 * time.Second)}, 5 * time.Second, false},
 		{"idle, measured after the drain began", &HeadView{Node: "n1", Epoch: 1, Connected: true, Idle: true, At: since.Add(2 * time.Second)}, 3 * time.Second, true},
+		{"a prefill engine idle, but holding KV for decode engines", &HeadView{Node: "n1", Epoch: 1, Connected: true, Idle: true, HoldsKV: true, At: since.Add(2 * time.Second)}, 3 * time.Second, false},
+		{"a prefill engine holding KV past the drain timeout", &HeadView{Node: "n1", Epoch: 1, Connected: true, Idle: true, HoldsKV: true, At: since.Add(2 * time.Second)}, DrainTimeout + time.Second, true},
 		{"idle, but measured before the drain began", &HeadView{Node: "n1", Epoch: 1, Connected: true, Idle: true, At: since}, 3 * time.Second, false},
 		{"unseen head, within the grace", nil, 4 * time.Second, false},
 		{"unseen head, past the grace", nil, 6 * time.Second, true},

@@ -106,7 +106,7 @@ func (r *Router) prefill(ctx context.Context, req *http.Request, prefills []*End
 			break
 		}
 		tried[ep.Addr] = true
-		db, status, out, err := r.prefillHop(ctx, ep.Addr, req.URL.Path, hdr, pb, body)
+		db, status, out, err := r.prefillHop(ctx, ep.Addr, req.URL.Path, pinRank(hdr, ep), pb, body)
 		lease.release()
 		if d := r.picker.outcome(ep.Addr, err != nil, r.cfg.EjectAfter, r.cfg.EjectFor); d > 0 {
 			r.ejections.WithLabelValues("prefill").Inc()
@@ -223,15 +223,23 @@ func (r *Router) WarmPairs(ctx context.Context, eps []*Endpoint) (int, []error) 
 	return n, errs
 }
 
+// pinRank adds the DP rank header for an endpoint that pins one.
+func pinRank(hdr []h1.Header, ep *Endpoint) []h1.Header {
+	if !ep.PinRank {
+		return hdr
+	}
+	return append(slices.Clip(hdr), h1.Header{Key: rankHeader, Value: strconv.Itoa(ep.Rank)})
+}
+
 // warm sends body through prefill engine p and decode engine d.
 func (r *Router) warm(ctx context.Context, p, d *Endpoint, body []byte) error {
 	pb, _ := prefillBody(body)
 	hdr := []h1.Header{{Key: "Content-Type", Value: "application/json"}, {Key: "X-Request-Id", Value: "warm-" + requestID()}}
-	db, _, out, err := r.prefillHop(ctx, p.Addr, "/v1/completions", hdr, pb, body)
+	db, _, out, err := r.prefillHop(ctx, p.Addr, "/v1/completions", pinRank(hdr, p), pb, body)
 	if err != nil {
 		return fmt.Errorf("warm %s → %s: prefill: %v %s", p.Addr, d.Addr, err, bytes.TrimSpace(out))
 	}
-	status, out, err := r.post(ctx, d.Addr, "/v1/completions", hdr, db)
+	status, out, err := r.post(ctx, d.Addr, "/v1/completions", pinRank(hdr, d), db)
 	if err != nil || status != 200 {
 		return fmt.Errorf("warm %s → %s: decode: %d %v %s", p.Addr, d.Addr, status, err, bytes.TrimSpace(out))
 	}

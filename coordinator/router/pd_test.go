@@ -5,6 +5,7 @@ import (
 	"context"
 	"net"
 	"net/http/httptest"
+	"slices"
 	"strings"
 	"testing"
 
@@ -145,4 +146,68 @@ func TestWarmPairs(t *testing.T) {
 	require.Equal(t, 4, n)
 	require.Len(t, errs, 2, "the dead prefill engine's two pairs")
 	require.ErrorContains(t, errs[0], "prefill")
+}
+
+// endpointsOfModel is the snapshot's endpoints of m, by group.
+func groupsOf(s *Snapshot, m string) []string {
+	eps, _ := s.Endpoints(m)
+	var out []string
+	for _, e := range eps {
+		out = append(out, e.Group)
+	}
+	slices.Sort(out)
+	return out
+}
+
+// The gate of routers fed by the heads: a decode (or prefill) endpoint
+// joining while others of its role serve is held out until its pairs are
+// warmed, then let in; the decode engine then knows every prefill engine
+// before its first user request. Endpoints of a role with nothing warmed
+// yet are let in at once, and a pair that cannot be warmed is let in too
+// (its first request pays the handshake) and counted.
+func TestWarmerGatesNewEndpoints(t *testing.T) {
+	t.Setenv("SHOAL_SIM_NIXL_HANDSHAKE_SECONDS", "5") // 100 ms real
+	_, p1 := simPD(t, "127.0.9.36")
+	_, d1a := simPD(t, "127.0.9.37")
+	d2, d2a := simPD(t, "127.0.9.38")
+	r, _ := newRouter()
+	changed := make(chan struct{}, 16)
+	w := r.NewWarmer(func() { changed <- struct{}{} })
+	defer w.Close()
+	pe := &Endpoint{Model: "m", Addr: p1, Group: "p1", Epoch: 1, Role: RolePrefill, Rank: -1}
+	de1 := &Endpoint{Model: "m", Addr: d1a, Group: "d1", Epoch: 1, Role: RoleDecode, Rank: -1}
+	de2 := &Endpoint{Model: "m", Addr: d2a, Group: "d2", Epoch: 1, Role: RoleDecode, Rank: -1}
+	plain := &Endpoint{Model: "plain", Addr: "127.0.0.1:1", Group: "x", Rank: -1}
+
+	s := w.Gate(NewSnapshot(nil, []*Endpoint{pe, de1, plain}))
+	require.Equal(t, []string{"d1", "p1"}, groupsOf(s, "m"), "nothing warmed yet: the model serves on what it has")
+	require.Equal(t, []string{"x"}, groupsOf(s, "plain"), "other models pass untouched")
+	<-changed
+	s = w.Gate(NewSnapshot(nil, []*Endpoint{pe, de1, de2, plain}))
+	require.Equal(t, []string{"d1", "p1"}, groupsOf(s, "m"), "d2 waits for its pair's warm-up")
+	require.Equal(t, 1.0, testutil.ToFloat64(w.held))
+	<-changed
+	s = w.Gate(NewSnapshot(nil, []*Endpoint{pe, de1, de2, plain}))
+	require.Equal(t, []string{"d1", "d2", "p1"}, groupsOf(s, "m"), "warmed: d2 takes requests")
+	require.Equal(t, 1, d2.Paired(), "d2 handshook with the prefill engine before any user request")
+	require.Equal(t, 2.0, testutil.ToFloat64(w.outcomes.WithLabelValues("ok")))
+
+	// A prefill endpoint that cannot be warmed is held until it fails, then let in.
+	dead := &Endpoint{Model: "m", Addr: "127.0.0.1:1", Group: "p-dead", Epoch: 1, Role: RolePrefill, Rank: -1}
+	s = w.Gate(NewSnapshot(nil, []*Endpoint{pe, dead, de1, de2}))
+	require.Equal(t, []string{"d1", "d2", "p1"}, groupsOf(s, "m"))
+	<-changed
+	<-changed
+	s = w.Gate(NewSnapshot(nil, []*Endpoint{pe, dead, de1, de2}))
+	require.Equal(t, []string{"d1", "d2", "p-dead", "p1"}, groupsOf(s, "m"))
+	require.Equal(t, 2.0, testutil.ToFloat64(w.outcomes.WithLabelValues("failed")))
+
+	// A re-formed group (new epoch) is a new engine: warmed again.
+	pe2 := *pe
+	pe2.Epoch = 2
+	s = w.Gate(NewSnapshot(nil, []*Endpoint{&pe2, de1, de2}))
+	require.Equal(t, []string{"d1", "d2", "p1"}, groupsOf(s, "m"), "the only prefill endpoint is let in at once")
+	<-changed
+	<-changed
+	require.Equal(t, 4.0, testutil.ToFloat64(w.outcomes.WithLabelValues("ok")))
 }

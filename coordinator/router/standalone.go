@@ -53,6 +53,7 @@ func RunStandalone(ctx context.Context, cfg StandaloneConfig) error {
 	seen := map[string]bool{} // guarded by mu; served names seen from heads
 	var listed []string       // guarded by mu; the coordinator's deployments, once it answered
 	var w *Watcher
+	var warm *Warmer // set before the watcher's first change
 	rebuild := func() {
 		snap := w.Snapshot(nil)
 		mu.Lock()
@@ -68,7 +69,11 @@ func RunStandalone(ctx context.Context, cfg StandaloneConfig) error {
 			}
 		}
 		mu.Unlock()
-		table.Set(w.Snapshot(models))
+		s := w.Snapshot(models)
+		if warm != nil {
+			s = warm.Gate(s) // new prefill/decode endpoints wait for their pairs' warm-ups
+		}
+		table.Set(s)
 	}
 	learn := func(models []string) {
 		mu.Lock()
@@ -89,7 +94,10 @@ func RunStandalone(ctx context.Context, cfg StandaloneConfig) error {
 	rc := cfg.Router
 	rc.OnDemand = demandForwarder(mem, cfg.TLS, cfg.Logger)
 	rc.KV = w.KV()
-	srv := New(table, cfg.Logger, rc).NewServer(ln)
+	rt := New(table, cfg.Logger, rc)
+	warm = rt.NewWarmer(rebuild)
+	defer warm.Close()
+	srv := rt.NewServer(ln)
 	go func() { _ = srv.Serve() }()
 	cfg.Logger.Info("router running", "listen", ln.Addr().String(), "gossip", mem.Addr())
 	if cfg.Ready != nil {

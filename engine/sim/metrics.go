@@ -54,6 +54,41 @@ type metrics struct {
 	hitRate     prometheus.Gauge // SGLang only: a gauge where vLLM has counters
 	hits, qs    float64
 	eng         *Engine
+	labels      prometheus.Labels
+	nixl        *nixlMetrics
+}
+
+// nixlMetrics are vLLM's NixlConnector series (KVConnectorPromMetrics):
+// D counts its reads (time, bytes) and failed ones, P the requests whose
+// lease ran out before D read them.
+type nixlMetrics struct {
+	xfer, bytes     prometheus.Observer
+	failed, expired prometheus.Counter
+}
+
+// enableNIXL registers the connector's series once (a process's DP ranks
+// share one connector) and returns them.
+func (m *metrics) enableNIXL() *nixlMetrics {
+	if m.nixl != nil {
+		return m.nixl
+	}
+	h := func(name, help string, buckets []float64) prometheus.Observer {
+		x := prometheus.NewHistogram(prometheus.HistogramOpts{Name: name, Help: help, ConstLabels: m.labels, Buckets: buckets})
+		m.reg.MustRegister(x)
+		return x
+	}
+	c := func(name, help string) prometheus.Counter {
+		x := prometheus.NewCounter(prometheus.CounterOpts{Name: name + "_total", Help: help, ConstLabels: m.labels})
+		m.reg.MustRegister(x)
+		return x
+	}
+	m.nixl = &nixlMetrics{
+		xfer:    h("vllm:nixl_xfer_time_seconds", "Histogram of transfer duration for NIXL KV Cache transfers.", []float64{0.001, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5}),
+		bytes:   h("vllm:nixl_bytes_transferred", "Histogram of bytes transferred per NIXL KV Cache transfers.", []float64{1 << 20, 8 << 20, 64 << 20, 256 << 20, 1 << 30, 4 << 30}),
+		failed:  c("vllm:nixl_num_failed_transfers", "Number of failed NIXL KV Cache transfers."),
+		expired: c("vllm:nixl_num_kv_expired_reqs", "Number of requests that had their KV expire."),
+	}
+	return m.nixl
 }
 
 // newMetrics registers vLLM V1 names, or the V0-era ones when v0 is set, so the
@@ -85,7 +120,7 @@ func newRankMetrics(reg *prometheus.Registry, rank int, first bool, model string
 			labels["engine"] = strconv.Itoa(rank)
 		}
 	}
-	m := &metrics{reg: reg}
+	m := &metrics{reg: reg, labels: labels}
 	hidden := prometheus.NewRegistry()
 	// name translates a vLLM V1 name for this flavor; ok=false hides it.
 	name := func(v1 string) (string, *prometheus.Registry) {

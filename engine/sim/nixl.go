@@ -101,9 +101,11 @@ type nixl struct {
 	gbps      float64 // link bandwidth, GB/s
 	handshake time.Duration
 	ln        net.Listener
+	m         *nixlMetrics
 
 	mu     sync.Mutex
 	holds  map[string]*kvHold // P: request id → its blocks
+	conns  map[net.Conn]bool  // P: side-channel connections open
 	paired map[string]bool    // D: remote engines handshaken
 }
 
@@ -118,20 +120,21 @@ type kvHold struct {
 // vLLM's kv_both engines serve either role) on VLLM_NIXL_SIDE_CHANNEL_HOST
 // (default localhost, so another host cannot reach it: cross-host PD needs
 // it set) and VLLM_NIXL_SIDE_CHANNEL_PORT + the first DP rank.
-func startNIXL(cfg *kvTransferConfig, c serveConfig, pr Preset, clock Clock, rank int) (*nixl, error) {
+func startNIXL(cfg *kvTransferConfig, c serveConfig, pr Preset, clock Clock, rank int, m *metrics) (*nixl, error) {
 	host := os.Getenv("VLLM_NIXL_SIDE_CHANNEL_HOST")
 	if host == "" {
 		host = "localhost"
 	}
-	return listenNIXL(cfg, host, envInt("VLLM_NIXL_SIDE_CHANNEL_PORT", 5600)+rank, c.tp, pr, clock)
+	return listenNIXL(cfg, host, envInt("VLLM_NIXL_SIDE_CHANNEL_PORT", 5600)+rank, c.tp, pr, clock, m)
 }
 
-// listenNIXL starts a connector whose side channel is host:port.
-func listenNIXL(cfg *kvTransferConfig, host string, port, tp int, pr Preset, clock Clock) (*nixl, error) {
+// listenNIXL starts a connector whose side channel is host:port; its
+// series go on m's registry.
+func listenNIXL(cfg *kvTransferConfig, host string, port, tp int, pr Preset, clock Clock, m *metrics) (*nixl, error) {
 	var id [16]byte
 	_, _ = rand.Read(id[:])
-	n := &nixl{cfg: cfg, engineID: hex.EncodeToString(id[:]), host: host, port: port,
-		tp: tp, clock: clock, bytesTok: pr.KVBytesPerToken, holds: map[string]*kvHold{}, paired: map[string]bool{},
+	n := &nixl{cfg: cfg, engineID: hex.EncodeToString(id[:]), host: host, port: port, m: m.enableNIXL(),
+		tp: tp, clock: clock, bytesTok: pr.KVBytesPerToken, holds: map[string]*kvHold{}, paired: map[string]bool{}, conns: map[net.Conn]bool{},
 		handshake: time.Duration(envFloat("SHOAL_SIM_NIXL_HANDSHAKE_SECONDS", 5) * float64(time.Second))}
 	if n.bytesTok == 0 {
 		n.bytesTok = 128 << 10
@@ -154,6 +157,9 @@ func (n *nixl) close() {
 	n.ln.Close()
 	n.mu.Lock()
 	defer n.mu.Unlock()
+	for c := range n.conns { // the process is gone: so are its sockets
+		c.Close()
+	}
 	for id, h := range n.holds {
 		h.timer.Stop()
 		n.releaseLocked(id)
@@ -174,7 +180,9 @@ func (n *nixl) hold(eng *Engine, r *request, requestID string) *kvTransferParams
 	n.holds[requestID] = &kvHold{eng: eng, ids: ids, timer: time.AfterFunc(n.clock.Real(n.cfg.lease), func() {
 		n.mu.Lock()
 		defer n.mu.Unlock()
-		n.releaseLocked(requestID) // the lease ran out: D never pulled
+		if _, ok := n.releaseLocked(requestID); ok { // the lease ran out: D never pulled
+			n.m.expired.Inc()
+		}
 	})}
 	n.mu.Unlock()
 	host, port, eid, rid := n.host, n.port, n.engineID, requestID
@@ -197,29 +205,47 @@ func (n *nixl) releaseLocked(requestID string) (blocks int, ok bool) {
 	return len(h.ids), true
 }
 
-// pullMsg is D's request on P's side channel, and P's answer.
+// pullMsg is D's message on P's side channel (a pull, then its
+// completion notification), and P's answer.
 type pullMsg struct {
 	EngineID  string `json:"engine_id"` // the engine D expects
 	RequestID string `json:"request_id"`
 	BlockIDs  []int  `json:"block_ids"`
-	OK        bool   `json:"ok"`
-	Blocks    int    `json:"blocks"`
-	Error     string `json:"error,omitempty"`
+	// Done: D read the blocks (or, with Abort, gave up on them): P may
+	// free them.
+	Done   bool   `json:"done,omitempty"`
+	Abort  bool   `json:"abort,omitempty"`
+	OK     bool   `json:"ok"`
+	Blocks int    `json:"blocks"`
+	Error  string `json:"error,omitempty"`
 }
 
-// serve answers pulls: the blocks are handed over (their hold released,
-// as NIXL's notification frees them on P) or refused.
+// serve answers pulls. A pull is checked against P's holds and answered;
+// the blocks stay held while D reads them and are freed by D's
+// notification (read, or aborted), as NIXL's notification frees them on
+// P. A channel that breaks before the notification leaves them to the
+// lease.
 func (n *nixl) serve() {
 	for {
 		c, err := n.ln.Accept()
 		if err != nil {
 			return
 		}
+		n.mu.Lock()
+		n.conns[c] = true
+		n.mu.Unlock()
 		go func() {
-			defer c.Close()
-			_ = c.SetDeadline(time.Now().Add(10 * time.Second))
+			defer func() {
+				n.mu.Lock()
+				delete(n.conns, c)
+				n.mu.Unlock()
+				c.Close()
+			}()
+			_ = c.SetDeadline(time.Now().Add(time.Minute))
+			dec := json.NewDecoder(bufio.NewReader(c))
+			enc := json.NewEncoder(c)
 			var m pullMsg
-			if err := json.NewDecoder(bufio.NewReader(c)).Decode(&m); err != nil {
+			if err := dec.Decode(&m); err != nil {
 				return
 			}
 			out := pullMsg{RequestID: m.RequestID}
@@ -230,31 +256,50 @@ func (n *nixl) serve() {
 				out.Error = fmt.Sprintf("remote engine id %s is not this engine (%s): it restarted", m.EngineID, n.engineID)
 			case !held:
 				out.Error = "no KV blocks held for request " + m.RequestID + " (lease expired or already pulled)"
+			case m.Abort:
+				h.timer.Stop()
+				out.Blocks, out.OK = n.releaseLocked(m.RequestID) // D gave up before reading
 			case len(m.BlockIDs) != len(h.ids):
 				out.Error = fmt.Sprintf("block ids do not match: %d asked, %d held", len(m.BlockIDs), len(h.ids))
 			default:
-				h.timer.Stop()
-				out.Blocks, out.OK = n.releaseLocked(m.RequestID)
+				out.Blocks, out.OK = len(h.ids), true
 			}
 			n.mu.Unlock()
-			_ = json.NewEncoder(c).Encode(out)
+			if enc.Encode(out) != nil || !out.OK || m.Abort {
+				return
+			}
+			var done pullMsg
+			if dec.Decode(&done) != nil || !done.Done {
+				return // D went away mid-read: the lease frees the blocks
+			}
+			n.mu.Lock()
+			if h, ok := n.holds[m.RequestID]; ok {
+				h.timer.Stop()
+				n.releaseLocked(m.RequestID)
+			}
+			n.mu.Unlock()
+			_ = enc.Encode(pullMsg{RequestID: m.RequestID, OK: true})
 		}()
 	}
 }
 
 // pull fetches a request's KV from P, in virtual time: the handshake with
-// a P engine not met before, then the prompt's KV bytes over the link.
-// It returns the modelled time the transfer took.
+// a P engine not met before, then the prompt's KV bytes over the link,
+// then the notification that frees P's blocks. It returns the modelled
+// time the transfer took. A failed pull is counted
+// (vllm:nixl_num_failed_transfers); a request cancelled meanwhile tells P
+// to free the blocks.
 func (n *nixl) pull(ctx context.Context, p *kvTransferParams, promptTokens int) (time.Duration, error) {
+	d, err := n.pullOnce(ctx, p, promptTokens)
+	if err != nil && ctx.Err() == nil {
+		n.m.failed.Inc()
+	}
+	return d, err
+}
+
+func (n *nixl) pullOnce(ctx context.Context, p *kvTransferParams, promptTokens int) (time.Duration, error) {
 	if p.RemoteHost == nil || p.RemotePort == nil || p.RemoteEngineID == nil || p.RemoteRequestID == nil {
 		return 0, fmt.Errorf("kv_transfer_params lack remote_host, remote_port, remote_engine_id or remote_request_id")
-	}
-	n.mu.Lock()
-	first := !n.paired[*p.RemoteEngineID]
-	n.mu.Unlock()
-	d := time.Duration(float64(int64(promptTokens)*n.bytesTok) / (n.gbps * 1e9) * float64(time.Second))
-	if first {
-		d += n.handshake
 	}
 	var dl net.Dialer
 	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
@@ -264,25 +309,78 @@ func (n *nixl) pull(ctx context.Context, p *kvTransferParams, promptTokens int) 
 		return 0, fmt.Errorf("NIXL handshake with %s:%d failed: %v", *p.RemoteHost, *p.RemotePort, err)
 	}
 	defer c.Close()
-	_ = c.SetDeadline(time.Now().Add(10 * time.Second))
-	if err := json.NewEncoder(c).Encode(pullMsg{EngineID: *p.RemoteEngineID, RequestID: *p.RemoteRequestID, BlockIDs: p.RemoteBlockIDs}); err != nil {
+	stop := context.AfterFunc(ctx, func() { _ = c.SetDeadline(time.Now()) })
+	defer stop()
+	enc, dec := json.NewEncoder(c), json.NewDecoder(bufio.NewReader(c))
+	msg := pullMsg{EngineID: *p.RemoteEngineID, RequestID: *p.RemoteRequestID, BlockIDs: p.RemoteBlockIDs}
+	// abort tells P to free the blocks of a request that went away.
+	abort := func() {
+		a, err := net.DialTimeout("tcp", net.JoinHostPort(*p.RemoteHost, strconv.Itoa(*p.RemotePort)), time.Second)
+		if err != nil {
+			return
+		}
+		defer a.Close()
+		_ = a.SetDeadline(time.Now().Add(time.Second))
+		m := msg
+		m.Abort = true
+		if json.NewEncoder(a).Encode(m) == nil {
+			var out pullMsg
+			_ = json.NewDecoder(a).Decode(&out)
+		}
+	}
+	n.mu.Lock()
+	first := !n.paired[*p.RemoteEngineID]
+	n.mu.Unlock()
+	if first {
+		// The lazy handshake: metadata exchange, agent registration.
+		if !sleepCtx(ctx, n.clock.Real(n.handshake)) {
+			abort()
+			return n.handshake, ctx.Err()
+		}
+		n.mu.Lock()
+		n.paired[*p.RemoteEngineID] = true
+		n.mu.Unlock()
+	}
+	_ = c.SetDeadline(time.Now().Add(time.Minute))
+	if err := enc.Encode(msg); err != nil {
 		return 0, fmt.Errorf("NIXL transfer: %v", err)
 	}
 	var out pullMsg
-	if err := json.NewDecoder(bufio.NewReader(c)).Decode(&out); err != nil {
+	if err := dec.Decode(&out); err != nil {
 		return 0, fmt.Errorf("NIXL transfer: the prefill engine closed the channel: %v", err)
 	}
 	if !out.OK {
 		return 0, fmt.Errorf("NIXL transfer failed: %s", out.Error)
 	}
-	n.mu.Lock()
-	n.paired[*p.RemoteEngineID] = true
-	n.mu.Unlock()
+	xfer := time.Duration(float64(int64(promptTokens)*n.bytesTok) / (n.gbps * 1e9) * float64(time.Second))
+	if !sleepCtx(ctx, n.clock.Real(xfer)) {
+		abort()
+		return xfer, ctx.Err()
+	}
+	if err := enc.Encode(pullMsg{RequestID: msg.RequestID, Done: true}); err != nil {
+		return 0, fmt.Errorf("NIXL transfer: notifying the prefill engine: %v", err)
+	}
+	if err := dec.Decode(&out); err != nil || !out.OK {
+		return 0, fmt.Errorf("NIXL transfer: the prefill engine went away during the transfer: %v", err)
+	}
+	n.m.xfer.Observe(xfer.Seconds())
+	n.m.bytes.Observe(float64(int64(promptTokens) * n.bytesTok))
+	d := xfer
+	if first {
+		d += n.handshake
+	}
+	return d, nil
+}
+
+// sleepCtx waits d unless ctx ends first (false).
+func sleepCtx(ctx context.Context, d time.Duration) bool {
+	t := time.NewTimer(d)
+	defer t.Stop()
 	select {
-	case <-time.After(n.clock.Real(d)):
-		return d, nil
+	case <-t.C:
+		return true
 	case <-ctx.Done():
-		return d, ctx.Err()
+		return false
 	}
 }
 
@@ -314,7 +412,7 @@ func (s *Server) EnableNIXL(pr Preset, host string, port int, policy string) err
 	if err != nil {
 		return err
 	}
-	s.nixl, err = listenNIXL(cfg, host, port, 1, pr, s.eng.clock)
+	s.nixl, err = listenNIXL(cfg, host, port, 1, pr, s.eng.clock, s.eng.m)
 	return err
 }
 

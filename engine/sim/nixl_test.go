@@ -19,7 +19,7 @@ func pdEngine(t *testing.T, ip, policy string, lease float64) (*Server, string) 
 	p := Presets["llama-8b-h100-tp1"]
 	s, url := testServer(t, p.Params, 50)
 	port := freePorts(t, ip, 1)[0]
-	s.nixl, err = listenNIXL(cfg, ip, port, 1, p, Clock{Scale: 50})
+	s.nixl, err = listenNIXL(cfg, ip, port, 1, p, Clock{Scale: 50}, s.eng.m)
 	require.NoError(t, err)
 	t.Cleanup(s.nixl.close)
 	return s, url
@@ -111,6 +111,7 @@ func TestNIXLLeaseAndRecompute(t *testing.T) {
 	}
 	require.NoError(t, json.Unmarshal([]byte(body), &pr))
 	require.Eventually(t, func() bool { return kvUsage(ps) == 0 }, 5*time.Second, 5*time.Millisecond, "the lease frees P's blocks")
+	require.Equal(t, 1.0, counterValue(ps.nixl.m.expired), "vllm:nixl_num_kv_expired_reqs counts it")
 	second := fmt.Sprintf(`{"model":"m","prompt":%q,"max_tokens":4,"kv_transfer_params":%s}`, prompt, pr.KV)
 	resp, body = post(t, dFail+"/v1/completions", second)
 	require.Equal(t, 500, resp.StatusCode)
@@ -135,4 +136,63 @@ func TestKVTransferConfigRefusals(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, "fail", c.kvTransfer.FailurePolicy, "vLLM's default since 0.17")
 	require.Equal(t, 30*time.Second, c.kvTransfer.lease)
+}
+
+// heldRequest puts three cached blocks on P and holds them for a pull.
+func heldRequest(ps *Server) *kvTransferParams {
+	r := &request{hashes: []uint64{1, 2, 3}}
+	ps.eng.mu.Lock()
+	for _, h := range r.hashes {
+		id := ps.eng.kv.alloc()
+		ps.eng.kv.register(id, h)
+		ps.eng.kv.release(id)
+	}
+	ps.eng.mu.Unlock()
+	return ps.nixl.hold(ps.eng, r, fmt.Sprint(time.Now().UnixNano()))
+}
+
+// P keeps the blocks while D reads them and frees them on D's
+// notification; P going away mid-read fails D's transfer, counted in
+// vllm:nixl_num_failed_transfers.
+func TestNIXLBlocksHeldUntilRead(t *testing.T) {
+	t.Setenv("SHOAL_SIM_NIXL_HANDSHAKE_SECONDS", "0")
+	t.Setenv("SHOAL_SIM_KV_GBPS", "0.05") // 4096 tokens × 128 KiB: ~10.7 s virtual, ~215 ms real
+	ps, _ := pdEngine(t, "127.0.9.27", "fail", 30)
+	ds, _ := pdEngine(t, "127.0.9.28", "fail", 30)
+	kv := heldRequest(ps)
+	done := make(chan error, 1)
+	go func() { _, err := ds.nixl.pull(context.Background(), kv, 4096); done <- err }()
+	require.Never(t, func() bool { return kvUsage(ps) == 0 }, 100*time.Millisecond, 5*time.Millisecond, "held while D reads")
+	require.NoError(t, <-done)
+	require.Zero(t, kvUsage(ps), "freed by D's notification")
+	require.Zero(t, counterValue(ds.nixl.m.failed))
+
+	kv = heldRequest(ps)
+	go func() { _, err := ds.nixl.pull(context.Background(), kv, 40960); done <- err }() // ~2 s real
+	require.Eventually(t, func() bool {
+		ps.nixl.mu.Lock()
+		defer ps.nixl.mu.Unlock()
+		return len(ps.nixl.conns) > 0
+	}, 5*time.Second, time.Millisecond, "D connected")
+	ps.nixl.close() // P dies while D reads
+	err := <-done
+	require.ErrorContains(t, err, "the prefill engine")
+	require.Equal(t, 1.0, counterValue(ds.nixl.m.failed))
+}
+
+// A decode request that goes away during the handshake tells P to free
+// its blocks, not waiting for the lease.
+func TestNIXLCancelledPullFreesPrefill(t *testing.T) {
+	t.Setenv("SHOAL_SIM_NIXL_HANDSHAKE_SECONDS", "50") // 1 s real at Scale 50
+	ps, _ := pdEngine(t, "127.0.9.29", "fail", 300)
+	ds, _ := pdEngine(t, "127.0.9.30", "fail", 300)
+	kv := heldRequest(ps)
+	ctx, cancel := context.WithCancel(context.Background())
+	done := make(chan error, 1)
+	go func() { _, err := ds.nixl.pull(ctx, kv, 64); done <- err }()
+	time.Sleep(20 * time.Millisecond)
+	cancel()
+	require.ErrorIs(t, <-done, context.Canceled)
+	require.Eventually(t, func() bool { return kvUsage(ps) == 0 }, 2*time.Second, 5*time.Millisecond, "P freed the blocks on D's abort")
+	require.Zero(t, counterValue(ds.nixl.m.failed), "a cancelled request is not a failed transfer")
 }

@@ -366,7 +366,7 @@ func serve(ctx context.Context, c serveConfig, stdout, stderr io.Writer) int {
 	}
 	eng := s.eng
 	if c.kvTransfer != nil {
-		if s.nixl, err = startNIXL(c.kvTransfer, c, preset, clock, first); err != nil {
+		if s.nixl, err = startNIXL(c.kvTransfer, c, preset, clock, first, s.eng.m); err != nil {
 			fmt.Fprintln(stderr, err)
 			return 1
 		}

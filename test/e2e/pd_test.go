@@ -132,7 +132,7 @@ replicas: {count: %d}
 // under load: no request fails (those that had not reached decode are
 // served whole by a decode engine, the others retried).
 func TestDisaggregatedDeployments(t *testing.T) {
-	e := startCluster(t, 34, 4, func(c *devcluster.Config) { c.SimEnv = append(c.SimEnv, "SHOAL_SIM_NIXL_HANDSHAKE_SECONDS=0.5") })
+	e := startCluster(t, 34, 5, func(c *devcluster.Config) { c.SimEnv = append(c.SimEnv, "SHOAL_SIM_NIXL_HANDSHAKE_SECONDS=0.5") })
 	e.apply("prefill.yaml", pdSpec("pd-prefill", "prefill", 1, ""))
 	e.apply("decode.yaml", pdSpec("pd-decode", "decode", 2, ""))
 	require.Eventually(t, func() bool { return e.count("pd-prefill", "ready") == 1 && e.count("pd-decode", "ready") == 2 }, 90*time.Second, 200*time.Millisecond)
@@ -167,9 +167,10 @@ func TestDisaggregatedDeployments(t *testing.T) {
 
 	pre := e.replicasOf("pd-prefill")[0]
 	pm := engineMetrics(t, pre.Endpoint)
-	// One token per request (8), and the readiness canary's.
+	// One token per request (8), the readiness canary's and the router's
+	// pair warm-ups' (one per decode replica).
 	require.GreaterOrEqual(t, pm.GenerationTokens, 8.0, "the prefill engine made one token for each of the 8 requests")
-	require.LessOrEqual(t, pm.GenerationTokens, 10.0, "and nothing more: the decode engines generate the answers")
+	require.LessOrEqual(t, pm.GenerationTokens, 12.0, "and nothing more: the decode engines generate the answers")
 	hits := 0.0
 	for _, r := range e.replicasOf("pd-decode") {
 		hits += engineMetrics(t, r.Endpoint).PrefixHits
@@ -206,4 +207,67 @@ func TestDisaggregatedDeployments(t *testing.T) {
 	require.Zero(t, failed, "no request fails when the prefill engine dies")
 	// The prefill group restarts and prefills again.
 	require.Eventually(t, func() bool { return e.count("pd-prefill", "ready") == 1 }, 60*time.Second, 200*time.Millisecond)
+
+	// Under steady load: a second prefill and a third decode replica join
+	// (each held out of the router until its pairs are warmed), then the
+	// prefill deployment scales back in to one: the leaving group takes no
+	// new prefills and stops only once the decode engines have read all
+	// the KV it held. No request fails, and no decode engine's transfer.
+	warmed := func() float64 {
+		v, _ := tryMetric("http://"+e.router+"/metrics", "shoal_router_pair_warmups_total")
+		return v
+	}
+	failedXfers := func() float64 {
+		n := 0.0
+		for _, r := range e.replicasOf("pd-decode") {
+			v, _ := tryMetric("http://"+r.Endpoint+"/metrics", "vllm:nixl_num_failed_transfers_total")
+			n += v
+		}
+		return n
+	}
+	stop := make(chan struct{})
+	var sent, lost sync.Map
+	var lwg sync.WaitGroup
+	for w := 0; w < 6; w++ {
+		lwg.Add(1)
+		go func() {
+			defer lwg.Done()
+			for i := 0; ; i++ {
+				select {
+				case <-stop:
+					return
+				default:
+				}
+				_, err := client.Chat.Completions.New(ctx, openai.ChatCompletionNewParams{Model: "pd",
+					Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage(fmt.Sprintf("steady %d %d %s", w, i, prompt))}, MaxTokens: openai.Int(8)})
+				sent.Store(fmt.Sprint(w, i), true)
+				if err != nil {
+					lost.Store(fmt.Sprint(w, i), err)
+				}
+			}
+		}()
+	}
+	w0 := warmed()
+	e.apply("prefill.yaml", pdSpec("pd-prefill", "prefill", 2, ""))
+	e.apply("decode.yaml", pdSpec("pd-decode", "decode", 3, ""))
+	require.Eventually(t, func() bool { return e.count("pd-prefill", "ready") == 2 && e.count("pd-decode", "ready") == 3 }, 90*time.Second, 200*time.Millisecond)
+	// 2 × 3 pairs: the new prefill's 3, the new decode's other 1 (and
+	// the pair of the two new ones): at least 4 warmed before they served.
+	require.Eventually(t, func() bool { return warmed()-w0 >= 4 }, 30*time.Second, 100*time.Millisecond, "new endpoints' pairs warmed")
+	time.Sleep(time.Second) // both new groups take traffic
+	x0 := failedXfers()
+	e.apply("prefill.yaml", pdSpec("pd-prefill", "prefill", 1, ""))
+	require.Eventually(t, func() bool { return len(e.replicasOf("pd-prefill")) == 1 }, 90*time.Second, 200*time.Millisecond)
+	time.Sleep(time.Second)
+	close(stop)
+	lwg.Wait()
+	n, failedN := 0, 0
+	sent.Range(func(any, any) bool { n++; return true })
+	lost.Range(func(k, v any) bool { failedN++; t.Logf("PD scale: failed request %v: %v", k, v); return true })
+	require.Zero(t, failedN, "no request fails across prefill scale-out, decode scale-out and prefill scale-in")
+	require.Equal(t, x0, failedXfers(), "no decode engine failed to read KV from the leaving prefill group")
+	out, err = e.shoal("describe", "deployment", "pd-prefill")
+	require.NoError(t, err)
+	require.Contains(t, out, "SuccessfulRescale: released replica")
+	t.Logf("PD: %d requests under load across prefill 1→2, decode 2→3, prefill 2→1: 0 failed; %.0f pairs warmed", n, warmed()-w0)
 }

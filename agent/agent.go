@@ -63,7 +63,7 @@ type Agent struct {
 	// dial and prober reach other agents and a head's engine (seams: the
 	// supervisor's tests replace them, as they replace mem and rts.open).
 	dial   func(addr string) (runner.MemberClient, error)
-	prober func(base, served, canary string) runner.Prober
+	prober func(base, served, canary string, extra map[string]any) runner.Prober
 	// kvSubscribe hears a head's engine's KV events (a seam: ZeroMQ sockets
 	// outside the tests' fake clock).
 	kvSubscribe func(ctx context.Context, k *engine.KVEvents, h kvevents.Handler) error
@@ -139,8 +139,8 @@ func New(cfg Config, ins gpu.Inspector, sc *rdma.Scanner) (*Agent, error) {
 		reg: reg, lastSeen: map[string]seenTag{}, wake: make(chan struct{}, 1), cmds: make(chan func()), quit: make(chan struct{})}
 	a.rts = runtimes{open: a.openRuntime, m: map[string]engine.Runtime{}}
 	a.dial = a.dialMember
-	a.prober = func(base, served, canary string) runner.Prober {
-		return runner.HTTPProber{Base: base, Served: served, CanaryPath: canary}
+	a.prober = func(base, served, canary string, extra map[string]any) runner.Prober {
+		return runner.HTTPProber{Base: base, Served: served, CanaryPath: canary, CanaryFields: extra}
 	}
 	a.kvSubscribe = func(ctx context.Context, k *engine.KVEvents, h kvevents.Handler) error {
 		s := &kvevents.Subscriber{Endpoint: k.Endpoint, Replay: k.Replay, Topic: k.Topic}

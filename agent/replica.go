@@ -241,7 +241,7 @@ func (a *Agent) snapshot() *replicav1.Metrics {
 		m.RouterRetries = proto.Int32(int32(*r.Retries))
 	}
 	if k := as.Spec.Engine.KVTransfer; k != nil {
-		m.Role = k.Role
+		m.Role, m.BootstrapPort = k.Role, uint32(k.BootstrapPort)
 	}
 	if a.run == nil {
 		return m

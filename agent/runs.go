@@ -82,11 +82,11 @@ func (a *Agent) runnerConfig(as *Assignment, i RunInfo, plan *engine.Plan, kind 
 	}
 	switch i.Role {
 	case engine.RoleHead:
-		cfg.Prober = a.prober("http://"+plan.Endpoint, as.Spec.Engine.ServedModelName, plan.CanaryEndpoint())
+		cfg.Prober = a.prober("http://"+plan.Endpoint, as.Spec.Engine.ServedModelName, plan.CanaryEndpoint(), plan.CanaryFields)
 		if len(plan.APIServers) > 1 {
 			g := runner.GroupProber{Servers: plan.APIServers}
 			for _, s := range plan.APIServers {
-				g.Probers = append(g.Probers, a.prober("http://"+s.Addr, as.Spec.Engine.ServedModelName, plan.CanaryEndpoint()))
+				g.Probers = append(g.Probers, a.prober("http://"+s.Addr, as.Spec.Engine.ServedModelName, plan.CanaryEndpoint(), plan.CanaryFields))
 			}
 			cfg.Prober = g
 		}

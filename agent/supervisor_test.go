@@ -217,7 +217,7 @@ func start(t *testing.T, rt *fakeRT) *harness {
 	h := &harness{a: a, srv: &agentServer{a: a}, mem: newFakeMem(), rt: rt, rep: &fakeReplica{}, dir: dir}
 	a.mem, a.replica = h.mem, h.rep
 	a.rts.open = func(context.Context, string) (engine.Runtime, error) { return rt, nil }
-	a.prober = func(string, string, string) runner.Prober { return okProber{} }
+	a.prober = func(string, string, string, map[string]any) runner.Prober { return okProber{} }
 	// The engine's KV events: one block stored, then quiet until the run ends.
 	a.kvSubscribe = func(ctx context.Context, k *engine.KVEvents, h kvevents.Handler) error {
 		h.Batch(0, kvevents.Batch{Events: []kvevents.Event{{Kind: kvevents.Stored, Hashes: []uint64{42}, BlockSize: 16}}})

@@ -96,6 +96,7 @@ func dpPlan(in PlanInput, rank int, env map[string]string, host string) (*Plan, 
 		args = append(args, epArgs(s)...)
 		args = append(args, "--dist-init-addr", net.JoinHostPort(in.HeadIP, rpc), "--nnodes", strconv.Itoa(s.Resources.Nodes),
 			"--node-rank", strconv.Itoa(rank), "--host", host, "--port", strconv.Itoa(e.Port), "--enable-metrics")
+		args = append(args, sglangDisaggArgs(s, env)...)
 		p.Node = Command{Name: "python3", Path: in.Bin.Python, Args: append(args, e.Args...), Env: envList(env)}
 	default:
 		return nil, fmt.Errorf("plan: engine kind %q has no data parallelism", e.Kind)

@@ -142,9 +142,12 @@ func TestKVTransferGolden(t *testing.T) {
 		{"ray-vllm-prefill", one("ray-vllm", "kvTransfer: {connector: nixl, role: prefill}"), []string{"10.0.0.1"}},
 		{"vllm-decode-dp", dpSpec(t, "vllm", "dataParallel: {size: 16, loadBalancing: hybrid}, expertParallel: {enabled: true}, kvTransfer: {connector: nixl, role: decode, failurePolicy: recompute}"),
 			[]string{"10.0.0.1", "10.0.0.2"}},
+		{"sglang-prefill", one("sglang", "tensorParallelSize: 8, kvTransfer: {connector: mooncake, role: prefill}"), []string{"10.0.0.1"}},
+		{"sglang-decode-dp", dpSpec(t, "sglang", "dataParallel: {size: 16}, expertParallel: {enabled: true, all2allBackend: deepep}, kvTransfer: {connector: nixl, role: decode}"),
+			[]string{"10.0.0.1", "10.0.0.2"}},
 	}
-	rdmaEnv := map[string]string{"NCCL_IB_HCA": "mlx5_0:1", "NCCL_IB_DISABLE": "0", "NCCL_SOCKET_IFNAME": "ib0"}
-	bin := Binaries{VLLM: "/usr/bin/vllm", Ray: "/usr/bin/ray"}
+	rdmaEnv := map[string]string{"NCCL_IB_HCA": "mlx5_0:1,mlx5_1:1", "NCCL_IB_DISABLE": "0", "NCCL_SOCKET_IFNAME": "ib0"}
+	bin := Binaries{VLLM: "/usr/bin/vllm", Ray: "/usr/bin/ray", Python: "/usr/bin/python3"}
 	for _, tc := range cases {
 		for rank, ip := range tc.ips {
 			role := RoleHead
@@ -173,6 +176,13 @@ func TestKVTransferGolden(t *testing.T) {
 				want, err := os.ReadFile(path)
 				require.NoError(t, err, "run with -update to write it")
 				require.Equal(t, string(want), got)
+				if tc.d.Engine.Kind == spec.EngineSGLang {
+					require.Contains(t, got, "--disaggregation-mode "+tc.d.Engine.KVTransfer.Role+" --disaggregation-transfer-backend "+tc.d.Engine.KVTransfer.Connector)
+					require.Contains(t, got, "--disaggregation-ib-device mlx5_0,mlx5_1", "SGLang names devices without NCCL's port")
+					require.Equal(t, tc.d.Engine.KVTransfer.Role == spec.RolePrefill, strings.Contains(got, "--disaggregation-bootstrap-port 8998"), "the bootstrap server is the prefill engine's")
+					require.NotContains(t, got, "VLLM_NIXL")
+					return
+				}
 				require.Contains(t, got, "VLLM_NIXL_SIDE_CHANNEL_HOST="+ip, "the side channel binds the node's own address, not localhost")
 				require.Contains(t, got, `--kv-transfer-config {"kv_connector":"NixlConnector","kv_role":"kv_both"`)
 			})

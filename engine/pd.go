@@ -3,6 +3,7 @@ package engine
 import (
 	"encoding/json"
 	"strconv"
+	"strings"
 
 	"github.com/shoalhq/shoal/spec"
 )
@@ -34,7 +35,17 @@ func kvTransferArgs(s *spec.Deployment) []string {
 // and UCX on the HCAs the RDMA scan found.
 func nixlEnv(s *spec.Deployment, env map[string]string, nodeIP string) {
 	k := s.Engine.KVTransfer
-	if k == nil {
+	switch {
+	case k == nil:
+		return
+	case s.Engine.Kind == spec.EngineSGLang:
+		if k.Connector == spec.ConnectorNIXL {
+			setDefault(s, env, "UCX_NET_DEVICES", rdmaHCAs(env))
+		} else {
+			// Mooncake's TCP transport reuses connections (GPUStack found
+			// TIME_WAIT exhausting ports within seconds without it).
+			setDefault(s, env, "MC_TCP_ENABLE_CONNECTION_POOL", "1")
+		}
 		return
 	}
 	setDefault(s, env, "VLLM_NIXL_SIDE_CHANNEL_HOST", nodeIP)
@@ -48,4 +59,29 @@ func nixlEnv(s *spec.Deployment, env map[string]string, nodeIP string) {
 func transferEnv(s *spec.Deployment, env map[string]string, nodeIP string) {
 	epEnv(s, env)
 	nixlEnv(s, env, nodeIP)
+}
+
+// sglangDisaggArgs are SGLang's disaggregation flags for engine.kvTransfer
+// (docs/design/pd.md §P2), on every node of the group: the role, the
+// transfer backend, the prefill engine's bootstrap port, and the RDMA
+// devices the scan found (by name, without NCCL's port suffix).
+func sglangDisaggArgs(s *spec.Deployment, env map[string]string) []string {
+	k := s.Engine.KVTransfer
+	if k == nil {
+		return nil
+	}
+	args := []string{"--disaggregation-mode", k.Role, "--disaggregation-transfer-backend", k.Connector}
+	if k.Role == spec.RolePrefill {
+		args = append(args, "--disaggregation-bootstrap-port", strconv.Itoa(k.BootstrapPort))
+	}
+	if hcas := rdmaHCAs(env); hcas != "" {
+		var devs []string
+		for _, h := range strings.Split(hcas, ",") {
+			if d, _, _ := strings.Cut(strings.TrimSpace(h), ":"); d != "" {
+				devs = append(devs, d)
+			}
+		}
+		args = append(args, "--disaggregation-ib-device", strings.Join(devs, ","))
+	}
+	return args
 }

@@ -107,6 +107,11 @@ type Plan struct {
 	// "none" (read it with CanaryEndpoint: plans persisted before it existed
 	// have "", which is /v1/completions).
 	Canary string `json:",omitempty"`
+	// CanaryFields are added to the canary's body: an SGLang
+	// disaggregated engine serves only requests with a bootstrap room, and
+	// takes SGLang's fake bootstrap host (its own warm-up's) as one that
+	// needs no peer.
+	CanaryFields map[string]any `json:",omitempty"`
 	// KVEvents is how the head hears the engine's KV-cache events (head
 	// only; nil: it publishes none).
 	KVEvents *KVEvents `json:",omitempty"`
@@ -258,7 +263,15 @@ func (p *Plan) setCanary(s *spec.Deployment) {
 	if p.Canary == "" {
 		p.Canary = spec.CanaryNone
 	}
+	if k := s.Engine.KVTransfer; k != nil && s.Engine.Kind == spec.EngineSGLang {
+		p.CanaryFields = map[string]any{"bootstrap_host": FakeBootstrapHost, "bootstrap_port": max(k.BootstrapPort, spec.DefaultBootstrapPort), "bootstrap_room": 0}
+	}
 }
+
+// FakeBootstrapHost is SGLang's FAKE_BOOTSTRAP_HOST: a disaggregated
+// engine given it as bootstrap_host runs the request without a peer (no
+// KV moves), as SGLang's own server warm-up does.
+const FakeBootstrapHost = "2.2.2.2"
 
 // CanaryEndpoint is the API path of the plan's canary, "" for none.
 func (p *Plan) CanaryEndpoint() string {
@@ -458,6 +471,7 @@ func NativePlan(in PlanInput, rank int) (*Plan, error) {
 		args = append(args, epArgs(s)...)
 		args = append(args, "--dist-init-addr", net.JoinHostPort(in.HeadIP, strconv.Itoa(e.MasterPort)), "--nnodes", nn, "--node-rank", r,
 			"--host", host, "--port", strconv.Itoa(e.Port), "--enable-metrics")
+		args = append(args, sglangDisaggArgs(s, env)...)
 		c = Command{Name: "python3", Path: in.Bin.Python, Args: append(args, e.Args...)}
 	default:
 		return nil, fmt.Errorf("plan: engine kind %q is not native multi-node", e.Kind)

@@ -14,9 +14,19 @@ func TestKVTransferDefaultsAndErrors(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, "fail", d.Engine.KVTransfer.FailurePolicy)
 	require.Equal(t, DefaultNIXLPort, d.Engine.KVTransfer.SideChannelPort)
+	d, err = Parse([]byte(fmt.Sprintf(pdDoc, "p", "sglang", "kvTransfer: {connector: mooncake, role: prefill}")))
+	require.NoError(t, err)
+	require.Equal(t, DefaultBootstrapPort, d.Engine.KVTransfer.BootstrapPort)
+	require.Empty(t, d.Engine.KVTransfer.FailurePolicy, "vLLM's settings stay unset on SGLang")
 	for _, tc := range []struct{ kind, engine, field, text string }{
-		{"sglang", "kvTransfer: {connector: nixl, role: prefill}", "engine.kvTransfer", "not built yet"},
-		{"vllm", "kvTransfer: {connector: mooncake, role: prefill}", "engine.kvTransfer.connector", `unknown connector "mooncake"`},
+		{"command", "kvTransfer: {connector: nixl, role: prefill}", "engine.kvTransfer", "has no KV connector"},
+		{"vllm", "kvTransfer: {connector: mooncake, role: prefill}", "engine.kvTransfer.connector", `unknown connector "mooncake" for vLLM`},
+		{"vllm", "kvTransfer: {connector: nixl, role: prefill, bootstrapPort: 8998}", "engine.kvTransfer.bootstrapPort", "is SGLang's"},
+		{"sglang", "kvTransfer: {connector: ucx, role: prefill}", "engine.kvTransfer.connector", "mooncake or nixl"},
+		{"sglang", "kvTransfer: {connector: mooncake, role: prefill, leaseSeconds: 30}", "engine.kvTransfer.leaseSeconds", "vLLM's NixlConnector's"},
+		{"sglang", "kvTransfer: {connector: mooncake, role: decode, bootstrapPort: 9000}", "engine.kvTransfer.bootstrapPort", "is the prefill engine's"},
+		{"sglang", "port: 8998, kvTransfer: {connector: mooncake, role: prefill}", "engine.kvTransfer.bootstrapPort", "clash with the API server's"},
+		{"sglang", "kvTransfer: {connector: nixl, role: prefill}, args: [--disaggregation-mode, prefill]", "engine.args[0]", "set by shoal from engine.kvTransfer"},
 		{"vllm", "kvTransfer: {connector: nixl, role: both}", "engine.kvTransfer.role", "prefill or decode"},
 		{"vllm", "kvTransfer: {connector: nixl, role: decode, failurePolicy: retry}", "engine.kvTransfer.failurePolicy", "fail or recompute"},
 		{"vllm", "port: 5600, kvTransfer: {connector: nixl, role: decode}", "engine.kvTransfer.sideChannelPort", "clash with the API server's 5600-5600"},

@@ -111,7 +111,8 @@ type Engine struct {
 
 // KVTransfer is a disaggregated engine's KV connector and role.
 type KVTransfer struct {
-	// Connector is nixl (vLLM's NixlConnector).
+	// Connector is nixl (vLLM's NixlConnector; SGLang's nixl transfer
+	// backend) or mooncake (SGLang).
 	Connector string `yaml:"connector" json:"connector"`
 	// Role is prefill or decode: what routers use the engine for.
 	Role string `yaml:"role" json:"role"`
@@ -124,13 +125,20 @@ type KVTransfer struct {
 	// SideChannelPort is VLLM_NIXL_SIDE_CHANNEL_PORT; each DP rank binds
 	// it plus its rank. Unset: 5600.
 	SideChannelPort int `yaml:"sideChannelPort,omitempty" json:"sideChannelPort,omitempty"`
+	// BootstrapPort is an SGLang prefill engine's
+	// --disaggregation-bootstrap-port, where decode engines meet it.
+	// Unset: SGLang's 8998.
+	BootstrapPort int `yaml:"bootstrapPort,omitempty" json:"bootstrapPort,omitempty"`
 }
 
 // Disaggregation roles and connectors.
 const (
 	RolePrefill   = "prefill"
 	RoleDecode    = "decode"
-	ConnectorNIXL = "nixl"
+	ConnectorNIXL     = "nixl"
+	ConnectorMooncake = "mooncake"
+	// DefaultBootstrapPort is SGLang's --disaggregation-bootstrap-port default.
+	DefaultBootstrapPort = 8998
 	// DefaultNIXLPort is vLLM's VLLM_NIXL_SIDE_CHANNEL_PORT default.
 	DefaultNIXLPort = 5600
 )
@@ -374,11 +382,18 @@ func (d *Deployment) Default() {
 		e.MasterPort = DefaultMasterPort
 	}
 	if k := e.KVTransfer; k != nil {
-		if k.FailurePolicy == "" {
-			k.FailurePolicy = "fail"
-		}
-		if k.SideChannelPort == 0 {
-			k.SideChannelPort = DefaultNIXLPort
+		switch {
+		case e.Kind == EngineSGLang:
+			if k.BootstrapPort == 0 && k.Role == RolePrefill {
+				k.BootstrapPort = DefaultBootstrapPort
+			}
+		default:
+			if k.FailurePolicy == "" {
+				k.FailurePolicy = "fail"
+			}
+			if k.SideChannelPort == 0 {
+				k.SideChannelPort = DefaultNIXLPort
+			}
 		}
 	}
 	if e.StartupTimeoutSeconds == 0 {
@@ -706,6 +721,7 @@ func (d *Deployment) Fields() []Field {
 		add("engine.kvTransfer.failurePolicy", k.FailurePolicy, true)
 		add("engine.kvTransfer.leaseSeconds", k.LeaseSeconds, true)
 		add("engine.kvTransfer.sideChannelPort", k.SideChannelPort, true)
+		add("engine.kvTransfer.bootstrapPort", k.BootstrapPort, true)
 	}
 	if dp := d.Engine.DataParallel; dp != nil {
 		add("engine.dataParallel.size", dp.Size, true)

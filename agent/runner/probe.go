@@ -35,7 +35,9 @@ type HTTPProber struct {
 	// Canary is the API path the canary uses (engine.Plan.Canary):
 	// /v1/completions, /v1/chat/completions, /v1/embeddings, or "" for none.
 	CanaryPath string
-	Client     *http.Client
+	// CanaryFields are added to the canary's body (engine.Plan.CanaryFields).
+	CanaryFields map[string]any
+	Client       *http.Client
 }
 
 var probeClient = &http.Client{Timeout: 5 * time.Second}
@@ -91,6 +93,9 @@ func (p HTTPProber) Canary(ctx context.Context) error {
 	body, err := canaryBody(p.CanaryPath, p.Served)
 	if err != nil {
 		return err
+	}
+	for k, v := range p.CanaryFields {
+		body[k] = v
 	}
 	b, _ := json.Marshal(body)
 	cctx, cancel := context.WithTimeout(ctx, 30*time.Second)

@@ -4,13 +4,17 @@ import (
 	"bytes"
 	"context"
 	"encoding/json"
+	"errors"
 	"fmt"
 	"io"
+	mrand "math/rand/v2"
+	"net"
 	"net/http"
 	"slices"
 	"strconv"
 	"strings"
 	"sync"
+	"sync/atomic"
 	"time"
 
 	"github.com/shoalhq/shoal/coordinator/router/h1"
@@ -233,8 +237,11 @@ func pinRank(hdr []h1.Header, ep *Endpoint) []h1.Header {
 
 // warm sends body through prefill engine p and decode engine d.
 func (r *Router) warm(ctx context.Context, p, d *Endpoint, body []byte) error {
-	pb, _ := prefillBody(body)
 	hdr := []h1.Header{{Key: "Content-Type", Value: "application/json"}, {Key: "X-Request-Id", Value: "warm-" + requestID()}}
+	if p.BootstrapPort > 0 {
+		return r.warmSGLang(ctx, p, d, hdr, body)
+	}
+	pb, _ := prefillBody(body)
 	db, _, out, err := r.prefillHop(ctx, p.Addr, "/v1/completions", pinRank(hdr, p), pb, body)
 	if err != nil {
 		return fmt.Errorf("warm %s → %s: prefill: %v %s", p.Addr, d.Addr, err, bytes.TrimSpace(out))
@@ -244,4 +251,161 @@ func (r *Router) warm(ctx context.Context, p, d *Endpoint, body []byte) error {
 		return fmt.Errorf("warm %s → %s: decode: %d %v %s", p.Addr, d.Addr, status, err, bytes.TrimSpace(out))
 	}
 	return nil
+}
+
+// SGLang's protocol (docs/design/pd.md §P2): the same body, with the
+// prefill engine's bootstrap_host, bootstrap_port and a random
+// bootstrap_room, goes to a prefill and a decode engine at once; the
+// decode engine's answer is the client's, the prefill engine's is read and
+// dropped.
+
+// sglangGrace is how long a failed decode half waits for the prefill
+// half's outcome before cancelling it.
+const sglangGrace = 200 * time.Millisecond
+
+// sglangHop is the prefill half of one SGLang attempt, running beside the
+// decode half.
+type sglangHop struct {
+	ep     *Endpoint
+	body   []byte          // the body both engines get
+	ctx    context.Context // the decode half's: cancelled when the prefill half fails first
+	cancel context.CancelFunc
+	done   chan error // the prefill half's outcome
+	lease  *lease
+	// started: the decode engine's answer began (the prefill half's
+	// failure no longer cancels it).
+	started atomic.Bool
+}
+
+// sglangBody is body with the bootstrap fields of prefill engine p.
+func sglangBody(body []byte, p *Endpoint, room uint64) ([]byte, error) {
+	var m map[string]json.RawMessage
+	if err := json.Unmarshal(body, &m); err != nil {
+		return nil, err
+	}
+	host, _, err := net.SplitHostPort(p.Addr)
+	if err != nil {
+		return nil, err
+	}
+	m["bootstrap_host"], _ = json.Marshal(host)
+	m["bootstrap_port"] = json.RawMessage(strconv.Itoa(p.BootstrapPort))
+	m["bootstrap_room"] = json.RawMessage(strconv.FormatUint(room, 10))
+	return json.Marshal(m)
+}
+
+// sglangStart picks a prefill engine not yet tried and sends it the body
+// with a new bootstrap room, in the background; nil when none is left.
+func (r *Router) sglangStart(ctx context.Context, req *http.Request, prefills []*Endpoint, body []byte, rid string, h hint, tried map[string]bool) (*sglangHop, error) {
+	ep, _, lease := r.picker.pick(StrategyLeastRequest, prefills, h, tried)
+	if ep == nil {
+		return nil, nil
+	}
+	tried[ep.Addr] = true
+	b, err := sglangBody(body, ep, mrand.Uint64()>>1)
+	if err != nil {
+		lease.release()
+		return nil, err
+	}
+	hdr := pinRank([]h1.Header{{Key: "Content-Type", Value: "application/json"}, {Key: "X-Request-Id", Value: rid}}, ep)
+	if v := hget(req.Header, "Authorization"); v != "" {
+		hdr = append(hdr, h1.Header{Key: "Authorization", Value: v})
+	}
+	hop := &sglangHop{ep: ep, body: b, done: make(chan error, 1), lease: lease}
+	hop.ctx, hop.cancel = context.WithCancel(ctx)
+	go func() {
+		status, out, err := r.post(hop.ctx, ep.Addr, req.URL.Path, hdr, b)
+		if err == nil && status != 200 {
+			err = fmt.Errorf("prefill engine %s answered %d: %s", ep.Addr, status, bytes.TrimSpace(truncateBytes(out, 512)))
+		}
+		if err != nil && !hop.started.Load() {
+			hop.cancel() // the decode engine would wait for KV that is not coming
+		}
+		hop.done <- err
+	}()
+	return hop, nil
+}
+
+// finish waits for the prefill half and accounts for it: its failure
+// counts as the prefill engine's, never as success. It returns the
+// failure when it came before the decode engine's answer began (the
+// attempt failed because of it, not the decode engine's).
+func (r *Router) sglangFinish(hop *sglangHop, a attempt) error {
+	var err error
+	if a.done && a.status == 200 {
+		err = <-hop.done // the client has its answer; the prefill half ends with the KV
+	} else {
+		// The decode half failed: if the prefill half fails too, it
+		// likely caused it (a decode engine cannot reach a dead prefill
+		// engine's bootstrap server); give it a moment to say so before
+		// cancelling it.
+		t := time.NewTimer(sglangGrace)
+		select {
+		case err = <-hop.done:
+		case <-t.C:
+			hop.cancel()
+			err = <-hop.done
+		}
+		t.Stop()
+	}
+	hop.cancel()
+	hop.lease.release()
+	if d := r.picker.outcome(hop.ep.Addr, err != nil && !errors.Is(err, context.Canceled), r.cfg.EjectAfter, r.cfg.EjectFor); d > 0 {
+		r.ejections.WithLabelValues("prefill").Inc()
+	}
+	switch {
+	case err == nil:
+		r.prefills.WithLabelValues("ok").Inc()
+		return nil
+	case errors.Is(err, context.Canceled):
+		return nil // cancelled by the decode half's end
+	}
+	r.prefills.WithLabelValues("failed").Inc()
+	if hop.started.Load() {
+		return nil
+	}
+	return err
+}
+
+// prefillsExhausted answers a request no prefill engine could take (SGLang:
+// a decode engine cannot serve it alone).
+func (r *Router) prefillsExhausted(w aborter, model string, err, last error) {
+	if err != nil {
+		r.requests.WithLabelValues(model, "prefill", "400").Inc()
+		writeError(w, 400, "invalid_request_error", "", "", "We could not parse the JSON body of your request: "+err.Error())
+		return
+	}
+	if last == nil {
+		r.requests.WithLabelValues(model, "prefill", "503").Inc()
+		w.Header().Set("Retry-After", "5")
+		writeError(w, 503, "server_error", "", "no_ready_replica", fmt.Sprintf("No prefill replica of `%s` is ready; retry later (see `shoal get replicas`).", model))
+		return
+	}
+	r.requests.WithLabelValues(model, "prefill", "502").Inc()
+	writeError(w, 502, "server_error", "", "upstream_unreachable", fmt.Sprintf("No prefill replica of `%s` could prefill the request; the last failed: %v.", model, last))
+}
+
+// warmSGLang runs body through an SGLang pair: both engines at once, on a
+// room of their own.
+func (r *Router) warmSGLang(ctx context.Context, p, d *Endpoint, hdr []h1.Header, body []byte) error {
+	b, err := sglangBody(body, p, mrand.Uint64()>>1)
+	if err != nil {
+		return err
+	}
+	var wg sync.WaitGroup
+	errs := make([]error, 2)
+	for i, e := range []*Endpoint{p, d} {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			status, out, err := r.post(ctx, e.Addr, "/v1/completions", pinRank(hdr, e), b)
+			if err == nil && status != 200 {
+				err = fmt.Errorf("%d %s", status, bytes.TrimSpace(truncateBytes(out, 512)))
+			}
+			if err != nil {
+				errs[i] = fmt.Errorf("warm %s → %s: %s: %v", p.Addr, d.Addr, e.Role, err)
+			}
+		}()
+	}
+	wg.Wait()
+	return errors.Join(errs...)
 }

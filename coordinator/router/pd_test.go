@@ -4,8 +4,10 @@ import (
 	"bufio"
 	"context"
 	"net"
+	"net/http"
 	"net/http/httptest"
 	"slices"
+	"strconv"
 	"strings"
 	"testing"
 
@@ -68,7 +70,7 @@ func TestRouterPrefillDecode(t *testing.T) {
 	}
 	// Until the dead prefill engine is picked first (ties break at random)
 	// and its failure is counted; the request is prefilled elsewhere.
-	for i := 0; i < 40 && testutil.ToFloat64(r.prefills.WithLabelValues("failed")) == 0; i++ {
+	for i := 0; i < 40 && (i == 0 || testutil.ToFloat64(r.prefills.WithLabelValues("failed")) == 0); i++ {
 		rec := do(t, h, `{"model":"m","messages":[{"role":"user","content":"`+prompt+`"}],"max_tokens":2}`, nil)
 		require.Equal(t, 200, rec.Code, rec.Body.String())
 	}
@@ -210,4 +212,69 @@ func TestWarmerGatesNewEndpoints(t *testing.T) {
 	<-changed
 	<-changed
 	require.Equal(t, 4.0, testutil.ToFloat64(w.outcomes.WithLabelValues("ok")))
+}
+
+// simSGLang starts a simulated SGLang engine in disaggregation mode; a
+// prefill engine's bootstrap server listens on ip.
+func simSGLang(t *testing.T, ip, mode string) (*sim.Server, *Endpoint) {
+	t.Helper()
+	pr := sim.Presets["llama-8b-h100-tp1"]
+	s := sim.NewServer("m", pr.Params, 50)
+	l, err := net.Listen("tcp", ip+":0")
+	require.NoError(t, err)
+	port := l.Addr().(*net.TCPAddr).Port
+	l.Close()
+	require.NoError(t, s.EnableSGLangDisagg(pr, mode, ip, port))
+	ctx, cancel := context.WithCancel(context.Background())
+	go s.Run(ctx)
+	hl, err := net.Listen("tcp", ip+":0")
+	require.NoError(t, err)
+	hs := &httptest.Server{Listener: hl, Config: &http.Server{Handler: s.Handler()}}
+	hs.Start()
+	t.Cleanup(func() { hs.Close(); cancel(); s.Close() })
+	ep := &Endpoint{Model: "m", Addr: strings.TrimPrefix(hs.URL, "http://"), Group: mode + "-" + ip, Rank: -1, Role: RoleDecode}
+	if mode == "prefill" {
+		ep.Role, ep.BootstrapPort = RolePrefill, port
+	}
+	return s, ep
+}
+
+// SGLang's protocol through the router: the same body with the prefill
+// engine's bootstrap host, port and a room reaches both engines at once;
+// the decode engine's answer (streamed or not) is the client's, built on
+// the KV the prefill engine handed over. A prefill engine that fails is
+// counted and another tried, the decode engine not blamed; with none left
+// the client gets a 502 naming the prefill side.
+func TestRouterSGLangPrefillDecode(t *testing.T) {
+	_, pe := simSGLang(t, "127.0.9.40", "prefill")
+	d, de := simSGLang(t, "127.0.9.41", "decode")
+	dead := &Endpoint{Model: "m", Addr: "127.0.0.1:1", Group: "p-dead", Rank: -1, Role: RolePrefill, BootstrapPort: 1}
+	r, _ := newRouter(dead, pe, de)
+	h := r.Handler()
+	prompt := strings.Repeat("a rather long prompt about sglang disaggregation ", 20)
+	for _, stream := range []bool{false, true} {
+		body := `{"model":"m","messages":[{"role":"user","content":"` + prompt + `"}],"max_tokens":6,"ignore_eos":true,"stream":` + strconv.FormatBool(stream) + `}`
+		before := d.PrefixHits()
+		rec := do(t, h, body, nil)
+		require.Equal(t, 200, rec.Code, rec.Body.String())
+		require.Equal(t, de.Group, rec.Header().Get("X-Shoal-Replica"), "the decode engine answers")
+		if stream {
+			require.Contains(t, rec.Body.String(), "data: [DONE]")
+		} else {
+			require.Contains(t, rec.Body.String(), `"completion_tokens":6`)
+		}
+		require.Greater(t, d.PrefixHits(), before+100, "the decode engine had the prompt's KV from the prefill engine")
+	}
+	require.Equal(t, 0.0, testutil.ToFloat64(r.ejections.WithLabelValues("5xx"))+testutil.ToFloat64(r.ejections.WithLabelValues("reset")), "the decode engine is never blamed")
+	for i := 0; i < 40 && (i == 0 || testutil.ToFloat64(r.prefills.WithLabelValues("failed")) == 0); i++ {
+		rec := do(t, h, `{"model":"m","messages":[{"role":"user","content":"`+prompt+`"}],"max_tokens":2}`, nil)
+		require.Equal(t, 200, rec.Code, rec.Body.String())
+	}
+	require.Positive(t, testutil.ToFloat64(r.prefills.WithLabelValues("failed")), "the dead prefill engine's failure is counted")
+	require.GreaterOrEqual(t, testutil.ToFloat64(r.prefills.WithLabelValues("ok")), 3.0, "two requests and the retried one")
+
+	r2, _ := newRouter(dead, de)
+	rec := do(t, r2.Handler(), `{"model":"m","messages":[{"role":"user","content":"`+prompt+`"}],"max_tokens":2}`, nil)
+	require.Equal(t, 502, rec.Code, rec.Body.String())
+	require.Contains(t, rec.Body.String(), "No prefill replica of `m` could prefill the request")
 }

@@ -402,6 +402,8 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 	}
 	prefills, eps, pd := splitRoles(eps)
 	tried := map[string]bool{}
+	ptried := map[string]bool{} // SGLang: prefill engines tried
+	var lastPrefill error
 	var last, answered *attempt // the last failed attempt and the last engine answer among them; nothing of them written
 	attempts, maxAttempts := 0, 1+retriesFor(eps, r.cfg.Retries)
 	if stateful(req.URL.Path, body) {
@@ -430,8 +432,18 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 		// Another attempt may follow only if one is left and a replica not
 		// yet tried is there to take it.
 		canRetry := attempts < maxAttempts && untried(eps, tried)
-		sent := body
-		if pd {
+		sent, fctx := body, ctx
+		var hop *sglangHop
+		if pd && prefills[0].BootstrapPort > 0 {
+			// SGLang: the same body to a prefill and this decode engine at once.
+			var err error
+			if hop, err = r.sglangStart(ctx, req, prefills, body, rid, h, ptried); hop == nil {
+				lease.release()
+				r.prefillsExhausted(w, model, err, lastPrefill)
+				return
+			}
+			sent, fctx = hop.body, hop.ctx
+		} else if pd {
 			// The first hop: a prefill engine computes the prompt's KV.
 			db, fail := r.prefill(ctx, req, prefills, body, rid, StrategyLeastRequest, h)
 			switch {
@@ -450,9 +462,25 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 		}
 		g := r.inflight.WithLabelValues(model)
 		g.Inc()
-		a := r.forward(ctx, w, req, ep, sent, canRetry, lease.firstToken)
+		first := lease.firstToken
+		if hop != nil {
+			first = func() { hop.started.Store(true); lease.firstToken() }
+		}
+		a := r.forward(fctx, w, req, ep, sent, canRetry || hop != nil, first)
 		g.Dec()
 		lease.release()
+		if hop != nil {
+			if perr := r.sglangFinish(hop, a); perr != nil && !a.done {
+				// The prefill engine failed before the decode engine
+				// answered: not the decode engine's failure; another
+				// prefill engine is tried with it.
+				r.log.Warn("prefill failed; trying another prefill engine", "backend", hop.ep.Addr, "err", perr, "request_id", rid)
+				lastPrefill = perr
+				delete(tried, ep.Addr)
+				attempts--
+				continue
+			}
+		}
 		if a.reason != "" || a.gatewayOK {
 			if d := r.picker.outcome(ep.Addr, a.gatewayFailure(), r.cfg.EjectAfter, r.cfg.EjectFor); d > 0 {
 				r.ejections.WithLabelValues(a.reason).Inc()

@@ -34,7 +34,11 @@ type Endpoint struct {
 	// Role is prefill or decode for a disaggregated model's engines ("":
 	// the engine serves requests whole).
 	Role string
-	id   string
+	// BootstrapPort is an SGLang prefill engine's bootstrap port on the
+	// endpoint's host: the model speaks SGLang's protocol (the same body
+	// to both engines at once), not vLLM's two hops.
+	BootstrapPort int
+	id            string
 }
 
 // ID names the endpoint in the router's own bookkeeping (in-flight counts,

@@ -264,7 +264,8 @@ func endpointOf(v ReplicaView) *Endpoint {
 	ep := &Endpoint{Model: m.ServedModelName, Deployment: v.Info.Deployment, Group: v.Key.Group,
 		Epoch: v.Key.Epoch, Term: v.Key.Term, NodeID: v.Key.Node, Addr: m.Endpoint,
 		Running: m.NumRequestsRunning, Waiting: m.NumRequestsWaiting, KVCache: m.KvCacheUsage,
-		TTFT: m.TtftSecondsAvg, TokPerSec: m.GenerationTokensPerSecond, HasMetrics: m.MetricsValid, Rank: -1, Role: m.Role}
+		TTFT: m.TtftSecondsAvg, TokPerSec: m.GenerationTokensPerSecond, HasMetrics: m.MetricsValid, Rank: -1, Role: m.Role,
+		BootstrapPort: int(m.BootstrapPort)}
 	if m.RouterRetries != nil {
 		ep.Retries = -1 // router.retries: 0
 		if n := int(*m.RouterRetries); n > 0 {

@@ -31,8 +31,10 @@ type Server struct {
 	// dp is the process's DP ranks (nil: the one engine eng); eng is then
 	// the first of them.
 	dp *dpRanks
-	// nixl is the KV connector of a disaggregated engine (nil: none).
+	// nixl is the KV connector of a disaggregated engine (nil: none);
+	// sgl is SGLang's disaggregation.
 	nixl *nixl
+	sgl  *sglDisagg
 }
 
 // rankHeader pins a request to a DP rank (vLLM's X-data-parallel-rank).
@@ -194,8 +196,12 @@ type genRequest struct {
 		IncludeUsage bool `json:"include_usage"`
 	} `json:"stream_options"`
 	IgnoreEOS bool `json:"ignore_eos"`
-	// KVTransferParams drive prefill/decode disaggregation (nixl.go).
+	// KVTransferParams drive prefill/decode disaggregation (nixl.go); the
+	// bootstrap fields SGLang's (sgldisagg.go).
 	KVTransferParams *kvTransferParams `json:"kv_transfer_params"`
+	BootstrapHost    string            `json:"bootstrap_host"`
+	BootstrapPort    int               `json:"bootstrap_port"`
+	BootstrapRoom    *uint64           `json:"bootstrap_room"`
 	Input            json.RawMessage   `json:"input"`
 	Stop             json.RawMessage   `json:"stop"`
 	Seed             *int64            `json:"seed"`

@@ -416,8 +416,12 @@ func (s *Server) EnableNIXL(pr Preset, host string, port int, policy string) err
 	return err
 }
 
-// Close stops what the server runs beside its engine (the NIXL side channel).
-func (s *Server) Close() { s.nixl.close() }
+// Close stops what the server runs beside its engine (the NIXL side
+// channel, SGLang's bootstrap server).
+func (s *Server) Close() {
+	s.nixl.close()
+	s.sgl.close()
+}
 
 // PrefixHits is the prompt tokens the engine found in its cache so far.
 func (s *Server) PrefixHits() float64 { return counterValue(s.eng.m.prefixH) }

@@ -304,6 +304,38 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, chat bool) {
 	}
 	kvt := req.KVTransferParams
 	pulled := false
+	if s.sgl != nil {
+		// SGLang's disaggregation: both engines need the room.
+		if req.BootstrapRoom == nil || req.BootstrapHost == "" || req.BootstrapPort == 0 {
+			bad(fmt.Sprintf("disaggregation mode %s needs bootstrap_host, bootstrap_port and bootstrap_room (a PD router sends them)", s.sgl.cfg.mode))
+			return
+		}
+		room := *req.BootstrapRoom
+		switch {
+		case req.BootstrapHost == fakeBootstrapHost:
+			// SGLang's FAKE_BOOTSTRAP_HOST (its warm-up's): no peer, no KV moves.
+		case s.sgl.cfg.mode == "prefill":
+			// P computes the prompt (and one token) and answers whole.
+			for i := range maxTokens {
+				maxTokens[i] = 1
+			}
+			req.Stream = false
+			defer s.sgl.abandon(room, fmt.Errorf("the prefill engine's request for bootstrap_room %d ended before it had the KV", room))
+		default: // decode
+			total := 0
+			for _, p := range prompts {
+				total += p.tokens
+			}
+			if _, err := s.sgl.receive(r.Context(), req.BootstrapHost, req.BootstrapPort, room, total); err != nil {
+				if r.Context().Err() != nil {
+					return
+				}
+				writeError(w, 500, "InternalServerError", err.Error(), nil)
+				return
+			}
+			pulled = true
+		}
+	}
 	if s.nixl != nil && kvt != nil && kvt.DoRemotePrefill {
 		// D: the prompt's KV is on the prefill engine; pull it first.
 		total := 0
@@ -430,6 +462,15 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, chat bool) {
 	if s.nixl != nil && kvt != nil && kvt.DoRemoteDecode && len(seqs) > 0 {
 		// P: keep the prompt's KV for the decode engine.
 		resp.KVTransferParams = s.nixl.hold(seqs[0].eng, seqs[0].er, rid)
+	}
+	if s.sgl != nil && s.sgl.cfg.mode == "prefill" && req.BootstrapHost != fakeBootstrapHost && len(seqs) > 0 {
+		// P: hand the prompt's KV to the room's decode engine, then answer.
+		if err := s.sgl.handOver(r.Context(), *req.BootstrapRoom, seqs[0].eng, seqs[0].er); err != nil {
+			if r.Context().Err() == nil {
+				writeError(w, 500, "InternalServerError", err.Error(), nil)
+			}
+			return
+		}
 	}
 	writeJSON(w, 200, resp)
 }

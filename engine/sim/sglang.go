@@ -27,7 +27,8 @@ var sglangNames = map[string]string{
 var sglangValued = []string{"--model-path", "--served-model-name", "--tp", "--tp-size", "--pp-size", "--dp", "--dist-init-addr",
 	"--nnodes", "--node-rank", "--host", "--port", "--context-length", "--mem-fraction-static", "--max-running-requests",
 	"--tokenizer-path", "--chunked-prefill-size", "--log-level", "--api-key", "--dtype", "--quantization",
-	"--dp-size", "--ep-size", "--moe-a2a-backend", "--ep-num-redundant-experts", "--deepep-mode", "--moe-runner-backend", "--moe-dense-tp-size"}
+	"--dp-size", "--ep-size", "--moe-a2a-backend", "--ep-num-redundant-experts", "--deepep-mode", "--moe-runner-backend", "--moe-dense-tp-size",
+	"--disaggregation-mode", "--disaggregation-transfer-backend", "--disaggregation-bootstrap-port", "--disaggregation-ib-device"}
 
 var sglangBools = []string{"--enable-metrics", "--trust-remote-code", "--disable-radix-cache", "--enable-torch-compile",
 	"--disable-cuda-graph", "--skip-server-warmup", "--is-embedding", "--enable-dp-attention", "--enable-eplb",
@@ -61,6 +62,10 @@ func SGLang(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		}
 	}
 	if err := parseSGLangParallel(fs, &c); err != nil {
+		fmt.Fprintln(stderr, err)
+		return 2
+	}
+	if c.disagg, err = parseSGLDisagg(fs); err != nil {
 		fmt.Fprintln(stderr, err)
 		return 2
 	}

@@ -54,8 +54,10 @@ type serveConfig struct {
 	// are SGLang's --dp-size and --ep-size.
 	dp         dpConfig
 	sgDP, sgEP int
-	// kvTransfer is --kv-transfer-config (prefill/decode disaggregation).
+	// kvTransfer is --kv-transfer-config (prefill/decode disaggregation);
+	// disagg is SGLang's --disaggregation-*.
 	kvTransfer *kvTransferConfig
+	disagg     *sglDisaggConfig
 }
 
 // dpConfig is what a process was asked for of data and expert parallelism.
@@ -373,6 +375,14 @@ func serve(ctx context.Context, c serveConfig, stdout, stderr io.Writer) int {
 		defer s.nixl.close()
 		logf(stdout, "NixlConnector: engine %s, side channel %s:%d, lease %s, load failure policy %s", s.nixl.engineID, s.nixl.host, s.nixl.port,
 			c.kvTransfer.lease, c.kvTransfer.FailurePolicy)
+	}
+	if c.disagg != nil {
+		if s.sgl, err = startSGLDisagg(c.disagg, c.host, preset, clock); err != nil {
+			fmt.Fprintln(stderr, err)
+			return 1
+		}
+		defer s.sgl.close()
+		logf(stdout, "Disaggregation mode %s, transfer backend %s, bootstrap port %d", c.disagg.mode, c.disagg.backend, c.disagg.bootstrapPort)
 	}
 	pub, err := startKVEvents(s, c.kvEvents, c.hashAlgo)
 	if err != nil {

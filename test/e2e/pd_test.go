@@ -271,3 +271,94 @@ func TestDisaggregatedDeployments(t *testing.T) {
 	require.Contains(t, out, "SuccessfulRescale: released replica")
 	t.Logf("PD: %d requests under load across prefill 1→2, decode 2→3, prefill 2→1: 0 failed; %.0f pairs warmed", n, warmed()-w0)
 }
+
+// sglangPDSpec is one side of an SGLang-disaggregated model spd on one
+// 8-GPU node.
+func sglangPDSpec(name, role string, replicas int) string {
+	return fmt.Sprintf(`apiVersion: shoal/v1
+name: %s
+model: {source: /models/spd}
+engine: {kind: sglang, servedModelName: spd, tensorParallelSize: 8, startupTimeoutSeconds: 60,
+  kvTransfer: {connector: mooncake, role: %s}}
+resources: {nodes: 1, gpusPerNode: 8}
+replicas: {count: %d}
+`, name, role, replicas)
+}
+
+// TestSGLangDisaggregated: SGLang prefill and decode deployments of one
+// served model (2 + 2 replicas) serve openai-go's chat, streamed and not,
+// and completions through the coordinator's router with SGLang's protocol
+// (the same body with bootstrap host, port and room to both engines at
+// once); every prompt's KV reaches a decode engine. Then a prefill engine
+// is killed under load: no request fails (the other prefill engine takes
+// them, the decode engine is not blamed).
+func TestSGLangDisaggregated(t *testing.T) {
+	e := startCluster(t, 35, 4)
+	e.apply("prefill.yaml", sglangPDSpec("spd-prefill", "prefill", 2))
+	e.apply("decode.yaml", sglangPDSpec("spd-decode", "decode", 2))
+	require.Eventually(t, func() bool { return e.count("spd-prefill", "ready") == 2 && e.count("spd-decode", "ready") == 2 }, 90*time.Second, 200*time.Millisecond)
+
+	client := openai.NewClient(option.WithBaseURL("http://"+e.router+"/v1/"), option.WithAPIKey("none"), option.WithMaxRetries(0))
+	ctx := context.Background()
+	prompt := strings.Repeat("A question about SGLang's disaggregated serving. ", 12)
+	for i := 0; i < 4; i++ {
+		chat, err := client.Chat.Completions.New(ctx, openai.ChatCompletionNewParams{Model: "spd",
+			Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage(fmt.Sprintf("%d %s", i, prompt))}, MaxTokens: openai.Int(6)})
+		require.NoError(t, err)
+		require.NotEmpty(t, chat.Choices[0].Message.Content)
+	}
+	st := client.Chat.Completions.NewStreaming(ctx, openai.ChatCompletionNewParams{Model: "spd",
+		Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("streamed " + prompt)}, MaxTokens: openai.Int(6)})
+	n := 0
+	for st.Next() {
+		n++
+	}
+	require.NoError(t, st.Err())
+	require.Positive(t, n)
+	comp, err := client.Completions.New(ctx, openai.CompletionNewParams{Model: "spd",
+		Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("completion " + prompt)}, MaxTokens: openai.Int(4)})
+	require.NoError(t, err)
+	require.Equal(t, int64(4), comp.Usage.CompletionTokens)
+	// 6 requests of ~70 prompt tokens (SGLang names no prefix-cache
+	// counter: the prompt tokens each side computed tell it).
+	var gen, pPrompt, dPrompt float64
+	for _, r := range e.replicasOf("spd-prefill") {
+		m := engineMetrics(t, r.Endpoint)
+		gen, pPrompt = gen+m.GenerationTokens, pPrompt+m.PromptTokens
+	}
+	for _, r := range e.replicasOf("spd-decode") {
+		dPrompt += engineMetrics(t, r.Endpoint).PromptTokens
+	}
+	t.Logf("SGLang PD: prefill engines computed %.0f prompt tokens and made %.0f; decode engines computed %.0f prompt tokens", pPrompt, gen, dPrompt)
+	require.LessOrEqual(t, gen, 16.0, "the prefill engines made one token per request (6, their canaries' and the 4 pair warm-ups'): the decode engines made the answers")
+	require.Greater(t, pPrompt, 6*60.0, "the prefill engines computed the prompts")
+	require.Less(t, dPrompt, 6*20.0+40, "the decode engines computed only what the handed-over KV lacked (and the canaries' and warm-ups' prompts)")
+
+	results := make(chan error, 64)
+	var wg sync.WaitGroup
+	for w := 0; w < 8; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 8; i++ {
+				_, err := client.Chat.Completions.New(ctx, openai.ChatCompletionNewParams{Model: "spd",
+					Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage(fmt.Sprintf("load %d %d %s", w, i, prompt))}, MaxTokens: openai.Int(8)})
+				results <- err
+			}
+		}()
+	}
+	time.Sleep(300 * time.Millisecond)
+	pids := e.c.EnginePids(e.replicasOf("spd-prefill")[0].Head)
+	require.NotEmpty(t, pids)
+	require.NoError(t, syscall.Kill(pids[0], syscall.SIGKILL))
+	wg.Wait()
+	close(results)
+	failed := 0
+	for err := range results {
+		if err != nil {
+			failed++
+			t.Logf("SGLang PD: failed request: %v", err)
+		}
+	}
+	require.Zero(t, failed, "no request fails when a prefill engine dies")
+}

@@ -354,7 +354,12 @@ type Metrics struct {
 	Ranks []*Rank `protobuf:"bytes,21,rep,name=ranks,proto3" json:"ranks,omitempty"`
 	// role: prefill or decode for a disaggregated deployment's engines
 	// (engine.kvTransfer.role); empty: the engine serves requests whole.
-	Role          string `protobuf:"bytes,22,opt,name=role,proto3" json:"role,omitempty"`
+	Role string `protobuf:"bytes,22,opt,name=role,proto3" json:"role,omitempty"`
+	// bootstrap_port: a prefill engine's SGLang disaggregation bootstrap
+	// port (--disaggregation-bootstrap-port) on the endpoint's host; routers
+	// send it to both engines of a pair (SGLang's protocol). 0: vLLM's
+	// two-hop protocol.
+	BootstrapPort uint32 `protobuf:"varint,23,opt,name=bootstrap_port,json=bootstrapPort,proto3" json:"bootstrap_port,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -543,6 +548,13 @@ func (x *Metrics) GetRole() string {
 	return ""
 }
 
+func (x *Metrics) GetBootstrapPort() uint32 {
+	if x != nil {
+		return x.BootstrapPort
+	}
+	return 0
+}
+
 // Rank is one DP rank of a data-parallel group.
 type Rank struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -657,7 +669,7 @@ const file_replica_v1_replica_proto_rawDesc = "" +
 	"\n" +
 	"block_size\x18\b \x01(\rR\tblockSize\x12\x1a\n" +
 	"\bendpoint\x18\t \x01(\tR\bendpoint\"\x11\n" +
-	"\x0fSnapshotRequest\"\xa4\x06\n" +
+	"\x0fSnapshotRequest\"\xcb\x06\n" +
 	"\aMetrics\x12\x1e\n" +
 	"\n" +
 	"deployment\x18\x01 \x01(\tR\n" +
@@ -684,7 +696,8 @@ const file_replica_v1_replica_proto_rawDesc = "" +
 	"\x06failed\x18\x13 \x01(\bR\x06failed\x12*\n" +
 	"\x0erouter_retries\x18\x14 \x01(\x05H\x00R\rrouterRetries\x88\x01\x01\x12,\n" +
 	"\x05ranks\x18\x15 \x03(\v2\x16.shoal.replica.v1.RankR\x05ranks\x12\x12\n" +
-	"\x04role\x18\x16 \x01(\tR\x04roleB\x11\n" +
+	"\x04role\x18\x16 \x01(\tR\x04role\x12%\n" +
+	"\x0ebootstrap_port\x18\x17 \x01(\rR\rbootstrapPortB\x11\n" +
 	"\x0f_router_retries\"\xd2\x01\n" +
 	"\x04Rank\x12\x12\n" +
 	"\x04rank\x18\x01 \x01(\x05R\x04rank\x12\x1a\n" +

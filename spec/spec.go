@@ -133,8 +133,8 @@ type KVTransfer struct {
 
 // Disaggregation roles and connectors.
 const (
-	RolePrefill   = "prefill"
-	RoleDecode    = "decode"
+	RolePrefill       = "prefill"
+	RoleDecode        = "decode"
 	ConnectorNIXL     = "nixl"
 	ConnectorMooncake = "mooncake"
 	// DefaultBootstrapPort is SGLang's --disaggregation-bootstrap-port default.

@@ -64,6 +64,9 @@ func engineChanges(old, cur *spec.Deployment) []string {
 // outdatedGroups counts d's serving (not draining) groups that a rollout
 // replaces (0 on a store error).
 func (c *Coordinator) outdatedGroups(d *spec.Deployment) int {
+	if d.Roles != nil {
+		return c.outdatedGroups(d.RoleDeployment(spec.RolePrefill)) + c.outdatedGroups(d.RoleDeployment(spec.RoleDecode))
+	}
 	gs, err := c.store.Groups()
 	if err != nil {
 		return 0
@@ -90,7 +93,10 @@ func (s *apiServer) Apply(_ context.Context, req *coordv1.ApplyRequest) (*coordv
 		}
 	}
 	if err == nil {
-		err = s.checkPairs(d)
+		err = s.checkPairs(d) // reads the deployments (and their roles) afresh
+	}
+	if err == nil {
+		err = s.checkNames(d)
 	}
 	if err != nil {
 		return nil, apiError(err)
@@ -113,7 +119,13 @@ func (s *apiServer) Apply(_ context.Context, req *coordv1.ApplyRequest) (*coordv
 	if created {
 		verb = "created"
 	}
-	s.c.events.add(d.Name, "", "deployment %s (%d replica(s) of %d node(s) × %d GPUs)", verb, d.DesiredReplicas(), d.Resources.Nodes, d.Resources.GPUsPerNode)
+	if d.Roles != nil {
+		p, dc := d.RoleDeployment(spec.RolePrefill), d.RoleDeployment(spec.RoleDecode)
+		s.c.events.add(d.Name, "", "deployment %s with roles: prefill %s (%d replica(s) of %d node(s) × %d GPUs), decode %s (%d of %d × %d)", verb,
+			p.Name, p.DesiredReplicas(), p.Resources.Nodes, p.Resources.GPUsPerNode, dc.Name, dc.DesiredReplicas(), dc.Resources.Nodes, dc.Resources.GPUsPerNode)
+	} else {
+		s.c.events.add(d.Name, "", "deployment %s (%d replica(s) of %d node(s) × %d GPUs)", verb, d.DesiredReplicas(), d.Resources.Nodes, d.Resources.GPUsPerNode)
+	}
 	var warnings []string
 	for _, f := range d.Fields() {
 		if !f.Implemented {
@@ -140,13 +152,32 @@ func (s *apiServer) Apply(_ context.Context, req *coordv1.ApplyRequest) (*coordv
 // deployment of one served model must be able to exchange KV
 // (spec.CheckPair), and a disaggregated model is not also served whole.
 func (s *apiServer) checkPairs(d *spec.Deployment) error {
-	recs, err := s.c.store.Deployments()
+	recs, err := s.c.deployments()
 	if err != nil {
 		return nil // the write that follows reports the store's trouble
 	}
+	if d.Roles != nil {
+		// Its roles pair with each other (spec.Validate checked that), and
+		// each must get along with the model's other deployments.
+		for _, role := range []string{spec.RolePrefill, spec.RoleDecode} {
+			if err := s.checkPairsOf(d.RoleDeployment(role), d.Name, recs); err != nil {
+				return err
+			}
+		}
+		return nil
+	}
+	return s.checkPairsOf(d, d.Name, recs)
+}
+
+// checkPairsOf checks d against recs, leaving out deployment own (and its
+// roles).
+func (s *apiServer) checkPairsOf(d *spec.Deployment, own string, recs []*store.DeploymentRecord) error {
 	for _, r := range recs {
 		o := r.Spec
-		if o == nil || o.Name == d.Name || o.Engine.ServedModelName != d.Engine.ServedModelName {
+		if o == nil || o.Name == own || o.Engine.ServedModelName != d.Engine.ServedModelName {
+			continue
+		}
+		if ri, ok := s.c.roleOf(o.Name); ok && ri.parent == own {
 			continue
 		}
 		dk, ok := d.Engine.KVTransfer, o.Engine.KVTransfer
@@ -186,7 +217,7 @@ func (s *apiServer) summary(rec *store.DeploymentRecord, groups []*store.Group) 
 }
 
 func (s *apiServer) ListDeployments(context.Context, *coordv1.ListDeploymentsRequest) (*coordv1.ListDeploymentsResponse, error) {
-	deps, err := s.c.store.Deployments()
+	deps, err := s.c.deployments()
 	if err != nil {
 		return nil, apiError(err)
 	}
@@ -203,12 +234,18 @@ func (s *apiServer) ListDeployments(context.Context, *coordv1.ListDeploymentsReq
 
 func (s *apiServer) DescribeDeployment(_ context.Context, req *coordv1.DescribeDeploymentRequest) (*coordv1.DescribeDeploymentResponse, error) {
 	rec, err := s.c.store.Deployment(req.Name)
+	if errors.Is(err, store.ErrNotFound) {
+		rec, err = s.c.deployment(req.Name) // a role of a deployment
+	}
 	if err != nil {
 		return nil, apiError(err)
 	}
 	groups, err := s.c.store.Groups()
 	if err != nil {
 		return nil, apiError(err)
+	}
+	if rec.Spec.Roles != nil {
+		return s.describeRoles(rec, groups)
 	}
 	resp := &coordv1.DescribeDeploymentResponse{Summary: s.summary(rec, groups), SpecYaml: rec.SpecYAML, Events: s.c.events.list(rec.Name),
 		PreviousSpecYaml: rec.PrevSpecYAML}
@@ -225,6 +262,9 @@ func (s *apiServer) DescribeDeployment(_ context.Context, req *coordv1.DescribeD
 }
 
 func (s *apiServer) DeleteDeployment(_ context.Context, req *coordv1.DeleteDeploymentRequest) (*coordv1.DeleteDeploymentResponse, error) {
+	if ri, ok := s.c.roleOf(req.Name); ok {
+		return nil, status.Errorf(codes.FailedPrecondition, "%s is the %s role of deployment %s: delete %s, or change roles.%s in its spec", req.Name, ri.role, ri.parent, ri.parent, ri.role)
+	}
 	if err := s.c.store.DeleteDeployment(req.Name); err != nil {
 		return nil, s.c.storeError(err)
 	}
@@ -295,14 +335,18 @@ func (c *Coordinator) replicaInfos(dep string, groups []*store.Group) []*coordv1
 	views := c.heads.Views()
 	nodes := c.agents()
 	specs := map[string]*spec.Deployment{}
-	if recs, err := c.store.Deployments(); err == nil {
+	want := map[string]bool{dep: true} // a deployment with roles: its roles' groups
+	if recs, err := c.deployments(); err == nil {
 		for _, r := range recs {
 			specs[r.Name] = r.Spec
+			if ri, ok := c.roleOf(r.Name); ok && ri.parent == dep {
+				want[r.Name] = true
+			}
 		}
 	}
 	var out []*coordv1.ReplicaInfo
 	for _, g := range groups {
-		if dep != "" && g.Deployment != dep {
+		if dep != "" && !want[g.Deployment] {
 			continue
 		}
 		ri := &coordv1.ReplicaInfo{GroupId: g.ID, Deployment: g.Deployment, Epoch: g.Epoch, State: "starting", Spec: g.Spec}
@@ -372,4 +416,65 @@ func (s *apiServer) Demand(_ context.Context, req *coordv1.DemandRequest) (*coor
 	}
 	s.c.Demand(req.Model)
 	return &coordv1.DemandResponse{}, nil
+}
+
+// describeRoles is `shoal describe deployment` of a deployment with roles:
+// its spec, then each role as a deployment of its own (replicas, metric,
+// the autoscaler's decisions), the events of all three.
+func (s *apiServer) describeRoles(rec *store.DeploymentRecord, groups []*store.Group) (*coordv1.DescribeDeploymentResponse, error) {
+	d := rec.Spec
+	resp := &coordv1.DescribeDeploymentResponse{SpecYaml: rec.SpecYAML, PreviousSpecYaml: rec.PrevSpecYAML, Events: s.c.events.list(rec.Name),
+		Hold: s.c.holdStatus()}
+	sum := &coordv1.DeploymentSummary{Name: d.Name, Model: d.Engine.ServedModelName, Engine: d.Engine.Kind, CreatedUnix: rec.Created.Unix()}
+	var status []string
+	for _, role := range []string{spec.RolePrefill, spec.RoleDecode} {
+		c := d.RoleDeployment(role)
+		cr := &store.DeploymentRecord{Name: c.Name, SpecYAML: rec.SpecYAML, Spec: c, Created: rec.Created}
+		cs := s.summary(cr, groups)
+		sum.DesiredReplicas += cs.DesiredReplicas
+		sum.ReadyReplicas += cs.ReadyReplicas
+		sum.NodesPerReplica = max(sum.NodesPerReplica, cs.NodesPerReplica)
+		line := fmt.Sprintf("%s (%s): %d/%d ready, %d node(s) × %d GPUs, TP %d", role, c.Name, cs.ReadyReplicas, cs.DesiredReplicas,
+			c.Resources.Nodes, c.Resources.GPUsPerNode, c.Engine.TensorParallelSize)
+		if dp := c.Engine.DataParallel; dp != nil {
+			line += fmt.Sprintf(" × DP %d", dp.Size)
+		}
+		if a := s.c.autoscalerStatus(c); a != "" {
+			line += "; autoscaler " + a
+		}
+		if role == spec.RolePrefill && d.Roles.Ratio != nil {
+			line += fmt.Sprintf("; bounded to %s prefill replicas per decode replica (roles.ratio)", d.Roles.Ratio)
+		}
+		status = append(status, line)
+		resp.Replicas = append(resp.Replicas, s.c.replicaInfos(c.Name, groups)...)
+		resp.Events = append(resp.Events, s.c.events.list(c.Name)...)
+		if role == spec.RolePrefill {
+			resp.EngineSettings = plan.SpecHash(c)
+		}
+	}
+	sort.SliceStable(resp.Events, func(i, j int) bool { return resp.Events[i][:8] < resp.Events[j][:8] })
+	resp.Summary = sum
+	resp.Autoscaler = "roles: " + strings.Join(status, "\n          ")
+	for _, f := range d.Fields() {
+		resp.Fields = append(resp.Fields, &coordv1.Field{Path: f.Path, Value: f.Value, Implemented: f.Implemented})
+	}
+	return resp, nil
+}
+
+// checkNames refuses a name taken by a role of another deployment, and
+// roles whose names another deployment has.
+func (s *apiServer) checkNames(d *spec.Deployment) error {
+	if ri, taken := s.c.roleOf(d.Name); taken && ri.parent != d.Name {
+		return fmt.Errorf("%w: name %s is the %s role of deployment %s: choose another name", spec.ErrInvalid, d.Name, ri.role, ri.parent)
+	}
+	if d.Roles == nil {
+		return nil
+	}
+	for _, role := range []string{spec.RolePrefill, spec.RoleDecode} {
+		n := spec.RoleName(d.Name, role)
+		if _, err := s.c.store.Deployment(n); err == nil {
+			return fmt.Errorf("%w: roles.%s runs as deployment %s, and a deployment of that name exists: delete it or rename this one", spec.ErrInvalid, role, n)
+		}
+	}
+	return nil
 }

@@ -151,6 +151,9 @@ type Coordinator struct {
 	guardView plan.Guard              // guarded by mu; the guard as the API shows it
 
 	started time.Time // Run's start: see settling
+	// roles: which deployments that run are roles of a stored one
+	// (roles.go), as of the last read.
+	roles map[string]roleInfo // guarded by mu
 	// warmer holds new prefill/decode endpoints out of the built-in
 	// router's table until their pairs are warmed (nil: no router).
 	warmer atomic.Pointer[router.Warmer]

@@ -49,7 +49,7 @@ func (c *Coordinator) reconcile(ctx context.Context) (time.Time, error) {
 
 // snapshot reads the store, the gossip, the heads and the guard. Loop only.
 func (c *Coordinator) snapshot(now time.Time) (plan.Snapshot, error) {
-	recs, err := c.store.Deployments()
+	recs, err := c.deployments()
 	if err != nil {
 		return plan.Snapshot{}, err
 	}

@@ -57,7 +57,7 @@ func metricValue(metric string, v router.ReplicaView) (float64, bool) {
 }
 
 func (c *Coordinator) autoscaleOnce(now time.Time) error {
-	deps, err := c.store.Deployments()
+	deps, err := c.deployments()
 	if err != nil {
 		return err
 	}
@@ -100,6 +100,10 @@ func (c *Coordinator) autoscaleOnce(now time.Time) error {
 		changed := dec.Desired != st.last.Desired || st.current != o.Current
 		st.last, st.current, st.decided = dec, o.Current, true
 		c.mu.Unlock()
+		if ri, ok := c.roleOf(d.Name); ok && ri.role == spec.RolePrefill && ri.ratio != nil {
+			// The prefill role's count, bounded against the decode role's.
+			dec.Desired = spec.RoleDesired(dec.Desired, c.desiredReplicas(ri.decode), ri.ratio)
+		}
 		c.asDesired.WithLabelValues(d.Name).Set(float64(dec.Desired))
 		c.asCurrent.WithLabelValues(d.Name).Set(float64(o.Current))
 		c.asValue.WithLabelValues(d.Name).Set(dec.Value)
@@ -120,6 +124,21 @@ func (c *Coordinator) desiredReplicas(d *spec.Deployment) int {
 	if d.Autoscaling == nil {
 		return d.DesiredReplicas()
 	}
+	n := c.scaledReplicas(d)
+	if ri, ok := c.roleOf(d.Name); ok && ri.role == spec.RolePrefill && ri.ratio != nil {
+		dc := c.desiredReplicas(ri.decode)
+		if b := spec.RoleDesired(n, dc, ri.ratio); b != n {
+			// Once per change (the same text is not repeated).
+			c.events.add(ri.parent, d.Name+"/ratio", "roles.ratio %s: prefill replicas %d (the autoscaler's %d) for %d decode replica(s)",
+				ri.ratio, b, n, dc)
+			n = b
+		}
+	}
+	return n
+}
+
+// scaledReplicas is the autoscaler's own answer for d.
+func (c *Coordinator) scaledReplicas(d *spec.Deployment) int {
 	c.mu.Lock()
 	defer c.mu.Unlock()
 	// A scaler's state is stored before its first decision: until it has

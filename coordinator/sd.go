@@ -119,7 +119,7 @@ func (m *clusterMetrics) Collect(ch chan<- prometheus.Metric) {
 	for s, n := range counts {
 		ch <- prometheus.MustNewConstMetric(m.nodes, prometheus.GaugeValue, n, s)
 	}
-	if deps, err := m.c.store.Deployments(); err == nil {
+	if deps, err := m.c.deployments(); err == nil {
 		for _, d := range deps {
 			m.reforms.WithLabelValues(d.Name) // a series at 0 from the start, so increase() works
 		}

@@ -40,6 +40,9 @@ type Deployment struct {
 	Autoscaling *Autoscaling      `yaml:"autoscaling,omitempty" json:"autoscaling,omitempty"`
 	Router      *Router           `yaml:"router,omitempty" json:"router,omitempty"`
 	Labels      map[string]string `yaml:"labels,omitempty" json:"labels,omitempty"`
+	// Roles serves the model disaggregated: a prefill and a decode role,
+	// each run as a deployment of its own (roles.go).
+	Roles *Roles `yaml:"roles,omitempty" json:"roles,omitempty"`
 }
 
 // Router is how routers treat this deployment's requests.
@@ -345,6 +348,9 @@ func (d *Deployment) Default() {
 	if e.ServedModelName == "" {
 		e.ServedModelName = d.Name
 	}
+	if d.Roles != nil {
+		return // each role's deployment takes the rest (RoleDeployment)
+	}
 	if dp := e.DataParallel; dp != nil {
 		n, g := d.Resources.Nodes, d.Resources.GPUsPerNode
 		if dp.SizePerNode == 0 && n > 0 && dp.Size > 0 && dp.Size%n == 0 {
@@ -453,6 +459,15 @@ func (d *Deployment) Validate() error {
 		bad("name", "is required")
 	case len(d.Name) > MaxNameLen || !nameRE.MatchString(d.Name):
 		bad("name", "%q must be lower-case letters, digits and '-', at most %d characters", d.Name, MaxNameLen)
+	}
+	if d.Roles != nil {
+		if len(errs) == 0 {
+			errs = append(errs, validateRoles(d)...)
+		}
+		if len(errs) == 0 {
+			return nil
+		}
+		return fmt.Errorf("%w: %w", ErrInvalid, errors.Join(errs...))
 	}
 	if d.Model.Source == "" && d.Engine.Kind != EngineCommand {
 		// A command engine may bring its own weights (or need none).

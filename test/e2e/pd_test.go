@@ -362,3 +362,60 @@ func TestSGLangDisaggregated(t *testing.T) {
 	}
 	require.Zero(t, failed, "no request fails when a prefill engine dies")
 }
+
+// rolesSpec is one deployment "rr" with a prefill and a decode role.
+const rolesSpec = `apiVersion: shoal/v1
+name: rr
+model: {source: /models/rr}
+engine: {kind: vllm, tensorParallelSize: 8, startupTimeoutSeconds: 60, kvTransfer: {connector: nixl}}
+resources: {nodes: 1, gpusPerNode: 8}
+roles:
+  prefill:
+    replicas: {min: 1, max: 3}
+    autoscaling: {policy: kpa, metric: num_requests_waiting, target: 50}
+  decode:
+    replicas: {count: 2}
+  ratio: {min: 1, max: 1.5}
+`
+
+// TestDeploymentRoles: one deployment declares a prefill and a decode role;
+// each runs as its own replica groups (rr-prefill, rr-decode) and the model
+// is served disaggregated through the built-in router. The prefill role
+// autoscales, bounded by roles.ratio to at least one prefill replica per
+// decode replica: 2, though its autoscaler alone would keep 1. `describe`
+// shows each role; a role cannot be deleted on its own.
+func TestDeploymentRoles(t *testing.T) {
+	e := startCluster(t, 36, 4, func(c *devcluster.Config) { c.SimEnv = append(c.SimEnv, "SHOAL_SIM_NIXL_HANDSHAKE_SECONDS=0.2") })
+	e.apply("rr.yaml", rolesSpec)
+	require.Eventually(t, func() bool { return e.count("rr-prefill", "ready") == 2 && e.count("rr-decode", "ready") == 2 }, 90*time.Second, 200*time.Millisecond)
+	require.Len(t, e.replicasOf("rr"), 4, "`get replicas rr` lists both roles' groups")
+
+	client := openai.NewClient(option.WithBaseURL("http://"+e.router+"/v1/"), option.WithAPIKey("none"), option.WithMaxRetries(0))
+	ctx := context.Background()
+	prompt := strings.Repeat("A question for a deployment with roles. ", 12)
+	for i := 0; i < 4; i++ {
+		chat, err := client.Chat.Completions.New(ctx, openai.ChatCompletionNewParams{Model: "rr",
+			Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage(fmt.Sprintf("%d %s", i, prompt))}, MaxTokens: openai.Int(6)})
+		require.NoError(t, err)
+		require.NotEmpty(t, chat.Choices[0].Message.Content)
+	}
+	hits := 0.0
+	for _, r := range e.replicasOf("rr-decode") {
+		hits += engineMetrics(t, r.Endpoint).PrefixHits
+	}
+	require.Greater(t, hits, 4*60.0, "the decode role decoded from KV the prefill role computed")
+
+	out, err := e.shoal("describe", "deployment", "rr")
+	require.NoError(t, err, out)
+	for _, want := range []string{"prefill (rr-prefill): 2/2 ready", "decode (rr-decode): 2/2 ready", "kpa on num_requests_waiting",
+		"bounded to 1–1.5 prefill replicas per decode replica", "roles.ratio 1–1.5: prefill replicas 2 (the autoscaler's 1) for 2 decode replica(s)"} {
+		require.Contains(t, out, want)
+	}
+	out, err = e.shoal("delete", "deployment", "rr-prefill")
+	require.Error(t, err)
+	require.Contains(t, out, "is the prefill role of deployment rr")
+	out, err = e.shoal("delete", "deployment", "rr")
+	require.NoError(t, err, out)
+	require.Eventually(t, func() bool { return len(e.replicasOf("rr-prefill"))+len(e.replicasOf("rr-decode")) == 0 }, 60*time.Second, 200*time.Millisecond,
+		"deleting the deployment releases both roles' groups")
+}

@@ -89,12 +89,12 @@ func indexOf(s, sub string) int {
 func TestRoleDesired(t *testing.T) {
 	r := &RoleRatio{Min: 0.5, Max: 2}
 	for _, c := range []struct{ p, d, want int }{
-		{1, 4, 2},  // at least half a prefill per decode replica
-		{9, 4, 8},  // at most two
-		{3, 4, 3},  // within: the autoscaler's
-		{0, 1, 1},  // a decode replica gets at least one prefill
-		{5, 0, 5},  // no decode replica: the prefill autoscaler's own
-		{1, 3, 2},  // ceil(1.5)
+		{1, 4, 2}, // at least half a prefill per decode replica
+		{9, 4, 8}, // at most two
+		{3, 4, 3}, // within: the autoscaler's
+		{0, 1, 1}, // a decode replica gets at least one prefill
+		{5, 0, 5}, // no decode replica: the prefill autoscaler's own
+		{1, 3, 2}, // ceil(1.5)
 	} {
 		require.Equal(t, c.want, RoleDesired(c.p, c.d, r), "%+v", c)
 	}

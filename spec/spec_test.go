@@ -130,6 +130,7 @@ func FuzzParse(f *testing.F) {
 	f.Add([]byte(base))
 	f.Add([]byte("name: [\n"))
 	f.Add([]byte("&a [*a, *a]"))
+	f.Add([]byte(rolesDoc))
 	f.Fuzz(func(t *testing.T, b []byte) {
 		d, err := Parse(b)
 		if err != nil {
@@ -138,6 +139,14 @@ func FuzzParse(f *testing.F) {
 		// Whatever parses must validate again after a wire round trip.
 		if _, err := FromJSON(d.JSON()); err != nil {
 			t.Fatalf("accepted spec fails after JSON round trip: %v", err)
+		}
+		if d.Roles != nil {
+			// Each role runs as a deployment of its own: agents get it.
+			for _, role := range []string{RolePrefill, RoleDecode} {
+				if _, err := FromJSON(d.RoleDeployment(role).JSON()); err != nil {
+					t.Fatalf("accepted spec's %s role fails on the wire: %v", role, err)
+				}
+			}
 		}
 	})
 }

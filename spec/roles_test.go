@@ -1,6 +1,7 @@
 package spec
 
 import (
+	"os"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -100,4 +101,21 @@ func TestRoleDesired(t *testing.T) {
 	}
 	require.Equal(t, 7, RoleDesired(7, 2, nil))
 	require.Equal(t, 1, RoleDesired(3, 2, &RoleRatio{Max: 0.5}), "floor(0.5 × 2) = 1")
+}
+
+// The shipped example parses, and its roles are what it says.
+func TestPDExample(t *testing.T) {
+	b, err := os.ReadFile("../deploy/deepseek-r1-pd.yaml")
+	require.NoError(t, err)
+	d, err := Parse(b)
+	require.NoError(t, err)
+	p, dc := d.RoleDeployment(RolePrefill), d.RoleDeployment(RoleDecode)
+	require.Equal(t, 8, p.Engine.DataParallel.Size)
+	require.Equal(t, 16, dc.Engine.DataParallel.Size)
+	require.Equal(t, LBHybrid, dc.Engine.DataParallel.LoadBalancing)
+	require.Equal(t, 2, dc.Resources.Nodes)
+	require.Equal(t, "recompute", dc.Engine.KVTransfer.FailurePolicy)
+	require.Equal(t, "kv_cache_usage_perc", dc.Autoscaling.Metric)
+	require.Equal(t, "deepep_low_latency", dc.Engine.ExpertParallel.All2AllBackend)
+	require.Equal(t, "deepep_high_throughput", p.Engine.ExpertParallel.All2AllBackend)
 }

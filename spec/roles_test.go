@@ -2,6 +2,7 @@ package spec
 
 import (
 	"os"
+	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/require"
@@ -73,18 +74,8 @@ func TestRolesRefusals(t *testing.T) {
 
 func replaceOnce(t *testing.T, s, old, new string) string {
 	t.Helper()
-	i := indexOf(s, old)
-	require.GreaterOrEqual(t, i, 0, old)
-	return s[:i] + new + s[i+len(old):]
-}
-
-func indexOf(s, sub string) int {
-	for i := 0; i+len(sub) <= len(s); i++ {
-		if s[i:i+len(sub)] == sub {
-			return i
-		}
-	}
-	return -1
+	require.Contains(t, s, old)
+	return strings.Replace(s, old, new, 1)
 }
 
 func TestRoleDesired(t *testing.T) {

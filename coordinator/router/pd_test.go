@@ -16,17 +16,22 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
+// freePort is a port free on ip now.
+func freePort(t *testing.T, ip string) int {
+	t.Helper()
+	l, err := net.Listen("tcp", ip+":0")
+	require.NoError(t, err)
+	defer l.Close()
+	return l.Addr().(*net.TCPAddr).Port
+}
+
 // simPD starts a simulated NixlConnector engine; its side channel listens
 // on ip.
 func simPD(t *testing.T, ip string) (*sim.Server, string) {
 	t.Helper()
 	pr := sim.Presets["llama-8b-h100-tp1"]
 	s := sim.NewServer("m", pr.Params, 50)
-	l, err := net.Listen("tcp", ip+":0")
-	require.NoError(t, err)
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
-	require.NoError(t, s.EnableNIXL(pr, ip, port, "fail"))
+	require.NoError(t, s.EnableNIXL(pr, ip, freePort(t, ip), "fail"))
 	ctx, cancel := context.WithCancel(context.Background())
 	go s.Run(ctx)
 	hs := httptest.NewServer(s.Handler())
@@ -220,10 +225,7 @@ func simSGLang(t *testing.T, ip, mode string) (*sim.Server, *Endpoint) {
 	t.Helper()
 	pr := sim.Presets["llama-8b-h100-tp1"]
 	s := sim.NewServer("m", pr.Params, 50)
-	l, err := net.Listen("tcp", ip+":0")
-	require.NoError(t, err)
-	port := l.Addr().(*net.TCPAddr).Port
-	l.Close()
+	port := freePort(t, ip)
 	require.NoError(t, s.EnableSGLangDisagg(pr, mode, ip, port))
 	ctx, cancel := context.WithCancel(context.Background())
 	go s.Run(ctx)

@@ -352,7 +352,7 @@ func (n *nixl) pullOnce(ctx context.Context, p *kvTransferParams, promptTokens i
 	if !out.OK {
 		return 0, fmt.Errorf("NIXL transfer failed: %s", out.Error)
 	}
-	xfer := time.Duration(float64(int64(promptTokens)*n.bytesTok) / (n.gbps * 1e9) * float64(time.Second))
+	xfer := kvTransferTime(promptTokens, n.bytesTok, n.gbps)
 	if !sleepCtx(ctx, n.clock.Real(xfer)) {
 		abort()
 		return xfer, ctx.Err()
@@ -370,6 +370,11 @@ func (n *nixl) pullOnce(ctx context.Context, p *kvTransferParams, promptTokens i
 		d += n.handshake
 	}
 	return d, nil
+}
+
+// kvTransferTime is how long tokens' KV takes over a link of gbps GB/s.
+func kvTransferTime(tokens int, bytesPerToken int64, gbps float64) time.Duration {
+	return time.Duration(float64(int64(tokens)*bytesPerToken) / (gbps * 1e9) * float64(time.Second))
 }
 
 // sleepCtx waits d unless ctx ends first (false).

@@ -77,16 +77,7 @@ func TestNIXLHandshakeOncePerPair(t *testing.T) {
 	ps, _ := pdEngine(t, "127.0.9.22", "fail", 30)
 	ds, _ := pdEngine(t, "127.0.9.23", "fail", 30)
 	pull := func() time.Duration {
-		r := &request{hashes: []uint64{1, 2, 3}}
-		ps.eng.mu.Lock()
-		for _, h := range r.hashes {
-			id := ps.eng.kv.alloc()
-			ps.eng.kv.register(id, h)
-			ps.eng.kv.release(id)
-		}
-		ps.eng.mu.Unlock()
-		kv := ps.nixl.hold(ps.eng, r, fmt.Sprint(time.Now().UnixNano()))
-		d, err := ds.nixl.pull(context.Background(), kv, 4096)
+		d, err := ds.nixl.pull(context.Background(), heldRequest(ps), 4096)
 		require.NoError(t, err)
 		return d
 	}

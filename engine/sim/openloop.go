@@ -120,14 +120,16 @@ func SimulateOpenLoop(g Group, rate float64, prompt, output, total int, seed uin
 	if res.Duration > 0 {
 		res.OutTokPerSec = float64(outTokens) / res.Duration.Seconds()
 	}
-	pct := func(xs []time.Duration, q float64) time.Duration {
-		if len(xs) == 0 {
-			return 0
-		}
-		sort.Slice(xs, func(i, j int) bool { return xs[i] < xs[j] })
-		return xs[min(len(xs)-1, int(q*float64(len(xs))))]
-	}
-	res.TTFTP50, res.TTFTP99 = pct(ttfts, 0.5), pct(ttfts, 0.99)
-	res.ITLP50, res.ITLP99 = pct(itls, 0.5), pct(itls, 0.99)
+	res.TTFTP50, res.TTFTP99 = quantile(ttfts, 0.5), quantile(ttfts, 0.99)
+	res.ITLP50, res.ITLP99 = quantile(itls, 0.5), quantile(itls, 0.99)
 	return res
+}
+
+// quantile is the q-quantile of xs (sorted in place; 0 when empty).
+func quantile(xs []time.Duration, q float64) time.Duration {
+	if len(xs) == 0 {
+		return 0
+	}
+	sort.Slice(xs, func(i, j int) bool { return xs[i] < xs[j] })
+	return xs[min(len(xs)-1, int(q*float64(len(xs))))]
 }

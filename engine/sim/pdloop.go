@@ -6,7 +6,6 @@ import (
 	"math"
 	mrand "math/rand/v2"
 	"slices"
-	"sort"
 	"time"
 )
 
@@ -242,7 +241,7 @@ func SimulateServing(s Serving, l Load, slo SLO) ServingResult {
 					}
 					e.mu.Unlock()
 					d := leastLoaded(back, 1)
-					land := now + s.Hop + time.Duration(float64(int64(l.Prompt)*s.KVBytesPerToken)/(s.LinkGBps*1e9)*float64(time.Second))
+					land := now + s.Hop + kvTransferTime(l.Prompt, s.KVBytesPerToken, s.LinkGBps)
 					if !paired[[2]*Engine{e, d}] {
 						paired[[2]*Engine{e, d}] = true
 						land += s.Handshake
@@ -289,14 +288,7 @@ func SimulateServing(s Serving, l Load, slo SLO) ServingResult {
 		res.Goodput = float64(good) / secs
 		res.PromptTokPerSec = float64(promptTokens) / secs
 	}
-	pct := func(xs []time.Duration, q float64) time.Duration {
-		if len(xs) == 0 {
-			return 0
-		}
-		sort.Slice(xs, func(i, j int) bool { return xs[i] < xs[j] })
-		return xs[min(len(xs)-1, int(q*float64(len(xs))))]
-	}
-	res.TTFTP50, res.TTFTP99 = pct(ttfts, 0.5), pct(ttfts, 0.99)
-	res.ITLP50, res.ITLP99 = pct(itls, 0.5), pct(itls, 0.99)
+	res.TTFTP50, res.TTFTP99 = quantile(ttfts, 0.5), quantile(ttfts, 0.99)
+	res.ITLP50, res.ITLP99 = quantile(itls, 0.5), quantile(itls, 0.99)
 	return res
 }

@@ -307,7 +307,7 @@ func (d *sglDisagg) receive(ctx context.Context, host string, port int, id uint6
 	if !m.OK {
 		return 0, fmt.Errorf("KVTransferError(bootstrap_room=%d): %s", id, m.Error)
 	}
-	xfer := time.Duration(float64(int64(promptTokens)*d.bytesTok) / (d.gbps * 1e9) * float64(time.Second))
+	xfer := kvTransferTime(promptTokens, d.bytesTok, d.gbps)
 	if !sleepCtx(ctx, d.clock.Real(xfer)) {
 		return xfer, ctx.Err()
 	}

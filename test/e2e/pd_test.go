@@ -146,24 +146,7 @@ func TestDisaggregatedDeployments(t *testing.T) {
 	client := openai.NewClient(option.WithBaseURL("http://"+e.router+"/v1/"), option.WithAPIKey("none"), option.WithMaxRetries(0))
 	ctx := context.Background()
 	prompt := strings.Repeat("A question about disaggregated serving. ", 12)
-	for i := 0; i < 6; i++ {
-		chat, err := client.Chat.Completions.New(ctx, openai.ChatCompletionNewParams{Model: "pd",
-			Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage(fmt.Sprintf("%d %s", i, prompt))}, MaxTokens: openai.Int(6)})
-		require.NoError(t, err)
-		require.NotEmpty(t, chat.Choices[0].Message.Content)
-	}
-	st := client.Chat.Completions.NewStreaming(ctx, openai.ChatCompletionNewParams{Model: "pd",
-		Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("streamed " + prompt)}, MaxTokens: openai.Int(6)})
-	n := 0
-	for st.Next() {
-		n++
-	}
-	require.NoError(t, st.Err())
-	require.Positive(t, n)
-	comp, err := client.Completions.New(ctx, openai.CompletionNewParams{Model: "pd",
-		Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("completion " + prompt)}, MaxTokens: openai.Int(4)})
-	require.NoError(t, err)
-	require.Equal(t, int64(4), comp.Usage.CompletionTokens)
+	servePD(t, client, "pd", prompt, 6)
 
 	pre := e.replicasOf("pd-prefill")[0]
 	pm := engineMetrics(t, pre.Endpoint)
@@ -178,33 +161,7 @@ func TestDisaggregatedDeployments(t *testing.T) {
 	require.Greater(t, hits, 8*60.0, "the decode engines found every prompt's KV, pulled from the prefill engine")
 
 	// The prefill engine dies under load.
-	results := make(chan error, 64)
-	var wg sync.WaitGroup
-	for w := 0; w < 8; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := 0; i < 8; i++ {
-				_, err := client.Chat.Completions.New(ctx, openai.ChatCompletionNewParams{Model: "pd",
-					Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage(fmt.Sprintf("load %d %d %s", w, i, prompt))}, MaxTokens: openai.Int(8)})
-				results <- err
-			}
-		}()
-	}
-	time.Sleep(300 * time.Millisecond)
-	pids := e.c.EnginePids(pre.Head)
-	require.NotEmpty(t, pids)
-	require.NoError(t, syscall.Kill(pids[0], syscall.SIGKILL))
-	wg.Wait()
-	close(results)
-	failed := 0
-	for err := range results {
-		if err != nil {
-			failed++
-			t.Logf("PD: failed request: %v", err)
-		}
-	}
-	require.Zero(t, failed, "no request fails when the prefill engine dies")
+	require.Zero(t, killUnderLoad(t, e, client, "pd", prompt, pre.Head), "no request fails when the prefill engine dies")
 	// The prefill group restarts and prefills again.
 	require.Eventually(t, func() bool { return e.count("pd-prefill", "ready") == 1 }, 60*time.Second, 200*time.Millisecond)
 
@@ -299,26 +256,8 @@ func TestSGLangDisaggregated(t *testing.T) {
 	require.Eventually(t, func() bool { return e.count("spd-prefill", "ready") == 2 && e.count("spd-decode", "ready") == 2 }, 90*time.Second, 200*time.Millisecond)
 
 	client := openai.NewClient(option.WithBaseURL("http://"+e.router+"/v1/"), option.WithAPIKey("none"), option.WithMaxRetries(0))
-	ctx := context.Background()
 	prompt := strings.Repeat("A question about SGLang's disaggregated serving. ", 12)
-	for i := 0; i < 4; i++ {
-		chat, err := client.Chat.Completions.New(ctx, openai.ChatCompletionNewParams{Model: "spd",
-			Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage(fmt.Sprintf("%d %s", i, prompt))}, MaxTokens: openai.Int(6)})
-		require.NoError(t, err)
-		require.NotEmpty(t, chat.Choices[0].Message.Content)
-	}
-	st := client.Chat.Completions.NewStreaming(ctx, openai.ChatCompletionNewParams{Model: "spd",
-		Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("streamed " + prompt)}, MaxTokens: openai.Int(6)})
-	n := 0
-	for st.Next() {
-		n++
-	}
-	require.NoError(t, st.Err())
-	require.Positive(t, n)
-	comp, err := client.Completions.New(ctx, openai.CompletionNewParams{Model: "spd",
-		Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("completion " + prompt)}, MaxTokens: openai.Int(4)})
-	require.NoError(t, err)
-	require.Equal(t, int64(4), comp.Usage.CompletionTokens)
+	servePD(t, client, "spd", prompt, 4)
 	// 6 requests of ~70 prompt tokens (SGLang names no prefix-cache
 	// counter: the prompt tokens each side computed tell it).
 	var gen, pPrompt, dPrompt float64
@@ -334,33 +273,7 @@ func TestSGLangDisaggregated(t *testing.T) {
 	require.Greater(t, pPrompt, 6*60.0, "the prefill engines computed the prompts")
 	require.Less(t, dPrompt, 6*20.0+40, "the decode engines computed only what the handed-over KV lacked (and the canaries' and warm-ups' prompts)")
 
-	results := make(chan error, 64)
-	var wg sync.WaitGroup
-	for w := 0; w < 8; w++ {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for i := 0; i < 8; i++ {
-				_, err := client.Chat.Completions.New(ctx, openai.ChatCompletionNewParams{Model: "spd",
-					Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage(fmt.Sprintf("load %d %d %s", w, i, prompt))}, MaxTokens: openai.Int(8)})
-				results <- err
-			}
-		}()
-	}
-	time.Sleep(300 * time.Millisecond)
-	pids := e.c.EnginePids(e.replicasOf("spd-prefill")[0].Head)
-	require.NotEmpty(t, pids)
-	require.NoError(t, syscall.Kill(pids[0], syscall.SIGKILL))
-	wg.Wait()
-	close(results)
-	failed := 0
-	for err := range results {
-		if err != nil {
-			failed++
-			t.Logf("SGLang PD: failed request: %v", err)
-		}
-	}
-	require.Zero(t, failed, "no request fails when a prefill engine dies")
+	require.Zero(t, killUnderLoad(t, e, client, "spd", prompt, e.replicasOf("spd-prefill")[0].Head), "no request fails when a prefill engine dies")
 }
 
 // rolesSpec is one deployment "rr" with a prefill and a decode role.
@@ -418,4 +331,62 @@ func TestDeploymentRoles(t *testing.T) {
 	require.NoError(t, err, out)
 	require.Eventually(t, func() bool { return len(e.replicasOf("rr-prefill"))+len(e.replicasOf("rr-decode")) == 0 }, 60*time.Second, 200*time.Millisecond,
 		"deleting the deployment releases both roles' groups")
+}
+
+// servePD sends openai-go's chat (chats of them, then one streamed) and a
+// completion for model through client, and checks each answer.
+func servePD(t *testing.T, client openai.Client, model, prompt string, chats int) {
+	t.Helper()
+	ctx := context.Background()
+	for i := 0; i < chats; i++ {
+		chat, err := client.Chat.Completions.New(ctx, openai.ChatCompletionNewParams{Model: model,
+			Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage(fmt.Sprintf("%d %s", i, prompt))}, MaxTokens: openai.Int(6)})
+		require.NoError(t, err)
+		require.NotEmpty(t, chat.Choices[0].Message.Content)
+	}
+	st := client.Chat.Completions.NewStreaming(ctx, openai.ChatCompletionNewParams{Model: model,
+		Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage("streamed " + prompt)}, MaxTokens: openai.Int(6)})
+	n := 0
+	for st.Next() {
+		n++
+	}
+	require.NoError(t, st.Err())
+	require.Positive(t, n)
+	comp, err := client.Completions.New(ctx, openai.CompletionNewParams{Model: openai.CompletionNewParamsModel(model),
+		Prompt: openai.CompletionNewParamsPromptUnion{OfString: openai.String("completion " + prompt)}, MaxTokens: openai.Int(4)})
+	require.NoError(t, err)
+	require.Equal(t, int64(4), comp.Usage.CompletionTokens)
+}
+
+// killUnderLoad runs 8 clients of 8 chat requests each for model and
+// SIGKILLs node's engine 300 ms in; it returns how many requests failed.
+func killUnderLoad(t *testing.T, e *env, client openai.Client, model, prompt, node string) int {
+	t.Helper()
+	results := make(chan error, 64)
+	var wg sync.WaitGroup
+	for w := 0; w < 8; w++ {
+		wg.Add(1)
+		go func() {
+			defer wg.Done()
+			for i := 0; i < 8; i++ {
+				_, err := client.Chat.Completions.New(context.Background(), openai.ChatCompletionNewParams{Model: model,
+					Messages: []openai.ChatCompletionMessageParamUnion{openai.UserMessage(fmt.Sprintf("load %d %d %s", w, i, prompt))}, MaxTokens: openai.Int(8)})
+				results <- err
+			}
+		}()
+	}
+	time.Sleep(300 * time.Millisecond)
+	pids := e.c.EnginePids(node)
+	require.NotEmpty(t, pids)
+	require.NoError(t, syscall.Kill(pids[0], syscall.SIGKILL))
+	wg.Wait()
+	close(results)
+	failed := 0
+	for err := range results {
+		if err != nil {
+			failed++
+			t.Logf("%s: failed request: %v", model, err)
+		}
+	}
+	return failed
 }

@@ -208,3 +208,15 @@ resources: {nodes: 2, gpusPerNode: 8}
 		require.Contains(t, p.Node.Env, kv)
 	}
 }
+
+// Without RDMA the connector's UCX runs TCP on the interface of the node's
+// own address (not whatever bridge UCX would pick), with the GPU copies.
+func TestNIXLWithoutRDMA(t *testing.T) {
+	d, err := spec.Parse([]byte("apiVersion: shoal/v1\nname: p\nmodel: {source: /m}\nengine: {kind: vllm, kvTransfer: {connector: nixl, role: prefill}}\nresources: {nodes: 1, gpusPerNode: 8}\n"))
+	require.NoError(t, err)
+	p, err := NativePlan(PlanInput{Spec: d, Role: RoleHead, NodeIP: "10.0.0.1", HeadIP: "10.0.0.1", Bin: Binaries{VLLM: "/usr/bin/vllm"},
+		Env: map[string]string{"NCCL_IB_DISABLE": "1", "NCCL_SOCKET_IFNAME": "eth0"}}, 0)
+	require.NoError(t, err)
+	require.Contains(t, p.Node.Env, "UCX_NET_DEVICES=eth0")
+	require.Contains(t, p.Node.Env, "UCX_TLS=tcp,cuda_copy,cuda_ipc")
+}

@@ -40,7 +40,7 @@ func nixlEnv(s *spec.Deployment, env map[string]string, nodeIP string) {
 		return
 	case s.Engine.Kind == spec.EngineSGLang:
 		if k.Connector == spec.ConnectorNIXL {
-			setDefault(s, env, "UCX_NET_DEVICES", rdmaHCAs(env))
+			ucxEnv(s, env)
 		} else {
 			// Mooncake's TCP transport reuses connections (GPUStack found
 			// TIME_WAIT exhausting ports within seconds without it).
@@ -50,7 +50,23 @@ func nixlEnv(s *spec.Deployment, env map[string]string, nodeIP string) {
 	}
 	setDefault(s, env, "VLLM_NIXL_SIDE_CHANNEL_HOST", nodeIP)
 	setDefault(s, env, "VLLM_NIXL_SIDE_CHANNEL_PORT", strconv.Itoa(k.SideChannelPort))
-	setDefault(s, env, "UCX_NET_DEVICES", rdmaHCAs(env))
+	ucxEnv(s, env)
+}
+
+// ucxEnv points NIXL's UCX at the right devices (NCCL's variables do not
+// apply to it): the HCAs the RDMA scan found (every transport, as vLLM's
+// guide configures UCX), or without RDMA TCP on the interface of the
+// node's own address plus the GPU copies — left to itself UCX may pick a
+// bridge such as docker0 and the handshake fails.
+func ucxEnv(s *spec.Deployment, env map[string]string) {
+	if hcas := rdmaHCAs(env); hcas != "" {
+		setDefault(s, env, "UCX_NET_DEVICES", hcas)
+		return
+	}
+	if ifn := env["NCCL_SOCKET_IFNAME"]; ifn != "" {
+		setDefault(s, env, "UCX_NET_DEVICES", ifn)
+		setDefault(s, env, "UCX_TLS", "tcp,cuda_copy,cuda_ipc")
+	}
 }
 
 // transferEnv is the environment of expert parallelism's all-to-all and

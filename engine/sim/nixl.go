@@ -139,8 +139,8 @@ func listenNIXL(cfg *kvTransferConfig, host string, port, tp int, pr Preset, clo
 	if n.bytesTok == 0 {
 		n.bytesTok = 128 << 10
 	}
-	// Over RDMA (UCX told its devices) a NIC's 400 Gb/s; else TCP.
-	n.gbps = envFloat("SHOAL_SIM_KV_GBPS", map[bool]float64{true: 50, false: 3}[os.Getenv("UCX_NET_DEVICES") != ""])
+	// Over RDMA (UCX told HCA ports) a NIC's 400 Gb/s; else TCP.
+	n.gbps = envFloat("SHOAL_SIM_KV_GBPS", map[bool]float64{true: 50, false: 3}[ucxRDMA()])
 	ln, err := net.Listen("tcp", net.JoinHostPort(n.host, strconv.Itoa(n.port)))
 	if err != nil {
 		return nil, fmt.Errorf("zmq.error.ZMQError: Address already in use (NIXL side channel %s:%d): %v", n.host, n.port, err)
@@ -370,6 +370,13 @@ func (n *nixl) pullOnce(ctx context.Context, p *kvTransferParams, promptTokens i
 		d += n.handshake
 	}
 	return d, nil
+}
+
+// ucxRDMA says whether UCX's environment points it at RDMA: HCA ports
+// (mlx5_0:1) in UCX_NET_DEVICES, and UCX_TLS not TCP alone.
+func ucxRDMA() bool {
+	dev, tls := os.Getenv("UCX_NET_DEVICES"), os.Getenv("UCX_TLS")
+	return strings.Contains(dev, ":") && !strings.HasPrefix(tls, "tcp")
 }
 
 // kvTransferTime is how long tokens' KV takes over a link of gbps GB/s.

@@ -6,7 +6,6 @@ import (
 	"encoding/json"
 	"fmt"
 	"net"
-	"os"
 	"strconv"
 	"sync"
 	"time"
@@ -105,7 +104,7 @@ func startSGLDisagg(c *sglDisaggConfig, host string, pr Preset, clock Clock) (*s
 	if d.bytesTok == 0 {
 		d.bytesTok = 128 << 10
 	}
-	rdma := c.ibDevice != "" || (c.backend == "nixl" && os.Getenv("UCX_NET_DEVICES") != "")
+	rdma := c.ibDevice != "" || (c.backend == "nixl" && ucxRDMA())
 	d.gbps = envFloat("SHOAL_SIM_KV_GBPS", map[bool]float64{true: 50, false: 3}[rdma])
 	if c.mode != "prefill" {
 		return d, nil

@@ -701,9 +701,15 @@ func (r *Router) forward(ctx context.Context, w aborter, req *http.Request, ep *
 	bp := bufs.Get().(*[]byte)
 	defer bufs.Put(bp)
 	buf := *bp
+	var tail [2]byte // the last two bytes written: is the stream at an event's end?
 	for {
 		n, rerr := resp.Read(buf)
 		if n > 0 {
+			if n >= 2 {
+				tail = [2]byte{buf[n-2], buf[n-1]}
+			} else {
+				tail = [2]byte{tail[1], buf[0]}
+			}
 			if firstByte != nil {
 				firstByte()
 				firstByte = nil
@@ -720,7 +726,15 @@ func (r *Router) forward(ctx context.Context, w aborter, req *http.Request, ep *
 			if !errors.Is(rerr, io.EOF) {
 				// A cut answer is never ended as if whole: the client's
 				// connection closes without a final chunk or short of its
-				// Content-Length, so it knows.
+				// Content-Length, so it knows. A stream cut between events
+				// first gets an error event, which OpenAI clients raise.
+				if resp.SSE && tail == [2]byte{'\n', '\n'} && ctx.Err() == nil {
+					_, _ = fmt.Fprintf(w, "data: {\"error\":{\"message\":%q,\"type\":\"server_error\",\"code\":502}}\n\n",
+						fmt.Sprintf("the engine's stream broke after it began (%v); the answer is incomplete", rerr))
+					if fl != nil {
+						fl.Flush()
+					}
+				}
 				w.Abort()
 				done.err = rerr
 				if ctx.Err() == nil {

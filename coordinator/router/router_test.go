@@ -205,6 +205,7 @@ func TestIdleTimeoutEndsHungStream(t *testing.T) {
 		if name == "hung" {
 			require.Contains(t, rec.Body.String(), "first")
 			require.Equal(t, "1", rec.Header().Get("X-Test-Aborted"), "a cut stream is aborted, not ended")
+			require.Contains(t, rec.Body.String(), `data: {"error":{"message":"the engine's stream broke after it began`, "with an error event first")
 		} else {
 			require.Empty(t, rec.Header().Get("X-Test-Aborted"))
 		}

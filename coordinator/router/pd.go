@@ -52,6 +52,18 @@ func splitRoles(eps []*Endpoint) (prefills, rest []*Endpoint, pd bool) {
 	return prefills, rest, len(prefills) > 0
 }
 
+// prefillStrategy picks prefill engines: by prefix-cache affinity when the
+// request asks for it (the prompt is computed there: that is where a
+// cached prefix saves work), else by queue (least-request). Decode engines
+// are picked by the request's strategy (least-request by default: running
+// requests).
+func prefillStrategy(strategy string) string {
+	if strategy == StrategyPrefixCache || strategy == StrategyPrefixAIBrix {
+		return strategy
+	}
+	return StrategyLeastRequest
+}
+
 // prefillBody is the body sent to a prefill engine: one token, not
 // streamed, remote decode asked for, without stream_options and
 // min_tokens (as vLLM's proxy sends it).
@@ -295,8 +307,8 @@ func sglangBody(body []byte, p *Endpoint, room uint64) ([]byte, error) {
 
 // sglangStart picks a prefill engine not yet tried and sends it the body
 // with a new bootstrap room, in the background; nil when none is left.
-func (r *Router) sglangStart(ctx context.Context, req *http.Request, prefills []*Endpoint, body []byte, rid string, h hint, tried map[string]bool) (*sglangHop, error) {
-	ep, _, lease := r.picker.pick(StrategyLeastRequest, prefills, h, tried)
+func (r *Router) sglangStart(ctx context.Context, req *http.Request, prefills []*Endpoint, body []byte, rid, strategy string, h hint, tried map[string]bool) (*sglangHop, error) {
+	ep, _, lease := r.picker.pick(strategy, prefills, h, tried)
 	if ep == nil {
 		return nil, nil
 	}

@@ -280,3 +280,23 @@ func TestRouterSGLangPrefillDecode(t *testing.T) {
 	require.Equal(t, 502, rec.Code, rec.Body.String())
 	require.Contains(t, rec.Body.String(), "No prefill replica of `m` could prefill the request")
 }
+
+// With prefix-cache routing a prompt is prefilled where its prefix is
+// cached: requests sharing a long prefix keep to one prefill engine.
+func TestPrefillByPrefixAffinity(t *testing.T) {
+	t.Setenv("SHOAL_SIM_NIXL_HANDSHAKE_SECONDS", "0")
+	p1, p1a := simPD(t, "127.0.9.42")
+	p2, p2a := simPD(t, "127.0.9.43")
+	_, da := simPD(t, "127.0.9.44")
+	r, _ := newRouter(&Endpoint{Model: "m", Addr: p1a, Group: "p1", Role: RolePrefill, Rank: -1}, &Endpoint{Model: "m", Addr: p2a, Group: "p2", Role: RolePrefill, Rank: -1},
+		&Endpoint{Model: "m", Addr: da, Group: "d1", Role: RoleDecode, Rank: -1})
+	h := r.Handler()
+	shared := strings.Repeat("a long system prompt every request shares ", 30)
+	for i := 0; i < 6; i++ {
+		rec := do(t, h, `{"model":"m","messages":[{"role":"user","content":"`+shared+strconv.Itoa(i)+`"}],"max_tokens":2}`, map[string]string{"routing-strategy": "prefix-cache"})
+		require.Equal(t, 200, rec.Code, rec.Body.String())
+	}
+	hits := []float64{p1.PrefixHits(), p2.PrefixHits()}
+	require.Greater(t, max(hits[0], hits[1]), 5*200.0, "the later requests found the shared prefix on the prefill engine they went to")
+	require.Zero(t, min(hits[0], hits[1]), "all went to one prefill engine")
+}

@@ -437,7 +437,7 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 		if pd && prefills[0].BootstrapPort > 0 {
 			// SGLang: the same body to a prefill and this decode engine at once.
 			var err error
-			if hop, err = r.sglangStart(ctx, req, prefills, body, rid, h, ptried); hop == nil {
+			if hop, err = r.sglangStart(ctx, req, prefills, body, rid, prefillStrategy(strategy), h, ptried); hop == nil {
 				lease.release()
 				r.prefillsExhausted(w, model, err, lastPrefill)
 				return
@@ -445,7 +445,7 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 			sent, fctx = hop.body, hop.ctx
 		} else if pd {
 			// The first hop: a prefill engine computes the prompt's KV.
-			db, fail := r.prefill(ctx, req, prefills, body, rid, StrategyLeastRequest, h)
+			db, fail := r.prefill(ctx, req, prefills, body, rid, prefillStrategy(strategy), h)
 			switch {
 			case fail == nil:
 				sent = db

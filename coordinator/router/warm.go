@@ -95,7 +95,7 @@ func (w *Warmer) Gate(s *Snapshot) *Snapshot {
 			for j, d := range decodes {
 				k := pairKey{pk[i], dk[j]}
 				livePairs[k] = true
-				if _, seen := w.pairs[k]; !seen {
+				if _, seen := w.pairs[k]; !seen && w.ctx.Err() == nil { // none after Close
 					w.pairs[k] = false
 					w.start(k, model, p, d)
 				}

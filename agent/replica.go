@@ -11,6 +11,7 @@ import (
 	"github.com/shoalhq/shoal/gossip"
 	replicav1 "github.com/shoalhq/shoal/proto/replica/v1"
 	"github.com/shoalhq/shoal/security"
+	"github.com/shoalhq/shoal/spec"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
 	"google.golang.org/grpc/health"
@@ -242,6 +243,7 @@ func (a *Agent) snapshot() *replicav1.Metrics {
 	}
 	if k := as.Spec.Engine.KVTransfer; k != nil {
 		m.Role, m.BootstrapPort = k.Role, uint32(k.BootstrapPort)
+		m.SglangDisaggregation = as.Spec.Engine.Kind == spec.EngineSGLang
 	}
 	if a.run == nil {
 		return m

@@ -234,7 +234,7 @@ func simSGLang(t *testing.T, ip, mode string) (*sim.Server, *Endpoint) {
 	hs := &httptest.Server{Listener: hl, Config: &http.Server{Handler: s.Handler()}}
 	hs.Start()
 	t.Cleanup(func() { hs.Close(); cancel(); s.Close() })
-	ep := &Endpoint{Model: "m", Addr: strings.TrimPrefix(hs.URL, "http://"), Group: mode + "-" + ip, Rank: -1, Role: RoleDecode}
+	ep := &Endpoint{Model: "m", Addr: strings.TrimPrefix(hs.URL, "http://"), Group: mode + "-" + ip, Rank: -1, Role: RoleDecode, SGLangPD: true}
 	if mode == "prefill" {
 		ep.Role, ep.BootstrapPort = RolePrefill, port
 	}
@@ -299,4 +299,15 @@ func TestPrefillByPrefixAffinity(t *testing.T) {
 	hits := []float64{p1.PrefixHits(), p2.PrefixHits()}
 	require.Greater(t, max(hits[0], hits[1]), 5*200.0, "the later requests found the shared prefix on the prefill engine they went to")
 	require.Zero(t, min(hits[0], hits[1]), "all went to one prefill engine")
+}
+
+// SGLang decode engines with no prefill engine ready cannot serve alone:
+// the client gets a 503 to retry, not the engine's 400.
+func TestSGLangDecodeWithoutPrefill(t *testing.T) {
+	_, de := simSGLang(t, "127.0.9.45", "decode")
+	r, _ := newRouter(de)
+	rec := do(t, r.Handler(), `{"model":"m","messages":[{"role":"user","content":"hi"}],"max_tokens":2}`, nil)
+	require.Equal(t, 503, rec.Code, rec.Body.String())
+	require.Contains(t, rec.Body.String(), "No prefill replica of `m` is ready")
+	require.Equal(t, "5", rec.Header().Get("Retry-After"))
 }

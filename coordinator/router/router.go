@@ -401,6 +401,12 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 		defer cancel()
 	}
 	prefills, eps, pd := splitRoles(eps)
+	if !pd && len(eps) > 0 && eps[0].SGLangPD && eps[0].Role == RoleDecode {
+		// SGLang decode engines with no prefill engine ready: they cannot
+		// take the request alone.
+		r.prefillsExhausted(w, model, nil, nil)
+		return
+	}
 	tried := map[string]bool{}
 	ptried := map[string]bool{} // SGLang: prefill engines tried
 	var lastPrefill error

@@ -38,7 +38,10 @@ type Endpoint struct {
 	// endpoint's host: the model speaks SGLang's protocol (the same body
 	// to both engines at once), not vLLM's two hops.
 	BootstrapPort int
-	id            string
+	// SGLangPD: an SGLang disaggregated engine (a decode one serves only
+	// requests that come with a prefill engine's bootstrap room).
+	SGLangPD bool
+	id       string
 }
 
 // ID names the endpoint in the router's own bookkeeping (in-flight counts,

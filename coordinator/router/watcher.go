@@ -265,7 +265,7 @@ func endpointOf(v ReplicaView) *Endpoint {
 		Epoch: v.Key.Epoch, Term: v.Key.Term, NodeID: v.Key.Node, Addr: m.Endpoint,
 		Running: m.NumRequestsRunning, Waiting: m.NumRequestsWaiting, KVCache: m.KvCacheUsage,
 		TTFT: m.TtftSecondsAvg, TokPerSec: m.GenerationTokensPerSecond, HasMetrics: m.MetricsValid, Rank: -1, Role: m.Role,
-		BootstrapPort: int(m.BootstrapPort)}
+		BootstrapPort: int(m.BootstrapPort), SGLangPD: m.SglangDisaggregation}
 	if m.RouterRetries != nil {
 		ep.Retries = -1 // router.retries: 0
 		if n := int(*m.RouterRetries); n > 0 {

@@ -360,8 +360,11 @@ type Metrics struct {
 	// send it to both engines of a pair (SGLang's protocol). 0: vLLM's
 	// two-hop protocol.
 	BootstrapPort uint32 `protobuf:"varint,23,opt,name=bootstrap_port,json=bootstrapPort,proto3" json:"bootstrap_port,omitempty"`
-	unknownFields protoimpl.UnknownFields
-	sizeCache     protoimpl.SizeCache
+	// sglang: the engine runs SGLang's disaggregation (a decode engine then
+	// cannot serve a request without a prefill engine's bootstrap room).
+	SglangDisaggregation bool `protobuf:"varint,24,opt,name=sglang_disaggregation,json=sglangDisaggregation,proto3" json:"sglang_disaggregation,omitempty"`
+	unknownFields        protoimpl.UnknownFields
+	sizeCache            protoimpl.SizeCache
 }
 
 func (x *Metrics) Reset() {
@@ -555,6 +558,13 @@ func (x *Metrics) GetBootstrapPort() uint32 {
 	return 0
 }
 
+func (x *Metrics) GetSglangDisaggregation() bool {
+	if x != nil {
+		return x.SglangDisaggregation
+	}
+	return false
+}
+
 // Rank is one DP rank of a data-parallel group.
 type Rank struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -669,7 +679,7 @@ const file_replica_v1_replica_proto_rawDesc = "" +
 	"\n" +
 	"block_size\x18\b \x01(\rR\tblockSize\x12\x1a\n" +
 	"\bendpoint\x18\t \x01(\tR\bendpoint\"\x11\n" +
-	"\x0fSnapshotRequest\"\xcb\x06\n" +
+	"\x0fSnapshotRequest\"\x80\a\n" +
 	"\aMetrics\x12\x1e\n" +
 	"\n" +
 	"deployment\x18\x01 \x01(\tR\n" +
@@ -697,7 +707,8 @@ const file_replica_v1_replica_proto_rawDesc = "" +
 	"\x0erouter_retries\x18\x14 \x01(\x05H\x00R\rrouterRetries\x88\x01\x01\x12,\n" +
 	"\x05ranks\x18\x15 \x03(\v2\x16.shoal.replica.v1.RankR\x05ranks\x12\x12\n" +
 	"\x04role\x18\x16 \x01(\tR\x04role\x12%\n" +
-	"\x0ebootstrap_port\x18\x17 \x01(\rR\rbootstrapPortB\x11\n" +
+	"\x0ebootstrap_port\x18\x17 \x01(\rR\rbootstrapPort\x123\n" +
+	"\x15sglang_disaggregation\x18\x18 \x01(\bR\x14sglangDisaggregationB\x11\n" +
 	"\x0f_router_retries\"\xd2\x01\n" +
 	"\x04Rank\x12\x12\n" +
 	"\x04rank\x18\x01 \x01(\x05R\x04rank\x12\x1a\n" +

@@ -148,19 +148,7 @@ func TestAttemptsAreCapped(t *testing.T) {
 // TestResetBeforeAnswerIsRetried: an engine that takes the request and
 // closes without answering: another replica answers.
 func TestResetBeforeAnswerIsRetried(t *testing.T) {
-	ln, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	defer ln.Close()
-	go func() {
-		for {
-			c, err := ln.Accept()
-			if err != nil {
-				return
-			}
-			_, _ = c.Read(make([]byte, 4096))
-			_ = c.Close()
-		}
-	}()
+	ln := rawBackend(t, func(c net.Conn) { _, _ = c.Read(make([]byte, 4096)) })
 	good := backend(t, "ok", 0)
 	r := routerOver(Config{}, &Endpoint{Model: "m", Addr: ln.Addr().String(), Group: "bad"}, &Endpoint{Model: "m", Addr: addr(good), Group: "good"})
 	for i := 0; i < 4; i++ {

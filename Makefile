@@ -95,7 +95,8 @@ bench:
 	$(GO) test -run '^$$' -bench . -benchmem ./bench/...
 
 ## demo: a local cluster (coordinator + 5 agents on 127.0.0.x, simulated H200s) serving OpenAI requests.
-## DEMO=wide-ep serves DeepSeek-R1 as DP16×EP groups instead of TP8×PP2.
+## DEMO=wide-ep serves DeepSeek-R1 as DP16×EP groups instead of TP8×PP2; DEMO=pd serves it
+## disaggregated (a prefill and a decode role).
 demo: build
 	./bin/shoal dev $(if $(DEMO),--shape $(DEMO))
 

@@ -33,7 +33,7 @@ func devCommand() *cli.Command {
 			&cli.Float64Flag{Name: "load-seconds", Value: 3, EnvVars: []string{"SHOAL_SIM_LOAD_SECONDS"}, Usage: "simulated weight-load time"},
 			&cli.BoolFlag{Name: "no-deploy", Usage: "start the cluster without applying the demo deployment"},
 			&cli.StringFlag{Name: "shape", Value: "tp-pp", EnvVars: []string{"SHOAL_DEV_SHAPE"},
-				Usage: "the demo deployment: tp-pp (TP8×PP2 over Ray, the seed's) or wide-ep (DeepSeek-R1 as DP16×EP, a server per node)"},
+				Usage: "the demo deployment: tp-pp (TP8×PP2 over Ray, the seed's), wide-ep (DeepSeek-R1 as DP16×EP, a server per node) or pd (prefill and decode roles, disaggregated)"},
 		},
 		Action: runDev,
 	}
@@ -60,7 +60,7 @@ func runDev(c *cli.Context) error {
 	}
 	spec, what, ok := demoShape(c.String("shape"))
 	if !ok {
-		return fmt.Errorf("--shape %q: one of tp-pp, wide-ep", c.String("shape"))
+		return fmt.Errorf("--shape %q: one of tp-pp, wide-ep, pd", c.String("shape"))
 	}
 	dir := c.String("dir")
 	if dir == "" {
@@ -134,6 +134,8 @@ func demoShape(shape string) (spec, what string, ok bool) {
 		return devcluster.DemoSpec, "2 replicas × 2 nodes × 8 GPUs (TP8×PP2 over Ray, simulated)", true
 	case "wide-ep":
 		return devcluster.WideEPDemoSpec, "2 replicas × 2 nodes × 8 GPUs (DeepSeek-R1 as DP16×EP, vLLM hybrid load balancing, simulated)", true
+	case "pd":
+		return devcluster.PDDemoSpec, "disaggregated: 1 prefill + 2 decode replicas × 1 node × 8 GPUs (vLLM NixlConnector, simulated)", true
 	}
 	return "", "", false
 }

@@ -545,3 +545,29 @@ resources:
 replicas:
   count: 2
 `
+
+// PDDemoSpec is `shoal dev --shape pd`: one deployment served
+// disaggregated, a prefill role of 1 replica and a decode role of 2, each
+// replica one node × 8 GPUs, the KV moved by vLLM's NixlConnector
+// (simulated); routers warm each new pair before routing to it.
+const PDDemoSpec = `apiVersion: shoal/v1
+kind: Deployment
+name: demo
+model:
+  source: /models/demo
+engine:
+  kind: vllm
+  servedModelName: demo
+  tensorParallelSize: 8
+  startupTimeoutSeconds: 120
+  kvTransfer: {connector: nixl}
+resources:
+  nodes: 1
+  gpusPerNode: 8
+  gpuModel: H200
+roles:
+  prefill:
+    replicas: {count: 1}
+  decode:
+    replicas: {count: 2}
+`

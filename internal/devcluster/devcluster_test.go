@@ -22,4 +22,10 @@ func TestDemoSpecs(t *testing.T) {
 	require.Equal(t, spec.LBHybrid, d.Engine.DataParallel.LoadBalancing)
 	require.True(t, d.Engine.EPOn())
 	require.Equal(t, d.Resources.Nodes*d.Resources.GPUsPerNode, d.Engine.DataParallel.Size*d.Engine.TensorParallelSize)
+
+	d, err = spec.Parse([]byte(PDDemoSpec))
+	require.NoError(t, err)
+	require.Equal(t, 1, d.RoleDeployment(spec.RolePrefill).DesiredReplicas())
+	require.Equal(t, 2, d.RoleDeployment(spec.RoleDecode).DesiredReplicas())
+	require.Equal(t, "demo", d.RoleDeployment(spec.RoleDecode).Engine.ServedModelName)
 }

@@ -5,6 +5,7 @@ import (
 	"errors"
 	"fmt"
 	"maps"
+	"math"
 	"strings"
 )
 
@@ -200,7 +201,7 @@ func RoleDesired(p, dc int, ratio *RoleRatio) int {
 	if ratio == nil || dc <= 0 {
 		return p
 	}
-	lo := int(ceilDiv(ratio.Min * float64(dc)))
+	lo := int(math.Ceil(ratio.Min*float64(dc) - 1e-9)) // 1e-9: 0.1 × 30 is 3, not 4
 	if p < lo {
 		p = lo
 	}
@@ -210,12 +211,4 @@ func RoleDesired(p, dc int, ratio *RoleRatio) int {
 		}
 	}
 	return max(p, 1)
-}
-
-func ceilDiv(x float64) float64 {
-	n := float64(int(x))
-	if x-n > 1e-9 {
-		n++
-	}
-	return n
 }

@@ -90,6 +90,7 @@ func TestRoleDesired(t *testing.T) {
 	} {
 		require.Equal(t, c.want, RoleDesired(c.p, c.d, r), "%+v", c)
 	}
+	require.Equal(t, 3, RoleDesired(1, 30, &RoleRatio{Min: 0.1}), "0.1 × 30 in floating point is a hair over 3: still 3")
 	require.Equal(t, 7, RoleDesired(7, 2, nil))
 	require.Equal(t, 1, RoleDesired(3, 2, &RoleRatio{Max: 0.5}), "floor(0.5 × 2) = 1")
 }

@@ -100,12 +100,11 @@ type nixl struct {
 	bytesTok  int64   // KV bytes per token
 	gbps      float64 // link bandwidth, GB/s
 	handshake time.Duration
-	ln        net.Listener
+	side      *sideChannel
 	m         *nixlMetrics
 
 	mu     sync.Mutex
 	holds  map[string]*kvHold // P: request id → its blocks
-	conns  map[net.Conn]bool  // P: side-channel connections open
 	paired map[string]bool    // D: remote engines handshaken
 }
 
@@ -134,19 +133,19 @@ func listenNIXL(cfg *kvTransferConfig, host string, port, tp int, pr Preset, clo
 	var id [16]byte
 	_, _ = rand.Read(id[:])
 	n := &nixl{cfg: cfg, engineID: hex.EncodeToString(id[:]), host: host, port: port, m: m.enableNIXL(),
-		tp: tp, clock: clock, bytesTok: pr.KVBytesPerToken, holds: map[string]*kvHold{}, paired: map[string]bool{}, conns: map[net.Conn]bool{},
+		tp: tp, clock: clock, bytesTok: pr.KVBytesPerToken, holds: map[string]*kvHold{}, paired: map[string]bool{},
 		handshake: time.Duration(envFloat("SHOAL_SIM_NIXL_HANDSHAKE_SECONDS", 5) * float64(time.Second))}
 	if n.bytesTok == 0 {
 		n.bytesTok = 128 << 10
 	}
 	// Over RDMA (UCX told HCA ports) a NIC's 400 Gb/s; else TCP.
 	n.gbps = envFloat("SHOAL_SIM_KV_GBPS", map[bool]float64{true: 50, false: 3}[ucxRDMA()])
-	ln, err := net.Listen("tcp", net.JoinHostPort(n.host, strconv.Itoa(n.port)))
+	side, err := listenSide(net.JoinHostPort(n.host, strconv.Itoa(n.port)))
 	if err != nil {
 		return nil, fmt.Errorf("zmq.error.ZMQError: Address already in use (NIXL side channel %s:%d): %v", n.host, n.port, err)
 	}
-	n.ln = ln
-	go n.serve()
+	n.side = side
+	go side.serve(n.answer)
 	return n, nil
 }
 
@@ -154,12 +153,9 @@ func (n *nixl) close() {
 	if n == nil {
 		return
 	}
-	n.ln.Close()
+	n.side.close() // the process is gone: so are its sockets
 	n.mu.Lock()
 	defer n.mu.Unlock()
-	for c := range n.conns { // the process is gone: so are its sockets
-		c.Close()
-	}
 	for id, h := range n.holds {
 		h.timer.Stop()
 		n.releaseLocked(id)
@@ -169,13 +165,7 @@ func (n *nixl) close() {
 // hold keeps the full prompt blocks of r (finished on eng) for D until
 // pulled or the lease ends, and returns the params D needs.
 func (n *nixl) hold(eng *Engine, r *request, requestID string) *kvTransferParams {
-	eng.mu.Lock()
-	ids := eng.kv.lookup(r.hashes)
-	for _, id := range ids {
-		eng.kv.acquire(id)
-	}
-	eng.m.setKV(eng.kv.usage())
-	eng.mu.Unlock()
+	ids := eng.holdPrompt(r.hashes)
 	n.mu.Lock()
 	n.holds[requestID] = &kvHold{eng: eng, ids: ids, timer: time.AfterFunc(n.clock.Real(n.cfg.lease), func() {
 		n.mu.Lock()
@@ -196,12 +186,7 @@ func (n *nixl) releaseLocked(requestID string) (blocks int, ok bool) {
 		return 0, false
 	}
 	delete(n.holds, requestID)
-	h.eng.mu.Lock()
-	for _, id := range h.ids {
-		h.eng.kv.release(id)
-	}
-	h.eng.m.setKV(h.eng.kv.usage())
-	h.eng.mu.Unlock()
+	h.eng.releaseHold(h.ids)
 	return len(h.ids), true
 }
 
@@ -220,67 +205,50 @@ type pullMsg struct {
 	Error  string `json:"error,omitempty"`
 }
 
-// serve answers pulls. A pull is checked against P's holds and answered;
-// the blocks stay held while D reads them and are freed by D's
-// notification (read, or aborted), as NIXL's notification frees them on
-// P. A channel that breaks before the notification leaves them to the
-// lease.
-func (n *nixl) serve() {
-	for {
-		c, err := n.ln.Accept()
-		if err != nil {
-			return
-		}
-		n.mu.Lock()
-		n.conns[c] = true
-		n.mu.Unlock()
-		go func() {
-			defer func() {
-				n.mu.Lock()
-				delete(n.conns, c)
-				n.mu.Unlock()
-				c.Close()
-			}()
-			_ = c.SetDeadline(time.Now().Add(time.Minute))
-			dec := json.NewDecoder(bufio.NewReader(c))
-			enc := json.NewEncoder(c)
-			var m pullMsg
-			if err := dec.Decode(&m); err != nil {
-				return
-			}
-			out := pullMsg{RequestID: m.RequestID}
-			n.mu.Lock()
-			h, held := n.holds[m.RequestID]
-			switch {
-			case m.EngineID != n.engineID:
-				out.Error = fmt.Sprintf("remote engine id %s is not this engine (%s): it restarted", m.EngineID, n.engineID)
-			case !held:
-				out.Error = "no KV blocks held for request " + m.RequestID + " (lease expired or already pulled)"
-			case m.Abort:
-				h.timer.Stop()
-				out.Blocks, out.OK = n.releaseLocked(m.RequestID) // D gave up before reading
-			case len(m.BlockIDs) != len(h.ids):
-				out.Error = fmt.Sprintf("block ids do not match: %d asked, %d held", len(m.BlockIDs), len(h.ids))
-			default:
-				out.Blocks, out.OK = len(h.ids), true
-			}
-			n.mu.Unlock()
-			if enc.Encode(out) != nil || !out.OK || m.Abort {
-				return
-			}
-			var done pullMsg
-			if dec.Decode(&done) != nil || !done.Done {
-				return // D went away mid-read: the lease frees the blocks
-			}
-			n.mu.Lock()
-			if h, ok := n.holds[m.RequestID]; ok {
-				h.timer.Stop()
-				n.releaseLocked(m.RequestID)
-			}
-			n.mu.Unlock()
-			_ = enc.Encode(pullMsg{RequestID: m.RequestID, OK: true})
-		}()
+// answer serves one side-channel connection: a pull is checked against
+// P's holds and answered; the blocks stay held while D reads them and are
+// freed by D's notification (read, or aborted), as NIXL's notification
+// frees them on P. A channel that breaks before the notification leaves
+// them to the lease.
+func (n *nixl) answer(c net.Conn) {
+	_ = c.SetDeadline(time.Now().Add(time.Minute))
+	dec := json.NewDecoder(bufio.NewReader(c))
+	enc := json.NewEncoder(c)
+	var m pullMsg
+	if err := dec.Decode(&m); err != nil {
+		return
 	}
+	out := pullMsg{RequestID: m.RequestID}
+	n.mu.Lock()
+	h, held := n.holds[m.RequestID]
+	switch {
+	case m.EngineID != n.engineID:
+		out.Error = fmt.Sprintf("remote engine id %s is not this engine (%s): it restarted", m.EngineID, n.engineID)
+	case !held:
+		out.Error = "no KV blocks held for request " + m.RequestID + " (lease expired or already pulled)"
+	case m.Abort:
+		h.timer.Stop()
+		out.Blocks, out.OK = n.releaseLocked(m.RequestID) // D gave up before reading
+	case len(m.BlockIDs) != len(h.ids):
+		out.Error = fmt.Sprintf("block ids do not match: %d asked, %d held", len(m.BlockIDs), len(h.ids))
+	default:
+		out.Blocks, out.OK = len(h.ids), true
+	}
+	n.mu.Unlock()
+	if enc.Encode(out) != nil || !out.OK || m.Abort {
+		return
+	}
+	var done pullMsg
+	if dec.Decode(&done) != nil || !done.Done {
+		return // D went away mid-read: the lease frees the blocks
+	}
+	n.mu.Lock()
+	if h, ok := n.holds[m.RequestID]; ok {
+		h.timer.Stop()
+		n.releaseLocked(m.RequestID)
+	}
+	n.mu.Unlock()
+	_ = enc.Encode(pullMsg{RequestID: m.RequestID, OK: true})
 }
 
 // pull fetches a request's KV from P, in virtual time: the handshake with

@@ -161,9 +161,7 @@ func TestNIXLBlocksHeldUntilRead(t *testing.T) {
 	kv = heldRequest(ps)
 	go func() { _, err := ds.nixl.pull(context.Background(), kv, 40960); done <- err }() // ~2 s real
 	require.Eventually(t, func() bool {
-		ps.nixl.mu.Lock()
-		defer ps.nixl.mu.Unlock()
-		return len(ps.nixl.conns) > 0
+		return ps.nixl.side.open() > 0
 	}, 5*time.Second, time.Millisecond, "D connected")
 	ps.nixl.close() // P dies while D reads
 	err := <-done

@@ -206,12 +206,8 @@ func SimulateServing(s Serving, l Load, slo SLO) ServingResult {
 			next++
 		case tX <= tStep && len(xfers) > 0:
 			x := heap.Pop(&xfers).(*transfer)
-			x.p.mu.Lock()
-			for _, id := range x.ids {
-				x.p.kv.release(id) // read: the prefill engine frees them
-			}
-			x.p.mu.Unlock()
-			d := x.job.eng // chosen when the prefill answered
+			x.p.releaseHold(x.ids) // read: the prefill engine frees them
+			d := x.job.eng         // chosen when the prefill answered
 			r := &request{id: "r", prompt: l.Prompt, origPrompt: l.Prompt, maxTokens: l.Output, natural: l.Output + 1, ignoreEOS: true,
 				seed: uint64(x.job.n), out: make(chan token, l.Output+2), ctx: ctx, hashes: x.job.hashes}
 			inject(d, r)
@@ -234,12 +230,7 @@ func SimulateServing(s Serving, l Load, slo SLO) ServingResult {
 						continue
 					}
 					// Prefilled: hold its blocks, pick the decode engine, start the transfer.
-					e.mu.Lock()
-					ids := e.kv.lookup(j.hashes)
-					for _, id := range ids {
-						e.kv.acquire(id)
-					}
-					e.mu.Unlock()
+					ids := e.holdPrompt(j.hashes)
 					d := leastLoaded(back, 1)
 					land := now + s.Hop + kvTransferTime(l.Prompt, s.KVBytesPerToken, s.LinkGBps)
 					if !paired[[2]*Engine{e, d}] {

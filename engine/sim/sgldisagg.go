@@ -68,11 +68,10 @@ type sglDisagg struct {
 	// bootstrapTimeout: how long P keeps a room's KV for a D that has not
 	// come; waitTimeout: how long D waits for a room's KV.
 	bootstrapTimeout, waitTimeout time.Duration
-	ln                            net.Listener // P: the bootstrap server
+	side                          *sideChannel // P: the bootstrap server
 
 	mu    sync.Mutex
 	rooms map[uint64]*room    // P: rooms by bootstrap_room
-	conns map[net.Conn]bool   // P: bootstrap connections open
 	done  map[uint64]struct{} // P: rooms handed over (a late D is told so)
 }
 
@@ -98,7 +97,7 @@ func (d *sglDisagg) roomLocked(id uint64) *room {
 
 // startSGLDisagg sets up the connector; P listens on host:bootstrapPort.
 func startSGLDisagg(c *sglDisaggConfig, host string, pr Preset, clock Clock) (*sglDisagg, error) {
-	d := &sglDisagg{cfg: c, clock: clock, bytesTok: pr.KVBytesPerToken, rooms: map[uint64]*room{}, conns: map[net.Conn]bool{}, done: map[uint64]struct{}{},
+	d := &sglDisagg{cfg: c, clock: clock, bytesTok: pr.KVBytesPerToken, rooms: map[uint64]*room{}, done: map[uint64]struct{}{},
 		bootstrapTimeout: time.Duration(envFloat("SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT", 300) * float64(time.Second)),
 		waitTimeout:      time.Duration(envFloat("SGLANG_DISAGGREGATION_WAITING_TIMEOUT", 300) * float64(time.Second))}
 	if d.bytesTok == 0 {
@@ -109,25 +108,22 @@ func startSGLDisagg(c *sglDisaggConfig, host string, pr Preset, clock Clock) (*s
 	if c.mode != "prefill" {
 		return d, nil
 	}
-	ln, err := net.Listen("tcp", net.JoinHostPort(host, strconv.Itoa(c.bootstrapPort)))
+	side, err := listenSide(net.JoinHostPort(host, strconv.Itoa(c.bootstrapPort)))
 	if err != nil {
 		return nil, fmt.Errorf("OSError: [Errno 98] error while attempting to bind on address ('%s', %d) (disaggregation bootstrap server): %v", host, c.bootstrapPort, err)
 	}
-	d.ln = ln
-	go d.serve()
+	d.side = side
+	go side.serve(d.answer)
 	return d, nil
 }
 
 func (d *sglDisagg) close() {
-	if d == nil || d.ln == nil {
+	if d == nil || d.side == nil {
 		return
 	}
-	d.ln.Close()
+	d.side.close()
 	d.mu.Lock()
 	defer d.mu.Unlock()
-	for c := range d.conns {
-		c.Close()
-	}
 	for id, r := range d.rooms {
 		d.releaseLocked(id, r)
 	}
@@ -138,12 +134,7 @@ func (d *sglDisagg) releaseLocked(id uint64, r *room) {
 	if r.eng == nil {
 		return
 	}
-	r.eng.mu.Lock()
-	for _, b := range r.ids {
-		r.eng.kv.release(b)
-	}
-	r.eng.m.setKV(r.eng.kv.usage())
-	r.eng.mu.Unlock()
+	r.eng.releaseHold(r.ids)
 	r.eng = nil
 }
 
@@ -157,80 +148,57 @@ type bootstrapMsg struct {
 	Error  string `json:"error,omitempty"`
 }
 
-// serve is P's bootstrap server: a D registers a room and is answered when
+// answer serves one connection to P's bootstrap server: a D registers a room and is answered when
 // P has the room's KV; its notification frees the KV and ends P's request.
-func (d *sglDisagg) serve() {
-	for {
-		c, err := d.ln.Accept()
-		if err != nil {
-			return
-		}
-		d.mu.Lock()
-		d.conns[c] = true
-		d.mu.Unlock()
-		go func() {
-			defer func() {
-				d.mu.Lock()
-				delete(d.conns, c)
-				d.mu.Unlock()
-				c.Close()
-			}()
-			dec, enc := json.NewDecoder(bufio.NewReader(c)), json.NewEncoder(c)
-			var m bootstrapMsg
-			if dec.Decode(&m) != nil {
-				return
-			}
-			d.mu.Lock()
-			if _, gone := d.done[m.Room]; gone {
-				d.mu.Unlock()
-				_ = enc.Encode(bootstrapMsg{Room: m.Room, Error: fmt.Sprintf("bootstrap_room %d was already handed over or timed out", m.Room)})
-				return
-			}
-			r := d.roomLocked(m.Room)
-			d.mu.Unlock()
-			t := time.NewTimer(d.clock.Real(d.bootstrapTimeout))
-			defer t.Stop()
-			select {
-			case <-r.ready:
-			case <-t.C:
-				_ = enc.Encode(bootstrapMsg{Room: m.Room, Error: "the prefill engine did not prefill bootstrap_room " + strconv.FormatUint(m.Room, 10) + " in time"})
-				return
-			}
-			if r.err != nil {
-				_ = enc.Encode(bootstrapMsg{Room: m.Room, Error: r.err.Error()})
-				return
-			}
-			if enc.Encode(bootstrapMsg{Room: m.Room, OK: true, Blocks: r.blocks}) != nil {
-				return
-			}
-			_ = c.SetDeadline(time.Now().Add(time.Minute + d.clock.Real(d.waitTimeout)))
-			var done bootstrapMsg
-			if dec.Decode(&done) != nil || !done.Done {
-				return // D went away: P's request times out and frees the KV
-			}
-			d.mu.Lock()
-			if cur, ok := d.rooms[m.Room]; ok && cur == r {
-				d.releaseLocked(m.Room, r)
-				d.markDoneLocked(m.Room)
-				close(r.handed)
-			}
-			d.mu.Unlock()
-			_ = enc.Encode(bootstrapMsg{Room: m.Room, OK: true})
-		}()
+func (d *sglDisagg) answer(c net.Conn) {
+	dec, enc := json.NewDecoder(bufio.NewReader(c)), json.NewEncoder(c)
+	var m bootstrapMsg
+	if dec.Decode(&m) != nil {
+		return
 	}
+	d.mu.Lock()
+	if _, gone := d.done[m.Room]; gone {
+		d.mu.Unlock()
+		_ = enc.Encode(bootstrapMsg{Room: m.Room, Error: fmt.Sprintf("bootstrap_room %d was already handed over or timed out", m.Room)})
+		return
+	}
+	r := d.roomLocked(m.Room)
+	d.mu.Unlock()
+	t := time.NewTimer(d.clock.Real(d.bootstrapTimeout))
+	defer t.Stop()
+	select {
+	case <-r.ready:
+	case <-t.C:
+		_ = enc.Encode(bootstrapMsg{Room: m.Room, Error: "the prefill engine did not prefill bootstrap_room " + strconv.FormatUint(m.Room, 10) + " in time"})
+		return
+	}
+	if r.err != nil {
+		_ = enc.Encode(bootstrapMsg{Room: m.Room, Error: r.err.Error()})
+		return
+	}
+	if enc.Encode(bootstrapMsg{Room: m.Room, OK: true, Blocks: r.blocks}) != nil {
+		return
+	}
+	_ = c.SetDeadline(time.Now().Add(time.Minute + d.clock.Real(d.waitTimeout)))
+	var done bootstrapMsg
+	if dec.Decode(&done) != nil || !done.Done {
+		return // D went away: P's request times out and frees the KV
+	}
+	d.mu.Lock()
+	if cur, ok := d.rooms[m.Room]; ok && cur == r {
+		d.releaseLocked(m.Room, r)
+		d.markDoneLocked(m.Room)
+		close(r.handed)
+	}
+	d.mu.Unlock()
+	_ = enc.Encode(bootstrapMsg{Room: m.Room, OK: true})
 }
 
 // handOver is P's end of a request: the prompt's KV (of er, finished on
 // eng) is held for the room's D, and handOver returns when D has read it,
 // or fails when no D came within the bootstrap timeout.
 func (d *sglDisagg) handOver(ctx context.Context, id uint64, eng *Engine, er *request) error {
-	eng.mu.Lock()
-	ids := eng.kv.lookup(er.hashes)
-	for _, b := range ids {
-		eng.kv.acquire(b)
-	}
-	eng.m.setKV(eng.kv.usage())
-	eng.mu.Unlock()
+	ids := eng.holdPrompt(er.hashes)
 	d.mu.Lock()
 	r := d.roomLocked(id)
 	r.eng, r.ids, r.blocks, r.readyAt = eng, ids, len(ids), true

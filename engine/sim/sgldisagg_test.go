@@ -99,9 +99,7 @@ func TestSGLangDisaggFailures(t *testing.T) {
 		done <- b
 	}()
 	require.Eventually(t, func() bool {
-		ps.sgl.mu.Lock()
-		defer ps.sgl.mu.Unlock()
-		return len(ps.sgl.conns) > 0
+		return ps.sgl.side.open() > 0
 	}, 5*time.Second, time.Millisecond)
 	ps.Close()
 	select {

@@ -21,12 +21,14 @@ build:
 
 ## test: vet, then every test (unit, integration, end-to-end) with the race detector,
 ## then one round of the fault-injection suite (network namespaces; needs root, ip,
-## iptables) on its own, so that its timings do not share the CPUs with the rest. The
+## iptables) on its own, so that its timings do not share the CPUs with the rest, and
+## the real-Slurm suite (slurmctld, a slurmd per namespace host, munge) after it. The
 ## official OpenAI Node SDK (pinned in test/sdk/node) is installed first if missing.
 test: sdk-node
 	$(GO) vet ./...
-	$(GO) test -race -count=1 -timeout 20m $$($(GO) list ./... | grep -v /test/chaos)
+	$(GO) test -race -count=1 -timeout 20m $$($(GO) list ./... | grep -v /test/chaos | grep -v /test/slurm)
 	$(GO) test -race -count=1 -timeout 20m ./test/chaos/
+	$(GO) test -race -count=1 -timeout 20m ./test/slurm/
 
 ## chaos: the fault-injection suite, CHAOS_ROUNDS rounds in a random order, report in
 ## bench/chaos/REPORT.md.

@@ -78,7 +78,11 @@ type Agent struct {
 	hw         *HostInventory
 	lastSeen   map[string]seenTag
 	restarting bool
-	weights    bool // this host holds the assigned model (the election prefers it)
+	// leaving says why the node will soon be gone (its Slurm job was
+	// signalled); jobEnds is its job's end. Loop only.
+	leaving string
+	jobEnds time.Time
+	weights bool // this host holds the assigned model (the election prefers it)
 	// saved and shown: what was last handed to the state store and to the
 	// Status snapshot, so that an unchanged state costs nothing.
 	saved struct {
@@ -232,6 +236,10 @@ func (a *Agent) Run(ctx context.Context) error {
 	go func() { defer wg.Done(); a.reinspect(hctx) }()
 	go func() { defer wg.Done(); a.rotateLogs(hctx) }()
 	go func() { defer wg.Done(); peers.Keep(hctx, a.mem, a.log) }()
+	if a.cfg.JobEnds != nil {
+		wg.Add(1)
+		go func() { defer wg.Done(); a.watchJob(hctx) }()
+	}
 
 	a.loop(ctx)
 	stopHealth()
@@ -288,7 +296,7 @@ func (a *Agent) prepare(ctx context.Context) (*activeRun, error) {
 	// Fingerprint first: the node joins with its real inventory.
 	hw, err := InspectHost(ctx, a.ins, a.scanner, a.cfg.Address, a.cfg.EngineEnv)
 	if err == nil {
-		if err := hw.own(a.cfg.GPUs); err != nil {
+		if err := hw.own(a.cfg.GPUs, a.cfg.GPUUUIDs); err != nil {
 			return nil, fmt.Errorf("agent config: %w", err)
 		}
 	}

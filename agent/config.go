@@ -1,6 +1,7 @@
 package agent
 
 import (
+	"context"
 	"errors"
 	"fmt"
 	"io"
@@ -76,6 +77,20 @@ type Config struct {
 	Download DownloadConfig `yaml:"download"`
 	// InspectInterval re-reads the hardware (remapped rows, NVLinks, lost GPUs).
 	InspectInterval time.Duration `yaml:"inspect_interval"`
+
+	// Slurm: the agent runs as a task of a Slurm job step (`srun shoal
+	// agent --slurm`); the fields below come from the step's environment.
+	Slurm bool `yaml:"slurm"`
+	// SlurmJob is the job the agent runs in; JobEnds reads the job's end
+	// time from Slurm (it can change: `scontrol update TimeLimit`).
+	SlurmJob string                                   `yaml:"-"`
+	JobEnds  func(context.Context) (time.Time, error) `yaml:"-"`
+	// PortBand moves every port of the agent and its engines by
+	// PortBand × 100, so that jobs sharing a node never clash (0: none).
+	PortBand int `yaml:"-"`
+	// GPUUUIDs are the owned GPUs by UUID (Slurm may name them so), beside
+	// or instead of GPUs.
+	GPUUUIDs []string `yaml:"-"`
 
 	// TLS secures the Agent and Replica APIs and this agent's calls (nil:
 	// cleartext, only with --insecure).

@@ -55,23 +55,40 @@ func InspectHost(ctx context.Context, ins gpu.Inspector, sc *rdma.Scanner, addre
 	return h, nil
 }
 
-// own keeps only the GPUs with the given indices (nil: all).
-func (h *HostInventory) own(indices []int) error {
-	if len(indices) == 0 {
+// own keeps only the GPUs with the given indices or UUIDs (none: all).
+func (h *HostInventory) own(indices []int, uuids []string) error {
+	if len(indices) == 0 && len(uuids) == 0 {
 		return nil
 	}
+	for _, u := range uuids {
+		found := false
+		for i, d := range h.GPU.Devices {
+			if d.UUID == u {
+				indices, found = append(indices, i), true
+				break
+			}
+		}
+		if !found {
+			return fmt.Errorf("gpus: no GPU of this host has UUID %q", u)
+		}
+	}
 	var kept []gpu.Device
-	var uuids []string
+	var ids []string
+	seen := map[int]bool{}
 	for _, i := range indices {
 		if i < 0 || i >= len(h.GPU.Devices) {
 			return fmt.Errorf("gpus: index %d, but this host has %d GPU(s)", i, len(h.GPU.Devices))
 		}
+		if seen[i] {
+			continue
+		}
+		seen[i] = true
 		d := h.GPU.Devices[i]
 		kept = append(kept, d)
-		uuids = append(uuids, d.UUID)
+		ids = append(ids, d.UUID)
 	}
 	h.GPU.Devices = kept
-	h.Visible = strings.Join(uuids, ",")
+	h.Visible = strings.Join(ids, ",")
 	return nil
 }
 
@@ -190,7 +207,7 @@ func (a *Agent) reinspect(ctx context.Context) {
 		}
 		hw, err := InspectHost(ctx, a.ins, a.scanner, a.cfg.Address, a.cfg.EngineEnv)
 		if err == nil {
-			err = hw.own(a.cfg.GPUs)
+			err = hw.own(a.cfg.GPUs, a.cfg.GPUUUIDs)
 		}
 		if err != nil {
 			a.log.Warn("periodic hardware check failed", "err", err)

@@ -145,10 +145,15 @@ func TestHostInventoryHelpers(t *testing.T) {
 	c.markEvents()
 	require.Len(t, c.GPU.Devices[2].Reasons, 1, "marking twice adds the reason once")
 
-	require.NoError(t, h.own([]int{2, 0}))
+	byUUID := h.clone()
+	require.NoError(t, h.own([]int{2, 0}, nil))
 	require.Equal(t, "GPU-c,GPU-a", h.Visible, "CUDA_VISIBLE_DEVICES in the agent's order")
 	require.Len(t, h.GPU.Devices, 2)
-	require.ErrorContains(t, (&HostInventory{GPU: &gpu.Inventory{}}).own([]int{0}), "index 0, but this host has 0 GPU(s)")
+	require.ErrorContains(t, (&HostInventory{GPU: &gpu.Inventory{}}).own([]int{0}, nil), "index 0, but this host has 0 GPU(s)")
+	// Slurm may name a step's GPUs by UUID (gres.conf), and say one twice.
+	require.NoError(t, byUUID.own([]int{1}, []string{"GPU-c", "GPU-b"}))
+	require.Equal(t, "GPU-b,GPU-c", byUUID.Visible)
+	require.ErrorContains(t, byUUID.clone().own(nil, []string{"GPU-z"}), `no GPU of this host has UUID "GPU-z"`)
 	require.Empty(t, (*HostInventory)(nil).unhealthy())
 }
 

@@ -12,6 +12,7 @@ import (
 	"github.com/shoalhq/shoal/engine"
 	"github.com/shoalhq/shoal/engine/process"
 	"github.com/shoalhq/shoal/internal/kvevents"
+	"github.com/shoalhq/shoal/nodesource/slurm"
 	agentv1 "github.com/shoalhq/shoal/proto/agent/v1"
 	"github.com/shoalhq/shoal/spec"
 )
@@ -31,7 +32,7 @@ func (a *Agent) newRun(as *Assignment, role engine.Role, head string, term uint6
 	if err != nil {
 		return nil, fmt.Errorf("cannot resolve model: %w", err)
 	}
-	sp := *as.Spec
+	sp := *spec.ShiftPorts(as.Spec, a.cfg.PortBand*slurm.PortBandWidth)
 	if mj != nil {
 		sp.Model.Path = mj.dir // the engine reads the weights where this host keeps them
 	}
@@ -44,7 +45,7 @@ func (a *Agent) newRun(as *Assignment, role engine.Role, head string, term uint6
 		bin = engine.Binaries{Ray: "ray", VLLM: "vllm", Python: "python3"} // on the image's PATH
 	}
 	in := engine.PlanInput{Spec: &sp, Role: role, NodeIP: a.cfg.Address, HeadIP: headIP, BindHost: a.cfg.EngineHost, Env: env, Bin: bin,
-		Epoch: as.Epoch, Term: term, MemberIPs: memberIPs(as, head, headIP)}
+		Epoch: as.Epoch, Term: term, MemberIPs: memberIPs(as, head, headIP), PortOffset: a.cfg.PortBand * slurm.PortBandWidth}
 	var plan *engine.Plan
 	switch as.Spec.Engine.Kind {
 	case spec.EngineCommand:

@@ -241,7 +241,10 @@ func (a *Agent) startRun(act Action, v GroupView) {
 // tag is the gossip tag for the current state. Loop only (or before it runs).
 func (a *Agent) tag() gossip.Tag {
 	t := gossip.Tag{Kind: gossip.KindAgent, ID: a.cfg.NodeID, GRPC: a.grpcAddr(), Metrics: agentMetricsAddr(a.cfg.MetricsAddr, a.cfg.Address),
-		Restarting: a.restarting}
+		Restarting: a.restarting, SlurmJob: a.cfg.SlurmJob, PortBand: a.cfg.PortBand, Leaving: a.leaving != ""}
+	if !a.jobEnds.IsZero() {
+		t.SlurmEnd = a.jobEnds.Unix()
+	}
 	if a.hw != nil {
 		t.Healthy, t.GPUModel, t.GPUs = a.hw.GPU.Healthy(), a.hw.GPU.Model(), len(a.hw.GPU.Devices)
 		t.GPUMemGiB = a.hw.minMemGiB()

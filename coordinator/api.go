@@ -6,6 +6,7 @@ import (
 	"fmt"
 	"sort"
 	"strings"
+	"time"
 
 	"github.com/shoalhq/shoal/engine"
 	"github.com/shoalhq/shoal/gossip"
@@ -13,6 +14,7 @@ import (
 
 	"github.com/shoalhq/shoal/coordinator/plan"
 	"github.com/shoalhq/shoal/coordinator/store"
+	"github.com/shoalhq/shoal/nodesource/slurm"
 	coordv1 "github.com/shoalhq/shoal/proto/coordinator/v1"
 	"github.com/shoalhq/shoal/spec"
 	"google.golang.org/grpc/codes"
@@ -85,7 +87,7 @@ type apiServer struct {
 	c *Coordinator
 }
 
-func (s *apiServer) Apply(_ context.Context, req *coordv1.ApplyRequest) (*coordv1.ApplyResponse, error) {
+func (s *apiServer) Apply(ctx context.Context, req *coordv1.ApplyRequest) (*coordv1.ApplyResponse, error) {
 	d, err := spec.Parse(req.SpecYaml)
 	if err == nil && d.Engine.Kind == spec.EngineCommand {
 		if terr := engine.ValidateTemplates(d); terr != nil {
@@ -97,6 +99,10 @@ func (s *apiServer) Apply(_ context.Context, req *coordv1.ApplyRequest) (*coordv
 	}
 	if err == nil {
 		err = s.checkNames(d)
+	}
+	var slurmWarning string
+	if err == nil {
+		slurmWarning, err = s.c.checkSlurm(ctx, d)
 	}
 	if err != nil {
 		return nil, apiError(err)
@@ -127,6 +133,9 @@ func (s *apiServer) Apply(_ context.Context, req *coordv1.ApplyRequest) (*coordv
 		s.c.events.add(d.Name, "", "deployment %s (%d replica(s) of %d node(s) × %d GPUs)", verb, d.DesiredReplicas(), d.Resources.Nodes, d.Resources.GPUsPerNode)
 	}
 	var warnings []string
+	if slurmWarning != "" {
+		warnings = append(warnings, slurmWarning)
+	}
 	for _, f := range d.Fields() {
 		if !f.Implemented {
 			warnings = append(warnings, f.Path+" is stored but not acted on yet")
@@ -349,7 +358,7 @@ func (c *Coordinator) replicaInfos(dep string, groups []*store.Group) []*coordv1
 		if dep != "" && !want[g.Deployment] {
 			continue
 		}
-		ri := &coordv1.ReplicaInfo{GroupId: g.ID, Deployment: g.Deployment, Epoch: g.Epoch, State: "starting", Spec: g.Spec}
+		ri := &coordv1.ReplicaInfo{GroupId: g.ID, Deployment: g.Deployment, Epoch: g.Epoch, State: "starting", Spec: g.Spec, SlurmJob: g.SlurmJob}
 		if d := specs[g.Deployment]; d != nil {
 			ri.Outdated = plan.Outdated(g, d)
 		}
@@ -359,6 +368,9 @@ func (c *Coordinator) replicaInfos(dep string, groups []*store.Group) []*coordv1
 		for _, m := range g.Members {
 			ri.Members = append(ri.Members, m.NodeID)
 			t, ok := nodes[m.NodeID]
+			if ok && t.SlurmEnd > 0 {
+				ri.SlurmEndsUnix = t.SlurmEnd
+			}
 			if !ok || !t.Healthy {
 				missing = true
 				continue
@@ -397,6 +409,51 @@ func (c *Coordinator) replicaInfos(dep string, groups []*store.Group) []*coordv1
 			}
 		}
 		out = append(out, ri)
+	}
+	return append(out, c.pendingJobs(want, groups)...)
+}
+
+// pendingJobs are the Slurm jobs of the deployments in want that no group
+// runs on yet: queued (PENDING, with Slurm's reason and the wait so far)
+// or started, their agents not yet joined or placed.
+func (c *Coordinator) pendingJobs(want map[string]bool, groups []*store.Group) []*coordv1.ReplicaInfo {
+	used := map[string]*store.Group{}
+	for _, g := range groups {
+		if g.SlurmJob != "" {
+			used[g.SlurmJob] = g
+		}
+	}
+	now := c.now()
+	var out []*coordv1.ReplicaInfo
+	var deps []string
+	c.mu.Lock()
+	if c.slurm != nil {
+		for d := range c.slurm.plan.Jobs {
+			if want[d] || want[""] { // "": every deployment's
+				deps = append(deps, d)
+			}
+		}
+	}
+	c.mu.Unlock()
+	sort.Strings(deps)
+	for _, dep := range deps {
+		for _, j := range c.slurmJobs(dep) {
+			if used[j.ID] != nil || !j.Active() {
+				continue // completing: on its way out
+			}
+			ri := &coordv1.ReplicaInfo{Deployment: dep, SlurmJob: j.ID, SlurmReason: j.Reason, State: j.State}
+			if !j.Submitted.IsZero() {
+				ri.SlurmWaitSeconds = int64(now.Sub(j.Submitted) / time.Second)
+			}
+			if !j.Ends.IsZero() {
+				ri.SlurmEndsUnix = j.Ends.Unix()
+			}
+			if j.State == slurm.StateRunning {
+				ri.State, ri.SlurmReason = "joining", "job started on "+j.Nodes+"; waiting for its agents"
+				ri.Members = []string{j.Nodes}
+			}
+			out = append(out, ri)
+		}
 	}
 	return out
 }

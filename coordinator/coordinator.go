@@ -58,6 +58,8 @@ type Config struct {
 	RaftAddr    string
 	Servers     []replicate.Server
 	RaftProfile string
+	// Slurm, when set, serves Slurm-sourced deployments (slurm.go).
+	Slurm *SlurmConfig
 }
 
 // Defaults fills unset fields.
@@ -88,6 +90,14 @@ func (c *Config) Defaults() {
 	}
 	if c.Logger == nil {
 		c.Logger = slog.Default()
+	}
+	if s := c.Slurm; s != nil {
+		if s.Interval == 0 {
+			s.Interval = 3 * time.Second
+		}
+		if s.Timeout == 0 {
+			s.Timeout = 30 * time.Second
+		}
 	}
 }
 
@@ -140,6 +150,7 @@ type Coordinator struct {
 
 	// Owned by the reconcile loop.
 	seen         map[string]time.Time // agent → last seen in gossip
+	seenInJob    map[string]bool      // agent → it ran in a Slurm job when last seen
 	guard        plan.Guard
 	failureAsked map[string]time.Time // agent → last asked why its engine failed
 
@@ -149,6 +160,7 @@ type Coordinator struct {
 	demand    map[string]time.Time    // guarded by mu; served model → last request held for it
 	short     map[string]string       // guarded by mu; deployment → why a replica cannot be placed
 	guardView plan.Guard              // guarded by mu; the guard as the API shows it
+	slurm     *slurmView              // guarded by mu; the Slurm node source's last decision
 
 	started time.Time // Run's start: see settling
 	// roles: which deployments that run are roles of a stored one
@@ -172,7 +184,7 @@ type Coordinator struct {
 func New(cfg Config) *Coordinator {
 	cfg.Defaults()
 	c := &Coordinator{cfg: cfg, log: cfg.Logger.With("component", "coordinator"), events: newEvents(),
-		table: router.NewTable(), wake: make(chan struct{}, 1), seen: map[string]time.Time{}, failureAsked: map[string]time.Time{},
+		table: router.NewTable(), wake: make(chan struct{}, 1), seen: map[string]time.Time{}, seenInJob: map[string]bool{}, failureAsked: map[string]time.Time{},
 		scalers: map[string]*scalerState{}, demand: map[string]time.Time{}, short: map[string]string{}}
 	c.now = time.Now
 	c.heads = router.NewWatcher(c.log, c.rebuildTable, cfg.TLS)
@@ -298,6 +310,10 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	go func() { defer wg.Done(); peers.Keep(ctx, c.mem, c.log) }()
 	wg.Add(1)
 	go func() { defer wg.Done(); c.rejoin(ctx, peers) }()
+	if c.cfg.Slurm != nil {
+		wg.Add(1)
+		go func() { defer wg.Done(); c.slurmLoop(ctx) }()
+	}
 	c.log.Info("coordinator running", "api", c.cfg.APIAddr, "router", c.cfg.RouterAddr, "gossip", c.mem.Addr(), "raft", c.cfg.RaftAddr)
 	if c.cfg.Ready != nil {
 		go func() {

@@ -70,8 +70,13 @@ func (c *Coordinator) snapshot(now time.Time) (plan.Snapshot, error) {
 	c.mu.Unlock()
 
 	// Who is known, who is in sight, and since when the others are not.
-	for id := range nodes {
+	for id, t := range nodes {
 		c.seen[id] = now
+		if t.SlurmJob != "" {
+			c.seenInJob[id] = true
+		} else {
+			delete(c.seenInJob, id)
+		}
 	}
 	for _, g := range groups {
 		for _, m := range g.Members {
@@ -82,8 +87,12 @@ func (c *Coordinator) snapshot(now time.Time) (plan.Snapshot, error) {
 	}
 	known := 0
 	for id, at := range c.seen {
-		if now.Sub(at) > knownFor && !c.inGroup(groups, id) {
+		_, inSight := nodes[id]
+		if (now.Sub(at) > knownFor || c.seenInJob[id] && !inSight) && !c.inGroup(groups, id) {
+			// An agent of a Slurm job that is gone left with its job: jobs
+			// come and go, and their agents never count for the guard.
 			delete(c.seen, id)
+			delete(c.seenInJob, id)
 			continue
 		}
 		known++
@@ -98,6 +107,7 @@ func (c *Coordinator) snapshot(now time.Time) (plan.Snapshot, error) {
 	c.guardView = c.guard
 	c.mu.Unlock()
 	s.Hold = c.guard.Holding
+	c.withSlurm(&s)
 	return s, nil
 }
 

@@ -82,6 +82,12 @@ type PlanInput struct {
 	// MemberIPs are the group's members' addresses by node rank (the head
 	// first); a data-parallel group needs them for its routers.
 	MemberIPs []string
+	// PortOffset is the node's port band (a Slurm job's; 0 on a systemd
+	// host): the spec's ports are already shifted by it, and Ray's own
+	// fixed ports are moved by it too, so that two jobs on a node never
+	// meet. Such a node shares its host: `ray stop --force` would end
+	// every Ray on it, so it is not run.
+	PortOffset int
 }
 
 // Plan is what one node runs for its role.
@@ -203,6 +209,13 @@ func mergeEnv(base, over map[string]string) map[string]string {
 	return env
 }
 
+// Ray's fixed default ports (`ray start --help`), moved by a port band.
+const (
+	RayDashboardPort      = 8265
+	RayClientServerPort   = 10001
+	RayDashboardAgentPort = 52365
+)
+
 // RayVLLM builds the ray-vllm plan (docs/design/engines.md §A1).
 func RayVLLM(in PlanInput) (*Plan, error) {
 	if err := checkInput(in); err != nil {
@@ -222,15 +235,22 @@ func RayVLLM(in PlanInput) (*Plan, error) {
 	// channel must bind that node's own address, and its all-to-all use its
 	// own HCAs.
 	transferEnv(s, env, in.NodeIP)
-	p := &Plan{Role: in.Role, RayAddress: rayAddr, ExpectedGPUs: s.Resources.Nodes * s.Resources.GPUsPerNode, RayStop: true}
+	p := &Plan{Role: in.Role, RayAddress: rayAddr, ExpectedGPUs: s.Resources.Nodes * s.Resources.GPUsPerNode, RayStop: in.PortOffset == 0}
+	var banded []string // Ray's fixed ports, moved into the node's band
+	if off := in.PortOffset; off > 0 {
+		banded = []string{"--dashboard-agent-listen-port=" + strconv.Itoa(RayDashboardAgentPort+off)}
+		if in.Role == RoleHead {
+			banded = append(banded, "--dashboard-port="+strconv.Itoa(RayDashboardPort+off), "--ray-client-server-port="+strconv.Itoa(RayClientServerPort+off))
+		}
+	}
 	switch in.Role {
 	case RoleHead:
 		if in.NodeIP != in.HeadIP {
 			return nil, fmt.Errorf("plan: head %s planned with head ip %s", in.NodeIP, in.HeadIP)
 		}
-		p.Node = Command{Name: "ray", Path: in.Bin.Ray, Env: envList(env), Args: []string{
-			"start", "--head", "--node-ip-address=" + in.NodeIP, "--port=" + strconv.Itoa(s.Engine.RayPort),
-			"--num-gpus=" + gpus, "--disable-usage-stats", "--block"}}
+		p.Node = Command{Name: "ray", Path: in.Bin.Ray, Env: envList(env), Args: append([]string{
+			"start", "--head", "--node-ip-address=" + in.NodeIP, "--port=" + strconv.Itoa(s.Engine.RayPort)}, append(banded,
+			"--num-gpus="+gpus, "--disable-usage-stats", "--block")...)}
 		host := in.BindHost
 		if host == "" {
 			host = in.NodeIP
@@ -249,9 +269,9 @@ func RayVLLM(in PlanInput) (*Plan, error) {
 		p.Endpoint = net.JoinHostPort(in.NodeIP, strconv.Itoa(s.Engine.Port))
 		p.setCanary(s)
 	case RoleWorker:
-		p.Node = Command{Name: "ray", Path: in.Bin.Ray, Env: envList(env), Args: []string{
-			"start", "--address=" + rayAddr, "--node-ip-address=" + in.NodeIP,
-			"--num-gpus=" + gpus, "--disable-usage-stats", "--block"}}
+		p.Node = Command{Name: "ray", Path: in.Bin.Ray, Env: envList(env), Args: append([]string{
+			"start", "--address=" + rayAddr, "--node-ip-address=" + in.NodeIP}, append(banded,
+			"--num-gpus="+gpus, "--disable-usage-stats", "--block")...)}
 	default:
 		return nil, fmt.Errorf("plan: unknown role %q", in.Role)
 	}

@@ -75,6 +75,14 @@ type Tag struct {
 	// Draining: this head takes no new requests (scale-in); in-flight ones
 	// finish. Every router reads it from here or from the Replica stream.
 	Draining bool `json:"dr,omitempty"`
+	// SlurmJob is the Slurm job the agent runs in; SlurmEnd the job's end
+	// (Unix seconds); PortBand the job's port band (0: none). Leaving: the
+	// job was signalled (its time limit is near, or it is preempted or
+	// cancelled) and the node will be gone soon.
+	SlurmJob string `json:"sj,omitempty"`
+	SlurmEnd int64  `json:"se,omitempty"`
+	PortBand int    `json:"pb,omitempty"`
+	Leaving  bool   `json:"lv,omitempty"`
 }
 
 // ErrBadTag is wrapped by every decode failure.
@@ -112,7 +120,7 @@ func DecodeTag(b []byte) (Tag, error) {
 		return t, fmt.Errorf("%w: no node id", ErrBadTag)
 	case t.Kind != KindAgent && t.Kind != KindCoordinator && t.Kind != KindRouter:
 		return t, fmt.Errorf("%w: unknown kind %q", ErrBadTag, t.Kind)
-	case t.GPUs < 0 || t.Rank < 0 || t.Size < 0:
+	case t.GPUs < 0 || t.Rank < 0 || t.Size < 0 || t.PortBand < 0 || t.SlurmEnd < 0:
 		return t, fmt.Errorf("%w: negative count", ErrBadTag)
 	}
 	if _, _, err := net.SplitHostPort(t.GRPC); err != nil {

@@ -43,6 +43,8 @@ type Deployment struct {
 	// Roles serves the model disaggregated: a prefill and a decode role,
 	// each run as a deployment of its own (roles.go).
 	Roles *Roles `yaml:"roles,omitempty" json:"roles,omitempty"`
+	// Slurm: the deployment's nodes come from Slurm jobs (slurm.go).
+	Slurm *Slurm `yaml:"slurm,omitempty" json:"slurm,omitempty"`
 }
 
 // Router is how routers treat this deployment's requests.
@@ -351,6 +353,11 @@ func (d *Deployment) Default() {
 	if d.Roles != nil {
 		return // each role's deployment takes the rest (RoleDeployment)
 	}
+	if d.Slurm != nil {
+		sl := *d.Slurm // a role's deployment shares its parent's
+		sl.defaults(d.Resources)
+		d.Slurm = &sl
+	}
 	if dp := e.DataParallel; dp != nil {
 		n, g := d.Resources.Nodes, d.Resources.GPUsPerNode
 		if dp.SizePerNode == 0 && n > 0 && dp.Size > 0 && dp.Size%n == 0 {
@@ -468,6 +475,9 @@ func (d *Deployment) Validate() error {
 			return nil
 		}
 		return fmt.Errorf("%w: %w", ErrInvalid, errors.Join(errs...))
+	}
+	if d.Slurm != nil {
+		d.Slurm.validate(bad)
 	}
 	if d.Model.Source == "" && d.Engine.Kind != EngineCommand {
 		// A command engine may bring its own weights (or need none).

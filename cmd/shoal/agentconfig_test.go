@@ -83,6 +83,7 @@ func TestAgentConfigKeys(t *testing.T) {
 		"log_keep":                      {"log_keep: 7", nil},
 		"member_grace":                  {"member_grace: 4s", nil},
 		"gpus":                          {"gpus: [0, 1]", []string{"--gpus", "0", "--gpus", "1"}},
+		"slurm":                         {"slurm: true", []string{"--slurm"}},
 		"hang_timeout":                  {"hang_timeout: 90s", []string{"--hang-timeout", "90s"}},
 		"canary_interval":               {"canary_interval: 11s", []string{"--canary-interval", "11s"}},
 		"models_dir":                    {"models_dir: /data/models", []string{"--models-dir", "/data/models"}},

@@ -285,6 +285,16 @@ func replicaRows(rs []*coordv1.ReplicaInfo) [][]string {
 	var rows [][]string
 	for _, r := range rs {
 		state := r.State
+		if r.GroupId == "" && r.SlurmJob != "" { // a Slurm job no replica runs on yet
+			state = fmt.Sprintf("%s (%s, waited %v)", r.State, r.SlurmReason, time.Duration(r.SlurmWaitSeconds)*time.Second)
+			rows = append(rows, []string{"slurm-job/" + r.SlurmJob, r.Deployment, "-", state, "-", "-", dash(strings.Join(r.Members, ",")), "-", "-", "-", "-"})
+			continue
+		}
+		if r.SlurmJob != "" && r.SlurmEndsUnix > 0 {
+			state += fmt.Sprintf(" (job %s ends %s)", r.SlurmJob, time.Unix(r.SlurmEndsUnix, 0).UTC().Format(time.TimeOnly))
+		} else if r.SlurmJob != "" {
+			state += " (job " + r.SlurmJob + ")"
+		}
 		if r.Progress != "" {
 			state = strings.ToUpper(state) + " " + r.Progress
 		}

@@ -15,6 +15,7 @@ import (
 	"github.com/shoalhq/shoal/coordinator/router"
 	"github.com/shoalhq/shoal/gpu"
 	"github.com/shoalhq/shoal/internal/bytesize"
+	"github.com/shoalhq/shoal/nodesource/slurm"
 	"github.com/shoalhq/shoal/security"
 	"github.com/urfave/cli/v2"
 )
@@ -38,6 +39,7 @@ func agentCommand() *cli.Command {
 			&cli.StringFlag{Name: "state-dir", EnvVars: []string{"SHOAL_STATE_DIR"}, Usage: "identity, assignment, engine logs (default /var/lib/shoal)"},
 			&cli.StringFlag{Name: "gpu-backend", EnvVars: []string{"SHOAL_GPU_BACKEND"}, Usage: "nvml (default), none, or mock:h200x8"},
 			&cli.IntSliceFlag{Name: "gpus", EnvVars: []string{"SHOAL_GPUS"}, Usage: "indices of the host's GPUs this agent owns (default: all)"},
+			&cli.BoolFlag{Name: "slurm", EnvVars: []string{"SHOAL_SLURM"}, Usage: "run as a task of a Slurm job step (srun --ntasks-per-node=1): node id, GPUs, port band and end time come from the job"},
 			&cli.StringFlag{Name: "ray-bin", EnvVars: []string{"SHOAL_RAY_BIN"}, Usage: "the ray executable (default ray on PATH)"},
 			&cli.StringFlag{Name: "vllm-bin", EnvVars: []string{"SHOAL_VLLM_BIN"}, Usage: "the vllm executable (default vllm on PATH)"},
 			&cli.StringFlag{Name: "python-bin", EnvVars: []string{"SHOAL_PYTHON_BIN"}, Usage: "python for `-m sglang.launch_server` (default python3)"},
@@ -63,6 +65,14 @@ func agentCommand() *cli.Command {
 				return err
 			}
 			cfg.Logger = logger(c)
+			if cfg.Slurm {
+				al, err := slurmAlloc()
+				if err != nil {
+					return err
+				}
+				slurmAgentConfig(c, &cfg, al, &slurm.CLI{})
+				cfg.Logger = cfg.Logger.With("slurm_job", al.JobID)
+			}
 			ins, err := gpu.New(cfg.GPUBackend)
 			if err != nil {
 				return err
@@ -76,7 +86,13 @@ func agentCommand() *cli.Command {
 				return err
 			}
 			defer sdStopping()
-			return a.Run(c.Context)
+			ctx := c.Context
+			if cfg.Slurm {
+				var stop func()
+				ctx, stop = slurmSignals(ctx, a, cfg.Logger)
+				defer stop()
+			}
+			return a.Run(ctx)
 		},
 	}
 	cmd.Flags = append(cmd.Flags, modelSourceFlags()...)
@@ -108,6 +124,11 @@ func coordinatorCommand() *cli.Command {
 				Usage: "Raft timeouts: lan (a leader's loss noticed in 0.5–1 s) or wan (hashicorp/raft's defaults, 1–2 s)"},
 			apiKeysFlag, noAPIKeysFlag, idleTimeoutFlag, totalTimeoutFlag, holdForFlag, retriesFlag, ejectAfterFlag, kvIndexBlocksFlag,
 			allowedOriginsFlag, allowedMethodsFlag, allowedHeadersFlag, allowCredentialsFlag,
+			&cli.BoolFlag{Name: "slurm", EnvVars: []string{"SHOAL_SLURM"},
+				Usage: "serve Slurm-sourced deployments (spec.slurm): submit one job per replica with sbatch, read squeue, cancel with scancel (Slurm's commands on PATH and its SLURM_CONF)"},
+			&cli.StringFlag{Name: "slurm-agent-command", EnvVars: []string{"SHOAL_SLURM_AGENT_COMMAND"},
+				Usage: "what each node of a job runs under `srun --ntasks-per-node=1`: `shoal agent --slurm --join HOST:PORT` and the agent's flags (required with --slurm)"},
+			&cli.DurationFlag{Name: "slurm-interval", Value: 3 * time.Second, EnvVars: []string{"SHOAL_SLURM_INTERVAL"}, Usage: "how often Slurm's queue is read"},
 		},
 		Action: func(c *cli.Context) error {
 			if c.NArg() > 0 {
@@ -153,10 +174,14 @@ func coordinatorCommand() *cli.Command {
 			if len(servers) > 0 && c.String("raft-addr") == "" {
 				return errors.New("--servers needs --raft-addr (this server's Raft address, as the list names it)")
 			}
+			sl, err := coordinatorSlurm(c)
+			if err != nil {
+				return err
+			}
 			co := coordinator.New(coordinator.Config{RaftAddr: c.String("raft-addr"), Servers: servers, RaftProfile: c.String("raft-profile"), NodeID: c.String("node-id"), Cluster: c.String("cluster"), Address: c.String("address"),
 				GossipPort: c.Int("gossip-port"), Join: c.StringSlice("join"), GossipProfile: c.String("gossip-profile"),
 				APIAddr: c.String("api"), RouterAddr: c.String("router"), MetricsAddr: c.String("metrics-addr"), DataDir: c.String("data-dir"), Router: rc, Logger: log,
-				TLS: tl, GossipKeys: keys, GossipKeyFile: kf, Ready: sdReady(log)})
+				TLS: tl, GossipKeys: keys, GossipKeyFile: kf, Ready: sdReady(log), Slurm: sl})
 			defer sdStopping()
 			return co.Run(c.Context)
 		},
@@ -387,6 +412,9 @@ func agentConfig(c *cli.Context) (agent.Config, error) {
 		cfg.Download.S3PathStyle = ps
 	}
 	setStr(&cfg.GPUBackend, "gpu-backend")
+	if c.IsSet("slurm") {
+		cfg.Slurm = c.Bool("slurm")
+	}
 	if c.IsSet("gpus") {
 		cfg.GPUs = c.IntSlice("gpus")
 	}

@@ -71,6 +71,8 @@ func rolloutStatus(d *coordv1.DescribeDeploymentResponse) string {
 	updated, ready, outdated, draining := 0, 0, 0, 0
 	for _, r := range d.Replicas {
 		switch {
+		case r.GroupId == "":
+			continue // a Slurm job no replica runs on yet
 		case r.State == "draining":
 			draining++
 		case r.Outdated:

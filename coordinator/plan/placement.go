@@ -1,6 +1,7 @@
 package plan
 
 import (
+	"fmt"
 	"sort"
 
 	"github.com/shoalhq/shoal/gossip"
@@ -41,4 +42,47 @@ func Place(nodes map[string]gossip.Tag, used map[string]bool, res spec.Resources
 		return c[i].ID < c[j].ID
 	})
 	return c[:n]
+}
+
+// reservedFor is what Snapshot.Reserved says of the nodes d may use: its
+// own name for a Slurm-sourced deployment, "" (no job's) for the others.
+func reservedFor(d Deployment) string {
+	if d.Spec.Slurm != nil {
+		return d.Name
+	}
+	return ""
+}
+
+// place picks n nodes for d from one pool: a Slurm-sourced deployment's
+// group takes the nodes of one of its jobs (job, when given), any other
+// group nodes of no such job that share one port band (agents in a job
+// of their own move their ports by the job's band; a group's members must
+// agree on its engines' ports).
+func (pl *planner) place(d Deployment, n int, job string) []gossip.Tag {
+	want := reservedFor(d)
+	pools := map[string]map[string]gossip.Tag{}
+	for id, t := range pl.s.Nodes {
+		if pl.s.Reserved[id] != want || (job != "" && t.SlurmJob != job) {
+			continue
+		}
+		key := fmt.Sprintf("band %d", t.PortBand)
+		if want != "" {
+			key = "job " + t.SlurmJob
+		}
+		if pools[key] == nil {
+			pools[key] = map[string]gossip.Tag{}
+		}
+		pools[key][id] = t
+	}
+	keys := make([]string, 0, len(pools))
+	for k := range pools {
+		keys = append(keys, k)
+	}
+	sort.Strings(keys)
+	for _, k := range keys {
+		if picked := Place(pools[k], pl.used, d.Spec.Resources, n); picked != nil {
+			return picked
+		}
+	}
+	return nil
 }

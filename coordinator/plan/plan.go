@@ -71,6 +71,13 @@ type Snapshot struct {
 	Hold bool
 	// NewID names a new group of a deployment.
 	NewID func(deployment string) string
+	// Reserved maps the nodes of a Slurm job to the deployment the job is
+	// for: only it is placed there, one group per job. Expiring groups
+	// are handed over to a replica on another job, then drained; Ended
+	// groups lost their job and are deleted (slurmsrc.Plan).
+	Reserved map[string]string
+	Expiring map[string]string
+	Ended    map[string]string
 }
 
 // Plan is what the executor does, in this order: write Put, delete Delete,
@@ -175,6 +182,11 @@ func Compute(s Snapshot) *Plan {
 			pl.p.Delete = append(pl.p.Delete, Delete{Group: g, Why: "deployment deleted"})
 			continue
 		}
+		if why := s.Ended[g.ID]; why != "" {
+			pl.p.Delete = append(pl.p.Delete, Delete{Group: g, Why: why})
+			pl.event(g.Deployment, "", "released replica %s: %s", g.ID, why)
+			continue
+		}
 		if !g.Draining() {
 			g = pl.reform(d, g)
 		}
@@ -232,7 +244,7 @@ func (pl *planner) reform(d Deployment, g *store.Group) *store.Group {
 		return g // lost is "unhealthy" only here; even so, no new placement while isolated
 	}
 	need := len(g.Members) - len(keep)
-	spares := Place(pl.s.Nodes, pl.used, d.Spec.Resources, need)
+	spares := pl.place(d, need, g.SlurmJob)
 	if spares == nil {
 		pl.event(d.Name, "reform/"+g.ID, "replica %s lost %s; waiting for %d spare node(s) that fit (%d×%s GPUs)",
 			g.ID, strings.Join(lost, ", "), need, d.Spec.Resources.GPUsPerNode, orAny(d.Spec.Resources.GPUModel))
@@ -361,12 +373,16 @@ func (pl *planner) scale(d Deployment, gs []*store.Group) []*store.Group {
 	// outdated group is drained and its replacement placed when its nodes
 	// are free. Nothing more happens while a new group is not serving yet
 	// or a drain is still running.
-	var outdated int
+	var outdated, expiring int
 	pending := false
 	for _, g := range have {
-		if Outdated(g, d.Spec) {
+		switch {
+		case pl.outdated(g, d):
 			outdated++
-		} else if !pl.serving(g) {
+			if !Outdated(g, d.Spec) {
+				expiring++
+			}
+		case !pl.serving(g):
 			pending = true
 		}
 	}
@@ -374,9 +390,19 @@ func (pl *planner) scale(d Deployment, gs []*store.Group) []*store.Group {
 	// A drain still running (rollout or scale-in) is a step in progress too.
 	if outdated > 0 && !pending && len(kept) == 0 && len(have) == want && want > 0 {
 		if g := pl.create(d); g != nil {
-			pl.event(d.Name, "rollout/"+d.Name, "rolling out new engine settings: placed replica %s; %d replica(s) to replace", g.ID, outdated)
+			if expiring == outdated {
+				pl.event(d.Name, "handover/"+d.Name, "placed replica %s to take over from %d replica(s) whose Slurm job ends soon", g.ID, expiring)
+			} else {
+				pl.event(d.Name, "rollout/"+d.Name, "rolling out new engine settings: placed replica %s; %d replica(s) to replace", g.ID, outdated)
+			}
 			have = append(have, g)
 			surged = true
+		} else if expiring == outdated {
+			// A handover never drains before its replacement serves: the
+			// replacement job's nodes have not joined yet.
+			delete(pl.p.Short, d.Name)
+			pl.event(d.Name, "handover/"+d.Name, "waiting for a replacement job's nodes to hand %d replica(s) over", expiring)
+			return append(kept, have...)
 		} else {
 			delete(pl.p.Short, d.Name) // not short: the rollout waits for room
 			return append(kept, pl.drainOne(d, have, "rolled out (no room to surge)")...)
@@ -386,7 +412,7 @@ func (pl *planner) scale(d Deployment, gs []*store.Group) []*store.Group {
 		// Scale in: drop the groups that serve least (outdated first, then
 		// not serving, newest first).
 		sort.SliceStable(have, func(i, j int) bool {
-			oi, oj := Outdated(have[i], d.Spec), Outdated(have[j], d.Spec)
+			oi, oj := pl.outdated(have[i], d), pl.outdated(have[j], d)
 			if oi != oj {
 				return oi
 			}
@@ -399,7 +425,9 @@ func (pl *planner) scale(d Deployment, gs []*store.Group) []*store.Group {
 		for _, g := range have[:len(have)-want] {
 			ng := *g
 			ng.DrainingSince, ng.DrainWhy = pl.s.Now, "scaled in"
-			if Outdated(g, d.Spec) {
+			if why := pl.s.Expiring[g.ID]; why != "" {
+				ng.DrainWhy = "handed over: " + why
+			} else if Outdated(g, d.Spec) {
 				ng.DrainWhy = "rolled out"
 			}
 			pl.p.Put = append(pl.p.Put, &ng)
@@ -416,7 +444,7 @@ func (pl *planner) scale(d Deployment, gs []*store.Group) []*store.Group {
 func (pl *planner) drainOne(d Deployment, have []*store.Group, why string) []*store.Group {
 	pick := -1
 	for i, g := range have {
-		if Outdated(g, d.Spec) && (pick < 0 || (!pl.serving(g) && pl.serving(have[pick]))) {
+		if pl.outdated(g, d) && (pick < 0 || (!pl.serving(g) && pl.serving(have[pick]))) {
 			pick = i
 		}
 	}
@@ -430,6 +458,12 @@ func (pl *planner) drainOne(d Deployment, have []*store.Group, why string) []*st
 	out := append([]*store.Group(nil), have...)
 	out[pick] = &ng
 	return out
+}
+
+// outdated: g is to be replaced, for its engine settings or because its
+// Slurm job ends soon.
+func (pl *planner) outdated(g *store.Group, d Deployment) bool {
+	return Outdated(g, d.Spec) || pl.s.Expiring[g.ID] != ""
 }
 
 func (pl *planner) serving(g *store.Group) bool {
@@ -457,21 +491,28 @@ func (pl *planner) drained(g *store.Group) bool {
 
 func (pl *planner) create(d Deployment) *store.Group {
 	res := d.Spec.Resources
-	picked := Place(pl.s.Nodes, pl.used, res, res.Nodes)
+	picked := pl.place(d, res.Nodes, "")
 	if picked == nil {
 		free := 0
 		for _, t := range pl.s.Nodes {
-			if Fits(t, res) && Idle(t, pl.used) {
+			if Fits(t, res) && Idle(t, pl.used) && pl.s.Reserved[t.ID] == reservedFor(d) {
 				free++
 			}
 		}
 		msg := fmt.Sprintf("cannot place a replica: needs %d idle healthy node(s) with %d×%s GPUs, %d available; add nodes or lower replicas",
 			res.Nodes, res.GPUsPerNode, orAny(res.GPUModel), free)
+		if d.Spec.Slurm != nil {
+			msg = fmt.Sprintf("waiting for a Slurm job's %d node(s) (%d×%s GPUs) to join; %d idle node(s) of this deployment's jobs so far",
+				res.Nodes, res.GPUsPerNode, orAny(res.GPUModel), free)
+		}
 		pl.event(d.Name, "place/"+d.Name, "%s", msg)
 		pl.p.Short[d.Name] = msg
 		return nil
 	}
 	g := &store.Group{ID: pl.s.NewID(d.Name), Deployment: d.Name, Epoch: 1, Created: pl.s.Now.UTC(), Spec: SpecHash(d.Spec)}
+	if d.Spec.Slurm != nil {
+		g.SlurmJob = picked[0].SlurmJob
+	}
 	var names []string
 	for i, t := range picked {
 		g.Members = append(g.Members, store.GroupMember{NodeID: t.ID, Rank: i, GRPC: t.GRPC})

@@ -61,6 +61,9 @@ type Group struct {
 	// rollouts existed): taken as current until the deployment's engine
 	// settings change (AdoptSpec then records the replaced ones).
 	Spec string `json:"spec,omitempty"`
+	// SlurmJob is the Slurm job whose nodes the group runs on (a
+	// Slurm-sourced deployment's); empty elsewhere.
+	SlurmJob string `json:"slurm_job,omitempty"`
 }
 
 // Draining reports whether the group is being scaled in.

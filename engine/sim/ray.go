@@ -62,7 +62,7 @@ func Ray(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 func rayStart(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	fs := newFlagSet("ray start", []string{"--node-ip-address", "--port", "--num-gpus", "--num-cpus", "--address",
 		"--dashboard-host", "--dashboard-port", "--node-manager-port", "--object-manager-port", "--min-worker-port",
-		"--max-worker-port", "--resources", "--temp-dir"}, []string{"--head", "--block", "--disable-usage-stats", "--include-dashboard"}, nil)
+		"--max-worker-port", "--resources", "--temp-dir", "--ray-client-server-port", "--dashboard-agent-listen-port"}, []string{"--head", "--block", "--disable-usage-stats", "--include-dashboard"}, nil)
 	if err := fs.parse(args); err != nil {
 		fmt.Fprintln(stderr, "Error:", err)
 		return 2

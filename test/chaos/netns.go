@@ -18,10 +18,11 @@ const subnet = "10.213.77."
 // shared bridge (itself in a namespace), plus a leg into the test's own
 // namespace so the test reaches every host.
 type Net struct {
-	id    string            // prefix of every namespace and interface name
-	hosts map[string]string // host name → namespace
-	ips   map[string]string // host name → IP
-	order []string
+	id     string            // prefix of every namespace and interface name
+	subnet string            // "10.213.77."
+	hosts  map[string]string // host name → namespace
+	ips    map[string]string // host name → IP
+	order  []string
 }
 
 func ipCmd(args ...string) error {
@@ -34,9 +35,13 @@ func ipCmd(args ...string) error {
 
 // NewNet creates one namespace per host, named in hosts with the last octet
 // of its IP. On error it removes what it made.
-func NewNet(hosts map[string]int) (n *Net, err error) {
+func NewNet(hosts map[string]int) (n *Net, err error) { return NewNetOn(subnet, hosts) }
+
+// NewNetOn is NewNet on another /24 (prefix "10.213.78."), for a suite
+// that must not meet the chaos suite's hosts.
+func NewNetOn(subnet string, hosts map[string]int) (n *Net, err error) {
 	cleanStale()
-	n = &Net{id: "sc" + strconv.Itoa(os.Getpid()%100000), hosts: map[string]string{}, ips: map[string]string{}}
+	n = &Net{id: "sc" + strconv.Itoa(os.Getpid()%100000), subnet: subnet, hosts: map[string]string{}, ips: map[string]string{}}
 	defer func() {
 		if err != nil {
 			n.Close()
@@ -58,7 +63,7 @@ func NewNet(hosts map[string]int) (n *Net, err error) {
 		{"link", "add", rootA, "type", "veth", "peer", "name", rootB},
 		{"link", "set", rootA, "netns", br},
 		{"-n", br, "link", "set", rootA, "master", "br0", "up"},
-		{"addr", "add", subnet + "254/24", "dev", rootB},
+		{"addr", "add", n.subnet + "254/24", "dev", rootB},
 		{"link", "set", rootB, "up"},
 	} {
 		if err := ipCmd(c...); err != nil {
@@ -68,7 +73,7 @@ func NewNet(hosts map[string]int) (n *Net, err error) {
 	for name, octet := range hosts {
 		ns := fmt.Sprintf("%s-%d", n.id, octet)
 		a, b := fmt.Sprintf("%s-%da", n.id, octet), fmt.Sprintf("%s-%db", n.id, octet)
-		ip := subnet + strconv.Itoa(octet)
+		ip := n.subnet + strconv.Itoa(octet)
 		if err := ipCmd("netns", "add", ns); err != nil {
 			return nil, err
 		}
@@ -91,6 +96,9 @@ func NewNet(hosts map[string]int) (n *Net, err error) {
 	}
 	return n, nil
 }
+
+// Root is the test's own address on the network.
+func (n *Net) Root() string { return n.subnet + "254" }
 
 // IP is a host's address.
 func (n *Net) IP(host string) string { return n.ips[host] }
@@ -132,7 +140,7 @@ func (n *Net) Isolate(host string) error {
 		if chain == "OUTPUT" {
 			flag = "-d"
 		}
-		if err := n.iptables(host, "-A", chain, "!", flag, subnet+"254", "-j", "DROP"); err != nil {
+		if err := n.iptables(host, "-A", chain, "!", flag, n.subnet+"254", "-j", "DROP"); err != nil {
 			return err
 		}
 	}

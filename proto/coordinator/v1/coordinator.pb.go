@@ -1761,7 +1761,15 @@ type ReplicaInfo struct {
 	Outdated bool   `protobuf:"varint,14,opt,name=outdated,proto3" json:"outdated,omitempty"`
 	// ranks: a data-parallel group's DP ranks as routers address them
 	// (hybrid or external load balancing), with each rank's load.
-	Ranks         []*DPRank `protobuf:"bytes,15,rep,name=ranks,proto3" json:"ranks,omitempty"`
+	Ranks []*DPRank `protobuf:"bytes,15,rep,name=ranks,proto3" json:"ranks,omitempty"`
+	// slurm_job: the Slurm job the replica runs on (a Slurm-sourced
+	// deployment's). A job still in Slurm's queue is a row of its own, with
+	// state PENDING, no group id, Slurm's reason and how long it waited.
+	SlurmJob         string `protobuf:"bytes,16,opt,name=slurm_job,json=slurmJob,proto3" json:"slurm_job,omitempty"`
+	SlurmReason      string `protobuf:"bytes,17,opt,name=slurm_reason,json=slurmReason,proto3" json:"slurm_reason,omitempty"`
+	SlurmWaitSeconds int64  `protobuf:"varint,18,opt,name=slurm_wait_seconds,json=slurmWaitSeconds,proto3" json:"slurm_wait_seconds,omitempty"`
+	// slurm_ends_unix: when the job's time limit ends it (0: unknown).
+	SlurmEndsUnix int64 `protobuf:"varint,19,opt,name=slurm_ends_unix,json=slurmEndsUnix,proto3" json:"slurm_ends_unix,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1899,6 +1907,34 @@ func (x *ReplicaInfo) GetRanks() []*DPRank {
 		return x.Ranks
 	}
 	return nil
+}
+
+func (x *ReplicaInfo) GetSlurmJob() string {
+	if x != nil {
+		return x.SlurmJob
+	}
+	return ""
+}
+
+func (x *ReplicaInfo) GetSlurmReason() string {
+	if x != nil {
+		return x.SlurmReason
+	}
+	return ""
+}
+
+func (x *ReplicaInfo) GetSlurmWaitSeconds() int64 {
+	if x != nil {
+		return x.SlurmWaitSeconds
+	}
+	return 0
+}
+
+func (x *ReplicaInfo) GetSlurmEndsUnix() int64 {
+	if x != nil {
+		return x.SlurmEndsUnix
+	}
+	return 0
 }
 
 // DPRank is one DP rank of a replica.
@@ -2353,7 +2389,7 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"\bprogress\x18\x0e \x01(\tR\bprogress\"\x12\n" +
 	"\x10ListNodesRequest\"I\n" +
 	"\x11ListNodesResponse\x124\n" +
-	"\x05nodes\x18\x01 \x03(\v2\x1e.shoal.coordinator.v1.NodeInfoR\x05nodes\"\xdc\x03\n" +
+	"\x05nodes\x18\x01 \x03(\v2\x1e.shoal.coordinator.v1.NodeInfoR\x05nodes\"\xf2\x04\n" +
 	"\vReplicaInfo\x12\x19\n" +
 	"\bgroup_id\x18\x01 \x01(\tR\agroupId\x12\x1e\n" +
 	"\n" +
@@ -2372,7 +2408,11 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"\bprogress\x18\f \x01(\tR\bprogress\x12\x12\n" +
 	"\x04spec\x18\r \x01(\tR\x04spec\x12\x1a\n" +
 	"\boutdated\x18\x0e \x01(\bR\boutdated\x122\n" +
-	"\x05ranks\x18\x0f \x03(\v2\x1c.shoal.coordinator.v1.DPRankR\x05ranks\"\xc2\x01\n" +
+	"\x05ranks\x18\x0f \x03(\v2\x1c.shoal.coordinator.v1.DPRankR\x05ranks\x12\x1b\n" +
+	"\tslurm_job\x18\x10 \x01(\tR\bslurmJob\x12!\n" +
+	"\fslurm_reason\x18\x11 \x01(\tR\vslurmReason\x12,\n" +
+	"\x12slurm_wait_seconds\x18\x12 \x01(\x03R\x10slurmWaitSeconds\x12&\n" +
+	"\x0fslurm_ends_unix\x18\x13 \x01(\x03R\rslurmEndsUnix\"\xc2\x01\n" +
 	"\x06DPRank\x12\x12\n" +
 	"\x04rank\x18\x01 \x01(\x05R\x04rank\x12\x1a\n" +
 	"\bendpoint\x18\x02 \x01(\tR\bendpoint\x120\n" +

@@ -71,7 +71,7 @@ func rolloutStatus(d *coordv1.DescribeDeploymentResponse) string {
 	updated, ready, outdated, draining := 0, 0, 0, 0
 	for _, r := range d.Replicas {
 		switch {
-		case r.GroupId == "":
+		case r.GroupId == "" && r.SlurmJob != "":
 			continue // a Slurm job no replica runs on yet
 		case r.State == "draining":
 			draining++

@@ -102,7 +102,11 @@ func startSlurm(t *testing.T, hosts int, partitions ...string) *cluster {
 		fmt.Fprintf(&gres, "NodeName=%s Name=gpu File=%s/nvidia[0-7]\n", h, devs)
 	}
 	if len(partitions) == 0 {
-		partitions = []string{fmt.Sprintf("PartitionName=gpu Nodes=n[1-%d] Default=YES MaxTime=30 State=UP OverSubscribe=YES", hosts)}
+		// gpu: where shoal's jobs run; urgent: a higher tier whose jobs
+		// preempt them (cancelled after a 5 s grace, as sites configure it).
+		partitions = []string{
+			fmt.Sprintf("PartitionName=gpu Nodes=n[1-%d] Default=YES MaxTime=30 State=UP OverSubscribe=YES PriorityTier=1 PreemptMode=CANCEL GraceTime=5", hosts),
+			fmt.Sprintf("PartitionName=urgent Nodes=n[1-%d] MaxTime=30 State=UP OverSubscribe=YES PriorityTier=2 PreemptMode=OFF", hosts)}
 	}
 	conf := fmt.Sprintf(`ClusterName=shoaltest
 SlurmctldHost=ctl(%s)
@@ -129,6 +133,8 @@ ReturnToService=2
 SchedulerType=sched/backfill
 SchedulerParameters=sched_interval=1,bf_interval=1
 EnforcePartLimits=ALL
+PreemptType=preempt/partition_prio
+PreemptMode=CANCEL
 AccountingStorageType=accounting_storage/none
 JobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/none

@@ -1,6 +1,8 @@
 package slurm
 
 import (
+	"os"
+	"path/filepath"
 	"strings"
 	"testing"
 	"time"
@@ -11,9 +13,10 @@ import (
 // TestSlurmWalltimeHandover: a replica's job reaches its handover lead
 // (Slurm's --signal and the job's end time); shoal submits the replacement,
 // brings it to ready, drains the old one and cancels its job — with zero
-// failed requests under load. Then the new job is cancelled as a preemption
-// would (SIGTERM to its steps): the head drains at once and the replica is
-// requested again.
+// failed requests under load. Then a job of a higher partition tier
+// preempts the new one (Slurm's preempt/partition_prio, cancelled after its
+// grace time): the head drains at once, and the replica is requested again
+// and comes back once the preemptor is done.
 func TestSlurmWalltimeHandover(t *testing.T) {
 	c := startSlurm(t, 2)
 	e := startShoal(t, c)
@@ -41,9 +44,9 @@ func TestSlurmWalltimeHandover(t *testing.T) {
 	require.Contains(t, d, "handing replica")
 	require.Contains(t, d, "handed over")
 
-	// Preempted / cancelled with a signal: the head drains at once, the
-	// group is gone with its job, and a new job brings the replica back.
-	out, err = c.cmd("scancel", second)
+	// Preempted: the head drains at once, the group is gone with its job,
+	// and a new job brings the replica back.
+	out, err = c.cmd("sbatch", "--partition=urgent", "--nodes=2", "--gres=gpu:8", "--time=1", "--output=/dev/null", "--wrap", "srun sleep 8")
 	require.NoError(t, err, out)
 	var third string
 	require.Eventually(t, func() bool {
@@ -54,7 +57,11 @@ func TestSlurmWalltimeHandover(t *testing.T) {
 		return third != ""
 	}, 90*time.Second, 250*time.Millisecond, "the replica was not requested again after its job was cancelled:\n%s", e.describe("m"))
 	require.NoError(t, e.complete("m"))
-	require.Contains(t, e.describe("m"), "its Slurm job "+second+" ended")
+	d = e.describe("m")
+	require.Contains(t, d, "its Slurm job "+second+" ended")
+	log, err := os.ReadFile(filepath.Join(e.dir, "job-"+second+".out"))
+	require.NoError(t, err)
+	require.Contains(t, string(log), "Slurm is ending the job (SIGTERM)", "the preempted agents drained on Slurm's SIGTERM")
 }
 
 func contains(l []string, s string) bool {

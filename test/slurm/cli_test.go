@@ -15,7 +15,7 @@ import (
 // in Slurm's words, cancel, and a cancelled job gone from the list.
 func TestCLIAgainstSlurm(t *testing.T) {
 	c := startSlurm(t, 1)
-	cl := &slurm.CLI{Env: c.env()}
+	cl := &slurm.CLI{Env: c.Env()}
 	ctx := context.Background()
 	req := slurm.Request{Name: "shoal.t.cli", Partition: "gpu", Nodes: 1, GRES: "gpu:2", Time: 90 * time.Second, Signal: 30 * time.Second,
 		Comment: "shoal test", Script: "#!/bin/bash\nexec srun sleep 300\n"}

@@ -16,18 +16,18 @@ import (
 func TestAgentsInAnAllocation(t *testing.T) {
 	c := startSlurm(t, 2)
 	e := startShoal(t, c)
-	bin := filepath.Join(e.dir, "bin")
+	bin := filepath.Join(e.Dir, "bin")
 	tmpl, err := filepath.Abs("../../deploy/slurm/shoal-agents.sbatch")
 	require.NoError(t, err)
-	out, err := c.cmd("sbatch", "--parsable", "--nodes=2", "--gres=gpu:4", "--time=10", "--signal=USR1@120", "--output="+e.dir+"/agents-%j.out",
-		"--export=ALL,TMPDIR="+filepath.Join(e.dir, "tmp")+",SHOAL_BIN="+filepath.Join(binDir, "shoal")+",SHOAL_JOIN="+e.gossip+
+	out, err := c.Cmd("sbatch", "--parsable", "--nodes=2", "--gres=gpu:4", "--time=10", "--signal=USR1@120", "--output="+e.Dir+"/agents-%j.out",
+		"--export=ALL,TMPDIR="+filepath.Join(e.Dir, "tmp")+",SHOAL_BIN="+filepath.Join(binDir, "shoal")+",SHOAL_JOIN="+e.Gossip+
 			",SHOAL_INSECURE=1,SHOAL_GPU_BACKEND=mock:h200x8,SHOAL_GOSSIP_PROFILE=local,SHOAL_SKIP_LOCAL_MODEL_CHECK=1"+
 			",SHOAL_RAY_BIN="+filepath.Join(bin, "ray")+",SHOAL_VLLM_BIN="+filepath.Join(bin, "vllm")+",SHOAL_SIM_LOAD_SECONDS=1",
 		tmpl)
 	require.NoError(t, err, out)
 	job := strings.TrimSpace(out)
 	var nodes string
-	require.Eventually(t, func() bool { nodes, _ = e.shoal("get", "nodes"); return strings.Count(nodes, "-j"+job) == 2 }, 60*time.Second, 250*time.Millisecond,
+	require.Eventually(t, func() bool { nodes, _ = e.Run("get", "nodes"); return strings.Count(nodes, "-j"+job) == 2 }, 60*time.Second, 250*time.Millisecond,
 		"both agents of job %s join", job)
 	spec := fmt.Sprintf(`apiVersion: shoal/v1
 kind: Deployment
@@ -37,10 +37,10 @@ engine: {kind: ray-vllm, tensorParallelSize: 4, pipelineParallelSize: 2, startup
 resources: {nodes: 2, gpusPerNode: 4, gpuModel: H200}
 replicas: {count: 1}
 `)
-	out, err = e.apply("m", spec)
+	out, err = e.Apply("m", spec)
 	require.NoError(t, err, out)
-	e.waitReady(1, 90*time.Second)
-	require.NoError(t, e.complete("m"))
-	d, _ := e.shoal("describe", "node", "n1-j"+job)
+	e.WaitReady(1, 90*time.Second)
+	require.NoError(t, e.Complete("m"))
+	d, _ := e.Run("describe", "node", "n1-j"+job)
 	require.Contains(t, d, job)
 }

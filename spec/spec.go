@@ -782,6 +782,16 @@ func (d *Deployment) Fields() []Field {
 	if r := d.Router; r != nil && r.Retries != nil {
 		add("router.retries", *r.Retries, true)
 	}
+	if sl := d.Slurm; sl != nil {
+		add("slurm.partition", sl.Partition, true)
+		add("slurm.account", sl.Account, true)
+		add("slurm.qos", sl.QoS, true)
+		add("slurm.gres", sl.GRES, true)
+		add("slurm.timeLimitMinutes", sl.TimeLimitMinutes, true)
+		add("slurm.handoverLeadSeconds", sl.HandoverLeadSeconds, true)
+		add("slurm.queueWaitWarningSeconds", sl.QueueWaitWarningSeconds, true)
+		add("slurm.options", strings.Join(sl.Options, " "), true)
+	}
 	for k, v := range d.Labels {
 		add("labels."+k, v, false)
 	}

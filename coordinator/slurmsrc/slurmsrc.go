@@ -119,7 +119,7 @@ func Decide(s Snapshot) *Plan {
 		dep := strings.TrimPrefix(j.Name, s.Prefix)
 		if _, ok := deps[dep]; !ok || !strings.HasPrefix(j.Name, s.Prefix) {
 			if s.QueueErr == nil && j.Active() {
-				p.Cancel = append(p.Cancel, Cancel{Deployment: dep, Job: j.ID, Why: "its deployment is gone"})
+				p.Cancel = append(p.Cancel, Cancel{Deployment: dep, Job: j.ID, Why: "its deployment is gone (or no longer takes its nodes from Slurm)"})
 			}
 			continue
 		}

@@ -99,7 +99,7 @@ func TestDecide(t *testing.T) {
 			ended: map[string]string{"g1": "its Slurm job 10 ended"}, submit: 1},
 		{name: "a job of a deleted deployment is cancelled",
 			s:      snap(dep(0), []slurm.Job{{ID: "20", Name: "shoal.c.gone", State: slurm.StateRunning}}, nil),
-			cancel: []string{"20: its deployment is gone"}},
+			cancel: []string{"20: its deployment is gone (or no longer takes its nodes from Slurm)"}},
 		{name: "a completing job neither covers nor is cancelled",
 			s: snap(dep(1), []slurm.Job{job("10", slurm.StateCompleting, later)}, nil), submit: 1},
 	} {

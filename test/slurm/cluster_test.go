@@ -14,7 +14,6 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-
 var binDir string
 
 func TestMain(m *testing.M) { testbin.Main(m, &binDir) }
@@ -24,7 +23,9 @@ func startSlurm(t *testing.T, hosts int, partitions ...string) *slurmtest.Cluste
 	return slurmtest.Start(t, binDir, hosts, partitions...)
 }
 
-func startShoal(t *testing.T, c *slurmtest.Cluster) *slurmtest.Shoal { return slurmtest.StartShoal(t, c) }
+func startShoal(t *testing.T, c *slurmtest.Cluster) *slurmtest.Shoal {
+	return slurmtest.StartShoal(t, c)
+}
 
 func ready(rs []slurmtest.Replica) (int, []string) { return slurmtest.Ready(rs) }
 

@@ -7,7 +7,6 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-
 // TestSlurmSourcedDeployment: a deployment whose nodes come from Slurm
 // scales 0 → 1 → 2 through sbatch, serves completions on the jobs' nodes,
 // and scales in with its jobs cancelled.

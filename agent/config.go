@@ -83,8 +83,10 @@ type Config struct {
 	Slurm bool `yaml:"slurm"`
 	// SlurmJob is the job the agent runs in; JobEnds reads the job's end
 	// time from Slurm (it can change: `scontrol update TimeLimit`).
-	SlurmJob string                                   `yaml:"-"`
-	JobEnds  func(context.Context) (time.Time, error) `yaml:"-"`
+	SlurmJob string `yaml:"-"`
+	// SlurmNodes is the job's node list (SLURM_JOB_NODELIST).
+	SlurmNodes string                                   `yaml:"-"`
+	JobEnds    func(context.Context) (time.Time, error) `yaml:"-"`
 	// PortBand moves every port of the agent and its engines by
 	// PortBand × 100, so that jobs sharing a node never clash (0: none).
 	PortBand int `yaml:"-"`

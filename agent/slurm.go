@@ -3,6 +3,7 @@ package agent
 import (
 	"context"
 	"time"
+	"unicode/utf8"
 )
 
 // jobPoll is how often an agent in a Slurm job re-reads its job's end
@@ -51,4 +52,17 @@ func (a *Agent) Leave(ctx context.Context, why string, drain bool) error {
 		a.publish()
 		return nil
 	})
+}
+
+// cut shortens s to at most n bytes, marking the cut with "…" (on a rune
+// boundary).
+func cut(s string, n int) string {
+	if len(s) <= n {
+		return s
+	}
+	i := n - len("…")
+	for i > 0 && !utf8.RuneStart(s[i]) {
+		i--
+	}
+	return s[:i] + "…"
 }

@@ -241,7 +241,7 @@ func (a *Agent) startRun(act Action, v GroupView) {
 // tag is the gossip tag for the current state. Loop only (or before it runs).
 func (a *Agent) tag() gossip.Tag {
 	t := gossip.Tag{Kind: gossip.KindAgent, ID: a.cfg.NodeID, GRPC: a.grpcAddr(), Metrics: agentMetricsAddr(a.cfg.MetricsAddr, a.cfg.Address),
-		Restarting: a.restarting, SlurmJob: a.cfg.SlurmJob, PortBand: a.cfg.PortBand, Leaving: a.leaving != ""}
+		Restarting: a.restarting, SlurmJob: a.cfg.SlurmJob, SlurmNodes: cut(a.cfg.SlurmNodes, gossip.MaxSlurmNodes), PortBand: a.cfg.PortBand, Leaving: a.leaving != ""}
 	if !a.jobEnds.IsZero() {
 		t.SlurmEnd = a.jobEnds.Unix()
 	}

@@ -295,7 +295,7 @@ func nodeInfo(t gossip.Tag) *coordv1.NodeInfo {
 	{
 		n := &coordv1.NodeInfo{NodeId: t.ID, Address: t.IP(), GpuModel: t.GPUModel, GpuCount: int32(t.GPUs), Healthy: t.Healthy,
 			GroupId: t.Group, Epoch: t.Epoch, Rank: int32(t.Rank), EngineState: t.Engine, Rdma: t.RDMA, GpuMemoryGib: int32(t.GPUMemGiB),
-			Progress: t.Progress}
+			Progress: t.Progress, SlurmJob: t.SlurmJob, SlurmNodes: t.SlurmNodes, SlurmEndsUnix: t.SlurmEnd, PortBand: int32(t.PortBand), Leaving: t.Leaving}
 		switch {
 		case t.Group == "":
 			n.State = "idle"

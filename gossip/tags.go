@@ -5,6 +5,9 @@ import (
 	"errors"
 	"fmt"
 	"net"
+	"strconv"
+
+	"github.com/shoalhq/shoal/nodesource/slurm"
 )
 
 // MetaMaxSize is memberlist's limit on node metadata (memberlist.MetaMaxSize).
@@ -76,14 +79,23 @@ type Tag struct {
 	// finish. Every router reads it from here or from the Replica stream.
 	Draining bool `json:"dr,omitempty"`
 	// SlurmJob is the Slurm job the agent runs in; SlurmEnd the job's end
-	// (Unix seconds); PortBand the job's port band (0: none). Leaving: the
-	// job was signalled (its time limit is near, or it is preempted or
-	// cancelled) and the node will be gone soon.
+	// (Unix seconds). Leaving: the job was signalled (its time limit is
+	// near, or it is preempted or cancelled) and the node will be gone soon.
+	// PortBand is the job's port band (0: none); it is not sent, since the
+	// job id says it (slurm.PortBand), and DecodeTag derives it.
 	SlurmJob string `json:"sj,omitempty"`
-	SlurmEnd int64  `json:"se,omitempty"`
-	PortBand int    `json:"pb,omitempty"`
-	Leaving  bool   `json:"lv,omitempty"`
+	// SlurmNodes is the job's node list as Slurm writes it ("gpu[001-016]"),
+	// cut to MaxSlurmNodes bytes; left out of a tag it would push over
+	// MetaMaxSize (it is informational: squeue says it too).
+	SlurmNodes string `json:"sl,omitempty"`
+	SlurmEnd   int64  `json:"se,omitempty"`
+	PortBand   int    `json:"-"`
+	Leaving    bool   `json:"lv,omitempty"`
 }
+
+// MaxSlurmNodes bounds Tag.SlurmNodes, so that a long node list cannot
+// push the tag over MetaMaxSize.
+const MaxSlurmNodes = 96
 
 // ErrBadTag is wrapped by every decode failure.
 var ErrBadTag = errors.New("bad gossip tag")
@@ -94,6 +106,12 @@ func (t Tag) Encode() ([]byte, error) {
 	b, err := json.Marshal(t)
 	if err != nil {
 		return nil, err
+	}
+	if len(b) > MetaMaxSize && t.SlurmNodes != "" {
+		t.SlurmNodes = ""
+		if b, err = json.Marshal(t); err != nil {
+			return nil, err
+		}
 	}
 	if len(b) > MetaMaxSize {
 		return nil, fmt.Errorf("gossip tag is %d bytes, over memberlist's %d-byte limit; shorten node id, group or cluster name", len(b), MetaMaxSize)
@@ -120,7 +138,7 @@ func DecodeTag(b []byte) (Tag, error) {
 		return t, fmt.Errorf("%w: no node id", ErrBadTag)
 	case t.Kind != KindAgent && t.Kind != KindCoordinator && t.Kind != KindRouter:
 		return t, fmt.Errorf("%w: unknown kind %q", ErrBadTag, t.Kind)
-	case t.GPUs < 0 || t.Rank < 0 || t.Size < 0 || t.PortBand < 0 || t.SlurmEnd < 0:
+	case t.GPUs < 0 || t.Rank < 0 || t.Size < 0 || t.SlurmEnd < 0:
 		return t, fmt.Errorf("%w: negative count", ErrBadTag)
 	}
 	if _, _, err := net.SplitHostPort(t.GRPC); err != nil {
@@ -130,6 +148,12 @@ func DecodeTag(b []byte) (Tag, error) {
 		if _, _, err := net.SplitHostPort(t.Replica); err != nil {
 			return t, fmt.Errorf("%w: replica address %q: %w", ErrBadTag, t.Replica, err)
 		}
+	}
+	if t.SlurmJob != "" {
+		if _, err := strconv.ParseUint(t.SlurmJob, 10, 64); err != nil {
+			return t, fmt.Errorf("%w: slurm job %q is not a job id", ErrBadTag, t.SlurmJob)
+		}
+		t.PortBand = slurm.PortBand(t.SlurmJob)
 	}
 	return t, nil
 }

@@ -12,7 +12,44 @@ func fullTag() Tag {
 		Replica: "[fd00:1234:5678::abcd]:7947", GPUModel: "H200", GPUs: 8, Healthy: true, Deployment: strings.Repeat("d", 40),
 		Group: strings.Repeat("d", 40) + "-abcdef", Epoch: 1 << 40, Rank: 63, Size: 64, HeadTerm: 1 << 40,
 		Follow: strings.Repeat("n", 63), FollowTerm: 1 << 40, Engine: EngineLoading, Weights: true,
-		RDMA: "16×400G RoCE", GPUMemGiB: 192}
+		RDMA: "16×400G RoCE", GPUMemGiB: 192,
+	}
+}
+
+// slurmTag is the largest realistic tag of an agent in a Slurm job: the
+// node id is NODE-jJOB, and Slurm node names are short (20 here).
+func slurmTag() Tag {
+	t := fullTag()
+	t.ID = strings.Repeat("n", 20) + "-j123456789"
+	t.Follow = t.ID
+	t.SlurmJob, t.SlurmNodes, t.SlurmEnd, t.Leaving = "123456789", "gpu[0001-0016]", 1<<33, true
+	t.PortBand = 10 // derived from the job on decode
+	return t
+}
+
+func TestSlurmTag(t *testing.T) {
+	in := slurmTag()
+	b, err := in.Encode()
+	require.NoError(t, err)
+	out, err := DecodeTag(b)
+	require.NoError(t, err)
+	in.V = TagVersion
+	require.Equal(t, in, out, "the port band comes from the job id")
+
+	in.SlurmNodes = strings.Repeat("g", MaxSlurmNodes)
+	b, err = in.Encode()
+	require.NoError(t, err, "a long node list is left out rather than fail the tag")
+	out, err = DecodeTag(b)
+	require.NoError(t, err)
+	require.Empty(t, out.SlurmNodes)
+	require.Equal(t, "123456789", out.SlurmJob)
+
+	bad := slurmTag()
+	bad.SlurmJob = "12a"
+	b, err = bad.Encode()
+	require.NoError(t, err)
+	_, err = DecodeTag(b)
+	require.ErrorContains(t, err, `slurm job "12a" is not a job id`)
 }
 
 func TestTagRoundTripAndBound(t *testing.T) {

@@ -417,6 +417,17 @@ func describeNode(c *cli.Context, id string) error {
 		w := c.App.Writer
 		fmt.Fprintf(w, "Node:      %s (%s)\nState:     %s\nReplica:   %s epoch %s, role %s, engine %s\n\n",
 			n.NodeId, n.Address, n.State, dash(n.GroupId), epoch(n.Epoch), dash(n.Role), dash(n.EngineState))
+		if n.SlurmJob != "" {
+			fmt.Fprintf(w, "Slurm:     job %s on %s", n.SlurmJob, dash(n.SlurmNodes))
+			if n.SlurmEndsUnix > 0 {
+				fmt.Fprintf(w, ", ends %s", time.Unix(n.SlurmEndsUnix, 0).UTC().Format(time.RFC3339))
+			}
+			fmt.Fprintf(w, ", port band %d (ports +%d)", n.PortBand, n.PortBand*100)
+			if n.Leaving {
+				fmt.Fprint(w, ", LEAVING (Slurm signalled the job)")
+			}
+			fmt.Fprint(w, "\n\n")
+		}
 		var hw agent.HostInventory
 		if err := json.Unmarshal(resp.InventoryJson, &hw); err != nil || hw.GPU == nil {
 			return fmt.Errorf("node %s sent no readable inventory (an older agent?)", id)

@@ -32,7 +32,7 @@ func slurmAgentConfig(c *cli.Context, cfg *agent.Config, al slurm.Alloc, cl slur
 	if cfg.Address == "" && len(cfg.Join) > 0 {
 		cfg.Address = routeIP(cfg.Join[0]) // the address this node reaches the cluster from
 	}
-	cfg.SlurmJob = al.JobID
+	cfg.SlurmJob, cfg.SlurmNodes = al.JobID, al.NodeList
 	cfg.PortBand = slurm.PortBand(al.JobID)
 	off := cfg.PortBand * slurm.PortBandWidth
 	for _, p := range []struct {

@@ -32,7 +32,7 @@ import (
 )
 
 // subnet is the Slurm suite's network (the chaos suite has 10.213.77.).
-const subnet = "10.213.78."
+const Subnet = "10.213.78."
 
 // need skips (or, in CI, fails) when this machine cannot run Slurm.
 func Need(t testing.TB) {
@@ -66,17 +66,42 @@ type Cluster struct {
 	conf  string
 	procs []*exec.Cmd
 	ctld  *exec.Cmd
+	// dbPort, dbdPort: MariaDB's and slurmdbd's, with accounting.
+	dbPort, dbdPort int
 }
 
 // startSlurm brings up munged, slurmctld and one slurmd per host, and waits
 // until every node is idle.
 func Start(t testing.TB, bins string, hosts int, partitions ...string) *Cluster {
-	return StartOn(t, bins, subnet, hosts, partitions...)
+	return StartOn(t, bins, Subnet, hosts, partitions...)
 }
 
 // StartOn is Start on another /24 ("10.213.79."), for a run beside the suite.
 func StartOn(t testing.TB, bins, subnet string, hosts int, partitions ...string) *Cluster {
+	return start(t, bins, subnet, hosts, false, partitions)
+}
+
+// StartWithAccounts is Start with Slurm's accounting: MariaDB, slurmdbd and
+// AccountingStorageEnforce=associations, so that Slurm refuses an account
+// (or QoS) it does not know; accounts proj1 and proj2 exist, root may use
+// proj1 (and its own account, root).
+func StartWithAccounts(t testing.TB, bins, subnet string, hosts int) *Cluster {
+	return start(t, bins, subnet, hosts, true, nil)
+}
+
+func start(t testing.TB, bins, subnet string, hosts int, accounting bool, partitions []string) *Cluster {
 	Need(t)
+	if accounting {
+		for _, b := range []string{"slurmdbd", "mariadbd", "mysql_install_db", "sacctmgr"} {
+			if _, err := exec.LookPath(b); err != nil {
+				msg := "Slurm's accounting needs " + b + " (apt-get install slurmdbd mariadb-server)"
+				if os.Getenv("SHOAL_REQUIRE_SLURM") != "" {
+					t.Fatal(msg)
+				}
+				t.Skip(msg)
+			}
+		}
+	}
 	dir, err := os.MkdirTemp("", "shoal-slurm-")
 	require.NoError(t, err)
 	require.NoError(t, os.Chmod(dir, 0o755))
@@ -144,8 +169,7 @@ SchedulerParameters=sched_interval=1,bf_interval=1
 EnforcePartLimits=ALL
 PreemptType=preempt/partition_prio
 PreemptMode=CANCEL
-AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
+%sJobCompType=jobcomp/none
 JobAcctGatherType=jobacct_gather/none
 MailProg=/bin/true
 SlurmctldTimeout=10
@@ -156,13 +180,22 @@ KillWait=5
 OverTimeLimit=0
 MinJobAge=30
 %s%s
-`, c.Net.Root(), ctlPort, sock, dir, dir, dir, dir, dir, dir, nodes.String(), strings.Join(partitions, "\n"))
+`, c.Net.Root(), ctlPort, sock, dir, dir, dir, dir, dir, dir, c.accounting(accounting, sock), nodes.String(), strings.Join(partitions, "\n"))
 	c.conf = filepath.Join(dir, "slurm.conf")
 	require.NoError(t, os.WriteFile(c.conf, []byte(conf), 0o644))
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "gres.conf"), []byte(gres.String()), 0o644))
 	require.NoError(t, os.WriteFile(filepath.Join(dir, "cgroup.conf"), []byte("CgroupPlugin=cgroup/v1\n"), 0o644))
 	require.NoError(t, os.MkdirAll(filepath.Join(dir, "ctld"), 0o755))
+	if accounting {
+		c.startDBD()
+	}
 	c.StartCtld()
+	if accounting {
+		for _, a := range [][]string{{"add", "account", "proj1,proj2"}, {"add", "user", "root", "account=proj1"}} {
+			require.Eventually(t, func() bool { _, err := c.Cmd("sacctmgr", append([]string{"-i"}, a...)...); return err == nil }, 30*time.Second, 200*time.Millisecond,
+				"sacctmgr %v: %s", a, c.Logs())
+		}
+	}
 	for _, h := range c.hosts {
 		require.NoError(t, os.MkdirAll(filepath.Join(dir, "spool-"+h), 0o755))
 		c.Spawn("slurmd-"+h, append(c.Net.Wrap(h), "unshare", "--uts", "sh", "-c", "hostname "+h+" && exec slurmd -D -f "+c.conf),
@@ -173,6 +206,56 @@ MinJobAge=30
 		return err == nil && strings.TrimSpace(out) == fmt.Sprintf("idle %d", hosts)
 	}, 60*time.Second, 250*time.Millisecond, "Slurm's nodes did not come up idle: %s", c.Logs())
 	return c
+}
+
+// accounting is slurm.conf's accounting lines, and with it on, writes
+// slurmdbd.conf beside slurm.conf.
+func (c *Cluster) accounting(on bool, sock string) string {
+	if !on {
+		return "AccountingStorageType=accounting_storage/none\n"
+	}
+	c.dbPort, c.dbdPort = FreePort(c.t), FreePort(c.t)
+	conf := fmt.Sprintf(`AuthType=auth/munge
+AuthInfo=socket=%s
+DbdHost=ctl
+DbdAddr=%s
+DbdPort=%d
+SlurmUser=root
+PidFile=%s/slurmdbd.pid
+LogFile=%s/slurmdbd.log
+StorageType=accounting_storage/mysql
+StorageHost=127.0.0.1
+StoragePort=%d
+StorageUser=root
+StorageLoc=slurm_acct_db
+`, sock, c.Net.Root(), c.dbdPort, c.Dir, c.Dir, c.dbPort)
+	require.NoError(c.t, os.WriteFile(filepath.Join(c.Dir, "slurmdbd.conf"), []byte(conf), 0o600))
+	// AccountingStoragePass names the munge socket for connections to slurmdbd.
+	return fmt.Sprintf("AccountingStorageType=accounting_storage/slurmdbd\nAccountingStorageHost=%s\nAccountingStoragePort=%d\nAccountingStoragePass=%s\nAccountingStorageEnforce=associations,limits,qos\n",
+		c.Net.Root(), c.dbdPort, sock)
+}
+
+// startDBD starts MariaDB (a data directory of the test's, no grant
+// tables) and slurmdbd, and registers the cluster.
+func (c *Cluster) startDBD() {
+	db := filepath.Join(c.Dir, "db")
+	out, err := exec.Command("mysql_install_db", "--no-defaults", "--user=root", "--datadir="+db, "--skip-test-db").CombinedOutput()
+	require.NoError(c.t, err, "%s", out)
+	c.Spawn("mariadbd", nil, "mariadbd", "--no-defaults", "--user=root", "--datadir="+db, "--socket="+filepath.Join(c.Dir, "mysql.sock"),
+		"--port="+strconv.Itoa(c.dbPort), "--bind-address=127.0.0.1", "--skip-grant-tables", "--pid-file="+filepath.Join(c.Dir, "mariadb.pid"))
+	listening := func(addr string) bool {
+		conn, err := net.DialTimeout("tcp", addr, time.Second)
+		if err == nil {
+			conn.Close()
+		}
+		return err == nil
+	}
+	require.Eventually(c.t, func() bool { return listening(fmt.Sprintf("127.0.0.1:%d", c.dbPort)) }, 60*time.Second, 100*time.Millisecond, "MariaDB did not start")
+	c.Spawn("slurmdbd", []string{"unshare", "--uts", "sh", "-c", "hostname ctl && exec slurmdbd -D"}, "")
+	require.Eventually(c.t, func() bool { return listening(fmt.Sprintf("%s:%d", c.Net.Root(), c.dbdPort)) }, 60*time.Second, 100*time.Millisecond,
+		"slurmdbd did not start: %s", c.Logs())
+	out2, err := c.Cmd("sacctmgr", "-i", "add", "cluster", "shoaltest")
+	require.NoError(c.t, err, "%s", out2)
 }
 
 // startCtld (re)starts slurmctld, in a UTS namespace named ctl.
@@ -222,7 +305,7 @@ func (c *Cluster) Cmd(name string, args ...string) (string, error) {
 
 func (c *Cluster) Logs() string {
 	var b strings.Builder
-	for _, f := range []string{"slurmctld.log", "slurmd-n1.log", "slurmctld.out", "slurmd-n1.out", "munged.out"} {
+	for _, f := range []string{"slurmctld.log", "slurmd-n1.log", "slurmctld.out", "slurmd-n1.out", "munged.out", "slurmdbd.log", "slurmdbd.out", "mariadbd.out"} {
 		data, _ := os.ReadFile(filepath.Join(c.Dir, f))
 		lines := strings.Split(string(data), "\n")
 		fmt.Fprintf(&b, "---- %s\n%s\n", f, strings.Join(lines[max(0, len(lines)-15):], "\n"))

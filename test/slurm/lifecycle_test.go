@@ -7,6 +7,7 @@ import (
 	"testing"
 	"time"
 
+	"github.com/shoalhq/shoal/internal/slurmtest"
 	"github.com/stretchr/testify/require"
 )
 
@@ -128,4 +129,29 @@ func TestSlurmQueueAndOutages(t *testing.T) {
 	}
 	c.StartCtld()
 	e.WaitReady(2, 120*time.Second)
+}
+
+// TestSlurmAccounts: with Slurm's accounting (slurmdbd on MariaDB,
+// associations enforced), an account or QoS Slurm does not know is refused
+// at apply time in Slurm's words, and a known account is what the jobs run
+// under.
+func TestSlurmAccounts(t *testing.T) {
+	c := slurmtest.StartWithAccounts(t, binDir, slurmtest.Subnet, 1)
+	e := startShoal(t, c)
+	for _, tc := range []struct{ slurm, want string }{
+		{", account: nope", "Invalid account or account/partition combination specified"},
+		{", account: proj2", "Invalid account or account/partition combination specified"}, // exists, but not root's
+		{", qos: nope", "Invalid qos specification"},
+	} {
+		out, err := e.Apply("bad", e.Spec("bad", 1, tc.slurm))
+		require.Error(t, err, out)
+		require.Contains(t, out, tc.want)
+	}
+	out, err := e.Apply("m", e.Spec("m", 1, ", account: proj1"))
+	require.NoError(t, err, out)
+	e.WaitReady(1, 90*time.Second)
+	require.NoError(t, e.Complete("m"))
+	acct, err := c.Cmd("squeue", "--noheader", "--format=%a %j")
+	require.NoError(t, err, acct)
+	require.Equal(t, "proj1 shoal.shoal.m", strings.TrimSpace(acct))
 }

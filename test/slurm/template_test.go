@@ -41,6 +41,8 @@ replicas: {count: 1}
 	require.NoError(t, err, out)
 	e.WaitReady(1, 90*time.Second)
 	require.NoError(t, e.Complete("m"))
-	d, _ := e.Run("describe", "node", "n1-j"+job)
-	require.Contains(t, d, job)
+	d, err := e.Run("describe", "node", "n1-j"+job)
+	require.NoError(t, err, d)
+	require.Regexp(t, `Slurm:     job `+job+` on n\[1-2\], ends 20\d\d-[0-9T:-]+Z, port band \d+ \(ports \+\d+00\)`, d,
+		"the agent reports its job, node list, end and port band")
 }

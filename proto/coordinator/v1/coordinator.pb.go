@@ -1526,7 +1526,14 @@ type NodeInfo struct {
 	Rdma         string                 `protobuf:"bytes,12,opt,name=rdma,proto3" json:"rdma,omitempty"`
 	GpuMemoryGib int32                  `protobuf:"varint,13,opt,name=gpu_memory_gib,json=gpuMemoryGib,proto3" json:"gpu_memory_gib,omitempty"`
 	// progress is the node's weight pull ("43% 12.1 GB/s") while it downloads.
-	Progress      string `protobuf:"bytes,14,opt,name=progress,proto3" json:"progress,omitempty"`
+	Progress string `protobuf:"bytes,14,opt,name=progress,proto3" json:"progress,omitempty"`
+	// The Slurm job an agent runs in (agent --slurm): its id, node list, end
+	// (Unix seconds), the job's port band, and whether Slurm signalled it.
+	SlurmJob      string `protobuf:"bytes,15,opt,name=slurm_job,json=slurmJob,proto3" json:"slurm_job,omitempty"`
+	SlurmNodes    string `protobuf:"bytes,16,opt,name=slurm_nodes,json=slurmNodes,proto3" json:"slurm_nodes,omitempty"`
+	SlurmEndsUnix int64  `protobuf:"varint,17,opt,name=slurm_ends_unix,json=slurmEndsUnix,proto3" json:"slurm_ends_unix,omitempty"`
+	PortBand      int32  `protobuf:"varint,18,opt,name=port_band,json=portBand,proto3" json:"port_band,omitempty"`
+	Leaving       bool   `protobuf:"varint,19,opt,name=leaving,proto3" json:"leaving,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -1657,6 +1664,41 @@ func (x *NodeInfo) GetProgress() string {
 		return x.Progress
 	}
 	return ""
+}
+
+func (x *NodeInfo) GetSlurmJob() string {
+	if x != nil {
+		return x.SlurmJob
+	}
+	return ""
+}
+
+func (x *NodeInfo) GetSlurmNodes() string {
+	if x != nil {
+		return x.SlurmNodes
+	}
+	return ""
+}
+
+func (x *NodeInfo) GetSlurmEndsUnix() int64 {
+	if x != nil {
+		return x.SlurmEndsUnix
+	}
+	return 0
+}
+
+func (x *NodeInfo) GetPortBand() int32 {
+	if x != nil {
+		return x.PortBand
+	}
+	return 0
+}
+
+func (x *NodeInfo) GetLeaving() bool {
+	if x != nil {
+		return x.Leaving
+	}
+	return false
 }
 
 type ListNodesRequest struct {
@@ -2370,7 +2412,7 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"\x0fengine_settings\x18\t \x01(\tR\x0eengineSettings\"-\n" +
 	"\x17DeleteDeploymentRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\x1a\n" +
-	"\x18DeleteDeploymentResponse\"\xf9\x02\n" +
+	"\x18DeleteDeploymentResponse\"\x96\x04\n" +
 	"\bNodeInfo\x12\x17\n" +
 	"\anode_id\x18\x01 \x01(\tR\x06nodeId\x12\x18\n" +
 	"\aaddress\x18\x02 \x01(\tR\aaddress\x12\x1b\n" +
@@ -2386,7 +2428,13 @@ const file_coordinator_v1_coordinator_proto_rawDesc = "" +
 	"\fengine_state\x18\v \x01(\tR\vengineState\x12\x12\n" +
 	"\x04rdma\x18\f \x01(\tR\x04rdma\x12$\n" +
 	"\x0egpu_memory_gib\x18\r \x01(\x05R\fgpuMemoryGib\x12\x1a\n" +
-	"\bprogress\x18\x0e \x01(\tR\bprogress\"\x12\n" +
+	"\bprogress\x18\x0e \x01(\tR\bprogress\x12\x1b\n" +
+	"\tslurm_job\x18\x0f \x01(\tR\bslurmJob\x12\x1f\n" +
+	"\vslurm_nodes\x18\x10 \x01(\tR\n" +
+	"slurmNodes\x12&\n" +
+	"\x0fslurm_ends_unix\x18\x11 \x01(\x03R\rslurmEndsUnix\x12\x1b\n" +
+	"\tport_band\x18\x12 \x01(\x05R\bportBand\x12\x18\n" +
+	"\aleaving\x18\x13 \x01(\bR\aleaving\"\x12\n" +
 	"\x10ListNodesRequest\"I\n" +
 	"\x11ListNodesResponse\x124\n" +
 	"\x05nodes\x18\x01 \x03(\v2\x1e.shoal.coordinator.v1.NodeInfoR\x05nodes\"\xf2\x04\n" +

@@ -415,6 +415,7 @@ func TestCommandsOfADeposedLeaderAreRefused(t *testing.T) {
 		// The new leader's term is obeyed and raises the fence.
 		_, err = h.srv.Release(ctx, &agentv1.ReleaseRequest{GroupId: "g1", Epoch: 1, CoordinatorTerm: 6})
 		require.NoError(t, err)
+		synctest.Wait() // the loop publishes the status after the release it answered
 		require.Nil(t, h.status().Assignment)
 		again := oneNode("g2", 1)
 		again.CoordinatorTerm = 5

@@ -92,8 +92,8 @@ func TestBusyReplicaIsRetried(t *testing.T) {
 	full, fullN := failing(t, 429, `{"error":{"message":"too many requests","type":"RateLimitError","code":429}}`, "Retry-After", "7", "Content-Type", "application/json")
 	room := backend(t, "ok", 0)
 	r := routerOver(Config{}, &Endpoint{Model: "m", Addr: addr(full), Group: "full"}, &Endpoint{Model: "m", Addr: addr(room), Group: "room"})
-	for i := 0; i < 6; i++ {
-		rec := do(t, r.Handler(), `{"model":"m"}`, map[string]string{"routing-strategy": "random"})
+	for i := 0; i < 6; i++ { // round-robin: the full replica comes first every other request
+		rec := do(t, r.Handler(), `{"model":"m"}`, map[string]string{"routing-strategy": "round-robin"})
 		require.Equal(t, 200, rec.Code)
 		require.Equal(t, "room", rec.Header().Get("X-Shoal-Replica"))
 	}

@@ -98,8 +98,11 @@ func TestSGLangDisaggFailures(t *testing.T) {
 		_, b := post(t, dURL+"/v1/completions", fmt.Sprintf(`{"model":"m","prompt":"x","max_tokens":4,"bootstrap_host":"127.0.9.52","bootstrap_port":%d,"bootstrap_room":9}`, port))
 		done <- b
 	}()
-	require.Eventually(t, func() bool {
-		return ps.sgl.side.open() > 0
+	require.Eventually(t, func() bool { // the decode engine registered room 9 (an older connection may still be open)
+		ps.sgl.mu.Lock()
+		defer ps.sgl.mu.Unlock()
+		_, ok := ps.sgl.rooms[9]
+		return ok
 	}, 5*time.Second, time.Millisecond)
 	ps.Close()
 	select {

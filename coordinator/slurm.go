@@ -45,15 +45,14 @@ func BatchScript(agentCommand, dep string) string {
 }
 
 // slurmLoop reads Slurm's queue, decides (slurmsrc.Decide) and submits or
-// cancels jobs; only the leader acts.
+// cancels jobs. Only the leader acts; a follower keeps the view (its API
+// answers reads from it: PENDING jobs in `get replicas`).
 func (c *Coordinator) slurmLoop(ctx context.Context) {
 	sc := c.cfg.Slurm
 	t := time.NewTicker(sc.Interval)
 	defer t.Stop()
 	for {
-		if c.leading() {
-			c.slurmPass(ctx)
-		}
+		c.slurmPass(ctx, c.leading())
 		select {
 		case <-ctx.Done():
 			return
@@ -62,7 +61,7 @@ func (c *Coordinator) slurmLoop(ctx context.Context) {
 	}
 }
 
-func (c *Coordinator) slurmPass(ctx context.Context) {
+func (c *Coordinator) slurmPass(ctx context.Context, act bool) {
 	sc := c.cfg.Slurm
 	recs, err := c.deployments()
 	if err != nil {
@@ -88,9 +87,12 @@ func (c *Coordinator) slurmPass(ctx context.Context) {
 		return
 	}
 	p := slurmsrc.Decide(s)
-	c.log.Debug("slurm pass", "jobs", len(s.Jobs), "err", s.QueueErr, "submit", len(p.Submit), "cancel", len(p.Cancel))
+	c.log.Debug("slurm pass", "jobs", len(s.Jobs), "err", s.QueueErr, "submit", len(p.Submit), "cancel", len(p.Cancel), "leader", act)
 	for _, e := range p.Events {
 		c.events.add(e.Deployment, e.Key, "%s", e.Msg)
+	}
+	if !act {
+		p.Submit, p.Cancel = nil, nil
 	}
 	for _, sub := range p.Submit {
 		sctx, cancel := context.WithTimeout(ctx, sc.Timeout)

@@ -228,3 +228,24 @@ func TestKVEventsSetUp(t *testing.T) {
 		require.NotContains(t, strings.Join(p.Serve.Env, " "), "PYTHONHASHSEED", name)
 	}
 }
+
+// A node in a Slurm job's port band (band 3: +300): the spec's ports come
+// shifted (spec.ShiftPorts, as the agent does), Ray's own fixed ports move
+// by the same offset, and `ray stop --force` (every Ray on the host) is not
+// run.
+func TestRayVLLMPortBand(t *testing.T) {
+	s := spec.ShiftPorts(seedSpec(t), 300)
+	head, err := RayVLLM(PlanInput{Spec: s, Role: RoleHead, NodeIP: "10.0.0.1", HeadIP: "10.0.0.1", Bin: Binaries{Ray: "ray", VLLM: "vllm"}, PortOffset: 300})
+	require.NoError(t, err)
+	require.Equal(t, []string{"ray", "start", "--head", "--node-ip-address=10.0.0.1", "--port=6679", "--dashboard-agent-listen-port=52665",
+		"--dashboard-port=8565", "--ray-client-server-port=10301", "--num-gpus=8", "--disable-usage-stats", "--block"}, head.Node.Argv())
+	require.False(t, head.RayStop)
+	require.Equal(t, "10.0.0.1:8300", head.Endpoint)
+	require.Contains(t, strings.Join(head.Serve.Argv(), " "), "--port 8300")
+	require.Contains(t, strings.Join(head.Serve.Argv(), " "), `"endpoint":"tcp://127.0.0.1:18300"`)
+	require.Contains(t, head.Serve.Env, "RAY_ADDRESS=10.0.0.1:6679")
+	w, err := RayVLLM(PlanInput{Spec: s, Role: RoleWorker, NodeIP: "10.0.0.2", HeadIP: "10.0.0.1", Bin: Binaries{Ray: "ray", VLLM: "vllm"}, PortOffset: 300})
+	require.NoError(t, err)
+	require.Equal(t, []string{"ray", "start", "--address=10.0.0.1:6679", "--node-ip-address=10.0.0.2", "--dashboard-agent-listen-port=52665",
+		"--num-gpus=8", "--disable-usage-stats", "--block"}, w.Node.Argv())
+}

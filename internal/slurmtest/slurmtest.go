@@ -31,10 +31,10 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
-// subnet is the Slurm suite's network (the chaos suite has 10.213.77.).
+// Subnet is the Slurm suite's network (the chaos suite has 10.213.77.).
 const Subnet = "10.213.78."
 
-// need skips (or, in CI, fails) when this machine cannot run Slurm.
+// Need skips (or, in CI, fails) when this machine cannot run Slurm.
 func Need(t testing.TB) {
 	t.Helper()
 	var missing []string
@@ -56,7 +56,7 @@ func Need(t testing.TB) {
 	t.Skip(msg)
 }
 
-// cluster is a real Slurm cluster of hosts n1…nN with 8 GPUs each.
+// Cluster is a real Slurm cluster of hosts n1…nN with 8 GPUs each.
 type Cluster struct {
 	t     testing.TB
 	bins  string
@@ -70,7 +70,7 @@ type Cluster struct {
 	dbPort, dbdPort int
 }
 
-// startSlurm brings up munged, slurmctld and one slurmd per host, and waits
+// Start brings up munged, slurmctld and one slurmd per host, and waits
 // until every node is idle.
 func Start(t testing.TB, bins string, hosts int, partitions ...string) *Cluster {
 	return StartOn(t, bins, Subnet, hosts, partitions...)
@@ -258,17 +258,18 @@ func (c *Cluster) startDBD() {
 	require.NoError(c.t, err, "%s", out2)
 }
 
-// startCtld (re)starts slurmctld, in a UTS namespace named ctl.
+// StartCtld (re)starts slurmctld, in a UTS namespace named ctl.
 func (c *Cluster) StartCtld() {
 	c.ctld = c.Spawn("slurmctld", []string{"unshare", "--uts", "sh", "-c", "hostname ctl && exec slurmctld -D -i -f " + c.conf}, "")
 }
 
-// stopCtld stops slurmctld (slurmctld down: the queue cannot be read).
+// StopCtld stops slurmctld (slurmctld down: the queue cannot be read).
 func (c *Cluster) StopCtld() {
 	_ = c.ctld.Process.Signal(syscall.SIGTERM)
 	_, _ = c.ctld.Process.Wait()
 }
 
+// FreePort is a TCP port free on loopback now.
 func FreePort(t testing.TB) int {
 	l, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
@@ -276,7 +277,7 @@ func FreePort(t testing.TB) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
-// spawn starts a daemon (argv, or name with args) whose output goes to
+// Spawn starts a daemon (argv, or name with args) whose output goes to
 // dir/name.out.
 func (c *Cluster) Spawn(name string, argv []string, bin string, args ...string) *exec.Cmd {
 	if argv == nil {
@@ -293,9 +294,10 @@ func (c *Cluster) Spawn(name string, argv []string, bin string, args ...string) 
 	return cmd
 }
 
+// Env points Slurm's commands at this cluster.
 func (c *Cluster) Env() []string { return []string{"SLURM_CONF=" + c.conf} }
 
-// cmd runs a Slurm client command against the cluster.
+// Cmd runs a Slurm client command against the cluster.
 func (c *Cluster) Cmd(name string, args ...string) (string, error) {
 	cmd := exec.Command(name, args...)
 	cmd.Env = append(os.Environ(), c.Env()...)
@@ -303,6 +305,7 @@ func (c *Cluster) Cmd(name string, args ...string) (string, error) {
 	return string(out), err
 }
 
+// Logs are the daemons' last lines.
 func (c *Cluster) Logs() string {
 	var b strings.Builder
 	for _, f := range []string{"slurmctld.log", "slurmd-n1.log", "slurmctld.out", "slurmd-n1.out", "munged.out", "slurmdbd.log", "slurmdbd.out", "mariadbd.out"} {
@@ -334,7 +337,7 @@ func (c *Cluster) stop() {
 	}
 }
 
-// shoalEnv is a coordinator with --slurm on the test's own address, whose
+// Shoal is a coordinator with --slurm on the test's own address, whose
 // jobs' nodes start agents (on the simulator) that join it.
 type Shoal struct {
 	t      testing.TB
@@ -348,6 +351,7 @@ type Shoal struct {
 	hc     *http.Client
 }
 
+// StartShoal starts the coordinator; engines load in 1 s.
 func StartShoal(t testing.TB, c *Cluster) *Shoal { return StartShoalWith(t, c, 1) }
 
 // StartShoalWith is StartShoal with engines that take loadSeconds to load
@@ -387,7 +391,8 @@ func (e *Shoal) Run(args ...string) (string, error) {
 	return string(out), err
 }
 
-// spec is a Slurm-sourced deployment of one node × 4 GPUs per replica.
+// Spec is a Slurm-sourced deployment of one node × 4 GPUs per replica;
+// slurm is added inside its slurm block (", account: proj1").
 func (e *Shoal) Spec(name string, replicas int, slurm string) string {
 	return fmt.Sprintf(`apiVersion: shoal/v1
 kind: Deployment
@@ -400,12 +405,14 @@ slurm: {partition: gpu, timeLimitMinutes: 10, handoverLeadSeconds: 60, options: 
 `, name, name, replicas, e.Dir, slurm)
 }
 
+// Apply applies spec (file name.yaml) through the CLI.
 func (e *Shoal) Apply(name, spec string) (string, error) {
 	f := filepath.Join(e.Dir, name+".yaml")
 	require.NoError(e.t, os.WriteFile(f, []byte(spec), 0o644))
 	return e.Run("apply", "-f", f)
 }
 
+// Replica is a row of `shoal get replicas -o json`.
 type Replica struct {
 	GroupID          string   `json:"groupId"`
 	Deployment       string   `json:"deployment"`
@@ -416,6 +423,7 @@ type Replica struct {
 	SlurmWaitSeconds string   `json:"slurmWaitSeconds"`
 }
 
+// Replicas lists the replicas (and the jobs no replica runs on yet).
 func (e *Shoal) Replicas() []Replica {
 	out, err := e.Run("get", "replicas", "-o", "json")
 	if err != nil {
@@ -430,6 +438,7 @@ func (e *Shoal) Replicas() []Replica {
 	return r.Replicas
 }
 
+// Ready counts the ready replicas and names their jobs.
 func Ready(rs []Replica) (n int, jobs []string) {
 	for _, r := range rs {
 		if r.State == "ready" && r.GroupID != "" {
@@ -440,7 +449,7 @@ func Ready(rs []Replica) (n int, jobs []string) {
 	return n, jobs
 }
 
-// jobs are the cluster's live jobs named shoal.….
+// Jobs are the cluster's live jobs named shoal.….
 func (c *Cluster) Jobs() []string {
 	out, err := c.Cmd("squeue", "--noheader", "--format=%i %j %T")
 	if err != nil {
@@ -456,6 +465,7 @@ func (c *Cluster) Jobs() []string {
 	return ids
 }
 
+// WaitReady waits until n replicas are ready and returns their jobs.
 func (e *Shoal) WaitReady(n int, within time.Duration) []string {
 	e.t.Helper()
 	var jobs []string
@@ -467,6 +477,7 @@ func (e *Shoal) WaitReady(n int, within time.Duration) []string {
 	return jobs
 }
 
+// Describe is `shoal describe deployment name`.
 func (e *Shoal) Describe(name string) string {
 	out, _ := e.Run("describe", "deployment", name)
 	return out
@@ -488,6 +499,7 @@ func (e *Shoal) Close() {
 	}
 }
 
+// Complete sends one completion to model through the router.
 func (e *Shoal) Complete(model string) error {
 	ctx, cancel := context.WithTimeout(context.Background(), 20*time.Second)
 	defer cancel()
@@ -500,7 +512,7 @@ func (e *Shoal) Complete(model string) error {
 	return err
 }
 
-// load sends completions from workers until stop; it counts failures.
+// Load sends completions from workers until End; it counts failures.
 type Load struct {
 	ok, failed atomic.Int64
 	errs       sync.Map
@@ -508,6 +520,7 @@ type Load struct {
 	wg         sync.WaitGroup
 }
 
+// StartLoad starts workers sending completions to model.
 func (e *Shoal) StartLoad(model string, workers int) *Load {
 	l := &Load{stop: make(chan struct{})}
 	for i := 0; i < workers; i++ {
@@ -532,6 +545,7 @@ func (e *Shoal) StartLoad(model string, workers int) *Load {
 	return l
 }
 
+// End stops the workers and reports what they saw.
 func (l *Load) End() (ok, failed int64, errs []string) {
 	close(l.stop)
 	l.wg.Wait()

@@ -296,7 +296,7 @@ func (a *Agent) prepare(ctx context.Context) (*activeRun, error) {
 	// Fingerprint first: the node joins with its real inventory.
 	hw, err := InspectHost(ctx, a.ins, a.scanner, a.cfg.Address, a.cfg.EngineEnv)
 	if err == nil {
-		if err := hw.own(a.cfg.GPUs, a.cfg.GPUUUIDs); err != nil {
+		if err := hw.own(a.cfg.GPUs, a.cfg.GPUMinors, a.cfg.GPUUUIDs); err != nil {
 			return nil, fmt.Errorf("agent config: %w", err)
 		}
 	}
@@ -306,7 +306,7 @@ func (a *Agent) prepare(ctx context.Context) (*activeRun, error) {
 	}
 	a.hw = hw
 	a.log.Info("hardware found", "gpus", len(hw.GPU.Devices), "model", hw.GPU.Model(), "driver", hw.GPU.DriverVersion,
-		"healthy", hw.GPU.Healthy(), "rdma", hw.RDMASum, "interface", hw.Interface)
+		"healthy", hw.GPU.Healthy(), "rdma", hw.RDMASum, "interface", hw.Interface, "owned", hw.Visible)
 	for _, c := range hw.Preflight {
 		if !c.OK {
 			a.log.Warn("preflight", "check", c.Name, "detail", c.Detail)

@@ -90,9 +90,11 @@ type Config struct {
 	// PortBand moves every port of the agent and its engines by
 	// PortBand × 100, so that jobs sharing a node never clash (0: none).
 	PortBand int `yaml:"-"`
-	// GPUUUIDs are the owned GPUs by UUID (Slurm may name them so), beside
-	// or instead of GPUs.
-	GPUUUIDs []string `yaml:"-"`
+	// GPUMinors and GPUUUIDs are the owned GPUs by device (/dev/nvidiaN)
+	// number or by UUID, as Slurm names a step's GPUs, beside or instead
+	// of GPUs.
+	GPUMinors []int    `yaml:"-"`
+	GPUUUIDs  []string `yaml:"-"`
 
 	// TLS secures the Agent and Replica APIs and this agent's calls (nil:
 	// cleartext, only with --insecure).

@@ -55,10 +55,25 @@ func InspectHost(ctx context.Context, ins gpu.Inspector, sc *rdma.Scanner, addre
 	return h, nil
 }
 
-// own keeps only the GPUs with the given indices or UUIDs (none: all).
-func (h *HostInventory) own(indices []int, uuids []string) error {
-	if len(indices) == 0 && len(uuids) == 0 {
+// own keeps only the GPUs with the given NVML indices, device (minor)
+// numbers or UUIDs (none: all).
+func (h *HostInventory) own(indices, minors []int, uuids []string) error {
+	if len(indices) == 0 && len(minors) == 0 && len(uuids) == 0 {
 		return nil
+	}
+	indices = append([]int(nil), indices...)
+	for _, m := range minors {
+		found := false
+		for i, d := range h.GPU.Devices {
+			// A device whose minor number NVML did not say is taken for its index.
+			if d.Minor == m || d.Minor < 0 && d.Index == m {
+				indices, found = append(indices, i), true
+				break
+			}
+		}
+		if !found {
+			return fmt.Errorf("gpus: no GPU of this host is /dev/nvidia%d (Slurm gave this step GPU %d)", m, m)
+		}
 	}
 	for _, u := range uuids {
 		found := false
@@ -207,7 +222,7 @@ func (a *Agent) reinspect(ctx context.Context) {
 		}
 		hw, err := InspectHost(ctx, a.ins, a.scanner, a.cfg.Address, a.cfg.EngineEnv)
 		if err == nil {
-			err = hw.own(a.cfg.GPUs, a.cfg.GPUUUIDs)
+			err = hw.own(a.cfg.GPUs, a.cfg.GPUMinors, a.cfg.GPUUUIDs)
 		}
 		if err != nil {
 			a.log.Warn("periodic hardware check failed", "err", err)

@@ -146,14 +146,29 @@ func TestHostInventoryHelpers(t *testing.T) {
 	require.Len(t, c.GPU.Devices[2].Reasons, 1, "marking twice adds the reason once")
 
 	byUUID := h.clone()
-	require.NoError(t, h.own([]int{2, 0}, nil))
+	require.NoError(t, h.own([]int{2, 0}, nil, nil))
 	require.Equal(t, "GPU-c,GPU-a", h.Visible, "CUDA_VISIBLE_DEVICES in the agent's order")
 	require.Len(t, h.GPU.Devices, 2)
-	require.ErrorContains(t, (&HostInventory{GPU: &gpu.Inventory{}}).own([]int{0}, nil), "index 0, but this host has 0 GPU(s)")
+	require.ErrorContains(t, (&HostInventory{GPU: &gpu.Inventory{}}).own([]int{0}, nil, nil), "index 0, but this host has 0 GPU(s)")
 	// Slurm may name a step's GPUs by UUID (gres.conf), and say one twice.
-	require.NoError(t, byUUID.own([]int{1}, []string{"GPU-c", "GPU-b"}))
+	byMinor := byUUID.clone()
+	require.NoError(t, byUUID.own([]int{1}, nil, []string{"GPU-c", "GPU-b"}))
 	require.Equal(t, "GPU-b,GPU-c", byUUID.Visible)
-	require.ErrorContains(t, byUUID.clone().own(nil, []string{"GPU-z"}), `no GPU of this host has UUID "GPU-z"`)
+	require.ErrorContains(t, byUUID.clone().own(nil, nil, []string{"GPU-z"}), `no GPU of this host has UUID "GPU-z"`)
+	// Slurm's GPU ids are device numbers: under a device cgroup NVML sees
+	// only the job's GPUs, numbered from 0, while the step says 6.
+	cg := byMinor.clone()
+	cg.GPU.Devices = cg.GPU.Devices[2:3]
+	cg.GPU.Devices[0].Index, cg.GPU.Devices[0].Minor = 0, 6
+	require.NoError(t, cg.own(nil, []int{6}, nil))
+	require.Equal(t, "GPU-c", cg.Visible)
+	require.ErrorContains(t, byMinor.clone().own(nil, []int{7}, nil), "no GPU of this host is /dev/nvidia7")
+	unknown := byMinor.clone()
+	for i := range unknown.GPU.Devices {
+		unknown.GPU.Devices[i].Minor = -1
+	}
+	require.NoError(t, unknown.own(nil, []int{1}, nil), "no minor number from NVML: the index stands in")
+	require.Equal(t, "GPU-b", unknown.Visible)
 	require.Empty(t, (*HostInventory)(nil).unhealthy())
 }
 

@@ -14,7 +14,11 @@ import (
 // Device is one GPU as the agent reports it. Queries the driver does not
 // support on a device are listed in Unsupported and leave their field zero.
 type Device struct {
-	Index         int    `json:"index"`
+	Index int `json:"index"`
+	// Minor is the device's /dev/nvidiaN number (-1 unknown): what Slurm's
+	// GPU ids (SLURM_STEP_GPUS) name, even where cgroups renumber the
+	// devices a job sees.
+	Minor         int    `json:"minor"`
 	UUID          string `json:"uuid"`
 	Name          string `json:"name"`
 	MemoryMiB     uint64 `json:"memory_mib"`
@@ -106,6 +110,20 @@ func NewNVML(lib nvml.Interface) *NVML { return &NVML{lib: lib} }
 
 // query runs one NVML call. NOT_SUPPORTED (or a binding without the call)
 // is recorded as unsupported; a lost GPU makes the device unhealthy.
+// minor is dev's minor number, or -1 (it is an identity, not a health
+// reading: unknown is not "unsupported").
+func minor(dev nvml.Device) (m int) {
+	defer func() {
+		if recover() != nil {
+			m = -1
+		}
+	}()
+	if v, ret := dev.GetMinorNumber(); ret == nvml.SUCCESS {
+		return v
+	}
+	return -1
+}
+
 func query[T any](d *Device, name string, f func() (T, nvml.Return)) (v T, ok bool) {
 	defer func() {
 		// A binding or fake that lacks the call panics; to the agent that is
@@ -162,7 +180,7 @@ func (n *NVML) Inspect(_ context.Context) (*Inventory, error) {
 	}
 	for i := 0; i < count; i++ {
 		dev, ret := n.lib.DeviceGetHandleByIndex(i)
-		d := Device{Index: i, Healthy: true, NUMANode: -1}
+		d := Device{Index: i, Minor: -1, Healthy: true, NUMANode: -1}
 		if ret != nvml.SUCCESS {
 			// A device NVML cannot open is reported, unhealthy, rather than hidden.
 			d.Name = "unknown"
@@ -179,6 +197,7 @@ func (n *NVML) Inspect(_ context.Context) (*Inventory, error) {
 // readDevice fills d from dev and applies the periodic health rules.
 func readDevice(dev nvml.Device, d *Device) {
 	d.UUID, _ = query(d, "uuid", dev.GetUUID)
+	d.Minor = minor(dev)
 	d.Name, _ = query(d, "name", dev.GetName)
 	if m, ok := query(d, "memory", dev.GetMemoryInfo); ok {
 		d.MemoryMiB, d.MemoryUsedMiB = m.Total/(1<<20), m.Used/(1<<20)

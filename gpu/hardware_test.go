@@ -25,8 +25,9 @@ func TestRealNVML(t *testing.T) {
 	require.NotEmpty(t, inv.DriverVersion)
 	require.NotEmpty(t, inv.CUDAVersion)
 	for _, d := range inv.Devices {
-		t.Logf("GPU %d %s %s %d MiB cc %s pci %s numa %d nvlinks %d ecc %v healthy %v unsupported %v",
-			d.Index, d.UUID, d.Name, d.MemoryMiB, d.ComputeCapability, d.PCIBusID, d.NUMANode, len(d.NVLinks), d.ECCEnabled, d.Healthy, d.Unsupported)
+		t.Logf("GPU %d (/dev/nvidia%d) %s %s %d MiB cc %s pci %s numa %d nvlinks %d ecc %v healthy %v unsupported %v",
+			d.Index, d.Minor, d.UUID, d.Name, d.MemoryMiB, d.ComputeCapability, d.PCIBusID, d.NUMANode, len(d.NVLinks), d.ECCEnabled, d.Healthy, d.Unsupported)
+		require.GreaterOrEqual(t, d.Minor, 0, "the device number Slurm's GPU ids name")
 		require.True(t, strings.HasPrefix(d.UUID, "GPU-"), d.UUID)
 		require.NotEmpty(t, d.Name)
 		require.NotZero(t, d.MemoryMiB)

@@ -43,8 +43,8 @@ func slurmAgentConfig(c *cli.Context, cfg *agent.Config, al slurm.Alloc, cl slur
 			*p.v = p.def + off
 		}
 	}
-	if len(cfg.GPUs) == 0 && len(cfg.GPUUUIDs) == 0 {
-		cfg.GPUs, cfg.GPUUUIDs = al.Indices()
+	if len(cfg.GPUs) == 0 {
+		cfg.GPUMinors, cfg.GPUUUIDs = al.Indices() // Slurm's GPU ids are device numbers, not NVML's order
 	}
 	if !c.IsSet("stop-engines-on-exit") {
 		cfg.StopEnginesOnExit = true // the step's end kills them anyway; no later agent adopts them

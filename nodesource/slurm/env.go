@@ -16,8 +16,9 @@ type Alloc struct {
 	// NodeList is the job's nodes as Slurm writes them (SLURM_JOB_NODELIST).
 	NodeList string
 	// GPUs are the GPUs Slurm gave the step on this node, as Slurm names
-	// them: indices of the node's GPUs or, where gres.conf says so, UUIDs
-	// (SLURM_STEP_GPUS, else SLURM_JOB_GPUS, else CUDA_VISIBLE_DEVICES).
+	// them: device numbers (/dev/nvidiaN, whatever the job's cgroup lets
+	// it see) or, where gres.conf says so, UUIDs (SLURM_STEP_GPUS, else
+	// SLURM_JOB_GPUS, else CUDA_VISIBLE_DEVICES).
 	// Empty: Slurm gave no GPUs (the step asked for none).
 	GPUs []string
 }
@@ -87,7 +88,7 @@ func PortBand(jobID string) int {
 // the job, since two jobs may share a node.
 func (a Alloc) NodeID() string { return a.Node + "-j" + a.JobID }
 
-// Indices splits GPUs into host indices and UUIDs.
+// Indices splits GPUs into device numbers and UUIDs.
 func (a Alloc) Indices() (idx []int, uuids []string) {
 	for _, g := range a.GPUs {
 		if n, err := strconv.Atoi(g); err == nil && n >= 0 {

@@ -125,13 +125,12 @@ func startPhases(b *testing.B, c *slurmtest.Cluster, e *slurmtest.Shoal, name st
 	require.NoError(b, err, out)
 	var job string
 	var at [4]time.Time
-	var submitted time.Time
 	require.Eventually(b, func() bool {
 		now := time.Now()
 		rs := e.Replicas()
 		for _, r := range rs {
 			if r.Deployment == name && r.SlurmJob != "" && job == "" {
-				job, submitted = r.SlurmJob, now
+				job = r.SlurmJob
 			}
 		}
 		if job == "" {
@@ -159,7 +158,6 @@ func startPhases(b *testing.B, c *slurmtest.Cluster, e *slurmtest.Shoal, name st
 		}
 		return !at[3].IsZero()
 	}, 120*time.Second, 20*time.Millisecond)
-	_ = submitted
 	out, err = e.Run("delete", "deployment", name)
 	require.NoError(b, err, out)
 	require.Eventually(b, func() bool { return len(c.Jobs()) == 0 }, 60*time.Second, 250*time.Millisecond)

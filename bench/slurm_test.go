@@ -1,7 +1,7 @@
 package bench
 
 import (
-	"bytes"
+	"errors"
 	"fmt"
 	"net/http"
 	"os"
@@ -10,7 +10,6 @@ import (
 	"sort"
 	"strconv"
 	"strings"
-	"sync"
 	"sync/atomic"
 	"testing"
 	"time"
@@ -182,43 +181,29 @@ func scriptedChain(b *testing.B, c *slurmtest.Cluster, e *slurmtest.Shoal, bins 
 		require.NoError(b, err, out)
 		return strings.TrimSpace(out)
 	}
-	var mu sync.Mutex
-	endpoint := ""
-	stop := make(chan struct{})
-	var wg sync.WaitGroup
-	var okN, failN atomic.Int64
+	var endpoint atomic.Value // "host:port" of the running job's engine, "" while none answers
+	endpoint.Store("")
 	hc := &http.Client{Timeout: 20 * time.Second}
 	defer hc.CloseIdleConnections()
-	work := func() {
-		wg.Add(1)
-		go func() {
-			defer wg.Done()
-			for {
-				select {
-				case <-stop:
-					return
-				default:
-				}
-				mu.Lock()
-				ep := endpoint
-				mu.Unlock()
-				good := false
-				if ep != "" {
-					resp, err := hc.Post("http://"+ep+"/v1/completions", "application/json", bytes.NewReader([]byte(`{"model":"p","prompt":"hello","max_tokens":4}`)))
-					if err == nil {
-						good = resp.StatusCode == 200
-						resp.Body.Close()
-					}
-				}
-				if good {
-					okN.Add(1)
-				} else {
-					failN.Add(1)
-					time.Sleep(100 * time.Millisecond) // a client retrying a dead service
-				}
-			}
-		}()
+	request := func() error {
+		ep := endpoint.Load().(string)
+		if ep == "" {
+			time.Sleep(100 * time.Millisecond) // a client retrying a dead service
+			return errors.New("no server")
+		}
+		resp, err := hc.Post("http://"+ep+"/v1/completions", "application/json", strings.NewReader(`{"model":"p","prompt":"hello","max_tokens":4}`))
+		if err != nil {
+			time.Sleep(100 * time.Millisecond)
+			return err
+		}
+		resp.Body.Close()
+		if resp.StatusCode != 200 {
+			time.Sleep(100 * time.Millisecond)
+			return fmt.Errorf("status %d", resp.StatusCode)
+		}
+		return nil
 	}
+	var l *slurmtest.Load
 	cur := submit("")
 	next := submit(cur)
 	ends := 0
@@ -253,25 +238,21 @@ func scriptedChain(b *testing.B, c *slurmtest.Cluster, e *slurmtest.Shoal, bins 
 		now := time.Now()
 		if !serving && ep != "" {
 			serving, start = true, now
-			for i := 0; i < 4; i++ {
-				work()
-			}
+			l = slurmtest.StartLoad(4, request)
 		}
 		if serving && ep == "" {
 			down += now.Sub(last)
 		}
 		last = now
-		mu.Lock()
-		endpoint = ep
-		mu.Unlock()
+		endpoint.Store(ep)
 		time.Sleep(200 * time.Millisecond)
 	}
-	close(stop)
-	wg.Wait()
 	took = time.Since(start)
 	_, _ = c.Cmd("scancel", "--name=chain")
+	require.NotNil(b, l, "the chain never served")
+	ok, failed, _ = l.End()
 	require.Equal(b, n, ends, "the chain saw %d job ends", ends)
-	return okN.Load(), failN.Load(), down, took
+	return ok, failed, down, took
 }
 
 func median(v []time.Duration) time.Duration {

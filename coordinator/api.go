@@ -425,19 +425,14 @@ func (c *Coordinator) pendingJobs(want map[string]bool, groups []*store.Group) [
 	}
 	now := c.now()
 	var out []*coordv1.ReplicaInfo
-	var deps []string
-	c.mu.Lock()
-	if c.slurm != nil {
-		for d := range c.slurm.plan.Jobs {
-			if want[d] || want[""] { // "": every deployment's
-				deps = append(deps, d)
-			}
-		}
+	byDep := c.slurmJobs(want)
+	deps := make([]string, 0, len(byDep))
+	for d := range byDep {
+		deps = append(deps, d)
 	}
-	c.mu.Unlock()
 	sort.Strings(deps)
 	for _, dep := range deps {
-		for _, j := range c.slurmJobs(dep) {
+		for _, j := range byDep[dep] {
 			if used[j.ID] != nil || !j.Active() {
 				continue // completing: on its way out
 			}

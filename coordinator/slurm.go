@@ -30,7 +30,6 @@ type SlurmConfig struct {
 // reconciler and the API.
 type slurmView struct {
 	plan *slurmsrc.Plan
-	at   time.Time
 }
 
 // jobPrefix starts the name of every job this cluster submits.
@@ -120,11 +119,9 @@ func (c *Coordinator) slurmPass(ctx context.Context, act bool) {
 		c.events.add(cn.Deployment, "", "cancelled Slurm job %s: %s", cn.Job, cn.Why)
 	}
 	c.mu.Lock()
-	c.slurm = &slurmView{plan: p, at: s.Now}
+	c.slurm = &slurmView{plan: p}
 	c.mu.Unlock()
-	if len(p.Submit)+len(p.Cancel)+len(p.Ended)+len(p.Expiring) > 0 || len(p.Reserved) > 0 {
-		c.poke()
-	}
+	c.poke() // the reconciler reads the new view now, not at its next tick
 }
 
 // withSlurm adds the Slurm node source's last decision to a reconcile
@@ -139,24 +136,21 @@ func (c *Coordinator) withSlurm(s *plan.Snapshot) {
 	s.Reserved, s.Expiring, s.Ended = v.plan.Reserved, v.plan.Expiring, v.plan.Ended
 }
 
-// slurmShort says why a Slurm-sourced deployment cannot scale ("" if it can).
-func (c *Coordinator) slurmShort(dep string) string {
+// slurmJobs are the live jobs of the deployments in want ("": all), by
+// deployment, as last read.
+func (c *Coordinator) slurmJobs(want map[string]bool) map[string][]slurm.Job {
 	c.mu.Lock()
 	defer c.mu.Unlock()
+	out := map[string][]slurm.Job{}
 	if c.slurm == nil {
-		return ""
+		return out
 	}
-	return c.slurm.plan.Short[dep]
-}
-
-// slurmJobs are dep's live jobs as last read.
-func (c *Coordinator) slurmJobs(dep string) []slurm.Job {
-	c.mu.Lock()
-	defer c.mu.Unlock()
-	if c.slurm == nil {
-		return nil
+	for dep, jobs := range c.slurm.plan.Jobs {
+		if want[dep] || want[""] {
+			out[dep] = jobs
+		}
 	}
-	return c.slurm.plan.Jobs[dep]
+	return out
 }
 
 // checkSlurm asks Slurm whether it would take d's jobs (sbatch

@@ -2,6 +2,7 @@ package spec
 
 import (
 	"fmt"
+	"slices"
 	"strings"
 )
 
@@ -72,19 +73,10 @@ func (s *Slurm) validate(bad func(field, format string, args ...any)) {
 		switch {
 		case !strings.HasPrefix(o, "-") || strings.ContainsAny(o, "\n"):
 			bad(fmt.Sprintf("slurm.options[%d]", i), "%q is not an sbatch option (--name or --name=value)", o)
-		case containsStr(slurmOwned, flag):
+		case slices.Contains(slurmOwned, flag):
 			bad(fmt.Sprintf("slurm.options[%d]", i), "%s is set by shoal (each replica is one job of resources.nodes nodes, one agent per node); use the slurm fields", flag)
 		}
 	}
-}
-
-func containsStr(l []string, s string) bool {
-	for _, x := range l {
-		if x == s {
-			return true
-		}
-	}
-	return false
 }
 
 // ShiftPorts returns d with every engine port moved by off (a Slurm job's

@@ -54,7 +54,7 @@ func TestSlurmPlacement(t *testing.T) {
 func TestSlurmHandover(t *testing.T) {
 	old := grp("demo-old", 1, 0, "a", "b")
 	old.SlurmJob = "10"
-	exp := func(s *Snapshot) { s.Expiring = map[string]string{old.ID: "job 10 ends at 12:05:00 (in 5m0s)"} }
+	exp := func(s *Snapshot) { s.Expiring = map[string]string{old.ID: "job 10 ends at 12:05:00 UTC"} }
 	ns := nodes(agent("a", ofJob("10"), in(old, gossip.EngineReady, true)), agent("b", ofJob("10"), in(old, gossip.EngineRunning, false)))
 	res := map[string]string{"a": "demo", "b": "demo"}
 
@@ -73,7 +73,7 @@ func TestSlurmHandover(t *testing.T) {
 	p = Compute(snap([]Deployment{slurmDemo(1)}, []*store.Group{old, nw}, ns, reserved(res), exp, serving(old, "a"), serving(nw, "c")))
 	require.Len(t, p.Put, 1)
 	require.Equal(t, old.ID, p.Put[0].ID)
-	require.Equal(t, "handed over: job 10 ends at 12:05:00 (in 5m0s)", p.Put[0].DrainWhy)
+	require.Equal(t, "handed over: job 10 ends at 12:05:00 UTC", p.Put[0].DrainWhy)
 }
 
 // A replica whose Slurm job ended is deleted, and a new one is placed when

@@ -172,7 +172,9 @@ func expiring(now time.Time, lead time.Duration, j slurm.Job, nodes []gossip.Tag
 		}
 	}
 	if j.State != slurm.StatePending && !ends.IsZero() && ends.Sub(now) <= lead {
-		return fmt.Sprintf("job %s ends at %s (in %v)", j.ID, ends.UTC().Format(time.TimeOnly), max(ends.Sub(now), 0).Round(time.Second))
+		// No countdown in the text: the reason stays the same from pass to
+		// pass, so its event is shown once.
+		return fmt.Sprintf("job %s ends at %s UTC", j.ID, ends.UTC().Format(time.TimeOnly))
 	}
 	return ""
 }
@@ -205,10 +207,11 @@ func decide(s Snapshot, p *Plan, d Deployment, byJob map[string]*store.Group, no
 		}
 		g := byJob[j.ID]
 		if why := expiring(s.Now, lead, j, nodesOf[j.ID]); why != "" {
-			if g == nil || g.Draining() {
-				if g == nil {
-					p.Cancel = append(p.Cancel, Cancel{Deployment: d.Name, Job: j.ID, Why: "handed over (" + why + ")"})
-				}
+			switch {
+			case g == nil: // its replica was handed over and released
+				p.Cancel = append(p.Cancel, Cancel{Deployment: d.Name, Job: j.ID, Why: "handed over (" + why + ")"})
+				continue
+			case g.Draining():
 				continue
 			}
 			p.Expiring[g.ID] = why

@@ -68,7 +68,7 @@ func TestDecide(t *testing.T) {
 		{name: "a job within the lead of its end is handed over: a replacement is submitted",
 			s:        snap(dep(1), []slurm.Job{job("10", slurm.StateRunning, soon)}, []*store.Group{group("g1", "10")}, node("a", "10")),
 			submit:   1,
-			expiring: map[string]string{"g1": "job 10 ends at 12:05:00 (in 5m0s)"}, reserved: map[string]string{"a": "m"}},
+			expiring: map[string]string{"g1": "job 10 ends at 12:05:00 UTC"}, reserved: map[string]string{"a": "m"}},
 		{name: "a signalled node hands its job over at once",
 			s: snap(dep(1), []slurm.Job{job("10", slurm.StateRunning, later)}, []*store.Group{group("g1", "10")},
 				gossip.Tag{Kind: gossip.KindAgent, ID: "a", SlurmJob: "10", Leaving: true}),
@@ -76,11 +76,11 @@ func TestDecide(t *testing.T) {
 		{name: "the replacement is running: nothing more is submitted",
 			s: snap(dep(1), []slurm.Job{job("10", slurm.StateRunning, soon), job("11", slurm.StateRunning, later)},
 				[]*store.Group{group("g1", "10"), group("g2", "11")}, node("a", "10"), node("b", "11")),
-			expiring: map[string]string{"g1": "job 10 ends at 12:05:00 (in 5m0s)"}, reserved: map[string]string{"a": "m", "b": "m"}},
+			expiring: map[string]string{"g1": "job 10 ends at 12:05:00 UTC"}, reserved: map[string]string{"a": "m", "b": "m"}},
 		{name: "a handed-over job whose replica was released is cancelled",
 			s: snap(dep(1), []slurm.Job{job("10", slurm.StateRunning, soon), job("11", slurm.StateRunning, later)},
 				[]*store.Group{group("g2", "11")}),
-			cancel: []string{"10: handed over (job 10 ends at 12:05:00 (in 5m0s))"}},
+			cancel: []string{"10: handed over (job 10 ends at 12:05:00 UTC)"}},
 		{name: "scale-in: a pending job goes first, newest first",
 			s: snap(dep(1), []slurm.Job{job("10", slurm.StateRunning, later), job("11", slurm.StatePending, time.Time{}), job("12", slurm.StatePending, time.Time{})},
 				[]*store.Group{group("g1", "10")}),
@@ -149,4 +149,14 @@ func TestDecideSlurmDown(t *testing.T) {
 	require.Equal(t, map[string]string{"a": "m"}, p.Reserved, "the stored groups still say whose nodes are whose")
 	require.Contains(t, p.Expiring, "g1", "a leaving node is still handed over")
 	require.Contains(t, p.Short["m"], "cannot scale: slurm: cannot reach slurmctld")
+}
+
+// A handover's reason is the same from pass to pass (no countdown), so
+// that its event is shown once.
+func TestExpiringReasonIsStable(t *testing.T) {
+	s := snap(dep(1), []slurm.Job{job("10", slurm.StateRunning, t0.Add(5*time.Minute))}, []*store.Group{group("g1", "10")})
+	first := Decide(s).Expiring["g1"]
+	s.Now = s.Now.Add(3 * time.Second)
+	require.Equal(t, first, Decide(s).Expiring["g1"])
+	require.NotEmpty(t, first)
 }

@@ -522,6 +522,11 @@ type Load struct {
 
 // StartLoad starts workers sending completions to model.
 func (e *Shoal) StartLoad(model string, workers int) *Load {
+	return StartLoad(workers, func() error { return e.Complete(model) })
+}
+
+// StartLoad starts workers calling req in a loop until End.
+func StartLoad(workers int, req func() error) *Load {
 	l := &Load{stop: make(chan struct{})}
 	for i := 0; i < workers; i++ {
 		l.wg.Add(1)
@@ -533,7 +538,7 @@ func (e *Shoal) StartLoad(model string, workers int) *Load {
 					return
 				default:
 				}
-				if err := e.Complete(model); err != nil {
+				if err := req(); err != nil {
 					l.failed.Add(1)
 					l.errs.Store(err.Error(), true)
 				} else {

@@ -75,6 +75,7 @@ type Agent struct {
 	loc        Local
 	fence      uint64 // the newest coordinator term obeyed (see fenced)
 	run        *activeRun
+	ad         adapterState // the run's LoRA adapters (lora.go)
 	hw         *HostInventory
 	lastSeen   map[string]seenTag
 	restarting bool
@@ -100,6 +101,7 @@ type Agent struct {
 	engineState *prometheus.GaugeVec
 	dl          *downloadMetrics
 	am          *agentMetrics
+	adm         *adapterMetrics
 }
 
 type agentMetrics struct {
@@ -156,6 +158,7 @@ func New(cfg Config, ins gpu.Inspector, sc *rdma.Scanner) (*Agent, error) {
 	reg.MustRegister(a.engineState, prometheus.NewGoCollector())
 	a.dl = newDownloadMetrics(reg)
 	a.am = newAgentMetrics(reg)
+	a.adm = newAdapterMetrics(reg)
 	return a, nil
 }
 
@@ -319,6 +322,7 @@ func (a *Agent) prepare(ctx context.Context) (*activeRun, error) {
 // exit ends the run, if any, as the agent leaves: its engines stop (when
 // configured) or keep serving for the next agent process, which adopts them.
 func (a *Agent) exit() {
+	a.closeAdapters()
 	if a.run == nil {
 		return
 	}

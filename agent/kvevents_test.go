@@ -31,7 +31,7 @@ func TestReplicaKVEventsStream(t *testing.T) {
 	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
 	defer cancel()
 
-	s.update(&replicav1.Metrics{Serving: true}, nil)
+	s.update(&replicav1.Metrics{Serving: true}, nil, nil)
 	st, err := cl.KVEvents(ctx, &replicav1.KVEventsRequest{})
 	require.NoError(t, err)
 	_, err = st.Recv()
@@ -43,7 +43,7 @@ func TestReplicaKVEventsStream(t *testing.T) {
 		big[i] = uint64(i + 1)
 	}
 	relay.Batch(0, kvevents.Batch{Events: []kvevents.Event{{Kind: kvevents.Stored, Hashes: big, BlockSize: 16}}})
-	s.update(&replicav1.Metrics{Serving: true}, relay)
+	s.update(&replicav1.Metrics{Serving: true}, relay, nil)
 	st, err = cl.KVEvents(ctx, &replicav1.KVEventsRequest{})
 	require.NoError(t, err)
 	m1, err := st.Recv()

@@ -34,7 +34,7 @@ func freeAddr(t *testing.T) string {
 func TestReplicaServer(t *testing.T) {
 	addr := freeAddr(t)
 	s := newReplicaServer(addr, quietLog, nil)
-	s.update(&replicav1.Metrics{Serving: true}, nil) // not head yet: nothing listens, nothing happens
+	s.update(&replicav1.Metrics{Serving: true}, nil, nil) // not head yet: nothing listens, nothing happens
 	s.start()
 	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
 	require.NoError(t, err)
@@ -51,7 +51,7 @@ func TestReplicaServer(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, healthpb.HealthCheckResponse_NOT_SERVING, h.Status)
 
-	s.update(&replicav1.Metrics{Serving: true, Endpoint: "10.0.0.1:8000", Term: 3}, nil)
+	s.update(&replicav1.Metrics{Serving: true, Endpoint: "10.0.0.1:8000", Term: 3}, nil, nil)
 	for {
 		m, err := stream.Recv()
 		require.NoError(t, err)

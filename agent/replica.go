@@ -7,6 +7,7 @@ import (
 	"sync"
 	"time"
 
+	"github.com/shoalhq/shoal/agent/adapters"
 	"github.com/shoalhq/shoal/agent/kvrelay"
 	"github.com/shoalhq/shoal/gossip"
 	replicav1 "github.com/shoalhq/shoal/proto/replica/v1"
@@ -28,7 +29,7 @@ const ReplicaService = "shoal.replica.v1.Replica"
 // retract (never waiting), and wait for closed servers at exit.
 type replicaPublisher interface {
 	start()
-	update(m *replicav1.Metrics, kv *kvrelay.Relay)
+	update(m *replicav1.Metrics, kv *kvrelay.Relay, ad adapterLoader)
 	stop()
 	wait()
 }
@@ -46,6 +47,7 @@ type replicaServer struct {
 	health  *health.Server     // guarded by mu
 	latest  *replicav1.Metrics // guarded by mu
 	kv      *kvrelay.Relay     // guarded by mu; the current run's KV events, nil when none
+	ad      adapterLoader      // guarded by mu; the current run's adapters, nil when none
 	changed chan struct{}      // guarded by mu; closed and replaced on every update
 	// stopping counts the servers still shutting down (stop never waits).
 	stopping sync.WaitGroup
@@ -83,7 +85,7 @@ func (s *replicaServer) stop() {
 	s.mu.Lock()
 	srv, h, lis := s.srv, s.health, s.lis
 	s.srv, s.health, s.lis = nil, nil, nil
-	s.latest, s.kv = &replicav1.Metrics{}, nil
+	s.latest, s.kv, s.ad = &replicav1.Metrics{}, nil, nil
 	s.mu.Unlock()
 	if srv == nil {
 		return
@@ -108,14 +110,14 @@ func (s *replicaServer) stop() {
 func (s *replicaServer) wait() { s.stopping.Wait() }
 
 // update publishes a new snapshot; serving follows m.Serving. kv is the
-// current run's KV-event relay (nil: none).
-func (s *replicaServer) update(m *replicav1.Metrics, kv *kvrelay.Relay) {
+// current run's KV-event relay, ad its adapters (nil: none).
+func (s *replicaServer) update(m *replicav1.Metrics, kv *kvrelay.Relay, ad adapterLoader) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	if s.srv == nil {
 		return
 	}
-	s.kv = kv
+	s.kv, s.ad = kv, ad
 	st := healthpb.HealthCheckResponse_NOT_SERVING
 	if m.Serving {
 		st = healthpb.HealthCheckResponse_SERVING
@@ -131,6 +133,12 @@ func (s *replicaServer) current() (*replicav1.Metrics, <-chan struct{}) {
 	s.mu.Lock()
 	defer s.mu.Unlock()
 	return s.latest, s.changed
+}
+
+func (s *replicaServer) currentAdapters() adapterLoader {
+	s.mu.Lock()
+	defer s.mu.Unlock()
+	return s.ad
 }
 
 func (s *replicaServer) currentKV() *kvrelay.Relay {
@@ -165,6 +173,19 @@ func (r *replicaAPI) Watch(_ *replicav1.SnapshotRequest, stream replicav1.Replic
 		case <-t.C:
 		}
 	}
+}
+
+// LoadAdapter loads an adapter of the deployment on this replica's engine
+// and answers once it serves it (or why it cannot).
+func (r *replicaAPI) LoadAdapter(ctx context.Context, req *replicav1.LoadAdapterRequest) (*replicav1.LoadAdapterResponse, error) {
+	ad := r.s.currentAdapters()
+	if ad == nil {
+		return nil, status.Error(codes.Unavailable, "this replica's engine is not serving, or runs without engine.lora")
+	}
+	if req.GetName() == "" {
+		return nil, status.Error(codes.InvalidArgument, "name the adapter")
+	}
+	return &replicav1.LoadAdapterResponse{}, adapters.StatusError(ad.Load(ctx, req.GetName()))
 }
 
 // kvSnapshotChunk bounds the blocks in one KVEvents message (9 bytes each on
@@ -245,6 +266,7 @@ func (a *Agent) snapshot() *replicav1.Metrics {
 		m.Role, m.BootstrapPort = k.Role, uint32(k.BootstrapPort)
 		m.SglangDisaggregation = as.Spec.Engine.Kind == spec.EngineSGLang
 	}
+	a.adapterReport(m)
 	if a.run == nil {
 		return m
 	}

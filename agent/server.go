@@ -208,6 +208,20 @@ func (s *agentServer) Drain(ctx context.Context, req *agentv1.DrainRequest) (*ag
 	return &agentv1.DrainResponse{}, grpcError(err)
 }
 
+// SetAdapters takes the coordinator's word on this replica's adapters.
+func (s *agentServer) SetAdapters(ctx context.Context, req *agentv1.SetAdaptersRequest) (*agentv1.SetAdaptersResponse, error) {
+	if req.GetGroupId() == "" || req.GetEpoch() == 0 {
+		return nil, status.Error(codes.InvalidArgument, "set adapters needs group_id and epoch")
+	}
+	err := s.a.do(ctx, func() error {
+		if err := s.a.fenced(req.GetCoordinatorTerm()); err != nil {
+			return err
+		}
+		return s.a.setAdapters(req)
+	})
+	return &agentv1.SetAdaptersResponse{}, grpcError(err)
+}
+
 // Status answers from the loop's last snapshot, without waiting for it.
 func (s *agentServer) Status(_ context.Context, req *agentv1.StatusRequest) (*agentv1.StatusResponse, error) {
 	if req.GetBrief() {

@@ -171,12 +171,17 @@ func (a *Agent) step(now time.Time) time.Time {
 	case prev.Claim > 0 && a.loc.Claim == 0:
 		a.replica.stop()
 	}
+	a.syncAdapters()
 	if a.loc.Claim > 0 {
 		var kv *kvrelay.Relay
 		if a.run != nil {
 			kv = a.run.r.KV()
 		}
-		a.replica.update(a.snapshot(), kv)
+		var ad adapterLoader
+		if a.ad.m != nil {
+			ad = a.ad.m
+		}
+		a.replica.update(a.snapshot(), kv, ad)
 	}
 	a.persist()
 	a.publish()

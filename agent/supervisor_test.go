@@ -175,7 +175,7 @@ type fakeReplica struct {
 func (r *fakeReplica) start() { r.mu.Lock(); r.open = true; r.mu.Unlock() }
 func (r *fakeReplica) stop()  { r.mu.Lock(); r.open, r.latest = false, nil; r.mu.Unlock() }
 func (r *fakeReplica) wait()  {}
-func (r *fakeReplica) update(m *replicav1.Metrics, kv *kvrelay.Relay) {
+func (r *fakeReplica) update(m *replicav1.Metrics, kv *kvrelay.Relay, _ adapterLoader) {
 	r.mu.Lock()
 	r.latest, r.kv = m, kv
 	r.mu.Unlock()

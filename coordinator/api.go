@@ -100,7 +100,23 @@ func (s *apiServer) Apply(ctx context.Context, req *coordv1.ApplyRequest) (*coor
 	if err == nil {
 		err = s.checkNames(d)
 	}
-	var slurmWarning string
+	if err == nil {
+		err = s.checkAdapterNames(d)
+	}
+	var slurmWarning, keptAdapters string
+	specYAML := req.SpecYaml
+	if err == nil && d.Engine.LoRA != nil && !spec.HasAdaptersKey(req.SpecYaml) {
+		prev, perr := s.c.store.Deployment(d.Name)
+		// A spec without an adapters key keeps the adapters added at run
+		// time (`adapters: []` removes them).
+		if perr == nil && prev.Spec != nil && len(prev.Spec.Adapters) > 0 {
+			d.Adapters = prev.Spec.Adapters
+			if y, yerr := spec.WithAdapters(req.SpecYaml, d.Adapters); yerr == nil {
+				specYAML = y
+				keptAdapters = fmt.Sprintf("kept the deployment's %d adapter(s): the applied spec has no adapters key (`adapters: []` removes them)", len(d.Adapters))
+			}
+		}
+	}
 	if err == nil {
 		slurmWarning, err = s.c.checkSlurm(ctx, d)
 	}
@@ -117,7 +133,7 @@ func (s *apiServer) Apply(ctx context.Context, req *coordv1.ApplyRequest) (*coor
 			return nil, s.c.storeError(err)
 		}
 	}
-	created, err := s.c.store.PutDeployment(d, string(req.SpecYaml))
+	created, err := s.c.store.PutDeployment(d, string(specYAML))
 	if err != nil {
 		return nil, s.c.storeError(err)
 	}
@@ -135,6 +151,9 @@ func (s *apiServer) Apply(ctx context.Context, req *coordv1.ApplyRequest) (*coor
 	var warnings []string
 	if slurmWarning != "" {
 		warnings = append(warnings, slurmWarning)
+	}
+	if keptAdapters != "" {
+		warnings = append(warnings, keptAdapters)
 	}
 	for _, f := range d.Fields() {
 		if !f.Implemented {
@@ -267,6 +286,7 @@ func (s *apiServer) DescribeDeployment(_ context.Context, req *coordv1.DescribeD
 	resp.Replicas = s.c.replicaInfos(rec.Name, groups)
 	resp.Autoscaler = s.c.autoscalerStatus(rec.Spec)
 	resp.Hold = s.c.holdStatus()
+	resp.Adapters = s.c.adapterInfos(rec.Spec, groups)
 	return resp, nil
 }
 

@@ -161,6 +161,7 @@ type Coordinator struct {
 	short     map[string]string       // guarded by mu; deployment → why a replica cannot be placed
 	guardView plan.Guard              // guarded by mu; the guard as the API shows it
 	slurm     *slurmView              // guarded by mu; the Slurm node source's last decision
+	adapters  *adapterBook            // the adapter loop's memory (adapters.go)
 
 	started time.Time // Run's start: see settling
 	// roles: which deployments that run are roles of a stored one
@@ -210,6 +211,7 @@ func New(cfg Config) *Coordinator {
 		Help:    "How long one reconcile pass takes (read the store and the gossip, decide, write, hand the calls to agents off).",
 		Buckets: prometheus.ExponentialBuckets(0.0005, 2, 16)})
 	c.reg.MustRegister(c.passes)
+	c.adapters = newAdapterBook(c.reg)
 	return c
 }
 
@@ -282,7 +284,9 @@ func (c *Coordinator) Run(ctx context.Context) error {
 		rc.OnDemand = c.Demand
 		rc.Registry = c.reg // one /metrics for the router and the autoscaler
 		rc.KV = c.heads.KV()
+		rc.Adapters = c.heads
 		rt := router.New(c.table, c.cfg.Logger, rc)
+		defer rt.Close()
 		warm := rt.NewWarmer(c.rebuildTable)
 		c.warmer.Store(warm)
 		defer warm.Close()
@@ -308,8 +312,9 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	go func() { defer wg.Done(); _ = c.mem.Run(gctx) }()
 	go func() { defer wg.Done(); _ = srv.Serve(lis) }()
 	go func() { defer wg.Done(); peers.Keep(ctx, c.mem, c.log) }()
-	wg.Add(1)
+	wg.Add(2)
 	go func() { defer wg.Done(); c.rejoin(ctx, peers) }()
+	go func() { defer wg.Done(); c.adapterLoop(ctx) }()
 	if c.cfg.Slurm != nil {
 		wg.Add(1)
 		go func() { defer wg.Done(); c.slurmLoop(ctx) }()

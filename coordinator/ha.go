@@ -60,6 +60,7 @@ var forwardedMethods = map[string]func() any{
 	coordv1.Coordinator_Demand_FullMethodName:           func() any { return &coordv1.DemandResponse{} },
 	coordv1.Coordinator_RaftAddPeer_FullMethodName:      func() any { return &coordv1.RaftPeerResponse{} },
 	coordv1.Coordinator_RaftRemovePeer_FullMethodName:   func() any { return &coordv1.RaftPeerResponse{} },
+	coordv1.Coordinator_ChangeAdapters_FullMethodName:   func() any { return &coordv1.ChangeAdaptersResponse{} },
 }
 
 // consistentReads are the reads of the store: on a replicated coordinator
@@ -70,6 +71,7 @@ var consistentReads = map[string]bool{
 	coordv1.Coordinator_DescribeDeployment_FullMethodName: true,
 	coordv1.Coordinator_ListReplicas_FullMethodName:       true,
 	coordv1.Coordinator_ListNodes_FullMethodName:          true,
+	coordv1.Coordinator_ListAdapters_FullMethodName:       true,
 }
 
 // readWait bounds how long a read waits for the leader's read index; past

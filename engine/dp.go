@@ -201,7 +201,28 @@ func setDefault(s *spec.Deployment, env map[string]string, key, v string) {
 // vllmTail is what every vLLM command line of the spec ends with: the EP
 // and KV-transfer flags, then the user's engine.args.
 func vllmTail(s *spec.Deployment) []string {
-	return append(append(epArgs(s), kvTransferArgs(s)...), s.Engine.Args...)
+	return append(append(append(epArgs(s), kvTransferArgs(s)...), loraArgs(s)...), s.Engine.Args...)
+}
+
+// loraArgs are the flags of engine.lora: the engine starts with LoRA slots
+// (docs/design/adapters.md §A1).
+func loraArgs(s *spec.Deployment) []string {
+	l := s.Engine.LoRA
+	if l == nil {
+		return nil
+	}
+	return []string{"--enable-lora", "--max-loras", strconv.Itoa(l.MaxLoras), "--max-lora-rank", strconv.Itoa(l.MaxLoraRank),
+		"--max-cpu-loras", strconv.Itoa(l.MaxCPULoras)}
+}
+
+// LoRAEnv is what vLLM's API server needs to load adapters while it runs
+// (without it /v1/load_lora_adapter is not served).
+const LoRAEnv = "VLLM_ALLOW_RUNTIME_LORA_UPDATING"
+
+func loraEnv(s *spec.Deployment, env map[string]string) {
+	if s.Engine.LoRA != nil {
+		env[LoRAEnv] = "True"
+	}
 }
 
 // rankGPUs is the CUDA_VISIBLE_DEVICES of local rank j of tp GPUs: its

@@ -4,6 +4,8 @@ import (
 	"fmt"
 	"io"
 	"math"
+	"slices"
+	"strings"
 
 	dto "github.com/prometheus/client_model/go"
 	"github.com/prometheus/common/expfmt"
@@ -26,6 +28,9 @@ type Metrics struct {
 	// Ranks are the load gauges per engine (vLLM's engine label: the DP
 	// rank; "" when the series have none, as SGLang's and V0's).
 	Ranks map[string]RankLoad
+	// LoRAActive are the adapters with requests running or waiting, from
+	// vllm:lora_requests_info's newest sample (nil: none, or no LoRA).
+	LoRAActive []string
 }
 
 // RankLoad is one engine's (DP rank's) load.
@@ -126,6 +131,7 @@ func ParseVLLMMetrics(r io.Reader) (Metrics, error) {
 			}
 		}
 	}
+	m.LoRAActive = loraActive(fams["vllm:lora_requests_info"])
 	if math.IsNaN(m.TTFTSum) || math.IsInf(m.TTFTSum, 0) || m.TTFTSum < 0 {
 		m.TTFTSum, m.TTFTCount = 0, 0
 	}
@@ -166,4 +172,31 @@ func value(s *dto.Metric) float64 {
 		return 0
 	}
 	return v
+}
+
+// loraActive reads vllm:lora_requests_info: vLLM sets a series per label
+// set to the time of its last stats update (old label sets stay exposed),
+// so the newest sample says which adapters run and wait now.
+func loraActive(f *dto.MetricFamily) []string {
+	if f == nil {
+		return nil
+	}
+	var newest *dto.Metric
+	for _, s := range f.GetMetric() {
+		if newest == nil || value(s) > value(newest) {
+			newest = s
+		}
+	}
+	if newest == nil {
+		return nil
+	}
+	var out []string
+	for _, l := range []string{"running_lora_adapters", "waiting_lora_adapters"} {
+		for _, n := range strings.Split(labelValue(newest, l), ",") {
+			if n = strings.TrimSpace(n); n != "" && !slices.Contains(out, n) {
+				out = append(out, n)
+			}
+		}
+	}
+	return out
 }

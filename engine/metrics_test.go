@@ -89,3 +89,20 @@ func TestMergeServers(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, 8.0, MergeServers([]Metrics{u, u}).Running)
 }
+
+// vLLM keeps every label set of vllm:lora_requests_info it ever set, each
+// at the time it was last set: the newest says what runs and waits.
+func TestLoRARequestsInfo(t *testing.T) {
+	page := `# HELP vllm:lora_requests_info Running stats on lora requests.
+# TYPE vllm:lora_requests_info gauge
+vllm:lora_requests_info{max_lora="4",running_lora_adapters="old",waiting_lora_adapters=""} 1.7e9
+vllm:lora_requests_info{max_lora="4",running_lora_adapters="sql,chat",waiting_lora_adapters="chat,math"} 1.8e9
+vllm:lora_requests_info{max_lora="4",running_lora_adapters="",waiting_lora_adapters=""} 1.75e9
+`
+	m, err := ParseVLLMMetrics(strings.NewReader(page))
+	require.NoError(t, err)
+	require.Equal(t, []string{"sql", "chat", "math"}, m.LoRAActive)
+	m, err = ParseVLLMMetrics(strings.NewReader(v1Metrics))
+	require.NoError(t, err)
+	require.Nil(t, m.LoRAActive)
+}

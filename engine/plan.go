@@ -262,6 +262,7 @@ func RayVLLM(in PlanInput) (*Plan, error) {
 			"--pipeline-parallel-size", strconv.Itoa(s.Engine.PipelineParallelSize),
 			"--distributed-executor-backend", "ray"}
 		serveEnv := mergeEnv(env, map[string]string{"RAY_ADDRESS": rayAddr})
+		loraEnv(s, serveEnv)
 		kv, kvArgs := kvEvents(s, serveEnv, in.NodeIP)
 		args = append(append(args, kvArgs...), vllmTail(s)...)
 		p.KVEvents = kv
@@ -461,6 +462,9 @@ func NativePlan(in PlanInput, rank int) (*Plan, error) {
 	}
 	e := s.Engine
 	transferEnv(s, env, in.NodeIP)
+	if e.Kind == spec.EngineVLLM {
+		loraEnv(s, env)
+	}
 	if e.DataParallel != nil {
 		return dpPlan(in, rank, env, host)
 	}

@@ -42,6 +42,8 @@ var (
 		"/shoal.agent.v1.Agent/Drain":   {RoleCoordinator},
 		"/shoal.agent.v1.Agent/Status":  {RoleCoordinator, RoleAgent},
 		"/shoal.agent.v1.Agent/Logs":    {RoleCoordinator},
+		// SetAdapters is fenced by the coordinator term, as Assign is.
+		"/shoal.agent.v1.Agent/SetAdapters": {RoleCoordinator},
 	}
 	ReplicaPolicy = Policy{
 		"/shoal.replica.v1.Replica/": {RoleCoordinator, RoleRouter},
@@ -59,6 +61,7 @@ var (
 		"/shoal.coordinator.v1.Coordinator/RaftRemovePeer":   {RoleCLI, RoleCoordinator},
 		"/shoal.coordinator.v1.Coordinator/ReadIndex":        {RoleCoordinator},
 		"/shoal.coordinator.v1.Coordinator/SnapshotRestore":  {RoleCLI, RoleCoordinator},
+		"/shoal.coordinator.v1.Coordinator/ChangeAdapters":   {RoleCLI, RoleCoordinator},
 	}
 )
 

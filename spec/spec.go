@@ -45,6 +45,9 @@ type Deployment struct {
 	Roles *Roles `yaml:"roles,omitempty" json:"roles,omitempty"`
 	// Slurm: the deployment's nodes come from Slurm jobs (slurm.go).
 	Slurm *Slurm `yaml:"slurm,omitempty" json:"slurm,omitempty"`
+	// Adapters are LoRA adapters of the model, loaded on replicas at run
+	// time (lora.go; engine.lora turns the engine's LoRA on).
+	Adapters []Adapter `yaml:"adapters,omitempty" json:"adapters,omitempty"`
 }
 
 // Router is how routers treat this deployment's requests.
@@ -112,6 +115,9 @@ type Engine struct {
 	// disaggregation: a prefill and a decode deployment serving the same
 	// servedModelName form the pair (docs/design/pd.md).
 	KVTransfer *KVTransfer `yaml:"kvTransfer,omitempty" json:"kvTransfer,omitempty"`
+	// LoRA starts the engine with LoRA slots so that adapters can be loaded
+	// while it runs (lora.go).
+	LoRA *LoRA `yaml:"lora,omitempty" json:"lora,omitempty"`
 }
 
 // KVTransfer is a disaggregated engine's KV connector and role.
@@ -409,6 +415,11 @@ func (d *Deployment) Default() {
 			}
 		}
 	}
+	if e.LoRA != nil {
+		l := *e.LoRA
+		l.defaults()
+		e.LoRA = &l
+	}
 	if e.StartupTimeoutSeconds == 0 {
 		// AIBrix's DeepSeek-R1 sample tolerates about 28 minutes for download + load.
 		e.StartupTimeoutSeconds = 1800
@@ -468,6 +479,9 @@ func (d *Deployment) Validate() error {
 		bad("name", "%q must be lower-case letters, digits and '-', at most %d characters", d.Name, MaxNameLen)
 	}
 	if d.Roles != nil {
+		if len(d.Adapters) > 0 {
+			bad("adapters", "LoRA adapters on a deployment with roles are not supported yet")
+		}
 		if len(errs) == 0 {
 			errs = append(errs, validateRoles(d)...)
 		}
@@ -545,6 +559,7 @@ func (d *Deployment) Validate() error {
 	if e.KVTransfer != nil {
 		errs = append(errs, validateKVTransfer(d)...)
 	}
+	errs = append(errs, validateLoRA(d)...)
 	if e.DataParallel != nil || e.ExpertParallel != nil {
 		errs = append(errs, validateParallel(d)...)
 	} else if e.Kind != EngineCommand && e.TensorParallelSize >= 1 && e.PipelineParallelSize >= 1 && r.Nodes >= 1 && r.GPUsPerNode >= 1 &&
@@ -762,6 +777,12 @@ func (d *Deployment) Fields() []Field {
 			add("engine.expertParallel.eplb", EPLBConfig(ep.EPLB), true)
 		}
 	}
+	if l := d.Engine.LoRA; l != nil {
+		add("engine.lora.maxLoras", l.MaxLoras, true)
+		add("engine.lora.maxLoraRank", l.MaxLoraRank, true)
+		add("engine.lora.maxCpuLoras", l.MaxCPULoras, true)
+	}
+	add("adapters", len(d.Adapters), true)
 	add("resources.nodes", d.Resources.Nodes, true)
 	add("resources.gpusPerNode", d.Resources.GPUsPerNode, true)
 	add("resources.gpuModel", d.Resources.GPUModel, true)

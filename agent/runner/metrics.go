@@ -21,6 +21,8 @@ type Metrics struct {
 	// Ranks are a data-parallel group's DP ranks as routers address them
 	// (hybrid and external load balancing); nil otherwise.
 	Ranks []RankMetrics
+	// LoRAActive are the adapters with requests running or waiting.
+	LoRAActive []string
 }
 
 // RankMetrics is one DP rank: the API server that fronts it, whether
@@ -106,5 +108,5 @@ func (ms *metricsState) view() Metrics {
 		return Metrics{}
 	}
 	return Metrics{Have: true, Running: ms.last.Running, Waiting: ms.last.Waiting, KVCache: ms.last.KVCacheUsage,
-		TokensPerSecond: ms.tokPerS, TTFTAvg: ms.ttftAvg, PrefixHitRate: ms.hitRate}
+		TokensPerSecond: ms.tokPerS, TTFTAvg: ms.ttftAvg, PrefixHitRate: ms.hitRate, LoRAActive: ms.last.LoRAActive}
 }

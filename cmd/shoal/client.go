@@ -366,6 +366,10 @@ func describeCommand() *cli.Command {
 					}
 					table(w, "  RANK\tENDPOINT\tRUNNING\tWAITING\tKV", indent(rows))
 				}
+				if len(d.Adapters) > 0 {
+					fmt.Fprintln(w, "\nAdapters:")
+					printAdapters(w, d.Adapters)
+				}
 				fmt.Fprintln(w, "\nEvents:")
 				if len(d.Events) == 0 {
 					fmt.Fprintln(w, "  (none)")

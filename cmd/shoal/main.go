@@ -49,7 +49,7 @@ func newApp() *cli.App {
 			&cli.StringFlag{Name: "log-level", Value: "info", EnvVars: []string{"SHOAL_LOG_LEVEL"}, Usage: "debug, info, warn or error"},
 		},
 		Commands: []*cli.Command{agentCommand(), coordinatorCommand(), routerCommand(), applyCommand(), getCommand(), describeCommand(),
-			deleteCommand(), rolloutCommand(), logsCommand(), devCommand(), modelCommand(), tlsCommand(), keyringCommand(), operatorCommand(), apikeyCommand(), versionCommand(), genDocsCommand()},
+			deleteCommand(), rolloutCommand(), adapterCommand(), logsCommand(), devCommand(), modelCommand(), tlsCommand(), keyringCommand(), operatorCommand(), apikeyCommand(), versionCommand(), genDocsCommand()},
 	}
 }
 

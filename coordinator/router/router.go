@@ -75,6 +75,13 @@ type Config struct {
 	TokenizeTimeout time.Duration
 	// KVIndexBlocks bounds KV (0: DefaultKVIndexBlocks).
 	KVIndexBlocks int
+	// Adapters asks a replica's head to load a LoRA adapter (nil: requests
+	// for an adapter no replica holds get 503); AdapterRouting is
+	// AdapterAffinity (default) or AdapterLeastRequest; AdapterLoadTimeout
+	// bounds a request's wait for a load (default 2 minutes).
+	Adapters           AdapterLoader
+	AdapterRouting     string
+	AdapterLoadTimeout time.Duration
 }
 
 func (c *Config) defaults() {
@@ -109,6 +116,12 @@ func (c *Config) defaults() {
 	if c.TokenizeTimeout == 0 {
 		c.TokenizeTimeout = 500 * time.Millisecond
 	}
+	if c.AdapterRouting == "" {
+		c.AdapterRouting = AdapterAffinity
+	}
+	if c.AdapterLoadTimeout == 0 {
+		c.AdapterLoadTimeout = DefaultAdapterLoadTimeout
+	}
 }
 
 // Router is the OpenAI-compatible HTTP front.
@@ -131,7 +144,18 @@ type Router struct {
 
 	tokenizeFailures prometheus.Counter
 	tokRR            atomic.Uint64 // spreads /tokenize calls over replicas
+
+	am        *adapterMetrics
+	coldWaits atomic.Int64
+	spread    spreading
+	bg        sync.WaitGroup // background adapter loads (Close waits)
+	bgCtx     context.Context
+	stopBg    context.CancelFunc
 }
+
+// Close ends the router's background work (adapter loads it started to
+// spread an adapter's traffic) and waits for it.
+func (r *Router) Close() { r.stopBg(); r.bg.Wait() }
 
 // New returns a router over table.
 func New(table *Table, log *slog.Logger, cfg Config) *Router {
@@ -156,6 +180,8 @@ func New(table *Table, log *slog.Logger, cfg Config) *Router {
 	r.tokenizeFailures = prometheus.NewCounter(prometheus.CounterOpts{Name: "shoal_router_tokenize_failures_total",
 		Help: "Prefix-cache picks whose prompt the engine could not tokenize in time (the router's estimate decided)."})
 	cfg.Registry.MustRegister(r.tokenizeFailures)
+	r.am = newAdapterMetrics(cfg.Registry)
+	r.bgCtx, r.stopBg = context.WithCancel(context.Background())
 	if cfg.KV != nil {
 		cfg.KV.SetMax(cfg.KVIndexBlocks)
 		registerKVIndexMetrics(cfg.Registry, cfg.KV)
@@ -372,13 +398,43 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 		writeError(w, 400, "invalid_request_error", "", "", fmt.Sprintf("unknown routing-strategy %q; one of %s", strategy, strategyList()))
 		return
 	}
-	eps, known := r.table.Load().Endpoints(model)
-	if !known || (allow != nil && !slices.Contains(allow, model)) {
+	snap := r.table.Load()
+	eps, known := snap.Endpoints(model)
+	base, bound, isAdapter := "", 0, false
+	if !known {
+		if base, bound, isAdapter = snap.Adapter(model); isAdapter {
+			eps, known = snap.Endpoints(base)
+		}
+	}
+	if !known || (allow != nil && !slices.Contains(allow, model) && !(isAdapter && slices.Contains(allow, base))) {
 		writeError(w, 404, "invalid_request_error", "model", "model_not_found", fmt.Sprintf("The model `%s` does not exist or you do not have access to it.", model))
 		return
 	}
 	if len(eps) == 0 && r.cfg.HoldFor > 0 {
-		eps = r.hold(req.Context(), model)
+		if isAdapter {
+			eps = r.hold(req.Context(), base)
+		} else {
+			eps = r.hold(req.Context(), model)
+		}
+	}
+	if isAdapter {
+		var err error
+		if eps, err = r.adapterEndpoints(req.Context(), model, bound, eps); err != nil {
+			var ea *errAdapter
+			errors.As(err, &ea)
+			code := ea.status
+			if code == 507 {
+				code = 503
+			}
+			r.requests.WithLabelValues(model, strategy, strconv.Itoa(code)).Inc()
+			if code == 404 {
+				writeError(w, 404, "invalid_request_error", "model", "model_not_found", ea.msg)
+				return
+			}
+			w.Header().Set("Retry-After", "5")
+			writeError(w, code, "server_error", "", "adapter_not_loaded", ea.msg)
+			return
+		}
 	}
 	h := hint{model: model, session: hget(req.Header, "X-Session-Id")}
 	if strategy == StrategyPrefixCache || strategy == StrategyPrefixAIBrix {
@@ -395,6 +451,9 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 		}
 	}
 	ctx := req.Context()
+	if isAdapter {
+		ctx = context.WithValue(ctx, adapterKey{}, model)
+	}
 	if r.cfg.TotalTimeout > 0 {
 		var cancel context.CancelFunc
 		ctx, cancel = context.WithTimeout(ctx, r.cfg.TotalTimeout)
@@ -408,6 +467,7 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 		return
 	}
 	tried := map[string]bool{}
+	reloaded := false           // an adapter gone from its replica was loaded again
 	ptried := map[string]bool{} // SGLang: prefill engines tried
 	var lastPrefill error
 	var last, answered *attempt // the last failed attempt and the last engine answer among them; nothing of them written
@@ -475,6 +535,17 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 		a := r.forward(fctx, w, req, ep, sent, canRetry || hop != nil, first)
 		g.Dec()
 		lease.release()
+		if a.reason == reasonAdapterGone && !reloaded {
+			// Evicted there since its head's last report: loaded again
+			// where it was chosen, and tried once more.
+			reloaded = true
+			r.log.Info("adapter gone from a replica that held it; loading it again", "adapter", model, "replica", ep.Group, "request_id", rid)
+			if err := r.loadAdapter(ctx, ep, model, "gone"); err == nil {
+				delete(tried, ep.Addr)
+				attempts--
+				continue
+			}
+		}
 		if hop != nil {
 			if perr := r.sglangFinish(hop, a); perr != nil && !a.done {
 				// The prefill engine failed before the decode engine
@@ -566,11 +637,16 @@ const (
 	reasonProtocol = "bad_response" // the answer broke HTTP/1.1
 	reason5xx      = "5xx"
 	reason429      = "429"
+	// reasonAdapterGone: the engine answered 404 for an adapter the table
+	// says it holds (evicted since its head last reported).
+	reasonAdapterGone = "adapter_gone"
 )
 
 // gatewayFailure: the attempt counts toward ejecting its backend (a 429
 // does not: the engine is full, not failing).
-func (a *attempt) gatewayFailure() bool { return a.reason != "" && a.reason != reason429 }
+func (a *attempt) gatewayFailure() bool {
+	return a.reason != "" && a.reason != reason429 && a.reason != reasonAdapterGone
+}
 
 // writeTo passes a failed engine answer on as the engine gave it.
 func (a *attempt) writeTo(w http.ResponseWriter) {
@@ -673,6 +749,11 @@ func (r *Router) forward(ctx context.Context, w aborter, req *http.Request, ep *
 	}
 	defer resp.Close()
 	r.ttfb.WithLabelValues(ep.Model).Observe(time.Since(start).Seconds())
+	if resp.Status == 404 && ctx.Value(adapterKey{}) != nil {
+		b, _ := io.ReadAll(io.LimitReader(resp, maxFailedBody))
+		return attempt{addr: ep.Addr, status: 404, reason: reasonAdapterGone, header: slices.Clone(resp.Header), body: b,
+			err: fmt.Errorf("engine no longer holds the adapter: %s", truncateBytes(bytes.TrimSpace(b), 200))}
+	}
 	if canRetry && (resp.Status >= 500 || resp.Status == 429) {
 		b, _ := io.ReadAll(io.LimitReader(resp, maxFailedBody))
 		a := attempt{addr: ep.Addr, status: resp.Status, reason: reason5xx, header: slices.Clone(resp.Header), body: b,

@@ -94,7 +94,9 @@ func RunStandalone(ctx context.Context, cfg StandaloneConfig) error {
 	rc := cfg.Router
 	rc.OnDemand = demandForwarder(mem, cfg.TLS, cfg.Logger)
 	rc.KV = w.KV()
+	rc.Adapters = w
 	rt := New(table, cfg.Logger, rc)
+	defer rt.Close()
 	warm = rt.NewWarmer(rebuild)
 	defer warm.Close()
 	srv := rt.NewServer(ln)

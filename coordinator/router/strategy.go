@@ -94,6 +94,13 @@ func (p *picker) load(e *Endpoint) float64 {
 	return float64(p.counter(e.ID()).Load()) + (e.Running+e.Waiting)/1e6
 }
 
+// inflightOf is this router's open requests at the backend.
+func (p *picker) inflightOf(id string) float64 {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return float64(p.counter(id).Load())
+}
+
 // eject keeps a failing backend out of picks for d.
 func (p *picker) eject(addr string, d time.Duration) {
 	p.mu.Lock()

@@ -86,16 +86,28 @@ func (r *Router) engineCards(ctx context.Context, auth string) []map[string]any 
 	wg.Wait()
 	seen := map[string]bool{}
 	var out []map[string]any
+	ads := snap.Adapters()
+	managed := map[string]bool{} // models whose adapters shoal manages
+	for _, m := range models {
+		eps, _ := snap.Endpoints(m)
+		for _, e := range eps {
+			managed[m] = managed[m] || e.AdapterSlots > 0
+		}
+	}
 	for _, cs := range got {
 		for _, c := range cs {
 			id, _ := c["id"].(string)
+			parent, _ := c["parent"].(string)
+			if _, isAdapter := ads[id]; !isAdapter && managed[parent] {
+				continue // an adapter the deployment no longer has (being unloaded)
+			}
 			if !seen[id] {
 				seen[id] = true
 				out = append(out, c)
 			}
 		}
 	}
-	return out
+	return append(out, r.adapterCards(seen)...)
 }
 
 // cardsOf asks one engine for its /v1/models (cached for cardTTL).

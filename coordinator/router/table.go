@@ -41,7 +41,29 @@ type Endpoint struct {
 	// SGLangPD: an SGLang disaggregated engine (a decode one serves only
 	// requests that come with a prefill engine's bootstrap room).
 	SGLangPD bool
-	id       string
+	// AdapterSlots is how many LoRA adapters the engine holds (0: no
+	// LoRA); AdaptersHeld how many it holds now; loras which (adapters.go).
+	AdapterSlots int
+	AdaptersHeld int
+	loras        map[string]bool
+	// catalog is the deployment's adapters (name → maxReplicas), as the
+	// head reports them.
+	catalog map[string]int
+	id      string
+}
+
+// Loaded says whether the endpoint's engine holds the adapter now.
+func (e *Endpoint) Loaded(adapter string) bool { return e.loras[adapter] }
+
+// WithAdapters sets the adapters an endpoint's engine holds and its
+// deployment's catalog (name → maxReplicas; tests and standalone tables).
+func (e *Endpoint) WithAdapters(slots int, loaded []string, catalog map[string]int) *Endpoint {
+	e.AdapterSlots, e.AdaptersHeld, e.catalog = slots, len(loaded), catalog
+	e.loras = map[string]bool{}
+	for _, n := range loaded {
+		e.loras[n] = true
+	}
+	return e
 }
 
 // ID names the endpoint in the router's own bookkeeping (in-flight counts,
@@ -58,20 +80,24 @@ func (e *Endpoint) ID() string {
 
 // Snapshot is an immutable view of the routable endpoints.
 type Snapshot struct {
-	byModel map[string][]*Endpoint
-	known   map[string]bool
+	byModel  map[string][]*Endpoint
+	known    map[string]bool
+	adapters map[string]adapterRoute // adapter → its base model (adapters.go)
 }
 
 // NewSnapshot builds a snapshot. models lists every served model name that
 // exists (ready or not), so an unknown model can be told from an unready one.
 func NewSnapshot(models []string, eps []*Endpoint) *Snapshot {
-	s := &Snapshot{byModel: map[string][]*Endpoint{}, known: map[string]bool{}}
+	s := &Snapshot{byModel: map[string][]*Endpoint{}, known: map[string]bool{}, adapters: map[string]adapterRoute{}}
 	for _, m := range models {
 		s.known[m] = true
 	}
 	for _, e := range eps {
 		s.byModel[e.Model] = append(s.byModel[e.Model], e)
 		s.known[e.Model] = true
+		for n, bound := range e.catalog {
+			s.adapters[n] = adapterRoute{base: e.Model, maxReplicas: bound}
+		}
 	}
 	for _, l := range s.byModel {
 		sort.Slice(l, func(i, j int) bool { return l[i].Addr < l[j].Addr })

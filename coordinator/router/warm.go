@@ -80,7 +80,7 @@ func (w *Warmer) Close() {
 // about the same time may still be warming their own pair: that pair's
 // first request can pay the handshake.
 func (w *Warmer) Gate(s *Snapshot) *Snapshot {
-	out := &Snapshot{byModel: make(map[string][]*Endpoint, len(s.byModel)), known: s.known}
+	out := &Snapshot{byModel: make(map[string][]*Endpoint, len(s.byModel)), known: s.known, adapters: s.adapters}
 	livePairs, liveEps := map[pairKey]bool{}, map[string]bool{}
 	held := 0
 	w.mu.Lock()

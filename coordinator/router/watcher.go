@@ -10,6 +10,8 @@ import (
 	"github.com/shoalhq/shoal/gossip"
 	replicav1 "github.com/shoalhq/shoal/proto/replica/v1"
 	"github.com/shoalhq/shoal/security"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
 )
 
 // HeadKey names one head claim: the router only sends to the newest
@@ -35,6 +37,7 @@ type HeadInfo struct {
 
 type headState struct {
 	info      HeadInfo
+	client    replicav1.ReplicaClient // nil until the stream dialled
 	cancel    context.CancelFunc
 	latest    *replicav1.Metrics
 	connected bool
@@ -113,6 +116,11 @@ func (h *Watcher) watch(ctx context.Context, k HeadKey, addr string) {
 	}
 	defer conn.Close()
 	cl := replicav1.NewReplicaClient(conn)
+	h.mu.Lock()
+	if st := h.m[k]; st != nil {
+		st.client = cl
+	}
+	h.mu.Unlock()
 	kvDone := make(chan struct{})
 	go func() {
 		defer close(kvDone)
@@ -266,6 +274,17 @@ func endpointOf(v ReplicaView) *Endpoint {
 		Running: m.NumRequestsRunning, Waiting: m.NumRequestsWaiting, KVCache: m.KvCacheUsage,
 		TTFT: m.TtftSecondsAvg, TokPerSec: m.GenerationTokensPerSecond, HasMetrics: m.MetricsValid, Rank: -1, Role: m.Role,
 		BootstrapPort: int(m.BootstrapPort), SGLangPD: m.SglangDisaggregation}
+	if m.AdapterSlots > 0 || len(m.Adapters) > 0 {
+		var loaded []string
+		cat := make(map[string]int, len(m.Adapters))
+		for _, a := range m.Adapters {
+			cat[a.Name] = int(a.MaxReplicas)
+			if a.State == "loaded" {
+				loaded = append(loaded, a.Name)
+			}
+		}
+		ep.WithAdapters(int(m.AdapterSlots), loaded, cat)
+	}
 	if m.RouterRetries != nil {
 		ep.Retries = -1 // router.retries: 0
 		if n := int(*m.RouterRetries); n > 0 {
@@ -300,4 +319,21 @@ func WantedFromGossip(tags map[string]gossip.Tag) map[HeadKey]HeadInfo {
 			Draining: t.Draining}
 	}
 	return out
+}
+
+// LoadAdapter asks the head of ep's replica to load an adapter (the
+// router's AdapterLoader).
+func (h *Watcher) LoadAdapter(ctx context.Context, ep *Endpoint, name string) error {
+	h.mu.Lock()
+	st := h.m[HeadKey{Node: ep.NodeID, Group: ep.Group, Epoch: ep.Epoch, Term: ep.Term}]
+	var cl replicav1.ReplicaClient
+	if st != nil {
+		cl = st.client
+	}
+	h.mu.Unlock()
+	if cl == nil {
+		return status.Errorf(codes.Unavailable, "replica %s: its head's Replica API is not connected", ep.Group)
+	}
+	_, err := cl.LoadAdapter(ctx, &replicav1.LoadAdapterRequest{Name: name})
+	return err
 }

@@ -36,6 +36,11 @@ type Params struct {
 	MaxModelLen     int
 	// EP is the expert-parallel all-to-all of a DP rank (nil: none).
 	EP *EPCost
+	// LoRALoad is loading one adapter into the worker (a load request, or
+	// a step that brings an evicted adapter back); LoRAPerAdapter is what
+	// each distinct adapter in a step adds to it (lora.go).
+	LoRALoad       time.Duration
+	LoRAPerAdapter time.Duration
 }
 
 // EPCost models one DP rank's share of expert parallelism per step: the
@@ -118,6 +123,8 @@ type request struct {
 	// script, when set, is the output token by token (a tool call's
 	// arguments, JSON for a response_format): EOS falls at its end.
 	script []string
+	// lora is the adapter the request runs with ("": the base model).
+	lora string
 }
 
 // Engine is the continuous-batching scheduler. One goroutine (Run) steps it.
@@ -140,6 +147,7 @@ type Engine struct {
 	// (vLLM's scheduler hands the publisher a KVEventBatch per step).
 	publish func(kvevents.Batch)
 	pending []kvevents.Event // guarded by mu; this step's events
+	lora    *loraSched       // guarded by mu; nil without --enable-lora
 }
 
 func newEngine(p Params, c Clock, m *metrics) *Engine {
@@ -287,12 +295,22 @@ func (e *Engine) prepareStep() *stepState {
 		kept = append(kept, r)
 	}
 	e.running = kept
-	// Admit FCFS while there is a sequence slot and KV room for the prompt.
+	// Admit FCFS while there is a sequence slot and KV room for the prompt;
+	// a request whose adapter would be one too many for the step waits
+	// while later ones go ahead (vLLM's scheduler skips it).
+	active := e.activeLoRAs()
+	var skipped []*request
+	loraLoads := 0
 	for len(e.waiting) > 0 && len(e.running) < e.p.MaxNumSeqs {
 		r := e.waiting[0]
 		if r.ctx.Err() != nil {
 			e.waiting = e.waiting[1:]
 			e.releaseHeld(r)
+			continue
+		}
+		if !e.loraFits(r, active) {
+			skipped = append(skipped, r)
+			e.waiting = e.waiting[1:]
 			continue
 		}
 		// Prefix cache: reuse the longest cached prefix; vLLM always computes
@@ -327,7 +345,17 @@ func (e *Engine) prepareStep() *stepState {
 		}
 		r.preempted = false
 		e.running = append(e.running, r)
+		if r.lora != "" && e.lora != nil {
+			if e.lora.touch(r.lora, active) {
+				loraLoads++ // evicted from the worker's cache: loaded again
+			}
+			active[r.lora] = true
+		}
 	}
+	if len(skipped) > 0 {
+		e.waiting = append(skipped, e.waiting...)
+	}
+	e.loraInfo()
 	budget := e.p.MaxBatchTokens
 	prefillTokens, decodeSeqs, ctxTokens := 0, 0, 0
 	var decoders []*request
@@ -393,6 +421,7 @@ func (e *Engine) prepareStep() *stepState {
 	if prefillTokens > 0 {
 		d += e.p.PrefillOverhead
 	}
+	d += time.Duration(loraLoads)*e.p.LoRALoad + time.Duration(len(active))*e.p.LoRAPerAdapter
 	d = e.p.EP.stepTime(d, prefillTokens+decodeSeqs)
 	d = time.Duration(float64(d) * slow)
 	return &stepState{d: d, stepping: stepping, prefillTokens: prefillTokens, stalled: stalled, work: prefillTokens+decodeSeqs > 0}

@@ -35,6 +35,8 @@ type Server struct {
 	// sgl is SGLang's disaggregation.
 	nixl *nixl
 	sgl  *sglDisagg
+	// loras are the adapters registered with the API server (lora.go).
+	loras *loras
 }
 
 // rankHeader pins a request to a DP rank (vLLM's X-data-parallel-rank).
@@ -70,6 +72,10 @@ func (s *Server) Handler() http.Handler {
 	mux.HandleFunc("GET /v1/models", s.models)
 	mux.HandleFunc("POST /v1/embeddings", s.embeddings)
 	mux.HandleFunc("GET /health", s.health)
+	if s.cfg.lora.runtime && s.cfg.flavor == "" {
+		mux.HandleFunc("POST /v1/load_lora_adapter", s.loadLoRA)
+		mux.HandleFunc("POST /v1/unload_lora_adapter", s.unloadLoRA)
+	}
 	mux.HandleFunc("GET /version", func(w http.ResponseWriter, _ *http.Request) {
 		writeJSON(w, 200, map[string]string{"version": simVersion})
 	})
@@ -115,13 +121,13 @@ func (s *Server) health(w http.ResponseWriter, _ *http.Request) {
 }
 
 func (s *Server) models(w http.ResponseWriter, _ *http.Request) {
-	writeJSON(w, 200, map[string]any{"object": "list", "data": []any{map[string]any{
+	writeJSON(w, 200, map[string]any{"object": "list", "data": append([]any{map[string]any{
 		"id": s.cfg.served, "object": "model", "created": s.created, "owned_by": s.owner(), "root": s.cfg.model,
 		"parent": nil, "max_model_len": s.cfg.maxModelLen,
 		"permission": []any{map[string]any{"id": "modelperm-" + strconv.FormatInt(s.created, 16), "object": "model_permission",
 			"created": s.created, "allow_create_engine": false, "allow_sampling": true, "allow_logprobs": true,
 			"allow_search_indices": false, "allow_view": true, "allow_fine_tuning": false, "organization": "*", "group": nil, "is_blocking": false}},
-	}}})
+	}}, s.loraCards()...)})
 }
 
 func (s *Server) owner() string {
@@ -336,7 +342,7 @@ func (s *Server) decode(w http.ResponseWriter, r *http.Request) (genRequest, boo
 	var keys map[string]json.RawMessage
 	_ = json.Unmarshal(b, &keys)
 	_, req.streamSet = keys["stream"]
-	if req.Model != s.cfg.served && req.Model != s.cfg.model {
+	if req.Model != s.cfg.served && req.Model != s.cfg.model && !s.loras.has(req.Model) {
 		param := "model"
 		writeError(w, 404, "NotFoundError", fmt.Sprintf("The model `%s` does not exist.", req.Model), &param)
 		return req, false

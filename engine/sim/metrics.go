@@ -56,6 +56,7 @@ type metrics struct {
 	eng         *Engine
 	labels      prometheus.Labels
 	nixl        *nixlMetrics
+	loraInfo    *prometheus.GaugeVec // vllm:lora_requests_info (--enable-lora)
 }
 
 // nixlMetrics are vLLM's NixlConnector series (KVConnectorPromMetrics):

@@ -390,7 +390,7 @@ func (s *Server) generate(w http.ResponseWriter, r *http.Request, chat bool) {
 			}
 			er := &request{id: strconv.FormatUint(s.seq.Add(1), 10), prompt: p.tokens, origPrompt: p.tokens, maxTokens: maxTokens[pi],
 				natural: 16 + int(seed%240), ignoreEOS: req.IgnoreEOS, seed: seed, arrival: arrival,
-				stops: stops, script: script,
+				stops: stops, script: script, lora: s.adapterOf(req.Model),
 				out: make(chan token, maxTokens[pi]+2), ctx: r.Context()}
 			if script != nil {
 				er.natural, er.ignoreEOS = len(script), false

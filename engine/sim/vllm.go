@@ -58,6 +58,8 @@ type serveConfig struct {
 	// disagg is SGLang's --disaggregation-*.
 	kvTransfer *kvTransferConfig
 	disagg     *sglDisaggConfig
+	// lora is --enable-lora and its limits (lora.go).
+	lora loraConfig
 }
 
 // dpConfig is what a process was asked for of data and expert parallelism.
@@ -93,12 +95,12 @@ var vllmValued = []string{"--served-model-name", "--host", "--port", "--tensor-p
 	"--runner", "--task", "--convert", "--tool-call-parser", "--allowed-origins", "--allowed-methods", "--allowed-headers",
 	"--kv-events-config", "--prefix-caching-hash-algo", "--data-parallel-size-local", "--data-parallel-address",
 	"--data-parallel-rpc-port", "--data-parallel-start-rank", "--data-parallel-rank", "--api-server-count", "--all2all-backend",
-	"--eplb-config", "--kv-transfer-config"}
+	"--eplb-config", "--kv-transfer-config", "--max-loras", "--max-lora-rank", "--max-cpu-loras"}
 
 var vllmBools = []string{"--trust-remote-code", "--enforce-eager", "--headless", "--enable-prefix-caching",
 	"--no-enable-prefix-caching", "--enable-chunked-prefill", "--disable-log-requests", "--disable-log-stats",
 	"--enable-server-load-tracking", "--enable-force-include-usage", "--enable-auto-tool-choice", "--allow-credentials",
-	"--data-parallel-hybrid-lb", "--data-parallel-external-lb", "--enable-expert-parallel", "--enable-eplb"}
+	"--data-parallel-hybrid-lb", "--data-parallel-external-lb", "--enable-expert-parallel", "--enable-eplb", "--enable-lora"}
 
 // VLLM runs the `vllm` personality.
 func VLLM(ctx context.Context, args []string, stdout, stderr io.Writer) int {
@@ -158,6 +160,9 @@ func parseServe(args []string) (serveConfig, error) {
 		return c, err
 	}
 	if c.kvTransfer, err = parseKVTransfer(fs.str("--kv-transfer-config", "")); err != nil {
+		return c, err
+	}
+	if c.lora, err = parseLoRA(fs); err != nil {
 		return c, err
 	}
 	switch c.backend {
@@ -600,10 +605,14 @@ func waitPGForever(ctx context.Context, world int, clock Clock, stdout, stderr i
 
 // newServer builds the engine and its HTTP surface; the caller runs s.eng.
 func newServer(c serveConfig, p Params, clock Clock) *Server {
+	if c.lora.enabled {
+		p = loraCosts(p)
+	}
 	m := newMetricsFlavor(c.served, p.NumGPUBlocks, p.BlockSize, p.MaxModelLen, p.MaxBatchTokens, c.v0Metrics, c.flavor)
 	eng := newEngine(p, clock, m)
 	m.eng = eng
-	return &Server{cfg: c, eng: eng, m: m, created: time.Now().Unix(), faults: &faults{}}
+	eng.enableLoRA(c.lora)
+	return &Server{cfg: c, eng: eng, m: m, created: time.Now().Unix(), faults: &faults{}, loras: newLoras(c.lora)}
 }
 
 // serveHeadless is a node_rank > 0 of native multi-node: no API server, its

@@ -24,6 +24,208 @@ const (
 	_ = protoimpl.EnforceVersion(protoimpl.MaxVersion - 20)
 )
 
+type AdapterSpec struct {
+	state  protoimpl.MessageState `protogen:"open.v1"`
+	Name   string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	Source string                 `protobuf:"bytes,2,opt,name=source,proto3" json:"source,omitempty"`
+	Rank   int32                  `protobuf:"varint,3,opt,name=rank,proto3" json:"rank,omitempty"`
+	// max_replicas bounds how many replicas hold it (0: any number).
+	MaxReplicas   int32 `protobuf:"varint,4,opt,name=max_replicas,json=maxReplicas,proto3" json:"max_replicas,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AdapterSpec) Reset() {
+	*x = AdapterSpec{}
+	mi := &file_agent_v1_agent_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AdapterSpec) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AdapterSpec) ProtoMessage() {}
+
+func (x *AdapterSpec) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_v1_agent_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AdapterSpec.ProtoReflect.Descriptor instead.
+func (*AdapterSpec) Descriptor() ([]byte, []int) {
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *AdapterSpec) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *AdapterSpec) GetSource() string {
+	if x != nil {
+		return x.Source
+	}
+	return ""
+}
+
+func (x *AdapterSpec) GetRank() int32 {
+	if x != nil {
+		return x.Rank
+	}
+	return 0
+}
+
+func (x *AdapterSpec) GetMaxReplicas() int32 {
+	if x != nil {
+		return x.MaxReplicas
+	}
+	return 0
+}
+
+type SetAdaptersRequest struct {
+	state           protoimpl.MessageState `protogen:"open.v1"`
+	GroupId         string                 `protobuf:"bytes,1,opt,name=group_id,json=groupId,proto3" json:"group_id,omitempty"`
+	Epoch           uint64                 `protobuf:"varint,2,opt,name=epoch,proto3" json:"epoch,omitempty"`
+	CoordinatorTerm uint64                 `protobuf:"varint,3,opt,name=coordinator_term,json=coordinatorTerm,proto3" json:"coordinator_term,omitempty"`
+	// catalog is every adapter of the deployment; one not in it is unloaded.
+	Catalog []*AdapterSpec `protobuf:"bytes,4,rep,name=catalog,proto3" json:"catalog,omitempty"`
+	// pinned: held here whatever their use (each adapter is pinned somewhere).
+	Pinned []string `protobuf:"bytes,5,rep,name=pinned,proto3" json:"pinned,omitempty"`
+	// warm: loaded when a slot is free (what the group held before it was
+	// re-formed), evicted like any unpinned adapter.
+	Warm []string `protobuf:"bytes,6,rep,name=warm,proto3" json:"warm,omitempty"`
+	// drop: unloaded here (held on more replicas than its bound).
+	Drop          []string `protobuf:"bytes,7,rep,name=drop,proto3" json:"drop,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetAdaptersRequest) Reset() {
+	*x = SetAdaptersRequest{}
+	mi := &file_agent_v1_agent_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetAdaptersRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetAdaptersRequest) ProtoMessage() {}
+
+func (x *SetAdaptersRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_v1_agent_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetAdaptersRequest.ProtoReflect.Descriptor instead.
+func (*SetAdaptersRequest) Descriptor() ([]byte, []int) {
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *SetAdaptersRequest) GetGroupId() string {
+	if x != nil {
+		return x.GroupId
+	}
+	return ""
+}
+
+func (x *SetAdaptersRequest) GetEpoch() uint64 {
+	if x != nil {
+		return x.Epoch
+	}
+	return 0
+}
+
+func (x *SetAdaptersRequest) GetCoordinatorTerm() uint64 {
+	if x != nil {
+		return x.CoordinatorTerm
+	}
+	return 0
+}
+
+func (x *SetAdaptersRequest) GetCatalog() []*AdapterSpec {
+	if x != nil {
+		return x.Catalog
+	}
+	return nil
+}
+
+func (x *SetAdaptersRequest) GetPinned() []string {
+	if x != nil {
+		return x.Pinned
+	}
+	return nil
+}
+
+func (x *SetAdaptersRequest) GetWarm() []string {
+	if x != nil {
+		return x.Warm
+	}
+	return nil
+}
+
+func (x *SetAdaptersRequest) GetDrop() []string {
+	if x != nil {
+		return x.Drop
+	}
+	return nil
+}
+
+type SetAdaptersResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *SetAdaptersResponse) Reset() {
+	*x = SetAdaptersResponse{}
+	mi := &file_agent_v1_agent_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *SetAdaptersResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*SetAdaptersResponse) ProtoMessage() {}
+
+func (x *SetAdaptersResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_agent_v1_agent_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use SetAdaptersResponse.ProtoReflect.Descriptor instead.
+func (*SetAdaptersResponse) Descriptor() ([]byte, []int) {
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{2}
+}
+
 type LogsRequest struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
 	// name picks one log (ray, vllm, python3, …); "" sends every engine log.
@@ -36,7 +238,7 @@ type LogsRequest struct {
 
 func (x *LogsRequest) Reset() {
 	*x = LogsRequest{}
-	mi := &file_agent_v1_agent_proto_msgTypes[0]
+	mi := &file_agent_v1_agent_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -48,7 +250,7 @@ func (x *LogsRequest) String() string {
 func (*LogsRequest) ProtoMessage() {}
 
 func (x *LogsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[0]
+	mi := &file_agent_v1_agent_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -61,7 +263,7 @@ func (x *LogsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogsRequest.ProtoReflect.Descriptor instead.
 func (*LogsRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{0}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{3}
 }
 
 func (x *LogsRequest) GetName() string {
@@ -95,7 +297,7 @@ type LogChunk struct {
 
 func (x *LogChunk) Reset() {
 	*x = LogChunk{}
-	mi := &file_agent_v1_agent_proto_msgTypes[1]
+	mi := &file_agent_v1_agent_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -107,7 +309,7 @@ func (x *LogChunk) String() string {
 func (*LogChunk) ProtoMessage() {}
 
 func (x *LogChunk) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[1]
+	mi := &file_agent_v1_agent_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -120,7 +322,7 @@ func (x *LogChunk) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LogChunk.ProtoReflect.Descriptor instead.
 func (*LogChunk) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{1}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *LogChunk) GetName() string {
@@ -148,7 +350,7 @@ type Member struct {
 
 func (x *Member) Reset() {
 	*x = Member{}
-	mi := &file_agent_v1_agent_proto_msgTypes[2]
+	mi := &file_agent_v1_agent_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -160,7 +362,7 @@ func (x *Member) String() string {
 func (*Member) ProtoMessage() {}
 
 func (x *Member) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[2]
+	mi := &file_agent_v1_agent_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -173,7 +375,7 @@ func (x *Member) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Member.ProtoReflect.Descriptor instead.
 func (*Member) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{2}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *Member) GetNodeId() string {
@@ -212,7 +414,7 @@ type Assignment struct {
 
 func (x *Assignment) Reset() {
 	*x = Assignment{}
-	mi := &file_agent_v1_agent_proto_msgTypes[3]
+	mi := &file_agent_v1_agent_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -224,7 +426,7 @@ func (x *Assignment) String() string {
 func (*Assignment) ProtoMessage() {}
 
 func (x *Assignment) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[3]
+	mi := &file_agent_v1_agent_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -237,7 +439,7 @@ func (x *Assignment) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Assignment.ProtoReflect.Descriptor instead.
 func (*Assignment) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{3}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *Assignment) GetDeployment() string {
@@ -296,7 +498,7 @@ type AssignRequest struct {
 
 func (x *AssignRequest) Reset() {
 	*x = AssignRequest{}
-	mi := &file_agent_v1_agent_proto_msgTypes[4]
+	mi := &file_agent_v1_agent_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -308,7 +510,7 @@ func (x *AssignRequest) String() string {
 func (*AssignRequest) ProtoMessage() {}
 
 func (x *AssignRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[4]
+	mi := &file_agent_v1_agent_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -321,7 +523,7 @@ func (x *AssignRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssignRequest.ProtoReflect.Descriptor instead.
 func (*AssignRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{4}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *AssignRequest) GetAssignment() *Assignment {
@@ -346,7 +548,7 @@ type AssignResponse struct {
 
 func (x *AssignResponse) Reset() {
 	*x = AssignResponse{}
-	mi := &file_agent_v1_agent_proto_msgTypes[5]
+	mi := &file_agent_v1_agent_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -358,7 +560,7 @@ func (x *AssignResponse) String() string {
 func (*AssignResponse) ProtoMessage() {}
 
 func (x *AssignResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[5]
+	mi := &file_agent_v1_agent_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -371,7 +573,7 @@ func (x *AssignResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AssignResponse.ProtoReflect.Descriptor instead.
 func (*AssignResponse) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{5}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{8}
 }
 
 type ReleaseRequest struct {
@@ -386,7 +588,7 @@ type ReleaseRequest struct {
 
 func (x *ReleaseRequest) Reset() {
 	*x = ReleaseRequest{}
-	mi := &file_agent_v1_agent_proto_msgTypes[6]
+	mi := &file_agent_v1_agent_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -398,7 +600,7 @@ func (x *ReleaseRequest) String() string {
 func (*ReleaseRequest) ProtoMessage() {}
 
 func (x *ReleaseRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[6]
+	mi := &file_agent_v1_agent_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -411,7 +613,7 @@ func (x *ReleaseRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseRequest.ProtoReflect.Descriptor instead.
 func (*ReleaseRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{6}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *ReleaseRequest) GetGroupId() string {
@@ -443,7 +645,7 @@ type ReleaseResponse struct {
 
 func (x *ReleaseResponse) Reset() {
 	*x = ReleaseResponse{}
-	mi := &file_agent_v1_agent_proto_msgTypes[7]
+	mi := &file_agent_v1_agent_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -455,7 +657,7 @@ func (x *ReleaseResponse) String() string {
 func (*ReleaseResponse) ProtoMessage() {}
 
 func (x *ReleaseResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[7]
+	mi := &file_agent_v1_agent_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -468,7 +670,7 @@ func (x *ReleaseResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use ReleaseResponse.ProtoReflect.Descriptor instead.
 func (*ReleaseResponse) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{7}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{10}
 }
 
 type DrainRequest struct {
@@ -482,7 +684,7 @@ type DrainRequest struct {
 
 func (x *DrainRequest) Reset() {
 	*x = DrainRequest{}
-	mi := &file_agent_v1_agent_proto_msgTypes[8]
+	mi := &file_agent_v1_agent_proto_msgTypes[11]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -494,7 +696,7 @@ func (x *DrainRequest) String() string {
 func (*DrainRequest) ProtoMessage() {}
 
 func (x *DrainRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[8]
+	mi := &file_agent_v1_agent_proto_msgTypes[11]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -507,7 +709,7 @@ func (x *DrainRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainRequest.ProtoReflect.Descriptor instead.
 func (*DrainRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{8}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{11}
 }
 
 func (x *DrainRequest) GetGroupId() string {
@@ -539,7 +741,7 @@ type DrainResponse struct {
 
 func (x *DrainResponse) Reset() {
 	*x = DrainResponse{}
-	mi := &file_agent_v1_agent_proto_msgTypes[9]
+	mi := &file_agent_v1_agent_proto_msgTypes[12]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -551,7 +753,7 @@ func (x *DrainResponse) String() string {
 func (*DrainResponse) ProtoMessage() {}
 
 func (x *DrainResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[9]
+	mi := &file_agent_v1_agent_proto_msgTypes[12]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -564,7 +766,7 @@ func (x *DrainResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use DrainResponse.ProtoReflect.Descriptor instead.
 func (*DrainResponse) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{9}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{12}
 }
 
 type StatusRequest struct {
@@ -578,7 +780,7 @@ type StatusRequest struct {
 
 func (x *StatusRequest) Reset() {
 	*x = StatusRequest{}
-	mi := &file_agent_v1_agent_proto_msgTypes[10]
+	mi := &file_agent_v1_agent_proto_msgTypes[13]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -590,7 +792,7 @@ func (x *StatusRequest) String() string {
 func (*StatusRequest) ProtoMessage() {}
 
 func (x *StatusRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[10]
+	mi := &file_agent_v1_agent_proto_msgTypes[13]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -603,7 +805,7 @@ func (x *StatusRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusRequest.ProtoReflect.Descriptor instead.
 func (*StatusRequest) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{10}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{13}
 }
 
 func (x *StatusRequest) GetBrief() bool {
@@ -626,7 +828,7 @@ type GPU struct {
 
 func (x *GPU) Reset() {
 	*x = GPU{}
-	mi := &file_agent_v1_agent_proto_msgTypes[11]
+	mi := &file_agent_v1_agent_proto_msgTypes[14]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -638,7 +840,7 @@ func (x *GPU) String() string {
 func (*GPU) ProtoMessage() {}
 
 func (x *GPU) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[11]
+	mi := &file_agent_v1_agent_proto_msgTypes[14]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -651,7 +853,7 @@ func (x *GPU) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use GPU.ProtoReflect.Descriptor instead.
 func (*GPU) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{11}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{14}
 }
 
 func (x *GPU) GetIndex() int32 {
@@ -717,7 +919,7 @@ type StatusResponse struct {
 
 func (x *StatusResponse) Reset() {
 	*x = StatusResponse{}
-	mi := &file_agent_v1_agent_proto_msgTypes[12]
+	mi := &file_agent_v1_agent_proto_msgTypes[15]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -729,7 +931,7 @@ func (x *StatusResponse) String() string {
 func (*StatusResponse) ProtoMessage() {}
 
 func (x *StatusResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_agent_v1_agent_proto_msgTypes[12]
+	mi := &file_agent_v1_agent_proto_msgTypes[15]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -742,7 +944,7 @@ func (x *StatusResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use StatusResponse.ProtoReflect.Descriptor instead.
 func (*StatusResponse) Descriptor() ([]byte, []int) {
-	return file_agent_v1_agent_proto_rawDescGZIP(), []int{12}
+	return file_agent_v1_agent_proto_rawDescGZIP(), []int{15}
 }
 
 func (x *StatusResponse) GetNodeId() string {
@@ -840,7 +1042,21 @@ var File_agent_v1_agent_proto protoreflect.FileDescriptor
 
 const file_agent_v1_agent_proto_rawDesc = "" +
 	"\n" +
-	"\x14agent/v1/agent.proto\x12\x0eshoal.agent.v1\"X\n" +
+	"\x14agent/v1/agent.proto\x12\x0eshoal.agent.v1\"p\n" +
+	"\vAdapterSpec\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
+	"\x06source\x18\x02 \x01(\tR\x06source\x12\x12\n" +
+	"\x04rank\x18\x03 \x01(\x05R\x04rank\x12!\n" +
+	"\fmax_replicas\x18\x04 \x01(\x05R\vmaxReplicas\"\xe7\x01\n" +
+	"\x12SetAdaptersRequest\x12\x19\n" +
+	"\bgroup_id\x18\x01 \x01(\tR\agroupId\x12\x14\n" +
+	"\x05epoch\x18\x02 \x01(\x04R\x05epoch\x12)\n" +
+	"\x10coordinator_term\x18\x03 \x01(\x04R\x0fcoordinatorTerm\x125\n" +
+	"\acatalog\x18\x04 \x03(\v2\x1b.shoal.agent.v1.AdapterSpecR\acatalog\x12\x16\n" +
+	"\x06pinned\x18\x05 \x03(\tR\x06pinned\x12\x12\n" +
+	"\x04warm\x18\x06 \x03(\tR\x04warm\x12\x12\n" +
+	"\x04drop\x18\a \x03(\tR\x04drop\"\x15\n" +
+	"\x13SetAdaptersResponse\"X\n" +
 	"\vLogsRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\x12\x16\n" +
 	"\x06follow\x18\x02 \x01(\bR\x06follow\x12\x1d\n" +
@@ -905,13 +1121,14 @@ const file_agent_v1_agent_proto_rawDesc = "" +
 	" \x01(\tR\amessage\x12%\n" +
 	"\x0einventory_json\x18\v \x01(\fR\rinventoryJson\x12\x1a\n" +
 	"\bstopping\x18\f \x01(\bR\bstopping\x12\x1a\n" +
-	"\bdraining\x18\r \x01(\bR\bdraining2\xec\x02\n" +
+	"\bdraining\x18\r \x01(\bR\bdraining2\xc4\x03\n" +
 	"\x05Agent\x12G\n" +
 	"\x06Assign\x12\x1d.shoal.agent.v1.AssignRequest\x1a\x1e.shoal.agent.v1.AssignResponse\x12J\n" +
 	"\aRelease\x12\x1e.shoal.agent.v1.ReleaseRequest\x1a\x1f.shoal.agent.v1.ReleaseResponse\x12D\n" +
 	"\x05Drain\x12\x1c.shoal.agent.v1.DrainRequest\x1a\x1d.shoal.agent.v1.DrainResponse\x12G\n" +
 	"\x06Status\x12\x1d.shoal.agent.v1.StatusRequest\x1a\x1e.shoal.agent.v1.StatusResponse\x12?\n" +
-	"\x04Logs\x12\x1b.shoal.agent.v1.LogsRequest\x1a\x18.shoal.agent.v1.LogChunk0\x01B1Z/github.com/shoalhq/shoal/proto/agent/v1;agentv1b\x06proto3"
+	"\x04Logs\x12\x1b.shoal.agent.v1.LogsRequest\x1a\x18.shoal.agent.v1.LogChunk0\x01\x12V\n" +
+	"\vSetAdapters\x12\".shoal.agent.v1.SetAdaptersRequest\x1a#.shoal.agent.v1.SetAdaptersResponseB1Z/github.com/shoalhq/shoal/proto/agent/v1;agentv1b\x06proto3"
 
 var (
 	file_agent_v1_agent_proto_rawDescOnce sync.Once
@@ -925,42 +1142,48 @@ func file_agent_v1_agent_proto_rawDescGZIP() []byte {
 	return file_agent_v1_agent_proto_rawDescData
 }
 
-var file_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
+var file_agent_v1_agent_proto_msgTypes = make([]protoimpl.MessageInfo, 16)
 var file_agent_v1_agent_proto_goTypes = []any{
-	(*LogsRequest)(nil),     // 0: shoal.agent.v1.LogsRequest
-	(*LogChunk)(nil),        // 1: shoal.agent.v1.LogChunk
-	(*Member)(nil),          // 2: shoal.agent.v1.Member
-	(*Assignment)(nil),      // 3: shoal.agent.v1.Assignment
-	(*AssignRequest)(nil),   // 4: shoal.agent.v1.AssignRequest
-	(*AssignResponse)(nil),  // 5: shoal.agent.v1.AssignResponse
-	(*ReleaseRequest)(nil),  // 6: shoal.agent.v1.ReleaseRequest
-	(*ReleaseResponse)(nil), // 7: shoal.agent.v1.ReleaseResponse
-	(*DrainRequest)(nil),    // 8: shoal.agent.v1.DrainRequest
-	(*DrainResponse)(nil),   // 9: shoal.agent.v1.DrainResponse
-	(*StatusRequest)(nil),   // 10: shoal.agent.v1.StatusRequest
-	(*GPU)(nil),             // 11: shoal.agent.v1.GPU
-	(*StatusResponse)(nil),  // 12: shoal.agent.v1.StatusResponse
+	(*AdapterSpec)(nil),         // 0: shoal.agent.v1.AdapterSpec
+	(*SetAdaptersRequest)(nil),  // 1: shoal.agent.v1.SetAdaptersRequest
+	(*SetAdaptersResponse)(nil), // 2: shoal.agent.v1.SetAdaptersResponse
+	(*LogsRequest)(nil),         // 3: shoal.agent.v1.LogsRequest
+	(*LogChunk)(nil),            // 4: shoal.agent.v1.LogChunk
+	(*Member)(nil),              // 5: shoal.agent.v1.Member
+	(*Assignment)(nil),          // 6: shoal.agent.v1.Assignment
+	(*AssignRequest)(nil),       // 7: shoal.agent.v1.AssignRequest
+	(*AssignResponse)(nil),      // 8: shoal.agent.v1.AssignResponse
+	(*ReleaseRequest)(nil),      // 9: shoal.agent.v1.ReleaseRequest
+	(*ReleaseResponse)(nil),     // 10: shoal.agent.v1.ReleaseResponse
+	(*DrainRequest)(nil),        // 11: shoal.agent.v1.DrainRequest
+	(*DrainResponse)(nil),       // 12: shoal.agent.v1.DrainResponse
+	(*StatusRequest)(nil),       // 13: shoal.agent.v1.StatusRequest
+	(*GPU)(nil),                 // 14: shoal.agent.v1.GPU
+	(*StatusResponse)(nil),      // 15: shoal.agent.v1.StatusResponse
 }
 var file_agent_v1_agent_proto_depIdxs = []int32{
-	2,  // 0: shoal.agent.v1.Assignment.members:type_name -> shoal.agent.v1.Member
-	3,  // 1: shoal.agent.v1.AssignRequest.assignment:type_name -> shoal.agent.v1.Assignment
-	11, // 2: shoal.agent.v1.StatusResponse.gpus:type_name -> shoal.agent.v1.GPU
-	3,  // 3: shoal.agent.v1.StatusResponse.assignment:type_name -> shoal.agent.v1.Assignment
-	4,  // 4: shoal.agent.v1.Agent.Assign:input_type -> shoal.agent.v1.AssignRequest
-	6,  // 5: shoal.agent.v1.Agent.Release:input_type -> shoal.agent.v1.ReleaseRequest
-	8,  // 6: shoal.agent.v1.Agent.Drain:input_type -> shoal.agent.v1.DrainRequest
-	10, // 7: shoal.agent.v1.Agent.Status:input_type -> shoal.agent.v1.StatusRequest
-	0,  // 8: shoal.agent.v1.Agent.Logs:input_type -> shoal.agent.v1.LogsRequest
-	5,  // 9: shoal.agent.v1.Agent.Assign:output_type -> shoal.agent.v1.AssignResponse
-	7,  // 10: shoal.agent.v1.Agent.Release:output_type -> shoal.agent.v1.ReleaseResponse
-	9,  // 11: shoal.agent.v1.Agent.Drain:output_type -> shoal.agent.v1.DrainResponse
-	12, // 12: shoal.agent.v1.Agent.Status:output_type -> shoal.agent.v1.StatusResponse
-	1,  // 13: shoal.agent.v1.Agent.Logs:output_type -> shoal.agent.v1.LogChunk
-	9,  // [9:14] is the sub-list for method output_type
-	4,  // [4:9] is the sub-list for method input_type
-	4,  // [4:4] is the sub-list for extension type_name
-	4,  // [4:4] is the sub-list for extension extendee
-	0,  // [0:4] is the sub-list for field type_name
+	0,  // 0: shoal.agent.v1.SetAdaptersRequest.catalog:type_name -> shoal.agent.v1.AdapterSpec
+	5,  // 1: shoal.agent.v1.Assignment.members:type_name -> shoal.agent.v1.Member
+	6,  // 2: shoal.agent.v1.AssignRequest.assignment:type_name -> shoal.agent.v1.Assignment
+	14, // 3: shoal.agent.v1.StatusResponse.gpus:type_name -> shoal.agent.v1.GPU
+	6,  // 4: shoal.agent.v1.StatusResponse.assignment:type_name -> shoal.agent.v1.Assignment
+	7,  // 5: shoal.agent.v1.Agent.Assign:input_type -> shoal.agent.v1.AssignRequest
+	9,  // 6: shoal.agent.v1.Agent.Release:input_type -> shoal.agent.v1.ReleaseRequest
+	11, // 7: shoal.agent.v1.Agent.Drain:input_type -> shoal.agent.v1.DrainRequest
+	13, // 8: shoal.agent.v1.Agent.Status:input_type -> shoal.agent.v1.StatusRequest
+	3,  // 9: shoal.agent.v1.Agent.Logs:input_type -> shoal.agent.v1.LogsRequest
+	1,  // 10: shoal.agent.v1.Agent.SetAdapters:input_type -> shoal.agent.v1.SetAdaptersRequest
+	8,  // 11: shoal.agent.v1.Agent.Assign:output_type -> shoal.agent.v1.AssignResponse
+	10, // 12: shoal.agent.v1.Agent.Release:output_type -> shoal.agent.v1.ReleaseResponse
+	12, // 13: shoal.agent.v1.Agent.Drain:output_type -> shoal.agent.v1.DrainResponse
+	15, // 14: shoal.agent.v1.Agent.Status:output_type -> shoal.agent.v1.StatusResponse
+	4,  // 15: shoal.agent.v1.Agent.Logs:output_type -> shoal.agent.v1.LogChunk
+	2,  // 16: shoal.agent.v1.Agent.SetAdapters:output_type -> shoal.agent.v1.SetAdaptersResponse
+	11, // [11:17] is the sub-list for method output_type
+	5,  // [5:11] is the sub-list for method input_type
+	5,  // [5:5] is the sub-list for extension type_name
+	5,  // [5:5] is the sub-list for extension extendee
+	0,  // [0:5] is the sub-list for field type_name
 }
 
 func init() { file_agent_v1_agent_proto_init() }
@@ -974,7 +1197,7 @@ func file_agent_v1_agent_proto_init() {
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_agent_v1_agent_proto_rawDesc), len(file_agent_v1_agent_proto_rawDesc)),
 			NumEnums:      0,
-			NumMessages:   13,
+			NumMessages:   16,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -22,11 +22,12 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Agent_Assign_FullMethodName  = "/shoal.agent.v1.Agent/Assign"
-	Agent_Release_FullMethodName = "/shoal.agent.v1.Agent/Release"
-	Agent_Drain_FullMethodName   = "/shoal.agent.v1.Agent/Drain"
-	Agent_Status_FullMethodName  = "/shoal.agent.v1.Agent/Status"
-	Agent_Logs_FullMethodName    = "/shoal.agent.v1.Agent/Logs"
+	Agent_Assign_FullMethodName      = "/shoal.agent.v1.Agent/Assign"
+	Agent_Release_FullMethodName     = "/shoal.agent.v1.Agent/Release"
+	Agent_Drain_FullMethodName       = "/shoal.agent.v1.Agent/Drain"
+	Agent_Status_FullMethodName      = "/shoal.agent.v1.Agent/Status"
+	Agent_Logs_FullMethodName        = "/shoal.agent.v1.Agent/Logs"
+	Agent_SetAdapters_FullMethodName = "/shoal.agent.v1.Agent/SetAdapters"
 )
 
 // AgentClient is the client API for Agent service.
@@ -50,6 +51,12 @@ type AgentClient interface {
 	Status(ctx context.Context, in *StatusRequest, opts ...grpc.CallOption) (*StatusResponse, error)
 	// Logs streams the engine log files: the last tail_bytes, then (follow) what is appended.
 	Logs(ctx context.Context, in *LogsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[LogChunk], error)
+	// SetAdapters tells a replica's head its deployment's LoRA adapters and
+	// which of them this replica holds (docs/design/adapters.md). Only the
+	// head of that (group, epoch) takes it (FAILED_PRECONDITION elsewhere);
+	// it answers at once, the loads go on in the background and show in the
+	// head's Replica reports.
+	SetAdapters(ctx context.Context, in *SetAdaptersRequest, opts ...grpc.CallOption) (*SetAdaptersResponse, error)
 }
 
 type agentClient struct {
@@ -119,6 +126,16 @@ func (c *agentClient) Logs(ctx context.Context, in *LogsRequest, opts ...grpc.Ca
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Agent_LogsClient = grpc.ServerStreamingClient[LogChunk]
 
+func (c *agentClient) SetAdapters(ctx context.Context, in *SetAdaptersRequest, opts ...grpc.CallOption) (*SetAdaptersResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(SetAdaptersResponse)
+	err := c.cc.Invoke(ctx, Agent_SetAdapters_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // AgentServer is the server API for Agent service.
 // All implementations must embed UnimplementedAgentServer
 // for forward compatibility.
@@ -140,6 +157,12 @@ type AgentServer interface {
 	Status(context.Context, *StatusRequest) (*StatusResponse, error)
 	// Logs streams the engine log files: the last tail_bytes, then (follow) what is appended.
 	Logs(*LogsRequest, grpc.ServerStreamingServer[LogChunk]) error
+	// SetAdapters tells a replica's head its deployment's LoRA adapters and
+	// which of them this replica holds (docs/design/adapters.md). Only the
+	// head of that (group, epoch) takes it (FAILED_PRECONDITION elsewhere);
+	// it answers at once, the loads go on in the background and show in the
+	// head's Replica reports.
+	SetAdapters(context.Context, *SetAdaptersRequest) (*SetAdaptersResponse, error)
 	mustEmbedUnimplementedAgentServer()
 }
 
@@ -164,6 +187,9 @@ func (UnimplementedAgentServer) Status(context.Context, *StatusRequest) (*Status
 }
 func (UnimplementedAgentServer) Logs(*LogsRequest, grpc.ServerStreamingServer[LogChunk]) error {
 	return status.Error(codes.Unimplemented, "method Logs not implemented")
+}
+func (UnimplementedAgentServer) SetAdapters(context.Context, *SetAdaptersRequest) (*SetAdaptersResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method SetAdapters not implemented")
 }
 func (UnimplementedAgentServer) mustEmbedUnimplementedAgentServer() {}
 func (UnimplementedAgentServer) testEmbeddedByValue()               {}
@@ -269,6 +295,24 @@ func _Agent_Logs_Handler(srv interface{}, stream grpc.ServerStream) error {
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Agent_LogsServer = grpc.ServerStreamingServer[LogChunk]
 
+func _Agent_SetAdapters_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(SetAdaptersRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(AgentServer).SetAdapters(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Agent_SetAdapters_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(AgentServer).SetAdapters(ctx, req.(*SetAdaptersRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Agent_ServiceDesc is the grpc.ServiceDesc for Agent service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -291,6 +335,10 @@ var Agent_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Status",
 			Handler:    _Agent_Status_Handler,
+		},
+		{
+			MethodName: "SetAdapters",
+			Handler:    _Agent_SetAdapters_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -37,6 +37,8 @@ const (
 	Coordinator_SnapshotSave_FullMethodName       = "/shoal.coordinator.v1.Coordinator/SnapshotSave"
 	Coordinator_SnapshotRestore_FullMethodName    = "/shoal.coordinator.v1.Coordinator/SnapshotRestore"
 	Coordinator_ReadIndex_FullMethodName          = "/shoal.coordinator.v1.Coordinator/ReadIndex"
+	Coordinator_ChangeAdapters_FullMethodName     = "/shoal.coordinator.v1.Coordinator/ChangeAdapters"
+	Coordinator_ListAdapters_FullMethodName       = "/shoal.coordinator.v1.Coordinator/ListAdapters"
 )
 
 // CoordinatorClient is the client API for Coordinator service.
@@ -72,6 +74,11 @@ type CoordinatorClient interface {
 	// a read anywhere sees every write acknowledged before it (coordinators
 	// call it; nobody else needs to).
 	ReadIndex(ctx context.Context, in *ReadIndexRequest, opts ...grpc.CallOption) (*ReadIndexResponse, error)
+	// ChangeAdapters adds and removes LoRA adapters of a deployment, stored
+	// as a change of its spec (no replica is replaced); ListAdapters lists
+	// them with their state on every replica.
+	ChangeAdapters(ctx context.Context, in *ChangeAdaptersRequest, opts ...grpc.CallOption) (*ChangeAdaptersResponse, error)
+	ListAdapters(ctx context.Context, in *ListAdaptersRequest, opts ...grpc.CallOption) (*ListAdaptersResponse, error)
 }
 
 type coordinatorClient struct {
@@ -263,6 +270,26 @@ func (c *coordinatorClient) ReadIndex(ctx context.Context, in *ReadIndexRequest,
 	return out, nil
 }
 
+func (c *coordinatorClient) ChangeAdapters(ctx context.Context, in *ChangeAdaptersRequest, opts ...grpc.CallOption) (*ChangeAdaptersResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ChangeAdaptersResponse)
+	err := c.cc.Invoke(ctx, Coordinator_ChangeAdapters_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
+func (c *coordinatorClient) ListAdapters(ctx context.Context, in *ListAdaptersRequest, opts ...grpc.CallOption) (*ListAdaptersResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(ListAdaptersResponse)
+	err := c.cc.Invoke(ctx, Coordinator_ListAdapters_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // CoordinatorServer is the server API for Coordinator service.
 // All implementations must embed UnimplementedCoordinatorServer
 // for forward compatibility.
@@ -296,6 +323,11 @@ type CoordinatorServer interface {
 	// a read anywhere sees every write acknowledged before it (coordinators
 	// call it; nobody else needs to).
 	ReadIndex(context.Context, *ReadIndexRequest) (*ReadIndexResponse, error)
+	// ChangeAdapters adds and removes LoRA adapters of a deployment, stored
+	// as a change of its spec (no replica is replaced); ListAdapters lists
+	// them with their state on every replica.
+	ChangeAdapters(context.Context, *ChangeAdaptersRequest) (*ChangeAdaptersResponse, error)
+	ListAdapters(context.Context, *ListAdaptersRequest) (*ListAdaptersResponse, error)
 	mustEmbedUnimplementedCoordinatorServer()
 }
 
@@ -353,6 +385,12 @@ func (UnimplementedCoordinatorServer) SnapshotRestore(grpc.ClientStreamingServer
 }
 func (UnimplementedCoordinatorServer) ReadIndex(context.Context, *ReadIndexRequest) (*ReadIndexResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method ReadIndex not implemented")
+}
+func (UnimplementedCoordinatorServer) ChangeAdapters(context.Context, *ChangeAdaptersRequest) (*ChangeAdaptersResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ChangeAdapters not implemented")
+}
+func (UnimplementedCoordinatorServer) ListAdapters(context.Context, *ListAdaptersRequest) (*ListAdaptersResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method ListAdapters not implemented")
 }
 func (UnimplementedCoordinatorServer) mustEmbedUnimplementedCoordinatorServer() {}
 func (UnimplementedCoordinatorServer) testEmbeddedByValue()                     {}
@@ -638,6 +676,42 @@ func _Coordinator_ReadIndex_Handler(srv interface{}, ctx context.Context, dec fu
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Coordinator_ChangeAdapters_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ChangeAdaptersRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CoordinatorServer).ChangeAdapters(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Coordinator_ChangeAdapters_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CoordinatorServer).ChangeAdapters(ctx, req.(*ChangeAdaptersRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
+func _Coordinator_ListAdapters_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(ListAdaptersRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(CoordinatorServer).ListAdapters(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Coordinator_ListAdapters_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(CoordinatorServer).ListAdapters(ctx, req.(*ListAdaptersRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Coordinator_ServiceDesc is the grpc.ServiceDesc for Coordinator service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -696,6 +770,14 @@ var Coordinator_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "ReadIndex",
 			Handler:    _Coordinator_ReadIndex_Handler,
+		},
+		{
+			MethodName: "ChangeAdapters",
+			Handler:    _Coordinator_ChangeAdapters_Handler,
+		},
+		{
+			MethodName: "ListAdapters",
+			Handler:    _Coordinator_ListAdapters_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -73,7 +73,183 @@ func (x KVEvent_Kind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use KVEvent_Kind.Descriptor instead.
 func (KVEvent_Kind) EnumDescriptor() ([]byte, []int) {
-	return file_replica_v1_replica_proto_rawDescGZIP(), []int{1, 0}
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{4, 0}
+}
+
+type LoadAdapterRequest struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Name          string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LoadAdapterRequest) Reset() {
+	*x = LoadAdapterRequest{}
+	mi := &file_replica_v1_replica_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LoadAdapterRequest) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LoadAdapterRequest) ProtoMessage() {}
+
+func (x *LoadAdapterRequest) ProtoReflect() protoreflect.Message {
+	mi := &file_replica_v1_replica_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LoadAdapterRequest.ProtoReflect.Descriptor instead.
+func (*LoadAdapterRequest) Descriptor() ([]byte, []int) {
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *LoadAdapterRequest) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+type LoadAdapterResponse struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *LoadAdapterResponse) Reset() {
+	*x = LoadAdapterResponse{}
+	mi := &file_replica_v1_replica_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *LoadAdapterResponse) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*LoadAdapterResponse) ProtoMessage() {}
+
+func (x *LoadAdapterResponse) ProtoReflect() protoreflect.Message {
+	mi := &file_replica_v1_replica_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use LoadAdapterResponse.ProtoReflect.Descriptor instead.
+func (*LoadAdapterResponse) Descriptor() ([]byte, []int) {
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{1}
+}
+
+// AdapterState is one adapter of the deployment on this replica.
+type AdapterState struct {
+	state protoimpl.MessageState `protogen:"open.v1"`
+	Name  string                 `protobuf:"bytes,1,opt,name=name,proto3" json:"name,omitempty"`
+	// state: "" (not held), pending, downloading, loading, loaded, failed.
+	State string `protobuf:"bytes,2,opt,name=state,proto3" json:"state,omitempty"`
+	// reason: why it failed, or a download's progress.
+	Reason             string `protobuf:"bytes,3,opt,name=reason,proto3" json:"reason,omitempty"`
+	MaxReplicas        int32  `protobuf:"varint,4,opt,name=max_replicas,json=maxReplicas,proto3" json:"max_replicas,omitempty"`
+	Pinned             bool   `protobuf:"varint,5,opt,name=pinned,proto3" json:"pinned,omitempty"`
+	LastUsedUnixMillis int64  `protobuf:"varint,6,opt,name=last_used_unix_millis,json=lastUsedUnixMillis,proto3" json:"last_used_unix_millis,omitempty"`
+	// load_seconds: how long its last load took (download included).
+	LoadSeconds   float64 `protobuf:"fixed64,7,opt,name=load_seconds,json=loadSeconds,proto3" json:"load_seconds,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *AdapterState) Reset() {
+	*x = AdapterState{}
+	mi := &file_replica_v1_replica_proto_msgTypes[2]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *AdapterState) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*AdapterState) ProtoMessage() {}
+
+func (x *AdapterState) ProtoReflect() protoreflect.Message {
+	mi := &file_replica_v1_replica_proto_msgTypes[2]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use AdapterState.ProtoReflect.Descriptor instead.
+func (*AdapterState) Descriptor() ([]byte, []int) {
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{2}
+}
+
+func (x *AdapterState) GetName() string {
+	if x != nil {
+		return x.Name
+	}
+	return ""
+}
+
+func (x *AdapterState) GetState() string {
+	if x != nil {
+		return x.State
+	}
+	return ""
+}
+
+func (x *AdapterState) GetReason() string {
+	if x != nil {
+		return x.Reason
+	}
+	return ""
+}
+
+func (x *AdapterState) GetMaxReplicas() int32 {
+	if x != nil {
+		return x.MaxReplicas
+	}
+	return 0
+}
+
+func (x *AdapterState) GetPinned() bool {
+	if x != nil {
+		return x.Pinned
+	}
+	return false
+}
+
+func (x *AdapterState) GetLastUsedUnixMillis() int64 {
+	if x != nil {
+		return x.LastUsedUnixMillis
+	}
+	return 0
+}
+
+func (x *AdapterState) GetLoadSeconds() float64 {
+	if x != nil {
+		return x.LoadSeconds
+	}
+	return 0
 }
 
 type KVEventsRequest struct {
@@ -84,7 +260,7 @@ type KVEventsRequest struct {
 
 func (x *KVEventsRequest) Reset() {
 	*x = KVEventsRequest{}
-	mi := &file_replica_v1_replica_proto_msgTypes[0]
+	mi := &file_replica_v1_replica_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -96,7 +272,7 @@ func (x *KVEventsRequest) String() string {
 func (*KVEventsRequest) ProtoMessage() {}
 
 func (x *KVEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_replica_v1_replica_proto_msgTypes[0]
+	mi := &file_replica_v1_replica_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -109,7 +285,7 @@ func (x *KVEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KVEventsRequest.ProtoReflect.Descriptor instead.
 func (*KVEventsRequest) Descriptor() ([]byte, []int) {
-	return file_replica_v1_replica_proto_rawDescGZIP(), []int{0}
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{3}
 }
 
 type KVEvent struct {
@@ -123,7 +299,7 @@ type KVEvent struct {
 
 func (x *KVEvent) Reset() {
 	*x = KVEvent{}
-	mi := &file_replica_v1_replica_proto_msgTypes[1]
+	mi := &file_replica_v1_replica_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -135,7 +311,7 @@ func (x *KVEvent) String() string {
 func (*KVEvent) ProtoMessage() {}
 
 func (x *KVEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_replica_v1_replica_proto_msgTypes[1]
+	mi := &file_replica_v1_replica_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -148,7 +324,7 @@ func (x *KVEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KVEvent.ProtoReflect.Descriptor instead.
 func (*KVEvent) Descriptor() ([]byte, []int) {
-	return file_replica_v1_replica_proto_rawDescGZIP(), []int{1}
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *KVEvent) GetKind() KVEvent_Kind {
@@ -190,7 +366,7 @@ type KVEventsMessage struct {
 
 func (x *KVEventsMessage) Reset() {
 	*x = KVEventsMessage{}
-	mi := &file_replica_v1_replica_proto_msgTypes[2]
+	mi := &file_replica_v1_replica_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -202,7 +378,7 @@ func (x *KVEventsMessage) String() string {
 func (*KVEventsMessage) ProtoMessage() {}
 
 func (x *KVEventsMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_replica_v1_replica_proto_msgTypes[2]
+	mi := &file_replica_v1_replica_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -215,7 +391,7 @@ func (x *KVEventsMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KVEventsMessage.ProtoReflect.Descriptor instead.
 func (*KVEventsMessage) Descriptor() ([]byte, []int) {
-	return file_replica_v1_replica_proto_rawDescGZIP(), []int{2}
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{5}
 }
 
 func (x *KVEventsMessage) GetSeq() uint64 {
@@ -289,7 +465,7 @@ type SnapshotRequest struct {
 
 func (x *SnapshotRequest) Reset() {
 	*x = SnapshotRequest{}
-	mi := &file_replica_v1_replica_proto_msgTypes[3]
+	mi := &file_replica_v1_replica_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -301,7 +477,7 @@ func (x *SnapshotRequest) String() string {
 func (*SnapshotRequest) ProtoMessage() {}
 
 func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_replica_v1_replica_proto_msgTypes[3]
+	mi := &file_replica_v1_replica_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -314,7 +490,7 @@ func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotRequest.ProtoReflect.Descriptor instead.
 func (*SnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_replica_v1_replica_proto_rawDescGZIP(), []int{3}
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{6}
 }
 
 type Metrics struct {
@@ -363,13 +539,19 @@ type Metrics struct {
 	// sglang: the engine runs SGLang's disaggregation (a decode engine then
 	// cannot serve a request without a prefill engine's bootstrap room).
 	SglangDisaggregation bool `protobuf:"varint,24,opt,name=sglang_disaggregation,json=sglangDisaggregation,proto3" json:"sglang_disaggregation,omitempty"`
-	unknownFields        protoimpl.UnknownFields
-	sizeCache            protoimpl.SizeCache
+	// adapters: every LoRA adapter of the deployment and its state here (a
+	// router routes an adapter's requests to the replicas that hold it).
+	Adapters []*AdapterState `protobuf:"bytes,25,rep,name=adapters,proto3" json:"adapters,omitempty"`
+	// adapter_slots: how many adapters the engine holds at once
+	// (engine.lora.maxCpuLoras); 0: no LoRA.
+	AdapterSlots  int32 `protobuf:"varint,26,opt,name=adapter_slots,json=adapterSlots,proto3" json:"adapter_slots,omitempty"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
 }
 
 func (x *Metrics) Reset() {
 	*x = Metrics{}
-	mi := &file_replica_v1_replica_proto_msgTypes[4]
+	mi := &file_replica_v1_replica_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -381,7 +563,7 @@ func (x *Metrics) String() string {
 func (*Metrics) ProtoMessage() {}
 
 func (x *Metrics) ProtoReflect() protoreflect.Message {
-	mi := &file_replica_v1_replica_proto_msgTypes[4]
+	mi := &file_replica_v1_replica_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -394,7 +576,7 @@ func (x *Metrics) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Metrics.ProtoReflect.Descriptor instead.
 func (*Metrics) Descriptor() ([]byte, []int) {
-	return file_replica_v1_replica_proto_rawDescGZIP(), []int{4}
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *Metrics) GetDeployment() string {
@@ -565,6 +747,20 @@ func (x *Metrics) GetSglangDisaggregation() bool {
 	return false
 }
 
+func (x *Metrics) GetAdapters() []*AdapterState {
+	if x != nil {
+		return x.Adapters
+	}
+	return nil
+}
+
+func (x *Metrics) GetAdapterSlots() int32 {
+	if x != nil {
+		return x.AdapterSlots
+	}
+	return 0
+}
+
 // Rank is one DP rank of a data-parallel group.
 type Rank struct {
 	state protoimpl.MessageState `protogen:"open.v1"`
@@ -583,7 +779,7 @@ type Rank struct {
 
 func (x *Rank) Reset() {
 	*x = Rank{}
-	mi := &file_replica_v1_replica_proto_msgTypes[5]
+	mi := &file_replica_v1_replica_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -595,7 +791,7 @@ func (x *Rank) String() string {
 func (*Rank) ProtoMessage() {}
 
 func (x *Rank) ProtoReflect() protoreflect.Message {
-	mi := &file_replica_v1_replica_proto_msgTypes[5]
+	mi := &file_replica_v1_replica_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -608,7 +804,7 @@ func (x *Rank) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Rank.ProtoReflect.Descriptor instead.
 func (*Rank) Descriptor() ([]byte, []int) {
-	return file_replica_v1_replica_proto_rawDescGZIP(), []int{5}
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{8}
 }
 
 func (x *Rank) GetRank() int32 {
@@ -657,7 +853,18 @@ var File_replica_v1_replica_proto protoreflect.FileDescriptor
 
 const file_replica_v1_replica_proto_rawDesc = "" +
 	"\n" +
-	"\x18replica/v1/replica.proto\x12\x10shoal.replica.v1\"\x11\n" +
+	"\x18replica/v1/replica.proto\x12\x10shoal.replica.v1\"(\n" +
+	"\x12LoadAdapterRequest\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\"\x15\n" +
+	"\x13LoadAdapterResponse\"\xe1\x01\n" +
+	"\fAdapterState\x12\x12\n" +
+	"\x04name\x18\x01 \x01(\tR\x04name\x12\x14\n" +
+	"\x05state\x18\x02 \x01(\tR\x05state\x12\x16\n" +
+	"\x06reason\x18\x03 \x01(\tR\x06reason\x12!\n" +
+	"\fmax_replicas\x18\x04 \x01(\x05R\vmaxReplicas\x12\x16\n" +
+	"\x06pinned\x18\x05 \x01(\bR\x06pinned\x121\n" +
+	"\x15last_used_unix_millis\x18\x06 \x01(\x03R\x12lastUsedUnixMillis\x12!\n" +
+	"\fload_seconds\x18\a \x01(\x01R\vloadSeconds\"\x11\n" +
 	"\x0fKVEventsRequest\"\x99\x01\n" +
 	"\aKVEvent\x122\n" +
 	"\x04kind\x18\x01 \x01(\x0e2\x1e.shoal.replica.v1.KVEvent.KindR\x04kind\x12\x16\n" +
@@ -679,7 +886,7 @@ const file_replica_v1_replica_proto_rawDesc = "" +
 	"\n" +
 	"block_size\x18\b \x01(\rR\tblockSize\x12\x1a\n" +
 	"\bendpoint\x18\t \x01(\tR\bendpoint\"\x11\n" +
-	"\x0fSnapshotRequest\"\x80\a\n" +
+	"\x0fSnapshotRequest\"\xe1\a\n" +
 	"\aMetrics\x12\x1e\n" +
 	"\n" +
 	"deployment\x18\x01 \x01(\tR\n" +
@@ -708,7 +915,9 @@ const file_replica_v1_replica_proto_rawDesc = "" +
 	"\x05ranks\x18\x15 \x03(\v2\x16.shoal.replica.v1.RankR\x05ranks\x12\x12\n" +
 	"\x04role\x18\x16 \x01(\tR\x04role\x12%\n" +
 	"\x0ebootstrap_port\x18\x17 \x01(\rR\rbootstrapPort\x123\n" +
-	"\x15sglang_disaggregation\x18\x18 \x01(\bR\x14sglangDisaggregationB\x11\n" +
+	"\x15sglang_disaggregation\x18\x18 \x01(\bR\x14sglangDisaggregation\x12:\n" +
+	"\badapters\x18\x19 \x03(\v2\x1e.shoal.replica.v1.AdapterStateR\badapters\x12#\n" +
+	"\radapter_slots\x18\x1a \x01(\x05R\fadapterSlotsB\x11\n" +
 	"\x0f_router_retries\"\xd2\x01\n" +
 	"\x04Rank\x12\x12\n" +
 	"\x04rank\x18\x01 \x01(\x05R\x04rank\x12\x1a\n" +
@@ -716,11 +925,12 @@ const file_replica_v1_replica_proto_rawDesc = "" +
 	"\x03pin\x18\x03 \x01(\bR\x03pin\x120\n" +
 	"\x14num_requests_running\x18\x04 \x01(\x01R\x12numRequestsRunning\x120\n" +
 	"\x14num_requests_waiting\x18\x05 \x01(\x01R\x12numRequestsWaiting\x12$\n" +
-	"\x0ekv_cache_usage\x18\x06 \x01(\x01R\fkvCacheUsage2\xf0\x01\n" +
+	"\x0ekv_cache_usage\x18\x06 \x01(\x01R\fkvCacheUsage2\xcc\x02\n" +
 	"\aReplica\x12H\n" +
 	"\bSnapshot\x12!.shoal.replica.v1.SnapshotRequest\x1a\x19.shoal.replica.v1.Metrics\x12G\n" +
 	"\x05Watch\x12!.shoal.replica.v1.SnapshotRequest\x1a\x19.shoal.replica.v1.Metrics0\x01\x12R\n" +
-	"\bKVEvents\x12!.shoal.replica.v1.KVEventsRequest\x1a!.shoal.replica.v1.KVEventsMessage0\x01B5Z3github.com/shoalhq/shoal/proto/replica/v1;replicav1b\x06proto3"
+	"\bKVEvents\x12!.shoal.replica.v1.KVEventsRequest\x1a!.shoal.replica.v1.KVEventsMessage0\x01\x12Z\n" +
+	"\vLoadAdapter\x12$.shoal.replica.v1.LoadAdapterRequest\x1a%.shoal.replica.v1.LoadAdapterResponseB5Z3github.com/shoalhq/shoal/proto/replica/v1;replicav1b\x06proto3"
 
 var (
 	file_replica_v1_replica_proto_rawDescOnce sync.Once
@@ -735,31 +945,37 @@ func file_replica_v1_replica_proto_rawDescGZIP() []byte {
 }
 
 var file_replica_v1_replica_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_replica_v1_replica_proto_msgTypes = make([]protoimpl.MessageInfo, 6)
+var file_replica_v1_replica_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
 var file_replica_v1_replica_proto_goTypes = []any{
-	(KVEvent_Kind)(0),       // 0: shoal.replica.v1.KVEvent.Kind
-	(*KVEventsRequest)(nil), // 1: shoal.replica.v1.KVEventsRequest
-	(*KVEvent)(nil),         // 2: shoal.replica.v1.KVEvent
-	(*KVEventsMessage)(nil), // 3: shoal.replica.v1.KVEventsMessage
-	(*SnapshotRequest)(nil), // 4: shoal.replica.v1.SnapshotRequest
-	(*Metrics)(nil),         // 5: shoal.replica.v1.Metrics
-	(*Rank)(nil),            // 6: shoal.replica.v1.Rank
+	(KVEvent_Kind)(0),           // 0: shoal.replica.v1.KVEvent.Kind
+	(*LoadAdapterRequest)(nil),  // 1: shoal.replica.v1.LoadAdapterRequest
+	(*LoadAdapterResponse)(nil), // 2: shoal.replica.v1.LoadAdapterResponse
+	(*AdapterState)(nil),        // 3: shoal.replica.v1.AdapterState
+	(*KVEventsRequest)(nil),     // 4: shoal.replica.v1.KVEventsRequest
+	(*KVEvent)(nil),             // 5: shoal.replica.v1.KVEvent
+	(*KVEventsMessage)(nil),     // 6: shoal.replica.v1.KVEventsMessage
+	(*SnapshotRequest)(nil),     // 7: shoal.replica.v1.SnapshotRequest
+	(*Metrics)(nil),             // 8: shoal.replica.v1.Metrics
+	(*Rank)(nil),                // 9: shoal.replica.v1.Rank
 }
 var file_replica_v1_replica_proto_depIdxs = []int32{
 	0, // 0: shoal.replica.v1.KVEvent.kind:type_name -> shoal.replica.v1.KVEvent.Kind
-	2, // 1: shoal.replica.v1.KVEventsMessage.events:type_name -> shoal.replica.v1.KVEvent
-	6, // 2: shoal.replica.v1.Metrics.ranks:type_name -> shoal.replica.v1.Rank
-	4, // 3: shoal.replica.v1.Replica.Snapshot:input_type -> shoal.replica.v1.SnapshotRequest
-	4, // 4: shoal.replica.v1.Replica.Watch:input_type -> shoal.replica.v1.SnapshotRequest
-	1, // 5: shoal.replica.v1.Replica.KVEvents:input_type -> shoal.replica.v1.KVEventsRequest
-	5, // 6: shoal.replica.v1.Replica.Snapshot:output_type -> shoal.replica.v1.Metrics
-	5, // 7: shoal.replica.v1.Replica.Watch:output_type -> shoal.replica.v1.Metrics
-	3, // 8: shoal.replica.v1.Replica.KVEvents:output_type -> shoal.replica.v1.KVEventsMessage
-	6, // [6:9] is the sub-list for method output_type
-	3, // [3:6] is the sub-list for method input_type
-	3, // [3:3] is the sub-list for extension type_name
-	3, // [3:3] is the sub-list for extension extendee
-	0, // [0:3] is the sub-list for field type_name
+	5, // 1: shoal.replica.v1.KVEventsMessage.events:type_name -> shoal.replica.v1.KVEvent
+	9, // 2: shoal.replica.v1.Metrics.ranks:type_name -> shoal.replica.v1.Rank
+	3, // 3: shoal.replica.v1.Metrics.adapters:type_name -> shoal.replica.v1.AdapterState
+	7, // 4: shoal.replica.v1.Replica.Snapshot:input_type -> shoal.replica.v1.SnapshotRequest
+	7, // 5: shoal.replica.v1.Replica.Watch:input_type -> shoal.replica.v1.SnapshotRequest
+	4, // 6: shoal.replica.v1.Replica.KVEvents:input_type -> shoal.replica.v1.KVEventsRequest
+	1, // 7: shoal.replica.v1.Replica.LoadAdapter:input_type -> shoal.replica.v1.LoadAdapterRequest
+	8, // 8: shoal.replica.v1.Replica.Snapshot:output_type -> shoal.replica.v1.Metrics
+	8, // 9: shoal.replica.v1.Replica.Watch:output_type -> shoal.replica.v1.Metrics
+	6, // 10: shoal.replica.v1.Replica.KVEvents:output_type -> shoal.replica.v1.KVEventsMessage
+	2, // 11: shoal.replica.v1.Replica.LoadAdapter:output_type -> shoal.replica.v1.LoadAdapterResponse
+	8, // [8:12] is the sub-list for method output_type
+	4, // [4:8] is the sub-list for method input_type
+	4, // [4:4] is the sub-list for extension type_name
+	4, // [4:4] is the sub-list for extension extendee
+	0, // [0:4] is the sub-list for field type_name
 }
 
 func init() { file_replica_v1_replica_proto_init() }
@@ -767,14 +983,14 @@ func file_replica_v1_replica_proto_init() {
 	if File_replica_v1_replica_proto != nil {
 		return
 	}
-	file_replica_v1_replica_proto_msgTypes[4].OneofWrappers = []any{}
+	file_replica_v1_replica_proto_msgTypes[7].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_replica_v1_replica_proto_rawDesc), len(file_replica_v1_replica_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   6,
+			NumMessages:   9,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -22,9 +22,10 @@ import (
 const _ = grpc.SupportPackageIsVersion9
 
 const (
-	Replica_Snapshot_FullMethodName = "/shoal.replica.v1.Replica/Snapshot"
-	Replica_Watch_FullMethodName    = "/shoal.replica.v1.Replica/Watch"
-	Replica_KVEvents_FullMethodName = "/shoal.replica.v1.Replica/KVEvents"
+	Replica_Snapshot_FullMethodName    = "/shoal.replica.v1.Replica/Snapshot"
+	Replica_Watch_FullMethodName       = "/shoal.replica.v1.Replica/Watch"
+	Replica_KVEvents_FullMethodName    = "/shoal.replica.v1.Replica/KVEvents"
+	Replica_LoadAdapter_FullMethodName = "/shoal.replica.v1.Replica/LoadAdapter"
 )
 
 // ReplicaClient is the client API for Replica service.
@@ -40,6 +41,12 @@ type ReplicaClient interface {
 	// misses a number, or joins late, reconnects and gets a snapshot again.
 	// UNAVAILABLE when the engine publishes no KV events.
 	KVEvents(ctx context.Context, in *KVEventsRequest, opts ...grpc.CallOption) (grpc.ServerStreamingClient[KVEventsMessage], error)
+	// LoadAdapter loads one of the deployment's LoRA adapters on this replica
+	// and answers once the engine serves it (a router calls it for an adapter
+	// no replica holds, or one whose replicas are busy). NOT_FOUND: not an
+	// adapter of the deployment; UNAVAILABLE: the engine is not ready;
+	// RESOURCE_EXHAUSTED: every slot holds a pinned or busy adapter.
+	LoadAdapter(ctx context.Context, in *LoadAdapterRequest, opts ...grpc.CallOption) (*LoadAdapterResponse, error)
 }
 
 type replicaClient struct {
@@ -98,6 +105,16 @@ func (c *replicaClient) KVEvents(ctx context.Context, in *KVEventsRequest, opts 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Replica_KVEventsClient = grpc.ServerStreamingClient[KVEventsMessage]
 
+func (c *replicaClient) LoadAdapter(ctx context.Context, in *LoadAdapterRequest, opts ...grpc.CallOption) (*LoadAdapterResponse, error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	out := new(LoadAdapterResponse)
+	err := c.cc.Invoke(ctx, Replica_LoadAdapter_FullMethodName, in, out, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	return out, nil
+}
+
 // ReplicaServer is the server API for Replica service.
 // All implementations must embed UnimplementedReplicaServer
 // for forward compatibility.
@@ -111,6 +128,12 @@ type ReplicaServer interface {
 	// misses a number, or joins late, reconnects and gets a snapshot again.
 	// UNAVAILABLE when the engine publishes no KV events.
 	KVEvents(*KVEventsRequest, grpc.ServerStreamingServer[KVEventsMessage]) error
+	// LoadAdapter loads one of the deployment's LoRA adapters on this replica
+	// and answers once the engine serves it (a router calls it for an adapter
+	// no replica holds, or one whose replicas are busy). NOT_FOUND: not an
+	// adapter of the deployment; UNAVAILABLE: the engine is not ready;
+	// RESOURCE_EXHAUSTED: every slot holds a pinned or busy adapter.
+	LoadAdapter(context.Context, *LoadAdapterRequest) (*LoadAdapterResponse, error)
 	mustEmbedUnimplementedReplicaServer()
 }
 
@@ -129,6 +152,9 @@ func (UnimplementedReplicaServer) Watch(*SnapshotRequest, grpc.ServerStreamingSe
 }
 func (UnimplementedReplicaServer) KVEvents(*KVEventsRequest, grpc.ServerStreamingServer[KVEventsMessage]) error {
 	return status.Error(codes.Unimplemented, "method KVEvents not implemented")
+}
+func (UnimplementedReplicaServer) LoadAdapter(context.Context, *LoadAdapterRequest) (*LoadAdapterResponse, error) {
+	return nil, status.Error(codes.Unimplemented, "method LoadAdapter not implemented")
 }
 func (UnimplementedReplicaServer) mustEmbedUnimplementedReplicaServer() {}
 func (UnimplementedReplicaServer) testEmbeddedByValue()                 {}
@@ -191,6 +217,24 @@ func _Replica_KVEvents_Handler(srv interface{}, stream grpc.ServerStream) error 
 // This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
 type Replica_KVEventsServer = grpc.ServerStreamingServer[KVEventsMessage]
 
+func _Replica_LoadAdapter_Handler(srv interface{}, ctx context.Context, dec func(interface{}) error, interceptor grpc.UnaryServerInterceptor) (interface{}, error) {
+	in := new(LoadAdapterRequest)
+	if err := dec(in); err != nil {
+		return nil, err
+	}
+	if interceptor == nil {
+		return srv.(ReplicaServer).LoadAdapter(ctx, in)
+	}
+	info := &grpc.UnaryServerInfo{
+		Server:     srv,
+		FullMethod: Replica_LoadAdapter_FullMethodName,
+	}
+	handler := func(ctx context.Context, req interface{}) (interface{}, error) {
+		return srv.(ReplicaServer).LoadAdapter(ctx, req.(*LoadAdapterRequest))
+	}
+	return interceptor(ctx, in, info, handler)
+}
+
 // Replica_ServiceDesc is the grpc.ServiceDesc for Replica service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -201,6 +245,10 @@ var Replica_ServiceDesc = grpc.ServiceDesc{
 		{
 			MethodName: "Snapshot",
 			Handler:    _Replica_Snapshot_Handler,
+		},
+		{
+			MethodName: "LoadAdapter",
+			Handler:    _Replica_LoadAdapter_Handler,
 		},
 	},
 	Streams: []grpc.StreamDesc{

@@ -74,8 +74,10 @@ func (c *Coordinator) adapterLoop(ctx context.Context) {
 	}
 }
 
-// held are the adapters a report says the engine has or is getting.
-func held(m *replicav1.Metrics) (loaded, all []string) {
+// held are the adapters a report says the engine has or is getting;
+// settled: none is pending, downloading or loading.
+func held(m *replicav1.Metrics) (loaded, all []string, settled bool) {
+	settled = true
 	for _, a := range m.GetAdapters() {
 		switch a.State {
 		case "loaded":
@@ -83,9 +85,12 @@ func held(m *replicav1.Metrics) (loaded, all []string) {
 			all = append(all, a.Name)
 		case "loading", "downloading":
 			all = append(all, a.Name)
+			settled = false
+		case "pending":
+			settled = false
 		}
 	}
-	return loaded, all
+	return loaded, all, settled
 }
 
 // adapterPass decides and tells. Leader only.
@@ -116,13 +121,17 @@ func (c *Coordinator) adapterPass() {
 			r := adapterplan.Replica{Group: g.ID, Slots: d.Slots()}
 			if v, ok := views[g.ID]; ok && v.Metrics != nil && v.Key.Epoch == g.Epoch {
 				r.Serving = v.Connected && v.Metrics.Serving
-				var loaded []string
-				loaded, r.Held = held(v.Metrics)
-				if r.Serving && v.Metrics.Adapters != nil {
-					b.mu.Lock()
+				loaded, all, settled := held(v.Metrics)
+				r.Held = all
+				// What it holds is remembered once its head was told and has
+				// done what it was told (a head that just came up holds
+				// nothing yet: remembering that would forget what the group
+				// held before its re-form).
+				b.mu.Lock()
+				if last, ok := b.sent[g.ID]; r.Serving && settled && ok && last.key == headKey(v) {
 					b.remembered[g.ID] = loaded
-					b.mu.Unlock()
 				}
+				b.mu.Unlock()
 			}
 			reps = append(reps, r)
 			gs = append(gs, g)
@@ -151,7 +160,7 @@ func (c *Coordinator) adapterPass() {
 			if !ok || !v.Connected || v.Metrics == nil || v.Key.Epoch != g.Epoch {
 				continue
 			}
-			loaded, _ := held(v.Metrics)
+			loaded, _, _ := held(v.Metrics)
 			for _, n := range loaded {
 				count[n]++
 			}
@@ -189,7 +198,7 @@ func agrees(m *replicav1.Metrics, req *agentv1.SetAdaptersRequest) bool {
 // tellAdapters sends req to the group's head when it differs from what the
 // head last acknowledged, or the head's report does not show it.
 func (c *Coordinator) tellAdapters(dep string, g *store.Group, v router.ReplicaView, req *agentv1.SetAdaptersRequest) {
-	key := fmt.Sprintf("%d/%d/%s", v.Key.Epoch, v.Key.Term, v.Key.Node)
+	key := headKey(v)
 	b := c.adapters
 	b.mu.Lock()
 	last, ok := b.sent[g.ID]
@@ -394,4 +403,9 @@ func (s *apiServer) ListAdapters(_ context.Context, req *coordv1.ListAdaptersReq
 		}
 	}
 	return &coordv1.ListAdaptersResponse{Adapters: s.c.adapterInfos(rec.Spec, groups), Slots: int32(rec.Spec.Slots()), Replicas: int32(n)}, nil
+}
+
+// headKey names the head claim a SetAdapters went to.
+func headKey(v router.ReplicaView) string {
+	return fmt.Sprintf("%d/%d/%s", v.Key.Epoch, v.Key.Term, v.Key.Node)
 }

@@ -137,7 +137,7 @@ func (m *Manager) Set(catalog []Spec, pinned, warm, drop []string) {
 		}
 		e.spec, e.InSpec = s, true
 		e.Pinned, e.Warm, e.Dropped = slices.Contains(pinned, s.Name), slices.Contains(warm, s.Name), slices.Contains(drop, s.Name)
-		if e.Pinned && e.State == None {
+		if (e.Pinned || e.Warm) && e.State == None {
 			e.State = Pending
 		}
 	}
@@ -258,6 +258,7 @@ func (m *Manager) run() {
 			m.unload(act.Victim, "evicted (least recently used) to load "+act.Name)
 			continue
 		}
+		m.settle()
 		timer.Stop()
 		if !act.Wake.IsZero() {
 			timer.Reset(max(time.Until(act.Wake), time.Millisecond))
@@ -267,6 +268,22 @@ func (m *Manager) run() {
 		case <-m.kick:
 		case <-timer.C:
 		}
+	}
+}
+
+// settle: with nothing left to do, a warm adapter still pending found no
+// free slot; it is not coming (the report then shows the replica settled).
+func (m *Manager) settle() {
+	changed := false
+	m.mu.Lock()
+	for _, e := range m.es {
+		if e.State == Pending && e.Warm && !e.Pinned && e.Asked.IsZero() {
+			e.State, changed = None, true
+		}
+	}
+	m.mu.Unlock()
+	if changed {
+		m.cfg.Changed()
 	}
 }
 

@@ -174,3 +174,33 @@ func TestManagerAdoptsAndCloses(t *testing.T) {
 	require.ErrorIs(t, <-errc, ErrClosed)
 	close(block)
 }
+
+// Warm adapters load into free slots and, when none is free, settle back
+// to not held (the report then shows the replica done).
+func TestManagerWarmSettles(t *testing.T) {
+	f := newFake()
+	m := New(Config{Slots: 2, Engine: f, Fetch: fetchTo("/a")})
+	defer func() { m.Close(); <-m.Done() }()
+	m.Set(catalog("a", "b", "c"), []string{"a"}, []string{"b", "c"}, nil)
+	got := map[string]bool{}
+	for i := 0; i < 2; i++ {
+		got[next(t, f)] = true
+	}
+	require.True(t, got["load a"], "the pin first")
+	require.Eventually(t, func() bool {
+		var states []string
+		for _, s := range m.States() {
+			states = append(states, s.State)
+		}
+		loaded, none := 0, 0
+		for _, s := range states {
+			switch s {
+			case Loaded:
+				loaded++
+			case None:
+				none++
+			}
+		}
+		return loaded == 2 && none == 1
+	}, 5*time.Second, time.Millisecond, "one warm adapter loaded into the free slot, the other settled")
+}

@@ -19,6 +19,12 @@ import (
 // the channel in its context (watchKey) when it breaks, so that its owner can
 // dial afresh. go-zeromq's own WithAutomaticReconnect races with Close and,
 // on a listening socket, dials its own address; this replaces it.
+//
+// For sockets that listen, every connection it accepts is closed when the
+// socket's context ends. go-zeromq's Close closes the connections it has,
+// then the listener: one accepted in between (an engine redialling at once
+// as the old subscriber goes) was never closed, and the engine, connected
+// to nobody who reads, never redialled the next subscriber.
 const watchedTCP = "shoal-watched-tcp"
 
 type watchKey struct{}
@@ -34,8 +40,61 @@ func (watched) Dial(ctx context.Context, d transport.Dialer, addr string) (net.C
 	return &watchedConn{Conn: c, died: died}, nil
 }
 
-func (watched) Listen(context.Context, string) (net.Listener, error) {
-	return nil, errors.New("kv events: the watched transport only dials")
+func (watched) Listen(ctx context.Context, addr string) (net.Listener, error) {
+	l, err := net.Listen("tcp", addr)
+	if err != nil {
+		return nil, err
+	}
+	tl := &trackingListener{Listener: l, ctx: ctx, conns: map[*trackedConn]bool{}}
+	go func() {
+		<-ctx.Done()
+		_ = l.Close()
+		tl.mu.Lock()
+		conns := tl.conns
+		tl.conns = nil
+		tl.mu.Unlock()
+		for c := range conns {
+			_ = c.Conn.Close() // the raw connection: its Close would take mu
+		}
+	}()
+	return tl, nil
+}
+
+// trackingListener closes what it accepted once its socket's context ends,
+// and anything it accepts after.
+type trackingListener struct {
+	net.Listener
+	ctx   context.Context
+	mu    sync.Mutex
+	conns map[*trackedConn]bool // guarded by mu; nil once the context ended
+}
+
+func (l *trackingListener) Accept() (net.Conn, error) {
+	c, err := l.Listener.Accept()
+	if err != nil {
+		return nil, err
+	}
+	l.mu.Lock()
+	defer l.mu.Unlock()
+	if l.conns == nil || l.ctx.Err() != nil {
+		_ = c.Close()
+		return nil, net.ErrClosed
+	}
+	tc := &trackedConn{Conn: c, l: l}
+	l.conns[tc] = true
+	return tc, nil
+}
+
+type trackedConn struct {
+	net.Conn
+	l *trackingListener
+}
+
+func (c *trackedConn) Close() error {
+	c.l.mu.Lock()
+	delete(c.l.conns, c) // a no-op on the nil map once the context ended
+	c.l.mu.Unlock()
+	return c.Conn.Close()
 }
 
 func (watched) Addr(ep string) (string, error) { return transport.New("tcp").Addr(ep) }
@@ -93,6 +152,15 @@ func dialWatched(ctx context.Context, endpoint string, kind func(context.Context
 		return nil, nil, err
 	}
 	return s, died, nil
+}
+
+// watchedEndpoint is a tcp:// endpoint on the watched transport (others as
+// they are).
+func watchedEndpoint(ep string) string {
+	if rest, ok := strings.CutPrefix(ep, "tcp://"); ok {
+		return watchedTCP + "://" + rest
+	}
+	return ep
 }
 
 // endSeq is the replay stream's end marker: -1 as 8 bytes, big-endian.
@@ -201,7 +269,15 @@ func (p *Publisher) connect(endpoint string) {
 		s, died, err := dialWatched(ctx, endpoint, zmq4.NewPub)
 		if err != nil {
 			cancel()
-			return // closed
+			// Closed, or the ZMTP handshake failed (go-zeromq retries only
+			// a refused dial: a subscriber that went away mid-handshake
+			// ends Dial with an error): try again, as libzmq does.
+			select {
+			case <-p.ctx.Done():
+				return
+			case <-time.After(100 * time.Millisecond):
+			}
+			continue
 		}
 		p.mu.Lock()
 		p.pub = s
@@ -305,7 +381,7 @@ func (s *Subscriber) Run(ctx context.Context, h Handler) error {
 	} else {
 		// The engine connects (and reconnects) to us.
 		sub = zmq4.NewSub(ctx)
-		if err := sub.Listen(s.Endpoint); err != nil {
+		if err := sub.Listen(watchedEndpoint(s.Endpoint)); err != nil {
 			_ = sub.Close()
 			return fmt.Errorf("kv events: cannot listen on %s for the engine: %w", s.Endpoint, err)
 		}

@@ -78,7 +78,12 @@ func publishUntilHeard(t *testing.T, p *Publisher, r *rec) uint64 {
 			return sent
 		case <-time.After(20 * time.Millisecond):
 		}
-		require.True(t, time.Now().Before(deadline), "the subscriber never heard the publisher (%d batches in 45 s)", sent)
+		if !time.Now().Before(deadline) {
+			p.mu.Lock()
+			connected := p.pub != nil
+			p.mu.Unlock()
+			t.Fatalf("the subscriber never heard the publisher (%d batches in 45 s; publisher connected: %v)", sent, connected)
+		}
 	}
 }
 

@@ -13,9 +13,12 @@ import (
 	"testing"
 	"time"
 
+	"github.com/aws/aws-sdk-go-v2/aws"
+	"github.com/aws/aws-sdk-go-v2/service/s3"
 	"github.com/openai/openai-go/v3"
 	"github.com/openai/openai-go/v3/option"
 	"github.com/shoalhq/shoal/internal/devcluster"
+	"github.com/shoalhq/shoal/internal/s3test"
 	"github.com/stretchr/testify/require"
 )
 
@@ -80,7 +83,15 @@ func writeAdapter(t *testing.T, dir string, r int) {
 // group; an adapter removed, then 404 and its slot freed; bad input refused
 // with nothing half-loaded.
 func TestAdaptersAtRunTime(t *testing.T) {
-	e := startCluster(t, 37, 3, func(c *devcluster.Config) { c.SimEnv = append(c.SimEnv, "SHOAL_SIM_LORA_LOAD=50ms") })
+	srv := s3test.Start(t)
+	_, err := srv.Put(context.Background(), "loras", "s3ad", s3test.Tree{"adapter_model.safetensors": 1 << 20}, 0)
+	require.NoError(t, err)
+	_, err = srv.Client.PutObject(context.Background(), &s3.PutObjectInput{Bucket: aws.String("loras"), Key: aws.String("s3ad/adapter_config.json"),
+		Body: strings.NewReader(`{"peft_type":"LORA","r":8}`)})
+	require.NoError(t, err)
+	e := startCluster(t, 37, 3, func(c *devcluster.Config) {
+		c.SimEnv = append(append(c.SimEnv, "SHOAL_SIM_LORA_LOAD=50ms"), srv.Env()...)
+	})
 	e.apply("llama.yaml", loraSpec)
 	require.Eventually(t, func() bool { return readyCount(e.replicas()) == 2 }, 90*time.Second, 200*time.Millisecond)
 
@@ -121,6 +132,43 @@ func TestAdaptersAtRunTime(t *testing.T) {
 		require.NoError(t, err, name)
 		require.Equal(t, name, resp.Model, "the engine ran the adapter")
 	}
+	// One from S3, pulled by the model downloader on the replica that loads
+	// it; one whose source holds nothing: failed, with the reason, in
+	// `shoal adapter list` and in the 503 its request gets.
+	out, err := e.shoal("adapter", "add", "llama", "s3ad", "--source", "s3://loras/s3ad", "--rank", "8")
+	require.NoError(t, err, out)
+	out, err = e.shoal("adapter", "add", "llama", "missing", "--source", "s3://loras/nothing-here", "--rank", "8")
+	require.NoError(t, err, out)
+	require.Eventually(t, func() bool {
+		resp, err := call("s3ad")
+		return err == nil && resp.Model == "s3ad"
+	}, 60*time.Second, 200*time.Millisecond, "an adapter pulled from S3 serves")
+	// One copy per host that loaded it (the router may have a second
+	// replica load it before the coordinator's pin lands), none elsewhere.
+	for i := 0; i < 3; i++ {
+		copies, _ := filepath.Glob(filepath.Join(e.dir, devcluster.NodeID(i), "models", "adapters", "s3ad-*"))
+		require.LessOrEqual(t, len(copies), 1, "one copy per host")
+	}
+	pulled, _ := filepath.Glob(filepath.Join(e.dir, "node-*", "models", "adapters", "s3ad-*", "adapter_config.json"))
+	require.NotEmpty(t, pulled, "pulled from S3 by the model downloader")
+	require.Eventually(t, func() bool {
+		for _, a := range e.adapters("llama") {
+			for _, r := range a.Replicas {
+				if a.Name == "missing" && r.State == "failed" && r.Reason != "" {
+					return true
+				}
+			}
+		}
+		return false
+	}, 60*time.Second, 200*time.Millisecond, "the missing source shows as failed with its reason")
+	_, err = call("missing")
+	var ae *openai.Error
+	require.ErrorAs(t, err, &ae)
+	require.Equal(t, 503, ae.StatusCode)
+	require.Contains(t, ae.Message, "adapter `missing`")
+	out, err = e.shoal("adapter", "remove", "llama", "s3ad", "missing")
+	require.NoError(t, err, out)
+
 	models, err := cl.Models.List(ctx)
 	require.NoError(t, err)
 	parents := map[string]string{}
@@ -176,7 +224,7 @@ func TestAdaptersAtRunTime(t *testing.T) {
 
 	// Remove one: 404 afterwards, its slot freed on the engine that held it.
 	gone := mine[0]
-	out, err := e.shoal("adapter", "remove", "llama", gone)
+	out, err = e.shoal("adapter", "remove", "llama", gone)
 	require.NoError(t, err, out)
 	var reFormed replica
 	for _, r := range e.replicas() {

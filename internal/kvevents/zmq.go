@@ -9,6 +9,7 @@ import (
 	"net"
 	"strings"
 	"sync"
+	"syscall"
 	"time"
 
 	"github.com/go-zeromq/zmq4"
@@ -152,6 +153,33 @@ func dialWatched(ctx context.Context, endpoint string, kind func(context.Context
 		return nil, nil, err
 	}
 	return s, died, nil
+}
+
+// listenBusyFor is how long a subscriber waits for its port to be free.
+const listenBusyFor = 30 * time.Second
+
+// listenSub opens a SUB listening on endpoint. A port in use is waited
+// for: the engine, redialling a subscriber that just went, can hold it for
+// a moment (a TCP self-connect to a port in the ephemeral range), as can
+// the subscriber of a run that is stopping.
+func listenSub(ctx context.Context, endpoint string) (zmq4.Socket, error) {
+	deadline := time.Now().Add(listenBusyFor)
+	for {
+		sub := zmq4.NewSub(ctx)
+		err := sub.Listen(watchedEndpoint(endpoint))
+		if err == nil {
+			return sub, nil
+		}
+		_ = sub.Close()
+		if !errors.Is(err, syscall.EADDRINUSE) || time.Now().After(deadline) {
+			return nil, err
+		}
+		select {
+		case <-ctx.Done():
+			return nil, ctx.Err()
+		case <-time.After(50 * time.Millisecond):
+		}
+	}
 }
 
 // watchedEndpoint is a tcp:// endpoint on the watched transport (others as
@@ -380,9 +408,11 @@ func (s *Subscriber) Run(ctx context.Context, h Handler) error {
 		}
 	} else {
 		// The engine connects (and reconnects) to us.
-		sub = zmq4.NewSub(ctx)
-		if err := sub.Listen(watchedEndpoint(s.Endpoint)); err != nil {
-			_ = sub.Close()
+		var err error
+		if sub, err = listenSub(ctx, s.Endpoint); err != nil {
+			if ctx.Err() != nil {
+				return nil
+			}
 			return fmt.Errorf("kv events: cannot listen on %s for the engine: %w", s.Endpoint, err)
 		}
 	}

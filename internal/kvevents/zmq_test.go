@@ -4,6 +4,8 @@ import (
 	"context"
 	"fmt"
 	"net"
+	"os"
+	"runtime/pprof"
 	"sync"
 	"testing"
 	"time"
@@ -82,6 +84,9 @@ func publishUntilHeard(t *testing.T, p *Publisher, r *rec) uint64 {
 			p.mu.Lock()
 			connected := p.pub != nil
 			p.mu.Unlock()
+			if os.Getenv("KV_DUMP") != "" {
+				_ = pprof.Lookup("goroutine").WriteTo(os.Stderr, 1)
+			}
 			t.Fatalf("the subscriber never heard the publisher (%d batches in 45 s; publisher connected: %v)", sent, connected)
 		}
 	}

@@ -13,6 +13,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/shoalhq/shoal/agent/adapters"
+	"github.com/shoalhq/shoal/agent/runner"
 	"github.com/shoalhq/shoal/gossip"
 	"github.com/shoalhq/shoal/model"
 	agentv1 "github.com/shoalhq/shoal/proto/agent/v1"
@@ -51,13 +52,13 @@ func newAdapterMetrics(reg *prometheus.Registry) *adapterMetrics {
 	return m
 }
 
-// adaptersWanted: the run serves, on the head, with LoRA slots. Loop only.
-func (a *Agent) adaptersWanted() bool {
+// adaptersWanted: the run (in state st) serves, on the head, with LoRA
+// slots. Loop only.
+func (a *Agent) adaptersWanted(st runner.Status) bool {
 	as := a.loc.As
 	if as == nil || as.Spec.Engine.LoRA == nil || a.loc.Claim == 0 || a.run == nil || a.run.plan.Endpoint == "" {
 		return false
 	}
-	st := a.run.r.Status()
 	return st.Phase == gossip.EngineReady && st.Failed == "" && !st.Stopping
 }
 
@@ -68,7 +69,11 @@ func (a *Agent) syncAdapters() {
 	if as := a.loc.As; ad.req != nil && (as == nil || as.Group != ad.req.GroupId || as.Epoch != ad.req.Epoch) {
 		ad.req = nil // another assignment's
 	}
-	want := a.adaptersWanted()
+	var st runner.Status
+	if a.run != nil {
+		st = a.run.r.Status()
+	}
+	want := a.adaptersWanted(st)
 	if ad.m != nil && (!want || ad.run != a.run) {
 		a.closeAdapters() // the engine run ended: its adapters with it
 	}
@@ -95,10 +100,8 @@ func (a *Agent) syncAdapters() {
 		ad.run = a.run
 		a.applyAdapters()
 	}
-	if ad.m != nil {
-		if st := a.run.r.Status(); st.Metrics.Have {
-			ad.m.Used(st.Metrics.LoRAActive)
-		}
+	if ad.m != nil && st.Metrics.Have {
+		ad.m.Used(st.Metrics.LoRAActive)
 	}
 }
 

@@ -113,6 +113,7 @@ func (c *Coordinator) adapterPass() {
 		}
 		var reps []adapterplan.Replica
 		var gs []*store.Group
+		count := map[string]int{} // adapter → replicas whose engine holds it
 		for _, g := range groups {
 			if g.Deployment != d.Name || g.Draining() {
 				continue
@@ -123,6 +124,11 @@ func (c *Coordinator) adapterPass() {
 				r.Serving = v.Connected && v.Metrics.Serving
 				loaded, all, settled := held(v.Metrics)
 				r.Held = all
+				if v.Connected {
+					for _, n := range loaded {
+						count[n]++
+					}
+				}
 				// What it holds is remembered once its head was told and has
 				// done what it was told (a head that just came up holds
 				// nothing yet: remembering that would forget what the group
@@ -154,15 +160,10 @@ func (c *Coordinator) adapterPass() {
 		for _, a := range d.Adapters {
 			catalog = append(catalog, &agentv1.AdapterSpec{Name: a.Name, Source: a.Source, Rank: int32(a.Rank), MaxReplicas: int32(a.MaxReplicas)})
 		}
-		count := map[string]int{}
 		for _, g := range gs {
 			v, ok := views[g.ID]
 			if !ok || !v.Connected || v.Metrics == nil || v.Key.Epoch != g.Epoch {
 				continue
-			}
-			loaded, _, _ := held(v.Metrics)
-			for _, n := range loaded {
-				count[n]++
 			}
 			req := &agentv1.SetAdaptersRequest{GroupId: g.ID, Epoch: g.Epoch, Catalog: catalog, Pinned: out.Pins[g.ID], Warm: out.Warm[g.ID], Drop: out.Drop[g.ID]}
 			c.tellAdapters(d.Name, g, v, req)

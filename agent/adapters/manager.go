@@ -385,16 +385,15 @@ func (m *Manager) unload(name, why string) {
 	}
 	m.mu.Lock()
 	if e := m.es[name]; e != nil {
-		if !e.InSpec {
-			delete(m.es, name)
-		} else {
-			e.State, e.reason, e.RetryAt = None, "", time.Time{}
-		}
-		if err != nil {
+		switch {
+		case err != nil:
 			// The engine may still hold it: counted as loaded until a later
 			// unload succeeds (a slot is never counted free too early).
-			e.State, e.reason, e.RetryAt = Loaded, "unload failed: "+err.Error(), m.cfg.Now().Add(RetryBase)
-			m.es[name] = e
+			e.reason, e.RetryAt = "unload failed: "+err.Error(), m.cfg.Now().Add(RetryBase)
+		case !e.InSpec:
+			delete(m.es, name)
+		default:
+			e.State, e.reason, e.RetryAt = None, "", time.Time{}
 		}
 	}
 	m.mu.Unlock()

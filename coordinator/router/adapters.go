@@ -2,7 +2,6 @@ package router
 
 import (
 	"context"
-	"errors"
 	"fmt"
 	"math"
 	"slices"
@@ -130,17 +129,20 @@ func (s *spreading) end(name string) {
 	s.mu.Unlock()
 }
 
-// errAdapter is an adapter request that cannot be served now.
+// errAdapter is an adapter request that cannot be served now: its HTTP
+// status and message; noRoom: the replica asked had no free slot (the
+// next may).
 type errAdapter struct {
 	status int
 	msg    string
+	noRoom bool
 }
 
 func (e *errAdapter) Error() string { return e.msg }
 
 // adapterEndpoints narrows a base model's endpoints to those that serve the
 // adapter now, loading it where needed.
-func (r *Router) adapterEndpoints(ctx context.Context, name string, bound int, eps []*Endpoint) ([]*Endpoint, error) {
+func (r *Router) adapterEndpoints(ctx context.Context, name string, bound int, eps []*Endpoint) ([]*Endpoint, *errAdapter) {
 	if len(eps) == 0 {
 		return nil, nil // no replica of the base model: the usual 503 (or hold)
 	}
@@ -169,15 +171,14 @@ func (r *Router) adapterEndpoints(ctx context.Context, name string, bound int, e
 		r.maybeSpread(name, bound, eps, holders)
 		return holders, nil
 	}
-	var last error
+	var last *errAdapter
 	for _, t := range adapterTargets(eps, name) {
 		err := r.loadAdapter(ctx, t, name, "cold")
 		if err == nil {
 			return []*Endpoint{t}, nil
 		}
 		last = err
-		var ea *errAdapter
-		if !errors.As(err, &ea) || ea.status != 507 {
+		if !err.noRoom {
 			break // only a replica without room sends the router to the next
 		}
 	}
@@ -216,7 +217,7 @@ func (r *Router) maybeSpread(name string, bound int, eps, holders []*Endpoint) {
 }
 
 // loadAdapter asks ep's head to load the adapter and waits.
-func (r *Router) loadAdapter(ctx context.Context, ep *Endpoint, name, why string) error {
+func (r *Router) loadAdapter(ctx context.Context, ep *Endpoint, name, why string) *errAdapter {
 	if r.cfg.Adapters == nil {
 		return &errAdapter{status: 503, msg: fmt.Sprintf("no replica holds adapter `%s`, and this router cannot ask one to load it", name)}
 	}
@@ -226,7 +227,6 @@ func (r *Router) loadAdapter(ctx context.Context, ep *Endpoint, name, why string
 	err := r.cfg.Adapters.LoadAdapter(ctx, ep, name)
 	if why == "cold" {
 		r.am.wait.Observe(time.Since(start).Seconds())
-		r.coldWaits.Add(1)
 	}
 	result := "loaded"
 	if err != nil {
@@ -240,7 +240,7 @@ func (r *Router) loadAdapter(ctx context.Context, ep *Endpoint, name, why string
 	st, _ := status.FromError(err)
 	switch st.Code() {
 	case codes.ResourceExhausted:
-		return &errAdapter{status: 507, msg: fmt.Sprintf("replica %s has no free slot for adapter `%s`: %s", ep.Group, name, st.Message())}
+		return &errAdapter{status: 503, noRoom: true, msg: fmt.Sprintf("replica %s has no free slot for adapter `%s`: %s", ep.Group, name, st.Message())}
 	case codes.NotFound:
 		return &errAdapter{status: 404, msg: fmt.Sprintf("The model `%s` does not exist.", name)}
 	case codes.DeadlineExceeded:
@@ -248,10 +248,6 @@ func (r *Router) loadAdapter(ctx context.Context, ep *Endpoint, name, why string
 	}
 	return &errAdapter{status: 503, msg: fmt.Sprintf("adapter `%s` could not be loaded on replica %s: %s", name, ep.Group, st.Message())}
 }
-
-// AdapterLoadWaits counts the requests this router held for an adapter's
-// load (benchmarks).
-func (r *Router) AdapterLoadWaits() int64 { return r.coldWaits.Load() }
 
 // adapterCards are /v1/models entries for the adapters the table knows
 // that no engine card listed (an adapter not loaded anywhere yet, or

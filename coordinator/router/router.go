@@ -145,12 +145,11 @@ type Router struct {
 	tokenizeFailures prometheus.Counter
 	tokRR            atomic.Uint64 // spreads /tokenize calls over replicas
 
-	am        *adapterMetrics
-	coldWaits atomic.Int64
-	spread    spreading
-	bg        sync.WaitGroup // background adapter loads (Close waits)
-	bgCtx     context.Context
-	stopBg    context.CancelFunc
+	am     *adapterMetrics
+	spread spreading
+	bg     sync.WaitGroup // background adapter loads (Close waits)
+	bgCtx  context.Context
+	stopBg context.CancelFunc
 }
 
 // Close ends the router's background work (adapter loads it started to
@@ -411,28 +410,22 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 		return
 	}
 	if len(eps) == 0 && r.cfg.HoldFor > 0 {
+		served := model
 		if isAdapter {
-			eps = r.hold(req.Context(), base)
-		} else {
-			eps = r.hold(req.Context(), model)
+			served = base // an adapter waits for its base model's replicas
 		}
+		eps = r.hold(req.Context(), served)
 	}
 	if isAdapter {
-		var err error
-		if eps, err = r.adapterEndpoints(req.Context(), model, bound, eps); err != nil {
-			var ea *errAdapter
-			errors.As(err, &ea)
-			code := ea.status
-			if code == 507 {
-				code = 503
-			}
-			r.requests.WithLabelValues(model, strategy, strconv.Itoa(code)).Inc()
-			if code == 404 {
+		var ea *errAdapter
+		if eps, ea = r.adapterEndpoints(req.Context(), model, bound, eps); ea != nil {
+			r.requests.WithLabelValues(model, strategy, strconv.Itoa(ea.status)).Inc()
+			if ea.status == 404 {
 				writeError(w, 404, "invalid_request_error", "model", "model_not_found", ea.msg)
 				return
 			}
 			w.Header().Set("Retry-After", "5")
-			writeError(w, code, "server_error", "", "adapter_not_loaded", ea.msg)
+			writeError(w, ea.status, "server_error", "", "adapter_not_loaded", ea.msg)
 			return
 		}
 	}

@@ -241,7 +241,6 @@ func (s *Server) loraCards() []any {
 type loraSched struct {
 	maxLoras, cpu int
 	cache         []string // least recently used first
-	loads         int      // adapters brought back from disk by this step
 }
 
 func (e *Engine) cacheLoRA(name string) {

@@ -43,9 +43,10 @@ test-unit:
 test-integration: sdk-node
 	$(GO) test -race -count=1 -timeout 20m ./test/e2e/...
 
-## sdk-node: the Node SDK suite's packages, exactly as package-lock.json pins them.
+## sdk-node: the Node SDK suite's packages (and playwright-core for the console's browser
+## test), exactly as package-lock.json pins them.
 sdk-node:
-	@[ -d test/sdk/node/node_modules/openai ] || { command -v npm >/dev/null || { echo "npm missing: apt-get install -y nodejs npm"; exit 1; }; npm ci --prefix test/sdk/node --no-audit --no-fund; }
+	@[ -d test/sdk/node/node_modules/openai ] && [ -d test/sdk/node/node_modules/playwright-core ] || { command -v npm >/dev/null || { echo "npm missing: apt-get install -y nodejs npm"; exit 1; }; npm ci --prefix test/sdk/node --no-audit --no-fund; }
 
 ## lint: gofmt, vet, and the layout rules (import rules, nothing pointing outside the
 ## repository: internal/layout, docs/architecture.md §8).

@@ -412,6 +412,11 @@ func (c *Coordinator) replicaInfos(dep string, groups []*store.Group) []*coordv1
 			ri.State = "degraded"
 		case ok && v.Key.Epoch == g.Epoch && v.Routable:
 			ri.State = "ready"
+		case ok && v.Key.Epoch == g.Epoch && !v.Connected && v.Metrics != nil:
+			// The head's stream broke: what it said last is stale (a
+			// "ready" from a dead head). The gossip says within seconds
+			// whether the host is gone (degraded) or the stream comes back.
+			ri.State = "unreachable"
 		case ok && v.Key.Epoch == g.Epoch && v.Metrics != nil && v.Metrics.Reason != "":
 			ri.State = v.Metrics.Reason
 		}

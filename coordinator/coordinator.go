@@ -60,6 +60,8 @@ type Config struct {
 	RaftProfile string
 	// Slurm, when set, serves Slurm-sourced deployments (slurm.go).
 	Slurm *SlurmConfig
+	// Console, when set, serves the web console (consolesrv.go).
+	Console *ConsoleConfig
 }
 
 // Defaults fills unset fields.
@@ -230,6 +232,11 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	if err := mkdir(c.cfg.DataDir); err != nil {
 		return err
 	}
+	if cc := c.cfg.Console; cc != nil {
+		if err := checkConsole(cc, c.cfg.TLS != nil); err != nil {
+			return err
+		}
+	}
 	if c.cfg.RaftAddr != "" {
 		rc := replicate.Config{ID: c.cfg.NodeID, Addr: c.cfg.RaftAddr, Dir: filepath.Join(c.cfg.DataDir, "raft"),
 			Servers: c.cfg.Servers, Profile: c.cfg.RaftProfile, Legacy: filepath.Join(c.cfg.DataDir, "coordinator.db"), Logger: c.cfg.Logger}
@@ -274,6 +281,7 @@ func (c *Coordinator) Run(ctx context.Context) error {
 	srv := grpc.NewServer(append(c.cfg.TLS.ServerOptions(security.CoordinatorPolicy, true), grpc.ChainUnaryInterceptor(c.forward))...)
 	coordv1.RegisterCoordinatorServer(srv, &apiServer{c: c})
 	var httpSrv *router.Server
+	var chat http.Handler // the playground's way to the router
 	if c.cfg.RouterAddr != "" {
 		rl, err := net.Listen("tcp", c.cfg.RouterAddr)
 		if err != nil {
@@ -292,6 +300,7 @@ func (c *Coordinator) Run(ctx context.Context) error {
 		defer warm.Close()
 		httpSrv = rt.NewServer(rl)
 		go func() { _ = httpSrv.Serve() }()
+		chat = rt.Handler()
 	}
 	var metricsSrv *http.Server
 	if c.cfg.MetricsAddr != "" {
@@ -303,6 +312,14 @@ func (c *Coordinator) Run(ctx context.Context) error {
 		metricsSrv = &http.Server{Handler: c.metricsHandler(), ReadHeaderTimeout: 5 * time.Second}
 		go func() { _ = metricsSrv.Serve(ml) }()
 		defer metricsSrv.Close()
+	}
+	if c.cfg.Console != nil {
+		stopConsole, err := c.startConsole(ctx, chat)
+		if err != nil {
+			lis.Close()
+			return err
+		}
+		defer stopConsole()
 	}
 	var wg sync.WaitGroup
 	gctx, stopGossip := context.WithCancel(context.WithoutCancel(ctx))

@@ -167,3 +167,54 @@ func TestAServingHeadIsReadyEverywhere(t *testing.T) {
 	routes, _ = tc.c.table.Load().Endpoints("demo")
 	require.Empty(t, routes, "a draining group gets no new requests")
 }
+
+// TestAHeadWhoseStreamBrokeIsUnreachable: once a head's Replica stream
+// breaks (its agent died), the replica is not shown "ready" from the head's
+// last report while the gossip has yet to notice; it is "unreachable".
+func TestAHeadWhoseStreamBrokeIsUnreachable(t *testing.T) {
+	tc := newCoord(t)
+	lis, err := net.Listen("tcp", "127.0.0.1:0")
+	require.NoError(t, err)
+	srv := grpc.NewServer()
+	replicav1.RegisterReplicaServer(srv, &fakeHead{m: &replicav1.Metrics{Deployment: "demo", GroupId: "demo-a", Epoch: 1, Term: 2, NodeId: "n1",
+		Serving: true, Endpoint: "10.0.0.1:8000", ServedModelName: "demo", MetricsValid: true, Reason: gossip.EngineReady}})
+	go func() { _ = srv.Serve(lis) }()
+	defer srv.Stop()
+	tc.apply(t, spec2(1))
+	require.NoError(t, tc.st.PutGroup(&store.Group{ID: "demo-a", Deployment: "demo", Epoch: 1, Created: tc.clock,
+		Members: []store.GroupMember{{NodeID: "n1", GRPC: "n1:1"}, {NodeID: "n2", Rank: 1, GRPC: "n2:1"}}}))
+	in := func(id string, head bool) gossip.Tag {
+		t := gossip.Tag{V: 1, Kind: gossip.KindAgent, ID: id, GRPC: "127.0.0.9:1", Healthy: true, Group: "demo-a", Epoch: 1, Engine: gossip.EngineReady}
+		if head {
+			t.HeadTerm, t.Replica = 2, lis.Addr().String()
+		}
+		return t
+	}
+	tc.mem.set(in("n1", true), in("n2", false))
+	state := func() string {
+		reps, err := tc.api.ListReplicas(context.Background(), &coordv1.ListReplicasRequest{Deployment: "demo"})
+		require.NoError(t, err)
+		return reps.Replicas[0].State
+	}
+	changed := tc.c.table.Changed()
+	tc.reconcile(t)
+	for deadline := time.After(10 * time.Second); !tc.c.heads.Serving("demo-a"); {
+		select {
+		case <-changed:
+			changed = tc.c.table.Changed()
+		case <-deadline:
+			t.Fatal("the head's report never arrived")
+		}
+	}
+	require.Equal(t, "ready", state())
+	srv.Stop() // the head's agent is gone; its tag is still in the gossip
+	for deadline := time.After(10 * time.Second); tc.c.heads.Views()["demo-a"].Connected; {
+		select {
+		case <-changed:
+			changed = tc.c.table.Changed()
+		case <-deadline:
+			t.Fatal("the stream never broke")
+		}
+	}
+	require.Equal(t, "unreachable", state())
+}

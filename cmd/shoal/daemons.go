@@ -116,6 +116,10 @@ func coordinatorCommand() *cli.Command {
 			&cli.StringFlag{Name: "router", Value: "127.0.0.1:8080", EnvVars: []string{"SHOAL_ROUTER_ADDR"}, Usage: "OpenAI HTTP address (\"\" disables)"},
 			&cli.StringFlag{Name: "data-dir", Value: "/var/lib/shoal-coordinator", EnvVars: []string{"SHOAL_DATA_DIR"}},
 			&cli.StringFlag{Name: "cli-tokens-file", EnvVars: []string{"SHOAL_CLI_TOKENS_FILE"}, Usage: "hashed CLI tokens, \"NAME SHA256\" per line (`shoal tls token create`); reloaded on SIGHUP"},
+			&cli.StringFlag{Name: "console", EnvVars: []string{"SHOAL_CONSOLE_ADDR"},
+				Usage: "serve the web console on this host:port (off when empty): HTTPS with the coordinator's certificate, logged in with a CLI token or a cli certificate; an --insecure coordinator serves it on a loopback address only"},
+			&cli.BoolFlag{Name: "console-cleartext", EnvVars: []string{"SHOAL_CONSOLE_CLEARTEXT"},
+				Usage: "serve the console over plain HTTP though the coordinator has TLS (a loopback --console only; shoal dev)"},
 			&cli.StringFlag{Name: "raft-addr", EnvVars: []string{"SHOAL_RAFT_ADDR"},
 				Usage: "replicate the store over Raft with the other coordinators, on this host:port (\"\": a single coordinator)"},
 			&cli.StringSliceFlag{Name: "servers", EnvVars: []string{"SHOAL_SERVERS"},
@@ -181,13 +185,21 @@ func coordinatorCommand() *cli.Command {
 			co := coordinator.New(coordinator.Config{RaftAddr: c.String("raft-addr"), Servers: servers, RaftProfile: c.String("raft-profile"), NodeID: c.String("node-id"), Cluster: c.String("cluster"), Address: c.String("address"),
 				GossipPort: c.Int("gossip-port"), Join: c.StringSlice("join"), GossipProfile: c.String("gossip-profile"),
 				APIAddr: c.String("api"), RouterAddr: c.String("router"), MetricsAddr: c.String("metrics-addr"), DataDir: c.String("data-dir"), Router: rc, Logger: log,
-				TLS: tl, GossipKeys: keys, GossipKeyFile: kf, Ready: sdReady(log), Slurm: sl})
+				TLS: tl, GossipKeys: keys, GossipKeyFile: kf, Ready: sdReady(log), Slurm: sl, Console: consoleConfig(c)})
 			defer sdStopping()
 			return co.Run(c.Context)
 		},
 	}
 	cmd.Flags = append(cmd.Flags, securityFlags()...)
 	return cmd
+}
+
+// consoleConfig is the console's flags (nil: off).
+func consoleConfig(c *cli.Context) *coordinator.ConsoleConfig {
+	if c.String("console") == "" {
+		return nil
+	}
+	return &coordinator.ConsoleConfig{Addr: c.String("console"), Cleartext: c.Bool("console-cleartext")}
 }
 
 var idleTimeoutFlag = &cli.DurationFlag{Name: "idle-timeout", Value: 10 * time.Minute, EnvVars: []string{"SHOAL_ROUTER_IDLE_TIMEOUT"},

@@ -5,9 +5,11 @@ import (
 	"context"
 	"fmt"
 	"io"
+	"net"
 	"net/http"
 	"os"
 	"path/filepath"
+	"strings"
 	"time"
 
 	"github.com/shoalhq/shoal/internal/devcluster"
@@ -29,6 +31,9 @@ func devCommand() *cli.Command {
 			&cli.StringFlag{Name: "sim", EnvVars: []string{"SHOAL_SIM_BIN"}, Usage: "shoal-sim binary (default: next to shoal, else " + packagedSim + ")"},
 			&cli.StringFlag{Name: "router", Value: "127.0.0.1:8080", EnvVars: []string{"SHOAL_ROUTER_ADDR"}},
 			&cli.StringFlag{Name: "api", Value: "127.0.0.1:7950", EnvVars: []string{"SHOAL_API_ADDR"}},
+			&cli.StringFlag{Name: "net", Value: "127.0.0", EnvVars: []string{"SHOAL_DEV_NET"}, Usage: "the loopback /24 the cluster lives on: the coordinator gossips on .1, agents on .2, .3, … (two dev clusters on one machine need two nets and two sets of ports)"},
+			&cli.IntFlag{Name: "gossip-port", Value: 7946, EnvVars: []string{"SHOAL_DEV_GOSSIP_PORT"}, Usage: "the coordinator's gossip port"},
+			&cli.StringFlag{Name: "console", Value: "127.0.0.1:7952", EnvVars: []string{"SHOAL_CONSOLE_ADDR"}, Usage: "the web console (\"\" off); its address, with a login link, is printed when the cluster is up"},
 			&cli.StringFlag{Name: "metrics-addr", Value: "127.0.0.1:7951", EnvVars: []string{"SHOAL_METRICS_ADDR"}, Usage: "coordinator /metrics and Prometheus service discovery"},
 			&cli.Float64Flag{Name: "load-seconds", Value: 3, EnvVars: []string{"SHOAL_SIM_LOAD_SECONDS"}, Usage: "simulated weight-load time"},
 			&cli.BoolFlag{Name: "no-deploy", Usage: "start the cluster without applying the demo deployment"},
@@ -62,6 +67,10 @@ func runDev(c *cli.Context) error {
 	if !ok {
 		return fmt.Errorf("--shape %q: one of tp-pp, wide-ep, pd", c.String("shape"))
 	}
+	nw := strings.TrimSuffix(c.String("net"), ".")
+	if ip := net.ParseIP(nw + ".1"); ip == nil || !ip.IsLoopback() || strings.Count(nw, ".") != 2 {
+		return fmt.Errorf("--net %q: give the first three numbers of a loopback address, 127.0.N", c.String("net"))
+	}
 	dir := c.String("dir")
 	if dir == "" {
 		if dir, err = os.MkdirTemp("", "shoal-dev-"); err != nil {
@@ -72,6 +81,7 @@ func runDev(c *cli.Context) error {
 	fmt.Fprintf(out, "shoal dev: cluster files in %s\n", dir)
 	cl, err := devcluster.Start(devcluster.Config{Dir: dir, ShoalBin: self, SimBin: sim, Agents: c.Int("agents"),
 		APIAddr: c.String("api"), RouterAddr: c.String("router"), MetricsAddr: c.String("metrics-addr"), AgentMetrics: true, Log: out,
+		ConsoleAddr: c.String("console"), IPPrefix: nw + ".", CoordIP: nw + ".1", GossipPort: c.Int("gossip-port"),
 		SimEnv: []string{fmt.Sprintf("SHOAL_SIM_LOAD_SECONDS=%g", c.Float64("load-seconds"))}})
 	if err != nil {
 		return err
@@ -86,8 +96,18 @@ func runDev(c *cli.Context) error {
 		cl.Stop()
 		fmt.Fprintln(out, "shoal dev: stopped")
 	}()
+	console := ""
+	if a := c.String("console"); a != "" {
+		console = "http://" + a + "/"
+		if tok := cl.ConsoleToken(); tok != "" {
+			console += "#token=" + tok // the fragment never leaves the browser; the page logs in with it
+		}
+	}
 	if c.Bool("no-deploy") {
 		fmt.Fprintf(out, "ready: coordinator API %s (no deployment applied); Ctrl-C to stop\n", c.String("api"))
+		if console != "" {
+			fmt.Fprintf(out, "console: %s\n", console)
+		}
 		<-c.Context.Done()
 		return nil
 	}
@@ -113,16 +133,19 @@ func runDev(c *cli.Context) error {
 			return fmt.Errorf("no replica served within 3 minutes; see the logs in %s/logs", dir)
 		}
 	}
+	if console != "" {
+		console = "console: " + console + "\n"
+	}
 	fmt.Fprintf(out, `
 ready: %s (first completion after %.1fs)
-
+%s
 Try it:
   curl -s %s/v1/chat/completions -H 'Content-Type: application/json' \
     -d '{"model":"demo","messages":[{"role":"user","content":"Hello!"}],"max_tokens":32}'
   ./bin/shoal get replicas      ./bin/shoal get nodes      ./bin/shoal describe deployment demo
 
 Ctrl-C stops everything.
-`, router, time.Since(start).Seconds(), router)
+`, router, time.Since(start).Seconds(), console, router)
 	<-c.Context.Done()
 	return nil
 }

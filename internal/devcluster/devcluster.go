@@ -51,6 +51,11 @@ type Config struct {
 	// its IP, port 9400.
 	MetricsAddr  string
 	AgentMetrics bool
+	// ConsoleAddr serves the coordinator's web console there ("" off), in
+	// the clear on loopback (HTTPS with ConsoleHTTPS), logged in with
+	// ConsoleToken.
+	ConsoleAddr  string
+	ConsoleHTTPS bool
 	// Insecure runs every process with --insecure (cleartext gRPC and
 	// gossip) instead of throw-away certificates and a gossip key.
 	Insecure bool
@@ -137,7 +142,11 @@ func Start(cfg Config) (*Cluster, error) {
 		}
 	}
 	if cfg.Wrap == nil {
-		if err := checkFree(cfg.APIAddr, cfg.RouterAddr, net.JoinHostPort(cfg.CoordIP, strconv.Itoa(cfg.GossipPort))); err != nil {
+		addrs := []string{cfg.APIAddr, cfg.RouterAddr, net.JoinHostPort(cfg.CoordIP, strconv.Itoa(cfg.GossipPort))}
+		if cfg.ConsoleAddr != "" {
+			addrs = append(addrs, cfg.ConsoleAddr)
+		}
+		if err := checkFree(addrs...); err != nil {
 			return nil, err
 		}
 	}
@@ -195,7 +204,7 @@ func (c *Cluster) StartCoordinator() error {
 	cfg := c.cfg
 	c.coord, err = c.spawn("coordinator", nil, append([]string{"coordinator", "--address", cfg.CoordIP, "--gossip-port", strconv.Itoa(cfg.GossipPort),
 		"--api", cfg.APIAddr, "--router", cfg.RouterAddr, "--data-dir", filepath.Join(cfg.Dir, "coordinator"), "--gossip-profile", cfg.Profile,
-		"--metrics-addr=" + cfg.MetricsAddr, "--no-api-keys"}, sec...)...)
+		"--metrics-addr=" + cfg.MetricsAddr, "--no-api-keys"}, append(sec, c.consoleArgs()...)...)...)
 	return err
 }
 

@@ -3,6 +3,7 @@ package devcluster
 import (
 	"os"
 	"path/filepath"
+	"strings"
 
 	"github.com/shoalhq/shoal/gossip"
 	"github.com/shoalhq/shoal/security"
@@ -28,6 +29,21 @@ func (c *Cluster) setupSecurity() error {
 			return err
 		}
 		if err := os.WriteFile(filepath.Join(ca, "gossip.key"), []byte(k+"\n"), 0o600); err != nil {
+			return err
+		}
+	}
+	if _, err := os.Stat(c.tokensFile()); err != nil {
+		tok, line, err := security.NewToken("console")
+		if err != nil {
+			return err
+		}
+		if err := os.MkdirAll(c.tlsDir("cli"), 0o700); err != nil {
+			return err
+		}
+		if err := os.WriteFile(filepath.Join(c.tlsDir("cli"), "token"), []byte(tok+"\n"), 0o600); err != nil {
+			return err
+		}
+		if err := os.WriteFile(c.tokensFile(), []byte(line+"\n"), 0o600); err != nil {
 			return err
 		}
 	}
@@ -67,6 +83,37 @@ func (c *Cluster) securityArgs(name string, req *security.CertRequest) ([]string
 		}
 	}
 	return []string{"--tls-dir", c.tlsDir(name), "--gossip-key-file", kf}, nil
+}
+
+// tokensFile is the coordinator's --cli-tokens-file: the hash of one CLI
+// token, the console's login.
+func (c *Cluster) tokensFile() string { return filepath.Join(c.tlsDir("ca"), "cli-tokens") }
+
+// ConsoleToken is the CLI token the console takes ("" when insecure).
+func (c *Cluster) ConsoleToken() string {
+	if c.cfg.Insecure {
+		return ""
+	}
+	b, err := os.ReadFile(filepath.Join(c.tlsDir("cli"), "token"))
+	if err != nil {
+		return ""
+	}
+	return strings.TrimSpace(string(b))
+}
+
+// consoleArgs are the coordinator's console flags.
+func (c *Cluster) consoleArgs() []string {
+	if c.cfg.ConsoleAddr == "" {
+		return nil
+	}
+	args := []string{"--console", c.cfg.ConsoleAddr}
+	if !c.cfg.ConsoleHTTPS {
+		args = append(args, "--console-cleartext")
+	}
+	if !c.cfg.Insecure {
+		args = append(args, "--cli-tokens-file", c.tokensFile())
+	}
+	return args
 }
 
 // ClientEnv is the environment the CLI needs to reach this cluster.

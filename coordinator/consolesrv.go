@@ -71,7 +71,7 @@ func (c *Coordinator) startConsole(ctx context.Context, chat http.Handler) (stop
 		return nil, err
 	}
 	secure := c.cfg.TLS != nil && !cc.Cleartext
-	cons := console.New(console.Config{API: coordv1.NewCoordinatorClient(conn), Chat: chat, Secure: secure, Log: c.log,
+	cons := console.New(console.Config{API: coordv1.NewCoordinatorClient(conn), Chat: chat, Secure: secure, Log: c.log, StaleHeader: StaleHeader,
 		Auth: func(r *http.Request, tok string) (string, error) {
 			who, err := c.cfg.TLS.HTTPCaller(r, tok)
 			return who.Name, err

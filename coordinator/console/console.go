@@ -20,7 +20,9 @@ import (
 	"time"
 
 	coordv1 "github.com/shoalhq/shoal/proto/coordinator/v1"
+	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
 
@@ -39,6 +41,11 @@ type Config struct {
 	Auth func(r *http.Request, cookieToken string) (string, error)
 	// Secure marks the login cookie Secure (the console serves HTTPS).
 	Secure bool
+	// StaleHeader is the response header with which the API says a read
+	// could not be confirmed current (a replicated coordinator without a
+	// leader answers from its last state); the console passes it on as
+	// X-Shoal-Stale and the page shows it.
+	StaleHeader string
 	// Every is how often load, pulls and health are sampled (2 s); Keep how
 	// long the load series last (10 min).
 	Every, Keep time.Duration
@@ -187,7 +194,44 @@ func (c *Console) authed(h func(http.ResponseWriter, *http.Request, string)) htt
 				return
 			}
 		}
-		h(w, r, who)
+		r, note := withStale(r)
+		h(&staleWriter{ResponseWriter: w, note: note}, r, who)
+	}
+}
+
+// staleWriter marks an answer X-Shoal-Stale when one of its reads was.
+type staleWriter struct {
+	http.ResponseWriter
+	note *staleNote
+	done bool
+}
+
+func (s *staleWriter) WriteHeader(code int) {
+	if !s.done {
+		s.done = true
+		s.note.mu.Lock()
+		if s.note.why != "" {
+			s.Header().Set("X-Shoal-Stale", s.note.why)
+		}
+		s.note.mu.Unlock()
+	}
+	s.ResponseWriter.WriteHeader(code)
+}
+
+func (s *staleWriter) Write(b []byte) (int, error) {
+	if !s.done {
+		s.WriteHeader(http.StatusOK)
+	}
+	return s.ResponseWriter.Write(b)
+}
+
+// Unwrap lets http.ResponseController reach the connection's writer.
+func (s *staleWriter) Unwrap() http.ResponseWriter { return s.ResponseWriter }
+
+// Flush streams (the logs, the playground).
+func (s *staleWriter) Flush() {
+	if f, ok := s.ResponseWriter.(http.Flusher); ok {
+		f.Flush()
 	}
 }
 
@@ -249,15 +293,52 @@ func (c *Console) whoami(w http.ResponseWriter, r *http.Request, who string) {
 	writeJSON(w, r, map[string]any{"name": who, "playground": c.cfg.Chat != nil})
 }
 
+// staleKey carries a request's stale note through its API calls.
+type staleKey struct{}
+
+// staleNote is why a request's reads were not confirmed current ("" when
+// they were).
+type staleNote struct {
+	mu  sync.Mutex
+	why string
+}
+
+// withStale gives a request a stale note its reads fill.
+func withStale(r *http.Request) (*http.Request, *staleNote) {
+	n := &staleNote{}
+	return r.WithContext(context.WithValue(r.Context(), staleKey{}, n)), n
+}
+
+// readOpts are the options of a read: its response header is checked for
+// the API's stale mark.
+func (c *Console) readOpts(ctx context.Context) (opts []grpc.CallOption, done func()) {
+	n, _ := ctx.Value(staleKey{}).(*staleNote)
+	if n == nil || c.cfg.StaleHeader == "" {
+		return nil, func() {}
+	}
+	md := new(metadata.MD)
+	return []grpc.CallOption{grpc.Header(md)}, func() {
+		if v := md.Get(c.cfg.StaleHeader); len(v) > 0 {
+			n.mu.Lock()
+			n.why = v[0]
+			n.mu.Unlock()
+		}
+	}
+}
+
 // snapshot reads the nodes and replicas from the API.
 func (c *Console) snapshot(ctx context.Context) ([]*coordv1.NodeInfo, []*coordv1.ReplicaInfo, error) {
 	ctx, cancel := context.WithTimeout(ctx, apiTimeout)
 	defer cancel()
-	ns, err := c.cfg.API.ListNodes(ctx, &coordv1.ListNodesRequest{})
+	opts, done := c.readOpts(ctx)
+	ns, err := c.cfg.API.ListNodes(ctx, &coordv1.ListNodesRequest{}, opts...)
+	done()
 	if err != nil {
 		return nil, nil, err
 	}
-	rs, err := c.cfg.API.ListReplicas(ctx, &coordv1.ListReplicasRequest{})
+	opts, done = c.readOpts(ctx)
+	defer done()
+	rs, err := c.cfg.API.ListReplicas(ctx, &coordv1.ListReplicasRequest{}, opts...)
 	if err != nil {
 		return nil, nil, err
 	}
@@ -314,7 +395,9 @@ func (c *Console) node(w http.ResponseWriter, r *http.Request, _ string) {
 func (c *Console) describe(ctx context.Context, name string, nodes []*coordv1.NodeInfo) (Deployment, error) {
 	ctx, cancel := context.WithTimeout(ctx, apiTimeout)
 	defer cancel()
-	d, err := c.cfg.API.DescribeDeployment(ctx, &coordv1.DescribeDeploymentRequest{Name: name})
+	opts, done := c.readOpts(ctx)
+	d, err := c.cfg.API.DescribeDeployment(ctx, &coordv1.DescribeDeploymentRequest{Name: name}, opts...)
+	done()
 	if err != nil {
 		return Deployment{}, err
 	}
@@ -330,7 +413,9 @@ func (c *Console) describe(ctx context.Context, name string, nodes []*coordv1.No
 func (c *Console) listNodes(ctx context.Context) ([]*coordv1.NodeInfo, error) {
 	ctx, cancel := context.WithTimeout(ctx, apiTimeout)
 	defer cancel()
-	ns, err := c.cfg.API.ListNodes(ctx, &coordv1.ListNodesRequest{})
+	opts, done := c.readOpts(ctx)
+	defer done()
+	ns, err := c.cfg.API.ListNodes(ctx, &coordv1.ListNodesRequest{}, opts...)
 	if err != nil {
 		return nil, err
 	}
@@ -340,7 +425,9 @@ func (c *Console) listNodes(ctx context.Context) ([]*coordv1.NodeInfo, error) {
 func (c *Console) deployments(w http.ResponseWriter, r *http.Request, _ string) {
 	ctx, cancel := context.WithTimeout(r.Context(), apiTimeout)
 	defer cancel()
-	ls, err := c.cfg.API.ListDeployments(ctx, &coordv1.ListDeploymentsRequest{})
+	opts, done := c.readOpts(ctx)
+	ls, err := c.cfg.API.ListDeployments(ctx, &coordv1.ListDeploymentsRequest{}, opts...)
+	done()
 	if err != nil {
 		apiErr(w, err)
 		return

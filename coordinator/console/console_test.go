@@ -16,6 +16,7 @@ import (
 	"github.com/stretchr/testify/require"
 	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/metadata"
 	"google.golang.org/grpc/status"
 )
 
@@ -29,11 +30,17 @@ type fakeAPI struct {
 	inventory string
 	logs      []*coordv1.LogChunk
 	logsErr   error
+	stale     string // the stale mark ListNodes answers with
 }
 
-func (f *fakeAPI) ListNodes(context.Context, *coordv1.ListNodesRequest, ...grpc.CallOption) (*coordv1.ListNodesResponse, error) {
+func (f *fakeAPI) ListNodes(_ context.Context, _ *coordv1.ListNodesRequest, opts ...grpc.CallOption) (*coordv1.ListNodesResponse, error) {
 	f.mu.Lock()
 	defer f.mu.Unlock()
+	for _, o := range opts {
+		if h, ok := o.(grpc.HeaderCallOption); ok && f.stale != "" {
+			*h.HeaderAddr = metadata.Pairs("shoal-stale", f.stale)
+		}
+	}
 	return &coordv1.ListNodesResponse{Nodes: f.nodes}, nil
 }
 
@@ -96,7 +103,7 @@ const goodInventory = `{"gpu":{"devices":[{"index":0,"healthy":true},{"index":1,
 func newTest(t *testing.T, chat http.Handler) (*Console, *fakeAPI, *httptest.Server) {
 	f := &fakeAPI{nodes: testNodes(), replicas: testReplicas(), inventory: goodInventory,
 		logs: []*coordv1.LogChunk{{NodeId: "n2", Name: "vllm", Data: []byte("INFO started\n")}, {NodeId: "n2", Name: "vllm", Data: []byte("bad \xff byte\n")}}}
-	c := New(Config{API: f, Chat: chat, Auth: func(r *http.Request, tok string) (string, error) {
+	c := New(Config{API: f, Chat: chat, StaleHeader: "shoal-stale", Auth: func(r *http.Request, tok string) (string, error) {
 		if h := r.Header.Get("Authorization"); h != "" {
 			tok = strings.TrimPrefix(h, "Bearer ")
 		}
@@ -210,6 +217,18 @@ func TestClusterJSON(t *testing.T) {
 	assert.Equal(t, http.StatusOK, resp.StatusCode)
 	assert.Contains(t, body, `"id":"n5"`)
 	assert.NotContains(t, body, `"id":"n4"`)
+}
+
+func TestAStaleReadIsSaid(t *testing.T) {
+	_, f, s := newTest(t, nil)
+	resp, _ := get(t, s.URL+"/api/cluster", auth, "Bearer good")
+	assert.Empty(t, resp.Header.Get("X-Shoal-Stale"))
+	f.stale = "no coordinator leader: quorum is lost"
+	for _, p := range []string{"/api/cluster", "/api/deployments", "/api/replicas/g1"} {
+		resp, body := get(t, s.URL+p, auth, "Bearer good")
+		assert.Equal(t, http.StatusOK, resp.StatusCode, body)
+		assert.Equal(t, f.stale, resp.Header.Get("X-Shoal-Stale"), p)
+	}
 }
 
 func TestNodeDeploymentsReplica(t *testing.T) {

@@ -53,11 +53,18 @@ async function api(path, opts, same) {
     const body = await r.json().catch(() => ({}));
     throw new Error(body.error || (r.status + " " + r.statusText));
   }
+  const stale = r.headers.get("X-Shoal-Stale");
+  staleWhy = stale || "";
   const text = await r.text();
   if (same && lastText.get(path) === text) return same;
   lastText.set(path, text);
   return JSON.parse(text);
 }
+
+// staleWhy is why the last answer could not be confirmed current ("" when
+// it was): a replicated coordinator without a leader answers from its last
+// state, and the page says so.
+let staleWhy = "";
 
 // UNCHANGED is what api() returns, when asked, for an answer like the last.
 const UNCHANGED = Symbol("unchanged");
@@ -74,7 +81,10 @@ function poll(ms, fn) {
     if (gen !== viewGen) return;
     try {
       await fn(gen);
-      if (gen === viewGen) setStatus("updated " + new Date().toLocaleTimeString());
+      if (gen === viewGen) {
+        if (staleWhy) setStatus("STALE (this coordinator's last state): " + staleWhy, true);
+        else setStatus("updated " + new Date().toLocaleTimeString());
+      }
     } catch (e) {
       if (e instanceof AuthError) { showLogin(e.message); return; }
       if (gen === viewGen) setStatus(e.message, true);

@@ -112,15 +112,18 @@ func (h *fakeHead) Watch(_ *replicav1.SnapshotRequest, s replicav1.Replica_Watch
 	return nil
 }
 
-func TestAServingHeadIsReadyEverywhere(t *testing.T) {
-	tc := newCoord(t)
+// servingHead starts a fake head reporting m for group demo-a (n1 head, n2
+// worker), stores the group, gossips the members' tags and waits until the
+// coordinator's watcher has the head serving. It returns the head's server
+// and the table's next change.
+func servingHead(t *testing.T, tc *testCoord, m *replicav1.Metrics) (*grpc.Server, *store.Group, <-chan struct{}) {
+	t.Helper()
 	lis, err := net.Listen("tcp", "127.0.0.1:0")
 	require.NoError(t, err)
 	srv := grpc.NewServer()
-	replicav1.RegisterReplicaServer(srv, &fakeHead{m: &replicav1.Metrics{Deployment: "demo", GroupId: "demo-a", Epoch: 1, Term: 2, NodeId: "n1",
-		Serving: true, Endpoint: "10.0.0.1:8000", ServedModelName: "demo", MetricsValid: true, NumRequestsRunning: 3}})
+	replicav1.RegisterReplicaServer(srv, &fakeHead{m: m})
 	go func() { _ = srv.Serve(lis) }()
-	defer srv.Stop()
+	t.Cleanup(srv.Stop)
 	tc.apply(t, spec2(1))
 	g := &store.Group{ID: "demo-a", Deployment: "demo", Epoch: 1, Created: tc.clock,
 		Members: []store.GroupMember{{NodeID: "n1", GRPC: "n1:1"}, {NodeID: "n2", Rank: 1, GRPC: "n2:1"}}}
@@ -143,6 +146,13 @@ func TestAServingHeadIsReadyEverywhere(t *testing.T) {
 			t.Fatal("the head's report never arrived")
 		}
 	}
+	return srv, g, changed
+}
+
+func TestAServingHeadIsReadyEverywhere(t *testing.T) {
+	tc := newCoord(t)
+	_, g, _ := servingHead(t, tc, &replicav1.Metrics{Deployment: "demo", GroupId: "demo-a", Epoch: 1, Term: 2, NodeId: "n1",
+		Serving: true, Endpoint: "10.0.0.1:8000", ServedModelName: "demo", MetricsValid: true, NumRequestsRunning: 3})
 	reps, err := tc.api.ListReplicas(context.Background(), &coordv1.ListReplicasRequest{Deployment: "demo"})
 	require.NoError(t, err)
 	require.Equal(t, "ready", reps.Replicas[0].State)
@@ -173,38 +183,12 @@ func TestAServingHeadIsReadyEverywhere(t *testing.T) {
 // last report while the gossip has yet to notice; it is "unreachable".
 func TestAHeadWhoseStreamBrokeIsUnreachable(t *testing.T) {
 	tc := newCoord(t)
-	lis, err := net.Listen("tcp", "127.0.0.1:0")
-	require.NoError(t, err)
-	srv := grpc.NewServer()
-	replicav1.RegisterReplicaServer(srv, &fakeHead{m: &replicav1.Metrics{Deployment: "demo", GroupId: "demo-a", Epoch: 1, Term: 2, NodeId: "n1",
-		Serving: true, Endpoint: "10.0.0.1:8000", ServedModelName: "demo", MetricsValid: true, Reason: gossip.EngineReady}})
-	go func() { _ = srv.Serve(lis) }()
-	defer srv.Stop()
-	tc.apply(t, spec2(1))
-	require.NoError(t, tc.st.PutGroup(&store.Group{ID: "demo-a", Deployment: "demo", Epoch: 1, Created: tc.clock,
-		Members: []store.GroupMember{{NodeID: "n1", GRPC: "n1:1"}, {NodeID: "n2", Rank: 1, GRPC: "n2:1"}}}))
-	in := func(id string, head bool) gossip.Tag {
-		t := gossip.Tag{V: 1, Kind: gossip.KindAgent, ID: id, GRPC: "127.0.0.9:1", Healthy: true, Group: "demo-a", Epoch: 1, Engine: gossip.EngineReady}
-		if head {
-			t.HeadTerm, t.Replica = 2, lis.Addr().String()
-		}
-		return t
-	}
-	tc.mem.set(in("n1", true), in("n2", false))
+	srv, _, changed := servingHead(t, tc, &replicav1.Metrics{Deployment: "demo", GroupId: "demo-a", Epoch: 1, Term: 2, NodeId: "n1",
+		Serving: true, Endpoint: "10.0.0.1:8000", ServedModelName: "demo", MetricsValid: true, Reason: gossip.EngineReady})
 	state := func() string {
 		reps, err := tc.api.ListReplicas(context.Background(), &coordv1.ListReplicasRequest{Deployment: "demo"})
 		require.NoError(t, err)
 		return reps.Replicas[0].State
-	}
-	changed := tc.c.table.Changed()
-	tc.reconcile(t)
-	for deadline := time.After(10 * time.Second); !tc.c.heads.Serving("demo-a"); {
-		select {
-		case <-changed:
-			changed = tc.c.table.Changed()
-		case <-deadline:
-			t.Fatal("the head's report never arrived")
-		}
 	}
 	require.Equal(t, "ready", state())
 	srv.Stop() // the head's agent is gone; its tag is still in the gossip

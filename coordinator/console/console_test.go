@@ -117,9 +117,10 @@ func newTest(t *testing.T, chat http.Handler) (*Console, *fakeAPI, *httptest.Ser
 	return c, f, s
 }
 
-func get(t *testing.T, url string, hdr ...string) (*http.Response, string) {
+// call sends one request with headers (name, value, …) and reads the answer.
+func call(t *testing.T, method, url, body string, hdr ...string) (*http.Response, string) {
 	t.Helper()
-	req, err := http.NewRequest(http.MethodGet, url, nil)
+	req, err := http.NewRequest(method, url, strings.NewReader(body))
 	require.NoError(t, err)
 	for i := 0; i+1 < len(hdr); i += 2 {
 		req.Header.Set(hdr[i], hdr[i+1])
@@ -129,6 +130,16 @@ func get(t *testing.T, url string, hdr ...string) (*http.Response, string) {
 	defer resp.Body.Close()
 	b, _ := io.ReadAll(resp.Body)
 	return resp, string(b)
+}
+
+func get(t *testing.T, url string, hdr ...string) (*http.Response, string) {
+	t.Helper()
+	return call(t, http.MethodGet, url, "", hdr...)
+}
+
+func post(t *testing.T, url, body string, hdr ...string) (*http.Response, string) {
+	t.Helper()
+	return call(t, http.MethodPost, url, body, hdr...)
 }
 
 const auth = "Authorization"
@@ -159,20 +170,6 @@ func TestEveryViewNeedsALogin(t *testing.T) {
 	resp, body = get(t, s.URL+"/nope")
 	assert.Equal(t, http.StatusNotFound, resp.StatusCode)
 	assert.Contains(t, body, "no such page")
-}
-
-func post(t *testing.T, url, body string, hdr ...string) (*http.Response, string) {
-	t.Helper()
-	req, err := http.NewRequest(http.MethodPost, url, strings.NewReader(body))
-	require.NoError(t, err)
-	for i := 0; i+1 < len(hdr); i += 2 {
-		req.Header.Set(hdr[i], hdr[i+1])
-	}
-	resp, err := http.DefaultClient.Do(req)
-	require.NoError(t, err)
-	defer resp.Body.Close()
-	b, _ := io.ReadAll(resp.Body)
-	return resp, string(b)
 }
 
 func TestLogin(t *testing.T) {

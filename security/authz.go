@@ -6,6 +6,7 @@ import (
 	"crypto/rand"
 	"crypto/sha256"
 	"encoding/hex"
+	"errors"
 	"fmt"
 	"os"
 	"strings"
@@ -106,15 +107,20 @@ func (t *TLS) caller(ctx context.Context) (Caller, error) {
 		if !ok {
 			continue
 		}
-		t.mu.RLock()
-		tk := t.tokens
-		t.mu.RUnlock()
-		if name, ok := tk.Check(tok); ok {
-			return Caller{Role: RoleCLI, Name: name}, nil
-		}
-		return Caller{}, fmt.Errorf("token not accepted")
+		return t.tokenCaller(tok)
 	}
 	return Caller{}, fmt.Errorf("no client certificate or token: give the CLI --tls-dir with a cli certificate, or --token")
+}
+
+// tokenCaller is the CLI caller a token names, or why it names none.
+func (t *TLS) tokenCaller(tok string) (Caller, error) {
+	t.mu.RLock()
+	tk := t.tokens
+	t.mu.RUnlock()
+	if name, ok := tk.Check(tok); ok {
+		return Caller{Role: RoleCLI, Name: name}, nil
+	}
+	return Caller{}, errors.New("token not accepted")
 }
 
 // ServerOptions are a gRPC server's credentials and policy checks.

@@ -13,17 +13,7 @@ import (
 // certificate verified against the CA when the client gives one (a browser
 // with no shoal certificate logs in with a CLI token instead).
 func (t *TLS) HTTPServerConfig() *tls.Config {
-	return &tls.Config{
-		MinVersion: tls.VersionTLS13,
-		GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
-			cert, pool := t.snapshot()
-			if cert == nil {
-				return nil, errors.New("this server has no certificate")
-			}
-			return &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{*cert}, ClientCAs: pool,
-				ClientAuth: tls.VerifyClientCertIfGiven, NextProtos: []string{"http/1.1"}}, nil
-		},
-	}
+	return t.serverConfig(tls.VerifyClientCertIfGiven, "http/1.1")
 }
 
 // HTTPCaller authenticates an HTTP request as the coordinator API does a
@@ -51,11 +41,5 @@ func (t *TLS) HTTPCaller(r *http.Request, cookieToken string) (Caller, error) {
 	if tok == "" {
 		return Caller{}, errors.New("no client certificate or token: log in with a CLI token (`shoal tls token create NAME`) or present a cli certificate")
 	}
-	t.mu.RLock()
-	tk := t.tokens
-	t.mu.RUnlock()
-	if name, ok := tk.Check(tok); ok {
-		return Caller{Role: RoleCLI, Name: name}, nil
-	}
-	return Caller{}, errors.New("token not accepted")
+	return t.tokenCaller(tok)
 }

@@ -151,16 +151,23 @@ func (t *TLS) ServerCreds(clientCertOptional bool) credentials.TransportCredenti
 	if clientCertOptional {
 		auth = tls.VerifyClientCertIfGiven
 	}
-	return credentials.NewTLS(&tls.Config{
+	return credentials.NewTLS(t.serverConfig(auth))
+}
+
+// serverConfig is a server's TLS: TLS 1.3, the current certificate, client
+// certificates checked as auth says against the current CA; protos are the
+// ALPN protocols it speaks (gRPC sets its own).
+func (t *TLS) serverConfig(auth tls.ClientAuthType, protos ...string) *tls.Config {
+	return &tls.Config{
 		MinVersion: tls.VersionTLS13,
 		GetConfigForClient: func(*tls.ClientHelloInfo) (*tls.Config, error) {
 			cert, pool := t.snapshot()
 			if cert == nil {
 				return nil, errors.New("this server has no certificate")
 			}
-			return &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{*cert}, ClientCAs: pool, ClientAuth: auth}, nil
+			return &tls.Config{MinVersion: tls.VersionTLS13, Certificates: []tls.Certificate{*cert}, ClientCAs: pool, ClientAuth: auth, NextProtos: protos}, nil
 		},
-	})
+	}
 }
 
 // ClientCreds verifies the server against the current CA and its address

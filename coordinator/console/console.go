@@ -379,20 +379,15 @@ func (c *Console) node(w http.ResponseWriter, r *http.Request, _ string) {
 		apiErr(w, err)
 		return
 	}
-	n := nodeOf(resp.Node, nil)
-	if in, err := parseInventory(resp.InventoryJson); err == nil {
-		in.Healthy, in.At = resp.Node.Healthy, c.cfg.Now()
-		n.Inventory = in
-		c.mu.Lock()
-		c.inv[n.ID] = in
-		c.mu.Unlock()
-	} else {
-		n.Inventory = &Inventory{Err: err.Error(), GPUs: []GPU{}}
-	}
-	writeJSON(w, r, n)
+	in := inventoryOf(resp.InventoryJson)
+	in.Healthy, in.At = resp.Node.Healthy, c.cfg.Now()
+	c.mu.Lock()
+	c.inv[resp.Node.NodeId] = in
+	c.mu.Unlock()
+	writeJSON(w, r, nodeOf(resp.Node, in))
 }
 
-func (c *Console) describe(ctx context.Context, name string, nodes []*coordv1.NodeInfo) (Deployment, error) {
+func (c *Console) describe(ctx context.Context, name string, nodes []*coordv1.NodeInfo, pulls map[string][]progressSample) (Deployment, error) {
 	ctx, cancel := context.WithTimeout(ctx, apiTimeout)
 	defer cancel()
 	opts, done := c.readOpts(ctx)
@@ -401,13 +396,18 @@ func (c *Console) describe(ctx context.Context, name string, nodes []*coordv1.No
 	if err != nil {
 		return Deployment{}, err
 	}
+	return buildDeployment(d, nodes, pulls), nil
+}
+
+// pullSamples is a copy of the pulls' samples so far.
+func (c *Console) pullSamples() map[string][]progressSample {
 	c.mu.Lock()
+	defer c.mu.Unlock()
 	pulls := make(map[string][]progressSample, len(c.pulls))
 	for k, v := range c.pulls {
 		pulls[k] = v
 	}
-	c.mu.Unlock()
-	return buildDeployment(d, nodes, pulls), nil
+	return pulls
 }
 
 func (c *Console) listNodes(ctx context.Context) ([]*coordv1.NodeInfo, error) {
@@ -438,8 +438,9 @@ func (c *Console) deployments(w http.ResponseWriter, r *http.Request, _ string) 
 		return
 	}
 	out := []Deployment{}
+	pulls := c.pullSamples()
 	for _, s := range ls.Deployments {
-		d, err := c.describe(r.Context(), s.Name, nodes)
+		d, err := c.describe(r.Context(), s.Name, nodes, pulls)
 		if status.Code(err) == codes.NotFound {
 			continue // deleted between the two calls
 		}
@@ -458,7 +459,7 @@ func (c *Console) deployment(w http.ResponseWriter, r *http.Request, _ string) {
 		apiErr(w, err)
 		return
 	}
-	d, err := c.describe(r.Context(), r.PathValue("name"), nodes)
+	d, err := c.describe(r.Context(), r.PathValue("name"), nodes, c.pullSamples())
 	if err != nil {
 		apiErr(w, err)
 		return

@@ -155,14 +155,11 @@ func (c *Console) readInventory(ctx context.Context, id string, healthy bool) {
 	ctx, cancel := context.WithTimeout(ctx, apiTimeout)
 	defer cancel()
 	resp, err := c.cfg.API.DescribeNode(ctx, &coordv1.DescribeNodeRequest{NodeId: id})
-	var in *Inventory
-	switch {
-	case err != nil:
-		in = &Inventory{Err: err.Error(), GPUs: []GPU{}}
-	default:
-		if in, err = parseInventory(resp.InventoryJson); err != nil {
-			in = &Inventory{Err: err.Error(), GPUs: []GPU{}}
-		}
+	in := &Inventory{GPUs: []GPU{}}
+	if err != nil {
+		in.Err = err.Error()
+	} else {
+		in = inventoryOf(resp.InventoryJson)
 	}
 	in.Healthy, in.At = healthy, c.cfg.Now()
 	c.mu.Lock()

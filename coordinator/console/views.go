@@ -75,6 +75,16 @@ func parseInventory(b []byte) (*Inventory, error) {
 	return out, nil
 }
 
+// inventoryOf is an agent's inventory, or one that says why it could not
+// be read.
+func inventoryOf(b []byte) *Inventory {
+	in, err := parseInventory(b)
+	if err != nil {
+		return &Inventory{Err: err.Error(), GPUs: []GPU{}}
+	}
+	return in
+}
+
 // Node is one node as the cluster view shows it.
 type Node struct {
 	ID        string `json:"id"`
@@ -154,6 +164,14 @@ func nodeOf(n *coordv1.NodeInfo, inv *Inventory) Node {
 		SlurmJob: n.SlurmJob, Leaving: n.Leaving, Inventory: inv}
 }
 
+func byNodeID(nodes []*coordv1.NodeInfo) map[string]*coordv1.NodeInfo {
+	m := make(map[string]*coordv1.NodeInfo, len(nodes))
+	for _, n := range nodes {
+		m[n.NodeId] = n
+	}
+	return m
+}
+
 func (n Node) matches(health string) bool {
 	switch health {
 	case "healthy":
@@ -175,9 +193,8 @@ func replicaOf(r *coordv1.ReplicaInfo) Replica {
 // answers and the inventories read so far in, the view out.
 func buildCluster(nodes []*coordv1.NodeInfo, reps []*coordv1.ReplicaInfo, inv map[string]*Inventory, f Filter) ClusterView {
 	v := ClusterView{Replicas: []Replica{}, Free: []Node{}, Deployments: []string{}, Filter: f}
-	byID := map[string]*coordv1.NodeInfo{}
+	byID := byNodeID(nodes)
 	for _, n := range nodes {
-		byID[n.NodeId] = n
 		v.Nodes++
 		if n.Healthy {
 			v.HealthyNodes++
@@ -316,10 +333,7 @@ func buildDeployment(d *coordv1.DescribeDeploymentResponse, nodes []*coordv1.Nod
 		Desired: int(s.GetDesiredReplicas()), Ready: int(s.GetReadyReplicas()), Created: s.GetCreatedUnix(),
 		Replicas: []Replica{}, Autoscaler: d.Autoscaler, Hold: d.Hold, Events: append([]string{}, d.Events...),
 		Downloads: []Download{}, Adapters: []string{}, Settings: d.EngineSettings, Spec: d.SpecYaml}
-	byID := map[string]*coordv1.NodeInfo{}
-	for _, n := range nodes {
-		byID[n.NodeId] = n
-	}
+	byID := byNodeID(nodes)
 	for _, r := range d.Replicas {
 		rv := replicaOf(r)
 		for _, m := range r.Members {

@@ -20,7 +20,7 @@ import (
 // mean inter-token gap ≤ 50 ms) for colocated and for the split with the
 // best goodput, and PD/colocated ratios. Then a new pair's first request
 // with NIXL's lazy 5 s handshake against warm pairs, and the published
-// anchors.
+// anchors (SGLang's 96 H100, llm-d's 16 H200).
 //
 //	go test -run '^$' -bench PDvsColocated -benchtime 1x ./bench/
 func BenchmarkPDvsColocated(b *testing.B) {
@@ -96,5 +96,56 @@ func BenchmarkPDvsColocated(b *testing.B) {
 		fmt.Fprintf(os.Stdout, "\nanchor SGLang 96×H100 PD (3P + 9D nodes, DeepSeek-R1, 2000 in), preset %s per rank:\n", ep.Name)
 		fmt.Fprintf(os.Stdout, "prefill %.1fk input tok/s per node (published 52.3k: ratio %.2f)   decode %.1fk output tok/s per node at %d seqs/rank (published 22.3k: ratio %.2f)\n",
 			inPerNode/1e3, inPerNode/52.3e3, outPerNode/1e3, ep.PubDecodeSeqs, outPerNode/22.3e3)
+		llmdAnchor()
 	}
+}
+
+// llmdAnchor predicts llm-d's PD guide (docs/design/figures.md §F5):
+// gpt-oss-120b on 16 H200, 8 TP1 prefill + 2 TP4 decode instances, 5,400
+// requests of 5000 in / 250 out at a constant 45 req/s (inference-perf's
+// constant load), against its aggregated baseline of 16 TP1 replicas. The
+// presets were fitted to two of the published figures (peakPrefillThroughput
+// and the baseline's mean E2E); every other figure is a prediction. Also
+// run with Poisson arrivals, to show what burstier arrivals do to the
+// tail.
+func llmdAnchor() {
+	tp1, tp4 := sim.Presets["gpt-oss-120b-h200-tp1"], sim.Presets["gpt-oss-120b-h200-tp4"]
+	slo := sim.SLO{TTFT: 2 * time.Second, ITL: 50 * time.Millisecond}
+	pd := sim.Serving{Params: tp1.Params, Prefill: 8, Decode: 2, DecodeParams: &tp4.Params,
+		KVBytesPerToken: tp1.KVBytesPerToken, LinkGBps: 50, Hop: time.Millisecond}
+	agg := sim.Serving{Params: tp1.Params, Colocated: 16}
+	even := sim.Load{Rate: 45, Prompt: 5000, Output: 250, Total: 5400, Seed: 1, Even: true}
+	poisson := even
+	poisson.Even = false
+	pdE, pdP := sim.SimulateServing(pd, even, slo), sim.SimulateServing(pd, poisson, slo)
+	aggE, aggP := sim.SimulateServing(agg, even, slo), sim.SimulateServing(agg, poisson, slo)
+	secs := func(d time.Duration) float64 { return d.Seconds() }
+	rps := func(r sim.ServingResult) float64 { return float64(r.Requests) / r.Duration.Seconds() }
+	fmt.Fprintf(os.Stdout, "\nanchor llm-d PD guide, 16 H200, gpt-oss-120b, 5000 in / 250 out at 45 req/s (presets %s + %s):\n", tp1.Name, tp4.Name)
+	fmt.Fprintf(os.Stdout, "%-34s | %-9s | %-10s | %-9s | %-11s | %s\n", "figure", "GKE", "CoreWeave", "sim even", "sim Poisson", "sim even / GKE")
+	row := func(name string, gke, cw, e, p float64, fitted bool) {
+		c := "—"
+		if cw > 0 {
+			c = fmt.Sprintf("%.3f", cw)
+		}
+		r := fmt.Sprintf("%.2f", e/gke)
+		if fitted {
+			r += " (fitted)"
+		}
+		fmt.Fprintf(os.Stdout, "%-34s | %-9.3f | %-10s | %-9.3f | %-11.3f | %s\n", name, gke, c, e, p, r)
+	}
+	row("PD output tok/s (k)", 12.036, 0, pdE.OutTokPerSec/1e3, pdP.OutTokPerSec/1e3, false)
+	row("PD requests/s", 42.58, 44.27, rps(pdE), rps(pdP), false)
+	row("PD TTFT mean (s)", 1.157, 0.518, secs(pdE.TTFTMean), secs(pdP.TTFTMean), false)
+	row("PD TTFT p99 (s)", 2.010, 0, secs(pdE.TTFTP99), secs(pdP.TTFTP99), false)
+	row("PD E2E mean (s)", 2.775, 2.355, secs(pdE.E2EMean), secs(pdP.E2EMean), false)
+	row("PD E2E p50 (s)", 2.728, 0, secs(pdE.E2EP50), secs(pdP.E2EP50), false)
+	row("PD TPOT mean (ms)", 5.70, 0, float64(pdE.TPOTMean)/1e6, float64(pdP.TPOTMean)/1e6, false)
+	row("aggregated E2E mean (s)", 6.7, 0, secs(aggE.E2EMean), secs(aggP.E2EMean), true)
+	row("aggregated TTFT mean (s)", 0.532, 0, secs(aggE.TTFTMean), secs(aggP.TTFTMean), false)
+	row("aggregated ITL mean (ms)", 25, 0, float64(aggE.TPOTMean)/1e6, float64(aggP.TPOTMean)/1e6, false)
+	row("PD / aggregated E2E mean", 2.775/6.7, 0, float64(pdE.E2EMean)/float64(aggE.E2EMean), float64(pdP.E2EMean)/float64(aggP.E2EMean), false)
+	lone := sim.SimulateServing(sim.Serving{Params: tp1.Params, Prefill: 1, Decode: 1, DecodeParams: &tp4.Params,
+		KVBytesPerToken: tp1.KVBytesPerToken, LinkGBps: 50, Hop: time.Millisecond}, sim.Load{Rate: 1, Prompt: 8192, Output: 2, Total: 1, Seed: 1}, slo)
+	row("peakPrefillThroughput (k tok/s)", 33.821, 0, 8.192/lone.TTFTP50.Seconds(), 8.192/lone.TTFTP50.Seconds(), true)
 }

@@ -33,13 +33,15 @@ type Serving struct {
 }
 
 // Load is an open-loop workload: Total requests at Rate per second of
-// virtual time (Poisson, seeded), each Prompt tokens of distinct text and
-// Output tokens (EOS ignored).
+// virtual time (Poisson, seeded; with Even, one every 1/Rate s, as
+// inference-perf's constant load sends them), each Prompt tokens of
+// distinct text and Output tokens (EOS ignored).
 type Load struct {
 	Rate           float64
 	Prompt, Output int
 	Total          int
 	Seed           uint64
+	Even           bool
 }
 
 // SLO is a request's latency target: its first token within TTFT and its
@@ -54,6 +56,11 @@ type ServingResult struct {
 	OutTokPerSec     float64
 	TTFTP50, TTFTP99 time.Duration
 	ITLP50, ITLP99   time.Duration
+	// TTFTMean, and a request's whole time (arrival to last token): its
+	// mean and p50; TPOTMean is the mean over requests of (last − first
+	// token) / (tokens − 1), what benchmark clients report as TPOT.
+	TTFTMean, E2EMean, E2EP50 time.Duration
+	TPOTMean                  time.Duration
 	// Goodput is the requests per second that met the SLO.
 	Goodput  float64
 	Duration time.Duration
@@ -134,14 +141,19 @@ func SimulateServing(s Serving, l Load, slo SLO) ServingResult {
 	arrivals := make([]time.Duration, l.Total)
 	var at float64
 	for i := range arrivals {
-		at += rng.ExpFloat64() / l.Rate
+		if l.Even {
+			at = float64(i) / l.Rate
+		} else {
+			at += rng.ExpFloat64() / l.Rate
+		}
 		arrivals[i] = time.Duration(at * float64(time.Second))
 	}
 	ctx := context.Background()
 	onEngine := map[*Engine][]*pdJob{}
 	paired := map[[2]*Engine]bool{}
 	var xfers transfers
-	var ttfts, itls []time.Duration
+	var ttfts, itls, e2es []time.Duration
+	var tpotSum time.Duration
 	res := ServingResult{}
 	good, outTokens, promptTokens := 0, 0, 0
 	busy := func(e *Engine) bool { run, wait := e.queueLens(); return run+wait > 0 }
@@ -256,6 +268,10 @@ func SimulateServing(s Serving, l Load, slo SLO) ServingResult {
 					done++
 					res.Requests++
 					end = max(end, now)
+					e2es = append(e2es, now-j.arrival)
+					if j.seen > 1 {
+						tpotSum += (j.last - j.first) / time.Duration(j.seen-1)
+					}
 					ok := j.first-j.arrival <= slo.TTFT
 					if j.seen > 1 && j.itlSum/time.Duration(j.seen-1) > slo.ITL {
 						ok = false
@@ -279,7 +295,24 @@ func SimulateServing(s Serving, l Load, slo SLO) ServingResult {
 		res.Goodput = float64(good) / secs
 		res.PromptTokPerSec = float64(promptTokens) / secs
 	}
+	res.TTFTMean, res.E2EMean = mean(ttfts), mean(e2es)
+	if res.Requests > 0 {
+		res.TPOTMean = tpotSum / time.Duration(res.Requests)
+	}
 	res.TTFTP50, res.TTFTP99 = quantile(ttfts, 0.5), quantile(ttfts, 0.99)
 	res.ITLP50, res.ITLP99 = quantile(itls, 0.5), quantile(itls, 0.99)
+	res.E2EP50 = quantile(e2es, 0.5)
 	return res
+}
+
+// mean is the mean of xs (0 when empty).
+func mean(xs []time.Duration) time.Duration {
+	if len(xs) == 0 {
+		return 0
+	}
+	var sum time.Duration
+	for _, x := range xs {
+		sum += x
+	}
+	return sum / time.Duration(len(xs))
 }

@@ -120,6 +120,48 @@ func init() {
 		PubOutTokPerGPU: 2200, PubDecodeSeqs: 256, PubContext: 3000, KVBytesPerToken: 69 << 10,
 		Source: "fitted to ~2.2k output tok/s per H200, wide-EP decode (llm-d v0.3 / vLLM blog 2025-12-17); prefill from SGLang's 96-H100 run"}
 
+	// gpt-oss-120b (MoE, 5.1B of 117B parameters active, MXFP4 experts) on
+	// H200, the model of llm-d's PD guide (8 TP1 prefill + 2 TP4 decode
+	// instances on 16 H200; docs/design/figures.md §F6). No per-token
+	// profile is published, so two parameters are FITTED, each to one
+	// published figure, and the rest DERIVED:
+	//   - prefill, 27 µs per token: llm-d's calibrated peakPrefillThroughput
+	//     for this fleet, 33,821 tokens/s, measured as 8192 (the chunk,
+	//     vLLM's --max-num-batched-tokens default on H100/H200) over the
+	//     median idle TTFT through the P/D path (its KV transfer and first
+	//     decode step included);
+	//   - decode, a 10 ms base: the guide's aggregated baseline, 16 TP1
+	//     replicas at 45 req/s of 5000 in / 250 out, mean E2E 6.7 s;
+	//   - the batch shape (per sequence = base × 2/63, the 70B TP8 profile's
+	//     factor 3.0 at 64) is ASSUMED; the context term is one token's KV
+	//     read at the H200's 4.8 TB/s (36 KiB: 8 ns); no prefill step
+	//     overhead (none published).
+	// KV: 18 full-attention layers × 8 KV heads × 64 dims × 2 (K,V) × 2 bytes
+	// = 36 KiB per token; the other 18 layers attend a 128-token window, so
+	// their KV stays bounded. vLLM reported 1,630,790 HBM KV tokens per TP1
+	// prefill instance (llm-d's multi-tier report), 101,924 blocks of 16.
+	// Load: not published; ~65 GB of weights at the ~12.7 GB/s vLLM reached
+	// for DeepSeek-R1 (vllm#14965) ≈ 5 s. TestGptOssPresetFitsItsFigures
+	// checks both fits.
+	gptOSS := Params{Base: 10 * time.Millisecond, DecodePerSeq: 10 * time.Millisecond * 2 / 63, PerContextToken: 8 * time.Nanosecond,
+		PrefillPerToken: 27 * time.Microsecond, MaxNumSeqs: 1024, MaxBatchTokens: 8192, NumGPUBlocks: 101924, BlockSize: 16,
+		MaxModelLen: 131072, LoadTime: 5 * time.Second}
+	Presets["gpt-oss-120b-h200-tp1"] = Preset{Name: "gpt-oss-120b-h200-tp1", Params: gptOSS, KVBytesPerToken: 36 << 10,
+		Source: "fitted to llm-d's peakPrefillThroughput 33,821 tok/s and its 16×TP1 baseline (E2E mean 6.7 s); batch shape assumed"}
+	// The same model over 4 H200 (TP4), DERIVED from TP1, not measured: each
+	// GPU reads a quarter of the weights and of the KV, and a step adds two
+	// all-reduces per layer (36 layers at an ASSUMED ~15 µs each over
+	// NVLink, 1.1 ms). KV: 4 × (141 GB × 0.9 − 5 GB) − 65 GB ≈ 420 GB ≈
+	// 11.5M tokens ≈ 717,000 blocks.
+	tp4 := gptOSS
+	tp4.Base = gptOSS.Base/4 + 1100*time.Microsecond
+	tp4.DecodePerSeq = gptOSS.DecodePerSeq / 4
+	tp4.PerContextToken = 2 * time.Nanosecond
+	tp4.PrefillPerToken = gptOSS.PrefillPerToken / 4
+	tp4.NumGPUBlocks = 717000
+	Presets["gpt-oss-120b-h200-tp4"] = Preset{Name: "gpt-oss-120b-h200-tp4", Params: tp4, KVBytesPerToken: 36 << 10,
+		Source: "derived from gpt-oss-120b-h200-tp1: a quarter of the per-GPU reads plus 1.1 ms of all-reduces (assumed)"}
+
 	// No GPU time at all: for measuring what sits in front of the engine
 	// (routers, proxies) without the engine being the bottleneck.
 	Presets["instant"] = Preset{Name: "instant", Params: Params{MaxNumSeqs: 1024, MaxBatchTokens: 1 << 20,
@@ -137,8 +179,9 @@ func PresetNames() []string {
 }
 
 // presetFor picks the preset from SHOAL_SIM_PRESET, else from the model
-// name (and, for DeepSeek, whether it runs as DP + EP ranks).
-func presetFor(model string, dpEP bool) (Preset, error) {
+// name (and, for DeepSeek, whether it runs as DP + EP ranks; for gpt-oss,
+// its tensor-parallel size).
+func presetFor(model string, tp int, dpEP bool) (Preset, error) {
 	if name := os.Getenv("SHOAL_SIM_PRESET"); name != "" {
 		p, ok := Presets[name]
 		if !ok {
@@ -152,6 +195,10 @@ func presetFor(model string, dpEP bool) (Preset, error) {
 		return Presets["deepseek-r1-h200-dp-ep"], nil
 	case strings.Contains(m, "deepseek"):
 		return Presets["deepseek-r1-h200-tp8pp2"], nil
+	case strings.Contains(m, "gpt-oss") && tp >= 4:
+		return Presets["gpt-oss-120b-h200-tp4"], nil
+	case strings.Contains(m, "gpt-oss"):
+		return Presets["gpt-oss-120b-h200-tp1"], nil
 	case strings.Contains(m, "8b"):
 		return Presets["llama-8b-h100-tp1"], nil
 	default:

@@ -21,7 +21,11 @@ import (
 // transferred KV. P gone before D had the KV fails D's request; a room no
 // D takes within SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT fails P's, one
 // whose KV does not come within SGLANG_DISAGGREGATION_WAITING_TIMEOUT
-// fails D's.
+// fails D's. D's first transfer from a P pays the transfer backend's
+// connection set-up (nixl: the NIXL agents' lazy handshake, as for vLLM;
+// mooncake: SHOAL_SIM_MOONCAKE_HANDSHAKE_SECONDS, 0 by default, since no
+// figure for it is published) — what shoal's warm pairs pay instead of a
+// user's request.
 
 // fakeBootstrapHost is SGLang's FAKE_BOOTSTRAP_HOST: a request with it
 // runs without a peer (SGLang's server warm-up; shoal's readiness canary).
@@ -68,11 +72,14 @@ type sglDisagg struct {
 	// bootstrapTimeout: how long P keeps a room's KV for a D that has not
 	// come; waitTimeout: how long D waits for a room's KV.
 	bootstrapTimeout, waitTimeout time.Duration
-	side                          *sideChannel // P: the bootstrap server
+	// handshake is D's set-up with a P it has not read from before.
+	handshake time.Duration
+	side      *sideChannel // P: the bootstrap server
 
-	mu    sync.Mutex
-	rooms map[uint64]*room    // P: rooms by bootstrap_room
-	done  map[uint64]struct{} // P: rooms handed over (a late D is told so)
+	mu     sync.Mutex
+	rooms  map[uint64]*room    // P: rooms by bootstrap_room
+	done   map[uint64]struct{} // P: rooms handed over (a late D is told so)
+	paired map[string]bool     // D: the bootstrap servers read from
 }
 
 // room is one request's meeting point on P.
@@ -98,8 +105,14 @@ func (d *sglDisagg) roomLocked(id uint64) *room {
 // startSGLDisagg sets up the connector; P listens on host:bootstrapPort.
 func startSGLDisagg(c *sglDisaggConfig, host string, pr Preset, clock Clock) (*sglDisagg, error) {
 	d := &sglDisagg{cfg: c, clock: clock, bytesTok: pr.KVBytesPerToken, rooms: map[uint64]*room{}, done: map[uint64]struct{}{},
+		paired:           map[string]bool{},
 		bootstrapTimeout: time.Duration(envFloat("SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT", 300) * float64(time.Second)),
 		waitTimeout:      time.Duration(envFloat("SGLANG_DISAGGREGATION_WAITING_TIMEOUT", 300) * float64(time.Second))}
+	if c.backend == "nixl" {
+		d.handshake = time.Duration(envFloat("SHOAL_SIM_NIXL_HANDSHAKE_SECONDS", 5) * float64(time.Second))
+	} else {
+		d.handshake = time.Duration(envFloat("SHOAL_SIM_MOONCAKE_HANDSHAKE_SECONDS", 0) * float64(time.Second))
+	}
 	if d.bytesTok == 0 {
 		d.bytesTok = 128 << 10
 	}
@@ -249,8 +262,9 @@ func (d *sglDisagg) markDoneLocked(id uint64) {
 }
 
 // receive is D's start of a request: register the room at P's bootstrap
-// server, wait for the KV, read it (its bytes over the link, virtual
-// time), tell P. It returns the modelled transfer time.
+// server, wait for the KV, read it (the backend's set-up with a P not read
+// from before, then its bytes over the link, virtual time), tell P. It
+// returns the modelled transfer time.
 func (d *sglDisagg) receive(ctx context.Context, host string, port int, id uint64, promptTokens int) (time.Duration, error) {
 	var dl net.Dialer
 	dctx, cancel := context.WithTimeout(ctx, 5*time.Second)
@@ -275,9 +289,18 @@ func (d *sglDisagg) receive(ctx context.Context, host string, port int, id uint6
 		return 0, fmt.Errorf("KVTransferError(bootstrap_room=%d): %s", id, m.Error)
 	}
 	xfer := kvTransferTime(promptTokens, d.bytesTok, d.gbps)
+	peer := net.JoinHostPort(host, strconv.Itoa(port))
+	d.mu.Lock()
+	if !d.paired[peer] {
+		xfer += d.handshake
+	}
+	d.mu.Unlock()
 	if !sleepCtx(ctx, d.clock.Real(xfer)) {
 		return xfer, ctx.Err()
 	}
+	d.mu.Lock()
+	d.paired[peer] = true
+	d.mu.Unlock()
 	if err := enc.Encode(bootstrapMsg{Room: id, Done: true}); err != nil {
 		return 0, fmt.Errorf("KVTransferError(bootstrap_room=%d): %v", id, err)
 	}

@@ -112,3 +112,36 @@ func TestSGLangDisaggFailures(t *testing.T) {
 		t.Fatal("the decode engine kept waiting for a dead prefill engine")
 	}
 }
+
+// A decode engine's first transfer from a prefill engine pays the
+// backend's connection set-up (nixl: NIXL's lazy handshake; mooncake:
+// SHOAL_SIM_MOONCAKE_HANDSHAKE_SECONDS, none by default); later transfers
+// from the same prefill engine pay only the KV's bytes.
+func TestSGLangDisaggFirstTransferPaysTheHandshake(t *testing.T) {
+	t.Setenv("SHOAL_SIM_NIXL_HANDSHAKE_SECONDS", "5")
+	clock := Clock{Scale: 1000}
+	pr := Presets["llama-8b-h100-tp1"]
+	bytes := kvTransferTime(1000, pr.KVBytesPerToken, 3) // TCP: no --disaggregation-ib-device
+	for i, c := range []struct {
+		backend string
+		first   time.Duration
+	}{{"nixl", 5 * time.Second}, {"mooncake", 0}} {
+		ip := fmt.Sprintf("127.0.9.%d", 54+i)
+		port := freePorts(t, ip, 1)[0]
+		p, err := startSGLDisagg(&sglDisaggConfig{mode: "prefill", backend: c.backend, bootstrapPort: port}, ip, pr, clock)
+		require.NoError(t, err)
+		t.Cleanup(p.close)
+		d, err := startSGLDisagg(&sglDisaggConfig{mode: "decode", backend: c.backend}, ip, pr, clock)
+		require.NoError(t, err)
+		for room, want := range []time.Duration{c.first + bytes, bytes, bytes} {
+			p.mu.Lock() // P has the room's KV (no engine: nothing to free)
+			r := p.roomLocked(uint64(room))
+			r.readyAt = true
+			close(r.ready)
+			p.mu.Unlock()
+			got, err := d.receive(t.Context(), ip, port, uint64(room), 1000)
+			require.NoError(t, err, c.backend)
+			require.Equal(t, want, got, "%s: transfer %d", c.backend, room)
+		}
+	}
+}

@@ -317,7 +317,7 @@ func serve(ctx context.Context, c serveConfig, stdout, stderr io.Writer) int {
 			lost = l
 		}
 	}
-	preset, err := presetFor(c.served+" "+c.model, c.epOn() && (c.dp.on() || c.sgDP > 1))
+	preset, err := presetFor(c.served+" "+c.model, c.tp, c.epOn() && (c.dp.on() || c.sgDP > 1))
 	if err != nil {
 		fmt.Fprintln(stderr, err)
 		return 2

@@ -38,6 +38,16 @@ func apiError(err error) error {
 // engineChanges lists the fields that shape a replica's engine (model,
 // engine, resources) whose values differ between two specs.
 func engineChanges(old, cur *spec.Deployment) []string {
+	if old.Roles != nil && cur.Roles != nil {
+		// Each role's merged settings, named by role ("decode engine.args").
+		var out []string
+		for _, role := range []string{spec.RolePrefill, spec.RoleDecode} {
+			for _, f := range engineChanges(old.RoleDeployment(role), cur.RoleDeployment(role)) {
+				out = append(out, role+" "+f)
+			}
+		}
+		return out
+	}
 	vals := func(d *spec.Deployment) map[string]string {
 		m := map[string]string{}
 		for _, f := range d.Fields() {

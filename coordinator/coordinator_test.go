@@ -633,3 +633,41 @@ func TestReapplySaysItRollsOut(t *testing.T) {
 	require.NoError(t, err)
 	require.True(t, plan.Outdated(gs[0], cur))
 }
+
+// TestReapplyOfARoleRollsOut: a change to one role's engine settings of a
+// deployment with roles is rolled out and said so, naming the role, and
+// the spec before it is kept for `shoal rollout undo` of the deployment
+// (before: nothing was said, and undo went back past the change).
+func TestReapplyOfARoleRollsOut(t *testing.T) {
+	tc := newCoord(t)
+	pd := func(decodeArgs string) string {
+		return `apiVersion: shoal/v1
+name: pd
+model: {source: /m}
+engine: {kind: vllm, kvTransfer: {connector: nixl}}
+resources: {nodes: 1, gpusPerNode: 8}
+roles:
+  prefill: {replicas: {count: 1}}
+  decode: {replicas: {count: 1}, engine: {args: [` + decodeArgs + `]}}
+`
+	}
+	first := pd(`--max-num-seqs, "128"`)
+	require.Empty(t, tc.apply(t, first).Warnings)
+	d, err := spec.Parse([]byte(first))
+	require.NoError(t, err)
+	require.NoError(t, tc.c.store.PutGroup(&store.Group{ID: "pd-decode-1", Deployment: "pd-decode", Epoch: 1,
+		Spec: plan.SpecHash(d.RoleDeployment(spec.RoleDecode))}))
+	resp := tc.apply(t, pd(`--max-num-seqs, "64"`))
+	require.Len(t, resp.Warnings, 1)
+	require.Contains(t, resp.Warnings[0], "rolling out new engine settings (changed: decode engine.args): 1 running replica(s)")
+	desc, err := tc.api.DescribeDeployment(context.Background(), &coordv1.DescribeDeploymentRequest{Name: "pd"})
+	require.NoError(t, err)
+	require.Equal(t, first, desc.PreviousSpecYaml, "undo goes back to the spec before the role's change")
+	outdated := 0
+	for _, r := range desc.Replicas {
+		if r.Outdated {
+			outdated++
+		}
+	}
+	require.Equal(t, 1, outdated, "the decode replica is outdated")
+}

@@ -100,8 +100,13 @@ func Open(path string) (*Store, error) {
 func (s *Store) Close() error { return s.db.Close() }
 
 // EngineSettings is the part of a spec a rollout replaces replicas for
-// (model, engine, resources), as canonical JSON.
+// (model, engine, resources), as canonical JSON. A deployment with roles
+// has its two roles' (each with the role's own engine and resources
+// merged in), so that a change to one role is a change of the deployment.
 func EngineSettings(d *spec.Deployment) string {
+	if d.Roles != nil {
+		return EngineSettings(d.RoleDeployment(spec.RolePrefill)) + "\n" + EngineSettings(d.RoleDeployment(spec.RoleDecode))
+	}
 	b, _ := json.Marshal(struct {
 		Model     spec.Model
 		Engine    spec.Engine

@@ -25,7 +25,11 @@ import (
 // connection set-up (nixl: the NIXL agents' lazy handshake, as for vLLM;
 // mooncake: SHOAL_SIM_MOONCAKE_HANDSHAKE_SECONDS, 0 by default, since no
 // figure for it is published) — what shoal's warm pairs pay instead of a
-// user's request.
+// user's request. While D waits for a room's KV it probes P's bootstrap
+// server every SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL (5 s, at least 2);
+// SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE (2, at least 1) failed probes
+// in a row fail the request ("Losing connection with prefill instance"),
+// so a P that hangs is caught within seconds, not at the waiting timeout.
 
 // fakeBootstrapHost is SGLang's FAKE_BOOTSTRAP_HOST: a request with it
 // runs without a peer (SGLang's server warm-up; shoal's readiness canary).
@@ -74,7 +78,10 @@ type sglDisagg struct {
 	bootstrapTimeout, waitTimeout time.Duration
 	// handshake is D's set-up with a P it has not read from before.
 	handshake time.Duration
-	side      *sideChannel // P: the bootstrap server
+	// heartbeat and maxFailures: D's probes of P while it waits.
+	heartbeat   time.Duration
+	maxFailures int
+	side        *sideChannel // P: the bootstrap server
 
 	mu     sync.Mutex
 	rooms  map[uint64]*room    // P: rooms by bootstrap_room
@@ -107,7 +114,9 @@ func startSGLDisagg(c *sglDisaggConfig, host string, pr Preset, clock Clock) (*s
 	d := &sglDisagg{cfg: c, clock: clock, bytesTok: pr.KVBytesPerToken, rooms: map[uint64]*room{}, done: map[uint64]struct{}{},
 		paired:           map[string]bool{},
 		bootstrapTimeout: time.Duration(envFloat("SGLANG_DISAGGREGATION_BOOTSTRAP_TIMEOUT", 300) * float64(time.Second)),
-		waitTimeout:      time.Duration(envFloat("SGLANG_DISAGGREGATION_WAITING_TIMEOUT", 300) * float64(time.Second))}
+		waitTimeout:      time.Duration(envFloat("SGLANG_DISAGGREGATION_WAITING_TIMEOUT", 300) * float64(time.Second)),
+		heartbeat:        time.Duration(max(envFloat("SGLANG_DISAGGREGATION_HEARTBEAT_INTERVAL", 5), 2) * float64(time.Second)),
+		maxFailures:      max(envInt("SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE", 2), 1)}
 	if c.backend == "nixl" {
 		d.handshake = time.Duration(envFloat("SHOAL_SIM_NIXL_HANDSHAKE_SECONDS", 5) * float64(time.Second))
 	} else {
@@ -154,11 +163,12 @@ func (d *sglDisagg) releaseLocked(id uint64, r *room) {
 // bootstrapMsg is D's registration (then its notification that it has the
 // KV) and P's answers.
 type bootstrapMsg struct {
-	Room   uint64 `json:"room"`
-	Done   bool   `json:"done,omitempty"`
-	OK     bool   `json:"ok"`
-	Blocks int    `json:"blocks"`
-	Error  string `json:"error,omitempty"`
+	Room      uint64 `json:"room"`
+	Heartbeat bool   `json:"heartbeat,omitempty"` // D's probe: P answers at once
+	Done      bool   `json:"done,omitempty"`
+	OK        bool   `json:"ok"`
+	Blocks    int    `json:"blocks"`
+	Error     string `json:"error,omitempty"`
 }
 
 // answer serves one connection to P's bootstrap server: a D registers a room and is answered when
@@ -167,6 +177,10 @@ func (d *sglDisagg) answer(c net.Conn) {
 	dec, enc := json.NewDecoder(bufio.NewReader(c)), json.NewEncoder(c)
 	var m bootstrapMsg
 	if dec.Decode(&m) != nil {
+		return
+	}
+	if m.Heartbeat {
+		_ = enc.Encode(bootstrapMsg{OK: true})
 		return
 	}
 	d.mu.Lock()
@@ -281,15 +295,26 @@ func (d *sglDisagg) receive(ctx context.Context, host string, port int, id uint6
 	if err := enc.Encode(bootstrapMsg{Room: id}); err != nil {
 		return 0, fmt.Errorf("KVTransferError(bootstrap_room=%d): %v", id, err)
 	}
+	peer := net.JoinHostPort(host, strconv.Itoa(port))
+	lost := make(chan struct{})
+	waiting := make(chan struct{})
+	go d.watchPeer(peer, c, waiting, lost)
 	var m bootstrapMsg
-	if err := dec.Decode(&m); err != nil {
+	err = dec.Decode(&m)
+	close(waiting)
+	if err != nil {
+		select {
+		case <-lost:
+			return 0, fmt.Errorf("KVTransferError(bootstrap_room=%d): Losing connection with prefill instance (bootstrap_addr: %s): %d heartbeats failed in a row", id, peer, d.maxFailures)
+		default:
+		}
 		return 0, fmt.Errorf("KVTransferError(bootstrap_room=%d): the prefill engine went away before sending the KV: %v", id, err)
 	}
+	_ = c.SetDeadline(time.Now().Add(d.clock.Real(d.waitTimeout))) // a probe's failure may have cut it short
 	if !m.OK {
 		return 0, fmt.Errorf("KVTransferError(bootstrap_room=%d): %s", id, m.Error)
 	}
 	xfer := kvTransferTime(promptTokens, d.bytesTok, d.gbps)
-	peer := net.JoinHostPort(host, strconv.Itoa(port))
 	d.mu.Lock()
 	if !d.paired[peer] {
 		xfer += d.handshake
@@ -308,6 +333,48 @@ func (d *sglDisagg) receive(ctx context.Context, host string, port int, id uint6
 		return 0, fmt.Errorf("KVTransferError(bootstrap_room=%d): the prefill engine went away during the transfer: %v", id, err)
 	}
 	return xfer, nil
+}
+
+// watchPeer is D's heartbeat while it waits on P (peer) for a room's KV
+// over c: a probe every heartbeat interval, each given the interval to be
+// answered; maxFailures failures in a row close lost and end the wait.
+// It returns when waiting closes.
+func (d *sglDisagg) watchPeer(peer string, c net.Conn, waiting <-chan struct{}, lost chan<- struct{}) {
+	t := time.NewTicker(d.clock.Real(d.heartbeat))
+	defer t.Stop()
+	failures := 0
+	for {
+		select {
+		case <-waiting:
+			return
+		case <-t.C:
+		}
+		if d.probe(peer) {
+			failures = 0
+			continue
+		}
+		if failures++; failures >= d.maxFailures {
+			close(lost)
+			_ = c.SetDeadline(time.Now()) // ends the wait
+			return
+		}
+	}
+}
+
+// probe asks P's bootstrap server whether it is alive.
+func (d *sglDisagg) probe(peer string) bool {
+	limit := d.clock.Real(d.heartbeat)
+	c, err := net.DialTimeout("tcp", peer, limit)
+	if err != nil {
+		return false
+	}
+	defer c.Close()
+	_ = c.SetDeadline(time.Now().Add(limit))
+	if json.NewEncoder(c).Encode(bootstrapMsg{Heartbeat: true}) != nil {
+		return false
+	}
+	var m bootstrapMsg
+	return json.NewDecoder(c).Decode(&m) == nil && m.OK
 }
 
 // EnableSGLangDisagg makes an in-process server (NewServer) one side of

@@ -2,7 +2,9 @@ package sim
 
 import (
 	"fmt"
+	"net"
 	"strings"
+	"sync"
 	"testing"
 	"time"
 
@@ -144,4 +146,59 @@ func TestSGLangDisaggFirstTransferPaysTheHandshake(t *testing.T) {
 			require.Equal(t, want, got, "%s: transfer %d", c.backend, room)
 		}
 	}
+}
+
+// A decode engine waiting on a prefill engine that hangs (its bootstrap
+// server takes connections and answers nothing) fails the request after
+// SGLANG_DISAGGREGATION_HEARTBEAT_MAX_FAILURE probes in a row fail, long
+// before the waiting timeout; one that is only slow to fill the room, but
+// answers the probes, is waited for.
+func TestSGLangDisaggHeartbeat(t *testing.T) {
+	t.Setenv("SGLANG_DISAGGREGATION_WAITING_TIMEOUT", "100000") // 2,000 s real: the heartbeat must end it
+	clock := Clock{Scale: 50}                                   // a 5 s interval (and a probe's limit) is 100 ms
+	pr := Presets["llama-8b-h100-tp1"]
+	d, err := startSGLDisagg(&sglDisaggConfig{mode: "decode", backend: "mooncake"}, "127.0.9.56", pr, clock)
+	require.NoError(t, err)
+
+	hung, err := net.Listen("tcp", "127.0.9.56:0")
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = hung.Close() })
+	var held []net.Conn
+	var mu sync.Mutex
+	go func() {
+		for {
+			c, err := hung.Accept()
+			if err != nil {
+				return
+			}
+			mu.Lock()
+			held = append(held, c)
+			mu.Unlock()
+		}
+	}()
+	t.Cleanup(func() {
+		mu.Lock()
+		defer mu.Unlock()
+		for _, c := range held {
+			_ = c.Close()
+		}
+	})
+	port := hung.Addr().(*net.TCPAddr).Port
+	_, err = d.receive(t.Context(), "127.0.9.56", port, 7, 1000)
+	require.ErrorContains(t, err, fmt.Sprintf("KVTransferError(bootstrap_room=7): Losing connection with prefill instance (bootstrap_addr: 127.0.9.56:%d): 2 heartbeats failed in a row", port))
+
+	port = freePorts(t, "127.0.9.57", 1)[0]
+	p, err := startSGLDisagg(&sglDisaggConfig{mode: "prefill", backend: "mooncake", bootstrapPort: port}, "127.0.9.57", pr, clock)
+	require.NoError(t, err)
+	t.Cleanup(p.close)
+	fill := time.AfterFunc(600*time.Millisecond, func() { // six heartbeat intervals
+		p.mu.Lock()
+		defer p.mu.Unlock()
+		r := p.roomLocked(8)
+		r.readyAt = true
+		close(r.ready)
+	})
+	defer fill.Stop()
+	_, err = d.receive(t.Context(), "127.0.9.57", port, 8, 1000)
+	require.NoError(t, err, "a slow prefill engine that answers the probes is waited for")
 }

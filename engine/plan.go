@@ -10,6 +10,7 @@ import (
 	"strings"
 	"text/template"
 
+	"github.com/shoalhq/shoal/internal/kvhash"
 	"github.com/shoalhq/shoal/spec"
 )
 
@@ -149,9 +150,14 @@ const defaultBlockSize = 16
 // KVEventsTopic is the topic shoal's engines publish KV events under.
 const KVEventsTopic = "kv-events"
 
-// kvEvents returns the head's KV-event set-up for a vLLM engine, the flags
-// that turn it on and the environment it needs; nil when the spec has it
-// off (spec.KVEventsActive says why).
+// defaultPageSize is the --page-size shoal gives an SGLang engine with KV
+// events on (SGLang's own default, 1, would make every token a block: an
+// event and an index entry each).
+const defaultPageSize = 16
+
+// kvEvents returns the head's KV-event set-up for a vLLM or SGLang engine,
+// the flags that turn it on and the environment it needs; nil when the
+// spec has it off (spec.KVEventsActive says why).
 func kvEvents(s *spec.Deployment, env map[string]string, nodeIP string) (*KVEvents, []string) {
 	if on, _ := spec.KVEventsActive(s); !on {
 		return nil, nil
@@ -165,6 +171,9 @@ func kvEvents(s *spec.Deployment, env map[string]string, nodeIP string) (*KVEven
 	}
 	k := &KVEvents{Endpoint: "tcp://" + net.JoinHostPort(host, strconv.Itoa(port)), Replay: "tcp://" + net.JoinHostPort(host, strconv.Itoa(port+1)),
 		Topic: KVEventsTopic, Algo: "sha256_cbor", Seed: env["PYTHONHASHSEED"], BlockSize: defaultBlockSize}
+	if s.Engine.Kind == spec.EngineSGLang {
+		return sglangKVEvents(s, k)
+	}
 	if k.Seed == "" {
 		// One seed for every replica of the deployment, so that they and
 		// the routers name a block alike.
@@ -181,6 +190,23 @@ func kvEvents(s *spec.Deployment, env map[string]string, nodeIP string) (*KVEven
 	cfg := `{"enable_kv_cache_events":true,"publisher":"zmq","endpoint":"` + k.Endpoint + `","replay_endpoint":"` + k.Replay +
 		`","topic":"` + k.Topic + `"}`
 	return k, []string{"--kv-events-config", cfg, "--prefix-caching-hash-algo", k.Algo}
+}
+
+// sglangKVEvents is kvEvents for SGLang: its radix cache names pages by
+// SHA-256 chain with no seed (kvhash.AlgoSGLangPage); the page size is
+// --page-size from engine.args, else defaultPageSize, which shoal passes.
+func sglangKVEvents(s *spec.Deployment, k *KVEvents) (*KVEvents, []string) {
+	k.Algo, k.Seed, k.BlockSize = kvhash.AlgoSGLangPage, "", defaultPageSize
+	var page []string
+	if v, ok := spec.ArgValue(s.Engine.Args, "--page-size"); ok {
+		if n, err := strconv.Atoi(v); err == nil && n > 0 {
+			k.BlockSize = n
+		}
+	} else {
+		page = []string{"--page-size", strconv.Itoa(defaultPageSize)}
+	}
+	cfg := `{"publisher":"zmq","endpoint":"` + k.Endpoint + `","replay_endpoint":"` + k.Replay + `","topic":"` + k.Topic + `"}`
+	return k, append([]string{"--kv-events-config", cfg}, page...)
 }
 
 // checkInput rejects a plan input without a spec or with non-IP addresses.
@@ -496,6 +522,11 @@ func NativePlan(in PlanInput, rank int) (*Plan, error) {
 		args = append(args, "--dist-init-addr", net.JoinHostPort(in.HeadIP, strconv.Itoa(e.MasterPort)), "--nnodes", nn, "--node-rank", r,
 			"--host", host, "--port", strconv.Itoa(e.Port), "--enable-metrics")
 		args = append(args, sglangDisaggArgs(s, env)...)
+		// Every rank gets the same flags (SGLang's ranks agree on the page
+		// size); only the serving rank publishes, to its own head.
+		var kvArgs []string
+		kv, kvArgs = kvEvents(s, env, in.NodeIP)
+		args = append(args, kvArgs...)
 		c = Command{Name: "python3", Path: in.Bin.Python, Args: append(args, e.Args...)}
 	default:
 		return nil, fmt.Errorf("plan: engine kind %q is not native multi-node", e.Kind)

@@ -162,9 +162,25 @@ func TestNativePlans(t *testing.T) {
 	p, err = NativePlan(sg, 1)
 	require.NoError(t, err)
 	require.Equal(t, "/usr/bin/python3", p.Node.Path)
-	require.Equal(t, []string{"python3", "-m", "sglang.launch_server", "--model-path", "/models/r1", "--served-model-name", "r1",
+	sgKV := []string{"--kv-events-config", `{"publisher":"zmq","endpoint":"tcp://127.0.0.1:18000","replay_endpoint":"tcp://127.0.0.1:18001","topic":"kv-events"}`,
+		"--page-size", "16"}
+	require.Equal(t, append(append([]string{"python3", "-m", "sglang.launch_server", "--model-path", "/models/r1", "--served-model-name", "r1",
 		"--tp", "16", "--dist-init-addr", "10.0.0.1:29500", "--nnodes", "2", "--node-rank", "1", "--host", "10.0.0.2",
-		"--port", "8000", "--enable-metrics", "--trust-remote-code"}, p.Node.Argv())
+		"--port", "8000", "--enable-metrics"}, sgKV...), "--trust-remote-code"), p.Node.Argv(), "every rank the same flags (only TP rank 0 publishes)")
+	require.Nil(t, p.KVEvents, "a worker relays nothing")
+	sg.Role, sg.NodeIP = RoleHead, "10.0.0.1"
+	p, err = NativePlan(sg, 0)
+	require.NoError(t, err)
+	require.Equal(t, &KVEvents{Endpoint: "tcp://127.0.0.1:18000", Replay: "tcp://127.0.0.1:18001", Topic: "kv-events", Algo: "sglang_page_sha256", BlockSize: 16}, p.KVEvents,
+		"SGLang's page chain needs no seed: no PYTHONHASHSEED is set")
+	require.NotContains(t, strings.Join(p.Node.Env, " "), "PYTHONHASHSEED")
+	own := nativeSpec(t, "sglang", 16, 1)
+	own.Engine.Args = append(own.Engine.Args, "--page-size", "64")
+	sg.Spec = own
+	p, err = NativePlan(sg, 0)
+	require.NoError(t, err)
+	require.Equal(t, 64, p.KVEvents.BlockSize, "the user's page size is the block size")
+	require.Equal(t, 1, strings.Count(strings.Join(p.Node.Argv(), " "), "--page-size"), "and shoal adds none of its own")
 
 	_, err = NativePlan(PlanInput{Spec: seedSpec(t), Role: RoleHead, NodeIP: "10.0.0.1", HeadIP: "10.0.0.1"}, 0)
 	require.Error(t, err, "ray-vllm is not native")

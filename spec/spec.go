@@ -99,9 +99,10 @@ type Engine struct {
 	// (embeddings for a pooling model, else completions).
 	Canary string `yaml:"canary,omitempty" json:"canary,omitempty"`
 	// KVEvents: the engine publishes its KV-cache events to the head, which
-	// relays them to routers for prefix-aware routing (vLLM kinds; unset:
-	// on). KVEventsPort is the loopback port the head hears them on (the
-	// engine's replay socket takes the next one); unset: port + 10000.
+	// relays them to routers for prefix-aware routing (vLLM and SGLang
+	// kinds; unset: on). KVEventsPort is the loopback port the head hears
+	// them on (the engine's replay socket takes the next one); unset: port
+	// + 10000.
 	KVEvents     *bool `yaml:"kvEvents,omitempty" json:"kvEvents,omitempty"`
 	KVEventsPort int   `yaml:"kvEventsPort,omitempty" json:"kvEventsPort,omitempty"`
 	// DataParallel runs the group as data-parallel ranks of
@@ -751,7 +752,7 @@ func (d *Deployment) Fields() []Field {
 	add("engine.startupTimeoutSeconds", d.Engine.StartupTimeoutSeconds, true)
 	add("engine.canary", d.Engine.Canary, true)
 	on, _ := KVEventsActive(d)
-	add("engine.kvEvents", on || (d.Engine.KVEvents != nil && *d.Engine.KVEvents), vllmKind(d.Engine.Kind)) // other engines: stored, not acted on
+	add("engine.kvEvents", on || (d.Engine.KVEvents != nil && *d.Engine.KVEvents), kvEventsKind(d.Engine.Kind)) // other engines: stored, not acted on
 	if on || d.Engine.KVEventsPort != 0 {
 		add("engine.kvEventsPort", KVEventsPortOf(&d.Engine), on)
 	}
@@ -822,20 +823,26 @@ func (d *Deployment) Fields() []Field {
 // vllmKind says whether the engine is vLLM, launched by shoal.
 func vllmKind(k string) bool { return k == EngineRayVLLM || k == EngineVLLM }
 
+// kvEventsKind says whether shoal relays the engine kind's KV events.
+func kvEventsKind(k string) bool { return vllmKind(k) || k == EngineSGLang }
+
 // KVEventsOn says whether engine.kvEvents asks for KV events (unset: yes)
 // on an engine kind that has them.
 func KVEventsOn(d *Deployment) bool {
-	return vllmKind(d.Engine.Kind) && d.Engine.DataParallel == nil && (d.Engine.KVEvents == nil || *d.Engine.KVEvents)
+	return kvEventsKind(d.Engine.Kind) && d.Engine.DataParallel == nil && (d.Engine.KVEvents == nil || *d.Engine.KVEvents)
 }
 
 // kvEventFlags are engine flags with which the user takes KV events (or
 // prefix caching) into their own hands: shoal then adds none of its own.
-var kvEventFlags = []string{"--kv-events-config", "--prefix-caching-hash-algo", "--no-enable-prefix-caching"}
+var kvEventFlags = map[bool][]string{
+	false: {"--kv-events-config", "--prefix-caching-hash-algo", "--no-enable-prefix-caching"}, // vLLM
+	true:  {"--kv-events-config", "--disable-radix-cache"},                                    // SGLang
+}
 
 // KVEventsActive says whether the head will relay the engine's KV events,
 // and why not when it will not.
 func KVEventsActive(d *Deployment) (bool, string) {
-	if !vllmKind(d.Engine.Kind) {
+	if !kvEventsKind(d.Engine.Kind) {
 		return false, "engine kind " + d.Engine.Kind + " does not publish KV events through shoal"
 	}
 	if d.Engine.DataParallel != nil {
@@ -846,7 +853,7 @@ func KVEventsActive(d *Deployment) (bool, string) {
 	}
 	for _, a := range d.Engine.Args {
 		name, _, _ := strings.Cut(a, "=")
-		if f := strings.ReplaceAll(name, "_", "-"); slices.Contains(kvEventFlags, f) {
+		if f := strings.ReplaceAll(name, "_", "-"); slices.Contains(kvEventFlags[d.Engine.Kind == EngineSGLang], f) {
 			return false, "engine.args set " + f
 		}
 	}

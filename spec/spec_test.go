@@ -188,8 +188,8 @@ func TestErrorsNameTheField(t *testing.T) {
 	}
 }
 
-// TestKVEventsFields: engine.kvEvents is acted on for vLLM kinds only, and
-// the port only while events are on.
+// TestKVEventsFields: engine.kvEvents is acted on for vLLM and SGLang
+// kinds, and the port only while events are on.
 func TestKVEventsFields(t *testing.T) {
 	field := func(y string, path string) (Field, bool) {
 		d, err := Parse([]byte(y))
@@ -210,13 +210,20 @@ func TestKVEventsFields(t *testing.T) {
 	require.Equal(t, "18000", p.Value)
 	require.True(t, p.Implemented)
 	f, _ = field(base+"engine: {kind: sglang, kvEvents: true}\n", "engine.kvEvents")
-	require.False(t, f.Implemented, "SGLang: stored, not acted on")
+	require.True(t, f.Implemented, "SGLang publishes them too")
+	f, _ = field(base+"engine: {kind: command, command: [x], kvEvents: true}\n", "engine.kvEvents")
+	require.False(t, f.Implemented, "a command engine: stored, not acted on")
 	_, ok = field(base+"engine: {kind: vllm, kvEvents: false}\n", "engine.kvEvents")
 	require.False(t, ok, "off is not listed (as every false field)")
 	_, ok = field(base+"engine: {kind: vllm, kvEvents: false}\n", "engine.kvEventsPort")
 	require.False(t, ok, "a default port that is not used is not listed")
 	p, _ = field(base+"engine: {kind: vllm, kvEvents: false, kvEventsPort: 20000}\n", "engine.kvEventsPort")
 	require.False(t, p.Implemented, "a port given while events are off: stored, not acted on")
-	_, ok = field(base+"engine: {kind: sglang}\n", "engine.kvEvents")
+	_, ok = field(base+"engine: {kind: command, command: [x]}\n", "engine.kvEvents")
 	require.False(t, ok, "not shown where it was never asked for")
+	sg, err := Parse([]byte(base + "engine: {kind: sglang, args: [--disable-radix-cache]}\n"))
+	require.NoError(t, err)
+	on, why := KVEventsActive(sg)
+	require.False(t, on)
+	require.Equal(t, "engine.args set --disable-radix-cache", why)
 }

@@ -30,7 +30,7 @@ type KVIndex struct {
 }
 
 type kvReplica struct {
-	hasher *kvhash.VLLM
+	hasher *kvhash.Namer
 	blocks map[uint64]struct{}
 	seq    uint64 // the last sequence number applied
 }
@@ -66,7 +66,7 @@ func (x *KVIndex) SetMax(n int) {
 
 // Reset starts a replica afresh from a snapshot: the hasher its engine names
 // blocks with, the blocks it holds, and the sequence number they are as of.
-func (x *KVIndex) Reset(addr string, h *kvhash.VLLM, blocks []uint64, seq uint64) {
+func (x *KVIndex) Reset(addr string, h *kvhash.Namer, blocks []uint64, seq uint64) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
 	x.dropLocked(addr)
@@ -137,7 +137,7 @@ func (x *KVIndex) addLocked(r *kvReplica, h uint64) {
 }
 
 // Hasher returns how a replica names blocks, when it sends events.
-func (x *KVIndex) Hasher(addr string) (*kvhash.VLLM, bool) {
+func (x *KVIndex) Hasher(addr string) (*kvhash.Namer, bool) {
 	x.mu.RLock()
 	defer x.mu.RUnlock()
 	r, ok := x.reps[addr]

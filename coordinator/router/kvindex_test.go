@@ -18,7 +18,7 @@ import (
 	"google.golang.org/grpc/credentials/insecure"
 )
 
-func vllmHasher(t testing.TB) *kvhash.VLLM {
+func vllmHasher(t testing.TB) *kvhash.Namer {
 	h, err := kvhash.NewVLLM("1", 4)
 	require.NoError(t, err)
 	return h

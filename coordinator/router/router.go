@@ -433,7 +433,7 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 	if strategy == StrategyPrefixCache || strategy == StrategyPrefixAIBrix {
 		text := promptText(body, r.cfg.PrefixBytes)
 		h.prefix = prefixHashes(text, r.cfg.PrefixBytes)
-		h.keys = map[kvhash.VLLM][]uint64{}
+		h.keys = map[kvhash.Namer][]uint64{}
 		if strategy == StrategyPrefixCache {
 			if toks, ok := r.tokens(req.Context(), eps, req.URL.Path, body); ok {
 				h.tokens, h.promptTokens = toks, len(toks)

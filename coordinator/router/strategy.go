@@ -46,7 +46,7 @@ type hint struct {
 	// when not known); promptTokens their count, or an estimate without them.
 	tokens       []uint32
 	promptTokens int
-	keys         map[kvhash.VLLM][]uint64 // tokens' block names, per naming rule (filled as needed)
+	keys         map[kvhash.Namer][]uint64 // tokens' block names, per naming rule (filled as needed)
 }
 
 // picker holds the state strategies share. Picks run under mu so that a pick
@@ -318,7 +318,7 @@ func (h *hint) nameBlocks(kv *KVIndex, eps []*Endpoint) {
 		return
 	}
 	if h.keys == nil {
-		h.keys = map[kvhash.VLLM][]uint64{}
+		h.keys = map[kvhash.Namer][]uint64{}
 	}
 	for _, e := range eps {
 		if hs, ok := kv.Hasher(e.Addr); ok {
@@ -427,7 +427,7 @@ func (pk *Picker) Pick(strategy string, eps []*Endpoint, req PickRequest) (*Endp
 	}
 	if strategy == StrategyPrefixCache || strategy == StrategyPrefixAIBrix {
 		h.prefix = prefixHashes(req.Prompt, limit)
-		h.keys = map[kvhash.VLLM][]uint64{}
+		h.keys = map[kvhash.Namer][]uint64{}
 		h.nameBlocks(pk.p.kv, eps)
 	}
 	e, used, l := pk.p.pick(strategy, eps, h, nil)

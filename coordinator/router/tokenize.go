@@ -9,6 +9,7 @@ import (
 
 	"github.com/prometheus/client_golang/prometheus"
 	"github.com/shoalhq/shoal/coordinator/router/h1"
+	"github.com/shoalhq/shoal/internal/kvhash"
 	"github.com/tidwall/gjson"
 	"github.com/tidwall/sjson"
 )
@@ -25,15 +26,16 @@ var chatTokenizeFields = []string{"messages", "tools", "chat_template", "chat_te
 // tokens names the prompt's tokens as the engine will see them, when some
 // candidate sends KV events (else there is nothing to match them against):
 // token ids given in the request are used as they are; text goes to an
-// engine's /tokenize (vLLM's, chat template included), within
-// TokenizeTimeout. ok is false when the estimate must decide.
+// engine's /tokenize (vLLM's, chat template included; SGLang's takes a
+// prompt only, so a chat's tokens come from a vLLM candidate or not at
+// all), within TokenizeTimeout. ok is false when the estimate must decide.
 func (r *Router) tokens(ctx context.Context, eps []*Endpoint, path string, body []byte) ([]uint32, bool) {
 	if r.cfg.KV == nil {
 		return nil, false
 	}
 	var withEvents []*Endpoint
 	for _, e := range eps {
-		if _, ok := r.cfg.KV.Hasher(e.Addr); ok {
+		if h, ok := r.cfg.KV.Hasher(e.Addr); ok && (path != "/v1/chat/completions" || h.Algo != kvhash.AlgoSGLangPage) {
 			withEvents = append(withEvents, e)
 		}
 	}

@@ -11,6 +11,7 @@ import (
 	"testing"
 
 	"github.com/prometheus/client_golang/prometheus/testutil"
+	"github.com/shoalhq/shoal/internal/kvhash"
 	"github.com/stretchr/testify/require"
 	"github.com/tidwall/gjson"
 )
@@ -96,6 +97,35 @@ func TestPrefixCacheTokenizesAtTheEngine(t *testing.T) {
 	eng.mu.Unlock()
 	require.Equal(t, 200, send("/v1/completions", `{"model":"m","prompt":"hello"}`, StrategyPrefixCache), "the estimate decides")
 	require.Equal(t, 1.0, testutil.ToFloat64(r.tokenizeFailures))
+}
+
+// An SGLang replica's /tokenize takes a completion prompt but no chat
+// messages: its chats are not sent to be tokenized (the estimate decides),
+// its completions are.
+func TestSGLangChatsAreNotTokenized(t *testing.T) {
+	eng := &tokenizingEngine{}
+	srv := httptest.NewServer(eng)
+	defer srv.Close()
+	ep := &Endpoint{Model: "m", Addr: addr(srv), Group: "g"}
+	tb := NewTable()
+	tb.Set(NewSnapshot([]string{"m"}, []*Endpoint{ep}))
+	kv := NewKVIndex(0)
+	sg, err := kvhash.NewSGLang(16)
+	require.NoError(t, err)
+	kv.Reset(ep.Addr, sg, nil, 0)
+	r := New(tb, slog.New(slog.NewTextHandler(io.Discard, nil)), Config{KV: kv})
+	for _, c := range []struct{ path, body string }{
+		{"/v1/chat/completions", `{"model":"m","messages":[{"role":"user","content":"hi"}]}`},
+		{"/v1/completions", `{"model":"m","prompt":"hello"}`},
+	} {
+		req := httptest.NewRequest("POST", c.path, strings.NewReader(c.body))
+		req.Header.Set("Routing-Strategy", StrategyPrefixCache)
+		rec := httptest.NewRecorder()
+		r.Handler().ServeHTTP(rec, req)
+		require.Equal(t, 200, rec.Code)
+	}
+	require.Equal(t, []map[string]any{{"model": "m", "prompt": "hello"}}, eng.requests(), "the completion only")
+	require.Zero(t, testutil.ToFloat64(r.tokenizeFailures), "nothing failed: the chat was never asked")
 }
 
 func TestTokenIDs(t *testing.T) {

@@ -142,7 +142,8 @@ type Engine struct {
 	onDeath func()
 	vnow    time.Duration // guarded by mu; virtual time: the sum of step times
 	slow    float64       // guarded by mu; straggler factor ≥ 1
-	namer   *kvhash.VLLM  // names prompt blocks (vLLM's sha256_cbor chain)
+	namer   *kvhash.Namer // names prompt blocks (vLLM's sha256_cbor chain, or SGLang's pages)
+	perPage bool          // SGLang: one BlockStored per page
 	// publish, when set, gets each step's KV-cache events as one batch
 	// (vLLM's scheduler hands the publisher a KVEventBatch per step).
 	publish func(kvevents.Batch)
@@ -380,7 +381,13 @@ func (e *Engine) prepareStep() *stepState {
 					}
 				}
 				if first >= 0 && e.publish != nil {
-					e.pending = append(e.pending, e.storedEvent(r, first, last))
+					if e.perPage { // SGLang's radix cache: an event per page
+						for i := first; i <= last; i++ {
+							e.pending = append(e.pending, e.storedEvent(r, i, i))
+						}
+					} else {
+						e.pending = append(e.pending, e.storedEvent(r, first, last))
+					}
 				}
 				decoders = append(decoders, r) // the first token comes out of this step
 			}

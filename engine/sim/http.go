@@ -84,6 +84,9 @@ func (s *Server) Handler() http.Handler {
 		writeJSON(w, 200, map[string]int{"server_load": r + q})
 	})
 	mux.HandleFunc("POST /tokenize", s.tokenize)
+	if s.cfg.flavor == "sglang" {
+		mux.HandleFunc("POST /v1/tokenize", s.tokenize) // SGLang serves both
+	}
 	if os.Getenv("VLLM_SERVER_DEV_MODE") == "1" {
 		// vLLM's development endpoints: drop every cached block nobody
 		// holds, publishing AllBlocksCleared.
@@ -263,6 +266,10 @@ func contentText(raw json.RawMessage) (string, error) {
 // tokenize is vLLM's /tokenize: a completion prompt, or chat messages
 // through the chat template, as the engine will see them.
 func (s *Server) tokenize(w http.ResponseWriter, r *http.Request) {
+	if s.cfg.flavor == "sglang" {
+		s.tokenizeSGLang(w, r)
+		return
+	}
 	var req struct {
 		Prompt   *string       `json:"prompt"`
 		Messages []chatMessage `json:"messages"`
@@ -288,6 +295,36 @@ func (s *Server) tokenize(w http.ResponseWriter, r *http.Request) {
 	}
 	toks := tokenIDs(text)
 	writeJSON(w, 200, map[string]any{"count": len(toks), "max_model_len": s.cfg.maxModelLen, "tokens": toks, "token_strs": nil})
+}
+
+// tokenizeSGLang is SGLang's /tokenize: a prompt, or a list of them, and no
+// chat messages (its TokenizeRequest has no such field).
+func (s *Server) tokenizeSGLang(w http.ResponseWriter, r *http.Request) {
+	var req struct {
+		Prompt json.RawMessage `json:"prompt"`
+	}
+	if err := json.NewDecoder(r.Body).Decode(&req); err != nil {
+		writeError(w, 400, "BadRequestError", "Invalid JSON body: "+err.Error(), nil)
+		return
+	}
+	var one string
+	var many []string
+	switch {
+	case len(req.Prompt) == 0:
+		writeError(w, 400, "BadRequestError", "1 validation error for TokenizeRequest\nprompt\n  Field required", nil)
+	case json.Unmarshal(req.Prompt, &one) == nil:
+		toks := tokenIDs(one)
+		writeJSON(w, 200, map[string]any{"tokens": toks, "count": len(toks), "max_model_len": s.cfg.maxModelLen})
+	case json.Unmarshal(req.Prompt, &many) == nil:
+		all, counts := make([][]uint32, len(many)), make([]int, len(many))
+		for i, p := range many {
+			all[i] = tokenIDs(p)
+			counts[i] = len(all[i])
+		}
+		writeJSON(w, 200, map[string]any{"tokens": all, "count": counts, "max_model_len": s.cfg.maxModelLen})
+	default:
+		writeError(w, 400, "BadRequestError", "Invalid prompt type. Expected str or List[str].", nil)
+	}
 }
 
 // chatTemplate renders messages as the simulated model's chat template does:

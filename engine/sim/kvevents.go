@@ -9,6 +9,7 @@ import (
 	"strconv"
 
 	"github.com/shoalhq/shoal/internal/kvevents"
+	"github.com/shoalhq/shoal/internal/kvhash"
 )
 
 // kvEventsConfig is vLLM's KVEventsConfig (vllm/config/kv_events.py), as
@@ -62,6 +63,9 @@ func parseKVEvents(raw string) (*kvEventsConfig, error) {
 // could compute the names (a real engine's pickle-based hashes cannot be
 // reproduced outside Python either).
 func startKVEvents(s *Server, c *kvEventsConfig, algo string) (*kvevents.Publisher, error) {
+	if algo == kvhash.AlgoSGLangPage {
+		return startSGLangKVEvents(s, c)
+	}
 	seed := os.Getenv("PYTHONHASHSEED")
 	if algo != "sha256_cbor" && seed != "" {
 		seed = algo + ":" + seed
@@ -79,6 +83,28 @@ func startKVEvents(s *Server, c *kvEventsConfig, algo string) (*kvevents.Publish
 	if err != nil {
 		return nil, err
 	}
+	s.eng.publish = pub.Publish
+	return pub, nil
+}
+
+// startSGLangKVEvents is SGLang's side: pages named by its SHA-256 page
+// chain (no seed), one BlockStored per page, batches in its positional
+// encoding.
+func startSGLangKVEvents(s *Server, c *kvEventsConfig) (*kvevents.Publisher, error) {
+	n, err := kvhash.NewSGLang(s.eng.p.BlockSize)
+	if err != nil {
+		return nil, err
+	}
+	s.eng.namer, s.eng.perPage = n, true
+	replay := ""
+	if c.ReplayEndpoint != nil {
+		replay = *c.ReplayEndpoint
+	}
+	pub, err := kvevents.NewPublisher(c.Endpoint, replay, c.Topic, c.BufferSteps, min(envFloat("SHOAL_SIM_KV_EVENTS_DROP", 0), 1))
+	if err != nil {
+		return nil, err
+	}
+	pub.Encoding(kvevents.EncodeSGLang)
 	s.eng.publish = pub.Publish
 	return pub, nil
 }

@@ -173,3 +173,83 @@ func TestEvictionIsReported(t *testing.T) {
 	require.NotEmpty(t, removed)
 	require.Subset(t, first, removed, "what was evicted was the first prompt's")
 }
+
+// TestSGLangKVEvents runs `python3 -m sglang.launch_server` with KV events
+// on, as the agent starts it: each cached page is one BlockStored, named by
+// SGLang's page chain over /tokenize's tokens and chained to the page
+// before it, in SGLang's positional encoding; /tokenize takes no chat
+// messages; the events are off without the zmq publisher or with the radix
+// cache off, and bad settings are refused.
+func TestSGLangKVEvents(t *testing.T) {
+	t.Setenv("SHOAL_SIM_LOAD_SECONDS", "0.05")
+	t.Setenv("SHOAL_SIM_TIME_SCALE", "50")
+	ip := "127.0.9.8"
+	ports := freePorts(t, ip, 3)
+	cfg := fmt.Sprintf(`{"publisher":"zmq","endpoint":"tcp://%s:%d","replay_endpoint":"tcp://%s:%d","topic":"kv-events"}`, ip, ports[1], ip, ports[2])
+	args := []string{"--model-path", "/m", "--served-model-name", "m", "--host", ip, "--port", fmt.Sprint(ports[0]),
+		"--kv-events-config", cfg, "--page-size", "16"}
+
+	h := &heard{ch: make(chan struct{}, 1)}
+	ctx, cancel := context.WithCancel(context.Background())
+	defer cancel()
+	sub := &kvevents.Subscriber{Endpoint: fmt.Sprintf("tcp://%s:%d", ip, ports[1]), Replay: fmt.Sprintf("tcp://%s:%d", ip, ports[2]), Topic: "kv-events"}
+	subDone := make(chan error, 1)
+	go func() { subDone <- sub.Run(ctx, h) }()
+	var out syncBuf
+	done := make(chan int, 1)
+	srvCtx, stop := context.WithCancel(context.Background())
+	go func() { done <- SGLang(srvCtx, args, &out, &out) }()
+	base := fmt.Sprintf("http://%s:%d", ip, ports[0])
+	waitHealthy(t, base)
+
+	prompt := strings.Repeat("The quick brown fox jumps over the lazy dog. ", 20)
+	r, body := post(t, base+"/v1/tokenize", fmt.Sprintf(`{"model":"m","prompt":%q}`, prompt))
+	require.Equal(t, 200, r.StatusCode, body)
+	var tok struct{ Tokens []uint32 }
+	require.NoError(t, json.Unmarshal([]byte(body), &tok))
+	namer, err := kvhash.NewSGLang(16)
+	require.NoError(t, err)
+	want := namer.Keys(tok.Tokens, "")
+	require.Greater(t, len(want), 2)
+	r, body = post(t, base+"/v1/completions", fmt.Sprintf(`{"model":"m","prompt":%q,"max_tokens":2}`, prompt))
+	require.Equal(t, 200, r.StatusCode, body)
+	for i, name := range want {
+		ev := h.until(t, func(e kvevents.Event) bool { return e.Kind == kvevents.Stored && e.Hashes[0] == name })
+		require.Len(t, ev.Hashes, 1, "one event per page")
+		require.Equal(t, i > 0, ev.HasParent)
+		if i > 0 {
+			require.Equal(t, want[i-1], ev.Parent, "chained to the page before")
+		}
+		require.Equal(t, 16, ev.BlockSize)
+		require.Equal(t, tok.Tokens[16*i:16*(i+1)], ev.Tokens)
+	}
+	r, body = post(t, base+"/tokenize", `{"model":"m","messages":[{"role":"user","content":"hi"}]}`)
+	require.Equal(t, 400, r.StatusCode, "SGLang's /tokenize has no chat messages: %s", body)
+	stop()
+	<-done
+	cancel()
+	require.NoError(t, <-subDone)
+
+	parse := func(extra ...string) (serveConfig, error) {
+		fs := newFlagSet("launch_server.py", sglangValued, sglangBools, nil)
+		if err := fs.parse(append([]string{"--model-path", "/m"}, extra...)); err != nil {
+			return serveConfig{}, err
+		}
+		var c serveConfig
+		return c, parseSGLangKVEvents(fs, &c)
+	}
+	c, err := parse("--kv-events-config", `{"publisher":"zmq","unknown_field":1}`)
+	require.NoError(t, err, "pydantic ignores fields it does not know")
+	require.Equal(t, kvhash.AlgoSGLangPage, c.hashAlgo)
+	require.Equal(t, 1, c.blockSize, "SGLang's default page size")
+	c, err = parse("--kv-events-config", `{"publisher":"null"}`)
+	require.NoError(t, err)
+	require.Nil(t, c.kvEvents)
+	c, err = parse("--kv-events-config", `{"publisher":"zmq"}`, "--disable-radix-cache")
+	require.NoError(t, err)
+	require.Nil(t, c.kvEvents, "no radix cache, no events")
+	_, err = parse("--kv-events-config", `{"publisher":"zmq","hwm":"lots"}`)
+	require.ErrorContains(t, err, "validation error for KVEventsConfig")
+	_, err = parse("--page-size", "0")
+	require.ErrorContains(t, err, "--page-size must be a positive integer")
+}

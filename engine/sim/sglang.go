@@ -2,12 +2,14 @@ package sim
 
 import (
 	"context"
+	"encoding/json"
 	"fmt"
 	"io"
 	"net"
 	"slices"
 	"strconv"
 
+	"github.com/shoalhq/shoal/internal/kvhash"
 	"github.com/shoalhq/shoal/spec"
 )
 
@@ -28,7 +30,8 @@ var sglangValued = []string{"--model-path", "--served-model-name", "--tp", "--tp
 	"--nnodes", "--node-rank", "--host", "--port", "--context-length", "--mem-fraction-static", "--max-running-requests",
 	"--tokenizer-path", "--chunked-prefill-size", "--log-level", "--api-key", "--dtype", "--quantization",
 	"--dp-size", "--ep-size", "--moe-a2a-backend", "--ep-num-redundant-experts", "--deepep-mode", "--moe-runner-backend", "--moe-dense-tp-size",
-	"--disaggregation-mode", "--disaggregation-transfer-backend", "--disaggregation-bootstrap-port", "--disaggregation-ib-device"}
+	"--disaggregation-mode", "--disaggregation-transfer-backend", "--disaggregation-bootstrap-port", "--disaggregation-ib-device",
+	"--kv-events-config", "--page-size"}
 
 var sglangBools = []string{"--enable-metrics", "--trust-remote-code", "--disable-radix-cache", "--enable-torch-compile",
 	"--disable-cuda-graph", "--skip-server-warmup", "--is-embedding", "--enable-dp-attention", "--enable-eplb",
@@ -69,6 +72,10 @@ func SGLang(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 		fmt.Fprintln(stderr, err)
 		return 2
 	}
+	if err := parseSGLangKVEvents(fs, &c); err != nil {
+		fmt.Fprintln(stderr, err)
+		return 2
+	}
 	if c.nnodes > 1 {
 		dia := fs.str("--dist-init-addr", "")
 		host, port, err := net.SplitHostPort(dia)
@@ -83,8 +90,39 @@ func SGLang(ctx context.Context, args []string, stdout, stderr io.Writer) int {
 	} else {
 		c.masterAddr, c.masterPort = "127.0.0.1", 0
 	}
-	c.argsSig = argsSignature(args, sglangBools, "--node-rank", "--host", "--port", "--api-key", "--enable-metrics", "--log-level")
+	c.argsSig = argsSignature(args, sglangBools, "--node-rank", "--host", "--port", "--api-key", "--enable-metrics", "--log-level", "--kv-events-config")
 	return serve(ctx, c, stdout, stderr)
+}
+
+// parseSGLangKVEvents reads --kv-events-config as SGLang does (pydantic:
+// unknown fields ignored, wrong types refused; events are on with the zmq
+// publisher and the radix cache) and --page-size, the tokens per cached
+// page: SGLang's default is 1, which the simulator keeps to when events
+// are on; without events it keeps its preset's block size (nothing outside
+// could tell).
+func parseSGLangKVEvents(fs *flagSet, c *serveConfig) error {
+	page, err := fs.integer("--page-size", 0)
+	if err != nil {
+		return err
+	}
+	if fs.has("--page-size") && page < 1 {
+		return fmt.Errorf("ValueError: --page-size must be a positive integer, got %d", page)
+	}
+	raw := fs.str("--kv-events-config", "")
+	if raw == "" {
+		c.blockSize = page
+		return nil
+	}
+	k := kvEventsConfig{Endpoint: "tcp://*:5557", BufferSteps: 10_000, HWM: 100_000, MaxQueueSize: 100_000}
+	if err := json.Unmarshal([]byte(raw), &k); err != nil {
+		return fmt.Errorf("pydantic_core._pydantic_core.ValidationError: 1 validation error for KVEventsConfig: %v", err)
+	}
+	if k.Publisher == nil || *k.Publisher != "zmq" || fs.boolean("--disable-radix-cache") {
+		c.blockSize = page
+		return nil
+	}
+	c.kvEvents, c.hashAlgo, c.blockSize = &k, kvhash.AlgoSGLangPage, max(page, 1)
+	return nil
 }
 
 // parseSGLangParallel reads SGLang's DP attention and EP flags, refusing

@@ -507,12 +507,33 @@ func Encode(b Batch) []byte {
 	return buf.Bytes()
 }
 
+// EncodeSGLang writes a batch as SGLang's ZmqEventPublisher does: msgspec
+// structs that are array_like, so the batch is [ts, events, attn_dp_rank]
+// and each event [tag, fields...] in declaration order (BlockStored:
+// block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium),
+// hashes as signed 64-bit integers.
+func EncodeSGLang(b Batch) []byte {
+	var buf bytes.Buffer
+	enc := msgpack.NewEncoder(&buf)
+	w := writer{enc: enc, sglang: true}
+	w.err(enc.EncodeArrayLen(3))
+	w.err(enc.EncodeFloat64(b.TS))
+	w.err(enc.EncodeArrayLen(len(b.Events)))
+	for _, e := range b.Events {
+		w.event(e, true)
+	}
+	w.err(enc.EncodeInt(int64(b.DPRank)))
+	return buf.Bytes()
+}
+
 // writer encodes into a bytes.Buffer, which cannot fail; err panics if the
 // encoder ever says otherwise. Its positional form (array) and whole digests
-// (digests) are vLLM's older encodings, which only the decoder's tests write.
+// (digests) are vLLM's older encodings, which only the decoder's tests write;
+// sglang is SGLang's (positional, signed hashes, no lora_name).
 type writer struct {
 	enc     *msgpack.Encoder
 	digests bool
+	sglang  bool
 }
 
 func (w writer) err(err error) {
@@ -531,6 +552,10 @@ func (w writer) hash(h uint64) {
 		w.err(w.enc.EncodeBytes(d[:]))
 		return
 	}
+	if w.sglang {
+		w.err(w.enc.EncodeInt(int64(h)))
+		return
+	}
 	w.err(w.enc.EncodeUint(h))
 }
 
@@ -545,6 +570,9 @@ func (w writer) optStr(s string) {
 func (w writer) event(e Event, array bool) {
 	name := e.Kind.String()
 	fs := fields[e.Kind]
+	if w.sglang && e.Kind == Stored {
+		fs = fs[:len(fs)-1] // SGLang's BlockStored ends at medium
+	}
 	if array {
 		w.err(w.enc.EncodeArrayLen(1 + len(fs)))
 		w.str(name)

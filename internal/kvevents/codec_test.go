@@ -41,6 +41,26 @@ func TestEncodeIsMsgspecBytes(t *testing.T) {
 	require.Equal(t, want, hex.EncodeToString(Encode(b)))
 }
 
+// TestEncodeSGLangIsMsgspecBytes pins EncodeSGLang to the bytes msgspec
+// writes for SGLang's array_like structs (KVEventBatch [ts, events,
+// attn_dp_rank]; BlockStored [tag, block_hashes, parent_block_hash,
+// token_ids, block_size, lora_id, medium]), worked out by hand from the
+// msgpack spec: a hash at or above 2^63 goes out as a negative int64.
+func TestEncodeSGLangIsMsgspecBytes(t *testing.T) {
+	b := Batch{TS: 0.5, Events: []Event{
+		{Kind: Stored, Hashes: []uint64{1<<64 - 2}, Parent: 200, HasParent: true, Tokens: []uint32{1, 300}, BlockSize: 2, Medium: "GPU"},
+		{Kind: Removed, Hashes: []uint64{5}, Medium: "GPU"},
+	}}
+	want := "93" + "cb3fe0000000000000" + "92" +
+		"97" + "ab" + hex.EncodeToString([]byte("BlockStored")) + "91fe" + "ccc8" + "9201cd012c" + "02" + "c0" + "a3" + hex.EncodeToString([]byte("GPU")) +
+		"93" + "ac" + hex.EncodeToString([]byte("BlockRemoved")) + "9105" + "a3" + hex.EncodeToString([]byte("GPU")) +
+		"00"
+	require.Equal(t, want, hex.EncodeToString(EncodeSGLang(b)))
+	got, err := Decode(EncodeSGLang(b))
+	require.NoError(t, err)
+	require.Equal(t, b, got, "and it decodes back, the negative hash as its 64 bits")
+}
+
 func TestRoundTripBothForms(t *testing.T) {
 	for _, tc := range []struct {
 		name string

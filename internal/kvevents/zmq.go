@@ -222,7 +222,8 @@ type Publisher struct {
 	seq uint64         // guarded by mu; the next batch's number
 	buf []bufferedSend // guarded by mu; ring of the last max batches
 	// bound: the PUB listens (the engine binds); else connect owns it.
-	bound bool
+	bound  bool
+	encode func(Batch) []byte // nil: Encode
 }
 
 type bufferedSend struct {
@@ -267,9 +268,17 @@ func NewPublisher(endpoint, replay, topic string, bufferSteps int, drop float64)
 	return p, nil
 }
 
+// Encoding sets how batches are written (Encode, vLLM's, unless set; or
+// EncodeSGLang). Call it before the first Publish.
+func (p *Publisher) Encoding(enc func(Batch) []byte) { p.encode = enc }
+
 // Publish sends one batch and keeps it for replay.
 func (p *Publisher) Publish(b Batch) {
-	payload := Encode(b)
+	enc := p.encode
+	if enc == nil {
+		enc = Encode
+	}
+	payload := enc(b)
 	p.mu.Lock()
 	seq := p.seq
 	p.seq++

@@ -11,7 +11,14 @@
 // extra_keys is None for a plain text prompt or (lora_name,) under an
 // adapter, and only full blocks of block_size tokens are hashed. Its KV events
 // carry each hash as an integer: the digest's last eight bytes read big-endian
-// (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES, on by default). VLLM is that rule.
+// (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES, on by default).
+//
+// SGLang (its radix cache with --page-size N and --kv-events-config) chains
+// SHA-256 over pages: a page's digest is sha256(the previous page's digest,
+// then each token as 4 bytes little-endian), the first page having no
+// previous digest (RadixKey.hash_page), and its events carry the digest's
+// first eight bytes as a signed 64-bit integer (hash_str_to_int64). Only
+// full pages are cached. No seed is involved.
 package kvhash
 
 import (
@@ -22,41 +29,60 @@ import (
 	"strconv"
 )
 
-// AlgoSHA256CBOR is the one naming rule a router can compute: vLLM's
-// --prefix-caching-hash-algo sha256_cbor.
+// AlgoSHA256CBOR is vLLM's --prefix-caching-hash-algo sha256_cbor, the one
+// vLLM rule a router can compute.
 const AlgoSHA256CBOR = "sha256_cbor"
 
-// VLLM hashes token blocks as vLLM's sha256_cbor prefix caching does. It is
-// comparable: two replicas with the same seed and block size have equal
-// hashers, and a prompt's names are computed once for both.
-type VLLM struct {
+// AlgoSGLangPage is SGLang's page chain. SGLang has no flag naming it; this
+// is the name shoal's heads report it by.
+const AlgoSGLangPage = "sglang_page_sha256"
+
+// Namer hashes token blocks as one engine's prefix cache does. It is
+// comparable: two replicas with the same rule, seed and block size have
+// equal namers, and a prompt's names are computed once for both.
+type Namer struct {
+	Algo      string
 	BlockSize int
-	none      [32]byte
+	none      [32]byte // vLLM's NONE_HASH
 }
 
 // NewVLLM returns the hasher for an engine started with PYTHONHASHSEED=seed
 // and --block-size blockSize. vLLM reads the seed as a string; shoal always
 // sets one, since without it NONE_HASH is random per process and no two
 // replicas (nor a router) could agree on a block's name.
-func NewVLLM(seed string, blockSize int) (*VLLM, error) {
+func NewVLLM(seed string, blockSize int) (*Namer, error) {
 	if blockSize <= 0 {
 		return nil, fmt.Errorf("block size must be positive, not %d", blockSize)
 	}
 	if seed == "" {
 		return nil, errors.New("hash seed is empty: the engine's NONE_HASH would be random (set PYTHONHASHSEED)")
 	}
-	h := &VLLM{BlockSize: blockSize}
+	h := &Namer{Algo: AlgoSHA256CBOR, BlockSize: blockSize}
 	h.none = sha256.Sum256(appendText(nil, seed))
 	return h, nil
 }
 
-// NoneHash is NONE_HASH, the parent of a prompt's first block.
-func (h *VLLM) NoneHash() [32]byte { return h.none }
+// NewSGLang returns the namer for an SGLang engine started with
+// --page-size pageSize.
+func NewSGLang(pageSize int) (*Namer, error) {
+	if pageSize <= 0 {
+		return nil, fmt.Errorf("page size must be positive, not %d", pageSize)
+	}
+	return &Namer{Algo: AlgoSGLangPage, BlockSize: pageSize}, nil
+}
+
+// NoneHash is vLLM's NONE_HASH, the parent of a prompt's first block.
+func (h *Namer) NoneHash() [32]byte { return h.none }
 
 // Digests returns the full SHA-256 digest of each full block of tokens, in
 // order, each chained over the ones before. lora, when not empty, is the
 // adapter's name (vLLM's extra key for every block under a LoRA request).
-func (h *VLLM) Digests(tokens []uint32, lora string) [][32]byte {
+// SGLang's rule names no adapter's blocks (its namespacing of them has
+// changed between releases): nil.
+func (h *Namer) Digests(tokens []uint32, lora string) [][32]byte {
+	if h.Algo == AlgoSGLangPage {
+		return h.pages(tokens, lora)
+	}
 	n := len(tokens) / h.BlockSize
 	out := make([][32]byte, 0, n)
 	parent := h.none
@@ -69,11 +95,38 @@ func (h *VLLM) Digests(tokens []uint32, lora string) [][32]byte {
 	return out
 }
 
-// Keys returns the block names as vLLM's KV events carry them.
-func (h *VLLM) Keys(tokens []uint32, lora string) []uint64 {
+// pages is SGLang's chain over the full pages of tokens.
+func (h *Namer) pages(tokens []uint32, lora string) [][32]byte {
+	if lora != "" {
+		return nil
+	}
+	n := len(tokens) / h.BlockSize
+	out := make([][32]byte, 0, n)
+	buf := make([]byte, 0, 32+4*h.BlockSize)
+	for i := 0; i < n; i++ {
+		buf = buf[:0]
+		if i > 0 {
+			buf = append(buf, out[i-1][:]...)
+		}
+		for _, t := range tokens[i*h.BlockSize : (i+1)*h.BlockSize] {
+			buf = binary.LittleEndian.AppendUint32(buf, t)
+		}
+		out = append(out, sha256.Sum256(buf))
+	}
+	return out
+}
+
+// Keys returns the block names as the engine's KV events carry them: for
+// vLLM a digest's last eight bytes, for SGLang its first eight (the signed
+// integer it sends, read as 64 bits).
+func (h *Namer) Keys(tokens []uint32, lora string) []uint64 {
 	ds := h.Digests(tokens, lora)
 	out := make([]uint64, len(ds))
 	for i, d := range ds {
+		if h.Algo == AlgoSGLangPage {
+			out[i] = binary.BigEndian.Uint64(d[:8])
+			continue
+		}
 		out[i] = EventKey(d[:])
 	}
 	return out
@@ -134,12 +187,15 @@ func appendHead(b []byte, major byte, v uint64) []byte {
 }
 
 // Block is the tokens per named block.
-func (h *VLLM) Block() int { return h.BlockSize }
+func (h *Namer) Block() int { return h.BlockSize }
 
-// New returns the hasher for an algorithm as a replica reports it.
-func New(algo, seed string, blockSize int) (*VLLM, error) {
-	if algo != AlgoSHA256CBOR {
-		return nil, fmt.Errorf("unknown block hash algorithm %s (known: %s)", strconv.Quote(algo), AlgoSHA256CBOR)
+// New returns the namer for an algorithm as a replica reports it.
+func New(algo, seed string, blockSize int) (*Namer, error) {
+	switch algo {
+	case AlgoSHA256CBOR:
+		return NewVLLM(seed, blockSize)
+	case AlgoSGLangPage:
+		return NewSGLang(blockSize)
 	}
-	return NewVLLM(seed, blockSize)
+	return nil, fmt.Errorf("unknown block hash algorithm %s (known: %s, %s)", strconv.Quote(algo), AlgoSHA256CBOR, AlgoSGLangPage)
 }

@@ -25,10 +25,21 @@ replicas: {count: 3}
 // other — which never saw that prompt — sends to the same replica, because
 // both read where the blocks are from the engines, through the heads.
 func TestKVEventRoutingAcrossRouters(t *testing.T) {
-	e := startCluster(t, 31, 3)
-	e.apply("kv.yaml", kvSpec)
+	kvRoutingAcrossRouters(t, 31, kvSpec)
+}
+
+// TestSGLangKVEventRoutingAcrossRouters: the same with SGLang engines,
+// whose pages are named by SGLang's own chain (no seed) and published in
+// its encoding, one event per page.
+func TestSGLangKVEventRoutingAcrossRouters(t *testing.T) {
+	kvRoutingAcrossRouters(t, 40, strings.Replace(kvSpec, "kind: vllm", "kind: sglang", 1))
+}
+
+func kvRoutingAcrossRouters(t *testing.T, subnet int, doc string) {
+	e := startCluster(t, subnet, 3)
+	e.apply("kv.yaml", doc)
 	require.Eventually(t, func() bool { return e.count("kv", "ready") == 3 }, 90*time.Second, 200*time.Millisecond)
-	r1, r2 := e.startRouter("127.0.31.1"), e.startRouter("127.0.31.9")
+	r1, r2 := e.startRouter(fmt.Sprintf("127.0.%d.1", subnet)), e.startRouter(fmt.Sprintf("127.0.%d.9", subnet))
 	for _, r := range []string{r1, r2} {
 		require.Eventually(t, func() bool {
 			v, ok := tryMetric("http://"+r+"/metrics", "shoal_router_kv_index_replicas")

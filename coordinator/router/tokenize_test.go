@@ -56,15 +56,12 @@ func (e *tokenizingEngine) requests() []map[string]any {
 	return append([]map[string]any(nil), e.asked...)
 }
 
-// TestPrefixCacheTokenizesAtTheEngine: with a replica that sends KV events,
-// a prefix-cache request's prompt is tokenized by the engine (completion
-// text as is; chat messages with what shapes the chat template; token ids
-// need no call), and a failed /tokenize is counted and leaves the pick to the
-// estimate. Without events, or for another strategy, nothing is asked.
-func TestPrefixCacheTokenizesAtTheEngine(t *testing.T) {
+// tokenizeRouter is a router in front of one tokenizingEngine, with a KV
+// index the test fills, and a sender of requests with a strategy.
+func tokenizeRouter(t *testing.T) (*tokenizingEngine, *Endpoint, *KVIndex, *Router, func(path, body, strategy string) int) {
 	eng := &tokenizingEngine{}
 	srv := httptest.NewServer(eng)
-	defer srv.Close()
+	t.Cleanup(srv.Close)
 	ep := &Endpoint{Model: "m", Addr: addr(srv), Group: "g"}
 	tb := NewTable()
 	tb.Set(NewSnapshot([]string{"m"}, []*Endpoint{ep}))
@@ -77,6 +74,16 @@ func TestPrefixCacheTokenizesAtTheEngine(t *testing.T) {
 		r.Handler().ServeHTTP(rec, req)
 		return rec.Code
 	}
+	return eng, ep, kv, r, send
+}
+
+// TestPrefixCacheTokenizesAtTheEngine: with a replica that sends KV events,
+// a prefix-cache request's prompt is tokenized by the engine (completion
+// text as is; chat messages with what shapes the chat template; token ids
+// need no call), and a failed /tokenize is counted and leaves the pick to the
+// estimate. Without events, or for another strategy, nothing is asked.
+func TestPrefixCacheTokenizesAtTheEngine(t *testing.T) {
+	eng, ep, kv, r, send := tokenizeRouter(t)
 	require.Equal(t, 200, send("/v1/completions", `{"model":"m","prompt":"hello"}`, StrategyPrefixCache))
 	require.Empty(t, eng.requests(), "no replica sends events: nothing to match tokens against")
 
@@ -103,27 +110,12 @@ func TestPrefixCacheTokenizesAtTheEngine(t *testing.T) {
 // messages: its chats are not sent to be tokenized (the estimate decides),
 // its completions are.
 func TestSGLangChatsAreNotTokenized(t *testing.T) {
-	eng := &tokenizingEngine{}
-	srv := httptest.NewServer(eng)
-	defer srv.Close()
-	ep := &Endpoint{Model: "m", Addr: addr(srv), Group: "g"}
-	tb := NewTable()
-	tb.Set(NewSnapshot([]string{"m"}, []*Endpoint{ep}))
-	kv := NewKVIndex(0)
+	eng, ep, kv, r, send := tokenizeRouter(t)
 	sg, err := kvhash.NewSGLang(16)
 	require.NoError(t, err)
 	kv.Reset(ep.Addr, sg, nil, 0)
-	r := New(tb, slog.New(slog.NewTextHandler(io.Discard, nil)), Config{KV: kv})
-	for _, c := range []struct{ path, body string }{
-		{"/v1/chat/completions", `{"model":"m","messages":[{"role":"user","content":"hi"}]}`},
-		{"/v1/completions", `{"model":"m","prompt":"hello"}`},
-	} {
-		req := httptest.NewRequest("POST", c.path, strings.NewReader(c.body))
-		req.Header.Set("Routing-Strategy", StrategyPrefixCache)
-		rec := httptest.NewRecorder()
-		r.Handler().ServeHTTP(rec, req)
-		require.Equal(t, 200, rec.Code)
-	}
+	require.Equal(t, 200, send("/v1/chat/completions", `{"model":"m","messages":[{"role":"user","content":"hi"}]}`, StrategyPrefixCache))
+	require.Equal(t, 200, send("/v1/completions", `{"model":"m","prompt":"hello"}`, StrategyPrefixCache))
 	require.Equal(t, []map[string]any{{"model": "m", "prompt": "hello"}}, eng.requests(), "the completion only")
 	require.Zero(t, testutil.ToFloat64(r.tokenizeFailures), "nothing failed: the chat was never asked")
 }

@@ -56,6 +56,38 @@ func (h *heard) until(t *testing.T, ok func(kvevents.Event) bool) kvevents.Event
 	}
 }
 
+// withEvents starts an engine (run: VLLM or SGLang) on ip:ports[0] whose
+// KV events go to ports[1] (replay ports[2]), and a subscriber to them; it
+// returns what the subscriber heard, the engine's URL, and a stop that
+// ends both and checks the subscriber ended cleanly.
+func withEvents(t *testing.T, run func(context.Context, []string, io.Writer, io.Writer) int, args []string, ip string, ports []int) (*heard, string, func()) {
+	t.Helper()
+	h := &heard{ch: make(chan struct{}, 1)}
+	ctx, cancel := context.WithCancel(context.Background())
+	sub := &kvevents.Subscriber{Endpoint: fmt.Sprintf("tcp://%s:%d", ip, ports[1]), Replay: fmt.Sprintf("tcp://%s:%d", ip, ports[2]), Topic: "kv-events"}
+	subDone := make(chan error, 1)
+	go func() { subDone <- sub.Run(ctx, h) }()
+	var out syncBuf
+	done := make(chan int, 1)
+	srvCtx, stopSrv := context.WithCancel(context.Background())
+	go func() { done <- run(srvCtx, args, &out, &out) }()
+	stopped := false
+	stop := func() {
+		if stopped {
+			return
+		}
+		stopped = true
+		stopSrv()
+		<-done
+		cancel()
+		require.NoError(t, <-subDone)
+	}
+	t.Cleanup(stop)
+	base := fmt.Sprintf("http://%s:%d", ip, ports[0])
+	waitHealthy(t, base)
+	return h, base, stop
+}
+
 // TestKVEventsMatchTheRoutersHashes runs `vllm serve` with KV events on, as
 // the agent starts it, and checks that the blocks it reports storing for a
 // prompt are the names a router computes from /tokenize's tokens, that an
@@ -72,18 +104,7 @@ func TestKVEventsMatchTheRoutersHashes(t *testing.T) {
 	args := []string{"serve", "/m", "--served-model-name", "m", "--host", ip, "--port", fmt.Sprint(ports[0]),
 		"--kv-events-config", cfg, "--prefix-caching-hash-algo", "sha256_cbor", "--block-size", "16"}
 
-	h := &heard{ch: make(chan struct{}, 1)}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	sub := &kvevents.Subscriber{Endpoint: fmt.Sprintf("tcp://%s:%d", ip, ports[1]), Replay: fmt.Sprintf("tcp://%s:%d", ip, ports[2]), Topic: "kv-events"}
-	subDone := make(chan error, 1)
-	go func() { subDone <- sub.Run(ctx, h) }()
-	var out syncBuf
-	done := make(chan int, 1)
-	srvCtx, stop := context.WithCancel(context.Background())
-	go func() { done <- VLLM(srvCtx, args, &out, &out) }()
-	base := fmt.Sprintf("http://%s:%d", ip, ports[0])
-	waitHealthy(t, base)
+	h, base, stop := withEvents(t, VLLM, args, ip, ports)
 
 	prompt := strings.Repeat("The quick brown fox jumps over the lazy dog. ", 20)
 	r, body := post(t, base+"/tokenize", fmt.Sprintf(`{"model":"m","prompt":%q}`, prompt))
@@ -124,9 +145,6 @@ func TestKVEventsMatchTheRoutersHashes(t *testing.T) {
 	require.Empty(t, h.lost)
 	h.mu.Unlock()
 	stop()
-	<-done
-	cancel()
-	require.NoError(t, <-subDone)
 
 	for _, bad := range []struct{ arg, want string }{
 		{`{"enable_kv_cache_events":true,"endpoints":"x"}`, `unknown field "endpoints"`},
@@ -189,18 +207,7 @@ func TestSGLangKVEvents(t *testing.T) {
 	args := []string{"--model-path", "/m", "--served-model-name", "m", "--host", ip, "--port", fmt.Sprint(ports[0]),
 		"--kv-events-config", cfg, "--page-size", "16"}
 
-	h := &heard{ch: make(chan struct{}, 1)}
-	ctx, cancel := context.WithCancel(context.Background())
-	defer cancel()
-	sub := &kvevents.Subscriber{Endpoint: fmt.Sprintf("tcp://%s:%d", ip, ports[1]), Replay: fmt.Sprintf("tcp://%s:%d", ip, ports[2]), Topic: "kv-events"}
-	subDone := make(chan error, 1)
-	go func() { subDone <- sub.Run(ctx, h) }()
-	var out syncBuf
-	done := make(chan int, 1)
-	srvCtx, stop := context.WithCancel(context.Background())
-	go func() { done <- SGLang(srvCtx, args, &out, &out) }()
-	base := fmt.Sprintf("http://%s:%d", ip, ports[0])
-	waitHealthy(t, base)
+	h, base, stop := withEvents(t, SGLang, args, ip, ports)
 
 	prompt := strings.Repeat("The quick brown fox jumps over the lazy dog. ", 20)
 	r, body := post(t, base+"/v1/tokenize", fmt.Sprintf(`{"model":"m","prompt":%q}`, prompt))
@@ -226,9 +233,6 @@ func TestSGLangKVEvents(t *testing.T) {
 	r, body = post(t, base+"/tokenize", `{"model":"m","messages":[{"role":"user","content":"hi"}]}`)
 	require.Equal(t, 400, r.StatusCode, "SGLang's /tokenize has no chat messages: %s", body)
 	stop()
-	<-done
-	cancel()
-	require.NoError(t, <-subDone)
 
 	parse := func(extra ...string) (serveConfig, error) {
 		fs := newFlagSet("launch_server.py", sglangValued, sglangBools, nil)

@@ -512,17 +512,20 @@ func Encode(b Batch) []byte {
 // and each event [tag, fields...] in declaration order (BlockStored:
 // block_hashes, parent_block_hash, token_ids, block_size, lora_id, medium),
 // hashes as signed 64-bit integers.
-func EncodeSGLang(b Batch) []byte {
+func EncodeSGLang(b Batch) []byte { return encodePositional(b, writer{sglang: true}) }
+
+// encodePositional writes b as an array_like batch, [ts, events, rank],
+// each event positional, with w's choices of hash form.
+func encodePositional(b Batch, w writer) []byte {
 	var buf bytes.Buffer
-	enc := msgpack.NewEncoder(&buf)
-	w := writer{enc: enc, sglang: true}
-	w.err(enc.EncodeArrayLen(3))
-	w.err(enc.EncodeFloat64(b.TS))
-	w.err(enc.EncodeArrayLen(len(b.Events)))
+	w.enc = msgpack.NewEncoder(&buf)
+	w.err(w.enc.EncodeArrayLen(3))
+	w.err(w.enc.EncodeFloat64(b.TS))
+	w.err(w.enc.EncodeArrayLen(len(b.Events)))
 	for _, e := range b.Events {
 		w.event(e, true)
 	}
-	w.err(enc.EncodeInt(int64(b.DPRank)))
+	w.err(w.enc.EncodeInt(int64(b.DPRank)))
 	return buf.Bytes()
 }
 

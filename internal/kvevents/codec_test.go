@@ -1,13 +1,11 @@
 package kvevents
 
 import (
-	"bytes"
 	"encoding/hex"
 	"strings"
 	"testing"
 
 	"github.com/stretchr/testify/require"
-	"github.com/vmihailenco/msgpack/v5"
 )
 
 func sample() Batch {
@@ -175,16 +173,4 @@ func norm(b Batch) Batch {
 // were array_like, and hashes as 32-byte digests when digests is set
 // (VLLM_KV_EVENTS_USE_INT_BLOCK_HASHES=0): a digest here is the key padded
 // to 32 bytes, which folds back to the key.
-func encodeArray(b Batch, digests bool) []byte {
-	var buf bytes.Buffer
-	enc := msgpack.NewEncoder(&buf)
-	w := writer{enc: enc, digests: digests}
-	w.err(enc.EncodeArrayLen(3))
-	w.err(enc.EncodeFloat64(b.TS))
-	w.err(enc.EncodeArrayLen(len(b.Events)))
-	for _, e := range b.Events {
-		w.event(e, true)
-	}
-	w.err(enc.EncodeInt(int64(b.DPRank)))
-	return buf.Bytes()
-}
+func encodeArray(b Batch, digests bool) []byte { return encodePositional(b, writer{digests: digests}) }

@@ -61,43 +61,35 @@ func TestAdoptSpec(t *testing.T) {
 }
 
 // TestPrevSpecFollowsEngineChanges: the spec before the last engine change
-// is kept; a change of replica count alone keeps it as it was.
+// is kept; a change of replica count alone keeps it as it was. With roles,
+// a change to one role's engine is a change of the deployment's engine
+// settings, and a role's replica count is not.
 func TestPrevSpecFollowsEngineChanges(t *testing.T) {
-	s, err := Open(filepath.Join(t.TempDir(), "s.db"))
-	require.NoError(t, err)
-	defer s.Close()
-	put := func(args []string, count int, yaml string) *DeploymentRecord {
-		_, err := s.PutDeployment(&spec.Deployment{Name: "m", Engine: spec.Engine{Args: args}, Replicas: spec.Replicas{Count: count}}, yaml)
-		require.NoError(t, err)
-		r, err := s.Deployment("m")
-		require.NoError(t, err)
-		return r
+	for name, build := range map[string]func(args []string, count int) *spec.Deployment{
+		"plain": func(args []string, count int) *spec.Deployment {
+			return &spec.Deployment{Name: "m", Engine: spec.Engine{Args: args}, Replicas: spec.Replicas{Count: count}}
+		},
+		"roles, the decode role's engine and count": func(args []string, count int) *spec.Deployment {
+			return &spec.Deployment{Name: "m", Engine: spec.Engine{Kind: spec.EngineVLLM}, Roles: &spec.Roles{
+				Prefill: spec.Role{Replicas: spec.Replicas{Count: 1}},
+				Decode:  spec.Role{Replicas: spec.Replicas{Count: count}, Engine: &spec.RoleEngine{Args: args}}}}
+		},
+	} {
+		t.Run(name, func(t *testing.T) {
+			s, err := Open(filepath.Join(t.TempDir(), "s.db"))
+			require.NoError(t, err)
+			defer s.Close()
+			put := func(args []string, count int, yaml string) *DeploymentRecord {
+				_, err := s.PutDeployment(build(args, count), yaml)
+				require.NoError(t, err)
+				r, err := s.Deployment("m")
+				require.NoError(t, err)
+				return r
+			}
+			require.Empty(t, put(nil, 1, "v1").PrevSpecYAML)
+			require.Empty(t, put(nil, 2, "v2").PrevSpecYAML, "a count is not an engine setting")
+			require.Equal(t, "v2", put([]string{"--x"}, 2, "v3").PrevSpecYAML, "the engine changed")
+			require.Equal(t, "v2", put([]string{"--x"}, 3, "v4").PrevSpecYAML, "kept across a count change")
+		})
 	}
-	require.Empty(t, put(nil, 1, "v1").PrevSpecYAML)
-	require.Empty(t, put(nil, 2, "v2").PrevSpecYAML, "a count is not an engine setting")
-	require.Equal(t, "v2", put([]string{"--x"}, 2, "v3").PrevSpecYAML)
-	require.Equal(t, "v2", put([]string{"--x"}, 3, "v4").PrevSpecYAML, "kept across a count change")
-}
-
-// A deployment with roles: a change to one role's engine is a change of
-// the deployment's engine settings (kept for undo); a role's replica count
-// is not.
-func TestPrevSpecFollowsARolesEngineChanges(t *testing.T) {
-	s, err := Open(filepath.Join(t.TempDir(), "s.db"))
-	require.NoError(t, err)
-	defer s.Close()
-	put := func(decodeArgs []string, count int, yaml string) *DeploymentRecord {
-		d := &spec.Deployment{Name: "pd", Engine: spec.Engine{Kind: spec.EngineVLLM}, Roles: &spec.Roles{
-			Prefill: spec.Role{Replicas: spec.Replicas{Count: 1}},
-			Decode:  spec.Role{Replicas: spec.Replicas{Count: count}, Engine: &spec.RoleEngine{Args: decodeArgs}}}}
-		_, err := s.PutDeployment(d, yaml)
-		require.NoError(t, err)
-		r, err := s.Deployment("pd")
-		require.NoError(t, err)
-		return r
-	}
-	require.Empty(t, put(nil, 1, "v1").PrevSpecYAML)
-	require.Empty(t, put(nil, 2, "v2").PrevSpecYAML, "a role's count is not an engine setting")
-	require.Equal(t, "v2", put([]string{"--x"}, 2, "v3").PrevSpecYAML, "the decode role's engine changed")
-	require.Equal(t, "v2", put([]string{"--x"}, 3, "v4").PrevSpecYAML, "kept across a count change")
 }

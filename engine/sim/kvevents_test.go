@@ -56,6 +56,15 @@ func (h *heard) until(t *testing.T, ok func(kvevents.Event) bool) kvevents.Event
 	}
 }
 
+// tokenize asks an engine's tokenize endpoint (url) to tokenize body.
+func tokenize(t *testing.T, url, body string) (tok struct{ Tokens []uint32 }) {
+	t.Helper()
+	r, b := post(t, url, body)
+	require.Equal(t, 200, r.StatusCode, b)
+	require.NoError(t, json.Unmarshal([]byte(b), &tok))
+	return tok
+}
+
 // withEvents starts an engine (run: VLLM or SGLang) on ip:ports[0] whose
 // KV events go to ports[1] (replay ports[2]), and a subscriber to them; it
 // returns what the subscriber heard, the engine's URL, and a stop that
@@ -107,15 +116,12 @@ func TestKVEventsMatchTheRoutersHashes(t *testing.T) {
 	h, base, stop := withEvents(t, VLLM, args, ip, ports)
 
 	prompt := strings.Repeat("The quick brown fox jumps over the lazy dog. ", 20)
-	r, body := post(t, base+"/tokenize", fmt.Sprintf(`{"model":"m","prompt":%q}`, prompt))
-	require.Equal(t, 200, r.StatusCode, body)
-	var tok struct{ Tokens []uint32 }
-	require.NoError(t, json.Unmarshal([]byte(body), &tok))
+	tok := tokenize(t, base+"/tokenize", fmt.Sprintf(`{"model":"m","prompt":%q}`, prompt))
 	hasher, err := kvhash.NewVLLM("4242", 16)
 	require.NoError(t, err)
 	want := hasher.Keys(tok.Tokens, "")
 	require.NotEmpty(t, want)
-	r, body = post(t, base+"/v1/completions", fmt.Sprintf(`{"model":"m","prompt":%q,"max_tokens":2}`, prompt))
+	r, body := post(t, base+"/v1/completions", fmt.Sprintf(`{"model":"m","prompt":%q,"max_tokens":2}`, prompt))
 	require.Equal(t, 200, r.StatusCode, body)
 	ev := h.until(t, func(e kvevents.Event) bool { return e.Kind == kvevents.Stored })
 	require.Equal(t, want, ev.Hashes, "the engine's block names are the router's")
@@ -126,10 +132,7 @@ func TestKVEventsMatchTheRoutersHashes(t *testing.T) {
 
 	// The same text under a chat template is another prompt; /tokenize
 	// renders it the engine's way too.
-	r, body = post(t, base+"/tokenize", fmt.Sprintf(`{"model":"m","messages":[{"role":"user","content":%q}]}`, prompt))
-	require.Equal(t, 200, r.StatusCode, body)
-	var chat struct{ Tokens []uint32 }
-	require.NoError(t, json.Unmarshal([]byte(body), &chat))
+	chat := tokenize(t, base+"/tokenize", fmt.Sprintf(`{"model":"m","messages":[{"role":"user","content":%q}]}`, prompt))
 	r, body = post(t, base+"/v1/chat/completions", fmt.Sprintf(`{"model":"m","messages":[{"role":"user","content":%q}],"max_tokens":2}`, prompt))
 	require.Equal(t, 200, r.StatusCode, body)
 	wantChat := hasher.Keys(chat.Tokens, "")
@@ -210,15 +213,12 @@ func TestSGLangKVEvents(t *testing.T) {
 	h, base, stop := withEvents(t, SGLang, args, ip, ports)
 
 	prompt := strings.Repeat("The quick brown fox jumps over the lazy dog. ", 20)
-	r, body := post(t, base+"/v1/tokenize", fmt.Sprintf(`{"model":"m","prompt":%q}`, prompt))
-	require.Equal(t, 200, r.StatusCode, body)
-	var tok struct{ Tokens []uint32 }
-	require.NoError(t, json.Unmarshal([]byte(body), &tok))
+	tok := tokenize(t, base+"/v1/tokenize", fmt.Sprintf(`{"model":"m","prompt":%q}`, prompt))
 	namer, err := kvhash.NewSGLang(16)
 	require.NoError(t, err)
 	want := namer.Keys(tok.Tokens, "")
 	require.Greater(t, len(want), 2)
-	r, body = post(t, base+"/v1/completions", fmt.Sprintf(`{"model":"m","prompt":%q,"max_tokens":2}`, prompt))
+	r, body := post(t, base+"/v1/completions", fmt.Sprintf(`{"model":"m","prompt":%q,"max_tokens":2}`, prompt))
 	require.Equal(t, 200, r.StatusCode, body)
 	for i, name := range want {
 		ev := h.until(t, func(e kvevents.Event) bool { return e.Kind == kvevents.Stored && e.Hashes[0] == name })

@@ -10,6 +10,15 @@ import (
 	"github.com/stretchr/testify/require"
 )
 
+// seq is the token ids from..to.
+func seq(from, to uint32) []uint32 {
+	var out []uint32
+	for i := from; i <= to; i++ {
+		out = append(out, i)
+	}
+	return out
+}
+
 // Golden vectors, computed by a separate Python program from hashlib and the
 // CBOR rules of RFC 8949 (not from this package):
 //
@@ -17,13 +26,6 @@ import (
 //	parent = sha256(cbor([parent, [tokens...], None or [lora]]))
 //	key = int.from_bytes(parent[-8:], "big")
 func TestVLLMGolden(t *testing.T) {
-	seq := func(from, to uint32) []uint32 {
-		var out []uint32
-		for i := from; i <= to; i++ {
-			out = append(out, i)
-		}
-		return out
-	}
 	h0, err := NewVLLM("0", 16)
 	require.NoError(t, err)
 	none := h0.NoneHash()
@@ -59,13 +61,6 @@ func TestVLLMGolden(t *testing.T) {
 //	  prior = h.hexdigest()
 //	  key = int(prior[:16], 16) (SGLang sends it as a signed int64)
 func TestSGLangGolden(t *testing.T) {
-	seq := func(from, to uint32) []uint32 {
-		var out []uint32
-		for i := from; i <= to; i++ {
-			out = append(out, i)
-		}
-		return out
-	}
 	cases := []struct {
 		page   int
 		tokens []uint32

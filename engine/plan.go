@@ -412,6 +412,13 @@ type Vars struct {
 	MasterPort      int    // the rendezvous port on the head
 	Model           string // the model argument (local path or HF id)
 	ServedModelName string
+	// With engine.kvTransfer, the program speaks vLLM's NixlConnector
+	// protocol: its role (prefill or decode), the side-channel port its
+	// peers pull KV through, and what a decode engine does when a pull
+	// fails (fail or recompute). Empty and 0 without kvTransfer.
+	KVRole          string
+	SideChannelPort int
+	KVFailurePolicy string
 }
 
 // Command builds the plan of the command engine kind: every member runs the
@@ -424,6 +431,9 @@ func CommandPlan(in PlanInput, rank int) (*Plan, error) {
 	s := in.Spec
 	v := Vars{Rank: rank, NNodes: s.Resources.Nodes, GPUs: s.Resources.GPUsPerNode, HeadAddr: in.HeadIP, NodeIP: in.NodeIP,
 		Port: s.Engine.Port, MasterPort: s.Engine.MasterPort, Model: ModelArg(s), ServedModelName: s.Engine.ServedModelName}
+	if k := s.Engine.KVTransfer; k != nil {
+		v.KVRole, v.SideChannelPort, v.KVFailurePolicy = k.Role, k.SideChannelPort, k.FailurePolicy
+	}
 	argv := make([]string, 0, len(s.Engine.Command))
 	for i, a := range s.Engine.Command {
 		out, err := render(a, v)
@@ -436,6 +446,7 @@ func CommandPlan(in PlanInput, rank int) (*Plan, error) {
 		return nil, fmt.Errorf("engine.command: empty")
 	}
 	env := mergeEnv(in.Env, nil)
+	nixlEnv(s, env, in.NodeIP)
 	for k, tmpl := range s.Engine.Env {
 		out, err := render(tmpl, v)
 		if err != nil {

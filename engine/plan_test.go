@@ -205,6 +205,33 @@ resources: {nodes: 2, gpusPerNode: 1}
 	require.Error(t, ValidateTemplates(d))
 }
 
+// TestCommandPlanKVTransfer: a command engine with kvTransfer gets its role,
+// failure policy and side-channel port as template variables, and the
+// NixlConnector side-channel environment the vLLM kinds get; the user's own
+// value of a variable wins.
+func TestCommandPlanKVTransfer(t *testing.T) {
+	d, err := spec.Parse([]byte(`apiVersion: shoal/v1
+name: pd
+engine:
+  kind: command
+  command: ["python3", "engine.py", "--role={{.KVRole}}"]
+  kvTransfer: {connector: nixl, role: decode, failurePolicy: recompute, sideChannelPort: 5700}
+  env: {POLICY: "{{.KVFailurePolicy}}", SIDE: "{{.SideChannelPort}}"}
+resources: {nodes: 1, gpusPerNode: 1}
+`))
+	require.NoError(t, err)
+	p, err := CommandPlan(PlanInput{Spec: d, Role: RoleHead, NodeIP: "10.0.0.2", HeadIP: "10.0.0.2"}, 0)
+	require.NoError(t, err)
+	require.Equal(t, []string{"python3", "engine.py", "--role=decode"}, p.Node.Argv())
+	require.Subset(t, p.Node.Env, []string{"POLICY=recompute", "SIDE=5700",
+		"VLLM_NIXL_SIDE_CHANNEL_HOST=10.0.0.2", "VLLM_NIXL_SIDE_CHANNEL_PORT=5700"})
+	d.Engine.Env["VLLM_NIXL_SIDE_CHANNEL_HOST"] = "10.9.9.9"
+	p, err = CommandPlan(PlanInput{Spec: d, Role: RoleHead, NodeIP: "10.0.0.2", HeadIP: "10.0.0.2"}, 0)
+	require.NoError(t, err)
+	require.Contains(t, p.Node.Env, "VLLM_NIXL_SIDE_CHANNEL_HOST=10.9.9.9")
+	require.NotContains(t, p.Node.Env, "VLLM_NIXL_SIDE_CHANNEL_HOST=10.0.0.2")
+}
+
 // TestKVEventsSetUp: the head's KV-event set-up follows the spec, and the
 // user's own flags or engine.kvEvents: false leave the engine's command line
 // as it was.

@@ -38,9 +38,16 @@ func validateKVTransfer(d *Deployment) []error {
 		}
 	}
 	switch e.Kind {
-	case EngineVLLM, EngineRayVLLM:
+	case EngineVLLM, EngineRayVLLM, EngineCommand:
+		// A command engine with kvTransfer speaks vLLM's NixlConnector
+		// protocol (kv_transfer_params): the router drives it as it
+		// drives vLLM, and its templates get the role and side channel.
 		if k.Connector != ConnectorNIXL {
-			bad("engine.kvTransfer.connector", "unknown connector %q for vLLM; nixl (vLLM's NixlConnector)", k.Connector)
+			what := "vLLM"
+			if e.Kind == EngineCommand {
+				what = "kind command (a program that speaks vLLM's NixlConnector protocol)"
+			}
+			bad("engine.kvTransfer.connector", "unknown connector %q for %s; nixl (vLLM's NixlConnector)", k.Connector, what)
 		}
 		if k.FailurePolicy != "fail" && k.FailurePolicy != "recompute" {
 			bad("engine.kvTransfer.failurePolicy", "must be fail or recompute, got %q", k.FailurePolicy)
@@ -53,7 +60,9 @@ func validateKVTransfer(d *Deployment) []error {
 			band = dp.Size
 		}
 		ports("engine.kvTransfer.sideChannelPort", k.SideChannelPort, k.SideChannelPort+band-1, "one per DP rank")
-		errs = append(errs, refuseOwned(e.Args, kvTransferFlags, "engine.kvTransfer")...)
+		if e.Kind != EngineCommand {
+			errs = append(errs, refuseOwned(e.Args, kvTransferFlags, "engine.kvTransfer")...)
+		}
 	case EngineSGLang:
 		if k.Connector != ConnectorNIXL && k.Connector != ConnectorMooncake {
 			bad("engine.kvTransfer.connector", "unknown connector %q for SGLang; %s or %s (--disaggregation-transfer-backend)", k.Connector, ConnectorMooncake, ConnectorNIXL)
@@ -74,7 +83,7 @@ func validateKVTransfer(d *Deployment) []error {
 		}
 		errs = append(errs, refuseOwned(e.Args, sglangDisaggFlags, "engine.kvTransfer")...)
 	default:
-		bad("engine.kvTransfer", "is for vLLM (kind %s or %s) and SGLang (kind %s); kind %s has no KV connector", EngineVLLM, EngineRayVLLM, EngineSGLang, e.Kind)
+		bad("engine.kvTransfer", "is for vLLM (kind %s or %s), SGLang (kind %s) and programs that speak vLLM's protocol (kind %s); kind %s has no KV connector", EngineVLLM, EngineRayVLLM, EngineSGLang, EngineCommand, e.Kind)
 	}
 	return errs
 }

@@ -18,8 +18,11 @@ func TestKVTransferDefaultsAndErrors(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, DefaultBootstrapPort, d.Engine.KVTransfer.BootstrapPort)
 	require.Empty(t, d.Engine.KVTransfer.FailurePolicy, "vLLM's settings stay unset on SGLang")
+	d, err = Parse([]byte(fmt.Sprintf(pdDoc, "p", "command, command: [x, --kv-transfer-config, '{}']", "kvTransfer: {connector: nixl, role: decode}")))
+	require.NoError(t, err, "a command engine speaks vLLM's protocol; its own flags are its own")
+	require.Equal(t, DefaultNIXLPort, d.Engine.KVTransfer.SideChannelPort)
 	for _, tc := range []struct{ kind, engine, field, text string }{
-		{"command", "kvTransfer: {connector: nixl, role: prefill}", "engine.kvTransfer", "has no KV connector"},
+		{"command, command: [x]", "kvTransfer: {connector: mooncake, role: prefill}", "engine.kvTransfer.connector", "speaks vLLM's NixlConnector protocol"},
 		{"vllm", "kvTransfer: {connector: mooncake, role: prefill}", "engine.kvTransfer.connector", `unknown connector "mooncake" for vLLM`},
 		{"vllm", "kvTransfer: {connector: nixl, role: prefill, bootstrapPort: 8998}", "engine.kvTransfer.bootstrapPort", "is SGLang's"},
 		{"sglang", "kvTransfer: {connector: ucx, role: prefill}", "engine.kvTransfer.connector", "mooncake or nixl"},

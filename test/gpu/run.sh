@@ -38,7 +38,7 @@ tls="$dir/tls"
 for d in coordinator gpu-0 gpu-1; do mkdir -p "$tls/$d"; cp "$tls/gossip.key" "$tls/$d/gossip.key"; done
 export SHOAL_TLS_DIR="$tls/cli"
 "$BIN/shoal" coordinator --address 127.0.0.1 --gossip-port 17946 --api 127.0.0.1:7950 --router 127.0.0.1:8080 \
-  --data-dir "$dir/coordinator" --gossip-profile fast --tls-dir "$tls/coordinator" --gossip-key-file "$tls/coordinator/gossip.key" \
+  --data-dir "$dir/coordinator" --no-api-keys --gossip-profile fast --tls-dir "$tls/coordinator" --gossip-key-file "$tls/coordinator/gossip.key" \
   >"$dir/coordinator.log" 2>&1 &
 pids+=($!)
 for i in 0 1; do
@@ -49,7 +49,9 @@ for i in 0 1; do
   pids+=($!)
 done
 sed "s|ENGINE_PY|$PWD/examples/torch-tp/engine.py|g; s|\"python3\",|\"$PY\",|" examples/torch-tp/deployment.yaml >"$dir/torch.yaml"
-until "$BIN/shoal" apply -f "$dir/torch.yaml" >/dev/null 2>&1; do sleep 0.3; done
+until "$BIN/shoal" apply -f "$dir/torch.yaml" >/dev/null 2>&1; do
+  sleep 0.3; kill -0 "${pids[0]}" 2>/dev/null || { log "the coordinator exited: $(tail -3 "$dir/coordinator.log")"; exit 1; }
+done
 t0=$(now); log "applied torch-tp: 1 replica × 2 nodes × 1 GPU (command engine, NCCL)"
 until [ "$(state)" = ready ]; do sleep 0.2; over "$t0" 300 && { log "not ready in 300 s"; exit 1; }; done
 log "replica ready $(since "$t0") s after apply"

@@ -163,23 +163,19 @@ func TestCommandEnginePD(t *testing.T) {
 	code, dv := post(d.Endpoint, dec)
 	require.Equal(t, 500, code, "%v", dv)
 	require.Contains(t, fmt.Sprint(dv["error"]), "Failed to load KV cache from the remote prefill engine (kv_load_failure_policy=fail)")
-	metrics := func() string {
-		resp, err := http.Get("http://" + d.Endpoint + "/metrics")
-		if err != nil {
-			return ""
-		}
-		defer resp.Body.Close()
-		raw, _ := io.ReadAll(resp.Body)
-		return string(raw)
-	}
-	require.Contains(t, metrics(), `vllm:kv_cache_usage_perc{model_name="torch-pd"} 0.0`, "the failed request's blocks are free")
-	require.Contains(t, metrics(), `torchpd:kv_pull_failures_total{model_name="torch-pd"} 1`)
+	dm := "http://" + d.Endpoint + "/metrics"
+	use, found, err := scrapeSum(dm, "vllm:kv_cache_usage_perc")
+	require.NoError(t, err)
+	require.True(t, found && use == 0, "the failed request's blocks are free (KV use %v, reported: %v)", use, found)
+	require.Equal(t, 1.0, metricSum(t, dm, "torchpd:kv_pull_failures_total"))
 	// The prefill role is re-formed (a new engine: a new engine id, a new
-	// handshake) and the pair serves again.
+	// handshake) and the pair serves again: with P down the router's answer
+	// is the decode engine's alone (no kv_transfer), so wait for a pull.
 	require.Eventually(t, func() bool {
 		code, v = post(e.router, req)
-		return code == 200
-	}, 120*time.Second, 300*time.Millisecond)
+		ex, _ := v["shoal_example"].(map[string]any)
+		return code == 200 && ex["kv_transfer"] != nil
+	}, 120*time.Second, 300*time.Millisecond, "a routed answer whose KV came from the re-formed prefill engine")
 	require.Equal(t, local["token_ids"], v["token_ids"])
 	require.NotContains(t, e.c.EnginePids(p.Head), pids[0])
 }

@@ -188,6 +188,7 @@ type result struct {
 	tokPerSec     float64       // output tokens / makespan
 	hitRate       float64       // prompt tokens served from cache, all replicas
 	failed        int
+	preemptions   int // all replicas: requests evicted from KV to recompute later
 }
 
 // run simulates one strategy on one workload with nRouters routers taking
@@ -348,12 +349,13 @@ func run(strategy string, w workload, seed uint64, nRouters int) result {
 		}
 		return ttfts[int(f*float64(len(ttfts)-1))]
 	}
-	hits := 0.0
+	hits, preempted := 0.0, 0.0
 	for _, e := range engines {
 		hits += e.PrefixHitRate()
+		preempted += e.Preemptions()
 	}
 	first := reqs[0].at
-	return result{qt(0.5), qt(0.9), qt(0.99), float64(outTokens) / (last - first).Seconds(), hits / replicas, failed}
+	return result{qt(0.5), qt(0.9), qt(0.99), float64(outTokens) / (last - first).Seconds(), hits / replicas, failed, int(preempted)}
 }
 
 func anyBusy(es []*sim.Virtual) bool {
@@ -386,6 +388,10 @@ func BenchmarkRouting(b *testing.B) {
 			seeds = append(seeds, x)
 		}
 	}
+	strategies, err := routingStrategies(os.Getenv("ROUTING_STRATEGIES"))
+	if err != nil {
+		b.Fatal(err)
+	}
 	for i := 0; i < b.N; i++ {
 		if i > 0 {
 			continue
@@ -405,22 +411,42 @@ func BenchmarkRouting(b *testing.B) {
 			for _, nr := range []int{1, 2} {
 				for _, seed := range seeds {
 					fmt.Fprintf(os.Stdout, "\nworkload %s, %d router(s), seed %d: %s\n", w.name, nr, seed, w.shape)
-					fmt.Fprintf(os.Stdout, "%-24s %8s %8s %8s %10s %6s %5s %11s %12s %12s\n", "strategy", "TTFT p50", "p90", "p99",
-						"out tok/s", "hit %", "fail", "tput vs RR", "p90 RR/this", "p99 RR/this")
+					fmt.Fprintf(os.Stdout, "%-24s %8s %8s %8s %10s %6s %5s %8s %11s %12s %12s\n", "strategy", "TTFT p50", "p90", "p99",
+						"out tok/s", "hit %", "fail", "preempt", "tput vs RR", "p90 RR/this", "p99 RR/this")
 					var base result
-					for _, s := range benchStrategies {
+					for _, s := range strategies {
 						r := run(s, w, seed, nr)
 						if s == router.StrategyRoundRobin {
 							base = r
 						}
-						fmt.Fprintf(os.Stdout, "%-24s %7.2fs %7.2fs %7.2fs %10.0f %6.1f %5d %10.2fx %11.2fx %11.2fx\n", s, r.p50.Seconds(),
-							r.p90.Seconds(), r.p99.Seconds(), r.tokPerSec, 100*r.hitRate, r.failed, r.tokPerSec/base.tokPerSec,
+						fmt.Fprintf(os.Stdout, "%-24s %7.2fs %7.2fs %7.2fs %10.0f %6.1f %5d %8d %10.2fx %11.2fx %11.2fx\n", s, r.p50.Seconds(),
+							r.p90.Seconds(), r.p99.Seconds(), r.tokPerSec, 100*r.hitRate, r.failed, r.preemptions, r.tokPerSec/base.tokPerSec,
 							base.p90.Seconds()/r.p90.Seconds(), base.p99.Seconds()/r.p99.Seconds())
 					}
 				}
 			}
 		}
 	}
+}
+
+// routingStrategies is ROUTING_STRATEGIES (comma-separated names; empty:
+// all of benchStrategies), with round-robin first: it is what every row is
+// measured against.
+func routingStrategies(env string) ([]string, error) {
+	if strings.TrimSpace(env) == "" {
+		return benchStrategies, nil
+	}
+	out := []string{router.StrategyRoundRobin}
+	for _, f := range strings.Split(env, ",") {
+		f = strings.TrimSpace(f)
+		if !slices.Contains(benchStrategies, f) {
+			return nil, fmt.Errorf("ROUTING_STRATEGIES=%q: %q is not one of %s", env, f, strings.Join(benchStrategies, ", "))
+		}
+		if !slices.Contains(out, f) {
+			out = append(out, f)
+		}
+	}
+	return out, nil
 }
 
 // TestRoutingSimulationRepeats: the simulation is a function of its seed
@@ -437,5 +463,29 @@ func TestRoutingSimulationRepeats(t *testing.T) {
 	}
 	if a.failed != 0 || a.tokPerSec <= 0 || a.hitRate <= 0 {
 		t.Fatalf("a run that did not run: %+v", a)
+	}
+}
+
+func TestRoutingStrategies(t *testing.T) {
+	for _, tc := range []struct {
+		env  string
+		want []string
+		err  bool
+	}{
+		{env: "", want: benchStrategies},
+		{env: " prefix-cache , prefix-cache-aibrix,prefix-cache", want: []string{router.StrategyRoundRobin, router.StrategyPrefixCache, router.StrategyPrefixAIBrix}},
+		{env: "round-robin", want: []string{router.StrategyRoundRobin}},
+		{env: "prefix-cache,fastest", err: true},
+	} {
+		got, err := routingStrategies(tc.env)
+		if tc.err {
+			if err == nil || !strings.Contains(err.Error(), `"fastest" is not one of`) {
+				t.Fatalf("%q: want an error naming the bad strategy, got %v, %v", tc.env, got, err)
+			}
+			continue
+		}
+		if err != nil || !slices.Equal(got, tc.want) {
+			t.Fatalf("%q: got %v, %v; want %v", tc.env, got, err, tc.want)
+		}
 	}
 }

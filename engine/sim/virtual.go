@@ -114,3 +114,7 @@ func (v *Virtual) PrefixHitRate() float64 {
 	}
 	return h / q
 }
+
+// Preemptions is how many requests the scheduler has preempted so far (the
+// engine's vllm:num_preemptions): each one recomputes its prompt and output.
+func (v *Virtual) Preemptions() float64 { return counterValue(v.e.m.preemptions) }

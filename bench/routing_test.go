@@ -349,13 +349,13 @@ func run(strategy string, w workload, seed uint64, nRouters int) result {
 		}
 		return ttfts[int(f*float64(len(ttfts)-1))]
 	}
-	hits, preempted := 0.0, 0.0
+	hits, preempted := 0.0, 0
 	for _, e := range engines {
 		hits += e.PrefixHitRate()
 		preempted += e.Preemptions()
 	}
 	first := reqs[0].at
-	return result{qt(0.5), qt(0.9), qt(0.99), float64(outTokens) / (last - first).Seconds(), hits / replicas, failed, int(preempted)}
+	return result{qt(0.5), qt(0.9), qt(0.99), float64(outTokens) / (last - first).Seconds(), hits / replicas, failed, preempted}
 }
 
 func anyBusy(es []*sim.Virtual) bool {
@@ -466,6 +466,8 @@ func TestRoutingSimulationRepeats(t *testing.T) {
 	}
 }
 
+// TestRoutingStrategies: ROUTING_STRATEGIES picks a subset with round-robin
+// first, and a name the benchmark does not run is refused by name.
 func TestRoutingStrategies(t *testing.T) {
 	for _, tc := range []struct {
 		env  string

@@ -277,7 +277,7 @@ func TestVirtualCountsPreemptions(t *testing.T) {
 			v.Step()
 		}
 		if tc.preempt {
-			require.Greater(t, v.Preemptions(), 0.0, "%d blocks", tc.blocks)
+			require.Positive(t, v.Preemptions(), "%d blocks", tc.blocks)
 		} else {
 			require.Zero(t, v.Preemptions(), "%d blocks", tc.blocks)
 		}

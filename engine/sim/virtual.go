@@ -117,4 +117,4 @@ func (v *Virtual) PrefixHitRate() float64 {
 
 // Preemptions is how many requests the scheduler has preempted so far (the
 // engine's vllm:num_preemptions): each one recomputes its prompt and output.
-func (v *Virtual) Preemptions() float64 { return counterValue(v.e.m.preemptions) }
+func (v *Virtual) Preemptions() int { return int(counterValue(v.e.m.preemptions)) }

@@ -404,10 +404,12 @@ func BenchmarkRouting(b *testing.B) {
 			}
 			scale = x
 		}
-		for _, w := range []workload{sharedPrefix(6000*scale, 20), mixed(4000*scale, 10), lowSharing(2000*scale, 14)} {
-			if only := os.Getenv("ROUTING_WORKLOADS"); only != "" && !slices.Contains(strings.Split(only, ","), w.name) {
-				continue
-			}
+		workloads, err := routingWorkloads(os.Getenv("ROUTING_WORKLOADS"),
+			[]workload{sharedPrefix(6000*scale, 20), mixed(4000*scale, 10), lowSharing(2000*scale, 14)})
+		if err != nil {
+			b.Fatal(err)
+		}
+		for _, w := range workloads {
 			for _, nr := range []int{1, 2} {
 				for _, seed := range seeds {
 					fmt.Fprintf(os.Stdout, "\nworkload %s, %d router(s), seed %d: %s\n", w.name, nr, seed, w.shape)
@@ -436,11 +438,42 @@ func routingStrategies(env string) ([]string, error) {
 	if strings.TrimSpace(env) == "" {
 		return benchStrategies, nil
 	}
-	out := []string{router.StrategyRoundRobin}
+	names, err := envNames("ROUTING_STRATEGIES", env, benchStrategies)
+	if err != nil {
+		return nil, err
+	}
+	return append([]string{router.StrategyRoundRobin}, slices.DeleteFunc(names, func(n string) bool { return n == router.StrategyRoundRobin })...), nil
+}
+
+// routingWorkloads is ROUTING_WORKLOADS (comma-separated names; empty: all).
+func routingWorkloads(env string, all []workload) ([]workload, error) {
+	if strings.TrimSpace(env) == "" {
+		return all, nil
+	}
+	known := make([]string, len(all))
+	for i, w := range all {
+		known[i] = w.name
+	}
+	names, err := envNames("ROUTING_WORKLOADS", env, known)
+	if err != nil {
+		return nil, err
+	}
+	var out []workload
+	for _, n := range names {
+		out = append(out, all[slices.Index(known, n)])
+	}
+	return out, nil
+}
+
+// envNames reads a comma-separated list of names from the variable key,
+// each once, in the order given; a name not in known is an error that says
+// which names are.
+func envNames(key, env string, known []string) ([]string, error) {
+	var out []string
 	for _, f := range strings.Split(env, ",") {
 		f = strings.TrimSpace(f)
-		if !slices.Contains(benchStrategies, f) {
-			return nil, fmt.Errorf("ROUTING_STRATEGIES=%q: %q is not one of %s", env, f, strings.Join(benchStrategies, ", "))
+		if !slices.Contains(known, f) {
+			return nil, fmt.Errorf("%s=%q: %q is not one of %s", key, env, f, strings.Join(known, ", "))
 		}
 		if !slices.Contains(out, f) {
 			out = append(out, f)
@@ -478,6 +511,7 @@ func TestRoutingStrategies(t *testing.T) {
 		{env: " prefix-cache , prefix-cache-aibrix,prefix-cache", want: []string{router.StrategyRoundRobin, router.StrategyPrefixCache, router.StrategyPrefixAIBrix}},
 		{env: "round-robin", want: []string{router.StrategyRoundRobin}},
 		{env: "prefix-cache,fastest", err: true},
+		{env: "prefix-cache,round-robin", want: []string{router.StrategyRoundRobin, router.StrategyPrefixCache}},
 	} {
 		got, err := routingStrategies(tc.env)
 		if tc.err {
@@ -489,5 +523,23 @@ func TestRoutingStrategies(t *testing.T) {
 		if err != nil || !slices.Equal(got, tc.want) {
 			t.Fatalf("%q: got %v, %v; want %v", tc.env, got, err, tc.want)
 		}
+	}
+}
+
+// TestRoutingWorkloads: ROUTING_WORKLOADS picks workloads in the order
+// given, and a misspelt name is refused with the names there are (it used to
+// run nothing and say nothing).
+func TestRoutingWorkloads(t *testing.T) {
+	all := []workload{sharedPrefix(10, 1), mixed(10, 1), lowSharing(10, 1)}
+	got, err := routingWorkloads(" low-sharing,shared-prefix,low-sharing", all)
+	if err != nil || len(got) != 2 || got[0].name != "low-sharing" || got[1].name != "shared-prefix" {
+		t.Fatalf("got %v, %v; want low-sharing then shared-prefix", got, err)
+	}
+	if got, err := routingWorkloads("", all); err != nil || len(got) != 3 {
+		t.Fatalf("empty: got %d workloads, %v; want all 3", len(got), err)
+	}
+	_, err = routingWorkloads("low-sharng", all)
+	if err == nil || !strings.Contains(err.Error(), `"low-sharng" is not one of shared-prefix, mixed, low-sharing`) {
+		t.Fatalf("a misspelt workload: want an error listing the names, got %v", err)
 	}
 }

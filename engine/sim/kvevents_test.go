@@ -94,7 +94,30 @@ func withEvents(t *testing.T, run func(context.Context, []string, io.Writer, io.
 	t.Cleanup(stop)
 	base := fmt.Sprintf("http://%s:%d", ip, ports[0])
 	waitHealthy(t, base)
+	h.subscribed(t, base)
 	return h, base, stop
+}
+
+// subscribed returns once the subscriber hears the engine. A ZeroMQ PUB
+// socket drops what it publishes before its peer's connection is up (the
+// slow joiner), and a subscriber that hears nothing cannot know it missed
+// anything; so warm-up prompts (distinct, a few blocks each) go in until
+// one's events arrive. What they store stays in the record: tests look for
+// their own blocks by name.
+func (h *heard) subscribed(t *testing.T, base string) {
+	t.Helper()
+	deadline := time.Now().Add(20 * time.Second)
+	for i := 0; time.Now().Before(deadline); i++ {
+		r, body := post(t, base+"/v1/completions", fmt.Sprintf(`{"model":"m","prompt":%q,"max_tokens":1}`,
+			strings.Repeat(fmt.Sprintf("warm-up prompt %d. ", i), 16)))
+		require.Equal(t, 200, r.StatusCode, body)
+		select {
+		case <-h.ch: // until looks at the record first: no need to signal again
+			return
+		case <-time.After(500 * time.Millisecond):
+		}
+	}
+	t.Fatal("the subscriber heard no KV event from the engine in 20 s of warm-up prompts")
 }
 
 // TestKVEventsMatchTheRoutersHashes runs `vllm serve` with KV events on, as
@@ -123,7 +146,7 @@ func TestKVEventsMatchTheRoutersHashes(t *testing.T) {
 	require.NotEmpty(t, want)
 	r, body := post(t, base+"/v1/completions", fmt.Sprintf(`{"model":"m","prompt":%q,"max_tokens":2}`, prompt))
 	require.Equal(t, 200, r.StatusCode, body)
-	ev := h.until(t, func(e kvevents.Event) bool { return e.Kind == kvevents.Stored })
+	ev := h.until(t, func(e kvevents.Event) bool { return e.Kind == kvevents.Stored && e.Hashes[0] == want[0] })
 	require.Equal(t, want, ev.Hashes, "the engine's block names are the router's")
 	require.False(t, ev.HasParent)
 	require.Equal(t, 16, ev.BlockSize)

@@ -168,12 +168,17 @@ func (s *agentServer) Assign(ctx context.Context, req *agentv1.AssignRequest) (*
 	return &agentv1.AssignResponse{}, grpcError(err)
 }
 
-// durable runs f on the loop, then waits until the state it produced is on disk.
+// durable runs f on the loop, then waits until the state it produced is on
+// disk. The Status snapshot is rebuilt before the answer, so a caller reads
+// its own write: Status right after Assign shows the assignment, without
+// waiting for the loop's next step.
 func (s *agentServer) durable(ctx context.Context, f func() (uint64, error)) error {
 	var gen uint64
 	err := s.a.do(ctx, func() error {
 		var err error
-		gen, err = f()
+		if gen, err = f(); err == nil {
+			s.a.publishStatus()
+		}
 		return err
 	})
 	if err != nil {

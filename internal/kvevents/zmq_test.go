@@ -62,11 +62,22 @@ func freePort(t *testing.T) int {
 	return l.Addr().(*net.TCPAddr).Port
 }
 
-// publishUntilHeard sends batches until the subscriber has heard one (a
-// SUB joins a PUB asynchronously: what is sent before is dropped, as with
-// libzmq), then returns how many were sent.
+// publishUntilHeard sends batches until the subscriber has heard one of
+// them (a SUB joins a PUB asynchronously: what is sent before is dropped, as
+// with libzmq), then returns how many were sent. Heard means a batch more
+// than the recorder held when it began: a wake-up left in r.notify by an
+// earlier batch says nothing about this publisher (taking one for an answer
+// stopped the sends before a restarted engine's subscriber had joined).
 func publishUntilHeard(t *testing.T, p *Publisher, r *rec) uint64 {
 	t.Helper()
+	r.mu.Lock()
+	before := len(r.seqs)
+	r.mu.Unlock()
+	heard := func() bool {
+		r.mu.Lock()
+		defer r.mu.Unlock()
+		return len(r.seqs) > before
+	}
 	sent := uint64(0)
 	// Bounded by time, not by sends: on a loaded machine a (re)dial can
 	// take seconds, and each wait below can take far longer than 20 ms.
@@ -76,9 +87,10 @@ func publishUntilHeard(t *testing.T, p *Publisher, r *rec) uint64 {
 		sent++
 		select {
 		case <-r.notify:
-			r.notify <- struct{}{} // leave it for wait
-			return sent
 		case <-time.After(20 * time.Millisecond):
+		}
+		if heard() {
+			return sent
 		}
 		if !time.Now().Before(deadline) {
 			p.mu.Lock()

@@ -311,7 +311,7 @@ func (n *nixl) pullOnce(ctx context.Context, p *kvTransferParams, promptTokens i
 	}
 	_ = c.SetDeadline(time.Now().Add(time.Minute))
 	if err := enc.Encode(msg); err != nil {
-		return 0, fmt.Errorf("NIXL transfer: %v", err)
+		return 0, fmt.Errorf("NIXL transfer: asking the prefill engine for the blocks: %v", err)
 	}
 	var out pullMsg
 	if err := dec.Decode(&out); err != nil {

@@ -157,6 +157,9 @@ func TestNIXLBlocksHeldUntilRead(t *testing.T) {
 	require.NoError(t, <-done)
 	require.Zero(t, kvUsage(ps), "freed by D's notification")
 	require.Zero(t, counterValue(ds.nixl.m.failed))
+	// P drops the first pull's connection on its own time: wait, or "D
+	// connected" below could see that one and kill P before D dials again.
+	require.Eventually(t, func() bool { return ps.nixl.side.open() == 0 }, 5*time.Second, time.Millisecond, "the first pull's connection closed")
 
 	kv = heldRequest(ps)
 	go func() { _, err := ds.nixl.pull(context.Background(), kv, 40960); done <- err }() // ~2 s real

@@ -34,7 +34,12 @@ const (
 	tokenizeCost   = time.Millisecond     // the router's /tokenize call before a KV-event pick
 	strategyEvents = router.StrategyPrefixCache
 	historyLabel   = "prefix-cache (history)" // prefix-cache with no KV events: the router's own estimate
+	noWaitLabel    = "prefix-cache (no wait)" // prefix-cache with KV events that never holds a request at the router
 )
+
+// holdTokens is the routers' --hold-prefill-tokens (0: the router's
+// default); ROUTING_HOLD sets it.
+var holdTokens = 0
 
 // arrival is one request of a workload.
 type arrival struct {
@@ -210,10 +215,11 @@ func run(strategy string, w workload, seed uint64, nRouters int) result {
 		panic(err)
 	}
 	label := strategy
-	if strategy == historyLabel {
+	if strategy == historyLabel || strategy == noWaitLabel {
 		strategy = router.StrategyPrefixCache
 	}
-	withEvents := label == strategyEvents
+	withEvents := label == strategyEvents || label == noWaitLabel
+	mayWait := label != noWaitLabel // the router holds what prefix-cache says must wait
 	routers := make([]*simRouter, nRouters)
 	for i := range routers {
 		rt := &simRouter{kv: router.NewKVIndex(0), seq: make([]uint64, replicas)}
@@ -224,7 +230,7 @@ func run(strategy string, w workload, seed uint64, nRouters int) result {
 				rt.kv.Reset(a, hasher, nil, 0) // the heads' snapshots: empty caches
 			}
 		}
-		rt.picker = router.NewPicker(clock, seed*31+uint64(i), kv)
+		rt.picker = router.NewPicker(clock, seed*31+uint64(i), kv, holdTokens)
 		routers[i] = rt
 	}
 	feed := func() {
@@ -256,6 +262,7 @@ func run(strategy string, w workload, seed uint64, nRouters int) result {
 		vr      *sim.VirtualRequest
 		arrival time.Duration
 		lease   router.Lease
+		router  int
 	}
 	byEngine := make([]map[*sim.VirtualRequest]*tracked, replicas)
 	for i := range byEngine {
@@ -265,30 +272,51 @@ func run(strategy string, w workload, seed uint64, nRouters int) result {
 	var outTokens int
 	failed := 0
 	var last time.Duration
+	// Each router's requests that wait for room, first come first served:
+	// the first asks again whenever one of that router's requests gets its
+	// first token (the router wakes it then, hold.go), and those behind it
+	// follow while they fit.
+	held := make([][]int, nRouters)
+	toks := make([][]uint32, len(reqs)) // tokenized once, however often picked
+	var try func(ri, i int, behind bool) bool
+	drain := func(ri int) {
+		for len(held[ri]) > 0 && try(ri, held[ri][0], false) {
+			held[ri] = held[ri][1:]
+		}
+	}
+	try = func(ri, i int, behind bool) bool {
+		a, rt := reqs[i], routers[ri]
+		pr := router.PickRequest{Model: "m", Prompt: a.prompt, MayWait: mayWait, Behind: behind}
+		delay := time.Duration(0)
+		if withEvents {
+			if toks[i] == nil {
+				toks[i] = sim.Tokenize(a.prompt)
+			}
+			pr.Tokens, delay = toks[i], tokenizeCost
+		}
+		ep, _, lease := rt.picker.Pick(strategy, rt.eps, pr)
+		if ep == nil {
+			return false
+		}
+		k := slices.Index(addrs, ep.Addr)
+		at(now+delay, func() {
+			vr := engines[k].Submit(now, a.prompt, a.out)
+			if vr.Failed {
+				failed++
+				lease.Done()
+				drain(ri)
+				return
+			}
+			byEngine[k][vr] = &tracked{vr: vr, arrival: a.at, lease: lease, router: ri}
+		})
+		return true
+	}
 	for i, a := range reqs {
 		at(a.at, func() {
-			rt := routers[i%nRouters]
-			pr := router.PickRequest{Model: "m", Prompt: a.prompt}
-			delay := time.Duration(0)
-			if withEvents {
-				pr.Tokens, delay = sim.Tokenize(a.prompt), tokenizeCost
+			ri := i % nRouters
+			if !try(ri, i, len(held[ri]) > 0) {
+				held[ri] = append(held[ri], i)
 			}
-			ep, _, lease := rt.picker.Pick(strategy, rt.eps, pr)
-			k := 0
-			for j := range addrs {
-				if addrs[j] == ep.Addr {
-					k = j
-				}
-			}
-			at(now+delay, func() {
-				vr := engines[k].Submit(now, a.prompt, a.out)
-				if vr.Failed {
-					failed++
-					lease.Done()
-					return
-				}
-				byEngine[k][vr] = &tracked{vr: vr, arrival: a.at, lease: lease}
-			})
 		})
 	}
 	for {
@@ -314,7 +342,7 @@ func run(strategy string, w workload, seed uint64, nRouters int) result {
 		end := engines[k].Now()
 		for _, vr := range started {
 			tr := byEngine[k][vr]
-			at(end, tr.lease.FirstToken)
+			at(end, func() { tr.lease.FirstToken(); drain(tr.router) })
 		}
 		for _, vr := range finished {
 			tr := byEngine[k][vr]
@@ -368,7 +396,7 @@ func anyBusy(es []*sim.Virtual) bool {
 }
 
 var benchStrategies = []string{router.StrategyRoundRobin, router.StrategyRandom, router.StrategyLeastRequest, router.StrategyLeastKV,
-	router.StrategyPrefixAIBrix, historyLabel, strategyEvents}
+	router.StrategyPrefixAIBrix, historyLabel, noWaitLabel, strategyEvents}
 
 // BenchmarkRouting compares strategies against round-robin on a simulated
 // 4-replica cluster (llama-8b-h100-tp1 preset, 128k tokens of KV each), at a
@@ -391,6 +419,13 @@ func BenchmarkRouting(b *testing.B) {
 	strategies, err := routingStrategies(os.Getenv("ROUTING_STRATEGIES"))
 	if err != nil {
 		b.Fatal(err)
+	}
+	if s := os.Getenv("ROUTING_HOLD"); s != "" {
+		x, err := strconv.Atoi(s)
+		if err != nil || x < -1 {
+			b.Fatalf("ROUTING_HOLD=%q: give the routers' --hold-prefill-tokens, a whole number (-1: never hold)", s)
+		}
+		holdTokens = x
 	}
 	for i := 0; i < b.N; i++ {
 		if i > 0 {

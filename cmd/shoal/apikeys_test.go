@@ -4,6 +4,7 @@ import (
 	"io"
 	"path/filepath"
 	"testing"
+	"time"
 
 	"github.com/shoalhq/shoal/coordinator/router"
 	"github.com/stretchr/testify/require"
@@ -22,7 +23,7 @@ func TestRouterIsClosedByDefault(t *testing.T) {
 		var rc router.Config
 		var err error
 		app := &cli.App{Name: "shoal", Flags: []cli.Flag{apiKeysFlag, noAPIKeysFlag, idleTimeoutFlag, totalTimeoutFlag, holdForFlag,
-			retriesFlag, ejectAfterFlag, kvIndexBlocksFlag, allowedOriginsFlag, allowedMethodsFlag, allowedHeadersFlag, allowCredentialsFlag},
+			retriesFlag, ejectAfterFlag, kvIndexBlocksFlag, holdPrefillTokensFlag, holdPrefillMaxFlag, allowedOriginsFlag, allowedMethodsFlag, allowedHeadersFlag, allowCredentialsFlag},
 			Action: func(c *cli.Context) error { rc, err = routerConfig(c, enabled); return nil }}
 		require.NoError(t, app.Run(append([]string{"shoal"}, args...)))
 		return rc, err
@@ -45,4 +46,39 @@ func TestRouterIsClosedByDefault(t *testing.T) {
 	require.NotNil(t, rc.APIKeys, "the default file is found")
 	_, err = parse(true, "--no-api-keys")
 	require.ErrorContains(t, err, "contradict")
+}
+
+// TestRouterHoldFlags: --hold-prefill-tokens and --hold-prefill-max reach
+// the router's config (0 tokens: never hold), and values that make no
+// sense are refused with what to give.
+func TestRouterHoldFlags(t *testing.T) {
+	parse := func(args ...string) (router.Config, error) {
+		var rc router.Config
+		var err error
+		app := &cli.App{Name: "shoal", Flags: []cli.Flag{noAPIKeysFlag, kvIndexBlocksFlag, ejectAfterFlag, holdPrefillTokensFlag, holdPrefillMaxFlag},
+			Action: func(c *cli.Context) error { rc, err = routerConfig(c, false); return nil }}
+		require.NoError(t, app.Run(append([]string{"shoal"}, args...)))
+		return rc, err
+	}
+	for _, c := range []struct {
+		args   []string
+		tokens int
+		max    time.Duration
+		err    string
+	}{
+		{tokens: router.DefaultHoldPrefillTokens, max: 30 * time.Second},
+		{args: []string{"--hold-prefill-tokens", "0"}, tokens: -1, max: 30 * time.Second},
+		{args: []string{"--hold-prefill-tokens", "16384", "--hold-prefill-max", "5s"}, tokens: 16384, max: 5 * time.Second},
+		{args: []string{"--hold-prefill-tokens", "-1"}, err: "or 0 to never hold"},
+		{args: []string{"--hold-prefill-max", "0s"}, err: "give a positive duration"},
+	} {
+		rc, err := parse(c.args...)
+		if c.err != "" {
+			require.ErrorContains(t, err, c.err, c.args)
+			continue
+		}
+		require.NoError(t, err, c.args)
+		require.Equal(t, c.tokens, rc.HoldPrefillTokens, c.args)
+		require.Equal(t, c.max, rc.HoldPrefillMax, c.args)
+	}
 }

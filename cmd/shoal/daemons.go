@@ -126,7 +126,7 @@ func coordinatorCommand() *cli.Command {
 				Usage: "the initial Raft servers, node-id=host:port each (their --node-id and --raft-addr), this one included; the same list on every server. Empty: resume the group in --data-dir, or wait to be added (`shoal operator raft add-peer`)"},
 			&cli.StringFlag{Name: "raft-profile", Value: "lan", EnvVars: []string{"SHOAL_RAFT_PROFILE"},
 				Usage: "Raft timeouts: lan (a leader's loss noticed in 0.5–1 s) or wan (hashicorp/raft's defaults, 1–2 s)"},
-			apiKeysFlag, noAPIKeysFlag, idleTimeoutFlag, totalTimeoutFlag, holdForFlag, retriesFlag, ejectAfterFlag, kvIndexBlocksFlag,
+			apiKeysFlag, noAPIKeysFlag, idleTimeoutFlag, totalTimeoutFlag, holdForFlag, retriesFlag, ejectAfterFlag, kvIndexBlocksFlag, holdPrefillTokensFlag, holdPrefillMaxFlag,
 			allowedOriginsFlag, allowedMethodsFlag, allowedHeadersFlag, allowCredentialsFlag,
 			&cli.BoolFlag{Name: "slurm", EnvVars: []string{"SHOAL_SLURM"},
 				Usage: "serve Slurm-sourced deployments (spec.slurm): submit one job per replica with sbatch, read squeue, cancel with scancel (Slurm's commands on PATH and its SLURM_CONF)"},
@@ -217,6 +217,12 @@ var retriesFlag = &cli.IntFlag{Name: "retries", Value: 2, EnvVars: []string{"SHO
 var kvIndexBlocksFlag = &cli.IntFlag{Name: "kv-index-blocks", Value: router.DefaultKVIndexBlocks, EnvVars: []string{"SHOAL_ROUTER_KV_INDEX_BLOCKS"},
 	Usage: "KV-cache blocks the router indexes from the engines' KV events at most (40 bytes each; past it, new stores go unindexed and are counted)"}
 
+var holdPrefillTokensFlag = &cli.IntFlag{Name: "hold-prefill-tokens", Value: router.DefaultHoldPrefillTokens, EnvVars: []string{"SHOAL_ROUTER_HOLD_PREFILL_TOKENS"},
+	Usage: "prefix-cache: a request whose prompt no replica has cached (by the engines' KV events) waits at the router while every replica has this many of the router's prompt tokens not yet prefilled, and goes, first come first served, to the first with room (0: never waits)"}
+
+var holdPrefillMaxFlag = &cli.DurationFlag{Name: "hold-prefill-max", Value: 30 * time.Second, EnvVars: []string{"SHOAL_ROUTER_HOLD_PREFILL_MAX"},
+	Usage: "the longest a request waits for room under --hold-prefill-tokens; past it, it is routed as if there were room"}
+
 var ejectAfterFlag = &cli.IntFlag{Name: "eject-after", Value: 5, EnvVars: []string{"SHOAL_ROUTER_EJECT_AFTER"},
 	Usage: "failures in a row (refused, reset, 5xx) that take a replica out of routing for 5 s × its recent ejections (at most 5 min)"}
 
@@ -269,6 +275,17 @@ func routerConfig(c *cli.Context, enabled bool) (router.Config, error) {
 	}
 	if rc.KVIndexBlocks = c.Int("kv-index-blocks"); rc.KVIndexBlocks < 1 {
 		return rc, fmt.Errorf("--kv-index-blocks %d: give at least 1", rc.KVIndexBlocks)
+	}
+	switch n := c.Int("hold-prefill-tokens"); {
+	case n < 0:
+		return rc, fmt.Errorf("--hold-prefill-tokens %d: give a number of tokens, or 0 to never hold a request", n)
+	case n == 0:
+		rc.HoldPrefillTokens = -1
+	default:
+		rc.HoldPrefillTokens = n
+	}
+	if rc.HoldPrefillMax = c.Duration("hold-prefill-max"); rc.HoldPrefillMax <= 0 {
+		return rc, fmt.Errorf("--hold-prefill-max %v: give a positive duration (to never hold, --hold-prefill-tokens 0)", rc.HoldPrefillMax)
 	}
 	p := apiKeysPath(c)
 	switch {
@@ -328,7 +345,7 @@ func routerCommand() *cli.Command {
 			&cli.StringFlag{Name: "listen", Value: "127.0.0.1:8080", EnvVars: []string{"SHOAL_ROUTER_ADDR"}, Usage: "OpenAI HTTP address"},
 			&cli.StringSliceFlag{Name: "backend", EnvVars: []string{"SHOAL_ROUTER_BACKENDS"},
 				Usage: "static [prefill:|decode:]MODEL=HOST:PORT backend (repeatable), e.g. an existing vLLM server; no gossip needed. A model with prefill: backends is served disaggregated (vLLM NixlConnector engines): prefilled on one, decoded on a decode: one"},
-			apiKeysFlag, noAPIKeysFlag, idleTimeoutFlag, totalTimeoutFlag, holdForFlag, retriesFlag, ejectAfterFlag, kvIndexBlocksFlag,
+			apiKeysFlag, noAPIKeysFlag, idleTimeoutFlag, totalTimeoutFlag, holdForFlag, retriesFlag, ejectAfterFlag, kvIndexBlocksFlag, holdPrefillTokensFlag, holdPrefillMaxFlag,
 			allowedOriginsFlag, allowedMethodsFlag, allowedHeadersFlag, allowCredentialsFlag,
 		},
 		Action: func(c *cli.Context) error {

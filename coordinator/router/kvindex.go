@@ -27,6 +27,9 @@ type KVIndex struct {
 	reps    map[string]*kvReplica // guarded by mu; engine address → its blocks
 	total   int                   // guarded by mu; blocks indexed, all replicas
 	dropped uint64                // guarded by mu; stores not indexed (over max)
+
+	obsMu    sync.Mutex
+	onStored []func(addr string, blocks []uint64) // guarded by obsMu
 }
 
 type kvReplica struct {
@@ -77,15 +80,38 @@ func (x *KVIndex) Reset(addr string, h *kvhash.Namer, blocks []uint64, seq uint6
 	}
 }
 
+// OnStored has f called with the blocks of every batch in which an engine
+// reported blocks stored, after the batch is applied (outside the index's
+// lock; indexed or not, over the bound). The router's picker learns from it
+// that a prompt's prefill is done (strategy.go).
+func (x *KVIndex) OnStored(f func(addr string, blocks []uint64)) {
+	x.obsMu.Lock()
+	x.onStored = append(x.onStored, f)
+	x.obsMu.Unlock()
+}
+
 // Apply applies one batch of events numbered seq to a replica that has had
 // its snapshot. It reports false when the replica has none (the caller must
 // resynchronise) or seq does not follow the last one applied.
 func (x *KVIndex) Apply(addr string, seq uint64, evs []kvevents.Event) bool {
+	stored, ok := x.apply(addr, seq, evs)
+	if len(stored) > 0 {
+		x.obsMu.Lock()
+		fs := x.onStored
+		x.obsMu.Unlock()
+		for _, f := range fs {
+			f(addr, stored)
+		}
+	}
+	return ok
+}
+
+func (x *KVIndex) apply(addr string, seq uint64, evs []kvevents.Event) (stored []uint64, ok bool) {
 	x.mu.Lock()
 	defer x.mu.Unlock()
 	r, ok := x.reps[addr]
 	if !ok || seq != r.seq+1 {
-		return false
+		return nil, false
 	}
 	r.seq = seq
 	for _, e := range evs {
@@ -94,6 +120,7 @@ func (x *KVIndex) Apply(addr string, seq uint64, evs []kvevents.Event) bool {
 			for _, h := range e.Hashes {
 				x.addLocked(r, h)
 			}
+			stored = append(stored, e.Hashes...)
 		case kvevents.Removed:
 			for _, h := range e.Hashes {
 				if _, ok := r.blocks[h]; ok {
@@ -106,7 +133,7 @@ func (x *KVIndex) Apply(addr string, seq uint64, evs []kvevents.Event) bool {
 			r.blocks = map[uint64]struct{}{}
 		}
 	}
-	return true
+	return stored, true
 }
 
 // Drop forgets a replica: its stream ended, so its blocks are no longer

@@ -82,7 +82,20 @@ type Config struct {
 	Adapters           AdapterLoader
 	AdapterRouting     string
 	AdapterLoadTimeout time.Duration
+	// HoldPrefillTokens: with prefix-cache, a request whose prompt no
+	// replica has cached waits at the router while every replica has at
+	// least this many of this router's prefill tokens not yet prefilled,
+	// and goes, first come first served, to the first replica below it
+	// (hold.go; default DefaultHoldPrefillTokens; -1: never waits).
+	// HoldPrefillMax bounds the wait (default 30 s): past it the request is
+	// routed as if there were room.
+	HoldPrefillTokens int
+	HoldPrefillMax    time.Duration
 }
+
+// DefaultHoldPrefillTokens is half of vLLM's default prefill chunk (8,192
+// tokens a step): the level bench/routing measured best (docs/design/kv-events.md §4).
+const DefaultHoldPrefillTokens = 4096
 
 func (c *Config) defaults() {
 	if c.Retries == 0 {
@@ -122,6 +135,15 @@ func (c *Config) defaults() {
 	if c.AdapterLoadTimeout == 0 {
 		c.AdapterLoadTimeout = DefaultAdapterLoadTimeout
 	}
+	if c.HoldPrefillTokens == 0 {
+		c.HoldPrefillTokens = DefaultHoldPrefillTokens
+	}
+	if c.HoldPrefillTokens < 0 {
+		c.HoldPrefillTokens = 0
+	}
+	if c.HoldPrefillMax <= 0 {
+		c.HoldPrefillMax = 30 * time.Second
+	}
 }
 
 // Router is the OpenAI-compatible HTTP front.
@@ -141,6 +163,8 @@ type Router struct {
 	prefills  *prometheus.CounterVec
 	ttfb      *prometheus.HistogramVec
 	inflight  *prometheus.GaugeVec
+	waiting   prometheus.Gauge         // requests waiting for a replica's prefill queue (hold.go)
+	waits     *prometheus.HistogramVec // how long they waited, by how the wait ended
 
 	tokenizeFailures prometheus.Counter
 	tokRR            atomic.Uint64 // spreads /tokenize calls over replicas
@@ -175,7 +199,13 @@ func New(table *Table, log *slog.Logger, cfg Config) *Router {
 	}
 	r.inflight = prometheus.NewGaugeVec(prometheus.GaugeOpts{Name: "shoal_router_inflight_requests",
 		Help: "Requests being proxied to an engine now, by model."}, []string{"model"})
-	cfg.Registry.MustRegister(r.requests, r.fallback, r.retries, r.ejections, r.prefills, r.ttfb, r.inflight)
+	r.waiting = prometheus.NewGauge(prometheus.GaugeOpts{Name: "shoal_router_waiting_requests",
+		Help: "Prefix-cache requests waiting at the router because every replica has --hold-prefill-tokens of its prefill queued."})
+	r.waits = prometheus.NewHistogramVec(prometheus.HistogramOpts{Name: "shoal_router_wait_seconds",
+		Help:    "How long requests waited at the router for a replica's prefill queue to shorten, by outcome (picked, timeout: --hold-prefill-max passed, canceled: the client left).",
+		Buckets: prometheus.ExponentialBuckets(0.001, 2, 16)}, []string{"outcome"})
+	r.picker.holdTokens = cfg.HoldPrefillTokens
+	cfg.Registry.MustRegister(r.requests, r.fallback, r.retries, r.ejections, r.prefills, r.ttfb, r.inflight, r.waiting, r.waits)
 	r.tokenizeFailures = prometheus.NewCounter(prometheus.CounterOpts{Name: "shoal_router_tokenize_failures_total",
 		Help: "Prefix-cache picks whose prompt the engine could not tokenize in time (the router's estimate decided)."})
 	cfg.Registry.MustRegister(r.tokenizeFailures)
@@ -469,7 +499,31 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 		maxAttempts = 1 // it leaves state where it is answered: never sent twice
 	}
 	for attempts < maxAttempts {
-		ep, used, lease := r.picker.pick(strategy, eps, h, tried)
+		var ep *Endpoint
+		var used string
+		var lease *lease
+		if attempts == 0 && !pd {
+			var reload func() []*Endpoint // the replicas there are now, for a request that waits
+			if !isAdapter {
+				reload = func() []*Endpoint {
+					now, _ := r.table.Load().Endpoints(model)
+					_, now, _ = splitRoles(now)
+					return now
+				}
+			}
+			ep, used, lease = r.pickWaiting(ctx, strategy, eps, h, tried, reload)
+		} else {
+			ep, used, lease = r.picker.pick(strategy, eps, h, tried)
+		}
+		if ep == nil && attempts == 0 && ctx.Err() != nil {
+			if req.Context().Err() != nil {
+				r.requests.WithLabelValues(model, strategy, "499").Inc() // the client left while it waited
+				return
+			}
+			r.requests.WithLabelValues(model, strategy, "504").Inc()
+			writeError(w, 504, "server_error", "", "timeout", fmt.Sprintf("The request waited past the router's total timeout (%v) for a replica with room.", r.cfg.TotalTimeout))
+			return
+		}
 		if ep == nil {
 			break
 		}

@@ -1,6 +1,7 @@
 package router
 
 import (
+	"container/list"
 	"math"
 	"math/rand/v2"
 	"slices"
@@ -47,6 +48,10 @@ type hint struct {
 	tokens       []uint32
 	promptTokens int
 	keys         map[kvhash.Namer][]uint64 // tokens' block names, per naming rule (filled as needed)
+	// mayWait: the caller can hold the request at the router, so
+	// prefix-cache may answer "wait" (no replica) for a prompt cached
+	// nowhere (hold.go); behind: requests are waiting ahead of this one.
+	mayWait, behind bool
 }
 
 // picker holds the state strategies share. Picks run under mu so that a pick
@@ -64,6 +69,17 @@ type picker struct {
 	kv       *KVIndex                 // the engines' own KV events; nil: none
 	rnd      *rand.Rand               // guarded by mu
 	now      func() time.Time
+	// holdTokens: with prefix-cache, a prompt cached nowhere waits while
+	// every replica has at least this many of this router's prefill tokens
+	// queued (0: never); waiting holds those requests, first come first
+	// served (hold.go).
+	holdTokens int
+	waiting    *list.List // guarded by mu; of *waiter
+	// prefilling: leases whose prefill is counted in pending, by engine
+	// address and the name of their prompt's last full block: when the
+	// engine's KV events report that block stored, the prefill is done
+	// (a non-streamed answer's first byte comes only at its end).
+	prefilling map[string]map[uint64][]*lease // guarded by mu
 }
 
 func newPicker() *picker {
@@ -71,9 +87,14 @@ func newPicker() *picker {
 }
 
 func newPickerWith(now func() time.Time, seed uint64, kv *KVIndex) *picker {
-	return &picker{inflight: map[string]*atomic.Int64{}, rr: map[string]uint64{}, ejected: map[string]time.Time{},
+	p := &picker{inflight: map[string]*atomic.Int64{}, rr: map[string]uint64{}, ejected: map[string]time.Time{},
 		outliers: map[string]*outlier{}, pending: map[string]int{}, kv: kv, rnd: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)),
-		prefix: newPrefixIndex(200_000), sessions: newLRU(100_000), now: now}
+		prefix: newPrefixIndex(200_000), sessions: newLRU(100_000), now: now, waiting: list.New(),
+		prefilling: map[string]map[uint64][]*lease{}}
+	if kv != nil {
+		kv.OnStored(p.stored)
+	}
+	return p
 }
 
 func (p *picker) counter(addr string) *atomic.Int64 {
@@ -113,6 +134,14 @@ func (p *picker) eject(addr string, d time.Duration) {
 func (p *picker) pick(strategy string, eps []*Endpoint, h hint, exclude map[string]bool) (*Endpoint, string, *lease) {
 	p.mu.Lock()
 	defer p.mu.Unlock()
+	h.mayWait = false
+	e, used, l, _ := p.pickLocked(strategy, eps, h, exclude)
+	return e, used, l
+}
+
+// pickLocked is pick with mu held; held says the request must wait for
+// room (only when h.mayWait), as opposed to having no candidate at all.
+func (p *picker) pickLocked(strategy string, eps []*Endpoint, h hint, exclude map[string]bool) (*Endpoint, string, *lease, bool) {
 	now := p.now()
 	var cands, ejected []*Endpoint
 	for _, e := range eps {
@@ -129,9 +158,12 @@ func (p *picker) pick(strategy string, eps []*Endpoint, h hint, exclude map[stri
 		cands = ejected // all ejected: better a suspect replica than none
 	}
 	if len(cands) == 0 {
-		return nil, strategy, nil
+		return nil, strategy, nil, false
 	}
 	e, used := p.choose(strategy, cands, h)
+	if e == nil {
+		return nil, used, nil, true
+	}
 	id := e.ID()
 	c := p.counter(id)
 	c.Add(1)
@@ -146,32 +178,117 @@ func (p *picker) pick(strategy string, eps []*Endpoint, h hint, exclude map[stri
 	if h.session != "" {
 		p.sessions.put(h.session, id)
 	}
-	return e, used, &lease{p: p, addr: id, c: c, work: work}
+	l := &lease{p: p, addr: id, c: c, work: work}
+	if work > 0 {
+		l.open.Store(true)
+		p.awaitStored(l, e, h)
+	}
+	return e, used, l, false
+}
+
+// awaitStored files l under its prompt's last full block on e's engine,
+// when that engine sends KV events and the block is not stored yet: its
+// store ends l's prefill (stored). Called with mu held.
+func (p *picker) awaitStored(l *lease, e *Endpoint, h hint) {
+	if !p.fromEvents(e, h) {
+		return
+	}
+	hs, _ := p.kv.Hasher(e.Addr)
+	keys, named := h.keys[*hs]
+	if !named {
+		keys = hs.Keys(h.tokens, "")
+	}
+	if len(keys) == 0 {
+		return // shorter than a block: only the first token says
+	}
+	if n, _ := p.kv.Match(e.Addr, keys); n == len(keys) {
+		return // all stored already: no event will say it again
+	}
+	last := keys[len(keys)-1]
+	m := p.prefilling[e.Addr]
+	if m == nil {
+		m = map[uint64][]*lease{}
+		p.prefilling[e.Addr] = m
+	}
+	m[last] = append(m[last], l)
+	l.kvAddr, l.lastBlock = e.Addr, last
+}
+
+// stored: addr's engine reports blocks stored; the leases waiting on one of
+// them have had their prompt prefilled.
+func (p *picker) stored(addr string, blocks []uint64) {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	m := p.prefilling[addr]
+	if len(m) == 0 {
+		return
+	}
+	for _, b := range blocks {
+		ls, ok := m[b]
+		if !ok {
+			continue
+		}
+		delete(m, b)
+		for _, l := range ls {
+			l.kvAddr = "" // out of prefilling already
+			p.countOffLocked(l)
+		}
+	}
+	if len(m) == 0 {
+		delete(p.prefilling, addr)
+	}
+}
+
+// countOffLocked ends l's prefill: its tokens leave its backend's queue,
+// and the first waiting request may now fit. Called with mu held.
+func (p *picker) countOffLocked(l *lease) {
+	if l.work == 0 {
+		return
+	}
+	if p.pending[l.addr] -= l.work; p.pending[l.addr] <= 0 {
+		delete(p.pending, l.addr)
+	}
+	l.work = 0
+	l.open.Store(false)
+	if l.kvAddr != "" {
+		m := p.prefilling[l.kvAddr]
+		m[l.lastBlock] = slices.DeleteFunc(m[l.lastBlock], func(x *lease) bool { return x == l })
+		if len(m[l.lastBlock]) == 0 {
+			delete(m, l.lastBlock)
+		}
+		if len(m) == 0 {
+			delete(p.prefilling, l.kvAddr)
+		}
+		l.kvAddr = ""
+	}
+	p.wakeFront() // a prefill queue is shorter: the first waiting request may fit
 }
 
 // lease is one request's hold on a backend: its place in the in-flight count
 // until done, and its prefill tokens in the prefix-cost queue until its
-// first token (the prefill is then behind it).
+// first token or its engine's report of the prompt's blocks stored,
+// whichever comes first (the prefill is then behind it).
 type lease struct {
 	p    *picker
 	addr string
 	c    *atomic.Int64
-	work int // prefill tokens still counted; 0 once counted off
-	done bool
+	work int         // guarded by p.mu; prefill tokens still counted, 0 once counted off
+	open atomic.Bool // work > 0 (read without the lock on the hot path)
+	// kvAddr and lastBlock file the lease in p.prefilling ("": not filed).
+	kvAddr    string // guarded by p.mu
+	lastBlock uint64 // guarded by p.mu
+	done      bool
 }
 
 // firstToken: the backend has prefilled the request. Safe to call more than
 // once, and on a nil lease (no backend was picked).
 func (l *lease) firstToken() {
-	if l == nil || l.work == 0 {
+	if l == nil || !l.open.Load() {
 		return
 	}
 	l.p.mu.Lock()
-	if l.p.pending[l.addr] -= l.work; l.p.pending[l.addr] <= 0 {
-		delete(l.p.pending, l.addr)
-	}
+	l.p.countOffLocked(l)
 	l.p.mu.Unlock()
-	l.work = 0
 }
 
 // release ends the lease (once).
@@ -270,30 +387,42 @@ func (p *picker) byMetric(strategy string, cands []*Endpoint, score func(*Endpoi
 // prefixCost is the prefix-aware rule (docs/design/kv-events.md §4):
 //
 //	cost(c) = 4·(P − hit(c)) + queued(c); the lowest wins, ties take turns.
-//	A prompt cached nowhere takes turns among replicas with queued(c) ≤ min + 16·P.
+//	A prompt cached nowhere takes turns among replicas with queued(c) ≤ min + 16·P,
+//	and waits at the router while every queued(c) ≥ H (4,096 tokens; hold.go).
 //
 // P is the prompt's tokens, hit(c) how many of them replica c already holds
 // in its KV cache, queued(c) the prefill tokens this router has sent c that
-// have not yet produced a first token. So a request goes to its cached
+// are not prefilled yet (no first token, and c's engine has not reported
+// the prompt's last full block stored). So a request goes to its cached
 // prefix unless that replica's prefill queue is longer than four times what
 // the prefix saves. The 4 prices a miss beyond its own prefill: the blocks it
 // writes evict other prefixes that later requests must recompute (with 1,
 // shared-prefix p90 TTFT was 5× worse in bench/routing; 4 and 8 measured the
 // same). A prompt that no replica holds goes round-robin, which spaces each
 // replica's arrivals evenly (least-queued was up to 13 % worse at p99 on the
-// low-sharing workload), skipping stragglers. hit(c) comes from c's engine's
-// own KV events; for a replica that sends none it is estimated from where
-// this router sent which prefix (the text-block history).
+// low-sharing workload), skipping stragglers; when every replica already has
+// H queued it waits for the first to prefill one (only when h.mayWait: the
+// caller holds it, and only when every replica's KV events say it is a
+// miss: the history's estimates overstate the queues and held requests that
+// had room), so no engine's queue grows past what it prefills in a step or
+// two and the queue that remains is one, first come first served.
+// hit(c) comes from c's engine's own KV events; for a replica that sends
+// none it is estimated from where this router sent which prefix (the
+// text-block history). It returns nil when the request must wait.
 func (p *picker) prefixCost(cands []*Endpoint, h hint) *Endpoint {
 	const missWeight, missSpread = 4, 16
 	best, least := math.MaxInt, math.MaxInt
-	anyHit := false
+	anyHit, exact := false, true
 	costs := make([]int, len(cands))
 	for i, e := range cands {
 		hit := p.hitTokens(e, h)
 		anyHit = anyHit || hit > 0
+		exact = exact && p.fromEvents(e, h)
 		costs[i] = missWeight*max(0, h.promptTokens-hit) + p.pending[e.ID()]
 		best, least = min(best, costs[i]), min(least, p.pending[e.ID()])
+	}
+	if h.mayWait && !anyHit && exact && p.holdTokens > 0 && (h.behind || least >= p.holdTokens) {
+		return nil
 	}
 	var ties []*Endpoint
 	for i, e := range cands {
@@ -327,6 +456,16 @@ func (h *hint) nameBlocks(kv *KVIndex, eps []*Endpoint) {
 			}
 		}
 	}
+}
+
+// fromEvents: replica e's hits for h come from its engine's KV events (so a
+// miss is known to be one), not from this router's history.
+func (p *picker) fromEvents(e *Endpoint, h hint) bool {
+	if p.kv == nil || h.tokens == nil {
+		return false
+	}
+	_, ok := p.kv.Hasher(e.Addr)
+	return ok
 }
 
 // hitTokens is how many of the prompt's tokens replica e holds: from its KV
@@ -397,12 +536,26 @@ type PickRequest struct {
 	// PrefixBytes is how much of the prompt the history-based strategies
 	// hash (the router's --prefix-bytes; 0: its default).
 	PrefixBytes int
+	// MayWait: the caller holds the request when prefix-cache says it must
+	// wait for room (hold.go), answered by no endpoint; it asks again, first
+	// come first served, after a lease's FirstToken. Behind: other requests
+	// of this caller are waiting ahead of this one.
+	MayWait, Behind bool
 }
 
 // NewPicker returns a picker on the given clock and random seed, reading
-// engines' KV events from kv (nil: none).
-func NewPicker(now func() time.Time, seed uint64, kv *KVIndex) *Picker {
-	return &Picker{p: newPickerWith(now, seed, kv)}
+// engines' KV events from kv (nil: none), holding at holdTokens (the
+// router's --hold-prefill-tokens: 0 its default, -1 never).
+func NewPicker(now func() time.Time, seed uint64, kv *KVIndex, holdTokens int) *Picker {
+	p := newPickerWith(now, seed, kv)
+	p.holdTokens = holdTokens
+	switch {
+	case holdTokens == 0:
+		p.holdTokens = DefaultHoldPrefillTokens
+	case holdTokens < 0:
+		p.holdTokens = 0
+	}
+	return &Picker{p: p}
 }
 
 // Lease is a picked request's hold on its backend.
@@ -415,7 +568,8 @@ func (l Lease) FirstToken() { l.l.firstToken() }
 func (l Lease) Done() { l.l.release() }
 
 // Pick chooses among eps for req with a strategy; it returns the endpoint
-// (nil when none), the strategy applied, and the request's lease.
+// (nil when none, or with req.MayWait when the request must wait), the
+// strategy applied, and the request's lease.
 func (pk *Picker) Pick(strategy string, eps []*Endpoint, req PickRequest) (*Endpoint, string, Lease) {
 	limit := req.PrefixBytes
 	if limit <= 0 {
@@ -430,7 +584,14 @@ func (pk *Picker) Pick(strategy string, eps []*Endpoint, req PickRequest) (*Endp
 		h.keys = map[kvhash.Namer][]uint64{}
 		h.nameBlocks(pk.p.kv, eps)
 	}
-	e, used, l := pk.p.pick(strategy, eps, h, nil)
+	if !req.MayWait {
+		e, used, l := pk.p.pick(strategy, eps, h, nil)
+		return e, used, Lease{l}
+	}
+	h.mayWait, h.behind = true, req.Behind
+	pk.p.mu.Lock()
+	defer pk.p.mu.Unlock()
+	e, used, l, _ := pk.p.pickLocked(strategy, eps, h, nil)
 	return e, used, Lease{l}
 }
 

@@ -77,6 +77,35 @@ func kvRoutingAcrossRouters(t *testing.T, subnet int, doc string) {
 	}
 	t.Logf("KV EVENTS: 6 prefixes over %d replicas, each followed by the other router", len(seen))
 	require.Zero(t, metricSum(t, "http://"+r2+"/metrics", "shoal_router_tokenize_failures_total"))
+
+	// A burst of 12 prompts cached nowhere, 2,500 tokens each, at once: two
+	// per replica fill its prefill queue past --hold-prefill-tokens (4,096),
+	// so the rest wait at the router for a first token, and every one is
+	// answered.
+	codes := make(chan int, 12)
+	for i := 0; i < 12; i++ {
+		go func() {
+			body := fmt.Sprintf(`{"model":"kv","prompt":%q,"max_tokens":2}`, strings.Repeat(fmt.Sprintf("burst %02d ", i), 1200)[:10_000])
+			req, _ := http.NewRequest("POST", "http://"+r1+"/v1/completions", strings.NewReader(body))
+			req.Header.Set("Content-Type", "application/json")
+			req.Header.Set("routing-strategy", "prefix-cache")
+			resp, err := http.DefaultClient.Do(req)
+			if err != nil {
+				codes <- 0
+				return
+			}
+			_, _ = io.Copy(io.Discard, resp.Body)
+			resp.Body.Close()
+			codes <- resp.StatusCode
+		}()
+	}
+	for i := 0; i < 12; i++ {
+		require.Equal(t, 200, <-codes, "a burst request")
+	}
+	waited := metricSum(t, "http://"+r1+"/metrics", `shoal_router_wait_seconds_count`)
+	require.Positive(t, waited, "some of the burst waited at the router")
+	require.Zero(t, metricSum(t, "http://"+r1+"/metrics", "shoal_router_waiting_requests"))
+	t.Logf("KV EVENTS: a burst of 12 uncached 2,500-token prompts over 3 replicas: %.0f waited at the router", waited)
 }
 
 // tryMetric is metricSum for a page that may not be up yet: ok is false

@@ -87,15 +87,22 @@ func TestPrefixCostHolds(t *testing.T) {
 	}
 }
 
+// holdingPicker is a picker holding at hold tokens over one replica that
+// sends KV events (an empty cache).
+func holdingPicker(t *testing.T, hold int) (*picker, *KVIndex, []*Endpoint) {
+	kv := NewKVIndex(0)
+	p := newPickerWith(time.Now, 1, kv)
+	p.holdTokens = hold
+	es := eps(1, nil)
+	withEvents(t, kv, es)
+	return p, kv, es
+}
+
 // TestWaitersFirstComeFirstServed: requests that must wait queue in arrival
 // order; a first token wakes only the first, which on picking wakes the
 // next; one that gives up leaves its place (waking the next if it was first).
 func TestWaitersFirstComeFirstServed(t *testing.T) {
-	kv := NewKVIndex(0)
-	p := newPickerWith(time.Now, 1, kv)
-	p.holdTokens = 1000
-	es := eps(1, nil)
-	withEvents(t, kv, es)
+	p, _, es := holdingPicker(t, 1000)
 	h := func(n int) hint { return hint{model: "m", tokens: ids(n*10_000, 1000), promptTokens: 1000} }
 
 	e, _, first, w, _ := p.pickOrQueue(StrategyPrefixCache, es, h(0), nil, nil)
@@ -346,11 +353,7 @@ func TestWaitingRequestTakesANewReplica(t *testing.T) {
 // wakes a waiting request; its first token later counts nothing twice, and
 // a lease that ends first leaves nothing filed.
 func TestPrefillEndsWhenItsBlocksAreStored(t *testing.T) {
-	kv := NewKVIndex(0)
-	p := newPickerWith(time.Now, 1, kv)
-	p.holdTokens = 1000
-	es := eps(1, nil)
-	withEvents(t, kv, es)
+	p, kv, es := holdingPicker(t, 1000)
 	addr := es[0].Addr
 	toks := ids(1, 1000)
 	keys := vllmHasher(t).Keys(toks, "") // 250 blocks of 4

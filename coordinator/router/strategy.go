@@ -167,12 +167,13 @@ func (p *picker) pickLocked(strategy string, eps []*Endpoint, h hint, exclude ma
 	id := e.ID()
 	c := p.counter(id)
 	c.Add(1)
-	work := 0
+	work, hit := 0, 0
 	if strategy == StrategyPrefixCache || strategy == StrategyPrefixAIBrix {
 		p.prefix.add(h.prefix, id)
 	}
 	if strategy == StrategyPrefixCache {
-		work = max(0, h.promptTokens-p.hitTokens(e, h))
+		hit = p.hitTokens(e, h)
+		work = max(0, h.promptTokens-hit)
 		p.pending[id] += work
 	}
 	if h.session != "" {
@@ -181,15 +182,16 @@ func (p *picker) pickLocked(strategy string, eps []*Endpoint, h hint, exclude ma
 	l := &lease{p: p, addr: id, c: c, work: work}
 	if work > 0 {
 		l.open.Store(true)
-		p.awaitStored(l, e, h)
+		p.awaitStored(l, e, h, hit)
 	}
 	return e, used, l, false
 }
 
 // awaitStored files l under its prompt's last full block on e's engine,
 // when that engine sends KV events and the block is not stored yet: its
-// store ends l's prefill (stored). Called with mu held.
-func (p *picker) awaitStored(l *lease, e *Endpoint, h hint) {
+// store ends l's prefill (stored). hit is the prompt's tokens e holds.
+// Called with mu held.
+func (p *picker) awaitStored(l *lease, e *Endpoint, h hint, hit int) {
 	if !p.fromEvents(e, h) {
 		return
 	}
@@ -201,7 +203,7 @@ func (p *picker) awaitStored(l *lease, e *Endpoint, h hint) {
 	if len(keys) == 0 {
 		return // shorter than a block: only the first token says
 	}
-	if n, _ := p.kv.Match(e.Addr, keys); n == len(keys) {
+	if hit >= len(keys)*hs.Block() {
 		return // all stored already: no event will say it again
 	}
 	last := keys[len(keys)-1]

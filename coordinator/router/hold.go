@@ -8,9 +8,9 @@ import (
 
 // Holding at the router (docs/design/kv-events.md §4). With prefix-cache, a
 // prompt that no replica has cached (by their engines' KV events) waits here
-// while every replica already
-// has HoldPrefillTokens of this router's prefill tokens queued, and goes,
-// first come first served, to the first replica whose queue drops below.
+// while every replica already has HoldPrefillTokens of this router's prefill
+// tokens queued, and goes, first come first served, to the first replica
+// whose queue drops below.
 // An engine that is sent more prompts than it prefills in a step or two
 // only queues them, and a long queue on one engine stretches the decode of
 // everything it holds (each step carries a full prefill chunk) until its KV

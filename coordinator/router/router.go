@@ -503,8 +503,10 @@ func (r *Router) serve(w aborter, req *http.Request, readBody func() ([]byte, er
 		var used string
 		var lease *lease
 		if attempts == 0 && !pd {
-			var reload func() []*Endpoint // the replicas there are now, for a request that waits
-			if !isAdapter {
+			// The replicas there are now, for a request that waits (only
+			// prefix-cache waits; no closure for the others).
+			var reload func() []*Endpoint
+			if strategy == StrategyPrefixCache && !isAdapter {
 				reload = func() []*Endpoint {
 					now, _ := r.table.Load().Endpoints(model)
 					_, now, _ = splitRoles(now)

@@ -9,6 +9,7 @@ import (
 
 	"github.com/shoalhq/shoal/agent/adapters"
 	"github.com/shoalhq/shoal/agent/kvrelay"
+	"github.com/shoalhq/shoal/agent/queueboard"
 	"github.com/shoalhq/shoal/gossip"
 	replicav1 "github.com/shoalhq/shoal/proto/replica/v1"
 	"github.com/shoalhq/shoal/security"
@@ -74,7 +75,7 @@ func (s *replicaServer) start() {
 	s.health.SetServingStatus("", healthpb.HealthCheckResponse_NOT_SERVING)
 	s.health.SetServingStatus(ReplicaService, healthpb.HealthCheckResponse_NOT_SERVING)
 	healthpb.RegisterHealthServer(s.srv, s.health)
-	replicav1.RegisterReplicaServer(s.srv, &replicaAPI{s: s})
+	replicav1.RegisterReplicaServer(s.srv, &replicaAPI{s: s, queues: queueboard.New()})
 	go func(srv *grpc.Server) { _ = srv.Serve(lis) }(s.srv)
 	s.log.Info("replica api listening", "addr", s.addr)
 }
@@ -149,7 +150,8 @@ func (s *replicaServer) currentKV() *kvrelay.Relay {
 
 type replicaAPI struct {
 	replicav1.UnimplementedReplicaServer
-	s *replicaServer
+	s      *replicaServer
+	queues *queueboard.Board // the routers' prefill queues at this replica
 }
 
 func (r *replicaAPI) Snapshot(_ context.Context, _ *replicav1.SnapshotRequest) (*replicav1.Metrics, error) {
@@ -186,6 +188,11 @@ func (r *replicaAPI) LoadAdapter(ctx context.Context, req *replicav1.LoadAdapter
 		return nil, status.Error(codes.InvalidArgument, "name the adapter")
 	}
 	return &replicav1.LoadAdapterResponse{}, adapters.StatusError(ad.Load(ctx, req.GetName()))
+}
+
+// Queue shares the routers' prefill queues at this replica (queueboard.Serve).
+func (r *replicaAPI) Queue(stream replicav1.Replica_QueueServer) error {
+	return queueboard.Serve(r.queues, stream)
 }
 
 // kvSnapshotChunk bounds the blocks in one KVEvents message (9 bytes each on

@@ -22,7 +22,8 @@ import (
 // (engine/sim's scheduler, KV cache, block names and KV events, stepped
 // without sleeping), the router's own picker and KV index, and the wires
 // between them — metrics every second, KV events a few milliseconds after the
-// step that made them, a /tokenize round trip — all on one virtual clock. A
+// step that made them, a /tokenize round trip, the routers' queue counts
+// passed on through the heads — all on one virtual clock. A
 // run is a pure function of its seed: the same command prints the same table.
 
 const (
@@ -31,6 +32,7 @@ const (
 	hashSeed       = "1234" // PYTHONHASHSEED the agent sets for the deployment
 	metricsEvery   = time.Second
 	eventDelay     = 5 * time.Millisecond // engine step → ZMQ → head → gRPC → router
+	queueDelay     = 5 * time.Millisecond // router → head → the other routers (Replica API Queue streams)
 	tokenizeCost   = time.Millisecond     // the router's /tokenize call before a KV-event pick
 	strategyEvents = router.StrategyPrefixCache
 	historyLabel   = "prefix-cache (history)" // prefix-cache with no KV events: the router's own estimate
@@ -184,6 +186,7 @@ func (h *events) Pop() any     { old := *h; x := old[len(old)-1]; *h = old[:len(
 type simRouter struct {
 	picker *router.Picker
 	kv     *router.KVIndex
+	queues *router.Queues // its own prefill queues and the others', as the heads say
 	eps    []*router.Endpoint
 	seq    []uint64 // per replica: the last KV-event batch applied
 }
@@ -222,7 +225,7 @@ func run(strategy string, w workload, seed uint64, nRouters int) result {
 	mayWait := label != noWaitLabel // the router holds what prefix-cache says must wait
 	routers := make([]*simRouter, nRouters)
 	for i := range routers {
-		rt := &simRouter{kv: router.NewKVIndex(0), seq: make([]uint64, replicas)}
+		rt := &simRouter{kv: router.NewKVIndex(0), queues: router.NewQueues(), seq: make([]uint64, replicas)}
 		var kv *router.KVIndex
 		if withEvents {
 			kv = rt.kv
@@ -230,7 +233,7 @@ func run(strategy string, w workload, seed uint64, nRouters int) result {
 				rt.kv.Reset(a, hasher, nil, 0) // the heads' snapshots: empty caches
 			}
 		}
-		rt.picker = router.NewPicker(clock, seed*31+uint64(i), kv, holdTokens)
+		rt.picker = router.NewPicker(clock, seed*31+uint64(i), kv, rt.queues, holdTokens)
 		routers[i] = rt
 	}
 	feed := func() {
@@ -284,6 +287,42 @@ func run(strategy string, w workload, seed uint64, nRouters int) result {
 			held[ri] = held[ri][1:]
 		}
 	}
+	// The routers share their prefill queues through the heads (Queue
+	// streams): a router sends each head its counts when they change, the
+	// latest when it gets to send (the changes of one moment coalesce), and
+	// the head passes the others' sum on, queueDelay later. The others'
+	// counts wake a held request only at a router with nothing of its own
+	// queued (no count-off of its own will come to wake it).
+	sending := false
+	shareQueues := func() {
+		if nRouters == 1 || !withEvents || sending {
+			return
+		}
+		sending = true
+		at(now, func() {
+			sending = false
+			own := make([]map[string]int64, nRouters)
+			for ri, rt := range routers {
+				own[ri] = rt.queues.Own(addrs)
+			}
+			at(now+queueDelay, func() {
+				for rj, rt := range routers {
+					others := map[string]int64{}
+					for ri := range routers {
+						if ri != rj {
+							for a, n := range own[ri] {
+								others[a] += n
+							}
+						}
+					}
+					rt.queues.SetOthers(addrs, others)
+					if len(rt.queues.Own(addrs)) == 0 {
+						drain(rj)
+					}
+				}
+			})
+		})
+	}
 	try = func(ri, i int, behind bool) bool {
 		a, rt := reqs[i], routers[ri]
 		pr := router.PickRequest{Model: "m", Prompt: a.prompt, MayWait: mayWait, Behind: behind}
@@ -298,6 +337,7 @@ func run(strategy string, w workload, seed uint64, nRouters int) result {
 		if ep == nil {
 			return false
 		}
+		shareQueues()
 		k := slices.Index(addrs, ep.Addr)
 		at(now+delay, func() {
 			vr := engines[k].Submit(now, a.prompt, a.out)
@@ -342,7 +382,7 @@ func run(strategy string, w workload, seed uint64, nRouters int) result {
 		end := engines[k].Now()
 		for _, vr := range started {
 			tr := byEngine[k][vr]
-			at(end, func() { tr.lease.FirstToken(); drain(tr.router) })
+			at(end, func() { tr.lease.FirstToken(); drain(tr.router); shareQueues() })
 		}
 		for _, vr := range finished {
 			tr := byEngine[k][vr]
@@ -367,6 +407,10 @@ func run(strategy string, w workload, seed uint64, nRouters int) result {
 						panic("kv events out of order")
 					}
 				}
+				for ri := range routers {
+					drain(ri) // a block store may end a prefill: the router wakes its first waiter
+				}
+				shareQueues()
 			})
 		}
 	}

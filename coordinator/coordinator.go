@@ -292,6 +292,7 @@ func (c *Coordinator) Run(ctx context.Context) error {
 		rc.OnDemand = c.Demand
 		rc.Registry = c.reg // one /metrics for the router and the autoscaler
 		rc.KV = c.heads.KV()
+		rc.Queues = c.heads.Queues()
 		rc.Adapters = c.heads
 		rt := router.New(c.table, c.cfg.Logger, rc)
 		defer rt.Close()

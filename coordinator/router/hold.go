@@ -86,12 +86,19 @@ func (p *picker) waitingNow() int {
 
 // pickWaiting is the first pick of a request: with prefix-cache it may wait
 // for room (above), at most HoldPrefillMax, after which it is routed as if
-// there were room. Each time it is woken, reload (nil: keep eps) gives it
-// the replicas there are now, and while it is first in the queue a change
-// of the routing table wakes it too: a replica added by a scale-out takes
-// waiting requests at once. (Only the first listens: the table changes with
-// every head's report, and the others could not pick anyway.) It returns no
-// endpoint when there is none, or when the client went away while it waited.
+// there were room. It tries again when one of this router's prefills ends
+// (wakeFront), and, while first in the queue:
+//   - when the routing table's replicas change (reload, nil: keep eps,
+//     gives it the replicas there are now): a replica added by a scale-out
+//     takes waiting requests at once. A new table with the same replicas
+//     (every head report makes one) does not wake it.
+//   - when the heads report other routers' queues shorter, only if this
+//     router has nothing queued of its own: no prefill of its own will end
+//     to wake it. Otherwise their reports, a round trip late, would have
+//     every router send into room one of them has just filled.
+//
+// It returns no endpoint when there is none, or when the client went away
+// while it waited.
 func (r *Router) pickWaiting(ctx context.Context, strategy string, eps []*Endpoint, h hint, tried map[string]bool, reload func() []*Endpoint) (*Endpoint, string, *lease) {
 	if strategy != StrategyPrefixCache || r.picker.holdTokens <= 0 {
 		return r.picker.pick(strategy, eps, h, tried)
@@ -100,7 +107,7 @@ func (r *Router) pickWaiting(ctx context.Context, strategy string, eps []*Endpoi
 	var start time.Time
 	var deadline <-chan time.Time
 	for {
-		changed := r.table.Changed()
+		changed, others := r.table.Changed(), r.picker.queues.othersChanged()
 		e, used, l, next, first := r.picker.pickOrQueue(strategy, eps, h, tried, w)
 		if next == nil {
 			if w != nil {
@@ -117,24 +124,57 @@ func (r *Router) pickWaiting(ctx context.Context, strategy string, eps []*Endpoi
 			deadline = t.C
 		}
 		if !first {
-			changed = nil // never ready
+			changed, others = nil, nil // never ready
 		}
-		select {
-		case <-w.wake:
-		case <-changed:
-		case <-deadline:
-			r.picker.leave(w)
-			r.waits.WithLabelValues("timeout").Observe(time.Since(start).Seconds())
-			r.waiting.Dec()
-			return r.picker.pick(strategy, eps, h, tried)
-		case <-ctx.Done():
-			r.picker.leave(w)
-			r.waits.WithLabelValues("canceled").Observe(time.Since(start).Seconds())
-			r.waiting.Dec()
-			return nil, strategy, nil
-		}
-		if reload != nil {
-			eps = reload()
+		for again := false; !again; {
+			select {
+			case <-w.wake:
+				again = true
+			case <-changed:
+				changed = r.table.Changed()
+				if reload != nil {
+					now := reload()
+					again = !sameReplicas(eps, now)
+					eps = now
+				}
+			case <-others:
+				others = r.picker.queues.othersChanged()
+				again = !r.picker.queuedAnywhere()
+			case <-deadline:
+				r.picker.leave(w)
+				r.waits.WithLabelValues("timeout").Observe(time.Since(start).Seconds())
+				r.waiting.Dec()
+				return r.picker.pick(strategy, eps, h, tried)
+			case <-ctx.Done():
+				r.picker.leave(w)
+				r.waits.WithLabelValues("canceled").Observe(time.Since(start).Seconds())
+				r.waiting.Dec()
+				return nil, strategy, nil
+			}
 		}
 	}
+}
+
+// sameReplicas: a and b name the same endpoints.
+func sameReplicas(a, b []*Endpoint) bool {
+	if len(a) != len(b) {
+		return false
+	}
+	ids := make(map[string]bool, len(a))
+	for _, e := range a {
+		ids[e.ID()] = true
+	}
+	for _, e := range b {
+		if !ids[e.ID()] {
+			return false
+		}
+	}
+	return true
+}
+
+// queuedAnywhere: this router has prefill tokens queued at some replica.
+func (p *picker) queuedAnywhere() bool {
+	p.mu.Lock()
+	defer p.mu.Unlock()
+	return len(p.pending) > 0
 }

@@ -42,6 +42,7 @@ func TestPrefixCostHolds(t *testing.T) {
 	for _, c := range []struct {
 		name    string
 		queued  []int // per replica
+		others  []int // per replica: other routers' queues, as the heads report them
 		noWait  bool  // the caller cannot hold
 		cached  bool  // replica 1 holds the prompt
 		history bool  // no KV events: the router's estimate
@@ -57,10 +58,13 @@ func TestPrefixCostHolds(t *testing.T) {
 		{name: "without KV events misses are guesses", queued: []int{hold, hold, hold}, history: true},
 		{name: "a caller that cannot hold", queued: []int{hold, hold, hold}, noWait: true},
 		{name: "holding turned off", queued: []int{hold, hold, hold}, off: true},
+		{name: "other routers' queues count", queued: []int{hold / 2, hold / 2, 0}, others: []int{hold / 2, hold / 2, hold}, wait: true},
+		{name: "room beside other routers' queues", queued: []int{hold / 2, hold / 2, 0}, others: []int{hold / 2, hold / 2, hold - 1}},
 	} {
 		t.Run(c.name, func(t *testing.T) {
 			kv := NewKVIndex(0)
-			p := newPickerWith(time.Now, 1, kv)
+			q := NewQueues()
+			p := newPickerWith(time.Now, 1, kv, q)
 			p.holdTokens = hold
 			if c.off {
 				p.holdTokens = 0
@@ -75,9 +79,14 @@ func TestPrefixCostHolds(t *testing.T) {
 			if c.cached {
 				kv.Reset(es[1].Addr, vllmHasher(t), vllmHasher(t).Keys(h.tokens, ""), 0)
 			}
-			for i, q := range c.queued {
-				p.pending[es[i].Addr] = q
+			for i, n := range c.queued {
+				p.pending[es[i].Addr] = n
 			}
+			others := map[string]int64{}
+			for i, n := range c.others {
+				others[es[i].Addr] = int64(n)
+			}
+			q.SetOthers([]string{es[0].Addr, es[1].Addr, es[2].Addr}, others)
 			e := p.prefixCost(es, h)
 			require.Equal(t, c.wait, e == nil, "picked %v", e)
 			if c.cached {
@@ -91,7 +100,7 @@ func TestPrefixCostHolds(t *testing.T) {
 // sends KV events (an empty cache).
 func holdingPicker(t *testing.T, hold int) (*picker, *KVIndex, []*Endpoint) {
 	kv := NewKVIndex(0)
-	p := newPickerWith(time.Now, 1, kv)
+	p := newPickerWith(time.Now, 1, kv, nil)
 	p.holdTokens = hold
 	es := eps(1, nil)
 	withEvents(t, kv, es)

@@ -71,7 +71,10 @@ type Config struct {
 	// this router's history). TokenizeTimeout bounds the engine's
 	// /tokenize call that names a prompt's blocks (default 500 ms; past it,
 	// the estimate decides).
-	KV              *KVIndex
+	KV *KVIndex
+	// Queues is the prefill queues this router shares with the others in
+	// front of the same heads (Watcher.Queues; nil: none shared).
+	Queues          *Queues
 	TokenizeTimeout time.Duration
 	// KVIndexBlocks bounds KV (0: DefaultKVIndexBlocks).
 	KVIndexBlocks int
@@ -183,7 +186,7 @@ func (r *Router) Close() { r.stopBg(); r.bg.Wait() }
 // New returns a router over table.
 func New(table *Table, log *slog.Logger, cfg Config) *Router {
 	cfg.defaults()
-	r := &Router{cfg: cfg, table: table, log: log.With("component", "router"), up: h1.NewClient(), picker: newPickerWith(time.Now, mrand.Uint64(), cfg.KV),
+	r := &Router{cfg: cfg, table: table, log: log.With("component", "router"), up: h1.NewClient(), picker: newPickerWith(time.Now, mrand.Uint64(), cfg.KV, cfg.Queues),
 		requests: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "shoal_router_requests_total",
 			Help: "Requests by model, strategy applied and status code."}, []string{"model", "strategy", "code"}),
 		fallback: prometheus.NewCounterVec(prometheus.CounterOpts{Name: "shoal_router_strategy_fallback_total",
@@ -214,6 +217,9 @@ func New(table *Table, log *slog.Logger, cfg Config) *Router {
 	if cfg.KV != nil {
 		cfg.KV.SetMax(cfg.KVIndexBlocks)
 		registerKVIndexMetrics(cfg.Registry, cfg.KV)
+	}
+	if cfg.Queues != nil {
+		registerQueueMetrics(cfg.Registry, cfg.Queues)
 	}
 	return r
 }

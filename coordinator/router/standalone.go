@@ -94,6 +94,7 @@ func RunStandalone(ctx context.Context, cfg StandaloneConfig) error {
 	rc := cfg.Router
 	rc.OnDemand = demandForwarder(mem, cfg.TLS, cfg.Logger)
 	rc.KV = w.KV()
+	rc.Queues = w.Queues()
 	rc.Adapters = w
 	rt := New(table, cfg.Logger, rc)
 	defer rt.Close()

@@ -66,6 +66,7 @@ type picker struct {
 	prefix   *prefixIndex             // guarded by mu
 	sessions *lru                     // guarded by mu; session id → backend
 	pending  map[string]int           // guarded by mu; prefill tokens in flight per backend (prefix-cache)
+	queues   *Queues                  // what other routers have queued (nil: none shared); a leaf lock under mu
 	kv       *KVIndex                 // the engines' own KV events; nil: none
 	rnd      *rand.Rand               // guarded by mu
 	now      func() time.Time
@@ -83,12 +84,12 @@ type picker struct {
 }
 
 func newPicker() *picker {
-	return newPickerWith(time.Now, rand.Uint64(), nil)
+	return newPickerWith(time.Now, rand.Uint64(), nil, nil)
 }
 
-func newPickerWith(now func() time.Time, seed uint64, kv *KVIndex) *picker {
+func newPickerWith(now func() time.Time, seed uint64, kv *KVIndex, queues *Queues) *picker {
 	p := &picker{inflight: map[string]*atomic.Int64{}, rr: map[string]uint64{}, ejected: map[string]time.Time{},
-		outliers: map[string]*outlier{}, pending: map[string]int{}, kv: kv, rnd: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)),
+		outliers: map[string]*outlier{}, pending: map[string]int{}, queues: queues, kv: kv, rnd: rand.New(rand.NewPCG(seed, seed^0x9e3779b97f4a7c15)),
 		prefix: newPrefixIndex(200_000), sessions: newLRU(100_000), now: now, waiting: list.New(),
 		prefilling: map[string]map[uint64][]*lease{}}
 	if kv != nil {
@@ -175,6 +176,7 @@ func (p *picker) pickLocked(strategy string, eps []*Endpoint, h hint, exclude ma
 		hit = p.hitTokens(e, h)
 		work = max(0, h.promptTokens-hit)
 		p.pending[id] += work
+		p.queues.setOwn(id, p.pending[id])
 	}
 	if h.session != "" {
 		p.sessions.put(h.session, id)
@@ -250,6 +252,7 @@ func (p *picker) countOffLocked(l *lease) {
 	if p.pending[l.addr] -= l.work; p.pending[l.addr] <= 0 {
 		delete(p.pending, l.addr)
 	}
+	p.queues.setOwn(l.addr, p.pending[l.addr])
 	l.work = 0
 	l.open.Store(false)
 	if l.kvAddr != "" {
@@ -415,20 +418,21 @@ func (p *picker) prefixCost(cands []*Endpoint, h hint) *Endpoint {
 	const missWeight, missSpread = 4, 16
 	best, least := math.MaxInt, math.MaxInt
 	anyHit, exact := false, true
-	costs := make([]int, len(cands))
+	costs, queued := make([]int, len(cands)), make([]int, len(cands))
 	for i, e := range cands {
 		hit := p.hitTokens(e, h)
 		anyHit = anyHit || hit > 0
 		exact = exact && p.fromEvents(e, h)
-		costs[i] = missWeight*max(0, h.promptTokens-hit) + p.pending[e.ID()]
-		best, least = min(best, costs[i]), min(least, p.pending[e.ID()])
+		queued[i] = p.pending[e.ID()] + p.queues.othersAt(e.ID())
+		costs[i] = missWeight*max(0, h.promptTokens-hit) + queued[i]
+		best, least = min(best, costs[i]), min(least, queued[i])
 	}
 	if h.mayWait && !anyHit && exact && p.holdTokens > 0 && (h.behind || least >= p.holdTokens) {
 		return nil
 	}
 	var ties []*Endpoint
 	for i, e := range cands {
-		if costs[i] == best || (!anyHit && p.pending[e.ID()] <= least+missSpread*h.promptTokens) {
+		if costs[i] == best || (!anyHit && queued[i] <= least+missSpread*h.promptTokens) {
 			ties = append(ties, e)
 		}
 	}
@@ -546,10 +550,11 @@ type PickRequest struct {
 }
 
 // NewPicker returns a picker on the given clock and random seed, reading
-// engines' KV events from kv (nil: none), holding at holdTokens (the
+// engines' KV events from kv (nil: none) and the other routers' prefill
+// queues from queues (nil: none shared), holding at holdTokens (the
 // router's --hold-prefill-tokens: 0 its default, -1 never).
-func NewPicker(now func() time.Time, seed uint64, kv *KVIndex, holdTokens int) *Picker {
-	p := newPickerWith(now, seed, kv)
+func NewPicker(now func() time.Time, seed uint64, kv *KVIndex, queues *Queues, holdTokens int) *Picker {
+	p := newPickerWith(now, seed, kv, queues)
 	p.holdTokens = holdTokens
 	switch {
 	case holdTokens == 0:

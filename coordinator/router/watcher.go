@@ -50,6 +50,7 @@ type Watcher struct {
 	log      *slog.Logger
 	onChange func()
 	kv       *KVIndex // the heads' KV events
+	queues   *Queues  // this router's prefill queues and the other routers'
 
 	mu sync.Mutex
 	m  map[HeadKey]*headState // guarded by mu
@@ -58,12 +59,16 @@ type Watcher struct {
 
 // NewWatcher returns a watcher; onChange runs after every state change.
 func NewWatcher(log *slog.Logger, onChange func(), tl *security.TLS) *Watcher {
-	return &Watcher{tls: tl, log: log.With("component", "heads"), onChange: onChange, m: map[HeadKey]*headState{}, kv: NewKVIndex(0)}
+	return &Watcher{tls: tl, log: log.With("component", "heads"), onChange: onChange, m: map[HeadKey]*headState{}, kv: NewKVIndex(0), queues: NewQueues()}
 }
 
 // KV is the index the watcher fills from the heads' KV events; give it to
 // the router (Config.KV).
 func (h *Watcher) KV() *KVIndex { return h.kv }
+
+// Queues is the routers' shared prefill queues the watcher keeps with the
+// heads; give it to the router (Config.Queues).
+func (h *Watcher) Queues() *Queues { return h.queues }
 
 // Sync starts watchers for new heads and stops those no longer wanted.
 func (h *Watcher) Sync(want map[HeadKey]HeadInfo) {
@@ -127,6 +132,12 @@ func (h *Watcher) watch(ctx context.Context, k HeadKey, addr string) {
 		h.watchKV(ctx, cl, k)
 	}()
 	defer func() { <-kvDone }()
+	queueDone := make(chan struct{})
+	go func() {
+		defer close(queueDone)
+		h.watchQueue(ctx, cl, func() []string { return h.endpointIDs(k) })
+	}()
+	defer func() { <-queueDone }()
 	backoff := 200 * time.Millisecond
 	for ctx.Err() == nil {
 		stream, err := cl.Watch(ctx, &replicav1.SnapshotRequest{})

@@ -82,6 +82,24 @@ func kvRoutingAcrossRouters(t *testing.T, subnet int, doc string) {
 	// per replica fill its prefill queue past --hold-prefill-tokens (4,096),
 	// so the rest wait at the router for a first token, and every one is
 	// answered.
+	// The other router sees the burst's queue through the heads (their
+	// Queue streams), though it sends none of it.
+	burstDone, sawOthers := make(chan struct{}), make(chan float64, 1)
+	go func() {
+		most := 0.0
+		defer func() { sawOthers <- most }()
+		for {
+			if v, ok := tryMetric("http://"+r2+"/metrics", `shoal_router_queued_prefill_tokens{router="others"}`); ok {
+				most = max(most, v)
+			}
+			select {
+			case <-burstDone:
+				return
+			case <-time.After(5 * time.Millisecond):
+			}
+		}
+	}()
+	start := time.Now()
 	codes := make(chan int, 12)
 	for i := 0; i < 12; i++ {
 		go func() {
@@ -102,10 +120,18 @@ func kvRoutingAcrossRouters(t *testing.T, subnet int, doc string) {
 	for i := 0; i < 12; i++ {
 		require.Equal(t, 200, <-codes, "a burst request")
 	}
+	took := time.Since(start)
+	close(burstDone)
+	others := <-sawOthers
+	require.Positive(t, others, "the second router saw the first one's queue (the burst took %v)", took)
+	require.Eventually(t, func() bool {
+		v, ok := tryMetric("http://"+r2+"/metrics", `shoal_router_queued_prefill_tokens{router="others"}`)
+		return ok && v == 0
+	}, 10*time.Second, 20*time.Millisecond, "and saw it empty after")
 	waited := metricSum(t, "http://"+r1+"/metrics", `shoal_router_wait_seconds_count`)
 	require.Positive(t, waited, "some of the burst waited at the router")
 	require.Zero(t, metricSum(t, "http://"+r1+"/metrics", "shoal_router_waiting_requests"))
-	t.Logf("KV EVENTS: a burst of 12 uncached 2,500-token prompts over 3 replicas: %.0f waited at the router", waited)
+	t.Logf("KV EVENTS: a burst of 12 uncached 2,500-token prompts over 3 replicas in %v: %.0f waited at the router; the other router saw up to %.0f tokens of it queued", took, waited, others)
 }
 
 // tryMetric is metricSum for a page that may not be up yet: ok is false

@@ -73,7 +73,99 @@ func (x KVEvent_Kind) Number() protoreflect.EnumNumber {
 
 // Deprecated: Use KVEvent_Kind.Descriptor instead.
 func (KVEvent_Kind) EnumDescriptor() ([]byte, []int) {
-	return file_replica_v1_replica_proto_rawDescGZIP(), []int{4, 0}
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{6, 0}
+}
+
+// QueueReport is one router's prefill queue at this replica: endpoint
+// (host:port, or host:port#rank for a pinned data-parallel rank) → tokens.
+// Each report replaces the router's previous one.
+type QueueReport struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Tokens        map[string]int64       `protobuf:"bytes,1,rep,name=tokens,proto3" json:"tokens,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *QueueReport) Reset() {
+	*x = QueueReport{}
+	mi := &file_replica_v1_replica_proto_msgTypes[0]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *QueueReport) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*QueueReport) ProtoMessage() {}
+
+func (x *QueueReport) ProtoReflect() protoreflect.Message {
+	mi := &file_replica_v1_replica_proto_msgTypes[0]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use QueueReport.ProtoReflect.Descriptor instead.
+func (*QueueReport) Descriptor() ([]byte, []int) {
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{0}
+}
+
+func (x *QueueReport) GetTokens() map[string]int64 {
+	if x != nil {
+		return x.Tokens
+	}
+	return nil
+}
+
+// QueueState is the other routers' queue at this replica, by endpoint.
+type QueueState struct {
+	state         protoimpl.MessageState `protogen:"open.v1"`
+	Others        map[string]int64       `protobuf:"bytes,1,rep,name=others,proto3" json:"others,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	unknownFields protoimpl.UnknownFields
+	sizeCache     protoimpl.SizeCache
+}
+
+func (x *QueueState) Reset() {
+	*x = QueueState{}
+	mi := &file_replica_v1_replica_proto_msgTypes[1]
+	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+	ms.StoreMessageInfo(mi)
+}
+
+func (x *QueueState) String() string {
+	return protoimpl.X.MessageStringOf(x)
+}
+
+func (*QueueState) ProtoMessage() {}
+
+func (x *QueueState) ProtoReflect() protoreflect.Message {
+	mi := &file_replica_v1_replica_proto_msgTypes[1]
+	if x != nil {
+		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
+		if ms.LoadMessageInfo() == nil {
+			ms.StoreMessageInfo(mi)
+		}
+		return ms
+	}
+	return mi.MessageOf(x)
+}
+
+// Deprecated: Use QueueState.ProtoReflect.Descriptor instead.
+func (*QueueState) Descriptor() ([]byte, []int) {
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{1}
+}
+
+func (x *QueueState) GetOthers() map[string]int64 {
+	if x != nil {
+		return x.Others
+	}
+	return nil
 }
 
 type LoadAdapterRequest struct {
@@ -85,7 +177,7 @@ type LoadAdapterRequest struct {
 
 func (x *LoadAdapterRequest) Reset() {
 	*x = LoadAdapterRequest{}
-	mi := &file_replica_v1_replica_proto_msgTypes[0]
+	mi := &file_replica_v1_replica_proto_msgTypes[2]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -97,7 +189,7 @@ func (x *LoadAdapterRequest) String() string {
 func (*LoadAdapterRequest) ProtoMessage() {}
 
 func (x *LoadAdapterRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_replica_v1_replica_proto_msgTypes[0]
+	mi := &file_replica_v1_replica_proto_msgTypes[2]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -110,7 +202,7 @@ func (x *LoadAdapterRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LoadAdapterRequest.ProtoReflect.Descriptor instead.
 func (*LoadAdapterRequest) Descriptor() ([]byte, []int) {
-	return file_replica_v1_replica_proto_rawDescGZIP(), []int{0}
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{2}
 }
 
 func (x *LoadAdapterRequest) GetName() string {
@@ -128,7 +220,7 @@ type LoadAdapterResponse struct {
 
 func (x *LoadAdapterResponse) Reset() {
 	*x = LoadAdapterResponse{}
-	mi := &file_replica_v1_replica_proto_msgTypes[1]
+	mi := &file_replica_v1_replica_proto_msgTypes[3]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -140,7 +232,7 @@ func (x *LoadAdapterResponse) String() string {
 func (*LoadAdapterResponse) ProtoMessage() {}
 
 func (x *LoadAdapterResponse) ProtoReflect() protoreflect.Message {
-	mi := &file_replica_v1_replica_proto_msgTypes[1]
+	mi := &file_replica_v1_replica_proto_msgTypes[3]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -153,7 +245,7 @@ func (x *LoadAdapterResponse) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use LoadAdapterResponse.ProtoReflect.Descriptor instead.
 func (*LoadAdapterResponse) Descriptor() ([]byte, []int) {
-	return file_replica_v1_replica_proto_rawDescGZIP(), []int{1}
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{3}
 }
 
 // AdapterState is one adapter of the deployment on this replica.
@@ -175,7 +267,7 @@ type AdapterState struct {
 
 func (x *AdapterState) Reset() {
 	*x = AdapterState{}
-	mi := &file_replica_v1_replica_proto_msgTypes[2]
+	mi := &file_replica_v1_replica_proto_msgTypes[4]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -187,7 +279,7 @@ func (x *AdapterState) String() string {
 func (*AdapterState) ProtoMessage() {}
 
 func (x *AdapterState) ProtoReflect() protoreflect.Message {
-	mi := &file_replica_v1_replica_proto_msgTypes[2]
+	mi := &file_replica_v1_replica_proto_msgTypes[4]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -200,7 +292,7 @@ func (x *AdapterState) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use AdapterState.ProtoReflect.Descriptor instead.
 func (*AdapterState) Descriptor() ([]byte, []int) {
-	return file_replica_v1_replica_proto_rawDescGZIP(), []int{2}
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{4}
 }
 
 func (x *AdapterState) GetName() string {
@@ -260,7 +352,7 @@ type KVEventsRequest struct {
 
 func (x *KVEventsRequest) Reset() {
 	*x = KVEventsRequest{}
-	mi := &file_replica_v1_replica_proto_msgTypes[3]
+	mi := &file_replica_v1_replica_proto_msgTypes[5]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -272,7 +364,7 @@ func (x *KVEventsRequest) String() string {
 func (*KVEventsRequest) ProtoMessage() {}
 
 func (x *KVEventsRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_replica_v1_replica_proto_msgTypes[3]
+	mi := &file_replica_v1_replica_proto_msgTypes[5]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -285,7 +377,7 @@ func (x *KVEventsRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KVEventsRequest.ProtoReflect.Descriptor instead.
 func (*KVEventsRequest) Descriptor() ([]byte, []int) {
-	return file_replica_v1_replica_proto_rawDescGZIP(), []int{3}
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{5}
 }
 
 type KVEvent struct {
@@ -299,7 +391,7 @@ type KVEvent struct {
 
 func (x *KVEvent) Reset() {
 	*x = KVEvent{}
-	mi := &file_replica_v1_replica_proto_msgTypes[4]
+	mi := &file_replica_v1_replica_proto_msgTypes[6]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -311,7 +403,7 @@ func (x *KVEvent) String() string {
 func (*KVEvent) ProtoMessage() {}
 
 func (x *KVEvent) ProtoReflect() protoreflect.Message {
-	mi := &file_replica_v1_replica_proto_msgTypes[4]
+	mi := &file_replica_v1_replica_proto_msgTypes[6]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -324,7 +416,7 @@ func (x *KVEvent) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KVEvent.ProtoReflect.Descriptor instead.
 func (*KVEvent) Descriptor() ([]byte, []int) {
-	return file_replica_v1_replica_proto_rawDescGZIP(), []int{4}
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{6}
 }
 
 func (x *KVEvent) GetKind() KVEvent_Kind {
@@ -366,7 +458,7 @@ type KVEventsMessage struct {
 
 func (x *KVEventsMessage) Reset() {
 	*x = KVEventsMessage{}
-	mi := &file_replica_v1_replica_proto_msgTypes[5]
+	mi := &file_replica_v1_replica_proto_msgTypes[7]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -378,7 +470,7 @@ func (x *KVEventsMessage) String() string {
 func (*KVEventsMessage) ProtoMessage() {}
 
 func (x *KVEventsMessage) ProtoReflect() protoreflect.Message {
-	mi := &file_replica_v1_replica_proto_msgTypes[5]
+	mi := &file_replica_v1_replica_proto_msgTypes[7]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -391,7 +483,7 @@ func (x *KVEventsMessage) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use KVEventsMessage.ProtoReflect.Descriptor instead.
 func (*KVEventsMessage) Descriptor() ([]byte, []int) {
-	return file_replica_v1_replica_proto_rawDescGZIP(), []int{5}
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{7}
 }
 
 func (x *KVEventsMessage) GetSeq() uint64 {
@@ -465,7 +557,7 @@ type SnapshotRequest struct {
 
 func (x *SnapshotRequest) Reset() {
 	*x = SnapshotRequest{}
-	mi := &file_replica_v1_replica_proto_msgTypes[6]
+	mi := &file_replica_v1_replica_proto_msgTypes[8]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -477,7 +569,7 @@ func (x *SnapshotRequest) String() string {
 func (*SnapshotRequest) ProtoMessage() {}
 
 func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
-	mi := &file_replica_v1_replica_proto_msgTypes[6]
+	mi := &file_replica_v1_replica_proto_msgTypes[8]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -490,7 +582,7 @@ func (x *SnapshotRequest) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use SnapshotRequest.ProtoReflect.Descriptor instead.
 func (*SnapshotRequest) Descriptor() ([]byte, []int) {
-	return file_replica_v1_replica_proto_rawDescGZIP(), []int{6}
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{8}
 }
 
 type Metrics struct {
@@ -551,7 +643,7 @@ type Metrics struct {
 
 func (x *Metrics) Reset() {
 	*x = Metrics{}
-	mi := &file_replica_v1_replica_proto_msgTypes[7]
+	mi := &file_replica_v1_replica_proto_msgTypes[9]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -563,7 +655,7 @@ func (x *Metrics) String() string {
 func (*Metrics) ProtoMessage() {}
 
 func (x *Metrics) ProtoReflect() protoreflect.Message {
-	mi := &file_replica_v1_replica_proto_msgTypes[7]
+	mi := &file_replica_v1_replica_proto_msgTypes[9]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -576,7 +668,7 @@ func (x *Metrics) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Metrics.ProtoReflect.Descriptor instead.
 func (*Metrics) Descriptor() ([]byte, []int) {
-	return file_replica_v1_replica_proto_rawDescGZIP(), []int{7}
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{9}
 }
 
 func (x *Metrics) GetDeployment() string {
@@ -779,7 +871,7 @@ type Rank struct {
 
 func (x *Rank) Reset() {
 	*x = Rank{}
-	mi := &file_replica_v1_replica_proto_msgTypes[8]
+	mi := &file_replica_v1_replica_proto_msgTypes[10]
 	ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 	ms.StoreMessageInfo(mi)
 }
@@ -791,7 +883,7 @@ func (x *Rank) String() string {
 func (*Rank) ProtoMessage() {}
 
 func (x *Rank) ProtoReflect() protoreflect.Message {
-	mi := &file_replica_v1_replica_proto_msgTypes[8]
+	mi := &file_replica_v1_replica_proto_msgTypes[10]
 	if x != nil {
 		ms := protoimpl.X.MessageStateOf(protoimpl.Pointer(x))
 		if ms.LoadMessageInfo() == nil {
@@ -804,7 +896,7 @@ func (x *Rank) ProtoReflect() protoreflect.Message {
 
 // Deprecated: Use Rank.ProtoReflect.Descriptor instead.
 func (*Rank) Descriptor() ([]byte, []int) {
-	return file_replica_v1_replica_proto_rawDescGZIP(), []int{8}
+	return file_replica_v1_replica_proto_rawDescGZIP(), []int{10}
 }
 
 func (x *Rank) GetRank() int32 {
@@ -853,7 +945,18 @@ var File_replica_v1_replica_proto protoreflect.FileDescriptor
 
 const file_replica_v1_replica_proto_rawDesc = "" +
 	"\n" +
-	"\x18replica/v1/replica.proto\x12\x10shoal.replica.v1\"(\n" +
+	"\x18replica/v1/replica.proto\x12\x10shoal.replica.v1\"\x8b\x01\n" +
+	"\vQueueReport\x12A\n" +
+	"\x06tokens\x18\x01 \x03(\v2).shoal.replica.v1.QueueReport.TokensEntryR\x06tokens\x1a9\n" +
+	"\vTokensEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\x89\x01\n" +
+	"\n" +
+	"QueueState\x12@\n" +
+	"\x06others\x18\x01 \x03(\v2(.shoal.replica.v1.QueueState.OthersEntryR\x06others\x1a9\n" +
+	"\vOthersEntry\x12\x10\n" +
+	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"(\n" +
 	"\x12LoadAdapterRequest\x12\x12\n" +
 	"\x04name\x18\x01 \x01(\tR\x04name\"\x15\n" +
 	"\x13LoadAdapterResponse\"\xe1\x01\n" +
@@ -925,12 +1028,13 @@ const file_replica_v1_replica_proto_rawDesc = "" +
 	"\x03pin\x18\x03 \x01(\bR\x03pin\x120\n" +
 	"\x14num_requests_running\x18\x04 \x01(\x01R\x12numRequestsRunning\x120\n" +
 	"\x14num_requests_waiting\x18\x05 \x01(\x01R\x12numRequestsWaiting\x12$\n" +
-	"\x0ekv_cache_usage\x18\x06 \x01(\x01R\fkvCacheUsage2\xcc\x02\n" +
+	"\x0ekv_cache_usage\x18\x06 \x01(\x01R\fkvCacheUsage2\x96\x03\n" +
 	"\aReplica\x12H\n" +
 	"\bSnapshot\x12!.shoal.replica.v1.SnapshotRequest\x1a\x19.shoal.replica.v1.Metrics\x12G\n" +
 	"\x05Watch\x12!.shoal.replica.v1.SnapshotRequest\x1a\x19.shoal.replica.v1.Metrics0\x01\x12R\n" +
 	"\bKVEvents\x12!.shoal.replica.v1.KVEventsRequest\x1a!.shoal.replica.v1.KVEventsMessage0\x01\x12Z\n" +
-	"\vLoadAdapter\x12$.shoal.replica.v1.LoadAdapterRequest\x1a%.shoal.replica.v1.LoadAdapterResponseB5Z3github.com/shoalhq/shoal/proto/replica/v1;replicav1b\x06proto3"
+	"\vLoadAdapter\x12$.shoal.replica.v1.LoadAdapterRequest\x1a%.shoal.replica.v1.LoadAdapterResponse\x12H\n" +
+	"\x05Queue\x12\x1d.shoal.replica.v1.QueueReport\x1a\x1c.shoal.replica.v1.QueueState(\x010\x01B5Z3github.com/shoalhq/shoal/proto/replica/v1;replicav1b\x06proto3"
 
 var (
 	file_replica_v1_replica_proto_rawDescOnce sync.Once
@@ -945,37 +1049,45 @@ func file_replica_v1_replica_proto_rawDescGZIP() []byte {
 }
 
 var file_replica_v1_replica_proto_enumTypes = make([]protoimpl.EnumInfo, 1)
-var file_replica_v1_replica_proto_msgTypes = make([]protoimpl.MessageInfo, 9)
+var file_replica_v1_replica_proto_msgTypes = make([]protoimpl.MessageInfo, 13)
 var file_replica_v1_replica_proto_goTypes = []any{
 	(KVEvent_Kind)(0),           // 0: shoal.replica.v1.KVEvent.Kind
-	(*LoadAdapterRequest)(nil),  // 1: shoal.replica.v1.LoadAdapterRequest
-	(*LoadAdapterResponse)(nil), // 2: shoal.replica.v1.LoadAdapterResponse
-	(*AdapterState)(nil),        // 3: shoal.replica.v1.AdapterState
-	(*KVEventsRequest)(nil),     // 4: shoal.replica.v1.KVEventsRequest
-	(*KVEvent)(nil),             // 5: shoal.replica.v1.KVEvent
-	(*KVEventsMessage)(nil),     // 6: shoal.replica.v1.KVEventsMessage
-	(*SnapshotRequest)(nil),     // 7: shoal.replica.v1.SnapshotRequest
-	(*Metrics)(nil),             // 8: shoal.replica.v1.Metrics
-	(*Rank)(nil),                // 9: shoal.replica.v1.Rank
+	(*QueueReport)(nil),         // 1: shoal.replica.v1.QueueReport
+	(*QueueState)(nil),          // 2: shoal.replica.v1.QueueState
+	(*LoadAdapterRequest)(nil),  // 3: shoal.replica.v1.LoadAdapterRequest
+	(*LoadAdapterResponse)(nil), // 4: shoal.replica.v1.LoadAdapterResponse
+	(*AdapterState)(nil),        // 5: shoal.replica.v1.AdapterState
+	(*KVEventsRequest)(nil),     // 6: shoal.replica.v1.KVEventsRequest
+	(*KVEvent)(nil),             // 7: shoal.replica.v1.KVEvent
+	(*KVEventsMessage)(nil),     // 8: shoal.replica.v1.KVEventsMessage
+	(*SnapshotRequest)(nil),     // 9: shoal.replica.v1.SnapshotRequest
+	(*Metrics)(nil),             // 10: shoal.replica.v1.Metrics
+	(*Rank)(nil),                // 11: shoal.replica.v1.Rank
+	nil,                         // 12: shoal.replica.v1.QueueReport.TokensEntry
+	nil,                         // 13: shoal.replica.v1.QueueState.OthersEntry
 }
 var file_replica_v1_replica_proto_depIdxs = []int32{
-	0, // 0: shoal.replica.v1.KVEvent.kind:type_name -> shoal.replica.v1.KVEvent.Kind
-	5, // 1: shoal.replica.v1.KVEventsMessage.events:type_name -> shoal.replica.v1.KVEvent
-	9, // 2: shoal.replica.v1.Metrics.ranks:type_name -> shoal.replica.v1.Rank
-	3, // 3: shoal.replica.v1.Metrics.adapters:type_name -> shoal.replica.v1.AdapterState
-	7, // 4: shoal.replica.v1.Replica.Snapshot:input_type -> shoal.replica.v1.SnapshotRequest
-	7, // 5: shoal.replica.v1.Replica.Watch:input_type -> shoal.replica.v1.SnapshotRequest
-	4, // 6: shoal.replica.v1.Replica.KVEvents:input_type -> shoal.replica.v1.KVEventsRequest
-	1, // 7: shoal.replica.v1.Replica.LoadAdapter:input_type -> shoal.replica.v1.LoadAdapterRequest
-	8, // 8: shoal.replica.v1.Replica.Snapshot:output_type -> shoal.replica.v1.Metrics
-	8, // 9: shoal.replica.v1.Replica.Watch:output_type -> shoal.replica.v1.Metrics
-	6, // 10: shoal.replica.v1.Replica.KVEvents:output_type -> shoal.replica.v1.KVEventsMessage
-	2, // 11: shoal.replica.v1.Replica.LoadAdapter:output_type -> shoal.replica.v1.LoadAdapterResponse
-	8, // [8:12] is the sub-list for method output_type
-	4, // [4:8] is the sub-list for method input_type
-	4, // [4:4] is the sub-list for extension type_name
-	4, // [4:4] is the sub-list for extension extendee
-	0, // [0:4] is the sub-list for field type_name
+	12, // 0: shoal.replica.v1.QueueReport.tokens:type_name -> shoal.replica.v1.QueueReport.TokensEntry
+	13, // 1: shoal.replica.v1.QueueState.others:type_name -> shoal.replica.v1.QueueState.OthersEntry
+	0,  // 2: shoal.replica.v1.KVEvent.kind:type_name -> shoal.replica.v1.KVEvent.Kind
+	7,  // 3: shoal.replica.v1.KVEventsMessage.events:type_name -> shoal.replica.v1.KVEvent
+	11, // 4: shoal.replica.v1.Metrics.ranks:type_name -> shoal.replica.v1.Rank
+	5,  // 5: shoal.replica.v1.Metrics.adapters:type_name -> shoal.replica.v1.AdapterState
+	9,  // 6: shoal.replica.v1.Replica.Snapshot:input_type -> shoal.replica.v1.SnapshotRequest
+	9,  // 7: shoal.replica.v1.Replica.Watch:input_type -> shoal.replica.v1.SnapshotRequest
+	6,  // 8: shoal.replica.v1.Replica.KVEvents:input_type -> shoal.replica.v1.KVEventsRequest
+	3,  // 9: shoal.replica.v1.Replica.LoadAdapter:input_type -> shoal.replica.v1.LoadAdapterRequest
+	1,  // 10: shoal.replica.v1.Replica.Queue:input_type -> shoal.replica.v1.QueueReport
+	10, // 11: shoal.replica.v1.Replica.Snapshot:output_type -> shoal.replica.v1.Metrics
+	10, // 12: shoal.replica.v1.Replica.Watch:output_type -> shoal.replica.v1.Metrics
+	8,  // 13: shoal.replica.v1.Replica.KVEvents:output_type -> shoal.replica.v1.KVEventsMessage
+	4,  // 14: shoal.replica.v1.Replica.LoadAdapter:output_type -> shoal.replica.v1.LoadAdapterResponse
+	2,  // 15: shoal.replica.v1.Replica.Queue:output_type -> shoal.replica.v1.QueueState
+	11, // [11:16] is the sub-list for method output_type
+	6,  // [6:11] is the sub-list for method input_type
+	6,  // [6:6] is the sub-list for extension type_name
+	6,  // [6:6] is the sub-list for extension extendee
+	0,  // [0:6] is the sub-list for field type_name
 }
 
 func init() { file_replica_v1_replica_proto_init() }
@@ -983,14 +1095,14 @@ func file_replica_v1_replica_proto_init() {
 	if File_replica_v1_replica_proto != nil {
 		return
 	}
-	file_replica_v1_replica_proto_msgTypes[7].OneofWrappers = []any{}
+	file_replica_v1_replica_proto_msgTypes[9].OneofWrappers = []any{}
 	type x struct{}
 	out := protoimpl.TypeBuilder{
 		File: protoimpl.DescBuilder{
 			GoPackagePath: reflect.TypeOf(x{}).PkgPath(),
 			RawDescriptor: unsafe.Slice(unsafe.StringData(file_replica_v1_replica_proto_rawDesc), len(file_replica_v1_replica_proto_rawDesc)),
 			NumEnums:      1,
-			NumMessages:   9,
+			NumMessages:   13,
 			NumExtensions: 0,
 			NumServices:   1,
 		},

@@ -26,6 +26,7 @@ const (
 	Replica_Watch_FullMethodName       = "/shoal.replica.v1.Replica/Watch"
 	Replica_KVEvents_FullMethodName    = "/shoal.replica.v1.Replica/KVEvents"
 	Replica_LoadAdapter_FullMethodName = "/shoal.replica.v1.Replica/LoadAdapter"
+	Replica_Queue_FullMethodName       = "/shoal.replica.v1.Replica/Queue"
 )
 
 // ReplicaClient is the client API for Replica service.
@@ -47,6 +48,13 @@ type ReplicaClient interface {
 	// adapter of the deployment; UNAVAILABLE: the engine is not ready;
 	// RESOURCE_EXHAUSTED: every slot holds a pinned or busy adapter.
 	LoadAdapter(ctx context.Context, in *LoadAdapterRequest, opts ...grpc.CallOption) (*LoadAdapterResponse, error)
+	// Queue lets the routers in front of this replica see each other's
+	// prefill queues: a router sends, whenever they change, the prompt tokens
+	// it has sent this replica's endpoints and not yet seen prefilled; the
+	// head answers at once and on every change with the sum of the other
+	// routers' latest reports. A router's share ends with its stream.
+	// INVALID_ARGUMENT: a negative count, or more endpoints than a replica has.
+	Queue(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[QueueReport, QueueState], error)
 }
 
 type replicaClient struct {
@@ -115,6 +123,19 @@ func (c *replicaClient) LoadAdapter(ctx context.Context, in *LoadAdapterRequest,
 	return out, nil
 }
 
+func (c *replicaClient) Queue(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[QueueReport, QueueState], error) {
+	cOpts := append([]grpc.CallOption{grpc.StaticMethod()}, opts...)
+	stream, err := c.cc.NewStream(ctx, &Replica_ServiceDesc.Streams[2], Replica_Queue_FullMethodName, cOpts...)
+	if err != nil {
+		return nil, err
+	}
+	x := &grpc.GenericClientStream[QueueReport, QueueState]{ClientStream: stream}
+	return x, nil
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Replica_QueueClient = grpc.BidiStreamingClient[QueueReport, QueueState]
+
 // ReplicaServer is the server API for Replica service.
 // All implementations must embed UnimplementedReplicaServer
 // for forward compatibility.
@@ -134,6 +155,13 @@ type ReplicaServer interface {
 	// adapter of the deployment; UNAVAILABLE: the engine is not ready;
 	// RESOURCE_EXHAUSTED: every slot holds a pinned or busy adapter.
 	LoadAdapter(context.Context, *LoadAdapterRequest) (*LoadAdapterResponse, error)
+	// Queue lets the routers in front of this replica see each other's
+	// prefill queues: a router sends, whenever they change, the prompt tokens
+	// it has sent this replica's endpoints and not yet seen prefilled; the
+	// head answers at once and on every change with the sum of the other
+	// routers' latest reports. A router's share ends with its stream.
+	// INVALID_ARGUMENT: a negative count, or more endpoints than a replica has.
+	Queue(grpc.BidiStreamingServer[QueueReport, QueueState]) error
 	mustEmbedUnimplementedReplicaServer()
 }
 
@@ -155,6 +183,9 @@ func (UnimplementedReplicaServer) KVEvents(*KVEventsRequest, grpc.ServerStreamin
 }
 func (UnimplementedReplicaServer) LoadAdapter(context.Context, *LoadAdapterRequest) (*LoadAdapterResponse, error) {
 	return nil, status.Error(codes.Unimplemented, "method LoadAdapter not implemented")
+}
+func (UnimplementedReplicaServer) Queue(grpc.BidiStreamingServer[QueueReport, QueueState]) error {
+	return status.Error(codes.Unimplemented, "method Queue not implemented")
 }
 func (UnimplementedReplicaServer) mustEmbedUnimplementedReplicaServer() {}
 func (UnimplementedReplicaServer) testEmbeddedByValue()                 {}
@@ -235,6 +266,13 @@ func _Replica_LoadAdapter_Handler(srv interface{}, ctx context.Context, dec func
 	return interceptor(ctx, in, info, handler)
 }
 
+func _Replica_Queue_Handler(srv interface{}, stream grpc.ServerStream) error {
+	return srv.(ReplicaServer).Queue(&grpc.GenericServerStream[QueueReport, QueueState]{ServerStream: stream})
+}
+
+// This type alias is provided for backwards compatibility with existing code that references the prior non-generic stream type by name.
+type Replica_QueueServer = grpc.BidiStreamingServer[QueueReport, QueueState]
+
 // Replica_ServiceDesc is the grpc.ServiceDesc for Replica service.
 // It's only intended for direct use with grpc.RegisterService,
 // and not to be introspected or modified (even as a copy)
@@ -261,6 +299,12 @@ var Replica_ServiceDesc = grpc.ServiceDesc{
 			StreamName:    "KVEvents",
 			Handler:       _Replica_KVEvents_Handler,
 			ServerStreams: true,
+		},
+		{
+			StreamName:    "Queue",
+			Handler:       _Replica_Queue_Handler,
+			ServerStreams: true,
+			ClientStreams: true,
 		},
 	},
 	Metadata: "replica/v1/replica.proto",

@@ -1,0 +1,61 @@
+package agent
+
+import (
+	"context"
+	"testing"
+	"time"
+
+	replicav1 "github.com/shoalhq/shoal/proto/replica/v1"
+	"github.com/stretchr/testify/require"
+	"google.golang.org/grpc"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/credentials/insecure"
+	"google.golang.org/grpc/status"
+)
+
+// TestReplicaQueueStream: two routers on a head's Queue stream see each
+// other's reports, not their own; a router's share leaves with its stream;
+// a bad report ends the stream with INVALID_ARGUMENT.
+func TestReplicaQueueStream(t *testing.T) {
+	addr := freeAddr(t)
+	s := newReplicaServer(addr, quietLog, nil)
+	s.start()
+	defer s.wait()
+	defer s.stop()
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	require.NoError(t, err)
+	defer conn.Close()
+	cl := replicav1.NewReplicaClient(conn)
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	defer cancel()
+
+	a, err := cl.Queue(ctx)
+	require.NoError(t, err)
+	first, err := a.Recv()
+	require.NoError(t, err)
+	require.Empty(t, first.Others, "nobody else reported yet")
+
+	bctx, bcancel := context.WithCancel(ctx)
+	b, err := cl.Queue(bctx)
+	require.NoError(t, err)
+	_, err = b.Recv() // its first state
+	require.NoError(t, err)
+	require.NoError(t, b.Send(&replicav1.QueueReport{Tokens: map[string]int64{"10.0.0.1:8000": 4096}}))
+	got, err := a.Recv()
+	require.NoError(t, err)
+	require.Equal(t, map[string]int64{"10.0.0.1:8000": 4096}, got.Others)
+
+	require.NoError(t, a.Send(&replicav1.QueueReport{Tokens: map[string]int64{"10.0.0.1:8000": 1000}}))
+	gotB, err := b.Recv()
+	require.NoError(t, err)
+	require.Equal(t, int64(1000), gotB.Others["10.0.0.1:8000"], "b sees a's report, not its own")
+
+	bcancel() // b's router goes away: its 4,096 tokens with it
+	got, err = a.Recv()
+	require.NoError(t, err)
+	require.Empty(t, got.Others)
+
+	require.NoError(t, a.Send(&replicav1.QueueReport{Tokens: map[string]int64{"10.0.0.1:8000": -5}}))
+	_, err = a.Recv()
+	require.Equal(t, codes.InvalidArgument, status.Code(err), "a negative count: %v", err)
+}

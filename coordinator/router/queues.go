@@ -1,0 +1,282 @@
+package router
+
+import (
+	"context"
+	"maps"
+	"slices"
+	"sync"
+	"time"
+
+	"github.com/prometheus/client_golang/prometheus"
+	replicav1 "github.com/shoalhq/shoal/proto/replica/v1"
+	"google.golang.org/grpc/codes"
+	"google.golang.org/grpc/status"
+)
+
+// Queues is what the routers in front of the same replicas share of their
+// prefill queues (docs/design/kv-events.md §4): this router's own queued
+// tokens per endpoint, which the watcher sends each head over the Replica
+// API's Queue stream, and the other routers' sums as the heads report them.
+// prefix-cache adds the others' queue to its own; without it, with two
+// routers each sees about half of every queue and holds at twice the level.
+// The others' counts arrive a round trip late, so they never wake a held
+// request: a router that sees room another has just filled would send into
+// it as well (measured: the replicas then preempt as without holding).
+type Queues struct {
+	mu     sync.Mutex
+	own    map[string]int64                      // guarded by mu; endpoint id → this router's queued tokens
+	others map[string]int64                      // guarded by mu; endpoint id → the other routers', as its head said
+	subs   map[string]map[chan struct{}]struct{} // guarded by mu; endpoint id → the head streams that report it
+	// changed is closed, and replaced, when a head reports the others'
+	// queues shorter somewhere (a held request may fit).
+	changed chan struct{} // guarded by mu
+}
+
+// NewQueues returns an empty view.
+func NewQueues() *Queues {
+	return &Queues{own: map[string]int64{}, others: map[string]int64{}, subs: map[string]map[chan struct{}]struct{}{},
+		changed: make(chan struct{})}
+}
+
+// setOwn records this router's queue at id and tells the stream that
+// reports id. A nil q is a no-op (no sharing).
+func (q *Queues) setOwn(id string, n int) {
+	if q == nil {
+		return
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.own[id] == int64(n) {
+		return
+	}
+	if n <= 0 {
+		delete(q.own, id)
+	} else {
+		q.own[id] = int64(n)
+	}
+	for ch := range q.subs[id] {
+		select {
+		case ch <- struct{}{}:
+		default: // already told
+		}
+	}
+}
+
+// othersAt is the other routers' queue at id (0 without sharing).
+func (q *Queues) othersAt(id string) int {
+	if q == nil {
+		return 0
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return int(q.others[id])
+}
+
+// Own is this router's queue at each of ids (left out: nothing queued).
+func (q *Queues) Own(ids []string) map[string]int64 {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	out := make(map[string]int64, len(ids))
+	for _, id := range ids {
+		if n := q.own[id]; n > 0 {
+			out[id] = n
+		}
+	}
+	return out
+}
+
+// SetOthers replaces the other routers' queues at ids (a head reports the
+// endpoints it serves): absent from others means none.
+func (q *Queues) SetOthers(ids []string, others map[string]int64) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	shorter := false
+	for _, id := range ids {
+		n := max(0, others[id])
+		shorter = shorter || n < q.others[id]
+		if n > 0 {
+			q.others[id] = n
+		} else {
+			delete(q.others, id)
+		}
+	}
+	if shorter {
+		close(q.changed)
+		q.changed = make(chan struct{})
+	}
+}
+
+// othersChanged is closed when a head next reports the other routers'
+// queues shorter somewhere (nil without sharing: never).
+func (q *Queues) othersChanged() <-chan struct{} {
+	if q == nil {
+		return nil
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	return q.changed
+}
+
+// subscribe: ch gets a token whenever this router's queue at one of ids
+// changes, until unsubscribe.
+func (q *Queues) subscribe(ch chan struct{}, ids []string) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for _, id := range ids {
+		if q.subs[id] == nil {
+			q.subs[id] = map[chan struct{}]struct{}{}
+		}
+		q.subs[id][ch] = struct{}{}
+	}
+}
+
+func (q *Queues) unsubscribe(ch chan struct{}, ids []string) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for _, id := range ids {
+		delete(q.subs[id], ch)
+		if len(q.subs[id]) == 0 {
+			delete(q.subs, id)
+		}
+	}
+}
+
+// queueRetry is how long a watcher waits before asking a head that does
+// not serve Queue (one from before it) again.
+const queueRetry = 30 * time.Second
+
+// watchQueue shares this router's queues at one head's endpoints over its
+// Queue stream, reconnecting until ctx ends. ids says the head's endpoints
+// now (they are known from its Watch reports; none yet: wait).
+func (h *Watcher) watchQueue(ctx context.Context, cl replicav1.ReplicaClient, ids func() []string) {
+	backoff := 200 * time.Millisecond
+	for ctx.Err() == nil {
+		err := h.shareQueue(ctx, cl, ids, func() { backoff = 200 * time.Millisecond })
+		if ctx.Err() != nil {
+			return
+		}
+		wait := backoff
+		if status.Code(err) == codes.Unimplemented {
+			wait = queueRetry
+		} else {
+			backoff = min(backoff*2, 5*time.Second)
+		}
+		h.log.Debug("queue stream ended; reconnecting", "err", err)
+		select {
+		case <-ctx.Done():
+			return
+		case <-time.After(wait):
+		}
+	}
+}
+
+// shareQueue runs one Queue stream: it sends this router's counts at the
+// head's endpoints when they change (the latest when it gets to send: the
+// changes of a moment coalesce) and applies what the head says of the
+// others'. When the stream ends the others' counts there are forgotten.
+func (h *Watcher) shareQueue(ctx context.Context, cl replicav1.ReplicaClient, ids func() []string, healthy func()) error {
+	ctx, cancel := context.WithCancel(ctx)
+	var wg sync.WaitGroup
+	defer func() { cancel(); wg.Wait() }()
+	stream, err := cl.Queue(ctx)
+	if err != nil {
+		return err
+	}
+	var mu sync.Mutex
+	var known []string // guarded by mu: the endpoints the others' counts were set for
+	defer func() {
+		mu.Lock()
+		h.queues.SetOthers(known, nil)
+		mu.Unlock()
+	}()
+	recvErr := make(chan error, 1)
+	wg.Add(1)
+	go func() {
+		defer wg.Done()
+		for {
+			m, err := stream.Recv()
+			if err != nil {
+				recvErr <- err
+				return
+			}
+			healthy()
+			mu.Lock()
+			known = ids()
+			h.queues.SetOthers(known, m.GetOthers())
+			mu.Unlock()
+		}
+	}()
+	changed := make(chan struct{}, 1)
+	var subscribed []string
+	defer func() { h.queues.unsubscribe(changed, subscribed) }()
+	tick := time.NewTicker(time.Second) // the head's endpoints may change
+	defer tick.Stop()
+	var last map[string]int64
+	for {
+		if now := ids(); !slices.Equal(now, subscribed) {
+			h.queues.unsubscribe(changed, subscribed)
+			subscribed = now
+			h.queues.subscribe(changed, subscribed)
+		}
+		if own := h.queues.Own(subscribed); last == nil || !maps.Equal(own, last) {
+			if err := stream.Send(&replicav1.QueueReport{Tokens: own}); err != nil {
+				return <-recvErr // Send fails with io.EOF; the status is on Recv
+			}
+			last = own
+		}
+		select {
+		case <-ctx.Done():
+			return ctx.Err()
+		case err := <-recvErr:
+			return err
+		case <-changed:
+		case <-tick.C:
+		}
+	}
+}
+
+// endpointIDs is head k's endpoints as the router's table names them
+// (sorted), from its latest report; nil before one.
+func (h *Watcher) endpointIDs(k HeadKey) []string {
+	h.mu.Lock()
+	st, ok := h.m[k]
+	var v ReplicaView
+	if ok && st.latest != nil {
+		v = ReplicaView{Key: k, Info: st.info, Metrics: st.latest}
+	}
+	h.mu.Unlock()
+	if v.Metrics == nil {
+		return nil
+	}
+	var ids []string
+	for _, e := range endpointsOf(v) {
+		if e.Addr != "" {
+			ids = append(ids, e.ID())
+		}
+	}
+	slices.Sort(ids)
+	return slices.Compact(ids)
+}
+
+// totals is this router's queued prefill tokens and the other routers', all
+// replicas.
+func (q *Queues) totals() (own, others int64) {
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for _, n := range q.own {
+		own += n
+	}
+	for _, n := range q.others {
+		others += n
+	}
+	return own, others
+}
+
+func registerQueueMetrics(reg *prometheus.Registry, q *Queues) {
+	reg.MustRegister(prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "shoal_router_queued_prefill_tokens",
+		Help:        "Prompt tokens this router has sent and not seen prefilled, all replicas (prefix-cache).",
+		ConstLabels: prometheus.Labels{"router": "this"}}, func() float64 { n, _ := q.totals(); return float64(n) }),
+		prometheus.NewGaugeFunc(prometheus.GaugeOpts{Name: "shoal_router_queued_prefill_tokens",
+			Help:        "Prompt tokens this router has sent and not seen prefilled, all replicas (prefix-cache).",
+			ConstLabels: prometheus.Labels{"router": "others"}}, func() float64 { _, n := q.totals(); return float64(n) }))
+}

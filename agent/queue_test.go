@@ -45,10 +45,11 @@ func TestReplicaQueueStream(t *testing.T) {
 	require.NoError(t, err)
 	require.Equal(t, map[string]int64{"10.0.0.1:8000": 4096}, got.Others)
 
-	require.NoError(t, a.Send(&replicav1.QueueReport{Tokens: map[string]int64{"10.0.0.1:8000": 1000}}))
+	require.NoError(t, a.Send(&replicav1.QueueReport{Tokens: map[string]int64{"10.0.0.1:8000": 1000}, Waiting: 2}))
 	gotB, err := b.Recv()
 	require.NoError(t, err)
 	require.Equal(t, int64(1000), gotB.Others["10.0.0.1:8000"], "b sees a's report, not its own")
+	require.Equal(t, int64(2), gotB.OthersWaiting, "and the requests a holds")
 
 	bcancel() // b's router goes away: its 4,096 tokens with it
 	got, err = a.Recv()

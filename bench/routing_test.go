@@ -288,11 +288,13 @@ func run(strategy string, w workload, seed uint64, nRouters int) result {
 		}
 	}
 	// The routers share their prefill queues through the heads (Queue
-	// streams): a router sends each head its counts when they change, the
-	// latest when it gets to send (the changes of one moment coalesce), and
-	// the head passes the others' sum on, queueDelay later. The others'
-	// counts wake a held request only at a router with nothing of its own
-	// queued (no count-off of its own will come to wake it).
+	// streams): a router sends each head its counts and how many requests
+	// it holds when they change, the latest when it gets to send (the
+	// changes of one moment coalesce), and the head passes the others' sums
+	// on, queueDelay later. As in hold.go, the others' counts wake a held
+	// request only where no other router holds any (none will take the
+	// room) or this router has nothing of its own queued (no count-off of
+	// its own will come to wake it).
 	sending := false
 	shareQueues := func() {
 		if nRouters == 1 || !withEvents || sending {
@@ -302,21 +304,25 @@ func run(strategy string, w workload, seed uint64, nRouters int) result {
 		at(now, func() {
 			sending = false
 			own := make([]map[string]int64, nRouters)
+			waits := make([]int, nRouters)
 			for ri, rt := range routers {
-				own[ri] = rt.queues.Own(addrs)
+				own[ri], _ = rt.queues.Own(addrs)
+				waits[ri] = len(held[ri]) // the picker's count in the router; here the loop holds them
 			}
 			at(now+queueDelay, func() {
 				for rj, rt := range routers {
 					others := map[string]int64{}
+					ow := 0
 					for ri := range routers {
 						if ri != rj {
+							ow += waits[ri]
 							for a, n := range own[ri] {
 								others[a] += n
 							}
 						}
 					}
-					rt.queues.SetOthers(addrs, others)
-					if len(rt.queues.Own(addrs)) == 0 {
+					rt.queues.SetOthers(addrs, others, int64(ow))
+					if mine, _ := rt.queues.Own(addrs); len(mine) == 0 || ow == 0 {
 						drain(rj)
 					}
 				}
@@ -356,6 +362,7 @@ func run(strategy string, w workload, seed uint64, nRouters int) result {
 			ri := i % nRouters
 			if !try(ri, i, len(held[ri]) > 0) {
 				held[ri] = append(held[ri], i)
+				shareQueues() // the heads hear that this router holds one more
 			}
 		})
 	}

@@ -26,6 +26,7 @@ type Board struct {
 
 type member struct {
 	tokens  map[string]int64 // its latest report
+	waiting int64            // and the requests it holds for room
 	changed chan struct{}    // a token: the others' sum may have changed (buffered 1)
 }
 
@@ -44,9 +45,13 @@ func (b *Board) Join() (id int, changed <-chan struct{}) {
 }
 
 // Report replaces router id's queue: endpoint → prompt tokens it has sent
-// and not seen prefilled. Zero counts may be left out. A bad report is an
-// error and changes nothing.
-func (b *Board) Report(id int, tokens map[string]int64) error {
+// and not seen prefilled (zero counts may be left out), and how many
+// requests it holds waiting for room. A bad report is an error and changes
+// nothing.
+func (b *Board) Report(id int, tokens map[string]int64, waiting int64) error {
+	if waiting < 0 {
+		return fmt.Errorf("queue report: %d requests waiting; counts are never negative", waiting)
+	}
 	if len(tokens) > MaxEndpoints {
 		return fmt.Errorf("queue report names %d endpoints; a replica has at most %d", len(tokens), MaxEndpoints)
 	}
@@ -64,28 +69,30 @@ func (b *Board) Report(id int, tokens map[string]int64) error {
 	b.mu.Lock()
 	defer b.mu.Unlock()
 	m, ok := b.members[id]
-	if !ok || maps.Equal(m.tokens, clean) {
+	if !ok || (maps.Equal(m.tokens, clean) && m.waiting == waiting) {
 		return nil
 	}
-	m.tokens = clean
+	m.tokens, m.waiting = clean, waiting
 	b.notifyLocked(id)
 	return nil
 }
 
-// Others is the sum of every router's queue but id's, by endpoint.
-func (b *Board) Others(id int) map[string]int64 {
+// Others is the sum of every router's queue but id's, by endpoint, and of
+// the requests they hold.
+func (b *Board) Others(id int) (tokens map[string]int64, waiting int64) {
 	b.mu.Lock()
 	defer b.mu.Unlock()
-	out := map[string]int64{}
+	tokens = map[string]int64{}
 	for mid, m := range b.members {
 		if mid == id {
 			continue
 		}
 		for ep, n := range m.tokens {
-			out[ep] += n
+			tokens[ep] += n
 		}
+		waiting += m.waiting
 	}
-	return out
+	return tokens, waiting
 }
 
 // Leave takes router id and its queue off the board.
@@ -97,7 +104,7 @@ func (b *Board) Leave(id int) {
 		return
 	}
 	delete(b.members, id)
-	if len(m.tokens) > 0 {
+	if len(m.tokens) > 0 || m.waiting > 0 {
 		b.notifyLocked(id)
 	}
 }

@@ -10,7 +10,7 @@ func TestBoardSumsTheOthers(t *testing.T) {
 	b := New()
 	a, aChanged := b.Join()
 	c, cChanged := b.Join()
-	if err := b.Report(a, map[string]int64{"h:8000": 3000, "h:8001": 0}); err != nil {
+	if err := b.Report(a, map[string]int64{"h:8000": 3000, "h:8001": 0}, 2); err != nil {
 		t.Fatal(err)
 	}
 	select {
@@ -23,21 +23,21 @@ func TestBoardSumsTheOthers(t *testing.T) {
 		t.Fatal("a was told of its own report")
 	default:
 	}
-	if got := b.Others(c); !maps.Equal(got, map[string]int64{"h:8000": 3000}) {
-		t.Fatalf("c sees %v; want a's 3000 on h:8000 (zero counts left out)", got)
+	if got, w := b.Others(c); !maps.Equal(got, map[string]int64{"h:8000": 3000}) || w != 2 {
+		t.Fatalf("c sees %v and %d waiting; want a's 3000 on h:8000 (zero counts left out) and 2", got, w)
 	}
-	if got := b.Others(a); len(got) != 0 {
-		t.Fatalf("a sees %v; want nothing (only a reported)", got)
+	if got, w := b.Others(a); len(got) != 0 || w != 0 {
+		t.Fatalf("a sees %v and %d waiting; want nothing (only a reported)", got, w)
 	}
-	if err := b.Report(c, map[string]int64{"h:8000": 500}); err != nil {
+	if err := b.Report(c, map[string]int64{"h:8000": 500}, 0); err != nil {
 		t.Fatal(err)
 	}
-	if got := b.Others(a)["h:8000"]; got != 500 {
-		t.Fatalf("a sees %d; want c's 500", got)
+	if got, _ := b.Others(a); got["h:8000"] != 500 {
+		t.Fatalf("a sees %d; want c's 500", got["h:8000"])
 	}
 	// The same report again tells nobody.
 	<-aChanged
-	if err := b.Report(c, map[string]int64{"h:8000": 500}); err != nil {
+	if err := b.Report(c, map[string]int64{"h:8000": 500}, 0); err != nil {
 		t.Fatal(err)
 	}
 	select {
@@ -45,17 +45,25 @@ func TestBoardSumsTheOthers(t *testing.T) {
 		t.Fatal("an unchanged report woke a")
 	default:
 	}
+	// A change of the requests waiting alone tells the others.
+	if err := b.Report(c, map[string]int64{"h:8000": 500}, 3); err != nil {
+		t.Fatal(err)
+	}
+	<-aChanged
+	if _, w := b.Others(a); w != 3 {
+		t.Fatalf("a sees %d waiting at c; want 3", w)
+	}
 	b.Leave(c)
 	<-aChanged
-	if got := b.Others(a); len(got) != 0 || b.Routers() != 1 {
-		t.Fatalf("after c left a sees %v with %d routers; want nothing, 1", got, b.Routers())
+	if got, w := b.Others(a); len(got) != 0 || w != 0 || b.Routers() != 1 {
+		t.Fatalf("after c left a sees %v, %d waiting, %d routers; want nothing, 0, 1", got, w, b.Routers())
 	}
 }
 
 func TestBoardRejectsBadReports(t *testing.T) {
 	b := New()
 	id, _ := b.Join()
-	if err := b.Report(id, map[string]int64{"h:8000": 100}); err != nil {
+	if err := b.Report(id, map[string]int64{"h:8000": 100}, 0); err != nil {
 		t.Fatal(err)
 	}
 	many := map[string]int64{}
@@ -71,12 +79,15 @@ func TestBoardRejectsBadReports(t *testing.T) {
 		if len(r) == 0 {
 			t.Fatalf("%s: empty case", name)
 		}
-		if err := b.Report(id, r); err == nil {
+		if err := b.Report(id, r, 0); err == nil {
 			t.Errorf("%s: accepted", name)
 		}
 	}
+	if err := b.Report(id, nil, -1); err == nil {
+		t.Error("negative waiting: accepted")
+	}
 	other, _ := b.Join()
-	if got := b.Others(other)["h:8000"]; got != 100 {
-		t.Fatalf("after bad reports the good one reads %d; want 100 (a bad report changes nothing)", got)
+	if got, _ := b.Others(other); got["h:8000"] != 100 {
+		t.Fatalf("after bad reports the good one reads %d; want 100 (a bad report changes nothing)", got["h:8000"])
 	}
 }

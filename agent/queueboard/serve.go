@@ -23,7 +23,7 @@ func Serve(b *Board, stream grpc.BidiStreamingServer[replicav1.QueueReport, repl
 		for {
 			m, err := stream.Recv()
 			if err == nil {
-				if err = b.Report(id, m.GetTokens()); err != nil {
+				if err = b.Report(id, m.GetTokens(), m.GetWaiting()); err != nil {
 					err = status.Error(codes.InvalidArgument, err.Error())
 				}
 			}
@@ -34,12 +34,13 @@ func Serve(b *Board, stream grpc.BidiStreamingServer[replicav1.QueueReport, repl
 		}
 	}()
 	var last map[string]int64
+	var lastWaiting int64
 	for {
-		if o := b.Others(id); last == nil || !maps.Equal(o, last) {
-			if err := stream.Send(&replicav1.QueueState{Others: o}); err != nil {
+		if o, w := b.Others(id); last == nil || !maps.Equal(o, last) || w != lastWaiting {
+			if err := stream.Send(&replicav1.QueueState{Others: o, OthersWaiting: w}); err != nil {
 				return err
 			}
-			last = o
+			last, lastWaiting = o, w
 		}
 		select {
 		case <-stream.Context().Done():

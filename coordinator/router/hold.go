@@ -50,6 +50,7 @@ func (p *picker) pickOrQueue(strategy string, eps []*Endpoint, h hint, exclude m
 		if w == nil {
 			w = &waiter{wake: make(chan struct{}, 1)}
 			w.elem = p.waiting.PushBack(w)
+			p.queues.setWaiting(p.waiting.Len())
 		}
 		return nil, used, nil, w, p.waiting.Front() == w.elem
 	}
@@ -72,6 +73,7 @@ func (p *picker) leaveLocked(w *waiter) {
 	first := p.waiting.Front() == w.elem
 	p.waiting.Remove(w.elem)
 	w.elem = nil
+	p.queues.setWaiting(p.waiting.Len())
 	if first {
 		p.wakeFront()
 	}
@@ -92,10 +94,11 @@ func (p *picker) waitingNow() int {
 //     gives it the replicas there are now): a replica added by a scale-out
 //     takes waiting requests at once. A new table with the same replicas
 //     (every head report makes one) does not wake it.
-//   - when the heads report other routers' queues shorter, only if this
-//     router has nothing queued of its own: no prefill of its own will end
-//     to wake it. Otherwise their reports, a round trip late, would have
-//     every router send into room one of them has just filled.
+//   - when the heads report other routers' queues shorter, if no other
+//     router holds requests (none will fill the room) or this router has
+//     nothing queued of its own (no prefill of its own will end to wake
+//     it). Otherwise their reports, a round trip late, would have every
+//     router send into room one of them has just filled.
 //
 // It returns no endpoint when there is none, or when the client went away
 // while it waited.
@@ -139,7 +142,7 @@ func (r *Router) pickWaiting(ctx context.Context, strategy string, eps []*Endpoi
 				}
 			case <-others:
 				others = r.picker.queues.othersChanged()
-				again = !r.picker.queuedAnywhere()
+				again = !r.picker.queuedAnywhere() || !r.picker.queues.othersHolding()
 			case <-deadline:
 				r.picker.leave(w)
 				r.waits.WithLabelValues("timeout").Observe(time.Since(start).Seconds())

@@ -86,7 +86,7 @@ func TestPrefixCostHolds(t *testing.T) {
 			for i, n := range c.others {
 				others[es[i].Addr] = int64(n)
 			}
-			q.SetOthers([]string{es[0].Addr, es[1].Addr, es[2].Addr}, others)
+			q.SetOthers([]string{es[0].Addr, es[1].Addr, es[2].Addr}, others, 0)
 			e := p.prefixCost(es, h)
 			require.Equal(t, c.wait, e == nil, "picked %v", e)
 			if c.cached {

@@ -19,14 +19,19 @@ import (
 // API's Queue stream, and the other routers' sums as the heads report them.
 // prefix-cache adds the others' queue to its own; without it, with two
 // routers each sees about half of every queue and holds at twice the level.
-// The others' counts arrive a round trip late, so they never wake a held
-// request: a router that sees room another has just filled would send into
-// it as well (measured: the replicas then preempt as without holding).
+// The others' counts arrive a round trip late, so a report of them shorter
+// wakes a held request only where no other router holds requests of its
+// own (one that does fills the room itself, and two routers sending into
+// the same room overfill it: measured, the replicas then preempt as
+// without holding) or where this router has nothing queued (no prefill of
+// its own will end to wake it).
 type Queues struct {
-	mu     sync.Mutex
-	own    map[string]int64                      // guarded by mu; endpoint id → this router's queued tokens
-	others map[string]int64                      // guarded by mu; endpoint id → the other routers', as its head said
-	subs   map[string]map[chan struct{}]struct{} // guarded by mu; endpoint id → the head streams that report it
+	mu            sync.Mutex
+	own           map[string]int64                      // guarded by mu; endpoint id → this router's queued tokens
+	others        map[string]int64                      // guarded by mu; endpoint id → the other routers', as its head said
+	othersWaiting map[string]int64                      // guarded by mu; endpoint id → the requests the other routers hold, as its head said
+	waiting       int64                                 // guarded by mu; the requests this router holds
+	subs          map[string]map[chan struct{}]struct{} // guarded by mu; endpoint id → the head streams that report it
 	// changed is closed, and replaced, when a head reports the others'
 	// queues shorter somewhere (a held request may fit).
 	changed chan struct{} // guarded by mu
@@ -34,8 +39,8 @@ type Queues struct {
 
 // NewQueues returns an empty view.
 func NewQueues() *Queues {
-	return &Queues{own: map[string]int64{}, others: map[string]int64{}, subs: map[string]map[chan struct{}]struct{}{},
-		changed: make(chan struct{})}
+	return &Queues{own: map[string]int64{}, others: map[string]int64{}, othersWaiting: map[string]int64{},
+		subs: map[string]map[chan struct{}]struct{}{}, changed: make(chan struct{})}
 }
 
 // setOwn records this router's queue at id and tells the stream that
@@ -55,10 +60,49 @@ func (q *Queues) setOwn(id string, n int) {
 		q.own[id] = int64(n)
 	}
 	for ch := range q.subs[id] {
-		select {
-		case ch <- struct{}{}:
-		default: // already told
+		tell(ch)
+	}
+}
+
+// setWaiting records how many requests this router holds and tells every
+// head stream. A nil q is a no-op.
+func (q *Queues) setWaiting(n int) {
+	if q == nil {
+		return
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	if q.waiting == int64(n) {
+		return
+	}
+	q.waiting = int64(n)
+	for _, chs := range q.subs {
+		for ch := range chs {
+			tell(ch)
 		}
+	}
+}
+
+// othersHolding: a head says another router holds requests for room.
+func (q *Queues) othersHolding() bool {
+	if q == nil {
+		return false
+	}
+	q.mu.Lock()
+	defer q.mu.Unlock()
+	for _, n := range q.othersWaiting {
+		if n > 0 {
+			return true
+		}
+	}
+	return false
+}
+
+// tell leaves a token in ch unless one is there.
+func tell(ch chan struct{}) {
+	select {
+	case ch <- struct{}{}:
+	default:
 	}
 }
 
@@ -72,8 +116,9 @@ func (q *Queues) othersAt(id string) int {
 	return int(q.others[id])
 }
 
-// Own is this router's queue at each of ids (left out: nothing queued).
-func (q *Queues) Own(ids []string) map[string]int64 {
+// Own is this router's queue at each of ids (left out: nothing queued),
+// and the requests it holds.
+func (q *Queues) Own(ids []string) (map[string]int64, int64) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	out := make(map[string]int64, len(ids))
@@ -82,22 +127,28 @@ func (q *Queues) Own(ids []string) map[string]int64 {
 			out[id] = n
 		}
 	}
-	return out
+	return out, q.waiting
 }
 
 // SetOthers replaces the other routers' queues at ids (a head reports the
-// endpoints it serves): absent from others means none.
-func (q *Queues) SetOthers(ids []string, others map[string]int64) {
+// endpoints it serves; absent from others means none) and the requests
+// they hold, as that head says.
+func (q *Queues) SetOthers(ids []string, others map[string]int64, waiting int64) {
 	q.mu.Lock()
 	defer q.mu.Unlock()
 	shorter := false
 	for _, id := range ids {
 		n := max(0, others[id])
-		shorter = shorter || n < q.others[id]
+		shorter = shorter || n < q.others[id] || (waiting <= 0 && q.othersWaiting[id] > 0)
 		if n > 0 {
 			q.others[id] = n
 		} else {
 			delete(q.others, id)
+		}
+		if waiting > 0 {
+			q.othersWaiting[id] = waiting
+		} else {
+			delete(q.othersWaiting, id)
 		}
 	}
 	if shorter {
@@ -107,7 +158,8 @@ func (q *Queues) SetOthers(ids []string, others map[string]int64) {
 }
 
 // othersChanged is closed when a head next reports the other routers'
-// queues shorter somewhere (nil without sharing: never).
+// queues shorter somewhere, or that they stopped holding requests (nil
+// without sharing: never).
 func (q *Queues) othersChanged() <-chan struct{} {
 	if q == nil {
 		return nil
@@ -186,7 +238,7 @@ func (h *Watcher) shareQueue(ctx context.Context, cl replicav1.ReplicaClient, id
 	var known []string // guarded by mu: the endpoints the others' counts were set for
 	defer func() {
 		mu.Lock()
-		h.queues.SetOthers(known, nil)
+		h.queues.SetOthers(known, nil, 0)
 		mu.Unlock()
 	}()
 	recvErr := make(chan error, 1)
@@ -202,7 +254,7 @@ func (h *Watcher) shareQueue(ctx context.Context, cl replicav1.ReplicaClient, id
 			healthy()
 			mu.Lock()
 			known = ids()
-			h.queues.SetOthers(known, m.GetOthers())
+			h.queues.SetOthers(known, m.GetOthers(), m.GetOthersWaiting())
 			mu.Unlock()
 		}
 	}()
@@ -212,17 +264,18 @@ func (h *Watcher) shareQueue(ctx context.Context, cl replicav1.ReplicaClient, id
 	tick := time.NewTicker(time.Second) // the head's endpoints may change
 	defer tick.Stop()
 	var last map[string]int64
+	var lastWaiting int64
 	for {
 		if now := ids(); !slices.Equal(now, subscribed) {
 			h.queues.unsubscribe(changed, subscribed)
 			subscribed = now
 			h.queues.subscribe(changed, subscribed)
 		}
-		if own := h.queues.Own(subscribed); last == nil || !maps.Equal(own, last) {
-			if err := stream.Send(&replicav1.QueueReport{Tokens: own}); err != nil {
+		if own, waiting := h.queues.Own(subscribed); last == nil || !maps.Equal(own, last) || waiting != lastWaiting {
+			if err := stream.Send(&replicav1.QueueReport{Tokens: own, Waiting: waiting}); err != nil {
 				return <-recvErr // Send fails with io.EOF; the status is on Recv
 			}
-			last = own
+			last, lastWaiting = own, waiting
 		}
 		select {
 		case <-ctx.Done():

@@ -110,12 +110,12 @@ func TestHeldRequestAtARouterWithNothingQueued(t *testing.T) {
 	front := httptest.NewServer(r.Handler())
 	t.Cleanup(front.Close)
 
-	q.SetOthers([]string{ep.ID()}, map[string]int64{ep.ID(): 5000}) // the other routers' queue: past the level
+	q.SetOthers([]string{ep.ID()}, map[string]int64{ep.ID(): 5000}, 0) // the other routers' queue: past the level
 	a := sendPrefixCache(context.Background(), front, prompt(1, 100))
 	require.Eventually(t, func() bool { return r.picker.waitingNow() == 1 }, 5*time.Second, time.Millisecond)
 	require.Empty(t, got)
 	tb.Set(NewSnapshot([]string{"m"}, []*Endpoint{ep})) // a new table, the same replica: still no room
-	q.SetOthers([]string{ep.ID()}, map[string]int64{ep.ID(): 1000})
+	q.SetOthers([]string{ep.ID()}, map[string]int64{ep.ID(): 1000}, 0)
 	require.Contains(t, recv(t, got), `"prompt":[1,`, "room beside the others' queue: sent")
 	mf, err := r.cfg.Registry.Gather()
 	require.NoError(t, err)
@@ -130,4 +130,40 @@ func TestHeldRequestAtARouterWithNothingQueued(t *testing.T) {
 	require.Equal(t, map[string]float64{"this": 100, "others": 1000}, seen)
 	startEng <- struct{}{}
 	require.Equal(t, 200, <-a)
+}
+
+// TestHeldRequestWhenTheOthersStopHolding: a router with a prefill of its
+// own queued holds a prompt while its queue and the other routers' fill the
+// replica; when the head reports that the others hold nothing any more (so
+// none of them will take the room), the held prompt goes at once, before
+// its own prefill ends.
+func TestHeldRequestWhenTheOthersStopHolding(t *testing.T) {
+	eng, got, startEng, stop := heldEngine(t)
+	t.Cleanup(stop)
+	kv, q := NewKVIndex(0), NewQueues()
+	ep := &Endpoint{Model: "m", Addr: addr(eng), Group: "g1"}
+	withEvents(t, kv, []*Endpoint{ep})
+	tb := NewTable()
+	tb.Set(NewSnapshot([]string{"m"}, []*Endpoint{ep}))
+	r := New(tb, slog.New(slog.NewTextHandler(io.Discard, nil)), Config{KV: kv, Queues: q, HoldPrefillMax: time.Hour})
+	front := httptest.NewServer(r.Handler())
+	t.Cleanup(front.Close)
+	id := []string{ep.ID()}
+
+	q.SetOthers(id, map[string]int64{ep.ID(): 3000}, 1) // another router: 3,000 queued, 1 held
+	a := sendPrefixCache(context.Background(), front, prompt(1, 2000))
+	require.Contains(t, recv(t, got), `"prompt":[1,`, "2,000 + 3,000 queued: room for the first")
+	b := sendPrefixCache(context.Background(), front, prompt(50_000, 100))
+	require.Eventually(t, func() bool { return r.picker.waitingNow() == 1 }, 5*time.Second, time.Millisecond)
+	own, waiting := q.Own(id)
+	require.Equal(t, map[string]int64{ep.ID(): 2000}, own)
+	require.Equal(t, int64(1), waiting, "the heads are told this router holds one")
+	q.SetOthers(id, map[string]int64{ep.ID(): 1000}, 0) // it sent its held request: shorter, nothing held
+	require.Contains(t, recv(t, got), `"prompt":[50000,`, "room, and no other router to fill it: sent")
+	startEng <- struct{}{}
+	startEng <- struct{}{}
+	require.Equal(t, 200, <-a)
+	require.Equal(t, 200, <-b)
+	_, waiting = q.Own(id)
+	require.Zero(t, waiting)
 }

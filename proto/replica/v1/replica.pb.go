@@ -77,11 +77,13 @@ func (KVEvent_Kind) EnumDescriptor() ([]byte, []int) {
 }
 
 // QueueReport is one router's prefill queue at this replica: endpoint
-// (host:port, or host:port#rank for a pinned data-parallel rank) → tokens.
+// (host:port, or host:port#rank for a pinned data-parallel rank) → tokens,
+// and how many requests the router holds waiting for room (all replicas).
 // Each report replaces the router's previous one.
 type QueueReport struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Tokens        map[string]int64       `protobuf:"bytes,1,rep,name=tokens,proto3" json:"tokens,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	Waiting       int64                  `protobuf:"varint,2,opt,name=waiting,proto3" json:"waiting,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -123,10 +125,19 @@ func (x *QueueReport) GetTokens() map[string]int64 {
 	return nil
 }
 
-// QueueState is the other routers' queue at this replica, by endpoint.
+func (x *QueueReport) GetWaiting() int64 {
+	if x != nil {
+		return x.Waiting
+	}
+	return 0
+}
+
+// QueueState is the other routers' queue at this replica, by endpoint, and
+// the requests they hold waiting for room.
 type QueueState struct {
 	state         protoimpl.MessageState `protogen:"open.v1"`
 	Others        map[string]int64       `protobuf:"bytes,1,rep,name=others,proto3" json:"others,omitempty" protobuf_key:"bytes,1,opt,name=key" protobuf_val:"varint,2,opt,name=value"`
+	OthersWaiting int64                  `protobuf:"varint,2,opt,name=others_waiting,json=othersWaiting,proto3" json:"others_waiting,omitempty"`
 	unknownFields protoimpl.UnknownFields
 	sizeCache     protoimpl.SizeCache
 }
@@ -166,6 +177,13 @@ func (x *QueueState) GetOthers() map[string]int64 {
 		return x.Others
 	}
 	return nil
+}
+
+func (x *QueueState) GetOthersWaiting() int64 {
+	if x != nil {
+		return x.OthersWaiting
+	}
+	return 0
 }
 
 type LoadAdapterRequest struct {
@@ -945,15 +963,17 @@ var File_replica_v1_replica_proto protoreflect.FileDescriptor
 
 const file_replica_v1_replica_proto_rawDesc = "" +
 	"\n" +
-	"\x18replica/v1/replica.proto\x12\x10shoal.replica.v1\"\x8b\x01\n" +
+	"\x18replica/v1/replica.proto\x12\x10shoal.replica.v1\"\xa5\x01\n" +
 	"\vQueueReport\x12A\n" +
-	"\x06tokens\x18\x01 \x03(\v2).shoal.replica.v1.QueueReport.TokensEntryR\x06tokens\x1a9\n" +
+	"\x06tokens\x18\x01 \x03(\v2).shoal.replica.v1.QueueReport.TokensEntryR\x06tokens\x12\x18\n" +
+	"\awaiting\x18\x02 \x01(\x03R\awaiting\x1a9\n" +
 	"\vTokensEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
-	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\x89\x01\n" +
+	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"\xb0\x01\n" +
 	"\n" +
 	"QueueState\x12@\n" +
-	"\x06others\x18\x01 \x03(\v2(.shoal.replica.v1.QueueState.OthersEntryR\x06others\x1a9\n" +
+	"\x06others\x18\x01 \x03(\v2(.shoal.replica.v1.QueueState.OthersEntryR\x06others\x12%\n" +
+	"\x0eothers_waiting\x18\x02 \x01(\x03R\rothersWaiting\x1a9\n" +
 	"\vOthersEntry\x12\x10\n" +
 	"\x03key\x18\x01 \x01(\tR\x03key\x12\x14\n" +
 	"\x05value\x18\x02 \x01(\x03R\x05value:\x028\x01\"(\n" +

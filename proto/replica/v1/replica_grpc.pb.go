@@ -50,10 +50,11 @@ type ReplicaClient interface {
 	LoadAdapter(ctx context.Context, in *LoadAdapterRequest, opts ...grpc.CallOption) (*LoadAdapterResponse, error)
 	// Queue lets the routers in front of this replica see each other's
 	// prefill queues: a router sends, whenever they change, the prompt tokens
-	// it has sent this replica's endpoints and not yet seen prefilled; the
-	// head answers at once and on every change with the sum of the other
-	// routers' latest reports. A router's share ends with its stream.
-	// INVALID_ARGUMENT: a negative count, or more endpoints than a replica has.
+	// it has sent this replica's endpoints and not yet seen prefilled, and the
+	// requests it holds for room; the head answers at once and on every
+	// change with the sums of the other routers' latest reports. A router's
+	// share ends with its stream. INVALID_ARGUMENT: a negative count, or more
+	// endpoints than a replica has.
 	Queue(ctx context.Context, opts ...grpc.CallOption) (grpc.BidiStreamingClient[QueueReport, QueueState], error)
 }
 
@@ -157,10 +158,11 @@ type ReplicaServer interface {
 	LoadAdapter(context.Context, *LoadAdapterRequest) (*LoadAdapterResponse, error)
 	// Queue lets the routers in front of this replica see each other's
 	// prefill queues: a router sends, whenever they change, the prompt tokens
-	// it has sent this replica's endpoints and not yet seen prefilled; the
-	// head answers at once and on every change with the sum of the other
-	// routers' latest reports. A router's share ends with its stream.
-	// INVALID_ARGUMENT: a negative count, or more endpoints than a replica has.
+	// it has sent this replica's endpoints and not yet seen prefilled, and the
+	// requests it holds for room; the head answers at once and on every
+	// change with the sums of the other routers' latest reports. A router's
+	// share ends with its stream. INVALID_ARGUMENT: a negative count, or more
+	// endpoints than a replica has.
 	Queue(grpc.BidiStreamingServer[QueueReport, QueueState]) error
 	mustEmbedUnimplementedReplicaServer()
 }

@@ -71,13 +71,13 @@ type Config struct {
 	// this router's history). TokenizeTimeout bounds the engine's
 	// /tokenize call that names a prompt's blocks (default 500 ms; past it,
 	// the estimate decides).
-	KV *KVIndex
-	// Queues is the prefill queues this router shares with the others in
-	// front of the same heads (Watcher.Queues; nil: none shared).
-	Queues          *Queues
+	KV              *KVIndex
 	TokenizeTimeout time.Duration
 	// KVIndexBlocks bounds KV (0: DefaultKVIndexBlocks).
 	KVIndexBlocks int
+	// Queues is the prefill queues this router shares with the others in
+	// front of the same heads (Watcher.Queues; nil: none shared).
+	Queues *Queues
 	// Adapters asks a replica's head to load a LoRA adapter (nil: requests
 	// for an adapter no replica holds get 503); AdapterRouting is
 	// AdapterAffinity (default) or AdapterLeastRequest; AdapterLoadTimeout

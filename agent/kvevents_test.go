@@ -19,17 +19,7 @@ import (
 // when large), then the changes numbered without gaps; UNAVAILABLE without
 // KV events and when the run ends.
 func TestReplicaKVEventsStream(t *testing.T) {
-	addr := freeAddr(t)
-	s := newReplicaServer(addr, quietLog, nil)
-	s.start()
-	defer s.wait()
-	defer s.stop()
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	require.NoError(t, err)
-	defer conn.Close()
-	cl := replicav1.NewReplicaClient(conn)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
+	s, cl, ctx := replicaAPIOnLoopback(t)
 
 	s.update(&replicav1.Metrics{Serving: true}, nil, nil)
 	st, err := cl.KVEvents(ctx, &replicav1.KVEventsRequest{})
@@ -88,4 +78,20 @@ func stripped(evs []*replicav1.KVEvent) []*replicav1.KVEvent {
 		out[i] = &replicav1.KVEvent{Kind: e.Kind, Hashes: e.Hashes}
 	}
 	return out
+}
+
+// replicaAPIOnLoopback starts a head's Replica API on loopback and a client
+// to it, with a 10 s context for the calls; all end with the test.
+func replicaAPIOnLoopback(t *testing.T) (*replicaServer, replicav1.ReplicaClient, context.Context) {
+	addr := freeAddr(t)
+	s := newReplicaServer(addr, quietLog, nil)
+	s.start()
+	t.Cleanup(s.wait)
+	t.Cleanup(s.stop)
+	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
+	require.NoError(t, err)
+	t.Cleanup(func() { _ = conn.Close() })
+	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
+	t.Cleanup(cancel)
+	return s, replicav1.NewReplicaClient(conn), ctx
 }

@@ -3,13 +3,10 @@ package agent
 import (
 	"context"
 	"testing"
-	"time"
 
 	replicav1 "github.com/shoalhq/shoal/proto/replica/v1"
 	"github.com/stretchr/testify/require"
-	"google.golang.org/grpc"
 	"google.golang.org/grpc/codes"
-	"google.golang.org/grpc/credentials/insecure"
 	"google.golang.org/grpc/status"
 )
 
@@ -17,17 +14,7 @@ import (
 // other's reports, not their own; a router's share leaves with its stream;
 // a bad report ends the stream with INVALID_ARGUMENT.
 func TestReplicaQueueStream(t *testing.T) {
-	addr := freeAddr(t)
-	s := newReplicaServer(addr, quietLog, nil)
-	s.start()
-	defer s.wait()
-	defer s.stop()
-	conn, err := grpc.NewClient(addr, grpc.WithTransportCredentials(insecure.NewCredentials()))
-	require.NoError(t, err)
-	defer conn.Close()
-	cl := replicav1.NewReplicaClient(conn)
-	ctx, cancel := context.WithTimeout(context.Background(), 10*time.Second)
-	defer cancel()
+	_, cl, ctx := replicaAPIOnLoopback(t)
 
 	a, err := cl.Queue(ctx)
 	require.NoError(t, err)

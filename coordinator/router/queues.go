@@ -106,14 +106,19 @@ func tell(ch chan struct{}) {
 	}
 }
 
-// othersAt is the other routers' queue at id (0 without sharing).
-func (q *Queues) othersAt(id string) int {
+// othersAtEach is the other routers' queue at each of es, in one hold of
+// the lock (nil without sharing: none anywhere).
+func (q *Queues) othersAtEach(es []*Endpoint) []int {
 	if q == nil {
-		return 0
+		return nil
 	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	return int(q.others[id])
+	out := make([]int, len(es))
+	for i, e := range es {
+		out[i] = int(q.others[e.ID()])
+	}
+	return out
 }
 
 // Own is this router's queue at each of ids (left out: nothing queued),

@@ -99,16 +99,7 @@ func TestRoutersShareQueuesThroughTheHead(t *testing.T) {
 // replica, and sends it when a head reports them shorter (no prefill of its
 // own would wake it).
 func TestHeldRequestAtARouterWithNothingQueued(t *testing.T) {
-	eng, got, startEng, stop := heldEngine(t)
-	t.Cleanup(stop)
-	kv, q := NewKVIndex(0), NewQueues()
-	ep := &Endpoint{Model: "m", Addr: addr(eng), Group: "g1"}
-	withEvents(t, kv, []*Endpoint{ep})
-	tb := NewTable()
-	tb.Set(NewSnapshot([]string{"m"}, []*Endpoint{ep}))
-	r := New(tb, slog.New(slog.NewTextHandler(io.Discard, nil)), Config{KV: kv, Queues: q, HoldPrefillMax: time.Hour})
-	front := httptest.NewServer(r.Handler())
-	t.Cleanup(front.Close)
+	r, front, q, ep, tb, got, startEng := sharingRouter(t)
 
 	q.SetOthers([]string{ep.ID()}, map[string]int64{ep.ID(): 5000}, 0) // the other routers' queue: past the level
 	a := sendPrefixCache(context.Background(), front, prompt(1, 100))
@@ -138,16 +129,7 @@ func TestHeldRequestAtARouterWithNothingQueued(t *testing.T) {
 // none of them will take the room), the held prompt goes at once, before
 // its own prefill ends.
 func TestHeldRequestWhenTheOthersStopHolding(t *testing.T) {
-	eng, got, startEng, stop := heldEngine(t)
-	t.Cleanup(stop)
-	kv, q := NewKVIndex(0), NewQueues()
-	ep := &Endpoint{Model: "m", Addr: addr(eng), Group: "g1"}
-	withEvents(t, kv, []*Endpoint{ep})
-	tb := NewTable()
-	tb.Set(NewSnapshot([]string{"m"}, []*Endpoint{ep}))
-	r := New(tb, slog.New(slog.NewTextHandler(io.Discard, nil)), Config{KV: kv, Queues: q, HoldPrefillMax: time.Hour})
-	front := httptest.NewServer(r.Handler())
-	t.Cleanup(front.Close)
+	r, front, q, ep, _, got, startEng := sharingRouter(t)
 	id := []string{ep.ID()}
 
 	q.SetOthers(id, map[string]int64{ep.ID(): 3000}, 1) // another router: 3,000 queued, 1 held
@@ -167,3 +149,24 @@ func TestHeldRequestWhenTheOthersStopHolding(t *testing.T) {
 	_, waiting = q.Own(id)
 	require.Zero(t, waiting)
 }
+
+// sharingRouter is a router sharing its queues through q (a head's reports
+// are what the test sets there) in front of one held engine that sends KV
+// events; got has what the engine was sent, and each token on startEng
+// lets one answer begin.
+func sharingRouter(t *testing.T) (*Router, *httptest.Server, *Queues, *Endpoint, *Table, chan string, chan struct{}) {
+	eng, got, startEng, stop := heldEngine(t)
+	t.Cleanup(stop)
+	kv, q := NewKVIndex(0), NewQueues()
+	ep := &Endpoint{Model: "m", Addr: addr(eng), Group: "g1"}
+	withEvents(t, kv, []*Endpoint{ep})
+	tb := NewTable()
+	tb.Set(NewSnapshot([]string{"m"}, []*Endpoint{ep}))
+	r := New(tb, slog.New(slog.NewTextHandler(io.Discard, nil)), Config{KV: kv, Queues: q, HoldPrefillMax: time.Hour})
+	front := httptest.NewServer(r.Handler())
+	t.Cleanup(front.Close)
+	return r, front, q, ep, tb, got, startEng
+}
+
+// othersAt is the other routers' queue at id, as the heads last said.
+func (q *Queues) othersAt(id string) int { return q.othersAtEach([]*Endpoint{{Addr: id}})[0] }

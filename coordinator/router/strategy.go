@@ -419,11 +419,15 @@ func (p *picker) prefixCost(cands []*Endpoint, h hint) *Endpoint {
 	best, least := math.MaxInt, math.MaxInt
 	anyHit, exact := false, true
 	costs, queued := make([]int, len(cands)), make([]int, len(cands))
+	others := p.queues.othersAtEach(cands)
 	for i, e := range cands {
 		hit := p.hitTokens(e, h)
 		anyHit = anyHit || hit > 0
 		exact = exact && p.fromEvents(e, h)
-		queued[i] = p.pending[e.ID()] + p.queues.othersAt(e.ID())
+		queued[i] = p.pending[e.ID()]
+		if others != nil {
+			queued[i] += others[i]
+		}
 		costs[i] = missWeight*max(0, h.promptTokens-hit) + queued[i]
 		best, least = min(best, costs[i]), min(least, queued[i])
 	}

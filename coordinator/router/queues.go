@@ -234,18 +234,16 @@ func (h *Watcher) watchQueue(ctx context.Context, cl replicav1.ReplicaClient, id
 func (h *Watcher) shareQueue(ctx context.Context, cl replicav1.ReplicaClient, ids func() []string, healthy func()) error {
 	ctx, cancel := context.WithCancel(ctx)
 	var wg sync.WaitGroup
-	defer func() { cancel(); wg.Wait() }()
+	var known []string // the endpoints the others' counts were set for; the receiver's until wg.Wait
+	defer func() {
+		cancel()
+		wg.Wait()
+		h.queues.SetOthers(known, nil, 0) // this head says nothing more
+	}()
 	stream, err := cl.Queue(ctx)
 	if err != nil {
 		return err
 	}
-	var mu sync.Mutex
-	var known []string // guarded by mu: the endpoints the others' counts were set for
-	defer func() {
-		mu.Lock()
-		h.queues.SetOthers(known, nil, 0)
-		mu.Unlock()
-	}()
 	recvErr := make(chan error, 1)
 	wg.Add(1)
 	go func() {
@@ -257,10 +255,10 @@ func (h *Watcher) shareQueue(ctx context.Context, cl replicav1.ReplicaClient, id
 				return
 			}
 			healthy()
-			mu.Lock()
-			known = ids()
+			now := ids()
+			h.queues.SetOthers(slices.DeleteFunc(known, func(id string) bool { return slices.Contains(now, id) }), nil, 0) // no longer the head's
+			known = now
 			h.queues.SetOthers(known, m.GetOthers(), m.GetOthersWaiting())
-			mu.Unlock()
 		}
 	}()
 	changed := make(chan struct{}, 1)

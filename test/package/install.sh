@@ -13,7 +13,17 @@ pids=()
 stop() { for p in "${pids[@]}"; do kill "$p" 2>/dev/null || true; done; for p in "${pids[@]}"; do wait "$p" 2>/dev/null || true; done; pids=(); }
 cleanup() {
   stop
-  pkill -f "$work/sim" 2>/dev/null || true
+  # The agent leaves its engines running when it stops (a restart adopts
+  # them); they run as ray and vllm, so find them by their executable, and
+  # again until none is left (one may still be starting).
+  for _ in $(seq 25); do
+    left=0
+    for e in /proc/[0-9]*/exe; do
+      case "$(readlink "$e" 2>/dev/null)" in "$work/sim/"*) left=1; kill "$(basename "$(dirname "$e")")" 2>/dev/null || true ;; esac
+    done
+    [ "$left" = 0 ] && break
+    sleep 0.2
+  done
   rm -rf "$work" /etc/shoal/tls/* /etc/shoal/router-tls /etc/shoal/gossip.key /etc/shoal/api-keys.yaml /var/lib/shoal-coordinator
 }
 trap cleanup EXIT

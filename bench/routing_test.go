@@ -362,7 +362,9 @@ func run(strategy string, w workload, seed uint64, nRouters int) result {
 			ri := i % nRouters
 			if !try(ri, i, len(held[ri]) > 0) {
 				held[ri] = append(held[ri], i)
-				shareQueues() // the heads hear that this router holds one more
+				if len(held[ri]) == 1 {
+					shareQueues() // the heads hear that this router holds requests now
+				}
 			}
 		})
 	}

@@ -27,13 +27,14 @@ import (
 // its own will end to wake it).
 type Queues struct {
 	mu            sync.Mutex
-	own           map[string]int64                      // guarded by mu; endpoint id → this router's queued tokens
+	own           map[string]int64                      // guarded by mu; endpoint id → this router's queued tokens (the picker's pending, readable without its lock)
 	others        map[string]int64                      // guarded by mu; endpoint id → the other routers', as its head said
 	othersWaiting map[string]int64                      // guarded by mu; endpoint id → the requests the other routers hold, as its head said
 	waiting       int64                                 // guarded by mu; the requests this router holds
 	subs          map[string]map[chan struct{}]struct{} // guarded by mu; endpoint id → the head streams that report it
 	// changed is closed, and replaced, when a head reports the others'
-	// queues shorter somewhere (a held request may fit).
+	// queues shorter somewhere or that they stopped holding (a held
+	// request may fit).
 	changed chan struct{} // guarded by mu
 }
 
@@ -64,18 +65,22 @@ func (q *Queues) setOwn(id string, n int) {
 	}
 }
 
-// setWaiting records how many requests this router holds and tells every
-// head stream. A nil q is a no-op.
+// setWaiting records how many requests this router holds. Only a start or
+// an end of holding tells the head streams at once (the others act only on
+// whether it holds); the count goes along with the next report anyway, so
+// a busy router's queue of held requests does not send a message to every
+// head each time it moves. A nil q is a no-op.
 func (q *Queues) setWaiting(n int) {
 	if q == nil {
 		return
 	}
 	q.mu.Lock()
 	defer q.mu.Unlock()
-	if q.waiting == int64(n) {
+	was := q.waiting > 0
+	q.waiting = int64(n)
+	if was == (n > 0) {
 		return
 	}
-	q.waiting = int64(n)
 	for _, chs := range q.subs {
 		for ch := range chs {
 			tell(ch)
